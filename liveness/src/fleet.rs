@@ -1,0 +1,377 @@
+//! Fleet state: the latest accepted frame per worker, values derived between consecutive
+//! frames, worker freshness (3 s gate) and pool liveness (10 s window); and [`FleetView`], the
+//! compact snapshot that dnsd serves on `GET /v1/fleet` and the Envoy filter polls.
+
+use std::collections::HashMap;
+
+use serde::{Deserialize, Serialize};
+
+use crate::frame::{Frame, Metrics};
+use crate::{EVICTION_WINDOW_MS, FRESHNESS_GATE_MS};
+
+/// Values derived from two consecutive frames of the same boot.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct Derived {
+    /// Mean time to first token of the requests that finished their first token between the
+    /// two frames, from the histogram's `_sum`/`_count` deltas. Kept until a newer one exists.
+    pub ttft_recent_ms: Option<f64>,
+    /// Generated tokens per second between the two frames.
+    pub gen_tps: Option<f64>,
+    /// Prompt tokens per second between the two frames.
+    pub prompt_tps: Option<f64>,
+}
+
+/// What the fleet knows about one worker.
+#[derive(Debug, Clone, PartialEq)]
+pub struct WorkerState {
+    pub frame: Frame,
+    /// When the newest accepted frame was received (receiver's clock).
+    pub last_rx_ms: u64,
+    pub derived: Derived,
+}
+
+impl WorkerState {
+    pub fn age_ms(&self, now_ms: u64) -> u64 {
+        now_ms.saturating_sub(self.last_rx_ms)
+    }
+
+    /// Fresh workers may get new requests.
+    pub fn is_fresh(&self, now_ms: u64) -> bool {
+        self.age_ms(now_ms) <= FRESHNESS_GATE_MS
+    }
+
+    /// Heard from within the pool eviction window.
+    pub fn is_in_window(&self, now_ms: u64) -> bool {
+        self.age_ms(now_ms) <= EVICTION_WINDOW_MS
+    }
+}
+
+/// A pool's state as the DNS tier sees it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Liveness {
+    /// At least `min_workers` workers sent a valid frame within the eviction window.
+    Alive,
+    /// Not enough workers heard from yet, but the receiver started less than one window ago:
+    /// no data is not death, so it is treated as alive.
+    ColdStart,
+    /// Evicted: never answered.
+    Dead,
+}
+
+impl Liveness {
+    pub fn is_answerable(self) -> bool {
+        !matches!(self, Liveness::Dead)
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Liveness::Alive => "alive",
+            Liveness::ColdStart => "cold_start",
+            Liveness::Dead => "dead",
+        }
+    }
+}
+
+/// Per-worker state for the whole fleet. Pure: `now_ms` is always passed in.
+#[derive(Debug, Clone)]
+pub struct FleetState {
+    started_ms: u64,
+    workers: HashMap<String, WorkerState>,
+}
+
+fn delta(new: Option<f64>, old: Option<f64>) -> Option<f64> {
+    match (new, old) {
+        // A counter that went down was reset: no delta this time.
+        (Some(n), Some(o)) if n >= o => Some(n - o),
+        _ => None,
+    }
+}
+
+fn derive(prev: &Metrics, prev_sent: u64, next: &Metrics, next_sent: u64, old: Derived) -> Derived {
+    let dt_s = next_sent.saturating_sub(prev_sent) as f64 / 1000.0;
+    let rate = |n, o| delta(n, o).filter(|_| dt_s > 0.0).map(|d| d / dt_s);
+    let ttft = match (delta(next.ttft_sum_s, prev.ttft_sum_s), delta(next.ttft_count, prev.ttft_count)) {
+        (Some(ds), Some(dc)) if dc > 0.0 => Some(ds / dc * 1000.0),
+        _ => old.ttft_recent_ms,
+    };
+    Derived {
+        ttft_recent_ms: ttft,
+        gen_tps: rate(next.generation_tokens, prev.generation_tokens),
+        prompt_tps: rate(next.prompt_tokens, prev.prompt_tokens),
+    }
+}
+
+impl FleetState {
+    /// `started_ms` is when the receiver started; it bounds the cold-start grace.
+    pub fn new(started_ms: u64) -> Self {
+        FleetState { started_ms, workers: HashMap::new() }
+    }
+
+    /// Records an accepted frame (see [`crate::Ingest::accept`]) received at `now_ms`.
+    pub fn observe(&mut self, frame: Frame, now_ms: u64) {
+        match self.workers.get_mut(&frame.worker_id) {
+            Some(w) if w.frame.boot_id == frame.boot_id => {
+                w.derived = derive(&w.frame.metrics, w.frame.sent_ms, &frame.metrics, frame.sent_ms, w.derived);
+                w.frame = frame;
+                w.last_rx_ms = now_ms;
+            }
+            _ => {
+                // New worker, or a restart (new boot id): derived values start over.
+                self.workers.insert(
+                    frame.worker_id.clone(),
+                    WorkerState { frame, last_rx_ms: now_ms, derived: Derived::default() },
+                );
+            }
+        }
+    }
+
+    pub fn worker(&self, id: &str) -> Option<&WorkerState> {
+        self.workers.get(id)
+    }
+
+    pub fn workers(&self) -> impl Iterator<Item = &WorkerState> {
+        self.workers.values()
+    }
+
+    pub fn len(&self) -> usize {
+        self.workers.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.workers.is_empty()
+    }
+
+    /// Workers of `pool` heard from within the eviction window.
+    pub fn workers_in_window(&self, pool: &str, now_ms: u64) -> usize {
+        self.workers.values().filter(|w| w.frame.pool_id == pool && w.is_in_window(now_ms)).count()
+    }
+
+    /// Whether `pool` may be answered: alive with `min_workers`, or still in cold start.
+    pub fn pool_liveness(&self, pool: &str, min_workers: usize, now_ms: u64) -> Liveness {
+        if self.workers_in_window(pool, now_ms) >= min_workers.max(1) {
+            Liveness::Alive
+        } else if now_ms.saturating_sub(self.started_ms) < EVICTION_WINDOW_MS {
+            Liveness::ColdStart
+        } else {
+            Liveness::Dead
+        }
+    }
+
+    /// Drops workers silent for longer than `forget_after_ms`; returns how many were dropped.
+    pub fn forget_silent(&mut self, now_ms: u64, forget_after_ms: u64) -> usize {
+        let before = self.workers.len();
+        self.workers.retain(|_, w| w.age_ms(now_ms) <= forget_after_ms);
+        before - self.workers.len()
+    }
+
+    /// The snapshot served on `/v1/fleet`, workers sorted by id.
+    pub fn view(&self, now_ms: u64) -> FleetView {
+        let mut workers: Vec<WorkerView> = self.workers.values().map(|w| WorkerView::of(w, now_ms)).collect();
+        workers.sort_by(|a, b| a.id.cmp(&b.id));
+        FleetView { now_ms, workers }
+    }
+}
+
+/// `GET /v1/fleet`: every known worker, as the filter needs it.
+///
+/// Ages are relative to the server's clock at `now_ms`, so a reader on another host never
+/// compares two clocks: it adds its own elapsed time since the fetch.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct FleetView {
+    pub now_ms: u64,
+    pub workers: Vec<WorkerView>,
+}
+
+/// One worker in [`FleetView`]. Absent numbers are omitted.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct WorkerView {
+    pub id: String,
+    pub pool: String,
+    pub models: Vec<String>,
+    /// Serving address `ip:port` (IPv6 in brackets), as Envoy's cluster knows it.
+    pub addr: String,
+    pub age_ms: u64,
+    pub fresh: bool,
+    pub boot: u64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub running: Option<f64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub waiting: Option<f64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub kv: Option<f64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ttft_ms: Option<f64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub gen_tps: Option<f64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub prompt_tps: Option<f64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub preemptions: Option<f64>,
+}
+
+impl WorkerView {
+    fn of(w: &WorkerState, now_ms: u64) -> Self {
+        let m = &w.frame.metrics;
+        WorkerView {
+            id: w.frame.worker_id.clone(),
+            pool: w.frame.pool_id.clone(),
+            models: w.frame.models.clone(),
+            addr: w.frame.addr.to_string(),
+            age_ms: w.age_ms(now_ms),
+            fresh: w.is_fresh(now_ms),
+            boot: w.frame.boot_id,
+            running: m.running,
+            waiting: m.waiting,
+            kv: m.kv_usage,
+            ttft_ms: w.derived.ttft_recent_ms,
+            gen_tps: w.derived.gen_tps,
+            prompt_tps: w.derived.prompt_tps,
+            preemptions: m.preemptions,
+        }
+    }
+}
+
+impl FleetView {
+    pub fn to_json(&self) -> String {
+        // Serialising plain structs of strings and numbers cannot fail.
+        serde_json::to_string(self).unwrap_or_else(|_| String::from("{\"now_ms\":0,\"workers\":[]}"))
+    }
+
+    pub fn from_json(bytes: &[u8]) -> Result<Self, serde_json::Error> {
+        serde_json::from_slice(bytes)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::frame::tests::sample;
+    use proptest::prelude::*;
+
+    const T0: u64 = 1_800_000_000_000;
+
+    fn frame(worker: &str, pool: &str, boot: u64, seq: u64, sent: u64) -> Frame {
+        let mut f = sample();
+        f.worker_id = worker.into();
+        f.pool_id = pool.into();
+        f.boot_id = boot;
+        f.seq = seq;
+        f.sent_ms = sent;
+        f
+    }
+
+    #[test]
+    fn freshness_gate_is_three_seconds() {
+        let mut fleet = FleetState::new(T0);
+        fleet.observe(frame("w1", "p", 1, 1, T0), T0);
+        let w = fleet.worker("w1").unwrap();
+        assert!(w.is_fresh(T0 + 3_000));
+        assert!(!w.is_fresh(T0 + 3_001));
+    }
+
+    #[test]
+    fn pool_dies_after_window_and_comes_back() {
+        let mut fleet = FleetState::new(T0);
+        fleet.observe(frame("w1", "p", 1, 1, T0), T0);
+        fleet.observe(frame("w2", "p", 1, 1, T0), T0);
+        assert_eq!(fleet.pool_liveness("p", 2, T0 + 10_000), Liveness::Alive);
+        assert_eq!(fleet.pool_liveness("p", 2, T0 + 10_001), Liveness::Dead);
+        assert_eq!(fleet.pool_liveness("p", 1, T0 + 10_001), Liveness::Dead);
+        fleet.observe(frame("w1", "p", 1, 2, T0 + 20_000), T0 + 20_000);
+        assert_eq!(fleet.pool_liveness("p", 1, T0 + 20_000), Liveness::Alive);
+        assert_eq!(fleet.pool_liveness("p", 2, T0 + 20_000), Liveness::Dead);
+    }
+
+    #[test]
+    fn cold_start_is_not_death() {
+        let fleet = FleetState::new(T0);
+        assert_eq!(fleet.pool_liveness("p", 1, T0 + 9_999), Liveness::ColdStart);
+        assert_eq!(fleet.pool_liveness("p", 1, T0 + 10_000), Liveness::Dead);
+    }
+
+    #[test]
+    fn derived_values_from_deltas_and_reset_on_restart() {
+        let mut fleet = FleetState::new(T0);
+        let mut a = frame("w1", "p", 1, 1, T0);
+        a.metrics.ttft_sum_s = Some(1.0);
+        a.metrics.ttft_count = Some(10.0);
+        a.metrics.generation_tokens = Some(100.0);
+        fleet.observe(a.clone(), T0);
+        let mut b = frame("w1", "p", 1, 2, T0 + 500);
+        b.metrics.ttft_sum_s = Some(1.4);
+        b.metrics.ttft_count = Some(12.0);
+        b.metrics.generation_tokens = Some(150.0);
+        fleet.observe(b.clone(), T0 + 500);
+        let d = fleet.worker("w1").unwrap().derived;
+        assert!((d.ttft_recent_ms.unwrap() - 200.0).abs() < 1e-9);
+        assert!((d.gen_tps.unwrap() - 100.0).abs() < 1e-9);
+        // No new first tokens: keeps the last known TTFT.
+        let mut c = b.clone();
+        c.seq = 3;
+        c.sent_ms = T0 + 1_000;
+        fleet.observe(c, T0 + 1_000);
+        assert!((fleet.worker("w1").unwrap().derived.ttft_recent_ms.unwrap() - 200.0).abs() < 1e-9);
+        // Restart: derived values start over.
+        let r = frame("w1", "p", 2, 1, T0 + 1_500);
+        fleet.observe(r, T0 + 1_500);
+        assert_eq!(fleet.worker("w1").unwrap().derived, Derived::default());
+    }
+
+    #[test]
+    fn counter_reset_gives_no_rate() {
+        let mut fleet = FleetState::new(T0);
+        let mut a = frame("w1", "p", 1, 1, T0);
+        a.metrics.generation_tokens = Some(100.0);
+        fleet.observe(a, T0);
+        let mut b = frame("w1", "p", 1, 2, T0 + 500);
+        b.metrics.generation_tokens = Some(10.0);
+        fleet.observe(b, T0 + 500);
+        assert_eq!(fleet.worker("w1").unwrap().derived.gen_tps, None);
+    }
+
+    #[test]
+    fn view_round_trips_through_json() {
+        let mut fleet = FleetState::new(T0);
+        fleet.observe(frame("w2", "p", 1, 1, T0), T0);
+        fleet.observe(frame("w1", "q", 1, 1, T0), T0 + 100);
+        let v = fleet.view(T0 + 3_050);
+        assert_eq!(v.workers[0].id, "w1");
+        assert!(v.workers[0].fresh);
+        assert!(!v.workers[1].fresh);
+        assert_eq!(v.workers[1].age_ms, 3_050);
+        assert_eq!(FleetView::from_json(v.to_json().as_bytes()).unwrap(), v);
+    }
+
+    #[test]
+    fn forget_silent_drops_old_workers() {
+        let mut fleet = FleetState::new(T0);
+        fleet.observe(frame("w1", "p", 1, 1, T0), T0);
+        fleet.observe(frame("w2", "p", 1, 1, T0 + 50_000), T0 + 50_000);
+        assert_eq!(fleet.forget_silent(T0 + 60_001, 60_000), 1);
+        assert!(fleet.worker("w1").is_none());
+    }
+
+    proptest! {
+        /// Whatever frames arrive when, a pool is alive exactly when enough of its workers were
+        /// heard from within the window (outside cold start), and fresh implies in-window.
+        #[test]
+        fn liveness_matches_definition(events in proptest::collection::vec((0u8..4, 0u64..30_000), 1..40),
+                                       min in 1usize..3, probe in 0u64..45_000) {
+            let mut fleet = FleetState::new(T0);
+            let mut evs = events.clone();
+            evs.sort_by_key(|e| e.1);
+            let mut last = HashMap::new();
+            for (seq, (w, t)) in evs.iter().enumerate() {
+                fleet.observe(frame(&format!("w{w}"), "p", 1, seq as u64 + 1, T0 + t), T0 + t);
+                last.insert(*w, *t);
+            }
+            let now = T0 + evs.last().unwrap().1 + probe;
+            let in_window = last.values().filter(|t| now - (T0 + **t) <= EVICTION_WINDOW_MS).count();
+            let l = fleet.pool_liveness("p", min, now);
+            prop_assert_eq!(l == Liveness::Alive, in_window >= min);
+            for w in fleet.workers() {
+                prop_assert!(!w.is_fresh(now) || w.is_in_window(now));
+            }
+        }
+    }
+}

@@ -1,0 +1,495 @@
+//! The telemetry frame: one UDP datagram of at most [`MAX_FRAME_LEN`] bytes that a sidecar
+//! sends after each scrape of vLLM's `/metrics`.
+//!
+//! It carries identity (worker, pool, serving address, models, boot id), ordering (sequence,
+//! send time) and raw numbers copied from vLLM. It carries no health flag: a worker never says
+//! it is healthy, it only stops sending when it dies. It never carries prompts or tokens.
+//!
+//! Wire layout (version 1, all integers big-endian):
+//!
+//! ```text
+//! 0   "GH"          magic
+//! 2   u8            version (1)
+//! 3   u16           key id (which HMAC key signed it; lets keys rotate)
+//! 5   u64           boot id (random per sidecar start)
+//! 13  u64           sequence (starts at 1 for each boot id)
+//! 21  u64           send time, ms since the Unix epoch
+//! 29  str8          worker id     (str8 = u8 length + UTF-8 bytes, 1..=64 bytes)
+//!     str8          pool id
+//!     u8 + bytes    serving address: 4 (IPv4, 4 bytes) or 6 (IPv6, 16 bytes), then u16 port
+//!     u8            model count (0..=8), then that many str8
+//!     u16           presence bits, one per metric below (absent metrics are sent as 0)
+//!     f64 x 8       running, waiting, kv-cache usage (0..1), TTFT histogram sum (s),
+//!                   TTFT histogram count, prompt tokens total, generation tokens total,
+//!                   preemptions total
+//!     [u8; 32]      HMAC-SHA256 over every byte before it
+//! ```
+//!
+//! Decoding is total: any byte string yields a [`Frame`] or a typed [`FrameError`].
+
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+
+use hmac::{Hmac, Mac};
+use sha2::Sha256;
+
+/// Largest frame, in bytes: one UDP datagram that never fragments.
+pub const MAX_FRAME_LEN: usize = 512;
+/// Wire version written by [`Frame::encode`].
+pub const VERSION: u8 = 1;
+const MAGIC: [u8; 2] = *b"GH";
+const TAG_LEN: usize = 32;
+const MAX_STR: usize = 64;
+const MAX_MODELS: usize = 8;
+const HEADER_LEN: usize = 29;
+
+type HmacSha256 = Hmac<Sha256>;
+
+/// Why a byte string is not an accepted frame.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum FrameError {
+    #[error("frame is {0} bytes, over the {MAX_FRAME_LEN}-byte limit")]
+    TooLarge(usize),
+    #[error("frame is truncated: needed {needed} bytes, have {have}")]
+    Truncated { needed: usize, have: usize },
+    #[error("not a GPU HA frame (bad magic)")]
+    BadMagic,
+    #[error("frame version {0} is not supported (this build reads version {VERSION})")]
+    UnsupportedVersion(u8),
+    #[error("frame signed with key id {0}, which this receiver does not have")]
+    UnknownKey(u16),
+    #[error("frame authentication failed (wrong key or altered bytes)")]
+    BadMac,
+    #[error("malformed frame: {0}")]
+    Malformed(&'static str),
+    #[error("cannot encode frame: {0}")]
+    Encode(&'static str),
+}
+
+/// Raw numbers scraped from vLLM. `None` means the metric was not on the page.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct Metrics {
+    /// `vllm:num_requests_running`
+    pub running: Option<f64>,
+    /// `vllm:num_requests_waiting`
+    pub waiting: Option<f64>,
+    /// `vllm:kv_cache_usage_perc` (older: `vllm:gpu_cache_usage_perc`), a 0..1 fraction.
+    pub kv_usage: Option<f64>,
+    /// `vllm:time_to_first_token_seconds_sum`
+    pub ttft_sum_s: Option<f64>,
+    /// `vllm:time_to_first_token_seconds_count`
+    pub ttft_count: Option<f64>,
+    /// `vllm:prompt_tokens_total`
+    pub prompt_tokens: Option<f64>,
+    /// `vllm:generation_tokens_total`
+    pub generation_tokens: Option<f64>,
+    /// `vllm:num_preemptions_total`
+    pub preemptions: Option<f64>,
+}
+
+impl Metrics {
+    fn fields(&self) -> [Option<f64>; 8] {
+        [
+            self.running,
+            self.waiting,
+            self.kv_usage,
+            self.ttft_sum_s,
+            self.ttft_count,
+            self.prompt_tokens,
+            self.generation_tokens,
+            self.preemptions,
+        ]
+    }
+
+    fn from_fields(f: [Option<f64>; 8]) -> Self {
+        Metrics {
+            running: f[0],
+            waiting: f[1],
+            kv_usage: f[2],
+            ttft_sum_s: f[3],
+            ttft_count: f[4],
+            prompt_tokens: f[5],
+            generation_tokens: f[6],
+            preemptions: f[7],
+        }
+    }
+}
+
+/// One decoded, authenticated frame.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Frame {
+    pub key_id: u16,
+    pub boot_id: u64,
+    pub seq: u64,
+    pub sent_ms: u64,
+    pub worker_id: String,
+    pub pool_id: String,
+    pub addr: SocketAddr,
+    pub models: Vec<String>,
+    pub metrics: Metrics,
+}
+
+/// HMAC keys by key id. A receiver holds every key that is still valid during a rotation.
+#[derive(Clone, Default)]
+pub struct KeyRing {
+    keys: Vec<(u16, Vec<u8>)>,
+}
+
+impl std::fmt::Debug for KeyRing {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // Never print key material.
+        let ids: Vec<u16> = self.keys.iter().map(|(id, _)| *id).collect();
+        f.debug_struct("KeyRing").field("key_ids", &ids).finish()
+    }
+}
+
+impl KeyRing {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// A ring with one key, the common case.
+    pub fn single(id: u16, key: impl Into<Vec<u8>>) -> Self {
+        let mut ring = Self::new();
+        ring.insert(id, key);
+        ring
+    }
+
+    /// Adds or replaces the key with this id.
+    pub fn insert(&mut self, id: u16, key: impl Into<Vec<u8>>) {
+        let key = key.into();
+        match self.keys.iter_mut().find(|(k, _)| *k == id) {
+            Some(slot) => slot.1 = key,
+            None => self.keys.push((id, key)),
+        }
+    }
+
+    pub fn get(&self, id: u16) -> Option<&[u8]> {
+        self.keys.iter().find(|(k, _)| *k == id).map(|(_, v)| v.as_slice())
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.keys.is_empty()
+    }
+}
+
+fn mac_for(key: &[u8]) -> HmacSha256 {
+    // HMAC accepts keys of any length; this cannot fail.
+    match HmacSha256::new_from_slice(key) {
+        Ok(m) => m,
+        Err(_) => unreachable!("HMAC-SHA256 takes keys of any length"),
+    }
+}
+
+fn put_str(out: &mut Vec<u8>, s: &str, what: &'static str) -> Result<(), FrameError> {
+    if s.is_empty() || s.len() > MAX_STR {
+        return Err(FrameError::Encode(what));
+    }
+    out.push(s.len() as u8);
+    out.extend_from_slice(s.as_bytes());
+    Ok(())
+}
+
+impl Frame {
+    /// Serialises and signs the frame with `key` under `self.key_id`.
+    pub fn encode(&self, key: &[u8]) -> Result<Vec<u8>, FrameError> {
+        let mut out = Vec::with_capacity(256);
+        out.extend_from_slice(&MAGIC);
+        out.push(VERSION);
+        out.extend_from_slice(&self.key_id.to_be_bytes());
+        out.extend_from_slice(&self.boot_id.to_be_bytes());
+        out.extend_from_slice(&self.seq.to_be_bytes());
+        out.extend_from_slice(&self.sent_ms.to_be_bytes());
+        put_str(&mut out, &self.worker_id, "worker id must be 1..=64 bytes")?;
+        put_str(&mut out, &self.pool_id, "pool id must be 1..=64 bytes")?;
+        match self.addr.ip() {
+            IpAddr::V4(ip) => {
+                out.push(4);
+                out.extend_from_slice(&ip.octets());
+            }
+            IpAddr::V6(ip) => {
+                out.push(6);
+                out.extend_from_slice(&ip.octets());
+            }
+        }
+        out.extend_from_slice(&self.addr.port().to_be_bytes());
+        if self.models.len() > MAX_MODELS {
+            return Err(FrameError::Encode("at most 8 models per frame"));
+        }
+        out.push(self.models.len() as u8);
+        for m in &self.models {
+            put_str(&mut out, m, "model name must be 1..=64 bytes")?;
+        }
+        let fields = self.metrics.fields();
+        let mut present: u16 = 0;
+        for (i, f) in fields.iter().enumerate() {
+            if f.is_some() {
+                present |= 1 << i;
+            }
+        }
+        out.extend_from_slice(&present.to_be_bytes());
+        for f in fields {
+            out.extend_from_slice(&f.unwrap_or(0.0).to_be_bytes());
+        }
+        let mut mac = mac_for(key);
+        mac.update(&out);
+        out.extend_from_slice(&mac.finalize().into_bytes());
+        if out.len() > MAX_FRAME_LEN {
+            return Err(FrameError::TooLarge(out.len()));
+        }
+        Ok(out)
+    }
+
+    /// Authenticates and decodes a datagram. Never panics, whatever the bytes.
+    pub fn decode(bytes: &[u8], keys: &KeyRing) -> Result<Frame, FrameError> {
+        if bytes.len() > MAX_FRAME_LEN {
+            return Err(FrameError::TooLarge(bytes.len()));
+        }
+        if bytes.len() < 2 || bytes[..2] != MAGIC {
+            return Err(FrameError::BadMagic);
+        }
+        if bytes.len() < HEADER_LEN + TAG_LEN {
+            return Err(FrameError::Truncated { needed: HEADER_LEN + TAG_LEN, have: bytes.len() });
+        }
+        if bytes[2] != VERSION {
+            return Err(FrameError::UnsupportedVersion(bytes[2]));
+        }
+        let key_id = u16::from_be_bytes([bytes[3], bytes[4]]);
+        let key = keys.get(key_id).ok_or(FrameError::UnknownKey(key_id))?;
+        let (body, tag) = bytes.split_at(bytes.len() - TAG_LEN);
+        let mut mac = mac_for(key);
+        mac.update(body);
+        // Constant-time comparison.
+        mac.verify_slice(tag).map_err(|_| FrameError::BadMac)?;
+        // Authenticated from here on; still parsed defensively.
+        let mut r = Reader { buf: body, pos: 5 };
+        let boot_id = r.u64()?;
+        let seq = r.u64()?;
+        let sent_ms = r.u64()?;
+        let worker_id = r.str8("worker id")?;
+        let pool_id = r.str8("pool id")?;
+        let ip = match r.u8()? {
+            4 => {
+                let b = r.take(4)?;
+                IpAddr::V4(Ipv4Addr::new(b[0], b[1], b[2], b[3]))
+            }
+            6 => {
+                let b = r.take(16)?;
+                let mut o = [0u8; 16];
+                o.copy_from_slice(b);
+                IpAddr::V6(Ipv6Addr::from(o))
+            }
+            _ => return Err(FrameError::Malformed("address family must be 4 or 6")),
+        };
+        let port = r.u16()?;
+        let n = r.u8()? as usize;
+        if n > MAX_MODELS {
+            return Err(FrameError::Malformed("more than 8 models"));
+        }
+        let mut models = Vec::with_capacity(n);
+        for _ in 0..n {
+            models.push(r.str8("model name")?);
+        }
+        let present = r.u16()?;
+        let mut fields = [None; 8];
+        for (i, slot) in fields.iter_mut().enumerate() {
+            let v = f64::from_be_bytes(r.array8()?);
+            if present & (1 << i) != 0 {
+                if !v.is_finite() {
+                    return Err(FrameError::Malformed("metric is not a finite number"));
+                }
+                *slot = Some(v);
+            }
+        }
+        if r.pos != body.len() {
+            return Err(FrameError::Malformed("trailing bytes after the metrics"));
+        }
+        Ok(Frame {
+            key_id,
+            boot_id,
+            seq,
+            sent_ms,
+            worker_id,
+            pool_id,
+            addr: SocketAddr::new(ip, port),
+            models,
+            metrics: Metrics::from_fields(fields),
+        })
+    }
+}
+
+struct Reader<'a> {
+    buf: &'a [u8],
+    pos: usize,
+}
+
+impl<'a> Reader<'a> {
+    fn take(&mut self, n: usize) -> Result<&'a [u8], FrameError> {
+        let end = self.pos.checked_add(n).ok_or(FrameError::Malformed("length overflow"))?;
+        if end > self.buf.len() {
+            return Err(FrameError::Truncated { needed: end + TAG_LEN, have: self.buf.len() + TAG_LEN });
+        }
+        let s = &self.buf[self.pos..end];
+        self.pos = end;
+        Ok(s)
+    }
+    fn u8(&mut self) -> Result<u8, FrameError> {
+        Ok(self.take(1)?[0])
+    }
+    fn u16(&mut self) -> Result<u16, FrameError> {
+        let b = self.take(2)?;
+        Ok(u16::from_be_bytes([b[0], b[1]]))
+    }
+    fn array8(&mut self) -> Result<[u8; 8], FrameError> {
+        let b = self.take(8)?;
+        let mut o = [0u8; 8];
+        o.copy_from_slice(b);
+        Ok(o)
+    }
+    fn u64(&mut self) -> Result<u64, FrameError> {
+        Ok(u64::from_be_bytes(self.array8()?))
+    }
+    fn str8(&mut self, what: &'static str) -> Result<String, FrameError> {
+        let n = self.u8()? as usize;
+        if n == 0 || n > MAX_STR {
+            return Err(FrameError::Malformed(match what {
+                "worker id" => "worker id length out of 1..=64",
+                "pool id" => "pool id length out of 1..=64",
+                _ => "model name length out of 1..=64",
+            }));
+        }
+        let b = self.take(n)?;
+        std::str::from_utf8(b)
+            .map(str::to_owned)
+            .map_err(|_| FrameError::Malformed("string is not UTF-8"))
+    }
+}
+
+#[cfg(test)]
+pub(crate) mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    pub(crate) fn sample() -> Frame {
+        Frame {
+            key_id: 1,
+            boot_id: 0xdead_beef,
+            seq: 7,
+            sent_ms: 1_800_000_000_000,
+            worker_id: "w1".into(),
+            pool_id: "eu-west".into(),
+            addr: "127.0.0.1:8000".parse().unwrap(),
+            models: vec!["tiny".into()],
+            metrics: Metrics {
+                running: Some(2.0),
+                waiting: Some(1.0),
+                kv_usage: Some(0.25),
+                ttft_sum_s: Some(1.5),
+                ttft_count: Some(10.0),
+                prompt_tokens: Some(100.0),
+                generation_tokens: Some(400.0),
+                preemptions: None,
+            },
+        }
+    }
+
+    #[test]
+    fn round_trip() {
+        let ring = KeyRing::single(1, b"k".to_vec());
+        let f = sample();
+        let bytes = f.encode(b"k").unwrap();
+        assert!(bytes.len() <= MAX_FRAME_LEN);
+        assert_eq!(Frame::decode(&bytes, &ring).unwrap(), f);
+    }
+
+    #[test]
+    fn ipv6_and_many_models_fit() {
+        let mut f = sample();
+        f.addr = "[2001:db8::1]:8000".parse().unwrap();
+        f.worker_id = "w".repeat(64);
+        f.pool_id = "p".repeat(64);
+        f.models = (0..3).map(|i| format!("{i}{}", "m".repeat(63))).collect();
+        let bytes = f.encode(b"k").unwrap();
+        assert_eq!(Frame::decode(&bytes, &KeyRing::single(1, b"k".to_vec())).unwrap(), f);
+    }
+
+    #[test]
+    fn oversized_frame_is_refused_at_encode() {
+        let mut f = sample();
+        f.worker_id = "w".repeat(64);
+        f.pool_id = "p".repeat(64);
+        f.models = (0..8).map(|i| format!("{i}{}", "m".repeat(63))).collect();
+        assert!(matches!(f.encode(b"k"), Err(FrameError::TooLarge(_))));
+    }
+
+    #[test]
+    fn wrong_key_and_unknown_key_and_tamper() {
+        let bytes = sample().encode(b"k").unwrap();
+        assert_eq!(Frame::decode(&bytes, &KeyRing::single(1, b"other".to_vec())), Err(FrameError::BadMac));
+        assert_eq!(Frame::decode(&bytes, &KeyRing::single(2, b"k".to_vec())), Err(FrameError::UnknownKey(1)));
+        let mut t = bytes.clone();
+        t[40] ^= 1;
+        assert_eq!(Frame::decode(&t, &KeyRing::single(1, b"k".to_vec())), Err(FrameError::BadMac));
+    }
+
+    #[test]
+    fn key_rotation_accepts_both_keys() {
+        let mut ring = KeyRing::single(1, b"old".to_vec());
+        ring.insert(2, b"new".to_vec());
+        let mut f = sample();
+        assert!(Frame::decode(&f.encode(b"old").unwrap(), &ring).is_ok());
+        f.key_id = 2;
+        assert!(Frame::decode(&f.encode(b"new").unwrap(), &ring).is_ok());
+    }
+
+    #[test]
+    fn garbage_is_typed() {
+        let ring = KeyRing::single(1, b"k".to_vec());
+        assert_eq!(Frame::decode(b"", &ring), Err(FrameError::BadMagic));
+        assert_eq!(Frame::decode(b"hello", &ring), Err(FrameError::BadMagic));
+        assert!(matches!(Frame::decode(b"GH\x01", &ring), Err(FrameError::Truncated { .. })));
+        assert!(matches!(Frame::decode(&[b'G'; 600], &ring), Err(FrameError::TooLarge(600))));
+        let mut v = sample().encode(b"k").unwrap();
+        v[2] = 9;
+        assert_eq!(Frame::decode(&v, &ring), Err(FrameError::UnsupportedVersion(9)));
+    }
+
+    /// A correctly signed body whose fields lie about their lengths still decodes to an error.
+    #[test]
+    fn signed_but_malformed_body() {
+        let key = b"k";
+        let ring = KeyRing::single(1, key.to_vec());
+        let good = sample().encode(key).unwrap();
+        let body = &good[..good.len() - TAG_LEN];
+        for cut in HEADER_LEN..body.len() {
+            let mut b = body[..cut].to_vec();
+            let mut mac = mac_for(key);
+            mac.update(&b);
+            b.extend_from_slice(&mac.finalize().into_bytes());
+            assert!(Frame::decode(&b, &ring).is_err(), "cut at {cut} decoded");
+        }
+    }
+
+    proptest! {
+        #[test]
+        fn decode_is_total(bytes in proptest::collection::vec(any::<u8>(), 0..700)) {
+            let _ = Frame::decode(&bytes, &KeyRing::single(1, b"k".to_vec()));
+        }
+
+        #[test]
+        fn decode_is_total_after_magic(mut bytes in proptest::collection::vec(any::<u8>(), 0..600)) {
+            if bytes.len() >= 3 { bytes[0] = b'G'; bytes[1] = b'H'; bytes[2] = VERSION; }
+            let _ = Frame::decode(&bytes, &KeyRing::single(1, b"k".to_vec()));
+        }
+
+        #[test]
+        fn round_trip_any(seq in any::<u64>(), boot in any::<u64>(), sent in any::<u64>(),
+                          running in proptest::option::of(0.0f64..1e6), kv in proptest::option::of(0.0f64..1.0),
+                          port in any::<u16>(), worker in "[a-z0-9-]{1,64}") {
+            let mut f = sample();
+            f.seq = seq; f.boot_id = boot; f.sent_ms = sent; f.metrics.running = running;
+            f.metrics.kv_usage = kv; f.addr.set_port(port); f.worker_id = worker;
+            let b = f.encode(b"k").unwrap();
+            prop_assert_eq!(Frame::decode(&b, &KeyRing::single(1, b"k".to_vec())).unwrap(), f);
+        }
+    }
+}

@@ -1,0 +1,20 @@
+//! The one crate both tiers run: the telemetry frame codec, its authenticated ingest
+//! (replay and clock checks), and the fleet state that answers "is this worker fresh?" and
+//! "is this pool alive?".
+//!
+//! Everything here is pure: no clocks, no sockets, no threads. Time is passed in as
+//! milliseconds since the Unix epoch (`now_ms`), so the same code runs natively inside `dnsd`
+//! and compiled to `wasm32-wasip1` inside Envoy, and tests drive time by hand.
+
+pub mod fleet;
+pub mod frame;
+pub mod ingest;
+
+pub use fleet::{FleetState, FleetView, Liveness, WorkerView};
+pub use frame::{Frame, FrameError, KeyRing, Metrics, MAX_FRAME_LEN};
+pub use ingest::{DropReason, Ingest, IngestCounters};
+
+/// A worker whose last valid frame is older than this gets no new requests.
+pub const FRESHNESS_GATE_MS: u64 = 3_000;
+/// A pool with fewer than `min_workers` workers heard from within this window is evicted.
+pub const EVICTION_WINDOW_MS: u64 = 10_000;

@@ -1,1 +1,107 @@
-fn main() {}
+//! `gpuha-dnsd`: telemetry ingest, fleet view and authoritative DNS.
+
+use std::io::Write;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::Parser;
+use gpuha_dnsd::config::{Config, HttpConfig, IngestConfig, KeyConfig};
+use gpuha_dnsd::Listeners;
+
+#[derive(Parser, Debug)]
+#[command(name = "gpuha-dnsd", version, about = "GPU HA telemetry ingest, fleet view and authoritative DNS")]
+struct Args {
+    /// TOML config file. Flags below override its listen addresses.
+    #[arg(long, short)]
+    config: Option<PathBuf>,
+    /// UDP address for telemetry frames (port 0: pick a free one).
+    #[arg(long)]
+    ingest: Option<SocketAddr>,
+    /// HTTP address for /v1/fleet and /metrics.
+    #[arg(long)]
+    http: Option<SocketAddr>,
+    /// HMAC key file (with no --config): key id --key-id.
+    #[arg(long)]
+    key_file: Option<PathBuf>,
+    #[arg(long, default_value_t = 1)]
+    key_id: u16,
+    /// Check the config and exit.
+    #[arg(long)]
+    check: bool,
+}
+
+fn load(args: &Args) -> Result<Config, String> {
+    let mut config = match &args.config {
+        Some(p) => Config::load(p).map_err(|e| e.to_string())?,
+        None => {
+            let file = args.key_file.clone().ok_or("give --config FILE, or --key-file FILE for a config-less run")?;
+            Config {
+                ingest: IngestConfig {
+                    listen: SocketAddr::from(([127, 0, 0, 1], 9400)),
+                    recv_buffer_bytes: 8 << 20,
+                    max_skew_ms: gpuha_liveness::ingest::DEFAULT_MAX_SKEW_MS,
+                    forget_after_ms: 3_600_000,
+                    keys: vec![KeyConfig { id: args.key_id, file }],
+                },
+                http: HttpConfig::default(),
+                dns: None,
+            }
+        }
+    };
+    if let Some(a) = args.ingest {
+        config.ingest.listen = a;
+    }
+    if let Some(a) = args.http {
+        config.http.listen = a;
+    }
+    config.validate().map_err(|e| e.to_string())?;
+    config.key_ring().map_err(|e| e.to_string())?;
+    Ok(config)
+}
+
+fn main() -> ExitCode {
+    tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::try_from_env("GPUHA_LOG").unwrap_or_else(|_| "info".into()))
+        .with_writer(std::io::stderr)
+        .init();
+    let args = Args::parse();
+    let config = match load(&args) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("gpuha-dnsd: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    if args.check {
+        println!("config ok");
+        return ExitCode::SUCCESS;
+    }
+    let rt = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("gpuha-dnsd: cannot start runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let result = rt.block_on(async move {
+        let listeners = Listeners::bind(&config)?;
+        println!("{}", listeners.ready_line()?);
+        let _ = std::io::stdout().flush();
+        let shutdown = async {
+            let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+                Ok(s) => s,
+                Err(_) => return std::future::pending().await,
+            };
+            tokio::select! { _ = term.recv() => {}, _ = tokio::signal::ctrl_c() => {} }
+        };
+        gpuha_dnsd::run(config, listeners, shutdown).await
+    });
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("gpuha-dnsd: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}

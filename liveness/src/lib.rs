@@ -6,9 +6,13 @@
 //! milliseconds since the Unix epoch (`now_ms`), so the same code runs natively inside `dnsd`
 //! and compiled to `wasm32-wasip1` inside Envoy, and tests drive time by hand.
 
+pub mod breaker;
 pub mod fleet;
 pub mod frame;
+pub mod guard;
 pub mod ingest;
+pub mod openai_error;
+pub mod pick;
 
 pub use fleet::{FleetState, FleetView, Liveness, WorkerView};
 pub use frame::{Frame, FrameError, KeyRing, Metrics, MAX_FRAME_LEN};

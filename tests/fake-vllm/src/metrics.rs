@@ -164,7 +164,7 @@ impl Metrics {
         let base = format!("engine=\"0\",model_name=\"{m}\"");
         let created = self.start_time;
 
-        let mut family = |out: &mut String, name: &str, kind: &str, help: &str| {
+        let family = |out: &mut String, name: &str, kind: &str, help: &str| {
             let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}");
         };
         let gauge = |out: &mut String, name: &str, help: &str, v: f64| {

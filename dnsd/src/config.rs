@@ -1,0 +1,148 @@
+//! dnsd's TOML configuration: where to listen, which HMAC keys to accept, and (optionally) the
+//! DNS zones. Unknown keys are errors; `validate` names the key and the reason.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use gpuha_liveness::KeyRing;
+use serde::Deserialize;
+
+use crate::dns::DnsConfig;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read {path}: {source}")]
+    Read { path: PathBuf, source: std::io::Error },
+    #[error("{path}: {source}")]
+    Parse { path: PathBuf, source: toml::de::Error },
+    #[error("config key `{key}`: {reason}")]
+    Invalid { key: String, reason: String },
+}
+
+impl ConfigError {
+    pub fn invalid(key: impl Into<String>, reason: impl Into<String>) -> Self {
+        ConfigError::Invalid { key: key.into(), reason: reason.into() }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    pub ingest: IngestConfig,
+    #[serde(default)]
+    pub http: HttpConfig,
+    #[serde(default)]
+    pub dns: Option<DnsConfig>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct IngestConfig {
+    /// UDP address sidecars send frames to.
+    #[serde(default = "default_ingest")]
+    pub listen: SocketAddr,
+    /// Kernel receive buffer; large so bursts from thousands of sidecars are not dropped.
+    #[serde(default = "default_rcvbuf")]
+    pub recv_buffer_bytes: usize,
+    /// Frames whose send time is further than this from the receive time are dropped.
+    #[serde(default = "default_skew")]
+    pub max_skew_ms: u64,
+    /// Workers silent this long are forgotten (their pool stays dead).
+    #[serde(default = "default_forget")]
+    pub forget_after_ms: u64,
+    /// HMAC keys; several during a rotation.
+    pub keys: Vec<KeyConfig>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct KeyConfig {
+    pub id: u16,
+    /// File holding the key (raw bytes; a trailing newline is stripped).
+    pub file: PathBuf,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HttpConfig {
+    /// Serves `/v1/fleet`, `/metrics` and `/healthz`.
+    #[serde(default = "default_http")]
+    pub listen: SocketAddr,
+}
+
+impl Default for HttpConfig {
+    fn default() -> Self {
+        HttpConfig { listen: default_http() }
+    }
+}
+
+fn default_ingest() -> SocketAddr {
+    SocketAddr::from(([127, 0, 0, 1], 9400))
+}
+fn default_http() -> SocketAddr {
+    SocketAddr::from(([127, 0, 0, 1], 9401))
+}
+fn default_rcvbuf() -> usize {
+    8 << 20
+}
+fn default_skew() -> u64 {
+    gpuha_liveness::ingest::DEFAULT_MAX_SKEW_MS
+}
+fn default_forget() -> u64 {
+    3_600_000
+}
+
+/// Reads a key file: raw bytes, one trailing newline stripped; at least 16 bytes.
+pub fn read_key(path: &Path) -> Result<Vec<u8>, ConfigError> {
+    let mut key = std::fs::read(path).map_err(|source| ConfigError::Read { path: path.into(), source })?;
+    while key.last().is_some_and(|b| *b == b'\n' || *b == b'\r') {
+        key.pop();
+    }
+    if key.len() < 16 {
+        return Err(ConfigError::invalid(
+            "ingest.keys.file",
+            format!("{} holds {} bytes; use at least 16 random bytes", path.display(), key.len()),
+        ));
+    }
+    Ok(key)
+}
+
+impl Config {
+    pub fn from_toml(text: &str, path: &Path) -> Result<Self, ConfigError> {
+        let c: Config = toml::from_str(text).map_err(|source| ConfigError::Parse { path: path.into(), source })?;
+        c.validate()?;
+        Ok(c)
+    }
+
+    pub fn load(path: &Path) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read { path: path.into(), source })?;
+        Self::from_toml(&text, path)
+    }
+
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        if self.ingest.keys.is_empty() {
+            return Err(ConfigError::invalid("ingest.keys", "at least one key is required"));
+        }
+        let mut ids: Vec<u16> = self.ingest.keys.iter().map(|k| k.id).collect();
+        ids.sort_unstable();
+        if ids.windows(2).any(|w| w[0] == w[1]) {
+            return Err(ConfigError::invalid("ingest.keys.id", "key ids must be unique"));
+        }
+        if self.ingest.max_skew_ms == 0 {
+            return Err(ConfigError::invalid("ingest.max_skew_ms", "must be > 0"));
+        }
+        if let Some(dns) = &self.dns {
+            dns.validate()?;
+        }
+        Ok(())
+    }
+
+    /// Loads every configured key into a ring.
+    pub fn key_ring(&self) -> Result<KeyRing, ConfigError> {
+        let mut ring = KeyRing::new();
+        for k in &self.ingest.keys {
+            ring.insert(k.id, read_key(&k.file)?);
+        }
+        Ok(ring)
+    }
+}

@@ -1,0 +1,160 @@
+//! dnsd: receives sidecars' telemetry frames over UDP, keeps the fleet state, serves the fleet
+//! view over HTTP for the Envoy filter, and answers DNS for the service names (see [`dns`]).
+//!
+//! [`run`] takes already-bound sockets so tests (and systemd socket activation) can bind port 0.
+
+pub mod config;
+pub mod dns;
+pub mod http;
+pub mod state;
+
+use std::future::Future;
+use std::io;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use socket2::{Domain, Protocol, Socket, Type};
+use tokio::sync::watch;
+
+pub use config::{Config, ConfigError};
+use dns::DnsService;
+use state::{now_ms, AppState};
+
+/// What the HTTP and DNS handlers share.
+pub struct Services {
+    pub state: Arc<AppState>,
+    pub dns: Option<Arc<DnsService>>,
+}
+
+/// Bound sockets for every service dnsd runs.
+pub struct Listeners {
+    pub ingest: std::net::UdpSocket,
+    pub http: std::net::TcpListener,
+    pub dns: Option<(std::net::UdpSocket, std::net::TcpListener)>,
+}
+
+impl Listeners {
+    /// Binds the addresses in `config` (port 0 picks a free port).
+    pub fn bind(config: &Config) -> io::Result<Self> {
+        let ingest = bind_udp(config.ingest.listen, config.ingest.recv_buffer_bytes)?;
+        let http = std::net::TcpListener::bind(config.http.listen)?;
+        let dns = match &config.dns {
+            Some(d) => {
+                let udp = bind_udp(d.listen, 4 << 20)?;
+                // DNS over TCP on the same port as UDP (port 0: the port UDP got).
+                let tcp = std::net::TcpListener::bind(udp.local_addr()?)?;
+                Some((udp, tcp))
+            }
+            None => None,
+        };
+        Ok(Listeners { ingest, http, dns })
+    }
+
+    /// The line dnsd prints once every socket is bound; tests wait for it.
+    pub fn ready_line(&self) -> io::Result<String> {
+        let dns = match &self.dns {
+            Some((u, _)) => u.local_addr()?.to_string(),
+            None => "-".into(),
+        };
+        Ok(format!("READY ingest={} http={} dns={}", self.ingest.local_addr()?, self.http.local_addr()?, dns))
+    }
+}
+
+fn bind_udp(addr: SocketAddr, rcvbuf: usize) -> io::Result<std::net::UdpSocket> {
+    let sock = Socket::new(Domain::for_address(addr), Type::DGRAM, Some(Protocol::UDP))?;
+    // The kernel may clamp this to net.core.rmem_max; a smaller buffer still works.
+    let _ = sock.set_recv_buffer_size(rcvbuf);
+    sock.bind(&addr.into())?;
+    sock.set_nonblocking(true)?;
+    Ok(sock.into())
+}
+
+/// Runs dnsd until `shutdown` resolves.
+pub async fn run(config: Config, listeners: Listeners, shutdown: impl Future<Output = ()> + Send + 'static) -> anyhow_lite::Result<()> {
+    let keys = config.key_ring()?;
+    let state = Arc::new(AppState::new(keys, config.ingest.max_skew_ms, config.ingest.forget_after_ms, now_ms()));
+    let dns = match &config.dns {
+        Some(d) => Some(Arc::new(DnsService::new(d, state.clone())?)),
+        None => None,
+    };
+    let services = Arc::new(Services { state: state.clone(), dns: dns.clone() });
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let stopped = move |mut rx: watch::Receiver<bool>| async move {
+        let _ = rx.wait_for(|s| *s).await;
+    };
+
+    let udp = tokio::net::UdpSocket::from_std(listeners.ingest)?;
+    let ingest_task = tokio::spawn(ingest_loop(udp, state.clone(), stopped(stop_rx.clone())));
+
+    let housekeeping = {
+        let state = state.clone();
+        let stop = stopped(stop_rx.clone());
+        tokio::spawn(async move {
+            let tick = async {
+                let mut iv = tokio::time::interval(Duration::from_secs(5));
+                loop {
+                    iv.tick().await;
+                    state.housekeeping(now_ms());
+                }
+            };
+            tokio::select! { _ = tick => {}, _ = stop => {} }
+        })
+    };
+
+    listeners.http.set_nonblocking(true)?;
+    let http_listener = tokio::net::TcpListener::from_std(listeners.http)?;
+    let http_stop = stopped(stop_rx.clone());
+    let http_task = tokio::spawn(async move {
+        axum::serve(http_listener, http::router(services)).with_graceful_shutdown(http_stop).await
+    });
+
+    let dns_task = match (dns, listeners.dns) {
+        (Some(svc), Some((u, t))) => {
+            t.set_nonblocking(true)?;
+            let u = tokio::net::UdpSocket::from_std(u)?;
+            let t = tokio::net::TcpListener::from_std(t)?;
+            Some(tokio::spawn(svc.serve(u, t, stopped(stop_rx.clone()))))
+        }
+        _ => None,
+    };
+
+    shutdown.await;
+    let _ = stop_tx.send(true);
+    let _ = ingest_task.await;
+    let _ = housekeeping.await;
+    if let Ok(Err(e)) = http_task.await {
+        tracing::warn!("http server ended with an error: {e}");
+    }
+    if let Some(t) = dns_task {
+        if let Ok(Err(e)) = t.await {
+            tracing::warn!("dns server ended with an error: {e}");
+        }
+    }
+    Ok(())
+}
+
+async fn ingest_loop(sock: tokio::net::UdpSocket, state: Arc<AppState>, stop: impl Future<Output = ()>) {
+    // One byte over the frame limit, so an oversized datagram is seen as such and dropped.
+    let mut buf = vec![0u8; gpuha_liveness::MAX_FRAME_LEN + 1];
+    let work = async {
+        loop {
+            match sock.recv_from(&mut buf).await {
+                Ok((n, from)) => {
+                    if let Err(reason) = state.ingest(&buf[..n], now_ms()) {
+                        tracing::debug!(%from, reason = reason.as_str(), "dropped datagram");
+                    }
+                }
+                // ICMP errors and the like surface here on some platforms: keep receiving.
+                Err(e) => tracing::debug!("udp recv error: {e}"),
+            }
+        }
+    };
+    tokio::select! { _ = work => {}, _ = stop => {} }
+}
+
+/// A tiny boxed error so `run` can return config, io and DNS errors alike.
+pub mod anyhow_lite {
+    pub type Error = Box<dyn std::error::Error + Send + Sync + 'static>;
+    pub type Result<T> = std::result::Result<T, Error>;
+}

@@ -1,0 +1,426 @@
+//! Worker picking for one request: which workers may get it (fresh, serving the model, circuit
+//! not open), how they rank (predicted time to first token), and the ordered endpoint list that
+//! Envoy's `override_host` load balancer walks (first attempt → first address, each retry → the
+//! next one).
+//!
+//! Anti-herding: many Envoy threads read the same snapshot between two polls, so the first
+//! endpoint is chosen by power of two choices among the near-best workers, not "the best", and
+//! each thread counts the requests it sent to a worker after that worker's last frame was taken
+//! ([`LocalLoad`]) as extra queued load.
+//!
+//! Pure: the snapshot, the local fetch time, `now_ms`, the breaker admissions and the random
+//! source are passed in.
+
+use std::collections::{HashMap, VecDeque};
+
+use serde::{Deserialize, Serialize};
+
+use crate::breaker::Admission;
+use crate::fleet::{FleetView, WorkerView};
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct PickConfig {
+    /// Endpoints in the list (first attempt + retries).
+    pub max_endpoints: usize,
+    /// A worker whose frame is this old (dnsd's age + local time since the fetch) is skipped.
+    pub freshness_gate_ms: u64,
+    /// A snapshot fetched longer ago than this is not used at all: fail open.
+    pub stale_after_ms: u64,
+    /// Workers scoring within `best * (1 + near_best_ratio) + near_best_ms` are "near-best".
+    pub near_best_ratio: f64,
+    pub near_best_ms: f64,
+    /// TTFT assumed when a worker has not reported one (or is idle).
+    pub default_ttft_ms: f64,
+    /// Weight of each running sequence on prefill time.
+    pub running_weight: f64,
+    /// KV-cache usage above which a worker is penalised, and the penalty at 100 %.
+    pub kv_soft_limit: f64,
+    pub kv_penalty: f64,
+}
+
+impl Default for PickConfig {
+    fn default() -> Self {
+        PickConfig {
+            max_endpoints: 3,
+            freshness_gate_ms: crate::FRESHNESS_GATE_MS,
+            stale_after_ms: 3_000,
+            near_best_ratio: 0.25,
+            near_best_ms: 20.0,
+            default_ttft_ms: 100.0,
+            running_weight: 0.05,
+            kv_soft_limit: 0.8,
+            kv_penalty: 4.0,
+        }
+    }
+}
+
+impl PickConfig {
+    pub fn validate(&self) -> Result<(), String> {
+        if self.max_endpoints == 0 || self.max_endpoints > 16 {
+            return Err("pick.max_endpoints: must be 1..=16".into());
+        }
+        if self.freshness_gate_ms == 0 || self.stale_after_ms == 0 {
+            return Err("pick.freshness_gate_ms / stale_after_ms: must be > 0".into());
+        }
+        let finite_nonneg = [self.near_best_ratio, self.near_best_ms, self.default_ttft_ms, self.running_weight, self.kv_penalty];
+        if finite_nonneg.iter().any(|v| !v.is_finite() || *v < 0.0) {
+            return Err("pick: weights must be finite and >= 0".into());
+        }
+        if !(0.0..1.0).contains(&self.kv_soft_limit) {
+            return Err("pick.kv_soft_limit: must be in [0, 1)".into());
+        }
+        Ok(())
+    }
+}
+
+/// Small deterministic PRNG (SplitMix64): good enough to spread choices, seedable in tests.
+#[derive(Debug, Clone)]
+pub struct Rng(u64);
+
+impl Rng {
+    pub fn new(seed: u64) -> Self {
+        Rng(seed)
+    }
+
+    pub fn next_u64(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        z ^ (z >> 31)
+    }
+
+    /// Uniform in `0..n` (`n > 0`).
+    pub fn below(&mut self, n: usize) -> usize {
+        (self.next_u64() % n.max(1) as u64) as usize
+    }
+}
+
+/// Requests this thread sent to each worker recently (local clock), so that load the snapshot
+/// cannot know about yet counts against a worker.
+#[derive(Debug, Clone, Default)]
+pub struct LocalLoad {
+    sent: HashMap<String, VecDeque<u64>>,
+}
+
+impl LocalLoad {
+    /// Longest history kept per worker.
+    const KEEP_MS: u64 = 10_000;
+    const MAX_PER_WORKER: usize = 4_096;
+
+    pub fn record(&mut self, addr: &str, now_ms: u64) {
+        let q = self.sent.entry(addr.to_string()).or_default();
+        q.push_back(now_ms);
+        while q.len() > Self::MAX_PER_WORKER || q.front().is_some_and(|t| now_ms.saturating_sub(*t) > Self::KEEP_MS) {
+            q.pop_front();
+        }
+    }
+
+    /// Requests sent to `addr` strictly after `since_ms`.
+    pub fn sent_since(&self, addr: &str, since_ms: u64) -> usize {
+        self.sent.get(addr).map_or(0, |q| q.iter().rev().take_while(|t| **t > since_ms).count())
+    }
+
+    /// Drops workers with no recent sends.
+    pub fn prune(&mut self, now_ms: u64) {
+        self.sent.retain(|_, q| q.back().is_some_and(|t| now_ms.saturating_sub(*t) <= Self::KEEP_MS));
+    }
+}
+
+/// Age of a worker's last frame on the local clock: dnsd's age at fetch time plus the local
+/// time since the fetch (never comparing two hosts' clocks).
+pub fn effective_age_ms(w: &WorkerView, fetched_local_ms: u64, now_ms: u64) -> u64 {
+    w.age_ms.saturating_add(now_ms.saturating_sub(fetched_local_ms))
+}
+
+/// Predicted time to first token for one more request, with `extra` requests queued on top of
+/// what the worker reported.
+pub fn predicted_ttft_ms(w: &WorkerView, extra: f64, cfg: &PickConfig) -> f64 {
+    let num = |v: Option<f64>| v.filter(|x| x.is_finite() && *x >= 0.0);
+    let waiting = num(w.waiting).unwrap_or(0.0) + extra.max(0.0);
+    let running = num(w.running).unwrap_or(0.0);
+    let mut base = num(w.ttft_ms).filter(|t| *t > 0.0).unwrap_or(cfg.default_ttft_ms);
+    if waiting + running == 0.0 {
+        // An idle worker's last TTFT reflects load it no longer has; without this a worker that
+        // once was slow would never get the traffic that updates its number.
+        base = base.min(cfg.default_ttft_ms);
+    }
+    // Each request queued ahead costs about one prefill; running sequences slow prefill down.
+    let mut t = base * (1.0 + waiting) * (1.0 + cfg.running_weight * running);
+    let kv = num(w.kv).unwrap_or(0.0).min(1.0);
+    if kv > cfg.kv_soft_limit {
+        // Little KV headroom: the new sequence waits for blocks or causes preemptions.
+        t *= 1.0 + (kv - cfg.kv_soft_limit) / (1.0 - cfg.kv_soft_limit) * cfg.kv_penalty;
+    }
+    t
+}
+
+/// The picker's answer for one request.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Decision {
+    /// Send to these addresses in order. `probe` is the address whose half-open probe this
+    /// request carries (always the first endpoint), if any.
+    Endpoints { endpoints: Vec<String>, probe: Option<String> },
+    /// The snapshot is too old to trust (dnsd down or restarted): no pick, fail open.
+    Stale,
+    /// No worker in the snapshot serves this model: no pick (the upstream answers 404).
+    UnknownModel,
+    /// Workers serve the model but none is fresh with a closed circuit.
+    NoWorker { fresh: usize, serving: usize },
+}
+
+/// A scored, eligible worker.
+#[derive(Debug, Clone)]
+struct Scored<'a> {
+    w: &'a WorkerView,
+    score: f64,
+}
+
+/// Whether `w` serves `model` (`None`: the request named none, any worker will do).
+pub fn serves(w: &WorkerView, model: Option<&str>) -> bool {
+    match model {
+        None => true,
+        Some(m) => w.models.is_empty() || w.models.iter().any(|x| x == m),
+    }
+}
+
+/// Picks the endpoints for one request.
+///
+/// * `admission(addr)`: the breaker's view of a worker.
+/// * `claim_probe(addr)`: tries to take the half-open probe (compare-and-swap in the filter);
+///   only called for workers whose admission is [`Admission::Probe`].
+#[allow(clippy::too_many_arguments)]
+pub fn pick(
+    view: &FleetView,
+    fetched_local_ms: u64,
+    now_ms: u64,
+    model: Option<&str>,
+    load: &LocalLoad,
+    rng: &mut Rng,
+    cfg: &PickConfig,
+    mut admission: impl FnMut(&str) -> Admission,
+    mut claim_probe: impl FnMut(&str) -> bool,
+) -> Decision {
+    if now_ms.saturating_sub(fetched_local_ms) > cfg.stale_after_ms {
+        return Decision::Stale;
+    }
+    let serving: Vec<&WorkerView> = view.workers.iter().filter(|w| serves(w, model)).collect();
+    if serving.is_empty() {
+        return Decision::UnknownModel;
+    }
+    let fresh: Vec<&WorkerView> = serving
+        .iter()
+        .copied()
+        .filter(|w| effective_age_ms(w, fetched_local_ms, now_ms) < cfg.freshness_gate_ms)
+        .collect();
+    let mut normal: Vec<Scored> = Vec::new();
+    let mut probes: Vec<&WorkerView> = Vec::new();
+    for w in &fresh {
+        match admission(&w.addr) {
+            Admission::Allow => {
+                // Requests sent after the frame was taken are not in its numbers yet.
+                let frame_local_ms = fetched_local_ms.saturating_sub(w.age_ms);
+                let extra = load.sent_since(&w.addr, frame_local_ms) as f64;
+                normal.push(Scored { w, score: predicted_ttft_ms(w, extra, cfg) });
+            }
+            Admission::Probe => probes.push(w),
+            Admission::Deny => {}
+        }
+    }
+    let mut endpoints: Vec<String> = Vec::with_capacity(cfg.max_endpoints);
+    let mut probe = None;
+    // A probe goes first so that it is surely attempted; the retry policy still covers the
+    // request if the probed worker fails before its first token.
+    while !probes.is_empty() {
+        let w = probes.swap_remove(rng.below(probes.len()));
+        if claim_probe(&w.addr) {
+            endpoints.push(w.addr.clone());
+            probe = Some(w.addr.clone());
+            break;
+        }
+    }
+    normal.sort_by(|a, b| a.score.total_cmp(&b.score));
+    if probe.is_none() && !normal.is_empty() {
+        let best = normal[0].score;
+        let limit = best * (1.0 + cfg.near_best_ratio) + cfg.near_best_ms;
+        let near = normal.iter().take_while(|s| s.score <= limit).count();
+        let first = if near >= 2 {
+            // Power of two choices among the near-best.
+            let a = rng.below(near);
+            let mut b = rng.below(near - 1);
+            if b >= a {
+                b += 1;
+            }
+            if normal[b].score < normal[a].score {
+                b
+            } else {
+                a
+            }
+        } else {
+            0
+        };
+        let chosen = normal.remove(first);
+        endpoints.push(chosen.w.addr.clone());
+    }
+    for s in normal {
+        if endpoints.len() >= cfg.max_endpoints {
+            break;
+        }
+        if !endpoints.contains(&s.w.addr) {
+            endpoints.push(s.w.addr.clone());
+        }
+    }
+    if endpoints.is_empty() {
+        return Decision::NoWorker { fresh: fresh.len(), serving: serving.len() };
+    }
+    Decision::Endpoints { endpoints, probe }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn w(id: &str, port: u16, age: u64, waiting: f64, ttft: f64) -> WorkerView {
+        WorkerView {
+            id: id.into(),
+            pool: "p1".into(),
+            models: vec!["tiny".into()],
+            addr: format!("127.0.0.1:{port}"),
+            age_ms: age,
+            fresh: age <= 3_000,
+            boot: 1,
+            running: Some(0.0),
+            waiting: Some(waiting),
+            kv: Some(0.1),
+            ttft_ms: Some(ttft),
+            gen_tps: None,
+            prompt_tps: None,
+            preemptions: None,
+        }
+    }
+
+    fn view(ws: Vec<WorkerView>) -> FleetView {
+        FleetView { now_ms: 1_800_000_000_000, workers: ws }
+    }
+
+    fn go(v: &FleetView, fetched: u64, now: u64, model: Option<&str>, seed: u64) -> Decision {
+        pick(v, fetched, now, model, &LocalLoad::default(), &mut Rng::new(seed), &PickConfig::default(), |_| Admission::Allow, |_| false)
+    }
+
+    #[test]
+    fn stale_snapshot_fails_open() {
+        let v = view(vec![w("a", 1, 0, 0.0, 50.0)]);
+        assert_eq!(go(&v, 1_000, 4_001, Some("tiny"), 1), Decision::Stale);
+        assert!(matches!(go(&v, 1_000, 4_000, Some("tiny"), 1), Decision::Endpoints { .. }));
+    }
+
+    #[test]
+    fn freshness_adds_local_elapsed_time() {
+        let v = view(vec![w("a", 1, 2_500, 0.0, 50.0), w("b", 2, 100, 5.0, 50.0)]);
+        // 400 ms after the fetch a is 2.9 s old: still fresh.
+        let Decision::Endpoints { endpoints, .. } = go(&v, 0, 400, Some("tiny"), 1) else { panic!() };
+        assert_eq!(endpoints, vec!["127.0.0.1:1", "127.0.0.1:2"]);
+        // 500 ms after: 3.0 s, gone.
+        let Decision::Endpoints { endpoints, .. } = go(&v, 0, 500, Some("tiny"), 1) else { panic!() };
+        assert_eq!(endpoints, vec!["127.0.0.1:2"]);
+    }
+
+    #[test]
+    fn model_filter_and_no_worker() {
+        let v = view(vec![w("a", 1, 5_000, 0.0, 50.0)]);
+        assert_eq!(go(&v, 0, 0, Some("other"), 1), Decision::UnknownModel);
+        assert_eq!(go(&v, 0, 0, Some("tiny"), 1), Decision::NoWorker { fresh: 0, serving: 1 });
+    }
+
+    #[test]
+    fn open_circuit_skipped_and_probe_goes_first() {
+        let v = view(vec![w("a", 1, 0, 0.0, 50.0), w("b", 2, 0, 3.0, 50.0), w("c", 3, 0, 0.0, 50.0)]);
+        let cfg = PickConfig::default();
+        let d = pick(&v, 0, 0, Some("tiny"), &LocalLoad::default(), &mut Rng::new(3), &cfg,
+            |a| match a { "127.0.0.1:1" => Admission::Deny, "127.0.0.1:2" => Admission::Probe, _ => Admission::Allow },
+            |_| true);
+        assert_eq!(d, Decision::Endpoints { endpoints: vec!["127.0.0.1:2".into(), "127.0.0.1:3".into()], probe: Some("127.0.0.1:2".into()) });
+        // Probe already claimed elsewhere: not used.
+        let d = pick(&v, 0, 0, Some("tiny"), &LocalLoad::default(), &mut Rng::new(3), &cfg,
+            |a| match a { "127.0.0.1:1" => Admission::Deny, "127.0.0.1:2" => Admission::Probe, _ => Admission::Allow },
+            |_| false);
+        assert_eq!(d, Decision::Endpoints { endpoints: vec!["127.0.0.1:3".into()], probe: None });
+    }
+
+    #[test]
+    fn ranking_prefers_short_queue_and_kv_headroom() {
+        let mut full = w("full", 1, 0, 0.0, 50.0);
+        full.kv = Some(0.99);
+        full.running = Some(4.0);
+        let busy = w("busy", 2, 0, 4.0, 50.0);
+        let idle = w("idle", 3, 0, 0.0, 50.0);
+        let cfg = PickConfig::default();
+        let s = |x: &WorkerView| predicted_ttft_ms(x, 0.0, &cfg);
+        assert!(s(&idle) < s(&full) && s(&full) < s(&busy), "{} {} {}", s(&idle), s(&full), s(&busy));
+    }
+
+    #[test]
+    fn local_load_spreads_a_burst_between_snapshots() {
+        // Two equal workers, one snapshot, 100 picks in a row from one thread.
+        let v = view(vec![w("a", 1, 0, 0.0, 50.0), w("b", 2, 0, 0.0, 50.0), w("c", 3, 0, 0.0, 50.0)]);
+        let cfg = PickConfig::default();
+        let mut load = LocalLoad::default();
+        let mut rng = Rng::new(9);
+        let mut counts = HashMap::new();
+        for i in 0..99 {
+            let Decision::Endpoints { endpoints, .. } =
+                pick(&v, 1_000, 1_000 + i, Some("tiny"), &load, &mut rng, &cfg, |_| Admission::Allow, |_| false)
+            else {
+                panic!()
+            };
+            load.record(&endpoints[0], 1_000 + i);
+            *counts.entry(endpoints[0].clone()).or_insert(0) += 1;
+        }
+        for (_, c) in counts {
+            assert!((28..=38).contains(&c), "uneven: {c}");
+        }
+    }
+
+    #[test]
+    fn sends_before_the_frame_do_not_count() {
+        let mut load = LocalLoad::default();
+        load.record("x", 100);
+        load.record("x", 200);
+        assert_eq!(load.sent_since("x", 150), 1);
+        assert_eq!(load.sent_since("x", 200), 0);
+        assert_eq!(load.sent_since("y", 0), 0);
+    }
+
+    proptest! {
+        /// The list never repeats a worker, never exceeds the limit, and only holds fresh,
+        /// admitted workers serving the model.
+        #[test]
+        fn endpoints_are_eligible_and_distinct(
+            ws in proptest::collection::vec((0u64..6_000, 0.0f64..10.0, 1.0f64..500.0, 0u8..3), 0..10),
+            seed: u64, elapsed in 0u64..1_000,
+        ) {
+            let workers: Vec<WorkerView> = ws.iter().enumerate().map(|(i, (age, wait, ttft, _))| w(&format!("w{i}"), i as u16 + 1, *age, *wait, *ttft)).collect();
+            let adm: HashMap<String, Admission> = ws.iter().enumerate().map(|(i, (_, _, _, a))| {
+                (format!("127.0.0.1:{}", i + 1), [Admission::Allow, Admission::Probe, Admission::Deny][*a as usize])
+            }).collect();
+            let v = view(workers.clone());
+            let cfg = PickConfig::default();
+            let d = pick(&v, 0, elapsed, Some("tiny"), &LocalLoad::default(), &mut Rng::new(seed), &cfg, |a| adm[a], |_| true);
+            if let Decision::Endpoints { endpoints, probe } = d {
+                prop_assert!(!endpoints.is_empty() && endpoints.len() <= cfg.max_endpoints);
+                let mut uniq = endpoints.clone(); uniq.sort(); uniq.dedup();
+                prop_assert_eq!(uniq.len(), endpoints.len());
+                for (i, e) in endpoints.iter().enumerate() {
+                    let wv = workers.iter().find(|x| &x.addr == e).unwrap();
+                    prop_assert!(wv.age_ms + elapsed < 3_000);
+                    let a = adm[e];
+                    prop_assert!(a == Admission::Allow || (a == Admission::Probe && i == 0 && probe.as_deref() == Some(e.as_str())));
+                }
+            } else {
+                prop_assert!(!matches!(d, Decision::Stale));
+            }
+        }
+    }
+}

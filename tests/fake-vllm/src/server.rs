@@ -1,0 +1,308 @@
+//! HTTP routes with vLLM's paths, status codes and headers. Streaming responses send their
+//! `200` headers at once, before the request is even scheduled, as vLLM does.
+
+use std::net::Shutdown;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use axum::body::{Body, Bytes};
+use axum::extract::connect_info::Connected;
+use axum::extract::rejection::BytesRejection;
+use axum::extract::{ConnectInfo, DefaultBodyLimit, State};
+use axum::http::{header, HeaderValue, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::serve::IncomingStream;
+use axum::{Json, Router};
+use serde_json::{json, Value};
+use tokio::net::TcpListener;
+
+use crate::engine::{Engine, Event, Generation};
+use crate::wire::{self, Kind, SseFormat, DONE_EVENT, ENGINE_DEAD_EVENT};
+
+/// Request bodies above this get `413`.
+pub const MAX_BODY_BYTES: usize = 4 * 1024 * 1024;
+
+pub struct App {
+    pub engine: Arc<Engine>,
+    pub models: Vec<String>,
+    pub created: u64,
+    pub fingerprint: String,
+}
+
+/// Per-connection handle that lets a handler kill its own TCP connection (failure injection
+/// for non-streaming requests, whose headers are not out yet). Also turns Nagle off: SSE
+/// events are small and must leave at once.
+#[derive(Clone)]
+pub struct Conn {
+    sock: Option<Arc<socket2::Socket>>,
+}
+
+impl Connected<IncomingStream<'_, TcpListener>> for Conn {
+    fn connect_info(stream: IncomingStream<'_, TcpListener>) -> Self {
+        let io = stream.io();
+        let _ = io.set_nodelay(true);
+        Self { sock: socket2::SockRef::from(io).try_clone().ok().map(Arc::new) }
+    }
+}
+
+impl Conn {
+    /// Ends the connection now: the peer gets a close with no response at all.
+    fn kill(&self) {
+        if let Some(s) = &self.sock {
+            let _ = s.shutdown(Shutdown::Both);
+        }
+    }
+}
+
+pub fn router(app: Arc<App>) -> Router {
+    Router::new()
+        .route("/v1/chat/completions", post(chat))
+        .route("/v1/completions", post(completions))
+        .route("/v1/models", get(models))
+        .route("/health", get(|| async { StatusCode::OK }))
+        .route("/ping", get(|| async { StatusCode::OK }))
+        .route("/version", get(|| async { Json(json!({"version": "0.32.0"})) }))
+        .route("/metrics", get(metrics))
+        .fallback(|| async { (StatusCode::NOT_FOUND, Json(json!({"detail": "Not Found"}))) })
+        .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
+        .with_state(app)
+}
+
+fn unix_secs() -> u64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0)
+}
+
+fn error(status: StatusCode, message: &str, kind: &str, param: Option<&str>) -> Response {
+    (status, Json(wire::error_body(message, kind, param, status.as_u16()))).into_response()
+}
+
+fn bad_request(message: &str) -> Response {
+    error(StatusCode::BAD_REQUEST, message, "BadRequestError", None)
+}
+
+async fn models(State(app): State<Arc<App>>) -> Json<Value> {
+    let data: Vec<Value> = app
+        .models
+        .iter()
+        .map(|m| {
+            json!({
+                "id": m,
+                "object": "model",
+                "created": app.created,
+                "owned_by": "vllm",
+                "root": m,
+                "parent": null,
+                "max_model_len": 32768,
+                "permission": [{
+                    "id": format!("modelperm-{:032x}", rand::random::<u128>()),
+                    "object": "model_permission",
+                    "created": app.created,
+                    "allow_create_engine": false,
+                    "allow_sampling": true,
+                    "allow_logprobs": true,
+                    "allow_search_indices": false,
+                    "allow_view": true,
+                    "allow_fine_tuning": false,
+                    "organization": "*",
+                    "group": null,
+                    "is_blocking": false,
+                }],
+            })
+        })
+        .collect();
+    Json(json!({"object": "list", "data": data}))
+}
+
+async fn metrics(State(app): State<Arc<App>>) -> Response {
+    let ct = HeaderValue::from_static("text/plain; version=1.0.0; charset=utf-8");
+    ([(header::CONTENT_TYPE, ct)], app.engine.metrics.render()).into_response()
+}
+
+async fn chat(
+    State(app): State<Arc<App>>,
+    ConnectInfo(conn): ConnectInfo<Conn>,
+    body: Result<Bytes, BytesRejection>,
+) -> Response {
+    complete(app, conn, body, Kind::Chat).await
+}
+
+async fn completions(
+    State(app): State<Arc<App>>,
+    ConnectInfo(conn): ConnectInfo<Conn>,
+    body: Result<Bytes, BytesRejection>,
+) -> Response {
+    complete(app, conn, body, Kind::Completion).await
+}
+
+async fn complete(app: Arc<App>, conn: Conn, body: Result<Bytes, BytesRejection>, kind: Kind) -> Response {
+    let body = match body {
+        Ok(b) => b,
+        Err(rejection) => {
+            let status = rejection.status();
+            return error(status, &rejection.body_text(), "BadRequestError", None);
+        }
+    };
+    let req: wire::Request = match serde_json::from_slice(&body) {
+        Ok(r) => r,
+        Err(e) => return bad_request(&format!("Invalid request body: {e}")),
+    };
+    let model = match &req.model {
+        None => app.models[0].clone(),
+        Some(m) if app.models.contains(m) => m.clone(),
+        Some(m) => {
+            return error(
+                StatusCode::NOT_FOUND,
+                &format!("The model `{m}` does not exist."),
+                "NotFoundError",
+                Some("model"),
+            )
+        }
+    };
+    match kind {
+        Kind::Chat if req.messages.as_ref().is_none_or(|m| m.is_empty()) => {
+            return bad_request("`messages` is required and must not be empty")
+        }
+        Kind::Completion if req.prompt.is_none() => return bad_request("`prompt` is required"),
+        _ => {}
+    }
+    let max_tokens = req.max_completion_tokens.or(req.max_tokens).unwrap_or(16);
+    let Ok(max_tokens) = u32::try_from(max_tokens) else {
+        return bad_request(&format!("max_tokens must be at least 1, got {max_tokens}."));
+    };
+    if max_tokens == 0 {
+        return bad_request("max_tokens must be at least 1, got 0.");
+    }
+
+    let id = match kind {
+        Kind::Chat => format!("chatcmpl-{:016x}", rand::random::<u64>()),
+        Kind::Completion => format!("cmpl-{:016x}", rand::random::<u64>()),
+    };
+    let created = unix_secs();
+    let generation = app.engine.generate(req.prompt_tokens(kind), max_tokens);
+
+    if req.stream == Some(true) {
+        let include_usage = req.stream_options.as_ref().and_then(|o| o.include_usage) == Some(true);
+        let format = SseFormat::new(kind, &id, created, &model, &app.fingerprint);
+        let stream = sse_stream(generation, format, include_usage);
+        let ct = HeaderValue::from_static("text/event-stream; charset=utf-8");
+        return ([(header::CONTENT_TYPE, ct)], Body::from_stream(stream)).into_response();
+    }
+
+    let mut generation = generation;
+    let mut text = String::new();
+    while let Some(event) = generation.next().await {
+        match event {
+            Event::Token { text: t, .. } => text.push_str(&t),
+            Event::EngineDead => {
+                return error(
+                    StatusCode::INTERNAL_SERVER_ERROR,
+                    wire::ENGINE_DEAD_MESSAGE,
+                    "InternalServerError",
+                    None,
+                )
+            }
+            Event::Reset => {
+                conn.kill();
+                return StatusCode::INTERNAL_SERVER_ERROR.into_response();
+            }
+        }
+    }
+    let prompt = generation.prompt_tokens();
+    let completion = u64::from(generation.sent());
+    Json(wire::full_response(kind, &id, created, &model, &app.fingerprint, &text, "length", prompt, completion))
+        .into_response()
+}
+
+/// The error a stream ends with to make hyper drop the connection without the last chunk.
+#[derive(Debug)]
+struct ConnectionReset;
+
+impl std::fmt::Display for ConnectionReset {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("injected connection reset")
+    }
+}
+
+impl std::error::Error for ConnectionReset {}
+
+enum Phase {
+    Generating,
+    Usage,
+    Done,
+    Over,
+}
+
+struct StreamState {
+    generation: Generation,
+    format: SseFormat,
+    include_usage: bool,
+    role_sent: bool,
+    pending: Option<Bytes>,
+    phase: Phase,
+}
+
+/// One SSE event per item, so one chunk per write when tokens are paced.
+fn sse_stream(
+    generation: Generation,
+    format: SseFormat,
+    include_usage: bool,
+) -> impl futures_util::Stream<Item = Result<Bytes, ConnectionReset>> + Send + 'static {
+    let state = StreamState { generation, format, include_usage, role_sent: false, pending: None, phase: Phase::Generating };
+    futures_util::stream::unfold(state, |mut st| async move {
+        if let Some(b) = st.pending.take() {
+            return Some((Ok(b), st));
+        }
+        let item = match st.phase {
+            Phase::Generating => match st.generation.next().await {
+                Some(Event::Token { text, last, .. }) => {
+                    let token = st.format.token(&text, last);
+                    if last {
+                        st.phase = if st.include_usage { Phase::Usage } else { Phase::Done };
+                    }
+                    if !st.role_sent && st.format.kind() == Kind::Chat {
+                        st.role_sent = true;
+                        st.pending = Some(token);
+                        Ok(st.format.role())
+                    } else {
+                        Ok(token)
+                    }
+                }
+                Some(Event::EngineDead) => {
+                    st.phase = Phase::Done;
+                    Ok(Bytes::from_static(ENGINE_DEAD_EVENT.as_bytes()))
+                }
+                Some(Event::Reset) => {
+                    // Let hyper flush what is already written, so the client gets every whole
+                    // event sent so far, then fail the body: hyper closes the connection
+                    // without the terminating chunk.
+                    tokio::time::sleep(Duration::from_millis(2)).await;
+                    st.phase = Phase::Over;
+                    Err(ConnectionReset)
+                }
+                None => return None,
+            },
+            Phase::Usage => {
+                st.phase = Phase::Done;
+                let g = &st.generation;
+                Ok(st.format.usage(g.prompt_tokens(), u64::from(g.sent())))
+            }
+            Phase::Done => {
+                st.phase = Phase::Over;
+                Ok(Bytes::from_static(DONE_EVENT.as_bytes()))
+            }
+            Phase::Over => return None,
+        };
+        Some((item, st))
+    })
+}
+
+/// Serves until `shutdown` resolves.
+pub async fn serve(
+    listener: TcpListener,
+    app: Arc<App>,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+) -> std::io::Result<()> {
+    let make = router(app).into_make_service_with_connect_info::<Conn>();
+    axum::serve(listener, make).with_graceful_shutdown(shutdown).await
+}

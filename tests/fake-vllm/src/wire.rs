@@ -1,0 +1,233 @@
+//! vLLM 0.32.0's OpenAI wire format: requests as vLLM reads them, SSE events byte for byte as
+//! in `tests/data/vllm-0.32.0-cpu/sse-*.txt`, non-streaming bodies and error bodies.
+
+use bytes::Bytes;
+use serde::Deserialize;
+use serde_json::{json, Value};
+
+/// The exact event vLLM streams when its EngineCore dies (see `kill-enginecore_stream_tail.txt`).
+pub const ENGINE_DEAD_EVENT: &str = "data: {\"error\": {\"message\": \"EngineCore encountered an issue. See stack trace (above) for the root cause.\", \"type\": \"InternalServerError\", \"param\": null, \"code\": 500}}\n\n";
+pub const ENGINE_DEAD_MESSAGE: &str =
+    "EngineCore encountered an issue. See stack trace (above) for the root cause.";
+pub const DONE_EVENT: &str = "data: [DONE]\n\n";
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Kind {
+    Chat,
+    Completion,
+}
+
+#[derive(Deserialize, Default)]
+pub struct StreamOptions {
+    #[serde(default)]
+    pub include_usage: Option<bool>,
+}
+
+/// The fields of a chat or completion request the fake cares about; the rest is ignored.
+#[derive(Deserialize)]
+pub struct Request {
+    pub model: Option<String>,
+    pub stream: Option<bool>,
+    pub stream_options: Option<StreamOptions>,
+    pub max_tokens: Option<i64>,
+    pub max_completion_tokens: Option<i64>,
+    pub messages: Option<Vec<Value>>,
+    pub prompt: Option<Value>,
+}
+
+fn words(v: &Value) -> u64 {
+    match v {
+        Value::String(s) => s.split_whitespace().count() as u64,
+        Value::Array(a) => a.iter().map(words).sum(),
+        Value::Object(o) => o.get("text").or_else(|| o.get("content")).map(words).unwrap_or(0),
+        _ => 0,
+    }
+}
+
+impl Request {
+    /// A rough prompt length: one token per word plus the chat template's overhead.
+    pub fn prompt_tokens(&self, kind: Kind) -> u64 {
+        match kind {
+            Kind::Chat => {
+                self.messages.iter().flatten().map(|m| 5 + words(m)).sum::<u64>() + 2
+            }
+            Kind::Completion => self.prompt.as_ref().map(words).unwrap_or(0).max(1),
+        }
+    }
+}
+
+/// A vLLM error body: `{"error":{"message":..,"type":..,"param":..,"code":..}}`.
+pub fn error_body(message: &str, kind: &str, param: Option<&str>, code: u16) -> Value {
+    json!({"error": {"message": message, "type": kind, "param": param, "code": code}})
+}
+
+fn js(s: &str) -> String {
+    Value::from(s).to_string()
+}
+
+/// Formats the SSE events of one stream. The constant head of every event is built once.
+pub struct SseFormat {
+    kind: Kind,
+    /// `data: {"id":..,"object":..,"created":..,"model":..,`
+    head: String,
+    fingerprint: String,
+}
+
+impl SseFormat {
+    pub fn new(kind: Kind, id: &str, created: u64, model: &str, fingerprint: &str) -> Self {
+        let object = match kind {
+            Kind::Chat => "chat.completion.chunk",
+            Kind::Completion => "text_completion",
+        };
+        let head = format!(
+            "data: {{\"id\":{},\"object\":\"{object}\",\"created\":{created},\"model\":{},",
+            js(id),
+            js(model)
+        );
+        Self { kind, head, fingerprint: js(fingerprint) }
+    }
+
+    pub fn kind(&self) -> Kind {
+        self.kind
+    }
+
+    /// Chat only: the first event, before the first content delta.
+    pub fn role(&self) -> Bytes {
+        Bytes::from(format!(
+            "{}\"choices\":[{{\"index\":0,\"delta\":{{\"role\":\"assistant\",\"content\":\"\"}},\"logprobs\":null,\"finish_reason\":null}}],\"prompt_token_ids\":null,\"prompt_text\":null}}\n\n",
+            self.head
+        ))
+    }
+
+    pub fn token(&self, text: &str, last: bool) -> Bytes {
+        let text = js(text);
+        let (finish, tail) = if last {
+            ("\"length\",\"stop_reason\":null", format!(",\"system_fingerprint\":{}", self.fingerprint))
+        } else {
+            ("null", String::new())
+        };
+        let s = match self.kind {
+            Kind::Chat => format!(
+                "{}\"choices\":[{{\"index\":0,\"delta\":{{\"content\":{text}}},\"logprobs\":null,\"finish_reason\":{finish},\"token_ids\":null}}]{tail}}}\n\n",
+                self.head
+            ),
+            Kind::Completion => {
+                let finish = if last { "\"length\"" } else { "null" };
+                format!(
+                    "{}\"choices\":[{{\"index\":0,\"text\":{text},\"logprobs\":null,\"finish_reason\":{finish},\"stop_reason\":null,\"prompt_token_ids\":null,\"token_ids\":null}}]{tail}}}\n\n",
+                    self.head
+                )
+            }
+        };
+        Bytes::from(s)
+    }
+
+    /// The `stream_options.include_usage` event, with no choices.
+    pub fn usage(&self, prompt: u64, completion: u64) -> Bytes {
+        Bytes::from(format!(
+            "{}\"choices\":[],\"usage\":{{\"prompt_tokens\":{prompt},\"total_tokens\":{},\"completion_tokens\":{completion}}}}}\n\n",
+            self.head,
+            prompt + completion
+        ))
+    }
+}
+
+/// The non-streaming response body.
+#[allow(clippy::too_many_arguments)]
+pub fn full_response(
+    kind: Kind,
+    id: &str,
+    created: u64,
+    model: &str,
+    fingerprint: &str,
+    text: &str,
+    finish: &str,
+    prompt: u64,
+    completion: u64,
+) -> Value {
+    let usage = json!({
+        "prompt_tokens": prompt,
+        "total_tokens": prompt + completion,
+        "completion_tokens": completion,
+        "prompt_tokens_details": null,
+    });
+    match kind {
+        Kind::Chat => json!({
+            "id": id,
+            "object": "chat.completion",
+            "created": created,
+            "model": model,
+            "choices": [{
+                "index": 0,
+                "message": {
+                    "role": "assistant",
+                    "content": text,
+                    "refusal": null,
+                    "annotations": null,
+                    "audio": null,
+                    "function_call": null,
+                    "tool_calls": [],
+                    "reasoning_content": null,
+                },
+                "logprobs": null,
+                "finish_reason": finish,
+                "stop_reason": null,
+                "token_ids": null,
+            }],
+            "service_tier": null,
+            "system_fingerprint": fingerprint,
+            "usage": usage,
+            "prompt_logprobs": null,
+            "prompt_token_ids": null,
+            "kv_transfer_params": null,
+        }),
+        Kind::Completion => json!({
+            "id": id,
+            "object": "text_completion",
+            "created": created,
+            "model": model,
+            "choices": [{
+                "index": 0,
+                "text": text,
+                "logprobs": null,
+                "finish_reason": finish,
+                "stop_reason": null,
+                "prompt_logprobs": null,
+                "prompt_token_ids": null,
+                "token_ids": null,
+            }],
+            "service_tier": null,
+            "system_fingerprint": fingerprint,
+            "usage": usage,
+            "kv_transfer_params": null,
+        }),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn event_json(b: &Bytes) -> Value {
+        let s = std::str::from_utf8(b).unwrap_or_default();
+        let body = s.strip_prefix("data: ").and_then(|s| s.strip_suffix("\n\n")).unwrap_or_default();
+        serde_json::from_str(body).unwrap_or(Value::Null)
+    }
+
+    #[test]
+    fn events_are_valid_json_with_vllm_keys() {
+        let f = SseFormat::new(Kind::Chat, "chatcmpl-0123456789abcdef", 1, "ti\"ny", "vllm-0.32.0-00000000");
+        let role = event_json(&f.role());
+        assert_eq!(role["choices"][0]["delta"]["role"], "assistant");
+        assert_eq!(role["model"], "ti\"ny");
+        let last = event_json(&f.token(" w0:1", true));
+        assert_eq!(last["choices"][0]["finish_reason"], "length");
+        assert_eq!(last["system_fingerprint"], "vllm-0.32.0-00000000");
+        let usage = event_json(&f.usage(3, 2));
+        assert_eq!(usage["usage"]["total_tokens"], 5);
+        assert_eq!(usage["choices"], json!([]));
+        let dead: Value =
+            serde_json::from_str(ENGINE_DEAD_EVENT.trim_start_matches("data: ").trim_end()).unwrap_or_default();
+        assert_eq!(dead["error"]["code"], 500);
+    }
+}

@@ -1,0 +1,279 @@
+//! Test helpers: start the real `fake-vllm` binary, a raw HTTP/1.1 client that shows exactly
+//! what went over the wire (including a truncated chunked body), and a Prometheus text parser
+//! that accepts `:` in metric names (the `prometheus-parse` crate's `\w+` does not).
+
+#![allow(dead_code)]
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::io::{self, BufRead, BufReader, Read, Write};
+use std::net::TcpStream;
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+pub const DATA: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../data/vllm-0.32.0-cpu/");
+
+pub fn capture(name: &str) -> String {
+    let path = format!("{DATA}{name}");
+    std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("reading {path}: {e}"))
+}
+
+/// A running `fake-vllm` process, killed (by PID) when dropped.
+pub struct Worker {
+    child: Child,
+    pub addr: String,
+}
+
+impl Worker {
+    /// Starts the binary on port 0 and waits for its `LISTENING <ip>:<port>` line.
+    pub fn start(args: &[&str]) -> Worker {
+        let mut child = Command::new(env!("CARGO_BIN_EXE_fake-vllm"))
+            .args(["--host", "127.0.0.1", "--port", "0"])
+            .args(args)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .expect("spawn fake-vllm");
+        let stdout = child.stdout.take().expect("stdout is piped");
+        let mut line = String::new();
+        let read = BufReader::new(stdout).read_line(&mut line);
+        let addr = match (read, line.strip_prefix("LISTENING ")) {
+            (Ok(_), Some(addr)) => addr.trim().to_owned(),
+            (r, _) => {
+                let _ = child.kill();
+                panic!("no LISTENING line from fake-vllm: {r:?} {line:?}");
+            }
+        };
+        Worker { child, addr }
+    }
+
+    pub fn get(&self, path: &str) -> Response {
+        request(&self.addr, "GET", path, None)
+    }
+
+    pub fn post(&self, path: &str, body: &str) -> Response {
+        request(&self.addr, "POST", path, Some(body))
+    }
+
+    pub fn metrics(&self) -> Exposition {
+        let r = self.get("/metrics");
+        assert_eq!(r.status, 200);
+        Exposition::parse(&r.text())
+    }
+}
+
+impl Drop for Worker {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// An HTTP/1.1 exchange read incrementally from a plain TCP socket.
+pub struct Exchange {
+    reader: BufReader<TcpStream>,
+    pub status: u16,
+    pub headers: Vec<(String, String)>,
+}
+
+impl Exchange {
+    /// Sends the request and reads the status line and headers.
+    pub fn open(addr: &str, method: &str, path: &str, body: Option<&str>) -> io::Result<Exchange> {
+        let mut sock = TcpStream::connect(addr)?;
+        sock.set_read_timeout(Some(Duration::from_secs(20)))?;
+        let body = body.unwrap_or("");
+        let req = format!(
+            "{method} {path} HTTP/1.1\r\nhost: {addr}\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
+            body.len()
+        );
+        sock.write_all(req.as_bytes())?;
+        let mut reader = BufReader::new(sock);
+        let mut line = String::new();
+        reader.read_line(&mut line)?;
+        let status = line
+            .split_whitespace()
+            .nth(1)
+            .and_then(|s| s.parse().ok())
+            .ok_or_else(|| io::Error::new(io::ErrorKind::UnexpectedEof, format!("no status line: {line:?}")))?;
+        let mut headers = Vec::new();
+        loop {
+            line.clear();
+            if reader.read_line(&mut line)? == 0 {
+                return Err(io::ErrorKind::UnexpectedEof.into());
+            }
+            let l = line.trim_end();
+            if l.is_empty() {
+                break;
+            }
+            if let Some((k, v)) = l.split_once(':') {
+                headers.push((k.trim().to_ascii_lowercase(), v.trim().to_owned()));
+            }
+        }
+        Ok(Exchange { reader, status, headers })
+    }
+
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers.iter().find(|(k, _)| k == name).map(|(_, v)| v.as_str())
+    }
+
+    /// The next chunk of a chunked body: `Ok(None)` at the terminating zero-size chunk, an
+    /// error when the connection ends first.
+    pub fn next_chunk(&mut self) -> io::Result<Option<Vec<u8>>> {
+        let mut line = String::new();
+        if self.reader.read_line(&mut line)? == 0 {
+            return Err(io::ErrorKind::UnexpectedEof.into());
+        }
+        let size = usize::from_str_radix(line.trim(), 16)
+            .map_err(|_| io::Error::new(io::ErrorKind::InvalidData, format!("bad chunk size {line:?}")))?;
+        let mut data = vec![0; size + 2];
+        self.reader.read_exact(&mut data)?;
+        if &data[size..] != b"\r\n" {
+            return Err(io::Error::new(io::ErrorKind::InvalidData, "chunk without CRLF"));
+        }
+        data.truncate(size);
+        Ok(if size == 0 { None } else { Some(data) })
+    }
+
+    /// Reads the rest of the body.
+    pub fn finish(mut self) -> Response {
+        let mut body = Vec::new();
+        let mut chunks = Vec::new();
+        let mut error = None;
+        if self.header("transfer-encoding") == Some("chunked") {
+            loop {
+                match self.next_chunk() {
+                    Ok(Some(c)) => {
+                        body.extend_from_slice(&c);
+                        chunks.push(c);
+                    }
+                    Ok(None) => break,
+                    Err(e) => {
+                        error = Some(e);
+                        break;
+                    }
+                }
+            }
+        } else if let Some(len) = self.header("content-length").and_then(|v| v.parse().ok()) {
+            body = vec![0; len];
+            if let Err(e) = self.reader.read_exact(&mut body) {
+                error = Some(e);
+            }
+        } else if let Err(e) = self.reader.read_to_end(&mut body) {
+            error = Some(e);
+        }
+        Response { status: self.status, headers: self.headers, body, chunks, error }
+    }
+}
+
+pub struct Response {
+    pub status: u16,
+    pub headers: Vec<(String, String)>,
+    pub body: Vec<u8>,
+    /// Chunks of a chunked body, as framed by the server.
+    pub chunks: Vec<Vec<u8>>,
+    /// Set when the body did not end cleanly (connection closed or reset mid-body).
+    pub error: Option<io::Error>,
+}
+
+impl Response {
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers.iter().find(|(k, _)| k == name).map(|(_, v)| v.as_str())
+    }
+
+    pub fn text(&self) -> String {
+        String::from_utf8_lossy(&self.body).into_owned()
+    }
+
+    pub fn json(&self) -> serde_json::Value {
+        serde_json::from_slice(&self.body).unwrap_or_else(|e| panic!("not JSON ({e}): {}", self.text()))
+    }
+}
+
+pub fn request(addr: &str, method: &str, path: &str, body: Option<&str>) -> Response {
+    Exchange::open(addr, method, path, body).expect("request").finish()
+}
+
+/// SSE `data:` payloads of a body, in order.
+pub fn sse_events(body: &str) -> Vec<String> {
+    body.split("\n\n")
+        .filter(|e| !e.trim().is_empty())
+        .map(|e| e.strip_prefix("data: ").unwrap_or_else(|| panic!("event without `data: `: {e:?}")).to_owned())
+        .collect()
+}
+
+/// One parsed Prometheus text exposition.
+pub struct Exposition {
+    /// `# TYPE` lines: family name → type.
+    pub types: BTreeMap<String, String>,
+    /// Samples: (name, labels, value).
+    pub samples: Vec<(String, BTreeMap<String, String>, f64)>,
+}
+
+impl Exposition {
+    pub fn parse(text: &str) -> Exposition {
+        let mut types = BTreeMap::new();
+        let mut samples = Vec::new();
+        for line in text.lines() {
+            if let Some(rest) = line.strip_prefix("# TYPE ") {
+                let (name, kind) = rest.split_once(' ').expect("TYPE line has a type");
+                types.insert(name.to_owned(), kind.trim().to_owned());
+                continue;
+            }
+            if line.starts_with('#') || line.trim().is_empty() {
+                continue;
+            }
+            let (head, value) = line.rsplit_once(' ').expect("sample has a value");
+            let value: f64 = value.parse().unwrap_or_else(|_| panic!("bad value in {line:?}"));
+            let (name, labels) = match head.split_once('{') {
+                None => (head.to_owned(), BTreeMap::new()),
+                Some((name, rest)) => {
+                    let inner = rest.strip_suffix('}').expect("labels end with }");
+                    let labels = inner
+                        .split("\",")
+                        .filter(|kv| !kv.is_empty())
+                        .map(|kv| {
+                            let (k, v) = kv.split_once("=\"").expect("label is k=\"v\"");
+                            (k.to_owned(), v.trim_end_matches('"').to_owned())
+                        })
+                        .collect();
+                    (name.to_owned(), labels)
+                }
+            };
+            samples.push((name, labels, value));
+        }
+        Exposition { types, samples }
+    }
+
+    /// The family a sample belongs to (`x_bucket` → `x` for histograms).
+    pub fn family_of(&self, sample: &str) -> Option<String> {
+        if self.types.contains_key(sample) {
+            return Some(sample.to_owned());
+        }
+        ["_bucket", "_sum", "_count"].iter().find_map(|suffix| {
+            let base = sample.strip_suffix(suffix)?;
+            matches!(self.types.get(base).map(String::as_str), Some("histogram" | "summary"))
+                .then(|| base.to_owned())
+        })
+    }
+
+    /// Label names of each sample name, `le` left out.
+    pub fn label_names(&self) -> BTreeMap<String, BTreeSet<BTreeSet<String>>> {
+        let mut out: BTreeMap<String, BTreeSet<BTreeSet<String>>> = BTreeMap::new();
+        for (name, labels, _) in &self.samples {
+            let keys = labels.keys().filter(|k| *k != "le").cloned().collect();
+            out.entry(name.clone()).or_default().insert(keys);
+        }
+        out
+    }
+
+    /// The value of the one sample `name` whose labels include all of `labels`.
+    pub fn value(&self, name: &str, labels: &[(&str, &str)]) -> f64 {
+        let hits: Vec<f64> = self
+            .samples
+            .iter()
+            .filter(|(n, l, _)| n == name && labels.iter().all(|(k, v)| l.get(*k).map(String::as_str) == Some(*v)))
+            .map(|(_, _, v)| *v)
+            .collect();
+        assert_eq!(hits.len(), 1, "expected one sample {name} {labels:?}, got {hits:?}");
+        hits[0]
+    }
+}

@@ -258,7 +258,8 @@ mod tests {
                             if let State::HalfOpen { probe_since_ms } = before {
                                 prop_assert!(now - probe_since_ms >= C.probe_timeout_ms);
                             } else {
-                                prop_assert!(matches!(before, State::Open { until_ms } if now >= until_ms));
+                                let was_due = matches!(before, State::Open { until_ms } if now >= until_ms);
+                                prop_assert!(was_due);
                             }
                             outstanding = true;
                         }

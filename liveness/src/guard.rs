@@ -202,7 +202,7 @@ impl Guard {
             match classify_event(&self.buf[start..end]) {
                 EventKind::Output | EventKind::Done => {
                     // `[DONE]` before any output is a complete (empty) answer, not a failure.
-                    return self.release_through(end);
+                    return self.release_through(end, end_of_stream);
                 }
                 EventKind::Error(msg) => {
                     self.phase = Phase::Failed;
@@ -222,14 +222,18 @@ impl Guard {
         if self.buf.len() >= self.max_held {
             self.overflowed = true;
             let cut = self.scan_from;
-            return self.release_through(cut);
+            return self.release_through(cut, false);
         }
         Step::Hold
     }
 
-    fn release_through(&mut self, end: usize) -> Step {
+    /// Releases everything up to `end`, plus the whole events already buffered behind it (or
+    /// all bytes at a clean end); a partial event stays held.
+    fn release_through(&mut self, end: usize, end_of_stream: bool) -> Step {
         self.phase = Phase::Released;
-        let out: Vec<u8> = self.buf.drain(..end).collect();
+        self.scan_from = end;
+        let cut = if end_of_stream { self.buf.len() } else { self.drain_events().max(end) };
+        let out: Vec<u8> = self.buf.drain(..cut).collect();
         self.scan_from = 0;
         Step::Release(out)
     }
@@ -437,15 +441,19 @@ mod tests {
         let body = fixture("sse-chat.txt");
         let (rel, fwd, fail) = run(Mode::Sse, &[&body], true);
         assert!(fail.is_none());
-        let rel = rel.unwrap();
-        let text = String::from_utf8(rel.clone()).unwrap();
-        // The role event (empty content) is held, the first " list" releases.
+        // All in one chunk at a clean end: everything goes at release.
+        assert_eq!(rel.unwrap(), body);
+        assert!(fwd.is_empty());
+        // Event by event: the role event (empty content) is held, the first " list" releases.
+        let mut g = Guard::new(Mode::Sse, DEFAULT_MAX_HELD_BYTES);
+        let mut events = body.split_inclusive(|b| *b == b'\n');
+        let role = [events.next().unwrap(), events.next().unwrap()].concat();
+        assert_eq!(g.on_body(&role, false), Step::Hold);
+        let first = [events.next().unwrap(), events.next().unwrap()].concat();
+        let Step::Release(rel) = g.on_body(&first, false) else { panic!() };
+        let text = String::from_utf8(rel).unwrap();
         assert_eq!(text.matches("data: ").count(), 2, "{text}");
-        assert!(text.ends_with("\n\n"));
-        assert!(text.contains("\"content\":\" list\""));
-        let mut all = rel;
-        all.extend(fwd);
-        assert_eq!(all, body);
+        assert!(text.ends_with("\n\n") && text.contains("\"content\":\" list\""));
     }
 
     #[test]
@@ -473,9 +481,10 @@ mod tests {
     #[test]
     fn real_completions_stream_releases_on_first_text() {
         let body = fixture("sse-completions.txt");
-        let (rel, fwd, _) = run(Mode::Sse, &[&body], true);
+        let first_end = next_event_end(&body, 0).unwrap();
+        let (rel, fwd, _) = run(Mode::Sse, &[&body[..first_end + 3], &body[first_end + 3..]], true);
         let rel = rel.unwrap();
-        assert_eq!(String::from_utf8_lossy(&rel).matches("data: ").count(), 1);
+        assert_eq!(rel, &body[..first_end]);
         assert_eq!([rel, fwd].concat(), body);
     }
 
@@ -598,7 +607,23 @@ mod tests {
                 Step::Fail(r) => fail = Some(r),
             }
         }
-        (rel.unwrap_or_default(), fwd, fail, g.is_released())
+        let rel = rel.unwrap_or_default();
+        // Whatever the split, the release never comes before the first output event is whole.
+        if let Some(first) = first_output_end(body) {
+            assert!(!g.is_released() || rel.len() >= first || fail.is_some());
+        }
+        ([rel, fwd].concat(), Vec::new(), fail, g.is_released())
+    }
+
+    fn first_output_end(body: &[u8]) -> Option<usize> {
+        let mut from = 0;
+        while let Some(end) = next_event_end(body, from) {
+            if matches!(classify_event(&body[from..end]), EventKind::Output | EventKind::Done) {
+                return Some(end);
+            }
+            from = end;
+        }
+        None
     }
 
     proptest! {

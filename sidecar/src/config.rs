@@ -1,0 +1,114 @@
+//! Sidecar configuration: a TOML file, flags on top. Unknown keys are errors.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use serde::Deserialize;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read {path}: {source}")]
+    Read { path: PathBuf, source: std::io::Error },
+    #[error("{path}: {source}")]
+    Parse { path: PathBuf, source: toml::de::Error },
+    #[error("config key `{key}`: {reason}")]
+    Invalid { key: &'static str, reason: String },
+}
+
+fn invalid(key: &'static str, reason: impl Into<String>) -> ConfigError {
+    ConfigError::Invalid { key, reason: reason.into() }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    /// vLLM's Prometheus endpoint.
+    #[serde(default = "default_metrics_url")]
+    pub metrics_url: String,
+    /// dnsd ingest addresses; every frame goes to each (several dnsd instances stay consistent).
+    #[serde(default)]
+    pub ingest: Vec<SocketAddr>,
+    pub worker_id: String,
+    pub pool: String,
+    /// Where Envoy reaches this vLLM (`ip:port`, as listed in Envoy's worker cluster).
+    pub serve_addr: SocketAddr,
+    /// HMAC key file (raw bytes, trailing newline stripped, ≥ 16 bytes).
+    pub key_file: PathBuf,
+    #[serde(default = "default_key_id")]
+    pub key_id: u16,
+    #[serde(default = "default_interval")]
+    pub interval_ms: u64,
+    /// A scrape slower than this is a failed scrape: no frame.
+    #[serde(default = "default_timeout")]
+    pub scrape_timeout_ms: u64,
+    /// A `/metrics` page larger than this is refused.
+    #[serde(default = "default_max_bytes")]
+    pub max_metrics_bytes: usize,
+    /// Served model names; empty: taken from the `model_name` labels.
+    #[serde(default)]
+    pub models: Vec<String>,
+}
+
+fn default_metrics_url() -> String {
+    "http://127.0.0.1:8000/metrics".into()
+}
+fn default_key_id() -> u16 {
+    1
+}
+fn default_interval() -> u64 {
+    500
+}
+fn default_timeout() -> u64 {
+    400
+}
+fn default_max_bytes() -> usize {
+    8 << 20
+}
+
+impl Config {
+    pub fn from_toml(text: &str, path: &Path) -> Result<Self, ConfigError> {
+        toml::from_str(text).map_err(|source| ConfigError::Parse { path: path.into(), source })
+    }
+
+    pub fn load(path: &Path) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read { path: path.into(), source })?;
+        Self::from_toml(&text, path)
+    }
+
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        crate::http::split_url(&self.metrics_url).map_err(|e| invalid("metrics_url", e.to_string()))?;
+        if self.ingest.is_empty() {
+            return Err(invalid("ingest", "at least one dnsd ingest address (ip:port) is required"));
+        }
+        for (key, v) in [("worker_id", &self.worker_id), ("pool", &self.pool)] {
+            if v.is_empty() || v.len() > 64 {
+                return Err(invalid(key, "must be 1..=64 bytes"));
+            }
+        }
+        if self.models.len() > 8 || self.models.iter().any(|m| m.is_empty() || m.len() > 64) {
+            return Err(invalid("models", "at most 8 names of 1..=64 bytes"));
+        }
+        if !(50..=60_000).contains(&self.interval_ms) {
+            return Err(invalid("interval_ms", "must be within 50..=60000"));
+        }
+        if self.scrape_timeout_ms == 0 || self.scrape_timeout_ms > self.interval_ms.max(1) * 4 {
+            return Err(invalid("scrape_timeout_ms", "must be > 0 and at most 4 intervals"));
+        }
+        if self.serve_addr.port() == 0 {
+            return Err(invalid("serve_addr", "needs a port"));
+        }
+        Ok(())
+    }
+
+    /// Reads the key file.
+    pub fn read_key(&self) -> Result<Vec<u8>, ConfigError> {
+        let mut key = std::fs::read(&self.key_file).map_err(|source| ConfigError::Read { path: self.key_file.clone(), source })?;
+        while key.last().is_some_and(|b| *b == b'\n' || *b == b'\r') {
+            key.pop();
+        }
+        if key.len() < 16 {
+            return Err(invalid("key_file", format!("{} holds {} bytes; use at least 16 random bytes", self.key_file.display(), key.len())));
+        }
+        Ok(key)
+    }
+}

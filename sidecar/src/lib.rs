@@ -1,0 +1,129 @@
+//! The sidecar beside an unmodified vLLM: scrape `/metrics`, map vLLM's metric names to the
+//! frame's raw numbers, sign, send one UDP frame per scrape to every ingest address.
+//!
+//! It asserts nothing. When a scrape fails (vLLM dead, hung, or serving garbage) it sends
+//! nothing, and silence is what the receivers read as death.
+
+pub mod config;
+pub mod http;
+pub mod scrape;
+
+use std::net::{SocketAddr, UdpSocket};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use gpuha_liveness::Frame;
+
+pub use config::{Config, ConfigError};
+
+pub fn now_ms() -> u64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0)
+}
+
+/// Why one scrape produced no frame.
+#[derive(Debug, thiserror::Error)]
+pub enum ScrapeFailed {
+    #[error("fetching metrics: {0}")]
+    Http(#[from] http::HttpError),
+    #[error("parsing metrics: {0}")]
+    Parse(#[from] scrape::ParseError),
+    #[error("encoding frame: {0}")]
+    Encode(#[from] gpuha_liveness::FrameError),
+}
+
+/// One sidecar: its identity, key and sequence.
+pub struct Sidecar {
+    config: Config,
+    key: Vec<u8>,
+    boot_id: u64,
+    seq: u64,
+}
+
+impl Sidecar {
+    pub fn new(config: Config, key: Vec<u8>, boot_id: u64) -> Self {
+        Sidecar { config, key, boot_id, seq: 0 }
+    }
+
+    pub fn boot_id(&self) -> u64 {
+        self.boot_id
+    }
+
+    /// Scrapes once and builds the next frame (the sequence advances only on success).
+    pub fn scrape(&mut self) -> Result<Frame, ScrapeFailed> {
+        let timeout = Duration::from_millis(self.config.scrape_timeout_ms);
+        let body = http::get(&self.config.metrics_url, timeout, self.config.max_metrics_bytes)?;
+        let scraped = scrape::parse(&body)?;
+        let models = if self.config.models.is_empty() { scraped.models } else { self.config.models.clone() };
+        self.seq += 1;
+        Ok(Frame {
+            key_id: self.config.key_id,
+            boot_id: self.boot_id,
+            seq: self.seq,
+            sent_ms: now_ms(),
+            worker_id: self.config.worker_id.clone(),
+            pool_id: self.config.pool.clone(),
+            addr: self.config.serve_addr,
+            models,
+            metrics: scraped.metrics,
+        })
+    }
+
+    pub fn encode(&self, frame: &Frame) -> Result<Vec<u8>, ScrapeFailed> {
+        Ok(frame.encode(&self.key)?)
+    }
+
+    /// Runs forever: scrape, sign, send, every `interval_ms`.
+    pub fn run(mut self, mut on_event: impl FnMut(Event<'_>)) -> std::io::Result<()> {
+        let sockets = Senders::new(&self.config.ingest)?;
+        let interval = Duration::from_millis(self.config.interval_ms);
+        let mut next = Instant::now();
+        loop {
+            match self.scrape().and_then(|f| Ok((self.encode(&f)?, f))) {
+                Ok((bytes, frame)) => {
+                    let errors = sockets.send(&bytes);
+                    on_event(Event::Sent { frame: &frame, bytes: bytes.len(), send_errors: errors });
+                }
+                Err(e) => on_event(Event::Skipped(&e)),
+            }
+            next += interval;
+            let now = Instant::now();
+            if next > now {
+                std::thread::sleep(next - now);
+            } else {
+                // A slow scrape: start the next one now rather than bursting to catch up.
+                next = now;
+            }
+        }
+    }
+}
+
+/// What happened on one tick, for logging.
+pub enum Event<'a> {
+    Sent { frame: &'a Frame, bytes: usize, send_errors: usize },
+    Skipped(&'a ScrapeFailed),
+}
+
+/// One UDP socket per address family, sending to every ingest address.
+struct Senders {
+    v4: Option<UdpSocket>,
+    v6: Option<UdpSocket>,
+    targets: Vec<SocketAddr>,
+}
+
+impl Senders {
+    fn new(targets: &[SocketAddr]) -> std::io::Result<Self> {
+        let v4 = if targets.iter().any(|a| a.is_ipv4()) { Some(UdpSocket::bind("0.0.0.0:0")?) } else { None };
+        let v6 = if targets.iter().any(|a| a.is_ipv6()) { Some(UdpSocket::bind("[::]:0")?) } else { None };
+        Ok(Senders { v4, v6, targets: targets.to_vec() })
+    }
+
+    /// Sends to every target; returns how many sends failed (a receiver down is not our error).
+    fn send(&self, bytes: &[u8]) -> usize {
+        self.targets
+            .iter()
+            .filter(|t| {
+                let sock = if t.is_ipv4() { &self.v4 } else { &self.v6 };
+                sock.as_ref().is_none_or(|s| s.send_to(bytes, t).is_err())
+            })
+            .count()
+    }
+}

@@ -1,0 +1,52 @@
+//! The name mapping against real vLLM 0.32.0 `/metrics` captures.
+
+use gpuha_sidecar::scrape::parse;
+
+fn capture(name: &str) -> String {
+    let p = format!("{}/../tests/data/vllm-0.32.0-cpu/{name}", env!("CARGO_MANIFEST_DIR"));
+    std::fs::read_to_string(&p).unwrap_or_else(|e| panic!("{p}: {e}"))
+}
+
+#[test]
+fn busy_capture_maps_every_number() {
+    let s = parse(&capture("metrics-busy.txt")).unwrap();
+    let m = s.metrics;
+    assert_eq!(m.running, Some(1.0));
+    assert_eq!(m.waiting, Some(1.0));
+    let kv = m.kv_usage.unwrap();
+    assert!(kv > 0.0 && kv < 0.01, "kv {kv}");
+    assert_eq!(m.ttft_count, Some(3.0));
+    assert!(m.ttft_sum_s.unwrap() > 0.0);
+    assert!(m.prompt_tokens.unwrap() > 0.0);
+    assert!(m.generation_tokens.unwrap() > 0.0);
+    assert_eq!(m.preemptions, Some(0.0));
+    assert_eq!(s.models, vec!["tiny".to_string()]);
+}
+
+#[test]
+fn idle_and_lora_captures_parse() {
+    for (f, running) in [("metrics-idle.txt", 0.0), ("metrics-lora.txt", 1.0)] {
+        let s = parse(&capture(f)).unwrap();
+        assert_eq!(s.metrics.running, Some(running), "{f}");
+        assert_eq!(s.metrics.waiting, Some(0.0), "{f}");
+        assert!(s.metrics.ttft_count.unwrap() >= 1.0, "{f}");
+        assert!(!s.models.is_empty(), "{f}");
+    }
+}
+
+#[test]
+fn the_capture_fits_one_frame() {
+    let s = parse(&capture("metrics-lora.txt")).unwrap();
+    let f = gpuha_liveness::Frame {
+        key_id: 1,
+        boot_id: 1,
+        seq: 1,
+        sent_ms: 1,
+        worker_id: "worker-with-a-long-name-0001".into(),
+        pool_id: "aws-us-east-1-pool".into(),
+        addr: "[2001:db8::1]:8000".parse().unwrap(),
+        models: s.models,
+        metrics: s.metrics,
+    };
+    assert!(f.encode(&[7u8; 32]).unwrap().len() <= gpuha_liveness::MAX_FRAME_LEN);
+}

@@ -39,7 +39,11 @@ pub struct Engine {
 #[derive(Debug, PartialEq, Eq)]
 pub enum Event {
     /// Token `index`; `last` when it is the final one (finish reason `length`).
-    Token { index: u32, text: String, last: bool },
+    Token {
+        index: u32,
+        text: String,
+        last: bool,
+    },
     /// The engine "died" before the first token (vLLM's in-stream error event).
     EngineDead,
     /// The connection must be dropped now, without a clean end.
@@ -50,7 +54,11 @@ impl Engine {
     pub fn new(cfg: EngineConfig, model_name: &str) -> Self {
         let metrics = Arc::new(Metrics::new(model_name, cfg.kv_capacity_tokens));
         let slots = Arc::new(Semaphore::new(cfg.max_num_seqs.max(1)));
-        Self { cfg, metrics, slots }
+        Self {
+            cfg,
+            metrics,
+            slots,
+        }
     }
 
     /// A generation that starts waiting for a slot on its first `next()`.
@@ -79,7 +87,9 @@ struct Slot {
 impl Drop for Slot {
     fn drop(&mut self) {
         self.metrics.running.fetch_sub(1, Ordering::Relaxed);
-        self.metrics.kv_tokens.fetch_sub(self.kv_tokens, Ordering::Relaxed);
+        self.metrics
+            .kv_tokens
+            .fetch_sub(self.kv_tokens, Ordering::Relaxed);
     }
 }
 
@@ -133,7 +143,11 @@ impl Generation {
         self.done = true;
         self.slot = None;
         let m = &self.engine.metrics;
-        m.finished(reason, self.arrival.elapsed().as_secs_f64(), u64::from(self.sent));
+        m.finished(
+            reason,
+            self.arrival.elapsed().as_secs_f64(),
+            u64::from(self.sent),
+        );
     }
 
     /// The next event, paced in real time; `None` once the generation is over.
@@ -154,8 +168,11 @@ impl Generation {
                 let now = Instant::now();
                 m.running.fetch_add(1, Ordering::Relaxed);
                 m.kv_tokens.fetch_add(self.prompt_tokens, Ordering::Relaxed);
-                self.slot =
-                    Some(Slot { _permit: permit, metrics: Arc::clone(m), kv_tokens: self.prompt_tokens });
+                self.slot = Some(Slot {
+                    _permit: permit,
+                    metrics: Arc::clone(m),
+                    kv_tokens: self.prompt_tokens,
+                });
                 m.scheduled(
                     (now - self.arrival).as_secs_f64(),
                     self.prompt_tokens,
@@ -193,7 +210,11 @@ impl Generation {
         if last {
             self.finish(Finish::Length);
         }
-        Some(Event::Token { index: n, text: format!(" {}:{n}", cfg.worker_id), last })
+        Some(Event::Token {
+            index: n,
+            text: format!(" {}:{n}", cfg.worker_id),
+            last,
+        })
     }
 }
 
@@ -225,9 +246,23 @@ mod tests {
     async fn tokens_mark_the_worker_and_the_last_one_is_flagged() {
         let engine = Arc::new(Engine::new(cfg(), "tiny"));
         let mut g = engine.generate(3, 2);
-        assert_eq!(g.next().await, Some(Event::Token { index: 0, text: " w7:0".into(), last: false }));
+        assert_eq!(
+            g.next().await,
+            Some(Event::Token {
+                index: 0,
+                text: " w7:0".into(),
+                last: false
+            })
+        );
         assert_eq!(engine.metrics.running.load(Ordering::Relaxed), 1);
-        assert_eq!(g.next().await, Some(Event::Token { index: 1, text: " w7:1".into(), last: true }));
+        assert_eq!(
+            g.next().await,
+            Some(Event::Token {
+                index: 1,
+                text: " w7:1".into(),
+                last: true
+            })
+        );
         assert_eq!(g.next().await, None);
         assert_eq!(engine.metrics.running.load(Ordering::Relaxed), 0);
         assert_eq!(engine.metrics.kv_tokens.load(Ordering::Relaxed), 0);
@@ -236,9 +271,18 @@ mod tests {
 
     #[tokio::test]
     async fn reset_comes_after_n_tokens() {
-        let engine = Arc::new(Engine::new(EngineConfig { reset_after_tokens: Some(1), ..cfg() }, "tiny"));
+        let engine = Arc::new(Engine::new(
+            EngineConfig {
+                reset_after_tokens: Some(1),
+                ..cfg()
+            },
+            "tiny",
+        ));
         let mut g = engine.generate(3, 5);
-        assert!(matches!(g.next().await, Some(Event::Token { index: 0, .. })));
+        assert!(matches!(
+            g.next().await,
+            Some(Event::Token { index: 0, .. })
+        ));
         assert_eq!(g.next().await, Some(Event::Reset));
         assert_eq!(g.next().await, None);
     }

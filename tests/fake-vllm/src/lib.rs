@@ -38,8 +38,16 @@ pub async fn run(
         models.push("tiny".to_owned());
     }
     let engine = Arc::new(engine::Engine::new(config.engine, &models[0]));
-    let created = SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0);
+    let created = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0);
     let fingerprint = format!("vllm-0.32.0-{:08x}", rand::random::<u32>());
-    let app = Arc::new(server::App { engine, models, created, fingerprint });
+    let app = Arc::new(server::App {
+        engine,
+        models,
+        created,
+        fingerprint,
+    });
     server::serve(listener, app, shutdown).await
 }

@@ -8,7 +8,10 @@ use clap::Parser;
 use fake_vllm::{Config, EngineConfig};
 
 #[derive(Parser, Debug)]
-#[command(version, about = "A fake vLLM 0.32.0 OpenAI server that fails only by really failing")]
+#[command(
+    version,
+    about = "A fake vLLM 0.32.0 OpenAI server that fails only by really failing"
+)]
 struct Args {
     /// Address to bind.
     #[arg(long, default_value = "127.0.0.1")]
@@ -93,7 +96,10 @@ fn main() -> ExitCode {
             }
         };
         let mut out = std::io::stdout().lock();
-        if writeln!(out, "LISTENING {addr}").and_then(|()| out.flush()).is_err() {
+        if writeln!(out, "LISTENING {addr}")
+            .and_then(|()| out.flush())
+            .is_err()
+        {
             eprintln!("fake-vllm: cannot write the LISTENING line to stdout");
         }
         drop(out);

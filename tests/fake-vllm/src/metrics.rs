@@ -19,8 +19,8 @@ const ITL_BUCKETS: &[f64] = &[
 ];
 /// Shared by e2e latency and queue time in vLLM.
 const LATENCY_BUCKETS: &[f64] = &[
-    0.3, 0.5, 0.8, 1.0, 1.5, 2.0, 2.5, 5.0, 10.0, 15.0, 20.0, 30.0, 40.0, 50.0, 60.0, 120.0,
-    240.0, 480.0, 960.0, 1920.0, 7680.0,
+    0.3, 0.5, 0.8, 1.0, 1.5, 2.0, 2.5, 5.0, 10.0, 15.0, 20.0, 30.0, 40.0, 50.0, 60.0, 120.0, 240.0,
+    480.0, 960.0, 1920.0, 7680.0,
 ];
 const TOKEN_BUCKETS: &[f64] = &[1.0, 2.0, 5.0, 10.0, 20.0, 50.0, 100.0, 200.0, 500.0];
 
@@ -46,11 +46,20 @@ struct Histogram {
 
 impl Histogram {
     fn new(bounds: &'static [f64]) -> Self {
-        Self { bounds, counts: vec![0; bounds.len() + 1], sum: 0.0, count: 0 }
+        Self {
+            bounds,
+            counts: vec![0; bounds.len() + 1],
+            sum: 0.0,
+            count: 0,
+        }
     }
 
     fn observe(&mut self, v: f64) {
-        let i = self.bounds.iter().position(|b| v <= *b).unwrap_or(self.bounds.len());
+        let i = self
+            .bounds
+            .iter()
+            .position(|b| v <= *b)
+            .unwrap_or(self.bounds.len());
         self.counts[i] += 1;
         self.sum += v;
         self.count += 1;
@@ -84,7 +93,10 @@ pub struct Metrics {
 }
 
 fn unix_now() -> f64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs_f64()).unwrap_or(0.0)
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs_f64())
+        .unwrap_or(0.0)
 }
 
 /// Python's float repr, near enough for Prometheus parsers: integral values keep a `.0`.
@@ -128,7 +140,8 @@ impl Metrics {
 
     /// The request left the queue and starts prefill.
     pub fn scheduled(&self, queue_s: f64, prompt_tokens: u64, max_tokens: u64) {
-        self.prompt_tokens.fetch_add(prompt_tokens, Ordering::Relaxed);
+        self.prompt_tokens
+            .fetch_add(prompt_tokens, Ordering::Relaxed);
         self.with_hist(|h| {
             h.queue.observe(queue_s);
             h.prompt_tokens.observe(prompt_tokens as f64);
@@ -179,15 +192,27 @@ impl Metrics {
             self.running.load(Ordering::Relaxed) as f64,
         );
         let waiting = self.waiting.load(Ordering::Relaxed) as f64;
-        gauge(&mut out, "vllm:num_requests_waiting", "Number of requests waiting to be processed.", waiting);
+        gauge(
+            &mut out,
+            "vllm:num_requests_waiting",
+            "Number of requests waiting to be processed.",
+            waiting,
+        );
         family(
             &mut out,
             "vllm:num_requests_waiting_by_reason",
             "gauge",
             "Number of waiting requests by reason. Reason labels: 'capacity' = waiting for scheduling capacity; 'deferred' = deferred by transient constraints (LoRA budget, KV transfer, blocked status). Sum of all reasons equals vllm:num_requests_waiting.",
         );
-        let _ = writeln!(out, "vllm:num_requests_waiting_by_reason{{{base},reason=\"capacity\"}} {}", num(waiting));
-        let _ = writeln!(out, "vllm:num_requests_waiting_by_reason{{{base},reason=\"deferred\"}} 0.0");
+        let _ = writeln!(
+            out,
+            "vllm:num_requests_waiting_by_reason{{{base},reason=\"capacity\"}} {}",
+            num(waiting)
+        );
+        let _ = writeln!(
+            out,
+            "vllm:num_requests_waiting_by_reason{{{base},reason=\"deferred\"}} 0.0"
+        );
         family(
             &mut out,
             "vllm:engine_sleep_state",
@@ -195,9 +220,17 @@ impl Metrics {
             "Engine sleep state; awake = 0 means engine is sleeping; awake = 1 means engine is awake; weights_offloaded = 1 means sleep level 1; discard_all = 1 means sleep level 2.",
         );
         for (state, v) in [("awake", 1), ("weights_offloaded", 0), ("discard_all", 0)] {
-            let _ = writeln!(out, "vllm:engine_sleep_state{{{base},sleep_state=\"{state}\"}} {v}.0");
+            let _ = writeln!(
+                out,
+                "vllm:engine_sleep_state{{{base},sleep_state=\"{state}\"}} {v}.0"
+            );
         }
-        gauge(&mut out, "vllm:kv_cache_usage_perc", "KV-cache usage. 1 means 100 percent usage.", self.kv_usage());
+        gauge(
+            &mut out,
+            "vllm:kv_cache_usage_perc",
+            "KV-cache usage. 1 means 100 percent usage.",
+            self.kv_usage(),
+        );
 
         let counter = |out: &mut String, stem: &str, help: &str, v: f64| {
             family(out, &format!("{stem}_total"), "counter", help);
@@ -205,7 +238,12 @@ impl Metrics {
             family(out, &format!("{stem}_created"), "gauge", help);
             let _ = writeln!(out, "{stem}_created{{{base}}} {}", num(created));
         };
-        counter(&mut out, "vllm:num_preemptions", "Cumulative number of preemption from the engine.", 0.0);
+        counter(
+            &mut out,
+            "vllm:num_preemptions",
+            "Cumulative number of preemption from the engine.",
+            0.0,
+        );
         counter(
             &mut out,
             "vllm:prompt_tokens",
@@ -241,7 +279,13 @@ impl Metrics {
         let hist = |out: &mut String, name: &str, help: &str, h: &Histogram| {
             family(out, name, "histogram", help);
             let mut cumulative = 0;
-            for (i, bound) in h.bounds.iter().map(|b| num(*b)).chain(["+Inf".to_owned()]).enumerate() {
+            for (i, bound) in h
+                .bounds
+                .iter()
+                .map(|b| num(*b))
+                .chain(["+Inf".to_owned()])
+                .enumerate()
+            {
                 cumulative += h.counts[i];
                 let _ = writeln!(
                     out,
@@ -253,7 +297,12 @@ impl Metrics {
             family(out, &format!("{name}_created"), "gauge", help);
             let _ = writeln!(out, "{name}_created{{{base}}} {}", num(created));
         };
-        hist(&mut out, "vllm:request_prompt_tokens", "Number of prefill tokens processed.", &h.prompt_tokens);
+        hist(
+            &mut out,
+            "vllm:request_prompt_tokens",
+            "Number of prefill tokens processed.",
+            &h.prompt_tokens,
+        );
         hist(
             &mut out,
             "vllm:request_generation_tokens",
@@ -329,6 +378,8 @@ mod tests {
         assert!(text.contains(
             "vllm:time_to_first_token_seconds_bucket{engine=\"0\",le=\"+Inf\",model_name=\"tiny\"} 2.0"
         ));
-        assert!(text.contains("vllm:time_to_first_token_seconds_count{engine=\"0\",model_name=\"tiny\"} 2.0"));
+        assert!(text.contains(
+            "vllm:time_to_first_token_seconds_count{engine=\"0\",model_name=\"tiny\"} 2.0"
+        ));
     }
 }

@@ -42,7 +42,9 @@ impl Connected<IncomingStream<'_, TcpListener>> for Conn {
     fn connect_info(stream: IncomingStream<'_, TcpListener>) -> Self {
         let io = stream.io();
         let _ = io.set_nodelay(true);
-        Self { sock: socket2::SockRef::from(io).try_clone().ok().map(Arc::new) }
+        Self {
+            sock: socket2::SockRef::from(io).try_clone().ok().map(Arc::new),
+        }
     }
 }
 
@@ -62,7 +64,10 @@ pub fn router(app: Arc<App>) -> Router {
         .route("/v1/models", get(models))
         .route("/health", get(|| async { StatusCode::OK }))
         .route("/ping", get(|| async { StatusCode::OK }))
-        .route("/version", get(|| async { Json(json!({"version": "0.32.0"})) }))
+        .route(
+            "/version",
+            get(|| async { Json(json!({"version": "0.32.0"})) }),
+        )
         .route("/metrics", get(metrics))
         .fallback(|| async { (StatusCode::NOT_FOUND, Json(json!({"detail": "Not Found"}))) })
         .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
@@ -70,11 +75,20 @@ pub fn router(app: Arc<App>) -> Router {
 }
 
 fn unix_secs() -> u64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0)
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
 }
 
 fn error(status: StatusCode, message: &str, kind: &str, param: Option<&str>) -> Response {
-    (status, Json(wire::error_body(message, kind, param, status.as_u16()))).into_response()
+    let ct = HeaderValue::from_static("application/json");
+    (
+        status,
+        [(header::CONTENT_TYPE, ct)],
+        wire::error_body(message, kind, param, status.as_u16()),
+    )
+        .into_response()
 }
 
 fn bad_request(message: &str) -> Response {
@@ -135,7 +149,12 @@ async fn completions(
     complete(app, conn, body, Kind::Completion).await
 }
 
-async fn complete(app: Arc<App>, conn: Conn, body: Result<Bytes, BytesRejection>, kind: Kind) -> Response {
+async fn complete(
+    app: Arc<App>,
+    conn: Conn,
+    body: Result<Bytes, BytesRejection>,
+    kind: Kind,
+) -> Response {
     let body = match body {
         Ok(b) => b,
         Err(rejection) => {
@@ -208,9 +227,21 @@ async fn complete(app: Arc<App>, conn: Conn, body: Result<Bytes, BytesRejection>
             }
         }
     }
-    let prompt = generation.prompt_tokens();
-    let completion = u64::from(generation.sent());
-    Json(wire::full_response(kind, &id, created, &model, &app.fingerprint, &text, "length", prompt, completion))
+    let output = wire::Output {
+        id: &id,
+        created,
+        model: &model,
+        fingerprint: &app.fingerprint,
+        text: &text,
+        finish: "length",
+        prompt_tokens: generation.prompt_tokens(),
+        completion_tokens: u64::from(generation.sent()),
+    };
+    let ct = HeaderValue::from_static("application/json");
+    (
+        [(header::CONTENT_TYPE, ct)],
+        wire::full_response(kind, &output),
+    )
         .into_response()
 }
 
@@ -248,7 +279,14 @@ fn sse_stream(
     format: SseFormat,
     include_usage: bool,
 ) -> impl futures_util::Stream<Item = Result<Bytes, ConnectionReset>> + Send + 'static {
-    let state = StreamState { generation, format, include_usage, role_sent: false, pending: None, phase: Phase::Generating };
+    let state = StreamState {
+        generation,
+        format,
+        include_usage,
+        role_sent: false,
+        pending: None,
+        phase: Phase::Generating,
+    };
     futures_util::stream::unfold(state, |mut st| async move {
         if let Some(b) = st.pending.take() {
             return Some((Ok(b), st));
@@ -258,7 +296,11 @@ fn sse_stream(
                 Some(Event::Token { text, last, .. }) => {
                     let token = st.format.token(&text, last);
                     if last {
-                        st.phase = if st.include_usage { Phase::Usage } else { Phase::Done };
+                        st.phase = if st.include_usage {
+                            Phase::Usage
+                        } else {
+                            Phase::Done
+                        };
                     }
                     if !st.role_sent && st.format.kind() == Kind::Chat {
                         st.role_sent = true;
@@ -304,5 +346,7 @@ pub async fn serve(
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
     let make = router(app).into_make_service_with_connect_info::<Conn>();
-    axum::serve(listener, make).with_graceful_shutdown(shutdown).await
+    axum::serve(listener, make)
+        .with_graceful_shutdown(shutdown)
+        .await
 }

@@ -2,8 +2,8 @@
 //! in `tests/data/vllm-0.32.0-cpu/sse-*.txt`, non-streaming bodies and error bodies.
 
 use bytes::Bytes;
-use serde::Deserialize;
-use serde_json::{json, Value};
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
 
 /// The exact event vLLM streams when its EngineCore dies (see `kill-enginecore_stream_tail.txt`).
 pub const ENGINE_DEAD_EVENT: &str = "data: {\"error\": {\"message\": \"EngineCore encountered an issue. See stack trace (above) for the root cause.\", \"type\": \"InternalServerError\", \"param\": null, \"code\": 500}}\n\n";
@@ -39,7 +39,11 @@ fn words(v: &Value) -> u64 {
     match v {
         Value::String(s) => s.split_whitespace().count() as u64,
         Value::Array(a) => a.iter().map(words).sum(),
-        Value::Object(o) => o.get("text").or_else(|| o.get("content")).map(words).unwrap_or(0),
+        Value::Object(o) => o
+            .get("text")
+            .or_else(|| o.get("content"))
+            .map(words)
+            .unwrap_or(0),
         _ => 0,
     }
 }
@@ -49,16 +53,27 @@ impl Request {
     pub fn prompt_tokens(&self, kind: Kind) -> u64 {
         match kind {
             Kind::Chat => {
-                self.messages.iter().flatten().map(|m| 5 + words(m)).sum::<u64>() + 2
+                self.messages
+                    .iter()
+                    .flatten()
+                    .map(|m| 5 + words(m))
+                    .sum::<u64>()
+                    + 2
             }
             Kind::Completion => self.prompt.as_ref().map(words).unwrap_or(0).max(1),
         }
     }
 }
 
-/// A vLLM error body: `{"error":{"message":..,"type":..,"param":..,"code":..}}`.
-pub fn error_body(message: &str, kind: &str, param: Option<&str>, code: u16) -> Value {
-    json!({"error": {"message": message, "type": kind, "param": param, "code": code}})
+/// A vLLM error body: `{"error":{"message":..,"type":..,"param":..,"code":..}}`, keys in
+/// vLLM's order.
+pub fn error_body(message: &str, kind: &str, param: Option<&str>, code: u16) -> String {
+    let param = param.map(js).unwrap_or_else(|| "null".to_owned());
+    format!(
+        "{{\"error\":{{\"message\":{},\"type\":{},\"param\":{param},\"code\":{code}}}}}",
+        js(message),
+        js(kind)
+    )
 }
 
 fn js(s: &str) -> String {
@@ -84,7 +99,11 @@ impl SseFormat {
             js(id),
             js(model)
         );
-        Self { kind, head, fingerprint: js(fingerprint) }
+        Self {
+            kind,
+            head,
+            fingerprint: js(fingerprint),
+        }
     }
 
     pub fn kind(&self) -> Kind {
@@ -102,7 +121,10 @@ impl SseFormat {
     pub fn token(&self, text: &str, last: bool) -> Bytes {
         let text = js(text);
         let (finish, tail) = if last {
-            ("\"length\",\"stop_reason\":null", format!(",\"system_fingerprint\":{}", self.fingerprint))
+            (
+                "\"length\",\"stop_reason\":null",
+                format!(",\"system_fingerprint\":{}", self.fingerprint),
+            )
         } else {
             ("null", String::new())
         };
@@ -132,76 +154,141 @@ impl SseFormat {
     }
 }
 
-/// The non-streaming response body.
-#[allow(clippy::too_many_arguments)]
-pub fn full_response(
-    kind: Kind,
-    id: &str,
+#[derive(Serialize)]
+struct Usage {
+    prompt_tokens: u64,
+    total_tokens: u64,
+    completion_tokens: u64,
+    prompt_tokens_details: Option<()>,
+}
+
+#[derive(Serialize)]
+struct Message<'a> {
+    role: &'static str,
+    content: &'a str,
+    refusal: Option<()>,
+    annotations: Option<()>,
+    audio: Option<()>,
+    function_call: Option<()>,
+    tool_calls: [(); 0],
+    reasoning_content: Option<()>,
+}
+
+#[derive(Serialize)]
+struct ChatChoice<'a> {
+    index: u32,
+    message: Message<'a>,
+    logprobs: Option<()>,
+    finish_reason: &'a str,
+    stop_reason: Option<()>,
+    token_ids: Option<()>,
+}
+
+#[derive(Serialize)]
+struct TextChoice<'a> {
+    index: u32,
+    text: &'a str,
+    logprobs: Option<()>,
+    finish_reason: &'a str,
+    stop_reason: Option<()>,
+    prompt_logprobs: Option<()>,
+    prompt_token_ids: Option<()>,
+    token_ids: Option<()>,
+}
+
+/// Field order as vLLM's pydantic models serialize them.
+#[derive(Serialize)]
+struct Full<'a, C> {
+    id: &'a str,
+    object: &'static str,
     created: u64,
-    model: &str,
-    fingerprint: &str,
-    text: &str,
-    finish: &str,
-    prompt: u64,
-    completion: u64,
-) -> Value {
-    let usage = json!({
-        "prompt_tokens": prompt,
-        "total_tokens": prompt + completion,
-        "completion_tokens": completion,
-        "prompt_tokens_details": null,
-    });
-    match kind {
-        Kind::Chat => json!({
-            "id": id,
-            "object": "chat.completion",
-            "created": created,
-            "model": model,
-            "choices": [{
-                "index": 0,
-                "message": {
-                    "role": "assistant",
-                    "content": text,
-                    "refusal": null,
-                    "annotations": null,
-                    "audio": null,
-                    "function_call": null,
-                    "tool_calls": [],
-                    "reasoning_content": null,
+    model: &'a str,
+    choices: [C; 1],
+    service_tier: Option<()>,
+    system_fingerprint: &'a str,
+    usage: Usage,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    prompt_logprobs: Option<Option<()>>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    prompt_token_ids: Option<Option<()>>,
+    kv_transfer_params: Option<()>,
+}
+
+/// What a non-streaming request produced.
+pub struct Output<'a> {
+    pub id: &'a str,
+    pub created: u64,
+    pub model: &'a str,
+    pub fingerprint: &'a str,
+    pub text: &'a str,
+    pub finish: &'a str,
+    pub prompt_tokens: u64,
+    pub completion_tokens: u64,
+}
+
+/// The non-streaming response body.
+pub fn full_response(kind: Kind, o: &Output<'_>) -> String {
+    let usage = Usage {
+        prompt_tokens: o.prompt_tokens,
+        total_tokens: o.prompt_tokens + o.completion_tokens,
+        completion_tokens: o.completion_tokens,
+        prompt_tokens_details: None,
+    };
+    let result = match kind {
+        Kind::Chat => serde_json::to_string(&Full {
+            id: o.id,
+            object: "chat.completion",
+            created: o.created,
+            model: o.model,
+            choices: [ChatChoice {
+                index: 0,
+                message: Message {
+                    role: "assistant",
+                    content: o.text,
+                    refusal: None,
+                    annotations: None,
+                    audio: None,
+                    function_call: None,
+                    tool_calls: [],
+                    reasoning_content: None,
                 },
-                "logprobs": null,
-                "finish_reason": finish,
-                "stop_reason": null,
-                "token_ids": null,
+                logprobs: None,
+                finish_reason: o.finish,
+                stop_reason: None,
+                token_ids: None,
             }],
-            "service_tier": null,
-            "system_fingerprint": fingerprint,
-            "usage": usage,
-            "prompt_logprobs": null,
-            "prompt_token_ids": null,
-            "kv_transfer_params": null,
+            service_tier: None,
+            system_fingerprint: o.fingerprint,
+            usage,
+            prompt_logprobs: Some(None),
+            prompt_token_ids: Some(None),
+            kv_transfer_params: None,
         }),
-        Kind::Completion => json!({
-            "id": id,
-            "object": "text_completion",
-            "created": created,
-            "model": model,
-            "choices": [{
-                "index": 0,
-                "text": text,
-                "logprobs": null,
-                "finish_reason": finish,
-                "stop_reason": null,
-                "prompt_logprobs": null,
-                "prompt_token_ids": null,
-                "token_ids": null,
+        Kind::Completion => serde_json::to_string(&Full {
+            id: o.id,
+            object: "text_completion",
+            created: o.created,
+            model: o.model,
+            choices: [TextChoice {
+                index: 0,
+                text: o.text,
+                logprobs: None,
+                finish_reason: o.finish,
+                stop_reason: None,
+                prompt_logprobs: None,
+                prompt_token_ids: None,
+                token_ids: None,
             }],
-            "service_tier": null,
-            "system_fingerprint": fingerprint,
-            "usage": usage,
-            "kv_transfer_params": null,
+            service_tier: None,
+            system_fingerprint: o.fingerprint,
+            usage,
+            prompt_logprobs: None,
+            prompt_token_ids: None,
+            kv_transfer_params: None,
         }),
-    }
+    };
+    // Serializing these plain structs cannot fail; keep a valid body regardless.
+    result.unwrap_or_else(|e| error_body(&e.to_string(), "InternalServerError", None, 500))
 }
 
 #[cfg(test)]
@@ -210,13 +297,22 @@ mod tests {
 
     fn event_json(b: &Bytes) -> Value {
         let s = std::str::from_utf8(b).unwrap_or_default();
-        let body = s.strip_prefix("data: ").and_then(|s| s.strip_suffix("\n\n")).unwrap_or_default();
+        let body = s
+            .strip_prefix("data: ")
+            .and_then(|s| s.strip_suffix("\n\n"))
+            .unwrap_or_default();
         serde_json::from_str(body).unwrap_or(Value::Null)
     }
 
     #[test]
     fn events_are_valid_json_with_vllm_keys() {
-        let f = SseFormat::new(Kind::Chat, "chatcmpl-0123456789abcdef", 1, "ti\"ny", "vllm-0.32.0-00000000");
+        let f = SseFormat::new(
+            Kind::Chat,
+            "chatcmpl-0123456789abcdef",
+            1,
+            "ti\"ny",
+            "vllm-0.32.0-00000000",
+        );
         let role = event_json(&f.role());
         assert_eq!(role["choices"][0]["delta"]["role"], "assistant");
         assert_eq!(role["model"], "ti\"ny");
@@ -225,9 +321,10 @@ mod tests {
         assert_eq!(last["system_fingerprint"], "vllm-0.32.0-00000000");
         let usage = event_json(&f.usage(3, 2));
         assert_eq!(usage["usage"]["total_tokens"], 5);
-        assert_eq!(usage["choices"], json!([]));
+        assert_eq!(usage["choices"], serde_json::json!([]));
         let dead: Value =
-            serde_json::from_str(ENGINE_DEAD_EVENT.trim_start_matches("data: ").trim_end()).unwrap_or_default();
+            serde_json::from_str(ENGINE_DEAD_EVENT.trim_start_matches("data: ").trim_end())
+                .unwrap_or_default();
         assert_eq!(dead["error"]["code"], 500);
     }
 }

@@ -26,7 +26,11 @@ const CORE: &[(&str, &str)] = &[
 
 fn buckets(e: &Exposition, name: &str) -> Vec<String> {
     let bucket = format!("{name}_bucket");
-    e.samples.iter().filter(|(n, _, _)| *n == bucket).filter_map(|(_, l, _)| l.get("le").cloned()).collect()
+    e.samples
+        .iter()
+        .filter(|(n, _, _)| *n == bucket)
+        .filter_map(|(_, l, _)| l.get("le").cloned())
+        .collect()
 }
 
 #[test]
@@ -35,27 +39,46 @@ fn metrics_match_the_vllm_capture() {
     let w = Worker::start(&["--model", "tiny"]);
     let r = w.get("/metrics");
     assert_eq!(r.status, 200);
-    assert_eq!(r.header("content-type"), Some("text/plain; version=1.0.0; charset=utf-8"));
+    assert_eq!(
+        r.header("content-type"),
+        Some("text/plain; version=1.0.0; charset=utf-8")
+    );
     let fake = Exposition::parse(&r.text());
 
     // Every family the fake exposes is a real one, with the same type.
     for (name, kind) in &fake.types {
-        assert_eq!(real.types.get(name), Some(kind), "family {name} ({kind}) is not in the capture as such");
+        assert_eq!(
+            real.types.get(name),
+            Some(kind),
+            "family {name} ({kind}) is not in the capture as such"
+        );
     }
     for (name, kind) in CORE {
-        assert_eq!(fake.types.get(*name).map(String::as_str), Some(*kind), "core family {name} missing");
+        assert_eq!(
+            fake.types.get(*name).map(String::as_str),
+            Some(*kind),
+            "core family {name} missing"
+        );
     }
 
     // Every sample name is known to the capture with the same label names.
     let real_labels = real.label_names();
     for (name, sets) in fake.label_names() {
-        assert!(fake.family_of(&name).is_some(), "sample {name} has no # TYPE");
-        let real_sets = real_labels.get(&name).unwrap_or_else(|| panic!("sample {name} is not in the capture"));
+        assert!(
+            fake.family_of(&name).is_some(),
+            "sample {name} has no # TYPE"
+        );
+        let real_sets = real_labels
+            .get(&name)
+            .unwrap_or_else(|| panic!("sample {name} is not in the capture"));
         assert_eq!(&sets, real_sets, "label names of {name}");
     }
 
     // Same histogram buckets, same finished_reason values, same model label.
-    for h in ["vllm:time_to_first_token_seconds", "vllm:e2e_request_latency_seconds"] {
+    for h in [
+        "vllm:time_to_first_token_seconds",
+        "vllm:e2e_request_latency_seconds",
+    ] {
         assert_eq!(buckets(&fake, h), buckets(&real, h), "buckets of {h}");
     }
     let reasons = |e: &Exposition| -> Vec<String> {
@@ -66,22 +89,42 @@ fn metrics_match_the_vllm_capture() {
             .collect()
     };
     assert_eq!(reasons(&fake), reasons(&real));
-    assert_eq!(fake.value("vllm:num_requests_running", &[("engine", "0"), ("model_name", "tiny")]), 0.0);
+    assert_eq!(
+        fake.value(
+            "vllm:num_requests_running",
+            &[("engine", "0"), ("model_name", "tiny")]
+        ),
+        0.0
+    );
 }
 
 #[test]
 fn metrics_follow_the_load() {
     // One slot, slow tokens: the first stream runs, the second waits.
-    let w = Worker::start(&["--id", "m1", "--ttft-ms", "0", "--tokens-per-s", "20", "--max-num-seqs", "1"]);
+    let w = Worker::start(&[
+        "--id",
+        "m1",
+        "--ttft-ms",
+        "0",
+        "--tokens-per-s",
+        "20",
+        "--max-num-seqs",
+        "1",
+    ]);
     let before = w.metrics();
     assert_eq!(before.value("vllm:generation_tokens_total", &[]), 0.0);
 
     let body = r#"{"model":"tiny","messages":[{"role":"user","content":"one two three"}],"stream":true,"max_tokens":40}"#;
-    let mut first = Exchange::open(&w.addr, "POST", "/v1/chat/completions", Some(body)).expect("first stream");
+    let mut first =
+        Exchange::open(&w.addr, "POST", "/v1/chat/completions", Some(body)).expect("first stream");
     assert_eq!(first.status, 200);
     assert!(first.next_chunk().expect("role event").is_some());
-    let second = Exchange::open(&w.addr, "POST", "/v1/chat/completions", Some(body)).expect("second stream");
-    assert_eq!(second.status, 200, "a queued request gets its headers at once");
+    let second =
+        Exchange::open(&w.addr, "POST", "/v1/chat/completions", Some(body)).expect("second stream");
+    assert_eq!(
+        second.status, 200,
+        "a queued request gets its headers at once"
+    );
 
     let deadline = Instant::now() + Duration::from_secs(5);
     let busy = loop {
@@ -89,36 +132,59 @@ fn metrics_follow_the_load() {
         if m.value("vllm:num_requests_waiting", &[]) == 1.0 {
             break m;
         }
-        assert!(Instant::now() < deadline, "the second request never showed as waiting");
+        assert!(
+            Instant::now() < deadline,
+            "the second request never showed as waiting"
+        );
         std::thread::sleep(Duration::from_millis(20));
     };
     assert_eq!(busy.value("vllm:num_requests_running", &[]), 1.0);
     assert!(busy.value("vllm:kv_cache_usage_perc", &[]) > 0.0);
     assert!(busy.value("vllm:kv_cache_usage_perc", &[]) <= 1.0);
     assert!(busy.value("vllm:prompt_tokens_total", &[]) > 0.0);
-    assert_eq!(busy.value("vllm:time_to_first_token_seconds_count", &[]), 1.0);
+    assert_eq!(
+        busy.value("vllm:time_to_first_token_seconds_count", &[]),
+        1.0
+    );
 
     // Closing the first stream frees its slot: the waiting one runs, the abort is counted.
     drop(first);
     let deadline = Instant::now() + Duration::from_secs(5);
     let after = loop {
         let m = w.metrics();
-        if m.value("vllm:num_requests_waiting", &[]) == 0.0 && m.value("vllm:num_requests_running", &[]) == 1.0 {
+        if m.value("vllm:num_requests_waiting", &[]) == 0.0
+            && m.value("vllm:num_requests_running", &[]) == 1.0
+        {
             break m;
         }
         assert!(Instant::now() < deadline, "the queued request never ran");
         std::thread::sleep(Duration::from_millis(20));
     };
     assert!(after.value("vllm:generation_tokens_total", &[]) >= 1.0);
-    assert_eq!(after.value("vllm:request_success_total", &[("finished_reason", "abort")]), 1.0);
+    assert_eq!(
+        after.value(
+            "vllm:request_success_total",
+            &[("finished_reason", "abort")]
+        ),
+        1.0
+    );
 
     let done = second.finish();
     assert!(done.error.is_none(), "second stream ended cleanly");
     let end = w.metrics();
     assert_eq!(end.value("vllm:num_requests_running", &[]), 0.0);
     assert_eq!(end.value("vllm:kv_cache_usage_perc", &[]), 0.0);
-    assert_eq!(end.value("vllm:request_success_total", &[("finished_reason", "length")]), 1.0);
-    assert_eq!(end.value("vllm:e2e_request_latency_seconds_count", &[]), 2.0);
+    assert_eq!(
+        end.value(
+            "vllm:request_success_total",
+            &[("finished_reason", "length")]
+        ),
+        1.0
+    );
+    assert_eq!(
+        end.value("vllm:e2e_request_latency_seconds_count", &[]),
+        2.0
+    );
     assert!(end.value("vllm:generation_tokens_total", &[]) >= 41.0);
     assert!(end.value("vllm:time_to_first_token_seconds_sum", &[]) > 0.0);
 }

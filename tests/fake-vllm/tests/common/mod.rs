@@ -85,7 +85,8 @@ impl Exchange {
             "{method} {path} HTTP/1.1\r\nhost: {addr}\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
             body.len()
         );
-        sock.write_all(req.as_bytes())?;
+        // A server may answer (413) and close before taking a big body: read the answer anyway.
+        let _ = sock.write_all(req.as_bytes());
         let mut reader = BufReader::new(sock);
         let mut line = String::new();
         reader.read_line(&mut line)?;
@@ -93,7 +94,12 @@ impl Exchange {
             .split_whitespace()
             .nth(1)
             .and_then(|s| s.parse().ok())
-            .ok_or_else(|| io::Error::new(io::ErrorKind::UnexpectedEof, format!("no status line: {line:?}")))?;
+            .ok_or_else(|| {
+                io::Error::new(
+                    io::ErrorKind::UnexpectedEof,
+                    format!("no status line: {line:?}"),
+                )
+            })?;
         let mut headers = Vec::new();
         loop {
             line.clear();
@@ -108,11 +114,18 @@ impl Exchange {
                 headers.push((k.trim().to_ascii_lowercase(), v.trim().to_owned()));
             }
         }
-        Ok(Exchange { reader, status, headers })
+        Ok(Exchange {
+            reader,
+            status,
+            headers,
+        })
     }
 
     pub fn header(&self, name: &str) -> Option<&str> {
-        self.headers.iter().find(|(k, _)| k == name).map(|(_, v)| v.as_str())
+        self.headers
+            .iter()
+            .find(|(k, _)| k == name)
+            .map(|(_, v)| v.as_str())
     }
 
     /// The next chunk of a chunked body: `Ok(None)` at the terminating zero-size chunk, an
@@ -122,12 +135,19 @@ impl Exchange {
         if self.reader.read_line(&mut line)? == 0 {
             return Err(io::ErrorKind::UnexpectedEof.into());
         }
-        let size = usize::from_str_radix(line.trim(), 16)
-            .map_err(|_| io::Error::new(io::ErrorKind::InvalidData, format!("bad chunk size {line:?}")))?;
+        let size = usize::from_str_radix(line.trim(), 16).map_err(|_| {
+            io::Error::new(
+                io::ErrorKind::InvalidData,
+                format!("bad chunk size {line:?}"),
+            )
+        })?;
         let mut data = vec![0; size + 2];
         self.reader.read_exact(&mut data)?;
         if &data[size..] != b"\r\n" {
-            return Err(io::Error::new(io::ErrorKind::InvalidData, "chunk without CRLF"));
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidData,
+                "chunk without CRLF",
+            ));
         }
         data.truncate(size);
         Ok(if size == 0 { None } else { Some(data) })
@@ -160,7 +180,13 @@ impl Exchange {
         } else if let Err(e) = self.reader.read_to_end(&mut body) {
             error = Some(e);
         }
-        Response { status: self.status, headers: self.headers, body, chunks, error }
+        Response {
+            status: self.status,
+            headers: self.headers,
+            body,
+            chunks,
+            error,
+        }
     }
 }
 
@@ -176,7 +202,10 @@ pub struct Response {
 
 impl Response {
     pub fn header(&self, name: &str) -> Option<&str> {
-        self.headers.iter().find(|(k, _)| k == name).map(|(_, v)| v.as_str())
+        self.headers
+            .iter()
+            .find(|(k, _)| k == name)
+            .map(|(_, v)| v.as_str())
     }
 
     pub fn text(&self) -> String {
@@ -184,19 +213,26 @@ impl Response {
     }
 
     pub fn json(&self) -> serde_json::Value {
-        serde_json::from_slice(&self.body).unwrap_or_else(|e| panic!("not JSON ({e}): {}", self.text()))
+        serde_json::from_slice(&self.body)
+            .unwrap_or_else(|e| panic!("not JSON ({e}): {}", self.text()))
     }
 }
 
 pub fn request(addr: &str, method: &str, path: &str, body: Option<&str>) -> Response {
-    Exchange::open(addr, method, path, body).expect("request").finish()
+    Exchange::open(addr, method, path, body)
+        .expect("request")
+        .finish()
 }
 
 /// SSE `data:` payloads of a body, in order.
 pub fn sse_events(body: &str) -> Vec<String> {
     body.split("\n\n")
         .filter(|e| !e.trim().is_empty())
-        .map(|e| e.strip_prefix("data: ").unwrap_or_else(|| panic!("event without `data: `: {e:?}")).to_owned())
+        .map(|e| {
+            e.strip_prefix("data: ")
+                .unwrap_or_else(|| panic!("event without `data: `: {e:?}"))
+                .to_owned()
+        })
         .collect()
 }
 
@@ -222,7 +258,9 @@ impl Exposition {
                 continue;
             }
             let (head, value) = line.rsplit_once(' ').expect("sample has a value");
-            let value: f64 = value.parse().unwrap_or_else(|_| panic!("bad value in {line:?}"));
+            let value: f64 = value
+                .parse()
+                .unwrap_or_else(|_| panic!("bad value in {line:?}"));
             let (name, labels) = match head.split_once('{') {
                 None => (head.to_owned(), BTreeMap::new()),
                 Some((name, rest)) => {
@@ -250,8 +288,11 @@ impl Exposition {
         }
         ["_bucket", "_sum", "_count"].iter().find_map(|suffix| {
             let base = sample.strip_suffix(suffix)?;
-            matches!(self.types.get(base).map(String::as_str), Some("histogram" | "summary"))
-                .then(|| base.to_owned())
+            matches!(
+                self.types.get(base).map(String::as_str),
+                Some("histogram" | "summary")
+            )
+            .then(|| base.to_owned())
         })
     }
 
@@ -270,10 +311,19 @@ impl Exposition {
         let hits: Vec<f64> = self
             .samples
             .iter()
-            .filter(|(n, l, _)| n == name && labels.iter().all(|(k, v)| l.get(*k).map(String::as_str) == Some(*v)))
+            .filter(|(n, l, _)| {
+                n == name
+                    && labels
+                        .iter()
+                        .all(|(k, v)| l.get(*k).map(String::as_str) == Some(*v))
+            })
             .map(|(_, _, v)| *v)
             .collect();
-        assert_eq!(hits.len(), 1, "expected one sample {name} {labels:?}, got {hits:?}");
+        assert_eq!(
+            hits.len(),
+            1,
+            "expected one sample {name} {labels:?}, got {hits:?}"
+        );
         hits[0]
     }
 }

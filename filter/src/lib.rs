@@ -1,1 +1,621 @@
+//! GPU HA Proxy-Wasm filter for stock Envoy. One module, three roles chosen by the plugin
+//! configuration's `role` (see [`config`]):
+//!
+//! * `picker` (downstream `envoy.filters.http.wasm` in the listener's HCM): polls dnsd's
+//!   `/v1/fleet`, picks up to three workers per request and writes them to `x-gpuha-endpoints`
+//!   for the `override_host` load balancer; answers with OpenAI-shaped errors where Envoy would
+//!   send text/plain.
+//! * `guard` (upstream HTTP filter on the worker cluster): the first-token guard.
+//! * `failwhale`: answers every request with an OpenAI-shaped 503 (SSE when `"stream": true`).
+//!
+//! This crate is glue: every decision lives in `gpuha-liveness` (`pick`, `breaker`, `guard`,
+//! `openai_error`) and is tested there natively. Host errors are logged and the request goes
+//! on (fail open); nothing here panics on the request path.
+//!
+//! Cross-thread state lives in Proxy-Wasm shared data (one store per `vm_id`, so the picker and
+//! the guard must be configured with the same `vm_id`):
+//!
+//! * `gpuha.fleet`: the latest fleet view: 8 bytes little-endian local fetch time (ms), then
+//!   dnsd's JSON.
+//! * `gpuha.poll`: 8 bytes, when the last poll was started. Every picker root context (one per
+//!   Envoy worker thread) ticks, but only the one that wins the compare-and-swap on this slot
+//!   polls, so dnsd sees one poll per interval however many threads Envoy runs, and there is
+//!   no leader whose loss would stop polling.
+//! * `gpuha.breaker.<ip:port>`: that worker's circuit breaker (JSON).
 
+pub mod config;
+mod host;
+
+use std::cell::RefCell;
+use std::rc::Rc;
+use std::time::Duration;
+
+use gpuha_liveness::breaker::{Admission, Breaker, BreakerConfig, Transition};
+use gpuha_liveness::guard::{mode_for, Guard, Mode, Step};
+use gpuha_liveness::openai_error::{error_json, error_response, is_api_shaped, wants_stream};
+use gpuha_liveness::pick::{pick, Decision, LocalLoad, Rng};
+use gpuha_liveness::FleetView;
+use proxy_wasm::hostcalls;
+use proxy_wasm::traits::{Context, HttpContext, RootContext};
+use proxy_wasm::types::{Action, BufferType, ContextType, LogLevel, MapType};
+
+use crate::config::{Config, FailwhaleConfig, GuardConfig, NoWorkerPolicy, PickerConfig};
+use crate::host::{inc, Stats};
+
+/// Request header read by the `override_host` load balancer.
+pub const ENDPOINTS_HEADER: &str = "x-gpuha-endpoints";
+/// Request header telling the guard that this request carries a half-open probe.
+pub const PROBE_HEADER: &str = "x-gpuha-probe";
+/// Response header marking what the guard did (`released`, `retried`, `failed`).
+pub const GUARD_HEADER: &str = "x-gpuha-guard";
+
+const FLEET_KEY: &str = "gpuha.fleet";
+const POLL_KEY: &str = "gpuha.poll";
+
+fn breaker_key(addr: &str) -> String {
+    format!("gpuha.breaker.{addr}")
+}
+
+fn u64_prefix(b: Option<&[u8]>) -> u64 {
+    b.and_then(|b| b.get(..8)).and_then(|p| p.try_into().ok()).map_or(0, u64::from_le_bytes)
+}
+
+proxy_wasm::main! {{
+    proxy_wasm::set_log_level(LogLevel::Info);
+    proxy_wasm::set_root_context(|id| -> Box<dyn RootContext> { Box::new(Root::new(id)) });
+}}
+
+/// Per-thread state shared by a root context and its HTTP contexts (one Wasm VM per thread,
+/// so `Rc` is enough).
+struct Thread {
+    /// Parsed fleet view and its local fetch time, cached until the shared data changes.
+    fleet: Option<(u32, u64, Rc<FleetView>)>,
+    load: LocalLoad,
+    rng: Rng,
+}
+
+impl Thread {
+    /// The current fleet view, re-parsed only when another thread published a new one.
+    fn fleet(&mut self) -> Option<(u64, Rc<FleetView>)> {
+        let (bytes, cas) = host::shared_get(FLEET_KEY);
+        let (bytes, cas) = (bytes?, cas.unwrap_or(0));
+        if let Some((c, fetched, view)) = &self.fleet {
+            if *c == cas {
+                return Some((*fetched, view.clone()));
+            }
+        }
+        let fetched = u64_prefix(Some(&bytes));
+        match FleetView::from_json(bytes.get(8..).unwrap_or_default()) {
+            Ok(v) => {
+                let v = Rc::new(v);
+                self.fleet = Some((cas, fetched, v.clone()));
+                Some((fetched, v))
+            }
+            Err(e) => {
+                host::warn(&format!("gpuha: shared fleet view unreadable: {e}"));
+                None
+            }
+        }
+    }
+}
+
+struct Root {
+    id: u32,
+    cfg: Option<Rc<Config>>,
+    stats: Stats,
+    thread: Rc<RefCell<Thread>>,
+    /// The poll this root context has in flight: (token, started at).
+    poll: Option<(u32, u64)>,
+}
+
+impl Root {
+    fn new(id: u32) -> Self {
+        Root { id, cfg: None, stats: Stats::default(), thread: Rc::new(RefCell::new(Thread { fleet: None, load: LocalLoad::default(), rng: Rng::new(0) })), poll: None }
+    }
+
+    fn seed() -> u64 {
+        // Distinct per thread and per start: std's hasher keys come from WASI random_get.
+        use std::hash::{BuildHasher, Hasher};
+        let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+        h.write_u64(host::now_ms());
+        h.finish()
+    }
+
+    fn maybe_poll(&mut self, p: &PickerConfig) {
+        let now = host::now_ms();
+        if let Some((_, since)) = self.poll {
+            if now.saturating_sub(since) <= p.poll_timeout_ms + 1_000 {
+                return;
+            }
+            // The host never answered: forget it.
+            self.poll = None;
+        }
+        let min_gap = p.poll_interval_ms * 9 / 10;
+        let claimed = host::shared_update(POLL_KEY, |cur| {
+            (now.saturating_sub(u64_prefix(cur)) >= min_gap).then(|| (now.to_le_bytes().to_vec(), ()))
+        });
+        if claimed.is_none() {
+            return;
+        }
+        let headers = vec![
+            (":method", "GET"),
+            (":path", p.fleet_path.as_str()),
+            (":authority", p.fleet_authority.as_str()),
+            ("accept", "application/json"),
+        ];
+        match self.dispatch_http_call(&p.fleet_cluster, headers, None, vec![], Duration::from_millis(p.poll_timeout_ms)) {
+            Ok(token) => {
+                inc(self.stats.fleet_polls);
+                self.poll = Some((token, now));
+            }
+            Err(e) => {
+                inc(self.stats.fleet_poll_failures);
+                host::warn(&format!("gpuha: fleet poll via cluster {}: {e:?}", p.fleet_cluster));
+            }
+        }
+    }
+}
+
+impl Context for Root {
+    fn on_http_call_response(&mut self, token: u32, _num_headers: usize, body_size: usize, _num_trailers: usize) {
+        let started = match self.poll {
+            Some((t, started)) if t == token => started,
+            _ => return,
+        };
+        self.poll = None;
+        let status = hostcalls::get_map_value(MapType::HttpCallResponseHeaders, ":status").ok().flatten();
+        let body = hostcalls::get_buffer(BufferType::HttpCallResponseBody, 0, body_size).ok().flatten().unwrap_or_default();
+        if status.as_deref() != Some("200") {
+            inc(self.stats.fleet_poll_failures);
+            host::debug(&format!("gpuha: fleet poll failed: status {status:?}"));
+            return;
+        }
+        if let Err(e) = FleetView::from_json(&body) {
+            inc(self.stats.fleet_poll_failures);
+            host::warn(&format!("gpuha: fleet view from dnsd unreadable: {e}"));
+            return;
+        }
+        let now = host::now_ms();
+        let mut value = now.to_le_bytes().to_vec();
+        value.extend_from_slice(&body);
+        // A slow answer must not replace a view fetched after this poll started.
+        host::shared_update(FLEET_KEY, |cur| (cur.is_none() || u64_prefix(cur) <= started).then(|| (value.clone(), ())));
+    }
+}
+
+impl RootContext for Root {
+    fn on_configure(&mut self, size: usize) -> bool {
+        let bytes = hostcalls::get_buffer(BufferType::PluginConfiguration, 0, size).ok().flatten().unwrap_or_default();
+        let cfg = match Config::parse(&bytes) {
+            Ok(c) => c,
+            Err(e) => {
+                host::log(LogLevel::Error, &format!("gpuha: bad plugin configuration: {e}"));
+                return false;
+            }
+        };
+        self.stats = Stats::define();
+        self.thread.borrow_mut().rng = Rng::new(Self::seed() ^ u64::from(self.id));
+        if let Config::Picker(p) = &cfg {
+            let tick = Duration::from_millis((p.poll_interval_ms / 2).max(10));
+            if let Err(e) = hostcalls::set_tick_period(tick) {
+                host::log(LogLevel::Error, &format!("gpuha: set_tick_period: {e:?}"));
+                return false;
+            }
+        }
+        self.cfg = Some(Rc::new(cfg));
+        true
+    }
+
+    fn on_tick(&mut self) {
+        if let Some(cfg) = self.cfg.clone() {
+            if let Config::Picker(p) = cfg.as_ref() {
+                self.maybe_poll(p);
+            }
+        }
+    }
+
+    fn create_http_context(&self, _context_id: u32) -> Option<Box<dyn HttpContext>> {
+        let stats = self.stats;
+        Some(match self.cfg.as_deref() {
+            Some(Config::Picker(p)) => Box::new(Picker::new(Rc::new(p.clone()), stats, self.thread.clone())),
+            Some(Config::Guard(g)) => Box::new(GuardCtx::new(Rc::new(g.clone()), stats)),
+            Some(Config::Failwhale(f)) => Box::new(Failwhale { cfg: Rc::new(f.clone()), stats, replied: false }),
+            None => Box::new(PassThrough),
+        })
+    }
+
+    fn get_type(&self) -> Option<ContextType> {
+        Some(ContextType::HttpContext)
+    }
+}
+
+struct PassThrough;
+impl Context for PassThrough {}
+impl HttpContext for PassThrough {}
+
+// ---------------------------------------------------------------------------------------------
+// Picker
+
+#[derive(serde::Deserialize)]
+struct RequestFields {
+    #[serde(default)]
+    model: Option<serde_json::Value>,
+    #[serde(default)]
+    stream: Option<serde_json::Value>,
+}
+
+struct Picker {
+    cfg: Rc<PickerConfig>,
+    stats: Stats,
+    thread: Rc<RefCell<Thread>>,
+    stream: bool,
+    /// Set when the response is one of Envoy's own text/plain errors being rewritten.
+    rewrite: Option<u16>,
+}
+
+impl Picker {
+    fn new(cfg: Rc<PickerConfig>, stats: Stats, thread: Rc<RefCell<Thread>>) -> Self {
+        Picker { cfg, stats, thread, stream: false, rewrite: None }
+    }
+
+    fn reply_error(&self, status: u16, message: &str, retry_after: Option<u32>) {
+        let r = error_response(status, message, self.stream, Some(self.cfg.stream_error_status), retry_after);
+        host::send_response(r.status, &r.headers, &r.body);
+    }
+
+    fn breaker_admission(&self, addr: &str, now: u64) -> Admission {
+        let (bytes, _) = host::shared_get(&breaker_key(addr));
+        Breaker::decode(bytes.as_deref()).admission(now, &self.cfg.breaker)
+    }
+
+    fn decide(&mut self, body: &[u8]) -> Action {
+        let fields: RequestFields = match serde_json::from_slice(body) {
+            Ok(f) => f,
+            Err(_) => {
+                // Not JSON: no pick; the worker answers its own 400.
+                inc(self.stats.fail_open);
+                return Action::Continue;
+            }
+        };
+        self.stream = matches!(fields.stream, Some(serde_json::Value::Bool(true)));
+        let model = fields.model.as_ref().and_then(|m| m.as_str()).map(str::to_string);
+        let now = host::now_ms();
+        let Some((fetched, view)) = self.thread.borrow_mut().fleet() else {
+            inc(self.stats.fail_open);
+            host::debug("gpuha: no fleet view yet: fail open");
+            return Action::Continue;
+        };
+        let bcfg: BreakerConfig = self.cfg.breaker;
+        let decision = {
+            let mut t = self.thread.borrow_mut();
+            let t = &mut *t;
+            pick(
+                &view,
+                fetched,
+                now,
+                model.as_deref(),
+                &t.load,
+                &mut t.rng,
+                &self.cfg.pick,
+                |a| self.breaker_admission(a, now),
+                |a| {
+                    host::shared_update(&breaker_key(a), |cur| {
+                        let mut b = Breaker::decode(cur);
+                        b.try_claim_probe(now, &bcfg).then(|| (b.encode(), ()))
+                    })
+                    .is_some()
+                },
+            )
+        };
+        match decision {
+            Decision::Endpoints { endpoints, probe } => {
+                let list = endpoints.join(",");
+                host::set_request_header(ENDPOINTS_HEADER, Some(&list));
+                if let Some(p) = &probe {
+                    host::set_request_header(PROBE_HEADER, Some(p));
+                    inc(self.stats.probes);
+                }
+                if let Some(first) = endpoints.first() {
+                    let mut t = self.thread.borrow_mut();
+                    t.load.record(first, now);
+                    t.load.prune(now);
+                }
+                inc(self.stats.picks);
+                Action::Continue
+            }
+            Decision::Stale | Decision::UnknownModel => {
+                inc(self.stats.fail_open);
+                Action::Continue
+            }
+            Decision::NoWorker { fresh, serving } => {
+                inc(self.stats.no_worker);
+                if self.cfg.no_worker == NoWorkerPolicy::FailOpen {
+                    return Action::Continue;
+                }
+                let m = model.as_deref().unwrap_or("(none)");
+                let msg = format!("No worker can serve model '{m}' right now ({serving} known, {fresh} fresh, none with a closed circuit). Please retry.");
+                self.reply_error(503, &msg, Some(self.cfg.retry_after_s));
+                Action::Pause
+            }
+        }
+    }
+}
+
+impl Context for Picker {}
+
+impl HttpContext for Picker {
+    fn on_http_request_headers(&mut self, _n: usize, end_of_stream: bool) -> Action {
+        // Clients must not steer the load balancer or claim probes.
+        host::set_request_header(ENDPOINTS_HEADER, None);
+        host::set_request_header(PROBE_HEADER, None);
+        if end_of_stream {
+            // No body (GET /v1/models, health checks): no pick, Envoy's fallback LB decides.
+            return Action::Continue;
+        }
+        // Hold the headers: the pick needs the body (needs allow_on_headers_stop_iteration).
+        Action::Pause
+    }
+
+    fn on_http_request_body(&mut self, size: usize, end_of_stream: bool) -> Action {
+        if size > self.cfg.max_body_bytes {
+            inc(self.stats.body_too_large);
+            let msg = format!("Request body is larger than {} bytes.", self.cfg.max_body_bytes);
+            self.reply_error(413, &msg, None);
+            return Action::Pause;
+        }
+        if !end_of_stream {
+            return Action::Pause;
+        }
+        let body = host::body(BufferType::HttpRequestBody, size);
+        self.decide(&body)
+    }
+
+    fn on_http_response_headers(&mut self, _n: usize, end_of_stream: bool) -> Action {
+        if !self.cfg.rewrite_local_replies || end_of_stream {
+            return Action::Continue;
+        }
+        let Some(status) = host::status() else { return Action::Continue };
+        if status < 400 || is_api_shaped(host::response_header("content-type").as_deref()) {
+            return Action::Continue;
+        }
+        // Envoy's own error (no healthy upstream, reset before headers, timeout, 413...):
+        // text/plain. Rewrite it once the body (Envoy's details) is complete.
+        self.rewrite = Some(status);
+        host::set_response_header("content-length", None);
+        // Hold the headers too: content type and `retry-after` change with the body.
+        Action::Pause
+    }
+
+    fn on_http_response_body(&mut self, size: usize, end_of_stream: bool) -> Action {
+        let Some(status) = self.rewrite else { return Action::Continue };
+        if !end_of_stream {
+            return Action::Pause;
+        }
+        let details = String::from_utf8_lossy(&host::body(BufferType::HttpResponseBody, size)).trim().to_string();
+        let msg = match status {
+            503 => format!("No worker could serve the request ({details}). Please retry."),
+            504 => format!("The worker did not start answering in time ({details}). Please retry."),
+            _ => format!("The request failed at the gateway ({details})."),
+        };
+        let retry_after = matches!(status, 429 | 502 | 503 | 504).then_some(self.cfg.retry_after_s);
+        let r = error_response(status, &msg, self.stream, None, retry_after);
+        for (k, v) in &r.headers {
+            host::set_response_header(k, Some(v));
+        }
+        host::set_response_header("x-gpuha-rewritten", Some("1"));
+        host::set_body(BufferType::HttpResponseBody, size, &r.body);
+        inc(self.stats.local_replies_rewritten);
+        Action::Continue
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// First-token guard (upstream filter)
+
+struct GuardCtx {
+    cfg: Rc<GuardConfig>,
+    stats: Stats,
+    guard: Option<Guard>,
+    probe_for: Option<String>,
+    addr: Option<String>,
+    /// The breaker has heard how this attempt went.
+    reported: bool,
+    saw_headers: bool,
+    saw_end: bool,
+    failed: bool,
+}
+
+impl GuardCtx {
+    fn new(cfg: Rc<GuardConfig>, stats: Stats) -> Self {
+        GuardCtx { cfg, stats, guard: None, probe_for: None, addr: None, reported: false, saw_headers: false, saw_end: false, failed: false }
+    }
+
+    fn upstream_addr(&mut self) -> Option<String> {
+        if self.addr.is_none() {
+            self.addr = host::property_string(&["upstream", "address"]);
+        }
+        self.addr.clone()
+    }
+
+    /// Tells the worker's breaker how this attempt went.
+    fn report(&mut self, failure: Option<String>) {
+        let Some(addr) = self.upstream_addr() else {
+            host::debug("gpuha guard: upstream address unknown; outcome not reported");
+            return;
+        };
+        let probe = self.probe_for.as_deref() == Some(addr.as_str());
+        let now = host::now_ms();
+        let cfg = self.cfg.breaker;
+        let t = host::shared_update(&breaker_key(&addr), |cur| {
+            let mut b = Breaker::decode(cur);
+            let before = b.clone();
+            let t = match &failure {
+                Some(reason) => b.on_failure(now, probe, reason, &cfg),
+                None => b.on_success(probe),
+            };
+            // Skip the write when nothing changed (the common success case).
+            (b != before).then(|| (b.encode(), t))
+        });
+        match t {
+            Some(Transition::Tripped) => {
+                inc(self.stats.breaker_trips);
+                host::warn(&format!("gpuha: circuit opened for {addr}: {}", failure.as_deref().unwrap_or("")));
+            }
+            Some(Transition::Closed) => host::log(LogLevel::Info, &format!("gpuha: circuit closed for {addr} (probe succeeded)")),
+            _ => {}
+        }
+    }
+
+    fn fail_before_first_token(&mut self, reason: String) {
+        self.failed = true;
+        inc(self.stats.pre_token_retries);
+        host::debug(&format!("gpuha guard: attempt failed before first token: {reason}"));
+        self.reported = true;
+        self.report(Some(reason));
+    }
+}
+
+impl Context for GuardCtx {
+    fn on_done(&mut self) -> bool {
+        let released = self.guard.as_ref().is_some_and(Guard::is_released);
+        if self.failed || self.saw_end {
+            return true;
+        }
+        if released {
+            // The upstream went away after the client got the first token: a truncation.
+            inc(self.stats.post_token_truncations);
+            self.report(Some("reset after first token".into()));
+        } else if !self.reported {
+            let reason = if self.saw_headers { "reset before first token" } else { "reset or timeout before headers" };
+            self.fail_before_first_token(reason.into());
+        }
+        true
+    }
+}
+
+impl HttpContext for GuardCtx {
+    fn on_http_request_headers(&mut self, _n: usize, _end_of_stream: bool) -> Action {
+        // The upstream request shares its header map with the downstream request, and the
+        // override_host LB reads `x-gpuha-endpoints` again on every retry: leave it there.
+        self.probe_for = host::request_header(PROBE_HEADER);
+        Action::Continue
+    }
+
+    fn on_http_response_headers(&mut self, _n: usize, end_of_stream: bool) -> Action {
+        self.saw_headers = true;
+        let status = host::status().unwrap_or(0);
+        if status >= 500 {
+            // The router retries it (retriable_status_codes / 5xx) if it can.
+            host::set_response_header(GUARD_HEADER, Some("failed"));
+            self.fail_before_first_token(format!("status_{status}"));
+            return Action::Continue;
+        }
+        let mode = mode_for(status, host::response_header("content-type").as_deref());
+        if mode == Mode::Pass || end_of_stream {
+            self.saw_end = end_of_stream;
+            self.reported = true;
+            self.report(None);
+            return Action::Continue;
+        }
+        host::set_response_header(GUARD_HEADER, Some("released"));
+        self.guard = Some(Guard::new(mode, self.cfg.max_held_bytes));
+        // Hold the headers: until they reach the router, an upstream death is a reset before
+        // headers, which the route's retry policy retries (needs allow_on_headers_stop_iteration).
+        Action::Pause
+    }
+
+    fn on_http_response_body(&mut self, size: usize, end_of_stream: bool) -> Action {
+        if end_of_stream {
+            self.saw_end = true;
+        }
+        if self.failed {
+            // The attempt was turned into a retryable 5xx; swallow whatever else it sends.
+            host::set_body(BufferType::HttpResponseBody, size, b"");
+            return Action::Continue;
+        }
+        let Some(guard) = self.guard.as_mut() else { return Action::Continue };
+        let was_released = guard.is_released();
+        let chunk = host::body(BufferType::HttpResponseBody, size);
+        let step = guard.on_body(&chunk, end_of_stream);
+        let post_error = end_of_stream && guard.post_release_error().is_some();
+        match step {
+            Step::Hold => {
+                // Envoy keeps buffering with Pause; the guard keeps its own copy, so each
+                // callback sees only the new bytes.
+                host::set_body(BufferType::HttpResponseBody, size, b"");
+                Action::Pause
+            }
+            Step::Release(bytes) => {
+                host::set_body(BufferType::HttpResponseBody, size, &bytes);
+                inc(self.stats.guard_released);
+                if !was_released {
+                    self.reported = true;
+                    self.report(None);
+                }
+                Action::Continue
+            }
+            Step::Forward(bytes) => {
+                if post_error {
+                    inc(self.stats.post_token_errors);
+                }
+                host::set_body(BufferType::HttpResponseBody, size, &bytes);
+                Action::Continue
+            }
+            Step::Fail(reason) => {
+                // Nothing of this attempt reached the client: make it a retryable 5xx.
+                let status = self.cfg.retry_status;
+                host::set_response_header(":status", Some(&status.to_string()));
+                host::set_response_header("content-type", Some("application/json"));
+                host::set_response_header("content-length", None);
+                host::set_response_header(GUARD_HEADER, Some("retried"));
+                let body = error_json(status, &format!("The worker failed before the first token: {}", reason.label()));
+                host::set_body(BufferType::HttpResponseBody, size, body.as_bytes());
+                self.fail_before_first_token(reason.label());
+                Action::Continue
+            }
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Fail-whale
+
+struct Failwhale {
+    cfg: Rc<FailwhaleConfig>,
+    stats: Stats,
+    replied: bool,
+}
+
+impl Failwhale {
+    fn reply(&mut self, body: &[u8]) -> Action {
+        if !self.replied {
+            self.replied = true;
+            inc(self.stats.failwhale_replies);
+            let r = error_response(self.cfg.status, &self.cfg.message, wants_stream(body), Some(self.cfg.stream_error_status), Some(self.cfg.retry_after_s));
+            host::send_response(r.status, &r.headers, &r.body);
+        }
+        Action::Pause
+    }
+}
+
+impl Context for Failwhale {}
+
+impl HttpContext for Failwhale {
+    fn on_http_request_headers(&mut self, _n: usize, end_of_stream: bool) -> Action {
+        if end_of_stream {
+            return self.reply(b"");
+        }
+        Action::Pause
+    }
+
+    fn on_http_request_body(&mut self, size: usize, end_of_stream: bool) -> Action {
+        if size > self.cfg.max_body_bytes {
+            return self.reply(b"");
+        }
+        if !end_of_stream {
+            return Action::Pause;
+        }
+        let body = host::body(BufferType::HttpRequestBody, size);
+        self.reply(&body)
+    }
+}

@@ -168,7 +168,22 @@ impl FleetState {
     pub fn view(&self, now_ms: u64) -> FleetView {
         let mut workers: Vec<WorkerView> = self.workers.values().map(|w| WorkerView::of(w, now_ms)).collect();
         workers.sort_by(|a, b| a.id.cmp(&b.id));
-        FleetView { now_ms, workers }
+        let mut pools: Vec<PoolView> = Vec::new();
+        for w in &workers {
+            let i = match pools.iter().position(|p| p.pool == w.pool) {
+                Some(i) => i,
+                None => {
+                    pools.push(PoolView { pool: w.pool.clone(), workers: 0, fresh: 0, in_window: 0 });
+                    pools.len() - 1
+                }
+            };
+            let p = &mut pools[i];
+            p.workers += 1;
+            p.fresh += usize::from(w.fresh);
+            p.in_window += usize::from(w.age_ms <= EVICTION_WINDOW_MS);
+        }
+        pools.sort_by(|a, b| a.pool.cmp(&b.pool));
+        FleetView { now_ms, workers, pools }
     }
 }
 
@@ -180,6 +195,19 @@ impl FleetState {
 pub struct FleetView {
     pub now_ms: u64,
     pub workers: Vec<WorkerView>,
+    /// Per pool seen in frames: how many workers are known, fresh, and within the eviction
+    /// window (a pool with `in_window == 0` is dead whatever its `min_workers`).
+    #[serde(default)]
+    pub pools: Vec<PoolView>,
+}
+
+/// One pool in [`FleetView`].
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct PoolView {
+    pub pool: String,
+    pub workers: usize,
+    pub fresh: usize,
+    pub in_window: usize,
 }
 
 /// One worker in [`FleetView`]. Absent numbers are omitted.
@@ -234,7 +262,7 @@ impl WorkerView {
 impl FleetView {
     pub fn to_json(&self) -> String {
         // Serialising plain structs of strings and numbers cannot fail.
-        serde_json::to_string(self).unwrap_or_else(|_| String::from("{\"now_ms\":0,\"workers\":[]}"))
+        serde_json::to_string(self).unwrap_or_else(|_| String::from("{\"now_ms\":0,\"workers\":[],\"pools\":[]}"))
     }
 
     pub fn from_json(bytes: &[u8]) -> Result<Self, serde_json::Error> {
@@ -339,6 +367,8 @@ mod tests {
         assert!(v.workers[0].fresh);
         assert!(!v.workers[1].fresh);
         assert_eq!(v.workers[1].age_ms, 3_050);
+        assert_eq!(v.pools.len(), 2);
+        assert_eq!((v.pools[0].pool.as_str(), v.pools[0].fresh, v.pools[0].in_window), ("p", 0, 1));
         assert_eq!(FleetView::from_json(v.to_json().as_bytes()).unwrap(), v);
     }
 

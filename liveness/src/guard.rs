@@ -363,6 +363,7 @@ pub fn classify_event(event: &[u8]) -> EventKind {
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
     use proptest::prelude::*;

@@ -14,7 +14,7 @@ pub mod ingest;
 pub mod openai_error;
 pub mod pick;
 
-pub use fleet::{FleetState, FleetView, Liveness, WorkerView};
+pub use fleet::{FleetState, FleetView, Liveness, PoolView, WorkerView};
 pub use frame::{Frame, FrameError, KeyRing, Metrics, MAX_FRAME_LEN};
 pub use ingest::{DropReason, Ingest, IngestCounters};
 

@@ -82,6 +82,7 @@ pub fn is_api_shaped(content_type: Option<&str>) -> bool {
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
     use serde_json::Value;

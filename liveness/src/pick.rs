@@ -278,6 +278,7 @@ pub fn pick(
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
     use super::Rng;
@@ -303,7 +304,7 @@ mod tests {
     }
 
     fn view(ws: Vec<WorkerView>) -> FleetView {
-        FleetView { now_ms: 1_800_000_000_000, workers: ws }
+        FleetView { now_ms: 1_800_000_000_000, workers: ws, pools: vec![] }
     }
 
     fn go(v: &FleetView, fetched: u64, now: u64, model: Option<&str>, seed: u64) -> Decision {

@@ -1,0 +1,194 @@
+//! Plugin configuration: one JSON object per filter instance, `role` selecting what this
+//! instance of the module does. Parsed once in `on_configure`; a bad config makes Envoy reject
+//! the plugin (never a panic).
+
+use gpuha_liveness::breaker::BreakerConfig;
+use gpuha_liveness::guard::DEFAULT_MAX_HELD_BYTES;
+use gpuha_liveness::pick::PickConfig;
+use serde::Deserialize;
+
+/// What to do when the fleet view is fresh but no worker can take the request.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum NoWorkerPolicy {
+    /// Answer 503 with an OpenAI-shaped error and `Retry-After` (default).
+    Error,
+    /// Send no pick: Envoy's fallback LB spreads the request over the cluster anyway.
+    FailOpen,
+}
+
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(tag = "role", rename_all = "snake_case", deny_unknown_fields)]
+pub enum Config {
+    Picker(PickerConfig),
+    Guard(GuardConfig),
+    Failwhale(FailwhaleConfig),
+}
+
+/// Downstream filter: fleet polling, picking, OpenAI-shaped local replies.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct PickerConfig {
+    /// Envoy cluster that reaches dnsd's HTTP port.
+    pub fleet_cluster: String,
+    pub fleet_authority: String,
+    pub fleet_path: String,
+    pub poll_interval_ms: u64,
+    pub poll_timeout_ms: u64,
+    /// Request bodies larger than this get a 413.
+    pub max_body_bytes: usize,
+    pub no_worker: NoWorkerPolicy,
+    pub retry_after_s: u32,
+    /// HTTP status of SSE-shaped error replies (`"stream": true` requests).
+    pub stream_error_status: u16,
+    /// Rewrite Envoy's own text/plain error replies (503 "no healthy upstream", resets,
+    /// timeouts) into OpenAI-shaped errors.
+    pub rewrite_local_replies: bool,
+    pub pick: PickConfig,
+    pub breaker: BreakerConfig,
+}
+
+impl Default for PickerConfig {
+    fn default() -> Self {
+        PickerConfig {
+            fleet_cluster: "gpuha_fleet".into(),
+            fleet_authority: "dnsd".into(),
+            fleet_path: "/v1/fleet".into(),
+            poll_interval_ms: 250,
+            poll_timeout_ms: 1_000,
+            max_body_bytes: 1 << 20,
+            no_worker: NoWorkerPolicy::Error,
+            retry_after_s: 1,
+            stream_error_status: 503,
+            rewrite_local_replies: true,
+            pick: PickConfig::default(),
+            breaker: BreakerConfig::default(),
+        }
+    }
+}
+
+/// Upstream filter on the worker cluster: the first-token guard.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct GuardConfig {
+    /// Bytes held before the first token; past it the response is released unguarded.
+    pub max_held_bytes: usize,
+    /// Status the held headers are rewritten to when an SSE error event arrives before the
+    /// first token (must be in the route's `retriable_status_codes`).
+    pub retry_status: u16,
+    pub breaker: BreakerConfig,
+}
+
+impl Default for GuardConfig {
+    fn default() -> Self {
+        GuardConfig { max_held_bytes: DEFAULT_MAX_HELD_BYTES, retry_status: 503, breaker: BreakerConfig::default() }
+    }
+}
+
+/// Answers every request with an OpenAI-shaped error.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct FailwhaleConfig {
+    pub status: u16,
+    pub message: String,
+    pub retry_after_s: u32,
+    pub stream_error_status: u16,
+    pub max_body_bytes: usize,
+}
+
+impl Default for FailwhaleConfig {
+    fn default() -> Self {
+        FailwhaleConfig {
+            status: 503,
+            message: "The service is temporarily unavailable: no inference capacity is reachable. Please retry later.".into(),
+            retry_after_s: 5,
+            stream_error_status: 503,
+            max_body_bytes: 1 << 20,
+        }
+    }
+}
+
+fn status_ok(s: u16, key: &str) -> Result<(), String> {
+    if (200..600).contains(&s) {
+        Ok(())
+    } else {
+        Err(format!("{key}: {s} is not an HTTP status (200..=599)"))
+    }
+}
+
+impl Config {
+    /// Parses and validates; the error names the key and the reason.
+    pub fn parse(bytes: &[u8]) -> Result<Config, String> {
+        let cfg: Config = serde_json::from_slice(bytes).map_err(|e| format!("plugin configuration: {e}"))?;
+        cfg.validate()?;
+        Ok(cfg)
+    }
+
+    pub fn validate(&self) -> Result<(), String> {
+        match self {
+            Config::Picker(p) => {
+                if p.fleet_cluster.is_empty() {
+                    return Err("fleet_cluster: must name the Envoy cluster that reaches dnsd".into());
+                }
+                if !p.fleet_path.starts_with('/') {
+                    return Err("fleet_path: must start with '/'".into());
+                }
+                if !(20..=60_000).contains(&p.poll_interval_ms) {
+                    return Err("poll_interval_ms: must be 20..=60000".into());
+                }
+                if p.poll_timeout_ms == 0 {
+                    return Err("poll_timeout_ms: must be > 0".into());
+                }
+                if p.max_body_bytes == 0 {
+                    return Err("max_body_bytes: must be > 0".into());
+                }
+                status_ok(p.stream_error_status, "stream_error_status")?;
+                p.pick.validate()?;
+                p.breaker.validate()
+            }
+            Config::Guard(g) => {
+                if g.max_held_bytes == 0 {
+                    return Err("max_held_bytes: must be > 0".into());
+                }
+                if !(500..600).contains(&g.retry_status) {
+                    return Err("retry_status: must be a 5xx status listed in the route's retriable_status_codes".into());
+                }
+                g.breaker.validate()
+            }
+            Config::Failwhale(f) => {
+                status_ok(f.status, "status")?;
+                status_ok(f.stream_error_status, "stream_error_status")
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_and_roles() {
+        assert_eq!(Config::parse(br#"{"role":"picker"}"#).unwrap(), Config::Picker(PickerConfig::default()));
+        assert_eq!(Config::parse(br#"{"role":"guard"}"#).unwrap(), Config::Guard(GuardConfig::default()));
+        let Config::Picker(p) = Config::parse(br#"{"role":"picker","poll_interval_ms":100,"no_worker":"fail_open","pick":{"max_endpoints":2},"breaker":{"failure_threshold":5}}"#).unwrap() else { panic!() };
+        assert_eq!(p.poll_interval_ms, 100);
+        assert_eq!(p.no_worker, NoWorkerPolicy::FailOpen);
+        assert_eq!(p.pick.max_endpoints, 2);
+        assert_eq!(p.breaker.failure_threshold, 5);
+        assert_eq!(p.breaker.cooldown_ms, 5_000);
+    }
+
+    #[test]
+    fn rejects_unknown_and_bad_values() {
+        assert!(Config::parse(br#"{"role":"picker","poll_intervall_ms":100}"#).unwrap_err().contains("unknown field"));
+        assert!(Config::parse(br#"{"role":"guard","pick":{}}"#).is_err());
+        assert!(Config::parse(br#"{"role":"picker","pick":{"max_endpoint":2}}"#).is_err());
+        assert!(Config::parse(br#"{"role":"nobody"}"#).is_err());
+        assert!(Config::parse(br#"{}"#).is_err());
+        assert!(Config::parse(br#"{"role":"guard","retry_status":200}"#).unwrap_err().contains("retry_status"));
+        assert!(Config::parse(br#"{"role":"picker","poll_interval_ms":0}"#).unwrap_err().contains("poll_interval_ms"));
+        assert!(Config::parse(b"not json").is_err());
+    }
+}

@@ -1,0 +1,170 @@
+//! Thin, panic-free wrappers over the Proxy-Wasm host calls the filter uses. The SDK's `Context`
+//! trait methods `unwrap()` host errors; a panic kills the plugin, so every call here returns an
+//! `Option`/`Result`, logs failures, and the callers fail open.
+
+use std::time::UNIX_EPOCH;
+
+use proxy_wasm::hostcalls;
+use proxy_wasm::types::{BufferType, LogLevel, MapType, MetricType, Status};
+
+pub fn log(level: LogLevel, msg: &str) {
+    let _ = hostcalls::log(level, msg);
+}
+
+pub fn warn(msg: &str) {
+    log(LogLevel::Warn, msg);
+}
+
+pub fn debug(msg: &str) {
+    log(LogLevel::Debug, msg);
+}
+
+/// Wall-clock milliseconds of this host (only ever compared with itself).
+pub fn now_ms() -> u64 {
+    // `hostcalls::get_current_time` panics on a host error; the raw call cannot be reached
+    // without `unsafe`, and Envoy's implementation cannot fail, so this is the one place that
+    // relies on the SDK.
+    hostcalls::get_current_time()
+        .ok()
+        .and_then(|t| t.duration_since(UNIX_EPOCH).ok())
+        .map_or(0, |d| d.as_millis() as u64)
+}
+
+pub fn request_header(name: &str) -> Option<String> {
+    hostcalls::get_map_value(MapType::HttpRequestHeaders, name).ok().flatten()
+}
+
+pub fn set_request_header(name: &str, value: Option<&str>) {
+    if let Err(e) = hostcalls::set_map_value(MapType::HttpRequestHeaders, name, value) {
+        warn(&format!("gpuha: set request header {name}: {e:?}"));
+    }
+}
+
+pub fn response_header(name: &str) -> Option<String> {
+    hostcalls::get_map_value(MapType::HttpResponseHeaders, name).ok().flatten()
+}
+
+pub fn set_response_header(name: &str, value: Option<&str>) {
+    if let Err(e) = hostcalls::set_map_value(MapType::HttpResponseHeaders, name, value) {
+        warn(&format!("gpuha: set response header {name}: {e:?}"));
+    }
+}
+
+pub fn status() -> Option<u16> {
+    response_header(":status").and_then(|s| s.parse().ok())
+}
+
+pub fn body(kind: BufferType, size: usize) -> Vec<u8> {
+    if size == 0 {
+        return Vec::new();
+    }
+    hostcalls::get_buffer(kind, 0, size).ok().flatten().unwrap_or_default()
+}
+
+/// Replaces the first `size` bytes of the buffer (all of it) with `value`.
+pub fn set_body(kind: BufferType, size: usize, value: &[u8]) -> bool {
+    match hostcalls::set_buffer(kind, 0, size, value) {
+        Ok(()) => true,
+        Err(e) => {
+            warn(&format!("gpuha: set body: {e:?}"));
+            false
+        }
+    }
+}
+
+pub fn property(path: &[&str]) -> Option<Vec<u8>> {
+    hostcalls::get_property(path.to_vec()).ok().flatten()
+}
+
+pub fn property_string(path: &[&str]) -> Option<String> {
+    property(path).and_then(|b| String::from_utf8(b).ok())
+}
+
+pub fn send_response(status: u16, headers: &[(String, String)], body: &[u8]) -> bool {
+    let h: Vec<(&str, &str)> = headers.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+    match hostcalls::send_http_response(u32::from(status), h, Some(body)) {
+        Ok(()) => true,
+        Err(e) => {
+            warn(&format!("gpuha: send_http_response: {e:?}"));
+            false
+        }
+    }
+}
+
+pub fn shared_get(key: &str) -> (Option<Vec<u8>>, Option<u32>) {
+    hostcalls::get_shared_data(key).unwrap_or((None, None))
+}
+
+/// Read-modify-write of one shared-data key with compare-and-swap, retried a few times under
+/// contention. `f` gets the current bytes and returns the new value and a result for the
+/// caller, or `None` to leave the key alone.
+pub fn shared_update<T>(key: &str, mut f: impl FnMut(Option<&[u8]>) -> Option<(Vec<u8>, T)>) -> Option<T> {
+    for _ in 0..8 {
+        let (cur, cas) = shared_get(key);
+        let (new, out) = f(cur.as_deref())?;
+        match hostcalls::set_shared_data(key, Some(&new), cas) {
+            Ok(()) => return Some(out),
+            Err(Status::CasMismatch) => continue,
+            Err(e) => {
+                warn(&format!("gpuha: set_shared_data {key}: {e:?}"));
+                return None;
+            }
+        }
+    }
+    warn(&format!("gpuha: set_shared_data {key}: gave up under contention"));
+    None
+}
+
+
+/// Filter counters, defined once per root context; `None` ids (definition failed) are skipped.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Stats {
+    pub picks: Option<u32>,
+    pub fail_open: Option<u32>,
+    pub no_worker: Option<u32>,
+    pub probes: Option<u32>,
+    pub body_too_large: Option<u32>,
+    pub local_replies_rewritten: Option<u32>,
+    pub fleet_polls: Option<u32>,
+    pub fleet_poll_failures: Option<u32>,
+    pub guard_released: Option<u32>,
+    pub pre_token_retries: Option<u32>,
+    pub post_token_truncations: Option<u32>,
+    pub post_token_errors: Option<u32>,
+    pub breaker_trips: Option<u32>,
+    pub failwhale_replies: Option<u32>,
+}
+
+impl Stats {
+    pub fn define() -> Stats {
+        let c = |n: &str| match hostcalls::define_metric(MetricType::Counter, &format!("gpuha.{n}")) {
+            Ok(id) => Some(id),
+            Err(e) => {
+                warn(&format!("gpuha: define_metric {n}: {e:?}"));
+                None
+            }
+        };
+        Stats {
+            picks: c("picks"),
+            fail_open: c("fail_open"),
+            no_worker: c("no_worker"),
+            probes: c("breaker_probes"),
+            body_too_large: c("body_too_large"),
+            local_replies_rewritten: c("local_replies_rewritten"),
+            fleet_polls: c("fleet_polls"),
+            fleet_poll_failures: c("fleet_poll_failures"),
+            guard_released: c("guard_released"),
+            pre_token_retries: c("pre_token_retries"),
+            post_token_truncations: c("post_token_truncations"),
+            post_token_errors: c("post_token_errors"),
+            breaker_trips: c("breaker_trips"),
+            failwhale_replies: c("failwhale_replies"),
+        }
+    }
+}
+
+pub fn inc(id: Option<u32>) {
+    if let Some(id) = id {
+        let _ = hostcalls::increment_metric(id, 1);
+    }
+}

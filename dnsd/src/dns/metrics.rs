@@ -65,6 +65,11 @@ pub struct DnsMetrics {
     pub tcp_rejected: AtomicU64,
 }
 
+/// Escapes a label value (backslash, quote, newline) for the Prometheus text format.
+fn esc(v: &str) -> String {
+    v.replace('\\', "\\\\").replace('"', "\\\"").replace('\n', "\\n")
+}
+
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|e| e.into_inner())
 }
@@ -93,8 +98,8 @@ impl DnsMetrics {
     }
 
     pub fn render(&self, out: &mut String, zones: &Zones, states: &PoolStates) {
-        let pool = |i: usize| zones.pools.get(i).map(|p| p.id.as_str()).unwrap_or("?");
-        let svc = |i: usize| zones.services.get(i).map(|s| s.label.as_str()).unwrap_or("?");
+        let pool = |i: usize| zones.pools.get(i).map(|p| esc(&p.id)).unwrap_or_default();
+        let svc = |i: usize| zones.services.get(i).map(|s| esc(&s.label)).unwrap_or_default();
         let _ = writeln!(out, "# HELP gpuha_dnsd_dns_queries_total DNS queries answered, by query type and response code.");
         let _ = writeln!(out, "# TYPE gpuha_dnsd_dns_queries_total counter");
         for ((t, r), n) in lock(&self.queries).iter() {
@@ -131,9 +136,9 @@ impl DnsMetrics {
                 let _ = writeln!(
                     out,
                     "gpuha_dnsd_pool_state{{pool=\"{}\",region=\"{}\",cloud=\"{}\",state=\"{}\"}} {v}",
-                    p.id,
-                    p.region,
-                    p.cloud,
+                    esc(&p.id),
+                    esc(&p.region),
+                    esc(&p.cloud),
                     st.as_str()
                 );
             }

@@ -1,0 +1,88 @@
+//! Real time, real sockets: two dnsd instances fed the same frames (as sidecars send to every
+//! instance) answer the same, evict the silent pools once the cold-start window ends, count the
+//! transitions, and fail back as soon as frames return. Takes about one eviction window (10 s).
+
+mod common;
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use common::*;
+use hickory_proto::rr::RecordType;
+
+async fn answer(d: &Dnsd, name: &str) -> Vec<String> {
+    addrs(&udp(d.dns, &query_msg(name, RecordType::A, None)).await.0)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_instances_evict_and_fail_back_together() {
+    let started = Instant::now();
+    let d1 = Dnsd::start(&dns_section("")).await;
+    let d2 = Dnsd::start(&dns_section("")).await;
+    let all = vec!["10.0.1.1", "10.0.2.1", "10.0.2.2"];
+    for d in [&d1, &d2] {
+        assert_eq!(answer(d, "api.gpuha.test.").await, all, "cold start: every pool");
+        assert_eq!(answer(d, "big.gpuha.test.").await.len(), 0, "100 routers: TC over UDP without EDNS");
+    }
+
+    // A sidecar for pool-a's worker, every 300 ms, to both instances.
+    let stop = Arc::new(AtomicBool::new(false));
+    let sidecar = {
+        let stop = stop.clone();
+        let to = vec![d1.ingest, d2.ingest];
+        tokio::spawn(async move {
+            let mut seq = 0;
+            while !stop.load(Ordering::Relaxed) {
+                seq += 1;
+                send_frame(&to, &frame("a1", "pool-a", 42, seq));
+                tokio::time::sleep(Duration::from_millis(300)).await;
+            }
+        })
+    };
+
+    // Before the window ends, still everyone; after it, pool-a only, on both instances.
+    tokio::time::sleep(Duration::from_millis(9_000).saturating_sub(started.elapsed())).await;
+    assert_eq!(answer(&d1, "api.gpuha.test.").await, all);
+    let deadline = started + Duration::from_millis(12_000);
+    loop {
+        let (a1, a2) = (answer(&d1, "api.gpuha.test.").await, answer(&d2, "api.gpuha.test.").await);
+        if a1 == ["10.0.1.1"] && a2 == ["10.0.1.1"] {
+            break;
+        }
+        assert!(Instant::now() < deadline, "not converged: {a1:?} {a2:?}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let evicted_at = started.elapsed();
+    eprintln!("silent pools left the answer of both instances {evicted_at:?} after start");
+    assert!(evicted_at >= Duration::from_millis(10_000), "evicted before the window ended: {evicted_at:?}");
+    for d in [&d1, &d2] {
+        assert_eq!(answer(d, "prio.gpuha.test.").await, ["10.0.1.1"], "priority fails over to pool-a");
+        assert_eq!(answer(d, "big.gpuha.test.").await, ["10.9.9.9"], "no pool alive: fail-whale");
+    }
+    // The tick counts evictions without queries; give it one period.
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    for d in [&d1, &d2] {
+        let m = d.metrics().await;
+        assert_eq!(metric(&m, "gpuha_dnsd_pool_evictions_total{pool=\"pool-b\"}"), 1.0, "{m}");
+        assert_eq!(metric(&m, "gpuha_dnsd_pool_evictions_total{pool=\"pool-big\"}"), 1.0);
+        assert_eq!(metric(&m, "gpuha_dnsd_pool_evictions_total{pool=\"pool-a\"}"), 0.0);
+        assert!(metric(&m, "gpuha_dnsd_failwhale_answers_total{service=\"big.gpuha.test.\"}") >= 1.0);
+        assert!(metric(&m, "gpuha_dnsd_dns_answers_total{service=\"api.gpuha.test.\",pool=\"pool-a\",pool_state=\"alive\"}") >= 1.0);
+        assert_eq!(metric(&m, "gpuha_dnsd_pool_state{pool=\"pool-b\",region=\"r2\",cloud=\"c2\",state=\"dead\"}"), 1.0);
+    }
+
+    // pool-b's worker speaks: failback at once, on both.
+    send_frame(&[d1.ingest, d2.ingest], &frame("b1", "pool-b", 7, 1));
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    for d in [&d1, &d2] {
+        assert_eq!(answer(d, "api.gpuha.test.").await, all);
+        assert_eq!(answer(d, "prio.gpuha.test.").await, ["10.0.2.1", "10.0.2.2"], "priority back on pool-b");
+        let m = d.metrics().await;
+        assert_eq!(metric(&m, "gpuha_dnsd_pool_failbacks_total{pool=\"pool-b\"}"), 1.0, "{m}");
+    }
+    stop.store(true, Ordering::Relaxed);
+    let _ = sidecar.await;
+    d1.stop().await;
+    d2.stop().await;
+}

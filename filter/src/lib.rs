@@ -17,6 +17,8 @@
 //!
 //! * `gpuha.fleet`: the latest fleet view: 8 bytes little-endian local fetch time (ms), then
 //!   dnsd's JSON.
+//! * `gpuha.fleet.version`: 8 bytes, the fetch time of that view, read on every request so
+//!   that a thread copies and parses the view only when it changed.
 //! * `gpuha.poll`: 8 bytes, when the last poll was started. Every picker root context (one per
 //!   Envoy worker thread) ticks, but only the one that wins the compare-and-swap on this slot
 //!   polls, so dnsd sees one poll per interval however many threads Envoy runs, and there is
@@ -50,6 +52,8 @@ pub const PROBE_HEADER: &str = "x-gpuha-probe";
 pub const GUARD_HEADER: &str = "x-gpuha-guard";
 
 const FLEET_KEY: &str = "gpuha.fleet";
+/// 8 bytes: the local fetch time of the view in `gpuha.fleet`, written after it.
+const FLEET_VERSION_KEY: &str = "gpuha.fleet.version";
 const POLL_KEY: &str = "gpuha.poll";
 
 fn breaker_key(addr: &str) -> String {
@@ -69,26 +73,28 @@ proxy_wasm::main! {{
 /// so `Rc` is enough).
 struct Thread {
     /// Parsed fleet view and its local fetch time, cached until the shared data changes.
-    fleet: Option<(u32, u64, Rc<FleetView>)>,
+    fleet: Option<(u64, Rc<FleetView>)>,
     load: LocalLoad,
     rng: Rng,
 }
 
 impl Thread {
-    /// The current fleet view, re-parsed only when another thread published a new one.
+    /// The current fleet view. Every request calls this, so it reads only the 8-byte version
+    /// slot; the view itself (megabytes for a large fleet) is copied and parsed only when
+    /// another thread published a new one.
     fn fleet(&mut self) -> Option<(u64, Rc<FleetView>)> {
-        let (bytes, cas) = host::shared_get(FLEET_KEY);
-        let (bytes, cas) = (bytes?, cas.unwrap_or(0));
-        if let Some((c, fetched, view)) = &self.fleet {
-            if *c == cas {
+        let version = u64_prefix(host::shared_get(FLEET_VERSION_KEY).0.as_deref());
+        if let Some((fetched, view)) = &self.fleet {
+            if *fetched == version {
                 return Some((*fetched, view.clone()));
             }
         }
+        let bytes = host::shared_get(FLEET_KEY).0?;
         let fetched = u64_prefix(Some(&bytes));
         match FleetView::from_json(bytes.get(8..).unwrap_or_default()) {
             Ok(v) => {
                 let v = Rc::new(v);
-                self.fleet = Some((cas, fetched, v.clone()));
+                self.fleet = Some((fetched, v.clone()));
                 Some((fetched, v))
             }
             Err(e) => {
@@ -179,7 +185,10 @@ impl Context for Root {
         let mut value = now.to_le_bytes().to_vec();
         value.extend_from_slice(&body);
         // A slow answer must not replace a view fetched after this poll started.
-        host::shared_update(FLEET_KEY, |cur| (cur.is_none() || u64_prefix(cur) <= started).then(|| (value.clone(), ())));
+        let published = host::shared_update(FLEET_KEY, |cur| (cur.is_none() || u64_prefix(cur) <= started).then(|| (value.clone(), ())));
+        if published.is_some() {
+            host::shared_update(FLEET_VERSION_KEY, |_| Some((now.to_le_bytes().to_vec(), ())));
+        }
     }
 }
 

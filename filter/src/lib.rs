@@ -491,9 +491,11 @@ impl Context for GuardCtx {
             return true;
         }
         if released {
-            // The upstream went away after the client got the first token: a truncation.
+            // The stream ended early after the client got the first token: a truncation.
+            // Not fed to the breaker: this attempt already proved the worker alive, and the
+            // same callback fires when the client goes away mid-stream (a user pressing stop
+            // must not open circuits); a worker that died is silenced by telemetry within 3 s.
             inc(self.stats.post_token_truncations);
-            self.report(Some("reset after first token".into()));
         } else if !self.reported {
             let reason = if self.saw_headers { "reset before first token" } else { "reset or timeout before headers" };
             self.fail_before_first_token(reason.into());

@@ -271,6 +271,12 @@ pub fn pick(
             endpoints.push(s.w.addr.clone());
         }
     }
+    if fresh.is_empty() && serving.iter().any(|w| w.age_ms < cfg.freshness_gate_ms) {
+        // dnsd saw fresh workers when we fetched; they aged past the gate only on our clock,
+        // because no newer view came (dnsd down or slow). That is missing telemetry, not dead
+        // workers: fail open rather than refuse.
+        return Decision::Stale;
+    }
     if endpoints.is_empty() {
         return Decision::NoWorker { fresh: fresh.len(), serving: serving.len() };
     }
@@ -316,7 +322,8 @@ mod tests {
         let v = view(vec![w("a", 1, 0, 0.0, 50.0)]);
         assert_eq!(go(&v, 1_000, 4_001, Some("tiny"), 1), Decision::Stale);
         assert!(matches!(go(&v, 1_000, 3_999, Some("tiny"), 1), Decision::Endpoints { .. }));
-        assert_ne!(go(&v, 1_000, 4_000, Some("tiny"), 1), Decision::Stale);
+        // At 4 000 the view is not too old, but its only worker aged past the gate on our clock.
+        assert_eq!(go(&v, 1_000, 4_000, Some("tiny"), 1), Decision::Stale);
     }
 
     #[test]
@@ -328,6 +335,17 @@ mod tests {
         // 500 ms after: 3.0 s, gone.
         let Decision::Endpoints { endpoints, .. } = go(&v, 0, 500, Some("tiny"), 1) else { panic!() };
         assert_eq!(endpoints, vec!["127.0.0.1:2"]);
+    }
+
+    /// dnsd goes away: the view stops changing, and its workers age past the gate on our clock
+    /// before the view itself counts as stale. That window must fail open, not answer 503.
+    #[test]
+    fn workers_aged_only_by_our_clock_fail_open() {
+        let v = view(vec![w("a", 1, 700, 0.0, 50.0), w("b", 2, 400, 0.0, 50.0)]);
+        assert!(matches!(go(&v, 0, 2_000, Some("tiny"), 1), Decision::Endpoints { .. }));
+        assert_eq!(go(&v, 0, 2_700, Some("tiny"), 1), Decision::Stale);
+        assert_eq!(go(&v, 0, 2_999, Some("tiny"), 1), Decision::Stale);
+        assert_eq!(go(&v, 0, 3_001, Some("tiny"), 1), Decision::Stale);
     }
 
     #[test]
@@ -421,8 +439,10 @@ mod tests {
                     let a = adm[e];
                     prop_assert!(a == Admission::Allow || (a == Admission::Probe && i == 0 && probe.as_deref() == Some(e.as_str())));
                 }
-            } else {
-                prop_assert!(!matches!(d, Decision::Stale));
+            } else if matches!(d, Decision::Stale) {
+                // Only when dnsd saw a fresh worker that aged out on our clock alone.
+                prop_assert!(workers.iter().any(|x| x.age_ms < 3_000));
+                prop_assert!(workers.iter().all(|x| x.age_ms + elapsed >= 3_000));
             }
         }
     }

@@ -1,0 +1,478 @@
+"""L7 drills: the whole stack on 127.0.0.1 (fake vLLM workers that die for real, sidecars,
+dnsd, stock Envoy with the gpuha filter), driven by the official `openai` SDK with
+`max_retries=0` so that the SDK never hides an error.
+
+Each drill prints one line of counts (run with `-s` to see them live; they are also in the
+report of a failing drill).
+
+    GPUHA_BIN_DIR=target/release GPUHA_WASM=target/wasm32-wasip1/release/gpuha_filter.wasm \
+        python3 -m pytest tests/drills -v -s
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import openai
+
+try:  # the openai SDK's HTTP stack: httpx2 in openai >= 3, httpx before
+    import httpx2 as httpx
+except ImportError:  # pragma: no cover
+    import httpx  # type: ignore[no-redef]
+import pytest
+
+import harness
+from harness import Outcome, access_entries, chat, filter_stat, make_client, per_worker, wait_for
+
+MODEL = "tiny"
+
+
+def report(line: str) -> None:
+    print(f"\n{line}", flush=True)
+
+
+def warm_up(stack: harness.Stack, envoy: harness.Envoy) -> None:
+    """Waits until the picker has a fleet view and has picked a worker for a real request."""
+    wait_for(lambda: filter_stat(envoy, "fleet_polls") >= 1, 10, "the picker's first fleet poll")
+    client = make_client(envoy.base_url)
+    before = filter_stat(envoy, "picks")
+
+    def one_pick():
+        o = chat(client, -1, 1)
+        assert o.kind == "completed", f"warm-up request failed: {o.describe()}"
+        return filter_stat(envoy, "picks") > before
+
+    wait_for(one_pick, 10, "a request routed by the picker (gpuha.picks rising)", interval=0.1)
+
+
+def is_transport_error(e: BaseException) -> bool:
+    """How a truncated stream surfaces in the SDK: the connection ends without the last chunk
+    (httpx raises, possibly wrapped as APIConnectionError), or a read timeout on a stall."""
+    return isinstance(e, (httpx.TransportError, openai.APIConnectionError))
+
+
+def wall_to_mono(wall: float, ref_wall: float, ref_mono: float) -> float:
+    return ref_mono + (wall - ref_wall)
+
+
+def summarize(outcomes: list[Outcome]) -> dict[str, int]:
+    out: dict[str, int] = {}
+    for o in outcomes:
+        out[o.kind] = out.get(o.kind, 0) + 1
+    return out
+
+
+def assert_whole_and_single_worker(outcomes: list[Outcome]) -> None:
+    bad = [o.describe() for o in outcomes if o.kind in ("splice", "short")]
+    assert not bad, "splices or short answers:\n" + "\n".join(bad)
+    for o in outcomes:
+        if o.kind == "truncated" and o.error is not None:
+            # A JSON error here would mean a partial SSE event reached the SDK.
+            assert is_transport_error(o.error), f"truncation surfaced as {type(o.error).__name__}: {o.describe()}"
+
+
+# --------------------------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_d1_kill9_mid_traffic(stack):
+    """SIGKILL one of 3 workers with pre-token and mid-stream requests in flight."""
+    stack.start_dnsd()
+    # TTFT 500 ms: at the kill about 16 requests are still waiting for their first token.
+    workers = stack.start_workers(3, ttft_ms=500, tokens_per_s=20)
+    by_addr = {w.addr: w.id for w in workers}
+    envoy = stack.start_pool_router()
+    warm_up(stack, envoy)
+
+    n, max_tokens, spacing, kill_after = 48, 40, 0.03, 1.2
+    client = make_client(envoy.base_url, timeout=30)
+    lock = threading.Lock()
+    mid_stream: dict[int, str] = {}  # idx -> worker, requests past their first token
+    done: set[int] = set()
+
+    def first_token(o: Outcome) -> None:
+        with lock:
+            mid_stream[o.idx] = o.tokens[0][0]
+
+    def run(i: int, t0: float) -> Outcome:
+        delay = t0 + i * spacing - time.monotonic()
+        if delay > 0:
+            time.sleep(delay)  # load shape: one request every 30 ms
+        o = chat(client, i, max_tokens, on_first_token=first_token)
+        with lock:
+            done.add(i)
+        return o
+
+    with ThreadPoolExecutor(max_workers=n) as pool:
+        t0 = time.monotonic() + 0.05
+        futures = [pool.submit(run, i, t0) for i in range(n)]
+        time.sleep(max(0.0, t0 + kill_after - time.monotonic()))
+        with lock:
+            in_flight = [i for i in range(n) if i not in done and t0 + i * spacing <= time.monotonic()]
+            streaming = {i: w for i, w in mid_stream.items() if i not in done}
+        # The victim: the worker with the most streams past their first token right now.
+        counts = {w.id: 0 for w in workers}
+        for w in streaming.values():
+            counts[w] += 1
+        victim = stack.workers[max(counts, key=lambda k: counts[k])]
+        kill_mono, kill_wall = time.monotonic(), time.time()
+        victim.proc.kill9()
+        outcomes = [f.result(timeout=60) for f in futures]
+
+    eps = 0.3  # a token already on the wire when the worker died
+    pre_token_at_kill = [o for o in outcomes if o.started <= kill_mono and (o.first_token_at is None or o.first_token_at > kill_mono)]
+    post_token_on_victim = [o for o in outcomes if o.first_token_at is not None and o.first_token_at <= kill_mono and o.worker == victim.id]
+    entries = [e for e in access_entries(envoy) if e["path"].endswith("/chat/completions")]
+    failovers = [e for e in entries if e["attempts"] >= 2 and e["code"] == "200" and e["start"] and e["start"] >= kill_wall - 3]
+    # Sent to the victim first but not served by it: each was failed over before its first token.
+    first_on_victim_after = [e for e in entries if e["start"] and e["start"] >= kill_wall - 0.45
+                             and e["endpoints"] and e["endpoints"][0] == victim.addr]
+    served_by_dead = [e for e in first_on_victim_after if e["upstream"] == victim.addr and e["start"] >= kill_wall]
+    kinds = summarize(outcomes)
+
+    # After the freshness gate (and the picker's next poll), nothing new goes to the victim.
+    stack.wait_stale([victim.id], timeout=6)
+    polls = filter_stat(envoy, "fleet_polls")
+    wait_for(lambda: filter_stat(envoy, "fleet_polls") >= polls + 2, 5, "two more fleet polls")
+    after_gate_wall = time.time()
+    with ThreadPoolExecutor(max_workers=8) as pool:
+        tail = list(pool.map(lambda i: chat(client, 1000 + i, 5), range(24)))
+    tail_entries = [e for e in access_entries(envoy) if e["start"] and e["start"] >= after_gate_wall - 0.001]
+    to_victim_after_gate = [e for e in tail_entries if victim.addr in e["endpoints"] or e["upstream"] == victim.addr]
+
+    report(f"d1: {n} requests ({len(in_flight)} in flight at the kill of {victim.id}: {len(streaming)} mid-stream, "
+           f"{len(pre_token_at_kill)} pre-token), {kinds.get('completed', 0)} completed, "
+           f"{len(failovers)} pre-token failovers completed elsewhere, {kinds.get('truncated', 0)} truncated post-token, "
+           f"{kinds.get('error', 0)} client errors, {kinds.get('splice', 0)} splices; per worker {per_worker(outcomes)}; "
+           f"after the gate: {len(tail)} requests, {sum(o.kind == 'completed' for o in tail)} completed, "
+           f"{len(to_victim_after_gate)} listed {victim.id}")
+
+    assert len(in_flight) >= 32, f"only {len(in_flight)} requests in flight at the kill"
+    assert streaming, "no request was mid-stream at the kill"
+    assert_whole_and_single_worker(outcomes + tail)
+    errors = [o.describe() for o in outcomes if o.kind == "error"]
+    assert not errors, "client errors:\n" + "\n".join(errors)
+    for o in pre_token_at_kill:
+        assert o.kind == "completed" and o.worker != victim.id, f"pre-token request did not complete elsewhere: {o.describe()}"
+    for o in outcomes:
+        if o.kind == "truncated":
+            assert o.worker == victim.id, f"truncated on a live worker: {o.describe()}"
+            assert o.first_token_at is not None and o.first_token_at <= kill_mono + eps, f"truncated but started after the kill: {o.describe()}"
+        elif o.worker != victim.id:
+            assert o.kind == "completed", f"request on a live worker did not complete: {o.describe()}"
+    for o in post_token_on_victim:
+        assert o.kind == "truncated" or o.ended <= kill_mono + eps, f"victim stream past its first token was not truncated: {o.describe()}"
+    assert kinds.get("truncated", 0) >= 1, "the kill truncated nothing (no stream was on the victim?)"
+    assert [o for o in outcomes if o.started > kill_mono and o.worker == victim.id] == [], "a request sent after the kill was served by the dead worker"
+    assert not served_by_dead, f"requests sent after the kill were answered by the dead worker: {served_by_dead[:3]}"
+    for e in first_on_victim_after:
+        assert e["upstream"] != victim.addr or e["attempts"] == 1 and e["start"] < kill_wall, e
+    assert failovers, "no pre-token failover seen in the access log (attempts >= 2)"
+    assert all(o.kind == "completed" for o in tail), "after the gate: " + "; ".join(o.describe() for o in tail if o.kind != "completed")
+    assert not to_victim_after_gate, f"after the gate the picker still listed the dead worker: {to_victim_after_gate[:3]}"
+    assert len(tail_entries) >= len(tail)
+    assert by_addr[victim.addr] == victim.id
+
+
+@pytest.mark.slow
+def test_d2_hang_sigstop(stack):
+    """SIGSTOP one worker: pre-token requests on it are retried after the TTFT budget
+    (per_try_timeout) and complete elsewhere; after the 3 s gate it gets nothing new; after
+    SIGCONT it is fresh again and picked again."""
+    stack.start_dnsd()
+    workers = stack.start_workers(3, ttft_ms=100, tokens_per_s=50)
+    per_try = 1.0
+    envoy = stack.start_pool_router(per_try_timeout=f"{per_try}s")
+    warm_up(stack, envoy)
+    hung = workers[1]
+    # Stalled streams past their first token see no bytes and no close: only a client
+    # timeout ends them. 3 pre-token attempts of 1 s each fit well under it.
+    client = make_client(envoy.base_url, timeout=5)
+
+    n, spacing, max_tokens = 40, 0.05, 20
+    lock = threading.Lock()
+    streaming: dict[int, str] = {}
+    done: set[int] = set()
+
+    def first_token(o: Outcome) -> None:
+        with lock:
+            streaming[o.idx] = o.tokens[0][0]
+
+    with ThreadPoolExecutor(max_workers=n) as pool:
+        t0 = time.monotonic() + 0.05
+
+        def run(i):
+            delay = t0 + i * spacing - time.monotonic()
+            if delay > 0:
+                time.sleep(delay)  # load shape: one request every 50 ms
+            o = chat(client, i, max_tokens, on_first_token=first_token)
+            with lock:
+                done.add(i)
+            return o
+
+        futures = [pool.submit(run, i) for i in range(n)]
+        time.sleep(max(0.0, t0 + 0.6 - time.monotonic()))
+        with lock:
+            stop_mono, stop_wall = time.monotonic(), time.time()
+            hung.proc.stop()
+            mid_on_hung = [i for i, w in streaming.items() if w == hung.id and i not in done]
+        outcomes = [f.result(timeout=60) for f in futures]
+
+    stalled = [o for o in outcomes if o.kind == "truncated"]
+    entries = [e for e in access_entries(envoy) if e["start"] and e["start"] >= stop_wall - 0.5]
+    retried = [e for e in entries if e["attempts"] >= 2 and e["code"] == "200"]
+    retried_from_hung = [e for e in retried if e["endpoints"] and e["endpoints"][0] == hung.addr]
+    assert_whole_and_single_worker(outcomes)
+    errors = [o.describe() for o in outcomes if o.kind == "error"]
+    assert not errors, "client errors:\n" + "\n".join(errors)
+    for o in stalled:
+        assert o.worker == hung.id and o.first_token_at is not None and o.first_token_at <= stop_mono + 0.3, \
+            f"truncated stream not explained by the hang: {o.describe()}"
+        assert isinstance(o.error, (httpx.TimeoutException, openai.APITimeoutError)), f"stall ended by {o.error!r}"
+    for o in outcomes:
+        if o.idx in mid_on_hung:
+            assert o.kind == "truncated" or o.ended <= stop_mono + 0.3, f"stream on the stopped worker: {o.describe()}"
+        if o.kind != "truncated":
+            assert o.kind == "completed", o.describe()
+            if o.started > stop_mono + 0.05:
+                assert o.worker != hung.id, f"served by the stopped worker: {o.describe()}"
+    assert retried_from_hung, "no request was retried away from the stopped worker after per_try_timeout"
+    unretried = [e for e in entries if e["start"] > stop_wall + 0.05 and e["endpoints"] and e["endpoints"][0] == hung.addr
+                 and (e["attempts"] < 2 or e["upstream"] == hung.addr)]
+    assert not unretried, f"requests first sent to the stopped worker were not retried elsewhere: {unretried[:3]}"
+
+    # After the gate: the stopped worker is stale and gets no new request.
+    stack.wait_stale([hung.id], timeout=6)
+    polls = filter_stat(envoy, "fleet_polls")
+    wait_for(lambda: filter_stat(envoy, "fleet_polls") >= polls + 2, 5, "two more fleet polls")
+    gate_wall = time.time()
+    with ThreadPoolExecutor(max_workers=6) as pool:
+        gated = list(pool.map(lambda i: chat(client, 100 + i, 3), range(18)))
+    gated_entries = [e for e in access_entries(envoy) if e["start"] and e["start"] >= gate_wall - 0.001]
+    assert all(o.kind == "completed" for o in gated), [o.describe() for o in gated if o.kind != "completed"]
+    listed = [e for e in gated_entries if hung.addr in e["endpoints"]]
+    assert not listed, f"stale worker still listed after the gate: {listed[:3]}"
+
+    # SIGCONT: its sidecar's scrapes succeed again, frames resume, it is fresh and picked.
+    hung.proc.cont()
+    cont_mono = time.monotonic()
+    stack.wait_fresh([hung.id], timeout=6)
+    fresh_after = time.monotonic() - cont_mono
+    served_again: list[Outcome] = []
+
+    def picked_again():
+        with ThreadPoolExecutor(max_workers=6) as pool:
+            batch = list(pool.map(lambda i: chat(client, 200 + i, 2), range(6)))
+        assert all(o.kind == "completed" for o in batch), [o.describe() for o in batch if o.kind != "completed"]
+        served_again.extend(o for o in batch if o.worker == hung.id)
+        return bool(served_again)
+
+    # The breaker may have opened on the timeouts: allow its cool-down (5 s, doubled once).
+    wait_for(picked_again, 25, f"{hung.id} to be picked again after SIGCONT", interval=0.2)
+    picked_after = time.monotonic() - cont_mono
+    report(f"d2: {n} requests, {sum(o.kind == 'completed' for o in outcomes)} completed, "
+           f"{len(retried_from_hung)} retried after the {per_try:.0f}s TTFT budget and completed elsewhere, "
+           f"{len(stalled)} stalled mid-stream (ended by the client's read timeout; {len(mid_on_hung)} were mid-stream on {hung.id} at the stop), "
+           f"{sum(o.kind == 'error' for o in outcomes)} client errors; after the gate {len(gated)} requests, "
+           f"0 to {hung.id}; after SIGCONT fresh in {fresh_after:.1f}s, picked again in {picked_after:.1f}s; "
+           f"breaker trips {filter_stat(envoy, 'breaker_trips')}")
+
+
+@pytest.mark.slow
+def test_d3_telemetry_lost(stack):
+    """Kill dnsd under load: Envoy keeps serving (fail-open), zero errors; restart it on the
+    same ports: picking resumes."""
+    dnsd = stack.start_dnsd()
+    stack.start_workers(3, ttft_ms=30, tokens_per_s=400)
+    envoy = stack.start_pool_router()
+    warm_up(stack, envoy)
+    client = make_client(envoy.base_url, timeout=10)
+
+    outcomes: list[Outcome] = []
+    stop = threading.Event()
+    lock = threading.Lock()
+    seq = iter(range(10**9))
+
+    def loader():
+        while not stop.is_set():
+            with lock:
+                i = next(seq)
+            o = chat(client, i, 8, stream=(i % 3 != 0))
+            with lock:
+                outcomes.append(o)
+
+    threads = [threading.Thread(target=loader, daemon=True) for _ in range(6)]
+    for t in threads:
+        t.start()
+    try:
+        wait_for(lambda: len(outcomes) >= 30, 15, "load to flow")
+        picks0, fail_open0 = filter_stat(envoy, "picks"), filter_stat(envoy, "fail_open")
+        dnsd.proc.kill9()
+        killed = time.monotonic()
+        n_at_kill = len(outcomes)
+        # The view goes stale after pick.stale_after_ms (3 s): from then on the picker fails open.
+        wait_for(lambda: filter_stat(envoy, "fail_open") >= fail_open0 + 20, 10, "fail-open picks while dnsd is down", interval=0.1)
+        fail_open_at = time.monotonic() - killed
+        picks_down = filter_stat(envoy, "picks")
+        wait_for(lambda: len(outcomes) >= n_at_kill + 100, 20, "requests served while dnsd is down", interval=0.1)
+        n_down = len(outcomes) - n_at_kill
+        restarted = time.monotonic()
+        new = stack.start_dnsd(ingest=dnsd.ingest, http=dnsd.http)
+        assert (new.ingest, new.http) == (dnsd.ingest, dnsd.http)
+        stack.wait_fresh(stack.workers, timeout=5)
+        wait_for(lambda: filter_stat(envoy, "picks") >= picks_down + 20, 10, "picks rising again after the restart", interval=0.1)
+        picks_back = time.monotonic() - restarted
+        fail_open_total = filter_stat(envoy, "fail_open") - fail_open0
+        n_before_after = len(outcomes)
+        wait_for(lambda: len(outcomes) >= n_before_after + 30, 10, "load after the restart")
+    finally:
+        stop.set()
+        for t in threads:
+            t.join(timeout=15)
+    picks_after = filter_stat(envoy, "picks") - picks_down
+    kinds = summarize(outcomes)
+    errs = [o for o in outcomes if o.kind == "error"]
+    window = (f"between +{min(o.started for o in errs) - killed:.2f}s and +{max(o.ended for o in errs) - killed:.2f}s "
+              f"after the kill" if errs else "")
+    report(f"d3: {len(outcomes)} requests ({n_down} while dnsd was down), {kinds.get('completed', 0)} completed, "
+           f"{kinds.get('error', 0)} client errors {window}; fail-open after {fail_open_at:.1f}s, {fail_open_total} fail-open "
+           f"requests; picks before the kill {picks0}, {picks_after} picks after the restart "
+           f"(picking resumed {picks_back:.1f}s after it); per worker {per_worker(outcomes)}")
+    assert_whole_and_single_worker(outcomes)
+    bad = [o.describe() for o in outcomes if o.kind != "completed"]
+    assert not bad, f"{len(bad)} requests failed ({window}):\n" + "\n".join(bad[:10])
+    assert fail_open_total >= 20 and picks_after >= 20
+
+
+def test_d4_all_dead(stack):
+    """Every worker dead: the client gets a protocol-correct error (typed APIStatusError, SSE
+    error event for streams), never a connection error. Also the fail-whale config directly."""
+    stack.start_dnsd()
+    workers = stack.start_workers(3, ttft_ms=30, tokens_per_s=400)
+    envoy = stack.start_pool_router()
+    warm_up(stack, envoy)
+    failwhale = stack.start_failwhale()
+    for w in workers:
+        w.proc.kill9()
+    results = []
+
+    def probe(e: harness.Envoy, phase: str):
+        client = make_client(e.base_url, timeout=10)
+        for stream in (False, True):
+            o = chat(client, 0, 5, stream=stream)
+            status, headers, body = harness.http_post(
+                f"{e.base_url}/chat/completions",
+                json.dumps({"model": MODEL, "messages": [{"role": "user", "content": "x"}], "max_tokens": 5, "stream": stream}).encode())
+            results.append((e.name, phase, stream, o, status, headers, body))
+
+    probe(envoy, "within the gate")  # dead but still fresh: every endpoint refuses
+    stack.wait_stale([w.id for w in workers], timeout=6)
+    polls = filter_stat(envoy, "fleet_polls")
+    wait_for(lambda: filter_stat(envoy, "fleet_polls") >= polls + 2, 5, "two more fleet polls")
+    probe(envoy, "after the gate")  # nothing fresh: the picker answers
+    probe(failwhale, "fail-whale")
+
+    lines = []
+    for name, phase, stream, o, status, headers, body in results:
+        hdrs = {k.lower(): v for k, v in headers.items()}
+        ctype = hdrs.get("content-type", "")
+        lines.append(f"{name}/{phase}/stream={stream}: SDK {type(o.error).__name__} "
+                     f"status={getattr(o.error, 'status_code', None)}; raw {status} {ctype} retry-after={hdrs.get('retry-after')}")
+        assert o.error is not None, f"{phase}: no error with every worker dead: {o.describe()}"
+        assert isinstance(o.error, openai.APIStatusError), f"{name} {phase} stream={stream}: {o.describe()}"
+        assert not isinstance(o.error, openai.APIConnectionError)
+        assert o.error.status_code >= 500, o.describe()
+        assert status >= 500
+        text = body.decode(errors="replace")
+        if stream:
+            assert ctype.startswith("text/event-stream"), f"{name} {phase}: stream error as {ctype}: {text[:200]}"
+            events = [ev for ev in text.split("\n\n") if ev.strip()]
+            assert events[-1].strip() == "data: [DONE]", text
+            err = json.loads(events[0].removeprefix("data: "))
+            assert "message" in err["error"] and err["error"]["code"] == status, text
+        else:
+            assert ctype.startswith("application/json"), f"{name} {phase}: {ctype}: {text[:200]}"
+            err = json.loads(text)
+            assert err["error"]["message"] and err["error"]["type"], text
+    report("d4: all workers dead -> " + " | ".join(lines))
+
+
+def test_breaker_opens_and_probes(stack):
+    """A worker that resets every request (its sidecar still reports it fresh) is skipped
+    after `failure_threshold` failures, then probed once after the cool-down."""
+    stack.start_dnsd()
+    good = [stack.start_worker(f"w{i}", ttft_ms=20, tokens_per_s=500) for i in (1, 2)]
+    bad = stack.start_worker("wbad", ttft_ms=20, tokens_per_s=500, extra=["--reset-after-tokens", "0"])
+    stack.wait_fresh(["w1", "w2", "wbad"])
+    threshold, cooldown_ms = 3, 3000
+    breaker = {"failure_threshold": threshold, "cooldown_ms": cooldown_ms}
+    envoy = stack.start_pool_router(picker_config=json.dumps({"breaker": breaker}),
+                                    guard_config=json.dumps({"breaker": breaker}))
+    warm_up(stack, envoy)
+    client = make_client(envoy.base_url, timeout=10)
+
+    def bad_attempts() -> int:
+        s = envoy.host_stats("gpuha_workers").get(bad.addr, {})
+        return int(s.get("rq_total", 0))
+
+    outcomes: list[Outcome] = []
+    wait_for(lambda: filter_stat(envoy, "breaker_trips") >= 1 or (outcomes.append(chat(client, len(outcomes), 3)) and False),
+             15, "the breaker of wbad to open", interval=0.0)
+    tripped = time.monotonic()
+    at_trip = bad_attempts()
+    # Open: wbad gets nothing for the cool-down.
+    open_outcomes = []
+    while time.monotonic() < tripped + cooldown_ms / 1000 * 0.8:
+        open_outcomes.append(chat(client, 1000 + len(open_outcomes), 3))
+    during_open = bad_attempts() - at_trip
+    # Half-open: exactly one probe goes through, fails, the circuit opens again (doubled).
+    probes0 = filter_stat(envoy, "breaker_probes")
+    probe_outcomes: list[Outcome] = []
+    wait_for(lambda: filter_stat(envoy, "breaker_probes") > probes0 or (probe_outcomes.append(chat(client, 2000 + len(probe_outcomes), 3)) and False),
+             cooldown_ms / 1000 + 5, "a half-open probe to wbad", interval=0.0)
+    probed_after = time.monotonic() - tripped
+    end = time.monotonic() + 1.0
+    while time.monotonic() < end:
+        probe_outcomes.append(chat(client, 2000 + len(probe_outcomes), 3))
+    after_probe = bad_attempts() - at_trip - during_open
+    everything = outcomes + open_outcomes + probe_outcomes
+    report(f"breaker: {len(everything)} requests, {sum(o.kind == 'completed' for o in everything)} completed, "
+           f"{sum(o.kind == 'error' for o in everything)} client errors; wbad attempts before the trip {at_trip} "
+           f"(threshold {threshold}), while open {during_open} ({len(open_outcomes)} requests), probed "
+           f"{probed_after:.1f}s after the trip (cool-down {cooldown_ms / 1000:.0f}s), attempts after the probe {after_probe}; "
+           f"trips {filter_stat(envoy, 'breaker_trips')}, per worker {per_worker(everything)}")
+    assert_whole_and_single_worker(everything)
+    assert all(o.kind == "completed" for o in everything), [o.describe() for o in everything if o.kind != "completed"][:5]
+    assert "wbad" not in per_worker(everything)
+    # Two Envoy threads may each send one more before the trip is visible to both.
+    assert threshold <= at_trip <= threshold + 2, f"wbad got {at_trip} attempts before its breaker opened"
+    assert during_open == 0, f"wbad got {during_open} attempts while its circuit was open"
+    assert probed_after >= cooldown_ms / 1000 * 0.9, f"probed {probed_after:.1f}s after the trip, before the cool-down"
+    assert 1 <= after_probe <= 2, f"{after_probe} attempts in half-open; expected one probe"
+
+
+def test_anti_herding_even_load(stack):
+    """Equal workers, 12 concurrent clients, 300 requests: load stays near even.
+    Bound: each of the 3 workers serves between 20 % and 47 % of the requests (a herd would
+    put most of them on one worker between two snapshots)."""
+    stack.start_dnsd()
+    stack.start_workers(3, ttft_ms=40, tokens_per_s=500)
+    envoy = stack.start_pool_router()
+    warm_up(stack, envoy)
+    client = make_client(envoy.base_url, timeout=10)
+    n, clients = 300, 12
+    with ThreadPoolExecutor(max_workers=clients) as pool:
+        outcomes = list(pool.map(lambda i: chat(client, i, 4, stream=(i % 2 == 0)), range(n)))
+    counts = per_worker(outcomes)
+    shares = {w: c / n for w, c in sorted(counts.items())}
+    report(f"herding: {n} requests from {clients} concurrent clients, "
+           f"{sum(o.kind == 'completed' for o in outcomes)} completed; per worker "
+           + ", ".join(f"{w} {counts[w]} ({s:.0%})" for w, s in shares.items()))
+    assert_whole_and_single_worker(outcomes)
+    assert all(o.kind == "completed" for o in outcomes)
+    assert set(counts) == {"w1", "w2", "w3"}
+    for w, s in shares.items():
+        assert 0.20 <= s <= 0.47, f"{w} served {s:.0%} of the requests: {counts}"

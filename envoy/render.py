@@ -120,6 +120,8 @@ def main(argv=None):
     r.add_argument("--hedge", action="store_true", help="hedge_on_per_try_timeout: start the next attempt without cancelling a stalled one")
     r.add_argument("--connect-timeout", default="0.5s")
     r.add_argument("--max-retries", type=int, default=10000, help="cluster circuit breaker max_retries")
+    r.add_argument("--pool", action="append", default=[], help="telemetry pool id of this router's workers (repeat for several); the picker only picks workers of these pools (default: every pool dnsd reports)")
+    r.add_argument("--stream-idle-timeout", default="300s", help="HCM stream_idle_timeout: a stream with no bytes for this long ends (a stalled worker after the first token)")
     r.add_argument("--picker-config", type=json_object, default={}, help="JSON merged into the picker plugin config")
     r.add_argument("--guard-config", type=json_object, default={}, help="JSON merged into the guard plugin config")
 
@@ -142,7 +144,13 @@ def main(argv=None):
     if a.which == "pool-router":
         fhost, fport = split_hostport(a.fleet, "--fleet")
         picker = {"role": "picker", "fleet_cluster": "gpuha_fleet", "fleet_authority": a.fleet}
-        picker.update(a.picker_config)
+        if a.pool:
+            picker["pick"] = {"pools": a.pool}
+        for k, v in a.picker_config.items():
+            if k == "pick" and isinstance(v, dict):
+                picker.setdefault("pick", {}).update(v)
+            else:
+                picker[k] = v
         guard = {"role": "guard"}
         guard.update(a.guard_config)
         values.update({
@@ -151,6 +159,7 @@ def main(argv=None):
             "FLEET_PORT": fport,
             "FLEET_CLUSTER_TYPE": "STATIC" if is_ip(fhost) else "STRICT_DNS",
             "NUM_RETRIES": a.num_retries,
+            "STREAM_IDLE_TIMEOUT": a.stream_idle_timeout,
             "PER_TRY_TIMEOUT": a.per_try_timeout,
             "HEDGE_ON_PER_TRY_TIMEOUT": "true" if a.hedge else "false",
             "CONNECT_TIMEOUT": a.connect_timeout,

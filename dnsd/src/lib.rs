@@ -40,12 +40,7 @@ impl Listeners {
         let ingest = bind_udp(config.ingest.listen, config.ingest.recv_buffer_bytes)?;
         let http = std::net::TcpListener::bind(config.http.listen)?;
         let dns = match &config.dns {
-            Some(d) => {
-                let udp = bind_udp(d.listen, 4 << 20)?;
-                // DNS over TCP on the same port as UDP (port 0: the port UDP got).
-                let tcp = std::net::TcpListener::bind(udp.local_addr()?)?;
-                Some((udp, tcp))
-            }
+            Some(d) => Some(bind_dns(d.listen)?),
             None => None,
         };
         Ok(Listeners { ingest, http, dns })
@@ -58,6 +53,20 @@ impl Listeners {
             None => "-".into(),
         };
         Ok(format!("READY ingest={} http={} dns={}", self.ingest.local_addr()?, self.http.local_addr()?, dns))
+    }
+}
+
+/// DNS over UDP and TCP on one port. With port 0 the kernel picks the UDP port, and that port
+/// may be taken for TCP: try again with another.
+fn bind_dns(addr: SocketAddr) -> io::Result<(std::net::UdpSocket, std::net::TcpListener)> {
+    let mut tries = 0;
+    loop {
+        let udp = bind_udp(addr, 4 << 20)?;
+        match std::net::TcpListener::bind(udp.local_addr()?) {
+            Ok(tcp) => return Ok((udp, tcp)),
+            Err(e) if addr.port() == 0 && e.kind() == io::ErrorKind::AddrInUse && tries < 32 => tries += 1,
+            Err(e) => return Err(e),
+        }
     }
 }
 

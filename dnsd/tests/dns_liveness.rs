@@ -1,6 +1,6 @@
 //! Real time, real sockets: two dnsd instances fed the same frames (as sidecars send to every
 //! instance) answer the same, evict the silent pools once the cold-start window ends, count the
-//! transitions, and fail back as soon as frames return. Takes about one eviction window (10 s).
+//! transitions, and fail back once frames have returned for the hold-down. Takes about one eviction window (10 s).
 
 mod common;
 
@@ -72,15 +72,45 @@ async fn two_instances_evict_and_fail_back_together() {
         assert_eq!(metric(&m, "gpuha_dnsd_pool_state{pool=\"pool-b\",region=\"r2\",cloud=\"c2\",state=\"dead\"}"), 1.0);
     }
 
-    // pool-b's worker speaks: failback at once, on both.
-    send_frame(&[d1.ingest, d2.ingest], &frame("b1", "pool-b", 7, 1));
-    tokio::time::sleep(Duration::from_millis(100)).await;
+    // pool-b's worker speaks again: held down for FAILBACK_HOLD_DOWN_MS (so every Envoy picker
+    // sees it fresh first), then failback on both.
+    let b_stop = Arc::new(AtomicBool::new(false));
+    let back = Instant::now();
+    let b_sidecar = {
+        let stop = b_stop.clone();
+        let to = vec![d1.ingest, d2.ingest];
+        tokio::spawn(async move {
+            let mut seq = 0;
+            while !stop.load(Ordering::Relaxed) {
+                seq += 1;
+                send_frame(&to, &frame("b1", "pool-b", 7, seq));
+                tokio::time::sleep(Duration::from_millis(300)).await;
+            }
+        })
+    };
+    tokio::time::sleep(Duration::from_millis(200)).await;
     for d in [&d1, &d2] {
-        assert_eq!(answer(d, "api.gpuha.test.").await, all);
+        assert_eq!(answer(d, "api.gpuha.test.").await, ["10.0.1.1"], "failback before the hold-down");
+    }
+    let deadline = back + Duration::from_millis(gpuha_liveness::FAILBACK_HOLD_DOWN_MS + 1_500);
+    loop {
+        let (a1, a2) = (answer(&d1, "api.gpuha.test.").await, answer(&d2, "api.gpuha.test.").await);
+        if a1 == all && a2 == all {
+            break;
+        }
+        assert!(Instant::now() < deadline, "no failback: {a1:?} {a2:?}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let failback = back.elapsed();
+    eprintln!("pool-b answered again {failback:?} after its first frame");
+    assert!(failback >= Duration::from_millis(gpuha_liveness::FAILBACK_HOLD_DOWN_MS), "{failback:?}");
+    for d in [&d1, &d2] {
         assert_eq!(answer(d, "prio.gpuha.test.").await, ["10.0.2.1", "10.0.2.2"], "priority back on pool-b");
         let m = d.metrics().await;
         assert_eq!(metric(&m, "gpuha_dnsd_pool_failbacks_total{pool=\"pool-b\"}"), 1.0, "{m}");
     }
+    b_stop.store(true, Ordering::Relaxed);
+    let _ = b_sidecar.await;
     stop.store(true, Ordering::Relaxed);
     let _ = sidecar.await;
     d1.stop().await;

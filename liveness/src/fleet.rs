@@ -9,6 +9,13 @@ use serde::{Deserialize, Serialize};
 use crate::frame::{Frame, Metrics};
 use crate::{EVICTION_WINDOW_MS, FRESHNESS_GATE_MS};
 
+/// A worker back from silence (or new) counts towards its pool's liveness only after sending
+/// for this long. It keeps a pool from flapping on one stray frame, and it gives every Envoy
+/// picker (which polls the fleet view every 250 ms) time to see the worker fresh before DNS
+/// sends clients to its router: without it a client that follows the failback answer at once
+/// can reach a router whose view still has no fresh worker.
+pub const FAILBACK_HOLD_DOWN_MS: u64 = 1_000;
+
 /// Values derived from two consecutive frames of the same boot.
 #[derive(Debug, Clone, Copy, Default, PartialEq)]
 pub struct Derived {
@@ -27,6 +34,9 @@ pub struct WorkerState {
     pub frame: Frame,
     /// When the newest accepted frame was received (receiver's clock).
     pub last_rx_ms: u64,
+    /// When the current run of frames began: the first frame after the worker was out of the
+    /// eviction window (or new). Failback waits for [`FAILBACK_HOLD_DOWN_MS`] of it.
+    pub streak_start_ms: u64,
     pub derived: Derived,
 }
 
@@ -43,6 +53,11 @@ impl WorkerState {
     /// Heard from within the pool eviction window.
     pub fn is_in_window(&self, now_ms: u64) -> bool {
         self.age_ms(now_ms) <= EVICTION_WINDOW_MS
+    }
+
+    /// In the window, and has been sending for at least the failback hold-down.
+    pub fn counts_for_pool(&self, now_ms: u64) -> bool {
+        self.is_in_window(now_ms) && now_ms.saturating_sub(self.streak_start_ms) >= FAILBACK_HOLD_DOWN_MS
     }
 }
 
@@ -111,15 +126,23 @@ impl FleetState {
     pub fn observe(&mut self, frame: Frame, now_ms: u64) {
         match self.workers.get_mut(&frame.worker_id) {
             Some(w) if w.frame.boot_id == frame.boot_id => {
+                if !w.is_in_window(now_ms) {
+                    w.streak_start_ms = now_ms;
+                }
                 w.derived = derive(&w.frame.metrics, w.frame.sent_ms, &frame.metrics, frame.sent_ms, w.derived);
                 w.frame = frame;
                 w.last_rx_ms = now_ms;
             }
-            _ => {
-                // New worker, or a restart (new boot id): derived values start over.
+            Some(w) => {
+                // A restart (new boot id): derived values start over; the streak goes on if
+                // the worker never left the window (a quick sidecar restart is no failback).
+                let streak_start_ms = if w.is_in_window(now_ms) { w.streak_start_ms } else { now_ms };
+                *w = WorkerState { frame, last_rx_ms: now_ms, streak_start_ms, derived: Derived::default() };
+            }
+            None => {
                 self.workers.insert(
                     frame.worker_id.clone(),
-                    WorkerState { frame, last_rx_ms: now_ms, derived: Derived::default() },
+                    WorkerState { frame, last_rx_ms: now_ms, streak_start_ms: now_ms, derived: Derived::default() },
                 );
             }
         }
@@ -146,9 +169,11 @@ impl FleetState {
         self.workers.values().filter(|w| w.frame.pool_id == pool && w.is_in_window(now_ms)).count()
     }
 
-    /// Whether `pool` may be answered: alive with `min_workers`, or still in cold start.
+    /// Whether `pool` may be answered: alive with `min_workers` (each heard from within the
+    /// window, and sending for the failback hold-down), or still in cold start.
     pub fn pool_liveness(&self, pool: &str, min_workers: usize, now_ms: u64) -> Liveness {
-        if self.workers_in_window(pool, now_ms) >= min_workers.max(1) {
+        let counted = self.workers.values().filter(|w| w.frame.pool_id == pool && w.counts_for_pool(now_ms)).count();
+        if counted >= min_workers.max(1) {
             Liveness::Alive
         } else if now_ms.saturating_sub(self.started_ms) < EVICTION_WINDOW_MS {
             Liveness::ColdStart
@@ -305,9 +330,23 @@ mod tests {
         assert_eq!(fleet.pool_liveness("p", 2, T0 + 10_000), Liveness::Alive);
         assert_eq!(fleet.pool_liveness("p", 2, T0 + 10_001), Liveness::Dead);
         assert_eq!(fleet.pool_liveness("p", 1, T0 + 10_001), Liveness::Dead);
+        // Back from silence: held down for one second, then answered again (failback).
         fleet.observe(frame("w1", "p", 1, 2, T0 + 20_000), T0 + 20_000);
-        assert_eq!(fleet.pool_liveness("p", 1, T0 + 20_000), Liveness::Alive);
-        assert_eq!(fleet.pool_liveness("p", 2, T0 + 20_000), Liveness::Dead);
+        assert_eq!(fleet.pool_liveness("p", 1, T0 + 20_000), Liveness::Dead);
+        fleet.observe(frame("w1", "p", 1, 3, T0 + 20_500), T0 + 20_500);
+        assert_eq!(fleet.pool_liveness("p", 1, T0 + 20_999), Liveness::Dead);
+        assert_eq!(fleet.pool_liveness("p", 1, T0 + 21_000), Liveness::Alive);
+        assert_eq!(fleet.pool_liveness("p", 2, T0 + 21_000), Liveness::Dead);
+    }
+
+    #[test]
+    fn sidecar_restart_without_silence_is_not_held_down() {
+        let mut fleet = FleetState::new(T0);
+        fleet.observe(frame("w1", "p", 1, 1, T0), T0);
+        fleet.observe(frame("w1", "p", 2, 1, T0 + 5_000), T0 + 5_000);
+        assert_eq!(fleet.pool_liveness("p", 1, T0 + 5_000), Liveness::Alive);
+        fleet.observe(frame("w1", "p", 3, 1, T0 + 30_000), T0 + 30_000);
+        assert_eq!(fleet.pool_liveness("p", 1, T0 + 30_000), Liveness::Dead);
     }
 
     #[test]
@@ -383,22 +422,31 @@ mod tests {
 
     proptest! {
         /// Whatever frames arrive when, a pool is alive exactly when enough of its workers were
-        /// heard from within the window (outside cold start), and fresh implies in-window.
+        /// heard from within the window and have been sending for the hold-down (outside cold
+        /// start), and fresh implies in-window.
         #[test]
         fn liveness_matches_definition(events in proptest::collection::vec((0u8..4, 0u64..30_000), 1..40),
                                        min in 1usize..3, probe in 0u64..45_000) {
             let mut fleet = FleetState::new(T0);
             let mut evs = events.clone();
             evs.sort_by_key(|e| e.1);
-            let mut last = HashMap::new();
+            // Model: per worker, (last frame, start of the current run of frames).
+            let mut last: HashMap<u8, (u64, u64)> = HashMap::new();
             for (seq, (w, t)) in evs.iter().enumerate() {
                 fleet.observe(frame(&format!("w{w}"), "p", 1, seq as u64 + 1, T0 + t), T0 + t);
-                last.insert(*w, *t);
+                let streak = match last.get(w) {
+                    Some((l, s)) if t - l <= EVICTION_WINDOW_MS => *s,
+                    _ => *t,
+                };
+                last.insert(*w, (*t, streak));
             }
             let now = T0 + evs.last().unwrap().1 + probe;
-            let in_window = last.values().filter(|t| now - (T0 + **t) <= EVICTION_WINDOW_MS).count();
+            let counted = last
+                .values()
+                .filter(|(t, s)| now - (T0 + *t) <= EVICTION_WINDOW_MS && now - (T0 + *s) >= FAILBACK_HOLD_DOWN_MS)
+                .count();
             let l = fleet.pool_liveness("p", min, now);
-            prop_assert_eq!(l == Liveness::Alive, in_window >= min);
+            prop_assert_eq!(l == Liveness::Alive, counted >= min);
             for w in fleet.workers() {
                 prop_assert!(!w.is_fresh(now) || w.is_in_window(now));
             }

@@ -21,6 +21,9 @@ use crate::fleet::{FleetView, WorkerView};
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct PickConfig {
+    /// Pools this router serves (the telemetry pool ids of the workers in its Envoy cluster);
+    /// empty: every pool in the fleet view. A router must only pick its own cluster's members.
+    pub pools: Vec<String>,
     /// Endpoints in the list (first attempt + retries).
     pub max_endpoints: usize,
     /// A worker whose frame is this old (dnsd's age + local time since the fetch) is skipped.
@@ -42,6 +45,7 @@ pub struct PickConfig {
 impl Default for PickConfig {
     fn default() -> Self {
         PickConfig {
+            pools: Vec::new(),
             max_endpoints: 3,
             freshness_gate_ms: crate::FRESHNESS_GATE_MS,
             stale_after_ms: 3_000,
@@ -205,7 +209,12 @@ pub fn pick(
     if now_ms.saturating_sub(fetched_local_ms) > cfg.stale_after_ms {
         return Decision::Stale;
     }
-    let serving: Vec<&WorkerView> = view.workers.iter().filter(|w| serves(w, model)).collect();
+    let serving: Vec<&WorkerView> = view
+        .workers
+        .iter()
+        .filter(|w| cfg.pools.is_empty() || cfg.pools.contains(&w.pool))
+        .filter(|w| serves(w, model))
+        .collect();
     if serving.is_empty() {
         return Decision::UnknownModel;
     }
@@ -346,6 +355,19 @@ mod tests {
         assert_eq!(go(&v, 0, 2_700, Some("tiny"), 1), Decision::Stale);
         assert_eq!(go(&v, 0, 2_999, Some("tiny"), 1), Decision::Stale);
         assert_eq!(go(&v, 0, 3_001, Some("tiny"), 1), Decision::Stale);
+    }
+
+    #[test]
+    fn only_the_routers_own_pools_are_picked() {
+        let mut other = w("x", 9, 0, 0.0, 1.0);
+        other.pool = "p2".into();
+        let v = view(vec![w("a", 1, 0, 5.0, 50.0), other]);
+        let cfg = PickConfig { pools: vec!["p1".into()], ..PickConfig::default() };
+        let d = pick(&v, 0, 0, Some("tiny"), &LocalLoad::default(), &mut Rng::new(1), &cfg, |_| Admission::Allow, |_| false);
+        assert_eq!(d, Decision::Endpoints { endpoints: vec!["127.0.0.1:1".into()], probe: None });
+        let cfg = PickConfig { pools: vec!["p3".into()], ..PickConfig::default() };
+        let d = pick(&v, 0, 0, Some("tiny"), &LocalLoad::default(), &mut Rng::new(1), &cfg, |_| Admission::Allow, |_| false);
+        assert_eq!(d, Decision::UnknownModel);
     }
 
     #[test]

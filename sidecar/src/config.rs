@@ -58,8 +58,10 @@ fn default_key_id() -> u16 {
 fn default_interval() -> u64 {
     500
 }
+/// Real vLLM on a busy CPU box took over 400 ms to answer `/metrics`; a healthy worker must
+/// not skip frames for that. One second still leaves two more tries inside the 3 s gate.
 fn default_timeout() -> u64 {
-    400
+    1_000
 }
 fn default_max_bytes() -> usize {
     8 << 20

@@ -1,0 +1,394 @@
+"""Drills against real, unmodified vLLM 0.32.0 servers (CPU build here; GPU build where lent):
+two servers behind stock Envoy (envoy/render.py pool-router, the gpuha filter), dnsd and one
+gpuha-sidecar per server, driven by the official `openai` SDK with ``max_retries=0``.
+
+    deploy/vllm/drills.sh            # setup (idempotent) + these drills
+    python3 -m pytest tests/vllm -v -s
+
+The servers are started once, in parallel, and shared; a drill that kills one leaves it dead and
+the next drill's `Rig.ensure_up()` restarts only that one. Each drill prints a ``COUNTS`` line.
+How responses and workers are told apart (SSE ids, ``?drill=N`` in Envoy's access log, the
+deterministic reference text) is explained in vllm_rig.py.
+"""
+
+from __future__ import annotations
+
+import re
+import signal
+import subprocess
+import time
+
+import pytest
+
+import harness
+import vllm_launcher as vl
+import vllm_rig
+from harness import wait_for
+from vllm_rig import (Outcome, Rig, attach_access_log, chat, classify, fleet_entry, join_all, make_client, record,
+                      run_concurrently, summarize)
+
+pytestmark = pytest.mark.slow
+
+# A token already on the wire when the worker died reaches the client a little after the kill.
+EPS = 0.5
+
+
+def report(line: str) -> None:
+    print(f"\n{line}", flush=True)
+
+
+def warm_up(rig: Rig, envoy: harness.Envoy) -> None:
+    """One request through Envoy, so that the picker has a view and a pick was made."""
+    client = make_client(envoy.base_url, timeout=60)
+    before = harness.filter_stat(envoy, "picks")
+
+    def ok():
+        o = chat(client, -1, 0, 4)
+        assert o.error is None, f"warm-up through Envoy failed: {o.describe()}"
+        return harness.filter_stat(envoy, "picks") > before
+
+    wait_for(ok, 30, "a request routed by the picker (gpuha.picks rising)", interval=0.2)
+
+
+def pick_victim(rig: Rig, gen0: dict[str, float], min_running: int = 2, min_waiting: int = 1,
+                timeout: float = 90.0) -> str:
+    """Waits until one server has streams past their first token (generation counter moved,
+    `min_running` running) AND requests still queued before their first token (`min_waiting`)."""
+
+    def check():
+        best = None
+        for wid in rig.servers:
+            g = rig.vllm_gauges(wid)
+            run_, wait_ = g.get("vllm:num_requests_running", 0), g.get("vllm:num_requests_waiting", 0)
+            moved = g.get("vllm:generation_tokens_total", 0) > gen0.get(wid, 0) + 4 * min_running
+            if run_ >= min_running and wait_ >= min_waiting and moved:
+                if best is None or wait_ > best[1]:
+                    best = (wid, wait_)
+        return best[0] if best else None
+
+    return wait_for(check, timeout, f"a server with >= {min_running} running streams and >= {min_waiting} queued", interval=0.1)
+
+
+def gen_counters(rig: Rig) -> dict[str, float]:
+    return {wid: rig.vllm_gauges(wid).get("vllm:generation_tokens_total", 0) for wid in rig.servers}
+
+
+def outcomes_table(outs: list[Outcome], kinds: dict[int, str]) -> str:
+    return "\n".join(f"  {kinds[o.idx]:>17} {o.describe()}" for o in outs)
+
+
+def text_stats(outs: list[Outcome]) -> str:
+    same = sum(o.text_matches_ref is True for o in outs)
+    return f"text_as_reference={same}/{len(outs)}"
+
+
+def survivor_of(rig: Rig, victim: str) -> str:
+    return next(w for w in rig.servers if w != victim)
+
+
+# --------------------------------------------------------------------------------------------
+
+
+def test_sidecar_metric_mapping_live(rig: Rig):
+    """`gpuha-sidecar --once` and dnsd's /v1/fleet follow real vLLM's /metrics under load:
+    running, waiting and KV usage rise while requests run; TTFT count grows by the requests."""
+    t_start = time.monotonic()
+    rig.ensure_up()
+    wid = "v1"
+    s = rig.servers[wid]
+    side = harness.binary("gpuha-sidecar")
+
+    def once() -> dict[str, float]:
+        r = subprocess.run([str(side), "--once", "--metrics-url", f"http://{s.addr}/metrics", "--worker-id", wid,
+                            "--pool", "p1", "--serve-addr", s.addr, "--key-file", str(rig.stack.key_file)],
+                           capture_output=True, text=True, timeout=20)
+        assert r.returncode == 0, f"sidecar --once failed ({r.returncode}): {r.stderr}"
+        vals = {k: float(v) for k, v in re.findall(r"(\w+): Some\(\s*([0-9.eE+-]+),?\s*\)", r.stdout)}
+        for k in ("running", "waiting", "kv_usage", "ttft_count"):
+            assert k in vals, f"sidecar --once printed no {k}:\n{r.stdout}"
+        return vals
+
+    idle = once()
+    g_idle = rig.vllm_gauges(wid)
+    assert idle["running"] == g_idle["vllm:num_requests_running"] == 0, (idle, g_idle)
+    assert idle["waiting"] == g_idle["vllm:num_requests_waiting"] == 0, (idle, g_idle)
+    assert idle["ttft_count"] == g_idle["vllm:time_to_first_token_seconds_count"], (idle, g_idle)
+
+    n, max_tokens = 12, 160  # 12 > --max-num-seqs 8: 8 run, 4 wait
+    client = make_client(f"http://{s.addr}/v1", timeout=180)  # straight to the server: the mapping is the subject
+    threads, results = run_concurrently(lambda i: chat(client, 5000 + i, i, max_tokens), n)
+    try:
+        wait_for(lambda: (lambda g: g.get("vllm:num_requests_running", 0) >= 2 and g.get("vllm:num_requests_waiting", 0) >= 1
+                          and g.get("vllm:kv_cache_usage_perc", 0) > 0)(rig.vllm_gauges(wid)),
+                 60, "vLLM /metrics to show requests running and waiting")
+        busy = once()
+        g_busy = rig.vllm_gauges(wid)
+
+        def fleet_busy():
+            e = fleet_entry(rig, wid)
+            return e if e and e.get("fresh") and (e.get("running") or 0) >= 1 and (e.get("waiting") or 0) >= 1 \
+                and (e.get("kv") or 0) > 0 else None
+
+        f_busy = wait_for(fleet_busy, 5, "dnsd /v1/fleet to show v1 running, waiting and kv > 0", interval=0.1)
+    finally:
+        join_all(threads, 240)
+    outs = [r for r in results if r is not None]
+    assert all(o.error is None and o.finish_reason == "length" for o in outs), "\n".join(o.describe() for o in outs)
+
+    # After: the gauges fall back and the TTFT histogram counted every request.
+    def settled():
+        g = rig.vllm_gauges(wid)
+        return g if g["vllm:num_requests_running"] == 0 and g["vllm:num_requests_waiting"] == 0 else None
+
+    g_after = wait_for(settled, 30, "v1 idle again")
+    after = once()
+    f_after = wait_for(lambda: (lambda e: e if e and e.get("running") == 0 and e.get("waiting") == 0 else None)(fleet_entry(rig, wid)),
+                       5, "dnsd /v1/fleet to show v1 idle", interval=0.1)
+
+    report(f"COUNTS metrics: idle sidecar running={idle['running']:.0f} waiting={idle['waiting']:.0f} kv={idle['kv_usage']:.4f} "
+           f"ttft_count={idle['ttft_count']:.0f} | busy sidecar running={busy['running']:.0f} waiting={busy['waiting']:.0f} "
+           f"kv={busy['kv_usage']:.4f} (vLLM right after: running={g_busy['vllm:num_requests_running']:.0f} "
+           f"waiting={g_busy['vllm:num_requests_waiting']:.0f} kv={g_busy['vllm:kv_cache_usage_perc']:.4f}) | fleet busy "
+           f"running={f_busy.get('running')} waiting={f_busy.get('waiting')} kv={f_busy.get('kv')} | after sidecar "
+           f"ttft_count={after['ttft_count']:.0f} (vLLM {g_after['vllm:time_to_first_token_seconds_count']:.0f}) fleet "
+           f"ttft_ms={f_after.get('ttft_ms')} running={f_after.get('running')} waiting={f_after.get('waiting')}")
+    assert busy["running"] >= 2 and busy["waiting"] >= 1 and busy["kv_usage"] > idle["kv_usage"], busy
+    assert busy["running"] <= 8, f"more running than --max-num-seqs: {busy}"
+    assert after["ttft_count"] == g_after["vllm:time_to_first_token_seconds_count"] >= idle["ttft_count"] + n, (after, g_after)
+    assert after["running"] == 0 and after["waiting"] == 0
+    assert f_after.get("ttft_ms") is not None and f_after["ttft_ms"] > 0, f_after
+    record("drill metrics", f"{time.monotonic() - t_start:.1f}s")
+
+
+def test_d1_group_sigkill_mid_traffic(rig: Rig):
+    """Process-group SIGKILL of one vLLM with streams past their first token and requests still
+    queued: the queued ones complete on the other server (one clean response each), the started
+    ones end as clean truncations from the killed server, nothing is spliced."""
+    t_start = time.monotonic()
+    rig.ensure_up()
+    envoy = rig.envoy(per_try_timeout="60s")
+    try:
+        warm_up(rig, envoy)
+        n, max_tokens = 28, 96
+        refs = {p: rig.reference(p, max_tokens) for p in range(4)}
+        client = make_client(envoy.base_url, timeout=180)
+        gen0 = gen_counters(rig)
+        threads, results = run_concurrently(lambda i: chat(client, i, i % 4, max_tokens), n)
+        try:
+            victim = pick_victim(rig, gen0)
+            g_kill = rig.vllm_gauges(victim)
+            kill_wall = time.time()
+            members = rig.servers[victim].kill_group()  # kill -KILL -<pgid>, waits until the group is gone
+            kill_mono = vllm_rig.T0 = rig.servers[victim].killed_at  # the instant the signal went out
+            kill_s = time.monotonic() - kill_mono
+        finally:
+            join_all(threads, 300)
+        outs = [r for r in results if r is not None]
+        attach_access_log(envoy, outs)
+        kinds = {o.idx: classify(o, refs[o.prompt]) for o in outs}
+        vaddr, saddr = rig.servers[victim].addr, rig.servers[survivor_of(rig, victim)].addr
+        pre = [o for o in outs if o.first_token_at is None or o.first_token_at > kill_mono + EPS]
+        # Started on the victim and still streaming when it was killed.
+        post_victim = [o for o in outs if o.first_token_at is not None and o.first_token_at <= kill_mono
+                       and o.upstream == vaddr and o.ended > kill_mono]
+        retried = [o for o in outs if kinds[o.idx] == "completed" and o.attempts >= 2 and o.upstream == saddr]
+        counts = summarize(list(kinds.values()))
+
+        # After the freshness gate, nothing new goes to the dead server.
+        rig.stack.wait_stale([victim], timeout=8)
+        polls = harness.filter_stat(envoy, "fleet_polls")
+        wait_for(lambda: harness.filter_stat(envoy, "fleet_polls") >= polls + 2, 5, "two more fleet polls")
+        threads, tail_res = run_concurrently(lambda i: chat(client, 1000 + i, i % 4, 8), 8)
+        join_all(threads, 120)
+        tail = [r for r in tail_res if r is not None]
+        attach_access_log(envoy, tail)
+        tail_bad = [o.describe() for o in tail if o.error is not None or o.upstream != saddr]
+
+        report(f"COUNTS d1: requests={n} max_tokens={max_tokens} victim={victim} (running={g_kill.get('vllm:num_requests_running', 0):.0f} "
+               f"waiting={g_kill.get('vllm:num_requests_waiting', 0):.0f} at kill; group of {len(members)} processes gone in {kill_s:.2f}s) "
+               f"kinds={counts} pre_token_at_kill={len(pre)} retried_to_survivor={len(retried)} "
+               f"post_token_on_victim={len(post_victim)} truncated_from_victim={sum(kinds[o.idx] == 'truncated' and o.upstream == vaddr for o in outs)} "
+               f"pre_token_retries_stat={harness.filter_stat(envoy, 'pre_token_retries')} "
+               f"post_token_truncations_stat={harness.filter_stat(envoy, 'post_token_truncations')} "
+               f"after_gate={len(tail)} to_victim_after_gate={sum(o.upstream == vaddr for o in tail)} {text_stats(outs)}")
+        table = outcomes_table(outs, kinds)
+        assert counts.get("splice", 0) == 0 and counts.get("short", 0) == 0, "splices or short answers:\n" + table
+        assert counts.get("failed", 0) == 0, "a client saw an error without any token (an honest retry was possible):\n" + table
+        assert all(kinds[o.idx] == "completed" for o in pre), "a request that was pre-token at the kill did not complete:\n" + table
+        assert all(len(o.ids) == 1 for o in outs), "a response without exactly one SSE id:\n" + table
+        for o in outs:
+            if kinds[o.idx] == "truncated":
+                assert o.upstream == vaddr, f"a truncation not from the killed server: {o.describe()}"
+                assert o.finish_reason is None and len(o.text) < len(refs[o.prompt]), o.describe()
+        assert post_victim, "no stream was past its first token on the victim at the kill: the drill tested nothing\n" + table
+        # A stream may still complete if its last event was already on the wire at the kill.
+        assert all(kinds[o.idx] == "truncated" or (kinds[o.idx] == "completed" and o.ended <= kill_mono + EPS)
+                   for o in post_victim), "a started stream on the killed server did not truncate:\n" + table
+        assert any(kinds[o.idx] == "truncated" for o in post_victim), "no truncation at all:\n" + table
+        assert retried, "no queued request was retried on the survivor: the drill tested nothing\n" + table
+        assert not tail_bad, "after the freshness gate:\n" + "\n".join(tail_bad)
+    finally:
+        rig.stop_envoy(envoy)
+        record("drill d1", f"{time.monotonic() - t_start:.1f}s (includes any restart)")
+
+
+def test_engine_core_sigkill(rig: Rig):
+    """SIGKILL of the EngineCore process only. vLLM notices 2-3.5 s later and sends
+    ``data: {"error": ...}`` inside each 200 stream: before the first token the guard turns it
+    into a retry (the client gets a clean answer from the other server); after it, the stream
+    ends with that error event."""
+    t_start = time.monotonic()
+    rig.ensure_up()
+    envoy = rig.envoy(per_try_timeout="60s")
+    victim = None
+    try:
+        warm_up(rig, envoy)
+        n, max_tokens = 28, 256  # long enough that streams are still running when vLLM notices
+        refs = {p: rig.reference(p, max_tokens) for p in range(4)}
+        client = make_client(envoy.base_url, timeout=240)
+        gen0 = gen_counters(rig)
+        threads, results = run_concurrently(lambda i: chat(client, 2000 + i, i % 4, max_tokens), n)
+        try:
+            victim = pick_victim(rig, gen0)
+            srv = rig.servers[victim]
+            engines = srv.engine_core_pids()
+            assert engines, f"no EngineCore process in group {srv.pgid}: {srv.describe()}"
+            titles = {p: vl.comm(p) for p in engines}
+            g_kill = rig.vllm_gauges(victim)
+            kill_mono = vllm_rig.T0 = time.monotonic()
+            for p in engines:
+                vl.os.kill(p, signal.SIGKILL)
+        finally:
+            join_all(threads, 400)
+        # The API server shuts itself down after reporting the engine death.
+        try:
+            srv.popen.wait(timeout=60)
+            api_exit_s = f"{time.monotonic() - kill_mono:.1f}s"
+        except subprocess.TimeoutExpired:
+            api_exit_s = "still running after 60s"
+        outs = [r for r in results if r is not None]
+        attach_access_log(envoy, outs)
+        kinds = {o.idx: classify(o, refs[o.prompt]) for o in outs}
+        vaddr, saddr = srv.addr, rig.servers[survivor_of(rig, victim)].addr
+        pre = [o for o in outs if o.first_token_at is None or o.first_token_at > kill_mono + EPS]
+        err_events = [o for o in outs if kinds[o.idx] == "ended_error_event"]
+        retried = [o for o in outs if kinds[o.idx] == "completed" and o.attempts >= 2 and o.upstream == saddr]
+        detect = min((o.ended - kill_mono for o in err_events), default=float("nan"))
+        counts = summarize(list(kinds.values()))
+        report(f"COUNTS engine-death: requests={n} max_tokens={max_tokens} victim={victim} killed={titles} "
+               f"(running={g_kill.get('vllm:num_requests_running', 0):.0f} waiting={g_kill.get('vllm:num_requests_waiting', 0):.0f}) "
+               f"kinds={counts} pre_token_at_kill={len(pre)} retried_to_survivor={len(retried)} "
+               f"error_event_after_token={len(err_events)} first_error_event_after={detect:.2f}s api_server_exit={api_exit_s} "
+               f"guard_retried={sum(o.guard == 'retried' for o in outs)} "
+               f"pre_token_retries_stat={harness.filter_stat(envoy, 'pre_token_retries')} "
+               f"post_token_errors_stat={harness.filter_stat(envoy, 'post_token_errors')} {text_stats(outs)}")
+        table = outcomes_table(outs, kinds)
+        assert counts.get("splice", 0) == 0 and counts.get("short", 0) == 0, "splices or short answers:\n" + table
+        assert counts.get("failed", 0) == 0, "a client saw an error without any token:\n" + table
+        assert all(kinds[o.idx] == "completed" for o in pre), "a request pre-token at the engine death did not complete:\n" + table
+        assert all(len(o.ids) == 1 for o in outs), "a response without exactly one SSE id:\n" + table
+        assert err_events, "no stream ended with vLLM's in-band error event: the drill tested nothing\n" + table
+        assert all(o.upstream == vaddr for o in err_events), table
+        assert retried, "no queued request was retried on the survivor after the error event\n" + table
+    finally:
+        rig.stop_envoy(envoy)
+        if victim is not None:
+            rig.servers[victim].kill_group()  # what the dead API server left (orphans, shm)
+        record("drill engine-death", f"{time.monotonic() - t_start:.1f}s (includes any restart)")
+
+
+IDLE_TIMEOUT_S = 10
+
+
+def test_sigterm_stall(rig: Rig):
+    """SIGTERM of one API server mid-traffic: its streams stall (no bytes, no close). Requests
+    still before their first token are retried on the other server within the per-try (TTFT)
+    budget; started streams end at the stream idle timeout as clean truncations."""
+    t_start = time.monotonic()
+    rig.ensure_up()
+    per_try = 3.0
+    # hedge_on_per_try_timeout: a queued request slower than the budget on a live server is not
+    # cancelled, a second attempt races it (the guard's held headers make the first token win).
+    envoy = rig.envoy(per_try_timeout=f"{per_try:.0f}s", hedge=True, stream_idle_timeout=f"{IDLE_TIMEOUT_S}s")
+    victim = None
+    try:
+        warm_up(rig, envoy)
+        n, max_tokens = 28, 64
+        refs = {p: rig.reference(p, max_tokens) for p in range(4)}
+        client = make_client(envoy.base_url, timeout=120)
+        gen0 = gen_counters(rig)
+        threads, results = run_concurrently(lambda i: chat(client, 3000 + i, i % 4, max_tokens), n)
+        try:
+            victim = pick_victim(rig, gen0)
+            srv = rig.servers[victim]
+            g_kill = rig.vllm_gauges(victim)
+            kill_mono = vllm_rig.T0 = time.monotonic()
+            vl.os.kill(srv.pid, signal.SIGTERM)  # the API server only, as an orchestrator's stop would
+        finally:
+            join_all(threads, 200)
+        still_alive = srv.alive()
+        outs = [r for r in results if r is not None]
+        attach_access_log(envoy, outs)
+        kinds = {o.idx: classify(o, refs[o.prompt]) for o in outs}
+        vaddr, saddr = srv.addr, rig.servers[survivor_of(rig, victim)].addr
+        pre = [o for o in outs if o.first_token_at is None or o.first_token_at > kill_mono + EPS]
+        retried = [o for o in outs if kinds[o.idx] == "completed" and o.attempts >= 2 and o.upstream == saddr]
+        stalled = [o for o in outs if kinds[o.idx] == "truncated" and o.upstream == vaddr]
+        retry_ttft = max((o.first_token_at - kill_mono for o in retried), default=float("nan"))
+        stall_end = [o.ended - kill_mono for o in stalled]
+        counts = summarize(list(kinds.values()))
+        report(f"COUNTS stall: requests={n} max_tokens={max_tokens} victim={victim} per_try_timeout={per_try}s "
+               f"stream_idle_timeout={IDLE_TIMEOUT_S}s (running={g_kill.get('vllm:num_requests_running', 0):.0f} "
+               f"waiting={g_kill.get('vllm:num_requests_waiting', 0):.0f} at SIGTERM) kinds={counts} pre_token_at_sigterm={len(pre)} "
+               f"retried_to_survivor={len(retried)} max_first_token_after_sigterm={retry_ttft:.2f}s "
+               f"stalled_then_ended={len(stalled)} ended_after={[round(x, 1) for x in stall_end]} "
+               f"flags={sorted({o.flags for o in stalled})} api_server_alive_after={still_alive} {text_stats(outs)}")
+        table = outcomes_table(outs, kinds)
+        assert counts.get("splice", 0) == 0 and counts.get("short", 0) == 0, "splices or short answers:\n" + table
+        assert counts.get("failed", 0) == 0, "a client saw an error without any token:\n" + table
+        assert all(kinds[o.idx] == "completed" for o in pre), "a request pre-token at SIGTERM did not complete:\n" + table
+        assert retried, "no pre-token request was retried on the survivor: the drill tested nothing\n" + table
+        # Retried within the TTFT budget: one per-try timeout, then the survivor's own TTFT.
+        assert retry_ttft <= per_try + 8, f"retry came {retry_ttft:.1f}s after SIGTERM\n" + table
+        assert stalled, "no started stream stalled on the SIGTERMed server: the drill tested nothing\n" + table
+        assert all(x <= IDLE_TIMEOUT_S + 4 for x in stall_end), f"a stall outlived the idle timeout: {stall_end}\n" + table
+    finally:
+        rig.stop_envoy(envoy)
+        if victim is not None:
+            rig.servers[victim].kill_group()
+        record("drill stall", f"{time.monotonic() - t_start:.1f}s (includes any restart)")
+
+
+def test_apiserver_only_kill_leaves_orphans(rig: Rig):
+    """SIGKILL of the API server process alone: its engine processes live on holding memory
+    (the VRAM zombie on a GPU) while the sidecar goes silent; killing the group removes them."""
+    t_start = time.monotonic()
+    rig.ensure_up()
+    victim = "v2"
+    srv = rig.servers[victim]
+    members_before = srv.members()
+    rss_before = sum(srv.rss().values())
+    srv.kill_api_server_only()
+    kill_mono = srv.killed_at
+    rig.stack.wait_stale([victim], timeout=8)
+    stale_s = time.monotonic() - kill_mono
+    orphans = srv.members()
+    desc = {p: (vl.comm(p), vl.proc_ppid(p), vl.rss_bytes(p)) for p in orphans}
+    orphan_rss = sum(r for _, _, r in desc.values())
+    shm = sorted(srv.remember_shm())
+    try:
+        report(f"COUNTS api-only: group {srv.pgid} had {len(members_before)} processes ({rss_before / 2**20:.0f} MiB RSS); "
+               f"after SIGKILL of the API server pid {srv.pid}: sidecar stale in dnsd after {stale_s:.1f}s, "
+               f"orphans={len(orphans)} " + ", ".join(f"{p}:{c} ppid={pp} rss={r / 2**20:.0f}MiB" for p, (c, pp, r) in desc.items())
+               + f" orphan_rss_total={orphan_rss / 2**20:.0f}MiB shm_files={len(shm)} subreaper={rig.subreaper}")
+        assert orphans, "no orphan left: this vLLM cleaned up after its API server by itself"
+        assert orphan_rss > 100 * 2**20, f"orphans hold only {orphan_rss} bytes"
+        assert all(vl.proc_state(p) not in (None, "Z") for p in orphans), desc
+    finally:
+        gone = srv.kill_group()  # kill -KILL -<pgid>; reaps re-parented orphans; removes the shm files
+    left = vl.group_pids(srv.pgid, include_zombies=True)
+    report(f"COUNTS api-only cleanup: kill -KILL -{srv.pgid} ended {len(gone)} processes; left in group={left}; "
+           f"shm files left={[p for p in shm if vl.os.path.exists(p)]}")
+    assert not left, f"group {srv.pgid} still has {left} after the group kill"
+    assert not [p for p in shm if vl.os.path.exists(p)], "shared-memory files survived the cleanup"
+    record("drill api-only", f"{time.monotonic() - t_start:.1f}s (includes any restart)")

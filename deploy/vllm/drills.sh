@@ -20,12 +20,9 @@ t1=$(date +%s)
 target="${CARGO_TARGET_DIR:-$repo/target-vllm}"
 export GPUHA_BIN_DIR="${GPUHA_BIN_DIR:-$target/release}"
 export GPUHA_WASM="${GPUHA_WASM:-$target/wasm32-wasip1/release/gpuha_filter.wasm}"
-if [ ! -x "$GPUHA_BIN_DIR/gpuha-dnsd" ] || [ ! -x "$GPUHA_BIN_DIR/gpuha-sidecar" ]; then
-  (cd "$repo" && CARGO_TARGET_DIR="$target" cargo build --release -p gpuha-dnsd -p gpuha-sidecar)
-fi
-if [ ! -f "$GPUHA_WASM" ]; then
-  (cd "$repo" && CARGO_TARGET_DIR="$target" cargo build --release -p gpuha-filter --target wasm32-wasip1)
-fi
+# Always build: cargo only rebuilds what changed, and stale binaries would test old code.
+(cd "$repo" && CARGO_TARGET_DIR="$target" cargo build --release -p gpuha-dnsd -p gpuha-sidecar)
+(cd "$repo" && CARGO_TARGET_DIR="$target" cargo build --release -p gpuha-filter --target wasm32-wasip1)
 t2=$(date +%s)
 
 export GPUHA_VLLM_REQUIRED=1  # a missing install fails the drills instead of skipping them

@@ -1,0 +1,27 @@
+//! The plugin configuration: defaults, roles, and bad values refused with the key named.
+
+use gpuha_filter::config::{Config, GuardConfig, NoWorkerPolicy, PickerConfig};
+
+#[test]
+fn defaults_and_roles() {
+    assert_eq!(Config::parse(br#"{"role":"picker"}"#).unwrap(), Config::Picker(PickerConfig::default()));
+    assert_eq!(Config::parse(br#"{"role":"guard"}"#).unwrap(), Config::Guard(GuardConfig::default()));
+    let Config::Picker(p) = Config::parse(br#"{"role":"picker","poll_interval_ms":100,"no_worker":"fail_open","pick":{"max_endpoints":2},"breaker":{"failure_threshold":5}}"#).unwrap() else { panic!("not a picker") };
+    assert_eq!(p.poll_interval_ms, 100);
+    assert_eq!(p.no_worker, NoWorkerPolicy::FailOpen);
+    assert_eq!(p.pick.max_endpoints, 2);
+    assert_eq!(p.breaker.failure_threshold, 5);
+    assert_eq!(p.breaker.cooldown_ms, 5_000);
+}
+
+#[test]
+fn rejects_unknown_and_bad_values() {
+    assert!(Config::parse(br#"{"role":"picker","poll_intervall_ms":100}"#).unwrap_err().contains("unknown field"));
+    assert!(Config::parse(br#"{"role":"guard","pick":{}}"#).is_err());
+    assert!(Config::parse(br#"{"role":"picker","pick":{"max_endpoint":2}}"#).is_err());
+    assert!(Config::parse(br#"{"role":"nobody"}"#).is_err());
+    assert!(Config::parse(br#"{}"#).is_err());
+    assert!(Config::parse(br#"{"role":"guard","retry_status":200}"#).unwrap_err().contains("retry_status"));
+    assert!(Config::parse(br#"{"role":"picker","poll_interval_ms":0}"#).unwrap_err().contains("poll_interval_ms"));
+    assert!(Config::parse(b"not json").is_err());
+}

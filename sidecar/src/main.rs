@@ -56,7 +56,7 @@ fn config(args: &Args) -> Result<Config, String> {
             key_file: args.key_file.clone().ok_or("--key-file is required without --config")?,
             key_id: 1,
             interval_ms: 500,
-            scrape_timeout_ms: 1_000,
+            scrape_timeout_ms: 2_500,
             max_metrics_bytes: 8 << 20,
             models: vec![],
         },
@@ -84,9 +84,6 @@ fn config(args: &Args) -> Result<Config, String> {
     }
     if let Some(v) = args.interval_ms {
         c.interval_ms = v;
-        if args.scrape_timeout_ms.is_none() {
-            c.scrape_timeout_ms = c.scrape_timeout_ms.min(v.saturating_mul(4));
-        }
     }
     if let Some(v) = args.scrape_timeout_ms {
         c.scrape_timeout_ms = v;

@@ -1,0 +1,306 @@
+//! `gpuha-bench`: the load tools `bench/run.py` drives. Every subcommand prints one JSON object
+//! on stdout (plus `READY` for `keepalive`), so the driver never parses prose.
+//!
+//! ```text
+//! gpuha-bench blast --to ADDR --key-file F [--key-id 1] --workers W --rate R --secs S [--batch 32]
+//!     pre-encodes R*S distinct, valid frames (W workers, increasing seqs, send time in the skew
+//!     window), then sends them paced at R frames/s with sendmmsg
+//! gpuha-bench keepalive --to ADDR --key-file F --workers W [--pools P] [--hz 2] [--secs S]
+//!     keeps W synthetic workers fresh (one frame per worker per 1/hz s), like W sidecars;
+//!     [--model M] names the model they serve
+//! gpuha-bench ingest-micro --workers W --frames N
+//!     in-process cost of decode+HMAC, and of the full accept (order) + fleet observe
+//! gpuha-bench fleet-parse FILE [--iters N]
+//!     native serde parse of a /v1/fleet body (FleetView::from_json, what the filter runs in Wasm)
+//! ```
+//!
+//! Why a separate tool and not the real sidecar: one sidecar process per worker cannot reach
+//! 10 k workers or 500 k frames/s on a 2-core machine; the frames are the real codec's output.
+
+use std::collections::HashMap;
+use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4, UdpSocket};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use gpuha_liveness::{FleetState, FleetView, Frame, Ingest, KeyRing, Metrics};
+
+type Res<T> = Result<T, String>;
+
+fn main() {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let r = match args.first().map(String::as_str) {
+        Some("blast") => blast(&Opts::parse(&args[1..])),
+        Some("keepalive") => keepalive(&Opts::parse(&args[1..])),
+        Some("ingest-micro") => ingest_micro(&Opts::parse(&args[1..])),
+        Some("fleet-parse") => fleet_parse(&Opts::parse(&args[1..])),
+        _ => Err("usage: gpuha-bench blast|keepalive|ingest-micro|fleet-parse [--opts] (see the module doc)".into()),
+    };
+    if let Err(e) = r {
+        eprintln!("gpuha-bench: {e}");
+        std::process::exit(2);
+    }
+}
+
+struct Opts {
+    kv: HashMap<String, String>,
+    pos: Vec<String>,
+}
+
+impl Opts {
+    fn parse(a: &[String]) -> Self {
+        let mut kv = HashMap::new();
+        let mut pos = Vec::new();
+        let mut i = 0;
+        while i < a.len() {
+            if let Some(k) = a[i].strip_prefix("--") {
+                kv.insert(k.to_string(), a.get(i + 1).cloned().unwrap_or_default());
+                i += 2;
+            } else {
+                pos.push(a[i].clone());
+                i += 1;
+            }
+        }
+        Opts { kv, pos }
+    }
+    fn get<T: std::str::FromStr>(&self, k: &str, default: Option<T>) -> Res<T> {
+        match self.kv.get(k) {
+            Some(v) => v.parse().map_err(|_| format!("--{k}: cannot parse {v:?}")),
+            None => default.ok_or_else(|| format!("--{k} is required")),
+        }
+    }
+}
+
+fn now_ms() -> u64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0)
+}
+
+fn now_us() -> u64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_micros() as u64).unwrap_or(0)
+}
+
+fn read_key(path: &str) -> Res<Vec<u8>> {
+    let mut k = std::fs::read(path).map_err(|e| format!("{path}: {e}"))?;
+    // dnsd strips one trailing newline; do the same.
+    if k.last() == Some(&b'\n') {
+        k.pop();
+    }
+    Ok(k)
+}
+
+/// Worker `i`'s frame: realistic field sizes (ids like a k8s pod, one model, every metric set).
+fn frame(i: usize, pools: usize, boot: u64, seq: u64, sent_ms: u64, key_id: u16) -> Frame {
+    frame_m(i, pools, boot, seq, sent_ms, key_id, "meta-llama/Llama-3.1-8B-Instruct")
+}
+
+fn frame_m(i: usize, pools: usize, boot: u64, seq: u64, sent_ms: u64, key_id: u16, model: &str) -> Frame {
+    let ip = Ipv4Addr::new(10, (i >> 16) as u8, (i >> 8) as u8, i as u8);
+    Frame {
+        key_id,
+        boot_id: boot,
+        seq,
+        sent_ms,
+        worker_id: format!("vllm-worker-{i:06}"),
+        pool_id: format!("pool-{:03}", i % pools.max(1)),
+        addr: SocketAddr::V4(SocketAddrV4::new(ip, 8000)),
+        models: vec![model.into()],
+        metrics: Metrics {
+            running: Some((seq % 17) as f64),
+            waiting: Some((seq % 3) as f64),
+            kv_usage: Some(0.25),
+            ttft_sum_s: Some(seq as f64 * 0.05),
+            ttft_count: Some(seq as f64),
+            prompt_tokens: Some(seq as f64 * 100.0),
+            generation_tokens: Some(seq as f64 * 300.0),
+            preemptions: Some(0.0),
+        },
+    }
+}
+
+/// Pre-encoded frames in one flat buffer (1 M frames are ~150 MB as separate Vecs otherwise).
+struct Batch {
+    buf: Vec<u8>,
+    off: Vec<(usize, usize)>,
+}
+
+fn encode_many(n: usize, workers: usize, pools: usize, key: &[u8], key_id: u16, sent_ms: u64, seq_base: u64) -> Res<Batch> {
+    let mut b = Batch { buf: Vec::with_capacity(n * 160), off: Vec::with_capacity(n) };
+    let boot = 0x6265_6e63_6800_0000 ^ seq_base;
+    for k in 0..n {
+        let (i, round) = (k % workers, (k / workers) as u64);
+        let bytes = frame(i, pools, boot, seq_base + round, sent_ms, key_id).encode(key).map_err(|e| e.to_string())?;
+        b.off.push((b.buf.len(), bytes.len()));
+        b.buf.extend_from_slice(&bytes);
+    }
+    Ok(b)
+}
+
+/// Sends `frames[from..to]` with one sendmmsg call per `batch`; returns how many the kernel took.
+fn send_mmsg(sock: &UdpSocket, b: &Batch, from: usize, to: usize) -> usize {
+    use std::os::fd::AsRawFd;
+    let n = to - from;
+    let mut iov: Vec<libc::iovec> = b.off[from..to]
+        .iter()
+        .map(|&(o, l)| libc::iovec { iov_base: b.buf[o..].as_ptr() as *mut libc::c_void, iov_len: l })
+        .collect();
+    let mut msgs: Vec<libc::mmsghdr> = iov
+        .iter_mut()
+        .map(|v| {
+            // SAFETY: a zeroed msghdr is valid (no name, no control); we set the one iovec.
+            let mut h: libc::msghdr = unsafe { std::mem::zeroed() };
+            h.msg_iov = v as *mut libc::iovec;
+            h.msg_iovlen = 1;
+            libc::mmsghdr { msg_hdr: h, msg_len: 0 }
+        })
+        .collect();
+    // SAFETY: msgs/iov point into live buffers for the duration of the call; the socket is connected.
+    let r = unsafe { libc::sendmmsg(sock.as_raw_fd(), msgs.as_mut_ptr(), n as u32, 0) };
+    if r < 0 {
+        0
+    } else {
+        r as usize
+    }
+}
+
+fn blast(o: &Opts) -> Res<()> {
+    let to: SocketAddr = o.get("to", None)?;
+    let key = read_key(&o.get::<String>("key-file", None)?)?;
+    let key_id: u16 = o.get("key-id", Some(1))?;
+    let workers: usize = o.get("workers", Some(10_000))?;
+    let pools: usize = o.get("pools", Some(10))?;
+    let rate: f64 = o.get("rate", None)?;
+    let secs: f64 = o.get("secs", Some(1.0))?;
+    let batch: usize = o.get("batch", Some(32))?;
+    let n = (rate * secs).ceil() as usize;
+    let t0 = Instant::now();
+    // Send time 2.5 s in the future: valid (±5 s skew) from 2.5 s before until 7.5 s after now,
+    // which covers encoding plus sending.
+    let b = encode_many(n, workers, pools, &key, key_id, now_ms() + 2_500, now_us())?;
+    let encode_s = t0.elapsed().as_secs_f64();
+    let sock = UdpSocket::bind("127.0.0.1:0").map_err(|e| e.to_string())?;
+    sock.connect(to).map_err(|e| e.to_string())?;
+    let start = Instant::now();
+    let mut sent = 0usize;
+    let mut failed_calls = 0u64;
+    while sent < n {
+        let due = ((start.elapsed().as_secs_f64() * rate) as usize).min(n);
+        if due <= sent {
+            std::hint::spin_loop();
+            continue;
+        }
+        let to_idx = (sent + batch).min(due);
+        let k = send_mmsg(&sock, &b, sent, to_idx);
+        if k == 0 {
+            failed_calls += 1;
+            sent += to_idx - sent; // count as offered: the driver compares with dnsd's counter
+        } else {
+            sent += k;
+        }
+    }
+    let el = start.elapsed().as_secs_f64();
+    println!(
+        "{}",
+        serde_json::json!({"offered": n, "secs": el, "offered_rate": n as f64 / el, "target_rate": rate,
+                           "encode_s": encode_s, "failed_send_calls": failed_calls,
+                           "frame_bytes_avg": b.buf.len() as f64 / n.max(1) as f64})
+    );
+    Ok(())
+}
+
+fn keepalive(o: &Opts) -> Res<()> {
+    let to: SocketAddr = o.get("to", None)?;
+    let key = read_key(&o.get::<String>("key-file", None)?)?;
+    let key_id: u16 = o.get("key-id", Some(1))?;
+    let workers: usize = o.get("workers", None)?;
+    let pools: usize = o.get("pools", Some(10))?;
+    let hz: f64 = o.get("hz", Some(2.0))?;
+    let secs: f64 = o.get("secs", Some(3600.0))?;
+    let model: String = o.get("model", Some("meta-llama/Llama-3.1-8B-Instruct".to_string()))?;
+    let sock = UdpSocket::bind("127.0.0.1:0").map_err(|e| e.to_string())?;
+    sock.connect(to).map_err(|e| e.to_string())?;
+    let boot = now_us();
+    let period = Duration::from_secs_f64(1.0 / hz);
+    let start = Instant::now();
+    let mut seq = 1u64;
+    let mut frames = 0u64;
+    while start.elapsed().as_secs_f64() < secs {
+        let round = Instant::now();
+        for i in 0..workers {
+            let f = frame_m(i, pools, boot, seq, now_ms(), key_id, &model).encode(&key).map_err(|e| e.to_string())?;
+            let _ = sock.send(&f);
+            frames += 1;
+            // Spread the round over its period in slices of 256 frames, like independent sidecars.
+            if i % 256 == 255 {
+                let target = period.mul_f64((i + 1) as f64 / workers as f64);
+                if let Some(d) = target.checked_sub(round.elapsed()) {
+                    std::thread::sleep(d);
+                }
+            }
+        }
+        if seq == 1 {
+            println!("READY workers={workers}");
+        }
+        seq += 1;
+        if let Some(d) = period.checked_sub(round.elapsed()) {
+            std::thread::sleep(d);
+        }
+    }
+    println!("{}", serde_json::json!({"frames": frames}));
+    Ok(())
+}
+
+fn ingest_micro(o: &Opts) -> Res<()> {
+    let workers: usize = o.get("workers", Some(10_000))?;
+    let n: usize = o.get("frames", Some(500_000))?;
+    let key = vec![7u8; 32];
+    let ring = KeyRing::single(1, key.clone());
+    let now = now_ms();
+    let b = encode_many(n, workers, 10, &key, 1, now, 1)?;
+    let frames: Vec<&[u8]> = b.off.iter().map(|&(o, l)| &b.buf[o..o + l]).collect();
+
+    let t = Instant::now();
+    let mut ok = 0usize;
+    for f in &frames {
+        ok += usize::from(Frame::decode(f, &ring).is_ok());
+    }
+    let decode_ns = t.elapsed().as_nanos() as f64 / n as f64;
+
+    let mut ingest = Ingest::new(ring);
+    let mut fleet = FleetState::new(now);
+    let t = Instant::now();
+    let mut accepted = 0usize;
+    for f in &frames {
+        if let Ok(fr) = ingest.accept(f, now) {
+            fleet.observe(fr, now);
+            accepted += 1;
+        }
+    }
+    let accept_ns = t.elapsed().as_nanos() as f64 / n as f64;
+    println!(
+        "{}",
+        serde_json::json!({"frames": n, "workers": workers, "decoded_ok": ok, "accepted": accepted,
+                           "decode_hmac_ns": decode_ns, "accept_observe_ns": accept_ns,
+                           "frame_bytes_avg": b.buf.len() as f64 / n as f64})
+    );
+    Ok(())
+}
+
+fn fleet_parse(o: &Opts) -> Res<()> {
+    let path = o.pos.first().ok_or("fleet-parse FILE")?;
+    let iters: usize = o.get("iters", Some(50))?;
+    let body = std::fs::read(path).map_err(|e| format!("{path}: {e}"))?;
+    let mut times = Vec::with_capacity(iters);
+    let mut workers = 0;
+    for _ in 0..iters {
+        let t = Instant::now();
+        let v = FleetView::from_json(&body).map_err(|e| e.to_string())?;
+        times.push(t.elapsed().as_secs_f64() * 1e6);
+        workers = v.workers.len();
+    }
+    times.sort_by(f64::total_cmp);
+    let pct = |p: f64| times[((times.len() - 1) as f64 * p).round() as usize];
+    println!(
+        "{}",
+        serde_json::json!({"bytes": body.len(), "workers": workers, "iters": iters,
+                           "parse_us_p50": pct(0.5), "parse_us_p99": pct(0.99), "parse_us_min": pct(0.0)})
+    );
+    Ok(())
+}

@@ -133,6 +133,7 @@ pub struct Stats {
     pub post_token_errors: Option<u32>,
     pub breaker_trips: Option<u32>,
     pub failwhale_replies: Option<u32>,
+    pub client_cancels: Option<u32>,
 }
 
 impl Stats {
@@ -159,8 +160,24 @@ impl Stats {
             post_token_errors: c("post_token_errors"),
             breaker_trips: c("breaker_trips"),
             failwhale_replies: c("failwhale_replies"),
+            client_cancels: c("client_cancels"),
         }
     }
+}
+
+/// Envoy's `DownstreamConnectionTermination` response flag (`DC` in access logs).
+const DOWNSTREAM_CONNECTION_TERMINATION: u64 = 1 << 14;
+
+/// Whether the client went away (seen from an upstream filter too: the `response.*` attributes
+/// are the downstream stream's). Measured on Envoy 1.40: a client hanging up while the guard
+/// held the headers gives flags 0x4000 and details `downstream_remote_disconnect`, a worker
+/// reset gives neither.
+pub fn client_went_away() -> bool {
+    let flags = property(&["response", "flags"])
+        .and_then(|b| b.get(..8).and_then(|p| p.try_into().ok()))
+        .map_or(0, u64::from_le_bytes);
+    flags & DOWNSTREAM_CONNECTION_TERMINATION != 0
+        || property_string(&["response", "code_details"]).is_some_and(|d| d.starts_with("downstream_"))
 }
 
 pub fn inc(id: Option<u32>) {

@@ -490,11 +490,16 @@ impl Context for GuardCtx {
         if self.failed || self.saw_end {
             return true;
         }
+        if host::client_went_away() {
+            // The client hung up (or pressed stop): says nothing about the worker. Neither a
+            // breaker failure nor a truncation.
+            inc(self.stats.client_cancels);
+            return true;
+        }
         if released {
-            // The stream ended early after the client got the first token: a truncation.
-            // Not fed to the breaker: this attempt already proved the worker alive, and the
-            // same callback fires when the client goes away mid-stream (a user pressing stop
-            // must not open circuits); a worker that died is silenced by telemetry within 3 s.
+            // The worker's stream ended early after the client got the first token: a
+            // truncation. Not fed to the breaker: this attempt already proved the worker
+            // alive, and a worker that died is silenced by telemetry within 3 s.
             inc(self.stats.post_token_truncations);
         } else if !self.reported {
             let reason = if self.saw_headers { "reset before first token" } else { "reset or timeout before headers" };

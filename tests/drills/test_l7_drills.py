@@ -478,3 +478,27 @@ def test_anti_herding_even_load(stack):
     assert set(counts) == {"w1", "w2", "w3"}
     for w, s in shares.items():
         assert 0.20 <= s <= 0.47, f"{w} served {s:.0%} of the requests: {counts}"
+
+
+def test_client_cancels_do_not_open_the_breaker(stack):
+    """Clients that hang up before their first token (a user pressing stop, an SDK timeout) say
+    nothing about the worker: its circuit stays closed and the next request is served."""
+    stack.start_dnsd()
+    slow = stack.start_worker("w1", ttft_ms=1500, tokens_per_s=200)
+    stack.wait_fresh(["w1"])
+    threshold = 3
+    breaker = {"failure_threshold": threshold, "cooldown_ms": 30000}
+    envoy = stack.start_pool_router(picker_config=json.dumps({"breaker": breaker}),
+                                    guard_config=json.dumps({"breaker": breaker}))
+    wait_for(lambda: filter_stat(envoy, "fleet_polls") >= 1, 10, "the picker's first fleet poll")
+    impatient = make_client(envoy.base_url, timeout=0.3)
+    cancelled = [chat(impatient, i, 3) for i in range(2 * threshold)]
+    assert all(o.kind == "error" for o in cancelled), [o.describe() for o in cancelled]
+    wait_for(lambda: filter_stat(envoy, "client_cancels") >= 2 * threshold, 5, "the guard to count the cancels")
+    patient = make_client(envoy.base_url, timeout=10)
+    after = chat(patient, 100, 3)
+    report(f"cancels: {len(cancelled)} clients hung up before the first token; client_cancels "
+           f"{filter_stat(envoy, 'client_cancels')}, breaker_trips {filter_stat(envoy, 'breaker_trips')}, "
+           f"pre_token_retries {filter_stat(envoy, 'pre_token_retries')}; next request: {after.describe()}")
+    assert filter_stat(envoy, "breaker_trips") == 0, "client cancels opened the worker's circuit"
+    assert after.kind == "completed" and after.worker == slow.id, after.describe()

@@ -15,7 +15,9 @@ from __future__ import annotations
 
 import argparse
 import os
+import shutil
 import signal
+import subprocess
 import sys
 import threading
 import time
@@ -80,17 +82,21 @@ def run(stack: harness.Stack, a) -> int:
         if a.pgid_file:
             Path(a.pgid_file).write_text("".join(f"{p.pgid}\n" for p in stack.procs))
 
-    dnsd = stack.start_dnsd()
+    dnsd = stack.start_dnsd(config=dnsd_config(stack))
     note_pgids()
-    print(f"dnsd        ingest udp {dnsd.ingest}, fleet http://{dnsd.http}/v1/fleet")
+    print(f"dnsd        ingest udp {dnsd.ingest}, fleet http://{dnsd.http}/v1/fleet, DNS {dnsd.dns} "
+          f"({SERVICE}: pool local-a -> 127.0.0.11, pool local-b -> 127.0.0.12, fail-whale 127.0.0.99)")
     workers = []
     for i in range(a.workers):
-        w = stack.start_worker(f"w{i + 1}", ttft_ms=a.ttft_ms, tokens_per_s=20)
+        w = stack.start_worker(f"w{i + 1}", ttft_ms=a.ttft_ms, tokens_per_s=20, pool="local-a")
         note_pgids()
         workers.append(w)
         print(f"worker {w.id}   fake vLLM on {w.addr} (TTFT {a.ttft_ms} ms, 20 tokens/s), sidecar -> dnsd every 500 ms")
-    stack.wait_fresh([w.id for w in workers])
-    envoy = stack.start_pool_router()
+    edge = stack.start_worker("b1", pool="local-b", sidecar=True)
+    note_pgids()
+    print(f"worker b1   fake vLLM on {edge.addr}, pool local-b (the second 'region', for the DNS part)")
+    stack.wait_fresh([w.id for w in workers] + ["b1"])
+    envoy = stack.start_pool_router(workers=workers, pool=["local-a"])
     note_pgids()
     print(f"envoy       http://127.0.0.1:{envoy.port}/v1 (admin http://{envoy.admin}), access log {envoy.access_log}")
     wait_for(lambda: filter_stat(envoy, "fleet_polls") >= 1, 10, "the picker's first fleet poll")
@@ -176,7 +182,80 @@ def run(stack: harness.Stack, a) -> int:
         print("FAIL: a client saw an error or a splice")
         return 1
     print("OK: no client error, no splice; pre-token failures were retried, post-token ones ended cleanly truncated")
-    return 0
+    return dns_evacuation(stack, dnsd, edge)
+
+
+SERVICE = "api.gpuha.test."
+
+
+def dnsd_config(stack: harness.Stack) -> Path:
+    """dnsd with a DNS zone: two pools (two 'regions'), each with one router address."""
+    path = stack.logdir / "dnsd.toml"
+    path.write_text(f"""
+[ingest]
+keys = [{{ id = {stack.key_id}, file = "{stack.key_file}" }}]
+
+[dns]
+listen = "127.0.0.1:0"
+
+[[dns.zones]]
+origin = "gpuha.test."
+ns = ["ns1.gpuha.test."]
+soa = {{ rname = "hostmaster.gpuha.test.", minimum = 5 }}
+records = [{{ name = "ns1", type = "A", value = "127.0.0.1" }}]
+
+[[dns.pools]]
+id = "local-a"
+region = "here"
+cloud = "none"
+routers = ["127.0.0.11"]
+
+[[dns.pools]]
+id = "local-b"
+region = "there"
+cloud = "none"
+routers = ["127.0.0.12"]
+
+[[dns.services]]
+name = "{SERVICE}"
+pools = ["local-a", "local-b"]
+ttl = 5
+fail_whale = ["127.0.0.99"]
+""")
+    return path
+
+
+def dig(dns: str) -> list[str]:
+    host, port = dns.rsplit(":", 1)
+    r = subprocess.run(["dig", "+short", "+tries=1", "+time=1", f"@{host}", "-p", port, SERVICE, "A"],
+                       capture_output=True, text=True, timeout=5)
+    return sorted(r.stdout.split())
+
+
+def dns_evacuation(stack: harness.Stack, dnsd, edge) -> int:
+    """Part 2: the whole of pool local-b goes dark; dnsd drops it from the answer after the
+    10 s eviction window (each line is a real `dig` against dnsd)."""
+    if shutil.which("dig") is None:
+        print("\n(DNS part skipped: no `dig`; apt-get install dnsutils)")
+        return 0
+    print(f"\n== DNS tier: dig @{dnsd.dns} {SERVICE}")
+    print(f"answer now: {dig(dnsd.dns)}")
+    edge.proc.kill9()
+    killed = time.monotonic()
+    print(f">>> kill -9 b1, the only worker of pool local-b; its sidecar goes silent")
+    last = None
+    while time.monotonic() - killed < 20:
+        ans = dig(dnsd.dns)
+        if ans != last:
+            print(f"t={time.monotonic() - killed:5.2f}s  answer {ans}", flush=True)
+            last = ans
+        if ans == ["127.0.0.11"]:
+            print(f"pool local-b left the answer {time.monotonic() - killed:.2f}s after the kill "
+                  f"(10 s eviction window; clients re-resolve within the 5 s TTL)")
+            return 0
+        time.sleep(0.25)
+    print("FAIL: pool local-b was still answered 20 s after its last worker died")
+    return 1
 
 
 if __name__ == "__main__":

@@ -268,6 +268,7 @@ class Dnsd:
     ingest: str
     http: str
     proc: Proc
+    dns: str = "-"
 
     def fleet(self) -> dict:
         status, body = http_get(f"http://{self.http}/v1/fleet")
@@ -379,15 +380,17 @@ class Stack:
 
     # ---- dnsd
 
-    def start_dnsd(self, ingest: str = "127.0.0.1:0", http: str = "127.0.0.1:0", bind_timeout: float = 10.0) -> Dnsd:
+    def start_dnsd(self, ingest: str = "127.0.0.1:0", http: str = "127.0.0.1:0", bind_timeout: float = 10.0,
+                   config: Optional[Path] = None) -> Dnsd:
         """Starts dnsd and waits for its READY line. When restarting on fixed ports, a bind that
-        fails (the previous instance's sockets) is retried until `bind_timeout`."""
+        fails (the previous instance's sockets) is retried until `bind_timeout`. With `config`
+        (a TOML file, e.g. with a [dns] section) its keys are used; `ingest`/`http` override."""
         deadline = time.monotonic() + bind_timeout
         attempt = 0
         while True:
             attempt += 1
-            proc = self.spawn("dnsd", [binary("gpuha-dnsd"), "--ingest", ingest, "--http", http,
-                                       "--key-file", self.key_file, "--key-id", str(self.key_id)])
+            keys = ["--config", str(config)] if config else ["--key-file", self.key_file, "--key-id", str(self.key_id)]
+            proc = self.spawn("dnsd", [binary("gpuha-dnsd"), "--ingest", ingest, "--http", http, *keys])
             try:
                 m = proc.wait_line(r"^READY ingest=(\S+) http=(\S+) dns=(\S+)")
                 break
@@ -395,7 +398,7 @@ class Stack:
                 if proc.alive() or time.monotonic() >= deadline or "0" == http.rsplit(":", 1)[1]:
                     raise
                 time.sleep(0.2)  # fixed port still held by the old instance: retry until the deadline
-        self.dnsd = Dnsd(ingest=m.group(1), http=m.group(2), proc=proc)
+        self.dnsd = Dnsd(ingest=m.group(1), http=m.group(2), proc=proc, dns=m.group(3))
         self.dnsd.bind_attempts = attempt  # type: ignore[attr-defined]
         wait_for(lambda: _ok(lambda: self.dnsd.fleet()), 10, "dnsd /v1/fleet to answer")
         return self.dnsd

@@ -24,6 +24,7 @@
 //!   polls, so dnsd sees one poll per interval however many threads Envoy runs, and there is
 //!   no leader whose loss would stop polling.
 //! * `gpuha.breaker.<ip:port>`: that worker's circuit breaker (JSON).
+//! * `gpuha.breakers.not_closed`: the workers whose circuit is open or half-open.
 
 pub mod config;
 mod host;
@@ -55,9 +56,24 @@ const FLEET_KEY: &str = "gpuha.fleet";
 /// 8 bytes: the local fetch time of the view in `gpuha.fleet`, written after it.
 const FLEET_VERSION_KEY: &str = "gpuha.fleet.version";
 const POLL_KEY: &str = "gpuha.poll";
+/// Comma-separated addresses whose circuit is not closed. Every other worker is admitted
+/// without reading its breaker, so a pick costs one shared-data read, not one per worker.
+const NOT_CLOSED_KEY: &str = "gpuha.breakers.not_closed";
 
 fn breaker_key(addr: &str) -> String {
     format!("gpuha.breaker.{addr}")
+}
+
+/// Adds `addr` to (or removes it from) the not-closed list.
+fn set_not_closed(addr: &str, not_closed: bool) {
+    host::shared_update(NOT_CLOSED_KEY, |cur| {
+        let cur = String::from_utf8_lossy(cur.unwrap_or_default());
+        let mut list: Vec<&str> = cur.split(',').filter(|x| !x.is_empty() && *x != addr).collect();
+        if not_closed {
+            list.push(addr);
+        }
+        Some((list.join(",").into_bytes(), ()))
+    });
 }
 
 fn u64_prefix(b: Option<&[u8]>) -> u64 {
@@ -295,6 +311,9 @@ impl Picker {
             return Action::Continue;
         };
         let bcfg: BreakerConfig = self.cfg.breaker;
+        let not_closed = host::shared_get(NOT_CLOSED_KEY).0.unwrap_or_default();
+        let not_closed = String::from_utf8_lossy(&not_closed).into_owned();
+        let is_not_closed = |a: &str| not_closed.split(',').any(|x| x == a);
         let decision = {
             let mut t = self.thread.borrow_mut();
             let t = &mut *t;
@@ -306,7 +325,7 @@ impl Picker {
                 &t.load,
                 &mut t.rng,
                 &self.cfg.pick,
-                |a| self.breaker_admission(a, now),
+                |a| if is_not_closed(a) { self.breaker_admission(a, now) } else { Admission::Allow },
                 |a| {
                     host::shared_update(&breaker_key(a), |cur| {
                         let mut b = Breaker::decode(cur);
@@ -467,10 +486,14 @@ impl GuardCtx {
         });
         match t {
             Some(Transition::Tripped) => {
+                set_not_closed(&addr, true);
                 inc(self.stats.breaker_trips);
                 host::warn(&format!("gpuha: circuit opened for {addr}: {}", failure.as_deref().unwrap_or("")));
             }
-            Some(Transition::Closed) => host::log(LogLevel::Info, &format!("gpuha: circuit closed for {addr} (probe succeeded)")),
+            Some(Transition::Closed) => {
+                set_not_closed(&addr, false);
+                host::log(LogLevel::Info, &format!("gpuha: circuit closed for {addr} (probe succeeded)"));
+            }
             _ => {}
         }
     }

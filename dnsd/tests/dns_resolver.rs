@@ -8,7 +8,7 @@ use std::path::Path;
 use gpuha_dnsd::dns::answer::{resolve, service_addresses, PoolStates, Transition, Transitions};
 use gpuha_dnsd::dns::Zones;
 use gpuha_dnsd::Config;
-use gpuha_liveness::{FleetState, Frame, Liveness, Metrics, EVICTION_WINDOW_MS};
+use gpuha_liveness::{FleetState, Frame, Liveness, Metrics, EVICTION_WINDOW_MS, FAILBACK_HOLD_DOWN_MS as HOLD};
 use hickory_proto::op::ResponseCode;
 use hickory_proto::rr::{Name, RData, RecordType};
 
@@ -65,15 +65,19 @@ fn cold_start_answers_every_pool_then_evicts_the_silent_ones() {
     assert_eq!(a(&z, &fleet, T0 + EVICTION_WINDOW_MS - 1, "api.gpuha.test."), API_ALL);
     // After one window with no frames: every pool dead -> fail-whale, never NXDOMAIN.
     assert_eq!(a(&z, &fleet, T0 + EVICTION_WINDOW_MS, "api.gpuha.test."), WHALE);
-    // Pool A reports: only A is answered.
+    // Pool A reports: held down for HOLD, then only A is answered.
     fleet.observe(frame("a1", "pool-a", 1, T0 + 11_000), T0 + 11_000);
-    assert_eq!(a(&z, &fleet, T0 + 11_000, "api.gpuha.test."), POOL_A);
+    assert_eq!(a(&z, &fleet, T0 + 11_000, "api.gpuha.test."), WHALE);
+    assert_eq!(a(&z, &fleet, T0 + 11_000 + HOLD - 1, "api.gpuha.test."), WHALE);
+    assert_eq!(a(&z, &fleet, T0 + 11_000 + HOLD, "api.gpuha.test."), POOL_A);
     // A's worker is in the window until exactly 10 s after its last frame, then A is evicted.
     assert_eq!(a(&z, &fleet, T0 + 21_000, "api.gpuha.test."), POOL_A);
     assert_eq!(a(&z, &fleet, T0 + 21_001, "api.gpuha.test."), WHALE);
-    // Failback as soon as frames return.
+    // Failback once frames have come back for the hold-down.
     fleet.observe(frame("b1", "pool-b", 1, T0 + 30_000), T0 + 30_000);
-    assert_eq!(a(&z, &fleet, T0 + 30_000, "api.gpuha.test."), POOL_B);
+    assert_eq!(a(&z, &fleet, T0 + 30_000, "api.gpuha.test."), WHALE);
+    fleet.observe(frame("b1", "pool-b", 2, T0 + 30_500), T0 + 30_500);
+    assert_eq!(a(&z, &fleet, T0 + 30_000 + HOLD, "api.gpuha.test."), POOL_B);
 }
 
 #[test]
@@ -107,7 +111,7 @@ fn priority_takes_the_first_alive_pool_and_fails_over() {
     let t = T0 + 20_000;
     fleet.observe(frame("a1", "pool-a", 1, t), t);
     fleet.observe(frame("b1", "pool-b", 1, t), t);
-    assert_eq!(a(&z, &fleet, t, "prio.gpuha.test."), POOL_B);
+    assert_eq!(a(&z, &fleet, t + HOLD, "prio.gpuha.test."), POOL_B);
     fleet.observe(frame("a1", "pool-a", 2, t + 8_000), t + 8_000);
     // b1 silent for > 10 s: prio fails over to pool-a.
     assert_eq!(a(&z, &fleet, t + 10_001, "prio.gpuha.test."), POOL_A);
@@ -127,9 +131,10 @@ fn min_workers_counts_distinct_workers_in_the_window() {
     let t = T0 + 20_000;
     fleet.observe(frame("a1", "pool-a", 1, t), t);
     fleet.observe(frame("b1", "pool-b", 1, t), t);
-    assert_eq!(a(&z, &fleet, t, "api.gpuha.test."), POOL_B, "one worker is not enough for pool-a");
     fleet.observe(frame("a2", "pool-a", 1, t + 100), t + 100);
-    assert_eq!(a(&z, &fleet, t + 100, "api.gpuha.test."), API_ALL);
+    // At t + HOLD, a2 has not sent for the hold-down yet.
+    assert_eq!(a(&z, &fleet, t + HOLD, "api.gpuha.test."), POOL_B, "one worker is not enough for pool-a");
+    assert_eq!(a(&z, &fleet, t + 100 + HOLD, "api.gpuha.test."), API_ALL);
 }
 
 #[test]
@@ -161,7 +166,8 @@ fn transitions_are_counted_once_per_change() {
             (10_000, 2, Transition::Evicted),
             // a1's last frame at 1 s; it is out of the window at 11.001 s -> seen at the 11.5 s tick.
             (11_500, 0, Transition::Evicted),
-            (20_000, 0, Transition::FailedBack),
+            // Back at 20 s: answered again after the 1 s hold-down.
+            (20_000 + HOLD, 0, Transition::FailedBack),
         ]
     );
 }

@@ -59,6 +59,41 @@ impl WorkerState {
     pub fn counts_for_pool(&self, now_ms: u64) -> bool {
         self.is_in_window(now_ms) && now_ms.saturating_sub(self.streak_start_ms) >= FAILBACK_HOLD_DOWN_MS
     }
+
+    /// The instants `[from, to]` (inclusive) at which [`Self::counts_for_pool`] holds: from the
+    /// end of the hold-down to the end of the window. `from > to` when it never holds.
+    pub fn counting_span(&self) -> (u64, u64) {
+        (
+            self.streak_start_ms.saturating_add(FAILBACK_HOLD_DOWN_MS),
+            self.last_rx_ms.saturating_add(EVICTION_WINDOW_MS),
+        )
+    }
+}
+
+/// The earliest instant at which a worker counting over `old` instead of `new` (inclusive spans,
+/// empty when `from > to`) changes any pool count; `u64::MAX` when the two agree everywhere.
+fn first_difference(old: Option<(u64, u64)>, new: Option<(u64, u64)>) -> u64 {
+    let nonempty = |s: Option<(u64, u64)>| s.filter(|(a, b)| a <= b);
+    match (nonempty(old), nonempty(new)) {
+        (None, None) => u64::MAX,
+        (Some((a, _)), None) | (None, Some((a, _))) => a,
+        (Some((a, b)), Some((c, d))) => {
+            let start = if a != c { a.min(c) } else { u64::MAX };
+            let end = if b != d { b.min(d).saturating_add(1) } else { u64::MAX };
+            start.min(end)
+        }
+    }
+}
+
+/// Several pools' liveness at one instant, and the span of time around it during which none of
+/// them can change unless a frame arrives (see [`FleetState::pool_outlook`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PoolOutlook {
+    /// Indexed like the `pools` asked for.
+    pub states: Vec<Liveness>,
+    /// The states hold for every instant in `valid_from..valid_until`.
+    pub valid_from: u64,
+    pub valid_until: u64,
 }
 
 /// A pool's state as the DNS tier sees it.
@@ -124,26 +159,42 @@ impl FleetState {
 
     /// Records an accepted frame (see [`crate::Ingest::accept`]) received at `now_ms`.
     pub fn observe(&mut self, frame: Frame, now_ms: u64) {
+        self.observe_tracked(frame, now_ms);
+    }
+
+    /// [`Self::observe`], and returns the earliest instant at which any pool's liveness may
+    /// differ from before the frame (`u64::MAX`: nowhere). A caller that cached a
+    /// [`PoolOutlook`] may keep using it strictly before that instant.
+    pub fn observe_tracked(&mut self, frame: Frame, now_ms: u64) -> u64 {
         match self.workers.get_mut(&frame.worker_id) {
-            Some(w) if w.frame.boot_id == frame.boot_id => {
-                if !w.is_in_window(now_ms) {
-                    w.streak_start_ms = now_ms;
-                }
-                w.derived = derive(&w.frame.metrics, w.frame.sent_ms, &frame.metrics, frame.sent_ms, w.derived);
-                w.frame = frame;
-                w.last_rx_ms = now_ms;
-            }
             Some(w) => {
-                // A restart (new boot id): derived values start over; the streak goes on if
-                // the worker never left the window (a quick sidecar restart is no failback).
-                let streak_start_ms = if w.is_in_window(now_ms) { w.streak_start_ms } else { now_ms };
-                *w = WorkerState { frame, last_rx_ms: now_ms, streak_start_ms, derived: Derived::default() };
+                let old = (w.counting_span(), std::mem::take(&mut w.frame.pool_id));
+                if w.frame.boot_id == frame.boot_id {
+                    if !w.is_in_window(now_ms) {
+                        w.streak_start_ms = now_ms;
+                    }
+                    w.derived = derive(&w.frame.metrics, w.frame.sent_ms, &frame.metrics, frame.sent_ms, w.derived);
+                    w.frame = frame;
+                    w.last_rx_ms = now_ms;
+                } else {
+                    // A restart (new boot id): derived values start over; the streak goes on if
+                    // the worker never left the window (a quick sidecar restart is no failback).
+                    let streak_start_ms = if w.is_in_window(now_ms) { w.streak_start_ms } else { now_ms };
+                    *w = WorkerState { frame, last_rx_ms: now_ms, streak_start_ms, derived: Derived::default() };
+                }
+                let new = w.counting_span();
+                if old.1 == w.frame.pool_id {
+                    first_difference(Some(old.0), Some(new))
+                } else {
+                    // Moved to another pool: it leaves one count and joins another.
+                    first_difference(Some(old.0), None).min(first_difference(None, Some(new)))
+                }
             }
             None => {
-                self.workers.insert(
-                    frame.worker_id.clone(),
-                    WorkerState { frame, last_rx_ms: now_ms, streak_start_ms: now_ms, derived: Derived::default() },
-                );
+                let w = WorkerState { frame, last_rx_ms: now_ms, streak_start_ms: now_ms, derived: Derived::default() };
+                let changed = first_difference(None, Some(w.counting_span()));
+                self.workers.insert(w.frame.worker_id.clone(), w);
+                changed
             }
         }
     }
@@ -180,6 +231,49 @@ impl FleetState {
         } else {
             Liveness::Dead
         }
+    }
+
+    /// [`Self::pool_liveness`] of each `(pool, min_workers)` at `now_ms` in one pass over the
+    /// workers, with the span around `now_ms` in which none of the answers changes as long as
+    /// no frame arrives: every worker counts over one closed span of time
+    /// ([`WorkerState::counting_span`]), so a pool's count is constant between consecutive span
+    /// ends (and the cold-start end). dnsd answers DNS queries from it without a scan.
+    pub fn pool_outlook(&self, pools: &[(&str, usize)], now_ms: u64) -> PoolOutlook {
+        let mut counted = vec![0usize; pools.len()];
+        let cold_end = self.started_ms.saturating_add(EVICTION_WINDOW_MS);
+        let (mut from, mut until) = (0u64, u64::MAX);
+        let mut event = |t: u64| {
+            if t <= now_ms {
+                from = from.max(t);
+            } else {
+                until = until.min(t);
+            }
+        };
+        event(cold_end);
+        for w in self.workers.values() {
+            let Some(i) = pools.iter().position(|(p, _)| *p == w.frame.pool_id) else { continue };
+            let (a, b) = w.counting_span();
+            if a > b {
+                continue;
+            }
+            counted[i] += usize::from(a <= now_ms && now_ms <= b);
+            event(a);
+            event(b.saturating_add(1));
+        }
+        let states = pools
+            .iter()
+            .zip(counted)
+            .map(|((_, min), n)| {
+                if n >= (*min).max(1) {
+                    Liveness::Alive
+                } else if now_ms < cold_end {
+                    Liveness::ColdStart
+                } else {
+                    Liveness::Dead
+                }
+            })
+            .collect();
+        PoolOutlook { states, valid_from: from, valid_until: until }
     }
 
     /// Drops workers silent for longer than `forget_after_ms`; returns how many were dropped.
@@ -449,6 +543,43 @@ mod tests {
             prop_assert_eq!(l == Liveness::Alive, counted >= min);
             for w in fleet.workers() {
                 prop_assert!(!w.is_fresh(now) || w.is_in_window(now));
+            }
+        }
+
+        /// The outlook agrees with `pool_liveness` at `now` and everywhere in its validity span,
+        /// and after one more frame, everywhere before the instant `observe_tracked` returned.
+        #[test]
+        fn outlook_and_tracked_changes_agree_with_pool_liveness(
+            events in proptest::collection::vec((0u8..5, 0u8..2, 0u8..2, 0u64..30_000), 1..30),
+            extra in (0u8..5, 0u8..2, 0u8..2, 0u64..30_000),
+            now_off in 0u64..45_000, probes in proptest::collection::vec(0u64..45_000, 1..20),
+        ) {
+            let pools = [("p0", 1usize), ("p1", 2usize)];
+            let mut evs = events.clone();
+            evs.sort_by_key(|e| e.3);
+            let mut fleet = FleetState::new(T0);
+            for (seq, (w, p, boot, t)) in evs.iter().enumerate() {
+                fleet.observe(frame(&format!("w{w}"), &format!("p{p}"), u64::from(*boot), seq as u64 + 1, T0 + t), T0 + t);
+            }
+            let now = T0 + now_off;
+            let o = fleet.pool_outlook(&pools, now);
+            prop_assert!(o.valid_from <= now && now < o.valid_until);
+            let live = |f: &FleetState, t: u64| pools.iter().map(|(p, m)| f.pool_liveness(p, *m, t)).collect::<Vec<_>>();
+            prop_assert_eq!(&o.states, &live(&fleet, now));
+            let edges = [o.valid_from, o.valid_until.saturating_sub(1)];
+            for t in probes.iter().map(|p| T0 + p).chain(edges) {
+                if o.valid_from <= t && t < o.valid_until {
+                    prop_assert_eq!(&o.states, &live(&fleet, t), "at {}", t);
+                }
+            }
+            let before = fleet.clone();
+            let (w, p, boot, t) = extra;
+            let changed = fleet.observe_tracked(frame(&format!("w{w}"), &format!("p{p}"), u64::from(boot), 1_000, T0 + t), T0 + t);
+            for probe in probes.iter().chain([&t, &now_off]) {
+                let at = T0 + probe;
+                if at < changed {
+                    prop_assert_eq!(live(&before, at), live(&fleet, at), "at {} (changed {})", probe, changed);
+                }
             }
         }
     }

@@ -14,7 +14,7 @@ pub mod ingest;
 pub mod openai_error;
 pub mod pick;
 
-pub use fleet::{FAILBACK_HOLD_DOWN_MS, FleetState, FleetView, Liveness, PoolView, WorkerView};
+pub use fleet::{FAILBACK_HOLD_DOWN_MS, FleetState, FleetView, Liveness, PoolOutlook, PoolView, WorkerView};
 pub use frame::{Frame, FrameError, KeyRing, Metrics, MAX_FRAME_LEN};
 pub use ingest::{DropReason, Ingest, IngestCounters};
 

@@ -292,6 +292,262 @@ pub fn pick(
     Decision::Endpoints { endpoints, probe }
 }
 
+/// One candidate in [`Ranked`]: a worker's index in the view and its score with no local load.
+#[derive(Debug, Clone, Copy)]
+struct Cand {
+    idx: usize,
+    base: f64,
+}
+
+/// Eligible workers of one model, best base score first.
+#[derive(Debug, Clone, Default)]
+struct ModelRank {
+    /// Workers of the router's pools serving the model, whatever their age.
+    serving: usize,
+    /// Those fresh when the view was fetched (age below the gate), by (base score, view index).
+    cands: Vec<Cand>,
+    /// Their ages, ascending: how many are still fresh at `now` is one binary search.
+    ages: Vec<u64>,
+}
+
+impl ModelRank {
+    fn push(&mut self, idx: usize, w: &WorkerView, cfg: &PickConfig) {
+        self.serving += 1;
+        if w.age_ms < cfg.freshness_gate_ms {
+            self.cands.push(Cand { idx, base: predicted_ttft_ms(w, 0.0, cfg) });
+            self.ages.push(w.age_ms);
+        }
+    }
+
+    fn finish(&mut self) {
+        self.cands.sort_by(|a, b| a.base.total_cmp(&b.base).then(a.idx.cmp(&b.idx)));
+        self.ages.sort_unstable();
+    }
+}
+
+/// A [`FleetView`] pre-ranked for [`pick_ranked`]: built once per new view (O(n log n)), so a
+/// request costs about `max_endpoints` candidates instead of scoring and sorting the fleet.
+///
+/// A worker's score only grows with the local load counted on top of its frame
+/// ([`predicted_ttft_ms`] is monotone in `extra`), so candidates taken in base-score order can
+/// stop as soon as the next base score is above everything the answer depends on.
+#[derive(Debug, Clone, Default)]
+pub struct Ranked {
+    /// Requests that name no model: every worker of the router's pools.
+    any: ModelRank,
+    by_model: HashMap<String, ModelRank>,
+    /// A model no worker lists: the workers that list no models (they serve anything).
+    unlisted: ModelRank,
+    /// View indices of the router's pools' workers by address, to find half-open ones.
+    by_addr: HashMap<String, Vec<usize>>,
+}
+
+impl Ranked {
+    /// Ranks `view` for `cfg` (the pools, freshness gate and score weights come from it).
+    pub fn build(view: &FleetView, cfg: &PickConfig) -> Self {
+        let mut r = Ranked::default();
+        for (idx, w) in view.workers.iter().enumerate() {
+            if !(cfg.pools.is_empty() || cfg.pools.contains(&w.pool)) {
+                continue;
+            }
+            r.any.push(idx, w, cfg);
+            r.by_addr.entry(w.addr.clone()).or_default().push(idx);
+            if w.models.is_empty() {
+                r.unlisted.push(idx, w, cfg);
+            }
+        }
+        // A model's list: the workers listing it, plus those listing none.
+        for (idx, w) in view.workers.iter().enumerate() {
+            if !(cfg.pools.is_empty() || cfg.pools.contains(&w.pool)) {
+                continue;
+            }
+            for (i, m) in w.models.iter().enumerate() {
+                if w.models[..i].contains(m) {
+                    continue;
+                }
+                if !r.by_model.contains_key(m) {
+                    let mut seed = ModelRank::default();
+                    for (j, u) in view.workers.iter().enumerate() {
+                        if u.models.is_empty() && (cfg.pools.is_empty() || cfg.pools.contains(&u.pool)) && j < idx {
+                            seed.push(j, u, cfg);
+                        }
+                    }
+                    r.by_model.insert(m.clone(), seed);
+                }
+                if let Some(mr) = r.by_model.get_mut(m) {
+                    mr.push(idx, w, cfg);
+                }
+            }
+            if w.models.is_empty() {
+                for mr in r.by_model.values_mut() {
+                    mr.push(idx, w, cfg);
+                }
+            }
+        }
+        r.any.finish();
+        r.unlisted.finish();
+        for mr in r.by_model.values_mut() {
+            mr.finish();
+        }
+        r
+    }
+
+    fn for_model(&self, model: Option<&str>) -> &ModelRank {
+        match model {
+            None => &self.any,
+            Some(m) => self.by_model.get(m).unwrap_or(&self.unlisted),
+        }
+    }
+}
+
+/// [`pick`] over a [`Ranked`] built from the same `view` and `cfg`, without scoring every
+/// worker: the same answer (same random draws) as long as every address outside `not_closed`
+/// is admitted ([`Admission::Allow`]). `admission` is asked only about addresses in
+/// `not_closed` (the breaker's open and half-open circuits; the filter keeps that list).
+#[allow(clippy::too_many_arguments)]
+pub fn pick_ranked(
+    ranked: &Ranked,
+    view: &FleetView,
+    fetched_local_ms: u64,
+    now_ms: u64,
+    model: Option<&str>,
+    load: &LocalLoad,
+    rng: &mut Rng,
+    cfg: &PickConfig,
+    not_closed: &[&str],
+    mut admission: impl FnMut(&str) -> Admission,
+    mut claim_probe: impl FnMut(&str) -> bool,
+) -> Decision {
+    if now_ms.saturating_sub(fetched_local_ms) > cfg.stale_after_ms {
+        return Decision::Stale;
+    }
+    let mr = ranked.for_model(model);
+    if mr.serving == 0 {
+        return Decision::UnknownModel;
+    }
+    let elapsed = now_ms.saturating_sub(fetched_local_ms);
+    let is_fresh = |w: &WorkerView| effective_age_ms(w, fetched_local_ms, now_ms) < cfg.freshness_gate_ms;
+    let fresh = mr.ages.partition_point(|a| a.saturating_add(elapsed) < cfg.freshness_gate_ms);
+    // Scored candidates (score, view index) and half-open ones (view index), scanned so far.
+    let mut normal: Vec<(f64, usize)> = Vec::with_capacity(4 * cfg.max_endpoints + 8);
+    // Half-open workers anywhere in the list, as `pick` finds them: only `not_closed` can be.
+    let mut probes: Vec<usize> = Vec::new();
+    for (i, addr) in not_closed.iter().enumerate() {
+        if not_closed[..i].contains(addr) {
+            continue;
+        }
+        for &idx in ranked.by_addr.get(*addr).map_or(&[][..], |v| v.as_slice()) {
+            let w = &view.workers[idx];
+            if serves(w, model) && is_fresh(w) && admission(&w.addr) == Admission::Probe {
+                probes.push(idx);
+            }
+        }
+    }
+    let mut next = 0;
+    let mut want = 4 * cfg.max_endpoints + 8;
+    loop {
+        while next < mr.cands.len() && normal.len() < want {
+            let c = mr.cands[next];
+            next += 1;
+            let w = &view.workers[c.idx];
+            if !is_fresh(w) {
+                continue;
+            }
+            let allowed = !not_closed.contains(&w.addr.as_str()) || admission(&w.addr) == Admission::Allow;
+            if allowed {
+                let frame_local_ms = fetched_local_ms.saturating_sub(w.age_ms);
+                let extra = load.sent_since(&w.addr, frame_local_ms) as f64;
+                normal.push((predicted_ttft_ms(w, extra, cfg), c.idx));
+            }
+        }
+        if next >= mr.cands.len() {
+            break;
+        }
+        normal.sort_by(|a, b| a.0.total_cmp(&b.0).then(a.1.cmp(&b.1)));
+        // Everything the answer reads has a score at most `needed`; an unscanned worker scores
+        // at least its base score, so once that is above `needed` nothing unscanned matters.
+        let needed = needed_score(&normal, view, cfg);
+        if needed.is_some_and(|n| mr.cands[next].base.total_cmp(&n).is_gt()) {
+            break;
+        }
+        want = normal.len() * 2 + 8;
+    }
+    normal.sort_by(|a, b| a.0.total_cmp(&b.0).then(a.1.cmp(&b.1)));
+    probes.sort_unstable();
+    let mut endpoints: Vec<String> = Vec::with_capacity(cfg.max_endpoints);
+    let mut probe = None;
+    while !probes.is_empty() {
+        let w = &view.workers[probes.swap_remove(rng.below(probes.len()))];
+        if claim_probe(&w.addr) {
+            endpoints.push(w.addr.clone());
+            probe = Some(w.addr.clone());
+            break;
+        }
+    }
+    if probe.is_none() && !normal.is_empty() {
+        let best = normal[0].0;
+        let limit = best * (1.0 + cfg.near_best_ratio) + cfg.near_best_ms;
+        let near = normal.iter().take_while(|s| s.0 <= limit).count();
+        let first = if near >= 2 {
+            let a = rng.below(near);
+            let mut b = rng.below(near - 1);
+            if b >= a {
+                b += 1;
+            }
+            if normal[b].0 < normal[a].0 {
+                b
+            } else {
+                a
+            }
+        } else {
+            0
+        };
+        let chosen = normal.remove(first);
+        endpoints.push(view.workers[chosen.1].addr.clone());
+    }
+    for (_, idx) in normal {
+        if endpoints.len() >= cfg.max_endpoints {
+            break;
+        }
+        let addr = &view.workers[idx].addr;
+        if !endpoints.contains(addr) {
+            endpoints.push(addr.clone());
+        }
+    }
+    if fresh == 0 && !mr.ages.is_empty() {
+        // See `pick`: fresh at dnsd, aged past the gate only on our clock: fail open.
+        return Decision::Stale;
+    }
+    if endpoints.is_empty() {
+        return Decision::NoWorker { fresh, serving: mr.serving };
+    }
+    Decision::Endpoints { endpoints, probe }
+}
+
+/// The highest score [`pick_ranked`]'s answer can depend on, given the sorted scores so far:
+/// the near-best limit, and the score of the element that completes the endpoint list
+/// whichever near-best one is chosen first. `None`: the scanned ones cannot complete it.
+fn needed_score(normal: &[(f64, usize)], view: &FleetView, cfg: &PickConfig) -> Option<f64> {
+    let best = normal.first()?.0;
+    let limit = best * (1.0 + cfg.near_best_ratio) + cfg.near_best_ms;
+    let near = normal.iter().take_while(|s| s.0 <= limit).count().max(1);
+    // The list is the chosen one plus the next distinct addresses in order; with any of the
+    // first `near` chosen, it is complete once max_endpoints + 1 distinct addresses are seen.
+    let mut distinct: Vec<&str> = Vec::with_capacity(cfg.max_endpoints + 1);
+    let mut last = None;
+    for (i, (score, idx)) in normal.iter().enumerate() {
+        let addr = view.workers[*idx].addr.as_str();
+        if distinct.len() <= cfg.max_endpoints && !distinct.contains(&addr) {
+            distinct.push(addr);
+        }
+        if i + 1 >= near && distinct.len() > cfg.max_endpoints {
+            last = Some(*score);
+            break;
+        }
+    }
+    last.map(|l| l.max(limit))
+}
+
 #[cfg(test)]
 #[allow(clippy::unwrap_used)]
 mod tests {
@@ -324,6 +580,43 @@ mod tests {
 
     fn go(v: &FleetView, fetched: u64, now: u64, model: Option<&str>, seed: u64) -> Decision {
         pick(v, fetched, now, model, &LocalLoad::default(), &mut Rng::new(seed), &PickConfig::default(), |_| Admission::Allow, |_| false)
+    }
+
+    #[test]
+    fn ranked_path_asks_only_about_listed_circuits_and_probes_first() {
+        let mut ws: Vec<WorkerView> = (0..10_000).map(|i| w(&format!("w{i}"), i as u16 + 1, 100, (i % 50) as f64, 100.0)).collect();
+        ws[7_777].waiting = Some(0.0);
+        let v = view(ws);
+        let cfg = PickConfig::default();
+        let ranked = Ranked::build(&v, &cfg);
+        let mut asked = 0;
+        let d = pick_ranked(&ranked, &v, 0, 0, Some("tiny"), &LocalLoad::default(), &mut Rng::new(5), &cfg, &[], |_| Admission::Allow, |_| false);
+        let Decision::Endpoints { endpoints, .. } = d else { panic!("{d:?}") };
+        assert_eq!(endpoints.len(), 3);
+        // Only the listed addresses are asked about.
+        let listed = ["127.0.0.1:7778", "127.0.0.1:3"];
+        let _ = pick_ranked(&ranked, &v, 0, 0, Some("tiny"), &LocalLoad::default(), &mut Rng::new(5), &cfg, &listed, |a| {
+            asked += 1;
+            assert!(listed.contains(&a), "{a}");
+            Admission::Allow
+        }, |_| false);
+        assert!(asked <= 4, "asked {asked} times");
+        // A half-open worker with a poor score still gets its probe, first.
+        assert_eq!(first_is_probe(&ranked, &v, "127.0.0.1:7778"), Some("127.0.0.1:7778".to_string()));
+        assert_eq!(first_is_probe(&ranked, &v, "127.0.0.1:50"), Some("127.0.0.1:50".to_string()));
+    }
+
+    /// The probe of a half-open worker goes first.
+    fn first_is_probe(ranked: &Ranked, v: &FleetView, half_open: &str) -> Option<String> {
+        let d = pick_ranked(ranked, v, 0, 0, Some("tiny"), &LocalLoad::default(), &mut Rng::new(5), &PickConfig::default(),
+            &[half_open], |a| if a == half_open { Admission::Probe } else { Admission::Allow }, |_| true);
+        match d {
+            Decision::Endpoints { endpoints, probe } => {
+                assert_eq!(endpoints.first(), probe.as_ref());
+                probe
+            }
+            other => panic!("{other:?}"),
+        }
     }
 
     #[test]
@@ -466,6 +759,50 @@ mod tests {
                 prop_assert!(workers.iter().any(|x| x.age_ms < 3_000));
                 prop_assert!(workers.iter().all(|x| x.age_ms + elapsed >= 3_000));
             }
+        }
+
+        /// The pre-ranked path gives exactly `pick`'s answer (same endpoints, same random
+        /// draws) on random fleets: mixed models and pools, shared addresses, local load,
+        /// open circuits, ties, stale workers, any model asked for.
+        #[test]
+        fn ranked_path_agrees_with_pick(
+            ws in proptest::collection::vec(
+                (0u64..5_000, 0.0f64..6.0, 0u8..4, 0u8..4, 0u8..3, 0u16..200, 0usize..4, any::<bool>(), any::<bool>()),
+                0..120),
+            seed: u64, elapsed in 0u64..2_500, model in 0u8..4, max_endpoints in 1usize..5, only_pool in any::<bool>(),
+        ) {
+            let workers: Vec<WorkerView> = ws.iter().enumerate().map(|(i, (age, wait, ttft, m, pool, port, _, _, _))| {
+                let mut x = w(&format!("w{i}"), *port + 1, *age, wait.floor(), [50.0, 100.0, 150.0, 100.0][*ttft as usize]);
+                x.models = match m { 0 => vec![], 1 => vec!["a".into()], 2 => vec!["a".into(), "b".into()], _ => vec!["b".into(), "b".into()] };
+                x.pool = format!("p{pool}");
+                x
+            }).collect();
+            let v = view(workers.clone());
+            let cfg = PickConfig { max_endpoints, pools: if only_pool { vec!["p1".into()] } else { vec![] }, ..PickConfig::default() };
+            let ranked = Ranked::build(&v, &cfg);
+            let fetched = 10_000;
+            let now = fetched + elapsed;
+            let mut load = LocalLoad::default();
+            for (x, (_, _, _, _, _, _, sends, _, _)) in workers.iter().zip(&ws) {
+                for k in 0..*sends {
+                    load.record(&x.addr, now - k as u64);
+                }
+            }
+            // Per address: Deny (open), Probe (half-open), Allow; the half-open claim fails
+            // for some, so the next random probe is tried.
+            let adm_of: HashMap<&str, Admission> = workers.iter().zip(&ws).map(|(x, t)| {
+                let a = match (t.7, t.8) { (true, true) => Admission::Deny, (true, false) if t.5.is_multiple_of(7) => Admission::Probe, _ => Admission::Allow };
+                (x.addr.as_str(), a)
+            }).collect();
+            let adm = |a: &str| adm_of[a];
+            let claim = |a: &str| a.len().is_multiple_of(2);
+            // The list may hold closed circuits too (it lags) and addresses not in the view.
+            let mut not_closed: Vec<&str> = workers.iter().zip(&ws).filter(|(x, t)| adm_of[x.addr.as_str()] != Admission::Allow || t.1 > 5.0).map(|(x, _)| x.addr.as_str()).collect();
+            not_closed.push("192.0.2.1:1");
+            let model = [None, Some("a"), Some("b"), Some("zzz")][model as usize];
+            let old = pick(&v, fetched, now, model, &load, &mut Rng::new(seed), &cfg, adm, claim);
+            let new = pick_ranked(&ranked, &v, fetched, now, model, &load, &mut Rng::new(seed), &cfg, &not_closed, adm, claim);
+            prop_assert_eq!(old, new);
         }
     }
 }

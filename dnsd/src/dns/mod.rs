@@ -26,7 +26,7 @@ pub mod transport;
 
 use std::iter;
 use std::sync::atomic::Ordering;
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 
 use hickory_proto::op::{Edns, Header, HeaderCounts, Metadata, OpCode, ResponseCode};
@@ -38,7 +38,7 @@ use hickory_server::server::{Request, RequestHandler, ResponseHandler, ResponseI
 use hickory_server::zone_handler::MessageResponseBuilder;
 
 use crate::config::ConfigError;
-use crate::state::{now_ms, AppState};
+use crate::state::{now_ms, AppState, OutlookValidity, OutlookWatch};
 use answer::{PoolStates, Resolution, Transition, Transitions};
 pub use config::{DnsConfig, Zones};
 use metrics::{qtype_label, rcode_label, DnsMetrics};
@@ -48,9 +48,26 @@ pub struct DnsService {
     zones: Arc<Zones>,
     state: Arc<AppState>,
     metrics: DnsMetrics,
+    /// Also serialises taking a new [`Snapshot`], so the newest one is the one kept.
     transitions: Mutex<Transitions>,
+    /// Every pool's state, and until when it holds: queries read this instead of scanning the
+    /// fleet under the ingest lock (which costs O(workers) per query).
+    snapshot: RwLock<Arc<Snapshot>>,
+    watch: OutlookWatch,
     tcp_idle: Duration,
     tick: Duration,
+}
+
+/// Pool states computed once, answered by every query while they hold.
+struct Snapshot {
+    states: Arc<PoolStates>,
+    validity: Option<OutlookValidity>,
+}
+
+impl Snapshot {
+    fn holds_at(&self, now_ms: u64) -> bool {
+        self.validity.as_ref().is_some_and(|v| v.holds_at(now_ms))
+    }
 }
 
 /// What the handler decided, ready to encode.
@@ -65,11 +82,14 @@ struct Outcome {
 impl DnsService {
     pub fn new(config: &DnsConfig, state: Arc<AppState>) -> Result<Self, ConfigError> {
         let zones = Zones::compile(config)?;
+        let watch = state.watch_outlook();
         Ok(DnsService {
             zones: Arc::new(zones),
             state,
             metrics: DnsMetrics::default(),
             transitions: Mutex::new(Transitions::default()),
+            snapshot: RwLock::new(Arc::new(Snapshot { states: Arc::new(PoolStates(vec![])), validity: None })),
+            watch,
             tcp_idle: Duration::from_millis(config.tcp_idle_timeout_ms),
             tick: Duration::from_millis(config.tick_ms),
         })
@@ -83,11 +103,23 @@ impl DnsService {
         &self.metrics
     }
 
-    /// Pool states at `now_ms`; counts and logs evictions and failbacks. The transitions lock is
-    /// held while the states are computed so concurrent callers observe them in time order.
-    pub fn pool_states(&self, now_ms: u64) -> PoolStates {
+    /// Pool states at `now_ms`; counts and logs evictions and failbacks.
+    ///
+    /// Answered from the snapshot while it holds (no fleet scan, no ingest lock); otherwise a
+    /// new snapshot is taken. The transitions lock is held while one is taken, so transitions
+    /// are observed in time order, and every state a query answers was observed first.
+    pub fn pool_states(&self, now_ms: u64) -> Arc<PoolStates> {
+        if let Some(states) = self.snapshot_at(now_ms) {
+            return states;
+        }
         let mut tr = self.transitions.lock().unwrap_or_else(|e| e.into_inner());
-        let states = self.state.with_fleet(|f| PoolStates::compute(&self.zones, f, now_ms));
+        // Another caller may have taken one while this one waited.
+        if let Some(states) = self.snapshot_at(now_ms) {
+            return states;
+        }
+        let pools: Vec<(&str, usize)> = self.zones.pools.iter().map(|p| (p.id.as_str(), p.min_workers)).collect();
+        let (outlook, validity) = self.state.pool_outlook(self.watch, &pools, now_ms);
+        let states = Arc::new(PoolStates(outlook.states));
         for (pool, t) in tr.observe(&states, now_ms) {
             let p = &self.zones.pools[pool];
             match t {
@@ -101,7 +133,14 @@ impl DnsService {
                 }
             }
         }
+        let snap = Arc::new(Snapshot { states: states.clone(), validity: Some(validity) });
+        *self.snapshot.write().unwrap_or_else(|e| e.into_inner()) = snap;
         states
+    }
+
+    fn snapshot_at(&self, now_ms: u64) -> Option<Arc<PoolStates>> {
+        let snap = self.snapshot.read().unwrap_or_else(|e| e.into_inner());
+        snap.holds_at(now_ms).then(|| snap.states.clone())
     }
 
     pub fn render_metrics(&self, out: &mut String, now_ms: u64) {

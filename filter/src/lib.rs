@@ -36,7 +36,7 @@ use std::time::Duration;
 use gpuha_liveness::breaker::{Admission, Breaker, BreakerConfig, Transition};
 use gpuha_liveness::guard::{mode_for, Guard, Mode, Step};
 use gpuha_liveness::openai_error::{error_json, error_response, is_api_shaped, wants_stream};
-use gpuha_liveness::pick::{pick, Decision, LocalLoad, Rng};
+use gpuha_liveness::pick::{pick_ranked, Decision, LocalLoad, Ranked, Rng};
 use gpuha_liveness::FleetView;
 use proxy_wasm::hostcalls;
 use proxy_wasm::traits::{Context, HttpContext, RootContext};
@@ -90,6 +90,8 @@ proxy_wasm::main! {{
 struct Thread {
     /// Parsed fleet view and its local fetch time, cached until the shared data changes.
     fleet: Option<(u64, Rc<FleetView>)>,
+    /// The view's workers ranked for picking, built on the first pick after a new view.
+    ranked: Option<(u64, Rc<Ranked>)>,
     load: LocalLoad,
     rng: Rng,
 }
@@ -132,7 +134,7 @@ struct Root {
 
 impl Root {
     fn new(id: u32) -> Self {
-        Root { id, cfg: None, stats: Stats::default(), thread: Rc::new(RefCell::new(Thread { fleet: None, load: LocalLoad::default(), rng: Rng::new(0) })), poll: None }
+        Root { id, cfg: None, stats: Stats::default(), thread: Rc::new(RefCell::new(Thread { fleet: None, ranked: None, load: LocalLoad::default(), rng: Rng::new(0) })), poll: None }
     }
 
     fn seed() -> u64 {
@@ -313,11 +315,21 @@ impl Picker {
         let bcfg: BreakerConfig = self.cfg.breaker;
         let not_closed = host::shared_get(NOT_CLOSED_KEY).0.unwrap_or_default();
         let not_closed = String::from_utf8_lossy(&not_closed).into_owned();
-        let is_not_closed = |a: &str| not_closed.split(',').any(|x| x == a);
+        let not_closed: Vec<&str> = not_closed.split(',').filter(|x| !x.is_empty()).collect();
         let decision = {
             let mut t = self.thread.borrow_mut();
             let t = &mut *t;
-            pick(
+            // Ranked once per fleet view (per thread), not per request.
+            let ranked = match &t.ranked {
+                Some((f, r)) if *f == fetched => r.clone(),
+                _ => {
+                    let r = Rc::new(Ranked::build(&view, &self.cfg.pick));
+                    t.ranked = Some((fetched, r.clone()));
+                    r
+                }
+            };
+            pick_ranked(
+                &ranked,
                 &view,
                 fetched,
                 now,
@@ -325,7 +337,8 @@ impl Picker {
                 &t.load,
                 &mut t.rng,
                 &self.cfg.pick,
-                |a| if is_not_closed(a) { self.breaker_admission(a, now) } else { Admission::Allow },
+                &not_closed,
+                |a| self.breaker_admission(a, now),
                 |a| {
                     host::shared_update(&breaker_key(a), |cur| {
                         let mut b = Breaker::decode(cur);

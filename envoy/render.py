@@ -102,7 +102,7 @@ def common(p):
     p.add_argument("--admin-addr", default="127.0.0.1")
     p.add_argument("--admin-port", type=int, required=True)
     p.add_argument("--wasm", default=None, help="path to gpuha_filter.wasm (default: $GPUHA_WASM or the newest build under target*/)")
-    p.add_argument("--wasm-runtime", default="v8", choices=["v8", "wamr", "wasmtime"])
+    p.add_argument("--wasm-runtime", default="v8", choices=["v8", "wamr"])
     p.add_argument("--access-log", default="/dev/stdout", help="access log path (default /dev/stdout)")
     p.add_argument("--buffer-limit-bytes", type=int, default=4 << 20)
 

@@ -92,19 +92,12 @@ fn default_forget() -> u64 {
     3_600_000
 }
 
-/// Reads a key file: raw bytes, one trailing newline stripped; at least 16 bytes.
+/// Reads a key file (see [`gpuha_liveness::frame::key_from_file_bytes`]).
 pub fn read_key(path: &Path) -> Result<Vec<u8>, ConfigError> {
-    let mut key = std::fs::read(path).map_err(|source| ConfigError::Read { path: path.into(), source })?;
-    while key.last().is_some_and(|b| *b == b'\n' || *b == b'\r') {
-        key.pop();
-    }
-    if key.len() < 16 {
-        return Err(ConfigError::invalid(
-            "ingest.keys.file",
-            format!("{} holds {} bytes; use at least 16 random bytes", path.display(), key.len()),
-        ));
-    }
-    Ok(key)
+    let bytes = std::fs::read(path).map_err(|source| ConfigError::Read { path: path.into(), source })?;
+    gpuha_liveness::frame::key_from_file_bytes(bytes).map_err(|len| {
+        ConfigError::invalid("ingest.keys.file", format!("{} holds {len} bytes; use at least 16 random bytes", path.display()))
+    })
 }
 
 impl Config {

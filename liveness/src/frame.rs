@@ -145,6 +145,21 @@ impl std::fmt::Debug for KeyRing {
     }
 }
 
+/// Shortest HMAC key a key file may hold.
+pub const MIN_KEY_LEN: usize = 16;
+
+/// A key file's bytes → the key: trailing newlines stripped (keys are often written with
+/// `echo`), at least [`MIN_KEY_LEN`] bytes left. The error is the length found.
+pub fn key_from_file_bytes(mut key: Vec<u8>) -> Result<Vec<u8>, usize> {
+    while key.last().is_some_and(|b| *b == b'\n' || *b == b'\r') {
+        key.pop();
+    }
+    if key.len() < MIN_KEY_LEN {
+        return Err(key.len());
+    }
+    Ok(key)
+}
+
 impl KeyRing {
     pub fn new() -> Self {
         Self::default()
@@ -437,6 +452,14 @@ pub(crate) mod tests {
         let mut t = bytes.clone();
         t[40] ^= 1;
         assert_eq!(Frame::decode(&t, &KeyRing::single(1, b"k".to_vec())), Err(FrameError::BadMac));
+    }
+
+    #[test]
+    fn key_files() {
+        assert_eq!(key_from_file_bytes(b"0123456789abcdef\n".to_vec()), Ok(b"0123456789abcdef".to_vec()));
+        assert_eq!(key_from_file_bytes(b"0123456789abcdef\r\n".to_vec()), Ok(b"0123456789abcdef".to_vec()));
+        assert_eq!(key_from_file_bytes(b"short\n".to_vec()), Err(5));
+        assert_eq!(key_from_file_bytes(Vec::new()), Err(0));
     }
 
     #[test]

@@ -105,15 +105,11 @@ impl Config {
         Ok(())
     }
 
-    /// Reads the key file.
+    /// Reads the key file (see [`gpuha_liveness::frame::key_from_file_bytes`]).
     pub fn read_key(&self) -> Result<Vec<u8>, ConfigError> {
-        let mut key = std::fs::read(&self.key_file).map_err(|source| ConfigError::Read { path: self.key_file.clone(), source })?;
-        while key.last().is_some_and(|b| *b == b'\n' || *b == b'\r') {
-            key.pop();
-        }
-        if key.len() < 16 {
-            return Err(invalid("key_file", format!("{} holds {} bytes; use at least 16 random bytes", self.key_file.display(), key.len())));
-        }
-        Ok(key)
+        let bytes = std::fs::read(&self.key_file).map_err(|source| ConfigError::Read { path: self.key_file.clone(), source })?;
+        gpuha_liveness::frame::key_from_file_bytes(bytes).map_err(|len| {
+            invalid("key_file", format!("{} holds {len} bytes; use at least 16 random bytes", self.key_file.display()))
+        })
     }
 }

@@ -313,13 +313,17 @@ class VllmServer:
         os.kill(self.pid, signal.SIGKILL)
         self.popen.wait(timeout=10)
 
-    def kill_group(self, sig: int = signal.SIGKILL, timeout: float = 15.0) -> list[int]:
+    def kill_group(self, sig: int = signal.SIGKILL, timeout: float = 15.0, remember: bool = True) -> list[int]:
         """``kill -<sig> -<pgid>``; waits until no member of the group is left (reaping our
         children and re-parented orphans), then removes the group's shared-memory files.
-        Returns the pids that were still in the group when the signal went out."""
+        Returns the pids that were still in the group when the signal went out.
+        `remember=False`: the caller called `remember_shm()` itself shortly before, because
+        reading every member's /proc maps can take seconds on a loaded host and a drill's kill
+        must go out at the instant it chose (the state it observed is gone seconds later)."""
         if self.popen is None:
             return []
-        self.remember_shm()
+        if remember:
+            self.remember_shm()
         before = self.members(include_zombies=True)
         self.killed_at = time.monotonic()
         try:

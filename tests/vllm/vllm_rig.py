@@ -166,7 +166,7 @@ class Rig:
         """The deterministic text of `prompt` at `max_tokens`, from v1 directly (no Envoy)."""
         key = (prompt, max_tokens)
         if key not in self.refs:
-            client = make_client(f"http://{self.servers['v1'].addr}/v1", timeout=120)
+            client = make_client(f"http://{self.servers['v1'].addr}/v1", timeout=600)
             o = chat(client, -1, prompt, max_tokens)
             assert o.error is None and o.finish_reason == "length", f"reference request failed: {o.describe()}"
             self.refs[key] = o.text
@@ -174,9 +174,17 @@ class Rig:
 
     # ---- vLLM /metrics
 
-    def vllm_gauges(self, wid: str) -> dict[str, float]:
-        text = vl.http_get(f"http://{self.servers[wid].addr}/metrics", timeout=2)[1].decode(errors="replace")
+    def vllm_gauges(self, wid: str, timeout: float = 15.0) -> dict[str, float]:
+        # 15 s: an API server busy streaming on 2 loaded CPU cores can take seconds to answer.
+        text = vl.http_get(f"http://{self.servers[wid].addr}/metrics", timeout=timeout)[1].decode(errors="replace")
         return parse_metrics(text)
+
+    def try_gauges(self, wid: str, timeout: float = 15.0) -> Optional[dict[str, float]]:
+        """`vllm_gauges`, or None when this one scrape failed (a poll under load retries)."""
+        try:
+            return self.vllm_gauges(wid, timeout=timeout)
+        except OSError:  # URLError, socket timeouts, resets
+            return None
 
 
 METRIC_RX = re.compile(r"^(vllm:[a-z_]+)(?:\{[^}]*\})? ([0-9.eE+-]+|NaN)$", re.M)

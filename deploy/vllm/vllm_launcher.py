@@ -400,10 +400,17 @@ class VllmServer:
 def start_parallel(servers: list[VllmServer], timeout: float = 240.0) -> dict[str, float]:
     """Starts every server at once and waits for all of them: vLLM spends most of its ~35 s start
     importing and compiling, so N in parallel cost far less than N in a row. Returns start
-    seconds per server. If one fails, all are killed and the error raised."""
-    for s in servers:
-        s.start()
+    seconds per server. If one fails, all are killed and the error raised.
+
+    GPU build: one after another. vLLM profiles free GPU memory while it starts and aborts
+    ("Error in memory profiling") when another process on the same GPU frees memory meanwhile,
+    which a second server starting beside it does."""
+    sequential = any(s.build == "gpu" for s in servers)
     try:
+        if sequential:
+            return {s.name: s.start().wait_ready(timeout) for s in servers}
+        for s in servers:
+            s.start()
         return {s.name: s.wait_ready(timeout) for s in servers}
     except BaseException:
         for s in servers:

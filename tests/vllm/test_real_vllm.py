@@ -101,6 +101,21 @@ def text_stats(outs: list[Outcome]) -> str:
     return f"text_as_reference={same}/{len(outs)}"
 
 
+def gpu_mem_by_pid() -> dict[int, int]:
+    """MiB of GPU memory per process, from nvidia-smi; empty where there is no NVIDIA GPU."""
+    try:
+        r = subprocess.run(["nvidia-smi", "--query-compute-apps=pid,used_memory", "--format=csv,noheader,nounits"],
+                           capture_output=True, text=True, timeout=30)
+    except (OSError, subprocess.TimeoutExpired):
+        return {}
+    out = {}
+    for line in r.stdout.splitlines():
+        parts = [x.strip() for x in line.split(",")]
+        if len(parts) == 2 and parts[0].isdigit() and parts[1].isdigit():
+            out[int(parts[0])] = int(parts[1])
+    return out
+
+
 def survivor_of(rig: Rig, victim: str) -> str:
     return next(w for w in rig.servers if w != victim)
 
@@ -495,19 +510,26 @@ def test_apiserver_only_kill_leaves_orphans(rig: Rig):
     desc = {p: (vl.comm(p), vl.proc_ppid(p), vl.rss_bytes(p)) for p in orphans}
     orphan_rss = sum(r for _, _, r in desc.values())
     shm = sorted(srv.remember_shm())
+    vram = gpu_mem_by_pid()  # {} on CPU
+    orphan_vram = {p: vram[p] for p in orphans if p in vram}
     try:
         report(f"COUNTS api-only: group {srv.pgid} had {len(members_before)} processes ({rss_before / 2**20:.0f} MiB RSS); "
                f"after SIGKILL of the API server pid {srv.pid}: sidecar stale in dnsd after {stale_s:.1f}s, "
                f"orphans={len(orphans)} " + ", ".join(f"{p}:{c} ppid={pp} rss={r / 2**20:.0f}MiB" for p, (c, pp, r) in desc.items())
-               + f" orphan_rss_total={orphan_rss / 2**20:.0f}MiB shm_files={len(shm)} subreaper={rig.subreaper}")
+               + f" orphan_rss_total={orphan_rss / 2**20:.0f}MiB shm_files={len(shm)} subreaper={rig.subreaper}"
+               + (f" gpu: nvidia-smi shows orphans holding {orphan_vram} MiB of GPU memory" if vram else ""))
+        if rig.servers[victim].build == "gpu":
+            assert orphan_vram, f"GPU build, but nvidia-smi shows no orphan holding GPU memory: {vram}"
         assert orphans, "no orphan left: this vLLM cleaned up after its API server by itself"
         assert orphan_rss > 100 * 2**20, f"orphans hold only {orphan_rss} bytes"
         assert all(vl.proc_state(p) not in (None, "Z") for p in orphans), desc
     finally:
         gone = srv.kill_group()  # kill -KILL -<pgid>; reaps re-parented orphans; removes the shm files
     left = vl.group_pids(srv.pgid, include_zombies=True)
+    vram_left = {p: m for p, m in gpu_mem_by_pid().items() if p in orphans} if vram else {}
     report(f"COUNTS api-only cleanup: kill -KILL -{srv.pgid} ended {len(gone)} processes; left in group={left}; "
-           f"shm files left={[p for p in shm if vl.os.path.exists(p)]}")
+           f"shm files left={[p for p in shm if vl.os.path.exists(p)]}" + (f"; GPU memory still held by them={vram_left}" if vram else ""))
+    assert not vram_left, f"GPU memory still held after the group kill: {vram_left}"
     assert not left, f"group {srv.pgid} still has {left} after the group kill"
     assert not [p for p in shm if vl.os.path.exists(p)], "shared-memory files survived the cleanup"
     record("drill api-only", f"{time.monotonic() - t_start:.1f}s (includes any restart)")

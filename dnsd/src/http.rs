@@ -1,15 +1,30 @@
 //! dnsd's HTTP side: `GET /v1/fleet` (the fleet view the Envoy filter polls), `GET /metrics`
 //! (Prometheus text), `GET /healthz`.
+//!
+//! `/v1/fleet` takes two optional query parameters:
+//!
+//! * `pool=a,b`: only the workers (and pool counts) of these pools: a router asks only for the
+//!   pools of its own cluster, so a fleet split into pools costs each router only its share.
+//! * `ages=bounded`: the cacheable form ([`Ages::Bounded`]): ages are upper bounds that change
+//!   only when they matter to the 3 s freshness gate, and `now_ms` is 0. The body is built once
+//!   per distinct content and carries an `ETag`; a request with a matching `If-None-Match`
+//!   gets `304 Not Modified`, which re-vouches for the view the client already holds (its ages
+//!   count from this response). Without it (`ages=exact`, the default) every answer is built
+//!   afresh with exact ages, as the drills and humans read it.
 
+use std::collections::HashMap;
 use std::fmt::Write as _;
-use std::sync::Arc;
+use std::hash::{Hash, Hasher};
+use std::sync::{Arc, Mutex};
 
-use axum::extract::State;
-use axum::http::header;
-use axum::response::IntoResponse;
+use axum::body::Bytes;
+use axum::extract::{Query, State};
+use axum::http::{header, HeaderMap, StatusCode};
+use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use axum::Router;
-use gpuha_liveness::DropReason;
+use gpuha_liveness::{Ages, DropReason, FleetView};
+use serde::Deserialize;
 
 use crate::state::now_ms;
 use crate::Services;
@@ -22,9 +37,107 @@ pub fn router(services: Arc<Services>) -> Router {
         .with_state(services)
 }
 
-async fn fleet(State(s): State<Arc<Services>>) -> impl IntoResponse {
-    let body = s.state.view(now_ms()).to_json();
-    ([(header::CONTENT_TYPE, "application/json"), (header::CACHE_CONTROL, "no-store")], body)
+#[derive(Debug, Default, Deserialize)]
+pub struct FleetQuery {
+    #[serde(default)]
+    pool: Option<String>,
+    #[serde(default)]
+    ages: Option<String>,
+}
+
+/// The latest bounded view per pool selection, its body and its entity tag.
+#[derive(Debug, Default)]
+pub struct FleetCache {
+    entries: Mutex<HashMap<Vec<String>, Arc<Cached>>>,
+}
+
+#[derive(Debug)]
+struct Cached {
+    view: FleetView,
+    body: Bytes,
+    etag: String,
+}
+
+/// Distinct pool selections remembered; more than this and the cache starts over (a handful
+/// of routers' selections is the normal case).
+const MAX_CACHED_SELECTIONS: usize = 64;
+
+impl FleetCache {
+    /// The cached entry for `pools` if it still holds `view`, else a new one built from it.
+    fn get_or_build(&self, pools: &[String], view: FleetView) -> Arc<Cached> {
+        if let Some(c) = self.lock().get(pools) {
+            if c.view == view {
+                return c.clone();
+            }
+        }
+        // Serialised outside the lock; two requests racing here build the same bytes.
+        let body = Bytes::from(view.to_json());
+        let etag = etag_of(&body);
+        let entry = Arc::new(Cached { view, body, etag });
+        let mut g = self.lock();
+        if g.len() >= MAX_CACHED_SELECTIONS && !g.contains_key(pools) {
+            g.clear();
+        }
+        g.insert(pools.to_vec(), entry.clone());
+        entry
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<Vec<String>, Arc<Cached>>> {
+        self.entries.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+/// A strong entity tag from the body's content (the same body gets the same tag across dnsd
+/// restarts, so a client's tag never names different content).
+fn etag_of(body: &[u8]) -> String {
+    // SipHash with fixed keys: deterministic across processes.
+    #[allow(deprecated)]
+    let mut h = std::hash::SipHasher::new();
+    body.hash(&mut h);
+    format!("\"{:016x}-{:x}\"", h.finish(), body.len())
+}
+
+/// Whether an `If-None-Match` header value names `etag` (a list, `*`, or weak tags).
+fn none_match_hits(headers: &HeaderMap, etag: &str) -> bool {
+    headers.get_all(header::IF_NONE_MATCH).iter().filter_map(|v| v.to_str().ok()).any(|v| {
+        v.split(',').map(str::trim).any(|t| t == "*" || t.strip_prefix("W/").unwrap_or(t) == etag)
+    })
+}
+
+/// The `pool=` selection: sorted, deduplicated, empty entries dropped.
+fn pools_of(q: &FleetQuery) -> Vec<String> {
+    let mut pools: Vec<String> =
+        q.pool.as_deref().unwrap_or("").split(',').map(str::trim).filter(|p| !p.is_empty()).map(str::to_string).collect();
+    pools.sort();
+    pools.dedup();
+    pools
+}
+
+async fn fleet(State(s): State<Arc<Services>>, Query(q): Query<FleetQuery>, headers: HeaderMap) -> Response {
+    let pools = pools_of(&q);
+    let ages = match q.ages.as_deref() {
+        None | Some("exact") => Ages::Exact,
+        Some("bounded") => Ages::Bounded,
+        Some(other) => {
+            let msg = format!("ages: {other:?} is neither \"exact\" nor \"bounded\"\n");
+            return (StatusCode::BAD_REQUEST, msg).into_response();
+        }
+    };
+    let view = s.state.view_of(now_ms(), &pools, ages);
+    if ages == Ages::Exact {
+        let body = view.to_json();
+        return ([(header::CONTENT_TYPE, "application/json"), (header::CACHE_CONTROL, "no-store")], body).into_response();
+    }
+    let c = s.fleet_cache.get_or_build(&pools, view);
+    // `no-cache`: a cache may keep it, but must ask again each time (ages count from the answer).
+    if none_match_hits(&headers, &c.etag) {
+        return (StatusCode::NOT_MODIFIED, [(header::ETAG, c.etag.clone()), (header::CACHE_CONTROL, "no-cache".to_string())]).into_response();
+    }
+    (
+        [(header::CONTENT_TYPE, "application/json".to_string()), (header::CACHE_CONTROL, "no-cache".to_string()), (header::ETAG, c.etag.clone())],
+        c.body.clone(),
+    )
+        .into_response()
 }
 
 async fn metrics(State(s): State<Arc<Services>>) -> impl IntoResponse {

@@ -25,6 +25,8 @@ use state::{now_ms, AppState};
 pub struct Services {
     pub state: Arc<AppState>,
     pub dns: Option<Arc<DnsService>>,
+    /// `/v1/fleet?ages=bounded` bodies and their entity tags.
+    pub fleet_cache: http::FleetCache,
 }
 
 /// Bound sockets for every service dnsd runs.
@@ -87,7 +89,7 @@ pub async fn run(config: Config, listeners: Listeners, shutdown: impl Future<Out
         Some(d) => Some(Arc::new(DnsService::new(d, state.clone())?)),
         None => None,
     };
-    let services = Arc::new(Services { state: state.clone(), dns: dns.clone() });
+    let services = Arc::new(Services { state: state.clone(), dns: dns.clone(), fleet_cache: http::FleetCache::default() });
     let (stop_tx, stop_rx) = watch::channel(false);
     let stopped = move |mut rx: watch::Receiver<bool>| async move {
         let _ = rx.wait_for(|s| *s).await;

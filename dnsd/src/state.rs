@@ -4,7 +4,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{SystemTime, UNIX_EPOCH};
 
-use gpuha_liveness::{DropReason, FleetState, FleetView, Frame, Ingest, IngestCounters, KeyRing, PoolOutlook};
+use gpuha_liveness::{Ages, DropReason, FleetState, FleetView, Frame, Ingest, IngestCounters, KeyRing, PoolOutlook};
 
 /// Milliseconds since the Unix epoch: the only clock dnsd reads; everything below takes `now_ms`.
 pub fn now_ms() -> u64 {
@@ -108,6 +108,11 @@ impl AppState {
 
     pub fn view(&self, now_ms: u64) -> FleetView {
         self.lock().fleet.view(now_ms)
+    }
+
+    /// [`FleetState::view_of`]: the workers of `pools` (all when empty), ages as `ages` says.
+    pub fn view_of(&self, now_ms: u64, pools: &[String], ages: Ages) -> FleetView {
+        self.lock().fleet.view_of(now_ms, pools, ages)
     }
 
     /// Runs `f` with the fleet state (for the DNS tier's answers).

@@ -285,7 +285,24 @@ impl FleetState {
 
     /// The snapshot served on `/v1/fleet`, workers sorted by id.
     pub fn view(&self, now_ms: u64) -> FleetView {
-        let mut workers: Vec<WorkerView> = self.workers.values().map(|w| WorkerView::of(w, now_ms)).collect();
+        self.view_of(now_ms, &[], Ages::Exact)
+    }
+
+    /// The view of the workers of `pools` (every pool when empty), with ages as `ages` says.
+    /// With [`Ages::Bounded`] the view does not change while the fleet does not (see there),
+    /// and its `now_ms` is 0.
+    pub fn view_of(&self, now_ms: u64, pools: &[String], ages: Ages) -> FleetView {
+        let mut workers: Vec<WorkerView> = self
+            .workers
+            .values()
+            .filter(|w| pools.is_empty() || pools.contains(&w.frame.pool_id))
+            .map(|w| WorkerView::of(w, now_ms))
+            .collect();
+        if ages == Ages::Bounded {
+            for w in &mut workers {
+                w.age_ms = bounded_age_ms(w.age_ms);
+            }
+        }
         workers.sort_by(|a, b| a.id.cmp(&b.id));
         let mut pools: Vec<PoolView> = Vec::new();
         for w in &workers {
@@ -302,7 +319,41 @@ impl FleetState {
             p.in_window += usize::from(w.age_ms <= EVICTION_WINDOW_MS);
         }
         pools.sort_by(|a, b| a.pool.cmp(&b.pool));
+        let now_ms = if ages == Ages::Bounded { 0 } else { now_ms };
         FleetView { now_ms, workers, pools }
+    }
+}
+
+/// How [`FleetState::view_of`] reports worker ages.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Ages {
+    /// Each worker's exact age at `now_ms`: changes on every call.
+    Exact,
+    /// An upper bound on each age that only changes when it matters to the freshness gate
+    /// ([`bounded_age_ms`]), so that dnsd can serve an unchanged fleet with `304 Not Modified`
+    /// and the filter need not re-read it. The ages are relative to the moment the view is
+    /// served (its `200` or a later `304` for the same content).
+    Bounded,
+}
+
+/// Ages below this are reported as this in a [`Ages::Bounded`] view: a worker that sends
+/// every 500 ms is always "under a second old", which does not change between polls.
+pub const VIEW_AGE_FLOOR_MS: u64 = 1_000;
+/// Ages past the freshness gate are reported as this in a [`Ages::Bounded`] view: the worker
+/// is stale, and by how much no longer matters to a picker.
+pub const VIEW_AGE_STALE_MS: u64 = FRESHNESS_GATE_MS + 1;
+
+/// A worker's age as an [`Ages::Bounded`] view reports it: never below the true age while the
+/// worker is fresh (so a reader that adds its own elapsed time never keeps a worker longer
+/// than the gate), exact from [`VIEW_AGE_FLOOR_MS`] up to the gate, and
+/// [`VIEW_AGE_STALE_MS`] past it. A reader that polls at least every
+/// `gate - VIEW_AGE_FLOOR_MS` (2 s) makes exactly the gate decisions exact ages would give
+/// (see the property test `bounded_ages_keep_gate_decisions`).
+pub fn bounded_age_ms(age_ms: u64) -> u64 {
+    if age_ms > FRESHNESS_GATE_MS {
+        VIEW_AGE_STALE_MS
+    } else {
+        age_ms.max(VIEW_AGE_FLOOR_MS)
     }
 }
 
@@ -506,6 +557,48 @@ mod tests {
     }
 
     #[test]
+    fn bounded_view_is_stable_while_workers_keep_sending_and_changes_at_the_gate() {
+        let mut fleet = FleetState::new(T0);
+        let all: Vec<String> = vec![];
+        for (i, t) in [0u64, 500, 1_000, 1_500].iter().enumerate() {
+            fleet.observe(frame("w1", "p", 1, i as u64 + 1, T0 + t), T0 + t);
+            fleet.observe(frame("w2", "q", 1, i as u64 + 1, T0 + t), T0 + t);
+        }
+        let v0 = fleet.view_of(T0 + 1_600, &all, Ages::Bounded);
+        assert_eq!(v0.now_ms, 0);
+        assert!(v0.workers.iter().all(|w| w.age_ms == VIEW_AGE_FLOOR_MS && w.fresh));
+        // Same frames (numbers unchanged), later instants: the same view.
+        let mut f2 = fleet.clone();
+        f2.observe(frame("w1", "p", 1, 5, T0 + 2_000), T0 + 2_000);
+        f2.observe(frame("w2", "q", 1, 5, T0 + 2_000), T0 + 2_000);
+        assert_eq!(f2.view_of(T0 + 2_400, &all, Ages::Bounded), v0);
+        assert_eq!(fleet.view_of(T0 + 2_499, &all, Ages::Bounded), v0);
+        // Late (over a second): the exact age shows.
+        assert_eq!(fleet.view_of(T0 + 2_700, &all, Ages::Bounded).workers[0].age_ms, 1_200);
+        // At the gate still fresh and exact, past it stale and no longer changing.
+        let at_gate = fleet.view_of(T0 + 4_500, &all, Ages::Bounded);
+        assert_eq!((at_gate.workers[0].age_ms, at_gate.workers[0].fresh), (3_000, true));
+        let past = fleet.view_of(T0 + 4_501, &all, Ages::Bounded);
+        assert_eq!((past.workers[0].age_ms, past.workers[0].fresh), (VIEW_AGE_STALE_MS, false));
+        assert_eq!(fleet.view_of(T0 + 9_000, &all, Ages::Bounded).workers, past.workers);
+        // The exact form is unchanged.
+        assert_eq!(fleet.view(T0 + 2_700).workers[0].age_ms, 1_200);
+        assert_eq!(fleet.view(T0 + 2_700).now_ms, T0 + 2_700);
+    }
+
+    #[test]
+    fn view_of_pools_holds_only_their_workers() {
+        let mut fleet = FleetState::new(T0);
+        fleet.observe(frame("w1", "p", 1, 1, T0), T0);
+        fleet.observe(frame("w2", "q", 1, 1, T0), T0);
+        fleet.observe(frame("w3", "r", 1, 1, T0), T0);
+        let v = fleet.view_of(T0, &["r".to_string(), "p".to_string()], Ages::Exact);
+        assert_eq!(v.workers.iter().map(|w| w.id.as_str()).collect::<Vec<_>>(), ["w1", "w3"]);
+        assert_eq!(v.pools.iter().map(|p| p.pool.as_str()).collect::<Vec<_>>(), ["p", "r"]);
+        assert!(fleet.view_of(T0, &["zzz".to_string()], Ages::Bounded).workers.is_empty());
+    }
+
+    #[test]
     fn forget_silent_drops_old_workers() {
         let mut fleet = FleetState::new(T0);
         fleet.observe(frame("w1", "p", 1, 1, T0), T0);
@@ -543,6 +636,19 @@ mod tests {
             prop_assert_eq!(l == Liveness::Alive, counted >= min);
             for w in fleet.workers() {
                 prop_assert!(!w.is_fresh(now) || w.is_in_window(now));
+            }
+        }
+
+        /// A reader that adds its own elapsed time `e` to a bounded age makes the same gate
+        /// decision as with the exact age, for every `e` below `gate - VIEW_AGE_FLOOR_MS`; and a
+        /// bounded age is never below the exact age of a fresh worker.
+        #[test]
+        fn bounded_ages_keep_gate_decisions(age in 0u64..20_000, e in 0u64..(FRESHNESS_GATE_MS - VIEW_AGE_FLOOR_MS)) {
+            let b = bounded_age_ms(age);
+            prop_assert_eq!(b + e < FRESHNESS_GATE_MS, age + e < FRESHNESS_GATE_MS);
+            prop_assert_eq!(b + e <= FRESHNESS_GATE_MS, age + e <= FRESHNESS_GATE_MS);
+            if age <= FRESHNESS_GATE_MS {
+                prop_assert!(b >= age);
             }
         }
 

@@ -5,6 +5,7 @@
 use gpuha_liveness::breaker::BreakerConfig;
 use gpuha_liveness::guard::DEFAULT_MAX_HELD_BYTES;
 use gpuha_liveness::pick::PickConfig;
+use gpuha_liveness::{FRESHNESS_GATE_MS, VIEW_AGE_FLOOR_MS};
 use serde::Deserialize;
 
 /// What to do when the fleet view is fresh but no worker can take the request.
@@ -133,8 +134,19 @@ impl Config {
                 if !p.fleet_path.starts_with('/') {
                     return Err("fleet_path: must start with '/'".into());
                 }
-                if !(20..=60_000).contains(&p.poll_interval_ms) {
-                    return Err("poll_interval_ms: must be 20..=60000".into());
+                if p.poll_interval_ms < 20 {
+                    return Err("poll_interval_ms: must be at least 20".into());
+                }
+                // dnsd's cacheable view reports ages exactly only up to the 3 s gate, and as
+                // "under a second" below one second (see `gpuha_liveness::bounded_age_ms`).
+                if p.pick.freshness_gate_ms > FRESHNESS_GATE_MS {
+                    return Err(format!("pick.freshness_gate_ms: at most {FRESHNESS_GATE_MS} (dnsd's polled view reports ages up to the gate only)"));
+                }
+                if p.poll_interval_ms.saturating_add(VIEW_AGE_FLOOR_MS) >= p.pick.freshness_gate_ms {
+                    return Err(format!(
+                        "poll_interval_ms: must be below pick.freshness_gate_ms - {VIEW_AGE_FLOOR_MS} ({} ms): dnsd reports ages under {VIEW_AGE_FLOOR_MS} ms as {VIEW_AGE_FLOOR_MS}, so a slower poll would drop live workers",
+                        p.pick.freshness_gate_ms.saturating_sub(VIEW_AGE_FLOOR_MS)
+                    ));
                 }
                 if p.poll_timeout_ms == 0 {
                     return Err("poll_timeout_ms: must be > 0".into());

@@ -15,10 +15,13 @@
 //! Cross-thread state lives in Proxy-Wasm shared data (one store per `vm_id`, so the picker and
 //! the guard must be configured with the same `vm_id`):
 //!
-//! * `gpuha.fleet`: the latest fleet view: 8 bytes little-endian local fetch time (ms), then
-//!   dnsd's JSON.
-//! * `gpuha.fleet.version`: 8 bytes, the fetch time of that view, read on every request so
-//!   that a thread copies and parses the view only when it changed.
+//! * `gpuha.fleet`: the latest fleet view: 8 bytes little-endian local fetch time (ms) of its
+//!   content (its version), then dnsd's JSON (`/v1/fleet?ages=bounded`, see dnsd's `http`).
+//! * `gpuha.fleet.version`: 16 bytes: that version, then the local time dnsd last vouched for
+//!   the content (its `200`, or a later `304 Not Modified`: the view's ages count from there).
+//!   Read on every request, so that a thread copies and parses the view only when its content
+//!   changed, and a `304` costs the threads nothing.
+//! * `gpuha.fleet.etag`: 8 bytes version, then dnsd's `ETag` for it, sent as `If-None-Match`.
 //! * `gpuha.poll`: 8 bytes, when the last poll was started. Every picker root context (one per
 //!   Envoy worker thread) ticks, but only the one that wins the compare-and-swap on this slot
 //!   polls, so dnsd sees one poll per interval however many threads Envoy runs, and there is
@@ -34,7 +37,7 @@ use std::rc::Rc;
 use std::time::Duration;
 
 use gpuha_liveness::breaker::{Admission, Breaker, BreakerConfig, Transition};
-use gpuha_liveness::guard::{mode_for, Guard, Mode, Step};
+use gpuha_liveness::guard::{mode_for, Guard, Mode, Step, TAIL_PEEK_BYTES};
 use gpuha_liveness::openai_error::{error_json, error_response, is_api_shaped, wants_stream};
 use gpuha_liveness::pick::{pick_ranked, Decision, LocalLoad, Ranked, Rng};
 use gpuha_liveness::FleetView;
@@ -55,6 +58,7 @@ pub const GUARD_HEADER: &str = "x-gpuha-guard";
 const FLEET_KEY: &str = "gpuha.fleet";
 /// 8 bytes: the local fetch time of the view in `gpuha.fleet`, written after it.
 const FLEET_VERSION_KEY: &str = "gpuha.fleet.version";
+const FLEET_ETAG_KEY: &str = "gpuha.fleet.etag";
 const POLL_KEY: &str = "gpuha.poll";
 /// Comma-separated addresses whose circuit is not closed. Every other worker is admitted
 /// without reading its breaker, so a pick costs one shared-data read, not one per worker.
@@ -77,7 +81,36 @@ fn set_not_closed(addr: &str, not_closed: bool) {
 }
 
 fn u64_prefix(b: Option<&[u8]>) -> u64 {
-    b.and_then(|b| b.get(..8)).and_then(|p| p.try_into().ok()).map_or(0, u64::from_le_bytes)
+    u64_at(b, 0)
+}
+
+fn u64_at(b: Option<&[u8]>, at: usize) -> u64 {
+    b.and_then(|b| b.get(at..at + 8)).and_then(|p| p.try_into().ok()).map_or(0, u64::from_le_bytes)
+}
+
+/// The version slot: (content version, vouched at). A slot of 8 bytes (no vouch yet) is
+/// vouched at its version.
+fn version_slot(b: Option<&[u8]>) -> (u64, u64) {
+    let v = u64_prefix(b);
+    let vouched = if b.is_some_and(|b| b.len() >= 16) { u64_at(b, 8) } else { v };
+    (v, vouched)
+}
+
+fn version_bytes(version: u64, vouched: u64) -> Vec<u8> {
+    let mut b = version.to_le_bytes().to_vec();
+    b.extend_from_slice(&vouched.to_le_bytes());
+    b
+}
+
+/// The path polled: `fleet_path` with the cacheable form and the router's pools asked for.
+pub fn poll_path(p: &PickerConfig) -> String {
+    let sep = if p.fleet_path.contains('?') { '&' } else { '?' };
+    let mut path = format!("{}{sep}ages=bounded", p.fleet_path);
+    if !p.pick.pools.is_empty() {
+        path.push_str("&pool=");
+        path.push_str(&p.pick.pools.join(","));
+    }
+    path
 }
 
 proxy_wasm::main! {{
@@ -88,7 +121,7 @@ proxy_wasm::main! {{
 /// Per-thread state shared by a root context and its HTTP contexts (one Wasm VM per thread,
 /// so `Rc` is enough).
 struct Thread {
-    /// Parsed fleet view and its local fetch time, cached until the shared data changes.
+    /// Parsed fleet view and its content version, cached until the shared content changes.
     fleet: Option<(u64, Rc<FleetView>)>,
     /// The view's workers ranked for picking, built on the first pick after a new view.
     ranked: Option<(u64, Rc<Ranked>)>,
@@ -97,23 +130,26 @@ struct Thread {
 }
 
 impl Thread {
-    /// The current fleet view. Every request calls this, so it reads only the 8-byte version
-    /// slot; the view itself (megabytes for a large fleet) is copied and parsed only when
-    /// another thread published a new one.
-    fn fleet(&mut self) -> Option<(u64, Rc<FleetView>)> {
-        let version = u64_prefix(host::shared_get(FLEET_VERSION_KEY).0.as_deref());
-        if let Some((fetched, view)) = &self.fleet {
-            if *fetched == version {
-                return Some((*fetched, view.clone()));
+    /// The current fleet view: (content version, local time its ages count from, view).
+    /// Every request calls this, so it reads only the 16-byte version slot; the view itself
+    /// (megabytes for a large fleet) is copied and parsed only when another thread published
+    /// new content.
+    fn fleet(&mut self) -> Option<(u64, u64, Rc<FleetView>)> {
+        let (version, vouched) = version_slot(host::shared_get(FLEET_VERSION_KEY).0.as_deref());
+        if let Some((v, view)) = &self.fleet {
+            if *v == version {
+                return Some((version, vouched, view.clone()));
             }
         }
         let bytes = host::shared_get(FLEET_KEY).0?;
         let fetched = u64_prefix(Some(&bytes));
+        // The slot is written just after the view: until then, the view's own fetch time.
+        let vouched = if fetched == version { vouched } else { fetched };
         match FleetView::from_json(bytes.get(8..).unwrap_or_default()) {
             Ok(v) => {
                 let v = Rc::new(v);
                 self.fleet = Some((fetched, v.clone()));
-                Some((fetched, v))
+                Some((fetched, vouched, v))
             }
             Err(e) => {
                 host::warn(&format!("gpuha: shared fleet view unreadable: {e}"));
@@ -128,13 +164,16 @@ struct Root {
     cfg: Option<Rc<Config>>,
     stats: Stats,
     thread: Rc<RefCell<Thread>>,
-    /// The poll this root context has in flight: (token, started at).
-    poll: Option<(u32, u64)>,
+    /// The poll this root context has in flight: (token, started at, version it named in
+    /// `If-None-Match`).
+    poll: Option<(u32, u64, u64)>,
+    /// The path polled ([`poll_path`]).
+    poll_path: String,
 }
 
 impl Root {
     fn new(id: u32) -> Self {
-        Root { id, cfg: None, stats: Stats::default(), thread: Rc::new(RefCell::new(Thread { fleet: None, ranked: None, load: LocalLoad::default(), rng: Rng::new(0) })), poll: None }
+        Root { id, cfg: None, stats: Stats::default(), thread: Rc::new(RefCell::new(Thread { fleet: None, ranked: None, load: LocalLoad::default(), rng: Rng::new(0) })), poll: None, poll_path: String::new() }
     }
 
     fn seed() -> u64 {
@@ -147,7 +186,7 @@ impl Root {
 
     fn maybe_poll(&mut self, p: &PickerConfig) {
         let now = host::now_ms();
-        if let Some((_, since)) = self.poll {
+        if let Some((_, since, _)) = self.poll {
             if now.saturating_sub(since) <= p.poll_timeout_ms + 1_000 {
                 return;
             }
@@ -161,16 +200,23 @@ impl Root {
         if claimed.is_none() {
             return;
         }
-        let headers = vec![
+        // The tag of the content we hold: an unchanged fleet is answered 304 with no body.
+        let tag = host::shared_get(FLEET_ETAG_KEY).0.unwrap_or_default();
+        let tag_version = u64_prefix(Some(&tag));
+        let etag = tag.get(8..).and_then(|t| std::str::from_utf8(t).ok()).unwrap_or("");
+        let mut headers = vec![
             (":method", "GET"),
-            (":path", p.fleet_path.as_str()),
+            (":path", self.poll_path.as_str()),
             (":authority", p.fleet_authority.as_str()),
             ("accept", "application/json"),
         ];
+        if !etag.is_empty() {
+            headers.push(("if-none-match", etag));
+        }
         match self.dispatch_http_call(&p.fleet_cluster, headers, None, vec![], Duration::from_millis(p.poll_timeout_ms)) {
             Ok(token) => {
                 inc(self.stats.fleet_polls);
-                self.poll = Some((token, now));
+                self.poll = Some((token, now, tag_version));
             }
             Err(e) => {
                 inc(self.stats.fleet_poll_failures);
@@ -182,30 +228,49 @@ impl Root {
 
 impl Context for Root {
     fn on_http_call_response(&mut self, token: u32, _num_headers: usize, body_size: usize, _num_trailers: usize) {
-        let started = match self.poll {
-            Some((t, started)) if t == token => started,
+        let (started, tag_version) = match self.poll {
+            Some((t, started, v)) if t == token => (started, v),
             _ => return,
         };
         self.poll = None;
         let status = hostcalls::get_map_value(MapType::HttpCallResponseHeaders, ":status").ok().flatten();
-        let body = hostcalls::get_buffer(BufferType::HttpCallResponseBody, 0, body_size).ok().flatten().unwrap_or_default();
+        let now = host::now_ms();
+        if status.as_deref() == Some("304") {
+            // dnsd vouches, as of now, for the content we named: its ages count from now.
+            // Nothing to copy or parse. Only if that content is still the current one.
+            inc(self.stats.fleet_not_modified);
+            host::shared_update(FLEET_VERSION_KEY, |cur| {
+                let (v, vouched) = version_slot(cur);
+                (cur.is_some() && v == tag_version && vouched < now).then(|| (version_bytes(v, now), ()))
+            });
+            return;
+        }
         if status.as_deref() != Some("200") {
             inc(self.stats.fleet_poll_failures);
             host::debug(&format!("gpuha: fleet poll failed: status {status:?}"));
             return;
         }
-        if let Err(e) = FleetView::from_json(&body) {
-            inc(self.stats.fleet_poll_failures);
-            host::warn(&format!("gpuha: fleet view from dnsd unreadable: {e}"));
-            return;
-        }
-        let now = host::now_ms();
+        let body = hostcalls::get_buffer(BufferType::HttpCallResponseBody, 0, body_size).ok().flatten().unwrap_or_default();
+        let view = match FleetView::from_json(&body) {
+            Ok(v) => v,
+            Err(e) => {
+                inc(self.stats.fleet_poll_failures);
+                host::warn(&format!("gpuha: fleet view from dnsd unreadable: {e}"));
+                return;
+            }
+        };
+        let etag = hostcalls::get_map_value(MapType::HttpCallResponseHeaders, "etag").ok().flatten().unwrap_or_default();
         let mut value = now.to_le_bytes().to_vec();
         value.extend_from_slice(&body);
         // A slow answer must not replace a view fetched after this poll started.
         let published = host::shared_update(FLEET_KEY, |cur| (cur.is_none() || u64_prefix(cur) <= started).then(|| (value.clone(), ())));
         if published.is_some() {
-            host::shared_update(FLEET_VERSION_KEY, |_| Some((now.to_le_bytes().to_vec(), ())));
+            host::shared_update(FLEET_VERSION_KEY, |_| Some((version_bytes(now, now), ())));
+            let mut tag = now.to_le_bytes().to_vec();
+            tag.extend_from_slice(etag.as_bytes());
+            host::shared_update(FLEET_ETAG_KEY, |_| Some((tag.clone(), ())));
+            // This thread parsed it already: no second parse on its next request.
+            self.thread.borrow_mut().fleet = Some((now, Rc::new(view)));
         }
     }
 }
@@ -223,6 +288,7 @@ impl RootContext for Root {
         self.stats = Stats::define();
         self.thread.borrow_mut().rng = Rng::new(Self::seed() ^ u64::from(self.id));
         if let Config::Picker(p) = &cfg {
+            self.poll_path = poll_path(p);
             let tick = Duration::from_millis((p.poll_interval_ms / 2).max(10));
             if let Err(e) = hostcalls::set_tick_period(tick) {
                 host::log(LogLevel::Error, &format!("gpuha: set_tick_period: {e:?}"));
@@ -307,7 +373,7 @@ impl Picker {
         self.stream = matches!(fields.stream, Some(serde_json::Value::Bool(true)));
         let model = fields.model.as_ref().and_then(|m| m.as_str()).map(str::to_string);
         let now = host::now_ms();
-        let Some((fetched, view)) = self.thread.borrow_mut().fleet() else {
+        let Some((version, fetched, view)) = self.thread.borrow_mut().fleet() else {
             inc(self.stats.fail_open);
             host::debug("gpuha: no fleet view yet: fail open");
             return Action::Continue;
@@ -319,12 +385,12 @@ impl Picker {
         let decision = {
             let mut t = self.thread.borrow_mut();
             let t = &mut *t;
-            // Ranked once per fleet view (per thread), not per request.
+            // Ranked once per fleet view content (per thread), not per request.
             let ranked = match &t.ranked {
-                Some((f, r)) if *f == fetched => r.clone(),
+                Some((v, r)) if *v == version => r.clone(),
                 _ => {
                     let r = Rc::new(Ranked::build(&view, &self.cfg.pick));
-                    t.ranked = Some((fetched, r.clone()));
+                    t.ranked = Some((version, r.clone()));
                     r
                 }
             };
@@ -587,7 +653,25 @@ impl HttpContext for GuardCtx {
         }
         let Some(guard) = self.guard.as_mut() else { return Action::Continue };
         let was_released = guard.is_released();
-        let chunk = host::body(BufferType::HttpResponseBody, size);
+        let mut tail = None;
+        if was_released {
+            // Most chunks of a released stream end on an event boundary: pass them on as they
+            // are, after a look at their last bytes only (no copy of the chunk in and out).
+            let n = size.min(TAIL_PEEK_BYTES);
+            let t = if n == 0 { Vec::new() } else { hostcalls::get_buffer(BufferType::HttpResponseBody, size - n, n).ok().flatten().unwrap_or_default() };
+            if t.len() == n && guard.passes_untouched(&t, end_of_stream) {
+                if end_of_stream && guard.post_release_error().is_some() {
+                    inc(self.stats.post_token_errors);
+                }
+                return Action::Continue;
+            }
+            tail = (n == size && t.len() == n).then_some(t);
+        }
+        // A short chunk was read whole just now.
+        let chunk = match tail {
+            Some(t) => t,
+            None => host::body(BufferType::HttpResponseBody, size),
+        };
         let step = guard.on_body(&chunk, end_of_stream);
         let post_error = end_of_stream && guard.post_release_error().is_some();
         match step {

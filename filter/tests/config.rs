@@ -25,3 +25,21 @@ fn rejects_unknown_and_bad_values() {
     assert!(Config::parse(br#"{"role":"picker","poll_interval_ms":0}"#).unwrap_err().contains("poll_interval_ms"));
     assert!(Config::parse(b"not json").is_err());
 }
+
+#[test]
+fn gate_and_poll_interval_fit_dnsds_bounded_ages() {
+    // Ages in the polled view are exact only up to the 3 s gate, and "under 1 s" below 1 s.
+    assert!(Config::parse(br#"{"role":"picker","pick":{"freshness_gate_ms":5000}}"#).unwrap_err().contains("freshness_gate_ms"));
+    assert!(Config::parse(br#"{"role":"picker","poll_interval_ms":2000}"#).unwrap_err().contains("poll_interval_ms"));
+    assert!(Config::parse(br#"{"role":"picker","poll_interval_ms":500,"pick":{"freshness_gate_ms":1500}}"#).unwrap_err().contains("poll_interval_ms"));
+    assert!(Config::parse(br#"{"role":"picker","poll_interval_ms":1999}"#).is_ok());
+}
+
+#[test]
+fn poll_path_asks_for_the_cacheable_view_of_the_routers_pools() {
+    use gpuha_filter::poll_path;
+    let Config::Picker(p) = Config::parse(br#"{"role":"picker"}"#).unwrap() else { panic!() };
+    assert_eq!(poll_path(&p), "/v1/fleet?ages=bounded");
+    let Config::Picker(p) = Config::parse(br#"{"role":"picker","fleet_path":"/v1/fleet?x=1","pick":{"pools":["a","b"]}}"#).unwrap() else { panic!() };
+    assert_eq!(poll_path(&p), "/v1/fleet?x=1&ages=bounded&pool=a,b");
+}

@@ -162,6 +162,27 @@ impl Guard {
         self.overflowed
     }
 
+    /// After release: whether a chunk whose last bytes are `tail` (its last
+    /// [`TAIL_PEEK_BYTES`], or all of it when shorter) may go to the client as it is, without
+    /// [`Self::on_body`] seeing it. Lets the glue skip copying every chunk of a released
+    /// stream into Wasm and back: [`Self::on_body`] would forward exactly that chunk, and the
+    /// guard's state would not change.
+    ///
+    /// True in SSE mode when nothing is held (the chunk starts an event) and the chunk ends
+    /// on an event boundary (or the stream ends here), unless the tail may hold an error event
+    /// ([`Self::post_release_error`] must see it). An error event that lies wholly before the
+    /// tail of a chunk larger than [`TAIL_PEEK_BYTES`] is forwarded the same way but not
+    /// noted (it only feeds a counter). Always true in the other modes once released.
+    pub fn passes_untouched(&self, tail: &[u8], end_of_stream: bool) -> bool {
+        match (self.phase, self.mode) {
+            (Phase::Released, Mode::Sse) => {
+                self.buf.is_empty() && (end_of_stream || (ends_on_event_boundary(tail) && !contains(tail, b"error")))
+            }
+            (Phase::Released, _) => true,
+            _ => false,
+        }
+    }
+
     /// Feeds one body chunk; `end_of_stream` is true on the upstream's clean end.
     pub fn on_body(&mut self, chunk: &[u8], end_of_stream: bool) -> Step {
         match (self.phase, self.mode) {
@@ -259,6 +280,16 @@ impl Guard {
         self.scan_from = from;
         cut
     }
+}
+
+/// Trailing bytes of a chunk the glue reads for [`Guard::passes_untouched`].
+pub const TAIL_PEEK_BYTES: usize = 512;
+
+/// Whether bytes that start at an event start and end with `tail` end on an event boundary
+/// (their last line is a blank line that [`next_event_end`] ends an event with). Conservative:
+/// only the endings `\n\n`, `\r\n\r\n`, `\n\r\n` and `\r\r\n` count (vLLM sends `\n\n`).
+pub fn ends_on_event_boundary(tail: &[u8]) -> bool {
+    [&b"\n\n"[..], b"\r\n\r\n", b"\n\r\n", b"\r\r\n"].iter().any(|e| tail.ends_with(e))
 }
 
 fn contains(hay: &[u8], needle: &[u8]) -> bool {
@@ -547,6 +578,24 @@ mod tests {
     }
 
     #[test]
+    fn released_stream_chunks_on_event_boundaries_pass_untouched() {
+        let mut g = Guard::new(Mode::Sse, DEFAULT_MAX_HELD_BYTES);
+        assert!(!g.passes_untouched(b"data: x\n\n", false), "not before release");
+        assert!(matches!(g.on_body(b"data: {\"choices\":[{\"text\":\"a\"}]}\n\n", false), Step::Release(_)));
+        assert!(g.passes_untouched(b"data: {\"choices\":[{\"text\":\"b\"}]}\n\n", false));
+        assert!(g.passes_untouched(b"data: b\r\n\r\n", false));
+        assert!(!g.passes_untouched(b"data: b\n", false), "ends inside an event");
+        assert!(!g.passes_untouched(b"data: {\"error\":{}}\n\n", false), "an error event is looked at");
+        assert!(g.passes_untouched(b"", true));
+        // Part of an event held: the next chunk completes it, so on_body must see it.
+        assert_eq!(g.on_body(b"data: {\"choices\"", false), Step::Forward(vec![]));
+        assert!(!g.passes_untouched(b":[]}\n\n", false));
+        assert!(!g.passes_untouched(b"", true));
+        let w = Guard::new(Mode::Whole, 10);
+        assert!(!w.passes_untouched(b"x\n\n", false));
+    }
+
+    #[test]
     fn modes_from_status_and_content_type() {
         assert_eq!(mode_for(200, Some("text/event-stream; charset=utf-8")), Mode::Sse);
         assert_eq!(mode_for(200, Some("application/json")), Mode::Whole);
@@ -630,6 +679,52 @@ mod tests {
     proptest! {
         /// However the upstream splits its bytes, the guard releases at the same event and
         /// hands on the same bytes.
+        /// After release, forwarding the chunks `passes_untouched` allows as they are (their
+        /// tail only) gives the client the same bytes as feeding every chunk to `on_body`, and
+        /// the guard ends in the same state (held bytes, noted error).
+        #[test]
+        fn untouched_chunks_change_nothing(
+            parts in proptest::collection::vec(0usize..8, 0..60), cuts in proptest::collection::vec(0usize..200, 0..12), eos: bool,
+        ) {
+            let atoms: [&[u8]; 8] = [b"data: {\"choices\":[{\"delta\":{\"content\":\"x\"}}]}", b"\n", b"\r", b"\r\n", b"\n\n",
+                b"data: {\"error\":{\"message\":\"boom\"}}", b"data: [DONE]", b": c"];
+            let first: &[u8] = b"data: {\"choices\":[{\"delta\":{\"content\":\"hi\"}}]}\n\n";
+            let mut body = first.to_vec();
+            for p in &parts {
+                body.extend_from_slice(atoms[*p]);
+            }
+            let mut cuts: Vec<usize> = cuts.into_iter().map(|c| first.len() + c.min(body.len() - first.len())).collect();
+            cuts.push(first.len());
+            cuts.push(body.len());
+            cuts.sort_unstable();
+            cuts.dedup();
+            let run = |fast: bool| {
+                let mut g = Guard::new(Mode::Sse, DEFAULT_MAX_HELD_BYTES);
+                let mut out = Vec::new();
+                let mut from = 0;
+                let mut untouched = 0;
+                for (i, &to) in cuts.iter().enumerate() {
+                    let chunk = &body[from..to];
+                    let last = i + 1 == cuts.len() && eos;
+                    let tail = &chunk[chunk.len().saturating_sub(TAIL_PEEK_BYTES)..];
+                    if fast && g.passes_untouched(tail, last) {
+                        out.extend_from_slice(chunk);
+                        untouched += 1;
+                    } else {
+                        match g.on_body(chunk, last) {
+                            Step::Release(b) | Step::Forward(b) => out.extend_from_slice(&b),
+                            other => panic!("{other:?}"),
+                        }
+                    }
+                    from = to;
+                }
+                (out, g.held(), g.post_release_error().map(str::to_string), untouched)
+            };
+            let slow = run(false);
+            let fast = run(true);
+            prop_assert_eq!((&slow.0, slow.1, &slow.2), (&fast.0, fast.1, &fast.2));
+        }
+
         #[test]
         fn chat_split_anywhere_same_output(cuts in split_points(fixture("sse-chat.txt").len()), eos: bool) {
             let body = fixture("sse-chat.txt");

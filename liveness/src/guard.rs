@@ -12,13 +12,20 @@
 //! * [`Step::Forward`]: after release: pass on these bytes (whole events only; a partial event is
 //!   kept until its blank line arrives, so an upstream death truncates between events).
 //! * [`Step::Fail`]: before release, the worker failed (for example vLLM's in-band
-//!   `data: {"error": ...}` event when its engine died): the glue must turn it into a retryable
-//!   failure; nothing of this attempt may reach the client.
+//!   `data: {"error": ...}` event when its engine died, a `finish_reason` of `abort` or `error`
+//!   when it shut down with the request still queued, or a stream that ended without any
+//!   output and without a `finish_reason`): the glue must turn it into a retryable failure;
+//!   nothing of this attempt may reach the client.
 //!
 //! "Generated output" means, in any choice: a non-empty `delta.content`, `delta.reasoning_content`
 //! or `delta.reasoning`, a non-empty `delta.tool_calls`, a non-empty completions `text`, or a set
-//! `finish_reason` (the model finished, possibly with nothing to say). The role event and empty
-//! `content` events that vLLM sends first are not output.
+//! `finish_reason` other than `abort`/`error` (the model finished, possibly with nothing to say).
+//! The role event and empty `content` events that vLLM sends first are not output.
+//!
+//! A complete chat or completions stream always carries a `finish_reason` for each choice, so
+//! a stream that reaches `data: [DONE]` or its clean end with neither output nor a
+//! `finish_reason` was cut short by the worker (vLLM 0.26 does this to queued requests when its
+//! API server gets SIGTERM): before release that is a failure, not an empty answer.
 
 use serde_json::Value;
 
@@ -44,6 +51,10 @@ pub enum FailReason {
     Status(u16),
     /// An SSE event `data: {"error": ...}` arrived before any output; carries its message.
     SseError(String),
+    /// A `finish_reason` of `abort` or `error` arrived before any output; carries it.
+    Aborted(String),
+    /// The stream reached `[DONE]` or its end with no output and no `finish_reason`.
+    EndedWithoutOutput,
 }
 
 impl FailReason {
@@ -55,6 +66,11 @@ impl FailReason {
                 let m: String = m.chars().take(80).collect();
                 format!("sse_error: {m}")
             }
+            FailReason::Aborted(r) => {
+                let r: String = r.chars().take(20).collect();
+                format!("finish_reason_{r}")
+            }
+            FailReason::EndedWithoutOutput => "ended_without_output".to_string(),
         }
     }
 }
@@ -114,6 +130,9 @@ pub enum EventKind {
     Output,
     /// `data: {"error": ...}` with its message.
     Error(String),
+    /// A choice finished with `finish_reason` `abort` or `error` (the worker gave up on the
+    /// request, not the model), and no choice in the event carries output.
+    Aborted(String),
     /// `data: [DONE]`.
     Done,
     /// Anything else: role-only or empty deltas, usage, comments, unparseable data.
@@ -221,24 +240,17 @@ impl Guard {
             let start = self.scan_from;
             self.scan_from = end;
             match classify_event(&self.buf[start..end]) {
-                EventKind::Output | EventKind::Done => {
-                    // `[DONE]` before any output is a complete (empty) answer, not a failure.
-                    return self.release_through(end, end_of_stream);
-                }
-                EventKind::Error(msg) => {
-                    self.phase = Phase::Failed;
-                    self.buf.clear();
-                    self.scan_from = 0;
-                    return Step::Fail(FailReason::SseError(msg));
-                }
+                EventKind::Output => return self.release_through(end, end_of_stream),
+                EventKind::Error(msg) => return self.fail(FailReason::SseError(msg)),
+                EventKind::Aborted(reason) => return self.fail(FailReason::Aborted(reason)),
+                // `[DONE]` before any output or `finish_reason`: the answer is incomplete.
+                EventKind::Done => return self.fail(FailReason::EndedWithoutOutput),
                 EventKind::Other => {}
             }
         }
         if end_of_stream {
-            // The worker ended cleanly without output or error: pass on what it said.
-            self.phase = Phase::Released;
-            self.scan_from = 0;
-            return Step::Release(std::mem::take(&mut self.buf));
+            // A clean end with no output, no finish_reason and no error: cut short.
+            return self.fail(FailReason::EndedWithoutOutput);
         }
         if self.buf.len() >= self.max_held {
             self.overflowed = true;
@@ -246,6 +258,13 @@ impl Guard {
             return self.release_through(cut, false);
         }
         Step::Hold
+    }
+
+    fn fail(&mut self, reason: FailReason) -> Step {
+        self.phase = Phase::Failed;
+        self.buf.clear();
+        self.scan_from = 0;
+        Step::Fail(reason)
     }
 
     /// Releases everything up to `end`, plus the whole events already buffered behind it (or
@@ -376,8 +395,16 @@ pub fn classify_event(event: &[u8]) -> EventKind {
         return EventKind::Other;
     };
     let non_empty_str = |x: Option<&Value>| x.and_then(Value::as_str).is_some_and(|s| !s.is_empty());
+    let mut aborted: Option<String> = None;
     for c in choices {
-        if c.get("finish_reason").is_some_and(|f| !f.is_null()) || non_empty_str(c.get("text")) {
+        match c.get("finish_reason") {
+            Some(Value::String(r)) if r == "abort" || r == "error" => {
+                aborted.get_or_insert_with(|| r.clone());
+            }
+            Some(f) if !f.is_null() => return EventKind::Output,
+            _ => {}
+        }
+        if non_empty_str(c.get("text")) {
             return EventKind::Output;
         }
         if let Some(d) = c.get("delta") {
@@ -390,7 +417,10 @@ pub fn classify_event(event: &[u8]) -> EventKind {
             }
         }
     }
-    EventKind::Other
+    match aborted {
+        Some(r) => EventKind::Aborted(r),
+        None => EventKind::Other,
+    }
 }
 
 #[cfg(test)]
@@ -604,11 +634,47 @@ mod tests {
         assert_eq!(mode_for(503, Some("text/event-stream")), Mode::Pass);
     }
 
+    const ROLE: &[u8] = b"data: {\"choices\":[{\"index\":0,\"delta\":{\"role\":\"assistant\",\"content\":\"\"},\"finish_reason\":null}]}\n\n";
+
     #[test]
-    fn done_without_output_releases_and_overflow_releases() {
-        let (rel, _, fail) = run(Mode::Sse, &[b"data: [DONE]\n\n"], false);
-        assert_eq!(rel.unwrap(), b"data: [DONE]\n\n");
-        assert!(fail.is_none());
+    fn done_or_clean_end_without_output_fails() {
+        // vLLM 0.26 after SIGTERM, to a request still queued: role event, then `[DONE]`.
+        let (rel, _, fail) = run(Mode::Sse, &[ROLE, b"data: [DONE]\n\n"], false);
+        assert!(rel.is_none());
+        assert_eq!(fail, Some(FailReason::EndedWithoutOutput));
+        // ... or the connection's clean end right after the role event.
+        let (rel, _, fail) = run(Mode::Sse, &[ROLE], true);
+        assert!(rel.is_none());
+        assert_eq!(fail.as_ref().map(FailReason::label).as_deref(), Some("ended_without_output"));
+        let (rel, _, fail) = run(Mode::Sse, &[b"", b""], true);
+        assert!(rel.is_none() && fail == Some(FailReason::EndedWithoutOutput));
+    }
+
+    #[test]
+    fn abort_or_error_finish_before_output_fails_after_output_passes() {
+        let abort = b"data: {\"choices\":[{\"index\":0,\"delta\":{},\"finish_reason\":\"abort\"}]}\n\n";
+        let (rel, _, fail) = run(Mode::Sse, &[ROLE, abort, b"data: [DONE]\n\n"], true);
+        assert!(rel.is_none());
+        assert_eq!(fail, Some(FailReason::Aborted("abort".into())));
+        assert_eq!(FailReason::Aborted("abort".into()).label(), "finish_reason_abort");
+        let err = b"data: {\"choices\":[{\"index\":0,\"text\":\"\",\"finish_reason\":\"error\"}]}\n\n";
+        assert_eq!(classify_event(err), EventKind::Aborted("error".into()));
+        // After the first token an abort is the worker's own clean end: passed on as it is.
+        let tok = b"data: {\"choices\":[{\"index\":0,\"delta\":{\"content\":\"hi\"},\"finish_reason\":null}]}\n\n";
+        let mut g = Guard::new(Mode::Sse, DEFAULT_MAX_HELD_BYTES);
+        assert!(matches!(g.on_body(&[ROLE, tok].concat(), false), Step::Release(_)));
+        assert_eq!(g.on_body(abort, false), Step::Forward(abort.to_vec()));
+        // A model that finished with nothing to say is an answer, not a failure.
+        let stop = b"data: {\"choices\":[{\"index\":0,\"delta\":{},\"finish_reason\":\"stop\"}]}\n\n";
+        let (rel, _, fail) = run(Mode::Sse, &[ROLE, stop, b"data: [DONE]\n\n"], true);
+        assert!(fail.is_none() && rel.is_some());
+        // An aborted choice beside one with output: the output wins (it must reach the client).
+        let mixed = b"data: {\"choices\":[{\"index\":0,\"delta\":{},\"finish_reason\":\"abort\"},{\"index\":1,\"delta\":{\"content\":\"x\"}}]}\n\n";
+        assert_eq!(classify_event(mixed), EventKind::Output);
+    }
+
+    #[test]
+    fn overflow_releases() {
         let mut g = Guard::new(Mode::Sse, 64);
         let ev = b"data: {\"choices\":[{\"delta\":{\"content\":\"\"}}]}\n\n";
         assert_eq!(g.on_body(ev, false), Step::Hold);
@@ -668,7 +734,7 @@ mod tests {
     fn first_output_end(body: &[u8]) -> Option<usize> {
         let mut from = 0;
         while let Some(end) = next_event_end(body, from) {
-            if matches!(classify_event(&body[from..end]), EventKind::Output | EventKind::Done) {
+            if matches!(classify_event(&body[from..end]), EventKind::Output) {
                 return Some(end);
             }
             from = end;

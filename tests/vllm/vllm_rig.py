@@ -298,8 +298,9 @@ def is_inband_error(e: Optional[BaseException]) -> bool:
 
 def classify(o: Outcome, ref: str) -> str:
     """completed | truncated (transport end after a token) | ended_error_event (vLLM's in-band
-    error after a token) | failed (the client saw an error and no token) | short (clean end,
-    wrong length) | splice (a second response's structure inside one: more than one SSE id, a
+    error after a token) | aborted (vLLM's own clean end with ``finish_reason: "abort"`` after
+    a token: vLLM 0.26 aborts its running requests this way on SIGTERM) | failed (the client saw
+    an error and no token) | short (clean end, wrong length, or an abort before any token) | splice (a second response's structure inside one: more than one SSE id, a
     second `role` event — every vLLM response starts with one — or more content chunks than
     `max_tokens`).
 
@@ -312,6 +313,8 @@ def classify(o: Outcome, ref: str) -> str:
     if o.error is None:
         if o.finish_reason == "length" and o.completion_tokens == o.max_tokens and o.roles == 1:
             return "completed"
+        if o.finish_reason == "abort" and o.text and o.roles == 1 and o.content_chunks < o.max_tokens:
+            return "aborted"
         return "short"
     if not o.text:
         return "failed"

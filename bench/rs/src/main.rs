@@ -7,7 +7,8 @@
 //!     window), then sends them paced at R frames/s with sendmmsg
 //! gpuha-bench keepalive --to ADDR --key-file F --workers W [--pools P] [--hz 2] [--secs S]
 //!     keeps W synthetic workers fresh (one frame per worker per 1/hz s), like W sidecars;
-//!     [--model M] names the model they serve
+//!     [--model M] names the model they serve; [--steady 1]: idle workers whose numbers do
+//!     not change (the default is a busy fleet: queue lengths and rates change every frame)
 //! gpuha-bench ingest-micro --workers W --frames N
 //!     in-process cost of decode+HMAC, and of the full accept (order) + fleet observe
 //! gpuha-bench fleet-parse FILE [--iters N]
@@ -102,16 +103,35 @@ fn frame_m(i: usize, pools: usize, boot: u64, seq: u64, sent_ms: u64, key_id: u1
         pool_id: format!("pool-{:03}", i % pools.max(1)),
         addr: SocketAddr::V4(SocketAddrV4::new(ip, 8000)),
         models: vec![model.into()],
-        metrics: Metrics {
-            running: Some((seq % 17) as f64),
-            waiting: Some((seq % 3) as f64),
-            kv_usage: Some(0.25),
-            ttft_sum_s: Some(seq as f64 * 0.05),
-            ttft_count: Some(seq as f64),
-            prompt_tokens: Some(seq as f64 * 100.0),
-            generation_tokens: Some(seq as f64 * 300.0),
-            preemptions: Some(0.0),
-        },
+        metrics: busy_metrics(seq),
+    }
+}
+
+/// A busy worker's numbers: queue lengths and counters move every frame.
+fn busy_metrics(seq: u64) -> Metrics {
+    Metrics {
+        running: Some((seq % 17) as f64),
+        waiting: Some((seq % 3) as f64),
+        kv_usage: Some(0.25),
+        ttft_sum_s: Some(seq as f64 * 0.05),
+        ttft_count: Some(seq as f64),
+        prompt_tokens: Some(seq as f64 * 100.0),
+        generation_tokens: Some(seq as f64 * 300.0),
+        preemptions: Some(0.0),
+    }
+}
+
+/// An idle worker's numbers: the same in every frame.
+fn steady_metrics() -> Metrics {
+    Metrics {
+        running: Some(0.0),
+        waiting: Some(0.0),
+        kv_usage: Some(0.02),
+        ttft_sum_s: Some(12.5),
+        ttft_count: Some(250.0),
+        prompt_tokens: Some(25_000.0),
+        generation_tokens: Some(75_000.0),
+        preemptions: Some(0.0),
     }
 }
 
@@ -214,6 +234,7 @@ fn keepalive(o: &Opts) -> Res<()> {
     let hz: f64 = o.get("hz", Some(2.0))?;
     let secs: f64 = o.get("secs", Some(3600.0))?;
     let model: String = o.get("model", Some("meta-llama/Llama-3.1-8B-Instruct".to_string()))?;
+    let steady: u8 = o.get("steady", Some(0))?;
     let sock = UdpSocket::bind("127.0.0.1:0").map_err(|e| e.to_string())?;
     sock.connect(to).map_err(|e| e.to_string())?;
     let boot = now_us();
@@ -224,7 +245,11 @@ fn keepalive(o: &Opts) -> Res<()> {
     while start.elapsed().as_secs_f64() < secs {
         let round = Instant::now();
         for i in 0..workers {
-            let f = frame_m(i, pools, boot, seq, now_ms(), key_id, &model).encode(&key).map_err(|e| e.to_string())?;
+            let mut f = frame_m(i, pools, boot, seq, now_ms(), key_id, &model);
+            if steady != 0 {
+                f.metrics = steady_metrics();
+            }
+            let f = f.encode(&key).map_err(|e| e.to_string())?;
             let _ = sock.send(&f);
             frames += 1;
             // Spread the round over its period in slices of 256 frames, like independent sidecars.

@@ -220,6 +220,11 @@ impl Guard {
             }
             (Phase::Holding, Mode::Whole) => {
                 self.buf.extend_from_slice(chunk);
+                if end_of_stream && self.buf.len() < self.max_held {
+                    if let Some(reason) = whole_body_aborted(&self.buf) {
+                        return self.fail(FailReason::Aborted(reason));
+                    }
+                }
                 if end_of_stream || self.buf.len() >= self.max_held {
                     self.overflowed = !end_of_stream;
                     self.phase = Phase::Released;
@@ -299,6 +304,35 @@ impl Guard {
         self.scan_from = from;
         cut
     }
+}
+
+/// A whole (non-streaming) completion in which every choice ended with `finish_reason`
+/// `abort` or `error` and none carries output: the worker gave up before the first token.
+/// Returns the first such reason. Only bodies that mention `abort`/`error` are parsed.
+pub fn whole_body_aborted(body: &[u8]) -> Option<String> {
+    if !contains(body, b"\"abort\"") && !contains(body, b"\"error\"") {
+        return None;
+    }
+    let v: Value = serde_json::from_slice(body).ok()?;
+    let choices = v.get("choices")?.as_array()?;
+    let mut reason = None;
+    for c in choices {
+        let r = c.get("finish_reason").and_then(Value::as_str)?;
+        if r != "abort" && r != "error" {
+            return None;
+        }
+        let non_empty = |x: Option<&Value>| x.and_then(Value::as_str).is_some_and(|s| !s.is_empty());
+        let msg = c.get("message");
+        if non_empty(c.get("text"))
+            || non_empty(msg.and_then(|m| m.get("content")))
+            || non_empty(msg.and_then(|m| m.get("reasoning_content")))
+            || msg.and_then(|m| m.get("tool_calls")).and_then(Value::as_array).is_some_and(|a| !a.is_empty())
+        {
+            return None;
+        }
+        reason.get_or_insert_with(|| r.to_string());
+    }
+    reason
 }
 
 /// Trailing bytes of a chunk the glue reads for [`Guard::passes_untouched`].
@@ -671,6 +705,22 @@ mod tests {
         // An aborted choice beside one with output: the output wins (it must reach the client).
         let mixed = b"data: {\"choices\":[{\"index\":0,\"delta\":{},\"finish_reason\":\"abort\"},{\"index\":1,\"delta\":{\"content\":\"x\"}}]}\n\n";
         assert_eq!(classify_event(mixed), EventKind::Output);
+    }
+
+    #[test]
+    fn whole_body_aborted_fails_answers_pass() {
+        let aborted = br#"{"id":"c","object":"chat.completion","choices":[{"index":0,"message":{"role":"assistant","content":""},"finish_reason":"abort"}]}"#;
+        let (rel, _, fail) = run(Mode::Whole, &[&aborted[..10], &aborted[10..]], true);
+        assert!(rel.is_none());
+        assert_eq!(fail, Some(FailReason::Aborted("abort".into())));
+        let partial = br#"{"choices":[{"index":0,"text":"some","finish_reason":"abort"}]}"#;
+        assert_eq!(whole_body_aborted(partial), None);
+        let done = br#"{"choices":[{"index":0,"message":{"content":"error"},"finish_reason":"stop"}]}"#;
+        assert_eq!(whole_body_aborted(done), None);
+        let (rel, _, fail) = run(Mode::Whole, &[done], true);
+        assert!(fail.is_none() && rel.is_some());
+        assert_eq!(whole_body_aborted(b"\"abort\" not json"), None);
+        assert_eq!(whole_body_aborted(br#"{"choices":[]}"#), None);
     }
 
     #[test]

@@ -502,3 +502,33 @@ def test_client_cancels_do_not_open_the_breaker(stack):
            f"pre_token_retries {filter_stat(envoy, 'pre_token_retries')}; next request: {after.describe()}")
     assert filter_stat(envoy, "breaker_trips") == 0, "client cancels opened the worker's circuit"
     assert after.kind == "completed" and after.worker == slow.id, after.describe()
+
+
+def test_abort_before_first_token_is_retried(stack):
+    """A worker that ends every request before its first token with vLLM's own clean
+    `finish_reason: "abort"` (what vLLM 0.26 sends to requests it aborts on SIGTERM: seen on the
+    H100 drills) is a pre-token failure: each such attempt is retried on another worker, for
+    streams and for non-streaming requests, and no client sees an empty aborted answer."""
+    stack.start_dnsd()
+    for i in (1, 2):
+        stack.start_worker(f"w{i}", ttft_ms=20, tokens_per_s=500)
+    bad = stack.start_worker("wabort", ttft_ms=20, tokens_per_s=500, extra=["--abort-before-token"])
+    stack.wait_fresh(["w1", "w2", "wabort"])
+    # A breaker that never opens here, so wabort keeps being picked and every retry is exercised.
+    breaker = {"failure_threshold": 1000}
+    envoy = stack.start_pool_router(picker_config=json.dumps({"breaker": breaker}),
+                                    guard_config=json.dumps({"breaker": breaker}))
+    warm_up(stack, envoy)
+    client = make_client(envoy.base_url, timeout=10)
+    n = 60
+    with ThreadPoolExecutor(max_workers=4) as ex:
+        outcomes = list(ex.map(lambda i: chat(client, i, 5, stream=i % 2 == 0), range(n)))
+    bad_attempts = int(envoy.host_stats("gpuha_workers").get(bad.addr, {}).get("rq_total", 0))
+    retries = filter_stat(envoy, "pre_token_retries")
+    report(f"abort before first token: {n} requests ({n // 2} streams), {summarize(outcomes)}, "
+           f"per worker {per_worker(outcomes)}; attempts to wabort {bad_attempts}, pre_token_retries {retries}")
+    assert_whole_and_single_worker(outcomes)
+    assert all(o.kind == "completed" for o in outcomes), [o.describe() for o in outcomes if o.kind != "completed"][:5]
+    assert "wabort" not in per_worker(outcomes)
+    assert bad_attempts >= 5, f"wabort got only {bad_attempts} attempts: the drill tested nothing"
+    assert retries >= bad_attempts - 1, (retries, bad_attempts)

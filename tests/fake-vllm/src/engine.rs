@@ -27,6 +27,8 @@ pub struct EngineConfig {
     pub reset_after_tokens: Option<u32>,
     /// Failure injection: report an EngineCore death in place of the first token.
     pub error_before_token: bool,
+    /// Failure injection: abort the request (finish reason `abort`) in place of the first token.
+    pub abort_before_token: bool,
 }
 
 pub struct Engine {
@@ -46,6 +48,8 @@ pub enum Event {
     },
     /// The engine "died" before the first token (vLLM's in-stream error event).
     EngineDead,
+    /// The engine aborted the request before the first token (finish reason `abort`).
+    Aborted,
     /// The connection must be dropped now, without a clean end.
     Reset,
 }
@@ -189,6 +193,10 @@ impl Generation {
             self.finish(Finish::Error);
             return Some(Event::EngineDead);
         }
+        if n == 0 && cfg.abort_before_token {
+            self.finish(Finish::Abort);
+            return Some(Event::Aborted);
+        }
         if cfg.reset_after_tokens == Some(n) {
             self.finish(Finish::Abort);
             return Some(Event::Reset);
@@ -239,6 +247,7 @@ mod tests {
             kv_capacity_tokens: 100,
             reset_after_tokens: None,
             error_before_token: false,
+            abort_before_token: false,
         }
     }
 

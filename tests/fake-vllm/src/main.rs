@@ -45,6 +45,11 @@ struct Args {
     /// the first token.
     #[arg(long)]
     error_before_token: bool,
+    /// Failure injection: end every stream before its first token with vLLM's
+    /// `finish_reason: "abort"` event then [DONE] (what vLLM 0.26 sends to the requests it
+    /// aborts when its API server gets SIGTERM).
+    #[arg(long)]
+    abort_before_token: bool,
     /// Tokio worker threads (default: one per core).
     #[arg(long)]
     threads: Option<usize>,
@@ -66,6 +71,7 @@ fn main() -> ExitCode {
             kv_capacity_tokens: args.kv_capacity_tokens,
             reset_after_tokens: args.reset_after_tokens,
             error_before_token: args.error_before_token,
+            abort_before_token: args.abort_before_token,
         },
         models: args.models,
     };

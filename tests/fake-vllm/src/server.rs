@@ -210,9 +210,14 @@ async fn complete(
 
     let mut generation = generation;
     let mut text = String::new();
+    let mut finish = "length";
     while let Some(event) = generation.next().await {
         match event {
             Event::Token { text: t, .. } => text.push_str(&t),
+            Event::Aborted => {
+                finish = "abort";
+                break;
+            }
             Event::EngineDead => {
                 return error(
                     StatusCode::INTERNAL_SERVER_ERROR,
@@ -233,7 +238,7 @@ async fn complete(
         model: &model,
         fingerprint: &app.fingerprint,
         text: &text,
-        finish: "length",
+        finish,
         prompt_tokens: generation.prompt_tokens(),
         completion_tokens: u64::from(generation.sent()),
     };
@@ -308,6 +313,17 @@ fn sse_stream(
                         Ok(st.format.role())
                     } else {
                         Ok(token)
+                    }
+                }
+                Some(Event::Aborted) => {
+                    st.phase = if st.include_usage { Phase::Usage } else { Phase::Done };
+                    let ev = st.format.aborted();
+                    if !st.role_sent && st.format.kind() == Kind::Chat {
+                        st.role_sent = true;
+                        st.pending = Some(ev);
+                        Ok(st.format.role())
+                    } else {
+                        Ok(ev)
                     }
                 }
                 Some(Event::EngineDead) => {

@@ -144,6 +144,21 @@ impl SseFormat {
         Bytes::from(s)
     }
 
+    /// vLLM's event for a request it aborted (no output, `finish_reason: "abort"`).
+    pub fn aborted(&self) -> Bytes {
+        let s = match self.kind {
+            Kind::Chat => format!(
+                "{}\"choices\":[{{\"index\":0,\"delta\":{{}},\"logprobs\":null,\"finish_reason\":\"abort\",\"stop_reason\":null}}]}}\n\n",
+                self.head
+            ),
+            Kind::Completion => format!(
+                "{}\"choices\":[{{\"index\":0,\"text\":\"\",\"logprobs\":null,\"finish_reason\":\"abort\",\"stop_reason\":null}}]}}\n\n",
+                self.head
+            ),
+        };
+        Bytes::from(s)
+    }
+
     /// The `stream_options.include_usage` event, with no choices.
     pub fn usage(&self, prompt: u64, completion: u64) -> Bytes {
         Bytes::from(format!(

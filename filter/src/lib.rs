@@ -530,11 +530,13 @@ struct GuardCtx {
     saw_headers: bool,
     saw_end: bool,
     failed: bool,
+    /// The guard replaced this attempt's body with its own error (a 503 rewrite): drop the rest.
+    swallow: bool,
 }
 
 impl GuardCtx {
     fn new(cfg: Rc<GuardConfig>, stats: Stats) -> Self {
-        GuardCtx { cfg, stats, guard: None, probe_for: None, addr: None, reported: false, saw_headers: false, saw_end: false, failed: false }
+        GuardCtx { cfg, stats, guard: None, probe_for: None, addr: None, reported: false, saw_headers: false, saw_end: false, failed: false, swallow: false }
     }
 
     fn upstream_addr(&mut self) -> Option<String> {
@@ -646,9 +648,15 @@ impl HttpContext for GuardCtx {
         if end_of_stream {
             self.saw_end = true;
         }
-        if self.failed {
-            // The attempt was turned into a retryable 5xx; swallow whatever else it sends.
+        if self.swallow {
+            // The guard rewrote this attempt into its own 503: swallow whatever else it sends.
             host::set_body(BufferType::HttpResponseBody, size, b"");
+            return Action::Continue;
+        }
+        if self.failed {
+            // The worker's own 5xx: the router retries it (its body never reaches the client)
+            // or, on the last attempt, it is the client's answer and passes whole (its
+            // content-length still stands: emptying the body would leave the client waiting).
             return Action::Continue;
         }
         let Some(guard) = self.guard.as_mut() else { return Action::Continue };
@@ -706,6 +714,7 @@ impl HttpContext for GuardCtx {
                 host::set_response_header(GUARD_HEADER, Some("retried"));
                 let body = error_json(status, &format!("The worker failed before the first token: {}", reason.label()));
                 host::set_body(BufferType::HttpResponseBody, size, body.as_bytes());
+                self.swallow = true;
                 self.fail_before_first_token(reason.label());
                 Action::Continue
             }

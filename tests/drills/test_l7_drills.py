@@ -532,3 +532,41 @@ def test_abort_before_first_token_is_retried(stack):
     assert "wabort" not in per_worker(outcomes)
     assert bad_attempts >= 5, f"wabort got only {bad_attempts} attempts: the drill tested nothing"
     assert retries >= bad_attempts - 1, (retries, bad_attempts)
+
+
+def test_worker_5xx_retried_and_last_one_delivered_whole(stack):
+    """A worker answering HTTP 500 before any token (vLLM does to requests that reach an API
+    server shutting down, seen in the real-vLLM stall drill) is retried on another worker; when
+    every worker answers 500, the client gets that 500 promptly and whole (found by the same
+    drill: the guard emptied the 500's body under its content-length and the client hung)."""
+    stack.start_dnsd()
+    good = stack.start_worker("w1", ttft_ms=20, tokens_per_s=500)
+    bad = stack.start_worker("w500", ttft_ms=20, tokens_per_s=500, extra=["--fail-status", "500"])
+    stack.wait_fresh(["w1", "w500"])
+    breaker = {"failure_threshold": 1000}
+    envoy = stack.start_pool_router(picker_config=json.dumps({"breaker": breaker}),
+                                    guard_config=json.dumps({"breaker": breaker}))
+    warm_up(stack, envoy)
+    client = make_client(envoy.base_url, timeout=10)
+    outcomes = [chat(client, i, 5, stream=i % 2 == 0) for i in range(30)]
+    bad_attempts = int(envoy.host_stats("gpuha_workers").get(bad.addr, {}).get("rq_total", 0))
+    report(f"worker 5xx: {len(outcomes)} requests, {summarize(outcomes)}, per worker {per_worker(outcomes)}, "
+           f"attempts to w500 {bad_attempts}")
+    assert_whole_and_single_worker(outcomes)
+    assert all(o.kind == "completed" for o in outcomes), [o.describe() for o in outcomes if o.kind != "completed"][:5]
+    assert bad_attempts >= 3, f"w500 got only {bad_attempts} attempts: the drill tested nothing"
+
+    # Only the failing worker left: the last attempt's 500 is the answer, whole and at once.
+    good.proc.kill9()
+    stack.wait_stale(["w1"])
+    for stream in (False, True):
+        t0 = time.monotonic()
+        try:
+            client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "x"}],
+                                           max_tokens=5, stream=stream)
+            raise AssertionError("expected the worker's 500")
+        except openai.APIStatusError as e:
+            took = time.monotonic() - t0
+            report(f"all workers 5xx, stream={stream}: {type(e).__name__} {e.status_code} after {took:.2f}s")
+            assert e.status_code == 500, e
+            assert took < 5, f"the 500 took {took:.1f}s to arrive (a body cut short under its content-length?)"

@@ -151,7 +151,7 @@ def test_sidecar_metric_mapping_live(rig: Rig):
     # 16 = 2 x --max-num-seqs 8, all to ONE server, same length: 8 run while 8 wait for a whole
     # 512-step batch (seconds even at full speed), so the state is held while it is observed.
     n, max_tokens = 16, 512
-    client = make_client(f"http://{s.addr}/v1", timeout=600)  # straight to the server: the mapping is the subject
+    client = make_client(f"http://{s.addr}/v1", timeout=120)  # straight to the server: the mapping is the subject
     threads, results = run_concurrently(lambda i: chat(client, 5000 + i, i, max_tokens), n)
     try:
         def vllm_busy():
@@ -170,7 +170,7 @@ def test_sidecar_metric_mapping_live(rig: Rig):
 
         f_busy = wait_for(fleet_busy, 30, "dnsd /v1/fleet to show v1 running, waiting and kv > 0", interval=0.1)
     finally:
-        join_all(threads, 600)
+        join_all(threads, 180)
     outs = [r for r in results if r is not None]
     assert all(o.error is None and o.finish_reason == "length" for o in outs), "\n".join(o.describe() for o in outs)
 
@@ -213,7 +213,7 @@ def test_d1_group_sigkill_mid_traffic(rig: Rig):
         # batches (seconds even on an idle host): the pick reads that state, it does not race it.
         n, max_tokens = 40, 256
         refs = {p: rig.reference(p, max_tokens) for p in range(4)}
-        client = make_client(envoy.base_url, timeout=600)
+        client = make_client(envoy.base_url, timeout=120)
         gen0 = gen_counters(rig)
         for srv in rig.servers.values():
             srv.remember_shm()  # slow under load: done before the load, not between the pick and the kill
@@ -226,7 +226,7 @@ def test_d1_group_sigkill_mid_traffic(rig: Rig):
             kill_mono = vllm_rig.T0 = rig.servers[victim].killed_at  # the instant the signal went out
             kill_s = time.monotonic() - kill_mono
         finally:
-            join_all(threads, 600)
+            join_all(threads, 180)
         outs = [r for r in results if r is not None]
         attach_access_log(envoy, outs)
         kinds = {o.idx: classify(o, refs[o.prompt]) for o in outs}
@@ -293,7 +293,7 @@ def test_engine_core_sigkill(rig: Rig):
         # queued for ~2 whole batches while the pick reads that from /metrics.
         n, max_tokens = 40, 256
         refs = {p: rig.reference(p, max_tokens) for p in range(4)}
-        client = make_client(envoy.base_url, timeout=600)
+        client = make_client(envoy.base_url, timeout=120)
         gen0 = gen_counters(rig)
         # Read from /proc now, not between the pick and the kill (slow on a loaded host).
         all_engines = {w: s.engine_core_pids() for w, s in rig.servers.items()}
@@ -309,7 +309,7 @@ def test_engine_core_sigkill(rig: Rig):
             for p in engines:
                 vl.os.kill(p, signal.SIGKILL)
         finally:
-            join_all(threads, 600)
+            join_all(threads, 180)
         # The API server shuts itself down after reporting the engine death.
         try:
             srv.popen.wait(timeout=60)
@@ -376,7 +376,7 @@ def test_sigterm_stall(rig: Rig):
         long_tokens, short_tokens, bg_tokens, n_long = 4096, 32, 4096, 4  # long: minutes, not seconds
         refs = {(0, long_tokens): rig.reference(0, long_tokens)}
         refs.update({(p, short_tokens): rig.reference(p, short_tokens) for p in (1, 2, 3)})
-        client = make_client(envoy.base_url, timeout=600)
+        client = make_client(envoy.base_url, timeout=120)
         gen0 = gen_counters(rig)
         outs_box: list = []  # (threads, results) of each wave through Envoy
 
@@ -408,7 +408,7 @@ def test_sigterm_stall(rig: Rig):
             srv = rig.servers[victim]
             # (2) Fill the victim's other slots with requests straight to it, topping up (never
             # past 8 running + waiting) until it runs 8: then no slot frees there for the drill.
-            direct = make_client(f"http://{srv.addr}/v1", timeout=600)
+            direct = make_client(f"http://{srv.addr}/v1", timeout=120)
             n_bg, fill_seen = 0, []
 
             def fill():
@@ -452,7 +452,7 @@ def test_sigterm_stall(rig: Rig):
             vl.os.kill(srv.pid, signal.SIGTERM)  # the API server only, as an orchestrator's stop would
         finally:
             for threads, _ in outs_box:
-                join_all(threads, 600)
+                join_all(threads, 180)
         still_alive = srv.alive()
         outs = [r for _, results in outs_box for r in results if r is not None]
         attach_access_log(envoy, outs)

@@ -29,6 +29,8 @@ pub struct EngineConfig {
     pub error_before_token: bool,
     /// Failure injection: abort the request (finish reason `abort`) in place of the first token.
     pub abort_before_token: bool,
+    /// Failure injection: answer every valid request with this HTTP status (no generation).
+    pub fail_status: Option<u16>,
 }
 
 pub struct Engine {
@@ -248,6 +250,7 @@ mod tests {
             reset_after_tokens: None,
             error_before_token: false,
             abort_before_token: false,
+            fail_status: None,
         }
     }
 

@@ -50,6 +50,10 @@ struct Args {
     /// aborts when its API server gets SIGTERM).
     #[arg(long)]
     abort_before_token: bool,
+    /// Failure injection: answer every valid completion request with this HTTP status and a
+    /// JSON error body (vLLM answers 500 to requests that reach an API server shutting down).
+    #[arg(long)]
+    fail_status: Option<u16>,
     /// Tokio worker threads (default: one per core).
     #[arg(long)]
     threads: Option<usize>,
@@ -72,6 +76,7 @@ fn main() -> ExitCode {
             reset_after_tokens: args.reset_after_tokens,
             error_before_token: args.error_before_token,
             abort_before_token: args.abort_before_token,
+            fail_status: args.fail_status,
         },
         models: args.models,
     };

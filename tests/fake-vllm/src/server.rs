@@ -193,6 +193,11 @@ async fn complete(
         return bad_request("max_tokens must be at least 1, got 0.");
     }
 
+    if let Some(code) = app.engine.cfg.fail_status {
+        let status = StatusCode::from_u16(code).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+        return error(status, "The server is shutting down (fake-vllm --fail-status).", "InternalServerError", None);
+    }
+
     let id = match kind {
         Kind::Chat => format!("chatcmpl-{:016x}", rand::random::<u64>()),
         Kind::Completion => format!("cmpl-{:016x}", rand::random::<u64>()),

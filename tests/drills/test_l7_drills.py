@@ -559,6 +559,8 @@ def test_worker_5xx_retried_and_last_one_delivered_whole(stack):
     # Only the failing worker left: the last attempt's 500 is the answer, whole and at once.
     good.proc.kill9()
     stack.wait_stale(["w1"])
+    polls = filter_stat(envoy, "fleet_polls")
+    wait_for(lambda: filter_stat(envoy, "fleet_polls") >= polls + 2, 5, "two more fleet polls (the picker sees w1 stale)")
     for stream in (False, True):
         t0 = time.monotonic()
         try:

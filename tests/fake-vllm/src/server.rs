@@ -283,6 +283,19 @@ struct StreamState {
     phase: Phase,
 }
 
+impl StreamState {
+    /// Chat streams open with the role event: the first event goes out after it.
+    fn after_role(&mut self, event: Bytes) -> Bytes {
+        if !self.role_sent && self.format.kind() == Kind::Chat {
+            self.role_sent = true;
+            self.pending = Some(event);
+            self.format.role()
+        } else {
+            event
+        }
+    }
+}
+
 /// One SSE event per item, so one chunk per write when tokens are paced.
 fn sse_stream(
     generation: Generation,
@@ -312,24 +325,12 @@ fn sse_stream(
                             Phase::Done
                         };
                     }
-                    if !st.role_sent && st.format.kind() == Kind::Chat {
-                        st.role_sent = true;
-                        st.pending = Some(token);
-                        Ok(st.format.role())
-                    } else {
-                        Ok(token)
-                    }
+                    Ok(st.after_role(token))
                 }
                 Some(Event::Aborted) => {
                     st.phase = if st.include_usage { Phase::Usage } else { Phase::Done };
                     let ev = st.format.aborted();
-                    if !st.role_sent && st.format.kind() == Kind::Chat {
-                        st.role_sent = true;
-                        st.pending = Some(ev);
-                        Ok(st.format.role())
-                    } else {
-                        Ok(ev)
-                    }
+                    Ok(st.after_role(ev))
                 }
                 Some(Event::EngineDead) => {
                     st.phase = Phase::Done;

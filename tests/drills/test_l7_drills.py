@@ -536,11 +536,9 @@ def test_abort_before_first_token_is_retried(stack):
 
 def test_worker_5xx_retried_and_last_one_delivered_whole(stack):
     """A worker answering HTTP 500 before any token (vLLM does to requests that reach an API
-    server shutting down, seen in the real-vLLM stall drill) is retried on another worker; when
-    every worker answers 500, the client gets that 500 promptly and whole (found by the same
-    drill: the guard emptied the 500's body under its content-length and the client hung)."""
+    server shutting down, seen in the real-vLLM stall drill) is retried on another worker."""
     stack.start_dnsd()
-    good = stack.start_worker("w1", ttft_ms=20, tokens_per_s=500)
+    stack.start_worker("w1", ttft_ms=20, tokens_per_s=500)
     bad = stack.start_worker("w500", ttft_ms=20, tokens_per_s=500, extra=["--fail-status", "500"])
     stack.wait_fresh(["w1", "w500"])
     breaker = {"failure_threshold": 1000}
@@ -556,19 +554,28 @@ def test_worker_5xx_retried_and_last_one_delivered_whole(stack):
     assert all(o.kind == "completed" for o in outcomes), [o.describe() for o in outcomes if o.kind != "completed"][:5]
     assert bad_attempts >= 3, f"w500 got only {bad_attempts} attempts: the drill tested nothing"
 
-    # Only the failing worker left: the last attempt's 500 is the answer, whole and at once.
-    good.proc.kill9()
-    stack.wait_stale(["w1"])
-    polls = filter_stat(envoy, "fleet_polls")
-    wait_for(lambda: filter_stat(envoy, "fleet_polls") >= polls + 2, 5, "two more fleet polls (the picker sees w1 stale)")
+
+def test_only_5xx_workers_answer_promptly(stack):
+    """Every worker answers 500 before any token: the client gets a 5xx whole and at once, for
+    streams and not (the bug, found by the real-vLLM stall drill: the guard emptied the 500's body
+    under its content-length and the client waited forever)."""
+    stack.start_dnsd()
+    stack.start_worker("w500", ttft_ms=20, tokens_per_s=500, extra=["--fail-status", "500"])
+    stack.wait_fresh(["w500"])
+    envoy = stack.start_pool_router()
+    wait_for(lambda: filter_stat(envoy, "fleet_polls") >= 2, 10, "the picker's first fleet polls")
+    client = make_client(envoy.base_url, timeout=10)
+    # Every answer must come whole and at once: the worker's 500 or, when the retry finds no
+    # other host, the gateway's OpenAI-shaped 503; never a hang (the bug: a 500 whose body the
+    # guard had emptied under its content-length).
     for stream in (False, True):
         t0 = time.monotonic()
         try:
             client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "x"}],
                                            max_tokens=5, stream=stream)
-            raise AssertionError("expected the worker's 500")
+            raise AssertionError("expected a 5xx")
         except openai.APIStatusError as e:
             took = time.monotonic() - t0
-            report(f"all workers 5xx, stream={stream}: {type(e).__name__} {e.status_code} after {took:.2f}s")
-            assert e.status_code == 500, e
-            assert took < 5, f"the 500 took {took:.1f}s to arrive (a body cut short under its content-length?)"
+            report(f"all workers 5xx, stream={stream}: {e.status_code} after {took:.2f}s: {str(e)[:120]}")
+            assert e.status_code in (500, 503), e
+            assert took < 5, f"the {e.status_code} took {took:.1f}s to arrive (a body cut short under its content-length?)"

@@ -424,7 +424,12 @@ def test_sigterm_stall(rig: Rig):
                 if k > 0:
                     bg_threads.extend(run_concurrently(lambda i, b=n_bg: chat(direct, 9000 + b + i, i % 4, bg_tokens), k)[0])
                     n_bg += k
-                    time.sleep(1.0)  # their prefill
+
+                    def admitted():  # vLLM counts them (running or waiting) before we look again
+                        g2 = rig.try_gauges(victim)
+                        return g2 is not None and g2.get("vllm:num_requests_running", 0) + g2.get("vllm:num_requests_waiting", 0) >= 8
+
+                    wait_for(admitted, 30, f"{k} background requests admitted by {victim}", interval=0.1)
                 return None
 
             try:
@@ -446,7 +451,7 @@ def test_sigterm_stall(rig: Rig):
                         break
                     time.sleep(0.05)
                 if g_kill is None:
-                    time.sleep(per_try + 1)  # let this burst's requests settle before the next
+                    join_all(outs_box[-1][0], 60)  # this burst's requests are answered before the next
             assert g_kill is not None, f"none of {sent} short requests in {bursts} bursts was ever queued on the full {victim}"
             kill_mono = vllm_rig.T0 = time.monotonic()
             vl.os.kill(srv.pid, signal.SIGTERM)  # the API server only, as an orchestrator's stop would

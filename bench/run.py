@@ -1107,13 +1107,7 @@ def gdnsd_failover(wport, victim):
     d = WORK / "gdnsd"
     gdnsd_conf(d, port, wport)
     PROCS.start("gdnsd", ["gdnsd", "-c", d, "start"], cpu=SUT_CPU)
-    deadline = time.time() + 15
-    while time.time() < deadline:
-        try:
-            dns_query(port, "static.bench.test")
-            break
-        except Exception:  # noqa: BLE001
-            time.sleep(0.1)
+    wait_dns(port, timeout=15)
     r = kill_and_time("gdnsd", port, victim)
     r["config"] = f"http_status /health: {GDNSD_CHECK}; multifo"
     return r
@@ -1146,13 +1140,7 @@ def pdns_failover(wport, victim):
     d = WORK / "pdns"
     pdns_conf(d, port, wport)
     PROCS.start("pdns", ["pdns_server", f"--config-dir={d}"], cpu=SUT_CPU)
-    deadline = time.time() + 15
-    while time.time() < deadline:
-        try:
-            dns_query(port, "static.bench.test")
-            break
-        except Exception:  # noqa: BLE001
-            time.sleep(0.1)
+    wait_dns(port, timeout=15)
     dns_query(port, "api.bench.test")  # the first query registers the health checks
     time.sleep(3)
     r = kill_and_time("pdns", port, victim)

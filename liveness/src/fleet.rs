@@ -220,20 +220,9 @@ impl FleetState {
         self.workers.values().filter(|w| w.frame.pool_id == pool && w.is_in_window(now_ms)).count()
     }
 
-    /// Whether `pool` may be answered: alive with `min_workers` (each heard from within the
-    /// window, and sending for the failback hold-down), or still in cold start.
-    pub fn pool_liveness(&self, pool: &str, min_workers: usize, now_ms: u64) -> Liveness {
-        let counted = self.workers.values().filter(|w| w.frame.pool_id == pool && w.counts_for_pool(now_ms)).count();
-        if counted >= min_workers.max(1) {
-            Liveness::Alive
-        } else if now_ms.saturating_sub(self.started_ms) < EVICTION_WINDOW_MS {
-            Liveness::ColdStart
-        } else {
-            Liveness::Dead
-        }
-    }
-
-    /// [`Self::pool_liveness`] of each `(pool, min_workers)` at `now_ms` in one pass over the
+    /// Whether each `(pool, min_workers)` may be answered at `now_ms` — alive with `min_workers`
+    /// (each heard from within the window, and sending for the failback hold-down), or still in
+    /// cold start — in one pass over the
     /// workers, with the span around `now_ms` in which none of the answers changes as long as
     /// no frame arrives: every worker counts over one closed span of time
     /// ([`WorkerState::counting_span`]), so a pool's count is constant between consecutive span
@@ -442,6 +431,21 @@ impl FleetView {
 
 #[cfg(test)]
 mod tests {
+    impl FleetState {
+        /// The oracle of [`FleetState::pool_outlook`]: whether `pool` may be answered: alive with `min_workers` (each heard from within the
+        /// window, and sending for the failback hold-down), or still in cold start.
+        fn pool_liveness(&self, pool: &str, min_workers: usize, now_ms: u64) -> Liveness {
+            let counted = self.workers.values().filter(|w| w.frame.pool_id == pool && w.counts_for_pool(now_ms)).count();
+            if counted >= min_workers.max(1) {
+                Liveness::Alive
+            } else if now_ms.saturating_sub(self.started_ms) < EVICTION_WINDOW_MS {
+                Liveness::ColdStart
+            } else {
+                Liveness::Dead
+            }
+        }
+    }
+
     use super::*;
     use crate::frame::tests::sample;
     use proptest::prelude::*;

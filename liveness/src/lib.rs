@@ -6,13 +6,17 @@
 //! milliseconds since the Unix epoch (`now_ms`), so the same code runs natively inside `dnsd`
 //! and compiled to `wasm32-wasip1` inside Envoy, and tests drive time by hand.
 
+pub mod attempt;
 pub mod breaker;
 pub mod fleet;
 pub mod frame;
 pub mod guard;
 pub mod ingest;
 pub mod openai_error;
+pub mod output;
 pub mod pick;
+pub mod slots;
+pub mod sse;
 
 pub use fleet::{bounded_age_ms, Ages, FAILBACK_HOLD_DOWN_MS, FleetState, FleetView, Liveness, PoolOutlook, PoolView, WorkerView, VIEW_AGE_FLOOR_MS, VIEW_AGE_STALE_MS};
 pub use frame::{Frame, FrameError, KeyRing, Metrics, MAX_FRAME_LEN};

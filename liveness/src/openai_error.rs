@@ -110,7 +110,7 @@ mod tests {
         assert_eq!(first["error"]["code"], 503);
         assert_eq!(events[1], "data: [DONE]");
         assert!(text.ends_with("\n\n"));
-        assert_eq!(crate::guard::classify_event(format!("{}\n\n", events[0]).as_bytes()), crate::guard::EventKind::Error("down".into()));
+        assert_eq!(crate::output::event_signal(crate::output::Api::Chat, &crate::sse::parse_event(format!("{}\n\n", events[0]).as_bytes())), crate::output::Signal::Error("down".into()));
     }
 
     #[test]

@@ -174,122 +174,12 @@ pub enum Decision {
     NoWorker { fresh: usize, serving: usize },
 }
 
-/// A scored, eligible worker.
-#[derive(Debug, Clone)]
-struct Scored<'a> {
-    w: &'a WorkerView,
-    score: f64,
-}
-
 /// Whether `w` serves `model` (`None`: the request named none, any worker will do).
 pub fn serves(w: &WorkerView, model: Option<&str>) -> bool {
     match model {
         None => true,
         Some(m) => w.models.is_empty() || w.models.iter().any(|x| x == m),
     }
-}
-
-/// Picks the endpoints for one request.
-///
-/// * `admission(addr)`: the breaker's view of a worker.
-/// * `claim_probe(addr)`: tries to take the half-open probe (compare-and-swap in the filter);
-///   only called for workers whose admission is [`Admission::Probe`].
-#[allow(clippy::too_many_arguments)]
-pub fn pick(
-    view: &FleetView,
-    fetched_local_ms: u64,
-    now_ms: u64,
-    model: Option<&str>,
-    load: &LocalLoad,
-    rng: &mut Rng,
-    cfg: &PickConfig,
-    mut admission: impl FnMut(&str) -> Admission,
-    mut claim_probe: impl FnMut(&str) -> bool,
-) -> Decision {
-    if now_ms.saturating_sub(fetched_local_ms) > cfg.stale_after_ms {
-        return Decision::Stale;
-    }
-    let serving: Vec<&WorkerView> = view
-        .workers
-        .iter()
-        .filter(|w| cfg.pools.is_empty() || cfg.pools.contains(&w.pool))
-        .filter(|w| serves(w, model))
-        .collect();
-    if serving.is_empty() {
-        return Decision::UnknownModel;
-    }
-    let fresh: Vec<&WorkerView> = serving
-        .iter()
-        .copied()
-        .filter(|w| effective_age_ms(w, fetched_local_ms, now_ms) < cfg.freshness_gate_ms)
-        .collect();
-    let mut normal: Vec<Scored> = Vec::new();
-    let mut probes: Vec<&WorkerView> = Vec::new();
-    for w in &fresh {
-        match admission(&w.addr) {
-            Admission::Allow => {
-                // Requests sent after the frame was taken are not in its numbers yet.
-                let frame_local_ms = fetched_local_ms.saturating_sub(w.age_ms);
-                let extra = load.sent_since(&w.addr, frame_local_ms) as f64;
-                normal.push(Scored { w, score: predicted_ttft_ms(w, extra, cfg) });
-            }
-            Admission::Probe => probes.push(w),
-            Admission::Deny => {}
-        }
-    }
-    let mut endpoints: Vec<String> = Vec::with_capacity(cfg.max_endpoints);
-    let mut probe = None;
-    // A probe goes first so that it is surely attempted; the retry policy still covers the
-    // request if the probed worker fails before its first token.
-    while !probes.is_empty() {
-        let w = probes.swap_remove(rng.below(probes.len()));
-        if claim_probe(&w.addr) {
-            endpoints.push(w.addr.clone());
-            probe = Some(w.addr.clone());
-            break;
-        }
-    }
-    normal.sort_by(|a, b| a.score.total_cmp(&b.score));
-    if probe.is_none() && !normal.is_empty() {
-        let best = normal[0].score;
-        let limit = best * (1.0 + cfg.near_best_ratio) + cfg.near_best_ms;
-        let near = normal.iter().take_while(|s| s.score <= limit).count();
-        let first = if near >= 2 {
-            // Power of two choices among the near-best.
-            let a = rng.below(near);
-            let mut b = rng.below(near - 1);
-            if b >= a {
-                b += 1;
-            }
-            if normal[b].score < normal[a].score {
-                b
-            } else {
-                a
-            }
-        } else {
-            0
-        };
-        let chosen = normal.remove(first);
-        endpoints.push(chosen.w.addr.clone());
-    }
-    for s in normal {
-        if endpoints.len() >= cfg.max_endpoints {
-            break;
-        }
-        if !endpoints.contains(&s.w.addr) {
-            endpoints.push(s.w.addr.clone());
-        }
-    }
-    if fresh.is_empty() && serving.iter().any(|w| w.age_ms < cfg.freshness_gate_ms) {
-        // dnsd saw fresh workers when we fetched; they aged past the gate only on our clock,
-        // because no newer view came (dnsd down or slow). That is missing telemetry, not dead
-        // workers: fail open rather than refuse.
-        return Decision::Stale;
-    }
-    if endpoints.is_empty() {
-        return Decision::NoWorker { fresh: fresh.len(), serving: serving.len() };
-    }
-    Decision::Endpoints { endpoints, probe }
 }
 
 /// One candidate in [`Ranked`]: a worker's index in the view and its score with no local load.
@@ -554,6 +444,117 @@ mod tests {
     use super::*;
     use super::Rng;
     use proptest::prelude::*;
+
+    /// A scored, eligible worker.
+    #[derive(Debug, Clone)]
+    struct Scored<'a> {
+        w: &'a WorkerView,
+        score: f64,
+    }
+
+    /// The reference picker: the oracle of `pick_ranked`'s equivalence property (the picker is
+        /// [`pick_ranked`]; this is the rule written plainly, scoring and sorting the whole fleet).
+    ///
+    /// * `admission(addr)`: the breaker's view of a worker.
+    /// * `claim_probe(addr)`: tries to take the half-open probe (compare-and-swap in the filter);
+    ///   only called for workers whose admission is [`Admission::Probe`].
+    #[allow(clippy::too_many_arguments)]
+    fn pick(
+        view: &FleetView,
+        fetched_local_ms: u64,
+        now_ms: u64,
+        model: Option<&str>,
+        load: &LocalLoad,
+        rng: &mut Rng,
+        cfg: &PickConfig,
+        mut admission: impl FnMut(&str) -> Admission,
+        mut claim_probe: impl FnMut(&str) -> bool,
+    ) -> Decision {
+        if now_ms.saturating_sub(fetched_local_ms) > cfg.stale_after_ms {
+            return Decision::Stale;
+        }
+        let serving: Vec<&WorkerView> = view
+            .workers
+            .iter()
+            .filter(|w| cfg.pools.is_empty() || cfg.pools.contains(&w.pool))
+            .filter(|w| serves(w, model))
+            .collect();
+        if serving.is_empty() {
+            return Decision::UnknownModel;
+        }
+        let fresh: Vec<&WorkerView> = serving
+            .iter()
+            .copied()
+            .filter(|w| effective_age_ms(w, fetched_local_ms, now_ms) < cfg.freshness_gate_ms)
+            .collect();
+        let mut normal: Vec<Scored> = Vec::new();
+        let mut probes: Vec<&WorkerView> = Vec::new();
+        for w in &fresh {
+            match admission(&w.addr) {
+                Admission::Allow => {
+                    // Requests sent after the frame was taken are not in its numbers yet.
+                    let frame_local_ms = fetched_local_ms.saturating_sub(w.age_ms);
+                    let extra = load.sent_since(&w.addr, frame_local_ms) as f64;
+                    normal.push(Scored { w, score: predicted_ttft_ms(w, extra, cfg) });
+                }
+                Admission::Probe => probes.push(w),
+                Admission::Deny => {}
+            }
+        }
+        let mut endpoints: Vec<String> = Vec::with_capacity(cfg.max_endpoints);
+        let mut probe = None;
+        // A probe goes first so that it is surely attempted; the retry policy still covers the
+        // request if the probed worker fails before its first token.
+        while !probes.is_empty() {
+            let w = probes.swap_remove(rng.below(probes.len()));
+            if claim_probe(&w.addr) {
+                endpoints.push(w.addr.clone());
+                probe = Some(w.addr.clone());
+                break;
+            }
+        }
+        normal.sort_by(|a, b| a.score.total_cmp(&b.score));
+        if probe.is_none() && !normal.is_empty() {
+            let best = normal[0].score;
+            let limit = best * (1.0 + cfg.near_best_ratio) + cfg.near_best_ms;
+            let near = normal.iter().take_while(|s| s.score <= limit).count();
+            let first = if near >= 2 {
+                // Power of two choices among the near-best.
+                let a = rng.below(near);
+                let mut b = rng.below(near - 1);
+                if b >= a {
+                    b += 1;
+                }
+                if normal[b].score < normal[a].score {
+                    b
+                } else {
+                    a
+                }
+            } else {
+                0
+            };
+            let chosen = normal.remove(first);
+            endpoints.push(chosen.w.addr.clone());
+        }
+        for s in normal {
+            if endpoints.len() >= cfg.max_endpoints {
+                break;
+            }
+            if !endpoints.contains(&s.w.addr) {
+                endpoints.push(s.w.addr.clone());
+            }
+        }
+        if fresh.is_empty() && serving.iter().any(|w| w.age_ms < cfg.freshness_gate_ms) {
+            // dnsd saw fresh workers when we fetched; they aged past the gate only on our clock,
+            // because no newer view came (dnsd down or slow). That is missing telemetry, not dead
+            // workers: fail open rather than refuse.
+            return Decision::Stale;
+        }
+        if endpoints.is_empty() {
+            return Decision::NoWorker { fresh: fresh.len(), serving: serving.len() };
+        }
+        Decision::Endpoints { endpoints, probe }
+    }
 
     fn w(id: &str, port: u16, age: u64, waiting: f64, ttft: f64) -> WorkerView {
         WorkerView {

@@ -9,7 +9,7 @@
 //! - no such pool: the service's fail-whale set, never NXDOMAIN;
 //! - a [`Liveness::Dead`] (evicted) pool is never in an answer.
 //!
-//! During the first eviction window after dnsd starts, `pool_liveness` reports pools it has not
+//! During the first eviction window after dnsd starts, `pool_outlook` reports pools it has not
 //! heard from yet as `ColdStart`, which is answerable: a restarted dnsd keeps answering every
 //! configured pool instead of sending everyone to the fail-whale while frames trickle in.
 
@@ -28,7 +28,8 @@ pub struct PoolStates(pub Vec<Liveness>);
 
 impl PoolStates {
     pub fn compute(zones: &Zones, fleet: &FleetState, now_ms: u64) -> Self {
-        PoolStates(zones.pools.iter().map(|p| fleet.pool_liveness(&p.id, p.min_workers, now_ms)).collect())
+        let pools: Vec<(&str, usize)> = zones.pools.iter().map(|p| (p.id.as_str(), p.min_workers)).collect();
+        PoolStates(fleet.pool_outlook(&pools, now_ms).states)
     }
 
     pub fn get(&self, pool: usize) -> Liveness {

@@ -1,0 +1,66 @@
+//! The workers' circuit breakers in shared data: admission and probe claims for the picker,
+//! charges from the guard. The state machine is `gpuha_liveness::breaker`; the slot layouts
+//! `gpuha_liveness::slots`.
+
+use gpuha_liveness::attempt::Charge;
+use gpuha_liveness::breaker::{Admission, Breaker, BreakerConfig, Transition};
+use gpuha_liveness::slots::{breaker_key, not_closed_list, not_closed_update, NOT_CLOSED_KEY};
+use proxy_wasm::types::LogLevel;
+
+use crate::host;
+use crate::stats::{inc, Stats};
+
+/// The addresses whose circuit is not closed (every other one is admitted unread).
+pub fn not_closed() -> Vec<String> {
+    let bytes = host::shared_get(NOT_CLOSED_KEY).0.unwrap_or_default();
+    not_closed_list(&bytes).into_iter().map(str::to_string).collect()
+}
+
+pub fn admission(addr: &str, now: u64, cfg: &BreakerConfig) -> Admission {
+    let (bytes, _) = host::shared_get(&breaker_key(addr));
+    Breaker::decode(bytes.as_deref()).admission(now, cfg)
+}
+
+/// Takes `addr`'s half-open probe, if still free (compare-and-swap).
+pub fn claim_probe(addr: &str, now: u64, cfg: &BreakerConfig) -> bool {
+    host::shared_update(&breaker_key(addr), |cur| {
+        let mut b = Breaker::decode(cur);
+        b.try_claim_probe(now, cfg).then(|| (b.encode(), ()))
+    })
+    .is_some()
+}
+
+fn set_not_closed(addr: &str, not_closed: bool) {
+    host::shared_update(NOT_CLOSED_KEY, |cur| Some((not_closed_update(cur, addr, not_closed), ())));
+}
+
+/// Tells `addr`'s breaker how an attempt went (`probe`: the attempt carried its probe).
+pub fn charge(addr: &str, probe: bool, charge: &Charge, now: u64, cfg: &BreakerConfig, stats: &Stats) {
+    let failure = match charge {
+        Charge::Nothing => return,
+        Charge::Success => None,
+        Charge::Failure(r) => Some(r.label()),
+    };
+    let t = host::shared_update(&breaker_key(addr), |cur| {
+        let mut b = Breaker::decode(cur);
+        let before = b.clone();
+        let t = match &failure {
+            Some(reason) => b.on_failure(now, probe, reason, cfg),
+            None => b.on_success(probe),
+        };
+        // Skip the write when nothing changed (the common success case).
+        (b != before).then(|| (b.encode(), t))
+    });
+    match t {
+        Some(Transition::Tripped) => {
+            set_not_closed(addr, true);
+            inc(stats.breaker_trips);
+            host::warn(&format!("gpuha: circuit opened for {addr}: {}", failure.as_deref().unwrap_or("")));
+        }
+        Some(Transition::Closed) => {
+            set_not_closed(addr, false);
+            host::log(LogLevel::Info, &format!("gpuha: circuit closed for {addr} (probe succeeded)"));
+        }
+        _ => {}
+    }
+}

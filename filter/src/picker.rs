@@ -1,0 +1,174 @@
+//! The picker (downstream filter): reads `model` and `stream` from the request body, picks up
+//! to three workers from the fleet view and hands them to the `override_host` load balancer in
+//! `x-gpuha-endpoints`; rewrites Envoy's own text/plain error replies into OpenAI-shaped ones.
+
+use std::cell::RefCell;
+use std::rc::Rc;
+
+use gpuha_liveness::openai_error::{error_response, is_api_shaped};
+use gpuha_liveness::pick::{pick_ranked, Decision};
+use proxy_wasm::traits::{Context, HttpContext};
+use proxy_wasm::types::{Action, BufferType};
+
+use crate::breakers;
+use crate::cache::Thread;
+use crate::config::{NoWorkerPolicy, PickerConfig};
+use crate::host;
+use crate::stats::{inc, Stats};
+use crate::{ENDPOINTS_HEADER, PROBE_HEADER};
+
+#[derive(serde::Deserialize)]
+struct RequestFields {
+    #[serde(default)]
+    model: Option<serde_json::Value>,
+    #[serde(default)]
+    stream: Option<serde_json::Value>,
+}
+
+pub struct Picker {
+    cfg: Rc<PickerConfig>,
+    stats: Stats,
+    thread: Rc<RefCell<Thread>>,
+    stream: bool,
+    /// Set when the response is one of Envoy's own text/plain errors being rewritten.
+    rewrite: Option<u16>,
+}
+
+impl Picker {
+    pub fn new(cfg: Rc<PickerConfig>, stats: Stats, thread: Rc<RefCell<Thread>>) -> Self {
+        Picker { cfg, stats, thread, stream: false, rewrite: None }
+    }
+
+    fn reply_error(&self, status: u16, message: &str, retry_after: Option<u32>) {
+        let r = error_response(status, message, self.stream, Some(self.cfg.stream_error_status), retry_after);
+        host::send_response(r.status, &r.headers, &r.body);
+    }
+
+    fn decide(&mut self, body: &[u8]) -> Action {
+        let fields: RequestFields = match serde_json::from_slice(body) {
+            Ok(f) => f,
+            Err(_) => {
+                // Not JSON: no pick; the worker answers its own 400.
+                inc(self.stats.fail_open);
+                return Action::Continue;
+            }
+        };
+        self.stream = matches!(fields.stream, Some(serde_json::Value::Bool(true)));
+        let model = fields.model.as_ref().and_then(|m| m.as_str()).map(str::to_string);
+        let now = host::now_ms();
+        let Some((version, fetched, view)) = self.thread.borrow_mut().fleet() else {
+            inc(self.stats.fail_open);
+            host::debug("gpuha: no fleet view yet: fail open");
+            return Action::Continue;
+        };
+        let bcfg = self.cfg.breaker;
+        let not_closed = breakers::not_closed();
+        let not_closed: Vec<&str> = not_closed.iter().map(String::as_str).collect();
+        let decision = {
+            let mut t = self.thread.borrow_mut();
+            let t = &mut *t;
+            let ranked = t.ranked(version, &view, &self.cfg.pick);
+            pick_ranked(&ranked, &view, fetched, now, model.as_deref(), &t.load, &mut t.rng, &self.cfg.pick, &not_closed, |a| breakers::admission(a, now, &bcfg), |a| breakers::claim_probe(a, now, &bcfg))
+        };
+        match decision {
+            Decision::Endpoints { endpoints, probe } => {
+                let list = endpoints.join(",");
+                host::set_request_header(ENDPOINTS_HEADER, Some(&list));
+                if let Some(p) = &probe {
+                    host::set_request_header(PROBE_HEADER, Some(p));
+                    inc(self.stats.probes);
+                }
+                if let Some(first) = endpoints.first() {
+                    let mut t = self.thread.borrow_mut();
+                    t.load.record(first, now);
+                    t.load.prune(now);
+                }
+                inc(self.stats.picks);
+                Action::Continue
+            }
+            Decision::Stale | Decision::UnknownModel => {
+                inc(self.stats.fail_open);
+                Action::Continue
+            }
+            Decision::NoWorker { fresh, serving } => {
+                inc(self.stats.no_worker);
+                if self.cfg.no_worker == NoWorkerPolicy::FailOpen {
+                    return Action::Continue;
+                }
+                let m = model.as_deref().unwrap_or("(none)");
+                let msg = format!("No worker can serve model '{m}' right now ({serving} known, {fresh} fresh, none with a closed circuit). Please retry.");
+                self.reply_error(503, &msg, Some(self.cfg.retry_after_s));
+                Action::Pause
+            }
+        }
+    }
+}
+
+impl Context for Picker {}
+
+impl HttpContext for Picker {
+    fn on_http_request_headers(&mut self, _n: usize, end_of_stream: bool) -> Action {
+        // Clients must not steer the load balancer or claim probes.
+        host::set_request_header(ENDPOINTS_HEADER, None);
+        host::set_request_header(PROBE_HEADER, None);
+        if end_of_stream {
+            // No body (GET /v1/models, health checks): no pick, Envoy's fallback LB decides.
+            return Action::Continue;
+        }
+        // Hold the headers: the pick needs the body (needs allow_on_headers_stop_iteration).
+        Action::Pause
+    }
+
+    fn on_http_request_body(&mut self, size: usize, end_of_stream: bool) -> Action {
+        if size > self.cfg.max_body_bytes {
+            inc(self.stats.body_too_large);
+            let msg = format!("Request body is larger than {} bytes.", self.cfg.max_body_bytes);
+            self.reply_error(413, &msg, None);
+            return Action::Pause;
+        }
+        if !end_of_stream {
+            return Action::Pause;
+        }
+        let body = host::body(BufferType::HttpRequestBody, size);
+        self.decide(&body)
+    }
+
+    fn on_http_response_headers(&mut self, _n: usize, end_of_stream: bool) -> Action {
+        if !self.cfg.rewrite_local_replies || end_of_stream {
+            return Action::Continue;
+        }
+        let Some(status) = host::status() else { return Action::Continue };
+        if status < 400 || is_api_shaped(host::response_header("content-type").as_deref()) {
+            return Action::Continue;
+        }
+        // Envoy's own error (no healthy upstream, reset before headers, timeout, 413...):
+        // text/plain. Rewrite it once the body (Envoy's details) is complete.
+        self.rewrite = Some(status);
+        host::set_response_header("content-length", None);
+        // Hold the headers too: content type and `retry-after` change with the body.
+        Action::Pause
+    }
+
+    fn on_http_response_body(&mut self, size: usize, end_of_stream: bool) -> Action {
+        let Some(status) = self.rewrite else { return Action::Continue };
+        if !end_of_stream {
+            return Action::Pause;
+        }
+        let details = String::from_utf8_lossy(&host::body(BufferType::HttpResponseBody, size)).trim().to_string();
+        let msg = match status {
+            503 => format!("No worker could serve the request ({details}). Please retry."),
+            504 => format!("The worker did not start answering in time ({details}). Please retry."),
+            _ => format!("The request failed at the gateway ({details})."),
+        };
+        let retry_after = matches!(status, 429 | 502 | 503 | 504).then_some(self.cfg.retry_after_s);
+        let r = error_response(status, &msg, self.stream, None, retry_after);
+        for (k, v) in &r.headers {
+            host::set_response_header(k, Some(v));
+        }
+        host::set_response_header("x-gpuha-rewritten", Some("1"));
+        host::set_body(BufferType::HttpResponseBody, size, &r.body);
+        inc(self.stats.local_replies_rewritten);
+        Action::Continue
+    }
+}
+

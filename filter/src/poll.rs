@@ -1,0 +1,109 @@
+//! The fleet poll: one root context (one per Envoy thread) at a time fetches dnsd's
+//! `/v1/fleet?ages=bounded` and publishes it in shared data for every thread.
+//!
+//! Every picker root context ticks, but only the one that wins the compare-and-swap on the
+//! `gpuha.poll` slot polls, so dnsd sees one poll per interval however many threads Envoy runs,
+//! and there is no leader whose loss would stop polling. The poll names the content held in
+//! `If-None-Match`: an unchanged fleet is answered `304` with no body, which costs the threads
+//! nothing but a vouch (the view's ages count from it).
+
+use std::time::Duration;
+
+use gpuha_liveness::slots::{decode_etag, decode_fleet, decode_version, encode_etag, encode_fleet, encode_u64, encode_version, u64_at, FLEET_ETAG_KEY, FLEET_KEY, FLEET_VERSION_KEY, POLL_KEY};
+use gpuha_liveness::FleetView;
+use proxy_wasm::hostcalls;
+use proxy_wasm::types::{BufferType, MapType};
+
+use crate::config::PickerConfig;
+use crate::host;
+use crate::stats::{inc, Stats};
+
+/// The path polled: `fleet_path` with the cacheable form and the router's pools asked for.
+pub fn poll_path(p: &PickerConfig) -> String {
+    let sep = if p.fleet_path.contains('?') { '&' } else { '?' };
+    let mut path = format!("{}{sep}ages=bounded", p.fleet_path);
+    if !p.pick.pools.is_empty() {
+        path.push_str("&pool=");
+        path.push_str(&p.pick.pools.join(","));
+    }
+    path
+}
+
+/// A poll in flight from this root context.
+#[derive(Debug, Clone, Copy)]
+pub struct InFlight {
+    pub token: u32,
+    pub started: u64,
+    /// The content version named in `If-None-Match`.
+    pub tag_version: u64,
+}
+
+/// Starts a poll if this thread wins the slot. `in_flight`: this context's outstanding poll.
+pub fn maybe_start(p: &PickerConfig, path: &str, in_flight: &mut Option<InFlight>, stats: &Stats, dispatch: impl FnOnce(Vec<(&str, &str)>, Duration) -> Result<u32, proxy_wasm::types::Status>) {
+    let now = host::now_ms();
+    if let Some(f) = in_flight {
+        if now.saturating_sub(f.started) <= p.poll_timeout_ms + 1_000 {
+            return;
+        }
+        // The host never answered: forget it.
+        *in_flight = None;
+    }
+    let min_gap = p.poll_interval_ms * 9 / 10;
+    let claimed = host::shared_update(POLL_KEY, |cur| (now.saturating_sub(u64_at(cur, 0)) >= min_gap).then(|| (encode_u64(now), ())));
+    if claimed.is_none() {
+        return;
+    }
+    let tag = host::shared_get(FLEET_ETAG_KEY).0.unwrap_or_default();
+    let (tag_version, etag) = decode_etag(&tag);
+    let mut headers = vec![(":method", "GET"), (":path", path), (":authority", p.fleet_authority.as_str()), ("accept", "application/json")];
+    if !etag.is_empty() {
+        headers.push(("if-none-match", etag));
+    }
+    match dispatch(headers, Duration::from_millis(p.poll_timeout_ms)) {
+        Ok(token) => {
+            inc(stats.fleet_polls);
+            *in_flight = Some(InFlight { token, started: now, tag_version });
+        }
+        Err(e) => {
+            inc(stats.fleet_poll_failures);
+            host::warn(&format!("gpuha: fleet poll via cluster {}: {e:?}", p.fleet_cluster));
+        }
+    }
+}
+
+/// Handles dnsd's answer to `f`; returns the view parsed and published, for this thread's cache.
+pub fn on_response(f: InFlight, body_size: usize, stats: &Stats) -> Option<(u64, FleetView)> {
+    let status = hostcalls::get_map_value(MapType::HttpCallResponseHeaders, ":status").ok().flatten();
+    let now = host::now_ms();
+    if status.as_deref() == Some("304") {
+        // dnsd vouches, as of now, for the content we named, if it is still the current one.
+        inc(stats.fleet_not_modified);
+        host::shared_update(FLEET_VERSION_KEY, |cur| {
+            let (v, vouched) = decode_version(cur);
+            (cur.is_some() && v == f.tag_version && vouched < now).then(|| (encode_version(v, now), ()))
+        });
+        return None;
+    }
+    if status.as_deref() != Some("200") {
+        inc(stats.fleet_poll_failures);
+        host::debug(&format!("gpuha: fleet poll failed: status {status:?}"));
+        return None;
+    }
+    let body = hostcalls::get_buffer(BufferType::HttpCallResponseBody, 0, body_size).ok().flatten().unwrap_or_default();
+    let view = match FleetView::from_json(&body) {
+        Ok(v) => v,
+        Err(e) => {
+            inc(stats.fleet_poll_failures);
+            host::warn(&format!("gpuha: fleet view from dnsd unreadable: {e}"));
+            return None;
+        }
+    };
+    let etag = hostcalls::get_map_value(MapType::HttpCallResponseHeaders, "etag").ok().flatten().unwrap_or_default();
+    let value = encode_fleet(now, &body);
+    // A slow answer must not replace a view fetched after this poll started.
+    let published = host::shared_update(FLEET_KEY, |cur| (cur.is_none_or(|c| decode_fleet(c).0 <= f.started)).then(|| (value.clone(), ())));
+    published?;
+    host::shared_update(FLEET_VERSION_KEY, |_| Some((encode_version(now, now), ())));
+    host::shared_update(FLEET_ETAG_KEY, |_| Some((encode_etag(now, &etag), ())));
+    Some((now, view))
+}

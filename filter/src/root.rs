@@ -1,0 +1,107 @@
+//! The root context: parses the plugin configuration once, ticks the fleet poll (picker role),
+//! and creates the HTTP context of the configured role.
+
+use std::cell::RefCell;
+use std::rc::Rc;
+use std::time::Duration;
+
+use gpuha_liveness::pick::Rng;
+use proxy_wasm::hostcalls;
+use proxy_wasm::traits::{Context, HttpContext, RootContext};
+use proxy_wasm::types::{BufferType, ContextType, LogLevel};
+
+use crate::cache::Thread;
+use crate::config::Config;
+use crate::failwhale::Failwhale;
+use crate::guard::GuardCtx;
+use crate::host;
+use crate::picker::Picker;
+use crate::poll::{self, InFlight};
+use crate::stats::Stats;
+
+pub struct Root {
+    id: u32,
+    cfg: Option<Rc<Config>>,
+    stats: Stats,
+    thread: Rc<RefCell<Thread>>,
+    poll: Option<InFlight>,
+    poll_path: String,
+}
+
+impl Root {
+    pub fn new(id: u32) -> Self {
+        Root { id, cfg: None, stats: Stats::default(), thread: Rc::new(RefCell::new(Thread::new())), poll: None, poll_path: String::new() }
+    }
+
+    fn seed() -> u64 {
+        // Distinct per thread and per start: std's hasher keys come from WASI random_get.
+        use std::hash::{BuildHasher, Hasher};
+        let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+        h.write_u64(host::now_ms());
+        h.finish()
+    }
+}
+
+impl Context for Root {
+    fn on_http_call_response(&mut self, token: u32, _num_headers: usize, body_size: usize, _num_trailers: usize) {
+        let Some(f) = self.poll.filter(|f| f.token == token) else { return };
+        self.poll = None;
+        if let Some((version, view)) = poll::on_response(f, body_size, &self.stats) {
+            // This thread parsed it already: no second parse on its next request.
+            self.thread.borrow_mut().fleet = Some((version, Rc::new(view)));
+        }
+    }
+}
+
+impl RootContext for Root {
+    fn on_configure(&mut self, size: usize) -> bool {
+        let bytes = hostcalls::get_buffer(BufferType::PluginConfiguration, 0, size).ok().flatten().unwrap_or_default();
+        let cfg = match Config::parse(&bytes) {
+            Ok(c) => c,
+            Err(e) => {
+                host::log(LogLevel::Error, &format!("gpuha: bad plugin configuration: {e}"));
+                return false;
+            }
+        };
+        self.stats = Stats::define();
+        self.thread.borrow_mut().rng = Rng::new(Self::seed() ^ u64::from(self.id));
+        if let Config::Picker(p) = &cfg {
+            self.poll_path = poll::poll_path(p);
+            let tick = Duration::from_millis((p.poll_interval_ms / 2).max(10));
+            if let Err(e) = hostcalls::set_tick_period(tick) {
+                host::log(LogLevel::Error, &format!("gpuha: set_tick_period: {e:?}"));
+                return false;
+            }
+        }
+        self.cfg = Some(Rc::new(cfg));
+        true
+    }
+
+    fn on_tick(&mut self) {
+        let Some(cfg) = self.cfg.clone() else { return };
+        if let Config::Picker(p) = cfg.as_ref() {
+            let mut in_flight = self.poll;
+            poll::maybe_start(p, &self.poll_path, &mut in_flight, &self.stats, |headers, timeout| self.dispatch_http_call(&p.fleet_cluster, headers, None, vec![], timeout));
+            self.poll = in_flight;
+        }
+    }
+
+    fn create_http_context(&self, _context_id: u32) -> Option<Box<dyn HttpContext>> {
+        let stats = self.stats;
+        Some(match self.cfg.as_deref() {
+            Some(Config::Picker(p)) => Box::new(Picker::new(Rc::new(p.clone()), stats, self.thread.clone())),
+            Some(Config::Guard(g)) => Box::new(GuardCtx::new(Rc::new(g.clone()), stats)),
+            Some(Config::Failwhale(f)) => Box::new(Failwhale::new(Rc::new(f.clone()), stats)),
+            None => Box::new(PassThrough),
+        })
+    }
+
+    fn get_type(&self) -> Option<ContextType> {
+        Some(ContextType::HttpContext)
+    }
+}
+
+/// A context for an unconfigured plugin: lets everything through.
+struct PassThrough;
+impl Context for PassThrough {}
+impl HttpContext for PassThrough {}

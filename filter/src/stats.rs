@@ -1,0 +1,67 @@
+//! The filter's counters (Envoy stats `wasmcustom.gpuha.*`), defined once per root context.
+
+use proxy_wasm::hostcalls;
+use proxy_wasm::types::MetricType;
+
+use crate::host::warn;
+
+/// Filter counters, defined once per root context; `None` ids (definition failed) are skipped.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Stats {
+    pub picks: Option<u32>,
+    pub fail_open: Option<u32>,
+    pub no_worker: Option<u32>,
+    pub probes: Option<u32>,
+    pub body_too_large: Option<u32>,
+    pub local_replies_rewritten: Option<u32>,
+    pub fleet_polls: Option<u32>,
+    pub fleet_poll_failures: Option<u32>,
+    pub fleet_not_modified: Option<u32>,
+    pub guard_released: Option<u32>,
+    pub pre_token_retries: Option<u32>,
+    pub post_token_truncations: Option<u32>,
+    pub post_token_errors: Option<u32>,
+    pub breaker_trips: Option<u32>,
+    pub failwhale_replies: Option<u32>,
+    pub client_cancels: Option<u32>,
+    pub guard_overflows: Option<u32>,
+    pub guard_passed: Option<u32>,
+}
+
+impl Stats {
+    pub fn define() -> Stats {
+        let c = |n: &str| match hostcalls::define_metric(MetricType::Counter, &format!("gpuha.{n}")) {
+            Ok(id) => Some(id),
+            Err(e) => {
+                warn(&format!("gpuha: define_metric {n}: {e:?}"));
+                None
+            }
+        };
+        Stats {
+            picks: c("picks"),
+            fail_open: c("fail_open"),
+            no_worker: c("no_worker"),
+            probes: c("breaker_probes"),
+            body_too_large: c("body_too_large"),
+            local_replies_rewritten: c("local_replies_rewritten"),
+            fleet_polls: c("fleet_polls"),
+            fleet_poll_failures: c("fleet_poll_failures"),
+            fleet_not_modified: c("fleet_not_modified"),
+            guard_released: c("guard_released"),
+            pre_token_retries: c("pre_token_retries"),
+            post_token_truncations: c("post_token_truncations"),
+            post_token_errors: c("post_token_errors"),
+            breaker_trips: c("breaker_trips"),
+            failwhale_replies: c("failwhale_replies"),
+            client_cancels: c("client_cancels"),
+            guard_overflows: c("guard_overflows"),
+            guard_passed: c("guard_passed"),
+        }
+    }
+}
+
+pub fn inc(id: Option<u32>) {
+    if let Some(id) = id {
+        let _ = hostcalls::increment_metric(id, 1);
+    }
+}

@@ -1,0 +1,676 @@
+//! One upstream attempt, as the first-token guard (an upstream HTTP filter in Envoy) sees it:
+//! the events the glue observes go in, the actions it must apply come out, and the attempt ends
+//! with **exactly one** [`Report`] — for the stats and the log — and **exactly one** [`Charge`]
+//! for the worker's circuit breaker. Every decision about an attempt is made here, once; the
+//! Wasm glue only gathers inputs and applies answers (pingora's model: the outcome is a value).
+//!
+//! Events, in the order Envoy delivers them (any may be missing: a reset can come at any
+//! point, and the client can go away at any point):
+//!
+//! 1. [`Attempt::new`] with the request's path (its API: [`Api::from_path`]).
+//! 2. [`Attempt::on_response_headers`]: status, content type, end of stream.
+//! 3. [`Attempt::on_body`] per body chunk (the glue reads what [`Attempt::reads`] asks for).
+//! 4. [`Attempt::on_done`], when Envoy is finished with the attempt: how it ended
+//!    ([`Ending::from_envoy`]: the client went away, a timeout, or a reset).
+//!
+//! What the attempt amounts to ([`Outcome`]):
+//!
+//! | outcome | when | breaker |
+//! |---|---|---|
+//! | `Served` | released (first token, or a whole answer) and ended cleanly | success, at release |
+//! | `Truncated` | released, then the worker's stream ended without its clean end | success (given at release) |
+//! | `FailedBeforeFirstToken` | a 5xx, an in-band error/abort, an end without output, a reset or timeout before the first token | failure |
+//! | `ClientCancelled` | the client went away (before or after release) | nothing before release |
+//! | `Passed` | not judged: an API or format the guard does not know, or a `1xx`/`3xx`/`4xx` answer | success below 500, else nothing |
+//!
+//! The breaker's charge is given as early as it is known ([`Attempt::take_charge`]): a success
+//! at release, so a half-open worker is readmitted as soon as it produces a first token, not
+//! when its stream ends. The report comes once, at the end.
+//!
+//! Invariants (property-tested below): exactly one report and one charge per attempt whatever
+//! the event order; no byte of a failed attempt reaches the client; after release only whole
+//! SSE events (except at a clean end); a client that goes away never charges a worker with a
+//! failure.
+
+use crate::guard::{mode_for, FailReason, Guard, Mode, Step, TAIL_PEEK_BYTES};
+use crate::openai_error::error_json;
+use crate::output::Api;
+
+/// Tuning of the guard.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct AttemptConfig {
+    /// Bytes held before the first token; past it the response is released unguarded.
+    pub max_held_bytes: usize,
+    /// Status a pre-token failure inside a `200` is rewritten to (in the route's
+    /// `retriable_status_codes`, so that the router retries it).
+    pub retry_status: u16,
+}
+
+/// Values of the `x-gpuha-guard` response header.
+pub mod mark {
+    /// The guard held the headers and released them with the first token.
+    pub const RELEASED: &str = "released";
+    /// The guard turned an in-band failure before the first token into a retryable status.
+    pub const RETRIED: &str = "retried";
+    /// The worker answered a 5xx before the first token.
+    pub const FAILED: &str = "failed";
+}
+
+/// What the response-headers callback does.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum HeadersAction {
+    /// Let the headers go on as they are, with `x-gpuha-guard: <mark>` when set.
+    Continue { mark: Option<&'static str> },
+    /// Hold them (pause) until the first token; marked [`mark::RELEASED`] for when they go.
+    Hold,
+}
+
+/// What the glue reads of a body chunk before calling [`Attempt::on_body`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Read {
+    /// Nothing: the chunk's fate does not depend on its bytes.
+    Nothing,
+    /// Its last [`TAIL_PEEK_BYTES`] (all of it when shorter): enough to let most chunks of a
+    /// released stream pass without a copy; the attempt may then ask for all of it.
+    Tail,
+    /// All of it.
+    All,
+}
+
+/// A body chunk, as much of it as the glue read.
+#[derive(Debug, Clone, Copy)]
+pub enum Chunk<'a> {
+    /// Not read ([`Read::Nothing`]).
+    Unread,
+    /// The last bytes of a chunk longer than them ([`Read::Tail`]).
+    Tail(&'a [u8]),
+    /// The whole chunk.
+    All(&'a [u8]),
+}
+
+/// What the body callback does with the chunk.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum BodyAction {
+    /// Let the chunk go on untouched.
+    Pass,
+    /// The tail was not enough: read the whole chunk and call [`Attempt::on_body`] again.
+    NeedAll,
+    /// Keep everything back: empty this chunk (the attempt keeps its own copy) and pause.
+    Hold,
+    /// Replace the chunk with these bytes and go on.
+    Emit(Vec<u8>),
+    /// Failed before the first token: rewrite the held headers to `status`,
+    /// `content-type: application/json`, no `content-length`, `x-gpuha-guard: retried`; replace
+    /// the chunk with `body`; go on (the router retries it, or it is the client's answer).
+    Fail { status: u16, body: Vec<u8> },
+    /// Drop the chunk (the rest of a rewritten attempt) and go on.
+    Drop,
+}
+
+/// What an attempt amounted to (see the module docs).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Outcome {
+    Served,
+    Truncated,
+    FailedBeforeFirstToken(FailReason),
+    ClientCancelled { after_release: bool },
+    Passed { status: u16 },
+}
+
+impl Outcome {
+    /// A short label for logs.
+    pub fn label(&self) -> String {
+        match self {
+            Outcome::Served => "served".into(),
+            Outcome::Truncated => "truncated".into(),
+            Outcome::FailedBeforeFirstToken(r) => format!("failed_before_first_token: {}", r.label()),
+            Outcome::ClientCancelled { after_release } => format!("client_cancelled{}", if *after_release { "_after_first_token" } else { "" }),
+            Outcome::Passed { status } => format!("passed_{status}"),
+        }
+    }
+}
+
+/// What the worker's circuit breaker is told about this attempt.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Charge {
+    Success,
+    Failure(FailReason),
+    /// Says nothing about the worker (the client went away; a format not judged).
+    Nothing,
+}
+
+/// The one report an attempt leaves.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Report {
+    pub outcome: Outcome,
+    /// The charge given for it (already handed out by [`Attempt::take_charge`] or about to be).
+    pub charge: Charge,
+    /// The first bytes reached the client.
+    pub released: bool,
+    /// An in-band error event arrived after release (the worker's own clean end).
+    pub post_token_error: bool,
+    /// The guard released early: it held its maximum without seeing output.
+    pub overflowed: bool,
+}
+
+/// How Envoy ended the attempt, from its response flags and details.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Ending {
+    /// The client went away (or pressed stop).
+    pub client_went_away: bool,
+    /// A timeout ended it (the per-try budget: no first token in time).
+    pub timed_out: bool,
+}
+
+/// Envoy response flags (`StreamInfo::CoreResponseFlag`), as in its access log.
+pub mod flags {
+    /// `UT`: upstream request timeout.
+    pub const UPSTREAM_REQUEST_TIMEOUT: u64 = 0x4;
+    /// `DC`: downstream connection termination.
+    pub const DOWNSTREAM_CONNECTION_TERMINATION: u64 = 0x4000;
+    /// `SI`: stream idle timeout.
+    pub const STREAM_IDLE_TIMEOUT: u64 = 0x10000;
+}
+
+impl Ending {
+    /// Measured on Envoy 1.40: a client hanging up while the guard held the headers gives flags
+    /// `0x4000` (`DC`) and details `downstream_remote_disconnect`; a worker reset gives neither.
+    pub fn from_envoy(response_flags: u64, code_details: Option<&str>) -> Ending {
+        let details = code_details.unwrap_or_default();
+        Ending {
+            client_went_away: response_flags & flags::DOWNSTREAM_CONNECTION_TERMINATION != 0 || details.starts_with("downstream_"),
+            timed_out: response_flags & (flags::UPSTREAM_REQUEST_TIMEOUT | flags::STREAM_IDLE_TIMEOUT) != 0 || details.contains("timeout"),
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
+enum Phase {
+    AwaitingHeaders,
+    /// A known API's `2xx`: the guard holds, then releases.
+    Guarding(Guard),
+    /// Not judged: passes through.
+    Passing { status: u16 },
+    /// The worker's own 5xx: passes whole (the router retries it, or it is the answer).
+    WorkerStatus(u16),
+    /// The guard rewrote this attempt into its own error; the rest is dropped.
+    Rewritten(FailReason),
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum ChargeSlot {
+    Undecided,
+    Pending(Charge),
+    Given(Charge),
+}
+
+/// One upstream attempt (see the module docs).
+#[derive(Debug, Clone)]
+pub struct Attempt {
+    cfg: AttemptConfig,
+    api: Option<Api>,
+    phase: Phase,
+    charge: ChargeSlot,
+    /// The upstream's clean end was seen.
+    saw_end: bool,
+    reported: bool,
+}
+
+impl Attempt {
+    /// An attempt for a request to `path`.
+    pub fn new(cfg: AttemptConfig, path: &str) -> Self {
+        Attempt { cfg, api: Api::from_path(path), phase: Phase::AwaitingHeaders, charge: ChargeSlot::Undecided, saw_end: false, reported: false }
+    }
+
+    /// The API the request speaks (`None`: not judged).
+    pub fn api(&self) -> Option<Api> {
+        self.api
+    }
+
+    fn decide(&mut self, c: Charge) {
+        if self.charge == ChargeSlot::Undecided {
+            self.charge = ChargeSlot::Pending(c);
+        }
+    }
+
+    /// The breaker's charge, once, as soon as it is known. `None` before and after.
+    pub fn take_charge(&mut self) -> Option<Charge> {
+        match std::mem::replace(&mut self.charge, ChargeSlot::Undecided) {
+            ChargeSlot::Pending(c) => {
+                self.charge = ChargeSlot::Given(c.clone());
+                Some(c)
+            }
+            other => {
+                self.charge = other;
+                None
+            }
+        }
+    }
+
+    /// Whether the first bytes went to the client.
+    pub fn is_released(&self) -> bool {
+        match &self.phase {
+            Phase::Guarding(g) => g.is_released(),
+            Phase::Passing { .. } | Phase::WorkerStatus(_) => true,
+            Phase::AwaitingHeaders | Phase::Rewritten(_) => false,
+        }
+    }
+
+    /// The response headers arrived.
+    pub fn on_response_headers(&mut self, status: u16, content_type: Option<&str>, end_of_stream: bool) -> HeadersAction {
+        if self.reported || !matches!(self.phase, Phase::AwaitingHeaders) {
+            // Headers twice (1xx then final are one call in Envoy): keep the first decision.
+            return HeadersAction::Continue { mark: None };
+        }
+        self.saw_end = end_of_stream;
+        if status >= 500 {
+            self.phase = Phase::WorkerStatus(status);
+            return match self.api {
+                // A judged API: the worker failed before any output. The router retries it
+                // (retriable_status_codes) if it can; its body passes whole either way.
+                Some(_) => {
+                    self.decide(Charge::Failure(FailReason::Status(status)));
+                    HeadersAction::Continue { mark: Some(mark::FAILED) }
+                }
+                // Not judged: passes through, never a worker failure.
+                None => {
+                    self.decide(Charge::Nothing);
+                    HeadersAction::Continue { mark: None }
+                }
+            };
+        }
+        let mode = mode_for(self.api, status, content_type);
+        if mode == Mode::Pass || end_of_stream {
+            self.phase = Phase::Passing { status };
+            self.decide(Charge::Success);
+            return HeadersAction::Continue { mark: None };
+        }
+        self.phase = Phase::Guarding(Guard::new(mode, self.cfg.max_held_bytes));
+        // Until the headers reach the router, an upstream death is a reset before headers,
+        // which the route's retry policy retries.
+        HeadersAction::Hold
+    }
+
+    /// What the glue reads of the next body chunk.
+    pub fn reads(&self) -> Read {
+        match &self.phase {
+            Phase::Guarding(g) if g.is_released() => Read::Tail,
+            Phase::Guarding(_) => Read::All,
+            _ => Read::Nothing,
+        }
+    }
+
+    /// A body chunk arrived; `end_of_stream` on the upstream's clean end.
+    pub fn on_body(&mut self, chunk: Chunk<'_>, end_of_stream: bool) -> BodyAction {
+        if self.reported {
+            // Envoy sends nothing after the end; if it did, nothing of it would be judged.
+            return BodyAction::Drop;
+        }
+        if end_of_stream {
+            self.saw_end = true;
+        }
+        let retry_status = self.cfg.retry_status;
+        match &mut self.phase {
+            Phase::AwaitingHeaders | Phase::Passing { .. } | Phase::WorkerStatus(_) => BodyAction::Pass,
+            Phase::Rewritten(_) => BodyAction::Drop,
+            Phase::Guarding(g) => {
+                let bytes = match chunk {
+                    Chunk::Tail(tail) => {
+                        return if g.passes_untouched(tail, end_of_stream) { BodyAction::Pass } else { BodyAction::NeedAll };
+                    }
+                    Chunk::All(b) => {
+                        let tail = &b[b.len().saturating_sub(TAIL_PEEK_BYTES)..];
+                        if b.len() <= TAIL_PEEK_BYTES && g.passes_untouched(tail, end_of_stream) && !end_of_stream {
+                            // Same answer as on_body would give, without the copy; the state
+                            // is unchanged either way (see `Guard::passes_untouched`).
+                            return BodyAction::Pass;
+                        }
+                        b
+                    }
+                    Chunk::Unread => &[][..],
+                };
+                match g.on_body(bytes, end_of_stream) {
+                    Step::Hold => BodyAction::Hold,
+                    Step::Release(out) => {
+                        self.charge_success();
+                        BodyAction::Emit(out)
+                    }
+                    Step::Forward(out) => BodyAction::Emit(out),
+                    Step::Fail(reason) => {
+                        let body = error_json(retry_status, &format!("The worker failed before the first token: {}", reason.label())).into_bytes();
+                        self.decide(Charge::Failure(reason.clone()));
+                        self.phase = Phase::Rewritten(reason);
+                        BodyAction::Fail { status: retry_status, body }
+                    }
+                }
+            }
+        }
+    }
+
+    fn charge_success(&mut self) {
+        self.decide(Charge::Success);
+    }
+
+    /// Envoy is done with the attempt. Returns the report the first time, `None` after.
+    pub fn on_done(&mut self, ending: Ending) -> Option<Report> {
+        if self.reported {
+            return None;
+        }
+        self.reported = true;
+        let released = self.is_released();
+        let (post_token_error, overflowed) = match &self.phase {
+            Phase::Guarding(g) => (g.post_release_error().is_some(), g.overflowed()),
+            _ => (false, false),
+        };
+        let cut_short = |ending: Ending| if ending.timed_out { FailReason::Timeout } else { FailReason::ResetBeforeFirstToken };
+        let outcome = match &self.phase {
+            Phase::Passing { status } => Outcome::Passed { status: *status },
+            Phase::WorkerStatus(s) if self.api.is_none() => Outcome::Passed { status: *s },
+            Phase::WorkerStatus(s) => Outcome::FailedBeforeFirstToken(FailReason::Status(*s)),
+            Phase::Rewritten(r) => Outcome::FailedBeforeFirstToken(r.clone()),
+            Phase::Guarding(g) if g.is_released() => {
+                if self.saw_end {
+                    Outcome::Served
+                } else if ending.client_went_away {
+                    Outcome::ClientCancelled { after_release: true }
+                } else {
+                    Outcome::Truncated
+                }
+            }
+            // Held, not released: nothing reached the client.
+            _ if ending.client_went_away => Outcome::ClientCancelled { after_release: false },
+            Phase::Guarding(_) => Outcome::FailedBeforeFirstToken(cut_short(ending)),
+            Phase::AwaitingHeaders => Outcome::FailedBeforeFirstToken(if ending.timed_out { FailReason::Timeout } else { FailReason::ResetBeforeHeaders }),
+        };
+        match &outcome {
+            Outcome::ClientCancelled { .. } => self.decide(Charge::Nothing),
+            Outcome::FailedBeforeFirstToken(r) => self.decide(Charge::Failure(r.clone())),
+            _ => self.decide(Charge::Success),
+        }
+        let charge = match &self.charge {
+            ChargeSlot::Pending(c) | ChargeSlot::Given(c) => c.clone(),
+            ChargeSlot::Undecided => Charge::Nothing,
+        };
+        Some(Report { outcome, charge, released, post_token_error, overflowed })
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    const CFG: AttemptConfig = AttemptConfig { max_held_bytes: 4096, retry_status: 503 };
+    const CHAT: &str = "/v1/chat/completions";
+    const ROLE: &[u8] = b"data: {\"choices\":[{\"index\":0,\"delta\":{\"role\":\"assistant\",\"content\":\"\"}}]}\n\n";
+    const TOKEN: &[u8] = b"data: {\"choices\":[{\"index\":0,\"delta\":{\"content\":\"hi\"}}]}\n\n";
+    const ENGINE_DEAD: &[u8] = b"data: {\"error\": {\"message\": \"EngineCore encountered an issue.\", \"type\": \"InternalServerError\", \"code\": 500}}\n\n";
+    const DONE: &[u8] = b"data: [DONE]\n\n";
+
+    /// What the client saw of one attempt, and what the attempt said about itself.
+    #[derive(Debug, Default)]
+    struct Seen {
+        client: Vec<u8>,
+        headers_released: bool,
+        failed_with: Option<u16>,
+        charges: Vec<Charge>,
+        reports: Vec<Report>,
+    }
+
+    /// Drives an attempt like the Envoy glue does, recording what would reach the client.
+    struct Driver {
+        a: Attempt,
+        seen: Seen,
+        held_headers: bool,
+    }
+
+    impl Driver {
+        fn new(path: &str) -> Self {
+            Driver { a: Attempt::new(CFG, path), seen: Seen::default(), held_headers: false }
+        }
+
+        fn charges(&mut self) {
+            while let Some(c) = self.a.take_charge() {
+                self.seen.charges.push(c);
+            }
+        }
+
+        fn headers(&mut self, status: u16, ct: &str, eos: bool) {
+            match self.a.on_response_headers(status, Some(ct), eos) {
+                HeadersAction::Continue { .. } => self.seen.headers_released |= !self.held_headers,
+                HeadersAction::Hold => self.held_headers = true,
+            }
+            self.charges();
+        }
+
+        fn body(&mut self, chunk: &[u8], eos: bool) {
+            let action = match self.a.reads() {
+                Read::Nothing => self.a.on_body(Chunk::Unread, eos),
+                Read::Tail if chunk.len() > TAIL_PEEK_BYTES => match self.a.on_body(Chunk::Tail(&chunk[chunk.len() - TAIL_PEEK_BYTES..]), eos) {
+                    BodyAction::NeedAll => self.a.on_body(Chunk::All(chunk), eos),
+                    a => a,
+                },
+                _ => self.a.on_body(Chunk::All(chunk), eos),
+            };
+            match action {
+                BodyAction::Pass => {
+                    if self.held_headers && !self.seen.headers_released {
+                        panic!("a chunk passed while the headers were held");
+                    }
+                    self.seen.client.extend_from_slice(chunk)
+                }
+                BodyAction::NeedAll => panic!("NeedAll for a whole chunk"),
+                BodyAction::Hold => {}
+                BodyAction::Emit(b) => {
+                    self.seen.headers_released = true;
+                    self.seen.client.extend_from_slice(&b);
+                }
+                BodyAction::Fail { status, body } => {
+                    // The router retries it: the client sees none of it (unless it is the last
+                    // attempt, when it sees this error, never the worker's bytes).
+                    self.seen.failed_with = Some(status);
+                    assert!(String::from_utf8_lossy(&body).contains("before the first token"));
+                }
+                BodyAction::Drop => {}
+            }
+            self.charges();
+        }
+
+        fn done(&mut self, ending: Ending) {
+            if let Some(r) = self.a.on_done(ending) {
+                self.seen.reports.push(r);
+            }
+            self.charges();
+        }
+    }
+
+    fn run(path: &str, status: u16, ct: &str, chunks: &[&[u8]], eos: bool, ending: Ending) -> Seen {
+        let mut d = Driver::new(path);
+        d.headers(status, ct, false);
+        for (i, c) in chunks.iter().enumerate() {
+            d.body(c, eos && i + 1 == chunks.len());
+        }
+        d.done(ending);
+        d.done(ending);
+        d.seen
+    }
+
+    const SSE: &str = "text/event-stream; charset=utf-8";
+
+    #[test]
+    fn served_stream() {
+        let s = run(CHAT, 200, SSE, &[ROLE, TOKEN, DONE], true, Ending::default());
+        assert_eq!(s.client, [ROLE, TOKEN, DONE].concat());
+        assert_eq!(s.charges, vec![Charge::Success]);
+        assert_eq!(s.reports.len(), 1);
+        assert_eq!(s.reports[0].outcome, Outcome::Served);
+        assert!(s.reports[0].released);
+    }
+
+    #[test]
+    fn engine_death_before_first_token_fails_and_charges() {
+        let s = run(CHAT, 200, SSE, &[ROLE, ENGINE_DEAD, DONE], true, Ending::default());
+        assert!(s.client.is_empty());
+        assert_eq!(s.failed_with, Some(503));
+        assert!(matches!(&s.reports[0].outcome, Outcome::FailedBeforeFirstToken(FailReason::SseError(_))));
+        assert!(matches!(&s.charges[..], [Charge::Failure(FailReason::SseError(_))]));
+    }
+
+    #[test]
+    fn reset_before_headers_and_timeout() {
+        let mut d = Driver::new(CHAT);
+        d.done(Ending::default());
+        assert_eq!(d.seen.reports[0].outcome, Outcome::FailedBeforeFirstToken(FailReason::ResetBeforeHeaders));
+        assert_eq!(d.seen.charges, vec![Charge::Failure(FailReason::ResetBeforeHeaders)]);
+        let mut d = Driver::new(CHAT);
+        d.headers(200, SSE, false);
+        d.body(ROLE, false);
+        d.done(Ending { timed_out: true, client_went_away: false });
+        assert_eq!(d.seen.reports[0].outcome, Outcome::FailedBeforeFirstToken(FailReason::Timeout));
+        let mut d = Driver::new(CHAT);
+        d.headers(200, SSE, false);
+        d.done(Ending::default());
+        assert_eq!(d.seen.reports[0].outcome, Outcome::FailedBeforeFirstToken(FailReason::ResetBeforeFirstToken));
+    }
+
+    #[test]
+    fn truncation_after_first_token() {
+        let s = run(CHAT, 200, SSE, &[ROLE, TOKEN, &TOKEN[..10]], false, Ending::default());
+        assert_eq!(s.client, [ROLE, TOKEN].concat(), "the partial event never reaches the client");
+        assert_eq!(s.reports[0].outcome, Outcome::Truncated);
+        assert_eq!(s.charges, vec![Charge::Success]);
+    }
+
+    #[test]
+    fn client_cancels_charge_nothing() {
+        let gone = Ending { client_went_away: true, timed_out: false };
+        let s = run(CHAT, 200, SSE, &[ROLE], false, gone);
+        assert_eq!(s.reports[0].outcome, Outcome::ClientCancelled { after_release: false });
+        assert_eq!(s.charges, vec![Charge::Nothing]);
+        let mut d = Driver::new(CHAT);
+        d.done(gone);
+        assert_eq!(d.seen.charges, vec![Charge::Nothing]);
+        let s = run(CHAT, 200, SSE, &[ROLE, TOKEN], false, gone);
+        assert_eq!(s.reports[0].outcome, Outcome::ClientCancelled { after_release: true });
+        assert_eq!(s.charges, vec![Charge::Success], "the worker did produce its first token");
+    }
+
+    #[test]
+    fn worker_5xx_passes_whole_and_charges_known_apis_only() {
+        let s = run(CHAT, 500, "application/json", &[b"{\"error\":{}}"], true, Ending::default());
+        assert_eq!(s.client, b"{\"error\":{}}", "the last attempt's 5xx reaches the client whole");
+        assert_eq!(s.charges, vec![Charge::Failure(FailReason::Status(500))]);
+        let s = run("/v1/embeddings", 500, "application/json", &[b"{}"], true, Ending::default());
+        assert_eq!(s.charges, vec![Charge::Nothing]);
+        assert_eq!(s.reports[0].outcome, Outcome::Passed { status: 500 });
+    }
+
+    /// The Responses API's stream (vLLM 0.32, recorded): judged in its own dialect, released at
+    /// its first output delta, and never a failure (it was, before: `ended_without_output`).
+    #[test]
+    fn responses_stream_is_served() {
+        let raw = std::fs::read(concat!(env!("CARGO_MANIFEST_DIR"), "/../tests/data/vllm-0.32.0-cpu/sse-responses.txt")).unwrap();
+        let body = &raw[raw.windows(4).position(|w| w == b"\r\n\r\n").unwrap() + 4..];
+        for cut in 0..body.len() {
+            let s = run("/v1/responses", 200, SSE, &[&body[..cut], &body[cut..]], true, Ending::default());
+            assert_eq!(s.client, body, "cut at {cut}");
+            assert_eq!(s.charges, vec![Charge::Success]);
+            assert_eq!(s.reports[0].outcome, Outcome::Served);
+        }
+        // The same bytes on an unknown path: passed through untouched, not judged.
+        let s = run("/v1/whatever", 200, SSE, &[body], true, Ending::default());
+        assert_eq!(s.client, body);
+        assert_eq!(s.reports[0].outcome, Outcome::Passed { status: 200 });
+    }
+
+    #[test]
+    fn responses_failure_before_output_fails() {
+        let created = b"event: response.created\ndata: {\"type\":\"response.created\",\"response\":{}}\n\n";
+        let failed = b"event: response.failed\ndata: {\"type\":\"response.failed\",\"response\":{\"error\":{\"message\":\"engine dead\"}}}\n\n";
+        let s = run("/v1/responses", 200, SSE, &[created, failed], true, Ending::default());
+        assert!(s.client.is_empty());
+        assert_eq!(s.reports[0].outcome, Outcome::FailedBeforeFirstToken(FailReason::SseError("engine dead".into())));
+        // Created, then the end: no output.
+        let s = run("/v1/responses", 200, SSE, &[created], true, Ending::default());
+        assert_eq!(s.reports[0].outcome, Outcome::FailedBeforeFirstToken(FailReason::EndedWithoutOutput));
+    }
+
+    #[test]
+    fn unknown_formats_pass_untouched() {
+        for (path, ct) in [("/v1/embeddings", "application/json"), ("/tokenize", "application/json"), ("/v1/audio/transcriptions", "text/event-stream"), (CHAT, "application/octet-stream")] {
+            let s = run(path, 200, ct, &[b"{\"x\":", b"1}"], true, Ending::default());
+            assert_eq!(s.client, b"{\"x\":1}");
+            assert_eq!(s.charges, vec![Charge::Success]);
+            assert_eq!(s.reports[0].outcome, Outcome::Passed { status: 200 });
+        }
+    }
+
+    #[test]
+    fn ending_from_envoy_flags() {
+        assert!(Ending::from_envoy(0x4000, None).client_went_away);
+        assert!(Ending::from_envoy(0, Some("downstream_remote_disconnect")).client_went_away);
+        assert!(!Ending::from_envoy(0x10, Some("upstream_reset_before_response_started")).client_went_away);
+        assert!(Ending::from_envoy(0x4, None).timed_out);
+        assert!(Ending::from_envoy(0, Some("upstream_per_try_timeout")).timed_out);
+    }
+
+    fn arb_body() -> impl Strategy<Value = (Vec<u8>, bool)> {
+        let atoms: Vec<&'static [u8]> = vec![ROLE, TOKEN, ENGINE_DEAD, DONE, b"data: {\"choices\":[{\"delta\":{},\"finish_reason\":\"abort\"}]}\n\n", b"data: {\"cho", b"\n", b": ka\n\n"];
+        (proptest::collection::vec(prop::sample::select(atoms), 0..4), prop::bool::weighted(0.1)).prop_map(|(a, e)| (a.concat(), e))
+    }
+
+    /// An attempt as Envoy can deliver it: maybe headers, then body chunks, cut off anywhere
+    /// (a reset, a timeout or the client leaving) or ended cleanly; then the end.
+    type Headers = (u16, &'static str, bool);
+    type Chunks = Vec<(Vec<u8>, bool)>;
+
+    fn arb_attempt() -> impl Strategy<Value = (Option<Headers>, Chunks, usize, Ending)> {
+        (
+            proptest::option::weighted(0.9, (prop::sample::select(vec![200u16, 200, 200, 400, 500, 503]), prop::sample::select(vec![SSE, "application/json", "text/plain"]), prop::bool::weighted(0.1))),
+            proptest::collection::vec(arb_body(), 0..8),
+            0usize..10,
+            (any::<bool>(), any::<bool>()).prop_map(|(c, t)| Ending { client_went_away: c, timed_out: t }),
+        )
+    }
+
+    proptest! {
+        /// Whatever the order of events (resets and client exits anywhere): exactly one report
+        /// and exactly one charge; a failed attempt leaks no byte; after release only whole
+        /// events reach the client (but at a clean end); a client cancel never charges a failure.
+        #[test]
+        fn one_report_one_charge_no_leak(path in prop::sample::select(vec![CHAT, "/v1/completions", "/v1/responses", "/v1/embeddings"]), (headers, bodies, cut, ending) in arb_attempt()) {
+            let mut d = Driver::new(path);
+            let mut clean_end = false;
+            if let Some((st, ct, eos)) = headers {
+                d.headers(st, ct, eos);
+                clean_end = eos;
+                for (b, e) in bodies.iter().take(cut) {
+                    if clean_end {
+                        break;
+                    }
+                    d.body(b, *e);
+                    clean_end = *e;
+                }
+            }
+            d.done(ending);
+            d.done(ending);
+            let s = &d.seen;
+            prop_assert_eq!(s.reports.len(), 1);
+            prop_assert_eq!(s.charges.len(), 1);
+            let r = &s.reports[0];
+            prop_assert_eq!(&r.charge, &s.charges[0]);
+            if let Outcome::FailedBeforeFirstToken(_) = r.outcome {
+                if s.failed_with.is_some() || d.held_headers {
+                    prop_assert!(s.client.is_empty(), "a failed attempt leaked {:?}", String::from_utf8_lossy(&s.client));
+                }
+            }
+            if d.held_headers && !clean_end && !s.client.is_empty() {
+                prop_assert!(s.client.ends_with(b"\n\n"), "not a whole event: {:?}", String::from_utf8_lossy(&s.client));
+            }
+            if matches!(r.outcome, Outcome::ClientCancelled { .. }) {
+                prop_assert!(!matches!(r.charge, Charge::Failure(_)));
+            }
+        }
+    }
+}

@@ -1,0 +1,126 @@
+//! Byte layouts of the Proxy-Wasm shared-data slots the filter's threads share (one store per
+//! `vm_id`), as pure encode/decode functions. The filter's glue only reads and writes bytes;
+//! what they mean is here, with tests.
+//!
+//! | key | layout |
+//! |---|---|
+//! | `gpuha.fleet` | 8 bytes LE: the local fetch time of the view (its content version), then dnsd's JSON |
+//! | `gpuha.fleet.version` | 16 bytes LE: that version, then the local time dnsd last vouched for it (a `200`, or a later `304`: the view's ages count from there); 8 bytes: vouched at its version |
+//! | `gpuha.fleet.etag` | 8 bytes LE version, then dnsd's `ETag` for it (sent as `If-None-Match`) |
+//! | `gpuha.poll` | 8 bytes LE: when the last poll was started |
+//! | `gpuha.breaker.<ip:port>` | that worker's breaker ([`crate::breaker::Breaker::encode`]) |
+//! | `gpuha.breakers.not_closed` | comma-separated addresses whose circuit is not closed |
+
+pub const FLEET_KEY: &str = "gpuha.fleet";
+pub const FLEET_VERSION_KEY: &str = "gpuha.fleet.version";
+pub const FLEET_ETAG_KEY: &str = "gpuha.fleet.etag";
+pub const POLL_KEY: &str = "gpuha.poll";
+/// Every other worker is admitted without reading its breaker, so a pick costs one shared-data
+/// read, not one per worker.
+pub const NOT_CLOSED_KEY: &str = "gpuha.breakers.not_closed";
+
+pub fn breaker_key(addr: &str) -> String {
+    format!("gpuha.breaker.{addr}")
+}
+
+/// The little-endian `u64` at `at`, 0 when the bytes are missing or short.
+pub fn u64_at(b: Option<&[u8]>, at: usize) -> u64 {
+    b.and_then(|b| b.get(at..at.checked_add(8)?)).and_then(|p| p.try_into().ok()).map_or(0, u64::from_le_bytes)
+}
+
+/// A `u64` slot (`gpuha.poll`).
+pub fn encode_u64(v: u64) -> Vec<u8> {
+    v.to_le_bytes().to_vec()
+}
+
+/// The fleet slot: version, then the view's JSON.
+pub fn encode_fleet(version: u64, json: &[u8]) -> Vec<u8> {
+    let mut b = Vec::with_capacity(8 + json.len());
+    b.extend_from_slice(&version.to_le_bytes());
+    b.extend_from_slice(json);
+    b
+}
+
+/// `(version, json)` of a fleet slot.
+pub fn decode_fleet(b: &[u8]) -> (u64, &[u8]) {
+    (u64_at(Some(b), 0), b.get(8..).unwrap_or_default())
+}
+
+/// The version slot: `(content version, vouched at)`.
+pub fn encode_version(version: u64, vouched: u64) -> Vec<u8> {
+    let mut b = version.to_le_bytes().to_vec();
+    b.extend_from_slice(&vouched.to_le_bytes());
+    b
+}
+
+/// `(content version, vouched at)`; a slot of 8 bytes (no vouch yet) is vouched at its version.
+pub fn decode_version(b: Option<&[u8]>) -> (u64, u64) {
+    let v = u64_at(b, 0);
+    let vouched = if b.is_some_and(|b| b.len() >= 16) { u64_at(b, 8) } else { v };
+    (v, vouched)
+}
+
+/// The etag slot: version, then the tag.
+pub fn encode_etag(version: u64, etag: &str) -> Vec<u8> {
+    encode_fleet(version, etag.as_bytes())
+}
+
+/// `(version, etag)`; an unreadable tag is empty.
+pub fn decode_etag(b: &[u8]) -> (u64, &str) {
+    let (v, t) = decode_fleet(b);
+    (v, std::str::from_utf8(t).unwrap_or(""))
+}
+
+/// The addresses in the not-closed list.
+pub fn not_closed_list(b: &[u8]) -> Vec<&str> {
+    std::str::from_utf8(b).unwrap_or("").split(',').filter(|x| !x.is_empty()).collect()
+}
+
+/// The not-closed list with `addr` added (`not_closed`) or removed.
+pub fn not_closed_update(b: Option<&[u8]>, addr: &str, not_closed: bool) -> Vec<u8> {
+    let mut list: Vec<&str> = not_closed_list(b.unwrap_or_default()).into_iter().filter(|x| *x != addr).collect();
+    if not_closed {
+        list.push(addr);
+    }
+    list.join(",").into_bytes()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    #[test]
+    fn short_and_missing_slots_read_as_zero() {
+        assert_eq!(u64_at(None, 0), 0);
+        assert_eq!(u64_at(Some(&[1, 2, 3]), 0), 0);
+        assert_eq!(u64_at(Some(&[0; 8]), usize::MAX - 2), 0);
+        assert_eq!(decode_version(Some(&encode_u64(7))), (7, 7), "8 bytes: vouched at its version");
+        assert_eq!(decode_version(None), (0, 0));
+        assert_eq!(decode_fleet(&[1]), (0, &b""[..]));
+        assert_eq!(decode_etag(&encode_fleet(3, &[0xff])), (3, ""));
+    }
+
+    #[test]
+    fn not_closed_list_adds_and_removes_once() {
+        let b = not_closed_update(None, "a:1", true);
+        let b = not_closed_update(Some(&b), "b:2", true);
+        let b = not_closed_update(Some(&b), "a:1", true);
+        assert_eq!(not_closed_list(&b), vec!["b:2", "a:1"]);
+        let b = not_closed_update(Some(&b), "b:2", false);
+        assert_eq!(b, b"a:1");
+        assert!(not_closed_list(b",,").is_empty());
+    }
+
+    proptest! {
+        #[test]
+        fn round_trips(v: u64, w: u64, json in proptest::collection::vec(any::<u8>(), 0..64), tag in "[ -~]{0,40}") {
+            prop_assert_eq!(decode_version(Some(&encode_version(v, w))), (v, w));
+            let f = encode_fleet(v, &json);
+            prop_assert_eq!(decode_fleet(&f), (v, &json[..]));
+            let e = encode_etag(v, &tag);
+            prop_assert_eq!(decode_etag(&e), (v, tag.as_str()));
+            prop_assert_eq!(u64_at(Some(&encode_u64(w)), 0), w);
+        }
+    }
+}

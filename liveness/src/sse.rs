@@ -1,0 +1,138 @@
+//! Server-sent-event framing, apart from what an event means ([`crate::output`] owns that):
+//! where an event ends in a byte stream, and its `event:` name and `data:` payload.
+//!
+//! The SSE spec allows `\n`, `\r\n` and `\r` as line ends; an event ends at a blank line.
+//! vLLM sends `\n` only, but a proxy in between may not.
+
+/// Index just past the blank line that ends the first complete event at or after `from`.
+pub fn next_event_end(buf: &[u8], from: usize) -> Option<usize> {
+    let mut i = from;
+    let mut line_empty = true;
+    while i < buf.len() {
+        match buf[i] {
+            b'\n' | b'\r' => {
+                let mut next = i + 1;
+                if buf[i] == b'\r' {
+                    if next >= buf.len() {
+                        // A lone `\r` at the end may be the first half of `\r\n`: wait.
+                        return None;
+                    }
+                    if buf[next] == b'\n' {
+                        next += 1;
+                    }
+                }
+                if line_empty {
+                    // A blank line ends the event (a blank line at `from` itself is an empty
+                    // "event" of its own, which means nothing).
+                    return Some(next);
+                }
+                line_empty = true;
+                i = next;
+            }
+            _ => {
+                line_empty = false;
+                i += 1;
+            }
+        }
+    }
+    None
+}
+
+/// Whether bytes that start at an event start and end with `tail` end on an event boundary
+/// (their last line is a blank line that [`next_event_end`] ends an event with). Conservative:
+/// only the endings `\n\n`, `\r\n\r\n`, `\n\r\n` and `\r\r\n` count (vLLM sends `\n\n`).
+pub fn ends_on_event_boundary(tail: &[u8]) -> bool {
+    [&b"\n\n"[..], b"\r\n\r\n", b"\n\r\n", b"\r\r\n"].iter().any(|e| tail.ends_with(e))
+}
+
+/// One complete event's fields.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Event {
+    /// The `event:` field (the Responses API names every event; chat and completions do not).
+    pub name: Option<String>,
+    /// The `data:` payload, lines joined with `\n`.
+    pub data: Option<String>,
+}
+
+/// Parses the fields of one complete event (comments and unknown fields ignored).
+pub fn parse_event(event: &[u8]) -> Event {
+    let text = String::from_utf8_lossy(event);
+    let mut ev = Event::default();
+    for line in text.split(['\n', '\r']) {
+        let (field, value) = match line.split_once(':') {
+            Some((f, v)) => (f, v.strip_prefix(' ').unwrap_or(v)),
+            None => (line, ""),
+        };
+        match field {
+            "data" => match ev.data.as_mut() {
+                Some(d) => {
+                    d.push('\n');
+                    d.push_str(value);
+                }
+                None => ev.data = Some(value.to_string()),
+            },
+            "event" => ev.name = Some(value.to_string()),
+            _ => {}
+        }
+    }
+    ev
+}
+
+/// Iterates over the complete events of `buf` from `from`: `(start, end)` of each.
+pub fn events(buf: &[u8], mut from: usize) -> impl Iterator<Item = (usize, usize)> + '_ {
+    std::iter::from_fn(move || {
+        let end = next_event_end(buf, from)?;
+        let start = from;
+        from = end;
+        Some((start, end))
+    })
+}
+
+pub(crate) fn contains(hay: &[u8], needle: &[u8]) -> bool {
+    !needle.is_empty() && hay.windows(needle.len()).any(|w| w == needle)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    #[test]
+    fn three_line_ends() {
+        assert_eq!(next_event_end(b"data: a\n\n", 0), Some(9));
+        assert_eq!(next_event_end(b"data: a\r\n\r\nx", 0), Some(11));
+        assert_eq!(next_event_end(b"data: a\r\rx", 0), Some(9));
+        assert_eq!(next_event_end(b"data: a\r", 0), None, "a lone \\r may be half of \\r\\n");
+        assert_eq!(next_event_end(b"data: a\n", 0), None);
+    }
+
+    #[test]
+    fn fields() {
+        let ev = parse_event(b"event: response.output_text.delta\ndata: {\"a\":1}\n: comment\ndata:x\n\n");
+        assert_eq!(ev.name.as_deref(), Some("response.output_text.delta"));
+        assert_eq!(ev.data.as_deref(), Some("{\"a\":1}\nx"));
+        assert_eq!(parse_event(b": keepalive\n\n"), Event::default());
+        let spans: Vec<_> = events(b"data: a\n\ndata: b\n\ndata: c", 0).collect();
+        assert_eq!(spans, vec![(0, 9), (9, 18)]);
+    }
+
+    proptest! {
+        /// However a stream of events is split, scanning the joined bytes finds the same events.
+        #[test]
+        fn boundary_detection_is_split_independent(parts in proptest::collection::vec(0usize..5, 0..40)) {
+            let atoms: [&[u8]; 5] = [b"data: x", b"\n", b"\r\n", b"event: y", b"\r"];
+            let body: Vec<u8> = parts.iter().flat_map(|p| atoms[*p].to_vec()).collect();
+            let ends: Vec<usize> = events(&body, 0).map(|(_, e)| e).collect();
+            // Every end found is also found when the buffer is cut right after it.
+            for &e in &ends {
+                let sub = &body[..e];
+                let last = events(sub, 0).map(|(_, e)| e).last();
+                // A trailing lone `\r` may wait for its `\n`; everything before it agrees.
+                prop_assert!(last == Some(e) || sub.ends_with(b"\r"));
+            }
+            if let Some(&last) = ends.last() {
+                prop_assert!(ends_on_event_boundary(&body[..last]) || body[..last].ends_with(b"\r") || body[..last].ends_with(b"\n"));
+            }
+        }
+    }
+}

@@ -419,11 +419,13 @@ pub async fn transcriptions(
             }
         }
     }
-    let body = serde_json::json!({
-        "text": text,
-        "usage": {"type": "duration", "seconds": seconds.ceil() as u64},
-    });
-    server::json_response(body.to_string())
+    // Built by hand: `json!` would sort the keys, vLLM writes `type` before `seconds`.
+    let body = format!(
+        "{{\"text\":{},\"usage\":{{\"type\":\"duration\",\"seconds\":{}}}}}",
+        Value::from(text),
+        seconds.ceil() as u64
+    );
+    server::json_response(body)
 }
 
 fn transcription_stream(

@@ -8,7 +8,7 @@
 //! *slow-down* (every delay multiplied by `slow_factor`).
 
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant};
 
 use tokio::sync::{watch, OwnedSemaphorePermit, Semaphore};
@@ -46,6 +46,9 @@ pub struct Engine {
     slots: Arc<Semaphore>,
     /// `true` while the engine hangs. A watch channel so every paused generation wakes on resume.
     hung: watch::Sender<bool>,
+    /// Held (shared) by a token from its hang check to its counters, and (exclusive) by a hang
+    /// toggle: the frozen `/metrics` counts exactly the tokens that reached the clients.
+    step: RwLock<()>,
     slow: AtomicBool,
 }
 
@@ -75,6 +78,7 @@ impl Engine {
             metrics,
             slots,
             hung: watch::Sender::new(false),
+            step: RwLock::new(()),
             slow: AtomicBool::new(false),
         }
     }
@@ -87,6 +91,8 @@ impl Engine {
     /// but the HTTP side keeps working, and `/metrics` shows the numbers frozen at the moment the
     /// hang began: vLLM's API server keeps exporting the last stats its EngineCore sent.
     pub fn set_hung(&self, hung: bool) {
+        // A poisoned lock only means a panic elsewhere; the unit inside cannot be corrupt.
+        let _steps = self.step.write().unwrap_or_else(|e| e.into_inner());
         self.hung.send_if_modified(|h| {
             if *h == hung {
                 return false;
@@ -284,17 +290,20 @@ impl Generation {
 
         let n = self.sent;
         let step = if n == 0 { cfg.ttft } else { cfg.inter_token };
-        loop {
+        let _step = loop {
             let due = self.due.unwrap_or_else(Instant::now);
             wait_until(due).await;
-            if !engine.is_hung() {
-                break;
+            {
+                let guard = engine.step.read().unwrap_or_else(|e| e.into_inner());
+                if !engine.is_hung() {
+                    break guard;
+                }
             }
             // The step in flight when the engine hung never finishes; after the resume the
             // token takes a whole step again instead of bursting out with the ones overdue.
             engine.wait_running().await;
             self.due = Some(Instant::now() + engine.paced(step));
-        }
+        };
         if n == 0 && cfg.error_before_token {
             self.finish(Finish::Error);
             return Some(Event::EngineDead);

@@ -5,6 +5,41 @@
 //! only by really failing: a dropped TCP connection, vLLM's own in-stream EngineCore error, or
 //! the process being killed. Every generated token names the worker (` <id>:<n>`), so a stream
 //! spliced from two workers is visible to the test that reads it.
+//!
+//! # Endpoints
+//!
+//! | path | what | engine? |
+//! |---|---|---|
+//! | `POST /v1/chat/completions`, `POST /v1/completions` | JSON or SSE (`data:` chunks, `data: [DONE]`) | yes |
+//! | `POST /v1/responses` | Response object, or SSE with `event:` lines: `response.created`, `response.in_progress`, `response.output_item.added`, `response.content_part.added`, `response.output_text.delta`…, `response.output_text.done`, `response.content_part.done`, `response.output_item.done`, `response.completed`; `sequence_number` from 0, no `[DONE]` | yes |
+//! | `POST /v1/embeddings` | `encoding_format` `float` or `base64` (float32 LE), `dimensions` | yes (one prefill step) |
+//! | `POST /v1/audio/transcriptions` | multipart `file` + `model`; `{"text","usage"}`, or `stream=true`: `transcription.chunk` SSE then `[DONE]` | yes |
+//! | `POST /tokenize`, `POST /detokenize` | byte-level fake tokenizer, `/detokenize` inverts `/tokenize` | no |
+//! | `GET /v1/models`, `/health`, `/ping`, `/version`, `/metrics` | | no |
+//! | anything else | `404 {"detail":"Not Found"}` (FastAPI's, as vLLM answers) | no |
+//!
+//! Errors use vLLM's body `{"error":{"message","type","param","code"}}`.
+//!
+//! # Failures
+//!
+//! Fixed at start (flags): `--reset-after-tokens N` (connection dropped after N tokens of every
+//! stream), `--error-before-token` (EngineCore death: chat/completions/transcription streams get
+//! vLLM's in-stream `{"error":…}` + `[DONE]`; a Responses stream is cut after
+//! `response.in_progress`, as uvicorn cuts it when `EngineDeadError` escapes; non-streaming: 500),
+//! `--abort-before-token` (`finish_reason: "abort"`; Responses: `response.completed` with no
+//! output), `--fail-status CODE`.
+//!
+//! Toggled at run time on the live process (the binary logs each toggle on stderr):
+//! - `SIGUSR1`: engine **hang** on/off (also `--hang-after-ms N`). While hung no token leaves
+//!   and nothing is admitted; in-flight streams send nothing and stay open; new requests get
+//!   `200` and headers at once (a Responses stream also its `created`/`in_progress` events),
+//!   then nothing; `/metrics` answers with the exposition frozen when the hang began
+//!   (`vllm:iteration_tokens_total_count`, generation and prompt token counters,
+//!   `num_requests_running`). `/tokenize` keeps working (vLLM's API server does it).
+//! - `SIGUSR2`: **slow-down** on/off (also `--slow`): TTFT and inter-token delays times
+//!   `--slow-factor` (default 5).
+//!
+//! The real death is the process killed (SIGKILL, SIGSTOP); SIGTERM/SIGINT shut it down.
 
 pub mod engine;
 pub mod extra;

@@ -1,12 +1,17 @@
 //! The fake engine: admits requests into at most `max_num_seqs` slots (the rest really wait),
 //! paces tokens by TTFT and inter-token delay, marks every token with the worker id, injects
 //! the configured failures, and keeps the metrics honest about all of it.
+//!
+//! Two failure shapes can be switched on and off while the process runs (see [`Engine::set_hung`]
+//! and [`Engine::set_slow`]): a *hang*, what a stopped EngineCore looks like from outside (no
+//! token leaves, nothing is admitted, `/metrics` answers with the numbers it had), and a
+//! *slow-down* (every delay multiplied by `slow_factor`).
 
-use std::sync::atomic::Ordering;
-use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant};
 
-use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use tokio::sync::{watch, OwnedSemaphorePermit, Semaphore};
 
 use crate::metrics::{Finish, Metrics};
 
@@ -31,12 +36,20 @@ pub struct EngineConfig {
     pub abort_before_token: bool,
     /// Failure injection: answer every valid request with this HTTP status (no generation).
     pub fail_status: Option<u16>,
+    /// While slowed down, TTFT and inter-token delays are multiplied by this.
+    pub slow_factor: f64,
 }
 
 pub struct Engine {
     pub cfg: EngineConfig,
     pub metrics: Arc<Metrics>,
     slots: Arc<Semaphore>,
+    /// `true` while the engine hangs. A watch channel so every paused generation wakes on resume.
+    hung: watch::Sender<bool>,
+    /// Held (shared) by a token from its hang check to its counters, and (exclusive) by a hang
+    /// toggle: the frozen `/metrics` counts exactly the tokens that reached the clients.
+    step: RwLock<()>,
+    slow: AtomicBool,
 }
 
 /// What a generation produces next.
@@ -64,7 +77,89 @@ impl Engine {
             cfg,
             metrics,
             slots,
+            hung: watch::Sender::new(false),
+            step: RwLock::new(()),
+            slow: AtomicBool::new(false),
         }
+    }
+
+    pub fn is_hung(&self) -> bool {
+        *self.hung.borrow()
+    }
+
+    /// Hangs or resumes the engine. While hung no token is produced and no request is admitted,
+    /// but the HTTP side keeps working, and `/metrics` shows the numbers frozen at the moment the
+    /// hang began: vLLM's API server keeps exporting the last stats its EngineCore sent.
+    pub fn set_hung(&self, hung: bool) {
+        // A poisoned lock only means a panic elsewhere; the unit inside cannot be corrupt.
+        let _steps = self.step.write().unwrap_or_else(|e| e.into_inner());
+        self.hung.send_if_modified(|h| {
+            if *h == hung {
+                return false;
+            }
+            // Freeze before anyone can observe the hang, thaw after the resume is visible.
+            if hung {
+                self.metrics.freeze();
+            }
+            *h = hung;
+            if !hung {
+                self.metrics.thaw();
+            }
+            true
+        });
+    }
+
+    /// Flips the hang; returns the new state.
+    pub fn toggle_hang(&self) -> bool {
+        let hung = !self.is_hung();
+        self.set_hung(hung);
+        hung
+    }
+
+    pub fn is_slow(&self) -> bool {
+        self.slow.load(Ordering::Relaxed)
+    }
+
+    pub fn set_slow(&self, slow: bool) {
+        self.slow.store(slow, Ordering::Relaxed);
+    }
+
+    /// Flips the slow-down; returns the new state.
+    pub fn toggle_slow(&self) -> bool {
+        !self.slow.fetch_xor(true, Ordering::Relaxed)
+    }
+
+    /// Returns at once unless the engine hangs; then when it resumes.
+    pub async fn wait_running(&self) {
+        let mut rx = self.hung.subscribe();
+        // The sender lives as long as `self`, so this cannot fail while we are borrowed.
+        let _ = rx.wait_for(|hung| !*hung).await;
+    }
+
+    /// A delay as paced right now (stretched while slowed down).
+    fn paced(&self, d: Duration) -> Duration {
+        let f = self.cfg.slow_factor;
+        if self.is_slow() && f.is_finite() && f > 0.0 {
+            d.mul_f64(f)
+        } else {
+            d
+        }
+    }
+
+    /// One engine step outside a generation (an embedding's prefill): waits while hung, counts
+    /// the prompt tokens, and is paced like a first token.
+    pub async fn prefill(&self, prompt_tokens: u64) {
+        self.wait_running().await;
+        loop {
+            tokio::time::sleep(self.paced(self.cfg.ttft)).await;
+            if !self.is_hung() {
+                break;
+            }
+            self.wait_running().await;
+        }
+        let m = &self.metrics;
+        m.prompt_tokens.fetch_add(prompt_tokens, Ordering::Relaxed);
+        m.engine_step(prompt_tokens);
     }
 
     /// A generation that starts waiting for a slot on its first `next()`.
@@ -75,6 +170,7 @@ impl Engine {
             max_tokens,
             arrival: Instant::now(),
             scheduled: None,
+            due: None,
             last_token_at: None,
             sent: 0,
             slot: None,
@@ -123,6 +219,8 @@ pub struct Generation {
     max_tokens: u32,
     arrival: Instant,
     scheduled: Option<Instant>,
+    /// When the next token is due: a timeline, so sleep jitter does not accumulate.
+    due: Option<Instant>,
     last_token_at: Option<Instant>,
     sent: u32,
     slot: Option<Slot>,
@@ -164,9 +262,10 @@ impl Generation {
         let engine = Arc::clone(&self.engine);
         let cfg = &engine.cfg;
         let m = &engine.metrics;
-        let scheduled = match self.scheduled {
-            Some(t) => t,
-            None => {
+        if self.scheduled.is_none() {
+            // A hung EngineCore never sees new requests: they are not even counted as waiting.
+            engine.wait_running().await;
+            {
                 let permit = {
                     let _waiting = Waiting::new(m);
                     Arc::clone(&engine.slots).acquire_owned().await.ok()?
@@ -185,12 +284,26 @@ impl Generation {
                     u64::from(self.max_tokens),
                 );
                 self.scheduled = Some(now);
-                now
+                self.due = Some(now + engine.paced(cfg.ttft));
             }
-        };
+        }
 
         let n = self.sent;
-        wait_until(scheduled + cfg.ttft + cfg.inter_token * n).await;
+        let step = if n == 0 { cfg.ttft } else { cfg.inter_token };
+        let _step = loop {
+            let due = self.due.unwrap_or_else(Instant::now);
+            wait_until(due).await;
+            {
+                let guard = engine.step.read().unwrap_or_else(|e| e.into_inner());
+                if !engine.is_hung() {
+                    break guard;
+                }
+            }
+            // The step in flight when the engine hung never finishes; after the resume the
+            // token takes a whole step again instead of bursting out with the ones overdue.
+            engine.wait_running().await;
+            self.due = Some(Instant::now() + engine.paced(step));
+        };
         if n == 0 && cfg.error_before_token {
             self.finish(Finish::Error);
             return Some(Event::EngineDead);
@@ -210,7 +323,11 @@ impl Generation {
             Some(t) => m.next_token((now - t).as_secs_f64()),
         }
         self.last_token_at = Some(now);
+        self.due = self.due.map(|d| d + engine.paced(cfg.inter_token));
         self.sent += 1;
+        // The fake does not batch: each token is one engine step, the first one also carrying
+        // the prefill (vLLM's `iteration_tokens_total` counts tokens scheduled per step).
+        m.engine_step(if n == 0 { self.prompt_tokens.max(1) } else { 1 });
         m.generation_tokens.fetch_add(1, Ordering::Relaxed);
         m.kv_tokens.fetch_add(1, Ordering::Relaxed);
         if let Some(slot) = self.slot.as_mut() {
@@ -251,6 +368,7 @@ mod tests {
             error_before_token: false,
             abort_before_token: false,
             fail_status: None,
+            slow_factor: 5.0,
         }
     }
 

@@ -54,6 +54,16 @@ struct Args {
     /// JSON error body (vLLM answers 500 to requests that reach an API server shutting down).
     #[arg(long)]
     fail_status: Option<u16>,
+    /// While slowed down (SIGUSR2, or --slow), TTFT and inter-token delays are multiplied by
+    /// this.
+    #[arg(long, default_value_t = 5.0)]
+    slow_factor: f64,
+    /// Start slowed down.
+    #[arg(long)]
+    slow: bool,
+    /// Hang the engine this many milliseconds after start (SIGUSR1 resumes it).
+    #[arg(long)]
+    hang_after_ms: Option<u64>,
     /// Tokio worker threads (default: one per core).
     #[arg(long)]
     threads: Option<usize>,
@@ -77,8 +87,11 @@ fn main() -> ExitCode {
             error_before_token: args.error_before_token,
             abort_before_token: args.abort_before_token,
             fail_status: args.fail_status,
+            slow_factor: args.slow_factor,
         },
         models: args.models,
+        start_slow: args.slow,
+        hang_after: args.hang_after_ms.map(Duration::from_millis),
     };
     let mut rt = tokio::runtime::Builder::new_multi_thread();
     if let Some(n) = args.threads {
@@ -106,6 +119,12 @@ fn main() -> ExitCode {
                 return ExitCode::FAILURE;
             }
         };
+        let app = fake_vllm::build(config);
+        // Before the LISTENING line: SIGUSR1/2 kill a process that has no handler yet.
+        if let Err(e) = toggles(&app.engine) {
+            eprintln!("fake-vllm: cannot install the SIGUSR1/SIGUSR2 handlers: {e}");
+            return ExitCode::FAILURE;
+        }
         let mut out = std::io::stdout().lock();
         if writeln!(out, "LISTENING {addr}")
             .and_then(|()| out.flush())
@@ -114,7 +133,7 @@ fn main() -> ExitCode {
             eprintln!("fake-vllm: cannot write the LISTENING line to stdout");
         }
         drop(out);
-        match fake_vllm::run(config, listener, shutdown_signal()).await {
+        match fake_vllm::server::serve(listener, app, shutdown_signal()).await {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => {
                 eprintln!("fake-vllm: server error: {e}");
@@ -122,6 +141,40 @@ fn main() -> ExitCode {
             }
         }
     })
+}
+
+/// SIGUSR1 toggles the engine hang, SIGUSR2 the slow-down; each toggle is logged on stderr
+/// (tests and drills wait for that line).
+#[cfg(unix)]
+fn toggles(engine: &std::sync::Arc<fake_vllm::engine::Engine>) -> std::io::Result<()> {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut usr1 = signal(SignalKind::user_defined1())?;
+    let mut usr2 = signal(SignalKind::user_defined2())?;
+    let e = std::sync::Arc::clone(engine);
+    tokio::spawn(async move {
+        while usr1.recv().await.is_some() {
+            let hung = e.toggle_hang();
+            log(if hung { "fake-vllm: engine hung (SIGUSR1)" } else { "fake-vllm: engine resumed (SIGUSR1)" });
+        }
+    });
+    let e = std::sync::Arc::clone(engine);
+    tokio::spawn(async move {
+        while usr2.recv().await.is_some() {
+            let slow = e.toggle_slow();
+            log(if slow { "fake-vllm: engine slowed down (SIGUSR2)" } else { "fake-vllm: engine at full speed (SIGUSR2)" });
+        }
+    });
+    Ok(())
+}
+
+#[cfg(not(unix))]
+fn toggles(_: &std::sync::Arc<fake_vllm::engine::Engine>) -> std::io::Result<()> {
+    Ok(())
+}
+
+/// A line on stderr; a closed stderr must not take the server down.
+fn log(line: &str) {
+    let _ = writeln!(std::io::stderr(), "{line}");
 }
 
 async fn shutdown_signal() {

@@ -23,6 +23,10 @@ const LATENCY_BUCKETS: &[f64] = &[
     480.0, 960.0, 1920.0, 7680.0,
 ];
 const TOKEN_BUCKETS: &[f64] = &[1.0, 2.0, 5.0, 10.0, 20.0, 50.0, 100.0, 200.0, 500.0];
+/// Tokens per engine step (`vllm:iteration_tokens_total`).
+const ITERATION_BUCKETS: &[f64] = &[
+    1.0, 8.0, 16.0, 32.0, 64.0, 128.0, 256.0, 512.0, 1024.0, 2048.0, 4096.0, 8192.0, 16384.0,
+];
 
 /// vLLM's `finished_reason` label values, in the capture's order.
 pub const FINISHED_REASONS: [&str; 5] = ["stop", "length", "abort", "error", "repetition"];
@@ -74,6 +78,7 @@ struct Histograms {
     prompt_tokens: Histogram,
     generation_tokens: Histogram,
     max_tokens: Histogram,
+    iteration_tokens: Histogram,
 }
 
 /// Live counters of one worker. Gauges and counters are atomics; histograms sit behind one
@@ -90,6 +95,8 @@ pub struct Metrics {
     pub generation_tokens: AtomicU64,
     success: [AtomicU64; 5],
     hist: Mutex<Histograms>,
+    /// While the engine hangs: the exposition as it was when the hang began.
+    frozen: Mutex<Option<String>>,
 }
 
 fn unix_now() -> f64 {
@@ -128,8 +135,25 @@ impl Metrics {
                 prompt_tokens: Histogram::new(TOKEN_BUCKETS),
                 generation_tokens: Histogram::new(TOKEN_BUCKETS),
                 max_tokens: Histogram::new(TOKEN_BUCKETS),
+                iteration_tokens: Histogram::new(ITERATION_BUCKETS),
             }),
+            frozen: Mutex::new(None),
         }
+    }
+
+    /// From now on `render()` answers what it answers now, until `thaw()`.
+    pub fn freeze(&self) {
+        let snapshot = self.render_live();
+        *self.frozen.lock().unwrap_or_else(|e| e.into_inner()) = Some(snapshot);
+    }
+
+    pub fn thaw(&self) {
+        *self.frozen.lock().unwrap_or_else(|e| e.into_inner()) = None;
+    }
+
+    /// One engine step that scheduled `tokens` tokens.
+    pub fn engine_step(&self, tokens: u64) {
+        self.with_hist(|h| h.iteration_tokens.observe(tokens as f64));
     }
 
     fn with_hist(&self, f: impl FnOnce(&mut Histograms)) {
@@ -170,8 +194,15 @@ impl Metrics {
         (used / self.kv_capacity_tokens as f64).min(1.0)
     }
 
-    /// The Prometheus text exposition, as vLLM 0.32.0 writes it.
+    /// The Prometheus text exposition, as vLLM 0.32.0 writes it (frozen while the engine hangs).
     pub fn render(&self) -> String {
+        if let Some(frozen) = self.frozen.lock().unwrap_or_else(|e| e.into_inner()).as_ref() {
+            return frozen.clone();
+        }
+        self.render_live()
+    }
+
+    fn render_live(&self) -> String {
         let mut out = String::with_capacity(16 * 1024);
         let m = &self.model_name;
         let base = format!("engine=\"0\",model_name=\"{m}\"");
@@ -308,6 +339,12 @@ impl Metrics {
             "vllm:request_generation_tokens",
             "Number of generation tokens processed.",
             &h.generation_tokens,
+        );
+        hist(
+            &mut out,
+            "vllm:iteration_tokens_total",
+            "Histogram of number of tokens per engine_step.",
+            &h.iteration_tokens,
         );
         hist(
             &mut out,

@@ -50,7 +50,7 @@ impl Connected<IncomingStream<'_, TcpListener>> for Conn {
 
 impl Conn {
     /// Ends the connection now: the peer gets a close with no response at all.
-    fn kill(&self) {
+    pub(crate) fn kill(&self) {
         if let Some(s) = &self.sock {
             let _ = s.shutdown(Shutdown::Both);
         }
@@ -61,6 +61,11 @@ pub fn router(app: Arc<App>) -> Router {
     Router::new()
         .route("/v1/chat/completions", post(chat))
         .route("/v1/completions", post(completions))
+        .route("/v1/responses", post(crate::responses::create))
+        .route("/v1/embeddings", post(crate::extra::embeddings))
+        .route("/tokenize", post(crate::extra::tokenize))
+        .route("/detokenize", post(crate::extra::detokenize))
+        .route("/v1/audio/transcriptions", post(crate::extra::transcriptions))
         .route("/v1/models", get(models))
         .route("/health", get(|| async { StatusCode::OK }))
         .route("/ping", get(|| async { StatusCode::OK }))
@@ -74,14 +79,14 @@ pub fn router(app: Arc<App>) -> Router {
         .with_state(app)
 }
 
-fn unix_secs() -> u64 {
+pub(crate) fn unix_secs() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map(|d| d.as_secs())
         .unwrap_or(0)
 }
 
-fn error(status: StatusCode, message: &str, kind: &str, param: Option<&str>) -> Response {
+pub(crate) fn error(status: StatusCode, message: &str, kind: &str, param: Option<&str>) -> Response {
     let ct = HeaderValue::from_static("application/json");
     (
         status,
@@ -91,8 +96,69 @@ fn error(status: StatusCode, message: &str, kind: &str, param: Option<&str>) -> 
         .into_response()
 }
 
-fn bad_request(message: &str) -> Response {
+pub(crate) fn bad_request(message: &str) -> Response {
     error(StatusCode::BAD_REQUEST, message, "BadRequestError", None)
+}
+
+/// A JSON body with the `content-type` FastAPI's `JSONResponse` sends.
+pub(crate) fn json_response(body: String) -> Response {
+    let ct = HeaderValue::from_static("application/json");
+    ([(header::CONTENT_TYPE, ct)], body).into_response()
+}
+
+/// An SSE body with the headers uvicorn sends for vLLM's `StreamingResponse`.
+pub(crate) fn sse_response<S>(stream: S) -> Response
+where
+    S: futures_util::Stream<Item = Result<Bytes, ConnectionReset>> + Send + 'static,
+{
+    let ct = HeaderValue::from_static("text/event-stream; charset=utf-8");
+    ([(header::CONTENT_TYPE, ct)], Body::from_stream(stream)).into_response()
+}
+
+/// A JSON request body, or vLLM's 400/413 answer.
+// The error is the handler's whole answer, returned at once: boxing it buys nothing.
+#[allow(clippy::result_large_err)]
+pub(crate) fn parse_json<T: serde::de::DeserializeOwned>(
+    body: Result<Bytes, BytesRejection>,
+) -> Result<T, Response> {
+    let body = body.map_err(|rejection| {
+        error(rejection.status(), &rejection.body_text(), "BadRequestError", None)
+    })?;
+    serde_json::from_slice(&body).map_err(|e| bad_request(&format!("Invalid request body: {e}")))
+}
+
+/// The served model a request names (the first one when it names none), or vLLM's 404.
+#[allow(clippy::result_large_err)]
+pub(crate) fn resolve_model(app: &App, model: Option<&str>) -> Result<String, Response> {
+    match model {
+        None => Ok(app.models[0].clone()),
+        Some(m) if app.models.iter().any(|x| x == m) => Ok(m.to_owned()),
+        Some(m) => Err(error(
+            StatusCode::NOT_FOUND,
+            &format!("The model `{m}` does not exist."),
+            "NotFoundError",
+            Some("model"),
+        )),
+    }
+}
+
+/// The `--fail-status` answer, when configured.
+pub(crate) fn failing(app: &App) -> Option<Response> {
+    let code = app.engine.cfg.fail_status?;
+    let status = StatusCode::from_u16(code).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+    Some(error(status, "The server is shutting down (fake-vllm --fail-status).", "InternalServerError", None))
+}
+
+/// What a non-streaming request gets when the EngineCore died under it.
+pub(crate) fn engine_dead() -> Response {
+    error(StatusCode::INTERNAL_SERVER_ERROR, wire::ENGINE_DEAD_MESSAGE, "InternalServerError", None)
+}
+
+/// Lets hyper flush the whole events already written, then fails the body so hyper closes the
+/// connection without the terminating chunk.
+pub(crate) async fn reset() -> Result<Bytes, ConnectionReset> {
+    tokio::time::sleep(Duration::from_millis(2)).await;
+    Err(ConnectionReset)
 }
 
 async fn models(State(app): State<Arc<App>>) -> Json<Value> {
@@ -209,8 +275,7 @@ async fn complete(
         let include_usage = req.stream_options.as_ref().and_then(|o| o.include_usage) == Some(true);
         let format = SseFormat::new(kind, &id, created, &model, &app.fingerprint);
         let stream = sse_stream(generation, format, include_usage);
-        let ct = HeaderValue::from_static("text/event-stream; charset=utf-8");
-        return ([(header::CONTENT_TYPE, ct)], Body::from_stream(stream)).into_response();
+        return sse_response(stream);
     }
 
     let mut generation = generation;
@@ -257,7 +322,7 @@ async fn complete(
 
 /// The error a stream ends with to make hyper drop the connection without the last chunk.
 #[derive(Debug)]
-struct ConnectionReset;
+pub(crate) struct ConnectionReset;
 
 impl std::fmt::Display for ConnectionReset {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -337,12 +402,8 @@ fn sse_stream(
                     Ok(Bytes::from_static(ENGINE_DEAD_EVENT.as_bytes()))
                 }
                 Some(Event::Reset) => {
-                    // Let hyper flush what is already written, so the client gets every whole
-                    // event sent so far, then fail the body: hyper closes the connection
-                    // without the terminating chunk.
-                    tokio::time::sleep(Duration::from_millis(2)).await;
                     st.phase = Phase::Over;
-                    Err(ConnectionReset)
+                    reset().await
                 }
                 None => return None,
             },

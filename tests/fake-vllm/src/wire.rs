@@ -35,7 +35,8 @@ pub struct Request {
     pub prompt: Option<Value>,
 }
 
-fn words(v: &Value) -> u64 {
+/// Words of a prompt, message or content list: the fake's token count.
+pub fn words(v: &Value) -> u64 {
     match v {
         Value::String(s) => s.split_whitespace().count() as u64,
         Value::Array(a) => a.iter().map(words).sum(),

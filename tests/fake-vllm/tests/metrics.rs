@@ -78,6 +78,7 @@ fn metrics_match_the_vllm_capture() {
     for h in [
         "vllm:time_to_first_token_seconds",
         "vllm:e2e_request_latency_seconds",
+        "vllm:iteration_tokens_total",
     ] {
         assert_eq!(buckets(&fake, h), buckets(&real, h), "buckets of {h}");
     }

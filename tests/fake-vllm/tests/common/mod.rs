@@ -8,7 +8,8 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::io::{self, BufRead, BufReader, Read, Write};
 use std::net::TcpStream;
 use std::process::{Child, Command, Stdio};
-use std::time::Duration;
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
 
 pub const DATA: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../data/vllm-0.32.0-cpu/");
 
@@ -21,18 +22,41 @@ pub fn capture(name: &str) -> String {
 pub struct Worker {
     child: Child,
     pub addr: String,
+    /// Its stderr lines, when started with [`Worker::start_logged`].
+    log: Option<mpsc::Receiver<String>>,
 }
 
 impl Worker {
     /// Starts the binary on port 0 and waits for its `LISTENING <ip>:<port>` line.
     pub fn start(args: &[&str]) -> Worker {
+        Self::spawn(args, false)
+    }
+
+    /// Like [`Worker::start`], with its stderr read line by line for [`Worker::wait_log`].
+    pub fn start_logged(args: &[&str]) -> Worker {
+        Self::spawn(args, true)
+    }
+
+    fn spawn(args: &[&str], logged: bool) -> Worker {
         let mut child = Command::new(env!("CARGO_BIN_EXE_fake-vllm"))
             .args(["--host", "127.0.0.1", "--port", "0"])
             .args(args)
             .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
+            .stderr(if logged { Stdio::piped() } else { Stdio::inherit() })
             .spawn()
             .expect("spawn fake-vllm");
+        let log = child.stderr.take().map(|stderr| {
+            let (tx, rx) = mpsc::channel();
+            std::thread::spawn(move || {
+                for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                    eprintln!("{line}");
+                    if tx.send(line).is_err() {
+                        break;
+                    }
+                }
+            });
+            rx
+        });
         let stdout = child.stdout.take().expect("stdout is piped");
         let mut line = String::new();
         let read = BufReader::new(stdout).read_line(&mut line);
@@ -43,7 +67,38 @@ impl Worker {
                 panic!("no LISTENING line from fake-vllm: {r:?} {line:?}");
             }
         };
-        Worker { child, addr }
+        Worker { child, addr, log }
+    }
+
+    /// Waits (at most `within`) for a stderr line containing `needle`.
+    pub fn wait_log(&self, needle: &str, within: Duration) {
+        let rx = self.log.as_ref().expect("started with start_logged");
+        let deadline = Instant::now() + within;
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match rx.recv_timeout(left) {
+                Ok(line) if line.contains(needle) => return,
+                Ok(_) => {}
+                Err(e) => panic!("no log line with {needle:?} within {within:?}: {e}"),
+            }
+        }
+    }
+
+    /// Sends a signal (`USR1`, `USR2`, ...) with kill(1).
+    pub fn signal(&self, sig: &str) {
+        let status = Command::new("kill")
+            .arg(format!("-{sig}"))
+            .arg(self.child.id().to_string())
+            .status()
+            .expect("run kill");
+        assert!(status.success(), "kill -{sig} failed");
+    }
+
+    /// A POST with any content type and a binary body.
+    pub fn post_bytes(&self, path: &str, content_type: &str, body: &[u8]) -> Response {
+        Exchange::open_bytes(&self.addr, "POST", path, content_type, body)
+            .expect("request")
+            .finish()
     }
 
     pub fn get(&self, path: &str) -> Response {
@@ -78,15 +133,27 @@ pub struct Exchange {
 impl Exchange {
     /// Sends the request and reads the status line and headers.
     pub fn open(addr: &str, method: &str, path: &str, body: Option<&str>) -> io::Result<Exchange> {
+        let body = body.unwrap_or("");
+        Self::open_bytes(addr, method, path, "application/json", body.as_bytes())
+    }
+
+    pub fn open_bytes(
+        addr: &str,
+        method: &str,
+        path: &str,
+        content_type: &str,
+        body: &[u8],
+    ) -> io::Result<Exchange> {
         let mut sock = TcpStream::connect(addr)?;
         sock.set_read_timeout(Some(Duration::from_secs(20)))?;
-        let body = body.unwrap_or("");
-        let req = format!(
-            "{method} {path} HTTP/1.1\r\nhost: {addr}\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
+        let mut req = format!(
+            "{method} {path} HTTP/1.1\r\nhost: {addr}\r\ncontent-type: {content_type}\r\ncontent-length: {}\r\nconnection: close\r\n\r\n",
             body.len()
-        );
+        )
+        .into_bytes();
+        req.extend_from_slice(body);
         // A server may answer (413) and close before taking a big body: read the answer anyway.
-        let _ = sock.write_all(req.as_bytes());
+        let _ = sock.write_all(&req);
         let mut reader = BufReader::new(sock);
         let mut line = String::new();
         reader.read_line(&mut line)?;
@@ -126,6 +193,26 @@ impl Exchange {
             .iter()
             .find(|(k, _)| k == name)
             .map(|(_, v)| v.as_str())
+    }
+
+    /// How long a read may wait before it fails with `WouldBlock`/`TimedOut`.
+    pub fn set_read_timeout(&self, d: Duration) {
+        self.reader
+            .get_ref()
+            .set_read_timeout(Some(d))
+            .expect("set_read_timeout");
+    }
+
+    /// `true` when nothing at all arrives within `d` (and the connection stays open).
+    pub fn silent_for(&mut self, d: Duration) -> bool {
+        self.set_read_timeout(d);
+        let silent = match self.reader.fill_buf() {
+            // Bytes, or the close (an empty read): either way not silent.
+            Ok(_) => false,
+            Err(e) => matches!(e.kind(), io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut),
+        };
+        self.set_read_timeout(Duration::from_secs(20));
+        silent
     }
 
     /// The next chunk of a chunked body: `Ok(None)` at the terminating zero-size chunk, an
@@ -232,6 +319,22 @@ pub fn sse_events(body: &str) -> Vec<String> {
             e.strip_prefix("data: ")
                 .unwrap_or_else(|| panic!("event without `data: `: {e:?}"))
                 .to_owned()
+        })
+        .collect()
+}
+
+/// Typed SSE events of a body (`event: <type>` + `data: <json>`), as the Responses API sends.
+pub fn sse_typed_events(body: &str) -> Vec<(String, serde_json::Value)> {
+    body.split("\n\n")
+        .filter(|e| !e.trim().is_empty())
+        .map(|e| {
+            let (event, data) = e
+                .strip_prefix("event: ")
+                .and_then(|r| r.split_once("\ndata: "))
+                .unwrap_or_else(|| panic!("not an `event:` + `data:` pair: {e:?}"));
+            let data = serde_json::from_str(data)
+                .unwrap_or_else(|err| panic!("data is not JSON ({err}): {data}"));
+            (event.to_owned(), data)
         })
         .collect()
 }

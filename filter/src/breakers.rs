@@ -21,6 +21,13 @@ pub fn admission(addr: &str, now: u64, cfg: &BreakerConfig) -> Admission {
     Breaker::decode(bytes.as_deref()).admission(now, cfg)
 }
 
+/// `Some(trips in a row)` while `addr`'s breaker denies it (for the panic threshold).
+pub fn denied_trips(addr: &str, now: u64, cfg: &BreakerConfig) -> Option<u32> {
+    let (bytes, _) = host::shared_get(&breaker_key(addr));
+    let b = Breaker::decode(bytes.as_deref());
+    (b.admission(now, cfg) == Admission::Deny).then_some(b.trips)
+}
+
 /// Takes `addr`'s half-open probe, if still free (compare-and-swap).
 pub fn claim_probe(addr: &str, now: u64, cfg: &BreakerConfig) -> bool {
     host::shared_update(&breaker_key(addr), |cur| {
@@ -36,11 +43,15 @@ fn set_not_closed(addr: &str, not_closed: bool) {
 
 /// Tells `addr`'s breaker how an attempt went (`probe`: the attempt carried its probe).
 pub fn charge(addr: &str, probe: bool, charge: &Charge, now: u64, cfg: &BreakerConfig, stats: &Stats) {
-    let failure = match charge {
-        Charge::Nothing => return,
-        Charge::Success => None,
-        Charge::Failure(r) => Some(r.label()),
-    };
+    match charge {
+        Charge::Nothing => {}
+        Charge::Success => record(addr, probe, None, now, cfg, stats),
+        Charge::Failure(r) => record(addr, probe, Some(&r.label()), now, cfg, stats),
+    }
+}
+
+/// Records a success (`failure: None`) or a failure with its reason in `addr`'s breaker.
+pub fn record(addr: &str, probe: bool, failure: Option<&str>, now: u64, cfg: &BreakerConfig, stats: &Stats) {
     let t = host::shared_update(&breaker_key(addr), |cur| {
         let mut b = Breaker::decode(cur);
         let before = b.clone();
@@ -55,7 +66,7 @@ pub fn charge(addr: &str, probe: bool, charge: &Charge, now: u64, cfg: &BreakerC
         Some(Transition::Tripped) => {
             set_not_closed(addr, true);
             inc(stats.breaker_trips);
-            host::warn(&format!("gpuha: circuit opened for {addr}: {}", failure.as_deref().unwrap_or("")));
+            host::warn(&format!("gpuha: circuit opened for {addr}: {}", failure.unwrap_or("")));
         }
         Some(Transition::Closed) => {
             set_not_closed(addr, false);

@@ -30,8 +30,16 @@ pub fn now_ms() -> u64 {
         .map_or(0, |d| d.as_millis() as u64)
 }
 
+/// A header of `map` as text. Read as bytes: the SDK's string getter panics on a value that is
+/// not UTF-8 (a worker's or a client's bytes); such a value is read lossily here. Only call it
+/// where Envoy has the map: the SDK also panics on a map the host does not have at that point
+/// (an upstream filter's request headers in its response phase).
+pub fn header(map: MapType, name: &str) -> Option<String> {
+    hostcalls::get_map_value_bytes(map, name).ok().flatten().map(|b| String::from_utf8(b).unwrap_or_else(|e| String::from_utf8_lossy(e.as_bytes()).into_owned()))
+}
+
 pub fn request_header(name: &str) -> Option<String> {
-    hostcalls::get_map_value(MapType::HttpRequestHeaders, name).ok().flatten()
+    header(MapType::HttpRequestHeaders, name)
 }
 
 pub fn set_request_header(name: &str, value: Option<&str>) {
@@ -41,7 +49,7 @@ pub fn set_request_header(name: &str, value: Option<&str>) {
 }
 
 pub fn response_header(name: &str) -> Option<String> {
-    hostcalls::get_map_value(MapType::HttpResponseHeaders, name).ok().flatten()
+    header(MapType::HttpResponseHeaders, name)
 }
 
 pub fn set_response_header(name: &str, value: Option<&str>) {

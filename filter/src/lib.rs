@@ -35,6 +35,8 @@ pub use poll::poll_path;
 pub const ENDPOINTS_HEADER: &str = "x-gpuha-endpoints";
 /// Request header telling the guard that this request carries a half-open probe.
 pub const PROBE_HEADER: &str = "x-gpuha-probe";
+/// The request id Envoy's HCM generates (or keeps): the key of a request's shared-data slot.
+pub const REQUEST_ID_HEADER: &str = "x-request-id";
 /// Response header marking what the guard did (`released`, `retried`, `failed`).
 pub const GUARD_HEADER: &str = "x-gpuha-guard";
 

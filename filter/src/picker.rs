@@ -6,7 +6,9 @@ use std::cell::RefCell;
 use std::rc::Rc;
 
 use gpuha_liveness::openai_error::{error_response, is_api_shaped};
-use gpuha_liveness::pick::{pick_ranked, Decision};
+use gpuha_liveness::blame::{blame, parse_notes};
+use gpuha_liveness::slots::{decode_request_notes, request_key};
+use gpuha_liveness::pick::{panic_fill, pick_ranked, Decision};
 use proxy_wasm::traits::{Context, HttpContext};
 use proxy_wasm::types::{Action, BufferType};
 
@@ -15,7 +17,7 @@ use crate::cache::Thread;
 use crate::config::{NoWorkerPolicy, PickerConfig};
 use crate::host;
 use crate::stats::{inc, Stats};
-use crate::{ENDPOINTS_HEADER, PROBE_HEADER};
+use crate::{ENDPOINTS_HEADER, PROBE_HEADER, REQUEST_ID_HEADER};
 
 #[derive(serde::Deserialize)]
 struct RequestFields {
@@ -32,11 +34,15 @@ pub struct Picker {
     stream: bool,
     /// Set when the response is one of Envoy's own text/plain errors being rewritten.
     rewrite: Option<u16>,
+    /// The request's noted attempt failures were judged (`judge_attempts`).
+    judged: bool,
+    /// `x-request-id`: the key of the request's noted failures.
+    request_id: Option<String>,
 }
 
 impl Picker {
     pub fn new(cfg: Rc<PickerConfig>, stats: Stats, thread: Rc<RefCell<Thread>>) -> Self {
-        Picker { cfg, stats, thread, stream: false, rewrite: None }
+        Picker { cfg, stats, thread, stream: false, rewrite: None, judged: false, request_id: None }
     }
 
     fn reply_error(&self, status: u16, message: &str, retry_after: Option<u32>) {
@@ -68,7 +74,12 @@ impl Picker {
             let mut t = self.thread.borrow_mut();
             let t = &mut *t;
             let ranked = t.ranked(version, &view, &self.cfg.pick);
-            pick_ranked(&ranked, &view, fetched, now, model.as_deref(), &t.load, &mut t.rng, &self.cfg.pick, &not_closed, |a| breakers::admission(a, now, &bcfg), |a| breakers::claim_probe(a, now, &bcfg))
+            let d = pick_ranked(&ranked, &view, fetched, now, model.as_deref(), &t.load, &mut t.rng, &self.cfg.pick, &not_closed, |a| breakers::admission(a, now, &bcfg), |a| breakers::claim_probe(a, now, &bcfg));
+            let (d, panic) = panic_fill(d, &ranked, &view, fetched, now, model.as_deref(), &t.load, &self.cfg.pick, &not_closed, |a| breakers::denied_trips(a, now, &bcfg));
+            if panic {
+                inc(self.stats.panic_picks);
+            }
+            d
         };
         match decision {
             Decision::Endpoints { endpoints, probe } => {
@@ -104,13 +115,45 @@ impl Picker {
     }
 }
 
-impl Context for Picker {}
+impl Picker {
+    /// The request's answer is known (`served`: not a 5xx): the failures its attempts noted are
+    /// charged to their workers, unless the failure followed the request (`gpuha_liveness::blame`).
+    fn judge_attempts(&mut self, served: bool) {
+        if self.judged {
+            return;
+        }
+        self.judged = true;
+        let Some(id) = self.request_id.take() else { return };
+        let key = request_key(&id);
+        let Some(notes) = host::shared_get(&key).0.and_then(|b| decode_request_notes(&b, &id).map(str::to_string)) else { return };
+        // Done with the slot: empty it, unless another request took it meanwhile.
+        host::shared_update(&key, |cur| cur.and_then(|b| decode_request_notes(b, &id)).map(|_| (Vec::new(), ())));
+        let b = blame(parse_notes(&notes), served);
+        if b.follows_request {
+            inc(self.stats.request_failures);
+            host::debug(&format!("gpuha: the request failed the same way on every worker it tried: {notes}"));
+        }
+        let now = host::now_ms();
+        for n in b.charged {
+            breakers::record(&n.addr, n.probe, Some(&n.reason), now, &self.cfg.breaker, &self.stats);
+        }
+    }
+}
+
+impl Context for Picker {
+    fn on_done(&mut self) -> bool {
+        // No answer reached the client (it went away, or Envoy reset the stream).
+        self.judge_attempts(false);
+        true
+    }
+}
 
 impl HttpContext for Picker {
     fn on_http_request_headers(&mut self, _n: usize, end_of_stream: bool) -> Action {
         // Clients must not steer the load balancer or claim probes.
         host::set_request_header(ENDPOINTS_HEADER, None);
         host::set_request_header(PROBE_HEADER, None);
+        self.request_id = host::request_header(REQUEST_ID_HEADER).filter(|id| !id.is_empty());
         if end_of_stream {
             // No body (GET /v1/models, health checks): no pick, Envoy's fallback LB decides.
             return Action::Continue;
@@ -134,10 +177,12 @@ impl HttpContext for Picker {
     }
 
     fn on_http_response_headers(&mut self, _n: usize, end_of_stream: bool) -> Action {
+        let status = host::status();
+        self.judge_attempts(status.is_some_and(|s| s < 500));
         if !self.cfg.rewrite_local_replies || end_of_stream {
             return Action::Continue;
         }
-        let Some(status) = host::status() else { return Action::Continue };
+        let Some(status) = status else { return Action::Continue };
         if status < 400 || is_api_shaped(host::response_header("content-type").as_deref()) {
             return Action::Continue;
         }

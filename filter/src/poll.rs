@@ -73,7 +73,7 @@ pub fn maybe_start(p: &PickerConfig, path: &str, in_flight: &mut Option<InFlight
 
 /// Handles dnsd's answer to `f`; returns the view parsed and published, for this thread's cache.
 pub fn on_response(f: InFlight, body_size: usize, stats: &Stats) -> Option<(u64, FleetView)> {
-    let status = hostcalls::get_map_value(MapType::HttpCallResponseHeaders, ":status").ok().flatten();
+    let status = host::header(MapType::HttpCallResponseHeaders, ":status");
     let now = host::now_ms();
     if status.as_deref() == Some("304") {
         // dnsd vouches, as of now, for the content we named, if it is still the current one.
@@ -98,7 +98,7 @@ pub fn on_response(f: InFlight, body_size: usize, stats: &Stats) -> Option<(u64,
             return None;
         }
     };
-    let etag = hostcalls::get_map_value(MapType::HttpCallResponseHeaders, "etag").ok().flatten().unwrap_or_default();
+    let etag = host::header(MapType::HttpCallResponseHeaders, "etag").unwrap_or_default();
     let value = encode_fleet(now, &body);
     // A slow answer must not replace a view fetched after this poll started.
     let published = host::shared_update(FLEET_KEY, |cur| (cur.is_none_or(|c| decode_fleet(c).0 <= f.started)).then(|| (value.clone(), ())));

@@ -26,6 +26,8 @@ pub struct Stats {
     pub client_cancels: Option<u32>,
     pub guard_overflows: Option<u32>,
     pub guard_passed: Option<u32>,
+    pub panic_picks: Option<u32>,
+    pub request_failures: Option<u32>,
 }
 
 impl Stats {
@@ -56,6 +58,8 @@ impl Stats {
             client_cancels: c("client_cancels"),
             guard_overflows: c("guard_overflows"),
             guard_passed: c("guard_passed"),
+            panic_picks: c("panic_picks"),
+            request_failures: c("request_failures"),
         }
     }
 }

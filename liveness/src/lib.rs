@@ -7,6 +7,7 @@
 //! and compiled to `wasm32-wasip1` inside Envoy, and tests drive time by hand.
 
 pub mod attempt;
+pub mod blame;
 pub mod breaker;
 pub mod fleet;
 pub mod frame;

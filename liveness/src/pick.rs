@@ -40,6 +40,10 @@ pub struct PickConfig {
     /// KV-cache usage above which a worker is penalised, and the penalty at 100 %.
     pub kv_soft_limit: f64,
     pub kv_penalty: f64,
+    /// The breaker's panic threshold, in percent of the fresh workers serving the model: when
+    /// fewer than this share are admitted by their breakers, the ones whose circuit is open
+    /// are offered too, those that fail least first ([`panic_fill`]); 0 turns it off.
+    pub panic_threshold_percent: u32,
 }
 
 impl Default for PickConfig {
@@ -55,6 +59,7 @@ impl Default for PickConfig {
             running_weight: 0.05,
             kv_soft_limit: 0.8,
             kv_penalty: 4.0,
+            panic_threshold_percent: 50,
         }
     }
 }
@@ -70,6 +75,9 @@ impl PickConfig {
         let finite_nonneg = [self.near_best_ratio, self.near_best_ms, self.default_ttft_ms, self.running_weight, self.kv_penalty];
         if finite_nonneg.iter().any(|v| !v.is_finite() || *v < 0.0) {
             return Err("pick: weights must be finite and >= 0".into());
+        }
+        if self.panic_threshold_percent > 100 {
+            return Err("pick.panic_threshold_percent: must be 0..=100".into());
         }
         if !(0.0..1.0).contains(&self.kv_soft_limit) {
             return Err("pick.kv_soft_limit: must be in [0, 1)".into());
@@ -414,6 +422,86 @@ pub fn pick_ranked(
     Decision::Endpoints { endpoints, probe }
 }
 
+/// The breaker's panic threshold: a breaker must never leave a model with no admitted worker
+/// while fresh workers exist (a flaky fleet, where every worker fails a share of its requests,
+/// would otherwise see every circuit open in turn and the picker refuse everything). Envoy's
+/// load balancer does the same below its `healthy_panic_threshold` (routes to all hosts), and
+/// LiteLLM when every deployment is in cool-down.
+///
+/// When fewer than `panic_threshold_percent` of the fresh workers serving the model are
+/// admitted, the fresh workers whose circuit is open (`denied_trips(addr)`: `Some(trips in a
+/// row)` while the breaker denies it) fill the rest of the endpoint list after the admitted
+/// ones, those with the fewest trips in a row first, then by predicted time to first token
+/// (which counts this thread's recent requests, so panicked requests spread). Returns the
+/// decision and whether the panic threshold applied.
+#[allow(clippy::too_many_arguments)]
+pub fn panic_fill(
+    decision: Decision,
+    ranked: &Ranked,
+    view: &FleetView,
+    fetched_local_ms: u64,
+    now_ms: u64,
+    model: Option<&str>,
+    load: &LocalLoad,
+    cfg: &PickConfig,
+    not_closed: &[&str],
+    mut denied_trips: impl FnMut(&str) -> Option<u32>,
+) -> (Decision, bool) {
+    let (mut endpoints, probe) = match decision {
+        Decision::Endpoints { endpoints, probe } if endpoints.len() < cfg.max_endpoints => (endpoints, probe),
+        Decision::NoWorker { .. } => (Vec::new(), None),
+        d => return (d, false),
+    };
+    if cfg.panic_threshold_percent == 0 {
+        return (rebuild(endpoints, probe, ranked, model, fetched_local_ms, now_ms, cfg), false);
+    }
+    let mr = ranked.for_model(model);
+    let elapsed = now_ms.saturating_sub(fetched_local_ms);
+    let fresh = mr.ages.partition_point(|a| a.saturating_add(elapsed) < cfg.freshness_gate_ms);
+    let mut denied: Vec<(u32, f64, usize)> = Vec::new();
+    for (i, addr) in not_closed.iter().enumerate() {
+        if not_closed[..i].contains(addr) {
+            continue;
+        }
+        for &idx in ranked.by_addr.get(*addr).map_or(&[][..], |v| v.as_slice()) {
+            let w = &view.workers[idx];
+            if !serves(w, model) || effective_age_ms(w, fetched_local_ms, now_ms) >= cfg.freshness_gate_ms {
+                continue;
+            }
+            if let Some(trips) = denied_trips(&w.addr) {
+                let frame_local_ms = fetched_local_ms.saturating_sub(w.age_ms);
+                let extra = load.sent_since(&w.addr, frame_local_ms) as f64;
+                denied.push((trips, predicted_ttft_ms(w, extra, cfg), idx));
+            }
+        }
+    }
+    let admitted = fresh.saturating_sub(denied.len());
+    let panic = fresh > 0 && (admitted as u64) * 100 < u64::from(cfg.panic_threshold_percent) * fresh as u64;
+    if panic {
+        denied.sort_by(|a, b| a.0.cmp(&b.0).then(a.1.total_cmp(&b.1)).then(a.2.cmp(&b.2)));
+        for (_, _, idx) in denied {
+            if endpoints.len() >= cfg.max_endpoints {
+                break;
+            }
+            let addr = &view.workers[idx].addr;
+            if !endpoints.contains(addr) {
+                endpoints.push(addr.clone());
+            }
+        }
+    }
+    (rebuild(endpoints, probe, ranked, model, fetched_local_ms, now_ms, cfg), panic)
+}
+
+fn rebuild(endpoints: Vec<String>, probe: Option<String>, ranked: &Ranked, model: Option<&str>, fetched_local_ms: u64, now_ms: u64, cfg: &PickConfig) -> Decision {
+    if endpoints.is_empty() {
+        let mr = ranked.for_model(model);
+        let elapsed = now_ms.saturating_sub(fetched_local_ms);
+        let fresh = mr.ages.partition_point(|a| a.saturating_add(elapsed) < cfg.freshness_gate_ms);
+        return Decision::NoWorker { fresh, serving: mr.serving };
+    }
+    Decision::Endpoints { endpoints, probe }
+}
+
 /// The highest score [`pick_ranked`]'s answer can depend on, given the sorted scores so far:
 /// the near-best limit, and the score of the element that completes the endpoint list
 /// whichever near-best one is chosen first. `None`: the scanned ones cannot complete it.
@@ -581,6 +669,69 @@ mod tests {
 
     fn go(v: &FleetView, fetched: u64, now: u64, model: Option<&str>, seed: u64) -> Decision {
         pick(v, fetched, now, model, &LocalLoad::default(), &mut Rng::new(seed), &PickConfig::default(), |_| Admission::Allow, |_| false)
+    }
+
+    /// Picks with some circuits open (`trips` of each open one), then applies the panic fill.
+    fn pick_with_open(v: &FleetView, open: &[(&str, u32)], cfg: &PickConfig) -> (Decision, bool) {
+        let ranked = Ranked::build(v, cfg);
+        let not_closed: Vec<&str> = open.iter().map(|(a, _)| *a).collect();
+        let adm = |a: &str| if not_closed.contains(&a) { Admission::Deny } else { Admission::Allow };
+        let d = pick_ranked(&ranked, v, 0, 0, Some("tiny"), &LocalLoad::default(), &mut Rng::new(1), cfg, &not_closed, adm, |_| false);
+        panic_fill(d, &ranked, v, 0, 0, Some("tiny"), &LocalLoad::default(), cfg, &not_closed, |a| open.iter().find(|(x, _)| *x == a).map(|(_, t)| *t))
+    }
+
+    #[test]
+    fn panic_threshold_never_leaves_a_model_without_workers() {
+        let v = view((1..=4).map(|i| w(&format!("w{i}"), i, 100, 0.0, 100.0)).collect());
+        let cfg = PickConfig::default();
+        // Every circuit open: without the panic threshold, a 503 with 0 attempts.
+        let all: Vec<(&str, u32)> = vec![("127.0.0.1:1", 3), ("127.0.0.1:2", 1), ("127.0.0.1:3", 2), ("127.0.0.1:4", 1)];
+        let (d, panic) = pick_with_open(&v, &all, &cfg);
+        assert!(panic);
+        assert_eq!(d, Decision::Endpoints { endpoints: vec!["127.0.0.1:2".into(), "127.0.0.1:4".into(), "127.0.0.1:3".into()], probe: None }, "fewest trips first");
+        // Half of them admitted (50 %): no panic, the open ones stay out.
+        let (d, panic) = pick_with_open(&v, &all[..2], &cfg);
+        assert!(!panic);
+        let Decision::Endpoints { endpoints, .. } = d else { panic!("{d:?}") };
+        assert_eq!(endpoints.len(), 2);
+        assert!(!endpoints.contains(&"127.0.0.1:1".to_string()));
+        // Three of four open: panic; the admitted one first, then the least failing.
+        let (d, panic) = pick_with_open(&v, &all[..3], &cfg);
+        assert!(panic);
+        assert_eq!(d, Decision::Endpoints { endpoints: vec!["127.0.0.1:4".into(), "127.0.0.1:2".into(), "127.0.0.1:3".into()], probe: None });
+        // Turned off: the old behaviour.
+        let off = PickConfig { panic_threshold_percent: 0, ..PickConfig::default() };
+        let (d, panic) = pick_with_open(&v, &all, &off);
+        assert!(!panic);
+        assert_eq!(d, Decision::NoWorker { fresh: 4, serving: 4 });
+        // Stale workers are never offered, panic or not.
+        let stale = view(vec![w("w1", 1, 5_000, 0.0, 100.0)]);
+        let (d, _) = pick_with_open(&stale, &[("127.0.0.1:1", 1)], &cfg);
+        assert!(matches!(d, Decision::Stale | Decision::NoWorker { .. }), "{d:?}");
+    }
+
+    proptest! {
+        /// Whatever circuits are open: while a fresh worker serves the model, the pick is never
+        /// empty (the panic threshold), and every endpoint is a fresh worker, listed once.
+        #[test]
+        fn never_empty_while_fresh(n in 1usize..8, open in proptest::collection::vec((0usize..8, 0u32..5), 0..8), ages in proptest::collection::vec(0u64..4_000, 8)) {
+            let v = view((0..n).map(|i| w(&format!("w{i}"), i as u16 + 1, ages[i], 0.0, 100.0)).collect());
+            let addrs: Vec<String> = (0..n).map(|i| format!("127.0.0.1:{}", i + 1)).collect();
+            let open: Vec<(&str, u32)> = open.iter().filter(|(i, _)| *i < n).map(|(i, t)| (addrs[*i].as_str(), *t)).collect();
+            let (d, _) = pick_with_open(&v, &open, &PickConfig::default());
+            let fresh: Vec<&String> = (0..n).filter(|i| ages[*i] < 3_000).map(|i| &addrs[i]).collect();
+            match d {
+                Decision::Endpoints { endpoints, .. } => {
+                    let mut e = endpoints.clone();
+                    e.dedup();
+                    prop_assert_eq!(e.len(), endpoints.len());
+                    prop_assert!(endpoints.iter().all(|a| fresh.contains(&a)));
+                }
+                Decision::NoWorker { .. } => prop_assert!(fresh.is_empty()),
+                Decision::Stale => prop_assert!(fresh.is_empty()),
+                Decision::UnknownModel => prop_assert!(false),
+            }
+        }
     }
 
     #[test]

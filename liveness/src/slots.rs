@@ -10,6 +10,7 @@
 //! | `gpuha.poll` | 8 bytes LE: when the last poll was started |
 //! | `gpuha.breaker.<ip:port>` | that worker's breaker ([`crate::breaker::Breaker::encode`]) |
 //! | `gpuha.breakers.not_closed` | comma-separated addresses whose circuit is not closed |
+//! | `gpuha.req.<n>` | one of [`REQUEST_SLOTS`] slots: a request's id, `\n`, its noted attempt failures ([`crate::blame`]) |
 
 pub const FLEET_KEY: &str = "gpuha.fleet";
 pub const FLEET_VERSION_KEY: &str = "gpuha.fleet.version";
@@ -18,6 +19,30 @@ pub const POLL_KEY: &str = "gpuha.poll";
 /// Every other worker is admitted without reading its breaker, so a pick costs one shared-data
 /// read, not one per worker.
 pub const NOT_CLOSED_KEY: &str = "gpuha.breakers.not_closed";
+
+/// Slots for the requests' noted failures: a bounded ring, so that shared data (which has no
+/// delete) cannot grow with the number of requests. Two requests failing at once in the same
+/// slot overwrite each other's notes: those failures go uncharged (a missed charge, never a
+/// wrong one: the request id is checked on read).
+pub const REQUEST_SLOTS: u64 = 4096;
+
+/// The slot of a request id (FNV-1a).
+pub fn request_key(request_id: &str) -> String {
+    let h = request_id.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3));
+    format!("gpuha.req.{}", h % REQUEST_SLOTS)
+}
+
+/// A request slot's value.
+pub fn encode_request_notes(request_id: &str, notes: &str) -> Vec<u8> {
+    format!("{request_id}\n{notes}").into_bytes()
+}
+
+/// The notes in a request slot, if it holds `request_id`'s.
+pub fn decode_request_notes<'a>(b: &'a [u8], request_id: &str) -> Option<&'a str> {
+    let s = std::str::from_utf8(b).ok()?;
+    let (id, notes) = s.split_once('\n')?;
+    (id == request_id && !id.is_empty()).then_some(notes)
+}
 
 pub fn breaker_key(addr: &str) -> String {
     format!("gpuha.breaker.{addr}")
@@ -110,6 +135,18 @@ mod tests {
         let b = not_closed_update(Some(&b), "b:2", false);
         assert_eq!(b, b"a:1");
         assert!(not_closed_list(b",,").is_empty());
+    }
+
+    #[test]
+    fn request_slots_check_the_id() {
+        let k = request_key("8d1c-4e");
+        assert!(k.starts_with("gpuha.req."));
+        assert_eq!(k, request_key("8d1c-4e"));
+        let b = encode_request_notes("8d1c-4e", "a:1|0|status_500");
+        assert_eq!(decode_request_notes(&b, "8d1c-4e"), Some("a:1|0|status_500"));
+        assert_eq!(decode_request_notes(&b, "other"), None);
+        assert_eq!(decode_request_notes(b"", ""), None);
+        assert_eq!(decode_request_notes(b"\nx", ""), None);
     }
 
     proptest! {

@@ -252,6 +252,10 @@ impl Frame {
         }
         out.extend_from_slice(&present.to_be_bytes());
         for f in fields {
+            // Decode rejects these: a frame signed with one would be dropped by every receiver.
+            if f.is_some_and(|v| !v.is_finite()) {
+                return Err(FrameError::Encode("metric is not a finite number"));
+            }
             out.extend_from_slice(&f.unwrap_or(0.0).to_be_bytes());
         }
         let mut mac = mac_for(key);
@@ -442,6 +446,17 @@ pub(crate) mod tests {
         f.pool_id = "p".repeat(64);
         f.models = (0..8).map(|i| format!("{i}{}", "m".repeat(63))).collect();
         assert!(matches!(f.encode(b"k"), Err(FrameError::TooLarge(_))));
+    }
+
+    /// Decode rejects a non-finite metric, so encode must refuse to sign one: a frame every
+    /// receiver drops would be sent for nothing, and the sender would never know.
+    #[test]
+    fn non_finite_metric_is_refused_at_encode() {
+        for bad in [f64::INFINITY, f64::NEG_INFINITY, f64::NAN] {
+            let mut f = sample();
+            f.metrics.running = Some(bad);
+            assert_eq!(f.encode(b"k"), Err(FrameError::Encode("metric is not a finite number")), "{bad}");
+        }
     }
 
     #[test]

@@ -243,6 +243,18 @@ mod tests {
     }
 
     #[test]
+    fn truncated_frame_is_counted_as_malformed() {
+        let mut ing = ingest();
+        let mut f = sample();
+        f.sent_ms = NOW;
+        let b = f.encode(b"k").unwrap();
+        for cut in [61, 62, b.len() - 1] {
+            assert_eq!(ing.accept(&b[..cut], NOW), Err(DropReason::Malformed), "cut at {cut}");
+        }
+        assert_eq!(ing.counters().dropped(DropReason::BadMac), 0);
+    }
+
+    #[test]
     fn forged_frame_does_not_advance_sequence() {
         let mut ing = ingest();
         let mut f = sample();

@@ -21,6 +21,12 @@ pub use config::{Config, ConfigError};
 use dns::DnsService;
 use state::{now_ms, AppState};
 
+/// The log filter when `GPUHA_LOG` is not set. hickory logs a WARN per malformed EDNS option
+/// (and the like) in packets anyone can send: at the default level a query flood would be a
+/// log flood. hickory then drops just the options and the query is answered as usual; queries
+/// that do not parse at all are counted in `gpuha_dnsd_dns_malformed_total`.
+pub const DEFAULT_LOG_FILTER: &str = "info,hickory_proto=error,hickory_server=error";
+
 /// What the HTTP and DNS handlers share.
 pub struct Services {
     pub state: Arc<AppState>,

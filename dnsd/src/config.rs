@@ -68,12 +68,28 @@ pub struct HttpConfig {
     /// Serves `/v1/fleet`, `/metrics` and `/healthz`.
     #[serde(default = "default_http")]
     pub listen: SocketAddr,
+    /// A connection whose request headers are not complete this long after it opened (or after
+    /// its previous response) is closed: a slow client cannot hold a connection for ever.
+    #[serde(default = "default_header_read_timeout")]
+    pub header_read_timeout_ms: u64,
+    /// Open connections at most; past it new ones are closed at once (counted in
+    /// `gpuha_dnsd_http_connections_rejected_total`), so idle clients cannot use up the
+    /// process's file descriptors, which the UDP and DNS sockets share.
+    #[serde(default = "default_max_connections")]
+    pub max_connections: usize,
 }
 
 impl Default for HttpConfig {
     fn default() -> Self {
-        HttpConfig { listen: default_http() }
+        HttpConfig { listen: default_http(), header_read_timeout_ms: default_header_read_timeout(), max_connections: default_max_connections() }
     }
+}
+
+fn default_header_read_timeout() -> u64 {
+    5_000
+}
+fn default_max_connections() -> usize {
+    1_024
 }
 
 fn default_ingest() -> SocketAddr {
@@ -120,6 +136,12 @@ impl Config {
         ids.sort_unstable();
         if ids.windows(2).any(|w| w[0] == w[1]) {
             return Err(ConfigError::invalid("ingest.keys.id", "key ids must be unique"));
+        }
+        if self.http.header_read_timeout_ms == 0 {
+            return Err(ConfigError::invalid("http.header_read_timeout_ms", "must be > 0"));
+        }
+        if self.http.max_connections == 0 {
+            return Err(ConfigError::invalid("http.max_connections", "must be > 0"));
         }
         if self.ingest.max_skew_ms == 0 {
             return Err(ConfigError::invalid("ingest.max_skew_ms", "must be > 0"));

@@ -15,7 +15,11 @@
 use std::collections::HashMap;
 use std::fmt::Write as _;
 use std::hash::{Hash, Hasher};
+use std::future::Future;
+use std::pin::pin;
+use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use axum::body::Bytes;
 use axum::extract::{Query, State};
@@ -24,10 +28,81 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use axum::Router;
 use gpuha_liveness::{Ages, DropReason, FleetView};
+use hyper_util::rt::{TokioIo, TokioTimer};
+use hyper_util::service::TowerToHyperService;
 use serde::Deserialize;
+use tokio::sync::{watch, Semaphore};
+use tokio::task::JoinSet;
 
 use crate::state::now_ms;
 use crate::Services;
+
+/// What [`serve`] allows a client.
+#[derive(Debug, Clone, Copy)]
+pub struct Limits {
+    /// A connection whose request headers are not complete in this time is closed.
+    pub header_read_timeout: Duration,
+    /// Open connections at most; past it new ones are closed at once and counted.
+    pub max_connections: usize,
+}
+
+/// Serves [`router`] on `listener` until `shutdown`, over HTTP/1.1 (what the filter and
+/// Prometheus speak). Unlike `axum::serve` it bounds what a slow or greedy client can hold: a
+/// request whose headers do not arrive in time is closed (slowloris), and connections past the
+/// limit are closed on accept, so idle clients cannot use up the file descriptors the UDP and
+/// DNS sockets share. On shutdown, requests in flight get a few seconds to finish.
+pub async fn serve(listener: tokio::net::TcpListener, services: Arc<Services>, limits: Limits, shutdown: impl Future<Output = ()>) {
+    let app = router(services.clone());
+    let slots = Arc::new(Semaphore::new(limits.max_connections));
+    let (closing_tx, closing_rx) = watch::channel(false);
+    let mut conns = JoinSet::new();
+    let mut shutdown = pin!(shutdown);
+    loop {
+        let (stream, peer) = tokio::select! {
+            _ = &mut shutdown => break,
+            Some(_) = conns.join_next(), if !conns.is_empty() => continue,
+            r = listener.accept() => match r {
+                Ok(x) => x,
+                Err(e) => {
+                    // EMFILE and the like: back off a little instead of spinning.
+                    tracing::warn!("http accept error: {e}");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+        };
+        let Ok(permit) = slots.clone().try_acquire_owned() else {
+            services.http_rejected.fetch_add(1, Ordering::Relaxed);
+            drop(stream);
+            continue;
+        };
+        let service = TowerToHyperService::new(app.clone());
+        let mut closing = closing_rx.clone();
+        conns.spawn(async move {
+            let _permit = permit;
+            let conn = hyper::server::conn::http1::Builder::new()
+                .timer(TokioTimer::new())
+                .header_read_timeout(limits.header_read_timeout)
+                .serve_connection(TokioIo::new(stream), service);
+            let mut conn = pin!(conn);
+            let result = tokio::select! {
+                r = conn.as_mut() => r,
+                _ = closing.changed() => {
+                    conn.as_mut().graceful_shutdown();
+                    conn.await
+                }
+            };
+            if let Err(e) = result {
+                tracing::debug!(%peer, "http connection ended: {e}");
+            }
+        });
+    }
+    let _ = closing_tx.send(true);
+    let drain = async { while conns.join_next().await.is_some() {} };
+    if tokio::time::timeout(Duration::from_secs(5), drain).await.is_err() {
+        conns.abort_all();
+    }
+}
 
 pub fn router(services: Arc<Services>) -> Router {
     Router::new()
@@ -156,6 +231,9 @@ async fn metrics(State(s): State<Arc<Services>>) -> impl IntoResponse {
         let fresh = f.workers().filter(|w| w.is_fresh(now)).count();
         (fresh, f.len() - fresh)
     });
+    let _ = writeln!(out, "# HELP gpuha_dnsd_http_connections_rejected_total HTTP connections closed on accept: http.max_connections were open.");
+    let _ = writeln!(out, "# TYPE gpuha_dnsd_http_connections_rejected_total counter");
+    let _ = writeln!(out, "gpuha_dnsd_http_connections_rejected_total {}", s.http_rejected.load(Ordering::Relaxed));
     let _ = writeln!(out, "# HELP gpuha_dnsd_workers Known workers by freshness (3 s gate).");
     let _ = writeln!(out, "# TYPE gpuha_dnsd_workers gauge");
     let _ = writeln!(out, "gpuha_dnsd_workers{{state=\"fresh\"}} {fresh}");

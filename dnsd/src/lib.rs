@@ -21,12 +21,20 @@ pub use config::{Config, ConfigError};
 use dns::DnsService;
 use state::{now_ms, AppState};
 
+/// The log filter when `GPUHA_LOG` is not set. hickory logs a WARN per malformed EDNS option
+/// (and the like) in packets anyone can send: at the default level a query flood would be a
+/// log flood. hickory then drops just the options and the query is answered as usual; queries
+/// that do not parse at all are counted in `gpuha_dnsd_dns_malformed_total`.
+pub const DEFAULT_LOG_FILTER: &str = "info,hickory_proto=error,hickory_server=error";
+
 /// What the HTTP and DNS handlers share.
 pub struct Services {
     pub state: Arc<AppState>,
     pub dns: Option<Arc<DnsService>>,
     /// `/v1/fleet?ages=bounded` bodies and their entity tags.
     pub fleet_cache: http::FleetCache,
+    /// HTTP connections closed at once because `http.max_connections` were open.
+    pub http_rejected: std::sync::atomic::AtomicU64,
 }
 
 /// Bound sockets for every service dnsd runs.
@@ -89,7 +97,7 @@ pub async fn run(config: Config, listeners: Listeners, shutdown: impl Future<Out
         Some(d) => Some(Arc::new(DnsService::new(d, state.clone())?)),
         None => None,
     };
-    let services = Arc::new(Services { state: state.clone(), dns: dns.clone(), fleet_cache: http::FleetCache::default() });
+    let services = Arc::new(Services { state: state.clone(), dns: dns.clone(), fleet_cache: http::FleetCache::default(), http_rejected: Default::default() });
     let (stop_tx, stop_rx) = watch::channel(false);
     let stopped = move |mut rx: watch::Receiver<bool>| async move {
         let _ = rx.wait_for(|s| *s).await;
@@ -116,9 +124,11 @@ pub async fn run(config: Config, listeners: Listeners, shutdown: impl Future<Out
     listeners.http.set_nonblocking(true)?;
     let http_listener = tokio::net::TcpListener::from_std(listeners.http)?;
     let http_stop = stopped(stop_rx.clone());
-    let http_task = tokio::spawn(async move {
-        axum::serve(http_listener, http::router(services)).with_graceful_shutdown(http_stop).await
-    });
+    let http_limits = http::Limits {
+        header_read_timeout: Duration::from_millis(config.http.header_read_timeout_ms),
+        max_connections: config.http.max_connections,
+    };
+    let http_task = tokio::spawn(http::serve(http_listener, services, http_limits, http_stop));
 
     let dns_task = match (dns, listeners.dns) {
         (Some(svc), Some((u, t))) => {
@@ -134,9 +144,7 @@ pub async fn run(config: Config, listeners: Listeners, shutdown: impl Future<Out
     let _ = stop_tx.send(true);
     let _ = ingest_task.await;
     let _ = housekeeping.await;
-    if let Ok(Err(e)) = http_task.await {
-        tracing::warn!("http server ended with an error: {e}");
-    }
+    let _ = http_task.await;
     if let Some(t) = dns_task {
         if let Ok(Err(e)) = t.await {
             tracing::warn!("dns server ended with an error: {e}");

@@ -62,7 +62,7 @@ fn load(args: &Args) -> Result<Config, String> {
 
 fn main() -> ExitCode {
     tracing_subscriber::fmt()
-        .with_env_filter(tracing_subscriber::EnvFilter::try_from_env("GPUHA_LOG").unwrap_or_else(|_| "info".into()))
+        .with_env_filter(tracing_subscriber::EnvFilter::try_from_env("GPUHA_LOG").unwrap_or_else(|_| gpuha_dnsd::DEFAULT_LOG_FILTER.into()))
         .with_writer(std::io::stderr)
         .init();
     let args = Args::parse();

@@ -125,7 +125,7 @@ impl AppState {
         let mut g = self.lock();
         if g.fleet.forget_silent(now_ms, self.forget_after_ms) > 0 {
             let Inner { ingest, fleet, watches } = &mut *g;
-            ingest.retain(|id| fleet.worker(id).is_some());
+            ingest.retain(now_ms, |id| fleet.worker(id).is_some());
             // A forgotten worker may still have counted (forget_after_ms shorter than the
             // window): outlooks are taken again.
             for w in watches.iter() {

@@ -252,6 +252,10 @@ impl Frame {
         }
         out.extend_from_slice(&present.to_be_bytes());
         for f in fields {
+            // Decode rejects these: a frame signed with one would be dropped by every receiver.
+            if f.is_some_and(|v| !v.is_finite()) {
+                return Err(FrameError::Encode("metric is not a finite number"));
+            }
             out.extend_from_slice(&f.unwrap_or(0.0).to_be_bytes());
         }
         let mut mac = mac_for(key);
@@ -276,6 +280,9 @@ impl Frame {
         }
         if bytes[2] != VERSION {
             return Err(FrameError::UnsupportedVersion(bytes[2]));
+        }
+        if let Some(needed) = declared_len(bytes).filter(|n| *n > bytes.len()) {
+            return Err(FrameError::Truncated { needed, have: bytes.len() });
         }
         let key_id = u16::from_be_bytes([bytes[3], bytes[4]]);
         let mut mac = keys.mac(key_id).ok_or(FrameError::UnknownKey(key_id))?;
@@ -337,6 +344,55 @@ impl Frame {
             models,
             metrics: Metrics::from_fields(fields),
         })
+    }
+}
+
+/// The length a datagram's own length fields call for, read before it is authenticated and
+/// trusted for nothing else: a frame cut short would otherwise reach the MAC check, fail it,
+/// and be counted as forged. Truncation only removes bytes from the end, so the fields it does
+/// reach are the sender's. When a length byte itself is missing, the result is a lower bound
+/// past the end. `None` when the fields are out of range: that is for the MAC (tampering) or
+/// the parser to say.
+fn declared_len(b: &[u8]) -> Option<usize> {
+    let mut pos = HEADER_LEN;
+    // A length byte at `pos`, or the shortest frame that would have one.
+    let len_at = |pos: usize| b.get(pos).map(|n| usize::from(*n)).ok_or(pos + 1 + TAG_LEN);
+    let str8 = |pos: &mut usize| -> Result<Option<()>, usize> {
+        let n = len_at(*pos)?;
+        if n == 0 || n > MAX_STR {
+            return Ok(None);
+        }
+        *pos += 1 + n;
+        Ok(Some(()))
+    };
+    let walk = |pos: &mut usize| -> Result<Option<()>, usize> {
+        for _ in 0..2 {
+            if str8(pos)?.is_none() {
+                return Ok(None);
+            }
+        }
+        *pos += match len_at(*pos)? {
+            4 => 1 + 4,
+            6 => 1 + 16,
+            _ => return Ok(None),
+        } + 2;
+        let models = len_at(*pos)?;
+        if models > MAX_MODELS {
+            return Ok(None);
+        }
+        *pos += 1;
+        for _ in 0..models {
+            if str8(pos)?.is_none() {
+                return Ok(None);
+            }
+        }
+        *pos += 2 + 8 * 8 + TAG_LEN;
+        Ok(Some(()))
+    };
+    match walk(&mut pos) {
+        Ok(Some(())) => Some(pos),
+        Ok(None) => None,
+        Err(lower_bound) => Some(lower_bound),
     }
 }
 
@@ -444,6 +500,17 @@ pub(crate) mod tests {
         assert!(matches!(f.encode(b"k"), Err(FrameError::TooLarge(_))));
     }
 
+    /// Decode rejects a non-finite metric, so encode must refuse to sign one: a frame every
+    /// receiver drops would be sent for nothing, and the sender would never know.
+    #[test]
+    fn non_finite_metric_is_refused_at_encode() {
+        for bad in [f64::INFINITY, f64::NEG_INFINITY, f64::NAN] {
+            let mut f = sample();
+            f.metrics.running = Some(bad);
+            assert_eq!(f.encode(b"k"), Err(FrameError::Encode("metric is not a finite number")), "{bad}");
+        }
+    }
+
     #[test]
     fn wrong_key_and_unknown_key_and_tamper() {
         let bytes = sample().encode(b"k").unwrap();
@@ -494,6 +561,27 @@ pub(crate) mod tests {
         let mut v = sample().encode(b"k").unwrap();
         v[2] = 9;
         assert_eq!(Frame::decode(&v, &ring), Err(FrameError::UnsupportedVersion(9)));
+    }
+
+    /// A frame cut short anywhere is `Truncated` (counted as malformed), not `BadMac`: from 61
+    /// bytes on the cut frame is long enough to reach the MAC check, which it always fails.
+    #[test]
+    fn truncated_frame_is_truncated_not_bad_mac() {
+        let ring = KeyRing::single(1, b"k".to_vec());
+        for f in [sample(), { let mut f = sample(); f.addr = "[2001:db8::1]:80".parse().unwrap(); f.models = vec!["a".into(), "bb".into()]; f }] {
+            let good = f.encode(b"k").unwrap();
+            for cut in 0..good.len() {
+                let r = Frame::decode(&good[..cut], &ring);
+                assert!(matches!(r, Err(FrameError::Truncated { .. }) | Err(FrameError::BadMagic)), "cut at {cut} of {}: {r:?}", good.len());
+            }
+            // Tampering is still a MAC failure, wherever it lands.
+            for i in 3..good.len() {
+                let mut t = good.clone();
+                t[i] ^= 0x40;
+                let r = Frame::decode(&t, &ring);
+                assert!(r.is_err() && !matches!(r, Err(FrameError::Truncated { .. })) || i < 5, "byte {i}: {r:?}");
+            }
+        }
     }
 
     /// A correctly signed body whose fields lie about their lengths still decodes to an error.

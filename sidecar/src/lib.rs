@@ -36,11 +36,25 @@ pub struct Sidecar {
     key: Vec<u8>,
     boot_id: u64,
     seq: u64,
+    /// Metrics of the last scrape whose sum was saturated (see [`scrape`]).
+    saturated: Vec<&'static str>,
+    /// Saturated metrics over the sidecar's life, so an operator can see it keeps happening.
+    saturated_total: u64,
 }
 
 impl Sidecar {
     pub fn new(config: Config, key: Vec<u8>, boot_id: u64) -> Self {
-        Sidecar { config, key, boot_id, seq: 0 }
+        Sidecar { config, key, boot_id, seq: 0, saturated: Vec::new(), saturated_total: 0 }
+    }
+
+    /// vLLM names saturated in the last scrape's frame.
+    pub fn saturated(&self) -> &[&'static str] {
+        &self.saturated
+    }
+
+    /// Saturated metrics counted over all scrapes.
+    pub fn saturated_total(&self) -> u64 {
+        self.saturated_total
     }
 
     pub fn boot_id(&self) -> u64 {
@@ -52,6 +66,8 @@ impl Sidecar {
         let timeout = Duration::from_millis(self.config.scrape_timeout_ms);
         let body = http::get(&self.config.metrics_url, timeout, self.config.max_metrics_bytes)?;
         let scraped = scrape::parse(&body)?;
+        self.saturated_total += scraped.saturated.len() as u64;
+        self.saturated = scraped.saturated;
         let models = if self.config.models.is_empty() { scraped.models } else { self.config.models.clone() };
         self.seq += 1;
         Ok(Frame {
@@ -80,7 +96,7 @@ impl Sidecar {
             match self.scrape().and_then(|f| Ok((self.encode(&f)?, f))) {
                 Ok((bytes, frame)) => {
                     let errors = sockets.send(&bytes);
-                    on_event(Event::Sent { frame: &frame, bytes: bytes.len(), send_errors: errors });
+                    on_event(Event::Sent { frame: &frame, bytes: bytes.len(), send_errors: errors, saturated: &self.saturated, saturated_total: self.saturated_total });
                 }
                 Err(e) => on_event(Event::Skipped(&e)),
             }
@@ -98,7 +114,9 @@ impl Sidecar {
 
 /// What happened on one tick, for logging.
 pub enum Event<'a> {
-    Sent { frame: &'a Frame, bytes: usize, send_errors: usize },
+    /// `saturated`: vLLM names whose value left the range of `f64` and was sent saturated;
+    /// `saturated_total`: how many such metrics since the start.
+    Sent { frame: &'a Frame, bytes: usize, send_errors: usize, saturated: &'a [&'static str], saturated_total: u64 },
     Skipped(&'a ScrapeFailed),
 }
 

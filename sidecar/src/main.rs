@@ -122,6 +122,9 @@ fn main() -> ExitCode {
             Ok((len, f)) => {
                 println!("{f:#?}");
                 println!("encoded: {len} bytes (limit {})", gpuha_liveness::MAX_FRAME_LEN);
+                if !sidecar.saturated().is_empty() {
+                    println!("saturated (beyond the range of f64, sent as +-f64::MAX): {:?}", sidecar.saturated());
+                }
                 ExitCode::SUCCESS
             }
             Err(e) => {
@@ -136,12 +139,18 @@ fn main() -> ExitCode {
     );
     let verbose = args.verbose;
     let mut failing = false;
+    let mut saturating = false;
     let result = sidecar.run(|ev| match ev {
-        Event::Sent { frame, bytes, send_errors } => {
+        Event::Sent { frame, bytes, send_errors, saturated, saturated_total } => {
             if failing {
                 eprintln!("gpuha-sidecar: scrapes work again, sending");
                 failing = false;
             }
+            // Like failures: the first scrape of a run that saturates, not every tick.
+            if !saturated.is_empty() && (!saturating || verbose) {
+                eprintln!("gpuha-sidecar: vLLM reported {saturated:?} beyond the range of f64 (summed over engines); sent as +-f64::MAX ({saturated_total} saturated so far)");
+            }
+            saturating = !saturated.is_empty();
             if verbose {
                 eprintln!("sent seq={} bytes={bytes} send_errors={send_errors}", frame.seq);
             }

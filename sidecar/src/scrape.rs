@@ -4,6 +4,11 @@
 //! `vllm:gpu_cache_usage_perc` (older) are both read. With several engines (data parallel),
 //! gauges of load and counters are summed across label sets; KV-cache usage takes the fullest
 //! engine, since that is the one that preempts first.
+//!
+//! Every number the mapping yields is finite: a sum that leaves the range of `f64` saturates at
+//! `f64::MAX` (or `MIN`) and its name is reported in [`Scraped::saturated`]. A receiver drops a
+//! frame carrying a non-finite number as malformed, so one overflowing gauge would otherwise
+//! make the worker look dead while the sidecar sends on.
 
 use gpuha_liveness::Metrics;
 use prometheus_parse::{Scrape, Value};
@@ -22,6 +27,8 @@ pub struct Scraped {
     pub metrics: Metrics,
     /// Served model names, from the `model_name` label, in order of first appearance.
     pub models: Vec<String>,
+    /// vLLM names whose sum left the range of `f64` and was saturated, in mapping order.
+    pub saturated: Vec<&'static str>,
 }
 
 const MAX_MODELS: usize = 8;
@@ -53,15 +60,23 @@ fn n(name: &str) -> String {
 
 pub fn parse(text: &str) -> Result<Scraped, ParseError> {
     let scrape = Scrape::parse(text.lines().map(|l| Ok(escape_colons(l)))).map_err(|e| ParseError::Text(e.to_string()))?;
-    let sum = |names: &[&str]| -> Option<f64> {
-        let names: Vec<String> = names.iter().map(|x| n(x)).collect();
+    let mut saturated = Vec::new();
+    let mut sum = |names: &[&'static str]| -> Option<f64> {
+        let wanted: Vec<String> = names.iter().map(|x| n(x)).collect();
         let mut acc: Option<f64> = None;
-        for s in scrape.samples.iter().filter(|s| names.contains(&s.metric)) {
+        for s in scrape.samples.iter().filter(|s| wanted.contains(&s.metric)) {
             if let Some(x) = number(&s.value) {
                 *acc.get_or_insert(0.0) += x;
             }
         }
-        acc
+        match acc {
+            Some(x) if !x.is_finite() => {
+                // Only finite terms were added, so this is an overflow, never a NaN.
+                saturated.push(names[0]);
+                Some(if x > 0.0 { f64::MAX } else { f64::MIN })
+            }
+            _ => acc,
+        }
     };
     let max = |names: &[&str]| -> Option<f64> {
         let names: Vec<String> = names.iter().map(|x| n(x)).collect();
@@ -94,7 +109,7 @@ pub fn parse(text: &str) -> Result<Scraped, ParseError> {
             }
         }
     }
-    Ok(Scraped { metrics, models })
+    Ok(Scraped { metrics, models, saturated })
 }
 
 #[cfg(test)]
@@ -122,6 +137,24 @@ vllm:gpu_cache_usage_perc{engine=\"1\",model_name=\"m\"} 0.7\n";
         assert!(parse("hello world\n<html>").is_err());
         assert!(parse("# TYPE foo gauge\nfoo 1\n").is_err());
         assert!(parse("\u{0}\u{1}\u{2}").is_err());
+    }
+
+    /// Two engines at 1e308 each: the sum is +inf, which the receiver rejects as malformed, so
+    /// the worker would never appear. The sum saturates and the metric is reported.
+    #[test]
+    fn sum_past_f64_range_saturates_and_is_reported() {
+        let text = "vllm:num_requests_running{engine=\"0\",model_name=\"m\"} 1e308\n\
+vllm:num_requests_running{engine=\"1\",model_name=\"m\"} 1e308\n\
+vllm:num_requests_waiting{engine=\"0\",model_name=\"m\"} -1e308\n\
+vllm:num_requests_waiting{engine=\"1\",model_name=\"m\"} -1e308\n\
+vllm:generation_tokens_total{engine=\"0\",model_name=\"m\"} 5\n";
+        let s = parse(text).unwrap();
+        assert_eq!(s.metrics.running, Some(f64::MAX));
+        assert_eq!(s.metrics.waiting, Some(f64::MIN));
+        assert_eq!(s.metrics.generation_tokens, Some(5.0));
+        assert_eq!(s.saturated, vec!["vllm:num_requests_running", "vllm:num_requests_waiting"]);
+        let s = parse("vllm:num_requests_running 1\n").unwrap();
+        assert!(s.saturated.is_empty());
     }
 
     #[test]

@@ -50,3 +50,27 @@ fn the_capture_fits_one_frame() {
     };
     assert!(f.encode(&[7u8; 32]).unwrap().len() <= gpuha_liveness::MAX_FRAME_LEN);
 }
+
+/// A page whose sums overflow f64 still gives a frame the receiver's decoder accepts: before,
+/// the sidecar signed +inf and every receiver dropped every frame as malformed.
+#[test]
+fn overflowing_engine_sums_still_give_a_frame_the_receiver_accepts() {
+    let text = "vllm:num_requests_running{engine=\"0\",model_name=\"m\"} 1e308\n\
+vllm:num_requests_running{engine=\"1\",model_name=\"m\"} 1e308\n";
+    let s = parse(text).unwrap();
+    let f = gpuha_liveness::Frame {
+        key_id: 1,
+        boot_id: 1,
+        seq: 1,
+        sent_ms: 1,
+        worker_id: "w".into(),
+        pool_id: "p".into(),
+        addr: "10.0.0.1:8000".parse().unwrap(),
+        models: s.models,
+        metrics: s.metrics,
+    };
+    let key = [7u8; 32];
+    let bytes = f.encode(&key).unwrap();
+    let got = gpuha_liveness::Frame::decode(&bytes, &gpuha_liveness::KeyRing::single(1, key.to_vec())).unwrap();
+    assert_eq!(got.metrics.running, Some(f64::MAX));
+}

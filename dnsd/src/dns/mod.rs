@@ -6,7 +6,9 @@
 //! - [`answer`]: the pure resolver (zones + pool states + question -> records), where every
 //!   decision is made and tested with synthetic time.
 //! - this module: [`DnsService`], a hickory-server [`RequestHandler`] that turns a [`Request`]
-//!   into a response (EDNS, truncation, AXFR policy, metrics), and the transitions tick.
+//!   into a response (EDNS, truncation, AXFR policy, metrics), and the transitions tick. The
+//!   question is written back re-encoded (never the client's bytes), and not at all in a
+//!   FORMERR for a query of several questions, so every reply parses and fits the UDP limit.
 //! - [`transport`]: the UDP and TCP loops. They are ours rather than `hickory_server::Server`'s
 //!   so that a packet that does not parse is counted and dropped (hickory answers FORMERR or
 //!   drops it without telling anyone), and so that each response is sized by our own rules.
@@ -29,13 +31,13 @@ use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 
-use hickory_proto::op::{Edns, Header, HeaderCounts, Metadata, OpCode, ResponseCode};
+use hickory_proto::op::{Edns, Header, HeaderCounts, LowerQuery, Metadata, OpCode, ResponseCode};
 use hickory_proto::rr::{DNSClass, Record, RecordType};
-use hickory_proto::serialize::binary::BinEncoder;
+use hickory_proto::serialize::binary::{BinDecoder, BinEncodable, BinEncoder, NameEncoding};
 use hickory_server::net::runtime::Time;
 use hickory_server::net::xfer::Protocol;
 use hickory_server::server::{Request, RequestHandler, ResponseHandler, ResponseInfo};
-use hickory_server::zone_handler::MessageResponseBuilder;
+use hickory_server::zone_handler::{MessageResponseBuilder, Queries};
 
 use crate::config::ConfigError;
 use crate::state::{now_ms, AppState, OutlookValidity, OutlookWatch};
@@ -257,13 +259,28 @@ fn servfail(request: &Request) -> ResponseInfo {
     ResponseInfo::from(Header { metadata, counts: HeaderCounts::default() })
 }
 
+/// The question section as we write it back: `questions` re-encoded with uncompressed names,
+/// case kept (resolvers using 0x20 randomisation compare it). hickory would echo the client's
+/// bytes, compression pointers included, and those point into the client's message, not ours:
+/// a reply a resolver cannot parse. `None` if the questions cannot be written (then the caller
+/// answers without a question section).
+fn question_section(questions: &[LowerQuery]) -> Option<Queries> {
+    let mut buf = Vec::with_capacity(questions.len() * 64);
+    let mut enc = BinEncoder::new(&mut buf);
+    enc.set_name_encoding(NameEncoding::Uncompressed);
+    for q in questions {
+        q.emit(&mut enc).ok()?;
+    }
+    Queries::read(&mut BinDecoder::new(&buf), questions.len()).ok()
+}
+
 /// Whether the response fits in `limit` bytes (a trial encode; responses are small).
-fn fits(request: &Request, out: &Outcome, with_additional: bool, limit: u16) -> bool {
+fn fits(queries: &Queries, out: &Outcome, with_additional: bool, limit: u16) -> bool {
     let mut buf = Vec::with_capacity(usize::from(limit).min(4096));
     let mut enc = BinEncoder::new(&mut buf);
     enc.set_max_size(limit);
     let additional: &[Record] = if with_additional { &out.additional } else { &[] };
-    let resp = MessageResponseBuilder::new(&request.queries, out.edns.as_ref()).build(
+    let resp = MessageResponseBuilder::new(queries, out.edns.as_ref()).build(
         out.metadata,
         out.answers.iter(),
         out.authority.iter(),
@@ -278,8 +295,30 @@ impl RequestHandler for DnsService {
     async fn handle_request<R: ResponseHandler, T: Time>(&self, request: &Request, mut response_handle: R) -> ResponseInfo {
         let mut out = self.decide(request, now_ms());
         let limit = self.size_limit(request);
-        if !fits(request, &out, true, limit) {
-            if !out.additional.is_empty() && fits(request, &out, false, limit) {
+        let echoed = match request.queries.queries() {
+            [q] => question_section(std::slice::from_ref(q)),
+            // Not one question: `decide` answered FORMERR. Its question is not echoed, so a query
+            // of many questions cannot make a reply over the client's limit (RFC 1035 leaves
+            // the question of a FORMERR to the server).
+            _ => None,
+        };
+        let queries = match (echoed, question_section(&[])) {
+            (Some(q), _) => q,
+            (None, Some(none)) => {
+                if request.queries.len() == 1 {
+                    tracing::debug!(src = %request.src(), "cannot write the question back; FORMERR without it");
+                    out = Outcome { answers: vec![], authority: vec![], additional: vec![], ..out };
+                    out.metadata.response_code = ResponseCode::FormErr;
+                }
+                none
+            }
+            (None, None) => {
+                tracing::warn!("cannot build an empty question section; dropping the reply");
+                return servfail(request);
+            }
+        };
+        if !fits(&queries, &out, true, limit) {
+            if !out.additional.is_empty() && fits(&queries, &out, false, limit) {
                 // Additional data is optional: drop it rather than truncate.
                 out.additional.clear();
             } else {
@@ -295,8 +334,18 @@ impl RequestHandler for DnsService {
             [q] => Some(q.query_type()),
             _ => None,
         };
+        // A reply with no records and one question always fits 512 bytes; this keeps "never over
+        // the client's limit" true by construction should that ever change.
+        let queries = if fits(&queries, &out, false, limit) {
+            queries
+        } else {
+            match question_section(&[]) {
+                Some(none) => none,
+                None => return servfail(request),
+            }
+        };
         self.metrics.query(qtype_label(qtype), rcode_label(out.metadata.response_code));
-        let resp = MessageResponseBuilder::new(&request.queries, out.edns.as_ref()).build(
+        let resp = MessageResponseBuilder::new(&queries, out.edns.as_ref()).build(
             out.metadata,
             out.answers.iter(),
             out.authority.iter(),

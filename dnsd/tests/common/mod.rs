@@ -20,10 +20,15 @@ pub fn now_ms() -> u64 {
 /// Writes the key file into `dir` and returns a full dnsd config whose `[dns]` section is
 /// `dns` (everything on 127.0.0.1 port 0).
 pub fn config_text(dir: &Path, dns: &str) -> String {
+    config_text_http(dir, "", dns)
+}
+
+/// [`config_text`] with `http` added to the `[http]` section.
+pub fn config_text_http(dir: &Path, http: &str, dns: &str) -> String {
     let key = dir.join("frame.key");
     std::fs::write(&key, KEY).expect("write key");
     format!(
-        "[ingest]\nlisten = \"127.0.0.1:0\"\nkeys = [{{ id = 1, file = \"{}\" }}]\n[http]\nlisten = \"127.0.0.1:0\"\n{dns}",
+        "[ingest]\nlisten = \"127.0.0.1:0\"\nkeys = [{{ id = 1, file = \"{}\" }}]\n[http]\nlisten = \"127.0.0.1:0\"\n{http}\n{dns}",
         key.display()
     )
 }
@@ -98,8 +103,13 @@ pub struct Dnsd {
 
 impl Dnsd {
     pub async fn start(dns: &str) -> Dnsd {
+        Self::start_http("", dns).await
+    }
+
+    /// [`Dnsd::start`] with `http` added to the `[http]` section.
+    pub async fn start_http(http: &str, dns: &str) -> Dnsd {
         let dir = tempfile::tempdir().expect("tempdir");
-        let text = config_text(dir.path(), dns);
+        let text = config_text_http(dir.path(), http, dns);
         let config = Config::from_toml(&text, Path::new("test.toml")).expect("config");
         let listeners = Listeners::bind(&config).expect("bind");
         let ingest = listeners.ingest.local_addr().expect("addr");

@@ -78,11 +78,19 @@ pub struct GuardConfig {
     /// first token (must be in the route's `retriable_status_codes`).
     pub retry_status: u16,
     pub breaker: BreakerConfig,
+    /// Rescue attempts on workers that stop showing signs of life (hung or silent, as the
+    /// picker's fleet view shows them): a held attempt is retried at once, a stream past its
+    /// first token is ended `end_stalled_streams_after_ms` later. Needs the picker in the same
+    /// `vm_id` (its fleet view); without one nothing is rescued.
+    pub rescue: bool,
+    pub end_stalled_streams_after_ms: u64,
+    /// How often the guard looks at the attempts it holds.
+    pub rescue_tick_ms: u64,
 }
 
 impl Default for GuardConfig {
     fn default() -> Self {
-        GuardConfig { max_held_bytes: DEFAULT_MAX_HELD_BYTES, retry_status: 503, breaker: BreakerConfig::default() }
+        GuardConfig { max_held_bytes: DEFAULT_MAX_HELD_BYTES, retry_status: 503, breaker: BreakerConfig::default(), rescue: true, end_stalled_streams_after_ms: 10_000, rescue_tick_ms: 250 }
     }
 }
 
@@ -164,6 +172,9 @@ impl Config {
                 }
                 if !(500..600).contains(&g.retry_status) {
                     return Err("retry_status: must be a 5xx status listed in the route's retriable_status_codes".into());
+                }
+                if !(10..=5_000).contains(&g.rescue_tick_ms) {
+                    return Err("rescue_tick_ms: must be 10..=5000".into());
                 }
                 g.breaker.validate()
             }

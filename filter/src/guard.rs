@@ -3,9 +3,12 @@
 //! state machine and applies its answer; the breaker is told the attempt's one charge as soon as
 //! it is known, and the stats count the attempt's one report at the end.
 
+use std::cell::RefCell;
+use std::collections::HashMap;
 use std::rc::Rc;
 
-use gpuha_liveness::attempt::{mark, Attempt, AttemptConfig, BodyAction, Charge, Chunk, Ending, HeadersAction, Outcome, Read, Report};
+use gpuha_liveness::attempt::{mark, rescue, shows_no_life, Attempt, AttemptConfig, BodyAction, Charge, Chunk, Ending, HeadersAction, Outcome, Read, Report, Rescue, RescueConfig, StallClock};
+use gpuha_liveness::pick::effective_age_ms;
 use gpuha_liveness::blame::add_note;
 use gpuha_liveness::slots::{decode_request_notes, encode_request_notes, request_key};
 use gpuha_liveness::guard::TAIL_PEEK_BYTES;
@@ -19,10 +22,85 @@ use crate::host;
 use crate::stats::{inc, Stats};
 use crate::{GUARD_HEADER, PROBE_HEADER, REQUEST_ID_HEADER};
 
+/// The attempts this thread's guard holds or streams, for the root context's rescue tick: one
+/// entry per HTTP context, removed when Envoy is done with it. The attempt itself lives here so
+/// that the tick can tell it what it did.
+#[derive(Default)]
+pub struct Registry {
+    attempts: HashMap<u32, Tracked>,
+    stalls: StallClock,
+}
+
+struct Tracked {
+    addr: String,
+    attempt: Rc<RefCell<Attempt>>,
+}
+
+impl Registry {
+    pub fn is_empty(&self) -> bool {
+        self.attempts.is_empty()
+    }
+}
+
+/// The rescue tick: every attempt held or streaming on a worker that stopped showing signs of
+/// life is retried now (held) or ended (past its first token, after the configured bound).
+/// `view`: the fleet view and when its ages count from.
+pub fn rescue_tick(reg: &Rc<RefCell<Registry>>, view: &gpuha_liveness::FleetView, vouched: u64, cfg: &GuardConfig, stats: &Stats) {
+    let now = host::now_ms();
+    let rcfg = RescueConfig { end_stream_after_ms: cfg.end_stalled_streams_after_ms, ..RescueConfig::default() };
+    let mut todo: Vec<(u32, Rescue, Rc<RefCell<Attempt>>, String)> = Vec::new();
+    {
+        let mut reg = reg.borrow_mut();
+        let reg = &mut *reg;
+        let view_age = now.saturating_sub(vouched);
+        for (id, t) in &reg.attempts {
+            let age = view.workers.iter().find(|w| w.addr == t.addr).map(|w| effective_age_ms(w, vouched, now));
+            let stalled_for = reg.stalls.observe(&t.addr, shows_no_life(age, view_age, &rcfg), now);
+            let a = t.attempt.borrow();
+            if let Some(r) = rescue(a.is_held(), a.is_released(), stalled_for, &rcfg) {
+                todo.push((*id, r, t.attempt.clone(), t.addr.clone()));
+            }
+        }
+        let tracked: Vec<String> = reg.attempts.values().map(|t| t.addr.clone()).collect();
+        reg.stalls.retain(|a| tracked.iter().any(|t| t == a));
+    }
+    for (id, r, attempt, addr) in todo {
+        let retry = attempt.borrow_mut().on_worker_stalled(r);
+        if let Err(e) = hostcalls::set_effective_context(id) {
+            host::debug(&format!("gpuha guard: rescue of context {id}: {e:?}"));
+            continue;
+        }
+        match (r, retry) {
+            (Rescue::RetryNow, Some((status, _body))) => {
+                host::set_response_header(":status", Some(&status.to_string()));
+                host::set_response_header("content-type", Some("application/json"));
+                host::set_response_header("content-length", None);
+                host::set_response_header(GUARD_HEADER, Some(mark::RETRIED));
+                if let Err(e) = hostcalls::resume_http_response() {
+                    host::warn(&format!("gpuha guard: resume after rescue: {e:?}"));
+                }
+                inc(stats.stall_rescues);
+                host::log(proxy_wasm::types::LogLevel::Info, &format!("gpuha: worker {addr} shows no sign of life: held attempt handed to a retry"));
+            }
+            (Rescue::EndStream, None) => {
+                if let Err(e) = hostcalls::reset_http_response() {
+                    host::warn(&format!("gpuha guard: ending a stream after rescue: {e:?}"));
+                }
+                inc(stats.stall_truncations);
+                host::log(proxy_wasm::types::LogLevel::Info, &format!("gpuha: worker {addr} shows no sign of life: stream past its first token ended"));
+            }
+            _ => {}
+        }
+    }
+}
+
 pub struct GuardCtx {
+    id: u32,
+    registry: Rc<RefCell<Registry>>,
     cfg: Rc<GuardConfig>,
     stats: Stats,
-    attempt: Attempt,
+    /// Shared with the registry while tracked.
+    attempt: Rc<RefCell<Attempt>>,
     /// The worker whose half-open probe this request carries, if any.
     probe_for: Option<String>,
     addr: Option<String>,
@@ -31,9 +109,19 @@ pub struct GuardCtx {
 }
 
 impl GuardCtx {
-    pub fn new(cfg: Rc<GuardConfig>, stats: Stats) -> Self {
-        let attempt = Attempt::new(AttemptConfig { max_held_bytes: cfg.max_held_bytes, retry_status: cfg.retry_status }, "");
-        GuardCtx { cfg, stats, attempt, probe_for: None, addr: None, request_id: None }
+    pub fn new(id: u32, registry: Rc<RefCell<Registry>>, cfg: Rc<GuardConfig>, stats: Stats) -> Self {
+        let attempt = Rc::new(RefCell::new(Attempt::new(AttemptConfig { max_held_bytes: cfg.max_held_bytes, retry_status: cfg.retry_status }, "")));
+        GuardCtx { id, registry, cfg, stats, attempt, probe_for: None, addr: None, request_id: None }
+    }
+
+    /// Lets the rescue tick see this attempt while it holds or streams.
+    fn track(&mut self) {
+        if !self.cfg.rescue {
+            return;
+        }
+        if let Some(addr) = self.upstream_addr() {
+            self.registry.borrow_mut().attempts.insert(self.id, Tracked { addr, attempt: self.attempt.clone() });
+        }
     }
 
     fn upstream_addr(&mut self) -> Option<String> {
@@ -47,7 +135,7 @@ impl GuardCtx {
     /// that may be the request's own doing is noted for the picker to judge at the request's
     /// end instead (`gpuha_liveness::blame`).
     fn charge(&mut self) {
-        let Some(c) = self.attempt.take_charge() else { return };
+        let Some(c) = self.attempt.borrow_mut().take_charge() else { return };
         let Some(addr) = self.upstream_addr() else {
             host::debug("gpuha guard: upstream address unknown; outcome not charged");
             return;
@@ -68,6 +156,9 @@ impl GuardCtx {
     }
 
     fn count(&self, r: &Report) {
+        if r.rescued.is_some() {
+            host::debug(&format!("gpuha guard: rescued attempt: {}", r.outcome.label()));
+        }
         if r.released {
             inc(self.stats.guard_released);
         }
@@ -93,7 +184,9 @@ impl GuardCtx {
 impl Context for GuardCtx {
     fn on_done(&mut self) -> bool {
         let (flags, details) = host::response_flags();
-        if let Some(r) = self.attempt.on_done(Ending::from_envoy(flags, details.as_deref())) {
+        self.registry.borrow_mut().attempts.remove(&self.id);
+        let report = self.attempt.borrow_mut().on_done(Ending::from_envoy(flags, details.as_deref()));
+        if let Some(r) = report {
             self.count(&r);
         }
         self.charge();
@@ -108,13 +201,13 @@ impl HttpContext for GuardCtx {
         self.probe_for = host::request_header(PROBE_HEADER);
         self.request_id = host::request_header(REQUEST_ID_HEADER).filter(|id| !id.is_empty());
         let path = host::request_header(":path").unwrap_or_default();
-        self.attempt = Attempt::new(AttemptConfig { max_held_bytes: self.cfg.max_held_bytes, retry_status: self.cfg.retry_status }, &path);
+        *self.attempt.borrow_mut() = Attempt::new(AttemptConfig { max_held_bytes: self.cfg.max_held_bytes, retry_status: self.cfg.retry_status }, &path);
         Action::Continue
     }
 
     fn on_http_response_headers(&mut self, _n: usize, end_of_stream: bool) -> Action {
         let status = host::status().unwrap_or(0);
-        let action = self.attempt.on_response_headers(status, host::response_header("content-type").as_deref(), end_of_stream);
+        let action = self.attempt.borrow_mut().on_response_headers(status, host::response_header("content-type").as_deref(), end_of_stream);
         self.charge();
         match action {
             HeadersAction::Continue { mark } => {
@@ -125,6 +218,7 @@ impl HttpContext for GuardCtx {
             }
             HeadersAction::Hold => {
                 host::set_response_header(GUARD_HEADER, Some(mark::RELEASED));
+                self.track();
                 // Needs allow_on_headers_stop_iteration (see the README).
                 Action::Pause
             }
@@ -132,19 +226,21 @@ impl HttpContext for GuardCtx {
     }
 
     fn on_http_response_body(&mut self, size: usize, end_of_stream: bool) -> Action {
-        let action = match self.attempt.reads() {
-            Read::Nothing => self.attempt.on_body(Chunk::Unread, end_of_stream),
+        let mut attempt = self.attempt.borrow_mut();
+        let action = match attempt.reads() {
+            Read::Nothing => attempt.on_body(Chunk::Unread, end_of_stream),
             Read::Tail if size > TAIL_PEEK_BYTES => {
                 // Most chunks of a released stream end on an event boundary: a look at their last
                 // bytes lets them pass without a copy into Wasm and back.
                 let tail = hostcalls::get_buffer(BufferType::HttpResponseBody, size - TAIL_PEEK_BYTES, TAIL_PEEK_BYTES).ok().flatten().unwrap_or_default();
-                match self.attempt.on_body(Chunk::Tail(&tail), end_of_stream) {
-                    BodyAction::NeedAll => self.attempt.on_body(Chunk::All(&host::body(BufferType::HttpResponseBody, size)), end_of_stream),
+                match attempt.on_body(Chunk::Tail(&tail), end_of_stream) {
+                    BodyAction::NeedAll => attempt.on_body(Chunk::All(&host::body(BufferType::HttpResponseBody, size)), end_of_stream),
                     a => a,
                 }
             }
-            Read::Tail | Read::All => self.attempt.on_body(Chunk::All(&host::body(BufferType::HttpResponseBody, size)), end_of_stream),
+            Read::Tail | Read::All => attempt.on_body(Chunk::All(&host::body(BufferType::HttpResponseBody, size)), end_of_stream),
         };
+        drop(attempt);
         self.charge();
         match action {
             BodyAction::Pass | BodyAction::NeedAll => Action::Continue,

@@ -13,7 +13,7 @@ use proxy_wasm::types::{BufferType, ContextType, LogLevel};
 use crate::cache::Thread;
 use crate::config::Config;
 use crate::failwhale::Failwhale;
-use crate::guard::GuardCtx;
+use crate::guard::{self, GuardCtx, Registry};
 use crate::host;
 use crate::picker::Picker;
 use crate::poll::{self, InFlight};
@@ -26,11 +26,13 @@ pub struct Root {
     thread: Rc<RefCell<Thread>>,
     poll: Option<InFlight>,
     poll_path: String,
+    /// The guard's attempts on this thread (guard role).
+    registry: Rc<RefCell<Registry>>,
 }
 
 impl Root {
     pub fn new(id: u32) -> Self {
-        Root { id, cfg: None, stats: Stats::default(), thread: Rc::new(RefCell::new(Thread::new())), poll: None, poll_path: String::new() }
+        Root { id, cfg: None, stats: Stats::default(), thread: Rc::new(RefCell::new(Thread::new())), poll: None, poll_path: String::new(), registry: Rc::default() }
     }
 
     fn seed() -> u64 {
@@ -73,24 +75,43 @@ impl RootContext for Root {
                 return false;
             }
         }
+        if let Config::Guard(g) = &cfg {
+            if g.rescue {
+                if let Err(e) = hostcalls::set_tick_period(Duration::from_millis(g.rescue_tick_ms)) {
+                    host::log(LogLevel::Error, &format!("gpuha: set_tick_period: {e:?}"));
+                    return false;
+                }
+            }
+        }
         self.cfg = Some(Rc::new(cfg));
         true
     }
 
     fn on_tick(&mut self) {
         let Some(cfg) = self.cfg.clone() else { return };
-        if let Config::Picker(p) = cfg.as_ref() {
-            let mut in_flight = self.poll;
-            poll::maybe_start(p, &self.poll_path, &mut in_flight, &self.stats, |headers, timeout| self.dispatch_http_call(&p.fleet_cluster, headers, None, vec![], timeout));
-            self.poll = in_flight;
+        match cfg.as_ref() {
+            Config::Picker(p) => {
+                let mut in_flight = self.poll;
+                poll::maybe_start(p, &self.poll_path, &mut in_flight, &self.stats, |headers, timeout| self.dispatch_http_call(&p.fleet_cluster, headers, None, vec![], timeout));
+                self.poll = in_flight;
+            }
+            Config::Guard(g) => {
+                // Nothing held or streaming on this thread: not even the version slot is read.
+                if self.registry.borrow().is_empty() {
+                    return;
+                }
+                let Some((_, vouched, view)) = self.thread.borrow_mut().fleet() else { return };
+                guard::rescue_tick(&self.registry, &view, vouched, g, &self.stats);
+            }
+            Config::Failwhale(_) => {}
         }
     }
 
-    fn create_http_context(&self, _context_id: u32) -> Option<Box<dyn HttpContext>> {
+    fn create_http_context(&self, context_id: u32) -> Option<Box<dyn HttpContext>> {
         let stats = self.stats;
         Some(match self.cfg.as_deref() {
             Some(Config::Picker(p)) => Box::new(Picker::new(Rc::new(p.clone()), stats, self.thread.clone())),
-            Some(Config::Guard(g)) => Box::new(GuardCtx::new(Rc::new(g.clone()), stats)),
+            Some(Config::Guard(g)) => Box::new(GuardCtx::new(context_id, self.registry.clone(), Rc::new(g.clone()), stats)),
             Some(Config::Failwhale(f)) => Box::new(Failwhale::new(Rc::new(f.clone()), stats)),
             None => Box::new(PassThrough),
         })

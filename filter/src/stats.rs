@@ -28,6 +28,8 @@ pub struct Stats {
     pub guard_passed: Option<u32>,
     pub panic_picks: Option<u32>,
     pub request_failures: Option<u32>,
+    pub stall_rescues: Option<u32>,
+    pub stall_truncations: Option<u32>,
 }
 
 impl Stats {
@@ -60,6 +62,8 @@ impl Stats {
             guard_passed: c("guard_passed"),
             panic_picks: c("panic_picks"),
             request_failures: c("request_failures"),
+            stall_rescues: c("stall_rescues"),
+            stall_truncations: c("stall_truncations"),
         }
     }
 }

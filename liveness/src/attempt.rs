@@ -151,6 +151,83 @@ pub struct Report {
     pub post_token_error: bool,
     /// The guard released early: it held its maximum without seeing output.
     pub overflowed: bool,
+    /// The attempt was rescued from a stalled or silent worker ([`Attempt::on_worker_stalled`]).
+    pub rescued: Option<Rescue>,
+}
+
+/// What is done to an attempt whose worker stopped showing signs of life ([`rescue`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Rescue {
+    /// Held before the first token: turn the held headers into a retryable status and let them
+    /// go, so that the router retries on the next worker now, not after the per-try budget.
+    RetryNow,
+    /// Past the first token: end the stream (a reset; the client has whole events only and a
+    /// visibly incomplete answer), instead of leaving it open until Envoy's idle timeout.
+    EndStream,
+}
+
+/// Tuning of [`rescue`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RescueConfig {
+    /// A worker whose last evidence of life is older than this is stalled or silent (the
+    /// freshness gate).
+    pub gate_ms: u64,
+    /// A stream past its first token on such a worker is ended this long after that is known
+    /// (seen by the guard's tick).
+    pub end_stream_after_ms: u64,
+}
+
+impl Default for RescueConfig {
+    fn default() -> Self {
+        RescueConfig { gate_ms: crate::FRESHNESS_GATE_MS, end_stream_after_ms: 10_000 }
+    }
+}
+
+/// Whether a worker shows no sign of life, from a fleet view: its last evidence of life is
+/// `worker_age_ms` old (`None`: not in the view: nothing is known), in a view dnsd last vouched
+/// for `view_age_ms` ago. A stale view (dnsd unreachable) says nothing about the workers: fail
+/// open, nobody is judged.
+pub fn shows_no_life(worker_age_ms: Option<u64>, view_age_ms: u64, cfg: &RescueConfig) -> bool {
+    worker_age_ms.is_some_and(|age| age > cfg.gate_ms) && view_age_ms <= cfg.gate_ms
+}
+
+/// When each worker was first seen showing no sign of life, on this thread's clock: the fleet
+/// view bounds the ages it reports past the gate (see `fleet::bounded_age_ms`), so how long a
+/// stall has lasted is counted here.
+#[derive(Debug, Clone, Default)]
+pub struct StallClock {
+    since: std::collections::HashMap<String, u64>,
+}
+
+impl StallClock {
+    /// Records what the view says of `addr` at `now`; returns for how long it has shown no
+    /// sign of life (`None`: it does now, or nothing is known).
+    pub fn observe(&mut self, addr: &str, no_life: bool, now_ms: u64) -> Option<u64> {
+        if !no_life {
+            self.since.remove(addr);
+            return None;
+        }
+        let since = *self.since.entry(addr.to_string()).or_insert(now_ms);
+        Some(now_ms.saturating_sub(since))
+    }
+
+    /// Forgets workers no longer asked about (keeps memory bounded by the attempts in flight).
+    pub fn retain(&mut self, keep: impl Fn(&str) -> bool) {
+        self.since.retain(|a, _| keep(a));
+    }
+}
+
+/// What to do with an attempt (`held`: before its first token; `released`: past it) whose
+/// worker has shown no sign of life for `stalled_for_ms` (`None`: it is alive, or unknown).
+pub fn rescue(held: bool, released: bool, stalled_for_ms: Option<u64>, cfg: &RescueConfig) -> Option<Rescue> {
+    let stalled_for = stalled_for_ms?;
+    if held {
+        Some(Rescue::RetryNow)
+    } else if released && stalled_for >= cfg.end_stream_after_ms {
+        Some(Rescue::EndStream)
+    } else {
+        None
+    }
 }
 
 /// How Envoy ended the attempt, from its response flags and details.
@@ -214,12 +291,13 @@ pub struct Attempt {
     /// The upstream's clean end was seen.
     saw_end: bool,
     reported: bool,
+    rescued: Option<Rescue>,
 }
 
 impl Attempt {
     /// An attempt for a request to `path`.
     pub fn new(cfg: AttemptConfig, path: &str) -> Self {
-        Attempt { cfg, api: Api::from_path(path), phase: Phase::AwaitingHeaders, charge: ChargeSlot::Undecided, saw_end: false, reported: false }
+        Attempt { cfg, api: Api::from_path(path), phase: Phase::AwaitingHeaders, charge: ChargeSlot::Undecided, saw_end: false, reported: false, rescued: None }
     }
 
     /// The API the request speaks (`None`: not judged).
@@ -289,6 +367,35 @@ impl Attempt {
         // Until the headers reach the router, an upstream death is a reset before headers,
         // which the route's retry policy retries.
         HeadersAction::Hold
+    }
+
+    /// Whether the guard holds the response (headers paused) before the first token.
+    pub fn is_held(&self) -> bool {
+        matches!(&self.phase, Phase::Guarding(g) if !g.is_released())
+    }
+
+    /// The worker stopped showing signs of life; `r` is what [`rescue`] decided and the glue
+    /// is about to do. For [`Rescue::RetryNow`] returns the status and body the held response
+    /// becomes (the glue sets them on the held headers, marks them `retried` and resumes).
+    pub fn on_worker_stalled(&mut self, r: Rescue) -> Option<(u16, Vec<u8>)> {
+        if self.reported || self.rescued.is_some() {
+            return None;
+        }
+        match r {
+            Rescue::RetryNow if self.is_held() => {
+                self.rescued = Some(r);
+                let reason = FailReason::WorkerStalled;
+                self.decide(Charge::Failure(reason.clone()));
+                let body = error_json(self.cfg.retry_status, &format!("The worker stopped before the first token: {}", reason.label())).into_bytes();
+                self.phase = Phase::Rewritten(reason);
+                Some((self.cfg.retry_status, body))
+            }
+            Rescue::EndStream if self.is_released() => {
+                self.rescued = Some(r);
+                None
+            }
+            _ => None,
+        }
     }
 
     /// What the glue reads of the next body chunk.
@@ -369,7 +476,7 @@ impl Attempt {
             Phase::WorkerStatus(s) => Outcome::FailedBeforeFirstToken(FailReason::Status(*s)),
             Phase::Rewritten(r) => Outcome::FailedBeforeFirstToken(r.clone()),
             Phase::Guarding(g) if g.is_released() => {
-                if self.saw_end {
+                if self.saw_end && self.rescued.is_none() {
                     Outcome::Served
                 } else if ending.client_went_away {
                     Outcome::ClientCancelled { after_release: true }
@@ -391,7 +498,7 @@ impl Attempt {
             ChargeSlot::Pending(c) | ChargeSlot::Given(c) => c.clone(),
             ChargeSlot::Undecided => Charge::Nothing,
         };
-        Some(Report { outcome, charge, released, post_token_error, overflowed })
+        Some(Report { outcome, charge, released, post_token_error, overflowed, rescued: self.rescued })
     }
 }
 
@@ -604,6 +711,61 @@ mod tests {
             assert_eq!(s.charges, vec![Charge::Success]);
             assert_eq!(s.reports[0].outcome, Outcome::Passed { status: 200 });
         }
+    }
+
+    #[test]
+    fn rescue_rules() {
+        let cfg = RescueConfig::default();
+        assert!(!shows_no_life(Some(3_000), 100, &cfg), "fresh");
+        assert!(shows_no_life(Some(3_001), 100, &cfg));
+        assert!(!shows_no_life(None, 100, &cfg), "unknown worker: fail open");
+        assert!(!shows_no_life(Some(60_000), 3_001, &cfg), "a stale view (dnsd unreachable) judges nobody");
+        let mut clock = StallClock::default();
+        assert_eq!(clock.observe("a:1", false, 1_000), None);
+        assert_eq!(clock.observe("a:1", true, 2_000), Some(0));
+        assert_eq!(clock.observe("a:1", true, 12_000), Some(10_000));
+        assert_eq!(clock.observe("a:1", false, 12_500), None, "alive again: the clock starts over");
+        assert_eq!(clock.observe("a:1", true, 13_000), Some(0));
+        clock.retain(|_| false);
+        assert_eq!(clock.observe("a:1", true, 20_000), Some(0));
+        assert_eq!(rescue(true, false, None, &cfg), None);
+        assert_eq!(rescue(true, false, Some(0), &cfg), Some(Rescue::RetryNow), "held: retried as soon as the stall is known");
+        assert_eq!(rescue(false, true, Some(9_999), &cfg), None, "released: the stream gets its bound");
+        assert_eq!(rescue(false, true, Some(10_000), &cfg), Some(Rescue::EndStream));
+        assert_eq!(rescue(false, false, Some(60_000), &cfg), None, "not started: the router's own timeouts");
+    }
+
+    #[test]
+    fn a_held_attempt_on_a_stalled_worker_is_retried_now() {
+        let mut d = Driver::new(CHAT);
+        d.headers(200, SSE, false);
+        d.body(ROLE, false);
+        assert!(d.a.is_held());
+        let (status, body) = d.a.on_worker_stalled(Rescue::RetryNow).unwrap();
+        assert_eq!(status, 503);
+        assert!(String::from_utf8_lossy(&body).contains("worker_stalled"));
+        d.charges();
+        assert_eq!(d.seen.charges, vec![Charge::Failure(FailReason::WorkerStalled)], "a stall is the worker's: charged at once");
+        // Whatever the hung worker still sends is dropped.
+        d.body(TOKEN, false);
+        assert!(d.seen.client.is_empty());
+        d.done(Ending::default());
+        assert_eq!(d.seen.reports[0].outcome, Outcome::FailedBeforeFirstToken(FailReason::WorkerStalled));
+        assert_eq!(d.seen.reports[0].rescued, Some(Rescue::RetryNow));
+        assert_eq!(d.a.on_worker_stalled(Rescue::RetryNow), None, "once");
+    }
+
+    #[test]
+    fn a_released_stream_on_a_stalled_worker_ends_truncated() {
+        let mut d = Driver::new(CHAT);
+        d.headers(200, SSE, false);
+        d.body(&[ROLE, TOKEN].concat(), false);
+        assert_eq!(d.a.on_worker_stalled(Rescue::RetryNow), None, "past the first token: no retry");
+        assert_eq!(d.a.on_worker_stalled(Rescue::EndStream), None);
+        d.done(Ending::default());
+        assert_eq!(d.seen.reports[0].outcome, Outcome::Truncated);
+        assert_eq!(d.seen.reports[0].rescued, Some(Rescue::EndStream));
+        assert_eq!(d.seen.charges, vec![Charge::Success]);
     }
 
     #[test]

@@ -1,6 +1,18 @@
 //! Fleet state: the latest accepted frame per worker, values derived between consecutive
 //! frames, worker freshness (3 s gate) and pool liveness (10 s window); and [`FleetView`], the
 //! compact snapshot that dnsd serves on `GET /v1/fleet` and the Envoy filter polls.
+//!
+//! **Liveness is progress, not just frames.** A hung engine (a CUDA or NCCL hang, a wedged
+//! device) is not silent: vLLM's API server keeps answering `/metrics` with frozen counters and
+//! its requests still counted as running. So a worker's age is the time since its last
+//! *evidence of life*: a frame that shows progress (engine steps, generated or prompt tokens
+//! advanced since the previous frame) or that shows it idle (nothing running or waiting: an
+//! idle worker is never stalled). A busy worker whose counters stop ages exactly like a silent
+//! one: no new requests after the 3 s gate, out of its pool's count after the 10 s window. A
+//! worker whose frames carry none of the counters cannot be judged this way and counts every
+//! frame (no data is not death). Why engine steps: vLLM counts prompt tokens when a request's
+//! prefill completes, so during a long chunked prefill only the step counter moves
+//! (`deploy/vllm/results/stall-window.md`).
 
 use std::collections::HashMap;
 
@@ -34,6 +46,9 @@ pub struct WorkerState {
     pub frame: Frame,
     /// When the newest accepted frame was received (receiver's clock).
     pub last_rx_ms: u64,
+    /// When the newest frame that showed progress or an idle engine was received: the last
+    /// evidence of life ([`progress`]). Equal to `last_rx_ms` unless the engine is stuck.
+    pub last_progress_ms: u64,
     /// When the current run of frames began: the first frame after the worker was out of the
     /// eviction window (or new). Failback waits for [`FAILBACK_HOLD_DOWN_MS`] of it.
     pub streak_start_ms: u64,
@@ -41,8 +56,19 @@ pub struct WorkerState {
 }
 
 impl WorkerState {
+    fn new(frame: Frame, now_ms: u64, streak_start_ms: u64) -> Self {
+        WorkerState { frame, last_rx_ms: now_ms, last_progress_ms: now_ms, streak_start_ms, derived: Derived::default() }
+    }
+
+    /// Time since the last evidence of life: frames that show progress or an idle engine.
     pub fn age_ms(&self, now_ms: u64) -> u64 {
-        now_ms.saturating_sub(self.last_rx_ms)
+        now_ms.saturating_sub(self.last_progress_ms)
+    }
+
+    /// Frames still arrive, but the busy engine has shown no progress for longer than the
+    /// freshness gate: a hang with `/metrics` still answering.
+    pub fn is_stalled(&self, now_ms: u64) -> bool {
+        now_ms.saturating_sub(self.last_rx_ms) <= FRESHNESS_GATE_MS && self.age_ms(now_ms) > FRESHNESS_GATE_MS
     }
 
     /// Fresh workers may get new requests.
@@ -65,9 +91,32 @@ impl WorkerState {
     pub fn counting_span(&self) -> (u64, u64) {
         (
             self.streak_start_ms.saturating_add(FAILBACK_HOLD_DOWN_MS),
-            self.last_rx_ms.saturating_add(EVICTION_WINDOW_MS),
+            self.last_progress_ms.saturating_add(EVICTION_WINDOW_MS),
         )
     }
+}
+
+/// Whether `next` (the frame after `prev`, same boot) is evidence of life: the engine is idle
+/// (nothing running or waiting), or a progress counter advanced (engine steps, generated or
+/// prompt tokens), or neither frame carries any progress counter (nothing to judge by). A
+/// counter that went down was reset: progress too.
+pub fn progress(prev: &Metrics, next: &Metrics) -> bool {
+    let busy = next.running.unwrap_or(0.0) + next.waiting.unwrap_or(0.0) > 0.0;
+    if !busy {
+        return true;
+    }
+    let counters = |m: &Metrics| [m.engine_steps, m.generation_tokens, m.prompt_tokens];
+    let (p, n) = (counters(prev), counters(next));
+    let mut judged = false;
+    for (a, b) in p.iter().zip(n.iter()) {
+        if let (Some(a), Some(b)) = (a, b) {
+            judged = true;
+            if b != a {
+                return true;
+            }
+        }
+    }
+    !judged
 }
 
 /// The earliest instant at which a worker counting over `old` instead of `new` (inclusive spans,
@@ -170,17 +219,21 @@ impl FleetState {
             Some(w) => {
                 let old = (w.counting_span(), std::mem::take(&mut w.frame.pool_id));
                 if w.frame.boot_id == frame.boot_id {
-                    if !w.is_in_window(now_ms) {
+                    let alive = progress(&w.frame.metrics, &frame.metrics);
+                    if alive && !w.is_in_window(now_ms) {
                         w.streak_start_ms = now_ms;
                     }
                     w.derived = derive(&w.frame.metrics, w.frame.sent_ms, &frame.metrics, frame.sent_ms, w.derived);
                     w.frame = frame;
                     w.last_rx_ms = now_ms;
+                    if alive {
+                        w.last_progress_ms = now_ms;
+                    }
                 } else {
                     // A restart (new boot id): derived values start over; the streak goes on if
                     // the worker never left the window (a quick sidecar restart is no failback).
                     let streak_start_ms = if w.is_in_window(now_ms) { w.streak_start_ms } else { now_ms };
-                    *w = WorkerState { frame, last_rx_ms: now_ms, streak_start_ms, derived: Derived::default() };
+                    *w = WorkerState::new(frame, now_ms, streak_start_ms);
                 }
                 let new = w.counting_span();
                 if old.1 == w.frame.pool_id {
@@ -191,7 +244,7 @@ impl FleetState {
                 }
             }
             None => {
-                let w = WorkerState { frame, last_rx_ms: now_ms, streak_start_ms: now_ms, derived: Derived::default() };
+                let w = WorkerState::new(frame, now_ms, now_ms);
                 let changed = first_difference(None, Some(w.counting_span()));
                 self.workers.insert(w.frame.worker_id.clone(), w);
                 changed
@@ -379,6 +432,9 @@ pub struct WorkerView {
     pub addr: String,
     pub age_ms: u64,
     pub fresh: bool,
+    /// Frames arrive but the busy engine shows no progress (see the module docs).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub stalled: bool,
     pub boot: u64,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub running: Option<f64>,
@@ -406,6 +462,7 @@ impl WorkerView {
             addr: w.frame.addr.to_string(),
             age_ms: w.age_ms(now_ms),
             fresh: w.is_fresh(now_ms),
+            stalled: w.is_stalled(now_ms),
             boot: w.frame.boot_id,
             running: m.running,
             waiting: m.waiting,
@@ -459,7 +516,71 @@ mod tests {
         f.boot_id = boot;
         f.seq = seq;
         f.sent_ms = sent;
+        // A busy engine that makes progress: one step per frame.
+        f.metrics.engine_steps = Some(seq as f64);
         f
+    }
+
+    /// A frame of a hung engine: busy, its counters frozen at `steps`.
+    fn hung(worker: &str, pool: &str, seq: u64, sent: u64, steps: f64) -> Frame {
+        let mut f = frame(worker, pool, 1, seq, sent);
+        f.metrics.engine_steps = Some(steps);
+        f
+    }
+
+    #[test]
+    fn progress_rules() {
+        let busy = sample().metrics;
+        let step = Metrics { engine_steps: busy.engine_steps.map(|s| s + 1.0), ..busy };
+        assert!(!progress(&busy, &busy), "busy, nothing advanced: no progress");
+        assert!(progress(&busy, &step), "an engine step is progress (a chunked prefill)");
+        let tok = Metrics { generation_tokens: busy.generation_tokens.map(|g| g + 1.0), ..busy };
+        assert!(progress(&busy, &tok));
+        let idle = Metrics { running: Some(0.0), waiting: Some(0.0), ..busy };
+        assert!(progress(&busy, &idle) && progress(&idle, &idle), "an idle engine is never stalled");
+        let blind = Metrics { engine_steps: None, generation_tokens: None, prompt_tokens: None, ..busy };
+        assert!(progress(&blind, &blind), "no counters: nothing to judge by, every frame counts");
+        let reset = Metrics { engine_steps: Some(0.0), ..busy };
+        assert!(progress(&busy, &reset), "a counter reset is a change");
+    }
+
+    /// A hang with `/metrics` still answering: frames keep coming with frozen counters. The
+    /// worker leaves the picker after the 3 s gate and its pool's count after the 10 s window,
+    /// exactly like a silent one; progress brings it back (after the failback hold-down).
+    #[test]
+    fn a_hung_engine_ages_like_a_silent_one() {
+        let mut fleet = FleetState::new(T0 - 60_000);
+        fleet.observe(frame("w1", "p", 1, 1, T0), T0);
+        // Hung from T0: frames every 500 ms, counters frozen.
+        for i in 1..=30u64 {
+            fleet.observe(hung("w1", "p", 1 + i, T0 + i * 500, 1.0), T0 + i * 500);
+        }
+        let w = fleet.worker("w1").unwrap();
+        assert!(w.is_fresh(T0 + 3_000) && !w.is_fresh(T0 + 3_001));
+        assert!(w.is_stalled(T0 + 3_001) && w.is_stalled(T0 + 15_000));
+        let pools = [("p", 1usize)];
+        assert_eq!(fleet.pool_outlook(&pools, T0 + 10_000).states, vec![Liveness::Alive]);
+        assert_eq!(fleet.pool_outlook(&pools, T0 + 10_001).states, vec![Liveness::Dead]);
+        let v = fleet.view(T0 + 4_000);
+        assert!(v.workers[0].stalled && !v.workers[0].fresh);
+        // It makes progress again: fresh at once, counted after the hold-down.
+        fleet.observe(frame("w1", "p", 1, 40, T0 + 16_000), T0 + 16_000);
+        let w = fleet.worker("w1").unwrap();
+        assert!(w.is_fresh(T0 + 16_000) && !w.is_stalled(T0 + 16_000));
+        assert_eq!(fleet.pool_outlook(&pools, T0 + 16_500).states, vec![Liveness::Dead]);
+        assert_eq!(fleet.pool_outlook(&pools, T0 + 17_000).states, vec![Liveness::Alive]);
+        // An idle worker with frozen counters is alive.
+        let mut idle = hung("w2", "p", 1, T0, 5.0);
+        idle.metrics.running = Some(0.0);
+        idle.metrics.waiting = Some(0.0);
+        let mut f2 = FleetState::new(T0);
+        for i in 0..30u64 {
+            let mut f = idle.clone();
+            f.seq = 1 + i;
+            f.sent_ms = T0 + i * 500;
+            f2.observe(f, T0 + i * 500);
+        }
+        assert!(f2.worker("w2").unwrap().is_fresh(T0 + 14_500));
     }
 
     #[test]

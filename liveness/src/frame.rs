@@ -5,11 +5,12 @@
 //! send time) and raw numbers copied from vLLM. It carries no health flag: a worker never says
 //! it is healthy, it only stops sending when it dies. It never carries prompts or tokens.
 //!
-//! Wire layout (version 1, all integers big-endian):
+//! Wire layout (version 2, all integers big-endian; version 1 is the same with 8 metrics, read
+//! too, so that sidecars can be upgraded after the receivers):
 //!
 //! ```text
 //! 0   "GH"          magic
-//! 2   u8            version (1)
+//! 2   u8            version (2)
 //! 3   u16           key id (which HMAC key signed it; lets keys rotate)
 //! 5   u64           boot id (random per sidecar start)
 //! 13  u64           sequence (starts at 1 for each boot id)
@@ -19,9 +20,9 @@
 //!     u8 + bytes    serving address: 4 (IPv4, 4 bytes) or 6 (IPv6, 16 bytes), then u16 port
 //!     u8            model count (0..=8), then that many str8
 //!     u16           presence bits, one per metric below (absent metrics are sent as 0)
-//!     f64 x 8       running, waiting, kv-cache usage (0..1), TTFT histogram sum (s),
+//!     f64 x 9       running, waiting, kv-cache usage (0..1), TTFT histogram sum (s),
 //!                   TTFT histogram count, prompt tokens total, generation tokens total,
-//!                   preemptions total
+//!                   preemptions total, engine steps total (version 2)
 //!     [u8; 32]      HMAC-SHA256 over every byte before it
 //! ```
 //!
@@ -35,7 +36,18 @@ use sha2::Sha256;
 /// Largest frame, in bytes: one UDP datagram that never fragments.
 pub const MAX_FRAME_LEN: usize = 512;
 /// Wire version written by [`Frame::encode`].
-pub const VERSION: u8 = 1;
+pub const VERSION: u8 = 2;
+/// Metrics a frame of each readable version carries.
+const METRICS_V1: usize = 8;
+const METRICS_V2: usize = 9;
+
+fn metric_count(version: u8) -> Option<usize> {
+    match version {
+        1 => Some(METRICS_V1),
+        2 => Some(METRICS_V2),
+        _ => None,
+    }
+}
 const MAGIC: [u8; 2] = *b"GH";
 const TAG_LEN: usize = 32;
 const MAX_STR: usize = 64;
@@ -53,7 +65,7 @@ pub enum FrameError {
     Truncated { needed: usize, have: usize },
     #[error("not a GPU HA frame (bad magic)")]
     BadMagic,
-    #[error("frame version {0} is not supported (this build reads version {VERSION})")]
+    #[error("frame version {0} is not supported (this build reads versions 1 and {VERSION})")]
     UnsupportedVersion(u8),
     #[error("frame signed with key id {0}, which this receiver does not have")]
     UnknownKey(u16),
@@ -84,10 +96,14 @@ pub struct Metrics {
     pub generation_tokens: Option<f64>,
     /// `vllm:num_preemptions_total`
     pub preemptions: Option<f64>,
+    /// `vllm:iteration_tokens_total_count`: engine steps. The one counter that advances during
+    /// a long chunked prefill (prompt tokens are counted when a request's prefill completes):
+    /// what tells a busy engine from a hung one (see `fleet::WorkerState::progress`).
+    pub engine_steps: Option<f64>,
 }
 
 impl Metrics {
-    fn fields(&self) -> [Option<f64>; 8] {
+    fn fields(&self) -> [Option<f64>; METRICS_V2] {
         [
             self.running,
             self.waiting,
@@ -97,10 +113,11 @@ impl Metrics {
             self.prompt_tokens,
             self.generation_tokens,
             self.preemptions,
+            self.engine_steps,
         ]
     }
 
-    fn from_fields(f: [Option<f64>; 8]) -> Self {
+    fn from_fields(f: [Option<f64>; METRICS_V2]) -> Self {
         Metrics {
             running: f[0],
             waiting: f[1],
@@ -110,6 +127,7 @@ impl Metrics {
             prompt_tokens: f[5],
             generation_tokens: f[6],
             preemptions: f[7],
+            engine_steps: f[8],
         }
     }
 }
@@ -278,10 +296,10 @@ impl Frame {
         if bytes.len() < HEADER_LEN + TAG_LEN {
             return Err(FrameError::Truncated { needed: HEADER_LEN + TAG_LEN, have: bytes.len() });
         }
-        if bytes[2] != VERSION {
+        let Some(n_metrics) = metric_count(bytes[2]) else {
             return Err(FrameError::UnsupportedVersion(bytes[2]));
-        }
-        if let Some(needed) = declared_len(bytes).filter(|n| *n > bytes.len()) {
+        };
+        if let Some(needed) = declared_len(bytes, n_metrics).filter(|n| *n > bytes.len()) {
             return Err(FrameError::Truncated { needed, have: bytes.len() });
         }
         let key_id = u16::from_be_bytes([bytes[3], bytes[4]]);
@@ -320,8 +338,8 @@ impl Frame {
             models.push(r.str8("model name")?);
         }
         let present = r.u16()?;
-        let mut fields = [None; 8];
-        for (i, slot) in fields.iter_mut().enumerate() {
+        let mut fields = [None; METRICS_V2];
+        for (i, slot) in fields.iter_mut().enumerate().take(n_metrics) {
             let v = f64::from_be_bytes(r.array8()?);
             if present & (1 << i) != 0 {
                 if !v.is_finite() {
@@ -353,7 +371,7 @@ impl Frame {
 /// reach are the sender's. When a length byte itself is missing, the result is a lower bound
 /// past the end. `None` when the fields are out of range: that is for the MAC (tampering) or
 /// the parser to say.
-fn declared_len(b: &[u8]) -> Option<usize> {
+fn declared_len(b: &[u8], n_metrics: usize) -> Option<usize> {
     let mut pos = HEADER_LEN;
     // A length byte at `pos`, or the shortest frame that would have one.
     let len_at = |pos: usize| b.get(pos).map(|n| usize::from(*n)).ok_or(pos + 1 + TAG_LEN);
@@ -386,7 +404,7 @@ fn declared_len(b: &[u8]) -> Option<usize> {
                 return Ok(None);
             }
         }
-        *pos += 2 + 8 * 8 + TAG_LEN;
+        *pos += 2 + 8 * n_metrics + TAG_LEN;
         Ok(Some(()))
     };
     match walk(&mut pos) {
@@ -467,8 +485,36 @@ pub(crate) mod tests {
                 prompt_tokens: Some(100.0),
                 generation_tokens: Some(400.0),
                 preemptions: None,
+                engine_steps: Some(350.0),
             },
         }
+    }
+
+    /// A version-1 frame (8 metrics), as sidecars before engine steps send it.
+    fn encode_v1(f: &Frame, key: &[u8]) -> Vec<u8> {
+        let v2 = f.encode(key).unwrap();
+        let body = &v2[..v2.len() - TAG_LEN - 8];
+        let mut v1 = body.to_vec();
+        v1[2] = 1;
+        let present_at = body.len() - 2 - 8 * METRICS_V1;
+        let present = u16::from_be_bytes([v1[present_at], v1[present_at + 1]]) & !(1 << 8);
+        v1[present_at..present_at + 2].copy_from_slice(&present.to_be_bytes());
+        let mut mac = mac_for(key);
+        mac.update(&v1);
+        v1.extend_from_slice(&mac.finalize().into_bytes());
+        v1
+    }
+
+    #[test]
+    fn version_1_frames_are_still_read() {
+        let ring = KeyRing::single(1, b"k".to_vec());
+        let f = sample();
+        let got = Frame::decode(&encode_v1(&f, b"k"), &ring).unwrap();
+        assert_eq!(got.metrics.engine_steps, None);
+        assert_eq!(got.metrics, Metrics { engine_steps: None, ..f.metrics });
+        let mut v3 = f.encode(b"k").unwrap();
+        v3[2] = 3;
+        assert_eq!(Frame::decode(&v3, &ring), Err(FrameError::UnsupportedVersion(3)));
     }
 
     #[test]

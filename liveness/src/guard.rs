@@ -57,6 +57,9 @@ pub enum FailReason {
     Timeout,
     /// The upstream connection was reset after the headers, before the first token.
     ResetBeforeFirstToken,
+    /// The worker stopped showing progress (or went silent) while the guard held the attempt:
+    /// handed to a retry at once instead of waiting out the per-try budget.
+    WorkerStalled,
 }
 
 impl FailReason {
@@ -76,6 +79,7 @@ impl FailReason {
             FailReason::ResetBeforeHeaders => "reset_before_headers".to_string(),
             FailReason::Timeout => "timeout_before_first_token".to_string(),
             FailReason::ResetBeforeFirstToken => "reset_before_first_token".to_string(),
+            FailReason::WorkerStalled => "worker_stalled".to_string(),
         }
     }
 }

@@ -652,6 +652,7 @@ mod tests {
             addr: format!("127.0.0.1:{port}"),
             age_ms: age,
             fresh: age <= 3_000,
+            stalled: false,
             boot: 1,
             running: Some(0.0),
             waiting: Some(waiting),

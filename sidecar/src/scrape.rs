@@ -96,6 +96,7 @@ pub fn parse(text: &str) -> Result<Scraped, ParseError> {
         prompt_tokens: sum(&["vllm:prompt_tokens_total"]),
         generation_tokens: sum(&["vllm:generation_tokens_total"]),
         preemptions: sum(&["vllm:num_preemptions_total"]),
+        engine_steps: sum(&["vllm:iteration_tokens_total_count"]),
     };
     // Without the two load gauges this is not a vLLM we can judge: say nothing.
     if metrics.running.is_none() && metrics.waiting.is_none() {

@@ -118,6 +118,7 @@ fn busy_metrics(seq: u64) -> Metrics {
         prompt_tokens: Some(seq as f64 * 100.0),
         generation_tokens: Some(seq as f64 * 300.0),
         preemptions: Some(0.0),
+        engine_steps: Some(seq as f64 * 40.0),
     }
 }
 
@@ -132,6 +133,7 @@ fn steady_metrics() -> Metrics {
         prompt_tokens: Some(25_000.0),
         generation_tokens: Some(75_000.0),
         preemptions: Some(0.0),
+        engine_steps: Some(9_000.0),
     }
 }
 

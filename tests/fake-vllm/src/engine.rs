@@ -15,6 +15,9 @@ use tokio::sync::{watch, OwnedSemaphorePermit, Semaphore};
 
 use crate::metrics::{Finish, Metrics};
 
+/// The longest prefill step (one chunk of a long prompt).
+const PREFILL_STEP: Duration = Duration::from_millis(100);
+
 /// How the engine behaves; fixed for the life of the process.
 #[derive(Clone, Debug)]
 pub struct EngineConfig {
@@ -292,6 +295,18 @@ impl Generation {
         let step = if n == 0 { cfg.ttft } else { cfg.inter_token };
         let _step = loop {
             let due = self.due.unwrap_or_else(Instant::now);
+            if n == 0 {
+                // A chunked prefill: vLLM takes one engine step per chunk of a long prompt, so
+                // its step counter advances all through a long time to first token (the frames'
+                // evidence of progress); its prompt and generation tokens do not.
+                while Instant::now() + PREFILL_STEP < due {
+                    tokio::time::sleep(PREFILL_STEP).await;
+                    let _g = engine.step.read().unwrap_or_else(|e| e.into_inner());
+                    if !engine.is_hung() {
+                        m.engine_step(0);
+                    }
+                }
+            }
             wait_until(due).await;
             {
                 let guard = engine.step.read().unwrap_or_else(|e| e.into_inner());

@@ -1,0 +1,87 @@
+"""Hang drills (issue 12): an engine that hangs with its `/metrics` still answering — what a
+CUDA/NCCL hang looks like from outside — is judged by progress, not by frames. fake-vllm's
+SIGUSR1 hangs its engine on a live process: in-flight streams stop, new requests get 200 and
+headers then nothing, `/metrics` keeps answering with frozen counters (vLLM's API server does
+exactly this with its EngineCore stopped).
+
+Each drill prints one line of figures (run with `-s`).
+"""
+
+from __future__ import annotations
+
+import signal
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+from harness import access_entries, chat, filter_stat, make_client, wait_for
+from test_l7_drills import assert_whole_and_single_worker, report, summarize, warm_up
+
+
+def test_engine_hang_with_metrics_answering(stack):
+    """Hang one worker's engine mid-traffic (long streams in flight, 4 new requests a second).
+    The picker stops sending it new requests ~3 s after the hang (its frames keep coming, its
+    counters do not move); requests held before their first token on it are handed to a retry
+    at once (not after the 8 s per-try budget); its streams past their first token end within
+    the rescue bound (3 s + 10 s) on a whole event; every request started after the hang
+    completes."""
+    stack.start_dnsd()
+    workers = stack.start_workers(3, ttft_ms=50, tokens_per_s=20)
+    hung = workers[1]
+    per_try = 8.0
+    envoy = stack.start_pool_router(per_try_timeout=f"{per_try:.0f}s")
+    warm_up(stack, envoy)
+    client = make_client(envoy.base_url, timeout=40)
+
+    outcomes: dict[int, object] = {}
+    lock = threading.Lock()
+    long_tokens, short_tokens, rate, run_s = 300, 5, 4.0, 9.0
+
+    def one(i: int, max_tokens: int):
+        o = chat(client, i, max_tokens)
+        with lock:
+            outcomes[i] = o
+        return o
+
+    with ThreadPoolExecutor(max_workers=64) as pool:
+        # Long streams on every worker (15 s at 20 tokens/s): some are on the hung one.
+        longs = [pool.submit(one, i, long_tokens) for i in range(9)]
+        wait_for(lambda: sum(1 for w in stack.fleet_workers().values() if (w.get("running") or 0) > 0) == 3, 10,
+                 "every worker streaming", interval=0.1)
+        hang_mono, hang_wall = time.monotonic(), time.time()
+        hung.proc.signal(signal.SIGUSR1)
+        wait_for(lambda: "engine hung" in hung.proc.err_path.read_text(errors="replace"), 5, "fake-vllm to log its engine hang")
+        shorts = []
+        i = 100
+        while time.monotonic() < hang_mono + run_s:
+            shorts.append((time.monotonic(), pool.submit(one, i, short_tokens)))
+            i += 1
+            time.sleep(1.0 / rate)
+        for f in longs:
+            f.result(timeout=60)
+        for _, f in shorts:
+            f.result(timeout=60)
+
+    everything = list(outcomes.values())
+    entries = [e for e in access_entries(envoy) if e["start"] and e["start"] >= hang_wall]
+    to_hung = [e for e in entries if e["endpoints"] and e["endpoints"][0] == hung.addr]
+    last_new = max((e["start"] - hang_wall for e in to_hung), default=0.0)
+    after = [o for o in everything if o.idx >= 100]
+    on_hung_streams = [o for o in everything if o.idx < 100 and o.worker == hung.id]
+    stream_end = max((o.ended - hang_mono for o in on_hung_streams), default=0.0)
+    # Requests started after the hang whose first pick was the hung worker: their wait.
+    rescued = [o for o in after if o.first_token_at and o.first_token_at - o.started > 1.0]
+    worst_wait = max((o.first_token_at - o.started for o in after if o.first_token_at), default=0.0)
+    report(f"engine hang: {len(after)} requests after it {summarize(after)}; last new request routed to the hung worker "
+           f"{last_new:.2f} s after the hang ({len(to_hung)} in all); pre-token rescues {filter_stat(envoy, 'stall_rescues')}, "
+           f"worst wait for a first token {worst_wait:.2f} s ({len(rescued)} over 1 s); its {len(on_hung_streams)} streams "
+           f"{summarize(on_hung_streams)} ended by {stream_end:.2f} s (stall truncations {filter_stat(envoy, 'stall_truncations')})")
+    assert_whole_and_single_worker(everything)
+    assert all(o.kind == "completed" for o in after), [o.describe() for o in after if o.kind != "completed"][:5]
+    assert last_new <= 4.0, f"the hung worker still got new requests {last_new:.2f} s after the hang"
+    assert worst_wait < per_try, "a request waited out the per-try budget: the rescue did not happen"
+    assert on_hung_streams, "no stream was on the hung worker: the drill tested nothing"
+    for o in on_hung_streams:
+        assert o.kind == "truncated", o.describe()
+    assert stream_end <= 15.0, f"streams on the hung worker ended {stream_end:.2f} s after the hang (bound: 3 s + 10 s)"
+    assert filter_stat(envoy, "stall_truncations") >= len(on_hung_streams)

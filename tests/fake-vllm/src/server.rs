@@ -17,7 +17,8 @@ use axum::{Json, Router};
 use serde_json::{json, Value};
 use tokio::net::TcpListener;
 
-use crate::engine::{Engine, Event, Generation};
+use crate::engine::{Engine, Event, Fault, Generation};
+use crate::flaky::{self, Shape};
 use crate::wire::{self, Kind, SseFormat, DONE_EVENT, ENGINE_DEAD_EVENT};
 
 /// Request bodies above this get `413`.
@@ -149,6 +150,20 @@ pub(crate) fn failing(app: &App) -> Option<Response> {
     Some(error(status, "The server is shutting down (fake-vllm --fail-status).", "InternalServerError", None))
 }
 
+/// This request's `--flaky` fate: the fault its generation meets, or the status answered now.
+#[allow(clippy::result_large_err)]
+pub(crate) fn flaky_fault(app: &App, api: flaky::Api, stream: bool) -> Result<Option<Fault>, Response> {
+    match app.engine.flaky.draw(api, stream) {
+        None => Ok(None),
+        Some(Shape::Fault(f)) => Ok(Some(f)),
+        Some(Shape::Status(503)) => Err(error(StatusCode::SERVICE_UNAVAILABLE, "The engine is not ready to serve requests (fake-vllm --flaky).", "ServiceUnavailableError", None)),
+        Some(Shape::Status(code)) => {
+            let status = StatusCode::from_u16(code).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+            Err(error(status, wire::ENGINE_DEAD_MESSAGE, "InternalServerError", None))
+        }
+    }
+}
+
 /// What a non-streaming request gets when the EngineCore died under it.
 pub(crate) fn engine_dead() -> Response {
     error(StatusCode::INTERNAL_SERVER_ERROR, wire::ENGINE_DEAD_MESSAGE, "InternalServerError", None)
@@ -264,14 +279,21 @@ async fn complete(
         return error(status, "The server is shutting down (fake-vllm --fail-status).", "InternalServerError", None);
     }
 
+    let stream = req.stream == Some(true);
+    let api = if kind == Kind::Chat { flaky::Api::Chat } else { flaky::Api::Completions };
+    let fault = match flaky_fault(&app, api, stream) {
+        Ok(f) => f,
+        Err(resp) => return resp,
+    };
+
     let id = match kind {
         Kind::Chat => format!("chatcmpl-{:016x}", rand::random::<u64>()),
         Kind::Completion => format!("cmpl-{:016x}", rand::random::<u64>()),
     };
     let created = unix_secs();
-    let generation = app.engine.generate(req.prompt_tokens(kind), max_tokens);
+    let generation = app.engine.generate(req.prompt_tokens(kind), max_tokens).with_fault(fault);
 
-    if req.stream == Some(true) {
+    if stream {
         let include_usage = req.stream_options.as_ref().and_then(|o| o.include_usage) == Some(true);
         let format = SseFormat::new(kind, &id, created, &model, &app.fingerprint);
         let stream = sse_stream(generation, format, include_usage);
@@ -296,7 +318,7 @@ async fn complete(
                     None,
                 )
             }
-            Event::Reset => {
+            Event::Reset | Event::Cut => {
                 conn.kill();
                 return StatusCode::INTERNAL_SERVER_ERROR.into_response();
             }
@@ -336,6 +358,8 @@ enum Phase {
     Generating,
     Usage,
     Done,
+    /// Half an event is out: drop the connection.
+    Cut,
     Over,
 }
 
@@ -405,8 +429,19 @@ fn sse_stream(
                     st.phase = Phase::Over;
                     reset().await
                 }
+                Some(Event::Cut) => {
+                    st.phase = Phase::Cut;
+                    // Half of the event that was due: the role event for chat (it leaves with
+                    // the first token), else the first token's.
+                    let due = if st.format.kind() == Kind::Chat { st.format.role() } else { st.format.token("", false) };
+                    Ok(due.slice(..due.len() / 2))
+                }
                 None => return None,
             },
+            Phase::Cut => {
+                st.phase = Phase::Over;
+                reset().await
+            }
             Phase::Usage => {
                 st.phase = Phase::Done;
                 let g = &st.generation;

@@ -155,6 +155,10 @@ def test_every_endpoint_same_through_the_router_as_direct(stack):
                     else first_difference(d[2], r[2]))
             differ.append(f"{name}: direct vs router: {what}")
     not_ok = [f"{n}: {direct[n][0]}" for n in direct if direct[n][0] != 200]
+    # The n=2 answers really carry two choices (streamed: one event per choice and step).
+    assert len(routed["chat n=2"][2]["choices"]) == 2, routed["chat n=2"]
+    assert {c["index"] for ev in routed["chat n=2 stream"][2] for c in ev["choices"]} == {"int"}
+    assert sum(len(ev["choices"]) for ev in routed["chat n=2 stream"][2]) == 2 * (1 + 4), "2 roles + 2 x 4 tokens"
     retries, trips = filter_stat(envoy, "pre_token_retries"), filter_stat(envoy, "breaker_trips")
     report(f"api surface: {len(matched)}/{len(direct)} endpoints the same through the router as direct "
            f"({', '.join(matched)}); differ: {differ or 'none'}; non-200 direct: {not_ok or 'none'}; "

@@ -13,6 +13,7 @@ use std::time::{Duration, Instant};
 
 use tokio::sync::{watch, OwnedSemaphorePermit, Semaphore};
 
+use crate::flaky::Flaky;
 use crate::metrics::{Finish, Metrics};
 
 /// The longest prefill step (one chunk of a long prompt).
@@ -41,11 +42,17 @@ pub struct EngineConfig {
     pub fail_status: Option<u16>,
     /// While slowed down, TTFT and inter-token delays are multiplied by this.
     pub slow_factor: f64,
+    /// Failure injection: each generation request fails before its first token with this
+    /// probability, in a shape drawn per request (see [`crate::flaky`]).
+    pub flaky: f64,
+    /// Seed of the `flaky` draws; `None`: random.
+    pub flaky_seed: Option<u64>,
 }
 
 pub struct Engine {
     pub cfg: EngineConfig,
     pub metrics: Arc<Metrics>,
+    pub flaky: Flaky,
     slots: Arc<Semaphore>,
     /// `true` while the engine hangs. A watch channel so every paused generation wakes on resume.
     hung: watch::Sender<bool>,
@@ -70,15 +77,31 @@ pub enum Event {
     Aborted,
     /// The connection must be dropped now, without a clean end.
     Reset,
+    /// The connection must be dropped in the middle of the event that was due (before the
+    /// first token; `--flaky`).
+    Cut,
+}
+
+/// A failure one generation meets in place of its first token (drawn by `--flaky`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Fault {
+    /// [`Event::EngineDead`].
+    EngineDead,
+    /// [`Event::Aborted`].
+    Aborted,
+    /// [`Event::Cut`].
+    Cut,
 }
 
 impl Engine {
     pub fn new(cfg: EngineConfig, model_name: &str) -> Self {
         let metrics = Arc::new(Metrics::new(model_name, cfg.kv_capacity_tokens));
         let slots = Arc::new(Semaphore::new(cfg.max_num_seqs.max(1)));
+        let flaky = Flaky::new(cfg.flaky, cfg.flaky_seed);
         Self {
             cfg,
             metrics,
+            flaky,
             slots,
             hung: watch::Sender::new(false),
             step: RwLock::new(()),
@@ -178,6 +201,7 @@ impl Engine {
             sent: 0,
             slot: None,
             done: false,
+            fault: None,
         }
     }
 }
@@ -228,6 +252,8 @@ pub struct Generation {
     sent: u32,
     slot: Option<Slot>,
     done: bool,
+    /// Met in place of the first token.
+    fault: Option<Fault>,
 }
 
 async fn wait_until(deadline: Instant) {
@@ -244,6 +270,12 @@ impl Generation {
     /// Tokens produced so far.
     pub fn sent(&self) -> u32 {
         self.sent
+    }
+
+    /// This generation meets `fault` (if any) in place of its first token.
+    pub fn with_fault(mut self, fault: Option<Fault>) -> Self {
+        self.fault = fault;
+        self
     }
 
     fn finish(&mut self, reason: Finish) {
@@ -319,6 +351,14 @@ impl Generation {
             engine.wait_running().await;
             self.due = Some(Instant::now() + engine.paced(step));
         };
+        if let Some(fault) = self.fault.filter(|_| n == 0) {
+            self.finish(if fault == Fault::EngineDead { Finish::Error } else { Finish::Abort });
+            return Some(match fault {
+                Fault::EngineDead => Event::EngineDead,
+                Fault::Aborted => Event::Aborted,
+                Fault::Cut => Event::Cut,
+            });
+        }
         if n == 0 && cfg.error_before_token {
             self.finish(Finish::Error);
             return Some(Event::EngineDead);
@@ -384,6 +424,8 @@ mod tests {
             abort_before_token: false,
             fail_status: None,
             slow_factor: 5.0,
+            flaky: 0.0,
+            flaky_seed: None,
         }
     }
 
@@ -430,6 +472,18 @@ mod tests {
         ));
         assert_eq!(g.next().await, Some(Event::Reset));
         assert_eq!(g.next().await, None);
+    }
+
+    #[tokio::test]
+    async fn a_fault_replaces_the_first_token_and_frees_the_slot() {
+        let engine = Arc::new(Engine::new(cfg(), "tiny"));
+        for (fault, event) in [(Fault::Cut, Event::Cut), (Fault::EngineDead, Event::EngineDead), (Fault::Aborted, Event::Aborted)] {
+            let mut g = engine.generate(3, 5).with_fault(Some(fault));
+            assert_eq!(g.next().await, Some(event));
+            assert_eq!(g.next().await, None);
+            assert_eq!(engine.metrics.running.load(Ordering::Relaxed), 0);
+        }
+        assert_eq!(engine.metrics.generation_tokens.load(Ordering::Relaxed), 0);
     }
 
     #[tokio::test]

@@ -413,7 +413,7 @@ pub async fn transcriptions(
             Event::Token { text: t, .. } => text.push_str(&t),
             Event::Aborted => break,
             Event::EngineDead => return server::engine_dead(),
-            Event::Reset => {
+            Event::Reset | Event::Cut => {
                 conn.kill();
                 return StatusCode::INTERNAL_SERVER_ERROR.into_response();
             }
@@ -454,7 +454,7 @@ fn transcription_stream(
             ))),
             // The stream generator catches every exception and reports it in the stream.
             Some(Event::EngineDead) => Ok(Bytes::from_static(ENGINE_DEAD_EVENT.as_bytes())),
-            Some(Event::Reset) => {
+            Some(Event::Reset | Event::Cut) => {
                 let r = server::reset().await;
                 return Some((r, (g, head, true)));
             }

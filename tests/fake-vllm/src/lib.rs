@@ -29,6 +29,12 @@
 //! `--abort-before-token` (`finish_reason: "abort"`; Responses: `response.completed` with no
 //! output), `--fail-status CODE`.
 //!
+//! Drawn per request: `--flaky P` (with `--flaky-seed`): each chat, completions and Responses
+//! request fails before its first token with probability P, in one of the shapes above drawn at
+//! random (reset mid-event, engine error, 500/503, abort; a Responses stream is cut after
+//! `response.in_progress`). Each injection is one stderr line, `fake-vllm: flaky <shape> ...`
+//! (see [`flaky`]).
+//!
 //! Toggled at run time on the live process (the binary logs each toggle on stderr):
 //! - `SIGUSR1`: engine **hang** on/off (also `--hang-after-ms N`). While hung no token leaves
 //!   and nothing is admitted; in-flight streams send nothing and stay open; new requests get
@@ -43,6 +49,7 @@
 
 pub mod engine;
 pub mod extra;
+pub mod flaky;
 pub mod metrics;
 pub mod responses;
 pub mod server;

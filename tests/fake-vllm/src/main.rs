@@ -54,6 +54,15 @@ struct Args {
     /// JSON error body (vLLM answers 500 to requests that reach an API server shutting down).
     #[arg(long)]
     fail_status: Option<u16>,
+    /// Failure injection: each chat, completions and Responses request independently fails
+    /// before its first token with this probability (0..1), in one of vLLM's ways drawn per
+    /// request: connection reset mid-event, in-band engine error, HTTP 500/503, abort (Responses:
+    /// its own shapes). Each injection is logged on stderr (`fake-vllm: flaky <shape> ...`).
+    #[arg(long, default_value_t = 0.0, value_parser = probability)]
+    flaky: f64,
+    /// Seed of the --flaky draws (default: random).
+    #[arg(long)]
+    flaky_seed: Option<u64>,
     /// While slowed down (SIGUSR2, or --slow), TTFT and inter-token delays are multiplied by
     /// this.
     #[arg(long, default_value_t = 5.0)]
@@ -88,6 +97,8 @@ fn main() -> ExitCode {
             abort_before_token: args.abort_before_token,
             fail_status: args.fail_status,
             slow_factor: args.slow_factor,
+            flaky: args.flaky,
+            flaky_seed: args.flaky_seed,
         },
         models: args.models,
         start_slow: args.slow,
@@ -170,6 +181,14 @@ fn toggles(engine: &std::sync::Arc<fake_vllm::engine::Engine>) -> std::io::Resul
 #[cfg(not(unix))]
 fn toggles(_: &std::sync::Arc<fake_vllm::engine::Engine>) -> std::io::Result<()> {
     Ok(())
+}
+
+/// A probability: a number from 0 to 1.
+fn probability(s: &str) -> Result<f64, String> {
+    match s.parse::<f64>() {
+        Ok(p) if (0.0..=1.0).contains(&p) => Ok(p),
+        _ => Err(format!("{s:?} is not a probability (a number from 0 to 1)")),
+    }
 }
 
 /// A line on stderr; a closed stderr must not take the server down.

@@ -357,10 +357,15 @@ pub async fn create(
         top_p: req.top_p.unwrap_or(1.0),
         max_output_tokens: max_tokens,
     };
-    let generation = app.engine.generate(prompt, max_tokens);
+    let stream_it = req.stream == Some(true);
+    let fault = match server::flaky_fault(&app, crate::flaky::Api::Responses, stream_it) {
+        Ok(f) => f,
+        Err(resp) => return resp,
+    };
+    let generation = app.engine.generate(prompt, max_tokens).with_fault(fault);
     let item_id = hex_id("msg");
 
-    if req.stream == Some(true) {
+    if stream_it {
         return server::sse_response(stream(echo, item_id, generation));
     }
 
@@ -375,7 +380,7 @@ pub async fn create(
                 break;
             }
             Event::EngineDead => return server::engine_dead(),
-            Event::Reset => {
+            Event::Reset | Event::Cut => {
                 conn.kill();
                 return StatusCode::INTERNAL_SERVER_ERROR.into_response();
             }
@@ -554,7 +559,7 @@ fn stream(
                     st.response_event("response.completed", Some("completed"));
                     st.over = true;
                 }
-                Some(Event::EngineDead | Event::Reset) => {
+                Some(Event::EngineDead | Event::Reset | Event::Cut) => {
                     st.over = true;
                     return Some((server::reset().await, st));
                 }

@@ -1,6 +1,7 @@
 //! HTTP routes with vLLM's paths, status codes and headers. Streaming responses send their
 //! `200` headers at once, before the request is even scheduled, as vLLM does.
 
+use std::collections::VecDeque;
 use std::net::Shutdown;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -17,7 +18,8 @@ use axum::{Json, Router};
 use serde_json::{json, Value};
 use tokio::net::TcpListener;
 
-use crate::engine::{Engine, Event, Generation};
+use crate::engine::{Engine, Event, Fault, Generation};
+use crate::flaky::{self, Shape};
 use crate::wire::{self, Kind, SseFormat, DONE_EVENT, ENGINE_DEAD_EVENT};
 
 /// Request bodies above this get `413`.
@@ -149,6 +151,20 @@ pub(crate) fn failing(app: &App) -> Option<Response> {
     Some(error(status, "The server is shutting down (fake-vllm --fail-status).", "InternalServerError", None))
 }
 
+/// This request's `--flaky` fate: the fault its generation meets, or the status answered now.
+#[allow(clippy::result_large_err)]
+pub(crate) fn flaky_fault(app: &App, api: flaky::Api, stream: bool) -> Result<Option<Fault>, Response> {
+    match app.engine.flaky.draw(api, stream) {
+        None => Ok(None),
+        Some(Shape::Fault(f)) => Ok(Some(f)),
+        Some(Shape::Status(503)) => Err(error(StatusCode::SERVICE_UNAVAILABLE, "The engine is not ready to serve requests (fake-vllm --flaky).", "ServiceUnavailableError", None)),
+        Some(Shape::Status(code)) => {
+            let status = StatusCode::from_u16(code).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+            Err(error(status, wire::ENGINE_DEAD_MESSAGE, "InternalServerError", None))
+        }
+    }
+}
+
 /// What a non-streaming request gets when the EngineCore died under it.
 pub(crate) fn engine_dead() -> Response {
     error(StatusCode::INTERNAL_SERVER_ERROR, wire::ENGINE_DEAD_MESSAGE, "InternalServerError", None)
@@ -258,23 +274,34 @@ async fn complete(
     if max_tokens == 0 {
         return bad_request("max_tokens must be at least 1, got 0.");
     }
+    let n = req.n.unwrap_or(1);
+    let Some(n) = u32::try_from(n).ok().filter(|n| (1..=16).contains(n)) else {
+        return bad_request(&format!("n must be between 1 and 16 in fake-vllm, got {n}."));
+    };
 
     if let Some(code) = app.engine.cfg.fail_status {
         let status = StatusCode::from_u16(code).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
         return error(status, "The server is shutting down (fake-vllm --fail-status).", "InternalServerError", None);
     }
 
+    let stream = req.stream == Some(true);
+    let api = if kind == Kind::Chat { flaky::Api::Chat } else { flaky::Api::Completions };
+    let fault = match flaky_fault(&app, api, stream) {
+        Ok(f) => f,
+        Err(resp) => return resp,
+    };
+
     let id = match kind {
         Kind::Chat => format!("chatcmpl-{:016x}", rand::random::<u64>()),
         Kind::Completion => format!("cmpl-{:016x}", rand::random::<u64>()),
     };
     let created = unix_secs();
-    let generation = app.engine.generate(req.prompt_tokens(kind), max_tokens);
+    let generation = app.engine.generate(req.prompt_tokens(kind), max_tokens).with_fault(fault);
 
-    if req.stream == Some(true) {
+    if stream {
         let include_usage = req.stream_options.as_ref().and_then(|o| o.include_usage) == Some(true);
         let format = SseFormat::new(kind, &id, created, &model, &app.fingerprint);
-        let stream = sse_stream(generation, format, include_usage);
+        let stream = sse_stream(generation, format, include_usage, n);
         return sse_response(stream);
     }
 
@@ -296,7 +323,7 @@ async fn complete(
                     None,
                 )
             }
-            Event::Reset => {
+            Event::Reset | Event::Cut => {
                 conn.kill();
                 return StatusCode::INTERNAL_SERVER_ERROR.into_response();
             }
@@ -309,6 +336,7 @@ async fn complete(
         fingerprint: &app.fingerprint,
         text: &text,
         finish,
+        n,
         prompt_tokens: generation.prompt_tokens(),
         completion_tokens: u64::from(generation.sent()),
     };
@@ -336,6 +364,8 @@ enum Phase {
     Generating,
     Usage,
     Done,
+    /// Half an event is out: drop the connection.
+    Cut,
     Over,
 }
 
@@ -343,21 +373,24 @@ struct StreamState {
     generation: Generation,
     format: SseFormat,
     include_usage: bool,
+    /// Choices: each engine event is one SSE event per choice, in index order (as vLLM
+    /// streams `n` sequences).
+    n: u32,
     role_sent: bool,
-    pending: Option<Bytes>,
+    pending: VecDeque<Bytes>,
     phase: Phase,
 }
 
 impl StreamState {
-    /// Chat streams open with the role event: the first event goes out after it.
-    fn after_role(&mut self, event: Bytes) -> Bytes {
+    /// Queues one event per choice, after the role events that open a chat stream, and
+    /// returns the first one due.
+    fn per_choice(&mut self, event: impl Fn(&SseFormat, u32) -> Bytes) -> Bytes {
         if !self.role_sent && self.format.kind() == Kind::Chat {
             self.role_sent = true;
-            self.pending = Some(event);
-            self.format.role()
-        } else {
-            event
+            self.pending.extend((0..self.n).map(|i| self.format.role(i)));
         }
+        self.pending.extend((0..self.n).map(|i| event(&self.format, i)));
+        self.pending.pop_front().unwrap_or_default()
     }
 }
 
@@ -366,23 +399,24 @@ fn sse_stream(
     generation: Generation,
     format: SseFormat,
     include_usage: bool,
+    n: u32,
 ) -> impl futures_util::Stream<Item = Result<Bytes, ConnectionReset>> + Send + 'static {
     let state = StreamState {
         generation,
         format,
         include_usage,
+        n,
         role_sent: false,
-        pending: None,
+        pending: VecDeque::new(),
         phase: Phase::Generating,
     };
     futures_util::stream::unfold(state, |mut st| async move {
-        if let Some(b) = st.pending.take() {
+        if let Some(b) = st.pending.pop_front() {
             return Some((Ok(b), st));
         }
         let item = match st.phase {
             Phase::Generating => match st.generation.next().await {
                 Some(Event::Token { text, last, .. }) => {
-                    let token = st.format.token(&text, last);
                     if last {
                         st.phase = if st.include_usage {
                             Phase::Usage
@@ -390,12 +424,11 @@ fn sse_stream(
                             Phase::Done
                         };
                     }
-                    Ok(st.after_role(token))
+                    Ok(st.per_choice(|f, i| f.token(i, &text, last)))
                 }
                 Some(Event::Aborted) => {
                     st.phase = if st.include_usage { Phase::Usage } else { Phase::Done };
-                    let ev = st.format.aborted();
-                    Ok(st.after_role(ev))
+                    Ok(st.per_choice(SseFormat::aborted))
                 }
                 Some(Event::EngineDead) => {
                     st.phase = Phase::Done;
@@ -405,12 +438,23 @@ fn sse_stream(
                     st.phase = Phase::Over;
                     reset().await
                 }
+                Some(Event::Cut) => {
+                    st.phase = Phase::Cut;
+                    // Half of the event that was due: the role event for chat (it leaves with
+                    // the first token), else the first token's.
+                    let due = if st.format.kind() == Kind::Chat { st.format.role(0) } else { st.format.token(0, "", false) };
+                    Ok(due.slice(..due.len() / 2))
+                }
                 None => return None,
             },
+            Phase::Cut => {
+                st.phase = Phase::Over;
+                reset().await
+            }
             Phase::Usage => {
                 st.phase = Phase::Done;
                 let g = &st.generation;
-                Ok(st.format.usage(g.prompt_tokens(), u64::from(g.sent())))
+                Ok(st.format.usage(g.prompt_tokens(), u64::from(g.sent()) * u64::from(st.n)))
             }
             Phase::Done => {
                 st.phase = Phase::Over;

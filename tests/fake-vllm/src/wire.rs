@@ -31,6 +31,8 @@ pub struct Request {
     pub stream_options: Option<StreamOptions>,
     pub max_tokens: Option<i64>,
     pub max_completion_tokens: Option<i64>,
+    /// Choices to generate (vLLM samples them as `n` sequences of one request).
+    pub n: Option<i64>,
     pub messages: Option<Vec<Value>>,
     pub prompt: Option<Value>,
 }
@@ -111,15 +113,16 @@ impl SseFormat {
         self.kind
     }
 
-    /// Chat only: the first event, before the first content delta.
-    pub fn role(&self) -> Bytes {
+    /// Chat only: the first event of choice `index`, before the first content delta.
+    pub fn role(&self, index: u32) -> Bytes {
         Bytes::from(format!(
-            "{}\"choices\":[{{\"index\":0,\"delta\":{{\"role\":\"assistant\",\"content\":\"\"}},\"logprobs\":null,\"finish_reason\":null}}],\"prompt_token_ids\":null,\"prompt_text\":null}}\n\n",
+            "{}\"choices\":[{{\"index\":{index},\"delta\":{{\"role\":\"assistant\",\"content\":\"\"}},\"logprobs\":null,\"finish_reason\":null}}],\"prompt_token_ids\":null,\"prompt_text\":null}}\n\n",
             self.head
         ))
     }
 
-    pub fn token(&self, text: &str, last: bool) -> Bytes {
+    /// A token of choice `index`.
+    pub fn token(&self, index: u32, text: &str, last: bool) -> Bytes {
         let text = js(text);
         let (finish, tail) = if last {
             (
@@ -131,13 +134,13 @@ impl SseFormat {
         };
         let s = match self.kind {
             Kind::Chat => format!(
-                "{}\"choices\":[{{\"index\":0,\"delta\":{{\"content\":{text}}},\"logprobs\":null,\"finish_reason\":{finish},\"token_ids\":null}}]{tail}}}\n\n",
+                "{}\"choices\":[{{\"index\":{index},\"delta\":{{\"content\":{text}}},\"logprobs\":null,\"finish_reason\":{finish},\"token_ids\":null}}]{tail}}}\n\n",
                 self.head
             ),
             Kind::Completion => {
                 let finish = if last { "\"length\"" } else { "null" };
                 format!(
-                    "{}\"choices\":[{{\"index\":0,\"text\":{text},\"logprobs\":null,\"finish_reason\":{finish},\"stop_reason\":null,\"prompt_token_ids\":null,\"token_ids\":null}}]{tail}}}\n\n",
+                    "{}\"choices\":[{{\"index\":{index},\"text\":{text},\"logprobs\":null,\"finish_reason\":{finish},\"stop_reason\":null,\"prompt_token_ids\":null,\"token_ids\":null}}]{tail}}}\n\n",
                     self.head
                 )
             }
@@ -145,15 +148,15 @@ impl SseFormat {
         Bytes::from(s)
     }
 
-    /// vLLM's event for a request it aborted (no output, `finish_reason: "abort"`).
-    pub fn aborted(&self) -> Bytes {
+    /// vLLM's event for a choice it aborted (no output, `finish_reason: "abort"`).
+    pub fn aborted(&self, index: u32) -> Bytes {
         let s = match self.kind {
             Kind::Chat => format!(
-                "{}\"choices\":[{{\"index\":0,\"delta\":{{}},\"logprobs\":null,\"finish_reason\":\"abort\",\"stop_reason\":null}}]}}\n\n",
+                "{}\"choices\":[{{\"index\":{index},\"delta\":{{}},\"logprobs\":null,\"finish_reason\":\"abort\",\"stop_reason\":null}}]}}\n\n",
                 self.head
             ),
             Kind::Completion => format!(
-                "{}\"choices\":[{{\"index\":0,\"text\":\"\",\"logprobs\":null,\"finish_reason\":\"abort\",\"stop_reason\":null}}]}}\n\n",
+                "{}\"choices\":[{{\"index\":{index},\"text\":\"\",\"logprobs\":null,\"finish_reason\":\"abort\",\"stop_reason\":null}}]}}\n\n",
                 self.head
             ),
         };
@@ -219,7 +222,7 @@ struct Full<'a, C> {
     object: &'static str,
     created: u64,
     model: &'a str,
-    choices: [C; 1],
+    choices: Vec<C>,
     service_tier: Option<()>,
     system_fingerprint: &'a str,
     usage: Usage,
@@ -238,16 +241,20 @@ pub struct Output<'a> {
     pub fingerprint: &'a str,
     pub text: &'a str,
     pub finish: &'a str,
+    /// Choices: each carries `text` (the fake's sequences are all the same).
+    pub n: u32,
     pub prompt_tokens: u64,
+    /// Tokens of one choice.
     pub completion_tokens: u64,
 }
 
 /// The non-streaming response body.
 pub fn full_response(kind: Kind, o: &Output<'_>) -> String {
+    let completion_tokens = o.completion_tokens * u64::from(o.n);
     let usage = Usage {
         prompt_tokens: o.prompt_tokens,
-        total_tokens: o.prompt_tokens + o.completion_tokens,
-        completion_tokens: o.completion_tokens,
+        total_tokens: o.prompt_tokens + completion_tokens,
+        completion_tokens,
         prompt_tokens_details: None,
     };
     let result = match kind {
@@ -256,8 +263,8 @@ pub fn full_response(kind: Kind, o: &Output<'_>) -> String {
             object: "chat.completion",
             created: o.created,
             model: o.model,
-            choices: [ChatChoice {
-                index: 0,
+            choices: (0..o.n).map(|index| ChatChoice {
+                index,
                 message: Message {
                     role: "assistant",
                     content: o.text,
@@ -272,7 +279,7 @@ pub fn full_response(kind: Kind, o: &Output<'_>) -> String {
                 finish_reason: o.finish,
                 stop_reason: None,
                 token_ids: None,
-            }],
+            }).collect(),
             service_tier: None,
             system_fingerprint: o.fingerprint,
             usage,
@@ -285,8 +292,8 @@ pub fn full_response(kind: Kind, o: &Output<'_>) -> String {
             object: "text_completion",
             created: o.created,
             model: o.model,
-            choices: [TextChoice {
-                index: 0,
+            choices: (0..o.n).map(|index| TextChoice {
+                index,
                 text: o.text,
                 logprobs: None,
                 finish_reason: o.finish,
@@ -294,7 +301,7 @@ pub fn full_response(kind: Kind, o: &Output<'_>) -> String {
                 prompt_logprobs: None,
                 prompt_token_ids: None,
                 token_ids: None,
-            }],
+            }).collect(),
             service_tier: None,
             system_fingerprint: o.fingerprint,
             usage,
@@ -329,10 +336,10 @@ mod tests {
             "ti\"ny",
             "vllm-0.32.0-00000000",
         );
-        let role = event_json(&f.role());
+        let role = event_json(&f.role(0));
         assert_eq!(role["choices"][0]["delta"]["role"], "assistant");
         assert_eq!(role["model"], "ti\"ny");
-        let last = event_json(&f.token(" w0:1", true));
+        let last = event_json(&f.token(0, " w0:1", true));
         assert_eq!(last["choices"][0]["finish_reason"], "length");
         assert_eq!(last["system_fingerprint"], "vllm-0.32.0-00000000");
         let usage = event_json(&f.usage(3, 2));

@@ -235,3 +235,38 @@ fn error_before_token_is_vllms_engine_death_event() {
     assert!(r.error.is_none(), "vLLM ends this stream cleanly");
     assert_eq!(r.text(), format!("{real_error}\n\ndata: [DONE]\n\n"));
 }
+
+/// `n` choices: vLLM streams one event per choice and step, each with its `index`, the role
+/// events of every choice first; every choice finishes; usage counts every choice's tokens.
+#[test]
+fn n_choices_stream_one_event_per_choice() {
+    let w = Worker::start(&["--id", "w1", "--ttft-ms", "0", "--tokens-per-s", "0"]);
+    let body = r#"{"model":"tiny","messages":[{"role":"user","content":"hello"}],"stream":true,"max_tokens":3,"n":2,"stream_options":{"include_usage":true}}"#;
+    let r = w.post("/v1/chat/completions", body);
+    assert_eq!(r.status, 200);
+    let events = sse_events(&r.text());
+    assert_eq!(events.last().map(String::as_str), Some("[DONE]"));
+    assert_eq!(r.chunks.len(), events.len(), "one event per chunk");
+    let parsed = parse(&events);
+    let index = |v: &Value| v["choices"][0]["index"].as_u64();
+    // Two role events, then 3 steps of two token events, then usage.
+    assert_eq!(parsed.len(), 2 + 6 + 1);
+    assert_eq!(parsed[..2].iter().map(index).collect::<Vec<_>>(), [Some(0), Some(1)]);
+    assert!(parsed[..2].iter().all(|v| v["choices"][0]["delta"]["role"] == "assistant"));
+    for choice in 0..2u64 {
+        let mine: Vec<&Value> = parsed[2..8].iter().filter(|v| index(v) == Some(choice)).collect();
+        let text: String = mine.iter().filter_map(|v| v["choices"][0]["delta"]["content"].as_str()).collect();
+        assert_eq!(text, " w1:0 w1:1 w1:2", "choice {choice}");
+        assert_eq!(mine.last().map(|v| &v["choices"][0]["finish_reason"]), Some(&Value::from("length")));
+    }
+    assert_eq!(parsed[8]["usage"]["completion_tokens"], 6);
+
+    let full = w.post("/v1/completions", r#"{"model":"tiny","prompt":"hi","max_tokens":2,"n":3}"#).json();
+    let choices = full["choices"].as_array().expect("choices");
+    assert_eq!(choices.iter().map(|c| c["index"].as_u64()).collect::<Vec<_>>(), [Some(0), Some(1), Some(2)]);
+    assert!(choices.iter().all(|c| c["text"] == " w1:0 w1:1"), "{full}");
+    assert_eq!(full["usage"]["completion_tokens"], 6);
+
+    let bad = w.post("/v1/chat/completions", r#"{"model":"tiny","messages":[{"role":"user","content":"x"}],"n":0}"#);
+    assert_eq!(bad.status, 400);
+}

@@ -84,6 +84,22 @@ impl Worker {
         }
     }
 
+    /// Collects stderr lines containing `needle` until there are `n` of them (at most `within`).
+    pub fn log_lines(&self, needle: &str, n: usize, within: Duration) -> Vec<String> {
+        let rx = self.log.as_ref().expect("started with start_logged");
+        let deadline = Instant::now() + within;
+        let mut out = Vec::new();
+        while out.len() < n {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match rx.recv_timeout(left) {
+                Ok(line) if line.contains(needle) => out.push(line),
+                Ok(_) => {}
+                Err(e) => panic!("{} of {n} log lines with {needle:?} within {within:?}: {e}", out.len()),
+            }
+        }
+        out
+    }
+
     /// Sends a signal (`USR1`, `USR2`, ...) with kill(1).
     pub fn signal(&self, sig: &str) {
         let status = Command::new("kill")

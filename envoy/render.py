@@ -71,6 +71,28 @@ def worker_list(s):
     return out
 
 
+# vLLM sets no body limit; long contexts and base64 images make multi-MB requests ordinary.
+DEFAULT_MAX_BODY_BYTES = 32 << 20
+# Envoy's buffer limits sit this far above max_body_bytes: Envoy adds each read to the buffered
+# body before the filter sees it, so the filter's own OpenAI-shaped 413 must come first, and a
+# body the filter accepted must always fit the router's retry buffer. One read is at most the
+# listener's per_connection_buffer_limit_bytes (LISTENER_BUFFER_BYTES).
+BUFFER_HEADROOM_BYTES = 1 << 20
+# Per-connection read/write buffering (Envoy's default): it bounds one read, and is not a body
+# limit here because the route's request_body_buffer_limit raises the stream's limit.
+LISTENER_BUFFER_BYTES = 1 << 20
+
+
+def positive_int(s):
+    try:
+        v = int(s, 0)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not an integer: {s!r}")
+    if v <= 0 or v > (4 << 30):
+        raise argparse.ArgumentTypeError(f"must be between 1 and 4 GiB, got {v}")
+    return v
+
+
 def json_object(s):
     try:
         v = json.loads(s)
@@ -104,7 +126,9 @@ def common(p):
     p.add_argument("--wasm", default=None, help="path to gpuha_filter.wasm (default: $GPUHA_WASM or the newest build under target*/)")
     p.add_argument("--wasm-runtime", default="v8", choices=["v8", "wamr"])
     p.add_argument("--access-log", default="/dev/stdout", help="access log path (default /dev/stdout)")
-    p.add_argument("--buffer-limit-bytes", type=int, default=4 << 20)
+    p.add_argument("--max-body-bytes", type=positive_int, default=DEFAULT_MAX_BODY_BYTES,
+                   help="largest request body accepted (default 32 MiB); larger ones get an OpenAI-shaped 413. "
+                        "Sets the filter's max_body_bytes and Envoy's buffer limits together")
 
 
 def main(argv=None):
@@ -139,11 +163,14 @@ def main(argv=None):
         "WASM": os.path.abspath(wasm),
         "WASM_RUNTIME": a.wasm_runtime,
         "ACCESS_LOG": a.access_log,
-        "BUFFER_LIMIT_BYTES": a.buffer_limit_bytes,
+        "LISTENER_BUFFER_BYTES": LISTENER_BUFFER_BYTES,
+        "BODY_BUFFER_BYTES": a.max_body_bytes + BUFFER_HEADROOM_BYTES,
     }
     if a.which == "pool-router":
         fhost, fport = split_hostport(a.fleet, "--fleet")
-        picker = {"role": "picker", "fleet_cluster": "gpuha_fleet", "fleet_authority": a.fleet}
+        if "max_body_bytes" in a.picker_config:
+            ap.error("--picker-config: set max_body_bytes with --max-body-bytes (it sets Envoy's buffer limits too)")
+        picker = {"role": "picker", "fleet_cluster": "gpuha_fleet", "fleet_authority": a.fleet, "max_body_bytes": a.max_body_bytes}
         if a.pool:
             picker["pick"] = {"pools": a.pool}
         for k, v in a.picker_config.items():
@@ -169,7 +196,9 @@ def main(argv=None):
         })
         template = "pool-router.yaml"
     else:
-        fw = {"role": "failwhale"}
+        if "max_body_bytes" in a.failwhale_config:
+            ap.error("--failwhale-config: set max_body_bytes with --max-body-bytes (it sets Envoy's buffer limits too)")
+        fw = {"role": "failwhale", "max_body_bytes": a.max_body_bytes}
         fw.update(a.failwhale_config)
         values["FAILWHALE_CONFIG"] = yaml_single_quoted(json.dumps(fw, separators=(",", ":")))
         template = "failwhale.yaml"

@@ -8,6 +8,10 @@ use gpuha_liveness::pick::PickConfig;
 use gpuha_liveness::{FRESHNESS_GATE_MS, VIEW_AGE_FLOOR_MS};
 use serde::Deserialize;
 
+/// Default request body limit: 32 MiB (long contexts; multimodal requests with base64 images
+/// are often several MB; vLLM itself sets no limit).
+pub const DEFAULT_MAX_BODY_BYTES: usize = 32 << 20;
+
 /// What to do when the fleet view is fresh but no worker can take the request.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
 #[serde(rename_all = "snake_case")]
@@ -36,7 +40,9 @@ pub struct PickerConfig {
     pub fleet_path: String,
     pub poll_interval_ms: u64,
     pub poll_timeout_ms: u64,
-    /// Request bodies larger than this get a 413.
+    /// Request bodies larger than this get an OpenAI-shaped 413. Envoy buffers every body
+    /// whole (to retry it), so its buffer limits must sit above this: `envoy/render.py
+    /// --max-body-bytes` sets both.
     pub max_body_bytes: usize,
     pub no_worker: NoWorkerPolicy,
     pub retry_after_s: u32,
@@ -57,7 +63,7 @@ impl Default for PickerConfig {
             fleet_path: "/v1/fleet".into(),
             poll_interval_ms: 250,
             poll_timeout_ms: 1_000,
-            max_body_bytes: 1 << 20,
+            max_body_bytes: DEFAULT_MAX_BODY_BYTES,
             no_worker: NoWorkerPolicy::Error,
             retry_after_s: 1,
             stream_error_status: 503,
@@ -112,7 +118,7 @@ impl Default for FailwhaleConfig {
             message: "The service is temporarily unavailable: no inference capacity is reachable. Please retry later.".into(),
             retry_after_s: 5,
             stream_error_status: 503,
-            max_body_bytes: 1 << 20,
+            max_body_bytes: DEFAULT_MAX_BODY_BYTES,
         }
     }
 }

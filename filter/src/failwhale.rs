@@ -4,9 +4,12 @@
 
 use std::rc::Rc;
 
-use gpuha_liveness::openai_error::{error_response, wants_stream};
+use gpuha_liveness::openai_error::error_response;
+use gpuha_liveness::request::Scan;
 use proxy_wasm::traits::{Context, HttpContext};
-use proxy_wasm::types::{Action, BufferType};
+use proxy_wasm::types::Action;
+
+use crate::body::BodyScan;
 
 use crate::config::FailwhaleConfig;
 use crate::host;
@@ -16,18 +19,19 @@ pub struct Failwhale {
     cfg: Rc<FailwhaleConfig>,
     stats: Stats,
     replied: bool,
+    body: Option<BodyScan>,
 }
 
 impl Failwhale {
     pub fn new(cfg: Rc<FailwhaleConfig>, stats: Stats) -> Self {
-        Failwhale { cfg, stats, replied: false }
+        Failwhale { cfg, stats, replied: false, body: None }
     }
 
-    fn reply(&mut self, body: &[u8]) -> Action {
+    fn reply(&mut self, stream: bool) -> Action {
         if !self.replied {
             self.replied = true;
             inc(self.stats.failwhale_replies);
-            let r = error_response(self.cfg.status, &self.cfg.message, wants_stream(body), Some(self.cfg.stream_error_status), Some(self.cfg.retry_after_s));
+            let r = error_response(self.cfg.status, &self.cfg.message, stream, Some(self.cfg.stream_error_status), Some(self.cfg.retry_after_s));
             host::send_response(r.status, &r.headers, &r.body);
         }
         Action::Pause
@@ -39,19 +43,20 @@ impl Context for Failwhale {}
 impl HttpContext for Failwhale {
     fn on_http_request_headers(&mut self, _n: usize, end_of_stream: bool) -> Action {
         if end_of_stream {
-            return self.reply(b"");
+            return self.reply(false);
         }
         Action::Pause
     }
 
     fn on_http_request_body(&mut self, size: usize, end_of_stream: bool) -> Action {
         if size > self.cfg.max_body_bytes {
-            return self.reply(b"");
+            return self.reply(false);
         }
+        // Only `stream` matters here (SSE or JSON error); reply once the body is complete.
+        let scan = self.body.get_or_insert_with(BodyScan::for_request).advance(size, end_of_stream).clone();
         if !end_of_stream {
             return Action::Pause;
         }
-        let body = host::body(BufferType::HttpRequestBody, size);
-        self.reply(&body)
+        self.reply(matches!(scan, Scan::Done(f) if f.stream))
     }
 }

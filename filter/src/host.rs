@@ -69,6 +69,18 @@ pub fn body(kind: BufferType, size: usize) -> Vec<u8> {
     hostcalls::get_buffer(kind, 0, size).ok().flatten().unwrap_or_default()
 }
 
+/// `len` bytes of the buffer from `offset` (a window of a large body: the copy into the VM is
+/// bounded). `None` on a host error.
+pub fn body_window(kind: BufferType, offset: usize, len: usize) -> Option<Vec<u8>> {
+    match hostcalls::get_buffer(kind, offset, len) {
+        Ok(b) => Some(b.unwrap_or_default()),
+        Err(e) => {
+            warn(&format!("gpuha: get_buffer {offset}+{len}: {e:?}"));
+            None
+        }
+    }
+}
+
 /// Replaces the first `size` bytes of the buffer (all of it) with `value`.
 pub fn set_body(kind: BufferType, size: usize, value: &[u8]) -> bool {
     match hostcalls::set_buffer(kind, 0, size, value) {

@@ -18,6 +18,7 @@
 //! the guard must be configured with the same `vm_id`; the slots' byte layouts are
 //! `gpuha_liveness::slots`, the breaker operations on them [`breakers`].
 
+mod body;
 mod breakers;
 mod cache;
 pub mod config;

@@ -1,17 +1,21 @@
-//! The picker (downstream filter): reads `model` and `stream` from the request body, picks up
-//! to three workers from the fleet view and hands them to the `override_host` load balancer in
-//! `x-gpuha-endpoints`; rewrites Envoy's own text/plain error replies into OpenAI-shaped ones.
+//! The picker (downstream filter): reads `model` and `stream` from the request body (JSON, or
+//! a multipart form: `gpuha_liveness::request`, fed a window at a time by [`crate::body`]),
+//! picks up to three workers from the fleet view and hands them to the `override_host` load
+//! balancer in `x-gpuha-endpoints`; rewrites Envoy's own text/plain error replies into
+//! OpenAI-shaped ones.
 
 use std::cell::RefCell;
 use std::rc::Rc;
 
 use gpuha_liveness::openai_error::{error_response, is_api_shaped};
 use gpuha_liveness::blame::{blame, parse_notes};
-use gpuha_liveness::slots::{decode_request_notes, request_key};
 use gpuha_liveness::pick::{panic_fill, pick_ranked, Decision};
+use gpuha_liveness::request::{RequestFields, Scan};
+use gpuha_liveness::slots::{decode_request_notes, request_key};
 use proxy_wasm::traits::{Context, HttpContext};
 use proxy_wasm::types::{Action, BufferType};
 
+use crate::body::BodyScan;
 use crate::breakers;
 use crate::cache::Thread;
 use crate::config::{NoWorkerPolicy, PickerConfig};
@@ -19,18 +23,12 @@ use crate::host;
 use crate::stats::{inc, Stats};
 use crate::{ENDPOINTS_HEADER, PROBE_HEADER, REQUEST_ID_HEADER};
 
-#[derive(serde::Deserialize)]
-struct RequestFields {
-    #[serde(default)]
-    model: Option<serde_json::Value>,
-    #[serde(default)]
-    stream: Option<serde_json::Value>,
-}
-
 pub struct Picker {
     cfg: Rc<PickerConfig>,
     stats: Stats,
     thread: Rc<RefCell<Thread>>,
+    /// The body's scan; `None` for a request without a body.
+    body: Option<BodyScan>,
     stream: bool,
     /// Set when the response is one of Envoy's own text/plain errors being rewritten.
     rewrite: Option<u16>,
@@ -42,7 +40,7 @@ pub struct Picker {
 
 impl Picker {
     pub fn new(cfg: Rc<PickerConfig>, stats: Stats, thread: Rc<RefCell<Thread>>) -> Self {
-        Picker { cfg, stats, thread, stream: false, rewrite: None, judged: false, request_id: None }
+        Picker { cfg, stats, thread, body: None, stream: false, rewrite: None, judged: false, request_id: None }
     }
 
     fn reply_error(&self, status: u16, message: &str, retry_after: Option<u32>) {
@@ -50,17 +48,9 @@ impl Picker {
         host::send_response(r.status, &r.headers, &r.body);
     }
 
-    fn decide(&mut self, body: &[u8]) -> Action {
-        let fields: RequestFields = match serde_json::from_slice(body) {
-            Ok(f) => f,
-            Err(_) => {
-                // Not JSON: no pick; the worker answers its own 400.
-                inc(self.stats.fail_open);
-                return Action::Continue;
-            }
-        };
-        self.stream = matches!(fields.stream, Some(serde_json::Value::Bool(true)));
-        let model = fields.model.as_ref().and_then(|m| m.as_str()).map(str::to_string);
+    fn decide(&mut self, fields: RequestFields) -> Action {
+        self.stream = fields.stream;
+        let model = fields.model;
         let now = host::now_ms();
         let Some((version, fetched, view)) = self.thread.borrow_mut().fleet() else {
             inc(self.stats.fail_open);
@@ -164,16 +154,29 @@ impl HttpContext for Picker {
 
     fn on_http_request_body(&mut self, size: usize, end_of_stream: bool) -> Action {
         if size > self.cfg.max_body_bytes {
+            // Envoy's own buffer limits sit above this (render.py sets both), so this
+            // OpenAI-shaped 413 answers first.
             inc(self.stats.body_too_large);
-            let msg = format!("Request body is larger than {} bytes.", self.cfg.max_body_bytes);
-            self.reply_error(413, &msg, None);
+            self.reply_error(413, &too_large_message(self.cfg.max_body_bytes), None);
             return Action::Pause;
         }
+        // Scan what has arrived so far while the rest uploads; Envoy buffers the body anyway
+        // (the router needs all of it to retry).
+        let body = self.body.get_or_insert_with(BodyScan::for_request);
+        let scan = body.advance(size, end_of_stream).clone();
         if !end_of_stream {
             return Action::Pause;
         }
-        let body = host::body(BufferType::HttpRequestBody, size);
-        self.decide(&body)
+        match scan {
+            Scan::Done(fields) => self.decide(fields),
+            Scan::Invalid(why) => {
+                // Not a body we can read: no pick; the worker answers its own 400.
+                host::debug(&format!("gpuha: request body not scanned ({why}): fail open"));
+                inc(self.stats.fail_open);
+                Action::Continue
+            }
+            Scan::Incomplete => Action::Continue, // not after `advance(.., true)`
+        }
     }
 
     fn on_http_response_headers(&mut self, _n: usize, end_of_stream: bool) -> Action {
@@ -201,6 +204,9 @@ impl HttpContext for Picker {
         }
         let details = String::from_utf8_lossy(&host::body(BufferType::HttpResponseBody, size)).trim().to_string();
         let msg = match status {
+            // Envoy's own 413: a body above its buffer limit (render.py keeps that limit above
+            // the picker's, so this comes only from a hand-made config).
+            413 => too_large_message(self.cfg.max_body_bytes),
             503 => format!("No worker could serve the request ({details}). Please retry."),
             504 => format!("The worker did not start answering in time ({details}). Please retry."),
             _ => format!("The request failed at the gateway ({details})."),
@@ -217,3 +223,11 @@ impl HttpContext for Picker {
     }
 }
 
+
+/// The 413 message: the limit, and how the operator raises it.
+pub fn too_large_message(max_body_bytes: usize) -> String {
+    format!(
+        "Request body is larger than this gateway's limit of {max_body_bytes} bytes ({:.1} MiB). The operator can raise it with `envoy/render.py --max-body-bytes N`, which sets the picker's max_body_bytes and Envoy's buffer limits together.",
+        max_body_bytes as f64 / 1_048_576.0
+    )
+}

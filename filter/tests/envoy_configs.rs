@@ -93,7 +93,7 @@ fn pool_router_with_options_validates() {
             "pool-router", "--listen-port", "10000", "--admin-port", "9901", "--workers", "10.0.0.5:8000",
             "--fleet", "dnsd.internal:8080", "--hedge", "--per-try-timeout", "2s", "--num-retries", "3",
             "--picker-config", r#"{"poll_interval_ms":100,"no_worker":"fail_open","pick":{"max_endpoints":4}}"#,
-            "--guard-config", r#"{"max_held_bytes":65536}"#, "--wasm-runtime", "v8",
+            "--guard-config", r#"{"max_held_bytes":65536}"#, "--wasm-runtime", "v8", "--max-body-bytes", "104857600",
         ],
         "pool-router-opts",
     );
@@ -113,6 +113,9 @@ fn render_rejects_bad_arguments() {
         vec!["pool-router", "--listen-port", "1", "--admin-port", "2", "--workers", "dnsd:80", "--fleet", "127.0.0.1:1"],
         vec!["pool-router", "--listen-port", "1", "--admin-port", "2", "--workers", "127.0.0.1", "--fleet", "127.0.0.1:1"],
         vec!["failwhale", "--listen-port", "1", "--admin-port", "2", "--failwhale-config", "[1]"],
+        // One option sets the body limit, so that Envoy's buffer limits follow it.
+        vec!["pool-router", "--listen-port", "1", "--admin-port", "2", "--workers", "127.0.0.1:1", "--fleet", "127.0.0.1:1", "--picker-config", r#"{"max_body_bytes":1}"#],
+        vec!["failwhale", "--listen-port", "1", "--admin-port", "2", "--max-body-bytes", "0"],
     ] {
         let st = Command::new("python3").arg(repo().join("envoy/render.py")).args(&bad).output().expect("python3");
         assert_eq!(st.status.code(), Some(2), "{bad:?} should be refused");

@@ -16,6 +16,7 @@ pub mod ingest;
 pub mod openai_error;
 pub mod output;
 pub mod pick;
+pub mod request;
 pub mod slots;
 pub mod sse;
 

@@ -74,6 +74,9 @@ pub struct Config {
     pub start_slow: bool,
     /// Hang the engine this long after `run` starts (drills: a hang at a known time).
     pub hang_after: Option<Duration>,
+    /// Request bodies above this get `413`; `None` (the default) accepts any size, as vLLM
+    /// does (long contexts and base64 images make multi-MB bodies ordinary).
+    pub max_body_bytes: Option<usize>,
 }
 
 /// The worker's state, before it serves: the binary takes its engine to wire signals to it.
@@ -102,6 +105,7 @@ pub fn build(config: Config) -> Arc<server::App> {
         models,
         created,
         fingerprint,
+        max_body_bytes: config.max_body_bytes,
     })
 }
 

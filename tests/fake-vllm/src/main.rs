@@ -73,6 +73,9 @@ struct Args {
     /// Hang the engine this many milliseconds after start (SIGUSR1 resumes it).
     #[arg(long)]
     hang_after_ms: Option<u64>,
+    /// Request bodies above this many bytes get 413 (default: no limit, as in vLLM).
+    #[arg(long)]
+    max_body_bytes: Option<usize>,
     /// Tokio worker threads (default: one per core).
     #[arg(long)]
     threads: Option<usize>,
@@ -103,6 +106,7 @@ fn main() -> ExitCode {
         models: args.models,
         start_slow: args.slow,
         hang_after: args.hang_after_ms.map(Duration::from_millis),
+        max_body_bytes: args.max_body_bytes,
     };
     let mut rt = tokio::runtime::Builder::new_multi_thread();
     if let Some(n) = args.threads {

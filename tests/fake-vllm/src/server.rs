@@ -22,14 +22,14 @@ use crate::engine::{Engine, Event, Fault, Generation};
 use crate::flaky::{self, Shape};
 use crate::wire::{self, Kind, SseFormat, DONE_EVENT, ENGINE_DEAD_EVENT};
 
-/// Request bodies above this get `413`.
-pub const MAX_BODY_BYTES: usize = 4 * 1024 * 1024;
 
 pub struct App {
     pub engine: Arc<Engine>,
     pub models: Vec<String>,
     pub created: u64,
     pub fingerprint: String,
+    /// `413` above this many body bytes; `None`: no limit (as vLLM).
+    pub max_body_bytes: Option<usize>,
 }
 
 /// Per-connection handle that lets a handler kill its own TCP connection (failure injection
@@ -60,6 +60,11 @@ impl Conn {
 }
 
 pub fn router(app: Arc<App>) -> Router {
+    // vLLM sets no body limit; axum's default is 2 MB. `--max-body-bytes` sets one.
+    let limit = match app.max_body_bytes {
+        Some(n) => DefaultBodyLimit::max(n),
+        None => DefaultBodyLimit::disable(),
+    };
     Router::new()
         .route("/v1/chat/completions", post(chat))
         .route("/v1/completions", post(completions))
@@ -77,7 +82,7 @@ pub fn router(app: Arc<App>) -> Router {
         )
         .route("/metrics", get(metrics))
         .fallback(|| async { (StatusCode::NOT_FOUND, Json(json!({"detail": "Not Found"}))) })
-        .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
+        .layer(limit)
         .with_state(app)
 }
 

@@ -119,6 +119,10 @@ fn errors_use_vllms_error_body() {
         "a".repeat(5 * 1024 * 1024)
     );
     let r = request(&w.addr, "POST", "/v1/completions", Some(&big));
+    assert_eq!(r.status, 200, "no body limit by default, as in vLLM");
+
+    let limited = Worker::start(&["--max-body-bytes", "4194304"]);
+    let r = request(&limited.addr, "POST", "/v1/completions", Some(&big));
     assert_eq!(r.status, 413);
     error_of(&r);
 }

@@ -116,3 +116,57 @@ async fn two_instances_evict_and_fail_back_together() {
     d1.stop().await;
     d2.stop().await;
 }
+
+/// A hang is not silence (issue 12): pool-a's only worker keeps sending frames — its `/metrics`
+/// still answers — but its engine is stuck (requests running, counters frozen). pool-a leaves
+/// the answer once the window passes without progress, although its frames never stopped;
+/// pool-b, whose engine steps advance, stays. About one eviction window plus a second.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pool_whose_workers_all_hang_leaves_the_answer() {
+    use gpuha_liveness::Metrics;
+    let started = Instant::now();
+    let d = Dnsd::start(&dns_section("")).await;
+    let stop = Arc::new(AtomicBool::new(false));
+    let hang_at = Duration::from_millis(1_000);
+    let sidecars = {
+        let stop = stop.clone();
+        let to = vec![d.ingest];
+        tokio::spawn(async move {
+            let mut seq = 0u64;
+            while !stop.load(Ordering::Relaxed) {
+                seq += 1;
+                // Busy; pool-a's counters freeze at `hang_at`, pool-b's keep stepping.
+                let steps = |frozen: bool| if frozen { 10.0 } else { seq as f64 };
+                let hung = started.elapsed() >= hang_at;
+                let m = |frozen: bool| Metrics { running: Some(2.0), waiting: Some(0.0), engine_steps: Some(steps(frozen)), generation_tokens: Some(steps(frozen)), ..Metrics::default() };
+                send_frame(&to, &frame_with_metrics("a1", "pool-a", 1, seq, m(hung)));
+                send_frame(&to, &frame_with_metrics("b1", "pool-b", 2, seq, m(false)));
+                tokio::time::sleep(Duration::from_millis(300)).await;
+            }
+        })
+    };
+    let both = vec!["10.0.1.1", "10.0.2.1", "10.0.2.2"];
+    // Before the hang has lasted a window: both pools (cold start, then alive by progress).
+    tokio::time::sleep(Duration::from_millis(10_500).saturating_sub(started.elapsed())).await;
+    assert_eq!(answer(&d, "api.gpuha.test.").await, both, "pool-a left before its hang lasted a window");
+    let deadline = started + Duration::from_millis(13_000);
+    loop {
+        let a = answer(&d, "api.gpuha.test.").await;
+        if a == ["10.0.2.1", "10.0.2.2"] {
+            break;
+        }
+        assert!(Instant::now() < deadline, "the hung pool is still answered: {a:?}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let left = started.elapsed();
+    eprintln!("the hung pool left the answer {:?} after its hang (its frames never stopped)", left - hang_at);
+    assert!(left - hang_at >= Duration::from_millis(10_000));
+    let raw = http_get(d.http, "/v1/fleet").await;
+    let body = raw.split_once("\r\n\r\n").map_or("", |(_, b)| b);
+    let fleet: serde_json::Value = serde_json::from_str(body).expect("fleet json");
+    let a1 = fleet["workers"].as_array().and_then(|w| w.iter().find(|w| w["id"] == "a1").cloned()).expect("a1 in the fleet");
+    assert_eq!(a1["stalled"], true, "{a1}");
+    assert_eq!(a1["fresh"], false, "{a1}");
+    stop.store(true, Ordering::Relaxed);
+    let _ = sidecars.await;
+}

@@ -10,9 +10,8 @@
 //! idle worker is never stalled). A busy worker whose counters stop ages exactly like a silent
 //! one: no new requests after the 3 s gate, out of its pool's count after the 10 s window. A
 //! worker whose frames carry none of the counters cannot be judged this way and counts every
-//! frame (no data is not death). Why engine steps: vLLM counts prompt tokens when a request's
-//! prefill completes, so during a long chunked prefill only the step counter moves
-//! (`deploy/vllm/results/stall-window.md`).
+//! frame (no data is not death). Which numbers, and why KV-cache usage among them (the only one
+//! that moves during a long chunked prefill): [`progress`].
 
 use std::collections::HashMap;
 
@@ -38,7 +37,13 @@ pub struct Derived {
     pub gen_tps: Option<f64>,
     /// Prompt tokens per second between the two frames.
     pub prompt_tps: Option<f64>,
+    /// Decode pace: generated tokens per second per running sequence, smoothed over frames
+    /// (exponential average, [`PACE_SMOOTHING`]); what gray failures are judged by.
+    pub pace: Option<f64>,
 }
+
+/// Weight of the newest frame pair in [`Derived::pace`].
+pub const PACE_SMOOTHING: f64 = 0.25;
 
 /// What the fleet knows about one worker.
 #[derive(Debug, Clone, PartialEq)]
@@ -97,26 +102,26 @@ impl WorkerState {
 }
 
 /// Whether `next` (the frame after `prev`, same boot) is evidence of life: the engine is idle
-/// (nothing running or waiting), or a progress counter advanced (engine steps, generated or
-/// prompt tokens), or neither frame carries any progress counter (nothing to judge by). A
-/// counter that went down was reset: progress too.
+/// (nothing running or waiting), or any number its engine reports moved: engine steps,
+/// generated or prompt tokens, KV-cache usage, preemptions, the running or waiting count. A
+/// hung engine freezes every one of them (its API server keeps exporting the last stats the
+/// engine sent). KV-cache usage is the one that moves on every step of a long chunked prefill:
+/// vLLM counts steps and tokens only on steps that emit a token (measured: 2.6-4 s of a 30k-token
+/// prefill with all three frozen; `deploy/vllm/results/stall-window.md`). Frames that carry none
+/// of these cannot be judged: every one counts (no data is not death). A counter that went down
+/// was reset: a change too.
 pub fn progress(prev: &Metrics, next: &Metrics) -> bool {
     let busy = next.running.unwrap_or(0.0) + next.waiting.unwrap_or(0.0) > 0.0;
     if !busy {
         return true;
     }
-    let counters = |m: &Metrics| [m.engine_steps, m.generation_tokens, m.prompt_tokens];
-    let (p, n) = (counters(prev), counters(next));
-    let mut judged = false;
-    for (a, b) in p.iter().zip(n.iter()) {
-        if let (Some(a), Some(b)) = (a, b) {
-            judged = true;
-            if b != a {
-                return true;
-            }
-        }
-    }
-    !judged
+    // The engine's counters and gauges; a frame with none of them (only the queue lengths)
+    // cannot be judged.
+    let counters = |m: &Metrics| [m.engine_steps, m.generation_tokens, m.prompt_tokens, m.kv_usage, m.preemptions];
+    let queues = |m: &Metrics| [m.running, m.waiting];
+    let moved = |a: &[Option<f64>], b: &[Option<f64>]| a.iter().zip(b).any(|(a, b)| matches!((a, b), (Some(a), Some(b)) if a != b));
+    let judged = counters(prev).iter().zip(counters(next).iter()).any(|(a, b)| a.is_some() && b.is_some());
+    !judged || moved(&counters(prev), &counters(next)) || moved(&queues(prev), &queues(next))
 }
 
 /// The earliest instant at which a worker counting over `old` instead of `new` (inclusive spans,
@@ -193,10 +198,24 @@ fn derive(prev: &Metrics, prev_sent: u64, next: &Metrics, next_sent: u64, old: D
         (Some(ds), Some(dc)) if dc > 0.0 => Some(ds / dc * 1000.0),
         _ => old.ttft_recent_ms,
     };
+    let gen_tps = rate(next.generation_tokens, prev.generation_tokens);
+    // Sequences decoding over the interval: the mean of both frames' running counts.
+    let running = match (prev.running, next.running) {
+        (Some(a), Some(b)) if a.is_finite() && b.is_finite() => Some((a + b) / 2.0),
+        _ => None,
+    };
+    let pace = match (gen_tps, running) {
+        (Some(t), Some(r)) if r >= 1.0 => {
+            let now = t / r;
+            Some(old.pace.map_or(now, |p| p * (1.0 - PACE_SMOOTHING) + now * PACE_SMOOTHING))
+        }
+        _ => old.pace,
+    };
     Derived {
         ttft_recent_ms: ttft,
-        gen_tps: rate(next.generation_tokens, prev.generation_tokens),
+        gen_tps,
         prompt_tps: rate(next.prompt_tokens, prev.prompt_tokens),
+        pace,
     }
 }
 
@@ -346,6 +365,7 @@ impl FleetState {
             }
         }
         workers.sort_by(|a, b| a.id.cmp(&b.id));
+        mark_slow_workers(&mut workers);
         let mut pools: Vec<PoolView> = Vec::new();
         for w in &workers {
             let i = match pools.iter().position(|p| p.pool == w.pool) {
@@ -450,6 +470,52 @@ pub struct WorkerView {
     pub prompt_tps: Option<f64>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub preemptions: Option<f64>,
+    /// Decode pace (see [`Derived::pace`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pace: Option<f64>,
+    /// Gray failure: this worker decodes far slower than its pool's peers, by this factor
+    /// ([`mark_slow_workers`]); the picker multiplies its predicted time to first token by it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub slow: Option<f64>,
+}
+
+/// A worker decoding below this share of its peers' median pace is slow (a throttled or
+/// degraded GPU).
+pub const GRAY_PACE_RATIO: f64 = 0.5;
+/// The largest penalty a slow worker gets.
+pub const GRAY_MAX_PENALTY: f64 = 8.0;
+
+/// Gray failures, judged against peers: a fresh, busy worker whose decode pace (generated
+/// tokens per second per running sequence, smoothed over its frames: [`Derived::pace`]) is below
+/// [`GRAY_PACE_RATIO`] of the median pace of the other fresh, busy workers of its pool gets
+/// `slow = median / pace` (at most [`GRAY_MAX_PENALTY`]): a worker at a fifth of its peers'
+/// pace scores 5x worse and gets proportionally fewer new requests. A fleet-wide slowdown (a
+/// big batch everywhere) moves the median with it and changes nothing; a worker with no peer
+/// to compare with is never judged.
+pub fn mark_slow_workers(workers: &mut [WorkerView]) {
+    let pace = |w: &WorkerView| -> Option<f64> {
+        w.running.filter(|r| r.is_finite() && *r >= 1.0)?;
+        let p = w.pace.filter(|p| p.is_finite() && *p >= 0.0)?;
+        w.fresh.then_some(p)
+    };
+    let paces: Vec<(usize, &str, f64)> = workers.iter().enumerate().filter_map(|(i, w)| pace(w).map(|p| (i, w.pool.as_str(), p))).collect();
+    let mut marks: Vec<(usize, f64)> = Vec::new();
+    for &(i, pool, mine) in &paces {
+        let mut peers: Vec<f64> = paces.iter().filter(|(j, p, _)| *j != i && *p == pool).map(|(_, _, x)| *x).collect();
+        if peers.is_empty() {
+            continue;
+        }
+        peers.sort_by(f64::total_cmp);
+        let mid = peers.len() / 2;
+        let median = if peers.len().is_multiple_of(2) { (peers[mid - 1] + peers[mid]) / 2.0 } else { peers[mid] };
+        if median > 0.0 && mine < median * GRAY_PACE_RATIO {
+            let f = if mine > 0.0 { (median / mine).min(GRAY_MAX_PENALTY) } else { GRAY_MAX_PENALTY };
+            marks.push((i, (f * 10.0).round() / 10.0));
+        }
+    }
+    for (i, f) in marks {
+        workers[i].slow = Some(f);
+    }
 }
 
 impl WorkerView {
@@ -471,6 +537,8 @@ impl WorkerView {
             gen_tps: w.derived.gen_tps,
             prompt_tps: w.derived.prompt_tps,
             preemptions: m.preemptions,
+            pace: w.derived.pace.map(|p| (p * 10.0).round() / 10.0),
+            slow: None,
         }
     }
 }
@@ -536,9 +604,14 @@ mod tests {
         assert!(progress(&busy, &step), "an engine step is progress (a chunked prefill)");
         let tok = Metrics { generation_tokens: busy.generation_tokens.map(|g| g + 1.0), ..busy };
         assert!(progress(&busy, &tok));
+        // A long chunked prefill: vLLM's steps and tokens stay put, its KV-cache usage grows.
+        let chunk = Metrics { kv_usage: busy.kv_usage.map(|k| k + 0.01), ..busy };
+        assert!(progress(&busy, &chunk));
+        let admitted = Metrics { waiting: Some(0.0), running: busy.running.map(|r| r + 1.0), ..busy };
+        assert!(progress(&busy, &admitted), "the scheduler moved a request");
         let idle = Metrics { running: Some(0.0), waiting: Some(0.0), ..busy };
         assert!(progress(&busy, &idle) && progress(&idle, &idle), "an idle engine is never stalled");
-        let blind = Metrics { engine_steps: None, generation_tokens: None, prompt_tokens: None, ..busy };
+        let blind = Metrics { running: Some(1.0), waiting: None, engine_steps: None, generation_tokens: None, prompt_tokens: None, kv_usage: None, preemptions: None, ..busy };
         assert!(progress(&blind, &blind), "no counters: nothing to judge by, every frame counts");
         let reset = Metrics { engine_steps: Some(0.0), ..busy };
         assert!(progress(&busy, &reset), "a counter reset is a change");
@@ -581,6 +654,27 @@ mod tests {
             f2.observe(f, T0 + i * 500);
         }
         assert!(f2.worker("w2").unwrap().is_fresh(T0 + 14_500));
+    }
+
+    fn busy_view(id: &str, pool: &str, running: f64, gen_tps: f64) -> WorkerView {
+        WorkerView { id: id.into(), pool: pool.into(), models: vec![], addr: String::new(), age_ms: 500, fresh: true, stalled: false, boot: 1, running: Some(running), waiting: None, kv: None, ttft_ms: None, gen_tps: Some(gen_tps), prompt_tps: None, preemptions: None, pace: Some(gen_tps / running.max(1.0)), slow: None }
+    }
+
+    #[test]
+    fn gray_failures_are_judged_against_peers() {
+        // w3 decodes at a fifth of its peers' pace (per running sequence).
+        let mut v = vec![busy_view("w1", "p", 4.0, 400.0), busy_view("w2", "p", 2.0, 200.0), busy_view("w3", "p", 4.0, 80.0), busy_view("x1", "q", 1.0, 5.0)];
+        mark_slow_workers(&mut v);
+        assert_eq!(v.iter().map(|w| w.slow).collect::<Vec<_>>(), vec![None, None, Some(5.0), None], "x1 has no peer: never judged");
+        // A fleet-wide slowdown changes nothing.
+        let mut all = vec![busy_view("w1", "p", 4.0, 40.0), busy_view("w2", "p", 4.0, 42.0), busy_view("w3", "p", 4.0, 38.0)];
+        mark_slow_workers(&mut all);
+        assert!(all.iter().all(|w| w.slow.is_none()));
+        // Idle or stale workers are not compared; a stopped decoder gets the cap.
+        let mut v = vec![busy_view("w1", "p", 1.0, 0.0), busy_view("w2", "p", 2.0, 100.0), busy_view("w3", "p", 2.0, 0.0)];
+        v[0].fresh = false;
+        mark_slow_workers(&mut v);
+        assert_eq!(v.iter().map(|w| w.slow).collect::<Vec<_>>(), vec![None, None, Some(GRAY_MAX_PENALTY)]);
     }
 
     #[test]

@@ -96,9 +96,8 @@ pub struct Metrics {
     pub generation_tokens: Option<f64>,
     /// `vllm:num_preemptions_total`
     pub preemptions: Option<f64>,
-    /// `vllm:iteration_tokens_total_count`: engine steps. The one counter that advances during
-    /// a long chunked prefill (prompt tokens are counted when a request's prefill completes):
-    /// what tells a busy engine from a hung one (see `fleet::WorkerState::progress`).
+    /// `vllm:iteration_tokens_total_count`: engine steps that emitted a token. With the other
+    /// engine numbers, what tells a busy engine from a hung one (see `fleet::progress`).
     pub engine_steps: Option<f64>,
 }
 

@@ -40,10 +40,10 @@ pub struct PickConfig {
     /// KV-cache usage above which a worker is penalised, and the penalty at 100 %.
     pub kv_soft_limit: f64,
     pub kv_penalty: f64,
-    /// The breaker's panic threshold, in percent of the fresh workers serving the model: when
-    /// fewer than this share are admitted by their breakers, the ones whose circuit is open
-    /// are offered too, those that fail least first ([`panic_fill`]); 0 turns it off.
-    pub panic_threshold_percent: u32,
+    /// Open circuits complete the endpoint list as last resorts ([`panic_fill`]); `false` gives
+    /// the strict breaker (an open circuit removes the worker from every list: a flaky fleet
+    /// then refuses requests with no attempt at all).
+    pub last_resort: bool,
 }
 
 impl Default for PickConfig {
@@ -59,7 +59,7 @@ impl Default for PickConfig {
             running_weight: 0.05,
             kv_soft_limit: 0.8,
             kv_penalty: 4.0,
-            panic_threshold_percent: 50,
+            last_resort: true,
         }
     }
 }
@@ -75,9 +75,6 @@ impl PickConfig {
         let finite_nonneg = [self.near_best_ratio, self.near_best_ms, self.default_ttft_ms, self.running_weight, self.kv_penalty];
         if finite_nonneg.iter().any(|v| !v.is_finite() || *v < 0.0) {
             return Err("pick: weights must be finite and >= 0".into());
-        }
-        if self.panic_threshold_percent > 100 {
-            return Err("pick.panic_threshold_percent: must be 0..=100".into());
         }
         if !(0.0..1.0).contains(&self.kv_soft_limit) {
             return Err("pick.kv_soft_limit: must be in [0, 1)".into());
@@ -165,7 +162,8 @@ pub fn predicted_ttft_ms(w: &WorkerView, extra: f64, cfg: &PickConfig) -> f64 {
         // Little KV headroom: the new sequence waits for blocks or causes preemptions.
         t *= 1.0 + (kv - cfg.kv_soft_limit) / (1.0 - cfg.kv_soft_limit) * cfg.kv_penalty;
     }
-    t
+    // Gray failure: a worker decoding far below its peers' pace (see `fleet::mark_slow_workers`).
+    t * w.slow.filter(|f| f.is_finite() && *f >= 1.0).unwrap_or(1.0)
 }
 
 /// The picker's answer for one request.
@@ -422,18 +420,18 @@ pub fn pick_ranked(
     Decision::Endpoints { endpoints, probe }
 }
 
-/// The breaker's panic threshold: a breaker must never leave a model with no admitted worker
-/// while fresh workers exist (a flaky fleet, where every worker fails a share of its requests,
-/// would otherwise see every circuit open in turn and the picker refuse everything). Envoy's
-/// load balancer does the same below its `healthy_panic_threshold` (routes to all hosts), and
-/// LiteLLM when every deployment is in cool-down.
+/// How the breaker's open circuits shape a pick (Envoy's load balancer routes to every host
+/// below its `healthy_panic_threshold`; LiteLLM bypasses its cool-downs when every deployment is
+/// in one): **an open circuit takes a worker out of first choice, never out of the list**. The
+/// fresh workers whose circuit is open (`denied_trips(addr)`: `Some(trips in a row)` while the
+/// breaker denies it) complete the endpoint list after the admitted ones, those with the fewest
+/// trips in a row first, then by predicted time to first token (which counts this thread's
+/// recent requests, so such picks spread). So while any fresh worker serves the model, a request
+/// gets up to `max_endpoints` attempts and is never refused outright; when no worker is
+/// admitted at all, the least failing open one takes the first attempt (a panic pick).
+/// Freshness is never overridden: a dead or hung worker is not offered.
 ///
-/// When fewer than `panic_threshold_percent` of the fresh workers serving the model are
-/// admitted, the fresh workers whose circuit is open (`denied_trips(addr)`: `Some(trips in a
-/// row)` while the breaker denies it) fill the rest of the endpoint list after the admitted
-/// ones, those with the fewest trips in a row first, then by predicted time to first token
-/// (which counts this thread's recent requests, so panicked requests spread). Returns the
-/// decision and whether the panic threshold applied.
+/// Returns the decision and whether it is a panic pick (its first endpoint's circuit is open).
 #[allow(clippy::too_many_arguments)]
 pub fn panic_fill(
     decision: Decision,
@@ -452,12 +450,9 @@ pub fn panic_fill(
         Decision::NoWorker { .. } => (Vec::new(), None),
         d => return (d, false),
     };
-    if cfg.panic_threshold_percent == 0 {
+    if !cfg.last_resort {
         return (rebuild(endpoints, probe, ranked, model, fetched_local_ms, now_ms, cfg), false);
     }
-    let mr = ranked.for_model(model);
-    let elapsed = now_ms.saturating_sub(fetched_local_ms);
-    let fresh = mr.ages.partition_point(|a| a.saturating_add(elapsed) < cfg.freshness_gate_ms);
     let mut denied: Vec<(u32, f64, usize)> = Vec::new();
     for (i, addr) in not_closed.iter().enumerate() {
         if not_closed[..i].contains(addr) {
@@ -475,18 +470,15 @@ pub fn panic_fill(
             }
         }
     }
-    let admitted = fresh.saturating_sub(denied.len());
-    let panic = fresh > 0 && (admitted as u64) * 100 < u64::from(cfg.panic_threshold_percent) * fresh as u64;
-    if panic {
-        denied.sort_by(|a, b| a.0.cmp(&b.0).then(a.1.total_cmp(&b.1)).then(a.2.cmp(&b.2)));
-        for (_, _, idx) in denied {
-            if endpoints.len() >= cfg.max_endpoints {
-                break;
-            }
-            let addr = &view.workers[idx].addr;
-            if !endpoints.contains(addr) {
-                endpoints.push(addr.clone());
-            }
+    let panic = endpoints.is_empty() && !denied.is_empty();
+    denied.sort_by(|a, b| a.0.cmp(&b.0).then(a.1.total_cmp(&b.1)).then(a.2.cmp(&b.2)));
+    for (_, _, idx) in denied {
+        if endpoints.len() >= cfg.max_endpoints {
+            break;
+        }
+        let addr = &view.workers[idx].addr;
+        if !endpoints.contains(addr) {
+            endpoints.push(addr.clone());
         }
     }
     (rebuild(endpoints, probe, ranked, model, fetched_local_ms, now_ms, cfg), panic)
@@ -653,6 +645,8 @@ mod tests {
             age_ms: age,
             fresh: age <= 3_000,
             stalled: false,
+            pace: None,
+            slow: None,
             boot: 1,
             running: Some(0.0),
             waiting: Some(waiting),
@@ -682,30 +676,27 @@ mod tests {
     }
 
     #[test]
-    fn panic_threshold_never_leaves_a_model_without_workers() {
+    fn open_circuits_leave_first_choice_never_the_list() {
         let v = view((1..=4).map(|i| w(&format!("w{i}"), i, 100, 0.0, 100.0)).collect());
         let cfg = PickConfig::default();
-        // Every circuit open: without the panic threshold, a 503 with 0 attempts.
+        // Every circuit open: without last resorts, a 503 with 0 attempts.
         let all: Vec<(&str, u32)> = vec![("127.0.0.1:1", 3), ("127.0.0.1:2", 1), ("127.0.0.1:3", 2), ("127.0.0.1:4", 1)];
         let (d, panic) = pick_with_open(&v, &all, &cfg);
-        assert!(panic);
+        assert!(panic, "no admitted worker: a panic pick");
         assert_eq!(d, Decision::Endpoints { endpoints: vec!["127.0.0.1:2".into(), "127.0.0.1:4".into(), "127.0.0.1:3".into()], probe: None }, "fewest trips first");
-        // Half of them admitted (50 %): no panic, the open ones stay out.
+        // Two open of four: the two admitted first, then the least failing open one.
         let (d, panic) = pick_with_open(&v, &all[..2], &cfg);
         assert!(!panic);
         let Decision::Endpoints { endpoints, .. } = d else { panic!("{d:?}") };
-        assert_eq!(endpoints.len(), 2);
-        assert!(!endpoints.contains(&"127.0.0.1:1".to_string()));
-        // Three of four open: panic; the admitted one first, then the least failing.
-        let (d, panic) = pick_with_open(&v, &all[..3], &cfg);
-        assert!(panic);
-        assert_eq!(d, Decision::Endpoints { endpoints: vec!["127.0.0.1:4".into(), "127.0.0.1:2".into(), "127.0.0.1:3".into()], probe: None });
-        // Turned off: the old behaviour.
-        let off = PickConfig { panic_threshold_percent: 0, ..PickConfig::default() };
-        let (d, panic) = pick_with_open(&v, &all, &off);
+        assert_eq!(endpoints.len(), 3);
+        assert_eq!(endpoints[2], "127.0.0.1:2", "an open one only as the last resort");
+        assert!(!endpoints[..2].contains(&"127.0.0.1:1".to_string()) && !endpoints[..2].contains(&"127.0.0.1:2".to_string()));
+        // Strict breaker: the old behaviour.
+        let strict = PickConfig { last_resort: false, ..PickConfig::default() };
+        let (d, panic) = pick_with_open(&v, &all, &strict);
         assert!(!panic);
         assert_eq!(d, Decision::NoWorker { fresh: 4, serving: 4 });
-        // Stale workers are never offered, panic or not.
+        // Stale workers are never offered.
         let stale = view(vec![w("w1", 1, 5_000, 0.0, 100.0)]);
         let (d, _) = pick_with_open(&stale, &[("127.0.0.1:1", 1)], &cfg);
         assert!(matches!(d, Decision::Stale | Decision::NoWorker { .. }), "{d:?}");
@@ -713,7 +704,8 @@ mod tests {
 
     proptest! {
         /// Whatever circuits are open: while a fresh worker serves the model, the pick is never
-        /// empty (the panic threshold), and every endpoint is a fresh worker, listed once.
+        /// empty and as long as the fresh workers allow, and every endpoint is a fresh worker,
+        /// listed once, the admitted ones first.
         #[test]
         fn never_empty_while_fresh(n in 1usize..8, open in proptest::collection::vec((0usize..8, 0u32..5), 0..8), ages in proptest::collection::vec(0u64..4_000, 8)) {
             let v = view((0..n).map(|i| w(&format!("w{i}"), i as u16 + 1, ages[i], 0.0, 100.0)).collect());
@@ -724,9 +716,14 @@ mod tests {
             match d {
                 Decision::Endpoints { endpoints, .. } => {
                     let mut e = endpoints.clone();
+                    e.sort();
                     e.dedup();
                     prop_assert_eq!(e.len(), endpoints.len());
                     prop_assert!(endpoints.iter().all(|a| fresh.contains(&a)));
+                    prop_assert_eq!(endpoints.len(), fresh.len().min(3));
+                    let is_open = |a: &String| open.iter().any(|(x, _)| x == a);
+                    let first_open = endpoints.iter().position(is_open).unwrap_or(endpoints.len());
+                    prop_assert!(endpoints[first_open..].iter().all(is_open), "admitted ones first: {:?}", endpoints);
                 }
                 Decision::NoWorker { .. } => prop_assert!(fresh.is_empty()),
                 Decision::Stale => prop_assert!(fresh.is_empty()),

@@ -85,3 +85,43 @@ def test_engine_hang_with_metrics_answering(stack):
         assert o.kind == "truncated", o.describe()
     assert stream_end <= 15.0, f"streams on the hung worker ended {stream_end:.2f} s after the hang (bound: 3 s + 10 s)"
     assert filter_stat(envoy, "stall_truncations") >= len(on_hung_streams)
+
+
+def test_gray_failure_slow_worker_gets_fewer_requests(stack):
+    """One worker slowed to a fifth of its peers' decode pace (fake-vllm's SIGUSR2: a throttled
+    GPU): judged against its peers, it gets proportionally fewer new requests; the same slowdown
+    on every worker would change nothing (a unit property of `fleet::mark_slow_workers`)."""
+    stack.start_dnsd()
+    workers = stack.start_workers(3, ttft_ms=20, tokens_per_s=50, extra=["--slow-factor", "5"])
+    slow = workers[2]
+    envoy = stack.start_pool_router()
+    warm_up(stack, envoy)
+    client = make_client(envoy.base_url, timeout=30)
+    slow.proc.signal(signal.SIGUSR2)
+    wait_for(lambda: "slowed down" in slow.proc.err_path.read_text(errors="replace"), 5, "fake-vllm to log its slow-down")
+    slowed_wall = time.time()
+    rate, run_s, tokens = 8.0, 10.0, 30
+    futures = []
+    with ThreadPoolExecutor(max_workers=64) as pool:
+        t0 = time.monotonic()
+        i = 0
+        marks: dict[str, float] = {}
+        while time.monotonic() < t0 + run_s:
+            futures.append(pool.submit(chat, client, i, tokens))
+            i += 1
+            if i % 8 == 0:
+                for w in stack.fleet_workers().values():
+                    if w.get("slow"):
+                        marks[w["id"]] = max(marks.get(w["id"], 0.0), w["slow"])
+            time.sleep(1.0 / rate)
+        outcomes = [f.result(timeout=60) for f in futures]
+    entries = [e for e in access_entries(envoy) if e["start"] and e["start"] >= slowed_wall + 3.0]
+    to_slow = sum(1 for e in entries if e["endpoints"] and e["endpoints"][0] == slow.addr)
+    share = to_slow / max(1, len(entries))
+    report(f"gray failure: {summarize(outcomes)}; workers marked slow by dnsd (highest factor) {marks}; "
+           f"its share of new requests from 3 s after the slow-down {share:.1%} ({to_slow}/{len(entries)}; fair share 33%)")
+    assert_whole_and_single_worker(outcomes)
+    assert all(o.kind == "completed" for o in outcomes)
+    assert len(entries) >= 30
+    assert share < 0.2, f"the slow worker still got {share:.0%} of new requests"
+    assert set(marks) == {slow.id}, f"dnsd marked {marks}, expected only {slow.id}"

@@ -2,7 +2,7 @@
 """GPU HA benchmarks: every tier measured beside the tools users would pick instead, in one run.
 
 Usage: bench/run.py [--quick] [--only SECTION[,SECTION]] [--out DIR]
-Sections: l7, l7_paced, failover, ingest, fleet, sidecar, dns_failover, dnsperf.
+Sections: l7, l7_paced, failover, big_bodies, ingest, fleet, sidecar, dns_failover, dnsperf.
 Normally started by bench/run.sh (which installs and builds what this needs).
 
 Everything listens on 127.0.0.1; every process started here is tracked by PID and killed by PID
@@ -379,9 +379,9 @@ def wrk_result(name="wrk-bg"):
     return d
 
 
-def one_request(port, stream, timeout=30.0):
+def one_request(port, stream, timeout=30.0, body=None):
     """One POST on a fresh connection; returns (seconds, status, body bytes)."""
-    body = (BODY % ("true" if stream else "false")).encode()
+    body = body if body is not None else (BODY % ("true" if stream else "false")).encode()
     req = (f"POST /v1/chat/completions HTTP/1.1\r\nhost: bench\r\ncontent-type: application/json\r\n"
            f"content-length: {len(body)}\r\nconnection: close\r\n\r\n").encode() + body
     t0 = time.perf_counter()
@@ -610,7 +610,9 @@ def sec_failover(R, quick):
 
     # --- SIGKILL / SIGSTOP under load: time from the signal to the last request Envoy sent to
     # the victim (per-host rq_total in /clusters, polled every 20 ms).
-    for sig_name, sig in [("SIGKILL", signal.SIGKILL), ("SIGSTOP", signal.SIGSTOP)]:
+    # HANG: fake-vllm's SIGUSR1 hangs its engine with `/metrics` still answering (frozen
+    # numbers), what a CUDA/NCCL hang looks like from outside: judged by progress, not silence.
+    for sig_name, sig in [("SIGKILL", signal.SIGKILL), ("SIGSTOP", signal.SIGSTOP), ("HANG", signal.SIGUSR1)]:
         ws = [fake_worker(f"fo{i}") for i in range(3)]
         dp, ingest, http, _ = dnsd()
         for i, (_, a) in enumerate(ws):
@@ -667,6 +669,50 @@ def sec_failover(R, quick):
             pass
         PROCS.stop_all()
     R["failover"] = out
+
+
+def big_body(mb):
+    """A chat request whose one message is `mb` MB of text (a long context, or base64 images)."""
+    filler = "x" * (mb * 1_000_000)
+    return json.dumps({"model": "tiny", "messages": [{"role": "user", "content": filler}], "max_tokens": 4, "stream": True}).encode()
+
+
+def sec_big_bodies(R, quick):
+    """Bodies of 1, 10 and 30 MB through the router with the filter and through the same Envoy
+    without Wasm: added latency (p50/p99) and Envoy CPU per request, interleaved."""
+    ws = [fake_worker(f"bb{i}") for i in range(2)]
+    dp, ingest, http, _ = dnsd()
+    for i, (_, a) in enumerate(ws):
+        sidecar(f"bb{i}", a, ingest)
+    fleet_ready(http, 2)
+    addrs = [a for _, a in ws]
+    variants = {}
+    for v in ("filter", "nowasm"):
+        variants[v] = envoy(f"envoy-bb-{v}", addrs, http, variant=v, picker_config=NO_BREAKER, guard_config=NO_BREAKER)
+    n = 4 if quick else 12
+    out = []
+    for mb in (1, 10, 30):
+        body = big_body(mb)
+        for v, (ep, port, admin, _) in variants.items():
+            one_request(port, True, body=body)
+        lat = {v: [] for v in variants}
+        cpu = {v: 0.0 for v in variants}
+        for _ in range(n):
+            for v, (ep, port, admin, _) in variants.items():
+                c0 = cpu_seconds_fine(ep.pid)
+                dt, status, _ = one_request(port, True, timeout=60, body=body)
+                cpu[v] += cpu_seconds_fine(ep.pid) - c0
+                if status == 200:
+                    lat[v].append(dt)
+        for v in variants:
+            xs = sorted(lat[v])
+            r = {"mb": mb, "variant": v, "ok": len(xs), "requests": n,
+                 "p50_ms": statistics.median(xs) * 1e3 if xs else None,
+                 "p99_ms": xs[min(len(xs) - 1, int(len(xs) * 0.99))] * 1e3 if xs else None,
+                 "envoy_cpu_ms_per_req": cpu[v] / n * 1e3}
+            out.append(r)
+            note(f"big body {mb} MB {v}: {r}")
+    R["big_bodies"] = out
 
 
 def sec_ingest(R, quick):
@@ -1450,12 +1496,19 @@ def report(R, outdir):
             if r:
                 md.append(f"| pre-token retry, {k}: extra latency (p50 of retried − p50 of first-try, sequential streams) | "
                           f"{fmt(r.get('extra_ms_p50'), 2)} ms ({r['attempts2']} retried / {r['attempts1']} first-try, non-200 {r['non200']}, spliced {r['spliced']}) |")
-        for k in ("SIGKILL", "SIGSTOP"):
+        for k in ("SIGKILL", "SIGSTOP", "HANG"):
             r = fo.get(k)
             if r:
-                md.append(f"| {k} of 1 of 3 workers under load (wrk 16 streams): signal → last request Envoy sent to it | "
+                what = "engine hang (metrics still answering)" if k == "HANG" else k
+                md.append(f"| {what} of 1 of 3 workers under load (wrk 16 streams): signal → last request Envoy sent to it | "
                           f"{fmt(r['last_rq_to_victim_s'], 3)} s ({r['rq_to_victim_after_signal']} requests sent to it after the signal; "
                           f"client errors {r['client_errors']}, retried {r['retried_in_log']}, p99 {fmt(r['p99_ms'], 1)} ms, max {fmt(r['max_ms'], 0)} ms) |")
+    bb = R.get("big_bodies")
+    if bb:
+        md += ["", "Large request bodies (stream, 4 tokens), the same Envoy with the filter and without Wasm, interleaved:", "",
+               "| body | variant | p50 ms | p99 ms | Envoy CPU ms/request |", "|---|---|---:|---:|---:|"]
+        for r in bb:
+            md.append(f"| {r['mb']} MB | {r['variant']} | {fmt(r['p50_ms'], 1)} | {fmt(r['p99_ms'], 1)} | {fmt(r['envoy_cpu_ms_per_req'], 2)} |")
     dfo = R.get("dns_failover")
     if dfo:
         md += ["", "DNS tier: pool's only worker SIGKILLed → first answer without the pool's router (polled every 50 ms).", "",
@@ -1552,7 +1605,7 @@ def report(R, outdir):
     print("\n".join(md))
 
 
-SECTIONS = {"l7": sec_l7, "l7_paced": sec_l7_paced, "failover": sec_failover, "ingest": sec_ingest, "fleet": sec_fleet, "sidecar": sec_sidecar,
+SECTIONS = {"l7": sec_l7, "l7_paced": sec_l7_paced, "failover": sec_failover, "big_bodies": sec_big_bodies, "ingest": sec_ingest, "fleet": sec_fleet, "sidecar": sec_sidecar,
             "dns_failover": sec_dns_failover, "dnsperf": sec_dnsperf}
 
 

@@ -7,7 +7,7 @@ use std::cell::RefCell;
 use std::collections::HashMap;
 use std::rc::Rc;
 
-use gpuha_liveness::attempt::{mark, rescue, shows_no_life, Attempt, AttemptConfig, BodyAction, Charge, Chunk, Ending, HeadersAction, Outcome, Read, Report, Rescue, RescueConfig, StallClock};
+use gpuha_liveness::attempt::{invisible_to_engine, mark, rescue, shows_no_life, Attempt, AttemptConfig, BodyAction, Charge, Chunk, Ending, HeadersAction, Outcome, Read, Report, Rescue, RescueConfig, StallClock};
 use gpuha_liveness::pick::effective_age_ms;
 use gpuha_liveness::blame::add_note;
 use gpuha_liveness::slots::{decode_request_notes, encode_request_notes, request_key};
@@ -34,6 +34,8 @@ pub struct Registry {
 struct Tracked {
     addr: String,
     attempt: Rc<RefCell<Attempt>>,
+    /// When the guard began holding it (local clock).
+    held_since: u64,
 }
 
 impl Registry {
@@ -54,10 +56,20 @@ pub fn rescue_tick(reg: &Rc<RefCell<Registry>>, view: &gpuha_liveness::FleetView
         let reg = &mut *reg;
         let view_age = now.saturating_sub(vouched);
         for (id, t) in &reg.attempts {
-            let age = view.workers.iter().find(|w| w.addr == t.addr).map(|w| effective_age_ms(w, vouched, now));
+            let w = view.workers.iter().find(|w| w.addr == t.addr);
+            let age = w.map(|w| effective_age_ms(w, vouched, now));
             let stalled_for = reg.stalls.observe(&t.addr, shows_no_life(age, view_age, &rcfg), now);
             let a = t.attempt.borrow();
-            if let Some(r) = rescue(a.is_held(), a.is_released(), stalled_for, &rcfg) {
+            let mut r = rescue(a.is_held(), a.is_released(), stalled_for, &rcfg);
+            if r.is_none() && a.is_held() && view_age <= rcfg.gate_ms {
+                // An engine that hung while idle: its frames still say idle although it holds our request.
+                let invisible = w.is_some_and(|w| {
+                    let idle = w.running.unwrap_or(0.0) + w.waiting.unwrap_or(0.0) <= 0.0;
+                    invisible_to_engine(t.held_since, now, vouched.saturating_sub(w.age_ms), idle, &rcfg)
+                });
+                r = invisible.then_some(Rescue::RetryNow);
+            }
+            if let Some(r) = r {
                 todo.push((*id, r, t.attempt.clone(), t.addr.clone()));
             }
         }
@@ -120,7 +132,7 @@ impl GuardCtx {
             return;
         }
         if let Some(addr) = self.upstream_addr() {
-            self.registry.borrow_mut().attempts.insert(self.id, Tracked { addr, attempt: self.attempt.clone() });
+            self.registry.borrow_mut().attempts.insert(self.id, Tracked { addr, attempt: self.attempt.clone(), held_since: host::now_ms() });
         }
     }
 

@@ -175,12 +175,29 @@ pub struct RescueConfig {
     /// A stream past its first token on such a worker is ended this long after that is known
     /// (seen by the guard's tick).
     pub end_stream_after_ms: u64,
+    /// A request held this long before its first token on a worker whose fresh frames, taken
+    /// after the request reached it, still show an idle engine (nothing running or waiting) is
+    /// invisible to the engine: an engine that hung while idle looks idle forever (its numbers
+    /// froze at zero), and progress cannot tell it from a quiet one. Only a request it does not
+    /// see can.
+    pub invisible_after_ms: u64,
 }
 
 impl Default for RescueConfig {
     fn default() -> Self {
-        RescueConfig { gate_ms: crate::FRESHNESS_GATE_MS, end_stream_after_ms: 10_000 }
+        RescueConfig { gate_ms: crate::FRESHNESS_GATE_MS, end_stream_after_ms: 10_000, invisible_after_ms: crate::FRESHNESS_GATE_MS }
     }
+}
+
+/// Whether a request held since `held_since_ms` is invisible to its worker's engine: held for
+/// [`RescueConfig::invisible_after_ms`], and the worker's latest frame, taken at
+/// `frame_taken_ms` (local clock; an upper bound on its age makes this an early estimate, so
+/// the rule only errs towards waiting), at least a scrape after the request arrived, shows
+/// nothing running or waiting.
+pub fn invisible_to_engine(held_since_ms: u64, now_ms: u64, frame_taken_ms: u64, engine_idle: bool, cfg: &RescueConfig) -> bool {
+    /// Time for a request to show in the engine's numbers: the sidecar scrapes every 500 ms.
+    const SHOWS_WITHIN_MS: u64 = 1_000;
+    engine_idle && now_ms.saturating_sub(held_since_ms) >= cfg.invisible_after_ms && frame_taken_ms >= held_since_ms.saturating_add(SHOWS_WITHIN_MS)
 }
 
 /// Whether a worker shows no sign of life, from a fleet view: its last evidence of life is
@@ -733,6 +750,16 @@ mod tests {
         assert_eq!(rescue(false, true, Some(9_999), &cfg), None, "released: the stream gets its bound");
         assert_eq!(rescue(false, true, Some(10_000), &cfg), Some(Rescue::EndStream));
         assert_eq!(rescue(false, false, Some(60_000), &cfg), None, "not started: the router's own timeouts");
+    }
+
+    #[test]
+    fn a_request_the_engine_never_sees_is_invisible() {
+        let cfg = RescueConfig::default();
+        // Held since t=0; at t=3 s a frame taken at t=1.5 s shows an idle engine: invisible.
+        assert!(invisible_to_engine(0, 3_000, 1_500, true, &cfg));
+        assert!(!invisible_to_engine(0, 2_999, 1_500, true, &cfg), "not held long enough");
+        assert!(!invisible_to_engine(0, 3_000, 900, true, &cfg), "the frame predates the request showing");
+        assert!(!invisible_to_engine(0, 60_000, 50_000, false, &cfg), "the engine counts work: a long prefill, not a hang");
     }
 
     #[test]

@@ -125,3 +125,43 @@ def test_gray_failure_slow_worker_gets_fewer_requests(stack):
     assert len(entries) >= 30
     assert share < 0.2, f"the slow worker still got {share:.0%} of new requests"
     assert set(marks) == {slow.id}, f"dnsd marked {marks}, expected only {slow.id}"
+
+
+def test_engine_hang_while_idle(stack):
+    """An engine that hangs while idle looks idle forever: its numbers froze at zero, and
+    progress cannot tell it from a quiet worker. A request it takes (200 and headers at once,
+    then nothing) is invisible to it: the guard sees the worker's fresh frames still say idle
+    and hands the request to a retry after ~3 s, not after the 8 s per-try budget, and charges
+    the worker, whose circuit opens after three."""
+    stack.start_dnsd()
+    workers = stack.start_workers(3, ttft_ms=20, tokens_per_s=200)
+    hung = workers[1]
+    per_try = 8.0
+    envoy = stack.start_pool_router(per_try_timeout=f"{per_try:.0f}s")
+    warm_up(stack, envoy)
+    client = make_client(envoy.base_url, timeout=40)
+    hung.proc.signal(signal.SIGUSR1)
+    wait_for(lambda: "engine hung" in hung.proc.err_path.read_text(errors="replace"), 5, "fake-vllm to log its engine hang")
+    hang_wall = time.time()
+    rate, run_s = 3.0, 10.0
+    with ThreadPoolExecutor(max_workers=32) as pool:
+        futures = []
+        t0 = time.monotonic()
+        i = 0
+        while time.monotonic() < t0 + run_s:
+            futures.append(pool.submit(chat, client, i, 5))
+            i += 1
+            time.sleep(1.0 / rate)
+        outcomes = [f.result(timeout=60) for f in futures]
+    entries = [e for e in access_entries(envoy) if e["start"] and e["start"] >= hang_wall]
+    first_on_hung = [e for e in entries if e["endpoints"] and e["endpoints"][0] == hung.addr]
+    waits = sorted(o.first_token_at - o.started for o in outcomes if o.first_token_at)
+    report(f"idle engine hang: {summarize(outcomes)}; requests first sent to the hung worker {len(first_on_hung)} "
+           f"(last {max((e['start'] - hang_wall for e in first_on_hung), default=0):.2f} s after the hang); "
+           f"worst wait for a first token {waits[-1] if waits else 0:.2f} s; rescues {filter_stat(envoy, 'stall_rescues')}, "
+           f"breaker_trips {filter_stat(envoy, 'breaker_trips')}")
+    assert_whole_and_single_worker(outcomes)
+    assert all(o.kind == "completed" for o in outcomes), [o.describe() for o in outcomes if o.kind != "completed"][:5]
+    assert first_on_hung, "no request went to the hung worker: the drill tested nothing"
+    assert waits[-1] < per_try - 1.0, f"a request waited {waits[-1]:.2f} s: the per-try budget, not the rescue"
+    assert filter_stat(envoy, "stall_rescues") >= 1

@@ -708,6 +708,35 @@ mod tests {
         assert_eq!(s.reports[0].outcome, Outcome::Passed { status: 200 });
     }
 
+    /// Every recorded vLLM answer (tests/data/vllm-0.32.0-cpu), split at every byte: the chat and
+    /// completions streams and the Responses stream are judged and served whole; the JSON answers
+    /// of paths the guard does not judge (`/tokenize`) pass untouched.
+    #[test]
+    fn recorded_answers_split_at_every_byte() {
+        let data = concat!(env!("CARGO_MANIFEST_DIR"), "/../tests/data/vllm-0.32.0-cpu/");
+        for (file, path, ct, judged) in [
+            ("sse-chat.txt", CHAT, SSE, true),
+            ("sse-completions.txt", "/v1/completions", SSE, true),
+            ("sse-responses.txt", "/v1/responses", SSE, true),
+            ("tokenize.txt", "/tokenize", "application/json", false),
+        ] {
+            let raw = std::fs::read(format!("{data}{file}")).unwrap();
+            // Some captures keep the raw HTTP head, some only the body.
+            let body = if raw.starts_with(b"HTTP/") { &raw[raw.windows(4).position(|w| w == b"\r\n\r\n").unwrap() + 4..] } else { &raw[..] };
+            // Every byte of the small captures; the 43 kB chat stream at every byte of its first
+            // 2 kB (where the first token is) and every 97th after (its random splits are the
+            // guard's property tests).
+            let cuts = (0..=body.len()).filter(|c| body.len() <= 8_192 || *c <= 2_048 || c % 97 == 0);
+            for cut in cuts {
+                let s = run(path, 200, ct, &[&body[..cut], &body[cut..]], true, Ending::default());
+                assert_eq!(s.client, body, "{file} cut at {cut}");
+                assert_eq!(s.charges, vec![Charge::Success], "{file} cut at {cut}");
+                let want = if judged { Outcome::Served } else { Outcome::Passed { status: 200 } };
+                assert_eq!(s.reports[0].outcome, want, "{file} cut at {cut}");
+            }
+        }
+    }
+
     #[test]
     fn responses_failure_before_output_fails() {
         let created = b"event: response.created\ndata: {\"type\":\"response.created\",\"response\":{}}\n\n";

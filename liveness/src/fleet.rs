@@ -287,10 +287,6 @@ impl FleetState {
         self.workers.is_empty()
     }
 
-    /// Workers of `pool` heard from within the eviction window.
-    pub fn workers_in_window(&self, pool: &str, now_ms: u64) -> usize {
-        self.workers.values().filter(|w| w.frame.pool_id == pool && w.is_in_window(now_ms)).count()
-    }
 
     /// Whether each `(pool, min_workers)` may be answered at `now_ms` — alive with `min_workers`
     /// (each heard from within the window, and sending for the failback hold-down), or still in

@@ -124,7 +124,7 @@ impl Order {
     }
 }
 
-/// Decode + authenticate + order. Holds, per worker id, the newest accepted frame's [`Order`].
+/// Decode + authenticate + order. Holds, per worker id, the newest accepted frame's order (`sent_ms`, `boot_id`, `seq`).
 #[derive(Debug)]
 pub struct Ingest {
     keys: KeyRing,

@@ -1,10 +1,25 @@
-//! The one crate both tiers run: the telemetry frame codec, its authenticated ingest
-//! (replay and clock checks), and the fleet state that answers "is this worker fresh?" and
-//! "is this pool alive?".
+//! The one crate both tiers run (natively inside `dnsd`, compiled to `wasm32-wasip1` inside
+//! Envoy): every decision of the HA layer, as pure code with time passed in.
 //!
-//! Everything here is pure: no clocks, no sockets, no threads. Time is passed in as
-//! milliseconds since the Unix epoch (`now_ms`), so the same code runs natively inside `dnsd`
-//! and compiled to `wasm32-wasip1` inside Envoy, and tests drive time by hand.
+//! | module | owns |
+//! |---|---|
+//! | [`frame`] | the telemetry frame: codec, HMAC, key ring |
+//! | [`ingest`] | authenticated ingest: replay order, clock checks, drop reasons |
+//! | [`fleet`] | fleet state: freshness and progress (a hang is not silence), pool liveness, gray failures, the fleet view dnsd serves |
+//! | [`pick`] | picking workers: scoring, anti-herding, the breaker's last resorts |
+//! | [`breaker`] | the per-worker circuit breaker |
+//! | [`attempt`] | one upstream attempt: events in, actions out, one report and one charge; rescue of attempts on stalled workers |
+//! | [`guard`] | the first-token byte holder the attempt drives |
+//! | [`sse`] | SSE framing (where an event ends) |
+//! | [`output`] | what an OpenAI-API event or body means (output, error, abort), chat and Responses dialects |
+//! | [`blame`] | who is charged for a request's failed attempts (a failure that follows the request charges nobody) |
+//! | [`request`] | the picker's bounded scan of a request body for `model` and `stream` |
+//! | [`slots`] | byte layouts of the filter's shared-data slots |
+//! | [`openai_error`] | OpenAI-shaped error bodies (JSON and SSE) |
+//!
+//! Everything here is pure: no clocks (banned by this crate's `clippy.toml`), no sockets, no
+//! threads. Time is milliseconds since the Unix epoch passed in as `now_ms`, so tests drive
+//! time by hand.
 
 pub mod attempt;
 pub mod blame;

@@ -296,7 +296,7 @@ impl Ranked {
     }
 }
 
-/// [`pick`] over a [`Ranked`] built from the same `view` and `cfg`, without scoring every
+/// The reference picker (`pick`, kept in the tests as the oracle) over a [`Ranked`] built from the same `view` and `cfg`, without scoring every
 /// worker: the same answer (same random draws) as long as every address outside `not_closed`
 /// is admitted ([`Admission::Allow`]). `admission` is asked only about addresses in
 /// `not_closed` (the breaker's open and half-open circuits; the filter keeps that list).

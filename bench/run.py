@@ -198,6 +198,17 @@ def fake_worker(wid, extra=(), cpu=LOAD_CPU, ttft_ms=0, tokens_per_s=0):
     return p, m.group(1)
 
 
+def fake_fleet(prefix, n):
+    """`n` fake workers with a sidecar each and a dnsd that sees them all fresh; returns
+    ([(process, addr)], dnsd's HTTP address)."""
+    ws = [fake_worker(f"{prefix}{i}") for i in range(n)]
+    _, ingest, http, _ = dnsd()
+    for i, (_, a) in enumerate(ws):
+        sidecar(f"{prefix}{i}", a, ingest)
+    fleet_ready(http, n)
+    return ws, http
+
+
 def make_key():
     path = WORK / "frame.key"
     if not path.exists():
@@ -613,11 +624,7 @@ def sec_failover(R, quick):
     # HANG: fake-vllm's SIGUSR1 hangs its engine with `/metrics` still answering (frozen
     # numbers), what a CUDA/NCCL hang looks like from outside: judged by progress, not silence.
     for sig_name, sig in [("SIGKILL", signal.SIGKILL), ("SIGSTOP", signal.SIGSTOP), ("HANG", signal.SIGUSR1)]:
-        ws = [fake_worker(f"fo{i}") for i in range(3)]
-        dp, ingest, http, _ = dnsd()
-        for i, (_, a) in enumerate(ws):
-            sidecar(f"fo{i}", a, ingest)
-        fleet_ready(http, 3)
+        ws, http = fake_fleet("fo", 3)
         addrs = [a for _, a in ws]
         ep, port, admin, log = envoy("envoy-kill", addrs, http)
         victim_p, victim = ws[0]
@@ -680,11 +687,7 @@ def big_body(mb):
 def sec_big_bodies(R, quick):
     """Bodies of 1, 10 and 30 MB through the router with the filter and through the same Envoy
     without Wasm: added latency (p50/p99) and Envoy CPU per request, interleaved."""
-    ws = [fake_worker(f"bb{i}") for i in range(2)]
-    dp, ingest, http, _ = dnsd()
-    for i, (_, a) in enumerate(ws):
-        sidecar(f"bb{i}", a, ingest)
-    fleet_ready(http, 2)
+    ws, http = fake_fleet("bb", 2)
     addrs = [a for _, a in ws]
     variants = {}
     for v in ("filter", "nowasm"):

@@ -92,7 +92,8 @@ def test_fleet_page_shows_a_killed_worker_not_fresh(stack) -> None:
     took = time.monotonic() - t0
     assert {w: (a["data-fresh"], a["data-state"]) for w, a in before.workers.items()} == {
         "w1": ("true", "alive"), "w2": ("true", "alive")}
-    assert {p: a["data-state"] for p, a in before.pools.items()} == {"p1": "alive", "p2": "alive"}
+    # Alive, or still in dnsd's 10 s cold start (answered all the same).
+    assert {p: a["data-state"] in ("alive", "cold_start") for p, a in before.pools.items()} == {"p1": True, "p2": True}, before.pools
     assert before.services[opsrig.SERVICE]["data-failwhale"] == "false"
     assert sorted(before.services[opsrig.SERVICE]["data-answer"].split(",")) == sorted(opsrig.POOLS.values())
 

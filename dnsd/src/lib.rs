@@ -6,6 +6,7 @@
 pub mod config;
 pub mod dns;
 pub mod http;
+pub mod ops;
 pub mod state;
 
 use std::future::Future;

@@ -81,6 +81,22 @@ impl WorkerState {
         self.age_ms(now_ms) <= FRESHNESS_GATE_MS
     }
 
+    /// Time since the newest accepted frame, whatever it showed.
+    pub fn since_frame_ms(&self, now_ms: u64) -> u64 {
+        now_ms.saturating_sub(self.last_rx_ms)
+    }
+
+    /// What an operator is told about this worker: one of three, by the freshness gate.
+    pub fn condition(&self, now_ms: u64) -> Condition {
+        if self.is_fresh(now_ms) {
+            Condition::Alive
+        } else if self.is_stalled(now_ms) {
+            Condition::Stalled
+        } else {
+            Condition::Silent
+        }
+    }
+
     /// Heard from within the pool eviction window.
     pub fn is_in_window(&self, now_ms: u64) -> bool {
         self.age_ms(now_ms) <= EVICTION_WINDOW_MS
@@ -148,6 +164,32 @@ pub struct PoolOutlook {
     /// The states hold for every instant in `valid_from..valid_until`.
     pub valid_from: u64,
     pub valid_until: u64,
+}
+
+/// A worker as operators see it (metrics, the fleet page, alerts): exactly one holds at a time.
+/// Stalled and silent workers both get no new requests; they differ in what to look at: a
+/// stalled engine is hung behind a live API server (frames come, numbers frozen), a silent one
+/// is dead or cut off (no frames).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Condition {
+    /// Fresh: evidence of life within the freshness gate.
+    Alive,
+    /// Frames arrive within the gate, but the busy engine has shown no progress for longer.
+    Stalled,
+    /// No frame within the gate.
+    Silent,
+}
+
+impl Condition {
+    pub const ALL: [Condition; 3] = [Condition::Alive, Condition::Stalled, Condition::Silent];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Condition::Alive => "alive",
+            Condition::Stalled => "stalled",
+            Condition::Silent => "silent",
+        }
+    }
 }
 
 /// A pool's state as the DNS tier sees it.
@@ -611,6 +653,29 @@ mod tests {
         assert!(progress(&blind, &blind), "no counters: nothing to judge by, every frame counts");
         let reset = Metrics { engine_steps: Some(0.0), ..busy };
         assert!(progress(&busy, &reset), "a counter reset is a change");
+    }
+
+    /// Exactly one condition at a time: alive while fresh, stalled while frames come without
+    /// progress, silent once frames stop too; the gauges and alerts rest on this.
+    #[test]
+    fn condition_is_alive_then_stalled_then_silent() {
+        let mut fleet = FleetState::new(T0 - 60_000);
+        fleet.observe(frame("w1", "p", 1, 1, T0), T0);
+        for i in 1..=10u64 {
+            fleet.observe(hung("w1", "p", 1 + i, T0 + i * 500, 1.0), T0 + i * 500);
+        }
+        let w = fleet.worker("w1").unwrap();
+        assert_eq!(w.condition(T0 + 3_000), Condition::Alive);
+        assert_eq!(w.condition(T0 + 3_001), Condition::Stalled);
+        assert_eq!((w.since_frame_ms(T0 + 6_000), w.age_ms(T0 + 6_000)), (1_000, 6_000));
+        // The last frame came at T0 + 5 s: silent once it is older than the gate.
+        assert_eq!(w.condition(T0 + 8_000), Condition::Stalled);
+        assert_eq!(w.condition(T0 + 8_001), Condition::Silent);
+        for t in (T0..T0 + 20_000).step_by(250) {
+            let c = w.condition(t);
+            assert_eq!(c == Condition::Alive, w.is_fresh(t));
+            assert_eq!(c == Condition::Stalled, w.is_stalled(t));
+        }
     }
 
     /// A hang with `/metrics` still answering: frames keep coming with frozen counters. The

@@ -35,7 +35,7 @@ pub mod request;
 pub mod slots;
 pub mod sse;
 
-pub use fleet::{bounded_age_ms, Ages, FAILBACK_HOLD_DOWN_MS, FleetState, FleetView, Liveness, PoolOutlook, PoolView, WorkerView, VIEW_AGE_FLOOR_MS, VIEW_AGE_STALE_MS};
+pub use fleet::{bounded_age_ms, Ages, Condition, FAILBACK_HOLD_DOWN_MS, FleetState, FleetView, Liveness, PoolOutlook, PoolView, WorkerView, VIEW_AGE_FLOOR_MS, VIEW_AGE_STALE_MS};
 pub use frame::{Frame, FrameError, KeyRing, Metrics, MAX_FRAME_LEN};
 pub use ingest::{DropReason, Ingest, IngestCounters};
 

@@ -9,7 +9,7 @@ use gpuha_liveness::Liveness;
 use hickory_proto::op::ResponseCode;
 use hickory_proto::rr::RecordType;
 
-use super::answer::{PoolStates, Served};
+use super::answer::{service_addresses, PoolStates, Served};
 use super::config::Zones;
 
 /// A bounded set of labels: unknown query types are folded into `other` so a client sending
@@ -66,7 +66,7 @@ pub struct DnsMetrics {
 }
 
 /// Escapes a label value (backslash, quote, newline) for the Prometheus text format.
-fn esc(v: &str) -> String {
+pub(crate) fn esc(v: &str) -> String {
     v.replace('\\', "\\\\").replace('"', "\\\"").replace('\n', "\\n")
 }
 
@@ -152,5 +152,34 @@ impl DnsMetrics {
             let _ = writeln!(out, "# TYPE {name} counter");
             let _ = writeln!(out, "{name} {}", v.load(Ordering::Relaxed));
         }
+    }
+}
+
+/// Gauges of what DNS answers right now (computed from `states` at scrape time, not from queries,
+/// so an alert fires although nobody asked): per service whether it answers the fail-whale set
+/// and how many pools, per service and pool whether the pool is in the answer, and since when
+/// each pool is in its answerability (its last eviction or failback, or dnsd's start).
+pub fn render_now(out: &mut String, zones: &Zones, states: &PoolStates, changed_ms: &[Option<u64>], started_ms: u64) {
+    let _ = writeln!(out, "# HELP gpuha_dnsd_service_failwhale 1 while the service answers its fail-whale set (no pool answerable).");
+    let _ = writeln!(out, "# TYPE gpuha_dnsd_service_failwhale gauge");
+    let mut answered = Vec::new();
+    for (i, s) in zones.services.iter().enumerate() {
+        let (_, served) = service_addresses(zones, states, i);
+        let _ = writeln!(out, "gpuha_dnsd_service_failwhale{{service=\"{}\"}} {}", esc(&s.label), u8::from(served.fail_whale));
+        answered.push(served);
+    }
+    let _ = writeln!(out, "# HELP gpuha_dnsd_service_pool_answered 1 while the pool's routers are in the service's answer.");
+    let _ = writeln!(out, "# TYPE gpuha_dnsd_service_pool_answered gauge");
+    for (s, served) in zones.services.iter().zip(&answered) {
+        for &p in &s.pools {
+            let v = u8::from(served.pools.iter().any(|(q, _)| *q == p));
+            let _ = writeln!(out, "gpuha_dnsd_service_pool_answered{{service=\"{}\",pool=\"{}\"}} {v}", esc(&s.label), esc(&zones.pools[p].id));
+        }
+    }
+    let _ = writeln!(out, "# HELP gpuha_dnsd_pool_state_changed_timestamp_seconds When the pool last left or rejoined the answer (dnsd's start if it has not since).");
+    let _ = writeln!(out, "# TYPE gpuha_dnsd_pool_state_changed_timestamp_seconds gauge");
+    for (i, p) in zones.pools.iter().enumerate() {
+        let at = changed_ms.get(i).copied().flatten().unwrap_or(started_ms);
+        let _ = writeln!(out, "gpuha_dnsd_pool_state_changed_timestamp_seconds{{pool=\"{}\"}} {:.3}", esc(&p.id), at as f64 / 1000.0);
     }
 }

@@ -58,6 +58,28 @@ pub struct DnsService {
     watch: OutlookWatch,
     tcp_idle: Duration,
     tick: Duration,
+    /// The latest pool transitions, newest last, for the fleet page (`GET /v1/dns`), and when
+    /// each pool last changed answerability.
+    recent: Mutex<RecentTransitions>,
+}
+
+/// The latest pool transitions kept for operators; older ones are in the log.
+pub const RECENT_TRANSITIONS: usize = 64;
+
+/// A pool transition as operators see it.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct TransitionRecord {
+    pub at_ms: u64,
+    pub pool: String,
+    /// `evicted` or `failed_back`.
+    pub event: &'static str,
+}
+
+#[derive(Debug, Default)]
+struct RecentTransitions {
+    log: std::collections::VecDeque<TransitionRecord>,
+    /// Per pool (indexed like [`Zones::pools`]): when it last changed answerability.
+    changed_ms: Vec<Option<u64>>,
 }
 
 /// Pool states computed once, answered by every query while they hold.
@@ -94,6 +116,7 @@ impl DnsService {
             watch,
             tcp_idle: Duration::from_millis(config.tcp_idle_timeout_ms),
             tick: Duration::from_millis(config.tick_ms),
+            recent: Mutex::new(RecentTransitions::default()),
         })
     }
 
@@ -124,6 +147,7 @@ impl DnsService {
         let states = Arc::new(PoolStates(outlook.states));
         for (pool, t) in tr.observe(&states, now_ms) {
             let p = &self.zones.pools[pool];
+            self.record(pool, t, now_ms);
             match t {
                 Transition::Evicted => {
                     self.metrics.eviction(pool);
@@ -140,6 +164,32 @@ impl DnsService {
         states
     }
 
+    fn record(&self, pool: usize, t: Transition, now_ms: u64) {
+        let mut r = self.recent.lock().unwrap_or_else(|e| e.into_inner());
+        if r.changed_ms.len() < self.zones.pools.len() {
+            r.changed_ms.resize(self.zones.pools.len(), None);
+        }
+        r.changed_ms[pool] = Some(now_ms);
+        if r.log.len() >= RECENT_TRANSITIONS {
+            r.log.pop_front();
+        }
+        let event = match t {
+            Transition::Evicted => "evicted",
+            Transition::FailedBack => "failed_back",
+        };
+        r.log.push_back(TransitionRecord { at_ms: now_ms, pool: self.zones.pools[pool].id.clone(), event });
+    }
+
+    /// The latest pool transitions, oldest first.
+    pub fn recent_transitions(&self) -> Vec<TransitionRecord> {
+        self.recent.lock().unwrap_or_else(|e| e.into_inner()).log.iter().cloned().collect()
+    }
+
+    /// When `pool` last changed answerability; `None` if it never did since dnsd started.
+    pub fn changed_ms(&self, pool: usize) -> Option<u64> {
+        self.recent.lock().unwrap_or_else(|e| e.into_inner()).changed_ms.get(pool).copied().flatten()
+    }
+
     fn snapshot_at(&self, now_ms: u64) -> Option<Arc<PoolStates>> {
         let snap = self.snapshot.read().unwrap_or_else(|e| e.into_inner());
         snap.holds_at(now_ms).then(|| snap.states.clone())
@@ -148,6 +198,8 @@ impl DnsService {
     pub fn render_metrics(&self, out: &mut String, now_ms: u64) {
         let states = self.pool_states(now_ms);
         self.metrics.render(out, &self.zones, &states);
+        let changed: Vec<Option<u64>> = (0..self.zones.pools.len()).map(|i| self.changed_ms(i)).collect();
+        metrics::render_now(out, &self.zones, &states, &changed, self.state.started_ms);
     }
 
     /// Decides the response to `request` at `now_ms`. Pure apart from the fleet read and counters.

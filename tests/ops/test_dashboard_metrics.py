@@ -1,0 +1,59 @@
+"""Every metric the dashboard (deploy/grafana/gpuha.json) and the alert rules
+(deploy/prometheus/gpuha-alerts.yml) query exists in a real scrape: dnsd's /metrics and the
+pool router's Envoy /stats/prometheus, from a running stack after some traffic. The sidecar
+serves no metrics endpoint, so there is nothing of it to scrape. `up` is Prometheus's own."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import harness
+import opsrig
+
+REPO = Path(__file__).resolve().parents[2]
+SYNTHETIC = {"up"}  # written by Prometheus for every target
+
+
+def queried_names() -> dict[str, set[str]]:
+    import yaml  # noqa: PLC0415
+
+    out: dict[str, set[str]] = {}
+    d = json.loads((REPO / "deploy" / "grafana" / "gpuha.json").read_text())
+    for p in d["panels"]:
+        for t in p.get("targets", []):
+            for n in opsrig.promql_metric_names(t["expr"]):
+                out.setdefault(n, set()).add(f"dashboard panel {p['title']!r}")
+    rules = yaml.safe_load((REPO / "deploy" / "prometheus" / "gpuha-alerts.yml").read_text())
+    for g in rules["groups"]:
+        for r in g["rules"]:
+            for n in opsrig.promql_metric_names(r["expr"]):
+                out.setdefault(n, set()).add(f"alert {r['alert']}")
+    return out
+
+
+def test_promql_name_extraction() -> None:
+    got = opsrig.promql_metric_names(
+        'sum by (pool, state) (rate(gpuha_x_total{reason=~"a|b"}[$__rate_interval])) / on (pool) group_left max(up{job="j"}) '
+        '> 0.5 or absent(gpuha_y) and time() - gpuha_z')
+    assert got == {"gpuha_x_total", "up", "gpuha_y", "gpuha_z"}, got
+
+
+def test_every_queried_metric_exists_in_a_real_scrape(stack) -> None:
+    dnsd = opsrig.start(stack)
+    router = stack.start_pool_router()
+    client = harness.make_client(router.base_url)
+    outcomes = [harness.chat(client, i, max_tokens=4, stream=i % 2 == 0) for i in range(6)]
+    assert all(o.kind == "completed" for o in outcomes), [o.describe() for o in outcomes]
+    # DNS answers, so the per-answer series have samples too.
+    assert sorted(opsrig.dns_query(dnsd)) == sorted(opsrig.POOLS.values())
+    status, body = harness.http_get(f"http://{dnsd.http}/metrics")
+    assert status == 200
+    have = opsrig.metric_names(body.decode())
+    status, body = harness.http_get(f"http://{router.admin}/stats/prometheus")
+    assert status == 200
+    have |= opsrig.metric_names(body.decode())
+    wanted = queried_names()
+    missing = {n: sorted(w) for n, w in wanted.items() if n not in have and n not in SYNTHETIC}
+    assert not missing, f"queried but not exported: {json.dumps(missing, indent=1)}"
+    print(f"\n{len(wanted)} metric names queried by the dashboard and the alert rules, all exported")

@@ -26,6 +26,6 @@ step "cargo test (workspace: unit, property, end-to-end, envoy --mode validate)"
 export GPUHA_WASM="$PWD/target/wasm32-wasip1/release/gpuha_filter.wasm"
 cargo test --locked --workspace
 
-step "ensure-deps on a fresh venv; drills (stock Envoy, openai SDK)"
+step "ensure-deps on a fresh venv; drills (stock Envoy, openai SDK); operator surface (promtool, Prometheus, headless Chromium)"
 export GPUHA_BIN_DIR="$PWD/target/release"
-python3 -m pytest -q -rA tests/deps tests/drills "$@"
+python3 -m pytest -q -rA tests/deps tests/drills tests/ops "$@"

@@ -348,6 +348,9 @@ def test_engine_core_sigkill(rig: Rig):
 
 
 IDLE_TIMEOUT_S = 10
+# Tokens of a "long" stream: vLLM (CPU, tiny model) makes ~750 a second per stream with 8
+# running (4096 in 5.5 s, measured), so 16384 keeps a stream generating for 20+ s.
+LONG_TOKENS = 16384
 
 
 def test_sigterm_stall(rig: Rig):
@@ -373,7 +376,10 @@ def test_sigterm_stall(rig: Rig):
     bg_threads: list = []
     try:
         warm_up(rig, envoy)
-        long_tokens, short_tokens, bg_tokens, n_long = 4096, 32, 4096, 4  # long: minutes, not seconds
+        # Long: vLLM must still be generating them at the SIGTERM, 10-15 s after they start here (the
+        # set-up under load). 4096 tokens were too few: vLLM ends them in ~5.5 s on this box while the
+        # client, parsing every event through the SDK, still reads them seconds later.
+        long_tokens, short_tokens, bg_tokens, n_long = LONG_TOKENS, 32, 4096, 4
         refs = {(0, long_tokens): rig.reference(0, long_tokens)}
         refs.update({(p, short_tokens): rig.reference(p, short_tokens) for p in (1, 2, 3)})
         client = make_client(envoy.base_url, timeout=120)

@@ -323,6 +323,10 @@ class VllmServer:
     def members(self, include_zombies: bool = False) -> list[int]:
         return group_pids(self.pgid, include_zombies) if self.popen else []
 
+    def stopped_members(self) -> list[int]:
+        """Members stopped by a signal (state T: SIGSTOP), e.g. an engine a hang drill froze."""
+        return [p for p in self.members() if proc_state(p) in ("T", "t")]
+
     def engine_core_pids(self) -> list[int]:
         """The EngineCore process(es): group members other than the API server whose title or
         command line names EngineCore (vLLM sets ``VLLM::EngineCore`` with setproctitle)."""

@@ -13,10 +13,12 @@ deterministic reference text) is explained in vllm_rig.py.
 
 from __future__ import annotations
 
+import calendar
 import re
 import signal
 import subprocess
 import time
+from typing import Optional
 
 import pytest
 
@@ -348,6 +350,9 @@ def test_engine_core_sigkill(rig: Rig):
 
 
 IDLE_TIMEOUT_S = 10
+# Tokens of a "long" stream: vLLM (CPU, tiny model) makes ~750 a second per stream with 8
+# running (4096 in 5.5 s, measured), so 16384 keeps a stream generating for 20+ s.
+LONG_TOKENS = 16384
 
 
 def test_sigterm_stall(rig: Rig):
@@ -373,7 +378,10 @@ def test_sigterm_stall(rig: Rig):
     bg_threads: list = []
     try:
         warm_up(rig, envoy)
-        long_tokens, short_tokens, bg_tokens, n_long = 4096, 32, 4096, 4  # long: minutes, not seconds
+        # Long: vLLM must still be generating them at the SIGTERM, 10-15 s after they start here (the
+        # set-up under load). 4096 tokens were too few: vLLM ends them in ~5.5 s on this box while the
+        # client, parsing every event through the SDK, still reads them seconds later.
+        long_tokens, short_tokens, bg_tokens, n_long = LONG_TOKENS, 32, 4096, 4
         refs = {(0, long_tokens): rig.reference(0, long_tokens)}
         refs.update({(p, short_tokens): rig.reference(p, short_tokens) for p in (1, 2, 3)})
         client = make_client(envoy.base_url, timeout=120)
@@ -546,3 +554,229 @@ def test_apiserver_only_kill_leaves_orphans(rig: Rig):
     assert not left, f"group {srv.pgid} still has {left} after the group kill"
     assert not [p for p in shm if vl.os.path.exists(p)], "shared-memory files survived the cleanup"
     record("drill api-only", f"{time.monotonic() - t_start:.1f}s (includes any restart)")
+
+
+ENVOY_LOG_RX = re.compile(r"^\[(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d\.\d{3})\]")
+
+
+def envoy_log_instants(rig: Rig, envoy: harness.Envoy, needle: str) -> list[float]:
+    """UNIX times of Envoy's own log lines (local time, ms) that contain `needle`."""
+    path = rig.stack.logdir / f"{envoy.name}.log"
+    out = []
+    for line in path.read_text(errors="replace").splitlines() if path.exists() else []:
+        m = ENVOY_LOG_RX.match(line)
+        if m and needle in line:
+            sec, ms = m.group(1).rsplit(".", 1)
+            out.append(time.mktime(time.strptime(sec, "%Y-%m-%d %H:%M:%S")) + int(ms) / 1000)
+    return out
+
+
+def drill_idx(path: str) -> Optional[int]:
+    m = re.search(r"[?&]drill=(-?\d+)", path)
+    return int(m.group(1)) if m else None
+
+
+DUR_RX = re.compile(r"dur_ms=(\d+)")
+
+
+def envoy_end_times(envoy: harness.Envoy) -> dict[int, float]:
+    """drill idx -> UNIX time at which Envoy ended the response (access log start + dur_ms)."""
+    out = {}
+    for line in envoy.access_log_entries():
+        m, d = harness.ACCESS_RX.match(line), DUR_RX.search(line)
+        if not (m and d) or drill_idx(m.group("path")) is None:
+            continue
+        sec, _, frac = m.group("start").rstrip("Z").partition(".")
+        start = calendar.timegm(time.strptime(sec, "%Y-%m-%dT%H:%M:%S")) + float("0." + (frac or "0"))
+        out[drill_idx(m.group("path"))] = start + int(d.group(1)) / 1000
+    return out
+
+
+HANG_TTFT_AFTER_S = 3.0  # requests arriving this long after the hang: first-token target below
+HANG_TTFT_TARGET_S = 3.0
+HANG_STREAM_END_S = 15.0  # in-flight streams on the hung server end within this of the hang
+
+
+def test_engine_core_sigstop_hang(rig: Rig):
+    """SIGSTOP of ONLY the EngineCore process of one server: what a CUDA/NCCL hang looks like from
+    outside. Its API server keeps answering `/metrics` with frozen counters (running unchanged),
+    sends 200 + headers at once to new requests and then nothing, and leaves its streams open
+    with no bytes. Liveness is progress: the sidecar's frames keep coming, but the busy engine's
+    numbers stop, so the picker stops sending it new requests ~3 s after the hang, the guard
+    hands requests held before their first token on it to a retry as soon as the stall is known,
+    and ends its streams past their first token 10 s after that (clean truncations).
+
+    Load: `n_long` long streams through Envoy (the victim is the server running the most of
+    them, read from its /metrics), then short streaming requests at `rate` a second from before
+    the hang until `run_s` after it. At the end the EngineCore gets SIGCONT; the server is kept
+    if it serves again, else its group is killed so that `ensure_up` restarts it."""
+    t_start = time.monotonic()
+    rig.ensure_up()
+    per_try = 8.0  # far above the rescue: a retry seen before it is the guard's doing
+    envoy = rig.envoy(per_try_timeout=f"{per_try:.0f}s")
+    victim, engines, stopped = None, [], False
+    srv = None
+    cont_note = "not stopped"
+    try:
+        warm_up(rig, envoy)
+        long_tokens, short_tokens, n_long = LONG_TOKENS, 16, 4
+        rate, lead_s, run_s = 2.5, 2.0, 18.0
+        refs = {(0, long_tokens): rig.reference(0, long_tokens)}
+        refs.update({(p, short_tokens): rig.reference(p, short_tokens) for p in (1, 2, 3)})
+        client = make_client(envoy.base_url, timeout=120)
+        gen0 = gen_counters(rig)
+        all_engines = {w: s.engine_core_pids() for w, s in rig.servers.items()}  # /proc now, not at the hang
+        long_threads, long_res = run_concurrently(lambda i: chat(client, 4000 + i, 0, long_tokens), n_long)
+        short_threads: list = []
+        short_res: list[Outcome] = []
+        lock = vllm_rig.threading.Lock()
+        try:
+            # The victim: the server running the most long streams past their first token.
+            samples: list = []
+
+            def long_running():
+                gs = {w: rig.try_gauges(w, timeout=5) for w in rig.servers}
+                samples.append({w: g and g.get("vllm:num_requests_running", 0) for w, g in gs.items()})
+                runs = {w: g.get("vllm:num_requests_running", 0) for w, g in gs.items() if g is not None}
+                moved = {w: gs[w].get("vllm:generation_tokens_total", 0) > gen0[w] + 8 * max(1, runs[w]) for w in runs}
+                if not runs:
+                    return None
+                # The other server need not run any: a server just restarted may get none of them.
+                w = max(runs, key=lambda k: (runs[k], k == "v1"))
+                return (w, runs[w]) if runs[w] >= 2 and moved[w] else None
+
+            try:
+                victim, r_victim = wait_for(long_running, 120, f">= 2 of {n_long} long streams running past their first token "
+                                            "on one server", interval=0.2)
+            except harness.Timeout as e:
+                raise harness.Timeout(f"{e}; running samples: {samples[:3]} ... {samples[-3:]}") from None
+            srv = rig.servers[victim]
+            engines = all_engines[victim]
+            assert engines, f"no EngineCore process in group {srv.pgid}: {srv.describe()}"
+            titles = {p: vl.comm(p) for p in engines}
+
+            def one(i: int) -> None:
+                o = chat(client, i, 1 + i % 3, short_tokens)
+                with lock:
+                    short_res.append(o)
+
+            def feed(until: float, first: int) -> int:
+                i = first
+                nxt = time.monotonic()
+                while time.monotonic() < until:
+                    t = vllm_rig.threading.Thread(target=one, args=(i,), daemon=True)
+                    t.start()
+                    short_threads.append(t)
+                    i += 1
+                    nxt += 1.0 / rate
+                    time.sleep(max(0.0, nxt - time.monotonic()))
+                return i
+
+            nxt_idx = feed(time.monotonic() + lead_s, 4100)
+            hang_wall = time.time()
+            hang_mono = vllm_rig.T0 = time.monotonic()
+            for p in engines:
+                vl.os.kill(p, signal.SIGSTOP)
+            stopped = True
+            feed(hang_mono + run_s, nxt_idx)
+            join_all(short_threads, 120)
+        finally:
+            join_all(long_threads, 300)
+            if short_threads:
+                join_all(short_threads, 120)
+        states = {p: vl.proc_state(p) for p in engines}
+        outs = [r for r in long_res if r is not None] + list(short_res)
+        attach_access_log(envoy, outs)
+        kinds = {o.idx: classify(o, refs[(o.prompt, o.max_tokens)]) for o in outs}
+        vaddr, saddr = srv.addr, rig.servers[survivor_of(rig, victim)].addr
+        harness.access_entries(envoy)  # waits until the log holds every completed request
+        envoy_end = envoy_end_times(envoy)  # drill idx -> UNIX time Envoy ended the response
+        entries = [e for e in harness.access_entries(envoy, settle=False) if drill_idx(e["path"]) is not None]
+        first_pick = {drill_idx(e["path"]): (e["endpoints"][0] if e["endpoints"] else e["upstream"]) for e in entries}
+        # Routed to the hung server after the hang (first pick), and when.
+        to_hung = sorted(e["start"] - hang_wall for e in entries if e["start"] and e["start"] >= hang_wall
+                         and first_pick.get(drill_idx(e["path"])) == vaddr)
+        last_new = max(to_hung, default=float("nan"))
+        # Streams past their first token on the hung server that Envoy had not ended by the hang:
+        # answered by it (last attempt), with text. (A stream vLLM finished before the hang may
+        # still reach the SDK after it: the client parses every event; Envoy's end tells.)
+        post = [o for o in outs if o.upstream == vaddr and o.text and envoy_end.get(o.idx, 0.0) > hang_wall]
+        post_end = [round(o.ended - hang_mono, 2) for o in post]
+        post_envoy_end = [round(envoy_end[o.idx] - hang_wall, 2) for o in post]
+        # Held before their first token on the hung server: first pick the victim, and started
+        # after the hang (its engine makes no token) or answered by another attempt.
+        pre_on_hung = [o for o in outs if first_pick.get(o.idx) == vaddr and envoy_end.get(o.idx, 0.0) > hang_wall
+                       and (o.started >= hang_mono or o.attempts >= 2)]
+        rescues = sorted(round(t - hang_wall, 2) for t in envoy_log_instants(rig, envoy, "held attempt handed to a retry")
+                         if t >= hang_wall - 1)
+        ends = sorted(round(t - hang_wall, 2) for t in envoy_log_instants(rig, envoy, "stream past its first token ended")
+                      if t >= hang_wall - 1)
+        pre_ft = [round(o.first_token_at - hang_mono, 2) if o.first_token_at else None for o in pre_on_hung]
+        after = [o for o in short_res if o.started >= hang_mono]
+        late = [o for o in after if o.started >= hang_mono + HANG_TTFT_AFTER_S]
+        late_ttft = [o.first_token_at - o.started for o in late if o.first_token_at is not None]
+        worst_late = max(late_ttft, default=float("nan"))
+        early = [o for o in after if o.started < hang_mono + HANG_TTFT_AFTER_S and o.first_token_at is not None]
+        worst_early = max((o.first_token_at - o.started for o in early), default=float("nan"))
+        counts = summarize(list(kinds.values()))
+        report(f"COUNTS hang: victim={victim} stopped={titles} states_before_cont={states} long={n_long}x{long_tokens} "
+               f"({r_victim:.0f} running on the victim) short={len(short_res)}x{short_tokens} at {rate}/s from {lead_s}s before "
+               f"to {run_s}s after | last_new_to_hung={last_new:.2f}s (all {[round(x, 2) for x in to_hung]}) | "
+               f"pre_token_on_hung={len(pre_on_hung)} retried_at={rescues} their_first_token={pre_ft} "
+               f"their_wait={[round(o.first_token_at - max(o.started, hang_mono), 2) if o.first_token_at else None for o in pre_on_hung]} "
+               f"attempts={[o.attempts for o in pre_on_hung]} | post_token_on_hung={len(post)} ended_at={post_end} "
+               f"(envoy {post_envoy_end}) "
+               f"guard_end_log={ends} kinds={[kinds[o.idx] for o in post]} | started_after_hang={len(after)} "
+               f"{summarize([kinds[o.idx] for o in after])} worst_ttft_arriving>={HANG_TTFT_AFTER_S:.0f}s={worst_late:.2f}s "
+               f"(n={len(late)}) worst_ttft_arriving<{HANG_TTFT_AFTER_S:.0f}s={worst_early:.2f}s | all kinds={counts} "
+               f"stall_rescues={harness.filter_stat(envoy, 'stall_rescues')} stall_truncations={harness.filter_stat(envoy, 'stall_truncations')} "
+               f"pre_token_retries={harness.filter_stat(envoy, 'pre_token_retries')} {text_stats(outs)}")
+        table = outcomes_table(outs, kinds)
+        assert counts.get("splice", 0) == 0 and counts.get("short", 0) == 0, "splices or short answers:\n" + table
+        assert all(len(o.ids) == 1 for o in outs), "a response without exactly one SSE id:\n" + table
+        for o in outs:
+            if kinds[o.idx] == "truncated":
+                # A transport end, not a JSON error: the SDK got only whole SSE events.
+                assert vllm_rig.is_transport_error(o.error), o.describe()
+        assert post, "no stream was past its first token on the hung server: the drill tested nothing\n" + table
+        assert all(kinds[o.idx] == "truncated" for o in post), "a stream on the hung server did not truncate:\n" + table
+        # The router's end of each stream (Envoy's access log: start + duration) is what the bound
+        # is about. The SDK client sees its end later by however long it takes to parse the
+        # events vLLM made BEFORE the hang that are still queued towards it (this Python client
+        # reads ~150 events/s a stream on 2 shared cores, vLLM makes ~750/s): reported, not bound.
+        assert max(post_envoy_end) <= HANG_STREAM_END_S, \
+            f"Envoy ended the streams on the hung server {post_envoy_end}s after the hang\n" + table
+        assert pre_on_hung, "no request was held before its first token on the hung server: the drill tested nothing\n" + table
+        assert all(kinds[o.idx] == "completed" and o.upstream == saddr for o in pre_on_hung), \
+            "a request held on the hung server was not answered by the other one:\n" + table
+        assert all(kinds[o.idx] == "completed" for o in after), "a request started after the hang did not complete:\n" + table
+        assert late and worst_late <= HANG_TTFT_TARGET_S, \
+            f"a request arriving >= {HANG_TTFT_AFTER_S}s after the hang waited {worst_late:.2f}s for its first token\n" + table
+    finally:
+        rig.stop_envoy(envoy)
+        if stopped:
+            for p in engines:
+                try:
+                    vl.os.kill(p, signal.SIGCONT)
+                except ProcessLookupError:
+                    pass
+            cont_note = resume_or_kill(rig, victim)
+            report(f"COUNTS hang cleanup: {cont_note}")
+        record("drill hang", f"{time.monotonic() - t_start:.1f}s (includes any restart)")
+
+
+def resume_or_kill(rig: Rig, wid: str, timeout: float = 30.0) -> str:
+    """After SIGCONT: keeps the server if its engine serves again (a short request straight to
+    it completes and dnsd sees it fresh), else kills its group so that `ensure_up` restarts it."""
+    srv = rig.servers[wid]
+    t0 = time.monotonic()
+    client = make_client(f"http://{srv.addr}/v1", timeout=timeout)
+    o = chat(client, -2, 1, 8, timeout=timeout)
+    if o.error is None and o.finish_reason == "length":
+        try:
+            rig.stack.wait_fresh([wid], timeout=10)
+            return f"{wid} served again {time.monotonic() - t0:.1f}s after SIGCONT: kept"
+        except harness.Timeout:
+            pass
+    srv.kill_group()
+    return f"{wid} did not serve after SIGCONT ({o.describe()}): group killed for a restart"

@@ -113,7 +113,9 @@ class Rig:
     def ensure_up(self) -> None:
         """Restarts (in parallel) every server that is not healthy, then waits until dnsd sees
         all of them fresh. Only what a drill killed is restarted."""
-        dead = [s for s in self.servers.values() if not (s.alive() and s.healthy())]
+        # A stopped member (SIGSTOP: a drill's hang left behind) is not healthy either, though its
+        # API server answers /health: the whole group goes.
+        dead = [s for s in self.servers.values() if not (s.alive() and s.healthy()) or s.stopped_members()]
         if dead:
             for s in dead:
                 s.kill_group()  # leftovers of the dead one (orphans, shm) go first

@@ -55,7 +55,13 @@ pub fn rescue_tick(reg: &Rc<RefCell<Registry>>, view: &gpuha_liveness::FleetView
         let mut reg = reg.borrow_mut();
         let reg = &mut *reg;
         let view_age = now.saturating_sub(vouched);
+        // A rescue moves a request to another worker: with none alive (every worker stalled or
+        // silent), it would only move it between dead ends. The per-try budget stays in charge.
+        let alive = |addr: &str| view.workers.iter().any(|w| w.addr != addr && effective_age_ms(w, vouched, now) <= rcfg.gate_ms);
         for (id, t) in &reg.attempts {
+            if !alive(&t.addr) {
+                continue;
+            }
             let w = view.workers.iter().find(|w| w.addr == t.addr);
             let age = w.map(|w| effective_age_ms(w, vouched, now));
             let stalled_for = reg.stalls.observe(&t.addr, shows_no_life(age, view_age, &rcfg), now);

@@ -9,7 +9,7 @@ use std::rc::Rc;
 
 use gpuha_liveness::openai_error::{error_response, is_api_shaped};
 use gpuha_liveness::blame::{blame, parse_notes};
-use gpuha_liveness::pick::{panic_fill, pick_ranked, Decision};
+use gpuha_liveness::pick::{panic_fill, pick_ranked, stalled_fail_open, Decision};
 use gpuha_liveness::request::{RequestFields, Scan};
 use gpuha_liveness::slots::{decode_request_notes, request_key};
 use proxy_wasm::traits::{Context, HttpContext};
@@ -69,7 +69,13 @@ impl Picker {
             if panic {
                 inc(self.stats.panic_picks);
             }
-            d
+            match stalled_fail_open(&d, &view, model.as_deref(), &self.cfg.pick) {
+                Some(open) => {
+                    inc(self.stats.stalled_fail_open);
+                    open
+                }
+                None => d,
+            }
         };
         match decision {
             Decision::Endpoints { endpoints, probe } => {

@@ -30,6 +30,7 @@ pub struct Stats {
     pub request_failures: Option<u32>,
     pub stall_rescues: Option<u32>,
     pub stall_truncations: Option<u32>,
+    pub stalled_fail_open: Option<u32>,
 }
 
 impl Stats {
@@ -64,6 +65,7 @@ impl Stats {
             request_failures: c("request_failures"),
             stall_rescues: c("stall_rescues"),
             stall_truncations: c("stall_truncations"),
+            stalled_fail_open: c("stalled_fail_open"),
         }
     }
 }

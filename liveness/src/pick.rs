@@ -494,6 +494,31 @@ fn rebuild(endpoints: Vec<String>, probe: Option<String>, ranked: &Ranked, model
     Decision::Endpoints { endpoints, probe }
 }
 
+/// When no worker serving the model is fresh but some are **stalled** (their frames arrive, their
+/// engine numbers do not move), the progress rule may be wrong about all of them at once (a host
+/// so overloaded that every engine step takes longer than the gate) more likely than every
+/// engine hung together; and the HA layer must not manufacture an outage on its own judgement.
+/// So such a pick fails open onto the stalled workers, best predicted time to first token first
+/// (a real fleet-wide hang still leaves DNS after the eviction window, and the guard rescues
+/// nothing while no worker elsewhere is alive). Returns `None` when this does not apply.
+pub fn stalled_fail_open(decision: &Decision, view: &FleetView, model: Option<&str>, cfg: &PickConfig) -> Option<Decision> {
+    if !matches!(decision, Decision::NoWorker { fresh: 0, .. }) {
+        return None;
+    }
+    let mut stalled: Vec<(f64, &WorkerView)> = view
+        .workers
+        .iter()
+        .filter(|w| w.stalled && (cfg.pools.is_empty() || cfg.pools.contains(&w.pool)) && serves(w, model))
+        .map(|w| (predicted_ttft_ms(w, 0.0, cfg), w))
+        .collect();
+    if stalled.is_empty() {
+        return None;
+    }
+    stalled.sort_by(|a, b| a.0.total_cmp(&b.0).then(a.1.addr.cmp(&b.1.addr)));
+    let endpoints = stalled.into_iter().take(cfg.max_endpoints).map(|(_, w)| w.addr.clone()).collect();
+    Some(Decision::Endpoints { endpoints, probe: None })
+}
+
 /// The highest score [`pick_ranked`]'s answer can depend on, given the sorted scores so far:
 /// the near-best limit, and the score of the element that completes the endpoint list
 /// whichever near-best one is chosen first. `None`: the scanned ones cannot complete it.
@@ -700,6 +725,25 @@ mod tests {
         let stale = view(vec![w("w1", 1, 5_000, 0.0, 100.0)]);
         let (d, _) = pick_with_open(&stale, &[("127.0.0.1:1", 1)], &cfg);
         assert!(matches!(d, Decision::Stale | Decision::NoWorker { .. }), "{d:?}");
+    }
+
+    #[test]
+    fn a_fleet_judged_stalled_everywhere_fails_open() {
+        let mut a = w("w1", 1, 5_000, 0.0, 100.0);
+        a.fresh = false;
+        a.stalled = true;
+        let mut b = w("w2", 2, 5_000, 2.0, 100.0);
+        b.fresh = false;
+        b.stalled = true;
+        let silent = w("w3", 3, 9_000, 0.0, 100.0);
+        let v = view(vec![a, b, silent]);
+        let cfg = PickConfig::default();
+        let none = Decision::NoWorker { fresh: 0, serving: 3 };
+        assert_eq!(stalled_fail_open(&none, &v, Some("tiny"), &cfg), Some(Decision::Endpoints { endpoints: vec!["127.0.0.1:1".into(), "127.0.0.1:2".into()], probe: None }), "stalled ones, best first; never a silent one");
+        assert_eq!(stalled_fail_open(&Decision::NoWorker { fresh: 1, serving: 3 }, &v, Some("tiny"), &cfg), None);
+        assert_eq!(stalled_fail_open(&none, &v, Some("other"), &cfg), None);
+        let quiet = view(vec![w("w3", 3, 9_000, 0.0, 100.0)]);
+        assert_eq!(stalled_fail_open(&none, &quiet, Some("tiny"), &cfg), None, "silent everywhere: no fail-open, the 503 stands");
     }
 
     proptest! {

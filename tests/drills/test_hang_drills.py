@@ -140,6 +140,8 @@ def test_engine_hang_while_idle(stack):
     envoy = stack.start_pool_router(per_try_timeout=f"{per_try:.0f}s")
     warm_up(stack, envoy)
     client = make_client(envoy.base_url, timeout=40)
+    # Idle when it hangs: its numbers freeze at zero (a busy hang is the drill above).
+    wait_for(lambda: (stack.fleet_workers()[hung.id].get("running") or 0) == 0, 10, "the worker to be idle", interval=0.1)
     hung.proc.signal(signal.SIGUSR1)
     wait_for(lambda: "engine hung" in hung.proc.err_path.read_text(errors="replace"), 5, "fake-vllm to log its engine hang")
     hang_wall = time.time()

@@ -285,6 +285,9 @@ async fn metrics(State(s): State<Arc<Services>>) -> impl IntoResponse {
     let _ = writeln!(out, "# TYPE gpuha_dnsd_workers gauge");
     let _ = writeln!(out, "gpuha_dnsd_workers{{state=\"fresh\"}} {fresh}");
     let _ = writeln!(out, "gpuha_dnsd_workers{{state=\"stale\"}} {stale}");
+    let _ = writeln!(out, "# HELP gpuha_dnsd_workers_max Worker ids tracked at most (ingest.max_workers); frames from new ids past it are dropped as too_many_workers.");
+    let _ = writeln!(out, "# TYPE gpuha_dnsd_workers_max gauge");
+    let _ = writeln!(out, "gpuha_dnsd_workers_max {}", s.state.max_workers);
     if let Some(dns) = &s.dns {
         dns.render_metrics(&mut out, now);
     }

@@ -93,14 +93,16 @@ pub struct AppState {
     /// Serialises taking snapshots, so readers that find it stale wait here, not on the lock.
     snapshot_clock: Mutex<SnapshotClock>,
     forget_after_ms: u64,
+    /// Worker ids tracked at most (`ingest.max_workers`).
+    pub max_workers: usize,
     pub started_ms: u64,
 }
 
 impl AppState {
-    pub fn new(keys: KeyRing, max_skew_ms: u64, forget_after_ms: u64, started_ms: u64) -> Self {
+    pub fn new(keys: KeyRing, max_skew_ms: u64, forget_after_ms: u64, max_workers: usize, started_ms: u64) -> Self {
         AppState {
             inner: Mutex::new(Inner {
-                ingest: Ingest::new(keys).with_max_skew_ms(max_skew_ms),
+                ingest: Ingest::new(keys).with_max_skew_ms(max_skew_ms).with_max_workers(max_workers),
                 fleet: FleetState::new(started_ms),
                 watches: Vec::new(),
             }),
@@ -108,6 +110,7 @@ impl AppState {
             snapshot: RwLock::new(Arc::new(FleetSnapshot::default())),
             snapshot_clock: Mutex::new(SnapshotClock { not_before: None }),
             forget_after_ms,
+            max_workers,
             started_ms,
         }
     }

@@ -121,3 +121,35 @@ async fn a_query_naming_too_many_pools_is_refused() {
     assert!(over.starts_with("HTTP/1.1 400") && over.contains("more than 1024 pools"), "{over}");
     d.stop().await;
 }
+
+/// A flood of new worker ids stops at `ingest.max_workers`: the rest are dropped and counted,
+/// and the workers already tracked go on being heard.
+#[tokio::test]
+async fn new_worker_ids_past_the_bound_are_dropped_and_counted() {
+    let d = Dnsd::start_full("max_workers = 3", "", &dns_section("")).await;
+    for i in 0..3 {
+        send_frame(&[d.ingest], &frame(&format!("real{i}"), "pool-a", 1, 1));
+    }
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while metric(&d.metrics().await, "gpuha_dnsd_frames_accepted_total") < 3.0 {
+        assert!(Instant::now() < deadline, "frames not accepted");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    for i in 0..50 {
+        send_frame(&[d.ingest], &frame(&format!("flood{i}"), "pool-a", 1, 1));
+    }
+    send_frame(&[d.ingest], &frame("real0", "pool-a", 1, 2));
+    let deadline = Instant::now() + Duration::from_secs(5);
+    let m = loop {
+        let m = d.metrics().await;
+        if metric(&m, "gpuha_dnsd_frames_dropped_total{reason=\"too_many_workers\"}") >= 50.0 && metric(&m, "gpuha_dnsd_frames_accepted_total") >= 4.0 {
+            break m;
+        }
+        assert!(Instant::now() < deadline, "{m}");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    };
+    assert_eq!(metric(&m, "gpuha_dnsd_frames_dropped_total{reason=\"too_many_workers\"}"), 50.0);
+    assert_eq!(metric(&m, "gpuha_dnsd_frames_accepted_total"), 4.0, "real0's next frame is accepted");
+    assert_eq!((metric(&m, "gpuha_dnsd_workers{state=\"fresh\"}"), metric(&m, "gpuha_dnsd_workers_max")), (3.0, 3.0));
+    d.stop().await;
+}

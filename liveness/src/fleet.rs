@@ -350,10 +350,12 @@ impl FleetState {
         PoolOutlook { states, valid_from: from, valid_until: until }
     }
 
-    /// Drops workers silent for longer than `forget_after_ms`; returns how many were dropped.
+    /// Drops workers silent (no frame at all) for longer than `forget_after_ms`; returns how
+    /// many were dropped. Silence, not age: a hung engine that still sends frames is kept, as
+    /// stalled; forgotten, its next frame would make it a new worker, fresh for a moment.
     pub fn forget_silent(&mut self, now_ms: u64, forget_after_ms: u64) -> usize {
         let before = self.workers.len();
-        self.workers.retain(|_, w| w.age_ms(now_ms) <= forget_after_ms);
+        self.workers.retain(|_, w| now_ms.saturating_sub(w.last_rx_ms) <= forget_after_ms);
         before - self.workers.len()
     }
 
@@ -875,6 +877,13 @@ mod tests {
         fleet.observe(frame("w2", "p", 1, 1, T0 + 50_000), T0 + 50_000);
         assert_eq!(fleet.forget_silent(T0 + 60_001, 60_000), 1);
         assert!(fleet.worker("w1").is_none());
+        // A hung engine that keeps sending is stalled, never forgotten (and so never new again).
+        let mut f = FleetState::new(T0);
+        for i in 0..=200u64 {
+            f.observe(hung("w3", "p", i + 1, T0 + i * 500, 1.0), T0 + i * 500);
+        }
+        assert_eq!(f.forget_silent(T0 + 100_000, 60_000), 0);
+        assert!(f.worker("w3").unwrap().is_stalled(T0 + 100_000));
     }
 
     proptest! {

@@ -47,9 +47,18 @@ pub struct IngestConfig {
     /// Frames whose send time is further than this from the receive time are dropped.
     #[serde(default = "default_skew")]
     pub max_skew_ms: u64,
-    /// Workers silent this long are forgotten (their pool stays dead).
+    /// Workers that sent no frame for this long are forgotten: gone from `/v1/fleet`, and their
+    /// id no longer counts towards `max_workers` (their pool is dead long before: 10 s). 10 min
+    /// by default (was 1 h): worker ids that change on every restart (pod names) hold a slot
+    /// until then, and nothing needs a silent worker after its pool was evicted and its
+    /// streams were rescued (10 s each). At least one minute.
     #[serde(default = "default_forget")]
     pub forget_after_ms: u64,
+    /// Worker ids tracked at most; past it frames from new ids are dropped and counted
+    /// (`gpuha_dnsd_frames_dropped_total{reason="too_many_workers"}`), known ones never
+    /// evicted. About 1.9 KB each.
+    #[serde(default = "default_max_workers")]
+    pub max_workers: usize,
     /// HMAC keys; several during a rotation.
     pub keys: Vec<KeyConfig>,
 }
@@ -104,8 +113,16 @@ fn default_rcvbuf() -> usize {
 fn default_skew() -> u64 {
     gpuha_liveness::ingest::DEFAULT_MAX_SKEW_MS
 }
+/// See [`IngestConfig::forget_after_ms`].
+pub const DEFAULT_FORGET_AFTER_MS: u64 = 600_000;
+/// The shortest `forget_after_ms`: well past the eviction window and the rescue of streams.
+pub const MIN_FORGET_AFTER_MS: u64 = 60_000;
+
 fn default_forget() -> u64 {
-    3_600_000
+    DEFAULT_FORGET_AFTER_MS
+}
+fn default_max_workers() -> usize {
+    gpuha_liveness::ingest::DEFAULT_MAX_WORKERS
 }
 
 /// Reads a key file (see [`gpuha_liveness::frame::key_from_file_bytes`]).
@@ -145,6 +162,12 @@ impl Config {
         }
         if self.ingest.max_skew_ms == 0 {
             return Err(ConfigError::invalid("ingest.max_skew_ms", "must be > 0"));
+        }
+        if self.ingest.max_workers == 0 {
+            return Err(ConfigError::invalid("ingest.max_workers", "must be > 0"));
+        }
+        if self.ingest.forget_after_ms < MIN_FORGET_AFTER_MS {
+            return Err(ConfigError::invalid("ingest.forget_after_ms", format!("must be at least {MIN_FORGET_AFTER_MS} (a worker must outlive its pool's eviction and the rescue of its streams)")));
         }
         if let Some(dns) = &self.dns {
             dns.validate()?;

@@ -12,6 +12,11 @@
 //!   gets `304 Not Modified`, which re-vouches for the view the client already holds (its ages
 //!   count from this response). Without it (`ages=exact`, the default) every answer is built
 //!   afresh with exact ages, as the drills and humans read it.
+//!
+//! A query names at most [`MAX_QUERY_POOLS`] pools (more: `400`). Views are built from the
+//! state's snapshot, never under the ingest lock, on the blocking pool and a few at a time, so
+//! that what a client asks for here costs DNS answers and frame ingest nothing (see
+//! [`crate::state`]).
 
 use std::collections::HashMap;
 use std::fmt::Write as _;
@@ -28,6 +33,7 @@ use axum::http::{header, HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use axum::Router;
+use gpuha_liveness::frame::MAX_STR as MAX_POOL_ID_LEN;
 use gpuha_liveness::{Ages, DropReason, FleetView};
 use hyper_util::rt::{TokioIo, TokioTimer};
 use hyper_util::service::TowerToHyperService;
@@ -124,10 +130,25 @@ pub struct FleetQuery {
     ages: Option<String>,
 }
 
-/// The latest bounded view per pool selection, its body and its entity tag.
-#[derive(Debug, Default)]
+/// Most pools one `/v1/fleet` query may name: a router names the pools of its own cluster, a
+/// handful. It bounds the query's size and what the cache keeps per entry.
+pub const MAX_QUERY_POOLS: usize = 1_024;
+
+/// The latest bounded view per pool selection, its body and its entity tag; and how many views
+/// may be built at once.
+#[derive(Debug)]
 pub struct FleetCache {
     entries: Mutex<HashMap<Vec<String>, Arc<Cached>>>,
+    /// Half the cores (at least one): views cost O(workers) each, and more at once would take
+    /// the CPU that DNS answers and frame ingest need.
+    builds: Arc<Semaphore>,
+}
+
+impl Default for FleetCache {
+    fn default() -> Self {
+        let cores = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
+        FleetCache { entries: Mutex::default(), builds: Arc::new(Semaphore::new((cores / 2).max(1))) }
+    }
 }
 
 #[derive(Debug)]
@@ -183,17 +204,28 @@ fn none_match_hits(headers: &HeaderMap, etag: &str) -> bool {
     })
 }
 
-/// The `pool=` selection: sorted, deduplicated, empty entries dropped.
-fn pools_of(q: &FleetQuery) -> Vec<String> {
-    let mut pools: Vec<String> =
-        q.pool.as_deref().unwrap_or("").split(',').map(str::trim).filter(|p| !p.is_empty()).map(str::to_string).collect();
+/// The `pool=` selection: sorted, deduplicated, empty entries dropped; or why it is refused.
+fn pools_of(q: &FleetQuery) -> Result<Vec<String>, String> {
+    let mut pools: Vec<String> = Vec::new();
+    for p in q.pool.as_deref().unwrap_or("").split(',').map(str::trim).filter(|p| !p.is_empty()) {
+        if pools.len() == MAX_QUERY_POOLS {
+            return Err(format!("pool: more than {MAX_QUERY_POOLS} pools named; ask for the pools of one cluster\n"));
+        }
+        // No frame can carry a longer pool id: nothing to find, and nothing to keep in the cache.
+        if p.len() <= MAX_POOL_ID_LEN {
+            pools.push(p.to_string());
+        }
+    }
     pools.sort();
     pools.dedup();
-    pools
+    Ok(pools)
 }
 
 async fn fleet(State(s): State<Arc<Services>>, Query(q): Query<FleetQuery>, headers: HeaderMap) -> Response {
-    let pools = pools_of(&q);
+    let pools = match pools_of(&q) {
+        Ok(p) => p,
+        Err(msg) => return (StatusCode::BAD_REQUEST, msg).into_response(),
+    };
     let ages = match q.ages.as_deref() {
         None | Some("exact") => Ages::Exact,
         Some("bounded") => Ages::Bounded,
@@ -202,14 +234,31 @@ async fn fleet(State(s): State<Arc<Services>>, Query(q): Query<FleetQuery>, head
             return (StatusCode::BAD_REQUEST, msg).into_response();
         }
     };
-    let view = s.state.view_of(now_ms(), &pools, ages);
+    // Held until the build ends (the semaphore is never closed).
+    let Ok(permit) = s.fleet_cache.builds.clone().acquire_owned().await else {
+        return StatusCode::SERVICE_UNAVAILABLE.into_response();
+    };
+    // O(workers): off the runtime's workers, which answer DNS and receive frames.
+    let built = tokio::task::spawn_blocking(move || {
+        let _permit = permit;
+        fleet_response(&s, &pools, ages, &headers)
+    })
+    .await;
+    built.unwrap_or_else(|e| {
+        tracing::warn!("building a fleet view failed: {e}");
+        StatusCode::INTERNAL_SERVER_ERROR.into_response()
+    })
+}
+
+fn fleet_response(s: &Services, pools: &[String], ages: Ages, headers: &HeaderMap) -> Response {
+    let view = s.state.snapshot().view_of(now_ms(), pools, ages);
     if ages == Ages::Exact {
         let body = view.to_json();
         return ([(header::CONTENT_TYPE, "application/json"), (header::CACHE_CONTROL, "no-store")], body).into_response();
     }
-    let c = s.fleet_cache.get_or_build(&pools, view);
+    let c = s.fleet_cache.get_or_build(pools, view);
     // `no-cache`: a cache may keep it, but must ask again each time (ages count from the answer).
-    if none_match_hits(&headers, &c.etag) {
+    if none_match_hits(headers, &c.etag) {
         return (StatusCode::NOT_MODIFIED, [(header::ETAG, c.etag.clone()), (header::CACHE_CONTROL, "no-cache".to_string())]).into_response();
     }
     (
@@ -243,10 +292,8 @@ async fn metrics(State(s): State<Arc<Services>>) -> impl IntoResponse {
     for r in DropReason::ALL {
         let _ = writeln!(out, "gpuha_dnsd_frames_dropped_total{{reason=\"{}\"}} {}", r.as_str(), c.dropped(r));
     }
-    let (fresh, stale) = s.state.with_fleet(|f| {
-        let fresh = f.workers().filter(|w| w.is_fresh(now)).count();
-        (fresh, f.len() - fresh)
-    });
+    let (known, fresh) = s.state.snapshot().fresh_of(now);
+    let stale = known - fresh;
     let _ = writeln!(out, "# HELP gpuha_dnsd_http_connections_rejected_total HTTP connections closed on accept: http.max_connections were open.");
     let _ = writeln!(out, "# TYPE gpuha_dnsd_http_connections_rejected_total counter");
     let _ = writeln!(out, "gpuha_dnsd_http_connections_rejected_total {}", s.http_rejected.load(Ordering::Relaxed));
@@ -254,11 +301,15 @@ async fn metrics(State(s): State<Arc<Services>>) -> impl IntoResponse {
     let _ = writeln!(out, "# TYPE gpuha_dnsd_workers gauge");
     let _ = writeln!(out, "gpuha_dnsd_workers{{state=\"fresh\"}} {fresh}");
     let _ = writeln!(out, "gpuha_dnsd_workers{{state=\"stale\"}} {stale}");
+    let _ = writeln!(out, "# HELP gpuha_dnsd_workers_max Worker ids tracked at most (ingest.max_workers); frames from new ids past it are dropped as too_many_workers.");
+    let _ = writeln!(out, "# TYPE gpuha_dnsd_workers_max gauge");
+    let _ = writeln!(out, "gpuha_dnsd_workers_max {}", s.state.max_workers);
     let _ = writeln!(out, "# HELP gpuha_dnsd_start_time_seconds When this dnsd started (Unix time); its first 10 s are the cold start.");
     let _ = writeln!(out, "# TYPE gpuha_dnsd_start_time_seconds gauge");
     let _ = writeln!(out, "gpuha_dnsd_start_time_seconds {:.3}", s.state.started_ms as f64 / 1000.0);
     let configured: Vec<String> = s.dns.as_ref().map(|d| d.zones().pools.iter().map(|p| p.id.clone()).collect()).unwrap_or_default();
-    s.state.with_fleet(|f| crate::ops::render_fleet_metrics(&mut out, f, &configured, now));
+    // From the snapshot, never under the ingest lock: a scrape's cost is the client's to choose.
+    crate::ops::render_fleet_metrics(&mut out, s.state.snapshot().workers(), &configured, now);
     if let Some(dns) = &s.dns {
         dns.render_metrics(&mut out, now);
     }

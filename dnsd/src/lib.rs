@@ -93,7 +93,7 @@ fn bind_udp(addr: SocketAddr, rcvbuf: usize) -> io::Result<std::net::UdpSocket> 
 /// Runs dnsd until `shutdown` resolves.
 pub async fn run(config: Config, listeners: Listeners, shutdown: impl Future<Output = ()> + Send + 'static) -> anyhow_lite::Result<()> {
     let keys = config.key_ring()?;
-    let state = Arc::new(AppState::new(keys, config.ingest.max_skew_ms, config.ingest.forget_after_ms, now_ms()));
+    let state = Arc::new(AppState::new(keys, config.ingest.max_skew_ms, config.ingest.forget_after_ms, config.ingest.max_workers, now_ms()));
     let dns = match &config.dns {
         Some(d) => Some(Arc::new(DnsService::new(d, state.clone())?)),
         None => None,

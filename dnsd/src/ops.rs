@@ -9,7 +9,8 @@
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
 
-use gpuha_liveness::{Condition, FleetState};
+use gpuha_liveness::fleet::WorkerState;
+use gpuha_liveness::Condition;
 use serde::Serialize;
 
 use crate::dns::answer::service_addresses;
@@ -55,9 +56,8 @@ fn secs(ms: u64) -> f64 {
 
 /// Renders the per-pool and per-worker gauges for `fleet` at `now_ms`. `configured` pools (the
 /// DNS tier's) are listed even before any of their workers is heard from.
-pub fn render_fleet_metrics(out: &mut String, fleet: &FleetState, configured: &[String], now_ms: u64) {
-    let mut rows: Vec<WorkerRow> = fleet
-        .workers()
+pub fn render_fleet_metrics<'a>(out: &mut String, workers: impl Iterator<Item = &'a WorkerState>, configured: &[String], now_ms: u64) {
+    let mut rows: Vec<WorkerRow> = workers
         .map(|w| WorkerRow {
             pool: w.frame.pool_id.clone(),
             id: w.frame.worker_id.clone(),
@@ -227,11 +227,11 @@ mod tests {
 
     #[test]
     fn pool_and_worker_gauges() {
-        let mut fleet = FleetState::new(0);
+        let mut fleet = gpuha_liveness::FleetState::new(0);
         fleet.observe(frame("w1", "p1", 1), 10_000);
         fleet.observe(frame("w2", "p1", 1), 14_000);
         let mut out = String::new();
-        render_fleet_metrics(&mut out, &fleet, &["p0".into(), "p1".into()], 15_000);
+        render_fleet_metrics(&mut out, fleet.workers(), &["p0".into(), "p1".into()], 15_000);
         assert!(out.contains("gpuha_dnsd_pool_workers{pool=\"p1\",state=\"alive\"} 1\n"), "{out}");
         assert!(out.contains("gpuha_dnsd_pool_workers{pool=\"p1\",state=\"silent\"} 1\n"), "{out}");
         assert!(out.contains("gpuha_dnsd_pool_workers{pool=\"p0\",state=\"alive\"} 0\n"), "a configured pool with no worker is listed");
@@ -244,13 +244,13 @@ mod tests {
 
     #[test]
     fn worker_series_are_capped_with_the_silent_first() {
-        let mut fleet = FleetState::new(0);
+        let mut fleet = gpuha_liveness::FleetState::new(0);
         for i in 0..MAX_EXPORTED_WORKERS + 5 {
             fleet.observe(frame(&format!("w{i:05}"), "p", 1), 20_000);
         }
         fleet.observe(frame("zz-silent", "p", 1), 1_000);
         let mut out = String::new();
-        render_fleet_metrics(&mut out, &fleet, &[], 21_000);
+        render_fleet_metrics(&mut out, fleet.workers(), &[], 21_000);
         assert_eq!(lines(&out, "gpuha_dnsd_worker_seconds_since_frame").len(), MAX_EXPORTED_WORKERS);
         assert_eq!(lines(&out, "gpuha_dnsd_worker_state").len(), 3 * MAX_EXPORTED_WORKERS);
         assert!(out.contains("gpuha_dnsd_workers_unexported 6\n"));

@@ -13,7 +13,8 @@
 //! frame (no data is not death). Which numbers, and why KV-cache usage among them (the only one
 //! that moves during a long chunked prefill): [`progress`].
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
 
@@ -219,10 +220,15 @@ impl Liveness {
 }
 
 /// Per-worker state for the whole fleet. Pure: `now_ms` is always passed in.
+///
+/// Each worker's state sits behind an [`Arc`] so that [`Self::snapshot`] costs one reference
+/// count per worker: a receiver copies the fleet under its ingest lock and builds views from the
+/// copy outside it. A frame for a worker whose state a snapshot still shares copies that one
+/// state first (copy on write).
 #[derive(Debug, Clone)]
 pub struct FleetState {
     started_ms: u64,
-    workers: HashMap<String, WorkerState>,
+    workers: HashMap<String, Arc<WorkerState>>,
 }
 
 fn delta(new: Option<f64>, old: Option<f64>) -> Option<f64> {
@@ -278,6 +284,7 @@ impl FleetState {
     pub fn observe_tracked(&mut self, frame: Frame, now_ms: u64) -> u64 {
         match self.workers.get_mut(&frame.worker_id) {
             Some(w) => {
+                let w = Arc::make_mut(w);
                 let old = (w.counting_span(), std::mem::take(&mut w.frame.pool_id));
                 if w.frame.boot_id == frame.boot_id {
                     let alive = progress(&w.frame.metrics, &frame.metrics);
@@ -307,18 +314,24 @@ impl FleetState {
             None => {
                 let w = WorkerState::new(frame, now_ms, now_ms);
                 let changed = first_difference(None, Some(w.counting_span()));
-                self.workers.insert(w.frame.worker_id.clone(), w);
+                self.workers.insert(w.frame.worker_id.clone(), Arc::new(w));
                 changed
             }
         }
     }
 
     pub fn worker(&self, id: &str) -> Option<&WorkerState> {
-        self.workers.get(id)
+        self.workers.get(id).map(|w| &**w)
     }
 
     pub fn workers(&self) -> impl Iterator<Item = &WorkerState> {
-        self.workers.values()
+        self.workers.values().map(|w| &**w)
+    }
+
+    /// Every worker's state as it is now, shared: O(workers) reference counts, no deep copy.
+    /// [`view_of_workers`] builds the same views from it as [`Self::view_of`].
+    pub fn snapshot(&self) -> Vec<Arc<WorkerState>> {
+        self.workers.values().cloned().collect()
     }
 
     pub fn len(&self) -> usize {
@@ -375,10 +388,12 @@ impl FleetState {
         PoolOutlook { states, valid_from: from, valid_until: until }
     }
 
-    /// Drops workers silent for longer than `forget_after_ms`; returns how many were dropped.
+    /// Drops workers silent (no frame at all) for longer than `forget_after_ms`; returns how
+    /// many were dropped. Silence, not age: a hung engine that still sends frames is kept, as
+    /// stalled; forgotten, its next frame would make it a new worker, fresh for a moment.
     pub fn forget_silent(&mut self, now_ms: u64, forget_after_ms: u64) -> usize {
         let before = self.workers.len();
-        self.workers.retain(|_, w| w.age_ms(now_ms) <= forget_after_ms);
+        self.workers.retain(|_, w| now_ms.saturating_sub(w.last_rx_ms) <= forget_after_ms);
         before - self.workers.len()
     }
 
@@ -391,37 +406,34 @@ impl FleetState {
     /// With [`Ages::Bounded`] the view does not change while the fleet does not (see there),
     /// and its `now_ms` is 0.
     pub fn view_of(&self, now_ms: u64, pools: &[String], ages: Ages) -> FleetView {
-        let mut workers: Vec<WorkerView> = self
-            .workers
-            .values()
-            .filter(|w| pools.is_empty() || pools.contains(&w.frame.pool_id))
-            .map(|w| WorkerView::of(w, now_ms))
-            .collect();
-        if ages == Ages::Bounded {
-            for w in &mut workers {
-                w.age_ms = bounded_age_ms(w.age_ms);
-            }
-        }
-        workers.sort_by(|a, b| a.id.cmp(&b.id));
-        mark_slow_workers(&mut workers);
-        let mut pools: Vec<PoolView> = Vec::new();
-        for w in &workers {
-            let i = match pools.iter().position(|p| p.pool == w.pool) {
-                Some(i) => i,
-                None => {
-                    pools.push(PoolView { pool: w.pool.clone(), workers: 0, fresh: 0, in_window: 0 });
-                    pools.len() - 1
-                }
-            };
-            let p = &mut pools[i];
-            p.workers += 1;
-            p.fresh += usize::from(w.fresh);
-            p.in_window += usize::from(w.age_ms <= EVICTION_WINDOW_MS);
-        }
-        pools.sort_by(|a, b| a.pool.cmp(&b.pool));
-        let now_ms = if ages == Ages::Bounded { 0 } else { now_ms };
-        FleetView { now_ms, workers, pools }
+        view_of_workers(self.workers(), now_ms, pools, ages)
     }
+}
+
+/// [`FleetState::view_of`] over any set of worker states (a [`FleetState::snapshot`]). Its cost
+/// is O(workers + pools) whatever `pools` names (a client chooses them): a set lookup per
+/// worker, one map entry per pool.
+pub fn view_of_workers<'a>(states: impl Iterator<Item = &'a WorkerState>, now_ms: u64, pools: &[String], ages: Ages) -> FleetView {
+    let wanted: HashSet<&str> = pools.iter().map(String::as_str).collect();
+    let mut workers: Vec<WorkerView> =
+        states.filter(|w| wanted.is_empty() || wanted.contains(w.frame.pool_id.as_str())).map(|w| WorkerView::of(w, now_ms)).collect();
+    if ages == Ages::Bounded {
+        for w in &mut workers {
+            w.age_ms = bounded_age_ms(w.age_ms);
+        }
+    }
+    workers.sort_by(|a, b| a.id.cmp(&b.id));
+    mark_slow_workers(&mut workers);
+    let mut by_pool: BTreeMap<&str, PoolView> = BTreeMap::new();
+    for w in &workers {
+        let p = by_pool.entry(w.pool.as_str()).or_insert_with(|| PoolView { pool: w.pool.clone(), workers: 0, fresh: 0, in_window: 0 });
+        p.workers += 1;
+        p.fresh += usize::from(w.fresh);
+        p.in_window += usize::from(w.age_ms <= EVICTION_WINDOW_MS);
+    }
+    let pools = by_pool.into_values().collect();
+    let now_ms = if ages == Ages::Bounded { 0 } else { now_ms };
+    FleetView { now_ms, workers, pools }
 }
 
 /// How [`FleetState::view_of`] reports worker ages.
@@ -530,22 +542,28 @@ pub const GRAY_MAX_PENALTY: f64 = 8.0;
 /// pace scores 5x worse and gets proportionally fewer new requests. A fleet-wide slowdown (a
 /// big batch everywhere) moves the median with it and changes nothing; a worker with no peer
 /// to compare with is never judged.
+///
+/// O(n log n): each pool's paces are sorted once, and a worker's peer median is read from them
+/// with its own pace left out (every fleet view runs this over every worker it lists).
 pub fn mark_slow_workers(workers: &mut [WorkerView]) {
     let pace = |w: &WorkerView| -> Option<f64> {
         w.running.filter(|r| r.is_finite() && *r >= 1.0)?;
         let p = w.pace.filter(|p| p.is_finite() && *p >= 0.0)?;
         w.fresh.then_some(p)
     };
-    let paces: Vec<(usize, &str, f64)> = workers.iter().enumerate().filter_map(|(i, w)| pace(w).map(|p| (i, w.pool.as_str(), p))).collect();
-    let mut marks: Vec<(usize, f64)> = Vec::new();
-    for &(i, pool, mine) in &paces {
-        let mut peers: Vec<f64> = paces.iter().filter(|(j, p, _)| *j != i && *p == pool).map(|(_, _, x)| *x).collect();
-        if peers.is_empty() {
-            continue;
+    let mut by_pool: HashMap<&str, Vec<f64>> = HashMap::new();
+    for w in workers.iter() {
+        if let Some(p) = pace(w) {
+            by_pool.entry(w.pool.as_str()).or_default().push(p);
         }
-        peers.sort_by(f64::total_cmp);
-        let mid = peers.len() / 2;
-        let median = if peers.len().is_multiple_of(2) { (peers[mid - 1] + peers[mid]) / 2.0 } else { peers[mid] };
+    }
+    for paces in by_pool.values_mut() {
+        paces.sort_by(f64::total_cmp);
+    }
+    let mut marks: Vec<(usize, f64)> = Vec::new();
+    for (i, w) in workers.iter().enumerate() {
+        let Some(mine) = pace(w) else { continue };
+        let Some(median) = by_pool.get(w.pool.as_str()).and_then(|paces| median_without(paces, mine)) else { continue };
         if median > 0.0 && mine < median * GRAY_PACE_RATIO {
             let f = if mine > 0.0 { (median / mine).min(GRAY_MAX_PENALTY) } else { GRAY_MAX_PENALTY };
             marks.push((i, (f * 10.0).round() / 10.0));
@@ -554,6 +572,17 @@ pub fn mark_slow_workers(workers: &mut [WorkerView]) {
     for (i, f) in marks {
         workers[i].slow = Some(f);
     }
+}
+
+/// The median of `sorted` (ascending, holding `x`) with one element equal to `x` left out;
+/// `None` when nothing is left.
+fn median_without(sorted: &[f64], x: f64) -> Option<f64> {
+    let n = sorted.len().checked_sub(1).filter(|n| *n > 0)?;
+    // Any element equal to `x` leaves the same multiset behind: take the first.
+    let k = sorted.partition_point(|v| v.total_cmp(&x).is_lt());
+    let at = |j: usize| if j < k { sorted[j] } else { sorted[j + 1] };
+    let mid = n / 2;
+    Some(if n.is_multiple_of(2) { (at(mid - 1) + at(mid)) / 2.0 } else { at(mid) })
 }
 
 impl WorkerView {
@@ -721,6 +750,30 @@ mod tests {
         WorkerView { id: id.into(), pool: pool.into(), models: vec![], addr: String::new(), age_ms: 500, fresh: true, stalled: false, boot: 1, running: Some(running), waiting: None, kv: None, ttft_ms: None, gen_tps: Some(gen_tps), prompt_tps: None, preemptions: None, pace: Some(gen_tps / running.max(1.0)), slow: None }
     }
 
+    /// The quadratic definition [`mark_slow_workers`] must agree with: each worker against the
+    /// median of every other paced worker of its pool.
+    fn mark_slow_workers_oracle(workers: &mut [WorkerView]) {
+        let pace = |w: &WorkerView| -> Option<f64> {
+            w.running.filter(|r| r.is_finite() && *r >= 1.0)?;
+            let p = w.pace.filter(|p| p.is_finite() && *p >= 0.0)?;
+            w.fresh.then_some(p)
+        };
+        let paces: Vec<(usize, String, f64)> = workers.iter().enumerate().filter_map(|(i, w)| pace(w).map(|p| (i, w.pool.clone(), p))).collect();
+        for (i, pool, mine) in &paces {
+            let mut peers: Vec<f64> = paces.iter().filter(|(j, p, _)| j != i && p == pool).map(|(_, _, x)| *x).collect();
+            if peers.is_empty() {
+                continue;
+            }
+            peers.sort_by(f64::total_cmp);
+            let mid = peers.len() / 2;
+            let median = if peers.len().is_multiple_of(2) { (peers[mid - 1] + peers[mid]) / 2.0 } else { peers[mid] };
+            if median > 0.0 && *mine < median * GRAY_PACE_RATIO {
+                let f = if *mine > 0.0 { (median / mine).min(GRAY_MAX_PENALTY) } else { GRAY_MAX_PENALTY };
+                workers[*i].slow = Some((f * 10.0).round() / 10.0);
+            }
+        }
+    }
+
     #[test]
     fn gray_failures_are_judged_against_peers() {
         // w3 decodes at a fifth of its peers' pace (per running sequence).
@@ -885,9 +938,35 @@ mod tests {
         fleet.observe(frame("w2", "p", 1, 1, T0 + 50_000), T0 + 50_000);
         assert_eq!(fleet.forget_silent(T0 + 60_001, 60_000), 1);
         assert!(fleet.worker("w1").is_none());
+        // A hung engine that keeps sending is stalled, never forgotten (and so never new again).
+        let mut f = FleetState::new(T0);
+        for i in 0..=200u64 {
+            f.observe(hung("w3", "p", i + 1, T0 + i * 500, 1.0), T0 + i * 500);
+        }
+        assert_eq!(f.forget_silent(T0 + 100_000, 60_000), 0);
+        assert!(f.worker("w3").unwrap().is_stalled(T0 + 100_000));
     }
 
     proptest! {
+        /// The sorted, per-pool median agrees with the definition, duplicates and all.
+        #[test]
+        fn slow_workers_match_the_definition(ws in proptest::collection::vec((0u8..3, 0u8..12, prop::bool::weighted(0.9), 0u8..3), 0..24)) {
+            let mut v: Vec<WorkerView> = ws
+                .iter()
+                .enumerate()
+                .map(|(i, (pool, pace, fresh, running))| {
+                    let mut w = busy_view(&format!("w{i}"), &format!("p{pool}"), f64::from(*running), 0.0);
+                    w.pace = Some(f64::from(*pace) * 5.0);
+                    w.fresh = *fresh;
+                    w
+                })
+                .collect();
+            let mut oracle = v.clone();
+            mark_slow_workers(&mut v);
+            mark_slow_workers_oracle(&mut oracle);
+            prop_assert_eq!(v, oracle);
+        }
+
         /// Whatever frames arrive when, a pool is alive exactly when enough of its workers were
         /// heard from within the window and have been sending for the hold-down (outside cold
         /// start), and fresh implies in-window.

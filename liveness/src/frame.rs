@@ -50,7 +50,8 @@ fn metric_count(version: u8) -> Option<usize> {
 }
 const MAGIC: [u8; 2] = *b"GH";
 const TAG_LEN: usize = 32;
-const MAX_STR: usize = 64;
+/// Longest worker id, pool id or model name a frame carries (bytes).
+pub const MAX_STR: usize = 64;
 const MAX_MODELS: usize = 8;
 const HEADER_LEN: usize = 29;
 

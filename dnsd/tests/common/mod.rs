@@ -25,10 +25,15 @@ pub fn config_text(dir: &Path, dns: &str) -> String {
 
 /// [`config_text`] with `http` added to the `[http]` section.
 pub fn config_text_http(dir: &Path, http: &str, dns: &str) -> String {
+    config_text_full(dir, "", http, dns)
+}
+
+/// [`config_text`] with `ingest` added to the `[ingest]` section and `http` to `[http]`.
+pub fn config_text_full(dir: &Path, ingest: &str, http: &str, dns: &str) -> String {
     let key = dir.join("frame.key");
     std::fs::write(&key, KEY).expect("write key");
     format!(
-        "[ingest]\nlisten = \"127.0.0.1:0\"\nkeys = [{{ id = 1, file = \"{}\" }}]\n[http]\nlisten = \"127.0.0.1:0\"\n{http}\n{dns}",
+        "[ingest]\nlisten = \"127.0.0.1:0\"\nkeys = [{{ id = 1, file = \"{}\" }}]\n{ingest}\n[http]\nlisten = \"127.0.0.1:0\"\n{http}\n{dns}",
         key.display()
     )
 }
@@ -108,8 +113,13 @@ impl Dnsd {
 
     /// [`Dnsd::start`] with `http` added to the `[http]` section.
     pub async fn start_http(http: &str, dns: &str) -> Dnsd {
+        Self::start_full("", http, dns).await
+    }
+
+    /// [`Dnsd::start`] with `ingest` added to the `[ingest]` section and `http` to `[http]`.
+    pub async fn start_full(ingest: &str, http: &str, dns: &str) -> Dnsd {
         let dir = tempfile::tempdir().expect("tempdir");
-        let text = config_text_http(dir.path(), http, dns);
+        let text = config_text_full(dir.path(), ingest, http, dns);
         let config = Config::from_toml(&text, Path::new("test.toml")).expect("config");
         let listeners = Listeners::bind(&config).expect("bind");
         let ingest = listeners.ingest.local_addr().expect("addr");

@@ -1,0 +1,38 @@
+//! The sidecar's scrape path: an HTTP response from "vLLM" (raw bytes, or a 200 around the
+//! input) parsed, its Prometheus text mapped to the frame's numbers, and the frame signed. The
+//! mapping promises finite numbers, so every mapped frame must encode and decode to itself.
+#![no_main]
+
+use gpuha_liveness::{Frame, KeyRing};
+use gpuha_sidecar::http::parse_response;
+use gpuha_sidecar::scrape::parse;
+use libfuzzer_sys::fuzz_target;
+
+const KEY: &[u8] = b"0123456789abcdef-fuzz";
+
+fuzz_target!(|data: &[u8]| {
+    let Some((&mode, rest)) = data.split_first() else { return };
+    let text = if mode & 1 == 0 {
+        match parse_response(rest) {
+            Ok(t) => t,
+            Err(_) => return,
+        }
+    } else {
+        String::from_utf8_lossy(rest).into_owned()
+    };
+    let Ok(scraped) = parse(&text) else { return };
+    assert!(scraped.models.len() <= 8 && scraped.models.iter().all(|m| !m.is_empty() && m.len() <= 64));
+    let frame = Frame {
+        key_id: 1,
+        boot_id: 1,
+        seq: 1,
+        sent_ms: 1_800_000_000_000,
+        worker_id: "w".into(),
+        pool_id: "p".into(),
+        addr: std::net::SocketAddr::from(([10, 0, 0, 1], 8000)),
+        models: scraped.models.clone(),
+        metrics: scraped.metrics,
+    };
+    let bytes = frame.encode(KEY).expect("a mapped scrape encodes");
+    assert_eq!(Frame::decode(&bytes, &KeyRing::single(1, KEY.to_vec())).expect("and decodes"), frame);
+});

@@ -1,0 +1,117 @@
+#!/usr/bin/env python3
+"""Writes fuzz/seeds/TARGET/ from the repository's captures and test batteries.
+
+Run from anywhere; the seeds are committed, so this is only needed to regenerate them. Frames are
+signed with the fuzz targets' key and dated at their NOW, so they are accepted as they are.
+"""
+import hashlib
+import hmac
+import pathlib
+import struct
+
+HERE = pathlib.Path(__file__).resolve().parent
+ROOT = HERE.parent
+CAPTURES = ROOT / "tests" / "data" / "vllm-0.32.0-cpu"
+KEY = b"0123456789abcdef-fuzz"
+NOW = 1_800_000_000_000
+
+
+def seed(target, name, data):
+    d = HERE / "seeds" / target
+    d.mkdir(parents=True, exist_ok=True)
+    (d / name).write_bytes(data)
+
+
+def frame(worker, pool, boot, seq, sent, metrics, models=(b"m",), v6=False, key_id=1):
+    def s(b):
+        return bytes([len(b)]) + b
+    out = b"GH" + bytes([2]) + struct.pack(">HQQQ", key_id, boot, seq, sent) + s(worker) + s(pool)
+    out += (bytes([6]) + bytes(15) + b"\x01") if v6 else (bytes([4]) + bytes([10, 0, 0, 1]))
+    out += struct.pack(">H", 8000) + bytes([len(models)]) + b"".join(s(m) for m in models)
+    present = 0
+    for i, v in enumerate(metrics):
+        if v is not None:
+            present |= 1 << i
+    out += struct.pack(">H", present) + b"".join(struct.pack(">d", v or 0.0) for v in metrics)
+    return out + hmac.new(KEY, out, hashlib.sha256).digest()
+
+
+def dns_name(name):
+    out = b""
+    for label in name.rstrip(".").split("."):
+        if label:
+            out += bytes([len(label)]) + label.encode()
+    return out + b"\x00"
+
+
+def query(qid, name, qtype, edns=None, opcode=0, qclass=1):
+    flags = (opcode << 11) | 0x0100
+    q = struct.pack(">HHHHHH", qid, flags, 1, 0, 0, 1 if edns else 0) + dns_name(name) + struct.pack(">HH", qtype, qclass)
+    if edns:
+        q += b"\x00" + struct.pack(">HHIH", 41, edns, 0, 0)
+    return q
+
+
+def main():
+    busy = [2.0, 1.0, 0.25, 1.5, 10.0, 500.0, 900.0, 0.0, 120.0]
+    frames = {
+        "v4-busy": frame(b"w1", b"pool-a", 7, 1, NOW, busy),
+        "v6-idle": frame(b"w2", b"pool-b", 1, 9, NOW + 100, [0.0, 0.0] + [None] * 7, v6=True),
+        "no-metrics": frame(b"w3", b"p", 3, 1, NOW - 100, [None] * 9, models=()),
+        "eight-models": frame(b"w" * 64, b"p" * 64, 1, 1, NOW, busy, models=tuple(b"m%d" % i for i in range(8))),
+        "key-2": frame(b"w4", b"p", 1, 1, NOW, busy, key_id=2),
+    }
+    for name, f in frames.items():
+        seed("frame_decode", name, f)
+    seed("frame_decode", "garbage", b"\x00\x01garbage")
+    for i, name in enumerate(["small", "medium"]):
+        seed("frame_mutate", name, bytes(range(i * 40, i * 40 + 120)))
+
+    for f in sorted(CAPTURES.glob("*.txt")):
+        data = f.read_bytes()
+        if f.name.startswith("metrics-"):
+            seed("sidecar_metrics", "body-" + f.name, b"\x01" + data)
+            http = b"HTTP/1.1 200 OK\r\ncontent-type: text/plain\r\ncontent-length: %d\r\n\r\n" % len(data) + data
+            seed("sidecar_metrics", "http-" + f.name, b"\x00" + http)
+        else:
+            body = data.split(b"\r\n\r\n", 1)[-1]
+            seed("sse_output", f.name, b"\x80" + body)
+            seed("attempt", f.name, b"\x00\x10\x00" + body)
+            seed("request_scan", f.name, body[:2048])
+    for name, body in {
+        "chat.json": b'{"messages":[{"role":"user","content":"hi \\"there\\""}],"model":"m","stream":true}',
+        "model-first.json": b'{"model":"Qwen/Qwen3-0.6B","stream":false,"max_tokens":8}',
+        "escaped.json": b'{"\\u006dodel":"m\\u00e9","str\\u0065am":true}',
+        "nested.json": b'{"tools":[{"a":{"b":[1,2,{"c":null}]}}],"model":123,"stream":"true"}',
+    }.items():
+        seed("request_scan", name, b"\x00" + body)
+    form = b'--XyZ\r\nContent-Disposition: form-data; name="file"; filename="a.wav"\r\n\r\nRIFF....\r\n--XyZ\r\nContent-Disposition: form-data; name="model"\r\n\r\nwhisper\r\n--XyZ\r\nContent-Disposition: form-data; name="stream"\r\n\r\ntrue\r\n--XyZ--\r\n'
+    seed("request_scan", "multipart", b"\x01\x25multipart/form-data; boundary=XyZ" + form)
+
+    qid = 0x1234
+    names = ["api.gpuha.test.", "prio.gpuha.test.", "big.gpuha.test.", "chat.gpuha.test.", "away.gpuha.test.", "txt.gpuha.test.",
+             "gpuha.test.", "nope.gpuha.test.", "x.a.b.deep.gpuha.test.", "b.deep.gpuha.test.", "ns1.gpuha.test.", "elsewhere.example.", "API.GpUhA.TeSt."]
+    types = {"A": 1, "NS": 2, "CNAME": 5, "SOA": 6, "MX": 15, "TXT": 16, "AAAA": 28, "ANY": 255, "AXFR": 252, "IXFR": 251}
+    for i, n in enumerate(names):
+        for j, (t, code) in enumerate(types.items()):
+            # One transport, source and EDNS size per question, rotating (the fuzzer mixes them).
+            how, edns = (i + j) % 4, (None, 1232, 4096)[(i + j) % 3]
+            seed("dns_respond", f"{n}{t}", bytes([how]) + query(qid, n, code, edns))
+    seed("dns_respond", "notify", b"\x00" + query(qid, "gpuha.test.", 6, opcode=4))
+    seed("dns_respond", "chaos", b"\x00" + query(qid, "version.bind.", 16, qclass=3))
+    seed("dns_respond", "compressed-pointer", b"\x00" + bytes.fromhex("123401000001000000000000c00200010001"))
+    seed("dns_respond", "edns-v1", b"\x00" + query(qid, "api.gpuha.test.", 1, 1232)[:-11] + b"\x00" + struct.pack(">HHIH", 41, 1232, 0x00010000, 0))
+
+    for f in ["dnsd.toml", "loopback.toml"]:
+        seed("config_parse", "dnsd-" + f, b"\x00" + (ROOT / "deploy" / "dnsd" / f).read_bytes())
+    for name, cfg in {
+        "picker": b'{"role":"picker","fleet_cluster":"gpuha_fleet","fleet_authority":"dnsd","max_body_bytes":33554432}',
+        "guard": b'{"role":"guard"}',
+        "failwhale": b'{"role":"failwhale","max_body_bytes":1048576}',
+        "picker-full": b'{"role":"picker","fleet_cluster":"c","no_worker":"fail_open","pick":{},"breaker":{}}',
+    }.items():
+        seed("config_parse", "filter-" + name, b"\x01" + cfg)
+
+
+if __name__ == "__main__":
+    main()

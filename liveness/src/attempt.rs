@@ -402,7 +402,11 @@ impl Attempt {
             Rescue::RetryNow if self.is_held() => {
                 self.rescued = Some(r);
                 let reason = FailReason::WorkerStalled;
-                self.decide(Charge::Failure(reason.clone()));
+                // Not charged: the freshness gate already keeps new requests off a worker that
+                // shows no life, and lets it back the moment it does; a breaker charge would keep
+                // it out for a cool-down after it recovered, and on a host merely overloaded (its
+                // `/metrics` too slow for a scrape) it would open healthy circuits.
+                self.decide(Charge::Nothing);
                 let body = error_json(self.cfg.retry_status, &format!("The worker stopped before the first token: {}", reason.label())).into_bytes();
                 self.phase = Phase::Rewritten(reason);
                 Some((self.cfg.retry_status, body))
@@ -801,7 +805,7 @@ mod tests {
         assert_eq!(status, 503);
         assert!(String::from_utf8_lossy(&body).contains("worker_stalled"));
         d.charges();
-        assert_eq!(d.seen.charges, vec![Charge::Failure(FailReason::WorkerStalled)], "a stall is the worker's: charged at once");
+        assert_eq!(d.seen.charges, vec![Charge::Nothing], "a stall is judged by freshness, not charged to the breaker");
         // Whatever the hung worker still sends is dropped.
         d.body(TOKEN, false);
         assert!(d.seen.client.is_empty());

@@ -202,6 +202,13 @@ def test_sidecar_metric_mapping_live(rig: Rig):
     record("drill metrics", f"{time.monotonic() - t_start:.1f}s")
 
 
+# Tokens per stream in the drills that need requests queued behind running ones. 256 was enough
+# on a loaded host; on a quiet one the Python client takes ~2 s to start its 40 streams while
+# vLLM finishes a 256-token stream in 0.2-0.4 s, so no queue ever formed (seen 2026-11-29: at
+# most 2 running, 0 waiting, for 180 s). At 2048 each stream runs for seconds.
+QUEUE_TOKENS = 2048
+
+
 def test_d1_group_sigkill_mid_traffic(rig: Rig):
     """Process-group SIGKILL of one vLLM with streams past their first token and requests still
     queued: the queued ones complete on the other server (one clean response each), the started
@@ -211,9 +218,9 @@ def test_d1_group_sigkill_mid_traffic(rig: Rig):
     envoy = rig.envoy(per_try_timeout="60s")
     try:
         warm_up(rig, envoy)
-        # 20 a server: 8 run while 12 wait, so requests stay queued for ~2 whole 256-step
-        # batches (seconds even on an idle host): the pick reads that state, it does not race it.
-        n, max_tokens = 40, 256
+        # 20 a server: 8 run while 12 wait, so requests stay queued for ~2 whole batches: the
+        # pick reads that state, it does not race it. QUEUE_TOKENS: see there.
+        n, max_tokens = 40, QUEUE_TOKENS
         refs = {p: rig.reference(p, max_tokens) for p in range(4)}
         client = make_client(envoy.base_url, timeout=120)
         gen0 = gen_counters(rig)
@@ -292,8 +299,8 @@ def test_engine_core_sigkill(rig: Rig):
     try:
         warm_up(rig, envoy)
         # Long enough that streams are still running when vLLM notices; 20 a server, so 12 stay
-        # queued for ~2 whole batches while the pick reads that from /metrics.
-        n, max_tokens = 40, 256
+        # queued for ~2 whole batches while the pick reads that from /metrics (QUEUE_TOKENS).
+        n, max_tokens = 40, QUEUE_TOKENS
         refs = {p: rig.reference(p, max_tokens) for p in range(4)}
         client = make_client(envoy.base_url, timeout=120)
         gen0 = gen_counters(rig)

@@ -64,7 +64,7 @@ pub fn rescue_tick(reg: &Rc<RefCell<Registry>>, view: &gpuha_liveness::FleetView
             }
             let w = view.workers.iter().find(|w| w.addr == t.addr);
             let age = w.map(|w| effective_age_ms(w, vouched, now));
-            let stalled_for = reg.stalls.observe(&t.addr, shows_no_life(age, view_age, &rcfg), now);
+            let stalled_for = reg.stalls.observe(&t.addr, shows_no_life(age, w.is_some_and(|w| w.stalled), view_age, &rcfg), now);
             let a = t.attempt.borrow();
             let mut r = rescue(a.is_held(), a.is_released(), stalled_for, &rcfg);
             if r.is_none() && a.is_held() && view_age <= rcfg.gate_ms {
@@ -73,7 +73,7 @@ pub fn rescue_tick(reg: &Rc<RefCell<Registry>>, view: &gpuha_liveness::FleetView
                     let idle = w.running.unwrap_or(0.0) + w.waiting.unwrap_or(0.0) <= 0.0;
                     invisible_to_engine(t.held_since, now, vouched.saturating_sub(w.age_ms), idle, &rcfg)
                 });
-                r = invisible.then_some(Rescue::RetryNow);
+                r = invisible.then_some(Rescue::RetryUnseen);
             }
             if let Some(r) = r {
                 todo.push((*id, r, t.attempt.clone(), t.addr.clone()));
@@ -89,7 +89,7 @@ pub fn rescue_tick(reg: &Rc<RefCell<Registry>>, view: &gpuha_liveness::FleetView
             continue;
         }
         match (r, retry) {
-            (Rescue::RetryNow, Some((status, _body))) => {
+            (Rescue::RetryNow | Rescue::RetryUnseen, Some((status, _body))) => {
                 host::set_response_header(":status", Some(&status.to_string()));
                 host::set_response_header("content-type", Some("application/json"));
                 host::set_response_header("content-length", None);

@@ -161,6 +161,9 @@ pub enum Rescue {
     /// Held before the first token: turn the held headers into a retryable status and let them
     /// go, so that the router retries on the next worker now, not after the per-try budget.
     RetryNow,
+    /// The same for a request its worker's engine never saw ([`invisible_to_engine`]): an
+    /// engine hung while idle, which freshness cannot see, so this one is charged to the breaker.
+    RetryUnseen,
     /// Past the first token: end the stream (a reset; the client has whole events only and a
     /// visibly incomplete answer), instead of leaving it open until Envoy's idle timeout.
     EndStream,
@@ -200,12 +203,15 @@ pub fn invisible_to_engine(held_since_ms: u64, now_ms: u64, frame_taken_ms: u64,
     engine_idle && now_ms.saturating_sub(held_since_ms) >= cfg.invisible_after_ms && frame_taken_ms >= held_since_ms.saturating_add(SHOWS_WITHIN_MS)
 }
 
-/// Whether a worker shows no sign of life, from a fleet view: its last evidence of life is
-/// `worker_age_ms` old (`None`: not in the view: nothing is known), in a view dnsd last vouched
-/// for `view_age_ms` ago. A stale view (dnsd unreachable) says nothing about the workers: fail
-/// open, nobody is judged.
-pub fn shows_no_life(worker_age_ms: Option<u64>, view_age_ms: u64, cfg: &RescueConfig) -> bool {
-    worker_age_ms.is_some_and(|age| age > cfg.gate_ms) && view_age_ms <= cfg.gate_ms
+/// Whether a worker is hung with its `/metrics` still answering, from a fleet view: dnsd marks
+/// it `stalled` (its frames arrive, its engine numbers do not move) and its last evidence of
+/// life is `worker_age_ms` old, past the gate, in a view dnsd last vouched for `view_age_ms`
+/// ago. A stale view (dnsd unreachable) judges nobody: fail open. A *silent* worker (no frames)
+/// is not rescued: a dead one resets its connections anyway, and on a host merely overloaded
+/// `/metrics` is the first thing to time out (seen with real vLLM on 2 cores: scrapes over
+/// 2.5 s while the engine served fine), so silence alone is too weak a reason to move requests.
+pub fn shows_no_life(worker_age_ms: Option<u64>, stalled: bool, view_age_ms: u64, cfg: &RescueConfig) -> bool {
+    stalled && worker_age_ms.is_some_and(|age| age > cfg.gate_ms) && view_age_ms <= cfg.gate_ms
 }
 
 /// When each worker was first seen showing no sign of life, on this thread's clock: the fleet
@@ -399,14 +405,21 @@ impl Attempt {
             return None;
         }
         match r {
-            Rescue::RetryNow if self.is_held() => {
+            Rescue::RetryNow | Rescue::RetryUnseen if self.is_held() => {
                 self.rescued = Some(r);
-                let reason = FailReason::WorkerStalled;
-                // Not charged: the freshness gate already keeps new requests off a worker that
-                // shows no life, and lets it back the moment it does; a breaker charge would keep
-                // it out for a cool-down after it recovered, and on a host merely overloaded (its
-                // `/metrics` too slow for a scrape) it would open healthy circuits.
-                self.decide(Charge::Nothing);
+                let (reason, charge) = if r == Rescue::RetryUnseen {
+                    // Freshness cannot see an engine hung while idle (its numbers froze at zero):
+                    // only the breaker keeps new requests off it.
+                    (FailReason::UnseenByEngine, Charge::Failure(FailReason::UnseenByEngine))
+                } else {
+                    // Not charged: the freshness gate already keeps new requests off a worker
+                    // that shows no life, and lets it back the moment it does; a charge would
+                    // keep it out for a cool-down after it recovered, and on a host merely
+                    // overloaded (its `/metrics` too slow for a scrape) it would open healthy
+                    // circuits (seen in the real-vLLM drills).
+                    (FailReason::WorkerStalled, Charge::Nothing)
+                };
+                self.decide(charge);
                 let body = error_json(self.cfg.retry_status, &format!("The worker stopped before the first token: {}", reason.label())).into_bytes();
                 self.phase = Phase::Rewritten(reason);
                 Some((self.cfg.retry_status, body))
@@ -766,10 +779,11 @@ mod tests {
     #[test]
     fn rescue_rules() {
         let cfg = RescueConfig::default();
-        assert!(!shows_no_life(Some(3_000), 100, &cfg), "fresh");
-        assert!(shows_no_life(Some(3_001), 100, &cfg));
-        assert!(!shows_no_life(None, 100, &cfg), "unknown worker: fail open");
-        assert!(!shows_no_life(Some(60_000), 3_001, &cfg), "a stale view (dnsd unreachable) judges nobody");
+        assert!(!shows_no_life(Some(3_000), true, 100, &cfg), "fresh");
+        assert!(shows_no_life(Some(3_001), true, 100, &cfg));
+        assert!(!shows_no_life(Some(3_001), false, 100, &cfg), "silent, not stalled: not rescued");
+        assert!(!shows_no_life(None, true, 100, &cfg), "unknown worker: fail open");
+        assert!(!shows_no_life(Some(60_000), true, 3_001, &cfg), "a stale view (dnsd unreachable) judges nobody");
         let mut clock = StallClock::default();
         assert_eq!(clock.observe("a:1", false, 1_000), None);
         assert_eq!(clock.observe("a:1", true, 2_000), Some(0));
@@ -813,6 +827,19 @@ mod tests {
         assert_eq!(d.seen.reports[0].outcome, Outcome::FailedBeforeFirstToken(FailReason::WorkerStalled));
         assert_eq!(d.seen.reports[0].rescued, Some(Rescue::RetryNow));
         assert_eq!(d.a.on_worker_stalled(Rescue::RetryNow), None, "once");
+    }
+
+    #[test]
+    fn a_request_unseen_by_an_idle_engine_is_retried_and_charged() {
+        let mut d = Driver::new(CHAT);
+        d.headers(200, SSE, false);
+        let (status, body) = d.a.on_worker_stalled(Rescue::RetryUnseen).unwrap();
+        assert_eq!(status, 503);
+        assert!(String::from_utf8_lossy(&body).contains("unseen_by_engine"));
+        d.charges();
+        assert_eq!(d.seen.charges, vec![Charge::Failure(FailReason::UnseenByEngine)]);
+        d.done(Ending::default());
+        assert_eq!(d.seen.reports[0].outcome, Outcome::FailedBeforeFirstToken(FailReason::UnseenByEngine));
     }
 
     #[test]

@@ -25,7 +25,7 @@ const MAX_NOTES: usize = 8;
 impl FailReason {
     /// Whether this failure may be the request's own doing, to be judged at the request's end.
     pub fn may_follow_request(&self) -> bool {
-        !matches!(self, FailReason::ResetBeforeHeaders | FailReason::ResetBeforeFirstToken | FailReason::WorkerStalled)
+        !matches!(self, FailReason::ResetBeforeHeaders | FailReason::ResetBeforeFirstToken | FailReason::WorkerStalled | FailReason::UnseenByEngine)
     }
 }
 

@@ -60,6 +60,9 @@ pub enum FailReason {
     /// The worker stopped showing progress (or went silent) while the guard held the attempt:
     /// handed to a retry at once instead of waiting out the per-try budget.
     WorkerStalled,
+    /// Held while the worker's fresh frames, taken after the request reached it, still showed an
+    /// idle engine: the engine never saw it (an engine hung while idle).
+    UnseenByEngine,
 }
 
 impl FailReason {
@@ -80,6 +83,7 @@ impl FailReason {
             FailReason::Timeout => "timeout_before_first_token".to_string(),
             FailReason::ResetBeforeFirstToken => "reset_before_first_token".to_string(),
             FailReason::WorkerStalled => "worker_stalled".to_string(),
+            FailReason::UnseenByEngine => "unseen_by_engine".to_string(),
         }
     }
 }

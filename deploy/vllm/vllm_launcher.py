@@ -346,7 +346,9 @@ class VllmServer:
         os.kill(self.pid, signal.SIGKILL)
         self.popen.wait(timeout=10)
 
-    def kill_group(self, sig: int = signal.SIGKILL, timeout: float = 15.0, remember: bool = True) -> list[int]:
+    # 60 s: a SIGKILLed vLLM worker process can stay runnable for over 15 s while the kernel frees
+    # its ~2 GB on a loaded 2-core host (seen 2026-11-29: `VLLM::Worker` in state R 15 s on).
+    def kill_group(self, sig: int = signal.SIGKILL, timeout: float = 60.0, remember: bool = True) -> list[int]:
         """``kill -<sig> -<pgid>``; waits until no member of the group is left (reaping our
         children and re-parented orphans), then removes the group's shared-memory files.
         Returns the pids that were still in the group when the signal went out.

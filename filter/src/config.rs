@@ -90,13 +90,15 @@ pub struct GuardConfig {
     /// `vm_id` (its fleet view); without one nothing is rescued.
     pub rescue: bool,
     pub end_stalled_streams_after_ms: u64,
+    /// A held attempt on a stalled worker is retried once the stall has lasted this long.
+    pub rescue_held_after_ms: u64,
     /// How often the guard looks at the attempts it holds.
     pub rescue_tick_ms: u64,
 }
 
 impl Default for GuardConfig {
     fn default() -> Self {
-        GuardConfig { max_held_bytes: DEFAULT_MAX_HELD_BYTES, retry_status: 503, breaker: BreakerConfig::default(), rescue: true, end_stalled_streams_after_ms: 10_000, rescue_tick_ms: 250 }
+        GuardConfig { max_held_bytes: DEFAULT_MAX_HELD_BYTES, retry_status: 503, breaker: BreakerConfig::default(), rescue: true, end_stalled_streams_after_ms: 10_000, rescue_held_after_ms: 2_000, rescue_tick_ms: 250 }
     }
 }
 

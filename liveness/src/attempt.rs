@@ -178,6 +178,11 @@ pub struct RescueConfig {
     /// A stream past its first token on such a worker is ended this long after that is known
     /// (seen by the guard's tick).
     pub end_stream_after_ms: u64,
+    /// A request held before its first token on such a worker is handed to a retry once the
+    /// stall has lasted this long. Not 0: an engine starved of CPU for a few seconds (a host
+    /// shared with other engines) looks exactly like a hung one for that long, and moving its
+    /// requests throws their prefill away (seen in the real-vLLM drills on 2 cores).
+    pub rescue_held_after_ms: u64,
     /// A request held this long before its first token on a worker whose fresh frames, taken
     /// after the request reached it, still show an idle engine (nothing running or waiting) is
     /// invisible to the engine: an engine that hung while idle looks idle forever (its numbers
@@ -188,7 +193,7 @@ pub struct RescueConfig {
 
 impl Default for RescueConfig {
     fn default() -> Self {
-        RescueConfig { gate_ms: crate::FRESHNESS_GATE_MS, end_stream_after_ms: 10_000, invisible_after_ms: crate::FRESHNESS_GATE_MS }
+        RescueConfig { gate_ms: crate::FRESHNESS_GATE_MS, end_stream_after_ms: 10_000, rescue_held_after_ms: 2_000, invisible_after_ms: crate::FRESHNESS_GATE_MS }
     }
 }
 
@@ -245,7 +250,7 @@ impl StallClock {
 pub fn rescue(held: bool, released: bool, stalled_for_ms: Option<u64>, cfg: &RescueConfig) -> Option<Rescue> {
     let stalled_for = stalled_for_ms?;
     if held {
-        Some(Rescue::RetryNow)
+        (stalled_for >= cfg.rescue_held_after_ms).then_some(Rescue::RetryNow)
     } else if released && stalled_for >= cfg.end_stream_after_ms {
         Some(Rescue::EndStream)
     } else {
@@ -793,7 +798,8 @@ mod tests {
         clock.retain(|_| false);
         assert_eq!(clock.observe("a:1", true, 20_000), Some(0));
         assert_eq!(rescue(true, false, None, &cfg), None);
-        assert_eq!(rescue(true, false, Some(0), &cfg), Some(Rescue::RetryNow), "held: retried as soon as the stall is known");
+        assert_eq!(rescue(true, false, Some(1_999), &cfg), None, "held: not before the stall has lasted its margin");
+        assert_eq!(rescue(true, false, Some(2_000), &cfg), Some(Rescue::RetryNow), "held: retried then, not after the per-try budget");
         assert_eq!(rescue(false, true, Some(9_999), &cfg), None, "released: the stream gets its bound");
         assert_eq!(rescue(false, true, Some(10_000), &cfg), Some(Rescue::EndStream));
         assert_eq!(rescue(false, false, Some(60_000), &cfg), None, "not started: the router's own timeouts");

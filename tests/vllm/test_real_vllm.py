@@ -14,6 +14,7 @@ deterministic reference text) is explained in vllm_rig.py.
 from __future__ import annotations
 
 import calendar
+import json
 import re
 import signal
 import subprocess
@@ -202,6 +203,12 @@ def test_sidecar_metric_mapping_live(rig: Rig):
     record("drill metrics", f"{time.monotonic() - t_start:.1f}s")
 
 
+# The guard's stall rescue is off in the drills about other failures: two CPU vLLM engines, Envoy
+# and the clients share 2 cores here, and a starved engine (no step for several seconds while its
+# API server answers /metrics) is indistinguishable from a hung one; rescuing it moved requests to
+# the server whose engine was being killed (seen 2026-11-29). The hang drill tests the rescue.
+NO_RESCUE = json.dumps({"rescue": False})
+
 # Tokens per stream in the drills that need requests queued behind running ones. 256 was enough
 # on a loaded host; on a quiet one the Python client takes ~2 s to start its 40 streams while
 # vLLM finishes a 256-token stream in 0.2-0.4 s, so no queue ever formed (seen 2026-11-29: at
@@ -215,7 +222,7 @@ def test_d1_group_sigkill_mid_traffic(rig: Rig):
     ones end as clean truncations from the killed server, nothing is spliced."""
     t_start = time.monotonic()
     rig.ensure_up()
-    envoy = rig.envoy(per_try_timeout="60s")
+    envoy = rig.envoy(per_try_timeout="60s", guard_config=NO_RESCUE)
     try:
         warm_up(rig, envoy)
         # 20 a server: 8 run while 12 wait, so requests stay queued for ~2 whole batches: the
@@ -294,7 +301,7 @@ def test_engine_core_sigkill(rig: Rig):
     ends with that error event."""
     t_start = time.monotonic()
     rig.ensure_up()
-    envoy = rig.envoy(per_try_timeout="60s")
+    envoy = rig.envoy(per_try_timeout="60s", guard_config=NO_RESCUE)
     victim = None
     try:
         warm_up(rig, envoy)
@@ -380,7 +387,7 @@ def test_sigterm_stall(rig: Rig):
     per_try = 3.0
     # hedge_on_per_try_timeout: a queued request slower than the budget on a live server is not
     # cancelled, a second attempt races it (the guard's held headers make the first token win).
-    envoy = rig.envoy(per_try_timeout=f"{per_try:.0f}s", hedge=True, stream_idle_timeout=f"{IDLE_TIMEOUT_S}s")
+    envoy = rig.envoy(per_try_timeout=f"{per_try:.0f}s", hedge=True, stream_idle_timeout=f"{IDLE_TIMEOUT_S}s", guard_config=NO_RESCUE)
     victim = None
     bg_threads: list = []
     try:

@@ -530,8 +530,10 @@ pub struct WorkerView {
 }
 
 /// A worker decoding below this share of its peers' median pace is slow (a throttled or
-/// degraded GPU).
-pub const GRAY_PACE_RATIO: f64 = 0.5;
+/// degraded GPU). A third, not a half: with short requests the pace of one frame interval is
+/// noisy (a sequence in its prefill counts as running and decodes nothing), and a half marked
+/// healthy workers 2-2.5x slow in the anti-herding drill; a throttled GPU at a fifth is marked.
+pub const GRAY_PACE_RATIO: f64 = 1.0 / 3.0;
 /// The largest penalty a slow worker gets.
 pub const GRAY_MAX_PENALTY: f64 = 8.0;
 

@@ -55,14 +55,25 @@ pub fn rescue_tick(reg: &Rc<RefCell<Registry>>, view: &gpuha_liveness::FleetView
         let mut reg = reg.borrow_mut();
         let reg = &mut *reg;
         let view_age = now.saturating_sub(vouched);
-        // A rescue moves a request to another worker: with none alive (every worker stalled or
-        // silent), it would only move it between dead ends. The per-try budget stays in charge.
-        let alive = |addr: &str| view.workers.iter().any(|w| w.addr != addr && effective_age_ms(w, vouched, now) <= rcfg.gate_ms);
+        // One pass over the view: the tracked workers' entries, and how many workers are alive.
+        let tracked: std::collections::HashSet<&str> = reg.attempts.values().map(|t| t.addr.as_str()).collect();
+        let mut entries: HashMap<&str, &gpuha_liveness::WorkerView> = HashMap::with_capacity(tracked.len());
+        let mut alive_count = 0usize;
+        for w in &view.workers {
+            let alive = effective_age_ms(w, vouched, now) <= rcfg.gate_ms;
+            alive_count += usize::from(alive);
+            if tracked.contains(w.addr.as_str()) {
+                entries.insert(w.addr.as_str(), w);
+            }
+        }
         for (id, t) in &reg.attempts {
-            if !alive(&t.addr) {
+            let w = entries.get(t.addr.as_str()).copied();
+            // A rescue moves a request to another worker: with none alive (every worker stalled
+            // or silent), it would only move it between dead ends. The per-try budget stays in charge.
+            let self_alive = w.is_some_and(|w| effective_age_ms(w, vouched, now) <= rcfg.gate_ms);
+            if alive_count <= usize::from(self_alive) {
                 continue;
             }
-            let w = view.workers.iter().find(|w| w.addr == t.addr);
             let age = w.map(|w| effective_age_ms(w, vouched, now));
             let stalled_for = reg.stalls.observe(&t.addr, shows_no_life(age, w.is_some_and(|w| w.stalled), view_age, &rcfg), now);
             let a = t.attempt.borrow();
@@ -79,8 +90,7 @@ pub fn rescue_tick(reg: &Rc<RefCell<Registry>>, view: &gpuha_liveness::FleetView
                 todo.push((*id, r, t.attempt.clone(), t.addr.clone()));
             }
         }
-        let tracked: Vec<String> = reg.attempts.values().map(|t| t.addr.clone()).collect();
-        reg.stalls.retain(|a| tracked.iter().any(|t| t == a));
+        reg.stalls.retain(|a| tracked.contains(a));
     }
     for (id, r, attempt, addr) in todo {
         let retry = attempt.borrow_mut().on_worker_stalled(r);

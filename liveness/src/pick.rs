@@ -327,18 +327,7 @@ pub fn pick_ranked(
     // Scored candidates (score, view index) and half-open ones (view index), scanned so far.
     let mut normal: Vec<(f64, usize)> = Vec::with_capacity(4 * cfg.max_endpoints + 8);
     // Half-open workers anywhere in the list, as `pick` finds them: only `not_closed` can be.
-    let mut probes: Vec<usize> = Vec::new();
-    for (i, addr) in not_closed.iter().enumerate() {
-        if not_closed[..i].contains(addr) {
-            continue;
-        }
-        for &idx in ranked.by_addr.get(*addr).map_or(&[][..], |v| v.as_slice()) {
-            let w = &view.workers[idx];
-            if serves(w, model) && is_fresh(w) && admission(&w.addr) == Admission::Probe {
-                probes.push(idx);
-            }
-        }
-    }
+    let mut probes: Vec<usize> = listed_fresh(ranked, view, not_closed, model, fetched_local_ms, now_ms, cfg).filter(|&idx| admission(&view.workers[idx].addr) == Admission::Probe).collect();
     let mut next = 0;
     let mut want = 4 * cfg.max_endpoints + 8;
     loop {
@@ -454,20 +443,12 @@ pub fn panic_fill(
         return (rebuild(endpoints, probe, ranked, model, fetched_local_ms, now_ms, cfg), false);
     }
     let mut denied: Vec<(u32, f64, usize)> = Vec::new();
-    for (i, addr) in not_closed.iter().enumerate() {
-        if not_closed[..i].contains(addr) {
-            continue;
-        }
-        for &idx in ranked.by_addr.get(*addr).map_or(&[][..], |v| v.as_slice()) {
-            let w = &view.workers[idx];
-            if !serves(w, model) || effective_age_ms(w, fetched_local_ms, now_ms) >= cfg.freshness_gate_ms {
-                continue;
-            }
-            if let Some(trips) = denied_trips(&w.addr) {
-                let frame_local_ms = fetched_local_ms.saturating_sub(w.age_ms);
-                let extra = load.sent_since(&w.addr, frame_local_ms) as f64;
-                denied.push((trips, predicted_ttft_ms(w, extra, cfg), idx));
-            }
+    for idx in listed_fresh(ranked, view, not_closed, model, fetched_local_ms, now_ms, cfg) {
+        let w = &view.workers[idx];
+        if let Some(trips) = denied_trips(&w.addr) {
+            let frame_local_ms = fetched_local_ms.saturating_sub(w.age_ms);
+            let extra = load.sent_since(&w.addr, frame_local_ms) as f64;
+            denied.push((trips, predicted_ttft_ms(w, extra, cfg), idx));
         }
     }
     let panic = endpoints.is_empty() && !denied.is_empty();
@@ -482,6 +463,20 @@ pub fn panic_fill(
         }
     }
     (rebuild(endpoints, probe, ranked, model, fetched_local_ms, now_ms, cfg), panic)
+}
+
+/// View indexes of the fresh workers serving `model` whose address is in `not_closed` (each
+/// address once): the only workers a breaker can deny or probe.
+fn listed_fresh<'a>(ranked: &'a Ranked, view: &'a FleetView, not_closed: &'a [&'a str], model: Option<&'a str>, fetched_local_ms: u64, now_ms: u64, cfg: &'a PickConfig) -> impl Iterator<Item = usize> + 'a {
+    not_closed
+        .iter()
+        .enumerate()
+        .filter(move |(i, addr)| !not_closed[..*i].contains(addr))
+        .flat_map(move |(_, addr)| ranked.by_addr.get(*addr).map_or(&[][..], |v| v.as_slice()).iter().copied())
+        .filter(move |&idx| {
+            let w = &view.workers[idx];
+            serves(w, model) && effective_age_ms(w, fetched_local_ms, now_ms) < cfg.freshness_gate_ms
+        })
 }
 
 fn rebuild(endpoints: Vec<String>, probe: Option<String>, ranked: &Ranked, model: Option<&str>, fetched_local_ms: u64, now_ms: u64, cfg: &PickConfig) -> Decision {
@@ -558,7 +553,7 @@ mod tests {
     }
 
     /// The reference picker: the oracle of `pick_ranked`'s equivalence property (the picker is
-        /// [`pick_ranked`]; this is the rule written plainly, scoring and sorting the whole fleet).
+    /// [`pick_ranked`]; this is the rule written plainly, scoring and sorting the whole fleet).
     ///
     /// * `admission(addr)`: the breaker's view of a worker.
     /// * `claim_probe(addr)`: tries to take the half-open probe (compare-and-swap in the filter);

@@ -46,17 +46,19 @@ pub fn charge(addr: &str, probe: bool, charge: &Charge, now: u64, cfg: &BreakerC
     match charge {
         Charge::Nothing => {}
         Charge::Success => record(addr, probe, None, now, cfg, stats),
-        Charge::Failure(r) => record(addr, probe, Some(&r.label()), now, cfg, stats),
+        Charge::Failure(r) => record(addr, probe, Some((&r.label(), r.opens_circuit_at_once())), now, cfg, stats),
     }
 }
 
-/// Records a success (`failure: None`) or a failure with its reason in `addr`'s breaker.
-pub fn record(addr: &str, probe: bool, failure: Option<&str>, now: u64, cfg: &BreakerConfig, stats: &Stats) {
+/// Records a success (`failure: None`) or a failure with its reason (and whether it opens the
+/// circuit at once) in `addr`'s breaker.
+pub fn record(addr: &str, probe: bool, failure: Option<(&str, bool)>, now: u64, cfg: &BreakerConfig, stats: &Stats) {
     let t = host::shared_update(&breaker_key(addr), |cur| {
         let mut b = Breaker::decode(cur);
         let before = b.clone();
-        let t = match &failure {
-            Some(reason) => b.on_failure(now, probe, reason, cfg),
+        let t = match failure {
+            Some((reason, true)) => b.on_conclusive_failure(now, probe, reason, cfg),
+            Some((reason, false)) => b.on_failure(now, probe, reason, cfg),
             None => b.on_success(probe),
         };
         // Skip the write when nothing changed (the common success case).
@@ -66,7 +68,7 @@ pub fn record(addr: &str, probe: bool, failure: Option<&str>, now: u64, cfg: &Br
         Some(Transition::Tripped) => {
             set_not_closed(addr, true);
             inc(stats.breaker_trips);
-            host::warn(&format!("gpuha: circuit opened for {addr}: {}", failure.unwrap_or("")));
+            host::warn(&format!("gpuha: circuit opened for {addr}: {}", failure.map_or("", |f| f.0)));
         }
         Some(Transition::Closed) => {
             set_not_closed(addr, false);

@@ -2,6 +2,7 @@
 //! instance of the module does. Parsed once in `on_configure`; a bad config makes Envoy reject
 //! the plugin (never a panic).
 
+use gpuha_liveness::attempt::RescueConfig;
 use gpuha_liveness::breaker::BreakerConfig;
 use gpuha_liveness::guard::DEFAULT_MAX_HELD_BYTES;
 use gpuha_liveness::pick::PickConfig;
@@ -11,6 +12,8 @@ use serde::Deserialize;
 /// Default request body limit: 32 MiB (long contexts; multimodal requests with base64 images
 /// are often several MB; vLLM itself sets no limit).
 pub const DEFAULT_MAX_BODY_BYTES: usize = 32 << 20;
+/// See [`GuardConfig::unseen_after_ms`].
+const MIN_UNSEEN_AFTER_MS: u64 = gpuha_liveness::attempt::SHOWS_WITHIN_MS;
 
 /// What to do when the fleet view is fresh but no worker can take the request.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
@@ -92,13 +95,17 @@ pub struct GuardConfig {
     pub end_stalled_streams_after_ms: u64,
     /// A held attempt on a stalled worker is retried once the stall has lasted this long.
     pub rescue_held_after_ms: u64,
+    /// A held attempt its worker's engine does not show (fresh frames, taken a scrape after it
+    /// arrived, say nothing is running or waiting: an engine hung while idle) is retried, and
+    /// charged, once held this long (`gpuha_liveness::attempt::invisible_to_engine`).
+    pub unseen_after_ms: u64,
     /// How often the guard looks at the attempts it holds.
     pub rescue_tick_ms: u64,
 }
 
 impl Default for GuardConfig {
     fn default() -> Self {
-        GuardConfig { max_held_bytes: DEFAULT_MAX_HELD_BYTES, retry_status: 503, breaker: BreakerConfig::default(), rescue: true, end_stalled_streams_after_ms: 10_000, rescue_held_after_ms: 2_000, rescue_tick_ms: 250 }
+        GuardConfig { max_held_bytes: DEFAULT_MAX_HELD_BYTES, retry_status: 503, breaker: BreakerConfig::default(), rescue: true, end_stalled_streams_after_ms: 10_000, rescue_held_after_ms: 2_000, unseen_after_ms: RescueConfig::default().invisible_after_ms, rescue_tick_ms: 250 }
     }
 }
 
@@ -180,6 +187,9 @@ impl Config {
                 }
                 if !(500..600).contains(&g.retry_status) {
                     return Err("retry_status: must be a 5xx status listed in the route's retriable_status_codes".into());
+                }
+                if g.unseen_after_ms < MIN_UNSEEN_AFTER_MS {
+                    return Err(format!("unseen_after_ms: must be at least {MIN_UNSEEN_AFTER_MS} (a request shows in the engine's numbers a scrape after it arrives)"));
                 }
                 if !(10..=5_000).contains(&g.rescue_tick_ms) {
                     return Err("rescue_tick_ms: must be 10..=5000".into());

@@ -49,7 +49,7 @@ impl Registry {
 /// `view`: the fleet view and when its ages count from.
 pub fn rescue_tick(reg: &Rc<RefCell<Registry>>, view: &gpuha_liveness::FleetView, vouched: u64, cfg: &GuardConfig, stats: &Stats) {
     let now = host::now_ms();
-    let rcfg = RescueConfig { end_stream_after_ms: cfg.end_stalled_streams_after_ms, rescue_held_after_ms: cfg.rescue_held_after_ms, ..RescueConfig::default() };
+    let rcfg = RescueConfig { end_stream_after_ms: cfg.end_stalled_streams_after_ms, rescue_held_after_ms: cfg.rescue_held_after_ms, invisible_after_ms: cfg.unseen_after_ms, ..RescueConfig::default() };
     let mut todo: Vec<(u32, Rescue, Rc<RefCell<Attempt>>, String)> = Vec::new();
     {
         let mut reg = reg.borrow_mut();

@@ -131,7 +131,7 @@ impl Picker {
         }
         let now = host::now_ms();
         for n in b.charged {
-            breakers::record(&n.addr, n.probe, Some(&n.reason), now, &self.cfg.breaker, &self.stats);
+            breakers::record(&n.addr, n.probe, Some((&n.reason, false)), now, &self.cfg.breaker, &self.stats);
         }
     }
 }

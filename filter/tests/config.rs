@@ -22,6 +22,8 @@ fn rejects_unknown_and_bad_values() {
     assert!(Config::parse(br#"{"role":"nobody"}"#).is_err());
     assert!(Config::parse(br#"{}"#).is_err());
     assert!(Config::parse(br#"{"role":"guard","retry_status":200}"#).unwrap_err().contains("retry_status"));
+    assert!(Config::parse(br#"{"role":"guard","unseen_after_ms":500}"#).unwrap_err().contains("unseen_after_ms"));
+    assert!(Config::parse(br#"{"role":"guard","unseen_after_ms":3000}"#).is_ok());
     assert!(Config::parse(br#"{"role":"picker","poll_interval_ms":0}"#).unwrap_err().contains("poll_interval_ms"));
     assert!(Config::parse(b"not json").is_err());
 }

@@ -193,9 +193,17 @@ pub struct RescueConfig {
 
 impl Default for RescueConfig {
     fn default() -> Self {
-        RescueConfig { gate_ms: crate::FRESHNESS_GATE_MS, end_stream_after_ms: 10_000, rescue_held_after_ms: 2_000, invisible_after_ms: crate::FRESHNESS_GATE_MS }
+        // invisible_after_ms: a frame taken SHOWS_WITHIN_MS after the request arrived reaches
+        // the filter within another scrape interval; a request its engine never saw loses
+        // nothing by moving (no prefill to throw away), so the rule need not wait longer.
+        RescueConfig { gate_ms: crate::FRESHNESS_GATE_MS, end_stream_after_ms: 10_000, rescue_held_after_ms: 2_000, invisible_after_ms: SHOWS_WITHIN_MS + 500 }
     }
 }
+
+/// Time for a request to show in its engine's numbers: vLLM counts it as waiting as soon as its
+/// engine receives it (after tokenization in the API server), and the sidecar scrapes every
+/// 500 ms, so a frame taken a second after the request arrived shows it.
+pub const SHOWS_WITHIN_MS: u64 = 1_000;
 
 /// Whether a request held since `held_since_ms` is invisible to its worker's engine: held for
 /// [`RescueConfig::invisible_after_ms`], and the worker's latest frame, taken at
@@ -203,8 +211,6 @@ impl Default for RescueConfig {
 /// the rule only errs towards waiting), at least a scrape after the request arrived, shows
 /// nothing running or waiting.
 pub fn invisible_to_engine(held_since_ms: u64, now_ms: u64, frame_taken_ms: u64, engine_idle: bool, cfg: &RescueConfig) -> bool {
-    /// Time for a request to show in the engine's numbers: the sidecar scrapes every 500 ms.
-    const SHOWS_WITHIN_MS: u64 = 1_000;
     engine_idle && now_ms.saturating_sub(held_since_ms) >= cfg.invisible_after_ms && frame_taken_ms >= held_since_ms.saturating_add(SHOWS_WITHIN_MS)
 }
 
@@ -808,9 +814,9 @@ mod tests {
     #[test]
     fn a_request_the_engine_never_sees_is_invisible() {
         let cfg = RescueConfig::default();
-        // Held since t=0; at t=3 s a frame taken at t=1.5 s shows an idle engine: invisible.
-        assert!(invisible_to_engine(0, 3_000, 1_500, true, &cfg));
-        assert!(!invisible_to_engine(0, 2_999, 1_500, true, &cfg), "not held long enough");
+        // Held since t=0; at t=1.5 s a frame taken at t=1.2 s shows an idle engine: invisible.
+        assert!(invisible_to_engine(0, 1_500, 1_200, true, &cfg));
+        assert!(!invisible_to_engine(0, 1_499, 1_200, true, &cfg), "not held long enough");
         assert!(!invisible_to_engine(0, 3_000, 900, true, &cfg), "the frame predates the request showing");
         assert!(!invisible_to_engine(0, 60_000, 50_000, false, &cfg), "the engine counts work: a long prefill, not a hang");
     }

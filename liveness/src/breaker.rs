@@ -133,9 +133,19 @@ impl Breaker {
 
     /// A request failed before its first token (or the worker died mid-stream).
     pub fn on_failure(&mut self, now_ms: u64, probe: bool, reason: &str, cfg: &BreakerConfig) -> Transition {
+        self.on_failure_of_weight(now_ms, probe, reason, 1, cfg)
+    }
+
+    /// A failure that says the worker is broken, not that one request went wrong
+    /// (`FailReason::opens_circuit_at_once`): a closed circuit opens now.
+    pub fn on_conclusive_failure(&mut self, now_ms: u64, probe: bool, reason: &str, cfg: &BreakerConfig) -> Transition {
+        self.on_failure_of_weight(now_ms, probe, reason, cfg.failure_threshold, cfg)
+    }
+
+    fn on_failure_of_weight(&mut self, now_ms: u64, probe: bool, reason: &str, weight: u32, cfg: &BreakerConfig) -> Transition {
         match self.state {
             State::Closed { failures } => {
-                let failures = failures.saturating_add(1);
+                let failures = failures.saturating_add(weight);
                 if failures >= cfg.failure_threshold {
                     self.trip(now_ms, reason, cfg)
                 } else {
@@ -209,6 +219,20 @@ mod tests {
             assert_eq!(b.on_failure(now, true, "probe failed", &C), Transition::Tripped);
             expect = (expect * 2).min(60_000);
         }
+    }
+
+    #[test]
+    fn a_conclusive_failure_opens_at_once_and_a_late_one_extends_nothing() {
+        let mut b = Breaker::default();
+        assert_eq!(b.on_conclusive_failure(10, false, "unseen_by_engine", &C), Transition::Tripped);
+        assert_eq!(b.state, State::Open { until_ms: 5_010 });
+        // Another one while open (a request sent before the trip): no second trip.
+        assert_eq!(b.on_conclusive_failure(20, false, "unseen_by_engine", &C), Transition::None);
+        assert_eq!(b.trips, 1);
+        // Its probe fails the same way: open again for twice as long.
+        assert!(b.try_claim_probe(5_010, &C));
+        assert_eq!(b.on_conclusive_failure(6_500, true, "unseen_by_engine", &C), Transition::Tripped);
+        assert_eq!(b.state, State::Open { until_ms: 16_500 });
     }
 
     #[test]

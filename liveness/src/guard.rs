@@ -86,6 +86,15 @@ impl FailReason {
             FailReason::UnseenByEngine => "unseen_by_engine".to_string(),
         }
     }
+
+    /// Whether one such failure is enough to open the worker's circuit. Only a request its
+    /// engine never saw: the fresh frames of an engine that counts nothing while holding a
+    /// request say the engine is hung, not that one request went wrong (a 5xx, a reset, a
+    /// timeout can be one bad request or one bad moment); waiting for the usual three would send
+    /// every request of the next seconds to a worker known to swallow them.
+    pub fn opens_circuit_at_once(&self) -> bool {
+        matches!(self, FailReason::UnseenByEngine)
+    }
 }
 
 /// What the caller must do after a call into the [`Guard`].

@@ -677,7 +677,8 @@ def filter_stat(envoy: Envoy, name: str) -> int:
 
 ACCESS_RX = re.compile(
     r"^\[(?P<start>[^\]]+)\] \"(?P<method>\S+) (?P<path>\S+)\" (?P<code>\d+) flags=(?P<flags>\S*) "
-    r"upstream=(?P<upstream>\S*) attempts=(?P<attempts>\S*) guard=(?P<guard>\S*) endpoints=(?P<endpoints>\S*)")
+    r"upstream=(?P<upstream>\S*) attempts=(?P<attempts>\S*) guard=(?P<guard>\S*) endpoints=(?P<endpoints>\S*)"
+    r"(?: probe=(?P<probe>\S*))?")
 
 
 def access_entries(envoy: Envoy, settle: bool = True) -> list[dict]:
@@ -703,5 +704,6 @@ def access_entries(envoy: Envoy, settle: bool = True) -> list[dict]:
             d["start"] = None
         d["attempts"] = int(d["attempts"]) if d["attempts"].isdigit() else 0
         d["endpoints"] = [] if d["endpoints"] in ("", "-") else d["endpoints"].split(",")
+        d["probe"] = None if d.get("probe") in (None, "", "-") else d["probe"]
         out.append(d)
     return out

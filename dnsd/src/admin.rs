@@ -334,8 +334,8 @@ struct PoolRequest {
 /// Longest `reason` kept: it goes into the log, the state file and `/v1/admin`.
 const MAX_REASON: usize = 512;
 
-fn parse<T: for<'de> Deserialize<'de>>(body: &[u8], expected: &str) -> Result<T, Response> {
-    serde_json::from_slice(body).map_err(|e| error(StatusCode::BAD_REQUEST, &format!("bad admin request body: {e}; expected {expected}")))
+fn parse<T: for<'de> Deserialize<'de>>(body: &[u8], expected: &str) -> Result<T, String> {
+    serde_json::from_slice(body).map_err(|e| format!("bad admin request body: {e}; expected {expected}"))
 }
 
 /// The drain progress of every configured pool that is overridden or out of the answer.
@@ -389,7 +389,7 @@ pub async fn set_worker(State(s): State<Arc<Services>>, UrlPath(id): UrlPath<Str
     }
     let req: WorkerRequest = match parse(&body, r#"{"state": "drain" | "auto", "reason": "why (optional)"}"#) {
         Ok(r) => r,
-        Err(resp) => return resp,
+        Err(msg) => return error(StatusCode::BAD_REQUEST, &msg),
     };
     if let Err(why) = check_id(&id) {
         return error(StatusCode::BAD_REQUEST, &format!("worker id: {why}"));
@@ -422,7 +422,7 @@ pub async fn set_pool(State(s): State<Arc<Services>>, UrlPath(id): UrlPath<Strin
     }
     let req: PoolRequest = match parse(&body, r#"{"state": "drain" | "force_out" | "force_in" | "auto", "reason": "why (optional)"}"#) {
         Ok(r) => r,
-        Err(resp) => return resp,
+        Err(msg) => return error(StatusCode::BAD_REQUEST, &msg),
     };
     if let Err(why) = check_id(&id) {
         return error(StatusCode::BAD_REQUEST, &format!("pool id: {why}"));

@@ -20,6 +20,9 @@ use crate::dns::Zones;
 use crate::state::now_ms;
 use crate::Services;
 
+/// Changes a loaded config (the command line's overrides).
+pub type Adjust = Arc<dyn Fn(&mut Config) + Send + Sync>;
+
 /// How the running dnsd reloads: its config file, and what its command line changes in it.
 #[derive(Clone, Default)]
 pub struct ReloadSource {
@@ -27,7 +30,7 @@ pub struct ReloadSource {
     pub config_path: Option<PathBuf>,
     /// The command line's overrides (listen addresses, admin files), applied to every reload
     /// as at start.
-    pub adjust: Option<Arc<dyn Fn(&mut Config) + Send + Sync>>,
+    pub adjust: Option<Adjust>,
 }
 
 impl std::fmt::Debug for ReloadSource {

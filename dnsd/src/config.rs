@@ -8,22 +8,8 @@ use gpuha_liveness::KeyRing;
 use serde::Deserialize;
 
 use crate::dns::DnsConfig;
+pub use crate::error::ConfigError;
 
-#[derive(Debug, thiserror::Error)]
-pub enum ConfigError {
-    #[error("cannot read {path}: {source}")]
-    Read { path: PathBuf, source: std::io::Error },
-    #[error("{path}: {source}")]
-    Parse { path: PathBuf, source: toml::de::Error },
-    #[error("config key `{key}`: {reason}")]
-    Invalid { key: String, reason: String },
-}
-
-impl ConfigError {
-    pub fn invalid(key: impl Into<String>, reason: impl Into<String>) -> Self {
-        ConfigError::Invalid { key: key.into(), reason: reason.into() }
-    }
-}
 
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]

@@ -120,10 +120,10 @@ pub fn router(services: Arc<Services>) -> Router {
         .route("/v1/dns", get(dns_status))
         .route("/", get(fleet_page))
         .route("/fleet", get(fleet_page))
-        .route("/v1/admin", get(crate::admin::status))
-        .route("/v1/admin/workers/{id}", post(crate::admin::set_worker))
-        .route("/v1/admin/pools/{id}", post(crate::admin::set_pool))
-        .route("/v1/admin/reload", post(crate::admin::reload))
+        .route("/v1/admin", get(crate::admin_api::status))
+        .route("/v1/admin/workers/{id}", post(crate::admin_api::set_worker))
+        .route("/v1/admin/pools/{id}", post(crate::admin_api::set_pool))
+        .route("/v1/admin/reload", post(crate::admin_api::reload))
         .with_state(services)
 }
 

@@ -6,10 +6,13 @@
 //! config without a restart ([`reload`]).
 
 pub mod admin;
+pub mod admin_api;
 pub mod config;
+pub mod error;
 pub mod dns;
 pub mod http;
 pub mod ops;
+mod prom;
 pub mod reload;
 pub mod state;
 

@@ -15,7 +15,7 @@ use serde::Serialize;
 
 use crate::dns::answer::service_addresses;
 use crate::dns::config::Policy;
-use crate::dns::metrics::esc;
+use crate::prom::esc;
 use crate::dns::{DnsService, TransitionRecord};
 
 /// Per-worker series exported at most. A fleet of thousands would otherwise be thousands of

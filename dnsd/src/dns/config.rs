@@ -38,7 +38,7 @@ use hickory_proto::rr::rdata::{A, AAAA, CNAME, MX, NS, SOA, TXT};
 use hickory_proto::rr::{LowerName, Name, RData, Record, RecordType};
 use serde::Deserialize;
 
-use crate::config::ConfigError;
+use crate::error::ConfigError;
 
 /// Dynamic answers may be cached this long at most: with the 10 s eviction window, an evicted
 /// pool is out of every well-behaved cache 15 s after its last frame.

@@ -14,6 +14,7 @@ use hickory_proto::rr::RecordType;
 
 use super::answer::{service_addresses, PoolStates, Served};
 use super::config::Zones;
+use crate::prom::esc;
 
 /// A bounded set of labels: unknown query types are folded into `other` so a client sending
 /// every type number cannot grow the metrics without limit.
@@ -90,10 +91,6 @@ pub struct DnsMetrics {
     pub tcp_rejected: AtomicU64,
 }
 
-/// Escapes a label value (backslash, quote, newline) for the Prometheus text format.
-pub(crate) fn esc(v: &str) -> String {
-    v.replace('\\', "\\\\").replace('"', "\\\"").replace('\n', "\\n")
-}
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|e| e.into_inner())

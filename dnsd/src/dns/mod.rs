@@ -46,7 +46,7 @@ use hickory_server::zone_handler::{MessageResponseBuilder, Queries};
 use gpuha_liveness::admin::{drain_progress, DrainProgress};
 
 use crate::admin::Admin;
-use crate::config::ConfigError;
+use crate::error::ConfigError;
 use crate::state::{now_ms, AppState, OutlookValidity, OutlookWatch};
 use answer::{PoolStates, Resolution, Transition, Transitions};
 pub use config::{DnsConfig, Zones};

@@ -330,162 +330,189 @@ fn static_rdata(key: &str, rtype: &str, value: &str) -> Result<RData, ConfigErro
     })
 }
 
+/// The limits of `[dns]` itself.
+fn check_limits(config: &DnsConfig) -> Result<(), ConfigError> {
+    if !(512..=4096).contains(&config.max_udp_payload) {
+        return Err(ConfigError::invalid("dns.max_udp_payload", "must be within 512..=4096"));
+    }
+    if config.tcp_idle_timeout_ms == 0 {
+        return Err(ConfigError::invalid("dns.tcp_idle_timeout_ms", "must be > 0"));
+    }
+    if !(10..=60_000).contains(&config.tick_ms) {
+        return Err(ConfigError::invalid("dns.tick_ms", "must be within 10..=60000"));
+    }
+    if config.zones.is_empty() {
+        return Err(ConfigError::invalid("dns.zones", "at least one zone is required"));
+    }
+    Ok(())
+}
+
+/// `[[dns.pools]]`: the pools, and their index by id.
+fn compile_pools(config: &[PoolConfig]) -> Result<(Vec<Pool>, BTreeMap<String, usize>), ConfigError> {
+    let mut pools = Vec::new();
+    let mut pool_index = BTreeMap::new();
+    for (i, p) in config.iter().enumerate() {
+        let key = |k: &str| format!("dns.pools[{i}].{k}");
+        if p.id.is_empty() || p.id.len() > 64 {
+            return Err(ConfigError::invalid(key("id"), "must be 1..=64 bytes (as in telemetry frames)"));
+        }
+        if pool_index.insert(p.id.clone(), i).is_some() {
+            return Err(ConfigError::invalid(key("id"), format!("pool `{}` is defined twice", p.id)));
+        }
+        if p.routers.is_empty() {
+            return Err(ConfigError::invalid(key("routers"), "a pool needs at least one router address"));
+        }
+        if p.min_workers == 0 {
+            return Err(ConfigError::invalid(key("min_workers"), "must be >= 1"));
+        }
+        pools.push(Pool {
+            id: p.id.clone(),
+            region: p.region.clone(),
+            cloud: p.cloud.clone(),
+            routers: p.routers.clone(),
+            min_workers: p.min_workers,
+        });
+    }
+    Ok((pools, pool_index))
+}
+
+/// `dns.zones[zi]`: its SOA, name servers and static records (`before`: the zones already
+/// compiled, so that an origin defined twice is refused).
+fn compile_zone(zi: usize, z: &ZoneConfig, before: &[Zone]) -> Result<Zone, ConfigError> {
+        let key = |k: &str| format!("dns.zones[{zi}].{k}");
+        let origin = parse_name(&key("origin"), &z.origin, None)?;
+        if before.iter().any(|o| *o.origin == origin) {
+            return Err(ConfigError::invalid(key("origin"), format!("zone `{origin}` is defined twice")));
+        }
+        if z.ns.is_empty() {
+            return Err(ConfigError::invalid(key("ns"), "a zone needs at least one name server"));
+        }
+        let ns: Vec<Name> = z.ns.iter().map(|n| parse_name(&key("ns"), n, Some(&origin))).collect::<Result<_, _>>()?;
+        let soa_cfg = &z.soa;
+        let mname = match &soa_cfg.mname {
+            Some(m) => parse_name(&key("soa.mname"), m, Some(&origin))?,
+            None => ns[0].clone(),
+        };
+        let rname = parse_name(&key("soa.rname"), &soa_cfg.rname, Some(&origin))?;
+        if soa_cfg.refresh <= 0 || soa_cfg.retry <= 0 || soa_cfg.expire <= 0 {
+            return Err(ConfigError::invalid(key("soa"), "refresh, retry and expire must be > 0"));
+        }
+        if soa_cfg.minimum > 86_400 {
+            return Err(ConfigError::invalid(key("soa.minimum"), "negative TTL over a day; use a few seconds"));
+        }
+        let soa: Record = Record::from_rdata(
+            origin.clone(),
+            z.ttl,
+            RData::SOA(SOA::new(mname, rname, soa_cfg.serial, soa_cfg.refresh, soa_cfg.retry, soa_cfg.expire, soa_cfg.minimum)),
+        );
+        let origin_l = LowerName::new(&origin);
+        let mut records: BTreeMap<LowerName, Vec<Record>> = BTreeMap::new();
+        records.entry(origin_l.clone()).or_default().push(soa.clone());
+        for n in &ns {
+            records.entry(origin_l.clone()).or_default().push(Record::from_rdata(origin.clone(), z.ttl, RData::NS(NS(n.clone()))));
+        }
+        for (ri, r) in z.records.iter().enumerate() {
+            let key = |k: &str| format!("dns.zones[{zi}].records[{ri}].{k}");
+            let owner = parse_name(&key("name"), &r.name, Some(&origin))?;
+            if !origin.zone_of(&owner) {
+                return Err(ConfigError::invalid(key("name"), format!("`{owner}` is outside zone `{origin}`")));
+            }
+            let data = static_rdata(&key("value"), &r.rtype, &r.value)?;
+            let rec = Record::from_rdata(owner.clone(), r.ttl.unwrap_or(z.ttl), data);
+            let set = records.entry(LowerName::new(&owner)).or_default();
+            if set.contains(&rec) {
+                return Err(ConfigError::invalid(key("value"), "duplicate record"));
+            }
+            set.push(rec);
+        }
+        for (owner, set) in &records {
+            let cnames = set.iter().filter(|r| r.record_type() == RecordType::CNAME).count();
+            if cnames > 0 && (set.len() > 1 || *owner == origin_l) {
+                return Err(ConfigError::invalid(
+                    key("records"),
+                    format!("`{owner}` has a CNAME and other data (or is the apex): a CNAME must stand alone"),
+                ));
+            }
+        }
+        Ok(Zone { origin: origin_l, negative_ttl: z.ttl.min(soa_cfg.minimum), soa, records, services: BTreeMap::new() })
+}
+
+/// `[[dns.services]]`, each placed in the deepest zone that holds its name.
+fn compile_services(config: &[ServiceConfig], pool_index: &BTreeMap<String, usize>, zones: &mut [Zone]) -> Result<Vec<Service>, ConfigError> {
+    let mut services = Vec::new();
+    let mut seen = HashSet::new();
+    for (si, s) in config.iter().enumerate() {
+        let key = |k: &str| format!("dns.services[{si}].{k}");
+        let name = parse_name(&key("name"), &s.name, None)?;
+        let lname = LowerName::new(&name);
+        if !seen.insert(lname.clone()) {
+            return Err(ConfigError::invalid(key("name"), format!("service `{name}` is defined twice")));
+        }
+        let zone = zones
+            .iter_mut()
+            .filter(|z| z.origin.zone_of(&lname))
+            .max_by_key(|z| z.origin.num_labels())
+            .ok_or_else(|| ConfigError::invalid(key("name"), format!("`{name}` is in none of the configured zones")))?;
+        if zone.records.contains_key(&lname) {
+            return Err(ConfigError::invalid(key("name"), format!("`{name}` also has static records; a service name must stand alone")));
+        }
+        if s.pools.is_empty() {
+            return Err(ConfigError::invalid(key("pools"), "a service needs at least one pool"));
+        }
+        let mut idx = Vec::new();
+        let mut uniq = BTreeSet::new();
+        for p in &s.pools {
+            let i = *pool_index.get(p).ok_or_else(|| ConfigError::invalid(key("pools"), format!("pool `{p}` is not defined under [[dns.pools]]")))?;
+            if !uniq.insert(i) {
+                return Err(ConfigError::invalid(key("pools"), format!("pool `{p}` is listed twice")));
+            }
+            idx.push(i);
+        }
+        if s.ttl > MAX_SERVICE_TTL {
+            return Err(ConfigError::invalid(
+                key("ttl"),
+                format!("{} s is over the {MAX_SERVICE_TTL} s cap: caches would keep an evicted pool too long", s.ttl),
+            ));
+        }
+        if s.fail_whale.is_empty() {
+            return Err(ConfigError::invalid(key("fail_whale"), "give at least one address to answer when no pool is alive"));
+        }
+        zone.services.insert(lname, services.len());
+        services.push(Service { label: name.to_ascii(), policy: s.policy, pools: idx, ttl: s.ttl, fail_whale: s.fail_whale.clone() });
+    }
+    Ok(services)
+}
+
+/// A name in a parent zone that falls inside a child zone is shadowed by the child: refuse the config rather than serve data no query can reach.
+fn refuse_shadowed_names(zones: &[Zone]) -> Result<(), ConfigError> {
+    for z in zones {
+        for owner in z.records.keys().chain(z.services.keys()) {
+            if let Some(child) = zones.iter().find(|c| c.origin != z.origin && z.origin.zone_of(&c.origin) && c.origin.zone_of(owner)) {
+                return Err(ConfigError::invalid("dns.zones", format!("`{owner}` lies in zone `{}` as well as `{}`", child.origin, z.origin)));
+            }
+        }
+    }
+    Ok(())
+}
+
 impl Zones {
-    /// Validates `config` and builds the lookup structures. Errors name the key.
+    /// Validates `config` and builds the lookup structures, section by section. Errors name the
+    /// key.
     pub fn compile(config: &DnsConfig) -> Result<Self, ConfigError> {
-        if !(512..=4096).contains(&config.max_udp_payload) {
-            return Err(ConfigError::invalid("dns.max_udp_payload", "must be within 512..=4096"));
-        }
-        if config.tcp_idle_timeout_ms == 0 {
-            return Err(ConfigError::invalid("dns.tcp_idle_timeout_ms", "must be > 0"));
-        }
-        if !(10..=60_000).contains(&config.tick_ms) {
-            return Err(ConfigError::invalid("dns.tick_ms", "must be within 10..=60000"));
-        }
-        if config.zones.is_empty() {
-            return Err(ConfigError::invalid("dns.zones", "at least one zone is required"));
-        }
+        check_limits(config)?;
         let allow_axfr = config
             .allow_axfr
             .iter()
             .map(|s| parse_net("dns.allow_axfr", s))
             .collect::<Result<Vec<_>, _>>()?;
-
-        let mut pools = Vec::new();
-        let mut pool_index = BTreeMap::new();
-        for (i, p) in config.pools.iter().enumerate() {
-            let key = |k: &str| format!("dns.pools[{i}].{k}");
-            if p.id.is_empty() || p.id.len() > 64 {
-                return Err(ConfigError::invalid(key("id"), "must be 1..=64 bytes (as in telemetry frames)"));
-            }
-            if pool_index.insert(p.id.clone(), i).is_some() {
-                return Err(ConfigError::invalid(key("id"), format!("pool `{}` is defined twice", p.id)));
-            }
-            if p.routers.is_empty() {
-                return Err(ConfigError::invalid(key("routers"), "a pool needs at least one router address"));
-            }
-            if p.min_workers == 0 {
-                return Err(ConfigError::invalid(key("min_workers"), "must be >= 1"));
-            }
-            pools.push(Pool {
-                id: p.id.clone(),
-                region: p.region.clone(),
-                cloud: p.cloud.clone(),
-                routers: p.routers.clone(),
-                min_workers: p.min_workers,
-            });
-        }
-
+        let (pools, pool_index) = compile_pools(&config.pools)?;
         let mut zones: Vec<Zone> = Vec::new();
         for (zi, z) in config.zones.iter().enumerate() {
-            let key = |k: &str| format!("dns.zones[{zi}].{k}");
-            let origin = parse_name(&key("origin"), &z.origin, None)?;
-            if zones.iter().any(|o| *o.origin == origin) {
-                return Err(ConfigError::invalid(key("origin"), format!("zone `{origin}` is defined twice")));
-            }
-            if z.ns.is_empty() {
-                return Err(ConfigError::invalid(key("ns"), "a zone needs at least one name server"));
-            }
-            let ns: Vec<Name> = z.ns.iter().map(|n| parse_name(&key("ns"), n, Some(&origin))).collect::<Result<_, _>>()?;
-            let soa_cfg = &z.soa;
-            let mname = match &soa_cfg.mname {
-                Some(m) => parse_name(&key("soa.mname"), m, Some(&origin))?,
-                None => ns[0].clone(),
-            };
-            let rname = parse_name(&key("soa.rname"), &soa_cfg.rname, Some(&origin))?;
-            if soa_cfg.refresh <= 0 || soa_cfg.retry <= 0 || soa_cfg.expire <= 0 {
-                return Err(ConfigError::invalid(key("soa"), "refresh, retry and expire must be > 0"));
-            }
-            if soa_cfg.minimum > 86_400 {
-                return Err(ConfigError::invalid(key("soa.minimum"), "negative TTL over a day; use a few seconds"));
-            }
-            let soa: Record = Record::from_rdata(
-                origin.clone(),
-                z.ttl,
-                RData::SOA(SOA::new(mname, rname, soa_cfg.serial, soa_cfg.refresh, soa_cfg.retry, soa_cfg.expire, soa_cfg.minimum)),
-            );
-            let origin_l = LowerName::new(&origin);
-            let mut records: BTreeMap<LowerName, Vec<Record>> = BTreeMap::new();
-            records.entry(origin_l.clone()).or_default().push(soa.clone());
-            for n in &ns {
-                records.entry(origin_l.clone()).or_default().push(Record::from_rdata(origin.clone(), z.ttl, RData::NS(NS(n.clone()))));
-            }
-            for (ri, r) in z.records.iter().enumerate() {
-                let key = |k: &str| format!("dns.zones[{zi}].records[{ri}].{k}");
-                let owner = parse_name(&key("name"), &r.name, Some(&origin))?;
-                if !origin.zone_of(&owner) {
-                    return Err(ConfigError::invalid(key("name"), format!("`{owner}` is outside zone `{origin}`")));
-                }
-                let data = static_rdata(&key("value"), &r.rtype, &r.value)?;
-                let rec = Record::from_rdata(owner.clone(), r.ttl.unwrap_or(z.ttl), data);
-                let set = records.entry(LowerName::new(&owner)).or_default();
-                if set.contains(&rec) {
-                    return Err(ConfigError::invalid(key("value"), "duplicate record"));
-                }
-                set.push(rec);
-            }
-            for (owner, set) in &records {
-                let cnames = set.iter().filter(|r| r.record_type() == RecordType::CNAME).count();
-                if cnames > 0 && (set.len() > 1 || *owner == origin_l) {
-                    return Err(ConfigError::invalid(
-                        key("records"),
-                        format!("`{owner}` has a CNAME and other data (or is the apex): a CNAME must stand alone"),
-                    ));
-                }
-            }
-            zones.push(Zone { origin: origin_l, negative_ttl: z.ttl.min(soa_cfg.minimum), soa, records, services: BTreeMap::new() });
+            let zone = compile_zone(zi, z, &zones)?;
+            zones.push(zone);
         }
-
-        let mut services = Vec::new();
-        let mut seen = HashSet::new();
-        for (si, s) in config.services.iter().enumerate() {
-            let key = |k: &str| format!("dns.services[{si}].{k}");
-            let name = parse_name(&key("name"), &s.name, None)?;
-            let lname = LowerName::new(&name);
-            if !seen.insert(lname.clone()) {
-                return Err(ConfigError::invalid(key("name"), format!("service `{name}` is defined twice")));
-            }
-            let zone = zones
-                .iter_mut()
-                .filter(|z| z.origin.zone_of(&lname))
-                .max_by_key(|z| z.origin.num_labels())
-                .ok_or_else(|| ConfigError::invalid(key("name"), format!("`{name}` is in none of the configured zones")))?;
-            if zone.records.contains_key(&lname) {
-                return Err(ConfigError::invalid(key("name"), format!("`{name}` also has static records; a service name must stand alone")));
-            }
-            if s.pools.is_empty() {
-                return Err(ConfigError::invalid(key("pools"), "a service needs at least one pool"));
-            }
-            let mut idx = Vec::new();
-            let mut uniq = BTreeSet::new();
-            for p in &s.pools {
-                let i = *pool_index.get(p).ok_or_else(|| ConfigError::invalid(key("pools"), format!("pool `{p}` is not defined under [[dns.pools]]")))?;
-                if !uniq.insert(i) {
-                    return Err(ConfigError::invalid(key("pools"), format!("pool `{p}` is listed twice")));
-                }
-                idx.push(i);
-            }
-            if s.ttl > MAX_SERVICE_TTL {
-                return Err(ConfigError::invalid(
-                    key("ttl"),
-                    format!("{} s is over the {MAX_SERVICE_TTL} s cap: caches would keep an evicted pool too long", s.ttl),
-                ));
-            }
-            if s.fail_whale.is_empty() {
-                return Err(ConfigError::invalid(key("fail_whale"), "give at least one address to answer when no pool is alive"));
-            }
-            zone.services.insert(lname, services.len());
-            services.push(Service { label: name.to_ascii(), policy: s.policy, pools: idx, ttl: s.ttl, fail_whale: s.fail_whale.clone() });
-        }
-        // A name in a parent zone that falls inside a child zone is shadowed by the child: refuse
-        // the config rather than serve data no query can reach.
-        for z in &zones {
-            for owner in z.records.keys().chain(z.services.keys()) {
-                if let Some(child) = zones.iter().find(|c| c.origin != z.origin && z.origin.zone_of(&c.origin) && c.origin.zone_of(owner)) {
-                    return Err(ConfigError::invalid("dns.zones", format!("`{owner}` lies in zone `{}` as well as `{}`", child.origin, z.origin)));
-                }
-            }
-        }
+        let services = compile_services(&config.services, &pool_index, &mut zones)?;
+        refuse_shadowed_names(&zones)?;
         Ok(Zones { zones, pools, services, max_udp_payload: config.max_udp_payload, allow_axfr })
     }
 

@@ -483,7 +483,8 @@ fn compile_services(config: &[ServiceConfig], pool_index: &BTreeMap<String, usiz
     Ok(services)
 }
 
-/// A name in a parent zone that falls inside a child zone is shadowed by the child: refuse the config rather than serve data no query can reach.
+/// A name in a parent zone that falls inside a child zone is shadowed by the child: refuse the
+/// config rather than serve data no query can reach.
 fn refuse_shadowed_names(zones: &[Zone]) -> Result<(), ConfigError> {
     for z in zones {
         for owner in z.records.keys().chain(z.services.keys()) {

@@ -87,8 +87,16 @@ impl Sidecar {
         Ok(frame.encode(&self.key)?)
     }
 
-    /// Runs forever: scrape, sign, send, every `interval_ms`.
-    pub fn run(mut self, mut on_event: impl FnMut(Event<'_>)) -> std::io::Result<()> {
+    /// Runs until the process ends: scrape, sign, send, every `interval_ms`.
+    pub fn run(self, on_event: impl FnMut(Event<'_>)) -> std::io::Result<()> {
+        let (_keep, never) = std::sync::mpsc::channel::<()>();
+        self.run_until(&never, on_event)
+    }
+
+    /// Scrape, sign, send, every `interval_ms`, until `shutdown` receives a message or its
+    /// sender is dropped (checked between ticks: at most one scrape is in flight then).
+    pub fn run_until(mut self, shutdown: &std::sync::mpsc::Receiver<()>, mut on_event: impl FnMut(Event<'_>)) -> std::io::Result<()> {
+        use std::sync::mpsc::{RecvTimeoutError, TryRecvError};
         let sockets = Senders::new(&self.config.ingest)?;
         let interval = Duration::from_millis(self.config.interval_ms);
         let mut next = Instant::now();
@@ -102,11 +110,15 @@ impl Sidecar {
             }
             next += interval;
             let now = Instant::now();
-            if next > now {
-                std::thread::sleep(next - now);
+            let stop = if next > now {
+                !matches!(shutdown.recv_timeout(next - now), Err(RecvTimeoutError::Timeout))
             } else {
                 // A slow scrape: start the next one now rather than bursting to catch up.
                 next = now;
+                !matches!(shutdown.try_recv(), Err(TryRecvError::Empty))
+            };
+            if stop {
+                return Ok(());
             }
         }
     }
@@ -144,4 +156,24 @@ impl Senders {
             })
             .count()
     }
+}
+
+/// The sidecar's entry point, as `gpuha-sidecar` runs it (and tests drive it, on port 0): reads
+/// the key named by `config`, picks a random boot id, and sends frames until `shutdown` receives
+/// a message or its sender is dropped. Returns the boot id it used.
+pub fn run(config: Config, shutdown: &std::sync::mpsc::Receiver<()>, on_event: impl FnMut(Event<'_>)) -> Result<u64, RunError> {
+    config.validate().map_err(|e| RunError::Config(e.to_string()))?;
+    let key = config.read_key().map_err(|e| RunError::Config(e.to_string()))?;
+    let boot_id: u64 = rand::random();
+    Sidecar::new(config, key, boot_id).run_until(shutdown, on_event).map_err(RunError::Io)?;
+    Ok(boot_id)
+}
+
+/// Why [`run`] stopped before its shutdown.
+#[derive(Debug, thiserror::Error)]
+pub enum RunError {
+    #[error("{0}")]
+    Config(String),
+    #[error("cannot open the sending sockets: {0}")]
+    Io(std::io::Error),
 }

@@ -83,12 +83,15 @@ pub struct Tier {
 pub struct Chain {
     /// The name of the router's own workers' tier.
     pub own: String,
+    /// The router's own workers (its Envoy cluster's members), for a request the picker
+    /// cannot pick for (no fresh view: dnsd unreachable): [`Chain::fail_open`].
+    pub own_endpoints: Vec<String>,
     pub tiers: Vec<Tier>,
 }
 
 impl Default for Chain {
     fn default() -> Self {
-        Chain { own: "primary".into(), tiers: Vec::new() }
+        Chain { own: "primary".into(), own_endpoints: Vec::new(), tiers: Vec::new() }
     }
 }
 
@@ -152,6 +155,19 @@ impl Chain {
             }
         }
         Listed { endpoints, spills }
+    }
+
+    /// The list for a request the picker fails open on (no fresh view: no data is not death):
+    /// up to `max` of the router's own workers, from `start` round the list (spreads like
+    /// round robin), then the tiers, so that own workers that really are dead still leave the
+    /// chain. Empty without tiers: no list at all, Envoy's round robin as before.
+    pub fn fail_open(&self, start: usize, max: usize, path: &str, spilled: bool) -> Listed {
+        if self.tiers.is_empty() {
+            return Listed { endpoints: Vec::new(), spills: false };
+        }
+        let n = self.own_endpoints.len();
+        let own: Vec<String> = (0..n.min(max)).map(|i| self.own_endpoints[(start + i) % n].clone()).collect();
+        self.endpoints(&own, path, spilled)
     }
 
     /// The tier an upstream address belongs to; `None`: the router's own workers.
@@ -350,6 +366,7 @@ mod tests {
     fn chain() -> Chain {
         Chain {
             own: "a".into(),
+            own_endpoints: vec!["w1:1".into(), "w2:1".into(), "w3:1".into(), "w4:1".into()],
             tiers: vec![
                 Tier { name: "b".into(), kind: TierKind::Spill, endpoints: vec!["10.0.1.1:10000".into()] },
                 Tier { name: "small".into(), kind: TierKind::Degraded, endpoints: vec!["127.0.0.1:10101".into()] },
@@ -386,6 +403,19 @@ mod tests {
         assert_eq!(l.endpoints, s(&["w1:1", "10.0.1.1:10000"]));
         let l = chain().endpoints(&[], "/v1/audio/transcriptions", false);
         assert_eq!(l.endpoints, s(&["10.0.1.1:10000"]));
+    }
+
+    #[test]
+    fn fail_open_rotates_own_workers_then_the_tiers() {
+        let l = chain().fail_open(3, 3, "/v1/chat/completions", false);
+        assert_eq!(l.endpoints, s(&["w4:1", "w1:1", "w2:1", "10.0.1.1:10000", "127.0.0.1:10101", "127.0.0.1:10102"]));
+        // Every start gives each own worker the first attempt in turn.
+        let firsts: Vec<String> = (0..4).map(|i| chain().fail_open(i, 3, "/v1/chat/completions", false).endpoints[0].clone()).collect();
+        assert_eq!(firsts, s(&["w1:1", "w2:1", "w3:1", "w4:1"]));
+        assert_eq!(chain().fail_open(0, 2, "/v1/chat/completions", true).endpoints, s(&["w1:1", "w2:1"]));
+        // No tiers: no list (Envoy's round robin, as without a chain).
+        let c = Chain { tiers: vec![], ..chain() };
+        assert!(c.fail_open(0, 3, "/v1/chat/completions", false).endpoints.is_empty());
     }
 
     #[test]

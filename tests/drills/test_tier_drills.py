@@ -243,7 +243,8 @@ def test_degraded_tier_serves_when_every_full_size_worker_is_dead(stack):
     h_stream, chunks = raw_chat(client, max_tokens, stream=True)
     entries = [e for e in chat_entries(ra) if e["start"] and e["start"] >= kill_wall]
     degraded = [o for o in after if o.worker == "s1"]
-    own_ttft = [o.first_token_at - o.started for o in own if o.first_token_at]
+    # Same load, before the kill: the own workers' time to first token.
+    own_ttft = [o.first_token_at - o.started for o in load.outcomes if o.ended < kill_mono and o.first_token_at]
     deg_ttft = [o.first_token_at - o.started for o in degraded if o.started > kill_mono + 3.5 and o.first_token_at]
 
     report(f"degraded: {len(after)} requests after every full-size worker died: {summarize(after)} "

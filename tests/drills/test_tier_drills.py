@@ -298,6 +298,10 @@ static_resources:
   listeners:
   - name: tls
     address: {{ socket_address: {{ address: 127.0.0.1, port_value: {port} }} }}
+    # Reads the SNI the router sent (%REQUESTED_SERVER_NAME% in the log below).
+    listener_filters:
+    - name: envoy.filters.listener.tls_inspector
+      typed_config: {{ "@type": type.googleapis.com/envoy.extensions.filters.listener.tls_inspector.v3.TlsInspector }}
     filter_chains:
     - transport_socket:
         name: envoy.transport_sockets.tls
@@ -371,7 +375,7 @@ def test_provider_over_tls_is_the_last_tier(stack):
     stack.wait_fresh(["a1"])
     api_key = "sk-test-" + "x" * 24
     key_file = stack.logdir / "provider.api-key"
-    key_file.write_text(api_key)  # no newline: what a secret store writes
+    key_file.write_text(api_key + "\n")  # as `echo KEY > file` writes it
     provider, backend, ca = start_provider(stack, api_key)
     provider_tier = json.dumps({"name": "prov", "port": free_port(), "url": f"https://{PROVIDER_HOST}:{provider.port}/v1",
                                 "address": "127.0.0.1", "model": PROVIDER_MODEL, "max_tokens": 50,
@@ -382,7 +386,6 @@ def test_provider_over_tls_is_the_last_tier(stack):
     client = make_client(ra.base_url)
 
     # Without the router: the provider refuses a wrong key (so the key the router sends is checked).
-    import httpx2 as _h  # noqa: F401  (present with the openai SDK; imported for the check below)
     wrong = openai.OpenAI(base_url=f"https://127.0.0.1:{provider.port}/v1", api_key="sk-wrong", max_retries=0,
                           http_client=openai.DefaultHttpxClient(verify=False, trust_env=False))
     with pytest.raises(openai.AuthenticationError):

@@ -72,7 +72,8 @@ impl RootContext for Root {
         let names = |c: &gpuha_liveness::tier::Chain| std::iter::once(c.own.clone()).chain(c.tiers.iter().map(|t| t.name.clone())).collect::<Vec<_>>();
         self.tier_stats = Rc::new(match &cfg {
             Config::Picker(p) => TierStats::define(names(&p.tiers).iter().map(String::as_str), "served"),
-            Config::Guard(g) => TierStats::define(names(&g.tiers).iter().map(String::as_str), "attempts"),
+            // A tier's own guard (no chain) counts nothing: the main guard counted the attempt.
+            Config::Guard(g) if !g.tiers.tiers.is_empty() => TierStats::define(names(&g.tiers).iter().map(String::as_str), "attempts"),
             _ => TierStats::default(),
         });
         self.thread.borrow_mut().rng = Rng::new(Self::seed() ^ u64::from(self.id));

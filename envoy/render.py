@@ -205,7 +205,7 @@ def fill(template, values):
         return string.Template(fh.read()).substitute({k: str(v) for k, v in values.items()})
 
 
-def render_tiers(a, values, guard):
+def render_tiers(a, values, guard, ap):
     """The chain for the plugins, and the YAML of the tiers' adapter listeners, clusters and
     secrets (tier-listener.yaml, tier-cluster.yaml)."""
     tiers = list(a.spill)
@@ -213,7 +213,7 @@ def render_tiers(a, values, guard):
     names = [a.tier_name]
     for t in a.spill + a.degraded + a.provider:
         if t["name"] in names:
-            raise SystemExit(f"render.py: tier name {t['name']!r} is used twice")
+            ap.error(f"tier name {t['name']!r} is used twice")
         names.append(t["name"])
     for t in a.degraded + a.provider:
         addr = f"127.0.0.1:{t['port']}"
@@ -223,7 +223,7 @@ def render_tiers(a, values, guard):
         # The tier's own guard: its candidates are not in the fleet view (nothing to rescue on).
         tier_guard = {**guard, "rescue": False}
         tier_guard.pop("tiers", None)
-        rewrites, credential, transport = [], "", ""
+        rewrites, credential, transport, prefix = [], "", "", "/"
         if t["kind"] == "degraded":
             workers = t["workers"]
             ctype = "STATIC"
@@ -234,6 +234,8 @@ def render_tiers(a, values, guard):
             authority = t["host"] if port == (443 if t["tls"] else 80) else f"{t['host']}:{port}"
             rewrites.append(f"                  host_rewrite_literal: \"{authority}\"")
             if t["path"] != "/v1":
+                # The provider's base URL has its own path: /v1/X is sent as <path>/X.
+                prefix = "/v1/"
                 rewrites.append(f"                  prefix_rewrite: \"{t['path']}/\"")
             if t["tls"]:
                 sni = t.get("sni", t["host"])
@@ -277,6 +279,7 @@ def render_tiers(a, values, guard):
             "PER_TRY_TIMEOUT": a.per_try_timeout,
             "TIER_RETRIES": len(workers) - 1,
             "ROUTE_REWRITES": "\n".join(rewrites),
+            "ROUTE_PREFIX": prefix,
             "CREDENTIAL_FILTER": credential,
             "TIER_CONFIG": yaml_single_quoted(json.dumps(tier_cfg, separators=(",", ":"))),
         }).rstrip("\n"))
@@ -359,7 +362,7 @@ def main(argv=None):
                 picker[k] = v
         guard = {"role": "guard"}
         guard.update(a.guard_config)
-        chain, tier_values = render_tiers(a, values, guard)
+        chain, tier_values = render_tiers(a, values, guard, ap)
         if chain["tiers"] or a.tier_name != "primary":
             picker["tiers"] = chain
             guard["tiers"] = chain

@@ -238,7 +238,7 @@ pub struct PoolLoad {
 /// The load of the workers of `pools` (empty: all) in `view`, counting only those fresh at
 /// `now` (`fetched_local_ms`: when the view was vouched for, see [`effective_age_ms`]).
 pub fn pool_load(view: &FleetView, pools: &[String], fetched_local_ms: u64, now_ms: u64, gate_ms: u64) -> PoolLoad {
-    let mine = |w: &&WorkerView| pools.is_empty() || pools.iter().any(|p| *p == w.pool);
+    let mine = |w: &&WorkerView| pools.is_empty() || pools.contains(&w.pool);
     let fresh = view.workers.iter().filter(mine).filter(|w| effective_age_ms(w, fetched_local_ms, now_ms) < gate_ms);
     fresh.fold(PoolLoad::default(), |acc, w| {
         let n = |x: Option<f64>| x.filter(|v| v.is_finite() && *v > 0.0).unwrap_or(0.0);

@@ -152,16 +152,19 @@ def test_spill_to_another_pool_until_dns_evacuates(stack):
     gated = [o for o in after_kill if o.started > kill_mono + 3.5]
     extra = [o.first_token_at - o.started for o in gated if o.first_token_at]
     own = [o.first_token_at - o.started for o in before if o.first_token_at]
+    # Before the gate the dead workers are still listed first: each spill follows their refusals.
+    pre_gate = [o.first_token_at - o.started for o in after_kill if kill_mono + 0.3 < o.started < kill_mono + 2.5 and o.first_token_at]
+    all_entries = chat_entries(ra)
 
     # What DNS answers next: B. A client following it reaches B's router directly.
     direct = [chat(make_client(rb.base_url), 9000 + i, max_tokens) for i in range(4)]
 
     report(f"spill: {len(outcomes)} requests, {len(after_kill)} after the kill of every pool-A worker "
            f"({evicted_mono - kill_mono:.1f} s until dnsd evicted pool a): {kinds}; "
-           f"share per tier after the kill {shares(entries)}; B admitted {filter_stat(rb, 'spill_received')} spilled "
+           f"share per tier: whole drill {shares(all_entries)}, after the kill {shares(entries)}; B admitted {filter_stat(rb, 'spill_received')} spilled "
            f"(refused {filter_stat(rb, 'spill_refused')}), sent back to A: {len(came_back)}; "
-           f"time to first token: own {ms(own)}, spilled (after the 3 s gate) {ms(extra)}, "
-           f"extra {1000 * (statistics.median(extra) - statistics.median(own)):.1f} ms; "
+           f"time to first token: own {ms(own)}, spilled before the 3 s gate (after the dead workers' refusals) {ms(pre_gate)}, "
+           f"spilled after it {ms(extra)}, extra {1000 * (statistics.median(extra) - statistics.median(own)):.1f} ms; "
            f"after eviction, direct to B: {summarize(direct)}")
 
     assert before and len(after_kill) >= 20, f"too little traffic: {len(before)} before, {len(after_kill)} after the kill"
@@ -241,16 +244,19 @@ def test_degraded_tier_serves_when_every_full_size_worker_is_dead(stack):
     after = [o for o in load.outcomes if o.started > kill_mono]
     h_deg, c_deg = raw_chat(client, max_tokens)
     h_stream, chunks = raw_chat(client, max_tokens, stream=True)
-    entries = [e for e in chat_entries(ra) if e["start"] and e["start"] >= kill_wall]
+    all_entries = chat_entries(ra)
+    entries = [e for e in all_entries if e["start"] and e["start"] >= kill_wall]
     degraded = [o for o in after if o.worker == "s1"]
+    pre_gate = [o.first_token_at - o.started for o in degraded if kill_mono + 0.3 < o.started < kill_mono + 2.5 and o.first_token_at]
     # Same load, before the kill: the own workers' time to first token.
     own_ttft = [o.first_token_at - o.started for o in load.outcomes if o.ended < kill_mono and o.first_token_at]
     deg_ttft = [o.first_token_at - o.started for o in degraded if o.started > kill_mono + 3.5 and o.first_token_at]
 
     report(f"degraded: {len(after)} requests after every full-size worker died: {summarize(after)} "
            f"(completed = {max_tokens} tokens asked; degraded answers are capped at 5); served by "
-           f"{ {w: sum(o.worker == w for o in after) for w in ('a1', 'a2', 's1')} }; share per tier {shares(entries)}; "
-           f"time to first token own {ms(own_ttft)}, degraded {ms(deg_ttft)}, "
+           f"{ {w: sum(o.worker == w for o in after) for w in ('a1', 'a2', 's1')} }; share per tier: whole drill "
+           f"{shares(all_entries)}, after the kill {shares(entries)}; time to first token own {ms(own_ttft)}, "
+           f"degraded before the 3 s gate {ms(pre_gate)}, after it {ms(deg_ttft)}, "
            f"extra {1000 * (statistics.median(deg_ttft) - statistics.median(own_ttft)):.1f} ms; "
            f"gpuha.degraded={filter_stat(ra, 'degraded')} tier_adapted={filter_stat(ra, 'tier_adapted')}")
 
@@ -410,7 +416,8 @@ def test_provider_over_tls_is_the_last_tier(stack):
     cut = chat(client, 500, 200, on_first_token=die)
 
     report(f"provider: {len(served)} requests with a1 dead and the degraded tier failing before its first token: "
-           f"{summarize(served)}, served by {sorted({o.worker for o in served})}; share per tier {shares(entries)}; "
+           f"{summarize(served)}, served by {sorted({o.worker for o in served})}; share per tier: whole drill "
+           f"{shares(chat_entries(ra))}, after a1 died {shares(entries)}; "
            f"provider calls {filter_stat(ra, 'provider_calls')}; time to first token own {ms(own_ttft)}, "
            f"via degraded failure + provider (TLS) {ms(prov_ttft)}; provider log {provider_log[-1:]}; "
            f"post-token death: {cut.describe()}")

@@ -2,7 +2,7 @@
 """GPU HA benchmarks: every tier measured beside the tools users would pick instead, in one run.
 
 Usage: bench/run.py [--quick] [--only SECTION[,SECTION]] [--out DIR]
-Sections: l7, l7_paced, failover, big_bodies, ingest, fleet, sidecar, dns_failover, dnsperf.
+Sections: l7, l7_paced, failover, big_bodies, ingest, fleet, sidecar, dns_failover, dnsperf, reload.
 Normally started by bench/run.sh (which installs and builds what this needs).
 
 Everything listens on 127.0.0.1; every process started here is tracked by PID and killed by PID
@@ -1350,6 +1350,69 @@ def sec_dnsperf(R, quick):
     R["dnsperf"] = {"rows": rows, "secs": secs}
 
 
+def write_atomic(path, text):
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def sec_reload(R, quick):
+    """dnsperf against dnsd while its config is reloaded (SIGHUP) every 200 ms: the service's
+    pools alternate between two valid configs, and every 4th reload is a bad config (refused,
+    the running one keeps serving). Queries lost must be 0."""
+    secs = 3 if quick else 8
+    ok, why = dnsd_has_dns()
+    if not ok:
+        R["reload"] = {"error": f"no DNS in this build: {why[:200]}"}
+        return
+    if not shutil.which("dnsperf"):
+        R["reload"] = {"error": "dnsperf not installed"}
+        return
+    port = free_port(socket.SOCK_DGRAM)
+    both = dnsd_config(port, [("pool-000", "127.0.0.2"), ("pool-001", "127.0.0.3")])
+    # Same pools, the service names only the first: the answer changes with every good reload.
+    one = both.replace('pools = ["pool-000", "pool-001"]', 'pools = ["pool-000"]')
+    bad = both.replace('pools = ["pool-000", "pool-001"]', 'pools = ["pool-000", "no-such-pool"]')
+    assert one != both and bad != both
+    cfg = WORK / "dnsd-reload.toml"
+    write_atomic(cfg, both)
+    p, ingest, http, _ = dnsd("dnsd-reload", cpu=SUT_CPU, config=cfg)
+    PROCS.start("keepalive-reload", [TOOL, "keepalive", "--to", ingest, "--key-file", make_key(),
+                                     "--workers", 1000, "--pools", 2, "--hz", 2], cpu=LOAD_CPU, wait="READY")
+    fleet_ready(http, 1000)
+    wait_dns(port)
+    result = {}
+    perf = threading.Thread(target=lambda: result.update(dnsperf(port, "api.bench.test", secs)))
+    perf.start()
+    sent = {"good": 0, "bad": 0}
+    i = 0
+    while perf.is_alive():
+        i += 1
+        if i % 4 == 0:
+            write_atomic(cfg, bad)
+            sent["bad"] += 1
+        else:
+            write_atomic(cfg, one if i % 2 else both)
+            sent["good"] += 1
+        os.kill(p.pid, signal.SIGHUP)
+        time.sleep(0.2)
+    perf.join()
+    _, body = http_get(f"http://{http}/metrics")
+    text = body.decode() if isinstance(body, bytes) else body
+
+    def m(sample):
+        for line in text.splitlines():
+            if line.startswith(sample + " "):
+                return float(line.split()[-1])
+        return None
+
+    row = {**result, "secs": secs, "sighups": sent["good"] + sent["bad"], "good_sent": sent["good"], "bad_sent": sent["bad"],
+           "reloads_ok": m('gpuha_dnsd_config_reloads_total{result="ok"}'),
+           "reloads_refused": m('gpuha_dnsd_config_reloads_total{result="refused"}')}
+    note(f"dnsperf during reloads: {row}")
+    R["reload"] = row
+
+
 # --------------------------------------------------------------------------------------------
 # report
 
@@ -1597,6 +1660,16 @@ def report(R, outdir):
             targets.append(("dnsd dynamic ≥ 50 % of NSD static", dyn >= 0.5 * nsd_q, f"{dyn:,.0f} vs {nsd_q:,.0f} q/s = {dyn/nsd_q*100:.0f} %"))
         svg_bars("DNS queries/s (dnsperf, same core)", [(f"{r['server']} {r['name'].split('.')[0]}", r.get("qps")) for r in dp["rows"]], "q/s", outdir / "dnsperf.svg")
         md += ["", "![](dnsperf.svg)", ""]
+    rl = R.get("reload")
+    if rl:
+        md += ["", "## 3b. DNS during config reloads (SIGHUP every 200 ms, dnsperf)", ""]
+        if "error" in rl:
+            md.append(f"not measured: {rl['error']}")
+        else:
+            md += ["| reloads applied | reloads refused (bad config) | queries/s | lost | response codes |", "|---:|---:|---:|---:|---|",
+                   f"| {fmt(rl.get('reloads_ok'))} | {fmt(rl.get('reloads_refused'))} | {fmt(rl.get('qps'))} | {rl.get('lost')} | {rl.get('rcodes')} |"]
+            targets.append(("0 DNS queries lost during reloads", rl.get("lost") == 0 and (rl.get("reloads_ok") or 0) > 0,
+                            f"{rl.get('lost')} lost over {rl.get('secs')} s, {fmt(rl.get('reloads_ok'))} reloads applied, {fmt(rl.get('reloads_refused'))} refused"))
     if targets:
         md += ["", "## Targets", "", "| target | verdict | measured |", "|---|---|---|"]
         for t, ok, fig in targets:
@@ -1609,7 +1682,7 @@ def report(R, outdir):
 
 
 SECTIONS = {"l7": sec_l7, "l7_paced": sec_l7_paced, "failover": sec_failover, "big_bodies": sec_big_bodies, "ingest": sec_ingest, "fleet": sec_fleet, "sidecar": sec_sidecar,
-            "dns_failover": sec_dns_failover, "dnsperf": sec_dnsperf}
+            "dns_failover": sec_dns_failover, "dnsperf": sec_dnsperf, "reload": sec_reload}
 
 
 def main():

@@ -33,6 +33,22 @@ pub struct Config {
     pub http: HttpConfig,
     #[serde(default)]
     pub dns: Option<DnsConfig>,
+    #[serde(default)]
+    pub admin: AdminConfig,
+}
+
+/// The admin API (see [`crate::admin`]): off unless a token file is given.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AdminConfig {
+    /// File holding the bearer token `/v1/admin` requires (at least 16 printable characters).
+    /// Without it dnsd accepts no admin request. Re-read on reload (a token rotation).
+    #[serde(default)]
+    pub token_file: Option<PathBuf>,
+    /// Where the operators' overrides are kept across restarts (written atomically on each
+    /// change, read at start). Without it overrides last until dnsd stops.
+    #[serde(default)]
+    pub state_file: Option<PathBuf>,
 }
 
 #[derive(Debug, Clone, Deserialize)]

@@ -1,6 +1,7 @@
 //! dnsd's HTTP side: `GET /v1/fleet` (the fleet view the Envoy filter polls), `GET /metrics`
 //! (Prometheus text), `GET /healthz`, and for operators ([`crate::ops`]) `GET /v1/dns` (the DNS
-//! answer right now) and the fleet page at `GET /` and `GET /fleet`.
+//! answer right now) and the fleet page at `GET /` and `GET /fleet`; the authenticated admin API
+//! under `/v1/admin` ([`crate::admin`]).
 //!
 //! `/v1/fleet` takes two optional query parameters:
 //!
@@ -31,7 +32,7 @@ use axum::body::Bytes;
 use axum::extract::{Query, State};
 use axum::http::{header, HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
-use axum::routing::get;
+use axum::routing::{get, post};
 use axum::Router;
 use gpuha_liveness::frame::MAX_STR as MAX_POOL_ID_LEN;
 use gpuha_liveness::{Ages, DropReason, FleetView};
@@ -119,6 +120,10 @@ pub fn router(services: Arc<Services>) -> Router {
         .route("/v1/dns", get(dns_status))
         .route("/", get(fleet_page))
         .route("/fleet", get(fleet_page))
+        .route("/v1/admin", get(crate::admin::status))
+        .route("/v1/admin/workers/{id}", post(crate::admin::set_worker))
+        .route("/v1/admin/pools/{id}", post(crate::admin::set_pool))
+        .route("/v1/admin/reload", post(crate::admin::reload))
         .with_state(services)
 }
 
@@ -251,7 +256,9 @@ async fn fleet(State(s): State<Arc<Services>>, Query(q): Query<FleetQuery>, head
 }
 
 fn fleet_response(s: &Services, pools: &[String], ages: Ages, headers: &HeaderMap) -> Response {
-    let view = s.state.snapshot().view_of(now_ms(), pools, ages);
+    let now = now_ms();
+    let mut view = s.state.snapshot().view_of(now, pools, ages);
+    s.mark_drained(&mut view, now);
     if ages == Ages::Exact {
         let body = view.to_json();
         return ([(header::CONTENT_TYPE, "application/json"), (header::CACHE_CONTROL, "no-store")], body).into_response();
@@ -313,5 +320,16 @@ async fn metrics(State(s): State<Arc<Services>>) -> impl IntoResponse {
     if let Some(dns) = &s.dns {
         dns.render_metrics(&mut out, now);
     }
+    s.admin.render_metrics(&mut out);
+    let _ = writeln!(out, "# HELP gpuha_dnsd_config_reloads_total Config reloads (SIGHUP or POST /v1/admin/reload), by result; a refused one leaves the running config serving.");
+    let _ = writeln!(out, "# TYPE gpuha_dnsd_config_reloads_total counter");
+    let _ = writeln!(out, "gpuha_dnsd_config_reloads_total{{result=\"ok\"}} {}", s.reloads_ok.load(Ordering::Relaxed));
+    let _ = writeln!(out, "gpuha_dnsd_config_reloads_total{{result=\"refused\"}} {}", s.reloads_failed.load(Ordering::Relaxed));
+    let _ = writeln!(out, "# HELP gpuha_dnsd_config_last_reload_ok 0 when the latest reload was refused: the file on disk is not what runs.");
+    let _ = writeln!(out, "# TYPE gpuha_dnsd_config_last_reload_ok gauge");
+    let _ = writeln!(out, "gpuha_dnsd_config_last_reload_ok {}", u8::from(!s.last_reload_failed.load(Ordering::Relaxed)));
+    let _ = writeln!(out, "# HELP gpuha_dnsd_config_loaded_timestamp_seconds When the config in force was loaded (start or the last good reload).");
+    let _ = writeln!(out, "# TYPE gpuha_dnsd_config_loaded_timestamp_seconds gauge");
+    let _ = writeln!(out, "gpuha_dnsd_config_loaded_timestamp_seconds {:.3}", s.last_reload_ok_ms.load(Ordering::Relaxed) as f64 / 1000.0);
     ([(header::CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")], out)
 }

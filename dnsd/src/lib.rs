@@ -2,21 +2,26 @@
 //! view over HTTP for the Envoy filter, and answers DNS for the service names (see [`dns`]).
 //!
 //! [`run`] takes already-bound sockets so tests (and systemd socket activation) can bind port 0.
+//! Operators steer it through [`admin`] (authenticated overrides, persisted) and reload its
+//! config without a restart ([`reload`]).
 
+pub mod admin;
 pub mod config;
 pub mod dns;
 pub mod http;
 pub mod ops;
+pub mod reload;
 pub mod state;
 
 use std::future::Future;
 use std::io;
 use std::net::SocketAddr;
-use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use socket2::{Domain, Protocol, Socket, Type};
-use tokio::sync::watch;
+use tokio::sync::{mpsc, watch};
 
 pub use config::{Config, ConfigError};
 use dns::DnsService;
@@ -36,6 +41,45 @@ pub struct Services {
     pub fleet_cache: http::FleetCache,
     /// HTTP connections closed at once because `http.max_connections` were open.
     pub http_rejected: std::sync::atomic::AtomicU64,
+    /// Operators' overrides and the admin token.
+    pub admin: Arc<admin::Admin>,
+    /// Where a reload reads the config from.
+    pub reload_source: reload::ReloadSource,
+    /// The config in force (the last one loaded): a reload compares against it.
+    pub running: Mutex<Config>,
+    pub reloads_ok: AtomicU64,
+    pub reloads_failed: AtomicU64,
+    /// When the config in force was loaded (start or the last good reload).
+    pub last_reload_ok_ms: AtomicU64,
+    /// The latest reload was refused (the running config is older than the file).
+    pub last_reload_failed: AtomicBool,
+}
+
+impl Services {
+    /// Marks the workers of `view` an operator drained, by id or by pool (once the pool is
+    /// safe: [`gpuha_liveness::admin`]). A pool this dnsd hands out no answers for is safe
+    /// at once.
+    pub fn mark_drained(&self, view: &mut gpuha_liveness::FleetView, now_ms: u64) {
+        let ov = self.admin.overrides();
+        if ov.is_empty() {
+            return;
+        }
+        let mut safe: std::collections::HashMap<String, Option<u64>> = std::collections::HashMap::new();
+        gpuha_liveness::admin::mark_drained(view, &ov, now_ms, |pool| {
+            if !ov.pools.contains_key(pool) {
+                return None;
+            }
+            *safe.entry(pool.to_string()).or_insert_with(|| Some(self.dns.as_ref().and_then(|d| d.safe_at(pool)).unwrap_or(0)))
+        });
+    }
+}
+
+/// What [`run_with`] takes beside the config: where reloads read from, and a channel whose
+/// messages trigger one (`main` sends one per SIGHUP).
+#[derive(Debug, Default)]
+pub struct RunOptions {
+    pub reload_source: reload::ReloadSource,
+    pub reload_requests: Option<mpsc::Receiver<()>>,
 }
 
 /// Bound sockets for every service dnsd runs.
@@ -90,15 +134,38 @@ fn bind_udp(addr: SocketAddr, rcvbuf: usize) -> io::Result<std::net::UdpSocket> 
     Ok(sock.into())
 }
 
-/// Runs dnsd until `shutdown` resolves.
+/// Runs dnsd until `shutdown` resolves, with no reload source.
 pub async fn run(config: Config, listeners: Listeners, shutdown: impl Future<Output = ()> + Send + 'static) -> anyhow_lite::Result<()> {
+    run_with(config, listeners, RunOptions::default(), shutdown).await
+}
+
+/// Runs dnsd until `shutdown` resolves; `options` say how it reloads.
+pub async fn run_with(config: Config, listeners: Listeners, options: RunOptions, shutdown: impl Future<Output = ()> + Send + 'static) -> anyhow_lite::Result<()> {
     let keys = config.key_ring()?;
-    let state = Arc::new(AppState::new(keys, config.ingest.max_skew_ms, config.ingest.forget_after_ms, config.ingest.max_workers, now_ms()));
-    let dns = match &config.dns {
-        Some(d) => Some(Arc::new(DnsService::new(d, state.clone())?)),
+    let token = match &config.admin.token_file {
+        Some(p) => Some(admin::read_token(p)?),
         None => None,
     };
-    let services = Arc::new(Services { state: state.clone(), dns: dns.clone(), fleet_cache: http::FleetCache::default(), http_rejected: Default::default() });
+    let admin = Arc::new(admin::Admin::new(config.admin.state_file.clone(), token)?);
+    let started = now_ms();
+    let state = Arc::new(AppState::new(keys, config.ingest.max_skew_ms, config.ingest.forget_after_ms, config.ingest.max_workers, started));
+    let dns = match &config.dns {
+        Some(d) => Some(Arc::new(DnsService::new(d, state.clone(), admin.clone())?)),
+        None => None,
+    };
+    let services = Arc::new(Services {
+        state: state.clone(),
+        dns: dns.clone(),
+        fleet_cache: http::FleetCache::default(),
+        http_rejected: Default::default(),
+        admin,
+        reload_source: options.reload_source,
+        running: Mutex::new(config.clone()),
+        reloads_ok: AtomicU64::new(0),
+        reloads_failed: AtomicU64::new(0),
+        last_reload_ok_ms: AtomicU64::new(started),
+        last_reload_failed: AtomicBool::new(false),
+    });
     let (stop_tx, stop_rx) = watch::channel(false);
     let stopped = move |mut rx: watch::Receiver<bool>| async move {
         let _ = rx.wait_for(|s| *s).await;
@@ -129,6 +196,20 @@ pub async fn run(config: Config, listeners: Listeners, shutdown: impl Future<Out
         header_read_timeout: Duration::from_millis(config.http.header_read_timeout_ms),
         max_connections: config.http.max_connections,
     };
+    let reload_task = options.reload_requests.map(|mut rx| {
+        let services = services.clone();
+        let stop = stopped(stop_rx.clone());
+        tokio::spawn(async move {
+            let work = async {
+                while rx.recv().await.is_some() {
+                    let s = services.clone();
+                    // The outcome is logged and counted by `reload`.
+                    let _ = tokio::task::spawn_blocking(move || reload::reload(&s, "SIGHUP")).await;
+                }
+            };
+            tokio::select! { _ = work => {}, _ = stop => {} }
+        })
+    });
     let http_task = tokio::spawn(http::serve(http_listener, services, http_limits, http_stop));
 
     let dns_task = match (dns, listeners.dns) {
@@ -146,6 +227,9 @@ pub async fn run(config: Config, listeners: Listeners, shutdown: impl Future<Out
     let _ = ingest_task.await;
     let _ = housekeeping.await;
     let _ = http_task.await;
+    if let Some(t) = reload_task {
+        let _ = t.await;
+    }
     if let Some(t) = dns_task {
         if let Ok(Err(e)) = t.await {
             tracing::warn!("dns server ended with an error: {e}");

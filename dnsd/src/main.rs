@@ -4,10 +4,12 @@ use std::io::Write;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::ExitCode;
+use std::sync::Arc;
 
 use clap::Parser;
-use gpuha_dnsd::config::{Config, HttpConfig, IngestConfig, KeyConfig};
-use gpuha_dnsd::Listeners;
+use gpuha_dnsd::config::{AdminConfig, Config, HttpConfig, IngestConfig, KeyConfig};
+use gpuha_dnsd::reload::ReloadSource;
+use gpuha_dnsd::{Listeners, RunOptions};
 
 #[derive(Parser, Debug)]
 #[command(name = "gpuha-dnsd", version, about = "GPU HA telemetry ingest, fleet view and authoritative DNS")]
@@ -26,9 +28,36 @@ struct Args {
     key_file: Option<PathBuf>,
     #[arg(long, default_value_t = 1)]
     key_id: u16,
+    /// Bearer token file for the admin API (/v1/admin); without it (or `[admin] token_file`)
+    /// dnsd accepts no admin request.
+    #[arg(long)]
+    admin_token_file: Option<PathBuf>,
+    /// Where operators' overrides (drains, forced pools) are kept across restarts.
+    #[arg(long)]
+    admin_state_file: Option<PathBuf>,
     /// Check the config and exit.
     #[arg(long)]
     check: bool,
+}
+
+/// What the command line changes in a config file's settings: at start and on every reload.
+fn adjust(args: &Args) -> impl Fn(&mut Config) + Send + Sync + 'static {
+    let (ingest, http) = (args.ingest, args.http);
+    let (token, state) = (args.admin_token_file.clone(), args.admin_state_file.clone());
+    move |config: &mut Config| {
+        if let Some(a) = ingest {
+            config.ingest.listen = a;
+        }
+        if let Some(a) = http {
+            config.http.listen = a;
+        }
+        if let Some(t) = &token {
+            config.admin.token_file = Some(t.clone());
+        }
+        if let Some(s) = &state {
+            config.admin.state_file = Some(s.clone());
+        }
+    }
 }
 
 fn load(args: &Args) -> Result<Config, String> {
@@ -47,17 +76,19 @@ fn load(args: &Args) -> Result<Config, String> {
                 },
                 http: HttpConfig::default(),
                 dns: None,
+                admin: AdminConfig::default(),
             }
         }
     };
-    if let Some(a) = args.ingest {
-        config.ingest.listen = a;
-    }
-    if let Some(a) = args.http {
-        config.http.listen = a;
-    }
+    adjust(args)(&mut config);
     config.validate().map_err(|e| e.to_string())?;
     config.key_ring().map_err(|e| e.to_string())?;
+    if let Some(p) = &config.admin.token_file {
+        gpuha_dnsd::admin::read_token(p).map_err(|e| e.to_string())?;
+    }
+    if let Some(p) = &config.admin.state_file {
+        gpuha_dnsd::admin::load_state(p).map_err(|e| e.to_string())?;
+    }
     Ok(config)
 }
 
@@ -85,7 +116,19 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
+    let options_source = ReloadSource { config_path: args.config.clone(), adjust: Some(Arc::new(adjust(&args))) };
     let result = rt.block_on(async move {
+        // SIGHUP reloads the config (see gpuha_dnsd::reload); installed before READY so a
+        // SIGHUP sent once READY is printed is never the default action (exit).
+        let (reload_tx, reload_rx) = tokio::sync::mpsc::channel::<()>(1);
+        let mut hup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())?;
+        tokio::spawn(async move {
+            while hup.recv().await.is_some() {
+                // Full: a reload is already pending, and it will read the newest file.
+                let _ = reload_tx.try_send(());
+            }
+        });
+        let options = RunOptions { reload_source: options_source, reload_requests: Some(reload_rx) };
         let listeners = Listeners::bind(&config)?;
         println!("{}", listeners.ready_line()?);
         let _ = std::io::stdout().flush();
@@ -96,7 +139,7 @@ fn main() -> ExitCode {
             };
             tokio::select! { _ = term.recv() => {}, _ = tokio::signal::ctrl_c() => {} }
         };
-        gpuha_dnsd::run(config, listeners, shutdown).await
+        gpuha_dnsd::run_with(config, listeners, options, shutdown).await
     });
     match result {
         Ok(()) => ExitCode::SUCCESS,

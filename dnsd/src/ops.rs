@@ -138,7 +138,17 @@ pub struct PoolStatus {
     pub cloud: String,
     /// `alive`, `cold_start` or `dead`.
     pub state: &'static str,
+    /// In the answer now: answerable by liveness, unless an operator's override says otherwise.
     pub answerable: bool,
+    /// The operator's override: `drain`, `force_out` or `force_in`; absent when none.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub admin: Option<&'static str>,
+    /// For a pool out of the answer: when the last TTL handed out with it runs out, and whether
+    /// it has (`safe`: no client should still hold its routers' addresses).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub safe_at_ms: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub safe: Option<bool>,
     pub min_workers: usize,
     pub routers: Vec<String>,
     /// When it last left or rejoined the answer; absent if it has not since dnsd started.
@@ -163,21 +173,27 @@ pub fn dns_status(dns: Option<&DnsService>, started_ms: u64, now_ms: u64) -> Dns
     let Some(dns) = dns else {
         return DnsStatus { now_ms, started_ms, dns: false, pools: vec![], services: vec![], transitions: vec![] };
     };
-    let zones = dns.zones();
-    let states = dns.pool_states(now_ms);
+    let snap = dns.pool_states(now_ms);
+    let (zones, states) = (&*snap.zones, &*snap.states);
     let pools = zones
         .pools
         .iter()
         .enumerate()
-        .map(|(i, p)| PoolStatus {
-            pool: p.id.clone(),
-            region: p.region.clone(),
-            cloud: p.cloud.clone(),
-            state: states.get(i).as_str(),
-            answerable: states.get(i).is_answerable(),
-            min_workers: p.min_workers,
-            routers: p.routers.iter().map(|a| a.to_string()).collect(),
-            changed_ms: dns.changed_ms(i),
+        .map(|(i, p)| {
+            let drain = (!states.answered(i)).then(|| dns.drain_progress(&snap, i, now_ms)).flatten();
+            PoolStatus {
+                pool: p.id.clone(),
+                region: p.region.clone(),
+                cloud: p.cloud.clone(),
+                state: states.get(i).as_str(),
+                answerable: states.answered(i),
+                admin: states.override_of(i).map(|o| o.as_str()),
+                safe_at_ms: drain.map(|d| d.safe_at_ms),
+                safe: drain.map(|d| d.safe),
+                min_workers: p.min_workers,
+                routers: p.routers.iter().map(|a| a.to_string()).collect(),
+                changed_ms: dns.changed_ms(&p.id),
+            }
         })
         .collect();
     let services = zones
@@ -185,7 +201,7 @@ pub fn dns_status(dns: Option<&DnsService>, started_ms: u64, now_ms: u64) -> Dns
         .iter()
         .enumerate()
         .map(|(i, s)| {
-            let (addrs, served) = service_addresses(zones, &states, i);
+            let (addrs, served) = service_addresses(zones, states, i);
             ServiceStatus {
                 name: s.label.clone(),
                 policy: match s.policy {

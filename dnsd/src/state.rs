@@ -162,6 +162,11 @@ impl AppState {
         (outlook, validity)
     }
 
+    /// Replaces the frame keys (a reload).
+    pub fn set_keys(&self, keys: KeyRing) {
+        self.lock().ingest.set_keys(keys);
+    }
+
     pub fn counters(&self) -> IngestCounters {
         self.lock().ingest.counters().clone()
     }

@@ -8,6 +8,7 @@ use std::path::Path;
 use gpuha_dnsd::dns::answer::{resolve, service_addresses, PoolStates, Transition, Transitions};
 use gpuha_dnsd::dns::Zones;
 use gpuha_dnsd::Config;
+use gpuha_liveness::admin::{Overrides, PoolCommand};
 use gpuha_liveness::{FleetState, Frame, Liveness, Metrics, EVICTION_WINDOW_MS, FAILBACK_HOLD_DOWN_MS as HOLD};
 use hickory_proto::op::ResponseCode;
 use hickory_proto::rr::{Name, RData, RecordType};
@@ -36,7 +37,7 @@ fn frame(worker: &str, pool: &str, seq: u64, at: u64) -> Frame {
 }
 
 fn a(z: &Zones, fleet: &FleetState, now: u64, name: &str) -> Vec<String> {
-    let states = PoolStates::compute(z, fleet, now);
+    let states = PoolStates::compute(z, fleet, &Overrides::default(), now);
     let r = resolve(z, &states, &Name::from_ascii(name).expect("name"), RecordType::A);
     assert_eq!(r.rcode, ResponseCode::NoError);
     let mut v: Vec<String> = r
@@ -93,15 +94,51 @@ fn evicted_pool_is_never_answered_whatever_the_policy() {
     }
     // a1 last spoke at T0+4500; b1 at T0+19500.
     let now = T0 + 19_500;
-    let states = PoolStates::compute(&z, &fleet, now);
-    assert_eq!(states.0[0], Liveness::Dead);
-    assert_eq!(states.0[1], Liveness::Alive);
+    let states = PoolStates::compute(&z, &fleet, &Overrides::default(), now);
+    assert_eq!(states.live[0], Liveness::Dead);
+    assert_eq!(states.live[1], Liveness::Alive);
     for (i, _) in z.services.iter().enumerate() {
         let (_, served) = service_addresses(&z, &states, i);
         assert!(served.pools.iter().all(|(p, s)| *p != 0 && s.is_answerable()));
     }
     assert_eq!(a(&z, &fleet, now, "api.gpuha.test."), POOL_B);
     assert_eq!(a(&z, &fleet, now, "prio.gpuha.test."), POOL_B);
+}
+
+fn with(z: &Zones, fleet: &FleetState, ov: &Overrides, now: u64, name: &str) -> Vec<String> {
+    let states = PoolStates::compute(z, fleet, ov, now);
+    let r = resolve(z, &states, &Name::from_ascii(name).expect("name"), RecordType::A);
+    let mut v: Vec<String> = r.answers.iter().filter_map(|r| if let RData::A(a) = &r.data { Some(a.0.to_string()) } else { None }).collect();
+    v.sort();
+    v
+}
+
+#[test]
+fn overrides_decide_over_liveness() {
+    let z = zones();
+    let mut fleet = FleetState::new(T0);
+    let t = T0 + 20_000;
+    fleet.observe(frame("a1", "pool-a", 1, t), t);
+    fleet.observe(frame("b1", "pool-b", 1, t), t);
+    let now = t + HOLD;
+    let mut ov = Overrides::default();
+    assert_eq!(with(&z, &fleet, &ov, now, "api.gpuha.test."), API_ALL);
+    // A drained pool leaves the answer although alive; priority moves to the next pool.
+    ov.set_pool("pool-b", PoolCommand::Drain, "", now);
+    assert_eq!(with(&z, &fleet, &ov, now, "api.gpuha.test."), POOL_A);
+    assert_eq!(with(&z, &fleet, &ov, now, "prio.gpuha.test."), POOL_A);
+    // Forced out too: both out, the fail-whale set answers.
+    ov.set_pool("pool-a", PoolCommand::ForceOut, "", now);
+    assert_eq!(with(&z, &fleet, &ov, now, "prio.gpuha.test."), WHALE);
+    // Forced in: answered although evicted (its worker silent for more than the window).
+    ov.set_pool("pool-a", PoolCommand::ForceIn, "", now);
+    let later = t + EVICTION_WINDOW_MS + 1;
+    assert_eq!(PoolStates::compute(&z, &fleet, &ov, later).live[0], Liveness::Dead);
+    assert_eq!(with(&z, &fleet, &ov, later, "prio.gpuha.test."), POOL_A);
+    // Back to liveness alone.
+    ov.set_pool("pool-a", PoolCommand::Auto, "", now);
+    ov.set_pool("pool-b", PoolCommand::Auto, "", now);
+    assert_eq!(with(&z, &fleet, &ov, later, "api.gpuha.test."), WHALE, "both silent: the fail-whale set");
 }
 
 #[test]
@@ -116,7 +153,7 @@ fn priority_takes_the_first_alive_pool_and_fails_over() {
     // b1 silent for > 10 s: prio fails over to pool-a.
     assert_eq!(a(&z, &fleet, t + 10_001, "prio.gpuha.test."), POOL_A);
     // AAAA from the same pool as A: pool-a has one v6 router.
-    let states = PoolStates::compute(&z, &fleet, t + 10_001);
+    let states = PoolStates::compute(&z, &fleet, &Overrides::default(), t + 10_001);
     let r = resolve(&z, &states, &Name::from_ascii("prio.gpuha.test.").expect("n"), RecordType::AAAA);
     assert_eq!(r.answers.len(), 1);
 }
@@ -144,7 +181,7 @@ fn transitions_are_counted_once_per_change() {
     let mut tr = Transitions::default();
     let mut seen = Vec::new();
     let mut step = |fleet: &FleetState, now: u64, tr: &mut Transitions| {
-        seen.extend(tr.observe(&PoolStates::compute(&z, fleet, now), now).into_iter().map(|(p, t)| (now - T0, p, t)));
+        seen.extend(tr.observe(&PoolStates::compute(&z, fleet, &Overrides::default(), now), now).into_iter().map(|(p, t)| (now - T0, p, t)));
     };
     step(&fleet, T0, &mut tr);
     fleet.observe(frame("a1", "pool-a", 1, T0 + 1_000), T0 + 1_000);
@@ -176,7 +213,7 @@ fn transitions_are_counted_once_per_change() {
 fn names_outside_and_inside_the_zones() {
     let z = zones();
     let fleet = FleetState::new(T0);
-    let states = PoolStates::compute(&z, &fleet, T0);
+    let states = PoolStates::compute(&z, &fleet, &Overrides::default(), T0);
     let q = |n: &str, t| resolve(&z, &states, &Name::from_ascii(n).expect("n"), t);
     assert_eq!(q("example.com.", RecordType::A).rcode, ResponseCode::Refused);
     assert!(!q("example.com.", RecordType::A).authoritative);

@@ -83,7 +83,7 @@ pub fn rescue_tick(reg: &Rc<RefCell<Registry>>, view: &gpuha_liveness::FleetView
                 // An engine that hung while idle: its frames still say idle although it holds our request.
                 let invisible = w.is_some_and(|w| {
                     let idle = w.running.unwrap_or(0.0) + w.waiting.unwrap_or(0.0) <= 0.0;
-                    invisible_to_engine(t.held_since, now, vouched.saturating_sub(w.age_ms), idle, &rcfg)
+                    invisible_to_engine(t.held_since, now, vouched.saturating_sub(w.age_ms), idle, w.ttft_ms.is_some(), &rcfg)
                 });
                 r = invisible.then_some(Rescue::RetryUnseen);
             }

@@ -527,6 +527,10 @@ pub struct WorkerView {
     /// ([`mark_slow_workers`]); the picker multiplies its predicted time to first token by it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub slow: Option<f64>,
+    /// An operator drained it (or its pool, once safe): the picker gives it no new requests;
+    /// requests in flight finish ([`crate::admin`]).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub drained: bool,
 }
 
 /// A worker decoding below this share of its peers' median pace is slow (a throttled or
@@ -608,6 +612,7 @@ impl WorkerView {
             preemptions: m.preemptions,
             pace: w.derived.pace.map(|p| (p * 10.0).round() / 10.0),
             slow: None,
+            drained: false,
         }
     }
 }
@@ -749,7 +754,7 @@ mod tests {
     }
 
     fn busy_view(id: &str, pool: &str, running: f64, gen_tps: f64) -> WorkerView {
-        WorkerView { id: id.into(), pool: pool.into(), models: vec![], addr: String::new(), age_ms: 500, fresh: true, stalled: false, boot: 1, running: Some(running), waiting: None, kv: None, ttft_ms: None, gen_tps: Some(gen_tps), prompt_tps: None, preemptions: None, pace: Some(gen_tps / running.max(1.0)), slow: None }
+        WorkerView { id: id.into(), pool: pool.into(), models: vec![], addr: String::new(), age_ms: 500, fresh: true, stalled: false, boot: 1, running: Some(running), waiting: None, kv: None, ttft_ms: None, gen_tps: Some(gen_tps), prompt_tps: None, preemptions: None, pace: Some(gen_tps / running.max(1.0)), slow: None, drained: false }
     }
 
     /// The quadratic definition [`mark_slow_workers`] must agree with: each worker against the

@@ -174,6 +174,12 @@ impl Ingest {
         &self.counters
     }
 
+    /// Replaces the key ring (a reload): frames are checked against the new keys from the next
+    /// one on; replay order and counters are kept.
+    pub fn set_keys(&mut self, keys: KeyRing) {
+        self.keys = keys;
+    }
+
     /// Accepts one datagram received at `now_ms`, or says why it was dropped.
     pub fn accept(&mut self, bytes: &[u8], now_ms: u64) -> Result<Frame, DropReason> {
         let r = self.check(bytes, now_ms);

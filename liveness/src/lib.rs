@@ -6,6 +6,7 @@
 //! | [`frame`] | the telemetry frame: codec, HMAC, key ring |
 //! | [`ingest`] | authenticated ingest: replay order, clock checks, drop reasons |
 //! | [`fleet`] | fleet state: freshness and progress (a hang is not silence), pool liveness, gray failures, the fleet view dnsd serves |
+//! | [`admin`] | operators' overrides: drained workers and pools, pools forced out of or into the answer, when a drained pool is safe |
 //! | [`pick`] | picking workers: scoring, anti-herding, the breaker's last resorts |
 //! | [`breaker`] | the per-worker circuit breaker |
 //! | [`attempt`] | one upstream attempt: events in, actions out, one report and one charge; rescue of attempts on stalled workers |
@@ -22,6 +23,7 @@
 //! threads. Time is milliseconds since the Unix epoch passed in as `now_ms`, so tests drive
 //! time by hand.
 
+pub mod admin;
 pub mod attempt;
 pub mod blame;
 pub mod breaker;

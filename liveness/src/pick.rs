@@ -200,7 +200,8 @@ struct Cand {
 struct ModelRank {
     /// Workers of the router's pools serving the model, whatever their age.
     serving: usize,
-    /// Those fresh when the view was fetched (age below the gate), by (base score, view index).
+    /// Those fresh when the view was fetched (age below the gate) and not drained, by (base
+    /// score, view index).
     cands: Vec<Cand>,
     /// Their ages, ascending: how many are still fresh at `now` is one binary search.
     ages: Vec<u64>,
@@ -209,7 +210,8 @@ struct ModelRank {
 impl ModelRank {
     fn push(&mut self, idx: usize, w: &WorkerView, cfg: &PickConfig) {
         self.serving += 1;
-        if w.age_ms < cfg.freshness_gate_ms {
+        // A drained worker serves the model but gets no new request (`crate::admin`).
+        if w.age_ms < cfg.freshness_gate_ms && !w.drained {
             self.cands.push(Cand { idx, base: predicted_ttft_ms(w, 0.0, cfg) });
             self.ages.push(w.age_ms);
         }
@@ -465,8 +467,9 @@ pub fn panic_fill(
     (rebuild(endpoints, probe, ranked, model, fetched_local_ms, now_ms, cfg), panic)
 }
 
-/// View indexes of the fresh workers serving `model` whose address is in `not_closed` (each
-/// address once): the only workers a breaker can deny or probe.
+/// View indexes of the fresh, undrained workers serving `model` whose address is in
+/// `not_closed` (each address once): the only workers a breaker can deny or probe. A drained
+/// worker is never a probe nor a last resort: the operator took it out.
 fn listed_fresh<'a>(ranked: &'a Ranked, view: &'a FleetView, not_closed: &'a [&'a str], model: Option<&'a str>, fetched_local_ms: u64, now_ms: u64, cfg: &'a PickConfig) -> impl Iterator<Item = usize> + 'a {
     not_closed
         .iter()
@@ -475,7 +478,7 @@ fn listed_fresh<'a>(ranked: &'a Ranked, view: &'a FleetView, not_closed: &'a [&'
         .flat_map(move |(_, addr)| ranked.by_addr.get(*addr).map_or(&[][..], |v| v.as_slice()).iter().copied())
         .filter(move |&idx| {
             let w = &view.workers[idx];
-            serves(w, model) && effective_age_ms(w, fetched_local_ms, now_ms) < cfg.freshness_gate_ms
+            !w.drained && serves(w, model) && effective_age_ms(w, fetched_local_ms, now_ms) < cfg.freshness_gate_ms
         })
 }
 
@@ -495,7 +498,8 @@ fn rebuild(endpoints: Vec<String>, probe: Option<String>, ranked: &Ranked, model
 /// engine hung together; and the HA layer must not manufacture an outage on its own judgement.
 /// So such a pick fails open onto the stalled workers, best predicted time to first token first
 /// (a real fleet-wide hang still leaves DNS after the eviction window, and the guard rescues
-/// nothing while no worker elsewhere is alive). Returns `None` when this does not apply.
+/// nothing while no worker elsewhere is alive). Drained workers stay out: an operator's drain is
+/// not a judgement to fail open from. Returns `None` when this does not apply.
 pub fn stalled_fail_open(decision: &Decision, view: &FleetView, model: Option<&str>, cfg: &PickConfig) -> Option<Decision> {
     if !matches!(decision, Decision::NoWorker { fresh: 0, .. }) {
         return None;
@@ -503,7 +507,7 @@ pub fn stalled_fail_open(decision: &Decision, view: &FleetView, model: Option<&s
     let mut stalled: Vec<(f64, &WorkerView)> = view
         .workers
         .iter()
-        .filter(|w| w.stalled && (cfg.pools.is_empty() || cfg.pools.contains(&w.pool)) && serves(w, model))
+        .filter(|w| w.stalled && !w.drained && (cfg.pools.is_empty() || cfg.pools.contains(&w.pool)) && serves(w, model))
         .map(|w| (predicted_ttft_ms(w, 0.0, cfg), w))
         .collect();
     if stalled.is_empty() {
@@ -585,7 +589,7 @@ mod tests {
         let fresh: Vec<&WorkerView> = serving
             .iter()
             .copied()
-            .filter(|w| effective_age_ms(w, fetched_local_ms, now_ms) < cfg.freshness_gate_ms)
+            .filter(|w| !w.drained && effective_age_ms(w, fetched_local_ms, now_ms) < cfg.freshness_gate_ms)
             .collect();
         let mut normal: Vec<Scored> = Vec::new();
         let mut probes: Vec<&WorkerView> = Vec::new();
@@ -644,7 +648,7 @@ mod tests {
                 endpoints.push(s.w.addr.clone());
             }
         }
-        if fresh.is_empty() && serving.iter().any(|w| w.age_ms < cfg.freshness_gate_ms) {
+        if fresh.is_empty() && serving.iter().any(|w| !w.drained && w.age_ms < cfg.freshness_gate_ms) {
             // dnsd saw fresh workers when we fetched; they aged past the gate only on our clock,
             // because no newer view came (dnsd down or slow). That is missing telemetry, not dead
             // workers: fail open rather than refuse.
@@ -667,6 +671,7 @@ mod tests {
             stalled: false,
             pace: None,
             slow: None,
+            drained: false,
             boot: 1,
             running: Some(0.0),
             waiting: Some(waiting),
@@ -720,6 +725,38 @@ mod tests {
         let stale = view(vec![w("w1", 1, 5_000, 0.0, 100.0)]);
         let (d, _) = pick_with_open(&stale, &[("127.0.0.1:1", 1)], &cfg);
         assert!(matches!(d, Decision::Stale | Decision::NoWorker { .. }), "{d:?}");
+    }
+
+    #[test]
+    fn a_drained_worker_gets_no_new_request() {
+        let cfg = PickConfig::default();
+        // The drained one is the best by far: it would be first choice.
+        let mut best = w("w1", 1, 100, 0.0, 10.0);
+        best.drained = true;
+        let v = view(vec![best.clone(), w("w2", 2, 100, 3.0, 100.0), w("w3", 3, 100, 3.0, 100.0)]);
+        for seed in 0..50 {
+            let Decision::Endpoints { endpoints, .. } = go(&v, 0, 0, Some("tiny"), seed) else { panic!("a pick") };
+            assert!(!endpoints.contains(&"127.0.0.1:1".to_string()), "not first, not a retry: {endpoints:?}");
+        }
+        // Not a probe, not a last resort when every other circuit is open.
+        let ranked = Ranked::build(&v, &cfg);
+        let not_closed = ["127.0.0.1:1", "127.0.0.1:2", "127.0.0.1:3"];
+        let d = pick_ranked(&ranked, &v, 0, 0, Some("tiny"), &LocalLoad::default(), &mut Rng::new(1), &cfg, &not_closed, |a| if a == "127.0.0.1:1" { Admission::Probe } else { Admission::Deny }, |_| true);
+        let (d, _) = panic_fill(d, &ranked, &v, 0, 0, Some("tiny"), &LocalLoad::default(), &cfg, &not_closed, |_| Some(1));
+        let Decision::Endpoints { endpoints, probe } = d else { panic!("{d:?}") };
+        assert_eq!(probe, None);
+        assert!(!endpoints.contains(&"127.0.0.1:1".to_string()), "{endpoints:?}");
+        // Every worker drained: no pick at all (the filter answers 503 with Retry-After), and
+        // no fail-open onto a drained stalled one.
+        let mut stalled = w("w2", 2, 5_000, 0.0, 100.0);
+        stalled.stalled = true;
+        stalled.drained = true;
+        let only = view(vec![best, stalled]);
+        let d = go(&only, 0, 0, Some("tiny"), 1);
+        assert_eq!(d, Decision::NoWorker { fresh: 0, serving: 2 });
+        assert_eq!(stalled_fail_open(&d, &only, Some("tiny"), &cfg), None);
+        let ranked = Ranked::build(&only, &cfg);
+        assert_eq!(pick_ranked(&ranked, &only, 0, 0, Some("tiny"), &LocalLoad::default(), &mut Rng::new(1), &cfg, &[], |_| Admission::Allow, |_| false), d);
     }
 
     #[test]
@@ -964,6 +1001,7 @@ mod tests {
                 let mut x = w(&format!("w{i}"), *port + 1, *age, wait.floor(), [50.0, 100.0, 150.0, 100.0][*ttft as usize]);
                 x.models = match m { 0 => vec![], 1 => vec!["a".into()], 2 => vec!["a".into(), "b".into()], _ => vec!["b".into(), "b".into()] };
                 x.pool = format!("p{pool}");
+                x.drained = (*age + u64::from(*port)).is_multiple_of(6);
                 x
             }).collect();
             let v = view(workers.clone());

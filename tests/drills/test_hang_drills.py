@@ -131,10 +131,11 @@ def test_engine_hang_while_idle(stack):
     """An engine that hangs while idle looks idle forever: its numbers froze at zero, and
     progress cannot tell it from a quiet worker. A request it takes (200 and headers at once,
     then nothing) is invisible to it: the guard sees the worker's fresh frames, taken a scrape
-    after the request arrived, still say idle and hands the request to a retry ~1.5-2 s after
-    it arrived (`guard.unseen_after_ms`), not after the 8 s per-try budget, and charges the
-    worker, whose circuit opens after three: from 3 s after the hang only the breaker's
-    half-open probes (one per cool-down, each rescued the same way) reach it."""
+    after the request arrived, still say idle and hands the request to a retry ~2.5-3 s after
+    it arrived (`guard.unseen_after_ms`: longer than an engine step, see RescueConfig), not
+    after the 8 s per-try budget, and the worker's circuit opens at once: from ~3 s after the
+    hang only the breaker's half-open probes (one per cool-down, each rescued the same way)
+    reach it. Bound asserted: 2.5 s + a scrape (0.5 s) + a tick (0.25 s), rounded up."""
     stack.start_dnsd()
     # The worker that hangs is the fastest one, so an idle fleet's picks favour it (with equal
     # workers, which one the picker favours depends on the warm-up's TTFT figures: a drill where
@@ -179,7 +180,7 @@ def test_engine_hang_while_idle(stack):
     assert_whole_and_single_worker(outcomes)
     assert all(o.kind == "completed" for o in outcomes), [o.describe() for o in outcomes if o.kind != "completed"][:5]
     assert first_on_hung, "no request went to the hung worker: the drill tested nothing"
-    assert last_user <= 3.0, f"the hung worker still got new requests {last_user:.2f} s after the hang"
+    assert last_user <= 3.5, f"the hung worker still got new requests {last_user:.2f} s after the hang"
     assert len(probes) <= 2, f"{len(probes)} probes in {run_s:.0f} s (cool-down 5 s, doubled on each trip)"
-    assert waits[-1] < 3.0, f"a request waited {waits[-1]:.2f} s for its first token (unseen after 1.5 s, frames every 0.5 s)"
+    assert waits[-1] < 3.5, f"a request waited {waits[-1]:.2f} s for its first token (unseen after 2.5 s, frames every 0.5 s)"
     assert filter_stat(envoy, "stall_rescues") >= len(first_on_hung)

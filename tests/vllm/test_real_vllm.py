@@ -216,6 +216,35 @@ NO_RESCUE = json.dumps({"rescue": False})
 QUEUE_TOKENS = 2048
 
 
+def test_api_surface_same_through_the_router(rig: Rig):
+    """Issue 11: the official openai SDK against every API, through the router and directly
+    against one real server, with the same answers (status, content type, the shape of every
+    body and streamed event; tests/drills/test_api_surface.py, here with a seed and greedy
+    decoding so that a real model's answers repeat). What this generation server does not serve
+    (embeddings, transcription: 404) must come back the same 404, not a retry, a 503 or an open
+    circuit."""
+    import test_api_surface as api
+
+    t_start = time.monotonic()
+    rig.ensure_up()
+    envoy = rig.envoy()
+    warm_up(rig, envoy)
+    srv = rig.servers["v1"]
+    direct = api.exercise(make_client(f"http://{srv.addr}/v1", timeout=120), f"http://{srv.addr}", model=vllm_rig.MODEL, repeatable=True)
+    routed = api.exercise(make_client(envoy.base_url, timeout=120), f"http://127.0.0.1:{envoy.port}", model=vllm_rig.MODEL, repeatable=True)
+    matched, differ = api.compare(direct, routed)
+    statuses = {name: d[0] for name, d in direct.items()}
+    retries, trips = harness.filter_stat(envoy, "pre_token_retries"), harness.filter_stat(envoy, "breaker_trips")
+    report(f"COUNTS api-surface: {len(matched)}/{len(direct)} APIs answered the same through the router as directly by "
+           f"real vLLM ({', '.join(matched)}); differ: {differ or 'none'}; statuses direct: {statuses}; "
+           f"pre_token_retries {retries}, breaker_trips {trips}")
+    assert not differ, "\n".join(differ)
+    assert all(statuses[n] == 200 for n in statuses if not n.startswith(("embeddings", "audio"))), statuses
+    assert retries == 0 and trips == 0, f"{retries} retries, {trips} circuits opened by a healthy server"
+    rig.stop_envoy(envoy)
+    record("drill api-surface", f"{time.monotonic() - t_start:.1f}s")
+
+
 def test_d1_group_sigkill_mid_traffic(rig: Rig):
     """Process-group SIGKILL of one vLLM with streams past their first token and requests still
     queued: the queued ones complete on the other server (one clean response each), the started

@@ -7,7 +7,9 @@
 //! - `priority`: the routers of the first such pool in the service's order (A and AAAA come from
 //!   the same pool, so a dual-stack client never straddles two pools);
 //! - no such pool: the service's fail-whale set, never NXDOMAIN;
-//! - a [`Liveness::Dead`] (evicted) pool is never in an answer.
+//! - a [`Liveness::Dead`] (evicted) pool is never in an answer;
+//! - an operator's override ([`gpuha_liveness::admin`]) decides over liveness: a drained or
+//!   forced-out pool is never in an answer, a forced-in one always is.
 //!
 //! During the first eviction window after dnsd starts, `pool_outlook` reports pools it has not
 //! heard from yet as `ColdStart`, which is answerable: a restarted dnsd keeps answering every
@@ -15,6 +17,7 @@
 
 use std::net::IpAddr;
 
+use gpuha_liveness::admin::{pool_answered, Overrides, PoolOverride};
 use gpuha_liveness::{FleetState, Liveness};
 use hickory_proto::op::ResponseCode;
 use hickory_proto::rr::rdata::{A, AAAA};
@@ -22,18 +25,38 @@ use hickory_proto::rr::{LowerName, Name, RData, Record, RecordType};
 
 use super::config::{Policy, Zone, Zones};
 
-/// Liveness of every configured pool (indexed like [`Zones::pools`]) at one instant.
+/// Liveness of every configured pool (indexed like [`Zones::pools`]) at one instant, and the
+/// operators' overrides in force then.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct PoolStates(pub Vec<Liveness>);
+pub struct PoolStates {
+    pub live: Vec<Liveness>,
+    /// Indexed like `live`.
+    pub overrides: Vec<Option<PoolOverride>>,
+}
 
 impl PoolStates {
-    pub fn compute(zones: &Zones, fleet: &FleetState, now_ms: u64) -> Self {
+    /// `live` with the overrides in `ov` of the pools of `zones`.
+    pub fn new(zones: &Zones, live: Vec<Liveness>, ov: &Overrides) -> Self {
+        let overrides = zones.pools.iter().map(|p| ov.pool(&p.id)).collect();
+        PoolStates { live, overrides }
+    }
+
+    pub fn compute(zones: &Zones, fleet: &FleetState, ov: &Overrides, now_ms: u64) -> Self {
         let pools: Vec<(&str, usize)> = zones.pools.iter().map(|p| (p.id.as_str(), p.min_workers)).collect();
-        PoolStates(fleet.pool_outlook(&pools, now_ms).states)
+        Self::new(zones, fleet.pool_outlook(&pools, now_ms).states, ov)
     }
 
     pub fn get(&self, pool: usize) -> Liveness {
-        self.0.get(pool).copied().unwrap_or(Liveness::Dead)
+        self.live.get(pool).copied().unwrap_or(Liveness::Dead)
+    }
+
+    pub fn override_of(&self, pool: usize) -> Option<PoolOverride> {
+        self.overrides.get(pool).copied().flatten()
+    }
+
+    /// Whether the pool's routers may be answered ([`pool_answered`]).
+    pub fn answered(&self, pool: usize) -> bool {
+        pool < self.live.len() && pool_answered(self.get(pool), self.override_of(pool))
     }
 }
 
@@ -50,7 +73,7 @@ pub struct Served {
 /// The addresses a service resolves to right now.
 pub fn service_addresses(zones: &Zones, states: &PoolStates, service: usize) -> (Vec<IpAddr>, Served) {
     let svc = &zones.services[service];
-    let answerable = svc.pools.iter().copied().filter(|p| states.get(*p).is_answerable());
+    let answerable = svc.pools.iter().copied().filter(|p| states.answered(*p));
     let chosen: Vec<usize> = match svc.policy {
         Policy::All => answerable.collect(),
         Policy::Priority => answerable.take(1).collect(),
@@ -253,7 +276,7 @@ pub enum Transition {
 }
 
 /// Remembers each pool's last state to report transitions, whoever looks first (a query or the
-/// periodic tick).
+/// periodic tick). Liveness only: an operator's override is logged and counted where it is set.
 #[derive(Debug, Default)]
 pub struct Transitions {
     last: Vec<Option<Liveness>>,
@@ -268,11 +291,11 @@ impl Transitions {
             return vec![];
         }
         self.last_now_ms = now_ms;
-        if self.last.len() < states.0.len() {
-            self.last.resize(states.0.len(), None);
+        if self.last.len() < states.live.len() {
+            self.last.resize(states.live.len(), None);
         }
         let mut out = Vec::new();
-        for (i, now) in states.0.iter().enumerate() {
+        for (i, now) in states.live.iter().enumerate() {
             match (self.last[i], now.is_answerable()) {
                 (Some(prev), false) if prev.is_answerable() => out.push((i, Transition::Evicted)),
                 (Some(prev), true) if !prev.is_answerable() => out.push((i, Transition::FailedBack)),

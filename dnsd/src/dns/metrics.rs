@@ -1,6 +1,9 @@
 //! Counters of the DNS tier, rendered in Prometheus text format after dnsd's own metrics.
+//!
+//! Keyed by pool and service names, not indexes: a reload renumbers them, and a counter must
+//! follow its pool across reloads.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::fmt::Write as _;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Mutex;
@@ -52,14 +55,36 @@ pub fn rcode_label(r: ResponseCode) -> &'static str {
     }
 }
 
+const LIVENESS: [Liveness; 3] = [Liveness::Alive, Liveness::ColdStart, Liveness::Dead];
+
+fn liveness_index(l: Liveness) -> usize {
+    match l {
+        Liveness::Alive => 0,
+        Liveness::ColdStart => 1,
+        Liveness::Dead => 2,
+    }
+}
+
+/// Adds one to `map[key]`, allocating the key only the first time.
+fn bump(map: &mut HashMap<String, u64>, key: &str) {
+    match map.get_mut(key) {
+        Some(n) => *n += 1,
+        None => {
+            map.insert(key.to_string(), 1);
+        }
+    }
+}
+
 #[derive(Debug, Default)]
 pub struct DnsMetrics {
     queries: Mutex<BTreeMap<(&'static str, &'static str), u64>>,
-    /// (service, pool, pool state) -> answers that included the pool.
-    answers: Mutex<BTreeMap<(usize, usize, &'static str), u64>>,
-    failwhale: Mutex<BTreeMap<usize, u64>>,
-    evictions: Mutex<BTreeMap<usize, u64>>,
-    failbacks: Mutex<BTreeMap<usize, u64>>,
+    /// service -> pool -> answers that included the pool, by the pool's liveness ([`LIVENESS`]).
+    answers: Mutex<HashMap<String, HashMap<String, [u64; 3]>>>,
+    failwhale: Mutex<HashMap<String, u64>>,
+    evictions: Mutex<HashMap<String, u64>>,
+    failbacks: Mutex<HashMap<String, u64>>,
+    /// pool -> until when (ms) the latest answer naming it may be cached: its time plus its TTL.
+    handed: Mutex<HashMap<String, u64>>,
     pub malformed: AtomicU64,
     pub truncated: AtomicU64,
     pub tcp_rejected: AtomicU64,
@@ -79,27 +104,59 @@ impl DnsMetrics {
         *lock(&self.queries).entry((qtype, rcode)).or_default() += 1;
     }
 
-    pub fn served(&self, s: &Served) {
+    /// Counts one service answer given at `now_ms`, and remembers until when each pool in it
+    /// may be cached (see [`Self::handed_until`]).
+    pub fn served(&self, zones: &Zones, s: &Served, now_ms: u64) {
+        let Some(svc) = zones.services.get(s.service) else { return };
         if s.fail_whale {
-            *lock(&self.failwhale).entry(s.service).or_default() += 1;
+            bump(&mut lock(&self.failwhale), &svc.label);
         }
-        let mut a = lock(&self.answers);
-        for (pool, state) in &s.pools {
-            *a.entry((s.service, *pool, state.as_str())).or_default() += 1;
+        if s.pools.is_empty() {
+            return;
+        }
+        {
+            let mut a = lock(&self.answers);
+            let per_pool = match a.get_mut(svc.label.as_str()) {
+                Some(m) => m,
+                None => a.entry(svc.label.clone()).or_default(),
+            };
+            for (pool, state) in &s.pools {
+                let Some(p) = zones.pools.get(*pool) else { continue };
+                let counts = match per_pool.get_mut(p.id.as_str()) {
+                    Some(c) => c,
+                    None => per_pool.entry(p.id.clone()).or_default(),
+                };
+                counts[liveness_index(*state)] += 1;
+            }
+        }
+        let until = now_ms.saturating_add(u64::from(svc.ttl) * 1000);
+        let mut h = lock(&self.handed);
+        for (pool, _) in &s.pools {
+            let Some(p) = zones.pools.get(*pool) else { continue };
+            match h.get_mut(p.id.as_str()) {
+                Some(t) => *t = (*t).max(until),
+                None => {
+                    h.insert(p.id.clone(), until);
+                }
+            }
         }
     }
 
-    pub fn eviction(&self, pool: usize) {
-        *lock(&self.evictions).entry(pool).or_default() += 1;
+    /// Until when an answer this dnsd gave naming `pool` may still be cached; at least
+    /// `floor_ms` (dnsd's start plus the largest TTL: a previous run may have answered it).
+    pub fn handed_until(&self, pool: &str, floor_ms: u64) -> u64 {
+        lock(&self.handed).get(pool).copied().unwrap_or(0).max(floor_ms)
     }
 
-    pub fn failback(&self, pool: usize) {
-        *lock(&self.failbacks).entry(pool).or_default() += 1;
+    pub fn eviction(&self, pool: &str) {
+        bump(&mut lock(&self.evictions), pool);
+    }
+
+    pub fn failback(&self, pool: &str) {
+        bump(&mut lock(&self.failbacks), pool);
     }
 
     pub fn render(&self, out: &mut String, zones: &Zones, states: &PoolStates) {
-        let pool = |i: usize| zones.pools.get(i).map(|p| esc(&p.id)).unwrap_or_default();
-        let svc = |i: usize| zones.services.get(i).map(|s| esc(&s.label)).unwrap_or_default();
         let _ = writeln!(out, "# HELP gpuha_dnsd_dns_queries_total DNS queries answered, by query type and response code.");
         let _ = writeln!(out, "# TYPE gpuha_dnsd_dns_queries_total counter");
         for ((t, r), n) in lock(&self.queries).iter() {
@@ -107,14 +164,20 @@ impl DnsMetrics {
         }
         let _ = writeln!(out, "# HELP gpuha_dnsd_dns_answers_total Service answers that included a pool, by the pool's state.");
         let _ = writeln!(out, "# TYPE gpuha_dnsd_dns_answers_total counter");
-        for ((s, p, st), n) in lock(&self.answers).iter() {
-            let _ = writeln!(out, "gpuha_dnsd_dns_answers_total{{service=\"{}\",pool=\"{}\",pool_state=\"{st}\"}} {n}", svc(*s), pool(*p));
+        let answers: BTreeMap<(String, String), [u64; 3]> =
+            lock(&self.answers).iter().flat_map(|(s, m)| m.iter().map(move |(p, c)| ((s.clone(), p.clone()), *c))).collect();
+        for ((s, p), counts) in &answers {
+            for (l, n) in LIVENESS.iter().zip(counts) {
+                if *n > 0 {
+                    let _ = writeln!(out, "gpuha_dnsd_dns_answers_total{{service=\"{}\",pool=\"{}\",pool_state=\"{}\"}} {n}", esc(s), esc(p), l.as_str());
+                }
+            }
         }
         let _ = writeln!(out, "# HELP gpuha_dnsd_failwhale_answers_total Service answers with the fail-whale set (no pool alive).");
         let _ = writeln!(out, "# TYPE gpuha_dnsd_failwhale_answers_total counter");
         let fw = lock(&self.failwhale);
-        for (i, _) in zones.services.iter().enumerate() {
-            let _ = writeln!(out, "gpuha_dnsd_failwhale_answers_total{{service=\"{}\"}} {}", svc(i), fw.get(&i).copied().unwrap_or(0));
+        for s in &zones.services {
+            let _ = writeln!(out, "gpuha_dnsd_failwhale_answers_total{{service=\"{}\"}} {}", esc(&s.label), fw.get(&s.label).copied().unwrap_or(0));
         }
         drop(fw);
         for (name, help, map) in [
@@ -124,14 +187,14 @@ impl DnsMetrics {
             let _ = writeln!(out, "# HELP {name} {help}");
             let _ = writeln!(out, "# TYPE {name} counter");
             let m = lock(map);
-            for (i, _) in zones.pools.iter().enumerate() {
-                let _ = writeln!(out, "{name}{{pool=\"{}\"}} {}", pool(i), m.get(&i).copied().unwrap_or(0));
+            for p in &zones.pools {
+                let _ = writeln!(out, "{name}{{pool=\"{}\"}} {}", esc(&p.id), m.get(&p.id).copied().unwrap_or(0));
             }
         }
         let _ = writeln!(out, "# HELP gpuha_dnsd_pool_state Current pool state (1 for the state it is in).");
         let _ = writeln!(out, "# TYPE gpuha_dnsd_pool_state gauge");
         for (i, p) in zones.pools.iter().enumerate() {
-            for st in [Liveness::Alive, Liveness::ColdStart, Liveness::Dead] {
+            for st in LIVENESS {
                 let v = u8::from(states.get(i) == st);
                 let _ = writeln!(
                     out,
@@ -181,5 +244,32 @@ pub fn render_now(out: &mut String, zones: &Zones, states: &PoolStates, changed_
     for (i, p) in zones.pools.iter().enumerate() {
         let at = changed_ms.get(i).copied().flatten().unwrap_or(started_ms);
         let _ = writeln!(out, "gpuha_dnsd_pool_state_changed_timestamp_seconds{{pool=\"{}\"}} {:.3}", esc(&p.id), at as f64 / 1000.0);
+    }
+}
+
+/// Gauges of the operators' overrides per configured pool: which one is in force, and for a
+/// pool out of the answer whether the last TTL handed out with it has run out (safe) and when.
+pub fn render_overrides(out: &mut String, zones: &Zones, states: &PoolStates, drains: &[Option<gpuha_liveness::admin::DrainProgress>]) {
+    use gpuha_liveness::admin::PoolOverride;
+    let _ = writeln!(out, "# HELP gpuha_dnsd_pool_admin_state The operator's override of the pool (1 for the one in force; all 0: none, liveness decides).");
+    let _ = writeln!(out, "# TYPE gpuha_dnsd_pool_admin_state gauge");
+    for (i, p) in zones.pools.iter().enumerate() {
+        for o in PoolOverride::ALL {
+            let _ = writeln!(out, "gpuha_dnsd_pool_admin_state{{pool=\"{}\",state=\"{}\"}} {}", esc(&p.id), o.as_str(), u8::from(states.override_of(i) == Some(o)));
+        }
+    }
+    let _ = writeln!(out, "# HELP gpuha_dnsd_pool_drain_safe 1 once the pool is out of every answer and the last TTL handed out with it has run out: no client should still hold its routers' addresses.");
+    let _ = writeln!(out, "# TYPE gpuha_dnsd_pool_drain_safe gauge");
+    for (p, d) in zones.pools.iter().zip(drains) {
+        if let Some(d) = d {
+            let _ = writeln!(out, "gpuha_dnsd_pool_drain_safe{{pool=\"{}\"}} {}", esc(&p.id), u8::from(d.safe));
+        }
+    }
+    let _ = writeln!(out, "# HELP gpuha_dnsd_pool_answer_cached_until_timestamp_seconds Until when the latest answer naming the pool may be cached (Unix time): a drained pool is safe from then.");
+    let _ = writeln!(out, "# TYPE gpuha_dnsd_pool_answer_cached_until_timestamp_seconds gauge");
+    for (p, d) in zones.pools.iter().zip(drains) {
+        if let Some(d) = d {
+            let _ = writeln!(out, "gpuha_dnsd_pool_answer_cached_until_timestamp_seconds{{pool=\"{}\"}} {:.3}", esc(&p.id), d.safe_at_ms as f64 / 1000.0);
+        }
     }
 }

@@ -17,6 +17,10 @@
 //! not heard enough frames from is `ColdStart`, which is answered like `Alive`: no data is not
 //! death. After that, a pool needs `min_workers` workers with a valid frame in the last 10 s.
 //!
+//! **Reload.** [`DnsService::set_zones`] swaps the compiled zones at once: every query is
+//! answered from one [`Snapshot`] (zones and pool states taken together), so a query sees the
+//! old config or the new one, never a mix, and none is dropped.
+//!
 //! **Several instances.** Nothing is shared between dnsd instances: each sidecar sends every
 //! frame to every instance, and each decides from the same frames with the same rules, so their
 //! answers agree within one window (up to frame loss and the instant each one looks).
@@ -39,6 +43,9 @@ use hickory_server::net::xfer::Protocol;
 use hickory_server::server::{Request, RequestHandler, ResponseHandler, ResponseInfo};
 use hickory_server::zone_handler::{MessageResponseBuilder, Queries};
 
+use gpuha_liveness::admin::{drain_progress, DrainProgress};
+
+use crate::admin::Admin;
 use crate::config::ConfigError;
 use crate::state::{now_ms, AppState, OutlookValidity, OutlookWatch};
 use answer::{PoolStates, Resolution, Transition, Transitions};
@@ -47,8 +54,11 @@ use metrics::{qtype_label, rcode_label, DnsMetrics};
 
 /// The DNS tier's state: compiled zones, the fleet it reads, counters, and pool transitions.
 pub struct DnsService {
-    zones: Arc<Zones>,
+    /// Swapped whole by a reload ([`Self::set_zones`]).
+    zones: RwLock<Arc<Zones>>,
     state: Arc<AppState>,
+    /// Operators' overrides, read when a snapshot is taken.
+    admin: Arc<Admin>,
     metrics: DnsMetrics,
     /// Also serialises taking a new [`Snapshot`], so the newest one is the one kept.
     transitions: Mutex<Transitions>,
@@ -63,6 +73,10 @@ pub struct DnsService {
     recent: Mutex<RecentTransitions>,
 }
 
+/// The largest TTL a service answer may carry, in ms: how long after dnsd starts an answer a
+/// previous run gave may still be cached.
+const MAX_TTL_MS: u64 = config::MAX_SERVICE_TTL as u64 * 1000;
+
 /// The latest pool transitions kept for operators; older ones are in the log.
 pub const RECENT_TRANSITIONS: usize = 64;
 
@@ -71,20 +85,22 @@ pub const RECENT_TRANSITIONS: usize = 64;
 pub struct TransitionRecord {
     pub at_ms: u64,
     pub pool: String,
-    /// `evicted` or `failed_back`.
+    /// `evicted` or `failed_back` (liveness); an operator's `drain`, `force_out`, `force_in`
+    /// or `auto` (override lifted).
     pub event: &'static str,
 }
 
 #[derive(Debug, Default)]
 struct RecentTransitions {
     log: std::collections::VecDeque<TransitionRecord>,
-    /// Per pool (indexed like [`Zones::pools`]): when it last changed answerability.
-    changed_ms: Vec<Option<u64>>,
+    /// Per pool id: when it last changed answerability (or its override).
+    changed_ms: std::collections::HashMap<String, u64>,
 }
 
-/// Pool states computed once, answered by every query while they hold.
-struct Snapshot {
-    states: Arc<PoolStates>,
+/// The zones and the pool states computed once, answered by every query while they hold.
+pub struct Snapshot {
+    pub zones: Arc<Zones>,
+    pub states: Arc<PoolStates>,
     validity: Option<OutlookValidity>,
 }
 
@@ -104,15 +120,17 @@ struct Outcome {
 }
 
 impl DnsService {
-    pub fn new(config: &DnsConfig, state: Arc<AppState>) -> Result<Self, ConfigError> {
-        let zones = Zones::compile(config)?;
+    pub fn new(config: &DnsConfig, state: Arc<AppState>, admin: Arc<Admin>) -> Result<Self, ConfigError> {
+        let zones = Arc::new(Zones::compile(config)?);
         let watch = state.watch_outlook();
+        let empty = Arc::new(PoolStates { live: vec![], overrides: vec![] });
         Ok(DnsService {
-            zones: Arc::new(zones),
+            zones: RwLock::new(zones.clone()),
             state,
+            admin,
             metrics: DnsMetrics::default(),
             transitions: Mutex::new(Transitions::default()),
-            snapshot: RwLock::new(Arc::new(Snapshot { states: Arc::new(PoolStates(vec![])), validity: None })),
+            snapshot: RwLock::new(Arc::new(Snapshot { zones, states: empty, validity: None })),
             watch,
             tcp_idle: Duration::from_millis(config.tcp_idle_timeout_ms),
             tick: Duration::from_millis(config.tick_ms),
@@ -120,8 +138,53 @@ impl DnsService {
         })
     }
 
-    pub fn zones(&self) -> &Zones {
-        &self.zones
+    /// The zones in force now.
+    pub fn zones(&self) -> Arc<Zones> {
+        self.zones.read().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    /// Swaps in newly compiled zones (a reload): queries answered from then on use them.
+    /// Transitions start over (pool numbers change); counters follow pools by name.
+    pub fn set_zones(&self, zones: Zones) {
+        let mut tr = self.transitions.lock().unwrap_or_else(|e| e.into_inner());
+        *tr = Transitions::default();
+        let zones = Arc::new(zones);
+        *self.zones.write().unwrap_or_else(|e| e.into_inner()) = zones.clone();
+        let empty = Arc::new(PoolStates { live: vec![], overrides: vec![] });
+        *self.snapshot.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(Snapshot { zones, states: empty, validity: None });
+    }
+
+    /// The next query takes a new snapshot: an operator's override changed.
+    pub fn invalidate(&self) {
+        let _tr = self.transitions.lock().unwrap_or_else(|e| e.into_inner());
+        let mut snap = self.snapshot.write().unwrap_or_else(|e| e.into_inner());
+        let stale = Snapshot { zones: snap.zones.clone(), states: snap.states.clone(), validity: None };
+        *snap = Arc::new(stale);
+    }
+
+    /// Until when an answer naming `pool` may still be cached by someone (see
+    /// [`DnsMetrics::handed_until`]).
+    pub fn handed_until(&self, pool: &str) -> u64 {
+        self.metrics.handed_until(pool, self.state.started_ms.saturating_add(MAX_TTL_MS))
+    }
+
+    /// How far `pool` (an index into `snap`'s zones) is from safe at `now_ms`.
+    pub fn drain_progress(&self, snap: &Snapshot, pool: usize, now_ms: u64) -> Option<DrainProgress> {
+        let p = snap.zones.pools.get(pool)?;
+        let answered = snap.zones.services.iter().any(|s| s.pools.contains(&pool)) && snap.states.answered(pool);
+        Some(drain_progress(answered, self.handed_until(&p.id), now_ms))
+    }
+
+    /// When `pool` (by id) is safe: its last TTL handed out runs out; `None` when this DNS tier
+    /// does not serve it (no TTL of ours can hold it).
+    pub fn safe_at(&self, pool: &str) -> Option<u64> {
+        let zones = self.zones();
+        zones.pools.iter().any(|p| p.id == pool).then(|| self.handed_until(pool))
+    }
+
+    /// Logs an operator's change of `pool`'s override in the recent transitions.
+    pub fn record_admin(&self, pool: &str, event: &'static str, now_ms: u64) {
+        self.push_record(TransitionRecord { at_ms: now_ms, pool: pool.to_string(), event });
     }
 
     pub fn metrics(&self) -> &DnsMetrics {
@@ -133,51 +196,56 @@ impl DnsService {
     /// Answered from the snapshot while it holds (no fleet scan, no ingest lock); otherwise a
     /// new snapshot is taken. The transitions lock is held while one is taken, so transitions
     /// are observed in time order, and every state a query answers was observed first.
-    pub fn pool_states(&self, now_ms: u64) -> Arc<PoolStates> {
-        if let Some(states) = self.snapshot_at(now_ms) {
-            return states;
+    pub fn pool_states(&self, now_ms: u64) -> Arc<Snapshot> {
+        if let Some(snap) = self.snapshot_at(now_ms) {
+            return snap;
         }
         let mut tr = self.transitions.lock().unwrap_or_else(|e| e.into_inner());
         // Another caller may have taken one while this one waited.
-        if let Some(states) = self.snapshot_at(now_ms) {
-            return states;
+        if let Some(snap) = self.snapshot_at(now_ms) {
+            return snap;
         }
-        let pools: Vec<(&str, usize)> = self.zones.pools.iter().map(|p| (p.id.as_str(), p.min_workers)).collect();
+        // Under the transitions lock: a reload or an override waits for this snapshot, then
+        // voids it.
+        let zones = self.zones();
+        let overrides = self.admin.overrides();
+        let pools: Vec<(&str, usize)> = zones.pools.iter().map(|p| (p.id.as_str(), p.min_workers)).collect();
         let (outlook, validity) = self.state.pool_outlook(self.watch, &pools, now_ms);
-        let states = Arc::new(PoolStates(outlook.states));
+        let states = Arc::new(PoolStates::new(&zones, outlook.states, &overrides));
         for (pool, t) in tr.observe(&states, now_ms) {
-            let p = &self.zones.pools[pool];
-            self.record(pool, t, now_ms);
+            let p = &zones.pools[pool];
+            self.record(&p.id, t, now_ms);
             match t {
                 Transition::Evicted => {
-                    self.metrics.eviction(pool);
+                    self.metrics.eviction(&p.id);
                     tracing::warn!(pool = %p.id, region = %p.region, cloud = %p.cloud, "pool evicted from DNS answers: fewer than {} workers heard from in {} ms", p.min_workers, gpuha_liveness::EVICTION_WINDOW_MS);
                 }
                 Transition::FailedBack => {
-                    self.metrics.failback(pool);
+                    self.metrics.failback(&p.id);
                     tracing::info!(pool = %p.id, region = %p.region, cloud = %p.cloud, "pool back in DNS answers");
                 }
             }
         }
-        let snap = Arc::new(Snapshot { states: states.clone(), validity: Some(validity) });
-        *self.snapshot.write().unwrap_or_else(|e| e.into_inner()) = snap;
-        states
+        let snap = Arc::new(Snapshot { zones, states, validity: Some(validity) });
+        *self.snapshot.write().unwrap_or_else(|e| e.into_inner()) = snap.clone();
+        snap
     }
 
-    fn record(&self, pool: usize, t: Transition, now_ms: u64) {
-        let mut r = self.recent.lock().unwrap_or_else(|e| e.into_inner());
-        if r.changed_ms.len() < self.zones.pools.len() {
-            r.changed_ms.resize(self.zones.pools.len(), None);
-        }
-        r.changed_ms[pool] = Some(now_ms);
-        if r.log.len() >= RECENT_TRANSITIONS {
-            r.log.pop_front();
-        }
+    fn record(&self, pool: &str, t: Transition, now_ms: u64) {
         let event = match t {
             Transition::Evicted => "evicted",
             Transition::FailedBack => "failed_back",
         };
-        r.log.push_back(TransitionRecord { at_ms: now_ms, pool: self.zones.pools[pool].id.clone(), event });
+        self.push_record(TransitionRecord { at_ms: now_ms, pool: pool.to_string(), event });
+    }
+
+    fn push_record(&self, rec: TransitionRecord) {
+        let mut r = self.recent.lock().unwrap_or_else(|e| e.into_inner());
+        r.changed_ms.insert(rec.pool.clone(), rec.at_ms);
+        if r.log.len() >= RECENT_TRANSITIONS {
+            r.log.pop_front();
+        }
+        r.log.push_back(rec);
     }
 
     /// The latest pool transitions, oldest first.
@@ -186,29 +254,34 @@ impl DnsService {
     }
 
     /// When `pool` last changed answerability; `None` if it never did since dnsd started.
-    pub fn changed_ms(&self, pool: usize) -> Option<u64> {
-        self.recent.lock().unwrap_or_else(|e| e.into_inner()).changed_ms.get(pool).copied().flatten()
+    pub fn changed_ms(&self, pool: &str) -> Option<u64> {
+        self.recent.lock().unwrap_or_else(|e| e.into_inner()).changed_ms.get(pool).copied()
     }
 
-    fn snapshot_at(&self, now_ms: u64) -> Option<Arc<PoolStates>> {
+    fn snapshot_at(&self, now_ms: u64) -> Option<Arc<Snapshot>> {
         let snap = self.snapshot.read().unwrap_or_else(|e| e.into_inner());
-        snap.holds_at(now_ms).then(|| snap.states.clone())
+        snap.holds_at(now_ms).then(|| snap.clone())
     }
 
     pub fn render_metrics(&self, out: &mut String, now_ms: u64) {
-        let states = self.pool_states(now_ms);
-        self.metrics.render(out, &self.zones, &states);
-        let changed: Vec<Option<u64>> = (0..self.zones.pools.len()).map(|i| self.changed_ms(i)).collect();
-        metrics::render_now(out, &self.zones, &states, &changed, self.state.started_ms);
+        let snap = self.pool_states(now_ms);
+        let (zones, states) = (&snap.zones, &snap.states);
+        self.metrics.render(out, zones, states);
+        let changed: Vec<Option<u64>> = zones.pools.iter().map(|p| self.changed_ms(&p.id)).collect();
+        metrics::render_now(out, zones, states, &changed, self.state.started_ms);
+        let drains: Vec<Option<DrainProgress>> = (0..zones.pools.len()).map(|i| self.drain_progress(&snap, i, now_ms)).collect();
+        metrics::render_overrides(out, zones, states, &drains);
     }
 
     /// Decides the response to `request` at `now_ms`. Pure apart from the fleet read and counters.
     fn decide(&self, request: &Request, now_ms: u64) -> Outcome {
         let mut md = Metadata::response_from_request(&request.metadata);
         // Our OPT: version 0, no DNSSEC, our payload limit (RFC 6891 §7: answer EDNS with EDNS).
+        let snap = self.pool_states(now_ms);
+        let zones = &snap.zones;
         let edns = request.edns.as_ref().map(|_| {
             let mut e = Edns::new();
-            e.set_max_payload(self.zones.max_udp_payload);
+            e.set_max_payload(zones.max_udp_payload);
             e
         });
         let mut out = Outcome { metadata: md, answers: vec![], authority: vec![], additional: vec![], edns };
@@ -232,24 +305,22 @@ impl DnsService {
         let qname = query.original().name();
         if matches!(qtype, RecordType::AXFR | RecordType::IXFR) {
             // Transfers only over TCP, only of a whole zone, only to configured clients.
-            let zone = self.zones.zones.iter().find(|z| &z.origin == query.name());
-            let allowed = request.protocol() == Protocol::Tcp && self.zones.axfr_allowed(request.src().ip());
+            let zone = zones.zones.iter().find(|z| &z.origin == query.name());
+            let allowed = request.protocol() == Protocol::Tcp && zones.axfr_allowed(request.src().ip());
             return match zone {
                 Some(z) if allowed => {
-                    let states = self.pool_states(now_ms);
                     md.authoritative = true;
                     out.metadata = md;
-                    out.answers = answer::zone_transfer(&self.zones, &states, z);
+                    out.answers = answer::zone_transfer(zones, &snap.states, z);
                     out
                 }
                 _ => fail(out, ResponseCode::Refused),
             };
         }
-        let states = self.pool_states(now_ms);
         let Resolution { rcode, authoritative, answers, authority, additional, served } =
-            answer::resolve(&self.zones, &states, qname, qtype);
+            answer::resolve(zones, &snap.states, qname, qtype);
         for s in &served {
-            self.metrics.served(s);
+            self.metrics.served(zones, s, now_ms);
         }
         md.response_code = rcode;
         md.authoritative = authoritative;
@@ -263,9 +334,10 @@ impl DnsService {
     /// Largest response for this request: the client's EDNS buffer (at least 512, at most our
     /// limit) over UDP, 512 without EDNS, 64 KiB over TCP.
     fn size_limit(&self, request: &Request) -> u16 {
+        let max = self.zones().max_udp_payload;
         match request.protocol() {
             Protocol::Udp => match &request.edns {
-                Some(_) => request.max_payload().clamp(512, self.zones.max_udp_payload),
+                Some(_) => request.max_payload().clamp(512, max),
                 None => 512,
             },
             _ => u16::MAX,

@@ -120,7 +120,12 @@ impl Dnsd {
     pub async fn start_full(ingest: &str, http: &str, dns: &str) -> Dnsd {
         let dir = tempfile::tempdir().expect("tempdir");
         let text = config_text_full(dir.path(), ingest, http, dns);
-        let config = Config::from_toml(&text, Path::new("test.toml")).expect("config");
+        Self::start_text(&text, dir).await
+    }
+
+    /// A dnsd from a whole config text; `dir` (holding its files) lives as long as it runs.
+    pub async fn start_text(text: &str, dir: tempfile::TempDir) -> Dnsd {
+        let config = Config::from_toml(text, Path::new("test.toml")).expect("config");
         let listeners = Listeners::bind(&config).expect("bind");
         let ingest = listeners.ingest.local_addr().expect("addr");
         let http = listeners.http.local_addr().expect("addr");

@@ -235,11 +235,12 @@ pub struct PoolLoad {
     pub busy: f64,
 }
 
-/// The load of the workers of `pools` (empty: all) in `view`, counting only those fresh at
-/// `now` (`fetched_local_ms`: when the view was vouched for, see [`effective_age_ms`]).
+/// The load of the workers of `pools` (empty: all) in `view`, counting only those fresh and
+/// not drained at `now` (`fetched_local_ms`: when the view was vouched for, see [`effective_age_ms`]).
 pub fn pool_load(view: &FleetView, pools: &[String], fetched_local_ms: u64, now_ms: u64, gate_ms: u64) -> PoolLoad {
     let mine = |w: &&WorkerView| pools.is_empty() || pools.contains(&w.pool);
-    let fresh = view.workers.iter().filter(mine).filter(|w| effective_age_ms(w, fetched_local_ms, now_ms) < gate_ms);
+    // A drained worker takes no new request: it is no capacity for spills either.
+    let fresh = view.workers.iter().filter(mine).filter(|w| !w.drained && effective_age_ms(w, fetched_local_ms, now_ms) < gate_ms);
     fresh.fold(PoolLoad::default(), |acc, w| {
         let n = |x: Option<f64>| x.filter(|v| v.is_finite() && *v > 0.0).unwrap_or(0.0);
         PoolLoad { fresh: acc.fresh + 1, busy: acc.busy + n(w.running) + n(w.waiting) }
@@ -488,10 +489,15 @@ mod tests {
             preemptions: None,
             pace: None,
             slow: None,
+            drained: false,
         };
-        let view = FleetView { now_ms: 0, workers: vec![w("a", 100, 2.0), w("a", 5_000, 9.0), w("b", 100, 4.0)], pools: vec![] };
+        let mut view = FleetView { now_ms: 0, workers: vec![w("a", 100, 2.0), w("a", 5_000, 9.0), w("b", 100, 4.0)], pools: vec![] };
         let l = pool_load(&view, &s(&["a"]), 1_000, 1_500, 3_000);
         assert_eq!(l, PoolLoad { fresh: 1, busy: 3.0 });
+        // An operator drained it: no capacity for spills.
+        view.workers[0].drained = true;
+        assert_eq!(pool_load(&view, &s(&["a"]), 1_000, 1_500, 3_000).fresh, 0);
+        view.workers[0].drained = false;
         // Time passes on the local clock: the fresh one ages past the gate too.
         assert_eq!(pool_load(&view, &s(&["a"]), 1_000, 4_000, 3_000).fresh, 0);
         assert_eq!(pool_load(&view, &[], 1_000, 1_500, 3_000).fresh, 2);

@@ -35,6 +35,8 @@ need_apt=()
 { command -v dig && command -v kdig && command -v ip; } >/dev/null 2>&1 || need_apt+=(dnsutils knot-dnsutils iproute2)
 { command -v promtool && command -v prometheus; } >/dev/null 2>&1 || need_apt+=(prometheus)
 command -v chromium >/dev/null 2>&1 || need_apt+=(chromium)
+# The fallback-chain drill makes a self-signed certificate for its fake TLS provider.
+command -v openssl >/dev/null 2>&1 || need_apt+=(openssl)
 if ((${#need_apt[@]})); then
   if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
     echo "== apt-get install ${need_apt[*]}"

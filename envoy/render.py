@@ -8,6 +8,13 @@ from command-line arguments, so tests and demos can bind their own ports and wor
         --workers 127.0.0.1:8001,127.0.0.1:8002 --fleet 127.0.0.1:8080
     python3 envoy/render.py failwhale --out /tmp/fw.yaml --listen-port 10001 --admin-port 9902
 
+A fallback chain (envoy/README.md, "Fallback chain") adds tiers after the router's own workers:
+
+    ... --spill b=10.0.2.1:10000 \
+        --degraded '{"name":"small","port":10101,"workers":["127.0.0.1:8101"],"model":"small","max_tokens":256}' \
+        --provider '{"name":"openai","port":10102,"url":"https://api.openai.com/v1","model":"gpt-4o-mini",
+                     "api_key_file":"/etc/gpuha/openai.key"}'
+
 See envoy/README.md for every option. Exit status 2 on bad arguments.
 """
 
@@ -15,8 +22,10 @@ import argparse
 import ipaddress
 import json
 import os
+import re
 import string
 import sys
+import urllib.parse
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(HERE)
@@ -103,6 +112,66 @@ def json_object(s):
     return v
 
 
+TIER_NAME_RX = re.compile(r"^[a-z0-9_-]{1,32}$")
+# The system trust store on Debian/Ubuntu: a provider's certificate is checked against it.
+DEFAULT_CA_FILE = "/etc/ssl/certs/ca-certificates.crt"
+
+
+def tier_name(s, what):
+    if not TIER_NAME_RX.match(s):
+        raise argparse.ArgumentTypeError(f"{what}: tier name {s!r} must be 1-32 characters of a-z, 0-9, _ and -")
+    return s
+
+
+def spill_tier(s):
+    """NAME=IP:PORT[,IP:PORT...]: another pool's router(s)."""
+    name, sep, addrs = s.partition("=")
+    if not sep:
+        raise argparse.ArgumentTypeError(f"--spill: expected NAME=ip:port[,ip:port], got {s!r}")
+    return {"name": tier_name(name, "--spill"), "kind": "spill",
+            "endpoints": [f"{h}:{p}" if ":" not in h else f"[{h}]:{p}" for h, p in worker_list(addrs)]}
+
+
+ADAPT_KEYS = {"model", "max_tokens", "set"}
+
+
+def adapted_tier(kind):
+    """JSON for a degraded tier or a provider (keys in envoy/README.md)."""
+    required = {"degraded": {"name", "port", "workers"}, "provider": {"name", "port", "url"}}[kind]
+    allowed = required | ADAPT_KEYS | {"degraded": set(), "provider": {"api_key_file", "ca_file", "address", "sni"}}[kind]
+    flag = f"--{kind}"
+
+    def parse(s):
+        t = json_object(s)
+        missing = required - t.keys()
+        if missing:
+            raise argparse.ArgumentTypeError(f"{flag}: missing {sorted(missing)}")
+        unknown = t.keys() - allowed
+        if unknown:
+            raise argparse.ArgumentTypeError(f"{flag}: unknown keys {sorted(unknown)} (known: {sorted(allowed)})")
+        tier_name(t["name"], flag)
+        if not isinstance(t["port"], int) or not 0 < t["port"] < 65536:
+            raise argparse.ArgumentTypeError(f"{flag}: port must be a TCP port (the tier's adapter listener on 127.0.0.1)")
+        t["kind"] = kind
+        if kind == "degraded":
+            if not isinstance(t["workers"], list):
+                raise argparse.ArgumentTypeError(f"{flag}: workers must be a list of ip:port")
+            t["workers"] = worker_list(",".join(t["workers"]))
+        else:
+            u = urllib.parse.urlsplit(t["url"])
+            if u.scheme not in ("https", "http") or not u.hostname:
+                raise argparse.ArgumentTypeError(f"{flag}: url must be https://host[:port][/path] (http:// only for tests)")
+            t["tls"] = u.scheme == "https"
+            t["host"] = u.hostname
+            t["host_port"] = u.port or (443 if t["tls"] else 80)
+            t["path"] = u.path.rstrip("/") or "/v1"
+            if "api_key_file" in t and not os.path.isfile(t["api_key_file"]):
+                raise argparse.ArgumentTypeError(f"{flag}: api_key_file {t['api_key_file']!r} does not exist")
+        return t
+
+    return parse
+
+
 def yaml_single_quoted(s):
     return s.replace("'", "''")
 
@@ -131,6 +200,107 @@ def common(p):
                         "Sets the filter's max_body_bytes and Envoy's buffer limits together")
 
 
+def fill(template, values):
+    with open(os.path.join(HERE, template), encoding="utf-8") as fh:
+        return string.Template(fh.read()).substitute({k: str(v) for k, v in values.items()})
+
+
+def render_tiers(a, values, guard, ap):
+    """The chain for the plugins, and the YAML of the tiers' adapter listeners, clusters and
+    secrets (tier-listener.yaml, tier-cluster.yaml)."""
+    tiers = list(a.spill)
+    listeners, clusters, secrets = [], [], []
+    names = [a.tier_name]
+    for t in a.spill + a.degraded + a.provider:
+        if t["name"] in names:
+            ap.error(f"tier name {t['name']!r} is used twice")
+        names.append(t["name"])
+    for t in a.degraded + a.provider:
+        addr = f"127.0.0.1:{t['port']}"
+        tiers.append({"name": t["name"], "kind": t["kind"], "endpoints": [addr]})
+        adapt = {k: t[k] for k in ("model", "max_tokens", "set") if k in t}
+        tier_cfg = {"role": "tier", "name": t["name"], "kind": t["kind"], "adapt": adapt, "max_body_bytes": a.max_body_bytes}
+        # The tier's own guard: its candidates are not in the fleet view (nothing to rescue on).
+        tier_guard = {**guard, "rescue": False}
+        tier_guard.pop("tiers", None)
+        rewrites, credential, transport, prefix = [], "", "", "/"
+        if t["kind"] == "degraded":
+            workers = t["workers"]
+            ctype = "STATIC"
+        else:
+            host, port = t.get("address", t["host"]), t["host_port"]
+            workers = [(host, port)]
+            ctype = "STATIC" if is_ip(host) else "STRICT_DNS"
+            authority = t["host"] if port == (443 if t["tls"] else 80) else f"{t['host']}:{port}"
+            rewrites.append(f"                  host_rewrite_literal: \"{authority}\"")
+            if t["path"] != "/v1":
+                # The provider's base URL has its own path: /v1/X is sent as <path>/X.
+                prefix = "/v1/"
+                rewrites.append(f"                  prefix_rewrite: \"{t['path']}/\"")
+            if t["tls"]:
+                sni = t.get("sni", t["host"])
+                ca = os.path.abspath(t.get("ca_file", DEFAULT_CA_FILE))
+                transport = "\n".join([
+                    "    transport_socket:",
+                    "      name: envoy.transport_sockets.tls",
+                    "      typed_config:",
+                    "        \"@type\": type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.UpstreamTlsContext",
+                    f"        sni: \"{sni}\"",
+                    "        common_tls_context:",
+                    "          validation_context:",
+                    f"            trusted_ca: {{ filename: \"{ca}\" }}",
+                    f"            match_typed_subject_alt_names: [{{ san_type: DNS, matcher: {{ exact: \"{sni}\" }} }}]",
+                ])
+            if "api_key_file" in t:
+                secret = f"gpuha_tier_{t['name']}_api_key"
+                secrets.append("\n".join([
+                    f"  - name: {secret}",
+                    "    generic_secret:",
+                    f"      secret: {{ filename: \"{os.path.abspath(t['api_key_file'])}\" }}",
+                ]))
+                # Stock Envoy reads the key from the file; the client's own Authorization is replaced.
+                credential = "\n".join([
+                    "          - name: envoy.filters.http.credential_injector",
+                    "            typed_config:",
+                    "              \"@type\": type.googleapis.com/envoy.extensions.filters.http.credential_injector.v3.CredentialInjector",
+                    "              overwrite: true",
+                    "              credential:",
+                    "                name: envoy.http.injected_credentials.generic",
+                    "                typed_config:",
+                    "                  \"@type\": type.googleapis.com/envoy.extensions.http.injected_credentials.generic.v3.Generic",
+                    f"                  credential: {{ name: {secret} }}",
+                    "                  header: Authorization",
+                    "                  header_value_prefix: \"Bearer \"",
+                ])
+        common_values = {**values, "NAME": t["name"], "KIND": t["kind"], "ADDR": addr, "PORT": t["port"]}
+        listeners.append(fill("tier-listener.yaml", {
+            **common_values,
+            "STREAM_IDLE_TIMEOUT": a.stream_idle_timeout,
+            "PER_TRY_TIMEOUT": a.per_try_timeout,
+            "TIER_RETRIES": len(workers) - 1,
+            "ROUTE_REWRITES": "\n".join(rewrites),
+            "ROUTE_PREFIX": prefix,
+            "CREDENTIAL_FILTER": credential,
+            "TIER_CONFIG": yaml_single_quoted(json.dumps(tier_cfg, separators=(",", ":"))),
+        }).rstrip("\n"))
+        clusters.append(fill("tier-cluster.yaml", {
+            **common_values,
+            "CLUSTER_TYPE": ctype,
+            "CONNECT_TIMEOUT": a.connect_timeout,
+            "MAX_RETRIES": a.max_retries,
+            "TRANSPORT_SOCKET": transport,
+            "GUARD_CONFIG": yaml_single_quoted(json.dumps(tier_guard, separators=(",", ":"))),
+            "ENDPOINTS": endpoints_yaml(workers),
+        }).rstrip("\n"))
+    chain = {"own": a.tier_name, "own_endpoints": [f"{h}:{p}" if ":" not in h else f"[{h}]:{p}" for h, p in a.workers], "tiers": tiers}
+    out = {
+        "TIER_LISTENERS": "\n".join(listeners),
+        "TIER_CLUSTERS": "\n".join(clusters),
+        "SECRETS": ("  secrets:\n" + "\n".join(secrets) + "\n") if secrets else "",
+    }
+    return chain, out
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = ap.add_subparsers(dest="which", required=True)
@@ -148,6 +318,18 @@ def main(argv=None):
     r.add_argument("--stream-idle-timeout", default="300s", help="HCM stream_idle_timeout: a stream with no bytes for this long ends (a stalled worker after the first token)")
     r.add_argument("--picker-config", type=json_object, default={}, help="JSON merged into the picker plugin config")
     r.add_argument("--guard-config", type=json_object, default={}, help="JSON merged into the guard plugin config")
+    r.add_argument("--tier-name", type=lambda v: tier_name(v, "--tier-name"), default="primary",
+                   help="name of this router's own workers' tier (x-gpuha-tier, stats)")
+    r.add_argument("--spill", type=spill_tier, action="append", default=[],
+                   help="NAME=IP:PORT[,IP:PORT]: another pool's router, tried after this router's own workers (repeat; in order)")
+    r.add_argument("--degraded", type=adapted_tier("degraded"), action="append", default=[],
+                   help="JSON: a degraded tier (smaller model, CPU vLLM), tried after the spill tiers (repeat; in order)")
+    r.add_argument("--provider", type=adapted_tier("provider"), action="append", default=[],
+                   help="JSON: an external OpenAI-compatible provider, tried last")
+    r.add_argument("--spill-share", type=float, default=0.5,
+                   help="share of this pool's capacity that requests spilled from other routers may hold (0..1)")
+    r.add_argument("--spill-slots", type=float, default=64,
+                   help="concurrent requests one of this pool's workers takes (vLLM --max-num-seqs), for the spill budget")
 
     f = sub.add_parser("failwhale", help="answers every request with an OpenAI-shaped 503")
     common(f)
@@ -180,12 +362,30 @@ def main(argv=None):
                 picker[k] = v
         guard = {"role": "guard"}
         guard.update(a.guard_config)
+        chain, tier_values = render_tiers(a, values, guard, ap)
+        if chain["tiers"] or a.tier_name != "primary":
+            picker["tiers"] = chain
+            guard["tiers"] = chain
+        if not 0.0 <= a.spill_share <= 1.0:
+            ap.error("--spill-share: must be in 0..1")
+        if a.spill_slots < 1:
+            ap.error("--spill-slots: must be at least 1")
+        picker["spill_budget"] = {"share": a.spill_share, "slots_per_worker": a.spill_slots}
+        own = {f"{h}:{p}" for h, p in a.workers}
+        clash = own & {e for t in chain["tiers"] for e in t["endpoints"]}
+        if clash:
+            ap.error(f"tier endpoints {sorted(clash)} are also --workers")
+        tier_endpoints = [e for t in chain["tiers"] for e in t["endpoints"]]
+        values.update(tier_values)
         values.update({
             "WORKER_ENDPOINTS": endpoints_yaml(a.workers),
+            "TIER_ENDPOINTS": ("      - priority: 1\n        lb_endpoints:\n" + endpoints_yaml([split_hostport(e, "tier") for e in tier_endpoints]))
+                              if tier_endpoints else "",
             "FLEET_HOST": f"\"{fhost}\"",
             "FLEET_PORT": fport,
             "FLEET_CLUSTER_TYPE": "STATIC" if is_ip(fhost) else "STRICT_DNS",
-            "NUM_RETRIES": a.num_retries,
+            # Every tier endpoint is one more attempt after the own workers'.
+            "NUM_RETRIES": a.num_retries + len(tier_endpoints),
             "STREAM_IDLE_TIMEOUT": a.stream_idle_timeout,
             "PER_TRY_TIMEOUT": a.per_try_timeout,
             "HEDGE_ON_PER_TRY_TIMEOUT": "true" if a.hedge else "false",
@@ -196,6 +396,7 @@ def main(argv=None):
         })
         template = "pool-router.yaml"
     else:
+        values.update({"SECRETS": ""})
         if "max_body_bytes" in a.failwhale_config:
             ap.error("--failwhale-config: set max_body_bytes with --max-body-bytes (it sets Envoy's buffer limits too)")
         fw = {"role": "failwhale", "max_body_bytes": a.max_body_bytes}
@@ -203,8 +404,7 @@ def main(argv=None):
         values["FAILWHALE_CONFIG"] = yaml_single_quoted(json.dumps(fw, separators=(",", ":")))
         template = "failwhale.yaml"
 
-    with open(os.path.join(HERE, template), encoding="utf-8") as fh:
-        text = string.Template(fh.read()).substitute({k: str(v) for k, v in values.items()})
+    text = fill(template, values)
     if a.out == "-":
         sys.stdout.write(text)
     else:

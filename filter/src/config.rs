@@ -6,6 +6,7 @@ use gpuha_liveness::attempt::RescueConfig;
 use gpuha_liveness::breaker::BreakerConfig;
 use gpuha_liveness::guard::DEFAULT_MAX_HELD_BYTES;
 use gpuha_liveness::pick::PickConfig;
+use gpuha_liveness::tier::{Adaptation, Chain, SpillBudget, TierKind};
 use gpuha_liveness::{FRESHNESS_GATE_MS, VIEW_AGE_FLOOR_MS};
 use serde::Deserialize;
 
@@ -31,6 +32,7 @@ pub enum Config {
     Picker(PickerConfig),
     Guard(GuardConfig),
     Failwhale(FailwhaleConfig),
+    Tier(TierConfig),
 }
 
 /// Downstream filter: fleet polling, picking, OpenAI-shaped local replies.
@@ -56,6 +58,10 @@ pub struct PickerConfig {
     pub rewrite_local_replies: bool,
     pub pick: PickConfig,
     pub breaker: BreakerConfig,
+    /// The fallback chain after this router's own workers (`gpuha_liveness::tier`).
+    pub tiers: Chain,
+    /// How many spilled requests (from other pools' routers) this router's pool takes.
+    pub spill_budget: SpillBudget,
 }
 
 impl Default for PickerConfig {
@@ -73,6 +79,8 @@ impl Default for PickerConfig {
             rewrite_local_replies: true,
             pick: PickConfig::default(),
             breaker: BreakerConfig::default(),
+            tiers: Chain::default(),
+            spill_budget: SpillBudget::default(),
         }
     }
 }
@@ -101,11 +109,14 @@ pub struct GuardConfig {
     pub unseen_after_ms: u64,
     /// How often the guard looks at the attempts it holds.
     pub rescue_tick_ms: u64,
+    /// The picker's chain: attempts on tier endpoints are counted per tier, never charged to a
+    /// breaker and never rescued (they are not in the fleet view).
+    pub tiers: Chain,
 }
 
 impl Default for GuardConfig {
     fn default() -> Self {
-        GuardConfig { max_held_bytes: DEFAULT_MAX_HELD_BYTES, retry_status: 503, breaker: BreakerConfig::default(), rescue: true, end_stalled_streams_after_ms: 10_000, rescue_held_after_ms: 2_000, unseen_after_ms: RescueConfig::default().invisible_after_ms, rescue_tick_ms: 250 }
+        GuardConfig { max_held_bytes: DEFAULT_MAX_HELD_BYTES, retry_status: 503, breaker: BreakerConfig::default(), rescue: true, end_stalled_streams_after_ms: 10_000, rescue_held_after_ms: 2_000, unseen_after_ms: RescueConfig::default().invisible_after_ms, rescue_tick_ms: 250, tiers: Chain::default() }
     }
 }
 
@@ -130,6 +141,23 @@ impl Default for FailwhaleConfig {
             max_body_bytes: DEFAULT_MAX_BODY_BYTES,
         }
     }
+}
+
+/// A degraded tier's or a provider's adapter listener: adapts each request to the tier
+/// (`gpuha_liveness::tier::Adaptation`) and marks the answer with the tier's name.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TierConfig {
+    pub name: String,
+    pub kind: TierKind,
+    #[serde(default)]
+    pub adapt: Adaptation,
+    #[serde(default = "default_max_body_bytes")]
+    pub max_body_bytes: usize,
+}
+
+fn default_max_body_bytes() -> usize {
+    DEFAULT_MAX_BODY_BYTES
 }
 
 fn status_ok(s: u16, key: &str) -> Result<(), String> {
@@ -179,6 +207,8 @@ impl Config {
                 }
                 status_ok(p.stream_error_status, "stream_error_status")?;
                 p.pick.validate()?;
+                p.tiers.validate()?;
+                p.spill_budget.validate()?;
                 p.breaker.validate()
             }
             Config::Guard(g) => {
@@ -194,11 +224,22 @@ impl Config {
                 if !(10..=5_000).contains(&g.rescue_tick_ms) {
                     return Err("rescue_tick_ms: must be 10..=5000".into());
                 }
+                g.tiers.validate()?;
                 g.breaker.validate()
             }
             Config::Failwhale(f) => {
                 status_ok(f.status, "status")?;
                 status_ok(f.stream_error_status, "stream_error_status")
+            }
+            Config::Tier(t) => {
+                if t.kind == TierKind::Spill {
+                    return Err("kind: a spill tier is another router, reached directly: it has no adapter".into());
+                }
+                if t.max_body_bytes == 0 {
+                    return Err("max_body_bytes: must be > 0".into());
+                }
+                Chain { own: t.name.clone(), own_endpoints: vec![], tiers: vec![] }.validate().map_err(|e| e.replace("tiers.own", "name"))?;
+                t.adapt.validate()
             }
         }
     }

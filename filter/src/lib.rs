@@ -8,6 +8,9 @@
 //! * `guard` ([`guard`], upstream HTTP filter on the worker cluster): the first-token guard, glue
 //!   over `gpuha_liveness::attempt`.
 //! * `failwhale` ([`failwhale`]): answers every request with an OpenAI-shaped 503.
+//! * `tier` ([`adapter`], downstream filter on a degraded tier's or a provider's own listener):
+//!   adapts each request to the tier (model, `max_tokens` cap, sampling), glue over
+//!   `gpuha_liveness::tier`. The picker lists the fallback chain after its picks.
 //!
 //! This crate is glue: every decision lives in `gpuha-liveness` (`attempt`, `pick`, `breaker`,
 //! `slots`, `openai_error`) and is tested there natively. Callbacks gather inputs, call the pure
@@ -18,6 +21,7 @@
 //! the guard must be configured with the same `vm_id`; the slots' byte layouts are
 //! `gpuha_liveness::slots`, the breaker operations on them [`breakers`].
 
+mod adapter;
 mod body;
 mod breakers;
 mod cache;

@@ -11,7 +11,8 @@ use gpuha_liveness::openai_error::{error_response, is_api_shaped};
 use gpuha_liveness::blame::{blame, parse_notes};
 use gpuha_liveness::pick::{panic_fill, pick_ranked, stalled_fail_open, Decision};
 use gpuha_liveness::request::{RequestFields, Scan};
-use gpuha_liveness::slots::{decode_request_notes, request_key};
+use gpuha_liveness::slots::{decode_request_notes, request_key, u64_at, encode_u64, SPILL_IN_FLIGHT_KEY};
+use gpuha_liveness::tier::{admit_spill, pool_load, TierKind, SPILLED_HEADER, TIER_HEADER};
 use proxy_wasm::traits::{Context, HttpContext};
 use proxy_wasm::types::{Action, BufferType};
 
@@ -20,7 +21,7 @@ use crate::breakers;
 use crate::cache::Thread;
 use crate::config::{NoWorkerPolicy, PickerConfig};
 use crate::host;
-use crate::stats::{inc, Stats};
+use crate::stats::{inc, Stats, TierStats};
 use crate::{ENDPOINTS_HEADER, PROBE_HEADER, REQUEST_ID_HEADER};
 
 pub struct Picker {
@@ -36,11 +37,72 @@ pub struct Picker {
     judged: bool,
     /// `x-request-id`: the key of the request's noted failures.
     request_id: Option<String>,
+    /// `:path`: decides which tiers apply.
+    path: String,
+    /// The request arrived as another router's spill (`x-gpuha-spilled`).
+    spilled: bool,
+    /// This request holds one unit of the spill budget (released in `on_done`).
+    holds_spill: bool,
+    tier_served: Rc<TierStats>,
 }
 
 impl Picker {
-    pub fn new(cfg: Rc<PickerConfig>, stats: Stats, thread: Rc<RefCell<Thread>>) -> Self {
-        Picker { cfg, stats, thread, body: None, stream: false, rewrite: None, judged: false, request_id: None }
+    pub fn new(cfg: Rc<PickerConfig>, stats: Stats, thread: Rc<RefCell<Thread>>, tier_served: Rc<TierStats>) -> Self {
+        Picker { cfg, stats, thread, body: None, stream: false, rewrite: None, judged: false, request_id: None, path: String::new(), spilled: false, holds_spill: false, tier_served }
+    }
+
+    /// Writes the request's endpoint list: the picked workers, then the chain's tiers. `false`
+    /// when the list is empty (nothing was picked and no tier applies).
+    fn list(&self, own: &[String]) -> bool {
+        let listed = self.cfg.tiers.endpoints(own, &self.path, self.spilled);
+        if listed.endpoints.is_empty() {
+            return false;
+        }
+        host::set_request_header(ENDPOINTS_HEADER, Some(&listed.endpoints.join(",")));
+        if listed.spills {
+            // The receiving router serves it with its own workers only (no re-spill).
+            host::set_request_header(SPILLED_HEADER, Some(&self.cfg.tiers.own));
+        }
+        true
+    }
+
+    /// No pick (no fresh view): the router's own workers round robin, then the chain.
+    fn fail_open(&self) {
+        let start = self.thread.borrow_mut().rng.below(self.cfg.tiers.own_endpoints.len().max(1));
+        let listed = self.cfg.tiers.fail_open(start, self.cfg.pick.max_endpoints, &self.path, self.spilled);
+        if !listed.endpoints.is_empty() {
+            host::set_request_header(ENDPOINTS_HEADER, Some(&listed.endpoints.join(",")));
+            if listed.spills {
+                host::set_request_header(SPILLED_HEADER, Some(&self.cfg.tiers.own));
+            }
+        }
+    }
+
+    /// A spilled request: admitted while this pool's spill budget allows (`gpuha_liveness::tier`).
+    /// `Err(message)` when refused.
+    fn admit_spilled(&mut self, view: &gpuha_liveness::FleetView, vouched: u64, now: u64) -> Result<(), &'static str> {
+        let load = pool_load(view, &self.cfg.pick.pools, vouched, now, self.cfg.pick.freshness_gate_ms);
+        let budget = self.cfg.spill_budget;
+        let admitted = host::shared_update(SPILL_IN_FLIGHT_KEY, |cur| {
+            let n = u64_at(cur, 0);
+            Some(match admit_spill(n, load, &budget) {
+                Ok(()) => (encode_u64(n + 1), Ok(())),
+                Err(r) => (encode_u64(n), Err(r)),
+            })
+        });
+        match admitted {
+            Some(Ok(())) => {
+                self.holds_spill = true;
+                inc(self.stats.spill_received);
+                Ok(())
+            }
+            Some(Err(r)) => {
+                inc(self.stats.spill_refused);
+                Err(r.message())
+            }
+            // Shared data failed: fail open (admitted, uncounted).
+            None => Ok(()),
+        }
     }
 
     fn reply_error(&self, status: u16, message: &str, retry_after: Option<u32>) {
@@ -55,8 +117,16 @@ impl Picker {
         let Some((version, fetched, view)) = self.thread.borrow_mut().fleet() else {
             inc(self.stats.fail_open);
             host::debug("gpuha: no fleet view yet: fail open");
+            self.fail_open();
             return Action::Continue;
         };
+        if self.spilled && now.saturating_sub(fetched) <= self.cfg.pick.stale_after_ms {
+            if let Err(why) = self.admit_spilled(&view, fetched, now) {
+                // The sending router takes this 503 to its next tier at once.
+                self.reply_error(503, &format!("Spilled request refused: {why}."), Some(self.cfg.retry_after_s));
+                return Action::Pause;
+            }
+        }
         let bcfg = self.cfg.breaker;
         let not_closed = breakers::not_closed();
         let not_closed: Vec<&str> = not_closed.iter().map(String::as_str).collect();
@@ -79,8 +149,7 @@ impl Picker {
         };
         match decision {
             Decision::Endpoints { endpoints, probe } => {
-                let list = endpoints.join(",");
-                host::set_request_header(ENDPOINTS_HEADER, Some(&list));
+                self.list(&endpoints);
                 if let Some(p) = &probe {
                     host::set_request_header(PROBE_HEADER, Some(p));
                     inc(self.stats.probes);
@@ -93,12 +162,22 @@ impl Picker {
                 inc(self.stats.picks);
                 Action::Continue
             }
-            Decision::Stale | Decision::UnknownModel => {
+            Decision::Stale => {
+                inc(self.stats.fail_open);
+                self.fail_open();
+                Action::Continue
+            }
+            Decision::UnknownModel => {
+                // The own workers answer 404 for a model nobody serves: no tier is tried.
                 inc(self.stats.fail_open);
                 Action::Continue
             }
             Decision::NoWorker { fresh, serving } => {
                 inc(self.stats.no_worker);
+                if self.list(&[]) {
+                    // No own worker: the chain's tiers alone.
+                    return Action::Continue;
+                }
                 if self.cfg.no_worker == NoWorkerPolicy::FailOpen {
                     return Action::Continue;
                 }
@@ -136,8 +215,31 @@ impl Picker {
     }
 }
 
+impl Picker {
+    /// Marks an answer with the tier that served it, and counts it.
+    fn mark_tier(&self, status: u16) {
+        if status >= 500 {
+            return;
+        }
+        let Some(addr) = host::property_string(&["upstream", "address"]) else { return };
+        let chain = &self.cfg.tiers;
+        let name = chain.served_by(&addr);
+        host::set_response_header(TIER_HEADER, Some(name));
+        self.tier_served.inc(name);
+        match chain.tier_of(&addr).map(|t| t.kind) {
+            Some(TierKind::Spill) => inc(self.stats.spilled),
+            Some(TierKind::Degraded) => inc(self.stats.degraded),
+            Some(TierKind::Provider) => inc(self.stats.provider_served),
+            None => {}
+        }
+    }
+}
+
 impl Context for Picker {
     fn on_done(&mut self) -> bool {
+        if std::mem::take(&mut self.holds_spill) {
+            host::shared_update(SPILL_IN_FLIGHT_KEY, |cur| Some((encode_u64(u64_at(cur, 0).saturating_sub(1)), ())));
+        }
         // No answer reached the client (it went away, or Envoy reset the stream).
         self.judge_attempts(false);
         true
@@ -149,6 +251,8 @@ impl HttpContext for Picker {
         // Clients must not steer the load balancer or claim probes.
         host::set_request_header(ENDPOINTS_HEADER, None);
         host::set_request_header(PROBE_HEADER, None);
+        self.path = host::request_header(":path").unwrap_or_default();
+        self.spilled = host::request_header(SPILLED_HEADER).is_some();
         self.request_id = host::request_header(REQUEST_ID_HEADER).filter(|id| !id.is_empty());
         if end_of_stream {
             // No body (GET /v1/models, health checks): no pick, Envoy's fallback LB decides.
@@ -188,6 +292,9 @@ impl HttpContext for Picker {
     fn on_http_response_headers(&mut self, _n: usize, end_of_stream: bool) -> Action {
         let status = host::status();
         self.judge_attempts(status.is_some_and(|s| s < 500));
+        if let Some(s) = status {
+            self.mark_tier(s);
+        }
         if !self.cfg.rewrite_local_replies || end_of_stream {
             return Action::Continue;
         }

@@ -12,12 +12,13 @@ use proxy_wasm::types::{BufferType, ContextType, LogLevel};
 
 use crate::cache::Thread;
 use crate::config::Config;
+use crate::adapter::Adapter;
 use crate::failwhale::Failwhale;
 use crate::guard::{self, GuardCtx, Registry};
 use crate::host;
 use crate::picker::Picker;
 use crate::poll::{self, InFlight};
-use crate::stats::Stats;
+use crate::stats::{Stats, TierStats};
 
 pub struct Root {
     id: u32,
@@ -28,11 +29,13 @@ pub struct Root {
     poll_path: String,
     /// The guard's attempts on this thread (guard role).
     registry: Rc<RefCell<Registry>>,
+    /// Per-tier counters: answers served (picker), attempts (guard).
+    tier_stats: Rc<TierStats>,
 }
 
 impl Root {
     pub fn new(id: u32) -> Self {
-        Root { id, cfg: None, stats: Stats::default(), thread: Rc::new(RefCell::new(Thread::new())), poll: None, poll_path: String::new(), registry: Rc::default() }
+        Root { id, cfg: None, stats: Stats::default(), thread: Rc::new(RefCell::new(Thread::new())), poll: None, poll_path: String::new(), registry: Rc::default(), tier_stats: Rc::default() }
     }
 
     fn seed() -> u64 {
@@ -66,6 +69,13 @@ impl RootContext for Root {
             }
         };
         self.stats = Stats::define();
+        let names = |c: &gpuha_liveness::tier::Chain| std::iter::once(c.own.clone()).chain(c.tiers.iter().map(|t| t.name.clone())).collect::<Vec<_>>();
+        self.tier_stats = Rc::new(match &cfg {
+            Config::Picker(p) => TierStats::define(names(&p.tiers).iter().map(String::as_str), "served"),
+            // A tier's own guard (no chain) counts nothing: the main guard counted the attempt.
+            Config::Guard(g) if !g.tiers.tiers.is_empty() => TierStats::define(names(&g.tiers).iter().map(String::as_str), "attempts"),
+            _ => TierStats::default(),
+        });
         self.thread.borrow_mut().rng = Rng::new(Self::seed() ^ u64::from(self.id));
         if let Config::Picker(p) = &cfg {
             self.poll_path = poll::poll_path(p);
@@ -103,16 +113,17 @@ impl RootContext for Root {
                 let Some((_, vouched, view)) = self.thread.borrow_mut().fleet() else { return };
                 guard::rescue_tick(&self.registry, &view, vouched, g, &self.stats);
             }
-            Config::Failwhale(_) => {}
+            Config::Failwhale(_) | Config::Tier(_) => {}
         }
     }
 
     fn create_http_context(&self, context_id: u32) -> Option<Box<dyn HttpContext>> {
         let stats = self.stats;
         Some(match self.cfg.as_deref() {
-            Some(Config::Picker(p)) => Box::new(Picker::new(Rc::new(p.clone()), stats, self.thread.clone())),
-            Some(Config::Guard(g)) => Box::new(GuardCtx::new(context_id, self.registry.clone(), Rc::new(g.clone()), stats)),
+            Some(Config::Picker(p)) => Box::new(Picker::new(Rc::new(p.clone()), stats, self.thread.clone(), self.tier_stats.clone())),
+            Some(Config::Guard(g)) => Box::new(GuardCtx::new(context_id, self.registry.clone(), Rc::new(g.clone()), stats, self.tier_stats.clone())),
             Some(Config::Failwhale(f)) => Box::new(Failwhale::new(Rc::new(f.clone()), stats)),
+            Some(Config::Tier(t)) => Box::new(Adapter::new(Rc::new(t.clone()), stats)),
             None => Box::new(PassThrough),
         })
     }

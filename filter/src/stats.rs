@@ -31,6 +31,20 @@ pub struct Stats {
     pub stall_rescues: Option<u32>,
     pub stall_truncations: Option<u32>,
     pub stalled_fail_open: Option<u32>,
+    /// Answers served by a spill tier (another pool's router).
+    pub spilled: Option<u32>,
+    /// Answers served by a degraded tier.
+    pub degraded: Option<u32>,
+    /// Answers served by a provider tier.
+    pub provider_served: Option<u32>,
+    /// Attempts sent to a provider tier (each one may cost money).
+    pub provider_calls: Option<u32>,
+    /// Spilled requests this router admitted / refused (its spill budget).
+    pub spill_received: Option<u32>,
+    pub spill_refused: Option<u32>,
+    /// Requests a tier's adapter rewrote / could not rewrite (sent on unchanged).
+    pub tier_adapted: Option<u32>,
+    pub tier_adapt_failures: Option<u32>,
 }
 
 impl Stats {
@@ -66,6 +80,46 @@ impl Stats {
             stall_rescues: c("stall_rescues"),
             stall_truncations: c("stall_truncations"),
             stalled_fail_open: c("stalled_fail_open"),
+            spilled: c("spilled"),
+            degraded: c("degraded"),
+            provider_served: c("provider_served"),
+            provider_calls: c("provider_calls"),
+            spill_received: c("spill_received"),
+            spill_refused: c("spill_refused"),
+            tier_adapted: c("tier_adapted"),
+            tier_adapt_failures: c("tier_adapt_failures"),
+        }
+    }
+}
+
+/// Per-tier counters `gpuha.tier.<name>.<what>` (Envoy's `stats_tags` in pool-router.yaml turn
+/// the name into a `tier` label in Prometheus), one id per tier of the chain plus the own tier.
+#[derive(Debug, Clone, Default)]
+pub struct TierStats {
+    ids: Vec<(String, Option<u32>)>,
+}
+
+impl TierStats {
+    /// Defines `gpuha.tier.<name>.<what>` for each name.
+    pub fn define<'a>(names: impl Iterator<Item = &'a str>, what: &str) -> TierStats {
+        let ids = names
+            .map(|n| {
+                let id = match hostcalls::define_metric(MetricType::Counter, &format!("gpuha.tier.{n}.{what}")) {
+                    Ok(id) => Some(id),
+                    Err(e) => {
+                        warn(&format!("gpuha: define_metric tier.{n}.{what}: {e:?}"));
+                        None
+                    }
+                };
+                (n.to_string(), id)
+            })
+            .collect();
+        TierStats { ids }
+    }
+
+    pub fn inc(&self, name: &str) {
+        if let Some((_, id)) = self.ids.iter().find(|(n, _)| n == name) {
+            inc(*id);
         }
     }
 }

@@ -45,3 +45,28 @@ fn poll_path_asks_for_the_cacheable_view_of_the_routers_pools() {
     let Config::Picker(p) = Config::parse(br#"{"role":"picker","fleet_path":"/v1/fleet?x=1","pick":{"pools":["a","b"]}}"#).unwrap() else { panic!() };
     assert_eq!(poll_path(&p), "/v1/fleet?x=1&ages=bounded&pool=a,b");
 }
+
+#[test]
+fn fallback_chain_and_tier_role() {
+    let Config::Picker(p) = Config::parse(
+        br#"{"role":"picker","tiers":{"own":"eu","own_endpoints":["10.0.0.5:8000"],"tiers":[{"name":"us","kind":"spill","endpoints":["10.0.2.1:10000"]},{"name":"small","kind":"degraded","endpoints":["127.0.0.1:10101"]}]},"spill_budget":{"share":0.25}}"#,
+    )
+    .unwrap() else {
+        panic!("not a picker")
+    };
+    assert_eq!(p.tiers.served_by("10.0.2.1:10000"), "us");
+    assert_eq!(p.spill_budget.share, 0.25);
+    assert_eq!(p.spill_budget.slots_per_worker, 64.0);
+    // Order spill → degraded → provider, unique names, a share in 0..=1.
+    assert!(Config::parse(br#"{"role":"picker","tiers":{"tiers":[{"name":"s","kind":"degraded","endpoints":["127.0.0.1:1"]},{"name":"b","kind":"spill","endpoints":["127.0.0.1:2"]}]}}"#).unwrap_err().contains("order"));
+    assert!(Config::parse(br#"{"role":"picker","spill_budget":{"share":2}}"#).unwrap_err().contains("spill_budget.share"));
+    assert!(Config::parse(br#"{"role":"guard","tiers":{"own":"Not OK"}}"#).unwrap_err().contains("tiers.own"));
+
+    let Config::Tier(t) = Config::parse(br#"{"role":"tier","name":"small","kind":"degraded","adapt":{"model":"small","max_tokens":64,"set":{"temperature":0}}}"#).unwrap() else {
+        panic!("not a tier")
+    };
+    assert_eq!(t.adapt.max_tokens, Some(64));
+    assert!(Config::parse(br#"{"role":"tier","name":"b","kind":"spill"}"#).unwrap_err().contains("spill"));
+    assert!(Config::parse(br#"{"role":"tier","name":"s","kind":"degraded","adapt":{"set":{"stream":false}}}"#).unwrap_err().contains("adapt.set"));
+    assert!(Config::parse(br#"{"role":"tier","name":"s","kind":"provider","adapt":{"max_token":5}}"#).unwrap_err().contains("unknown field"));
+}

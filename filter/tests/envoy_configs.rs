@@ -99,6 +99,34 @@ fn pool_router_with_options_validates() {
     );
 }
 
+/// The fallback chain: a spill tier, a degraded tier's adapter listener and cluster, a provider
+/// over TLS with its API key from a file (a secret, the credential injector).
+#[test]
+fn pool_router_with_fallback_chain_validates() {
+    let dir = std::env::temp_dir().join(format!("gpuha-chain-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("temp dir");
+    let (key, ca, ca_key) = (dir.join("api.key"), dir.join("ca.pem"), dir.join("ca.key"));
+    std::fs::write(&key, "sk-test\n").expect("key file");
+    let st = Command::new("openssl")
+        .args(["req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes", "-days", "1", "-subj", "/CN=provider.test", "-keyout"])
+        .arg(&ca_key)
+        .arg("-out")
+        .arg(&ca)
+        .output()
+        .expect("openssl not runnable (Debian: openssl)");
+    assert!(st.status.success(), "{}", String::from_utf8_lossy(&st.stderr));
+    let degraded = r#"{"name":"small","port":10101,"workers":["127.0.0.1:8101","127.0.0.1:8102"],"model":"small","max_tokens":256,"set":{"temperature":0}}"#;
+    let provider = format!(r#"{{"name":"openai","port":10102,"url":"https://api.example.com/openai/v1","model":"gpt-4o-mini","max_tokens":512,"api_key_file":"{}","ca_file":"{}"}}"#, key.display(), ca.display());
+    render_and_validate(
+        &[
+            "pool-router", "--listen-port", "10000", "--admin-port", "9901", "--workers", "10.0.0.5:8000,10.0.0.6:8000", "--fleet", "127.0.0.1:8080",
+            "--tier-name", "eu", "--spill", "us=10.0.2.1:10000,10.0.2.2:10000", "--degraded", degraded, "--provider", &provider, "--spill-share", "0.25",
+        ],
+        "pool-router-chain",
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
 #[test]
 fn failwhale_validates() {
     render_and_validate(
@@ -116,6 +144,11 @@ fn render_rejects_bad_arguments() {
         // One option sets the body limit, so that Envoy's buffer limits follow it.
         vec!["pool-router", "--listen-port", "1", "--admin-port", "2", "--workers", "127.0.0.1:1", "--fleet", "127.0.0.1:1", "--picker-config", r#"{"max_body_bytes":1}"#],
         vec!["failwhale", "--listen-port", "1", "--admin-port", "2", "--max-body-bytes", "0"],
+        // Tiers: a bad name, a missing key, a tier endpoint that is also a worker, a share above 1.
+        vec!["pool-router", "--listen-port", "1", "--admin-port", "2", "--workers", "127.0.0.1:1", "--fleet", "127.0.0.1:1", "--spill", "Bad Name=127.0.0.1:2"],
+        vec!["pool-router", "--listen-port", "1", "--admin-port", "2", "--workers", "127.0.0.1:1", "--fleet", "127.0.0.1:1", "--degraded", r#"{"name":"s","workers":["127.0.0.1:3"]}"#],
+        vec!["pool-router", "--listen-port", "1", "--admin-port", "2", "--workers", "127.0.0.1:1", "--fleet", "127.0.0.1:1", "--spill", "b=127.0.0.1:1"],
+        vec!["pool-router", "--listen-port", "1", "--admin-port", "2", "--workers", "127.0.0.1:1", "--fleet", "127.0.0.1:1", "--spill-share", "1.5"],
     ] {
         let st = Command::new("python3").arg(repo().join("envoy/render.py")).args(&bad).output().expect("python3");
         assert_eq!(st.status.code(), Some(2), "{bad:?} should be refused");

@@ -17,6 +17,7 @@
 //! | [`request`] | the picker's bounded scan of a request body for `model` and `stream` |
 //! | [`slots`] | byte layouts of the filter's shared-data slots |
 //! | [`openai_error`] | OpenAI-shaped error bodies (JSON and SSE) |
+//! | [`tier`] | the fallback chain: tiers after the own workers, the spill budget, adapting a request to a degraded tier or a provider |
 //!
 //! Everything here is pure: no clocks (banned by this crate's `clippy.toml`), no sockets, no
 //! threads. Time is milliseconds since the Unix epoch passed in as `now_ms`, so tests drive
@@ -36,6 +37,7 @@ pub mod pick;
 pub mod request;
 pub mod slots;
 pub mod sse;
+pub mod tier;
 
 pub use fleet::{bounded_age_ms, Ages, Condition, FAILBACK_HOLD_DOWN_MS, FleetState, FleetView, Liveness, PoolOutlook, PoolView, WorkerView, VIEW_AGE_FLOOR_MS, VIEW_AGE_STALE_MS};
 pub use frame::{Frame, FrameError, KeyRing, Metrics, MAX_FRAME_LEN};

@@ -10,6 +10,7 @@
 //! | `gpuha.poll` | 8 bytes LE: when the last poll was started |
 //! | `gpuha.breaker.<ip:port>` | that worker's breaker ([`crate::breaker::Breaker::encode`]) |
 //! | `gpuha.breakers.not_closed` | comma-separated addresses whose circuit is not closed |
+//! | `gpuha.spill.in_flight` | 8 bytes LE: spilled requests this router is serving now ([`crate::tier::admit_spill`]) |
 //! | `gpuha.req.<n>` | one of [`REQUEST_SLOTS`] slots: a request's id, `\n`, its noted attempt failures ([`crate::blame`]) |
 
 pub const FLEET_KEY: &str = "gpuha.fleet";
@@ -19,6 +20,9 @@ pub const POLL_KEY: &str = "gpuha.poll";
 /// Every other worker is admitted without reading its breaker, so a pick costs one shared-data
 /// read, not one per worker.
 pub const NOT_CLOSED_KEY: &str = "gpuha.breakers.not_closed";
+/// Spilled requests being served by this router (incremented when one is admitted, decremented
+/// when it ends).
+pub const SPILL_IN_FLIGHT_KEY: &str = "gpuha.spill.in_flight";
 
 /// Slots for the requests' noted failures: a bounded ring, so that shared data (which has no
 /// delete) cannot grow with the number of requests. Two requests failing at once in the same

@@ -643,13 +643,14 @@ def per_worker(outcomes: Iterable[Outcome]) -> dict[str, int]:
 
 
 def _stack_pool_router(self: Stack, name: str = "envoy", workers: Optional[Iterable[Worker]] = None,
-                       **render_opts) -> Envoy:
+                       port: Optional[int] = None, **render_opts) -> Envoy:
     """Renders pool-router.yaml for `workers` (default: every worker started so far) and dnsd,
     starts Envoy and waits for it to be ready. `render_opts` are render.py flags
-    (per_try_timeout="1s", picker_config=json.dumps({...}), ...)."""
+    (per_try_timeout="1s", picker_config=json.dumps({...}), ...). `port`: the listener's port
+    (default: a free one), for routers that must know each other's address before they start."""
     assert self.dnsd is not None, "start dnsd before Envoy"
     ws = list(workers if workers is not None else self.workers.values())
-    port = free_port()
+    port = port or free_port()
     access_log = self.logdir / f"{name}.access.log"
     cfg = self.render("pool-router", self.logdir / f"{name}.yaml", listen_port=port, admin_port=0,
                       workers=",".join(w.addr for w in ws), fleet=self.dnsd.http, wasm=wasm_path(),
@@ -678,7 +679,7 @@ def filter_stat(envoy: Envoy, name: str) -> int:
 ACCESS_RX = re.compile(
     r"^\[(?P<start>[^\]]+)\] \"(?P<method>\S+) (?P<path>\S+)\" (?P<code>\d+) flags=(?P<flags>\S*) "
     r"upstream=(?P<upstream>\S*) attempts=(?P<attempts>\S*) guard=(?P<guard>\S*) endpoints=(?P<endpoints>\S*)"
-    r"(?: probe=(?P<probe>\S*))?")
+    r"(?: probe=(?P<probe>\S*))?(?: tier=(?P<tier>\S*) spilled=(?P<spilled>\S*))?")
 
 
 def access_entries(envoy: Envoy, settle: bool = True) -> list[dict]:
@@ -705,5 +706,7 @@ def access_entries(envoy: Envoy, settle: bool = True) -> list[dict]:
         d["attempts"] = int(d["attempts"]) if d["attempts"].isdigit() else 0
         d["endpoints"] = [] if d["endpoints"] in ("", "-") else d["endpoints"].split(",")
         d["probe"] = None if d.get("probe") in (None, "", "-") else d["probe"]
+        d["tier"] = None if d.get("tier") in (None, "", "-") else d["tier"]
+        d["spilled"] = None if d.get("spilled") in (None, "", "-") else d["spilled"]
         out.append(d)
     return out

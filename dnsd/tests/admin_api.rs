@@ -145,8 +145,9 @@ async fn a_drained_pool_leaves_the_answer_and_is_safe_after_its_last_ttl() {
     let d = start_admin(None).await;
     let stop = sidecars(&d, &[("a1", "pool-a"), ("b1", "pool-b")]);
     fleet_of(&d, 2).await;
-    assert_eq!(answer(&d, "api.gpuha.test.").await, ["10.0.1.1", "10.0.2.1", "10.0.2.2"]);
+    // Taken before the query: dnsd hands the answer out (and starts its TTL) after this instant.
     let last_answer = now_ms();
+    assert_eq!(answer(&d, "api.gpuha.test.").await, ["10.0.1.1", "10.0.2.1", "10.0.2.2"]);
 
     let (st, resp) = request(d.http, "POST", "/v1/admin/pools/pool-b", Some(TOKEN), r#"{"state":"drain","reason":"maintenance"}"#).await;
     assert_eq!(st, 200, "{resp}");

@@ -17,6 +17,7 @@ import calendar
 import json
 import re
 import signal
+import statistics
 import subprocess
 import time
 from typing import Optional
@@ -555,6 +556,69 @@ def test_sigterm_stall(rig: Rig):
         for t in bg_threads:
             t.join(60)
         record("drill stall", f"{time.monotonic() - t_start:.1f}s (includes any restart)")
+
+
+def test_real_vllm_as_the_degraded_tier(rig: Rig):
+    """Issue 13: the CPU build as the degraded tier behind a pool of fake full-size workers
+    (model `big`), which are all killed mid-traffic: the router's next tier, this real server
+    (model rewritten to its served name, `max_tokens` capped), serves every request after the
+    kill with 0 client errors; the SDK sees a normal completion naming the degraded model, capped
+    (`finish_reason` "length"); `x-gpuha-tier` names the tier."""
+    t_start = time.monotonic()
+    rig.ensure_up()
+    st = rig.stack
+    big = [st.start_worker(f"big{i}", model="big", pool="big", ttft_ms=30, tokens_per_s=200) for i in (1, 2)]
+    st.wait_fresh([w.id for w in big])
+    cap = 6
+    tier = json.dumps({"name": "cpu", "port": harness.free_port(), "workers": [rig.servers["v1"].addr],
+                       "model": vllm_rig.MODEL, "max_tokens": cap, "set": {"temperature": 0}})
+    envoy = st.start_pool_router("envoy-degraded", workers=big, pool="big", tier_name="big", degraded=tier)
+    try:
+        wait_for(lambda: harness.filter_stat(envoy, "fleet_polls") >= 1, 10, "the picker's first fleet poll")
+        client = make_client(envoy.base_url, timeout=120)
+
+        def one(i: int):
+            t0 = time.monotonic()
+            r = client.chat.completions.with_raw_response.create(
+                model="big", messages=[{"role": "user", "content": f"degraded {i}"}], max_tokens=32)
+            c = r.parse()
+            return t0, time.monotonic() - t0, r.headers.get("x-gpuha-tier"), c
+
+        before = [one(i) for i in range(4)]
+        kill_mono = time.monotonic()
+        for w in big:
+            w.proc.kill9()
+            if w.sidecar is not None:
+                w.sidecar.kill9()
+        after, errors = [], []
+        i = 100
+        while time.monotonic() < kill_mono + 8.0 or len(after) < 6:
+            try:
+                after.append(one(i))
+            except Exception as e:  # noqa: BLE001 - every client error is a failure of the drill
+                errors.append(f"#{i}: {e!r}")
+            i += 1
+            assert time.monotonic() < kill_mono + 120, "the drill ran past two minutes"
+        tiers = {}
+        for _, _, t, _ in after:
+            tiers[t] = tiers.get(t, 0) + 1
+        deg = [(d, c) for _, d, t, c in after if t == "cpu"]
+        own_ms = statistics.median(d for _, d, _, _ in before) * 1e3
+        deg_ms = statistics.median(d for d, _ in deg) * 1e3 if deg else float("nan")
+        report(f"COUNTS degraded: {len(after)} requests after every full-size worker died, client errors {len(errors)}, "
+               f"served per tier {tiers}; whole answer median: full-size {own_ms:.0f} ms, degraded (real vLLM, "
+               f"{cap} tokens) {deg_ms:.0f} ms; gpuha.degraded={harness.filter_stat(envoy, 'degraded')} "
+               f"tier_adapted={harness.filter_stat(envoy, 'tier_adapted')}")
+        assert not errors, errors[:5]
+        assert all(t == "big" and c.model == "big" for _, _, t, c in before)
+        assert deg, "the degraded tier served nothing"
+        for _, c in deg:
+            assert c.model == vllm_rig.MODEL, c.model
+            assert c.choices[0].finish_reason == "length" and c.usage.completion_tokens == cap, c
+        assert all(t in ("big", "cpu") for t in tiers), tiers
+    finally:
+        rig.stop_envoy(envoy)
+    record("drill degraded", f"{time.monotonic() - t_start:.1f}s")
 
 
 def test_apiserver_only_kill_leaves_orphans(rig: Rig):

@@ -151,7 +151,22 @@ fn mix(mut z: u64) -> u64 {
 /// Rendezvous weight of worker `addr` for key `key`: the key prefers the eligible worker with
 /// the highest weight, then the next highest, and so on. Same answer on every platform.
 pub fn weight(key: u64, addr: &str) -> u64 {
-    mix(key ^ mix(fnv1a(0, addr.as_bytes())))
+    weight_of(key, addr_hash(addr))
+}
+
+/// The part of [`weight`] that depends on the address only (kept per worker in a ranking).
+pub fn addr_hash(addr: &str) -> u64 {
+    mix(fnv1a(0, addr.as_bytes()))
+}
+
+/// [`weight`] from the address's [`addr_hash`].
+pub fn weight_of(key: u64, addr_hash: u64) -> u64 {
+    mix(key ^ addr_hash)
+}
+
+/// The margin over the best predicted TTFT within which a key's worker is taken.
+pub fn spill_limit(best_ms: f64, cfg: &AffinityConfig) -> f64 {
+    best_ms * (1.0 + cfg.spill_ratio) + cfg.spill_ms
 }
 
 /// Why a message ends the fingerprint or not: system and developer messages are shared

@@ -31,6 +31,11 @@ pub struct Stats {
     pub stall_rescues: Option<u32>,
     pub stall_truncations: Option<u32>,
     pub stalled_fail_open: Option<u32>,
+    /// Picks with an affinity key; of those, first attempts on the key's worker (hits) and on
+    /// the next one in its order because the key's worker was over the margin (spills).
+    pub affinity_keyed: Option<u32>,
+    pub affinity_hits: Option<u32>,
+    pub affinity_spills: Option<u32>,
 }
 
 impl Stats {
@@ -66,6 +71,9 @@ impl Stats {
             stall_rescues: c("stall_rescues"),
             stall_truncations: c("stall_truncations"),
             stalled_fail_open: c("stalled_fail_open"),
+            affinity_keyed: c("affinity_keyed"),
+            affinity_hits: c("affinity_hits"),
+            affinity_spills: c("affinity_spills"),
         }
     }
 }

@@ -54,8 +54,12 @@ impl Default for AffinityConfig {
             message_bytes: 1024,
             max_messages: 4,
             prompt_bytes: 2048,
-            spill_ratio: 1.0,
-            spill_ms: 50.0,
+            // A hit saves the prefill of the whole cached history; the local load counted on top
+            // of a frame overstates a busy worker's queue (requests finished since the frame
+            // still count), so the margin is wide: 1.0 + 50 ms spilled 7 of 97 turns of a
+            // 6-client multi-turn drill on idle workers.
+            spill_ratio: 3.0,
+            spill_ms: 100.0,
         }
     }
 }

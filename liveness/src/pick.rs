@@ -1185,12 +1185,12 @@ mod tests {
         };
         let (first, o) = keyed_first(&view(ws.clone()), key, &cfg);
         assert_eq!((first.as_str(), o), (order[0].as_str(), Outcome::Hit));
-        // Its worker a little busier: within the margin (best 50 ms, limit 150 ms), still a hit.
+        // Its worker busier: within the margin (best 50 ms, limit 300 ms), still a hit.
         let hot = ws.iter().position(|x| x.addr == order[0]).unwrap();
-        ws[hot].waiting = Some(1.0);
+        ws[hot].waiting = Some(4.0);
         assert_eq!(keyed_first(&view(ws.clone()), key, &cfg), (order[0].clone(), Outcome::Hit));
         // Loaded past the margin: the next worker in the key's order, a spill.
-        ws[hot].waiting = Some(3.0);
+        ws[hot].waiting = Some(6.0);
         assert_eq!(keyed_first(&view(ws.clone()), key, &cfg), (order[1].clone(), Outcome::Spill));
         // Local sends count as load too: a burst for one key spills within one snapshot.
         ws[hot].waiting = Some(0.0);
@@ -1198,13 +1198,13 @@ mod tests {
         let ranked = Ranked::build(&v, &cfg);
         let mut load = LocalLoad::default();
         let mut firsts = Vec::new();
-        for t in 0..6 {
+        for t in 0..8 {
             let (d, _) = pick_ranked(&ranked, &v, 0, t, Some("tiny"), Some(key), &load, &mut Rng::new(t), &cfg, &[], |_| Admission::Allow, |_| false);
             let Decision::Endpoints { endpoints, .. } = d else { panic!() };
             load.record(&endpoints[0], t);
             firsts.push(endpoints[0].clone());
         }
-        assert_eq!(firsts[..2], [order[0].clone(), order[0].clone()], "{firsts:?}");
+        assert!(firsts[..5].iter().all(|f| f == &order[0]), "{firsts:?}");
         assert!(firsts.contains(&order[1]), "the burst spills: {firsts:?}");
         // Affinity off: the same view gives the load-only pick (power of two choices).
         let off = PickConfig { affinity: AffinityConfig { enabled: false, ..AffinityConfig::default() }, ..PickConfig::default() };

@@ -39,6 +39,8 @@ WASM = TARGET / "wasm32-wasip1" / "release" / "gpuha_filter.wasm"
 # Optional: an older build of the filter measured side by side with WASM in the same run
 # (`l7` variant "envoy+filter (baseline)", `fleet` rows with filter "baseline").
 BASELINE_WASM = os.environ.get("GPUHA_BENCH_BASELINE_WASM")
+# A previous gpuha-sidecar build, measured beside the current one in the sidecar section.
+BASELINE_SIDECAR = os.environ.get("GPUHA_BENCH_BASELINE_SIDECAR")
 TOOL = Path(os.environ.get("GPUHA_BENCH_TOOL", TARGET / "release" / "gpuha-bench"))
 VENV = Path(os.environ.get("GPUHA_BENCH_VENV", Path.home() / ".cache" / "gpuha-bench" / "venv"))
 NCPU = os.cpu_count() or 1
@@ -227,8 +229,8 @@ def dnsd(name="dnsd", cpu=LOAD_CPU, config=None, env=None):
     return p, m.group(1), m.group(2), m.group(3)
 
 
-def sidecar(wid, worker_addr, ingest, pool="pool-a", cpu=LOAD_CPU, interval_ms=500, metrics_url=None, extra=()):
-    return PROCS.start(f"sidecar-{wid}", [REL / "gpuha-sidecar", "--metrics-url",
+def sidecar(wid, worker_addr, ingest, pool="pool-a", cpu=LOAD_CPU, interval_ms=500, metrics_url=None, extra=(), binary=None):
+    return PROCS.start(f"sidecar-{wid}", [binary or REL / "gpuha-sidecar", "--metrics-url",
                                           metrics_url or f"http://{worker_addr}/metrics", "--ingest", ingest,
                                           "--worker-id", wid, "--pool", pool, "--serve-addr", worker_addr,
                                           "--key-file", make_key(), "--key-id", "1", "--interval-ms", str(interval_ms),
@@ -920,44 +922,48 @@ def big_metrics_page(copies):
 
 
 def sec_sidecar(R, quick):
+    """The sidecar scraping static /metrics pages of growing size (vLLM's page with many engines'
+    label sets): CPU per scrape and RSS. With GPUHA_BENCH_BASELINE_SIDECAR, that build is
+    measured beside the current one, page by page."""
     rows = []
     secs = 5 if quick else 10
     srv_py = WORK / "metrics_server.py"
     srv_py.write_text(METRICS_SERVER)
+    variants = [("current", None)] + ([("baseline", BASELINE_SIDECAR)] if BASELINE_SIDECAR else [])
     for copies in ([1, 20, 120] if quick else [1, 20, 120, 200]):
         page = WORK / f"metrics-{copies}.txt"
         page.write_text(big_metrics_page(copies))
         size = page.stat().st_size
         sp, m = PROCS.start(f"metrics-srv-{copies}", [sys.executable, srv_py, page], cpu=LOAD_CPU, wait=r"LISTENING (\S+)")
-        sink = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-        sink.bind(("127.0.0.1", 0))
-        sink.setblocking(False)
-        sink_addr = "127.0.0.1:%d" % sink.getsockname()[1]
-        p = sidecar(f"fp{copies}", "127.0.0.1:8000", sink_addr, cpu=SUT_CPU, interval_ms=100,
-                    metrics_url=f"http://{m.group(1)}/metrics", extra=["--scrape-timeout-ms", "400"])
-        time.sleep(1.0)
-        c0 = cpu_seconds(p.pid)
-        frames0 = 0
-        t0 = time.time()
-        frames = 0
-        while time.time() - t0 < secs:
-            try:
-                while True:
-                    sink.recv(2048)
-                    frames += 1
-            except BlockingIOError:
-                pass
-            time.sleep(0.05)
-        el = time.time() - t0
-        c1 = cpu_seconds(p.pid)
-        row = {"page_bytes": size, "series": copies, "frames": frames, "scrapes_per_s": frames / el,
-               "cpu_ms_per_scrape": (c1 - c0) / frames * 1e3 if frames else None,
-               "rss_kib": rss_kib(p.pid), "hwm_kib": rss_kib(p.pid, "VmHWM"), "alive": p.poll() is None}
-        rows.append(row)
-        note(f"sidecar footprint: {row}")
-        PROCS.stop(p)
+        for variant, binary in variants:
+            sink = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+            sink.bind(("127.0.0.1", 0))
+            sink.setblocking(False)
+            sink_addr = "127.0.0.1:%d" % sink.getsockname()[1]
+            p = sidecar(f"fp{copies}-{variant}", "127.0.0.1:8000", sink_addr, cpu=SUT_CPU, interval_ms=100,
+                        metrics_url=f"http://{m.group(1)}/metrics", extra=["--scrape-timeout-ms", "400"], binary=binary)
+            time.sleep(1.0)
+            c0 = cpu_seconds(p.pid)
+            t0 = time.time()
+            frames = 0
+            while time.time() - t0 < secs:
+                try:
+                    while True:
+                        sink.recv(2048)
+                        frames += 1
+                except BlockingIOError:
+                    pass
+                time.sleep(0.05)
+            el = time.time() - t0
+            c1 = cpu_seconds(p.pid)
+            row = {"variant": variant, "page_bytes": size, "series": copies, "frames": frames, "scrapes_per_s": frames / el,
+                   "cpu_ms_per_scrape": (c1 - c0) / frames * 1e3 if frames else None,
+                   "rss_kib": rss_kib(p.pid), "hwm_kib": rss_kib(p.pid, "VmHWM"), "alive": p.poll() is None}
+            rows.append(row)
+            note(f"sidecar footprint: {row}")
+            PROCS.stop(p)
+            sink.close()
         PROCS.stop(sp)
-        sink.close()
     R["sidecar"] = rows
 
 
@@ -1643,9 +1649,10 @@ def report(R, outdir):
     sc = R.get("sidecar")
     if sc:
         md += ["", "## 5. Sidecar footprint (scrape every 100 ms, static server)", "",
-               "| /metrics bytes | engines | scrapes/s | CPU ms/scrape | RSS KiB | peak RSS KiB |", "|---:|---:|---:|---:|---:|---:|"]
+               "| build | /metrics bytes | engines | scrapes/s | CPU ms/scrape | RSS KiB | peak RSS KiB |", "|---|---:|---:|---:|---:|---:|---:|"]
         for r in sc:
-            md.append(f"| {fmt(r['page_bytes'])} | {r['series']} | {r['scrapes_per_s']:.1f} | {fmt(r['cpu_ms_per_scrape'], 2)} | {fmt(r['rss_kib'])} | {fmt(r['hwm_kib'])} |")
+            md.append(f"| {r.get('variant', 'current')} | {fmt(r['page_bytes'])} | {r['series']} | {r['scrapes_per_s']:.1f} | {fmt(r['cpu_ms_per_scrape'], 2)} | {fmt(r['rss_kib'])} | {fmt(r['hwm_kib'])} |")
+        sc = [r for r in sc if r.get("variant", "current") == "current"]
         worst = max(r["hwm_kib"] for r in sc)
         targets.append(("sidecar ≤ 8 MiB RSS", worst <= 8192, f"peak {worst} KiB at {max(r['page_bytes'] for r in sc):,} B pages"))
     dp = R.get("dnsperf")

@@ -64,7 +64,8 @@ impl Sidecar {
     /// Scrapes once and builds the next frame (the sequence advances only on success).
     pub fn scrape(&mut self) -> Result<Frame, ScrapeFailed> {
         let timeout = Duration::from_millis(self.config.scrape_timeout_ms);
-        let body = http::get(&self.config.metrics_url, timeout, self.config.max_metrics_bytes)?;
+        // Only the lines the mapping reads are kept while the page streams in.
+        let body = http::get_lines(&self.config.metrics_url, timeout, self.config.max_metrics_bytes, scrape::wanted_line)?;
         let scraped = scrape::parse(&body)?;
         self.saturated_total += scraped.saturated.len() as u64;
         self.saturated = scraped.saturated;

@@ -58,6 +58,32 @@ fn n(name: &str) -> String {
     name.replace(':', "__")
 }
 
+/// Every vLLM name the mapping below reads.
+const WANTED: [&str; 10] = [
+    "vllm:num_requests_running",
+    "vllm:num_requests_waiting",
+    "vllm:kv_cache_usage_perc",
+    "vllm:gpu_cache_usage_perc",
+    "vllm:time_to_first_token_seconds_sum",
+    "vllm:time_to_first_token_seconds_count",
+    "vllm:prompt_tokens_total",
+    "vllm:generation_tokens_total",
+    "vllm:num_preemptions_total",
+    "vllm:iteration_tokens_total_count",
+];
+
+/// Whether a `/metrics` line can matter to [`parse`]: a sample of a name the mapping reads, or
+/// a vLLM `# TYPE` line. The sidecar keeps only these while the page streams in, so a page of
+/// many megabytes (thousands of label sets of other series) costs a scan, not a parse.
+pub fn wanted_line(line: &[u8]) -> bool {
+    if let Some(rest) = line.strip_prefix(b"# TYPE ") {
+        return rest.starts_with(b"vllm:");
+    }
+    let end = line.iter().position(|b| *b == b'{' || *b == b' ' || *b == b'\t').unwrap_or(line.len());
+    let name = &line[..end];
+    WANTED.iter().any(|w| w.as_bytes() == name)
+}
+
 pub fn parse(text: &str) -> Result<Scraped, ParseError> {
     let scrape = Scrape::parse(text.lines().map(|l| Ok(escape_colons(l)))).map_err(|e| ParseError::Text(e.to_string()))?;
     let mut saturated = Vec::new();
@@ -130,6 +156,29 @@ vllm:gpu_cache_usage_perc{engine=\"1\",model_name=\"m\"} 0.7\n";
         assert_eq!(s.metrics.kv_usage, Some(0.7));
         assert_eq!(s.metrics.waiting, None);
         assert_eq!(s.models, vec!["m".to_string()]);
+    }
+
+    /// Keeping only the wanted lines changes nothing: every real capture maps the same.
+    #[test]
+    fn the_line_filter_keeps_every_number_the_mapping_reads() {
+        let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/../tests/data/vllm-0.32.0-cpu/");
+        let mut n = 0;
+        for e in std::fs::read_dir(dir).unwrap() {
+            let p = e.unwrap().path();
+            let name = p.file_name().unwrap().to_string_lossy().to_string();
+            if !name.starts_with("metrics-") {
+                continue;
+            }
+            let text = std::fs::read_to_string(&p).unwrap();
+            let kept: String = text.split_inclusive('\n').filter(|l| wanted_line(l.trim_end().as_bytes())).collect();
+            assert!(kept.len() * 4 < text.len(), "{name}: the filter kept {} of {} bytes", kept.len(), text.len());
+            assert_eq!(parse(&kept).unwrap(), parse(&text).unwrap(), "{name}");
+            n += 1;
+        }
+        assert!(n >= 5, "only {n} captures");
+        assert!(!wanted_line(b"vllm:num_requests_running_other 1"));
+        assert!(wanted_line(b"vllm:num_requests_running{engine=\"0\"} 1"));
+        assert!(!wanted_line(b"# HELP vllm:num_requests_running x"));
     }
 
     #[test]

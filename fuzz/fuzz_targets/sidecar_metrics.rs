@@ -1,24 +1,29 @@
-//! The sidecar's scrape path: an HTTP response from "vLLM" (raw bytes, or a 200 around the
-//! input) parsed, its Prometheus text mapped to the frame's numbers, and the frame signed. The
-//! mapping promises finite numbers, so every mapped frame must encode and decode to itself.
+//! The sidecar's scrape path: an HTTP response from "vLLM" (raw bytes, whole or filtered to the
+//! lines the mapping reads, or the input as the body) parsed, its Prometheus text mapped to the
+//! frame's numbers, and the frame signed. The mapping promises finite numbers, so every mapped
+//! frame must encode and decode to itself.
 #![no_main]
 
 use gpuha_liveness::{Frame, KeyRing};
-use gpuha_sidecar::http::parse_response;
-use gpuha_sidecar::scrape::parse;
+use gpuha_sidecar::http::{parse_response, parse_response_lines};
+use gpuha_sidecar::scrape::{parse, wanted_line};
 use libfuzzer_sys::fuzz_target;
 
 const KEY: &[u8] = b"0123456789abcdef-fuzz";
 
 fuzz_target!(|data: &[u8]| {
     let Some((&mode, rest)) = data.split_first() else { return };
-    let text = if mode & 1 == 0 {
-        match parse_response(rest) {
+    let text = match mode & 3 {
+        0 => match parse_response(rest) {
             Ok(t) => t,
             Err(_) => return,
-        }
-    } else {
-        String::from_utf8_lossy(rest).into_owned()
+        },
+        // The sidecar's path: only the lines the mapping reads are kept as the body streams in.
+        2 => match parse_response_lines(rest, wanted_line) {
+            Ok(t) => t,
+            Err(_) => return,
+        },
+        _ => String::from_utf8_lossy(rest).into_owned(),
     };
     let Ok(scraped) = parse(&text) else { return };
     assert!(scraped.models.len() <= 8 && scraped.models.iter().all(|m| !m.is_empty() && m.len() <= 64));

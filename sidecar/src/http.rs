@@ -91,12 +91,18 @@ pub fn get_lines(url: &str, timeout: Duration, max_bytes: usize, keep: impl FnMu
 
 /// Parses a whole HTTP/1.x response; returns the body of a 200.
 pub fn parse_response(raw: &[u8]) -> Result<String, HttpError> {
+    parse_response_lines(raw, |_| true)
+}
+
+/// [`parse_response`] keeping only the body's lines `keep` accepts: what [`get_lines`] returns
+/// for the same bytes, whatever reads they arrive in.
+pub fn parse_response_lines(raw: &[u8], keep: impl FnMut(&[u8]) -> bool) -> Result<String, HttpError> {
     let mut reader = Reader::new(usize::MAX);
-    let mut body = Vec::new();
-    if !reader.feed(raw, &mut |d| body.extend_from_slice(d))? {
+    let mut lines = Lines::new(keep);
+    if !reader.feed(raw, &mut |d| lines.push(d))? {
         reader.finish()?;
     }
-    String::from_utf8(body).map_err(|_| HttpError::Malformed("body is not UTF-8"))
+    String::from_utf8(lines.finish()).map_err(|_| HttpError::Malformed("body is not UTF-8"))
 }
 
 /// Longest line [`Lines`] keeps: a `/metrics` line this long is not one of vLLM's numbers.

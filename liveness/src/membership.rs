@@ -67,7 +67,7 @@ pub struct Assignment {
 /// The membership of the router that asked with `q`, over `states` at `now_ms`.
 pub fn assignment<'a>(states: impl Iterator<Item = &'a WorkerState>, now_ms: u64, q: &EdsQuery, leave_after_ms: u64) -> Assignment {
     let mut members: Vec<SocketAddr> = states
-        .filter(|w| q.pools.is_empty() || q.pools.iter().any(|p| *p == w.frame.pool_id))
+        .filter(|w| q.pools.is_empty() || q.pools.contains(&w.frame.pool_id))
         .filter(|w| is_member(w, now_ms, leave_after_ms))
         .map(|w| w.frame.addr)
         .collect();

@@ -9,6 +9,8 @@ frames. No `--workers`, no re-render, no Envoy restart.
             Envoy's pid never changes.
   restart   dnsd restarted on the same ports under traffic: the router keeps its membership
             (dnsd answers 503 during its warm-up, Envoy keeps what it has), no request lost.
+  leave     a worker whose sidecar goes silent leaves after leave_after; the stream it serves
+            then runs to its end.
   tiers     EDS with a degraded tier: dnsd puts the tier endpoints named in the node metadata
             at priority 1; every full-size worker killed → the degraded tier serves.
 
@@ -273,3 +275,44 @@ def test_eds_keeps_the_tiers_at_priority_one(stack):
            f"served by the tier {sum(o.worker == 's1' for o in after)}")
     bad = [o.describe() for o in after if o.error is not None or o.spliced or not o.finish_reason]
     assert not bad, "client errors after the kill:\n" + "\n".join(bad[:10])
+
+
+def test_eds_member_that_leaves_keeps_its_stream(stack):
+    """A worker whose sidecar goes silent leaves the cluster after leave_after; a stream it is
+    serving when it leaves runs to its end (Envoy drains a removed host, it does not reset it)."""
+    stack.start_dnsd(config=dnsd_config(stack))
+    # 5 tokens/s: a 40-token stream outlives the worker's membership (leave_after 4 s).
+    slow = stack.start_worker("w1", tokens_per_s=5)
+    other = stack.start_worker("w2")
+    stack.wait_fresh(["w1", "w2"])
+    envoy = stack.start_pool_router(eds=True, pool="p1")
+    wait_for(lambda: set(members(envoy)) == {slow.addr, other.addr}, 10, "both workers in Envoy's cluster")
+    warm_up(stack, envoy)
+    client = make_client(envoy.base_url)
+    first = threading.Event()
+    box: list[Outcome] = []
+
+    def stream():
+        # Until one lands on the slow worker (the picker spreads requests).
+        for i in range(50):
+            o = chat(client, i, 40, on_first_token=lambda o: first.set() if o.worker == "w1" else None, timeout=30)
+            if o.worker == "w1":
+                box.append(o)
+                return
+            first.clear()
+
+    t = threading.Thread(target=stream, daemon=True)
+    t.start()
+    wait_for(first.is_set, 20, "a stream's first token from w1")
+    silent_at = time.monotonic()
+    slow.sidecar.kill9()
+    wait_for(lambda: slow.addr not in members(envoy), LEAVE_AFTER_MS / 1000 + 5, "w1 out of Envoy's cluster")
+    left_after = time.monotonic() - silent_at
+    still_streaming = t.is_alive()
+    t.join(timeout=30)
+    o = box[0]
+    report(f"eds leave with a stream in flight: w1 left {ms(left_after)} after its sidecar died, its stream "
+           f"{'was still running' if still_streaming else 'had ended'} then and ended {o.kind} with {len(o.tokens)} tokens "
+           f"{ms(o.ended - silent_at)} after the silence")
+    assert still_streaming, "the stream ended before w1 left: lower tokens_per_s"
+    assert o.kind == "completed", o.describe()

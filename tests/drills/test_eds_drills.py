@@ -26,7 +26,7 @@ import time
 from pathlib import Path
 
 import harness
-from harness import Outcome, access_entries, chat, free_port, http_post, make_client, wait_for
+from harness import Outcome, access_entries, chat, filter_stat, free_port, http_post, make_client, per_worker, wait_for
 from test_l7_drills import summarize, warm_up
 
 MODEL = "tiny"
@@ -253,7 +253,8 @@ def test_eds_dnsd_restart_keeps_membership(stack):
 
 
 def test_eds_keeps_the_tiers_at_priority_one(stack):
-    stack.start_dnsd(config=dnsd_config(stack))
+    cfg = dnsd_config(stack)
+    dnsd = stack.start_dnsd(config=cfg)
     a = stack.start_worker("a1", pool="a")
     small = stack.start_worker("s1", model="small", sidecar=False)
     stack.wait_fresh(["a1"])
@@ -264,17 +265,30 @@ def test_eds_keeps_the_tiers_at_priority_one(stack):
     wait_for(lambda: members(envoy) == {a.addr: "0", tier_addr: "1"}, 10, "a1 at priority 0 and the tier at priority 1 over EDS")
     warm_up(stack, envoy)
     client = make_client(envoy.base_url)
+    # dnsd gone past the freshness gate: the picker fails open to its own workers, as the last
+    # fleet view named them (the config names none), before the tiers.
+    dnsd.proc.terminate()
+    opened = filter_stat(envoy, "fail_open")
+    wait_for(lambda: chat(client, -1, 1, stream=False) and filter_stat(envoy, "fail_open") > opened, 15,
+             "the picker failing open (its fleet view stale)", interval=0.2)
+    blind = [chat(client, i, 10, stream=False) for i in range(10)]
+    stack.start_dnsd(ingest=dnsd.ingest, http=dnsd.http, config=cfg)
+    # The restarted dnsd knows a1 again, and the picker picks it (a worker dying in the restarted
+    # dnsd's first second is another drill: its view is empty then).
+    warm_up(stack, envoy)
     with Load(client, 2) as load:
         wait_for(lambda: len(load.outcomes) >= 10, 20, "10 requests before the kill")
         kill_mono = time.monotonic()
         kill_worker(a)
         wait_for(lambda: sum(o.started > kill_mono and o.worker == "s1" for o in load.outcomes) >= 10, 20, "10 requests served by the tier")
     after = [o for o in load.outcomes if o.started > kill_mono]
-    report(f"eds tiers: membership {members(envoy)}; after the kill {len(after)} requests {summarize(after)} "
+    report(f"eds tiers: dnsd down: {len(blind)} requests {summarize(blind)} served by {per_worker(blind)}; "
+           f"membership {members(envoy)}; after the kill {len(after)} requests {summarize(after)} "
            f"(short: the degraded tier caps answers at 5 tokens), "
            f"served by the tier {sum(o.worker == 's1' for o in after)}")
     bad = [o.describe() for o in after if o.error is not None or o.spliced or not o.finish_reason]
     assert not bad, "client errors after the kill:\n" + "\n".join(bad[:10])
+    assert all(o.kind == "completed" and o.worker == "a1" for o in blind), [o.describe() for o in blind]
 
 
 def test_eds_member_that_leaves_keeps_its_stream(stack):

@@ -7,7 +7,7 @@ use axum::body::Bytes;
 use axum::extract::{Path as UrlPath, State};
 use axum::http::{header, HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
-use gpuha_liveness::admin::{DrainProgress, PoolCommand, WorkerCommand};
+use gpuha_liveness::admin::{Change, DrainProgress, Overrides, PoolCommand, WorkerCommand};
 use serde::Deserialize;
 
 use crate::admin::{check_id, Refusal};
@@ -120,28 +120,42 @@ pub async fn set_worker(State(s): State<Arc<Services>>, UrlPath(id): UrlPath<Str
         Ok(r) => r,
         Err(msg) => return error(StatusCode::BAD_REQUEST, &msg),
     };
-    if let Err(why) = check_id(&id) {
-        return error(StatusCode::BAD_REQUEST, &format!("worker id: {why}"));
-    }
-    if req.reason.len() > MAX_REASON {
-        return error(StatusCode::BAD_REQUEST, &format!("reason: longer than {MAX_REASON} bytes"));
+    if let Err(msg) = check_request("worker", &id, &req.reason) {
+        return error(StatusCode::BAD_REQUEST, &msg);
     }
     let known = s.state.snapshot().workers().any(|w| w.frame.worker_id == id);
     if !known && !s.admin.overrides().workers.contains_key(&id) {
         return error(StatusCode::NOT_FOUND, &format!("unknown worker {id:?}: dnsd has no frame from it (worker ids are the sidecars' --worker-id; see GET /v1/fleet)"));
     }
     let now = now_ms();
-    let (s2, id2, reason) = (s.clone(), id.clone(), req.reason.clone());
-    let done = tokio::task::spawn_blocking(move || s2.admin.change("worker", |ov| ov.set_worker(&id2, req.state, &reason, now))).await;
-    let c = match done {
-        Ok(Ok(c)) => c,
-        Ok(Err(msg)) => return error(StatusCode::INTERNAL_SERVER_ERROR, &msg),
-        Err(e) => return error(StatusCode::INTERNAL_SERVER_ERROR, &format!("the change did not run: {e}")),
+    let (id2, reason) = (id.clone(), req.reason.clone());
+    let c = match apply(&s, "worker", move |ov| ov.set_worker(&id2, req.state, &reason, now)).await {
+        Ok(c) => c,
+        Err(r) => return r,
     };
     if c.changed {
         tracing::warn!(worker = %id, action = c.action, before = c.before, reason = %req.reason, "admin: worker override changed");
     }
     json(serde_json::json!({ "worker": id, "state": c.action, "before": c.before, "changed": c.changed }))
+}
+
+/// The checks every override request gets: the id a frame could carry, a bounded reason.
+fn check_request(what: &str, id: &str, reason: &str) -> Result<(), String> {
+    check_id(id).map_err(|why| format!("{what} id: {why}"))?;
+    if reason.len() > MAX_REASON {
+        return Err(format!("reason: longer than {MAX_REASON} bytes"));
+    }
+    Ok(())
+}
+
+/// Applies one override change off the async runtime (it writes the state file).
+async fn apply(s: &Arc<Services>, target: &'static str, f: impl FnOnce(&mut Overrides) -> Change + Send + 'static) -> Result<Change, Response> {
+    let s2 = s.clone();
+    match tokio::task::spawn_blocking(move || s2.admin.change(target, f)).await {
+        Ok(Ok(c)) => Ok(c),
+        Ok(Err(msg)) => Err(error(StatusCode::INTERNAL_SERVER_ERROR, &msg)),
+        Err(e) => Err(error(StatusCode::INTERNAL_SERVER_ERROR, &format!("the change did not run: {e}"))),
+    }
 }
 
 /// `POST /v1/admin/pools/{id}` with `{"state": "drain" | "force_out" | "force_in" | "auto"}`.
@@ -153,11 +167,8 @@ pub async fn set_pool(State(s): State<Arc<Services>>, UrlPath(id): UrlPath<Strin
         Ok(r) => r,
         Err(msg) => return error(StatusCode::BAD_REQUEST, &msg),
     };
-    if let Err(why) = check_id(&id) {
-        return error(StatusCode::BAD_REQUEST, &format!("pool id: {why}"));
-    }
-    if req.reason.len() > MAX_REASON {
-        return error(StatusCode::BAD_REQUEST, &format!("reason: longer than {MAX_REASON} bytes"));
+    if let Err(msg) = check_request("pool", &id, &req.reason) {
+        return error(StatusCode::BAD_REQUEST, &msg);
     }
     let configured = s.dns.as_ref().is_some_and(|d| d.zones().pools.iter().any(|p| p.id == id));
     let known = configured || s.admin.overrides().pools.contains_key(&id) || s.state.snapshot().workers().any(|w| w.frame.pool_id == id);
@@ -168,12 +179,10 @@ pub async fn set_pool(State(s): State<Arc<Services>>, UrlPath(id): UrlPath<Strin
         return error(StatusCode::CONFLICT, &format!("pool {id:?} is not in this dnsd's [[dns.pools]]: forcing it in or out of the DNS answer means nothing here"));
     }
     let now = now_ms();
-    let (s2, id2, reason) = (s.clone(), id.clone(), req.reason.clone());
-    let done = tokio::task::spawn_blocking(move || s2.admin.change("pool", |ov| ov.set_pool(&id2, req.state, &reason, now))).await;
-    let c = match done {
-        Ok(Ok(c)) => c,
-        Ok(Err(msg)) => return error(StatusCode::INTERNAL_SERVER_ERROR, &msg),
-        Err(e) => return error(StatusCode::INTERNAL_SERVER_ERROR, &format!("the change did not run: {e}")),
+    let (id2, reason) = (id.clone(), req.reason.clone());
+    let c = match apply(&s, "pool", move |ov| ov.set_pool(&id2, req.state, &reason, now)).await {
+        Ok(c) => c,
+        Err(r) => return r,
     };
     if c.changed {
         tracing::warn!(pool = %id, action = c.action, before = c.before, reason = %req.reason, "admin: pool override changed");

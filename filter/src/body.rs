@@ -2,6 +2,7 @@
 //! (it must, to be retried) and is copied into the VM a window at a time, only until
 //! `gpuha_liveness::request`'s scanner has its answer.
 
+use gpuha_liveness::affinity::AffinityConfig;
 use gpuha_liveness::request::{BodyKind, RequestScanner, Scan};
 use proxy_wasm::types::BufferType;
 
@@ -24,6 +25,12 @@ impl BodyScan {
     pub fn for_request() -> BodyScan {
         let kind = BodyKind::from_content_type(host::request_header("content-type").as_deref());
         BodyScan { scanner: RequestScanner::new(&kind), fed: 0, scan: Scan::Incomplete }
+    }
+
+    /// A scanner that also reads what affinity keys on (`user`, the prompt's fingerprint).
+    pub fn for_picker(affinity: &AffinityConfig) -> BodyScan {
+        let kind = BodyKind::from_content_type(host::request_header("content-type").as_deref());
+        BodyScan { scanner: RequestScanner::with_affinity(&kind, affinity), fed: 0, scan: Scan::Incomplete }
     }
 
     /// Feeds what Envoy has buffered beyond what was fed (`size`: the buffered body's length,

@@ -26,6 +26,8 @@ pub enum NoWorkerPolicy {
     FailOpen,
 }
 
+// Parsed once per plugin and kept behind an `Rc`: the variants' sizes do not matter.
+#[allow(clippy::large_enum_variant)]
 #[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(tag = "role", rename_all = "snake_case", deny_unknown_fields)]
 pub enum Config {

@@ -245,8 +245,9 @@ impl Context for GuardCtx {
 
 impl HttpContext for GuardCtx {
     fn on_http_request_headers(&mut self, _n: usize, _end_of_stream: bool) -> Action {
-        // The upstream request shares its header map with the downstream request, and the
-        // override_host LB reads `x-gpuha-endpoints` again on every retry: leave it there.
+        // The upstream request shares its header map with the downstream request: leave
+        // `x-gpuha-endpoints` there (the override_host LB takes the list once per request and
+        // walks it on retries; the kill soak found that it does not re-read it).
         self.probe_for = host::request_header(PROBE_HEADER);
         self.request_id = host::request_header(REQUEST_ID_HEADER).filter(|id| !id.is_empty());
         let path = host::request_header(":path").unwrap_or_default();

@@ -7,6 +7,7 @@
 use std::cell::RefCell;
 use std::rc::Rc;
 
+use gpuha_liveness::affinity::{Key, Outcome};
 use gpuha_liveness::openai_error::{error_response, is_api_shaped};
 use gpuha_liveness::blame::{blame, parse_notes};
 use gpuha_liveness::pick::{panic_fill, pick_ranked, stalled_fail_open, Decision};
@@ -44,11 +45,13 @@ pub struct Picker {
     /// This request holds one unit of the spill budget (released in `on_done`).
     holds_spill: bool,
     tier_served: Rc<TierStats>,
+    /// The session header's value (`pick.affinity.session_header`), if any.
+    session: Option<String>,
 }
 
 impl Picker {
     pub fn new(cfg: Rc<PickerConfig>, stats: Stats, thread: Rc<RefCell<Thread>>, tier_served: Rc<TierStats>) -> Self {
-        Picker { cfg, stats, thread, body: None, stream: false, rewrite: None, judged: false, request_id: None, path: String::new(), spilled: false, holds_spill: false, tier_served }
+        Picker { cfg, stats, thread, body: None, stream: false, rewrite: None, judged: false, request_id: None, path: String::new(), spilled: false, holds_spill: false, tier_served, session: None }
     }
 
     /// Writes the request's endpoint list: the picked workers, then the chain's tiers. `false`
@@ -135,6 +138,7 @@ impl Picker {
                 return Action::Pause;
             }
         }
+        let key = Key::choose(&self.cfg.pick.affinity, self.session.as_deref(), fields.user.as_deref(), fields.prefix);
         let bcfg = self.cfg.breaker;
         let not_closed = breakers::not_closed();
         let not_closed: Vec<&str> = not_closed.iter().map(String::as_str).collect();
@@ -142,7 +146,8 @@ impl Picker {
             let mut t = self.thread.borrow_mut();
             let t = &mut *t;
             let ranked = t.ranked(version, &view, &self.cfg.pick);
-            let d = pick_ranked(&ranked, &view, fetched, now, model.as_deref(), &t.load, &mut t.rng, &self.cfg.pick, &not_closed, |a| breakers::admission(a, now, &bcfg), |a| breakers::claim_probe(a, now, &bcfg));
+            let (d, affine) = pick_ranked(&ranked, &view, fetched, now, model.as_deref(), key.map(|k| k.hash), &t.load, &mut t.rng, &self.cfg.pick, &not_closed, |a| breakers::admission(a, now, &bcfg), |a| breakers::claim_probe(a, now, &bcfg));
+            self.count_affinity(key, affine);
             let (d, panic) = panic_fill(d, &ranked, &view, fetched, now, model.as_deref(), &t.load, &self.cfg.pick, &not_closed, |a| breakers::denied_trips(a, now, &bcfg));
             if panic {
                 inc(self.stats.panic_picks);
@@ -199,6 +204,18 @@ impl Picker {
 }
 
 impl Picker {
+    fn count_affinity(&self, key: Option<Key>, outcome: Outcome) {
+        if key.is_none() {
+            return;
+        }
+        inc(self.stats.affinity_keyed);
+        match outcome {
+            Outcome::Hit => inc(self.stats.affinity_hits),
+            Outcome::Spill => inc(self.stats.affinity_spills),
+            Outcome::None => {}
+        }
+    }
+
     /// The request's answer is known (`served`: not a 5xx): the failures its attempts noted are
     /// charged to their workers, unless the failure followed the request (`gpuha_liveness::blame`).
     fn judge_attempts(&mut self, served: bool) {
@@ -262,6 +279,10 @@ impl HttpContext for Picker {
         self.path = host::request_header(":path").unwrap_or_default();
         self.spilled = host::request_header(SPILLED_HEADER).is_some();
         self.request_id = host::request_header(REQUEST_ID_HEADER).filter(|id| !id.is_empty());
+        let a = &self.cfg.pick.affinity;
+        if a.enabled && !a.session_header.is_empty() {
+            self.session = host::request_header(&a.session_header);
+        }
         if end_of_stream {
             // No body (GET /v1/models, health checks): no pick, Envoy's fallback LB decides.
             return Action::Continue;
@@ -280,7 +301,8 @@ impl HttpContext for Picker {
         }
         // Scan what has arrived so far while the rest uploads; Envoy buffers the body anyway
         // (the router needs all of it to retry).
-        let body = self.body.get_or_insert_with(BodyScan::for_request);
+        let affinity = &self.cfg.pick.affinity;
+        let body = self.body.get_or_insert_with(|| BodyScan::for_picker(affinity));
         let scan = body.advance(size, end_of_stream).clone();
         if !end_of_stream {
             return Action::Pause;

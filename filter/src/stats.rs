@@ -45,6 +45,11 @@ pub struct Stats {
     /// Requests a tier's adapter rewrote / could not rewrite (sent on unchanged).
     pub tier_adapted: Option<u32>,
     pub tier_adapt_failures: Option<u32>,
+    /// Picks with an affinity key; of those, first attempts on the key's worker (hits) and on
+    /// the next one in its order because the key's worker was over the margin (spills).
+    pub affinity_keyed: Option<u32>,
+    pub affinity_hits: Option<u32>,
+    pub affinity_spills: Option<u32>,
 }
 
 impl Stats {
@@ -88,6 +93,9 @@ impl Stats {
             spill_refused: c("spill_refused"),
             tier_adapted: c("tier_adapted"),
             tier_adapt_failures: c("tier_adapt_failures"),
+            affinity_keyed: c("affinity_keyed"),
+            affinity_hits: c("affinity_hits"),
+            affinity_spills: c("affinity_spills"),
         }
     }
 }

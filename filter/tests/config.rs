@@ -29,6 +29,19 @@ fn rejects_unknown_and_bad_values() {
 }
 
 #[test]
+fn affinity_settings() {
+    let Config::Picker(p) = Config::parse(br#"{"role":"picker","pick":{"affinity":{"enabled":false,"session_header":"x-conversation","spill_ms":10}}}"#).unwrap() else { panic!("not a picker") };
+    assert!(!p.pick.affinity.enabled);
+    assert_eq!(p.pick.affinity.session_header, "x-conversation");
+    assert_eq!(p.pick.affinity.spill_ms, 10.0);
+    assert!(p.pick.affinity.user_field, "unset keys keep their defaults");
+    assert!(Config::parse(br#"{"role":"picker","pick":{"affinity":{"session_header":"X-Session"}}}"#).unwrap_err().contains("session_header"));
+    assert!(Config::parse(br#"{"role":"picker","pick":{"affinity":{"spill_ratio":-1}}}"#).unwrap_err().contains("spill_ratio"));
+    assert!(Config::parse(br#"{"role":"picker","pick":{"affinity":{"max_messages":0}}}"#).unwrap_err().contains("max_messages"));
+    assert!(Config::parse(br#"{"role":"picker","pick":{"affinity":{"spil_ms":1}}}"#).unwrap_err().contains("unknown field"));
+}
+
+#[test]
 fn gate_and_poll_interval_fit_dnsds_bounded_ages() {
     // Ages in the polled view are exact only up to the 3 s gate, and "under 1 s" below 1 s.
     assert!(Config::parse(br#"{"role":"picker","pick":{"freshness_gate_ms":5000}}"#).unwrap_err().contains("freshness_gate_ms"));

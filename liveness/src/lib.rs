@@ -9,6 +9,7 @@
 //! | [`fleet`] | fleet state: freshness and progress (a hang is not silence), pool liveness, gray failures, the fleet view dnsd serves |
 //! | [`admin`] | operators' overrides: drained workers and pools, pools forced out of or into the answer, when a drained pool is safe |
 //! | [`pick`] | picking workers: scoring, anti-herding, the breaker's last resorts |
+//! | [`affinity`] | prefix-cache and session affinity: the request's key (session, `user`, prompt fingerprint) and its rendezvous order over the workers |
 //! | [`breaker`] | the per-worker circuit breaker |
 //! | [`attempt`] | one upstream attempt: events in, actions out, one report and one charge; rescue of attempts on stalled workers |
 //! | [`guard`] | the first-token byte holder the attempt drives |
@@ -25,6 +26,7 @@
 //! time by hand.
 
 pub mod admin;
+pub mod affinity;
 pub mod attempt;
 pub mod blame;
 pub mod breaker;

@@ -15,6 +15,7 @@ use std::collections::{HashMap, VecDeque};
 
 use serde::{Deserialize, Serialize};
 
+use crate::affinity::{self, AffinityConfig, Outcome};
 use crate::breaker::Admission;
 use crate::fleet::{FleetView, WorkerView};
 
@@ -44,6 +45,8 @@ pub struct PickConfig {
     /// the strict breaker (an open circuit removes the worker from every list: a flaky fleet
     /// then refuses requests with no attempt at all).
     pub last_resort: bool,
+    /// Prefix-cache and session affinity ([`crate::affinity`]).
+    pub affinity: AffinityConfig,
 }
 
 impl Default for PickConfig {
@@ -60,6 +63,7 @@ impl Default for PickConfig {
             kv_soft_limit: 0.8,
             kv_penalty: 4.0,
             last_resort: true,
+            affinity: AffinityConfig::default(),
         }
     }
 }
@@ -79,7 +83,7 @@ impl PickConfig {
         if !(0.0..1.0).contains(&self.kv_soft_limit) {
             return Err("pick.kv_soft_limit: must be in [0, 1)".into());
         }
-        Ok(())
+        self.affinity.validate()
     }
 }
 
@@ -188,11 +192,13 @@ pub fn serves(w: &WorkerView, model: Option<&str>) -> bool {
     }
 }
 
-/// One candidate in [`Ranked`]: a worker's index in the view and its score with no local load.
+/// One candidate in [`Ranked`]: a worker's index in the view, its score with no local load and
+/// its address's hash (a rendezvous weight is then two multiplications).
 #[derive(Debug, Clone, Copy)]
 struct Cand {
     idx: usize,
     base: f64,
+    addr_hash: u64,
 }
 
 /// Eligible workers of one model, best base score first.
@@ -212,7 +218,7 @@ impl ModelRank {
         self.serving += 1;
         // A drained worker serves the model but gets no new request (`crate::admin`).
         if w.age_ms < cfg.freshness_gate_ms && !w.drained {
-            self.cands.push(Cand { idx, base: predicted_ttft_ms(w, 0.0, cfg) });
+            self.cands.push(Cand { idx, base: predicted_ttft_ms(w, 0.0, cfg), addr_hash: affinity::addr_hash(&w.addr) });
             self.ages.push(w.age_ms);
         }
     }
@@ -302,6 +308,13 @@ impl Ranked {
 /// worker: the same answer (same random draws) as long as every address outside `not_closed`
 /// is admitted ([`Admission::Allow`]). `admission` is asked only about addresses in
 /// `not_closed` (the breaker's open and half-open circuits; the filter keeps that list).
+///
+/// With an affinity `key` ([`crate::affinity`]) the first attempt, unless a probe takes it, is
+/// the eligible worker the key's rendezvous order puts first among those whose predicted TTFT
+/// is within the spill margin of the best (instead of a power-of-two choice among the
+/// near-best); the retries follow in score order as without a key. The [`Outcome`] says
+/// whether that worker was the key's first choice (a hit) or the first one was over the margin
+/// (a spill).
 #[allow(clippy::too_many_arguments)]
 pub fn pick_ranked(
     ranked: &Ranked,
@@ -309,19 +322,20 @@ pub fn pick_ranked(
     fetched_local_ms: u64,
     now_ms: u64,
     model: Option<&str>,
+    key: Option<u64>,
     load: &LocalLoad,
     rng: &mut Rng,
     cfg: &PickConfig,
     not_closed: &[&str],
     mut admission: impl FnMut(&str) -> Admission,
     mut claim_probe: impl FnMut(&str) -> bool,
-) -> Decision {
+) -> (Decision, Outcome) {
     if now_ms.saturating_sub(fetched_local_ms) > cfg.stale_after_ms {
-        return Decision::Stale;
+        return (Decision::Stale, Outcome::None);
     }
     let mr = ranked.for_model(model);
     if mr.serving == 0 {
-        return Decision::UnknownModel;
+        return (Decision::UnknownModel, Outcome::None);
     }
     let elapsed = now_ms.saturating_sub(fetched_local_ms);
     let is_fresh = |w: &WorkerView| effective_age_ms(w, fetched_local_ms, now_ms) < cfg.freshness_gate_ms;
@@ -353,7 +367,11 @@ pub fn pick_ranked(
         normal.sort_by(|a, b| a.0.total_cmp(&b.0).then(a.1.cmp(&b.1)));
         // Everything the answer reads has a score at most `needed`; an unscanned worker scores
         // at least its base score, so once that is above `needed` nothing unscanned matters.
-        let needed = needed_score(&normal, view, cfg);
+        // With a key, that includes every worker within the spill margin.
+        let needed = needed_score(&normal, view, cfg).map(|n| match (key, normal.first()) {
+            (Some(_), Some(best)) => n.max(affinity::spill_limit(best.0, &cfg.affinity)),
+            _ => n,
+        });
         if needed.is_some_and(|n| mr.cands[next].base.total_cmp(&n).is_gt()) {
             break;
         }
@@ -371,23 +389,26 @@ pub fn pick_ranked(
             break;
         }
     }
+    let mut outcome = Outcome::None;
     if probe.is_none() && !normal.is_empty() {
         let best = normal[0].0;
-        let limit = best * (1.0 + cfg.near_best_ratio) + cfg.near_best_ms;
-        let near = normal.iter().take_while(|s| s.0 <= limit).count();
-        let first = if near >= 2 {
-            let a = rng.below(near);
-            let mut b = rng.below(near - 1);
-            if b >= a {
-                b += 1;
-            }
-            if normal[b].0 < normal[a].0 {
-                b
-            } else {
-                a
-            }
+        let first = if let Some(k) = key {
+            // The key's first choice among every admitted fresh worker (the scan may have
+            // stopped before it: it is then over the margin).
+            let winner = mr
+                .cands
+                .iter()
+                .filter(|c| {
+                    let w = &view.workers[c.idx];
+                    is_fresh(w) && (!not_closed.contains(&w.addr.as_str()) || admission(&w.addr) == Admission::Allow)
+                })
+                .map(|c| affinity::weight_of(k, c.addr_hash))
+                .max();
+            let (first, chosen_weight) = affine_first(&normal, affinity::spill_limit(best, &cfg.affinity), |idx| affinity::weight(k, &view.workers[idx].addr));
+            outcome = if Some(chosen_weight) == winner { Outcome::Hit } else { Outcome::Spill };
+            first
         } else {
-            0
+            near_best_first(&normal, best, rng, cfg)
         };
         let chosen = normal.remove(first);
         endpoints.push(view.workers[chosen.1].addr.clone());
@@ -403,12 +424,49 @@ pub fn pick_ranked(
     }
     if fresh == 0 && !mr.ages.is_empty() {
         // See `pick`: fresh at dnsd, aged past the gate only on our clock: fail open.
-        return Decision::Stale;
+        return (Decision::Stale, Outcome::None);
     }
     if endpoints.is_empty() {
-        return Decision::NoWorker { fresh, serving: mr.serving };
+        return (Decision::NoWorker { fresh, serving: mr.serving }, Outcome::None);
     }
-    Decision::Endpoints { endpoints, probe }
+    (Decision::Endpoints { endpoints, probe }, outcome)
+}
+
+/// Anti-herding: the first attempt by power of two choices among the near-best of `normal`
+/// (sorted by score, best first).
+fn near_best_first(normal: &[(f64, usize)], best: f64, rng: &mut Rng, cfg: &PickConfig) -> usize {
+    let limit = best * (1.0 + cfg.near_best_ratio) + cfg.near_best_ms;
+    let near = normal.iter().take_while(|s| s.0 <= limit).count();
+    if near < 2 {
+        return 0;
+    }
+    let a = rng.below(near);
+    let mut b = rng.below(near - 1);
+    if b >= a {
+        b += 1;
+    }
+    if normal[b].0 < normal[a].0 {
+        b
+    } else {
+        a
+    }
+}
+
+/// Affinity: the position in `normal` (sorted by score) of the highest rendezvous weight among
+/// the workers scoring at most `limit` (the first of equals: workers sharing an address), and
+/// that weight.
+fn affine_first(normal: &[(f64, usize)], limit: f64, weight: impl Fn(usize) -> u64) -> (usize, u64) {
+    let mut first = (0, 0);
+    for (i, (score, idx)) in normal.iter().enumerate() {
+        if *score > limit {
+            break;
+        }
+        let w = weight(*idx);
+        if i == 0 || w > first.1 {
+            first = (i, w);
+        }
+    }
+    first
 }
 
 /// How the breaker's open circuits shape a pick (Envoy's load balancer routes to every host
@@ -571,11 +629,48 @@ mod tests {
         load: &LocalLoad,
         rng: &mut Rng,
         cfg: &PickConfig,
+        admission: impl FnMut(&str) -> Admission,
+        claim_probe: impl FnMut(&str) -> bool,
+    ) -> Decision {
+        pick_keyed(view, fetched_local_ms, now_ms, model, None, load, rng, cfg, admission, claim_probe).0
+    }
+
+    /// [`pick_ranked`] with no key, in the old shape.
+    #[allow(clippy::too_many_arguments)]
+    fn ranked_nokey(
+        ranked: &Ranked,
+        view: &FleetView,
+        fetched_local_ms: u64,
+        now_ms: u64,
+        model: Option<&str>,
+        load: &LocalLoad,
+        rng: &mut Rng,
+        cfg: &PickConfig,
+        not_closed: &[&str],
+        admission: impl FnMut(&str) -> Admission,
+        claim_probe: impl FnMut(&str) -> bool,
+    ) -> Decision {
+        pick_ranked(ranked, view, fetched_local_ms, now_ms, model, None, load, rng, cfg, not_closed, admission, claim_probe).0
+    }
+
+    /// The reference picker with an affinity key: the key's rendezvous order over every
+    /// admitted fresh worker, the first one within the spill margin taken.
+    #[allow(clippy::too_many_arguments)]
+    fn pick_keyed(
+        view: &FleetView,
+        fetched_local_ms: u64,
+        now_ms: u64,
+        model: Option<&str>,
+        key: Option<u64>,
+        load: &LocalLoad,
+        rng: &mut Rng,
+        cfg: &PickConfig,
         mut admission: impl FnMut(&str) -> Admission,
         mut claim_probe: impl FnMut(&str) -> bool,
-    ) -> Decision {
+    ) -> (Decision, Outcome) {
+        let none = |d| (d, Outcome::None);
         if now_ms.saturating_sub(fetched_local_ms) > cfg.stale_after_ms {
-            return Decision::Stale;
+            return none(Decision::Stale);
         }
         let serving: Vec<&WorkerView> = view
             .workers
@@ -584,7 +679,7 @@ mod tests {
             .filter(|w| serves(w, model))
             .collect();
         if serving.is_empty() {
-            return Decision::UnknownModel;
+            return none(Decision::UnknownModel);
         }
         let fresh: Vec<&WorkerView> = serving
             .iter()
@@ -618,7 +713,22 @@ mod tests {
             }
         }
         normal.sort_by(|a, b| a.score.total_cmp(&b.score));
-        if probe.is_none() && !normal.is_empty() {
+        let mut outcome = Outcome::None;
+        if let (Some(k), None, false) = (key, &probe, normal.is_empty()) {
+            let weight = |s: &Scored| affinity::weight(k, &s.w.addr);
+            let winner = normal.iter().map(weight).max();
+            let limit = affinity::spill_limit(normal[0].score, &cfg.affinity);
+            // The first of the highest weight within the margin (in score order).
+            let mut first = 0;
+            for (i, s) in normal.iter().enumerate().filter(|(_, s)| s.score <= limit) {
+                if weight(s) > weight(&normal[first]) {
+                    first = i;
+                }
+            }
+            outcome = if Some(weight(&normal[first])) == winner { Outcome::Hit } else { Outcome::Spill };
+            let chosen = normal.remove(first);
+            endpoints.push(chosen.w.addr.clone());
+        } else if probe.is_none() && !normal.is_empty() {
             let best = normal[0].score;
             let limit = best * (1.0 + cfg.near_best_ratio) + cfg.near_best_ms;
             let near = normal.iter().take_while(|s| s.score <= limit).count();
@@ -652,12 +762,12 @@ mod tests {
             // dnsd saw fresh workers when we fetched; they aged past the gate only on our clock,
             // because no newer view came (dnsd down or slow). That is missing telemetry, not dead
             // workers: fail open rather than refuse.
-            return Decision::Stale;
+            return none(Decision::Stale);
         }
         if endpoints.is_empty() {
-            return Decision::NoWorker { fresh: fresh.len(), serving: serving.len() };
+            return none(Decision::NoWorker { fresh: fresh.len(), serving: serving.len() });
         }
-        Decision::Endpoints { endpoints, probe }
+        (Decision::Endpoints { endpoints, probe }, outcome)
     }
 
     fn w(id: &str, port: u16, age: u64, waiting: f64, ttft: f64) -> WorkerView {
@@ -696,7 +806,7 @@ mod tests {
         let ranked = Ranked::build(v, cfg);
         let not_closed: Vec<&str> = open.iter().map(|(a, _)| *a).collect();
         let adm = |a: &str| if not_closed.contains(&a) { Admission::Deny } else { Admission::Allow };
-        let d = pick_ranked(&ranked, v, 0, 0, Some("tiny"), &LocalLoad::default(), &mut Rng::new(1), cfg, &not_closed, adm, |_| false);
+        let d = ranked_nokey(&ranked, v, 0, 0, Some("tiny"), &LocalLoad::default(), &mut Rng::new(1), cfg, &not_closed, adm, |_| false);
         panic_fill(d, &ranked, v, 0, 0, Some("tiny"), &LocalLoad::default(), cfg, &not_closed, |a| open.iter().find(|(x, _)| *x == a).map(|(_, t)| *t))
     }
 
@@ -741,7 +851,7 @@ mod tests {
         // Not a probe, not a last resort when every other circuit is open.
         let ranked = Ranked::build(&v, &cfg);
         let not_closed = ["127.0.0.1:1", "127.0.0.1:2", "127.0.0.1:3"];
-        let d = pick_ranked(&ranked, &v, 0, 0, Some("tiny"), &LocalLoad::default(), &mut Rng::new(1), &cfg, &not_closed, |a| if a == "127.0.0.1:1" { Admission::Probe } else { Admission::Deny }, |_| true);
+        let d = ranked_nokey(&ranked, &v, 0, 0, Some("tiny"), &LocalLoad::default(), &mut Rng::new(1), &cfg, &not_closed, |a| if a == "127.0.0.1:1" { Admission::Probe } else { Admission::Deny }, |_| true);
         let (d, _) = panic_fill(d, &ranked, &v, 0, 0, Some("tiny"), &LocalLoad::default(), &cfg, &not_closed, |_| Some(1));
         let Decision::Endpoints { endpoints, probe } = d else { panic!("{d:?}") };
         assert_eq!(probe, None);
@@ -756,7 +866,7 @@ mod tests {
         assert_eq!(d, Decision::NoWorker { fresh: 0, serving: 2 });
         assert_eq!(stalled_fail_open(&d, &only, Some("tiny"), &cfg), None);
         let ranked = Ranked::build(&only, &cfg);
-        assert_eq!(pick_ranked(&ranked, &only, 0, 0, Some("tiny"), &LocalLoad::default(), &mut Rng::new(1), &cfg, &[], |_| Admission::Allow, |_| false), d);
+        assert_eq!(ranked_nokey(&ranked, &only, 0, 0, Some("tiny"), &LocalLoad::default(), &mut Rng::new(1), &cfg, &[], |_| Admission::Allow, |_| false), d);
     }
 
     #[test]
@@ -816,12 +926,12 @@ mod tests {
         let cfg = PickConfig::default();
         let ranked = Ranked::build(&v, &cfg);
         let mut asked = 0;
-        let d = pick_ranked(&ranked, &v, 0, 0, Some("tiny"), &LocalLoad::default(), &mut Rng::new(5), &cfg, &[], |_| Admission::Allow, |_| false);
+        let d = ranked_nokey(&ranked, &v, 0, 0, Some("tiny"), &LocalLoad::default(), &mut Rng::new(5), &cfg, &[], |_| Admission::Allow, |_| false);
         let Decision::Endpoints { endpoints, .. } = d else { panic!("{d:?}") };
         assert_eq!(endpoints.len(), 3);
         // Only the listed addresses are asked about.
         let listed = ["127.0.0.1:7778", "127.0.0.1:3"];
-        let _ = pick_ranked(&ranked, &v, 0, 0, Some("tiny"), &LocalLoad::default(), &mut Rng::new(5), &cfg, &listed, |a| {
+        let _ = ranked_nokey(&ranked, &v, 0, 0, Some("tiny"), &LocalLoad::default(), &mut Rng::new(5), &cfg, &listed, |a| {
             asked += 1;
             assert!(listed.contains(&a), "{a}");
             Admission::Allow
@@ -834,7 +944,7 @@ mod tests {
 
     /// The probe of a half-open worker goes first.
     fn first_is_probe(ranked: &Ranked, v: &FleetView, half_open: &str) -> Option<String> {
-        let d = pick_ranked(ranked, v, 0, 0, Some("tiny"), &LocalLoad::default(), &mut Rng::new(5), &PickConfig::default(),
+        let d = ranked_nokey(ranked, v, 0, 0, Some("tiny"), &LocalLoad::default(), &mut Rng::new(5), &PickConfig::default(),
             &[half_open], |a| if a == half_open { Admission::Probe } else { Admission::Allow }, |_| true);
         match d {
             Decision::Endpoints { endpoints, probe } => {
@@ -996,6 +1106,7 @@ mod tests {
                 (0u64..5_000, 0.0f64..6.0, 0u8..4, 0u8..4, 0u8..3, 0u16..200, 0usize..4, any::<bool>(), any::<bool>()),
                 0..120),
             seed: u64, elapsed in 0u64..2_500, model in 0u8..4, max_endpoints in 1usize..5, only_pool in any::<bool>(),
+            key in proptest::option::of(any::<u64>()), spill_ms in 0.0f64..300.0,
         ) {
             let workers: Vec<WorkerView> = ws.iter().enumerate().map(|(i, (age, wait, ttft, m, pool, port, _, _, _))| {
                 let mut x = w(&format!("w{i}"), *port + 1, *age, wait.floor(), [50.0, 100.0, 150.0, 100.0][*ttft as usize]);
@@ -1005,7 +1116,9 @@ mod tests {
                 x
             }).collect();
             let v = view(workers.clone());
-            let cfg = PickConfig { max_endpoints, pools: if only_pool { vec!["p1".into()] } else { vec![] }, ..PickConfig::default() };
+            let mut cfg = PickConfig { max_endpoints, pools: if only_pool { vec!["p1".into()] } else { vec![] }, ..PickConfig::default() };
+            cfg.affinity.spill_ms = spill_ms;
+            cfg.affinity.spill_ratio = spill_ms / 300.0;
             let ranked = Ranked::build(&v, &cfg);
             let fetched = 10_000;
             let now = fetched + elapsed;
@@ -1027,9 +1140,139 @@ mod tests {
             let mut not_closed: Vec<&str> = workers.iter().zip(&ws).filter(|(x, t)| adm_of[x.addr.as_str()] != Admission::Allow || t.1 > 5.0).map(|(x, _)| x.addr.as_str()).collect();
             not_closed.push("192.0.2.1:1");
             let model = [None, Some("a"), Some("b"), Some("zzz")][model as usize];
-            let old = pick(&v, fetched, now, model, &load, &mut Rng::new(seed), &cfg, adm, claim);
-            let new = pick_ranked(&ranked, &v, fetched, now, model, &load, &mut Rng::new(seed), &cfg, &not_closed, adm, claim);
+            let old = pick_keyed(&v, fetched, now, model, key, &load, &mut Rng::new(seed), &cfg, adm, claim);
+            let new = pick_ranked(&ranked, &v, fetched, now, model, key, &load, &mut Rng::new(seed), &cfg, &not_closed, adm, claim);
             prop_assert_eq!(old, new);
+        }
+    }
+
+    /// The first attempt a key gets from `v` with no local load, and the outcome.
+    fn keyed_first(v: &FleetView, key: u64, cfg: &PickConfig) -> (String, Outcome) {
+        let ranked = Ranked::build(v, cfg);
+        let (d, o) = pick_ranked(&ranked, v, 0, 0, Some("tiny"), Some(key), &LocalLoad::default(), &mut Rng::new(1), cfg, &[], |_| Admission::Allow, |_| false);
+        let Decision::Endpoints { endpoints, .. } = d else { panic!("{d:?}") };
+        (endpoints[0].clone(), o)
+    }
+
+    #[test]
+    fn a_key_sticks_to_its_worker_and_keys_spread() {
+        let v = view((0..4).map(|i| w(&format!("w{i}"), i + 1, 100, 0.0, 50.0)).collect());
+        let cfg = PickConfig::default();
+        let mut counts: HashMap<String, usize> = HashMap::new();
+        for k in 0..2_000u64 {
+            let key = affinity::Key::session(&format!("s{k}"), affinity::KeySource::Session).hash;
+            let (a, o) = keyed_first(&v, key, &cfg);
+            assert_eq!(o, Outcome::Hit);
+            // Same key, another random draw, same worker.
+            let ranked = Ranked::build(&v, &cfg);
+            let (d, _) = pick_ranked(&ranked, &v, 0, 0, Some("tiny"), Some(key), &LocalLoad::default(), &mut Rng::new(k), &cfg, &[], |_| Admission::Allow, |_| false);
+            assert!(matches!(d, Decision::Endpoints { ref endpoints, .. } if endpoints[0] == a));
+            *counts.entry(a).or_default() += 1;
+        }
+        assert_eq!(counts.len(), 4);
+        assert!(counts.values().all(|c| (400..=600).contains(c)), "{counts:?}");
+    }
+
+    #[test]
+    fn a_loaded_key_worker_spills_to_the_next_in_its_order() {
+        let mut ws: Vec<WorkerView> = (0..4).map(|i| w(&format!("w{i}"), i + 1, 100, 0.0, 50.0)).collect();
+        let cfg = PickConfig::default();
+        let key = 42;
+        let order = {
+            let mut a: Vec<String> = ws.iter().map(|x| x.addr.clone()).collect();
+            a.sort_by_key(|x| std::cmp::Reverse(affinity::weight(key, x)));
+            a
+        };
+        let (first, o) = keyed_first(&view(ws.clone()), key, &cfg);
+        assert_eq!((first.as_str(), o), (order[0].as_str(), Outcome::Hit));
+        // Its worker busier: within the margin (best 50 ms, limit 300 ms), still a hit.
+        let hot = ws.iter().position(|x| x.addr == order[0]).unwrap();
+        ws[hot].waiting = Some(4.0);
+        assert_eq!(keyed_first(&view(ws.clone()), key, &cfg), (order[0].clone(), Outcome::Hit));
+        // Loaded past the margin: the next worker in the key's order, a spill.
+        ws[hot].waiting = Some(6.0);
+        assert_eq!(keyed_first(&view(ws.clone()), key, &cfg), (order[1].clone(), Outcome::Spill));
+        // Local sends count as load too: a burst for one key spills within one snapshot.
+        ws[hot].waiting = Some(0.0);
+        let v = view(ws.clone());
+        let ranked = Ranked::build(&v, &cfg);
+        let mut load = LocalLoad::default();
+        let mut firsts = Vec::new();
+        for t in 0..8 {
+            let (d, _) = pick_ranked(&ranked, &v, 0, t, Some("tiny"), Some(key), &load, &mut Rng::new(t), &cfg, &[], |_| Admission::Allow, |_| false);
+            let Decision::Endpoints { endpoints, .. } = d else { panic!() };
+            load.record(&endpoints[0], t);
+            firsts.push(endpoints[0].clone());
+        }
+        assert!(firsts[..5].iter().all(|f| f == &order[0]), "{firsts:?}");
+        assert!(firsts.contains(&order[1]), "the burst spills: {firsts:?}");
+        // Affinity off: the same view gives the load-only pick (power of two choices).
+        let off = PickConfig { affinity: AffinityConfig { enabled: false, ..AffinityConfig::default() }, ..PickConfig::default() };
+        assert!(affinity::Key::choose(&off.affinity, Some("s"), None, Some(1)).is_none());
+    }
+
+    #[test]
+    fn an_open_circuit_or_a_drain_moves_the_key_to_its_next_worker() {
+        let ws: Vec<WorkerView> = (0..3).map(|i| w(&format!("w{i}"), i + 1, 100, 0.0, 50.0)).collect();
+        let cfg = PickConfig::default();
+        let key = 7;
+        let mut order: Vec<String> = ws.iter().map(|x| x.addr.clone()).collect();
+        order.sort_by_key(|x| std::cmp::Reverse(affinity::weight(key, x)));
+        let v = view(ws.clone());
+        let ranked = Ranked::build(&v, &cfg);
+        let denied = [order[0].as_str()];
+        let (d, o) = pick_ranked(&ranked, &v, 0, 0, Some("tiny"), Some(key), &LocalLoad::default(), &mut Rng::new(1), &cfg, &denied, |a| if a == order[0] { Admission::Deny } else { Admission::Allow }, |_| false);
+        assert_eq!((d, o), (Decision::Endpoints { endpoints: vec![order[1].clone(), order[2].clone()], probe: None }, Outcome::Hit));
+        let mut drained = ws.clone();
+        drained.iter_mut().find(|x| x.addr == order[0]).unwrap().drained = true;
+        assert_eq!(keyed_first(&view(drained), key, &cfg), (order[1].clone(), Outcome::Hit));
+        // A half-open probe still goes first; affinity does not choose that request.
+        let (d, o) = pick_ranked(&ranked, &v, 0, 0, Some("tiny"), Some(key), &LocalLoad::default(), &mut Rng::new(1), &cfg, &[order[2].as_str()], |a| if a == order[2] { Admission::Probe } else { Admission::Allow }, |_| true);
+        assert_eq!(o, Outcome::None);
+        assert!(matches!(d, Decision::Endpoints { ref endpoints, probe: Some(ref p) } if &endpoints[0] == p && p == &order[2]));
+    }
+
+    proptest! {
+        /// With any key, the list holds only fresh, undrained, admitted workers serving the
+        /// model (a probe first), each once; the first is within the spill margin of the best.
+        #[test]
+        fn affinity_never_picks_an_ineligible_worker(
+            ws in proptest::collection::vec((0u64..6_000, 0.0f64..10.0, 1.0f64..500.0, 0u8..3, any::<bool>()), 1..12),
+            key: u64, seed: u64, elapsed in 0u64..1_000,
+        ) {
+            let workers: Vec<WorkerView> = ws.iter().enumerate().map(|(i, (age, wait, ttft, _, drained))| {
+                let mut x = w(&format!("w{i}"), i as u16 + 1, *age, wait.floor(), *ttft);
+                x.drained = *drained;
+                x
+            }).collect();
+            let adm: HashMap<String, Admission> = ws.iter().enumerate().map(|(i, t)| {
+                (format!("127.0.0.1:{}", i + 1), [Admission::Allow, Admission::Probe, Admission::Deny][t.3 as usize])
+            }).collect();
+            let v = view(workers.clone());
+            let cfg = PickConfig::default();
+            let ranked = Ranked::build(&v, &cfg);
+            let not_closed: Vec<&str> = adm.iter().filter(|(_, a)| **a != Admission::Allow).map(|(k, _)| k.as_str()).collect();
+            let (d, o) = pick_ranked(&ranked, &v, 0, elapsed, Some("tiny"), Some(key), &LocalLoad::default(), &mut Rng::new(seed), &cfg, &not_closed, |a| adm[a], |_| true);
+            if let Decision::Endpoints { endpoints, probe } = d {
+                let mut uniq = endpoints.clone(); uniq.sort(); uniq.dedup();
+                prop_assert_eq!(uniq.len(), endpoints.len());
+                for (i, e) in endpoints.iter().enumerate() {
+                    let wv = workers.iter().find(|x| &x.addr == e).unwrap();
+                    prop_assert!(wv.age_ms + elapsed < 3_000 && !wv.drained);
+                    let a = adm[e];
+                    prop_assert!(a == Admission::Allow || (a == Admission::Probe && i == 0 && probe.as_deref() == Some(e.as_str())));
+                }
+                if probe.is_none() {
+                    prop_assert!(o != Outcome::None);
+                    let score = |e: &String| predicted_ttft_ms(workers.iter().find(|x| &x.addr == e).unwrap(), 0.0, &cfg);
+                    let best = workers.iter().filter(|x| x.age_ms + elapsed < 3_000 && !x.drained && adm[&x.addr] == Admission::Allow).map(|x| predicted_ttft_ms(x, 0.0, &cfg)).fold(f64::INFINITY, f64::min);
+                    prop_assert!(score(&endpoints[0]) <= affinity::spill_limit(best, &cfg.affinity));
+                } else {
+                    prop_assert_eq!(o, Outcome::None);
+                }
+            } else {
+                prop_assert_eq!(o, Outcome::None);
+            }
         }
     }
 }

@@ -29,6 +29,12 @@ pub struct RequestFields {
     pub model: Option<String>,
     /// `"stream": true` (JSON), or a true-ish `stream` form field (multipart).
     pub stream: bool,
+    /// `user`, when it is a string of at most [`MAX_USER_BYTES`] (read only when asked for:
+    /// [`JsonScanner::with_affinity`]).
+    pub user: Option<String>,
+    /// The fingerprint of the prompt's leading blocks ([`crate::affinity::PrefixHasher`]), when
+    /// asked for and the body has `messages` or `prompt`.
+    pub prefix: Option<u64>,
 }
 
 /// A scanner's answer so far.
@@ -45,6 +51,8 @@ pub enum Scan {
 /// Longest model name read (raw bytes, escapes included); a longer one makes the body invalid
 /// for picking (fail open) rather than be truncated into a wrong name.
 pub const MAX_MODEL_BYTES: usize = 1024;
+/// Longest `user` read; a longer one is ignored (no session from it), never truncated.
+pub const MAX_USER_BYTES: usize = 256;
 /// Longest object key kept: enough for `"stream"` with every character `\u`-escaped.
 const MAX_KEY_BYTES: usize = 64;
 /// Longest part header block read in a multipart body.
@@ -54,6 +62,10 @@ const MAX_PART_HEADERS: usize = 16 * 1024;
 enum Field {
     Model,
     Stream,
+    /// Only with affinity: `user`, and the values the prefix fingerprint reads.
+    User,
+    Messages,
+    Prompt,
 }
 
 #[derive(Debug, Default)]
@@ -61,6 +73,9 @@ struct Found {
     fields: RequestFields,
     model: bool,
     stream: bool,
+    /// Affinity wants `user` (until the first one is read) and a fingerprint.
+    want_user: bool,
+    prefix: Option<PrefixHasher>,
 }
 
 impl Found {
@@ -69,8 +84,16 @@ impl Found {
         match name {
             b"model" if !self.model => Some(Field::Model),
             b"stream" if !self.stream => Some(Field::Stream),
+            b"user" if self.want_user => Some(Field::User),
+            b"messages" if self.prefix.as_ref().is_some_and(PrefixHasher::wants_more) => Some(Field::Messages),
+            b"prompt" if self.prefix.as_ref().is_some_and(PrefixHasher::wants_more) => Some(Field::Prompt),
             _ => None,
         }
+    }
+
+    /// Everything asked for is known: the scan may stop.
+    fn complete(&self) -> bool {
+        self.model && self.stream && !self.want_user && !self.prefix.as_ref().is_some_and(PrefixHasher::wants_more)
     }
 
     fn set(&mut self, f: Field, model: Option<String>, stream: bool) {
@@ -83,7 +106,19 @@ impl Found {
                 self.stream = true;
                 self.fields.stream = stream;
             }
+            Field::User => {
+                self.want_user = false;
+                self.fields.user = model;
+            }
+            Field::Messages | Field::Prompt => {}
         }
+    }
+
+    /// The answer: the fields, with the fingerprint if one was taken.
+    fn answer(&self) -> RequestFields {
+        let mut f = self.fields.clone();
+        f.prefix = self.prefix.as_ref().and_then(PrefixHasher::finish);
+        f
     }
 
     fn both(&self) -> bool {
@@ -137,6 +172,14 @@ impl RequestScanner {
         }
     }
 
+    /// Also reads what affinity keys on (JSON bodies; a form has no prompt to fingerprint).
+    pub fn with_affinity(kind: &BodyKind, cfg: &AffinityConfig) -> RequestScanner {
+        match kind {
+            BodyKind::Json => RequestScanner::Json(JsonScanner::with_affinity(cfg)),
+            BodyKind::Multipart { .. } => RequestScanner::new(kind),
+        }
+    }
+
     /// Feeds the next bytes of the body (in order, each byte once).
     pub fn feed(&mut self, chunk: &[u8]) -> Scan {
         match self {
@@ -167,6 +210,8 @@ pub fn scan_multipart(boundary: &str, prefix: &[u8]) -> Scan {
 fn is_ws(b: u8) -> bool {
     matches!(b, b' ' | b'\t' | b'\n' | b'\r')
 }
+
+use crate::affinity::{AffinityConfig, PrefixHasher};
 
 /// Decodes the raw bytes between a JSON string's quotes.
 fn json_string(raw: &[u8]) -> Option<String> {
@@ -201,7 +246,8 @@ enum J {
     Invalid(&'static str),
 }
 
-/// Streaming reader of the top-level `model` and `stream` keys of a JSON object.
+/// Streaming reader of the top-level `model` and `stream` keys of a JSON object (and, for
+/// affinity, `user` and the fingerprint of `messages` / `prompt`).
 #[derive(Debug)]
 pub struct JsonScanner {
     state: J,
@@ -219,6 +265,8 @@ pub struct JsonScanner {
     /// Whether the current value is a string (for `model`).
     val_is_str: bool,
     found: Found,
+    /// The current value feeds the prefix fingerprint (`messages` or `prompt`).
+    fp: Option<Field>,
 }
 
 impl Default for JsonScanner {
@@ -229,12 +277,23 @@ impl Default for JsonScanner {
 
 impl JsonScanner {
     pub fn new() -> JsonScanner {
-        JsonScanner { state: J::Start, esc: false, in_str: false, depth: 0, key: Vec::new(), key_long: false, target: None, val: Vec::new(), val_is_str: false, found: Found::default() }
+        JsonScanner { state: J::Start, esc: false, in_str: false, depth: 0, key: Vec::new(), key_long: false, target: None, val: Vec::new(), val_is_str: false, found: Found::default(), fp: None }
+    }
+
+    /// Also reads `user` (if `cfg.user_field`) and fingerprints the prompt's leading blocks
+    /// (if `cfg.enabled`): the scan then walks on until it has them or the object ends.
+    pub fn with_affinity(cfg: &AffinityConfig) -> JsonScanner {
+        let mut s = JsonScanner::new();
+        if cfg.enabled {
+            s.found.want_user = cfg.user_field;
+            s.found.prefix = Some(PrefixHasher::new(cfg));
+        }
+        s
     }
 
     fn answer(&self) -> Scan {
         match self.state {
-            J::Done => Scan::Done(self.found.fields.clone()),
+            J::Done => Scan::Done(self.found.answer()),
             J::Invalid(why) => Scan::Invalid(why),
             _ => Scan::Incomplete,
         }
@@ -271,22 +330,55 @@ impl JsonScanner {
                     let t = !self.val_is_str && self.val == b"true";
                     self.found.set(f, None, t);
                 }
+                Field::User => {
+                    // Not a string, too long or badly escaped: no session from it.
+                    let u = if self.val_is_str && self.val.len() <= MAX_USER_BYTES { json_string(&self.val) } else { None };
+                    self.found.set(f, u, false);
+                }
+                Field::Messages | Field::Prompt => {}
             }
             self.val.clear();
         }
-        self.state = if self.found.both() { J::Done } else { J::AfterValue };
+        if let Some(f) = self.fp.take() {
+            if let Some(h) = self.found.prefix.as_mut() {
+                if f == Field::Prompt {
+                    h.end_prompt();
+                } else {
+                    h.end_messages();
+                }
+            }
+        }
+        self.state = if self.found.complete() { J::Done } else { J::AfterValue };
     }
 
+    /// A byte of the `prompt` value (a string's raw bytes, or a number's) for the fingerprint.
     fn keep(&mut self, b: u8) {
+        if self.fp == Some(Field::Prompt) {
+            if let Some(h) = self.found.prefix.as_mut() {
+                h.push(&[b], true);
+            }
+        }
         if self.target.is_some() {
             // `stream` only matters when it is `true`: a few bytes tell.
-            let cap = if self.target == Some(Field::Stream) { 8 } else { MAX_MODEL_BYTES };
+            let cap = match self.target {
+                Some(Field::Stream) => 8,
+                Some(Field::User) => MAX_USER_BYTES + 1,
+                _ => MAX_MODEL_BYTES,
+            };
             if self.val.len() < cap {
                 self.val.push(b);
             } else if self.target == Some(Field::Model) {
                 self.state = J::Invalid("model name too long");
             }
             // A `stream` value longer than the cap is not `true`: the rest need not be kept.
+        }
+    }
+
+    /// A byte of a nested `messages` message or `prompt` array for the fingerprint.
+    fn fingerprint(&mut self, b: u8) {
+        let prompt = self.fp == Some(Field::Prompt);
+        if let Some(h) = self.found.prefix.as_mut() {
+            h.push(&[b], prompt);
         }
     }
 
@@ -347,6 +439,9 @@ impl JsonScanner {
                         } else {
                             self.found.wants(&self.key)
                         };
+                        if matches!(self.target, Some(Field::Messages | Field::Prompt)) {
+                            self.fp = self.target.take();
+                        }
                         self.val.clear();
                         self.state = J::BeforeValue;
                     } else if !is_ws(b) {
@@ -365,10 +460,19 @@ impl JsonScanner {
                         self.in_str = false;
                         self.esc = false;
                         self.state = J::Nested;
+                        match self.fp {
+                            // `messages` must be an array of messages to say anything.
+                            Some(Field::Messages) if b != b'[' => self.fp = None,
+                            Some(Field::Prompt) => self.fingerprint(b),
+                            _ => {}
+                        }
                     } else if b == b',' || b == b'}' || b == b']' || b == b':' {
                         self.state = J::Invalid("expected a value");
                     } else {
                         self.val_is_str = false;
+                        if self.fp == Some(Field::Messages) {
+                            self.fp = None;
+                        }
                         self.state = J::Scalar;
                         continue; // the byte is the scalar's first
                     }
@@ -393,6 +497,13 @@ impl JsonScanner {
                     self.keep(b);
                 }
                 J::Nested => {
+                    if self.fp.is_some() {
+                        // A message's bytes run from its opening bracket to its closing one.
+                        let opens_message = !self.in_str && self.depth == 1 && (b == b'{' || b == b'[');
+                        if self.fp == Some(Field::Prompt) || self.depth >= 2 || opens_message {
+                            self.fingerprint(b);
+                        }
+                    }
                     if self.in_str {
                         if self.esc {
                             self.esc = false;
@@ -407,6 +518,11 @@ impl JsonScanner {
                             b'{' | b'[' => self.depth = self.depth.saturating_add(1),
                             b'}' | b']' => {
                                 self.depth -= 1;
+                                if self.depth == 1 && self.fp == Some(Field::Messages) {
+                                    if let Some(h) = self.found.prefix.as_mut() {
+                                        h.end_message();
+                                    }
+                                }
                                 if self.depth == 0 {
                                     self.end_value();
                                 }
@@ -547,6 +663,8 @@ impl MultipartScanner {
                     let v = String::from_utf8_lossy(&self.val).trim().to_ascii_lowercase();
                     self.found.set(f, None, matches!(v.as_str(), "true" | "1" | "t" | "yes" | "y" | "on"));
                 }
+                // A form scanner never asks for them.
+                Field::User | Field::Messages | Field::Prompt => {}
             }
             self.val.clear();
         }
@@ -622,7 +740,7 @@ mod tests {
     use serde_json::Value;
 
     fn done(model: Option<&str>, stream: bool) -> Scan {
-        Scan::Done(RequestFields { model: model.map(str::to_string), stream })
+        Scan::Done(RequestFields { model: model.map(str::to_string), stream, ..RequestFields::default() })
     }
 
     #[test]
@@ -642,6 +760,34 @@ mod tests {
         // First occurrence wins, and the scan stops once both are known.
         assert_eq!(scan_json(br#"{"model":"a","stream":true,"model":"b"}"#), done(Some("a"), true));
         assert_eq!(scan_json(br#"{"model":"a","stream":true,  garbage"#), done(Some("a"), true));
+    }
+
+    #[test]
+    fn affinity_fields() {
+        let cfg = AffinityConfig::default();
+        let scan = |b: &str| match JsonScanner::with_affinity(&cfg).feed(b.as_bytes()) {
+            Scan::Done(f) => f,
+            other => panic!("{b}: {other:?}"),
+        };
+        let f = scan(r#"{"model":"m","stream":true,"messages":[{"role":"user","content":"hi"}],"user":"alice"}"#);
+        assert_eq!((f.model.as_deref(), f.stream, f.user.as_deref()), (Some("m"), true, Some("alice")));
+        assert!(f.prefix.is_some());
+        // The SDK's order; `user` absent: the whole object is walked, nothing found.
+        let g = scan(r#"{"messages":[{"role":"user","content":"hi"}],"model":"m","stream":true}"#);
+        assert_eq!((g.user, g.prefix), (None, f.prefix), "same messages, same key, whatever the key order");
+        // Not fingerprinted: no prompt, or `messages` that is not an array.
+        assert_eq!(scan(r#"{"model":"m","stream":true}"#).prefix, None);
+        assert_eq!(scan(r#"{"model":"m","stream":true,"messages":"x"}"#).prefix, None);
+        assert_eq!(scan(r#"{"model":"m","stream":true,"messages":[]}"#).prefix, None);
+        // A completions prompt, string or token ids.
+        assert!(scan(r#"{"model":"m","prompt":"once upon"}"#).prefix.is_some());
+        assert_ne!(scan(r#"{"prompt":[1,2,3]}"#).prefix, scan(r#"{"prompt":[1,2,4]}"#).prefix);
+        // `user` that is not a short string names no session.
+        assert_eq!(scan(r#"{"user":7}"#).user, None);
+        assert_eq!(scan(&format!(r#"{{"user":"{}"}}"#, "u".repeat(MAX_USER_BYTES + 1))).user, None);
+        // Without affinity none of it is read, and the scan stops at model and stream.
+        let plain = scan_json(br#"{"model":"m","stream":true,"user":"alice","messages":[{"role":"user"}]}"#);
+        assert_eq!(plain, done(Some("m"), true));
     }
 
     #[test]
@@ -703,7 +849,7 @@ mod tests {
     /// What a full parse says: the oracle the scanner must agree with.
     fn oracle(body: &[u8]) -> RequestFields {
         let v: Value = serde_json::from_slice(body).unwrap();
-        RequestFields { model: v.get("model").and_then(Value::as_str).map(str::to_string), stream: v.get("stream") == Some(&Value::Bool(true)) }
+        RequestFields { model: v.get("model").and_then(Value::as_str).map(str::to_string), stream: v.get("stream") == Some(&Value::Bool(true)), ..RequestFields::default() }
     }
 
     fn arb_leaf() -> impl Strategy<Value = Value> {
@@ -729,7 +875,7 @@ mod tests {
     /// A JSON object text with unique keys in a chosen order, maybe `model` and `stream` among
     /// them (with any value), pretty-printed or not.
     fn arb_object() -> impl Strategy<Value = Vec<u8>> {
-        let key = prop_oneof![Just("model".to_string()), Just("stream".to_string()), Just("messages".to_string()), "[a-z\\\\\"]{0,7}"];
+        let key = prop_oneof![Just("model".to_string()), Just("stream".to_string()), Just("messages".to_string()), Just("user".to_string()), Just("prompt".to_string()), "[a-z\\\\\"]{0,7}"];
         (prop::collection::vec((key, arb_value()), 0..6), any::<bool>()).prop_map(|(kvs, pretty)| {
             let mut seen = std::collections::HashSet::new();
             let parts: Vec<String> = kvs
@@ -811,6 +957,62 @@ mod tests {
             let mut s = MultipartScanner::new(&boundary);
             let _ = s.feed(&body[..c]);
             prop_assert_eq!(s.feed(&body[c..]), Scan::Done(want));
+        }
+
+        /// With affinity the scanner still agrees with serde_json on `model`, `stream` and
+        /// `user`, reads a fingerprint only where there is a prompt, and any split into chunks
+        /// gives the answer of one piece.
+        #[test]
+        fn affinity_scan_agrees_and_is_split_invariant(body in arb_object(), cuts in prop::collection::vec(any::<prop::sample::Index>(), 0..4)) {
+            let cfg = AffinityConfig::default();
+            let v: Value = serde_json::from_slice(&body).unwrap();
+            let whole = JsonScanner::with_affinity(&cfg).feed(&body);
+            let Scan::Done(got) = whole.clone() else { return Err(TestCaseError::fail(format!("{whole:?}"))) };
+            let want = oracle(&body);
+            prop_assert_eq!(&got.model, &want.model);
+            prop_assert_eq!(got.stream, want.stream);
+            prop_assert_eq!(got.user.as_deref(), v.get("user").and_then(Value::as_str));
+            if v.get("messages").is_none() && v.get("prompt").is_none() {
+                prop_assert_eq!(got.prefix, None);
+            }
+            let mut cuts: Vec<usize> = cuts.iter().map(|c| c.index(body.len() + 1)).collect();
+            cuts.sort_unstable();
+            let mut s = JsonScanner::with_affinity(&cfg);
+            let mut last = 0;
+            let mut split = Scan::Incomplete;
+            for c in cuts.into_iter().chain([body.len()]) {
+                split = s.feed(&body[last..c]);
+                last = c;
+            }
+            prop_assert_eq!(split, whole);
+        }
+
+        /// Every turn of a conversation (the same leading instructions and opening message,
+        /// any history after them, any key order around `messages`) has the opening turn's key;
+        /// another opening message gives another key.
+        #[test]
+        fn turns_share_the_opening_turns_key(
+            system in prop::collection::vec("[ -~]{0,40}", 0..3), opening in "[ -~]{1,40}", other in "[ -~]{1,40}",
+            history in prop::collection::vec(("(user|assistant|tool)", "(?s).{0,60}"), 0..6), model_first in any::<bool>(),
+        ) {
+            let msg = |role: &str, content: &str| serde_json::json!({"role": role, "content": content});
+            let body = |opening: &str, history: &[(String, String)]| {
+                let mut ms: Vec<Value> = system.iter().map(|c| msg("system", c)).collect();
+                ms.push(msg("user", opening));
+                ms.extend(history.iter().map(|(r, c)| msg(r, c)));
+                let ms = serde_json::to_string(&ms).unwrap();
+                if model_first { format!(r#"{{"model":"m","messages":{ms},"stream":true}}"#) } else { format!(r#"{{"messages":{ms},"model":"m","stream":true}}"#) }
+            };
+            let key = |b: String| match JsonScanner::with_affinity(&AffinityConfig::default()).feed(b.as_bytes()) {
+                Scan::Done(f) => f.prefix,
+                other => panic!("{other:?}"),
+            };
+            let first = key(body(&opening, &[]));
+            prop_assert!(first.is_some());
+            prop_assert_eq!(first, key(body(&opening, &history)));
+            if other != opening {
+                prop_assert_ne!(first, key(body(&other, &history)));
+            }
         }
 
         /// Garbage never panics, in one piece or byte by byte.

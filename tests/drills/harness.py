@@ -257,6 +257,15 @@ class Worker:
     def metrics(self) -> str:
         return http_get(f"http://{self.addr}/metrics")[1].decode()
 
+    def frames_sent(self) -> int:
+        """Frames this worker's sidecars (every run, started with `verbose`) have sent so far."""
+        if self.sidecar is None:
+            return 0
+        try:
+            return self.sidecar.err_path.read_text(errors="replace").count("\nsent seq=")
+        except OSError:
+            return 0
+
 
 @dataclass
 class Dnsd:
@@ -270,6 +279,32 @@ class Dnsd:
         if status != 200:
             raise AssertionError(f"/v1/fleet answered {status}: {body[:200]!r}")
         return json.loads(body)
+
+    def metrics(self) -> dict[str, float]:
+        """dnsd's /metrics as {'name{labels}': value} (comments skipped)."""
+        status, body = http_get(f"http://{self.http}/metrics")
+        if status != 200:
+            raise AssertionError(f"/metrics answered {status}: {body[:200]!r}")
+        out: dict[str, float] = {}
+        for line in body.decode(errors="replace").splitlines():
+            if line and not line.startswith("#"):
+                k, _, v = line.rpartition(" ")
+                try:
+                    out[k] = float(v)
+                except ValueError:
+                    pass
+        return out
+
+    def frames(self) -> dict[str, int]:
+        """Frames this dnsd instance took in: `accepted` and each drop reason (its counters
+        start at 0 on every start)."""
+        m = self.metrics()
+        out = {"accepted": int(m.get("gpuha_dnsd_frames_accepted_total", 0))}
+        for k, v in m.items():
+            r = re.fullmatch(r'gpuha_dnsd_frames_dropped_total\{reason="([^"]+)"\}', k)
+            if r:
+                out[r.group(1)] = int(v)
+        return out
 
 
 @dataclass
@@ -408,19 +443,48 @@ class Stack:
         proc = self.spawn(f"worker-{wid}", argv)
         m = proc.wait_line(r"^LISTENING (\S+)")
         w = Worker(id=wid, addr=m.group(1), proc=proc,
-                   opts=dict(ttft_ms=ttft_ms, tokens_per_s=tokens_per_s, model=model, extra=list(extra)))
+                   opts=dict(ttft_ms=ttft_ms, tokens_per_s=tokens_per_s, model=model, extra=list(extra),
+                             max_num_seqs=max_num_seqs))
         self.workers[wid] = w
         if sidecar:
             self.start_sidecar(w, pool=pool, interval_ms=interval_ms)
         return w
 
-    def start_sidecar(self, w: Worker, pool: str = "p1", interval_ms: int = 500) -> Proc:
+    def start_sidecar(self, w: Worker, pool: str = "p1", interval_ms: int = 500, key_file: Optional[Path] = None,
+                      key_id: Optional[int] = None, verbose: bool = False) -> Proc:
+        """Starts `w`'s sidecar (the stack's key unless `key_file`/`key_id` are given; `verbose`
+        logs one `sent seq=...` line per frame on stderr, which `frames_sent` counts)."""
         assert self.dnsd is not None, "start dnsd before sidecars"
         argv = [binary("gpuha-sidecar"), "--metrics-url", f"http://{w.addr}/metrics", "--ingest", self.dnsd.ingest,
-                "--worker-id", w.id, "--pool", pool, "--serve-addr", w.addr, "--key-file", self.key_file,
-                "--key-id", str(self.key_id), "--interval-ms", str(interval_ms)]
+                "--worker-id", w.id, "--pool", pool, "--serve-addr", w.addr,
+                "--key-file", key_file or self.key_file, "--key-id", str(key_id if key_id is not None else self.key_id),
+                "--interval-ms", str(interval_ms), *(["--verbose"] if verbose else [])]
         w.sidecar = self.spawn(f"sidecar-{w.id}", argv)
         return w.sidecar
+
+    def restart_worker(self, w: Worker, bind_timeout: float = 10.0) -> Proc:
+        """Kills `w` (SIGKILL to its group, reaped) if it still runs and starts it again on the same
+        port with the same options, so Envoy's static cluster reaches it again. Its sidecar is left
+        alone: it scrapes the new process as soon as it listens. A bind that fails (the port not
+        released yet) is retried until `bind_timeout`."""
+        if w.proc.alive():
+            w.proc.kill9()
+        o = w.opts
+        argv = [binary("fake-vllm"), "--port", str(w.port), "--id", w.id, "--model", o["model"],
+                "--ttft-ms", str(o["ttft_ms"]), "--tokens-per-s", str(o["tokens_per_s"]),
+                "--max-num-seqs", str(o.get("max_num_seqs", 64)), "--threads", "2", *o["extra"]]
+        deadline = time.monotonic() + bind_timeout
+        while True:
+            proc = self.spawn(f"worker-{w.id}", argv)
+            try:
+                proc.wait_line(r"^LISTENING (\S+)")
+                break
+            except AssertionError:
+                if proc.alive() or time.monotonic() >= deadline:
+                    raise
+                time.sleep(0.1)  # the port is still held: retry until the deadline
+        w.proc = proc
+        return proc
 
     def start_workers(self, n: int, **kw) -> list[Worker]:
         ws = [self.start_worker(f"w{i + 1}", **kw) for i in range(n)]

@@ -119,7 +119,8 @@ def test_big_body_retried_before_first_token_on_another_worker(stack):
     no_trip = {"breaker": {"failure_threshold": 1000}}
     # Every idle worker predicted as fast as the others: the picker spreads first attempts over
     # all three (otherwise w1's measured 10 ms beats the failing workers' unknown TTFT).
-    picker = {**no_trip, "pick": {"default_ttft_ms": 1}}
+    # Affinity off: every body here has the same prompt, which would pin them to one worker.
+    picker = {**no_trip, "pick": {"default_ttft_ms": 1, "affinity": {"enabled": False}}}
     envoy = stack.start_pool_router(picker_config=json.dumps(picker), guard_config=json.dumps(no_trip))
     warm_up(envoy)
     client = make_client(envoy.base_url, timeout=60)

@@ -15,6 +15,7 @@ use tokio::sync::{watch, OwnedSemaphorePermit, Semaphore};
 
 use crate::flaky::Flaky;
 use crate::metrics::{Finish, Metrics};
+use crate::prefix::PrefixCache;
 
 /// The longest prefill step (one chunk of a long prompt).
 const PREFILL_STEP: Duration = Duration::from_millis(100);
@@ -47,12 +48,17 @@ pub struct EngineConfig {
     pub flaky: f64,
     /// Seed of the `flaky` draws; `None`: random.
     pub flaky_seed: Option<u64>,
+    /// Prefill time per prompt token not found in the prefix cache (on top of `ttft`).
+    pub prefill_per_token: Duration,
+    /// Prefix cache capacity in tokens (0: no prefix caching).
+    pub prefix_cache_tokens: u64,
 }
 
 pub struct Engine {
     pub cfg: EngineConfig,
     pub metrics: Arc<Metrics>,
     pub flaky: Flaky,
+    pub prefix: PrefixCache,
     slots: Arc<Semaphore>,
     /// `true` while the engine hangs. A watch channel so every paused generation wakes on resume.
     hung: watch::Sender<bool>,
@@ -98,10 +104,12 @@ impl Engine {
         let metrics = Arc::new(Metrics::new(model_name, cfg.kv_capacity_tokens));
         let slots = Arc::new(Semaphore::new(cfg.max_num_seqs.max(1)));
         let flaky = Flaky::new(cfg.flaky, cfg.flaky_seed);
+        let prefix = PrefixCache::new(cfg.prefix_cache_tokens);
         Self {
             cfg,
             metrics,
             flaky,
+            prefix,
             slots,
             hung: watch::Sender::new(false),
             step: RwLock::new(()),
@@ -188,10 +196,19 @@ impl Engine {
         m.engine_step(prompt_tokens);
     }
 
+    /// A generation whose prompt is these token ids: looked up in the prefix cache when it is
+    /// scheduled, and only its uncached part costs prefill time.
+    pub fn generate_prompt(self: &Arc<Self>, prompt: Vec<u64>, max_tokens: u32) -> Generation {
+        let mut g = self.generate(prompt.len() as u64, max_tokens);
+        g.prompt = Some(prompt);
+        g
+    }
+
     /// A generation that starts waiting for a slot on its first `next()`.
     pub fn generate(self: &Arc<Self>, prompt_tokens: u64, max_tokens: u32) -> Generation {
         Generation {
             engine: Arc::clone(self),
+            prompt: None,
             prompt_tokens,
             max_tokens,
             arrival: Instant::now(),
@@ -202,6 +219,7 @@ impl Engine {
             slot: None,
             done: false,
             fault: None,
+            ttft: self.cfg.ttft,
         }
     }
 }
@@ -242,6 +260,8 @@ impl Drop for Waiting<'_> {
 /// as an abort and frees its slot.
 pub struct Generation {
     engine: Arc<Engine>,
+    /// The prompt's token ids, when known (chat and completions): prefix-cached.
+    prompt: Option<Vec<u64>>,
     prompt_tokens: u64,
     max_tokens: u32,
     arrival: Instant,
@@ -254,6 +274,8 @@ pub struct Generation {
     done: bool,
     /// Met in place of the first token.
     fault: Option<Fault>,
+    /// This generation's time to first token (with the prefill of its uncached prompt).
+    ttft: Duration,
 }
 
 async fn wait_until(deadline: Instant) {
@@ -319,12 +341,20 @@ impl Generation {
                     u64::from(self.max_tokens),
                 );
                 self.scheduled = Some(now);
-                self.due = Some(now + engine.paced(cfg.ttft));
+                let mut ttft = cfg.ttft;
+                if let Some(prompt) = self.prompt.take() {
+                    let hits = engine.prefix.lookup_and_insert(&prompt);
+                    m.prefix_cache(prompt.len() as u64, hits);
+                    let uncached = u32::try_from(prompt.len() as u64 - hits).unwrap_or(u32::MAX);
+                    ttft += cfg.prefill_per_token.saturating_mul(uncached);
+                }
+                self.ttft = ttft;
+                self.due = Some(now + engine.paced(ttft));
             }
         }
 
         let n = self.sent;
-        let step = if n == 0 { cfg.ttft } else { cfg.inter_token };
+        let step = if n == 0 { self.ttft } else { cfg.inter_token };
         let _step = loop {
             let due = self.due.unwrap_or_else(Instant::now);
             if n == 0 {
@@ -426,6 +456,8 @@ mod tests {
             slow_factor: 5.0,
             flaky: 0.0,
             flaky_seed: None,
+            prefill_per_token: Duration::ZERO,
+            prefix_cache_tokens: 0,
         }
     }
 

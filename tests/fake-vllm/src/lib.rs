@@ -45,12 +45,16 @@
 //! - `SIGUSR2`: **slow-down** on/off (also `--slow`): TTFT and inter-token delays times
 //!   `--slow-factor` (default 5).
 //!
+//! Prefix caching (as vLLM's, on by default): [`prefix`]. `--prefill-us-per-token N` makes the
+//! time to first token grow by N µs per prompt token not found in the cache.
+//!
 //! The real death is the process killed (SIGKILL, SIGSTOP); SIGTERM/SIGINT shut it down.
 
 pub mod engine;
 pub mod extra;
 pub mod flaky;
 pub mod metrics;
+pub mod prefix;
 pub mod responses;
 pub mod server;
 pub mod wire;

@@ -76,6 +76,13 @@ struct Args {
     /// Request bodies above this many bytes get 413 (default: no limit, as in vLLM).
     #[arg(long)]
     max_body_bytes: Option<usize>,
+    /// Prefill time per prompt token not found in the prefix cache, in microseconds, added to
+    /// --ttft-ms (0: TTFT does not depend on the prompt).
+    #[arg(long, default_value_t = 0)]
+    prefill_us_per_token: u64,
+    /// Prefix cache capacity in tokens (0: no prefix caching).
+    #[arg(long, default_value_t = 65536)]
+    prefix_cache_tokens: u64,
     /// Tokio worker threads (default: one per core).
     #[arg(long)]
     threads: Option<usize>,
@@ -102,6 +109,8 @@ fn main() -> ExitCode {
             slow_factor: args.slow_factor,
             flaky: args.flaky,
             flaky_seed: args.flaky_seed,
+            prefill_per_token: Duration::from_micros(args.prefill_us_per_token),
+            prefix_cache_tokens: args.prefix_cache_tokens,
         },
         models: args.models,
         start_slow: args.slow,

@@ -93,6 +93,8 @@ pub struct Metrics {
     pub kv_tokens: AtomicU64,
     pub prompt_tokens: AtomicU64,
     pub generation_tokens: AtomicU64,
+    pub prefix_queries: AtomicU64,
+    pub prefix_hits: AtomicU64,
     success: [AtomicU64; 5],
     hist: Mutex<Histograms>,
     /// While the engine hangs: the exposition as it was when the hang began.
@@ -126,6 +128,8 @@ impl Metrics {
             kv_tokens: AtomicU64::new(0),
             prompt_tokens: AtomicU64::new(0),
             generation_tokens: AtomicU64::new(0),
+            prefix_queries: AtomicU64::new(0),
+            prefix_hits: AtomicU64::new(0),
             success: Default::default(),
             hist: Mutex::new(Histograms {
                 ttft: Histogram::new(TTFT_BUCKETS),
@@ -171,6 +175,12 @@ impl Metrics {
             h.prompt_tokens.observe(prompt_tokens as f64);
             h.max_tokens.observe(max_tokens as f64);
         });
+    }
+
+    /// A prompt of `queried` tokens looked up in the prefix cache, `hits` of them found.
+    pub fn prefix_cache(&self, queried: u64, hits: u64) {
+        self.prefix_queries.fetch_add(queried, Ordering::Relaxed);
+        self.prefix_hits.fetch_add(hits, Ordering::Relaxed);
     }
 
     pub fn first_token(&self, ttft_s: f64) {
@@ -269,6 +279,18 @@ impl Metrics {
             family(out, &format!("{stem}_created"), "gauge", help);
             let _ = writeln!(out, "{stem}_created{{{base}}} {}", num(created));
         };
+        counter(
+            &mut out,
+            "vllm:prefix_cache_queries",
+            "Prefix cache queries, in terms of number of queried tokens.",
+            self.prefix_queries.load(Ordering::Relaxed) as f64,
+        );
+        counter(
+            &mut out,
+            "vllm:prefix_cache_hits",
+            "Prefix cache hits, in terms of number of cached tokens.",
+            self.prefix_hits.load(Ordering::Relaxed) as f64,
+        );
         counter(
             &mut out,
             "vllm:num_preemptions",

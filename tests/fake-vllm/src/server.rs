@@ -301,7 +301,7 @@ async fn complete(
         Kind::Completion => format!("cmpl-{:016x}", rand::random::<u64>()),
     };
     let created = unix_secs();
-    let generation = app.engine.generate(req.prompt_tokens(kind), max_tokens).with_fault(fault);
+    let generation = app.engine.generate_prompt(req.prompt_token_ids(kind), max_tokens).with_fault(fault);
 
     if stream {
         let include_usage = req.stream_options.as_ref().and_then(|o| o.include_usage) == Some(true);

@@ -52,6 +52,24 @@ pub fn words(v: &Value) -> u64 {
 }
 
 impl Request {
+    /// The prompt's token ids for the prefix cache ([`crate::prefix`]); as many as
+    /// [`Request::prompt_tokens`] counts.
+    pub fn prompt_token_ids(&self, kind: Kind) -> Vec<u64> {
+        match kind {
+            Kind::Chat => crate::prefix::chat_tokens(self.messages.as_deref().unwrap_or(&[])),
+            Kind::Completion => {
+                let mut out = Vec::new();
+                if let Some(p) = &self.prompt {
+                    crate::prefix::push_tokens(p, &mut out);
+                }
+                if out.is_empty() {
+                    out.push(0);
+                }
+                out
+            }
+        }
+    }
+
     /// A rough prompt length: one token per word plus the chat template's overhead.
     pub fn prompt_tokens(&self, kind: Kind) -> u64 {
         match kind {

@@ -189,3 +189,34 @@ fn metrics_follow_the_load() {
     assert!(end.value("vllm:generation_tokens_total", &[]) >= 41.0);
     assert!(end.value("vllm:time_to_first_token_seconds_sum", &[]) > 0.0);
 }
+
+/// The prefix cache: a conversation's second turn hits the blocks of its first, counted in
+/// vLLM's `prefix_cache_*` counters, and its time to first token pays only the uncached part.
+#[test]
+fn prefix_cache_hits_and_shortens_the_first_token() {
+    // 1 ms per uncached token on top of a 0 ms TTFT, no decode delay.
+    let w = Worker::start(&["--ttft-ms", "0", "--tokens-per-s", "0", "--prefill-us-per-token", "1000"]);
+    let system = "rule ".repeat(300);
+    let turn = |history: &str| {
+        let body = format!(
+            r#"{{"model":"tiny","max_tokens":2,"messages":[{{"role":"system","content":"{system}"}},{{"role":"user","content":"hello"}}{history}]}}"#
+        );
+        let t0 = Instant::now();
+        let r = w.post("/v1/chat/completions", &body);
+        assert_eq!(r.status, 200, "{}", r.text());
+        (t0.elapsed(), r.json()["usage"]["prompt_tokens"].as_u64().unwrap_or(0))
+    };
+    let (cold, p1) = turn("");
+    let m = w.metrics();
+    assert_eq!(m.value("vllm:prefix_cache_queries_total", &[]), p1 as f64);
+    assert_eq!(m.value("vllm:prefix_cache_hits_total", &[]), 0.0);
+    let (warm, p2) = turn(r#",{"role":"assistant","content":"w0:0 w0:1"},{"role":"user","content":"again"}"#);
+    let m = w.metrics();
+    assert_eq!(m.value("vllm:prefix_cache_queries_total", &[]), (p1 + p2) as f64);
+    let hits = m.value("vllm:prefix_cache_hits_total", &[]);
+    // All whole blocks of turn 1 but the one with its generation prompt.
+    assert_eq!(hits, ((p1 - 2) / 16 * 16) as f64, "p1 {p1} p2 {p2}");
+    // ~300 ms of prefill cold, ~20 ms warm.
+    assert!(cold >= Duration::from_millis(290), "cold {cold:?}");
+    assert!(warm < cold / 3, "warm {warm:?} vs cold {cold:?}");
+}

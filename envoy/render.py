@@ -8,6 +8,12 @@ from command-line arguments, so tests and demos can bind their own ports and wor
         --workers 127.0.0.1:8001,127.0.0.1:8002 --fleet 127.0.0.1:8080
     python3 envoy/render.py failwhale --out /tmp/fw.yaml --listen-port 10001 --admin-port 9902
 
+Without --workers the worker cluster's members come from dnsd over EDS (envoy/README.md,
+"Membership over EDS"): workers join with their sidecar's first frame, nothing is re-rendered.
+
+    python3 envoy/render.py pool-router --out /tmp/r.yaml --listen-port 10000 --admin-port 9901 \
+        --fleet 127.0.0.1:8080 --pool eu-1
+
 A fallback chain (envoy/README.md, "Fallback chain") adds tiers after the router's own workers:
 
     ... --spill b=10.0.2.1:10000 \

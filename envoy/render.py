@@ -8,6 +8,12 @@ from command-line arguments, so tests and demos can bind their own ports and wor
         --workers 127.0.0.1:8001,127.0.0.1:8002 --fleet 127.0.0.1:8080
     python3 envoy/render.py failwhale --out /tmp/fw.yaml --listen-port 10001 --admin-port 9902
 
+Without --workers the worker cluster's members come from dnsd over EDS (envoy/README.md,
+"Membership over EDS"): workers join with their sidecar's first frame, nothing is re-rendered.
+
+    python3 envoy/render.py pool-router --out /tmp/r.yaml --listen-port 10000 --admin-port 9901 \
+        --fleet 127.0.0.1:8080 --pool eu-1
+
 A fallback chain (envoy/README.md, "Fallback chain") adds tiers after the router's own workers:
 
     ... --spill b=10.0.2.1:10000 \
@@ -292,7 +298,7 @@ def render_tiers(a, values, guard, ap):
             "GUARD_CONFIG": yaml_single_quoted(json.dumps(tier_guard, separators=(",", ":"))),
             "ENDPOINTS": endpoints_yaml(workers),
         }).rstrip("\n"))
-    chain = {"own": a.tier_name, "own_endpoints": [f"{h}:{p}" if ":" not in h else f"[{h}]:{p}" for h, p in a.workers], "tiers": tiers}
+    chain = {"own": a.tier_name, "own_endpoints": [f"{h}:{p}" if ":" not in h else f"[{h}]:{p}" for h, p in a.workers or []], "tiers": tiers}
     out = {
         "TIER_LISTENERS": "\n".join(listeners),
         "TIER_CLUSTERS": "\n".join(clusters),
@@ -301,13 +307,54 @@ def render_tiers(a, values, guard, ap):
     return chain, out
 
 
+def membership(a, tier_endpoints):
+    """The worker cluster's members: static (--workers, tiers at priority 1), or EDS from dnsd,
+    which lists this router's pools' workers and puts the tier endpoints named in the node's
+    metadata at priority 1 (it cannot know them otherwise)."""
+    if a.workers:
+        tiers = ("      - priority: 1\n        lb_endpoints:\n" + endpoints_yaml([split_hostport(e, "tier") for e in tier_endpoints])) if tier_endpoints else ""
+        return {
+            "NODE": "",
+            "WORKERS_CLUSTER_TYPE": "STATIC",
+            "WORKER_MEMBERSHIP": "\n".join(["    load_assignment:", "      cluster_name: gpuha_workers", "      endpoints:", "      - lb_endpoints:",
+                                            endpoints_yaml(a.workers), tiers]).rstrip("\n"),
+        }
+    meta = {"pools": a.pool, "tiers": tier_endpoints}
+    node = "\n".join([
+        "node:",
+        f"  id: \"{a.node_id}\"",
+        "  cluster: gpuha-router",
+        # Read by dnsd on every poll: which pools' workers this router gets, and its tiers.
+        f"  metadata: {{ gpuha: {json.dumps(meta, separators=(',', ':'))} }}",
+    ]) + "\n"
+    return {
+        "NODE": node,
+        "WORKERS_CLUSTER_TYPE": "EDS",
+        "WORKER_MEMBERSHIP": "\n".join([
+            "    eds_cluster_config:",
+            "      service_name: gpuha_workers",
+            "      eds_config:",
+            "        resource_api_version: V3",
+            "        api_config_source:",
+            "          api_type: REST",
+            "          transport_api_version: V3",
+            "          cluster_names: [gpuha_fleet]",
+            f"          refresh_delay: {a.eds_refresh}",
+            "          request_timeout: 1s",
+        ]),
+    }
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = ap.add_subparsers(dest="which", required=True)
 
     r = sub.add_parser("pool-router", help="listener + picker + retrying router + guarded worker cluster")
     common(r)
-    r.add_argument("--workers", type=worker_list, required=True, help="ip:port,ip:port,... (static cluster members)")
+    r.add_argument("--workers", type=worker_list, default=None,
+                   help="ip:port,ip:port,...: static cluster members. Without it the members come from dnsd over EDS (--fleet)")
+    r.add_argument("--eds-refresh", default="0.25s", help="EDS: how often Envoy polls dnsd for the members (Envoy duration)")
+    r.add_argument("--node-id", default="gpuha-router", help="EDS: this Envoy's node id (dnsd logs it; the cluster's name is gpuha-router)")
     r.add_argument("--fleet", required=True, help="dnsd HTTP address host:port serving /v1/fleet")
     r.add_argument("--num-retries", type=int, default=2)
     r.add_argument("--per-try-timeout", default="5s", help="time-to-first-token budget per attempt (Envoy duration)")
@@ -371,16 +418,14 @@ def main(argv=None):
         if a.spill_slots < 1:
             ap.error("--spill-slots: must be at least 1")
         picker["spill_budget"] = {"share": a.spill_share, "slots_per_worker": a.spill_slots}
-        own = {f"{h}:{p}" for h, p in a.workers}
+        own = {f"{h}:{p}" for h, p in a.workers or []}
         clash = own & {e for t in chain["tiers"] for e in t["endpoints"]}
         if clash:
             ap.error(f"tier endpoints {sorted(clash)} are also --workers")
         tier_endpoints = [e for t in chain["tiers"] for e in t["endpoints"]]
         values.update(tier_values)
+        values.update(membership(a, tier_endpoints))
         values.update({
-            "WORKER_ENDPOINTS": endpoints_yaml(a.workers),
-            "TIER_ENDPOINTS": ("      - priority: 1\n        lb_endpoints:\n" + endpoints_yaml([split_hostport(e, "tier") for e in tier_endpoints]))
-                              if tier_endpoints else "",
             "FLEET_HOST": f"\"{fhost}\"",
             "FLEET_PORT": fport,
             "FLEET_CLUSTER_TYPE": "STATIC" if is_ip(fhost) else "STRICT_DNS",

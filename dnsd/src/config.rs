@@ -21,6 +21,30 @@ pub struct Config {
     pub dns: Option<DnsConfig>,
     #[serde(default)]
     pub admin: AdminConfig,
+    #[serde(default)]
+    pub eds: EdsConfig,
+}
+
+/// The routers' worker cluster over EDS (`POST /v3/discovery:endpoints`, see
+/// [`gpuha_liveness::membership`]).
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct EdsConfig {
+    /// A worker silent (no frame at all) for this long leaves the routers' cluster; never while
+    /// it is fresh. At least `gpuha_liveness::membership::MIN_LEAVE_AFTER_MS` (4 s) and at most
+    /// `ingest.forget_after_ms` (a forgotten worker is unknown). Default 2 min.
+    #[serde(default = "default_leave_after")]
+    pub leave_after_ms: u64,
+}
+
+impl Default for EdsConfig {
+    fn default() -> Self {
+        EdsConfig { leave_after_ms: default_leave_after() }
+    }
+}
+
+fn default_leave_after() -> u64 {
+    gpuha_liveness::membership::DEFAULT_LEAVE_AFTER_MS
 }
 
 /// The admin API (see [`crate::admin`]): off unless a token file is given.
@@ -170,6 +194,13 @@ impl Config {
         }
         if self.ingest.forget_after_ms < MIN_FORGET_AFTER_MS {
             return Err(ConfigError::invalid("ingest.forget_after_ms", format!("must be at least {MIN_FORGET_AFTER_MS} (a worker must outlive its pool's eviction and the rescue of its streams)")));
+        }
+        let min_leave = gpuha_liveness::membership::MIN_LEAVE_AFTER_MS;
+        if self.eds.leave_after_ms < min_leave || self.eds.leave_after_ms > self.ingest.forget_after_ms {
+            return Err(ConfigError::invalid(
+                "eds.leave_after_ms",
+                format!("must be between {min_leave} (the freshness gate and a second for the routers' polls) and ingest.forget_after_ms ({})", self.ingest.forget_after_ms),
+            ));
         }
         if let Some(dns) = &self.dns {
             dns.validate()?;

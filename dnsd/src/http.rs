@@ -1,7 +1,8 @@
 //! dnsd's HTTP side: `GET /v1/fleet` (the fleet view the Envoy filter polls), `GET /metrics`
 //! (Prometheus text), `GET /healthz`, and for operators ([`crate::ops`]) `GET /v1/dns` (the DNS
 //! answer right now) and the fleet page at `GET /` and `GET /fleet`; the authenticated admin API
-//! under `/v1/admin` ([`crate::admin`]).
+//! under `/v1/admin` ([`crate::admin`]); and `POST /v3/discovery:endpoints`, the routers' worker
+//! cluster over EDS ([`crate::xds`]).
 //!
 //! `/v1/fleet` takes two optional query parameters:
 //!
@@ -124,6 +125,7 @@ pub fn router(services: Arc<Services>) -> Router {
         .route("/v1/admin/workers/{id}", post(crate::admin_api::set_worker))
         .route("/v1/admin/pools/{id}", post(crate::admin_api::set_pool))
         .route("/v1/admin/reload", post(crate::admin_api::reload))
+        .route("/v3/discovery:endpoints", post(crate::xds::endpoints))
         .with_state(services)
 }
 
@@ -321,6 +323,7 @@ async fn metrics(State(s): State<Arc<Services>>) -> impl IntoResponse {
         dns.render_metrics(&mut out, now);
     }
     s.admin.render_metrics(&mut out);
+    s.eds.render(&mut out);
     let _ = writeln!(out, "# HELP gpuha_dnsd_config_reloads_total Config reloads (SIGHUP or POST /v1/admin/reload), by result; a refused one leaves the running config serving.");
     let _ = writeln!(out, "# TYPE gpuha_dnsd_config_reloads_total counter");
     let _ = writeln!(out, "gpuha_dnsd_config_reloads_total{{result=\"ok\"}} {}", s.reloads_ok.load(Ordering::Relaxed));

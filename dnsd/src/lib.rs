@@ -15,6 +15,7 @@ pub mod ops;
 mod prom;
 pub mod reload;
 pub mod state;
+pub mod xds;
 
 use std::future::Future;
 use std::io;
@@ -56,6 +57,8 @@ pub struct Services {
     pub last_reload_ok_ms: AtomicU64,
     /// The latest reload was refused (the running config is older than the file).
     pub last_reload_failed: AtomicBool,
+    /// EDS answers by outcome ([`xds`]).
+    pub eds: xds::EdsCounters,
 }
 
 impl Services {
@@ -168,6 +171,7 @@ pub async fn run_with(config: Config, listeners: Listeners, options: RunOptions,
         reloads_failed: AtomicU64::new(0),
         last_reload_ok_ms: AtomicU64::new(started),
         last_reload_failed: AtomicBool::new(false),
+        eds: xds::EdsCounters::default(),
     });
     let (stop_tx, stop_rx) = watch::channel(false);
     let stopped = move |mut rx: watch::Receiver<bool>| async move {

@@ -77,6 +77,7 @@ fn load(args: &Args) -> Result<Config, String> {
                 http: HttpConfig::default(),
                 dns: None,
                 admin: AdminConfig::default(),
+                eds: Default::default(),
             }
         }
     };

@@ -69,10 +69,18 @@ impl Picker {
         true
     }
 
-    /// No pick (no fresh view): the router's own workers round robin, then the chain.
-    fn fail_open(&self) {
-        let start = self.thread.borrow_mut().rng.below(self.cfg.tiers.own_endpoints.len().max(1));
-        let listed = self.cfg.tiers.fail_open(start, self.cfg.pick.max_endpoints, &self.path, self.spilled);
+    /// No pick (no fresh view): the router's own workers round robin, then the chain. Without
+    /// configured own workers (membership over EDS), those of `view`, the last one fetched.
+    fn fail_open(&self, view: Option<&gpuha_liveness::FleetView>) {
+        let known;
+        let own = if self.cfg.tiers.own_endpoints.is_empty() && !self.cfg.tiers.tiers.is_empty() {
+            known = view.map(|v| gpuha_liveness::tier::own_of_view(v, &self.cfg.pick.pools)).unwrap_or_default();
+            &known
+        } else {
+            &self.cfg.tiers.own_endpoints
+        };
+        let start = self.thread.borrow_mut().rng.below(own.len().max(1));
+        let listed = self.cfg.tiers.fail_open_over(own, start, self.cfg.pick.max_endpoints, &self.path, self.spilled);
         if !listed.endpoints.is_empty() {
             host::set_request_header(ENDPOINTS_HEADER, Some(&listed.endpoints.join(",")));
             if listed.spills {
@@ -120,7 +128,7 @@ impl Picker {
         let Some((version, fetched, view)) = self.thread.borrow_mut().fleet() else {
             inc(self.stats.fail_open);
             host::debug("gpuha: no fleet view yet: fail open");
-            self.fail_open();
+            self.fail_open(None);
             return Action::Continue;
         };
         if self.spilled && now.saturating_sub(fetched) <= self.cfg.pick.stale_after_ms {
@@ -169,7 +177,7 @@ impl Picker {
             }
             Decision::Stale => {
                 inc(self.stats.fail_open);
-                self.fail_open();
+                self.fail_open(Some(&view));
                 Action::Continue
             }
             Decision::UnknownModel => {

@@ -127,6 +127,22 @@ fn pool_router_with_fallback_chain_validates() {
     let _ = std::fs::remove_dir_all(&dir);
 }
 
+/// Membership over EDS from dnsd (no `--workers`): the REST-JSON `api_config_source` on the
+/// `gpuha_fleet` cluster, this router's pools and its tiers' endpoints in the node metadata
+/// (dnsd puts the tiers at priority 1).
+#[test]
+fn pool_router_with_eds_validates() {
+    render_and_validate(
+        &[
+            "pool-router", "--listen-port", "10000", "--admin-port", "9901", "--fleet", "127.0.0.1:8080", "--pool", "eu-1", "--pool", "eu-2",
+            "--eds-refresh", "0.5s", "--node-id", "router-eu-1", "--tier-name", "eu", "--spill", "us=10.0.2.1:10000",
+            "--degraded", r#"{"name":"small","port":10101,"workers":["127.0.0.1:8101"],"model":"small"}"#,
+        ],
+        "pool-router-eds",
+    );
+    render_and_validate(&["pool-router", "--listen-port", "10000", "--admin-port", "9901", "--fleet", "dnsd.internal:8080"], "pool-router-eds-bare");
+}
+
 #[test]
 fn failwhale_validates() {
     render_and_validate(

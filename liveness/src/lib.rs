@@ -5,6 +5,7 @@
 //! |---|---|
 //! | [`frame`] | the telemetry frame: codec, HMAC, key ring |
 //! | [`ingest`] | authenticated ingest: replay order, clock checks, drop reasons |
+//! | [`membership`] | who the routers' worker cluster lists (EDS): members from telemetry, pools per router, leave-after, tiers at priority 1 |
 //! | [`fleet`] | fleet state: freshness and progress (a hang is not silence), pool liveness, gray failures, the fleet view dnsd serves |
 //! | [`admin`] | operators' overrides: drained workers and pools, pools forced out of or into the answer, when a drained pool is safe |
 //! | [`pick`] | picking workers: scoring, anti-herding, the breaker's last resorts |
@@ -33,6 +34,7 @@ pub mod fleet;
 pub mod frame;
 pub mod guard;
 pub mod ingest;
+pub mod membership;
 pub mod openai_error;
 pub mod output;
 pub mod pick;

@@ -95,6 +95,14 @@ impl Default for Chain {
     }
 }
 
+/// The addresses of `view`'s workers of `pools` (every pool when empty) that an operator has not
+/// drained, in the view's order: the router's own workers when its config lists none (membership
+/// over EDS), for [`Chain::fail_open_over`]. Stale or not: a view too old to pick from still
+/// names the cluster's members better than nothing (no data is not death).
+pub fn own_of_view(view: &crate::FleetView, pools: &[String]) -> Vec<String> {
+    view.workers.iter().filter(|w| !w.drained && (pools.is_empty() || pools.contains(&w.pool))).map(|w| w.addr.clone()).collect()
+}
+
 /// Whether `name` is usable in a stat name and a header value.
 fn name_ok(name: &str) -> bool {
     !name.is_empty() && name.len() <= 32 && name.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_' || b == b'-')
@@ -162,11 +170,19 @@ impl Chain {
     /// round robin), then the tiers, so that own workers that really are dead still leave the
     /// chain. Empty without tiers: no list at all, Envoy's round robin as before.
     pub fn fail_open(&self, start: usize, max: usize, path: &str, spilled: bool) -> Listed {
+        self.fail_open_over(&self.own_endpoints, start, max, path, spilled)
+    }
+
+    /// [`Chain::fail_open`] over `own`, the router's own workers as it knows them: with
+    /// membership over EDS the config lists none ([`Chain::own_endpoints`] is empty), and the
+    /// last fleet view's workers ([`own_of_view`]) stand in, so a router whose dnsd is gone
+    /// still tries its own workers before the tiers.
+    pub fn fail_open_over(&self, own: &[String], start: usize, max: usize, path: &str, spilled: bool) -> Listed {
         if self.tiers.is_empty() {
             return Listed { endpoints: Vec::new(), spills: false };
         }
-        let n = self.own_endpoints.len();
-        let own: Vec<String> = (0..n.min(max)).map(|i| self.own_endpoints[(start + i) % n].clone()).collect();
+        let n = own.len();
+        let own: Vec<String> = (0..n.min(max)).map(|i| own[(start + i) % n].clone()).collect();
         self.endpoints(&own, path, spilled)
     }
 
@@ -417,6 +433,25 @@ mod tests {
         // No tiers: no list (Envoy's round robin, as without a chain).
         let c = Chain { tiers: vec![], ..chain() };
         assert!(c.fail_open(0, 3, "/v1/chat/completions", false).endpoints.is_empty());
+    }
+
+    /// Membership over EDS: the config lists no own worker; the last view's workers of the
+    /// router's pools (not drained) come before the tiers.
+    #[test]
+    fn fail_open_over_the_views_workers_without_configured_ones() {
+        let view: crate::FleetView = serde_json::from_value(json!({"now_ms": 0, "workers": [
+            {"id": "a1", "pool": "a", "models": [], "addr": "10.0.0.1:8000", "age_ms": 9000, "fresh": false, "boot": 1},
+            {"id": "a2", "pool": "a", "models": [], "addr": "10.0.0.2:8000", "age_ms": 9000, "fresh": false, "boot": 1, "drained": true},
+            {"id": "b1", "pool": "b", "models": [], "addr": "10.0.9.1:8000", "age_ms": 9000, "fresh": false, "boot": 1},
+        ]}))
+        .unwrap();
+        let own = own_of_view(&view, &s(&["a"]));
+        assert_eq!(own, s(&["10.0.0.1:8000"]));
+        assert_eq!(own_of_view(&view, &[]).len(), 2);
+        let c = Chain { own_endpoints: vec![], ..chain() };
+        let l = c.fail_open_over(&own, 5, 3, "/v1/chat/completions", false);
+        assert_eq!(l.endpoints, s(&["10.0.0.1:8000", "10.0.1.1:10000", "127.0.0.1:10101", "127.0.0.1:10102"]));
+        assert_eq!(c.fail_open(0, 3, "/v1/chat/completions", false).endpoints[0], "10.0.1.1:10000", "no view, no own worker known: the tiers");
     }
 
     #[test]

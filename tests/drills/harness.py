@@ -707,17 +707,18 @@ def per_worker(outcomes: Iterable[Outcome]) -> dict[str, int]:
 
 
 def _stack_pool_router(self: Stack, name: str = "envoy", workers: Optional[Iterable[Worker]] = None,
-                       port: Optional[int] = None, **render_opts) -> Envoy:
+                       port: Optional[int] = None, eds: bool = False, **render_opts) -> Envoy:
     """Renders pool-router.yaml for `workers` (default: every worker started so far) and dnsd,
     starts Envoy and waits for it to be ready. `render_opts` are render.py flags
     (per_try_timeout="1s", picker_config=json.dumps({...}), ...). `port`: the listener's port
-    (default: a free one), for routers that must know each other's address before they start."""
+    (default: a free one), for routers that must know each other's address before they start.
+    `eds`: no static workers; the cluster's members come from dnsd over EDS."""
     assert self.dnsd is not None, "start dnsd before Envoy"
-    ws = list(workers if workers is not None else self.workers.values())
+    ws = [] if eds else list(workers if workers is not None else self.workers.values())
     port = port or free_port()
     access_log = self.logdir / f"{name}.access.log"
     cfg = self.render("pool-router", self.logdir / f"{name}.yaml", listen_port=port, admin_port=0,
-                      workers=",".join(w.addr for w in ws), fleet=self.dnsd.http, wasm=wasm_path(),
+                      workers=",".join(w.addr for w in ws) or None, fleet=self.dnsd.http, wasm=wasm_path(),
                       access_log=access_log, **render_opts)
     return self.start_envoy(name, cfg, port, access_log=access_log)
 

@@ -618,6 +618,12 @@ def test_real_vllm_as_the_degraded_tier(rig: Rig):
         assert all(t in ("big", "cpu") for t in tiers), tiers
     finally:
         rig.stop_envoy(envoy)
+        for w in big:
+            # Dead on purpose: the rig's later `ensure_up` must not wait for them.
+            w.proc.kill9()
+            if w.sidecar is not None:
+                w.sidecar.kill9()
+            st.workers.pop(w.id, None)
     record("drill degraded", f"{time.monotonic() - t_start:.1f}s")
 
 

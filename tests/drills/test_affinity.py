@@ -136,8 +136,15 @@ def test_multi_turn_affinity_hits_the_cache_spreads_and_fails_over(stack):
     assert all(sessions // 12 <= n <= 0.6 * sessions for n in per_worker.values()), per_worker
 
     client = make_client(affine.base_url, timeout=30)
-    pinned = [converse(client, [{"role": "user", "content": f"unrelated prompt {i}"}], {"x-session-id": "session-42"})
-              for i in range(8)]
+    pinned = []
+    for i in range(8):
+        # One request per fresh frame: the picker counts its own sends since a worker's last
+        # frame as queued, finished or not (the known limit above), so back-to-back requests of
+        # one session spill after a few. Each of Envoy's threads polls every 250 ms: eight polls
+        # (about a second) take in a new frame (every 500 ms) of every worker.
+        polls = filter_stat(affine, "fleet_polls")
+        pinned.append(converse(client, [{"role": "user", "content": f"unrelated prompt {i}"}], {"x-session-id": "session-42"}))
+        wait_for(lambda: filter_stat(affine, "fleet_polls") >= polls + 8, 10, "eight fleet polls")
     assert all(r[2] is None for r in pinned), [r[2] for r in pinned]
     report(f"session header: 8 unrelated prompts with one x-session-id served by {sorted({r[0] for r in pinned})}")
     assert len({r[0] for r in pinned}) == 1

@@ -775,3 +775,36 @@ def access_entries(envoy: Envoy, settle: bool = True) -> list[dict]:
         d["spilled"] = None if d.get("spilled") in (None, "", "-") else d["spilled"]
         out.append(d)
     return out
+
+
+class Load:
+    """`n` client threads sending chat requests back to back until stopped (a context manager);
+    `outcomes` collects them. `stream=False`: a killed worker's requests are all before their
+    first token, so every one of them is retried (a drill about membership, not truncation)."""
+
+    def __init__(self, client, n: int, max_tokens: int = 10, stream: bool = True):
+        self.client, self.max_tokens, self.stream = client, max_tokens, stream
+        self.outcomes: list[Outcome] = []
+        self.stop = threading.Event()
+        self.lock = threading.Lock()
+        self.idx = 0
+        self.threads = [threading.Thread(target=self.run, daemon=True) for _ in range(n)]
+
+    def run(self) -> None:
+        while not self.stop.is_set():
+            with self.lock:
+                self.idx += 1
+                i = self.idx
+            o = chat(self.client, i, self.max_tokens, stream=self.stream, timeout=20)
+            with self.lock:
+                self.outcomes.append(o)
+
+    def __enter__(self) -> "Load":
+        for t in self.threads:
+            t.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop.set()
+        for t in self.threads:
+            t.join(timeout=30)

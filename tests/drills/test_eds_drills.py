@@ -26,7 +26,7 @@ import time
 from pathlib import Path
 
 import harness
-from harness import Outcome, access_entries, chat, filter_stat, free_port, http_post, make_client, per_worker, wait_for
+from harness import Load, Outcome, access_entries, chat, filter_stat, free_port, http_post, make_client, per_worker, wait_for
 from test_l7_drills import summarize, warm_up
 
 MODEL = "tiny"
@@ -55,38 +55,6 @@ def members(envoy: harness.Envoy) -> dict[str, str]:
     """The worker cluster's hosts in Envoy right now: {ip:port: priority}."""
     return {h: s.get("priority", "?") for h, s in envoy.host_stats("gpuha_workers").items() if "priority" in s}
 
-
-class Load:
-    """`n` client threads sending non-streamed requests back to back until stopped: a killed
-    worker's requests are all before their first token, so every one of them is retried and a
-    client error here is a membership error, not a truncation."""
-
-    def __init__(self, client, n: int, max_tokens: int = 10):
-        self.client, self.max_tokens = client, max_tokens
-        self.outcomes: list[Outcome] = []
-        self.stop = threading.Event()
-        self.lock = threading.Lock()
-        self.idx = 0
-        self.threads = [threading.Thread(target=self.run, daemon=True) for _ in range(n)]
-
-    def run(self) -> None:
-        while not self.stop.is_set():
-            with self.lock:
-                self.idx += 1
-                i = self.idx
-            o = chat(self.client, i, self.max_tokens, stream=False, timeout=20)
-            with self.lock:
-                self.outcomes.append(o)
-
-    def __enter__(self) -> "Load":
-        for t in self.threads:
-            t.start()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.stop.set()
-        for t in self.threads:
-            t.join(timeout=30)
 
 
 class Watch:
@@ -156,7 +124,7 @@ def test_eds_scale_during_traffic(stack):
     warm_up(stack, envoy)
     client = make_client(envoy.base_url)
 
-    with Watch(stack, envoy) as watch, Load(client, 3) as load:
+    with Watch(stack, envoy) as watch, Load(client, 3, stream=False) as load:
         wait_for(lambda: len(load.outcomes) >= 20, 20, "20 requests with 2 workers")
         # Scale up: two new machines, their sidecars start sending.
         w3, w4 = stack.start_worker("w3"), stack.start_worker("w4")
@@ -223,7 +191,7 @@ def test_eds_dnsd_restart_keeps_membership(stack):
     client = make_client(envoy.base_url)
     fail0 = envoy.stats(r"update_failure$").get("cluster.gpuha_workers.update_failure", 0)
     seen: list[set[str]] = []
-    with Load(client, 3) as load:
+    with Load(client, 3, stream=False) as load:
         wait_for(lambda: len(load.outcomes) >= 20, 20, "20 requests before the restart")
         down_at = time.monotonic()
         dnsd.proc.terminate()
@@ -276,7 +244,7 @@ def test_eds_keeps_the_tiers_at_priority_one(stack):
     # The restarted dnsd knows a1 again, and the picker picks it (a worker dying in the restarted
     # dnsd's first second is another drill: its view is empty then).
     warm_up(stack, envoy)
-    with Load(client, 2) as load:
+    with Load(client, 2, stream=False) as load:
         wait_for(lambda: len(load.outcomes) >= 10, 20, "10 requests before the kill")
         kill_mono = time.monotonic()
         kill_worker(a)

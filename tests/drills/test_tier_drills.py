@@ -25,7 +25,6 @@ from __future__ import annotations
 import json
 import statistics
 import subprocess
-import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 
@@ -33,7 +32,7 @@ import openai
 import pytest
 
 import harness
-from harness import Outcome, access_entries, chat, filter_stat, free_port, make_client, wait_for
+from harness import Load, Outcome, access_entries, chat, filter_stat, free_port, make_client, wait_for
 from test_l7_drills import is_transport_error, summarize, warm_up
 
 MODEL = "tiny"
@@ -75,36 +74,6 @@ def kill_worker(w: harness.Worker) -> None:
     if w.sidecar is not None:
         w.sidecar.kill9()
 
-
-class Load:
-    """`n` client threads sending streamed requests back to back until stopped."""
-
-    def __init__(self, client, n: int, max_tokens: int):
-        self.client, self.n, self.max_tokens = client, n, max_tokens
-        self.outcomes: list[Outcome] = []
-        self.stop = threading.Event()
-        self.lock = threading.Lock()
-        self.threads = [threading.Thread(target=self.run, args=(i,), daemon=True) for i in range(n)]
-        self.idx = 0
-
-    def run(self, t: int) -> None:
-        while not self.stop.is_set():
-            with self.lock:
-                self.idx += 1
-                i = self.idx
-            o = chat(self.client, i, self.max_tokens, timeout=20)
-            with self.lock:
-                self.outcomes.append(o)
-
-    def __enter__(self) -> "Load":
-        for t in self.threads:
-            t.start()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.stop.set()
-        for t in self.threads:
-            t.join(timeout=30)
 
 
 # --------------------------------------------------------------------------------------------

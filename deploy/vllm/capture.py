@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import http.client
 import json
+import re
 import sys
 import tempfile
 import uuid
@@ -118,10 +119,22 @@ def start_server(name: str, extra: list[str]) -> vl.VllmServer:
     return srv
 
 
+def redact(raw: bytes) -> bytes:
+    """The model's directory (`/v1/models` names it as `root`) as a neutral path, with the
+    content-length fixed: a capture must not name this machine's paths."""
+    head, sep, body = raw.partition(b"\r\n\r\n")
+    local = str(vl.default_model()).encode()
+    if local not in body:
+        return raw
+    body = body.replace(local, b"/models/tiny-model")
+    head = re.sub(rb"(?im)^content-length: \d+", b"content-length: %d" % len(body), head)
+    return head + sep + body
+
+
 def capture(addr: str, out: Path, reqs: list[tuple[str, str, str, bytes, str]]) -> None:
     out.mkdir(parents=True, exist_ok=True)
     for name, method, path, body, ctype in reqs:
-        raw = record(addr, method, path, body, ctype)
+        raw = redact(record(addr, method, path, body, ctype))
         (out / name).write_bytes(raw)
         status_line = raw.split(b"\r\n", 1)[0].decode()
         print(f"capture: {name}: {status_line} ({len(raw)} bytes)", flush=True)

@@ -190,39 +190,8 @@ SERVICE = "api.gpuha.test."
 
 def dnsd_config(stack: harness.Stack) -> Path:
     """dnsd with a DNS zone: two pools (two 'regions'), each with one router address."""
-    path = stack.logdir / "dnsd.toml"
-    path.write_text(f"""
-[ingest]
-keys = [{{ id = {stack.key_id}, file = "{stack.key_file}" }}]
-
-[dns]
-listen = "127.0.0.1:0"
-
-[[dns.zones]]
-origin = "gpuha.test."
-ns = ["ns1.gpuha.test."]
-soa = {{ rname = "hostmaster.gpuha.test.", minimum = 5 }}
-records = [{{ name = "ns1", type = "A", value = "127.0.0.1" }}]
-
-[[dns.pools]]
-id = "local-a"
-region = "here"
-cloud = "none"
-routers = ["127.0.0.11"]
-
-[[dns.pools]]
-id = "local-b"
-region = "there"
-cloud = "none"
-routers = ["127.0.0.12"]
-
-[[dns.services]]
-name = "{SERVICE}"
-pools = ["local-a", "local-b"]
-ttl = 5
-fail_whale = ["127.0.0.99"]
-""")
-    return path
+    return harness.write_zone_config(stack, {"local-a": ("here", "none", "127.0.0.11"), "local-b": ("there", "none", "127.0.0.12")},
+                                     SERVICE, "127.0.0.99")
 
 
 def dig(dns: str) -> list[str]:

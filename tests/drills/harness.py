@@ -808,3 +808,39 @@ class Load:
         self.stop.set()
         for t in self.threads:
             t.join(timeout=30)
+
+
+def write_zone_config(stack: "Stack", pools: dict[str, tuple[str, str, str]], service: str, fail_whale: str,
+                      listen: str = "127.0.0.1", ttl: int = 5, policy: Optional[str] = None,
+                      min_workers: Optional[int] = None, http: bool = False) -> Path:
+    """dnsd's TOML with one zone `gpuha.test.`-style: the zone's origin is the service's parent,
+    `pools` maps pool id -> (region, cloud, router address), one service over every pool.
+    Every listener on `listen`, port 0 (`http`: the HTTP side too). Written to the stack's logdir."""
+    origin = service.split(".", 1)[1]
+    pool_text = "".join(
+        f'\n[[dns.pools]]\nid = "{p}"\nregion = "{region}"\ncloud = "{cloud}"\nrouters = ["{router}"]\n'
+        + (f"min_workers = {min_workers}\n" if min_workers is not None else "")
+        for p, (region, cloud, router) in pools.items())
+    text = f"""
+[ingest]
+listen = "{listen}:0"
+keys = [{{ id = {stack.key_id}, file = "{stack.key_file}" }}]
+{f'{chr(10)}[http]{chr(10)}listen = "{listen}:0"{chr(10)}' if http else ""}
+[dns]
+listen = "{listen}:0"
+
+[[dns.zones]]
+origin = "{origin}"
+ns = ["ns1.{origin}"]
+soa = {{ rname = "hostmaster.{origin}", minimum = 5 }}
+records = [{{ name = "ns1", type = "A", value = "{listen}" }}]
+{pool_text}
+[[dns.services]]
+name = "{service}"
+{f'policy = "{policy}"{chr(10)}' if policy else ""}pools = [{", ".join(f'"{p}"' for p in pools)}]
+ttl = {ttl}
+fail_whale = ["{fail_whale}"]
+"""
+    path = stack.logdir / "dnsd.toml"
+    path.write_text(text)
+    return path

@@ -292,38 +292,9 @@ class World:
 
     # dnsd in the root namespace, on the bridge's address, ports picked by the kernel
     def dnsd_config(self) -> Path:
-        g = self.dns_addr
-        pools = "\n".join(
-            f'[[dns.pools]]\nid = "{c.pool}"\nregion = "region-{c.pool}"\ncloud = "cloud-{c.pool}"\n'
-            f'routers = ["{c.router}"]\nmin_workers = 1\n' for c in self.clouds.values())
-        text = f"""
-[ingest]
-listen = "{g}:0"
-keys = [{{ id = {self.stack.key_id}, file = "{self.stack.key_file}" }}]
-
-[http]
-listen = "{g}:0"
-
-[dns]
-listen = "{g}:0"
-
-[[dns.zones]]
-origin = "{ZONE}"
-ns = ["ns1.{ZONE}"]
-soa = {{ rname = "hostmaster.{ZONE}", minimum = 5 }}
-records = [{{ name = "ns1", type = "A", value = "{g}" }}]
-
-{pools}
-[[dns.services]]
-name = "{SERVICE}"
-policy = "all"
-pools = [{", ".join(f'"{c}"' for c in CLOUDS)}]
-ttl = {TTL}
-fail_whale = ["{self.fw.addr}"]
-"""
-        p = self.stack.logdir / "dnsd.toml"
-        p.write_text(text)
-        return p
+        return harness.write_zone_config(
+            self.stack, {c.pool: (f"region-{c.pool}", f"cloud-{c.pool}", c.router) for c in self.clouds.values()},
+            SERVICE, self.fw.addr, listen=self.dns_addr, ttl=TTL, policy="all", min_workers=1, http=True)
 
     def start_dnsd(self) -> None:
         self.dnsd = self.stack.spawn("dnsd", [harness.binary("gpuha-dnsd"), "--config", self.dnsd_config()])

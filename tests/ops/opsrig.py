@@ -15,29 +15,7 @@ FAIL_WHALE = "127.0.0.99"
 
 
 def dnsd_config(stack: harness.Stack) -> Path:
-    pools = "".join(f'\n[[dns.pools]]\nid = "{p}"\nregion = "region-{p}"\ncloud = "cloud-{p}"\nrouters = ["{r}"]\n'
-                    for p, r in POOLS.items())
-    path = stack.logdir / "dnsd.toml"
-    path.write_text(f"""
-[ingest]
-keys = [{{ id = {stack.key_id}, file = "{stack.key_file}" }}]
-
-[dns]
-listen = "127.0.0.1:0"
-
-[[dns.zones]]
-origin = "gpuha.test."
-ns = ["ns1.gpuha.test."]
-soa = {{ rname = "hostmaster.gpuha.test.", minimum = 5 }}
-records = [{{ name = "ns1", type = "A", value = "127.0.0.1" }}]
-{pools}
-[[dns.services]]
-name = "{SERVICE}"
-pools = {json.dumps(list(POOLS))}
-ttl = 5
-fail_whale = ["{FAIL_WHALE}"]
-""")
-    return path
+    return harness.write_zone_config(stack, {p: (f"region-{p}", f"cloud-{p}", r) for p, r in POOLS.items()}, SERVICE, FAIL_WHALE)
 
 
 def start(stack: harness.Stack) -> harness.Dnsd:

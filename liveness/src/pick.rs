@@ -335,7 +335,10 @@ pub fn pick_ranked(
     }
     let mr = ranked.for_model(model);
     if mr.serving == 0 {
-        return (Decision::UnknownModel, Outcome::None);
+        // No worker of the router's pools at all (a dnsd that has just started and heard no
+        // frame yet): no knowledge, not an unknown model. Fail open.
+        let d = if ranked.any.serving == 0 { Decision::Stale } else { Decision::UnknownModel };
+        return (d, Outcome::None);
     }
     let elapsed = now_ms.saturating_sub(fetched_local_ms);
     let is_fresh = |w: &WorkerView| effective_age_ms(w, fetched_local_ms, now_ms) < cfg.freshness_gate_ms;
@@ -679,7 +682,8 @@ mod tests {
             .filter(|w| serves(w, model))
             .collect();
         if serving.is_empty() {
-            return none(Decision::UnknownModel);
+            let any = view.workers.iter().any(|w| cfg.pools.is_empty() || cfg.pools.contains(&w.pool));
+            return none(if any { Decision::UnknownModel } else { Decision::Stale });
         }
         let fresh: Vec<&WorkerView> = serving
             .iter()
@@ -994,9 +998,13 @@ mod tests {
         let cfg = PickConfig { pools: vec!["p1".into()], ..PickConfig::default() };
         let d = pick(&v, 0, 0, Some("tiny"), &LocalLoad::default(), &mut Rng::new(1), &cfg, |_| Admission::Allow, |_| false);
         assert_eq!(d, Decision::Endpoints { endpoints: vec!["127.0.0.1:1".into()], probe: None });
+        // No worker of the router's pool in the view at all: no knowledge (a dnsd that has just
+        // restarted), fail open, not "unknown model".
         let cfg = PickConfig { pools: vec!["p3".into()], ..PickConfig::default() };
         let d = pick(&v, 0, 0, Some("tiny"), &LocalLoad::default(), &mut Rng::new(1), &cfg, |_| Admission::Allow, |_| false);
-        assert_eq!(d, Decision::UnknownModel);
+        assert_eq!(d, Decision::Stale);
+        let d = pick(&view(vec![]), 0, 0, Some("tiny"), &LocalLoad::default(), &mut Rng::new(1), &PickConfig::default(), |_| Admission::Allow, |_| false);
+        assert_eq!(d, Decision::Stale);
     }
 
     #[test]
@@ -1090,10 +1098,13 @@ mod tests {
                     let a = adm[e];
                     prop_assert!(a == Admission::Allow || (a == Admission::Probe && i == 0 && probe.as_deref() == Some(e.as_str())));
                 }
-            } else if matches!(d, Decision::Stale) {
-                // Only when dnsd saw a fresh worker that aged out on our clock alone.
+            } else if matches!(d, Decision::Stale) && !workers.is_empty() {
+                // Only when dnsd saw a fresh worker that aged out on our clock alone (or the view
+                // holds no worker at all: no knowledge).
                 prop_assert!(workers.iter().any(|x| x.age_ms < 3_000));
                 prop_assert!(workers.iter().all(|x| x.age_ms + elapsed >= 3_000));
+            } else if workers.is_empty() {
+                prop_assert_eq!(d, Decision::Stale);
             }
         }
 

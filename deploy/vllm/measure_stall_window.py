@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Measures how long a HEALTHY vLLM goes without visible progress while it has requests in flight.
 
-One real vLLM server (started and group-killed by `vllm_launcher.VllmServer`, /dev/shm cleaned),
+One real vLLM server (started and group-killed by `gpuha_harness.vllm.VllmServer`, /dev/shm cleaned),
 `/metrics` polled every 100 ms, and for each progress signal the longest wall-clock gap between
 two observed changes while ``num_requests_running + num_requests_waiting > 0``. Results and the
 reasoning: deploy/vllm/results/stall-window.md.
@@ -26,8 +26,8 @@ import time
 import urllib.request
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from vllm_launcher import VllmServer, become_subreaper, default_model, default_venv  # noqa: E402
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the repository root: gpuha_harness
+from gpuha_harness.vllm import VllmServer, become_subreaper, default_model, default_venv  # noqa: E402
 
 # Signals whose change means "the engine did something". Counters unless noted.
 SIGNALS = {

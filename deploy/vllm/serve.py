@@ -22,35 +22,25 @@ import argparse
 import json
 import os
 import signal
-import socket
-import subprocess
 import sys
 import tempfile
 import threading
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the repository root: gpuha_harness
 
-import vllm_launcher as vl  # noqa: E402
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def bin_dir() -> Path:
-    return Path(os.environ.get("GPUHA_BIN_DIR", vl.REPO / "target" / "release"))
+from gpuha_harness import Dnsd, Stack, Worker, free_port  # noqa: E402
+from gpuha_harness import vllm as vl  # noqa: E402
 
 
 def up(a: argparse.Namespace) -> int:
     run_dir = Path(a.run_dir or tempfile.mkdtemp(prefix="gpuha-vllm-"))
     run_dir.mkdir(parents=True, exist_ok=True)
     vl.become_subreaper()
-    procs: list[subprocess.Popen] = []
-    sidecars: dict[str, subprocess.Popen] = {}
+    # The harness's Stack owns dnsd and the sidecars (each in its own process group, logs in
+    # run_dir/NAME.out and .err); the vLLM servers are VllmServers beside it.
+    stack = Stack(logdir=run_dir, name="serve")
     servers: list[vl.VllmServer] = []
     stop = threading.Event()
 
@@ -60,48 +50,26 @@ def up(a: argparse.Namespace) -> int:
     signal.signal(signal.SIGINT, on_signal)
     signal.signal(signal.SIGTERM, on_signal)
 
-    def spawn(name: str, argv: list[str]) -> subprocess.Popen:
-        log = open(run_dir / f"{name}.log", "ab")
-        p = subprocess.Popen([str(x) for x in argv], stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
-                             start_new_session=True)
-        procs.append(p)
-        return p
-
     try:
-        key_file = Path(a.key_file) if a.key_file else run_dir / "frame.key"
-        ingest = a.ingest
+        if a.key_file:
+            stack.key_file, stack.key_id = Path(a.key_file), a.key_id
         if a.dnsd:
-            if not a.key_file:
-                key_file.write_bytes(os.urandom(32))
-            d = spawn("dnsd", [bin_dir() / "gpuha-dnsd", "--ingest", "127.0.0.1:0", "--http", "127.0.0.1:0",
-                               "--key-file", key_file, "--key-id", str(a.key_id)])
-            deadline = time.monotonic() + 20
-            line = ""
-            while time.monotonic() < deadline and not line:
-                for ln in (run_dir / "dnsd.log").read_text(errors="replace").splitlines():
-                    if ln.startswith("READY "):
-                        line = ln
-                if d.poll() is not None:
-                    raise RuntimeError(f"dnsd exited with {d.returncode}")
-                time.sleep(0.05)
-            if not line:
-                raise TimeoutError("dnsd printed no READY line in 20 s")
-            fields = dict(kv.split("=", 1) for kv in line.split()[1:])
-            ingest = fields["ingest"]
-            print(f"DNSD ingest={fields['ingest']} http={fields['http']}", flush=True)
-        if not ingest:
+            d = stack.start_dnsd()
+            print(f"DNSD ingest={d.ingest} http={d.http}", flush=True)
+        elif a.ingest:
+            stack.dnsd = Dnsd(ingest=a.ingest, http="-", proc=None)  # type: ignore[arg-type]  (someone else's dnsd)
+        else:
             raise SystemExit("serve.py up: --ingest (an existing dnsd) or --dnsd is required")
         ports = [int(p) for p in a.ports.split(",")] if a.ports else [free_port() for _ in range(a.n)]
         servers = [vl.VllmServer(name=f"v{i + 1}", port=p, model=Path(a.model), logdir=run_dir, venv=Path(a.venv))
                    for i, p in enumerate(ports)]
         t0 = time.monotonic()
         times = vl.start_parallel(servers, timeout=a.start_timeout)
-        for s in servers:
-            sidecars[s.name] = spawn(f"sidecar-{s.name}", [
-                bin_dir() / "gpuha-sidecar", "--metrics-url", f"http://{s.addr}/metrics", "--ingest", ingest,
-                "--worker-id", s.name, "--pool", a.pool, "--serve-addr", s.addr, "--key-file", key_file,
-                "--key-id", str(a.key_id), "--interval-ms", str(a.interval_ms)])
-        vl.write_state(run_dir / "state.json", servers, sidecars)
+        for srv in servers:
+            w = Worker(id=srv.name, addr=srv.addr, proc=None, opts={})  # type: ignore[arg-type]  (a VllmServer)
+            stack.workers[srv.name] = w
+            stack.start_sidecar(w, pool=a.pool, interval_ms=a.interval_ms)
+        vl.write_state(run_dir / "state.json", servers, {k: w.sidecar.popen for k, w in stack.workers.items()})
         print("START_S " + " ".join(f"{k}={v:.1f}" for k, v in times.items()) + f" wall={time.monotonic() - t0:.1f}",
               flush=True)
         print("READY " + " ".join(f"{s.name}={s.addr}" for s in servers) + f" run_dir={run_dir}", flush=True)
@@ -112,12 +80,7 @@ def up(a: argparse.Namespace) -> int:
                 return 1
         return 0
     finally:
-        for p in reversed(procs):
-            try:
-                os.killpg(p.pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-            p.wait()
+        stack.close()
         for s in servers:
             try:
                 s.kill_group()

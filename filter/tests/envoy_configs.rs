@@ -86,6 +86,27 @@ fn pool_router_validates() {
     );
 }
 
+/// `--filters`: the same config with only one of the filters, or none (the benchmarks' baseline
+/// Envoy), is still a valid config, and the left-out filter is really gone.
+#[test]
+fn pool_router_with_fewer_filters_validates() {
+    for (filters, gone) in [("none", &["gpuha.picker", "gpuha.guard"][..]), ("picker", &["gpuha.guard"][..]), ("guard", &["gpuha.picker"][..])] {
+        let name = format!("pool-router-filters-{filters}");
+        render_and_validate(
+            &["pool-router", "--listen-port", "10000", "--admin-port", "9901", "--workers", "127.0.0.1:8001", "--fleet", "127.0.0.1:8080", "--filters", filters],
+            &name,
+        );
+        let args = ["pool-router", "--listen-port", "10000", "--admin-port", "9901", "--workers", "127.0.0.1:8001", "--fleet", "127.0.0.1:8080", "--wasm", "/dev/null", "--filters", filters];
+        let out = Command::new("python3").arg(repo().join("envoy/render.py")).args(args).output().expect("python3 not runnable");
+        assert!(out.status.success(), "render.py {args:?} failed");
+        let text = String::from_utf8_lossy(&out.stdout);
+        for f in gone {
+            assert!(!text.contains(&format!("name: {f}")), "{name} still has {f}");
+        }
+        assert!(!text.contains("# begin gpuha.") && !text.contains("# end gpuha."), "{name} kept a marker line");
+    }
+}
+
 #[test]
 fn pool_router_with_options_validates() {
     render_and_validate(

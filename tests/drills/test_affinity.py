@@ -13,8 +13,8 @@ import json
 import re
 from concurrent.futures import ThreadPoolExecutor
 
-import harness
-from harness import filter_stat, make_client, wait_for
+import gpuha_harness as harness
+from gpuha_harness import filter_stat, make_client, wait_for
 
 SYSTEM = "You are a careful assistant. " + " ".join(f"rule{i} applies." for i in range(30))
 PREFILL = ["--prefill-us-per-token", "300"]

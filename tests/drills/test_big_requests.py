@@ -20,8 +20,8 @@ import time
 import openai
 import pytest
 
-import harness
-from harness import access_entries, filter_stat, make_client, wait_for
+import gpuha_harness as harness
+from gpuha_harness import access_entries, filter_stat, make_client, wait_for
 
 MB = 1_000_000
 MiB = 1 << 20

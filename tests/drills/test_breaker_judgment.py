@@ -13,8 +13,8 @@ import json
 
 import openai
 
-from harness import access_entries, chat, filter_stat, make_client, per_worker, wait_for
-from test_l7_drills import assert_whole_and_single_worker, report, summarize, warm_up
+from gpuha_harness import access_entries, chat, filter_stat, make_client, per_worker, wait_for
+from gpuha_harness import assert_whole_and_single_worker, report, summarize, warm_up
 
 ERROR_BEFORE_TOKEN = ["--error-before-token"]
 

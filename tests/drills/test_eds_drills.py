@@ -25,9 +25,9 @@ import threading
 import time
 from pathlib import Path
 
-import harness
-from harness import Load, Outcome, access_entries, chat, filter_stat, free_port, http_post, make_client, per_worker, wait_for
-from test_l7_drills import summarize, warm_up
+import gpuha_harness as harness
+from gpuha_harness import Load, Outcome, access_entries, chat, filter_stat, free_port, http_post, make_client, per_worker, wait_for
+from gpuha_harness import summarize, warm_up
 
 MODEL = "tiny"
 # Short for the drill (the default is 2 min): silent this long, a worker leaves the cluster.

@@ -18,8 +18,8 @@ from concurrent.futures import ThreadPoolExecutor
 
 import openai
 
-import harness
-from harness import Outcome, access_entries, chat, filter_stat, make_client, wait_for
+import gpuha_harness as harness
+from gpuha_harness import Outcome, access_entries, chat, filter_stat, make_client, wait_for
 
 FLAKY = 0.33
 # 1 000 requests: the ceiling with 3 attempts is 1 - (1/3)^3 = 96.3 %, and at 1 000 requests its

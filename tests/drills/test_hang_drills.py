@@ -14,8 +14,8 @@ import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 
-from harness import access_entries, chat, filter_stat, make_client, wait_for
-from test_l7_drills import assert_whole_and_single_worker, report, summarize, warm_up
+from gpuha_harness import access_entries, chat, filter_stat, make_client, wait_for
+from gpuha_harness import assert_whole_and_single_worker, report, summarize, warm_up
 
 
 def test_engine_hang_with_metrics_answering(stack):

@@ -22,8 +22,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "soak"))
 
 import kill_soak  # noqa: E402
-from harness import access_entries, chat, filter_stat, make_client, wait_for  # noqa: E402
-from test_l7_drills import report  # noqa: E402
+from gpuha_harness import access_entries, chat, filter_stat, make_client, wait_for  # noqa: E402
+from gpuha_harness import report  # noqa: E402
 
 
 def test_kill_soak_short(stack):

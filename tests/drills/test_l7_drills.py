@@ -24,54 +24,11 @@ except ImportError:  # pragma: no cover
     import httpx  # type: ignore[no-redef]
 import pytest
 
-import harness
-from harness import Outcome, access_entries, chat, filter_stat, make_client, per_worker, wait_for
+import gpuha_harness as harness
+from gpuha_harness import (Outcome, access_entries, assert_whole_and_single_worker, chat, filter_stat, make_client,
+                           per_worker, report, summarize, wait_for, warm_up)
 
 MODEL = "tiny"
-
-
-def report(line: str) -> None:
-    print(f"\n{line}", flush=True)
-
-
-def warm_up(stack: harness.Stack, envoy: harness.Envoy) -> None:
-    """Waits until the picker has a fleet view and has picked a worker for a real request."""
-    wait_for(lambda: filter_stat(envoy, "fleet_polls") >= 1, 10, "the picker's first fleet poll")
-    client = make_client(envoy.base_url)
-    before = filter_stat(envoy, "picks")
-
-    def one_pick():
-        o = chat(client, -1, 1)
-        assert o.kind == "completed", f"warm-up request failed: {o.describe()}"
-        return filter_stat(envoy, "picks") > before
-
-    wait_for(one_pick, 10, "a request routed by the picker (gpuha.picks rising)", interval=0.1)
-
-
-def is_transport_error(e: BaseException) -> bool:
-    """How a truncated stream surfaces in the SDK: the connection ends without the last chunk
-    (httpx raises, possibly wrapped as APIConnectionError), or a read timeout on a stall."""
-    return isinstance(e, (httpx.TransportError, openai.APIConnectionError))
-
-
-def wall_to_mono(wall: float, ref_wall: float, ref_mono: float) -> float:
-    return ref_mono + (wall - ref_wall)
-
-
-def summarize(outcomes: list[Outcome]) -> dict[str, int]:
-    out: dict[str, int] = {}
-    for o in outcomes:
-        out[o.kind] = out.get(o.kind, 0) + 1
-    return out
-
-
-def assert_whole_and_single_worker(outcomes: list[Outcome]) -> None:
-    bad = [o.describe() for o in outcomes if o.kind in ("splice", "short")]
-    assert not bad, "splices or short answers:\n" + "\n".join(bad)
-    for o in outcomes:
-        if o.kind == "truncated" and o.error is not None:
-            # A JSON error here would mean a partial SSE event reached the SDK.
-            assert is_transport_error(o.error), f"truncation surfaced as {type(o.error).__name__}: {o.describe()}"
 
 
 # --------------------------------------------------------------------------------------------

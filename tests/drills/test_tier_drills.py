@@ -31,9 +31,9 @@ from concurrent.futures import ThreadPoolExecutor
 import openai
 import pytest
 
-import harness
-from harness import Load, Outcome, access_entries, chat, filter_stat, free_port, make_client, wait_for
-from test_l7_drills import is_transport_error, summarize, warm_up
+import gpuha_harness as harness
+from gpuha_harness import Load, Outcome, access_entries, chat, filter_stat, free_port, make_client, wait_for
+from gpuha_harness import is_transport_error, summarize, warm_up
 
 MODEL = "tiny"
 

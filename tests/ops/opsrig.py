@@ -7,7 +7,7 @@ import json
 import re
 from pathlib import Path
 
-import harness
+import gpuha_harness as harness
 
 SERVICE = "api.gpuha.test."
 POOLS = {"p1": "127.0.0.11", "p2": "127.0.0.12"}

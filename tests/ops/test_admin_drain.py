@@ -23,7 +23,7 @@ import urllib.request
 
 import pytest
 
-import harness
+import gpuha_harness as harness
 import opsrig
 
 TOKEN = "drill-admin-token-0123456789abcdef"

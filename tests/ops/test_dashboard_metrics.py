@@ -8,7 +8,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import harness
+import gpuha_harness as harness
 import opsrig
 
 REPO = Path(__file__).resolve().parents[2]

@@ -13,7 +13,7 @@ import time
 from html.parser import HTMLParser
 from pathlib import Path
 
-import harness
+import gpuha_harness as harness
 import opsrig
 
 # The flags the page needs and nothing that reaches out: no sandbox (root in CI), no GPU, no

@@ -12,7 +12,7 @@ import shutil
 import time
 from pathlib import Path
 
-import harness
+import gpuha_harness as harness
 import opsrig
 
 REPO = Path(__file__).resolve().parents[2]

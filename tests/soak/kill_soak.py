@@ -2,7 +2,7 @@
 """Kill soak (issue 18): random workers die, hang and freeze under streaming load, over and over,
 while dnsd is restarted and the frame key rotated; every request is judged on its own.
 
-The whole stack runs on 127.0.0.1 through the drills' harness (tests/drills/harness.py): fake
+The whole stack runs on 127.0.0.1 through the one harness (gpuha_harness): fake
 vLLM workers that die for real, one sidecar each (verbose, so the frames each sent are counted),
 dnsd on fixed ports (a restart keeps them, so sidecars and Envoy keep their addresses), stock
 Envoy with the pool-router config and the gpuha filter, and client threads that stream chat
@@ -67,13 +67,13 @@ from pathlib import Path
 from typing import Iterator, Optional
 
 HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE.parent / "drills"))
+sys.path.insert(0, str(HERE.parents[1]))
 
 import openai  # noqa: E402
 
-import harness  # noqa: E402
-from harness import Outcome, access_entries, chat, filter_stat, make_client  # noqa: E402
-from test_l7_drills import is_transport_error, warm_up  # noqa: E402
+import gpuha_harness as harness  # noqa: E402
+from gpuha_harness import Outcome, access_entries, chat, filter_stat, make_client  # noqa: E402
+from gpuha_harness import is_transport_error, warm_up  # noqa: E402
 
 # A token the worker sent before its fault may reach the client a little after it (Envoy, a
 # loaded 2-core box): a truncation is explained by a fault up to this long before its first

@@ -12,9 +12,7 @@ import pytest
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parents[1]
-sys.path.insert(0, str(HERE))
-sys.path.insert(0, str(REPO / "tests" / "drills"))  # harness.py: reused as is, not edited
-sys.path.insert(0, str(REPO / "deploy" / "vllm"))
+sys.path.insert(0, str(REPO))  # the gpuha_harness package
 
 # The binaries built for these drills (CARGO_TARGET_DIR=target-vllm), unless told otherwise.
 _tv = REPO / "target-vllm"
@@ -23,7 +21,7 @@ if "GPUHA_BIN_DIR" not in os.environ and (_tv / "release" / "gpuha-dnsd").exists
 if "GPUHA_WASM" not in os.environ and (_tv / "wasm32-wasip1" / "release" / "gpuha_filter.wasm").exists():
     os.environ["GPUHA_WASM"] = str(_tv / "wasm32-wasip1" / "release" / "gpuha_filter.wasm")
 
-import vllm_rig  # noqa: E402
+from gpuha_harness import vllm_rig  # noqa: E402
 
 
 def pytest_configure(config):

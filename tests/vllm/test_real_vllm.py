@@ -8,7 +8,7 @@ gpuha-sidecar per server, driven by the official `openai` SDK with ``max_retries
 The servers are started once, in parallel, and shared; a drill that kills one leaves it dead and
 the next drill's `Rig.ensure_up()` restarts only that one. Each drill prints a ``COUNTS`` line.
 How responses and workers are told apart (SSE ids, ``?drill=N`` in Envoy's access log, the
-deterministic reference text) is explained in vllm_rig.py.
+deterministic reference text) is explained in gpuha_harness/vllm_rig.py.
 """
 
 from __future__ import annotations
@@ -24,21 +24,16 @@ from typing import Optional
 
 import pytest
 
-import harness
-import vllm_launcher as vl
-import vllm_rig
-from harness import wait_for
-from vllm_rig import (Outcome, Rig, attach_access_log, chat, classify, fleet_entry, join_all, make_client, record,
+import gpuha_harness as harness
+from gpuha_harness import vllm as vl
+from gpuha_harness import report, vllm_rig, wait_for
+from gpuha_harness.vllm_rig import (Outcome, Rig, attach_access_log, chat, classify, fleet_entry, join_all, make_client, record,
                       run_concurrently, summarize)
 
 pytestmark = pytest.mark.slow
 
 # A token already on the wire when the worker died reaches the client a little after the kill.
 EPS = 0.5
-
-
-def report(line: str) -> None:
-    print(f"\n{line}", flush=True)
 
 
 def warm_up(rig: Rig, envoy: harness.Envoy) -> None:
@@ -224,7 +219,7 @@ def test_api_surface_same_through_the_router(rig: Rig):
     decoding so that a real model's answers repeat). What this generation server does not serve
     (embeddings, transcription: 404) must come back the same 404, not a retry, a 503 or an open
     circuit."""
-    import test_api_surface as api
+    from gpuha_harness import api_surface as api
 
     t_start = time.monotonic()
     rig.ensure_up()
@@ -269,7 +264,7 @@ def test_d1_group_sigkill_mid_traffic(rig: Rig):
             g_kill = dict(PICKED)  # read when picked: no second scrape before the kill
             kill_wall = time.time()
             members = rig.servers[victim].kill_group(remember=False)  # kill -KILL -<pgid>, waits until the group is gone
-            kill_mono = vllm_rig.T0 = rig.servers[victim].killed_at  # the instant the signal went out
+            kill_mono = Outcome.t0 = rig.servers[victim].killed_at  # the instant the signal went out
             kill_s = time.monotonic() - kill_mono
         finally:
             join_all(threads, 180)
@@ -351,7 +346,7 @@ def test_engine_core_sigkill(rig: Rig):
             assert engines, f"no EngineCore process in group {srv.pgid}: {srv.describe()}"
             titles = {p: vl.comm(p) for p in engines}
             g_kill = dict(PICKED)  # read when picked: no second scrape before the kill
-            kill_mono = vllm_rig.T0 = time.monotonic()
+            kill_mono = Outcome.t0 = time.monotonic()
             for p in engines:
                 vl.os.kill(p, signal.SIGKILL)
         finally:
@@ -505,7 +500,7 @@ def test_sigterm_stall(rig: Rig):
                 if g_kill is None:
                     join_all(outs_box[-1][0], 60)  # this burst's requests are answered before the next
             assert g_kill is not None, f"none of {sent} short requests in {bursts} bursts was ever queued on the full {victim}"
-            kill_mono = vllm_rig.T0 = time.monotonic()
+            kill_mono = Outcome.t0 = time.monotonic()
             vl.os.kill(srv.pid, signal.SIGTERM)  # the API server only, as an orchestrator's stop would
         finally:
             for threads, _ in outs_box:
@@ -787,7 +782,7 @@ def test_engine_core_sigstop_hang(rig: Rig):
 
             nxt_idx = feed(time.monotonic() + lead_s, 4100)
             hang_wall = time.time()
-            hang_mono = vllm_rig.T0 = time.monotonic()
+            hang_mono = Outcome.t0 = time.monotonic()
             for p in engines:
                 vl.os.kill(p, signal.SIGSTOP)
             stopped = True

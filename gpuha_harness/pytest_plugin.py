@@ -1,5 +1,5 @@
-"""The `stack` fixture and the report hook it needs, shared by every conftest that drives the
-harness (tests/drills, tests/ops): a conftest imports both names, and pytest finds them there."""
+"""The `stack` fixture and the report hook it needs, for every conftest that drives the harness
+(tests/drills, tests/ops): a conftest imports both names, and pytest finds them there."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-import harness
+from .stack import Stack
 
 
 @pytest.hookimpl(hookwrapper=True)
@@ -20,9 +20,9 @@ def pytest_runtest_makereport(item, call):
 
 @pytest.fixture
 def stack(request):
-    """A `harness.Stack` that always cleans up, prints every process's log tail when the test
+    """A `Stack` that always cleans up, prints every process's log tail when the test
     failed, and keeps its log dir under GPUHA_DRILL_LOGS."""
-    s = harness.Stack(name=request.node.name)
+    s = Stack(name=request.node.name)
     try:
         yield s
     finally:

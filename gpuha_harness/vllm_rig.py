@@ -1,7 +1,7 @@
 """The rig the real-vLLM drills share, and a client that can tell responses apart.
 
-`Rig` owns: a `harness.Stack` (dnsd, the sidecars, the Envoys a drill starts), two real vLLM
-servers (`vllm_launcher.VllmServer`, each in its own process group), and the reference texts.
+`Rig` owns: a `Stack` (dnsd, the sidecars, the Envoys a drill starts), two real vLLM
+servers (`gpuha_harness.vllm.VllmServer`, each in its own process group), and the reference texts.
 Servers are started in parallel once; a drill that kills one calls `Rig.ensure_up()` at its
 start, which restarts only what is dead (on the same port, so Envoy's static cluster and the
 sidecar's ``--serve-addr`` stay valid).
@@ -27,18 +27,17 @@ import json
 import os
 import re
 import signal
-import threading
 import time
-from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Callable, Optional
 
-import harness
-import vllm_launcher as vl
-from harness import wait_for
+from . import vllm as vl
+from .client import Outcome, is_inband_error, is_transport_error, join_all, make_client as _make_client, run_concurrently, summarize
+from .client import chat as _chat
+from .envoy_log import access_entries, filter_stat
+from .stack import Envoy, Stack, Worker
+from .wait import free_port, wait_for
 
 CURRENT: Optional["Rig"] = None
-T0 = 0.0  # a drill's reference instant (its kill) for the times in `Outcome.describe`
 TIMES: list[tuple[str, str]] = []  # (what, measured) for the terminal summary
 MODEL = vl.SERVED_MODEL
 PROMPTS = [
@@ -67,7 +66,7 @@ def missing_install() -> Optional[str]:
 class Rig:
     def __init__(self, n: int = 2):
         global CURRENT
-        self.stack = harness.Stack(name="real-vllm")
+        self.stack = Stack(name="real-vllm")
         self.n = n
         self.servers: dict[str, vl.VllmServer] = {}
         self.refs: dict[tuple[int, int], str] = {}  # (prompt index, max_tokens) -> text
@@ -83,13 +82,13 @@ class Rig:
         venv, model = vl.default_venv(), vl.default_model()
         for i in range(self.n):
             wid = f"v{i + 1}"
-            self.servers[wid] = vl.VllmServer(name=wid, port=harness.free_port(), model=model,
+            self.servers[wid] = vl.VllmServer(name=wid, port=free_port(), model=model,
                                               logdir=self.stack.logdir, venv=venv)
         times = vl.start_parallel(list(self.servers.values()))
         record(f"start of {self.n} servers " + ("one after another (GPU)" if vl.vllm_build() == "gpu" else "in parallel"), ", ".join(f"{k} healthy after {v:.1f}s" for k, v in times.items())
                + f"; wall {time.monotonic() - t0:.1f}s")
         for wid, s in self.servers.items():
-            w = harness.Worker(id=wid, addr=s.addr, proc=None, opts={})  # type: ignore[arg-type]
+            w = Worker(id=wid, addr=s.addr, proc=None, opts={})  # type: ignore[arg-type]
             self.stack.workers[wid] = w
             self.stack.start_sidecar(w)
         self.stack.wait_fresh(self.servers, timeout=15)
@@ -134,29 +133,18 @@ class Rig:
 
     # ---- Envoy
 
-    def envoy(self, rendered_patch: Optional[Callable[[str], str]] = None, **render_opts) -> harness.Envoy:
+    def envoy(self, rendered_patch: Optional[Callable[[str], str]] = None, **render_opts) -> Envoy:
         """A fresh pool-router Envoy in front of every server (render.py flags as kwargs).
         `rendered_patch` rewrites the rendered YAML (a drill's own copy), for knobs render.py
         lacks; a drill that uses it says so."""
         self._envoy_seq += 1
-        name = f"envoy{self._envoy_seq}"
-        st = self.stack
-        port = harness.free_port()
-        access_log = st.logdir / f"{name}.access.log"
-        cfg = st.render("pool-router", st.logdir / f"{name}.yaml", listen_port=port, admin_port=0,
-                        workers=",".join(s.addr for s in self.servers.values()), fleet=st.dnsd.http,
-                        wasm=harness.wasm_path(), access_log=access_log, **render_opts)
-        if rendered_patch is not None:
-            text = cfg.read_text()
-            patched = rendered_patch(text)
-            assert patched != text, "the patch of the rendered Envoy config changed nothing"
-            cfg.write_text(patched)
-        e = st.start_envoy(name, cfg, port, access_log=access_log)
-        wait_for(lambda: harness.filter_stat(e, "fleet_polls") >= 1, 10, "the picker's first fleet poll")
+        e = self.stack.start_pool_router(f"envoy{self._envoy_seq}", workers=[self.stack.workers[k] for k in self.servers],
+                                         rendered_patch=rendered_patch, **render_opts)
+        wait_for(lambda: filter_stat(e, "fleet_polls") >= 1, 10, "the picker's first fleet poll")
         return e
 
     @staticmethod
-    def stop_envoy(e: harness.Envoy) -> None:
+    def stop_envoy(e: Envoy) -> None:
         e.proc.terminate(grace=2.0)
 
     def addr_to_id(self) -> dict[str, str]:
@@ -208,94 +196,17 @@ def parse_metrics(text: str) -> dict[str, float]:
 
 
 def make_client(base_url: str, timeout: float = 60.0):
-    return harness.make_client(base_url, timeout=timeout)
-
-
-@dataclass
-class Outcome:
-    idx: int
-    prompt: int
-    max_tokens: int
-    started: float = 0.0
-    first_token_at: Optional[float] = None
-    ended: float = 0.0
-    text: str = ""
-    ids: list[str] = field(default_factory=list)  # distinct SSE ids, in order
-    finish_reason: Optional[str] = None
-    completion_tokens: Optional[int] = None
-    error: Optional[BaseException] = None
-    chunks: int = 0
-    roles: int = 0  # chunks carrying `role: assistant`: vLLM sends exactly one, first
-    content_chunks: int = 0
-    text_matches_ref: Optional[bool] = None
-    # Filled in from Envoy's access log afterwards.
-    upstream: Optional[str] = None
-    attempts: int = 0
-    flags: str = ""
-    guard: str = ""
-
-    def describe(self) -> str:
-        err = f" error={type(self.error).__name__}: {str(self.error)[:140]!r}" if self.error else ""
-        t = lambda x: "-" if x is None else f"{x - T0:+.2f}"  # noqa: E731
-        return (f"#{self.idx} t=[{t(self.started)},{t(self.first_token_at)},{t(self.ended)}] roles={self.roles} "
-                f"content_chunks={self.content_chunks} ref={self.text_matches_ref} p{self.prompt} upstream={self.upstream} attempts={self.attempts} flags={self.flags} "
-                f"guard={self.guard} ids={len(self.ids)} chars={len(self.text)} finish={self.finish_reason} "
-                f"usage={self.completion_tokens}{err}")
+    return _make_client(base_url, timeout=timeout)
 
 
 def chat(client, idx: int, prompt: int, max_tokens: int, on_first_token: Optional[Callable[[Outcome], None]] = None,
          timeout: Optional[float] = None) -> Outcome:
-    """One streaming chat completion through the official SDK; never raises."""
-    o = Outcome(idx=idx, prompt=prompt, max_tokens=max_tokens, started=time.monotonic())
-    c = client if timeout is None else client.with_options(timeout=timeout)
-    try:
-        s = c.chat.completions.create(
-            model=MODEL, messages=[{"role": "user", "content": PROMPTS[prompt % len(PROMPTS)]}],
-            max_tokens=max_tokens, temperature=0, stream=True, stream_options={"include_usage": True},
-            extra_body={"ignore_eos": True}, extra_query={"drill": str(idx)})
-        try:
-            for chunk in s:
-                o.chunks += 1
-                if chunk.id and chunk.id not in o.ids:
-                    o.ids.append(chunk.id)
-                if chunk.usage is not None:
-                    o.completion_tokens = chunk.usage.completion_tokens
-                for ch in chunk.choices:
-                    if ch.delta and ch.delta.role:
-                        o.roles += 1
-                    if ch.delta and ch.delta.content:
-                        o.content_chunks += 1
-                        o.text += ch.delta.content
-                        if o.first_token_at is None:
-                            o.first_token_at = time.monotonic()
-                            if on_first_token:
-                                on_first_token(o)
-                    if ch.finish_reason:
-                        o.finish_reason = ch.finish_reason
-        finally:
-            s.close()
-    except Exception as e:  # noqa: BLE001 - every exception is an observation
-        o.error = e
-    o.ended = time.monotonic()
-    return o
-
-
-def is_transport_error(e: Optional[BaseException]) -> bool:
-    import openai
-
-    try:
-        import httpx2 as httpx  # openai >= 3
-    except ImportError:  # pragma: no cover
-        import httpx  # type: ignore[no-redef]
-    return isinstance(e, (httpx.TransportError, openai.APIConnectionError))
-
-
-def is_inband_error(e: Optional[BaseException]) -> bool:
-    """vLLM's ``data: {"error": ...}`` event inside a 200 stream: the SDK raises a plain APIError
-    (not an APIStatusError: the status was 200)."""
-    import openai
-
-    return isinstance(e, openai.APIError) and not isinstance(e, (openai.APIStatusError, openai.APIConnectionError))
+    """One streaming chat completion of `PROMPTS[prompt]`, greedy, exactly `max_tokens` long
+    (``ignore_eos``), with usage, tagged ``?drill=N`` for the access log; never raises."""
+    return _chat(client, idx, max_tokens, model=MODEL, on_first_token=on_first_token, timeout=timeout,
+                 messages=[{"role": "user", "content": PROMPTS[prompt % len(PROMPTS)]}], prompt=prompt,
+                 temperature=0, stream_options={"include_usage": True}, extra_body={"ignore_eos": True},
+                 extra_query={"drill": str(idx)})
 
 
 def classify(o: Outcome, ref: str) -> str:
@@ -327,9 +238,9 @@ def classify(o: Outcome, ref: str) -> str:
     return "failed"
 
 
-def attach_access_log(envoy: harness.Envoy, outcomes: list[Outcome]) -> dict[int, dict]:
+def attach_access_log(envoy: Envoy, outcomes: list[Outcome]) -> dict[int, dict]:
     """Joins each outcome with its Envoy access-log line (by ``?drill=N`` in the path)."""
-    entries = harness.access_entries(envoy)
+    entries = access_entries(envoy)
     by_idx: dict[int, dict] = {}
     for e in entries:
         m = re.search(r"[?&]drill=(-?\d+)", e["path"])
@@ -340,34 +251,6 @@ def attach_access_log(envoy: harness.Envoy, outcomes: list[Outcome]) -> dict[int
         if e:
             o.upstream, o.attempts, o.flags, o.guard = e["upstream"], e["attempts"], e["flags"], e["guard"]
     return by_idx
-
-
-def summarize(kinds: list[str]) -> dict[str, int]:
-    out: dict[str, int] = {}
-    for k in kinds:
-        out[k] = out.get(k, 0) + 1
-    return out
-
-
-def run_concurrently(fn: Callable[[int], Outcome], n: int) -> tuple[list[threading.Thread], list[Optional[Outcome]]]:
-    """Starts `n` client threads at once; returns them and the list they fill."""
-    results: list[Optional[Outcome]] = [None] * n
-
-    def body(i: int) -> None:
-        results[i] = fn(i)
-
-    threads = [threading.Thread(target=body, args=(i,), daemon=True) for i in range(n)]
-    for t in threads:
-        t.start()
-    return threads, results
-
-
-def join_all(threads: list[threading.Thread], timeout: float) -> None:
-    deadline = time.monotonic() + timeout
-    for t in threads:
-        t.join(max(0.0, deadline - time.monotonic()))
-    alive = sum(t.is_alive() for t in threads)
-    assert alive == 0, f"{alive} client requests still running {timeout:.0f}s later"
 
 
 def signal_pid(pid: int, sig: int) -> None:

@@ -1,6 +1,7 @@
 """Starts and ends real vLLM OpenAI servers, each in its own process group, with nothing left over.
 
-What this module owns (stdlib only, so both `serve.py` and the drills import it):
+What this module owns (stdlib only, so `deploy/vllm/serve.py`, `capture.py`, the real-vLLM drills and
+the bench all use it):
 
 - `VllmServer`: one ``python -m vllm.entrypoints.openai.api_server`` started with ``setsid``
   (its own session, so its own process group: the API server, its EngineCore and any worker
@@ -23,20 +24,20 @@ What this module owns (stdlib only, so both `serve.py` and the drills import it)
 
 from __future__ import annotations
 
-import ctypes
 import json
 import os
 import signal
 import subprocess
 import time
-import urllib.error
-import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
-HERE = Path(__file__).resolve().parent
-REPO = HERE.parents[1]
+from .env import REPO
+# Re-exported: the real-vLLM drills read process groups through this module.
+from .proc import become_subreaper, cmdline, comm, group_pids, proc_ppid, proc_state, reap, rss_bytes  # noqa: F401
+from .wait import http_get
+
 
 SERVED_MODEL = "tiny"
 SERVE_FLAGS = ["--served-model-name", SERVED_MODEL, "--dtype", "bfloat16", "--max-model-len", "32768",
@@ -61,65 +62,6 @@ def vllm_build() -> str:
 
 
 # --------------------------------------------------------------------------------------------
-# /proc
-
-
-def _stat_fields(pid: int) -> Optional[list[str]]:
-    try:
-        raw = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return None
-    # comm is in parentheses and may hold spaces: split after the last ')'.
-    rest = raw[raw.rfind(")") + 2:].split()
-    return rest  # rest[0] = state, rest[1] = ppid, rest[2] = pgrp
-
-
-def proc_state(pid: int) -> Optional[str]:
-    f = _stat_fields(pid)
-    return f[0] if f else None
-
-
-def proc_ppid(pid: int) -> Optional[int]:
-    f = _stat_fields(pid)
-    return int(f[1]) if f else None
-
-
-def group_pids(pgid: int, include_zombies: bool = True) -> list[int]:
-    """Every process whose process group is `pgid` (zombies included unless told not to)."""
-    out = []
-    for d in os.listdir("/proc"):
-        if not d.isdigit():
-            continue
-        f = _stat_fields(int(d))
-        if f and int(f[2]) == pgid and (include_zombies or f[0] != "Z"):
-            out.append(int(d))
-    return sorted(out)
-
-
-def cmdline(pid: int) -> str:
-    try:
-        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace").strip()
-    except OSError:
-        return ""
-
-
-def comm(pid: int) -> str:
-    try:
-        return Path(f"/proc/{pid}/comm").read_text().strip()
-    except OSError:
-        return ""
-
-
-def rss_bytes(pid: int) -> int:
-    try:
-        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return 0
-
-
 def shm_files_of(pids: list[int]) -> set[str]:
     """`/dev/shm/psm_*` and `sem.mp-*` paths the processes map or hold open."""
     found: set[str] = set()
@@ -172,31 +114,6 @@ def stale_shm_files() -> list[str]:
 PR_SET_CHILD_SUBREAPER = 36
 
 
-def become_subreaper() -> bool:
-    """Makes orphaned descendants of this process re-parent to it (Linux prctl). Returns success."""
-    try:
-        libc = ctypes.CDLL(None, use_errno=True)
-        return libc.prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) == 0
-    except (OSError, AttributeError):
-        return False
-
-
-def reap(pids: list[int]) -> None:
-    """Collects exit statuses of those `pids` that are our children (re-parented orphans)."""
-    for pid in pids:
-        try:
-            os.waitpid(pid, os.WNOHANG)
-        except ChildProcessError:
-            pass
-
-
-def http_get(url: str, timeout: float = 2.0) -> tuple[int, bytes]:
-    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
-    try:
-        with opener.open(url, timeout=timeout) as r:
-            return r.status, r.read()
-    except urllib.error.HTTPError as e:
-        return e.code, e.read()
 
 
 # --------------------------------------------------------------------------------------------

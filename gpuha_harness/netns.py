@@ -18,12 +18,12 @@ Names carry the owner's pid (`ghd-<pid>-<n>-<host>` for namespaces; links are ta
 `alias` naming the owner), so runs never collide and `sweep_stale()` can remove what a run
 killed before its finalizer left behind, without touching anyone else's namespaces.
 
-A host is taken dark either by killing its processes (`Stack` from harness.py) or by cutting
+A host is taken dark either by killing its processes (`gpuha_harness.Stack`) or by cutting
 its link: `link_down(host)` sets the root end of its veth down (the bridge drops its frames;
 connections to it time out, its sidecars' frames are lost), `link_up(host)` restores it.
 
 Processes run inside a namespace through `ip netns exec NAME argv...`, which exec()s the command
-(no extra process), so the pid a `harness.Proc` holds is the program's own.
+(no extra process), so the pid a `Proc` holds is the program's own.
 """
 
 from __future__ import annotations
@@ -33,12 +33,13 @@ import itertools
 import os
 import re
 import subprocess
-import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
 
-import harness
+from .env import START_TIMEOUT_S, binary, envoy_bin
+from .proc import Proc
+from .stack import Stack, tail_file
+from .wait import http_get, port_accepts, wait_for
 
 ALIAS_PREFIX = "gpuha-dnsdrill owner="
 NS_RX = re.compile(r"^ghd-(\d+)-\d+-[a-z0-9]+$")
@@ -208,7 +209,7 @@ def _b36(n: int) -> str:
 
 
 # --------------------------------------------------------------------------------------------
-# Processes of the stack inside namespaces (harness.Stack owns and kills them)
+# Processes of the stack inside namespaces (the Stack owns and kills them)
 
 
 @dataclass
@@ -217,7 +218,7 @@ class NsEnvoy:
     host: Host
     port: int
     admin: str  # ip:port
-    proc: "harness.Proc"
+    proc: "Proc"
     config: Path
     access_log: Path
 
@@ -226,43 +227,43 @@ class NsEnvoy:
         return f"http://{self.host.addr}:{self.port}/v1"
 
 
-def spawn_envoy(stack: "harness.Stack", name: str, host: Host, config: Path, port: int, admin_port: int,
+def spawn_envoy(stack: "Stack", name: str, host: Host, config: Path, port: int, admin_port: int,
                 access_log: Path, concurrency: int = 2) -> NsEnvoy:
     """Starts Envoy inside `host`'s namespace. --disable-hot-restart: no shared-memory region
     or domain socket shared between Envoys (Envoy 1.40 has the flag). Does not wait: see
     `wait_envoy` (several Envoys start faster in parallel)."""
-    argv = host.argv([harness.envoy_bin(), "-c", config, "--concurrency", str(concurrency), "--disable-hot-restart",
+    argv = host.argv([envoy_bin(), "-c", config, "--concurrency", str(concurrency), "--disable-hot-restart",
                       "--log-level", "warn", "--log-path", stack.logdir / f"{name}.log"])
     proc = stack.spawn(name, argv)
     return NsEnvoy(name=name, host=host, port=port, admin=f"{host.addr}:{admin_port}", proc=proc, config=config,
                    access_log=access_log)
 
 
-def wait_envoy(e: NsEnvoy, timeout: float = harness.START_TIMEOUT_S) -> None:
+def wait_envoy(e: NsEnvoy, timeout: float = START_TIMEOUT_S) -> None:
     def ready():
         if not e.proc.alive():
             raise AssertionError(f"{e.name} exited with {e.proc.popen.returncode}:\n{e.proc.tail()}\n"
-                                 f"{harness._tail(Path(str(e.proc.out_path).replace('.out', '.log')))}")
+                                 f"{tail_file(Path(str(e.proc.out_path).replace('.out', '.log')))}")
         try:
-            status, _ = harness.http_get(f"http://{e.admin}/ready", timeout=1)
+            status, _ = http_get(f"http://{e.admin}/ready", timeout=1)
         except OSError:
             return False
-        return status == 200 and harness.port_accepts(e.port, e.host.addr)
+        return status == 200 and port_accepts(e.port, e.host.addr)
 
-    harness.wait_for(ready, timeout, f"{e.name} /ready and listener {e.host.addr}:{e.port}", interval=0.05)
+    wait_for(ready, timeout, f"{e.name} /ready and listener {e.host.addr}:{e.port}", interval=0.05)
 
 
-def spawn_worker(stack: "harness.Stack", host: Host, wid: str, port: int, ttft_ms: int = 5,
-                 tokens_per_s: float = 2000) -> "harness.Proc":
-    argv = host.argv([harness.binary("fake-vllm"), "--host", host.addr, "--port", str(port), "--id", wid,
+def spawn_worker(stack: "Stack", host: Host, wid: str, port: int, ttft_ms: int = 5,
+                 tokens_per_s: float = 2000) -> "Proc":
+    argv = host.argv([binary("fake-vllm"), "--host", host.addr, "--port", str(port), "--id", wid,
                       "--model", "tiny", "--ttft-ms", str(ttft_ms), "--tokens-per-s", str(tokens_per_s),
                       "--max-num-seqs", "64", "--threads", "1"])
     return stack.spawn(f"worker-{wid}", argv)
 
 
-def spawn_sidecar(stack: "harness.Stack", host: Host, wid: str, worker_addr: str, pool: str, ingest: str,
-                  interval_ms: int = 500) -> "harness.Proc":
-    argv = host.argv([harness.binary("gpuha-sidecar"), "--metrics-url", f"http://{worker_addr}/metrics",
+def spawn_sidecar(stack: "Stack", host: Host, wid: str, worker_addr: str, pool: str, ingest: str,
+                  interval_ms: int = 500) -> "Proc":
+    argv = host.argv([binary("gpuha-sidecar"), "--metrics-url", f"http://{worker_addr}/metrics",
                       "--ingest", ingest, "--worker-id", wid, "--pool", pool, "--serve-addr", worker_addr,
                       "--key-file", stack.key_file, "--key-id", str(stack.key_id), "--interval-ms", str(interval_ms)])
     return stack.spawn(f"sidecar-{wid}", argv)

@@ -1,0 +1,85 @@
+"""Ingest scale: frames/s dnsd accepts per core."""
+
+import json
+import re
+import subprocess
+import time
+
+from .common import LOAD_CPU, PROCS, SUT_CPU, TOOL, cpu_seconds, dnsd, http_get, make_key, note, udp_rcvbuf_errors
+from .markdown import Report, Target, fmt, svg_lines
+
+
+def sec_ingest(R, quick):
+    out = {}
+    # in-process cost: decode + HMAC, and the full accept + fleet observe (no socket, no lock)
+    micro = json.loads(subprocess.run(["taskset", "-c", SUT_CPU, TOOL, "ingest-micro", "--workers",
+                                       "10000", "--frames", "200000" if quick else "1000000"],
+                                      check=True, capture_output=True, text=True).stdout)
+    out["micro"] = micro
+    note(f"ingest micro: {micro}")
+    # dnsd alone on the SUT core; the blaster on the load core.
+    dp, ingest, http, _ = dnsd(cpu=SUT_CPU)
+    steps = []
+    rates = [100_000, 200_000, 400_000] if quick else [50_000, 100_000, 200_000, 300_000, 400_000, 500_000, 700_000, 1_000_000]
+    secs = 1.0 if quick else 2.0
+
+    def accepted():
+        _, body = http_get(f"http://{http}/metrics")
+        txt = body.decode()
+        acc = int(re.search(r"^gpuha_dnsd_frames_accepted_total (\d+)", txt, re.M).group(1))
+        drops = {m.group(1): int(m.group(2)) for m in re.finditer(r'frames_dropped_total\{reason="(\w+)"\} (\d+)', txt)}
+        return acc, drops
+
+    for rate in rates:
+        a0, d0 = accepted()
+        rb0 = udp_rcvbuf_errors()
+        c0 = cpu_seconds(dp.pid)
+        r = subprocess.run(["taskset", "-c", LOAD_CPU, TOOL, "blast", "--to", ingest, "--key-file",
+                            make_key(), "--workers", "10000", "--rate", str(rate), "--secs", str(secs)],
+                           check=True, capture_output=True, text=True)
+        b = json.loads(r.stdout)
+        time.sleep(0.5)
+        c1 = cpu_seconds(dp.pid)
+        a1, d1 = accepted()
+        rb1 = udp_rcvbuf_errors()
+        acc = a1 - a0
+        drops = {k: v - d0.get(k, 0) for k, v in d1.items() if v - d0.get(k, 0)}
+        s = {"target_rate": rate, "offered": b["offered"], "offered_rate": b["offered_rate"], "accepted": acc,
+             "accepted_rate": acc / b["secs"], "accepted_frac": acc / b["offered"], "kernel_rcvbuf_drops": rb1 - rb0,
+             "dropped_by_dnsd": drops, "dnsd_cpu_s": c1 - c0,
+             "dnsd_cpu_us_per_frame": (c1 - c0) / acc * 1e6 if acc else None}
+        steps.append(s)
+        note(f"ingest {rate}/s: offered {b['offered_rate']:.0f}/s accepted {acc}/{b['offered']} "
+             f"({s['accepted_frac']*100:.1f} %), rcvbuf drops {rb1-rb0}, dnsd cpu {s['dnsd_cpu_us_per_frame']} us/frame, {drops}")
+    out["steps"] = steps
+    ok = [s for s in steps if s["accepted_frac"] >= 0.99]
+    out["max_rate_no_drop"] = max((s["accepted_rate"] for s in ok), default=0)
+    cpu_per = [s["dnsd_cpu_us_per_frame"] for s in steps if s["dnsd_cpu_us_per_frame"]]
+    out["cpu_bound_capacity_per_core"] = 1e6 / min(cpu_per) if cpu_per else None
+    R["ingest"] = out
+    PROCS.stop_all()
+
+
+
+
+def report_ingest(R, rep: Report) -> None:
+    md, targets, outdir = rep.md, rep.targets, rep.outdir
+    ing = R.get("ingest")
+    if ing:
+        md += ["", "## 4. Ingest scale", "",
+               f"In-process (one core, no socket): decode+HMAC {ing['micro']['decode_hmac_ns']:.0f} ns/frame, "
+               f"accept+order+fleet update {ing['micro']['accept_observe_ns']:.0f} ns/frame "
+               f"(→ {1e9/ing['micro']['accept_observe_ns']:,.0f} frames/s/core), frame {ing['micro']['frame_bytes_avg']:.0f} B.", "",
+               "| offered/s | accepted/s | accepted % | kernel rcvbuf drops | dnsd CPU µs/frame |", "|---:|---:|---:|---:|---:|"]
+        for s in ing["steps"]:
+            md.append(f"| {fmt(s['offered_rate'])} | {fmt(s['accepted_rate'])} | {s['accepted_frac']*100:.1f} | {fmt(s['kernel_rcvbuf_drops'])} | {fmt(s['dnsd_cpu_us_per_frame'], 2)} |")
+        cap = ing.get("cpu_bound_capacity_per_core")
+        md.append("")
+        md.append(f"Highest rate with ≥ 99 % accepted: {fmt(ing['max_rate_no_drop'])} frames/s; CPU-bound capacity of one core: {fmt(cap)} frames/s.")
+        targets.append(Target("ingest ≥ 500 k frames/s per core", (ing["max_rate_no_drop"] or 0) >= 500_000,
+                        f"{ing['max_rate_no_drop']:,.0f} frames/s without drops (CPU-bound estimate {fmt(cap)})"))
+        svg_lines("dnsd ingest: accepted vs offered (frames/s)",
+                  [("accepted", [(s["offered_rate"], s["accepted_rate"]) for s in ing["steps"]]),
+                   ("offered", [(s["offered_rate"], s["offered_rate"]) for s in ing["steps"]])],
+                  "offered frames/s", "frames/s", outdir / "ingest.svg")
+        md += ["", "![](ingest.svg)", ""]

@@ -1,0 +1,30 @@
+"""Every bench section, in the order `bench/run.py` runs them and the report shows them: what it
+measures (`run(R, quick)`, which stores its figures under R[name]) and how it reports them
+(`report(R, rep)`)."""
+
+from dataclasses import dataclass
+from typing import Callable
+
+from . import affinity, dns, failover, fleet, ingest, l7, sidecar
+from .markdown import Report
+
+
+@dataclass(frozen=True)
+class Section:
+    run: Callable[[dict, bool], None]
+    report: Callable[[dict, Report], None]
+
+
+SECTIONS = {
+    "l7": Section(l7.sec_l7, l7.report_l7),
+    "l7_paced": Section(l7.sec_l7_paced, l7.report_l7_paced),
+    "failover": Section(failover.sec_failover, failover.report_failover),
+    "big_bodies": Section(failover.sec_big_bodies, failover.report_big_bodies),
+    "ingest": Section(ingest.sec_ingest, ingest.report_ingest),
+    "fleet": Section(fleet.sec_fleet, fleet.report_fleet),
+    "sidecar": Section(sidecar.sec_sidecar, sidecar.report_sidecar),
+    "dns_failover": Section(dns.sec_dns_failover, dns.report_dns_failover),
+    "dnsperf": Section(dns.sec_dnsperf, dns.report_dnsperf),
+    "reload": Section(dns.sec_reload, dns.report_reload),
+    "affinity": Section(affinity.sec_affinity, affinity.report_affinity),
+}

@@ -17,6 +17,9 @@
 //! - Abort before any output: empty deltas are filtered, so no output item is opened, and
 //!   `response.completed` comes with `status: "completed"` (only `length` makes it
 //!   `incomplete`) and a message with no content.
+//!
+//! (Over 500 lines on purpose: the Responses API's whole event sequence, byte for byte, in one
+//! place beside the capture it copies.)
 
 use std::collections::VecDeque;
 use std::sync::Arc;

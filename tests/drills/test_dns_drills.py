@@ -43,12 +43,13 @@ import json
 import re
 import sys
 import time
+from dataclasses import dataclass, field
 
 import pytest
 
 import gpuha_harness as harness
 from gpuha_harness import netns
-from gpuha_harness.dns_world import (CLOUDS, FAILBACK_RACE_S, FRAME_INTERVAL_MS, HOLD_DOWN_S, TTL, WINDOW_S, Answer,
+from gpuha_harness.dns_world import (CLOUDS, FAILBACK_RACE_S, FRAME_INTERVAL_MS, HOLD_DOWN_S, TTL, WINDOW_S,
                                      ClientLoop, Req, World, dig_short, first_frame_after, make_client, resolve,
                                      router_stat, wait_answer)
 
@@ -122,20 +123,94 @@ def check_whale_responses(w: World) -> dict:
     return out
 
 
+@dataclass
+class Phases:
+    """When each phase's action happened (monotonic), and every DNS answer the drill's own probes got."""
+
+    probes: list = field(default_factory=list)
+    t_kill: float = 0.0
+    t_cut: float = 0.0
+    t_up: float = 0.0
+    t_frame2: float = 0.0
+    t_restart: float = 0.0
+    t_frame1: float = 0.0
+    no_worker: dict = field(default_factory=dict)
+
+
+def region_dark(w: World, loop: ClientLoop, ph: Phases, say) -> None:
+    """d5: SIGKILL every process of c1; c1 leaves the answer, c2 and c3 keep serving."""
+    c1, c2, c3 = (w.clouds[c] for c in CLOUDS)
+    ph.t_kill = w.kill_cloud(c1)
+    say(f"d5: SIGKILLed every process of {c1.host.name}; no process left in it")
+    left = wait_answer(w, lambda a: c1.router not in a.addrs, WINDOW_S + TTL + 5, "c1 to leave the answer", ph.probes)
+    say(f"d5: c1 left the answer {left.at - ph.t_kill:.2f}s after the kill (window {WINDOW_S:.0f}s + TTL {TTL}s = "
+        f"{WINDOW_S + TTL:.0f}s allowed); answer now {sorted(left.addrs)}")
+    assert sorted(left.addrs) == sorted([c2.router, c3.router]), left
+    # Traffic on the others after the eviction.
+    n0 = loop.count_since(left.at)
+    harness.wait_for(lambda: loop.count_since(left.at) >= n0 + 20, 10, "20 requests after c1 left", interval=0.05)
+
+
+def all_dark(w: World, loop: ClientLoop, ph: Phases, say) -> None:
+    """d6: cut the links of c2 and c3: the answer becomes the fail-whale set, whose 503 the SDK reads."""
+    ph.t_cut = time.monotonic()
+    w.net.link_down("c2")
+    w.net.link_down("c3")
+    say("d6: links of c2 and c3 cut (c1 already dead): no pool alive")
+    wh = wait_answer(w, lambda a: a.addrs == [w.fw.addr], WINDOW_S + TTL + 5, "the fail-whale answer", ph.probes)
+    say(f"d6: answer became the fail-whale set {wh.addrs} {wh.at - ph.t_cut:.2f}s after the cut (ttl {wh.ttls})")
+    assert wh.at - ph.t_cut <= WINDOW_S + TTL
+    assert dig_short(w.dns_addr, w.dns_port, "kdig") == [w.fw.addr]
+    whale_checks = check_whale_responses(w)
+    say(f"d6: whale via openai SDK: JSON {whale_checks['json']}, stream {whale_checks['sse']}")
+    harness.wait_for(lambda: sum(1 for r in list(loop.reqs) if r.t_resolved >= wh.at and r.outcome == "whale") >= 10,
+                     10, "10 client requests answered by the whale", interval=0.05)
+
+
+def failback(w: World, loop: ClientLoop, ph: Phases, say) -> None:
+    """c2's link comes back (its workers never stopped), then c1 is restarted from nothing: each is
+    answered again one hold-down after its first frame."""
+    c1, c2, _ = (w.clouds[c] for c in CLOUDS)
+    ph.t_up = time.monotonic()
+    w.net.link_up("c2")
+    ph.t_frame2 = first_frame_after(w, set(c2.workers), ph.t_up, 10)
+    back2 = wait_answer(w, lambda a: c2.router in a.addrs, 10, "c2 back in the answer", ph.probes)
+    failback2 = back2.at - ph.t_frame2
+    say(f"d6: c2 link up; first frame {ph.t_frame2 - ph.t_up:.2f}s later; c2 answered {failback2:.3f}s after that "
+        f"frame; answer {sorted(back2.addrs)}")
+    assert back2.addrs == [c2.router], back2
+    assert HOLD_DOWN_S - 0.2 <= failback2 <= HOLD_DOWN_S + 1.0, f"failback took {failback2:.2f}s after the first frame (hold-down {HOLD_DOWN_S}s)"
+    harness.wait_for(lambda: sum(1 for r in list(loop.reqs) if r.t_resolved >= back2.at and r.outcome == "ok") >= 10,
+                     10, "10 client requests served after c2 came back", interval=0.05)
+
+    # c1 restarted from nothing (router first, then workers and sidecars).
+    w.spawn_router(c1)
+    netns.wait_envoy(c1.envoy)
+    ph.t_restart = time.monotonic()
+    w.spawn_workers(c1)
+    ph.t_frame1 = first_frame_after(w, set(c1.workers), ph.t_restart, 10)
+    back1 = wait_answer(w, lambda a: c1.router in a.addrs, 10, "c1 back in the answer", ph.probes)
+    failback1 = back1.at - ph.t_frame1
+    say(f"d6: c1 restarted; first frame {ph.t_frame1 - ph.t_restart:.2f}s after the sidecars started; c1 answered "
+        f"{failback1:.3f}s after that frame; answer {sorted(back1.addrs)}")
+    assert sorted(back1.addrs) == sorted([c1.router, c2.router]), back1
+    assert HOLD_DOWN_S - 0.2 <= failback1 <= HOLD_DOWN_S + 1.0, f"failback took {failback1:.2f}s after the first frame (hold-down {HOLD_DOWN_S}s)"
+    harness.wait_for(lambda: {r.attempts[-1].addr for r in list(loop.reqs)
+                              if r.t_resolved >= back1.at and r.outcome == "ok"} >= {c1.router, c2.router},
+                     10, "requests served by c1 and c2", interval=0.05)
+    ph.no_worker = {c.pool: router_stat(c, "no_worker") for c in (c1, c2)}
+
+
 def test_d5_region_dark_then_d6_all_dark_and_failback(world: World, capsys):
     w = world
     t_begin = time.monotonic()
-    lines: list[str] = []
 
     def say(s: str) -> None:
-        lines.append(s)
         with capsys.disabled():
             print(f"[dns-drill +{time.monotonic() - t_begin:5.1f}s] {s}", flush=True)
 
     w.start()
-    c1, c2, c3 = (w.clouds[c] for c in CLOUDS)
     routers = {c.router: c.pool for c in w.clouds.values()}
-    whale = {w.fw.addr}
     say(f"stack up: dnsd {w.dns_addr}:{w.dns_port} (ingest {w.ingest}, http {w.http}); routers {routers}; "
         f"whale {w.fw.addr}; subnet {w.net.subnet}")
 
@@ -146,79 +221,28 @@ def test_d5_region_dark_then_d6_all_dark_and_failback(world: World, capsys):
     a = resolve(w.dns_addr, w.dns_port)
     assert a.ttls and max(a.ttls) <= TTL, a
 
-    loop = ClientLoop(w.dns_addr, w.dns_port, whale)
+    loop = ClientLoop(w.dns_addr, w.dns_port, {w.fw.addr})
     loop.start()
+    ph = Phases()
     try:
         harness.wait_for(lambda: {r.attempts[-1].addr for r in list(loop.reqs) if r.outcome == "ok"} >= set(routers),
                          10, "the client served by all three clouds", interval=0.05)
-        probes: list[Answer] = []
-
-        # ---------------- d5: region dark (SIGKILL every process of c1)
-        t_kill = w.kill_cloud(c1)
-        say(f"d5: SIGKILLed every process of {c1.host.name}; no process left in it")
-        left = wait_answer(w, lambda a: c1.router not in a.addrs, WINDOW_S + TTL + 5, "c1 to leave the answer", probes)
-        t_leave = left.at
-        evac = t_leave - t_kill
-        say(f"d5: c1 left the answer {evac:.2f}s after the kill (window {WINDOW_S:.0f}s + TTL {TTL}s = "
-            f"{WINDOW_S + TTL:.0f}s allowed); answer now {sorted(left.addrs)}")
-        assert sorted(left.addrs) == sorted([c2.router, c3.router]), left
-        # Traffic on the others after the eviction.
-        n0 = loop.count_since(t_leave)
-        harness.wait_for(lambda: loop.count_since(t_leave) >= n0 + 20, 10, "20 requests after c1 left", interval=0.05)
-
-        # ---------------- d6: every pool dark (cut c2 and c3), fail-whale, then failback
-        t_cut = time.monotonic()
-        w.net.link_down("c2")
-        w.net.link_down("c3")
-        say("d6: links of c2 and c3 cut (c1 already dead): no pool alive")
-        wh = wait_answer(w, lambda a: a.addrs == [w.fw.addr], WINDOW_S + TTL + 5, "the fail-whale answer", probes)
-        t_whale = wh.at
-        say(f"d6: answer became the fail-whale set {wh.addrs} {t_whale - t_cut:.2f}s after the cut (ttl {wh.ttls})")
-        assert t_whale - t_cut <= WINDOW_S + TTL
-        assert dig_short(w.dns_addr, w.dns_port, "kdig") == [w.fw.addr]
-        whale_checks = check_whale_responses(w)
-        say(f"d6: whale via openai SDK: JSON {whale_checks['json']}, stream {whale_checks['sse']}")
-        harness.wait_for(lambda: sum(1 for r in list(loop.reqs) if r.t_resolved >= t_whale and r.outcome == "whale") >= 10,
-                         10, "10 client requests answered by the whale", interval=0.05)
-
-        # failback 1: c2's link comes back; its workers and sidecars never stopped.
-        t_up = time.monotonic()
-        w.net.link_up("c2")
-        c2_ids = set(c2.workers)
-        t_frame2 = first_frame_after(w, c2_ids, t_up, 10)
-        back2 = wait_answer(w, lambda a: c2.router in a.addrs, 10, "c2 back in the answer", probes)
-        t_back2 = back2.at
-        failback2 = t_back2 - t_frame2
-        say(f"d6: c2 link up; first frame {t_frame2 - t_up:.2f}s later; c2 answered {failback2:.3f}s after that "
-            f"frame; answer {sorted(back2.addrs)}")
-        assert back2.addrs == [c2.router], back2
-        assert HOLD_DOWN_S - 0.2 <= failback2 <= HOLD_DOWN_S + 1.0, f"failback took {failback2:.2f}s after the first frame (hold-down {HOLD_DOWN_S}s)"
-        harness.wait_for(lambda: sum(1 for r in list(loop.reqs) if r.t_resolved >= t_back2 and r.outcome == "ok") >= 10,
-                         10, "10 client requests served after c2 came back", interval=0.05)
-
-        # failback 2: c1 restarted from nothing (router first, then workers and sidecars).
-        w.spawn_router(c1)
-        netns.wait_envoy(c1.envoy)
-        t_restart = time.monotonic()
-        w.spawn_workers(c1)
-        t_frame1 = first_frame_after(w, set(c1.workers), t_restart, 10)
-        back1 = wait_answer(w, lambda a: c1.router in a.addrs, 10, "c1 back in the answer", probes)
-        failback1 = back1.at - t_frame1
-        say(f"d6: c1 restarted; first frame {t_frame1 - t_restart:.2f}s after the sidecars started; c1 answered "
-            f"{failback1:.3f}s after that frame; answer {sorted(back1.addrs)}")
-        assert sorted(back1.addrs) == sorted([c1.router, c2.router]), back1
-        assert HOLD_DOWN_S - 0.2 <= failback1 <= HOLD_DOWN_S + 1.0, f"failback took {failback1:.2f}s after the first frame (hold-down {HOLD_DOWN_S}s)"
-        t_back1 = back1.at
-        harness.wait_for(lambda: {r.attempts[-1].addr for r in list(loop.reqs)
-                                  if r.t_resolved >= t_back1 and r.outcome == "ok"} >= {c1.router, c2.router},
-                         10, "requests served by c1 and c2", interval=0.05)
-        no_worker = {c.pool: router_stat(c, "no_worker") for c in (c1, c2)}
+        region_dark(w, loop, ph, say)
+        all_dark(w, loop, ph, say)
+        failback(w, loop, ph, say)
     finally:
         loop.stop()
+    judge(w, list(loop.reqs), ph, say)
+    say(f"drill {time.monotonic() - t_begin:.1f}s")
 
-    # ---------------- verdicts over everything the client loop saw
-    reqs = list(loop.reqs)
-    every_answer = sorted([r.answer for r in reqs] + probes, key=lambda a: a.at)
+
+def judge(w: World, reqs: list[Req], ph: Phases, say) -> None:
+    """The verdicts over everything the client loop and the probes saw."""
+    c1, c2, _ = (w.clouds[c] for c in CLOUDS)
+    routers = {c.router: c.pool for c in w.clouds.values()}
+    whale = {w.fw.addr}
+    t_kill, t_cut, t_up, t_restart, t_frame1, t_frame2 = ph.t_kill, ph.t_cut, ph.t_up, ph.t_restart, ph.t_frame1, ph.t_frame2
+    every_answer = sorted([r.answer for r in reqs] + ph.probes, key=lambda a: a.at)
     # Phase boundaries: the FIRST answer (client loop or probe) that showed the change.
     t_leave = min(a.at for a in every_answer if a.at >= t_kill and a.addrs and c1.router not in a.addrs)
     t_whale = min(a.at for a in every_answer if a.at >= t_cut and set(a.addrs) == whale)
@@ -257,7 +281,9 @@ def test_d5_region_dark_then_d6_all_dark_and_failback(world: World, capsys):
     dark = [r for r in reqs if r.ended >= t_cut and r.t_resolved < t_whale]
     whale_phase = [r for r in reqs if t_whale <= r.answer.sent and r.t_resolved < t_back2]
     whale_bad = [r for r in whale_phase if r.outcome != "whale"]
-    after = [r for r in reqs if r.t_resolved >= t_back2]
+    # Sent after c2 was back (an answer computed just before, by a dig process that ran late on a
+    # loaded box, can arrive after it: seen once at load 17, a whale answer read 0.14 s later).
+    after = [r for r in reqs if r.answer.sent >= t_back2]
     after_bad = [r for r in after if r.outcome != "ok"]
     back_at = {c2.router: t_back2, c1.router: t_back1}
 
@@ -280,10 +306,9 @@ def test_d5_region_dark_then_d6_all_dark_and_failback(world: World, capsys):
     say(f"d6: {len(dark)} requests resolved while the dark routers were still answered (not served: nothing "
         f"could), {len(whale_phase)} answered by the whale ({len(whale_bad)} not the whale's 503), "
         f"{len(after)} after failback: {len(after_bad)} not served, {len(race)} router 503s in the failback race "
-        f"(router no_worker counters: {no_worker})")
+        f"(router no_worker counters: {ph.no_worker})")
     say(f"TIMES evacuation(kill→c1 out of answer)={evac:.2f}s all-dark→whale={t_whale - t_cut:.2f}s "
-        f"failback(first frame→answered) c2={(t_back2 - t_frame2) * 1000:.0f}ms c1={(t_back1 - t_frame1) * 1000:.0f}ms; "
-        f"drill {time.monotonic() - t_begin:.1f}s")
+        f"failback(first frame→answered) c2={(t_back2 - t_frame2) * 1000:.0f}ms c1={(t_back1 - t_frame1) * 1000:.0f}ms")
 
     def show(rs):
         return [f"#{r.i} {r.answer.addrs} {[(x.addr, x.result, x.detail[:60]) for x in r.attempts]}" for r in rs[:5]]

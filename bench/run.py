@@ -2,7 +2,7 @@
 """GPU HA benchmarks: every tier measured beside the tools users would pick instead, in one run.
 
 Usage: bench/run.py [--quick] [--only SECTION[,SECTION]] [--out DIR]
-Sections: l7, l7_paced, failover, big_bodies, ingest, fleet, sidecar, dns_failover, dnsperf, reload, affinity.
+Sections: l7, l7_paced, failover, big_bodies, ingest, fleet, sidecar, dns_failover, dnsperf, reload, affinity, xds.
 Normally started by bench/run.sh (which installs and builds what this needs).
 
 Everything listens on 127.0.0.1; every process started here is tracked by PID and killed by PID
@@ -30,6 +30,8 @@ import traceback
 import urllib.error
 import urllib.request
 from pathlib import Path
+
+import xds  # bench/xds.py: the `xds` section
 
 ROOT = Path(__file__).resolve().parent.parent
 BENCH = ROOT / "bench"
@@ -1884,6 +1886,7 @@ def report(R, outdir):
             per_big = (bigr["envoy_cpu_ms_per_s"] - big["envoy_cpu_ms_per_s"]) / bigr["req_per_s"]
             per_small = (smallr["envoy_cpu_ms_per_s"] - small["envoy_cpu_ms_per_s"]) / smallr["req_per_s"]
             md += ["", f"Request-path CPU per request (2 Hz polls, busy fleet): {per_small:.2f} ms with a 1-worker fleet, {per_big:.2f} ms with 10 k workers."]
+    xds.report(R, md, fmt)
     sc = R.get("sidecar")
     if sc:
         md += ["", "## 5. Sidecar footprint (scrape every 100 ms, static server)", "",
@@ -1972,7 +1975,9 @@ def report(R, outdir):
 
 SECTIONS = {"l7": sec_l7, "l7_paced": sec_l7_paced, "failover": sec_failover, "big_bodies": sec_big_bodies, "ingest": sec_ingest, "fleet": sec_fleet, "sidecar": sec_sidecar,
             "dns_failover": sec_dns_failover, "dnsperf": sec_dnsperf, "reload": sec_reload,
-            "affinity": sec_affinity}
+            "affinity": sec_affinity,
+            # Membership over EDS at 10 k workers (bench/xds.py, given this module for its helpers).
+            "xds": lambda R, quick: xds.sec_xds(R, quick, sys.modules[__name__])}
 
 
 def main():

@@ -38,12 +38,13 @@ def dnsd_eds(h, name):
     return h.dnsd(name=name, cpu=h.LOAD_CPU, config=cfg)
 
 
-def eds_router(h, name, fleet, picker=True):
-    """A router rendered without --workers (EDS from dnsd at `fleet`); returns (proc, admin)."""
+def eds_router(h, name, fleet, picker=True, pool=None):
+    """A router rendered without --workers (EDS from dnsd at `fleet`; `pool`: scoped to one of
+    the ten pools); returns (proc, admin)."""
     port, admin = h.free_port(), h.free_port()
     argv = [sys.executable, h.ROOT / "envoy" / "render.py", "pool-router", "--listen-port", port, "--admin-port", admin,
             "--fleet", fleet, "--wasm", h.WASM, "--access-log", "/dev/null",
-            "--picker-config", json.dumps({"poll_interval_ms": 500})]
+            "--picker-config", json.dumps({"poll_interval_ms": 500}), *(["--pool", pool] if pool else [])]
     text = subprocess.run([str(a) for a in argv], check=True, capture_output=True, text=True).stdout
     if not picker:
         text = h.strip_wasm(text)
@@ -118,17 +119,19 @@ def sec_xds(R, quick, h):
                               cpu=h.LOAD_CPU, wait="READY")
         h.fleet_ready(http, WORKERS, timeout=30)
         answer = eds_answer_bytes(http) if churn == 0 else None
-        variants = [("static", True), ("eds", True), ("eds", False)] if churn == 0 else [("eds", True), ("eds", False)]
-        for cluster, picker in variants:
-            name = f"envoy-xds-{cluster}-{'picker' if picker else 'nopicker'}-{churn}"
+        # (cluster, picker, pool): the router scoped to one pool of ten (1 000 members) once.
+        variants = [("static", True, None), ("eds", True, None), ("eds", False, None)] if churn == 0 else \
+            [("eds", True, None), ("eds", False, None)] + ([("eds", True, "pool-000")] if churn == 10 else [])
+        for cluster, picker, pool in variants:
+            name = f"envoy-xds-{cluster}-{'picker' if picker else 'nopicker'}-{pool or 'all'}-{churn}"
             if cluster == "static":
                 ep, _, admin, _ = h.envoy(name, [waddr], http, picker_config={"poll_interval_ms": 500},
                                           extra_render=["--access-log", "/dev/null"])
             else:
-                ep, admin = eds_router(h, name, http, picker=picker)
-                wait_members(h, admin, WORKERS)
+                ep, admin = eds_router(h, name, http, picker=picker, pool=pool)
+                wait_members(h, admin, WORKERS // 10 if pool else WORKERS)
             time.sleep(1.0)  # past the first polls' one-off work (the first view, the first full assignment)
-            row = {"cluster": cluster, "picker": picker, "churn_per_s": churn if cluster == "eds" else None,
+            row = {"cluster": cluster, "picker": picker, "scope": pool or "all", "churn_per_s": churn if cluster == "eds" else None,
                    "workers_sending": WORKERS, **measure(h, ep, admin, dp, dur)}
             if answer is not None and cluster == "eds":
                 row["eds_answer_bytes"] = answer
@@ -150,12 +153,12 @@ def report(R, md, fmt):
            f"dnsd tracks {x['workers']:,} busy synthetic workers (2 frames/s each); EDS `refresh_delay` {x['eds_refresh']}, "
            f"picker fleet poll every {x['fleet_poll_interval_ms']} ms, `[eds] leave_after_ms` {x['leave_after_ms']}. "
            f"Churn C: C workers/s stop sending and C new ones start. One Envoy worker thread, {x['measure_s']} s per row.", "",
-           "| cluster | picker | churn /s | members | Envoy CPU ms/s | dnsd CPU ms/s | EDS updates/s | of which no rebuild /s | membership changes/s | fleet polls/s |",
-           "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+           "| cluster | picker | scope | churn /s | members | Envoy CPU ms/s | dnsd CPU ms/s | EDS polls/s | EDS updates/s | of which no rebuild /s | membership changes/s | fleet polls/s | load avg |",
+           "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in x["rows"]:
-        md.append(f"| {r['cluster']} | {'yes' if r['picker'] else 'no'} | {fmt(r['churn_per_s'])} | {fmt(r['members'])} | "
-                  f"{fmt(r['envoy_cpu_ms_per_s'], 1)} | {fmt(r['dnsd_cpu_ms_per_s'], 1)} | {fmt(r['eds_update_success_per_s'], 2)} | "
-                  f"{fmt(r['eds_update_no_rebuild_per_s'], 2)} | {fmt(r['eds_membership_change_per_s'], 2)} | {fmt(r['fleet_polls_per_s'], 2)} |")
+        md.append(f"| {r['cluster']} | {'yes' if r['picker'] else 'no'} | {r.get('scope', 'all')} | {fmt(r['churn_per_s'])} | {fmt(r['members'])} | "
+                  f"{fmt(r['envoy_cpu_ms_per_s'], 1)} | {fmt(r['dnsd_cpu_ms_per_s'], 1)} | {fmt(r['eds_update_attempt_per_s'], 2)} | {fmt(r['eds_update_success_per_s'], 2)} | "
+                  f"{fmt(r['eds_update_no_rebuild_per_s'], 2)} | {fmt(r['eds_membership_change_per_s'], 2)} | {fmt(r['fleet_polls_per_s'], 2)} | {fmt(r['loadavg'], 1)} |")
     size = next((r["eds_answer_bytes"] for r in x["rows"] if r.get("eds_answer_bytes")), None)
     if size:
         md.append(f"\nOne EDS answer for every pool at {x['workers']:,} members: {size:,} bytes of JSON.")

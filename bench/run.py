@@ -2,7 +2,7 @@
 """GPU HA benchmarks: every tier measured beside the tools users would pick instead, in one run.
 
 Usage: bench/run.py [--quick] [--only SECTION[,SECTION]] [--out DIR]
-Sections: l7, l7_paced, failover, big_bodies, ingest, fleet, sidecar, dns_failover, dnsperf, reload, affinity.
+Sections: l7, l7_paced, failover, big_bodies, ingest, fleet, xds, sidecar, dns_failover, dnsperf, reload, affinity.
 Normally started by bench/run.sh (which installs and builds what this needs).
 
 Everything listens on 127.0.0.1; every process started here is tracked by PID and killed by PID

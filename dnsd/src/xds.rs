@@ -11,7 +11,8 @@
 //! When dnsd is down or answers an error, Envoy counts `update_failure` and keeps the membership
 //! it has (measured, Envoy 1.40: hosts kept through 5 failed polls).
 //!
-//! Answers: `200` with a `DiscoveryResponse`; `400` naming what is wrong with a malformed
+//! Answers: `200` with a `DiscoveryResponse`; `304` when the poll names the version it would get
+//! (Envoy's REST fetcher then keeps what it has without parsing: the cost of a stable fleet); `400` naming what is wrong with a malformed
 //! request; `503` during the warm-up after a start (dnsd does not know the fleet yet: an empty
 //! answer would empty every router's cluster, an error keeps what they have).
 
@@ -31,6 +32,7 @@ use crate::Services;
 #[derive(Debug, Default)]
 pub struct EdsCounters {
     pub ok: AtomicU64,
+    pub not_modified: AtomicU64,
     pub bad_request: AtomicU64,
     pub warming_up: AtomicU64,
 }
@@ -38,9 +40,9 @@ pub struct EdsCounters {
 impl EdsCounters {
     pub fn render(&self, out: &mut String) {
         use std::fmt::Write as _;
-        let _ = writeln!(out, "# HELP gpuha_dnsd_eds_requests_total EDS polls (POST /v3/discovery:endpoints) by result: ok, bad_request (400), warming_up (503 in the first seconds after a start; routers keep their membership).");
+        let _ = writeln!(out, "# HELP gpuha_dnsd_eds_requests_total EDS polls (POST /v3/discovery:endpoints) by result: ok (200), not_modified (304: the router holds this version already), bad_request (400), warming_up (503 in the first seconds after a start; routers keep their membership).");
         let _ = writeln!(out, "# TYPE gpuha_dnsd_eds_requests_total counter");
-        for (result, n) in [("ok", &self.ok), ("bad_request", &self.bad_request), ("warming_up", &self.warming_up)] {
+        for (result, n) in [("ok", &self.ok), ("not_modified", &self.not_modified), ("bad_request", &self.bad_request), ("warming_up", &self.warming_up)] {
             let _ = writeln!(out, "gpuha_dnsd_eds_requests_total{{result=\"{result}\"}} {}", n.load(Ordering::Relaxed));
         }
     }
@@ -62,6 +64,10 @@ pub async fn endpoints(State(s): State<Arc<Services>>, body: Bytes) -> Response 
     };
     let leave_after_ms = s.running.lock().unwrap_or_else(|e| e.into_inner()).eds.leave_after_ms;
     let a = membership::assignment(s.state.snapshot().workers(), now, &q, leave_after_ms);
+    if membership::unchanged(&q, &a) {
+        s.eds.not_modified.fetch_add(1, Ordering::Relaxed);
+        return (StatusCode::NOT_MODIFIED, [(header::CACHE_CONTROL, "no-store")]).into_response();
+    }
     s.eds.ok.fetch_add(1, Ordering::Relaxed);
     ([(header::CONTENT_TYPE, "application/json"), (header::CACHE_CONTROL, "no-store")], membership::discovery_response(&q.resource_names, &a)).into_response()
 }

@@ -1,6 +1,6 @@
 //! `POST /v3/discovery:endpoints`: the routers' worker cluster over EDS (REST-JSON), from
 //! frames: a router gets its pools' members and its tiers at priority 1; a malformed request is
-//! a 400 that names what is wrong; the warm-up after a start is a 503 (routers keep what they
+//! a 304 when the router holds the version already; a 400 that names what is wrong; the warm-up after a start is a 503 (routers keep what they
 //! have).
 
 mod common;
@@ -96,6 +96,13 @@ async fn routers_get_their_pools_members_and_tiers() {
     assert_eq!(st, 200);
     let again: serde_json::Value = serde_json::from_str(&again).expect("json");
     assert_eq!(again["version_info"], version.as_str());
+    // A poll that names the version it holds gets 304 and no body (Envoy keeps what it has
+    // without parsing); an older version gets the whole answer.
+    let holds = |v: &str| request(r#"["pool-a"]"#, r#"["127.0.0.1:10101"]"#).replacen('{', &format!(r#"{{"version_info":"{v}","#), 1);
+    let (st, body) = post(&d, &holds(&version)).await;
+    assert_eq!((st, body.as_str()), (304, ""));
+    let (st, body) = post(&d, &holds("0000000000000000-1-1")).await;
+    assert_eq!(st, 200, "{body}");
 
     // No pools named: every pool's workers.
     let (_, all) = post(&d, &request("[]", "[]")).await;
@@ -119,6 +126,7 @@ async fn routers_get_their_pools_members_and_tiers() {
     assert!(metric(&m, "gpuha_dnsd_eds_requests_total{result=\"bad_request\"}") >= 5.0);
     assert!(metric(&m, "gpuha_dnsd_eds_requests_total{result=\"warming_up\"}") >= 1.0);
     assert!(metric(&m, "gpuha_dnsd_eds_requests_total{result=\"ok\"}") >= 3.0);
+    assert_eq!(metric(&m, "gpuha_dnsd_eds_requests_total{result=\"not_modified\"}"), 1.0);
     d.stop().await;
 }
 

@@ -8,7 +8,9 @@
 //! gpuha-bench keepalive --to ADDR --key-file F --workers W [--pools P] [--hz 2] [--secs S]
 //!     keeps W synthetic workers fresh (one frame per worker per 1/hz s), like W sidecars;
 //!     [--model M] names the model they serve; [--steady 1]: idle workers whose numbers do
-//!     not change (the default is a busy fleet: queue lengths and rates change every frame)
+//!     not change (the default is a busy fleet: queue lengths and rates change every frame);
+//!     [--churn C]: C workers per second stop sending (the oldest) and as many new ones start
+//!     (a fleet that scales in and out at once; the number sending stays W)
 //! gpuha-bench ingest-micro --workers W --frames N
 //!     in-process cost of decode+HMAC, and of the full accept (order) + fleet observe
 //! gpuha-bench fleet-parse FILE [--iters N]
@@ -237,6 +239,13 @@ fn keepalive(o: &Opts) -> Res<()> {
     let secs: f64 = o.get("secs", Some(3600.0))?;
     let model: String = o.get("model", Some("meta-llama/Llama-3.1-8B-Instruct".to_string()))?;
     let steady: u8 = o.get("steady", Some(0))?;
+    let churn: f64 = o.get("churn", Some(0.0))?;
+    if !(churn >= 0.0 && churn.is_finite()) {
+        return Err("--churn: workers per second, 0 or more".into());
+    }
+    // The workers sending this round are first..first + workers: each round moves the window by
+    // churn / hz (the fraction carried over), so the oldest go silent and new ids appear.
+    let (mut first, mut carry) = (0usize, 0f64);
     let sock = UdpSocket::bind("127.0.0.1:0").map_err(|e| e.to_string())?;
     sock.connect(to).map_err(|e| e.to_string())?;
     let boot = now_us();
@@ -246,7 +255,8 @@ fn keepalive(o: &Opts) -> Res<()> {
     let mut frames = 0u64;
     while start.elapsed().as_secs_f64() < secs {
         let round = Instant::now();
-        for i in 0..workers {
+        for k in 0..workers {
+            let i = first + k;
             let mut f = frame_m(i, pools, boot, seq, now_ms(), key_id, &model);
             if steady != 0 {
                 f.metrics = steady_metrics();
@@ -255,8 +265,8 @@ fn keepalive(o: &Opts) -> Res<()> {
             let _ = sock.send(&f);
             frames += 1;
             // Spread the round over its period in slices of 256 frames, like independent sidecars.
-            if i % 256 == 255 {
-                let target = period.mul_f64((i + 1) as f64 / workers as f64);
+            if k % 256 == 255 {
+                let target = period.mul_f64((k + 1) as f64 / workers as f64);
                 if let Some(d) = target.checked_sub(round.elapsed()) {
                     std::thread::sleep(d);
                 }
@@ -266,6 +276,10 @@ fn keepalive(o: &Opts) -> Res<()> {
             println!("READY workers={workers}");
         }
         seq += 1;
+        carry += churn / hz;
+        let step = carry.floor();
+        carry -= step;
+        first += step as usize;
         if let Some(d) = period.checked_sub(round.elapsed()) {
             std::thread::sleep(d);
         }

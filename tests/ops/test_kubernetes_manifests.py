@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-import harness
+import gpuha_harness as harness
 
 REPO = Path(__file__).resolve().parents[2]
 K8S = REPO / "deploy" / "kubernetes"

@@ -92,6 +92,8 @@ def transport_socket(d, fleet_host, out, sds_dir):
         lines.append(f"        sni: \"{sni}\"")
     lines += [
         "        common_tls_context:",
+        # Envoy's client default stops at TLS 1.2; dnsd (rustls) speaks both.
+        "          tls_params: { tls_minimum_protocol_version: TLSv1_2, tls_maximum_protocol_version: TLSv1_3 }",
         "          tls_certificate_sds_secret_configs:",
         f"          - name: {CERT_SECRET}",
         "            sds_config:",

@@ -109,7 +109,7 @@ pub fn on_response(f: InFlight, body_size: usize, stats: &Stats) -> Option<(u64,
         if failure_log_due(now) {
             let body = hostcalls::get_buffer(BufferType::HttpCallResponseBody, 0, body_size.min(300)).ok().flatten().unwrap_or_default();
             host::warn(&format!(
-                "gpuha: fleet poll failed (the picker fails open on its last view, then on no view): status {}: {}",
+                "fleet poll failed (the picker fails open on its last view, then on no view): status {}: {}",
                 status.as_deref().unwrap_or("none (reset)"),
                 String::from_utf8_lossy(&body).trim()
             ));

@@ -22,6 +22,7 @@ deploy/tls/make-certs.sh. dnsd's /metrics is read on its plain metrics listener.
 
 from __future__ import annotations
 
+import http.client
 import json
 import os
 import re
@@ -200,8 +201,8 @@ def test_clients_without_credentials_are_refused_and_counted(stack, tmp_path):
         try:
             status, _ = harness.http_get(f"http://{d.http}/v1/fleet", timeout=2)
             assert status != 200, "plain HTTP served on the TLS port"
-        except OSError:
-            pass
+        except (OSError, http.client.HTTPException):
+            pass  # dnsd answers with a TLS alert, not HTTP
         attempts["not_tls"] += 1
     curl = shutil.which("curl")
     if curl:
@@ -334,6 +335,7 @@ def test_rotation_during_traffic(stack, tmp_path):
     # Nothing of CA a left: a restarted dnsd (new connections from Envoy) still serves the router.
     handshakes = d.metrics().get("gpuha_dnsd_http_tls_handshakes_total", 0)
     refused_before = d.refused()
+    rotated_pid = d.proc.pid
     d = restart_dnsd(stack, d)
     fails = harness.filter_stat(envoy, "fleet_poll_failures")
     polls = harness.filter_stat(envoy, "fleet_polls")
@@ -347,13 +349,14 @@ def test_rotation_during_traffic(stack, tmp_path):
            f"fresh workers after {sorted(fresh_after)}; dnsd handshakes before the restart {int(handshakes)}, refused {refused_before}; "
            f"after the restart: handshakes {int(d.metrics().get('gpuha_dnsd_http_tls_handshakes_total', 0))}, refused {refused_after}, "
            f"picker poll failures during the restart {harness.filter_stat(envoy, 'fleet_poll_failures') - fails}; "
-           f"Envoy pid unchanged {envoy.proc.pid == envoy_pid}, dnsd pid unchanged through the rotation {dnsd_pid}")
+           f"Envoy pid unchanged {envoy.proc.pid == envoy_pid}, dnsd pid unchanged through the rotation {rotated_pid == dnsd_pid}")
     errors = [o.describe() for o in load.outcomes if o.kind != "completed"]
     assert not errors, "client errors:\n" + "\n".join(errors[:10])
     assert {w.id for w in ws} <= fresh_after, f"fleet view not fresh after the rotation: {fresh_after}"
     assert sum(refused_before.get(k, 0) for k in ("no_certificate", "bad_certificate", "client_alert")) == 0, refused_before
     assert sum(refused_after.get(k, 0) for k in ("no_certificate", "bad_certificate", "client_alert")) == 0, refused_after
     assert envoy.proc.alive() and envoy.proc.pid == envoy_pid
+    assert rotated_pid == dnsd_pid, "dnsd restarted during the rotation"
 
 
 def _post_reload(d: TlsDnsd) -> tuple[int, dict, bytes]:

@@ -112,7 +112,7 @@ pub struct HttpConfig {
     /// process's file descriptors, which the UDP and DNS sockets share.
     #[serde(default = "default_max_connections")]
     pub max_connections: usize,
-    /// TLS with client certificates (see [`crate::tls`]). Without it the HTTP side is plain,
+    /// TLS with client certificates (see the `tls` module). Without it the HTTP side is plain,
     /// which only a loopback `listen` address may be.
     #[serde(default)]
     pub tls: Option<HttpTlsConfig>,

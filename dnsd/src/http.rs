@@ -2,7 +2,9 @@
 //! (Prometheus text), `GET /healthz`, and for operators ([`crate::ops`]) `GET /v1/dns` (the DNS
 //! answer right now) and the fleet page at `GET /` and `GET /fleet`; the authenticated admin API
 //! under `/v1/admin` ([`crate::admin`]); and `POST /v3/discovery:endpoints`, the routers' worker
-//! cluster over EDS ([`crate::xds`]).
+//! cluster over EDS ([`crate::xds`]). All of it over TLS with client certificates when the
+//! config has `[http.tls]` ([`crate::tls`]); `http.metrics_listen` adds a plain listener for
+//! `/metrics` and `/healthz` only ([`metrics_router`]).
 //!
 //! `/v1/fleet` takes two optional query parameters:
 //!

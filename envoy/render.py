@@ -33,6 +33,8 @@ import string
 import sys
 import urllib.parse
 
+import dnsd_tls
+
 HERE = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(HERE)
 WASM_CANDIDATES = [
@@ -388,6 +390,10 @@ def main(argv=None):
     r.add_argument("--eds-refresh", default="0.25s", help="EDS: how often Envoy polls dnsd for the members (Envoy duration)")
     r.add_argument("--node-id", default="gpuha-router", help="EDS: this Envoy's node id (dnsd logs it; the cluster's name is gpuha-router)")
     r.add_argument("--fleet", required=True, help="dnsd HTTP address host:port serving /v1/fleet")
+    r.add_argument("--dnsd-tls", default=None, metavar="DIR",
+                   help="mutual TLS to dnsd (fleet poll and EDS): DIR holds ca.crt, client.crt, client.key; "
+                        "rotated over SDS from files written beside --out (or in --sds-dir). See deploy/tls/README.md")
+    r.add_argument("--sds-dir", default=None, help="with --dnsd-tls: where the SDS files go (default: the directory of --out)")
     r.add_argument("--num-retries", type=int, default=2)
     r.add_argument("--per-try-timeout", default="5s", help="time-to-first-token budget per attempt (Envoy duration)")
     r.add_argument("--hedge", action="store_true", help="hedge_on_per_try_timeout: start the next attempt without cancelling a stalled one")
@@ -460,7 +466,15 @@ def main(argv=None):
         tier_endpoints = [e for t in chain["tiers"] for e in t["endpoints"]]
         values.update(tier_values)
         values.update(membership(a, tier_endpoints))
+        if a.dnsd_tls and not values["NODE"]:
+            # Envoy's SDS needs a node id and cluster even with static members.
+            values["NODE"] = f"node:\n  id: \"{a.node_id}\"\n  cluster: gpuha-router\n"
+        try:
+            fleet_tls = dnsd_tls.transport_socket(a.dnsd_tls, fhost, a.out, a.sds_dir) if a.dnsd_tls else ""
+        except dnsd_tls.TlsError as e:
+            ap.error(str(e))
         values.update({
+            "FLEET_TRANSPORT_SOCKET": fleet_tls,
             "FLEET_HOST": f"\"{fhost}\"",
             "FLEET_PORT": fport,
             "FLEET_CLUSTER_TYPE": "STATIC" if is_ip(fhost) else "STRICT_DNS",

@@ -13,16 +13,18 @@ from __future__ import annotations
 import json
 import re
 import signal
+import ssl
 import subprocess
 import threading
 import time
+import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
 from . import netns
 from .client import TOKEN_RX
-from .env import binary, wasm_path
+from .env import REPO, binary, wasm_path
 from .proc import Proc
 from .stack import Stack, write_zone_config
 from .wait import http_get, wait_for
@@ -260,11 +262,24 @@ class World:
         self.dnsd: Optional[Proc] = None
         self.whale: Optional[netns.NsEnvoy] = None
 
-    # dnsd in the root namespace, on the bridge's address, ports picked by the kernel
+    # dnsd in the root namespace, on the bridge's address, ports picked by the kernel; its HTTP
+    # side is off loopback, so over mutual TLS (deploy/tls/README.md), as the routers use it
     def dnsd_config(self) -> Path:
-        return write_zone_config(
+        path = write_zone_config(
             self.stack, {c.pool: (f"region-{c.pool}", f"cloud-{c.pool}", c.router) for c in self.clouds.values()},
             SERVICE, self.fw.addr, listen=self.dns_addr, ttl=TTL, policy="all", min_workers=1, http=True)
+        tls = self.tls_dir
+        if not (tls / "ca.crt").exists():
+            r = subprocess.run(["bash", str(REPO / "deploy" / "tls" / "make-certs.sh"), "all", str(tls), "--san", f"IP:{self.dns_addr}"],
+                               capture_output=True, text=True, timeout=60)
+            assert r.returncode == 0, r.stderr
+        with open(path, "a") as f:
+            f.write(f'\n[http.tls]\ncert_file = "{tls}/dnsd.crt"\nkey_file = "{tls}/dnsd.key"\nclient_ca_file = "{tls}/ca.crt"\n')
+        return path
+
+    @property
+    def tls_dir(self) -> Path:
+        return self.stack.logdir / "tls"
 
     def start_dnsd(self) -> None:
         self.dnsd = self.stack.spawn("dnsd", [binary("gpuha-dnsd"), "--config", self.dnsd_config()])
@@ -273,9 +288,12 @@ class World:
         self.dns_port = int(m.group(3).rsplit(":", 1)[1])
 
     def fleet(self) -> dict:
-        status, body = http_get(f"http://{self.http}/v1/fleet", timeout=1)
-        assert status == 200, f"/v1/fleet: {status}"
-        return json.loads(body)
+        ctx = ssl.create_default_context(cafile=str(self.tls_dir / "ca.crt"))
+        ctx.load_cert_chain(str(self.tls_dir / "client.crt"), str(self.tls_dir / "client.key"))
+        opener = urllib.request.build_opener(urllib.request.ProxyHandler({}), urllib.request.HTTPSHandler(context=ctx))
+        with opener.open(f"https://{self.http}/v1/fleet", timeout=1) as r:
+            assert r.status == 200, f"/v1/fleet: {r.status}"
+            return json.loads(r.read())
 
     def spawn_whale(self) -> None:
         cfg = self.stack.render("failwhale", self.stack.logdir / "failwhale.yaml", listen_addr=self.fw.addr,
@@ -293,7 +311,7 @@ class World:
         cfg = self.stack.render("pool-router", self.stack.logdir / f"{name}.yaml", listen_addr=c.host.addr,
                                 listen_port=ROUTER_PORT, admin_addr=c.host.addr, admin_port=ADMIN_PORT,
                                 workers=",".join(self.worker_addrs(c)), fleet=self.http, wasm=wasm_path(),
-                                access_log=log, pool=c.pool)
+                                access_log=log, pool=c.pool, dnsd_tls=self.tls_dir, sds_dir=self.stack.logdir)
         c.envoy = netns.spawn_envoy(self.stack, name, c.host, cfg, ROUTER_PORT, ADMIN_PORT, log, concurrency=1)
 
     def spawn_workers(self, c: Cloud) -> None:

@@ -112,11 +112,32 @@ pub struct HttpConfig {
     /// process's file descriptors, which the UDP and DNS sockets share.
     #[serde(default = "default_max_connections")]
     pub max_connections: usize,
+    /// TLS with client certificates (see the `tls` module). Without it the HTTP side is plain,
+    /// which only a loopback `listen` address may be.
+    #[serde(default)]
+    pub tls: Option<HttpTlsConfig>,
+    /// A second, plain listener that serves only `/metrics` and `/healthz` (for a Prometheus
+    /// without a client certificate). It can be on any address: it reads counters and
+    /// per-worker gauges, it cannot steer anything; firewall it as such.
+    #[serde(default)]
+    pub metrics_listen: Option<SocketAddr>,
+}
+
+/// `[http.tls]`: PEM files, re-read on every reload (a certificate rotation).
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HttpTlsConfig {
+    /// dnsd's certificate chain (leaf first), for the names or addresses clients dial.
+    pub cert_file: PathBuf,
+    /// Its private key (PKCS#8, PKCS#1 or SEC1).
+    pub key_file: PathBuf,
+    /// The CA(s) whose client certificates are accepted; during a CA rotation, old and new.
+    pub client_ca_file: PathBuf,
 }
 
 impl Default for HttpConfig {
     fn default() -> Self {
-        HttpConfig { listen: default_http(), header_read_timeout_ms: default_header_read_timeout(), max_connections: default_max_connections() }
+        HttpConfig { listen: default_http(), header_read_timeout_ms: default_header_read_timeout(), max_connections: default_max_connections(), tls: None, metrics_listen: None }
     }
 }
 
@@ -185,6 +206,19 @@ impl Config {
         }
         if self.http.max_connections == 0 {
             return Err(ConfigError::invalid("http.max_connections", "must be > 0"));
+        }
+        if self.http.tls.is_none() && !self.http.listen.ip().is_loopback() {
+            return Err(ConfigError::invalid(
+                "http.listen",
+                format!(
+                    "{} is not a loopback address, and plain HTTP is only for loopback (the fleet view, EDS and the admin API would be open to the network): \
+                     add [http.tls] with cert_file, key_file and client_ca_file (deploy/tls/make-certs.sh), or listen on 127.0.0.1",
+                    self.http.listen
+                ),
+            ));
+        }
+        if self.http.metrics_listen.is_some_and(|m| m == self.http.listen && m.port() != 0) {
+            return Err(ConfigError::invalid("http.metrics_listen", "must differ from http.listen"));
         }
         if self.ingest.max_skew_ms == 0 {
             return Err(ConfigError::invalid("ingest.max_skew_ms", "must be > 0"));

@@ -2,7 +2,9 @@
 //! (Prometheus text), `GET /healthz`, and for operators ([`crate::ops`]) `GET /v1/dns` (the DNS
 //! answer right now) and the fleet page at `GET /` and `GET /fleet`; the authenticated admin API
 //! under `/v1/admin` ([`crate::admin`]); and `POST /v3/discovery:endpoints`, the routers' worker
-//! cluster over EDS ([`crate::xds`]).
+//! cluster over EDS ([`crate::xds`]). All of it over TLS with client certificates when the
+//! config has `[http.tls]` ([`crate::tls`]); `http.metrics_listen` adds a plain listener for
+//! `/metrics` and `/healthz` only ([`metrics_router`]).
 //!
 //! `/v1/fleet` takes two optional query parameters:
 //!
@@ -56,12 +58,21 @@ pub struct Limits {
 }
 
 /// Serves [`router`] on `listener` until `shutdown`, over HTTP/1.1 (what the filter and
-/// Prometheus speak). Unlike `axum::serve` it bounds what a slow or greedy client can hold: a
-/// request whose headers do not arrive in time is closed (slowloris), and connections past the
-/// limit are closed on accept, so idle clients cannot use up the file descriptors the UDP and
-/// DNS sockets share. On shutdown, requests in flight get a few seconds to finish.
+/// Prometheus speak), over TLS with client certificates when `[http.tls]` is set
+/// ([`crate::tls`]). Unlike `axum::serve` it bounds what a slow or greedy client can hold: a
+/// TLS handshake or request headers that do not complete in time close the connection
+/// (slowloris), and connections past the limit are closed on accept, so idle clients cannot use
+/// up the file descriptors the UDP and DNS sockets share. On shutdown, requests in flight get
+/// a few seconds to finish.
 pub async fn serve(listener: tokio::net::TcpListener, services: Arc<Services>, limits: Limits, shutdown: impl Future<Output = ()>) {
     let app = router(services.clone());
+    let tls = services.tls.is_some();
+    serve_with(listener, services, app, tls, limits, shutdown).await;
+}
+
+/// Serves `app` on `listener` (see [`serve`]); over TLS when `tls` (with the configuration in
+/// force in `services.tls` at each accept).
+pub async fn serve_with(listener: tokio::net::TcpListener, services: Arc<Services>, app: Router, tls: bool, limits: Limits, shutdown: impl Future<Output = ()>) {
     let slots = Arc::new(Semaphore::new(limits.max_connections));
     let (closing_tx, closing_rx) = watch::channel(false);
     let mut conns = JoinSet::new();
@@ -86,23 +97,25 @@ pub async fn serve(listener: tokio::net::TcpListener, services: Arc<Services>, l
             continue;
         };
         let service = TowerToHyperService::new(app.clone());
-        let mut closing = closing_rx.clone();
+        let closing = closing_rx.clone();
+        let acceptor = if tls { services.tls.as_ref().map(|t| tokio_rustls::TlsAcceptor::from(t.current())) } else { None };
+        let services = services.clone();
         conns.spawn(async move {
             let _permit = permit;
-            let conn = hyper::server::conn::http1::Builder::new()
-                .timer(TokioTimer::new())
-                .header_read_timeout(limits.header_read_timeout)
-                .serve_connection(TokioIo::new(stream), service);
-            let mut conn = pin!(conn);
-            let result = tokio::select! {
-                r = conn.as_mut() => r,
-                _ = closing.changed() => {
-                    conn.as_mut().graceful_shutdown();
-                    conn.await
-                }
+            let Some(acceptor) = acceptor else {
+                return serve_conn(stream, service, limits, closing, peer).await;
             };
-            if let Err(e) = result {
-                tracing::debug!(%peer, "http connection ended: {e}");
+            // The handshake has the header read timeout too: a client that opens a connection
+            // and sends nothing holds a slot no longer over TLS than over plain HTTP.
+            let accepted = tokio::time::timeout(limits.header_read_timeout, acceptor.accept(stream)).await;
+            let Some(tls) = services.tls.as_ref() else { return };
+            match accepted {
+                Ok(Ok(stream)) => {
+                    tls.note_accepted();
+                    serve_conn(stream, service, limits, closing, peer).await;
+                }
+                Ok(Err(e)) => tls.note_refused(crate::tls::Refusal::of(&e), peer, &e.to_string(), now_ms()),
+                Err(_) => tls.note_refused(crate::tls::Refusal::Timeout, peer, "no complete handshake within http.header_read_timeout_ms", now_ms()),
             }
         });
     }
@@ -111,6 +124,33 @@ pub async fn serve(listener: tokio::net::TcpListener, services: Arc<Services>, l
     if tokio::time::timeout(Duration::from_secs(5), drain).await.is_err() {
         conns.abort_all();
     }
+}
+
+/// One connection: HTTP/1.1 with the header read timeout, closed gracefully on shutdown.
+async fn serve_conn<S>(stream: S, service: TowerToHyperService<Router>, limits: Limits, mut closing: watch::Receiver<bool>, peer: std::net::SocketAddr)
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    let conn = hyper::server::conn::http1::Builder::new()
+        .timer(TokioTimer::new())
+        .header_read_timeout(limits.header_read_timeout)
+        .serve_connection(TokioIo::new(stream), service);
+    let mut conn = pin!(conn);
+    let result = tokio::select! {
+        r = conn.as_mut() => r,
+        _ = closing.changed() => {
+            conn.as_mut().graceful_shutdown();
+            conn.await
+        }
+    };
+    if let Err(e) = result {
+        tracing::debug!(%peer, "http connection ended: {e}");
+    }
+}
+
+/// What `http.metrics_listen` serves (plain HTTP): `/metrics` and `/healthz` only.
+pub fn metrics_router(services: Arc<Services>) -> Router {
+    Router::new().route("/metrics", get(metrics)).route("/healthz", get(|| async { "ok\n" })).with_state(services)
 }
 
 pub fn router(services: Arc<Services>) -> Router {
@@ -324,6 +364,9 @@ async fn metrics(State(s): State<Arc<Services>>) -> impl IntoResponse {
     }
     s.admin.render_metrics(&mut out);
     s.eds.render(&mut out);
+    if let Some(tls) = &s.tls {
+        tls.render_metrics(&mut out);
+    }
     let _ = writeln!(out, "# HELP gpuha_dnsd_config_reloads_total Config reloads (SIGHUP or POST /v1/admin/reload), by result; a refused one leaves the running config serving.");
     let _ = writeln!(out, "# TYPE gpuha_dnsd_config_reloads_total counter");
     let _ = writeln!(out, "gpuha_dnsd_config_reloads_total{{result=\"ok\"}} {}", s.reloads_ok.load(Ordering::Relaxed));

@@ -15,6 +15,7 @@ pub mod ops;
 mod prom;
 pub mod reload;
 pub mod state;
+pub mod tls;
 pub mod xds;
 
 use std::future::Future;
@@ -59,6 +60,8 @@ pub struct Services {
     pub last_reload_failed: AtomicBool,
     /// EDS answers by outcome ([`xds`]).
     pub eds: xds::EdsCounters,
+    /// `[http.tls]`: the HTTP side's TLS configuration and refusals; `None`: plain (loopback).
+    pub tls: Option<tls::Tls>,
 }
 
 impl Services {
@@ -93,6 +96,8 @@ pub struct Listeners {
     pub ingest: std::net::UdpSocket,
     pub http: std::net::TcpListener,
     pub dns: Option<(std::net::UdpSocket, std::net::TcpListener)>,
+    /// `http.metrics_listen`: plain `/metrics` and `/healthz`.
+    pub metrics: Option<std::net::TcpListener>,
 }
 
 impl Listeners {
@@ -104,7 +109,11 @@ impl Listeners {
             Some(d) => Some(bind_dns(d.listen)?),
             None => None,
         };
-        Ok(Listeners { ingest, http, dns })
+        let metrics = match config.http.metrics_listen {
+            Some(a) => Some(std::net::TcpListener::bind(a)?),
+            None => None,
+        };
+        Ok(Listeners { ingest, http, dns, metrics })
     }
 
     /// The line dnsd prints once every socket is bound; tests wait for it.
@@ -113,7 +122,11 @@ impl Listeners {
             Some((u, _)) => u.local_addr()?.to_string(),
             None => "-".into(),
         };
-        Ok(format!("READY ingest={} http={} dns={}", self.ingest.local_addr()?, self.http.local_addr()?, dns))
+        let mut line = format!("READY ingest={} http={} dns={}", self.ingest.local_addr()?, self.http.local_addr()?, dns);
+        if let Some(m) = &self.metrics {
+            line.push_str(&format!(" metrics={}", m.local_addr()?));
+        }
+        Ok(line)
     }
 }
 
@@ -153,6 +166,10 @@ pub async fn run_with(config: Config, listeners: Listeners, options: RunOptions,
         None => None,
     };
     let admin = Arc::new(admin::Admin::new(config.admin.state_file.clone(), token)?);
+    let tls = match &config.http.tls {
+        Some(t) => Some(tls::Tls::new(tls::server_config(t)?)),
+        None => None,
+    };
     let started = now_ms();
     let state = Arc::new(AppState::new(keys, config.ingest.max_skew_ms, config.ingest.forget_after_ms, config.ingest.max_workers, started));
     let dns = match &config.dns {
@@ -172,6 +189,7 @@ pub async fn run_with(config: Config, listeners: Listeners, options: RunOptions,
         last_reload_ok_ms: AtomicU64::new(started),
         last_reload_failed: AtomicBool::new(false),
         eds: xds::EdsCounters::default(),
+        tls,
     });
     let (stop_tx, stop_rx) = watch::channel(false);
     let stopped = move |mut rx: watch::Receiver<bool>| async move {
@@ -217,6 +235,14 @@ pub async fn run_with(config: Config, listeners: Listeners, options: RunOptions,
             tokio::select! { _ = work => {}, _ = stop => {} }
         })
     });
+    let metrics_task = match listeners.metrics {
+        Some(m) => {
+            m.set_nonblocking(true)?;
+            let m = tokio::net::TcpListener::from_std(m)?;
+            Some(tokio::spawn(http::serve_with(m, services.clone(), http::metrics_router(services.clone()), false, http_limits, stopped(stop_rx.clone()))))
+        }
+        None => None,
+    };
     let http_task = tokio::spawn(http::serve(http_listener, services, http_limits, http_stop));
 
     let dns_task = match (dns, listeners.dns) {
@@ -234,6 +260,9 @@ pub async fn run_with(config: Config, listeners: Listeners, options: RunOptions,
     let _ = ingest_task.await;
     let _ = housekeeping.await;
     let _ = http_task.await;
+    if let Some(t) = metrics_task {
+        let _ = t.await;
+    }
     if let Some(t) = reload_task {
         let _ = t.await;
     }

@@ -20,7 +20,8 @@ struct Args {
     /// UDP address for telemetry frames (port 0: pick a free one).
     #[arg(long)]
     ingest: Option<SocketAddr>,
-    /// HTTP address for /v1/fleet and /metrics.
+    /// HTTP address for /v1/fleet and /metrics: a loopback address unless the config has
+    /// [http.tls] (plain HTTP is refused elsewhere).
     #[arg(long)]
     http: Option<SocketAddr>,
     /// HMAC key file (with no --config): key id --key-id.
@@ -86,6 +87,9 @@ fn load(args: &Args) -> Result<Config, String> {
     config.key_ring().map_err(|e| e.to_string())?;
     if let Some(p) = &config.admin.token_file {
         gpuha_dnsd::admin::read_token(p).map_err(|e| e.to_string())?;
+    }
+    if let Some(t) = &config.http.tls {
+        gpuha_dnsd::tls::server_config(t).map_err(|e| e.to_string())?;
     }
     if let Some(p) = &config.admin.state_file {
         gpuha_dnsd::admin::load_state(p).map_err(|e| e.to_string())?;

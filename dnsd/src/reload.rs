@@ -1,7 +1,8 @@
 //! Reload without restart, on SIGHUP or `POST /v1/admin/reload`: the config file is read again
 //! and, if every part of it is good, its zones, pools, services (`[dns]` less its listen
-//! address and timers), frame keys (`[[ingest.keys]]`, files re-read) and admin token take
-//! effect at once. Nothing else can change without a restart: sockets stay bound, the fleet
+//! address and timers), frame keys (`[[ingest.keys]]`, files re-read), admin token and the HTTP
+//! side's TLS certificate, key and client CA (`[http.tls]`, files re-read: new connections get
+//! them, open ones keep theirs) take effect at once. Nothing else can change without a restart: sockets stay bound, the fleet
 //! and its counters stay.
 //!
 //! **All or nothing.** Everything is read, parsed, validated and compiled before anything is
@@ -72,6 +73,8 @@ fn fixed(c: &Config) -> Vec<(&'static str, String)> {
         ("http.listen", c.http.listen.to_string()),
         ("http.header_read_timeout_ms", c.http.header_read_timeout_ms.to_string()),
         ("http.max_connections", c.http.max_connections.to_string()),
+        ("http.tls", if c.http.tls.is_some() { "present" } else { "absent" }.to_string()),
+        ("http.metrics_listen", format!("{:?}", c.http.metrics_listen)),
         ("dns", if dns.is_some() { "present" } else { "absent" }.to_string()),
         ("dns.listen", dns.map(|d| d.listen.to_string()).unwrap_or_default()),
         ("dns.tcp_idle_timeout_ms", dns.map(|d| d.tcp_idle_timeout_ms.to_string()).unwrap_or_default()),
@@ -119,17 +122,25 @@ fn try_reload(services: &Services) -> Result<String, ReloadError> {
         Some(p) => Some(crate::admin::read_token(p)?),
         None => None,
     };
+    let tls = match &next.http.tls {
+        Some(t) => Some(crate::tls::server_config(t)?),
+        None => None,
+    };
     let summary = format!(
-        "{} frame key(s); {}; admin API {}",
+        "{} frame key(s); {}; admin API {}{}",
         next.ingest.keys.len(),
         zones.as_ref().map_or("no DNS".to_string(), |z| format!("{} zone(s), {} pool(s), {} service(s)", z.zones.len(), z.pools.len(), z.services.len())),
         if token.is_some() { "on" } else { "off" },
+        next.http.tls.as_ref().map_or(String::new(), |t| format!("; TLS certificate {} and client CA {} re-read", t.cert_file.display(), t.client_ca_file.display())),
     );
     services.state.set_keys(keys);
     if let (Some(dns), Some(zones)) = (&services.dns, zones) {
         dns.set_zones(zones);
     }
     services.admin.set_token(token);
+    if let (Some(current), Some(tls)) = (&services.tls, tls) {
+        current.set(tls);
+    }
     *running = next;
     Ok(summary)
 }

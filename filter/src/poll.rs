@@ -71,6 +71,23 @@ pub fn maybe_start(p: &PickerConfig, path: &str, in_flight: &mut Option<InFlight
     }
 }
 
+/// A failed poll is logged at most this often (per Envoy thread).
+pub const FAILURE_LOG_EVERY_MS: u64 = 10_000;
+
+thread_local! {
+    static LAST_FAILURE_LOG_MS: std::cell::Cell<u64> = const { std::cell::Cell::new(0) };
+}
+
+fn failure_log_due(now: u64) -> bool {
+    LAST_FAILURE_LOG_MS.with(|last| {
+        let due = last.get() == 0 || now.saturating_sub(last.get()) >= FAILURE_LOG_EVERY_MS;
+        if due {
+            last.set(now);
+        }
+        due
+    })
+}
+
 /// Handles dnsd's answer to `f`; returns the view parsed and published, for this thread's cache.
 pub fn on_response(f: InFlight, body_size: usize, stats: &Stats) -> Option<(u64, FleetView)> {
     let status = host::header(MapType::HttpCallResponseHeaders, ":status");
@@ -86,7 +103,17 @@ pub fn on_response(f: InFlight, body_size: usize, stats: &Stats) -> Option<(u64,
     }
     if status.as_deref() != Some("200") {
         inc(stats.fleet_poll_failures);
-        host::debug(&format!("gpuha: fleet poll failed: status {status:?}"));
+        // Why, as Envoy says it: an unreachable dnsd or a refused TLS handshake (a wrong CA or
+        // client certificate) comes back as Envoy's own 503 whose body names the transport
+        // failure. Every failure is counted; one line per FAILURE_LOG_EVERY_MS is logged.
+        if failure_log_due(now) {
+            let body = hostcalls::get_buffer(BufferType::HttpCallResponseBody, 0, body_size.min(300)).ok().flatten().unwrap_or_default();
+            host::warn(&format!(
+                "fleet poll failed (the picker fails open on its last view, then on no view): status {}: {}",
+                status.as_deref().unwrap_or("none (reset)"),
+                String::from_utf8_lossy(&body).trim()
+            ));
+        }
         return None;
     }
     let body = hostcalls::get_buffer(BufferType::HttpCallResponseBody, 0, body_size).ok().flatten().unwrap_or_default();

@@ -164,6 +164,35 @@ fn pool_router_with_eds_validates() {
     render_and_validate(&["pool-router", "--listen-port", "10000", "--admin-port", "9901", "--fleet", "dnsd.internal:8080"], "pool-router-eds-bare");
 }
 
+/// Mutual TLS to dnsd (`--dnsd-tls`): the gpuha_fleet cluster's UpstreamTlsContext with the
+/// client certificate and the CA over SDS from files, for an IP and a DNS name of dnsd, with
+/// EDS and with static workers. The certificates come from deploy/tls/make-certs.sh.
+#[test]
+fn pool_router_with_dnsd_tls_validates() {
+    let dir = std::env::temp_dir().join(format!("gpuha-dnsd-tls-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    let st = Command::new("bash").arg(repo().join("deploy/tls/make-certs.sh")).arg("all").arg(&dir).output().expect("bash not runnable");
+    assert!(st.status.success(), "make-certs.sh: {}", String::from_utf8_lossy(&st.stderr));
+    let d = dir.to_str().expect("utf-8 path");
+    render_and_validate(&["pool-router", "--listen-port", "10000", "--admin-port", "9901", "--fleet", "127.0.0.1:8080", "--pool", "eu-1", "--dnsd-tls", d, "--sds-dir", d], "pool-router-eds-tls");
+    render_and_validate(
+        &["pool-router", "--listen-port", "10000", "--admin-port", "9901", "--workers", "10.0.0.5:8000", "--fleet", "dnsd.internal:8443", "--dnsd-tls", d, "--sds-dir", d],
+        "pool-router-static-tls",
+    );
+    // Missing certificate files: refused by render.py, naming them.
+    let empty = dir.join("empty");
+    std::fs::create_dir_all(&empty).expect("dir");
+    let st = Command::new("python3")
+        .arg(repo().join("envoy/render.py"))
+        .args(["pool-router", "--listen-port", "1", "--admin-port", "2", "--fleet", "127.0.0.1:1", "--out", "-", "--sds-dir", d, "--dnsd-tls"])
+        .arg(&empty)
+        .output()
+        .expect("python3");
+    assert_eq!(st.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&st.stderr).contains("client.key"), "{}", String::from_utf8_lossy(&st.stderr));
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
 #[test]
 fn failwhale_validates() {
     render_and_validate(

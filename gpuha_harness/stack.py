@@ -216,7 +216,7 @@ class Stack:
                 time.sleep(0.2)  # fixed port still held by the old instance: retry until the deadline
         self.dnsd = Dnsd(ingest=m.group(1), http=m.group(2), proc=proc, dns=m.group(3))
         self.dnsd.bind_attempts = attempt  # type: ignore[attr-defined]
-        wait_for(lambda: _ok(lambda: self.dnsd.fleet()), 10, "dnsd /v1/fleet to answer")
+        wait_for(lambda: succeeds(lambda: self.dnsd.fleet()), 10, "dnsd /v1/fleet to answer")
         return self.dnsd
 
     # ---- workers and sidecars
@@ -390,7 +390,7 @@ class Stack:
         return self.start_envoy(name, cfg, port, access_log=access_log)
 
 
-def _ok(fn: Callable[[], object]) -> bool:
+def succeeds(fn: Callable[[], object]) -> bool:
     try:
         fn()
         return True

@@ -325,7 +325,11 @@ pub fn weight_of(key: u64, addr_hash: u64) -> u64 {
     mix(key ^ addr_hash)
 }
 
-/// The margin over the best predicted TTFT within which a key's worker is taken.
+/// The margin over the best predicted TTFT within which a key's worker is taken. The picker
+/// passes `best` floored at `pick.default_ttft_ms`: a worker's reported TTFT swings with its
+/// cache hits (a cached prompt's first token in a few ms, an uncached one's after its whole
+/// prefill), and a margin of a few cached TTFTs would shut out every worker that just served an
+/// uncached prompt.
 pub fn spill_limit(best_ms: f64, cfg: &AffinityConfig) -> f64 {
     best_ms * (1.0 + cfg.spill_ratio) + cfg.spill_ms
 }
@@ -516,6 +520,41 @@ mod tests {
         assert_eq!(Key::choose(&no_user, None, Some("u"), None), None);
         let off = AffinityConfig { enabled: false, ..cfg };
         assert_eq!(Key::choose(&off, Some("s"), Some("u"), Some(7)), None);
+    }
+
+    proptest::proptest! {
+        /// `choose` keeps a placement only within the keep bound, and otherwise takes a worker
+        /// under the balance bound (the highest weight there) or, with none, a least loaded one.
+        #[test]
+        fn choose_respects_the_bounds(
+            cands in proptest::collection::vec((proptest::prelude::any::<u64>(), 0u8..12, 0u64..6), 1..10),
+            placed in proptest::option::of(0u64..8), placed_admitted: bool, eps in 0.0f64..1.0,
+        ) {
+            let within: Vec<Cand> = cands.iter().map(|(w, l, a)| Cand { weight: *w, load: f64::from(*l), addr_hash: *a }).collect();
+            let cfg = AffinityConfig { balance_epsilon: eps, ..AffinityConfig::default() };
+            let winner = within.iter().map(|c| c.weight).max();
+            let (i, o) = choose(&within, placed, placed_admitted, winner, &cfg);
+            proptest::prop_assert!(i < within.len());
+            let n = within.len();
+            let total: f64 = within.iter().map(|c| c.load).sum();
+            let c = within[i];
+            let kept = placed == Some(c.addr_hash) && within.iter().position(|x| Some(x.addr_hash) == placed) == Some(i)
+                && c.load + 1.0 <= bound(cfg.keep_epsilon, total, n) + cfg.keep_slack;
+            if !kept {
+                let cap = bound(eps, total, n);
+                let under: Vec<&Cand> = within.iter().filter(|x| x.load + 1.0 <= cap).collect();
+                if under.is_empty() {
+                    proptest::prop_assert!(within.iter().all(|x| x.load >= c.load));
+                } else {
+                    proptest::prop_assert!(c.load + 1.0 <= cap);
+                    proptest::prop_assert!(under.iter().all(|x| x.weight <= c.weight));
+                }
+            }
+            proptest::prop_assert!(o != Outcome::None);
+            if o == Outcome::Placed {
+                proptest::prop_assert!(placed.is_none() && Some(c.weight) != winner);
+            }
+        }
     }
 
     #[test]

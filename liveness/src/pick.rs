@@ -399,7 +399,7 @@ pub fn pick_ranked(
         // at least its base score, so once that is above `needed` nothing unscanned matters.
         // With a key, that includes every worker within the spill margin.
         let needed = needed_score(&normal, view, cfg).map(|n| match (key, normal.first()) {
-            (Some(_), Some(best)) => n.max(affinity::spill_limit(best.0, &cfg.affinity)),
+            (Some(_), Some(best)) => n.max(affinity::spill_limit(best.0.max(cfg.default_ttft_ms), &cfg.affinity)),
             _ => n,
         });
         if needed.is_some_and(|n| mr.cands[next].base.total_cmp(&n).is_gt()) {
@@ -434,13 +434,13 @@ pub fn pick_ranked(
                     placed_admitted |= k.placed == Some(c.addr_hash);
                 }
             }
-            let limit = affinity::spill_limit(best, &cfg.affinity);
+            let limit = affinity::spill_limit(best.max(cfg.default_ttft_ms), &cfg.affinity);
             let within: Vec<affinity::Cand> = normal.iter().take_while(|s| s.0 <= limit).map(|(_, idx)| affine_cand(&view.workers[*idx], k.key, fetched_local_ms, load)).collect();
             let (first, o) = affinity::choose(&within, k.placed, placed_admitted, winner, &cfg.affinity);
             outcome = o;
             first
         } else {
-            near_best_first(&normal, best, rng, cfg)
+            near_best_first(&normal, best, rng, cfg, |idx| load_of(&view.workers[idx], fetched_local_ms, load).0)
         };
         let chosen = normal.remove(first);
         endpoints.push(view.workers[chosen.1].addr.clone());
@@ -465,9 +465,12 @@ pub fn pick_ranked(
 }
 
 /// Anti-herding: the first attempt by power of two choices among the near-best of `normal`
-/// (sorted by score, best first).
-fn near_best_first(normal: &[(f64, usize)], best: f64, rng: &mut Rng, cfg: &PickConfig) -> usize {
-    let limit = best * (1.0 + cfg.near_best_ratio) + cfg.near_best_ms;
+/// (sorted by score, best first): of the two, the one with less load ([`load_of`]: requests in
+/// flight and waiting), then the better score. The band's `best` is floored at
+/// `default_ttft_ms`: reported TTFTs swing with prefix-cache hits, and a band of a few cached
+/// TTFTs would leave one worker in it.
+fn near_best_first(normal: &[(f64, usize)], best: f64, rng: &mut Rng, cfg: &PickConfig, load_at: impl Fn(usize) -> f64) -> usize {
+    let limit = near_best_limit(best, cfg);
     let near = normal.iter().take_while(|s| s.0 <= limit).count();
     if near < 2 {
         return 0;
@@ -477,11 +480,17 @@ fn near_best_first(normal: &[(f64, usize)], best: f64, rng: &mut Rng, cfg: &Pick
     if b >= a {
         b += 1;
     }
-    if normal[b].0 < normal[a].0 {
+    let (la, lb) = (load_at(normal[a].1), load_at(normal[b].1));
+    if lb < la || (lb == la && normal[b].0 < normal[a].0) {
         b
     } else {
         a
     }
+}
+
+/// The near-best band's upper score.
+fn near_best_limit(best: f64, cfg: &PickConfig) -> f64 {
+    best.max(cfg.default_ttft_ms) * (1.0 + cfg.near_best_ratio) + cfg.near_best_ms
 }
 
 /// A worker within the spill margin as [`affinity::choose`] sees it.
@@ -601,7 +610,7 @@ pub fn stalled_fail_open(decision: &Decision, view: &FleetView, model: Option<&s
 /// whichever near-best one is chosen first. `None`: the scanned ones cannot complete it.
 fn needed_score(normal: &[(f64, usize)], view: &FleetView, cfg: &PickConfig) -> Option<f64> {
     let best = normal.first()?.0;
-    let limit = best * (1.0 + cfg.near_best_ratio) + cfg.near_best_ms;
+    let limit = near_best_limit(best, cfg);
     let near = normal.iter().take_while(|s| s.0 <= limit).count().max(1);
     // The list is the chosen one plus the next distinct addresses in order; with any of the
     // first `near` chosen, it is complete once max_endpoints + 1 distinct addresses are seen.
@@ -738,7 +747,7 @@ mod tests {
             let weight = |s: &Scored| affinity::weight(k.key, &s.w.addr);
             let winner = normal.iter().map(weight).max();
             let placed_admitted = normal.iter().any(|s| Some(affinity::addr_hash(&s.w.addr)) == k.placed);
-            let limit = affinity::spill_limit(normal[0].score, &cfg.affinity);
+            let limit = affinity::spill_limit(normal[0].score.max(cfg.default_ttft_ms), &cfg.affinity);
             let within: Vec<affinity::Cand> = normal.iter().filter(|s| s.score <= limit).map(|s| affine_cand(s.w, k.key, fetched_local_ms, load)).collect();
             let (first, o) = affinity::choose(&within, k.placed, placed_admitted, winner, &cfg.affinity);
             outcome = o;
@@ -746,7 +755,7 @@ mod tests {
             endpoints.push(chosen.w.addr.clone());
         } else if probe.is_none() && !normal.is_empty() {
             let best = normal[0].score;
-            let limit = best * (1.0 + cfg.near_best_ratio) + cfg.near_best_ms;
+            let limit = near_best_limit(best, cfg);
             let near = normal.iter().take_while(|s| s.score <= limit).count();
             let first = if near >= 2 {
                 // Power of two choices among the near-best.
@@ -755,7 +764,8 @@ mod tests {
                 if b >= a {
                     b += 1;
                 }
-                if normal[b].score < normal[a].score {
+                let (la, lb) = (load_of(normal[a].w, fetched_local_ms, load).0, load_of(normal[b].w, fetched_local_ms, load).0);
+                if lb < la || (lb == la && normal[b].score < normal[a].score) {
                     b
                 } else {
                     a
@@ -1376,7 +1386,7 @@ mod tests {
                     prop_assert!(o != Outcome::None);
                     let score = |e: &String| predicted_ttft_ms(workers.iter().find(|x| &x.addr == e).unwrap(), 0.0, &cfg);
                     let best = workers.iter().filter(|x| x.age_ms + elapsed < 3_000 && !x.drained && adm[&x.addr] == Admission::Allow).map(|x| predicted_ttft_ms(x, 0.0, &cfg)).fold(f64::INFINITY, f64::min);
-                    prop_assert!(score(&endpoints[0]) <= affinity::spill_limit(best, &cfg.affinity));
+                    prop_assert!(score(&endpoints[0]) <= affinity::spill_limit(best.max(cfg.default_ttft_ms), &cfg.affinity));
                 } else {
                     prop_assert_eq!(o, Outcome::None);
                 }

@@ -18,8 +18,8 @@
 //! sessions on 4 workers: max/min requests 2.1 in the bench), and a key stays where it was
 //! placed, so the router also remembers where each key went ([`Placement`], a bounded table in
 //! shared data) and decides in [`choose`], among the workers within the TTFT spill margin:
-//! * a key with a placement keeps its worker while that worker's load (requests in flight and
-//!   waiting, [`crate::inflight`]) stays within [`AffinityConfig::keep_epsilon`] /
+//! * a key with a placement keeps its worker while that worker's load (this router's requests
+//!   in flight to it, [`crate::inflight`]; see `pick::own_load` for why not the frame's) stays within [`AffinityConfig::keep_epsilon`] /
 //!   [`AffinityConfig::keep_slack`] of the mean: a **hit**; above, the key is placed anew: a
 //!   **spill** (one cache miss, then it sticks to its new worker);
 //! * a new key goes to the first worker in its rendezvous order whose load is within
@@ -198,7 +198,7 @@ impl Want {
 pub struct Cand {
     /// Rendezvous weight for the key ([`weight`]).
     pub weight: u64,
-    /// Requests in flight and waiting (`pick::load_of`).
+    /// This router's requests in flight to the worker (`pick::own_load`).
     pub load: f64,
     pub addr_hash: u64,
 }

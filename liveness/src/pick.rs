@@ -169,6 +169,20 @@ pub fn load_of(w: &WorkerView, fetched_local_ms: u64, load: &dyn LoadView) -> (f
     (l, l - frame)
 }
 
+/// The load that balancing compares ([`affinity::choose`], the near-best choice): this router's
+/// own requests in flight to `w`. Not the frame's numbers: a frame is a snapshot up to a poll
+/// plus a sidecar interval old, many requests ago at the rates where balance matters, so ranking
+/// by it herds (a worker caught busy in its last frame gets nothing until the next one, then
+/// everything). Each router spreading its own requests evenly spreads the sum evenly too; load
+/// the router does not see (other routers, direct clients) reaches the pick through the frame's
+/// numbers in the predicted TTFT, and so through the margins.
+pub fn own_load(w: &WorkerView, fetched_local_ms: u64, load: &dyn LoadView) -> f64 {
+    let num = |v: Option<f64>| v.filter(|x| x.is_finite() && *x >= 0.0).unwrap_or(0.0);
+    let frame = num(w.running) + num(w.waiting);
+    let ours = load.ours(&w.addr, fetched_local_ms.saturating_sub(w.age_ms), frame);
+    if ours.is_finite() { ours.max(0.0) } else { 0.0 }
+}
+
 /// Age of a worker's last frame on the local clock: dnsd's age at fetch time plus the local
 /// time since the fetch (never comparing two hosts' clocks).
 pub fn effective_age_ms(w: &WorkerView, fetched_local_ms: u64, now_ms: u64) -> u64 {
@@ -440,7 +454,7 @@ pub fn pick_ranked(
             outcome = o;
             first
         } else {
-            near_best_first(&normal, best, rng, cfg, |idx| load_of(&view.workers[idx], fetched_local_ms, load).0)
+            near_best_first(&normal, best, rng, cfg, |idx| own_load(&view.workers[idx], fetched_local_ms, load))
         };
         let chosen = normal.remove(first);
         endpoints.push(view.workers[chosen.1].addr.clone());
@@ -465,8 +479,8 @@ pub fn pick_ranked(
 }
 
 /// Anti-herding: the first attempt by power of two choices among the near-best of `normal`
-/// (sorted by score, best first): of the two, the one with less load ([`load_of`]: requests in
-/// flight and waiting), then the better score. The band's `best` is floored at
+/// (sorted by score, best first): of the two, the one with less load ([`own_load`]), then the
+/// better score. The band's `best` is floored at
 /// `default_ttft_ms`: reported TTFTs swing with prefix-cache hits, and a band of a few cached
 /// TTFTs would leave one worker in it.
 fn near_best_first(normal: &[(f64, usize)], best: f64, rng: &mut Rng, cfg: &PickConfig, load_at: impl Fn(usize) -> f64) -> usize {
@@ -496,7 +510,7 @@ fn near_best_limit(best: f64, cfg: &PickConfig) -> f64 {
 /// A worker within the spill margin as [`affinity::choose`] sees it.
 fn affine_cand(w: &WorkerView, key: u64, fetched_local_ms: u64, load: &dyn LoadView) -> affinity::Cand {
     let addr_hash = affinity::addr_hash(&w.addr);
-    affinity::Cand { weight: affinity::weight_of(key, addr_hash), load: load_of(w, fetched_local_ms, load).0, addr_hash }
+    affinity::Cand { weight: affinity::weight_of(key, addr_hash), load: own_load(w, fetched_local_ms, load), addr_hash }
 }
 
 /// How the breaker's open circuits shape a pick (Envoy's load balancer routes to every host
@@ -764,7 +778,7 @@ mod tests {
                 if b >= a {
                     b += 1;
                 }
-                let (la, lb) = (load_of(normal[a].w, fetched_local_ms, load).0, load_of(normal[b].w, fetched_local_ms, load).0);
+                let (la, lb) = (own_load(normal[a].w, fetched_local_ms, load), own_load(normal[b].w, fetched_local_ms, load));
                 if lb < la || (lb == la && normal[b].score < normal[a].score) {
                     b
                 } else {
@@ -1240,19 +1254,27 @@ mod tests {
         let (first, o) = keyed_first(&view(ws.clone()), key, &cfg);
         assert_eq!((first.as_str(), o), (order[0].as_str(), Outcome::Hit));
         let placed = Want { key, placed: Some(affinity::addr_hash(&order[0])) };
-        // Its worker a little busier: a placed key keeps it (1 + 1 <= max(1, 1.5 * 2 / 4) + 1).
+        // Its worker a little busier (1 request in flight): a placed key keeps it
+        // (1 + 1 <= max(1, 1.5 * 2 / 4) + 1).
         let hot = ws.iter().position(|x| x.addr == order[0]).unwrap();
-        ws[hot].waiting = Some(1.0);
-        assert_eq!(want_first(&view(ws.clone()), placed, &none, &cfg), (order[0].clone(), Outcome::Hit));
+        let busy = |n: u64| {
+            let mut l = LocalLoad::default();
+            (0..n).for_each(|t| l.start(&order[0], t));
+            l
+        };
+        assert_eq!(want_first(&view(ws.clone()), placed, &busy(1), &cfg), (order[0].clone(), Outcome::Hit));
         // A new key goes to the next in its order under the balance bound: placed.
-        assert_eq!(keyed_first(&view(ws.clone()), key, &cfg), (order[1].clone(), Outcome::Placed));
+        assert_eq!(want_first(&view(ws.clone()), Want::new(key), &busy(1), &cfg), (order[1].clone(), Outcome::Placed));
         // Loaded past the keep bound (4 + 1 > max(1, 1.5 * 5 / 4) + 1): the placed key spills
         // to the next worker in its order under the balance bound.
-        ws[hot].waiting = Some(4.0);
+        assert_eq!(want_first(&view(ws.clone()), placed, &busy(4), &cfg), (order[1].clone(), Outcome::Spill));
+        // Its frame past the TTFT margin (best floored at 100 ms, limit 500 ms; 50 ms x 13): a
+        // spill too, with nothing of ours in flight.
+        ws[hot].waiting = Some(12.0);
         assert_eq!(want_first(&view(ws.clone()), placed, &none, &cfg), (order[1].clone(), Outcome::Spill));
-        // Past the TTFT margin too (best 50 ms, limit 300 ms): a spill.
+        // Within the margin, the frame's queue alone does not move it (our own requests decide).
         ws[hot].waiting = Some(6.0);
-        assert_eq!(want_first(&view(ws.clone()), placed, &none, &cfg), (order[1].clone(), Outcome::Spill));
+        assert_eq!(want_first(&view(ws.clone()), placed, &none, &cfg), (order[0].clone(), Outcome::Hit));
         // A placement on a worker that is gone (unknown address): placed anew, not a spill.
         let gone = Want { key, placed: Some(affinity::addr_hash("192.0.2.1:1")) };
         assert_eq!(want_first(&view(ws.clone()), gone, &none, &cfg).1, Outcome::Hit);

@@ -202,7 +202,11 @@ def test_hot_prefix_spills(stack):
     assert len(served) >= 2, served
     # Its own worker still takes the largest share (affinity, not a scatter).
     assert top >= 48 // 3, served
-    # Every in-flight count ended with its request: one at a time, the key stays put.
+    # Every in-flight count ended with its request: one at a time, the key stays put. First a
+    # frame of every worker taken after the burst (frames every 500 ms; each of Envoy's threads
+    # polls every 250 ms): the burst's queues in older frames put its workers past the margin.
+    polls = filter_stat(envoy, "fleet_polls")
+    wait_for(lambda: filter_stat(envoy, "fleet_polls") >= polls + 8, 10, "eight fleet polls")
     spills = filter_stat(envoy, "affinity_spills")
     after = [converse(client, hot + [{"role": "assistant", "content": "ok"}, {"role": "user", "content": f"later {i}"}])
              for i in range(6)]

@@ -352,11 +352,11 @@ impl Ranked {
 /// `not_closed` (the breaker's open and half-open circuits; the filter keeps that list).
 ///
 /// With an affinity `key` ([`crate::affinity`]) the first attempt, unless a probe takes it, is
-/// the eligible worker the key's rendezvous order puts first among those whose predicted TTFT
-/// is within the spill margin of the best (instead of a power-of-two choice among the
-/// near-best); the retries follow in score order as without a key. The [`Outcome`] says
-/// whether that worker was the key's first choice (a hit) or the first one was over the margin
-/// (a spill).
+/// chosen by [`affinity::choose`] among the admitted fresh workers whose predicted TTFT is within
+/// the spill margin of the best (instead of a power-of-two choice among the near-best): the
+/// key's placement while its load allows, else the first in its rendezvous order under the
+/// balance bound; the retries follow in score order as without a key. The [`Outcome`] says which
+/// (hit, spill, placed).
 #[allow(clippy::too_many_arguments)]
 pub fn pick_ranked(
     ranked: &Ranked,

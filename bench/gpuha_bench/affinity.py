@@ -202,7 +202,7 @@ def sec_affinity(R, quick):
                     ttfts = [t for t, e in res if e is None]
                     errs = [e for _, e in res if e is not None]
                     st = {k: s1.get(f"wasmcustom.gpuha.affinity_{k}", 0) - s0.get(f"wasmcustom.gpuha.affinity_{k}", 0)
-                          for k in ("keyed", "hits", "spills")} if admin else None
+                          for k in ("keyed", "hits", "spills", "placed")} if admin else None
                     row = {"router": label, "workload": wl, "rep": rep, "requests": len(res), "errors": len(errs),
                            "error_samples": errs[:3], "wall_s": wall, "rps": len(ttfts) / wall, "hit_tokens": hits,
                            "queried_tokens": queried, "hit_rate": hits / queried if queried else None,
@@ -235,7 +235,7 @@ def sec_affinity(R, quick):
                          # None: a worker got nothing in a run (max/min is infinite).
                          "max_min": None if None in max_min else statistics.median(max_min),
                          "max_min_runs": max_min, "cv": statistics.median(cv) if cv else None,
-                         "filter": {k: sum((r["filter"] or {}).get(k, 0) for r in rs) for k in ("keyed", "hits", "spills")}
+                         "filter": {k: sum((r["filter"] or {}).get(k, 0) for r in rs) for k in ("keyed", "hits", "spills", "placed")}
                          if rs[0]["filter"] is not None else None})
     R["affinity"] = rows
     R["affinity_runs"] = runs
@@ -261,11 +261,11 @@ def report_affinity(R, rep: Report) -> None:
                f"own `vllm:prefix_cache_hits_total / queries_total`, delta over the run; load: requests finished per worker "
                f"(summed over the repeats; max/min and CV: median of the repeats'). "
                f"Repeats: {su.get('reps')} (router order rotated), pooled.", "",
-               "| workload | router | hit rate | uncached prompt tokens | TTFT p50 ms | TTFT p99 ms | req/s | requests per worker | max/min | CV | errors | affinity hits/keyed, spills |",
+               "| workload | router | hit rate | uncached prompt tokens | TTFT p50 ms | TTFT p99 ms | req/s | requests per worker | max/min | CV | errors | affinity hits/keyed, spills, placed |",
                "|---|---|---:|---:|---:|---:|---:|---|---:|---:|---:|---|"]
         for r in af:
             f = r.get("filter")
-            aff = f"{f['hits']}/{f['keyed']}, {f['spills']}" if f else "–"
+            aff = f"{f['hits']}/{f['keyed']}, {f['spills']}, {f.get('placed', 0)}" if f else "–"
             md.append(f"| {r['workload']} | {r['router']} | {(r['hit_rate'] or 0)*100:.1f} % | {fmt(r['uncached_tokens'])} | "
                       f"{fmt(r['ttft_p50_ms'], 1)} | {fmt(r['ttft_p99_ms'], 1)} | {fmt(r['rps'], 1)} | {r['per_worker']} | "
                       f"{mm(r['max_min'])} | {fmt(r['cv'], 2)} | {r['errors']} | {aff} |")

@@ -4,7 +4,7 @@
 
 use std::rc::Rc;
 
-use gpuha_liveness::pick::{LocalLoad, Ranked, Rng};
+use gpuha_liveness::pick::{Ranked, Rng};
 use gpuha_liveness::slots::{decode_fleet, decode_version, FLEET_KEY, FLEET_VERSION_KEY};
 use gpuha_liveness::FleetView;
 
@@ -15,13 +15,12 @@ pub struct Thread {
     pub fleet: Option<(u64, Rc<FleetView>)>,
     /// The view's workers ranked for picking, built on the first pick after a new view.
     pub ranked: Option<(u64, Rc<Ranked>)>,
-    pub load: LocalLoad,
     pub rng: Rng,
 }
 
 impl Thread {
     pub fn new() -> Self {
-        Thread { fleet: None, ranked: None, load: LocalLoad::default(), rng: Rng::new(0) }
+        Thread { fleet: None, ranked: None, rng: Rng::new(0) }
     }
 
     /// The current fleet view: (content version, local time its ages count from, view).

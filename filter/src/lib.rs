@@ -27,6 +27,7 @@ mod breakers;
 mod cache;
 pub mod config;
 mod failwhale;
+mod flights;
 mod guard;
 mod host;
 mod picker;

@@ -7,7 +7,7 @@
 use std::cell::RefCell;
 use std::rc::Rc;
 
-use gpuha_liveness::affinity::{Key, Outcome};
+use gpuha_liveness::affinity::{Key, Outcome, Want};
 use gpuha_liveness::openai_error::{error_response, is_api_shaped};
 use gpuha_liveness::blame::{blame, parse_notes};
 use gpuha_liveness::pick::{panic_fill, pick_ranked, stalled_fail_open, Decision};
@@ -21,6 +21,7 @@ use crate::body::BodyScan;
 use crate::breakers;
 use crate::cache::Thread;
 use crate::config::{NoWorkerPolicy, PickerConfig};
+use crate::flights::{self, SharedLoad};
 use crate::host;
 use crate::stats::{inc, Stats, TierStats};
 use crate::{ENDPOINTS_HEADER, PROBE_HEADER, REQUEST_ID_HEADER};
@@ -47,11 +48,13 @@ pub struct Picker {
     tier_served: Rc<TierStats>,
     /// The session header's value (`pick.affinity.session_header`), if any.
     session: Option<String>,
+    /// The worker this request is counted in flight on, and since when (ended in `on_done`).
+    flight: Option<(String, u64)>,
 }
 
 impl Picker {
     pub fn new(cfg: Rc<PickerConfig>, stats: Stats, thread: Rc<RefCell<Thread>>, tier_served: Rc<TierStats>) -> Self {
-        Picker { cfg, stats, thread, body: None, stream: false, rewrite: None, judged: false, request_id: None, path: String::new(), spilled: false, holds_spill: false, tier_served, session: None }
+        Picker { cfg, stats, thread, body: None, stream: false, rewrite: None, judged: false, request_id: None, path: String::new(), spilled: false, holds_spill: false, tier_served, session: None, flight: None }
     }
 
     /// Writes the request's endpoint list: the picked workers, then the chain's tiers. `false`
@@ -139,25 +142,28 @@ impl Picker {
             }
         }
         let key = Key::choose(&self.cfg.pick.affinity, self.session.as_deref(), fields.user.as_deref(), fields.prefix);
+        let placed = key.and_then(|k| flights::placement(k.hash, &self.cfg.pick.affinity, now));
+        let want = key.map(|k| Want { key: k.hash, placed: placed.map(|p| p.addr_hash) });
+        let load = SharedLoad::new(now, self.cfg.pick.in_flight_max_age_ms);
         let bcfg = self.cfg.breaker;
         let not_closed = breakers::not_closed();
         let not_closed: Vec<&str> = not_closed.iter().map(String::as_str).collect();
-        let decision = {
+        let (decision, affine) = {
             let mut t = self.thread.borrow_mut();
             let t = &mut *t;
             let ranked = t.ranked(version, &view, &self.cfg.pick);
-            let (d, affine) = pick_ranked(&ranked, &view, fetched, now, model.as_deref(), key.map(|k| k.hash), &t.load, &mut t.rng, &self.cfg.pick, &not_closed, |a| breakers::admission(a, now, &bcfg), |a| breakers::claim_probe(a, now, &bcfg));
+            let (d, affine) = pick_ranked(&ranked, &view, fetched, now, model.as_deref(), want, &load, &mut t.rng, &self.cfg.pick, &not_closed, |a| breakers::admission(a, now, &bcfg), |a| breakers::claim_probe(a, now, &bcfg));
             self.count_affinity(key, affine);
-            let (d, panic) = panic_fill(d, &ranked, &view, fetched, now, model.as_deref(), &t.load, &self.cfg.pick, &not_closed, |a| breakers::denied_trips(a, now, &bcfg));
+            let (d, panic) = panic_fill(d, &ranked, &view, fetched, now, model.as_deref(), &load, &self.cfg.pick, &not_closed, |a| breakers::denied_trips(a, now, &bcfg));
             if panic {
                 inc(self.stats.panic_picks);
             }
             match stalled_fail_open(&d, &view, model.as_deref(), &self.cfg.pick) {
                 Some(open) => {
                     inc(self.stats.stalled_fail_open);
-                    open
+                    (open, Outcome::None)
                 }
-                None => d,
+                None => (d, affine),
             }
         };
         match decision {
@@ -168,9 +174,11 @@ impl Picker {
                     inc(self.stats.probes);
                 }
                 if let Some(first) = endpoints.first() {
-                    let mut t = self.thread.borrow_mut();
-                    t.load.record(first, now);
-                    t.load.prune(now);
+                    flights::start(first, now, self.cfg.pick.in_flight_max_age_ms);
+                    self.flight = Some((first.clone(), now));
+                    if let (Some(k), false) = (key, affine == Outcome::None) {
+                        flights::place(k.hash, first, placed, &self.cfg.pick.affinity, now);
+                    }
                 }
                 inc(self.stats.picks);
                 Action::Continue
@@ -212,6 +220,7 @@ impl Picker {
         match outcome {
             Outcome::Hit => inc(self.stats.affinity_hits),
             Outcome::Spill => inc(self.stats.affinity_spills),
+            Outcome::Placed => inc(self.stats.affinity_placed),
             Outcome::None => {}
         }
     }
@@ -262,6 +271,9 @@ impl Picker {
 
 impl Context for Picker {
     fn on_done(&mut self) -> bool {
+        if let Some((addr, started)) = self.flight.take() {
+            flights::end(&addr, started, host::now_ms(), self.cfg.pick.in_flight_max_age_ms);
+        }
         if std::mem::take(&mut self.holds_spill) {
             host::shared_update(SPILL_IN_FLIGHT_KEY, |cur| Some((encode_u64(u64_at(cur, 0).saturating_sub(1)), ())));
         }

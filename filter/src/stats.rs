@@ -45,11 +45,13 @@ pub struct Stats {
     /// Requests a tier's adapter rewrote / could not rewrite (sent on unchanged).
     pub tier_adapted: Option<u32>,
     pub tier_adapt_failures: Option<u32>,
-    /// Picks with an affinity key; of those, first attempts on the key's worker (hits) and on
-    /// the next one in its order because the key's worker was over the margin (spills).
+    /// Picks with an affinity key; of those, first attempts on the key's worker (hits), placed
+    /// anew because its worker was over the load bound or the TTFT margin (spills), new keys
+    /// placed off their rendezvous first choice for balance (placed).
     pub affinity_keyed: Option<u32>,
     pub affinity_hits: Option<u32>,
     pub affinity_spills: Option<u32>,
+    pub affinity_placed: Option<u32>,
 }
 
 impl Stats {
@@ -96,6 +98,7 @@ impl Stats {
             affinity_keyed: c("affinity_keyed"),
             affinity_hits: c("affinity_hits"),
             affinity_spills: c("affinity_spills"),
+            affinity_placed: c("affinity_placed"),
         }
     }
 }

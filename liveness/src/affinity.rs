@@ -11,10 +11,29 @@
 //! The key is mapped to workers by rendezvous (highest random weight) hashing over the workers
 //! eligible right now ([`weight`]): every router and every Envoy thread computes the same
 //! preference from the same fleet view with no shared state, and a worker joining or leaving
-//! moves only the keys it wins or held. The picker combines it with the load score
-//! ([`crate::pick::pick_ranked`]): the key's worker is taken only while its predicted time to
-//! first token is within [`AffinityConfig::spill_ratio`]/[`AffinityConfig::spill_ms`] of the
-//! best; otherwise the request spills to the next worker in the key's rendezvous order that is.
+//! moves only the keys it wins or held.
+//!
+//! Balance (consistent hashing with bounded loads, Mirrokni, Thorup and Zadimoghaddam 2018,
+//! applied per request): rendezvous alone puts `k` keys on `n` workers binomially (48 chat
+//! sessions on 4 workers: max/min requests 2.1 in the bench), and a key stays where it was
+//! placed, so the router also remembers where each key went ([`Placement`], a bounded table in
+//! shared data) and decides in [`choose`], among the workers within the TTFT spill margin:
+//! * a key with a placement keeps its worker while that worker's load (this router's requests
+//!   in flight to it, [`crate::inflight`]; see `pick::own_load` for why not the frame's) stays within [`AffinityConfig::keep_epsilon`] /
+//!   [`AffinityConfig::keep_slack`] of the mean: a **hit**; above, the key is placed anew: a
+//!   **spill** (one cache miss, then it sticks to its new worker);
+//! * a new key goes to the first worker in its rendezvous order whose load is within
+//!   [`AffinityConfig::balance_epsilon`] of the mean (the bounded-loads rule), else to the least
+//!   loaded: a hit when that is its rendezvous first choice, else **placed**.
+//!
+//! Taken from the peers: vllm-router's `cache_aware` counts the router's own requests in flight
+//! per worker, falls back to the shortest queue when the fleet is imbalanced (absolute and
+//! relative thresholds) and sends a prompt with no cached prefix to the worker with the most
+//! room; llm-d's scheduler adds a prefix-cache scorer (an LRU index of where prefixes went) to a
+//! queue scorer. Here new keys are placed by load (their cache is nowhere yet), known keys stick
+//! with a per-key bound instead of a fleet-wide imbalance switch (a hot worker sheds only the keys
+//! that would overfill it), and the first choice stays a rendezvous hash, so routers and threads
+//! that do not share the table still agree while the fleet is balanced.
 //! Freshness, drains, the breaker and the first-token retry order are decided before: affinity
 //! only chooses the first attempt among the workers already eligible for it.
 
@@ -40,6 +59,17 @@ pub struct AffinityConfig {
     /// `best * (1 + spill_ratio) + spill_ms`; above that the request spills.
     pub spill_ratio: f64,
     pub spill_ms: f64,
+    /// A new key's worker: the first in its rendezvous order with `load + 1 <=
+    /// max(1, (1 + balance_epsilon) * (total + 1) / n)` over the `n` workers within the margin.
+    pub balance_epsilon: f64,
+    /// A placed key keeps its worker while `load + 1 <= max(1, (1 + keep_epsilon) * (total + 1)
+    /// / n) + keep_slack`.
+    pub keep_epsilon: f64,
+    pub keep_slack: f64,
+    /// Slots of the placement table (shared data, one key each; collisions overwrite).
+    pub placement_slots: u64,
+    /// A placement unused this long is forgotten (its KV blocks are likely evicted by then).
+    pub placement_ttl_ms: u64,
 }
 
 /// Block size of a completions prompt's fingerprint.
@@ -60,6 +90,11 @@ impl Default for AffinityConfig {
             // 6-client multi-turn drill on idle workers.
             spill_ratio: 3.0,
             spill_ms: 100.0,
+            balance_epsilon: 0.1,
+            keep_epsilon: 0.5,
+            keep_slack: 1.0,
+            placement_slots: 16_384,
+            placement_ttl_ms: 600_000,
         }
     }
 }
@@ -77,6 +112,12 @@ impl AffinityConfig {
         }
         if ![self.spill_ratio, self.spill_ms].iter().all(|v| v.is_finite() && *v >= 0.0) {
             return Err("pick.affinity.spill_ratio / spill_ms: must be finite and >= 0".into());
+        }
+        if ![self.balance_epsilon, self.keep_epsilon, self.keep_slack].iter().all(|v| v.is_finite() && *v >= 0.0) {
+            return Err("pick.affinity.balance_epsilon / keep_epsilon / keep_slack: must be finite and >= 0".into());
+        }
+        if !(1..=1 << 20).contains(&self.placement_slots) || self.placement_ttl_ms == 0 {
+            return Err("pick.affinity.placement_slots: must be 1..=1048576; placement_ttl_ms: > 0".into());
         }
         if self.session_header.bytes().any(|b| b.is_ascii_uppercase() || b.is_ascii_whitespace() || b == b':') {
             return Err("pick.affinity.session_header: a lower-case header name".into());
@@ -129,8 +170,124 @@ pub enum Outcome {
     None,
     /// The first attempt is the key's worker: its rendezvous winner among the eligible workers.
     Hit,
-    /// The key's worker was over the margin: the first attempt is the next one in its order.
+    /// The key's worker (its placement, else its rendezvous first choice) was over the load
+    /// bound or the TTFT margin: the key was placed anew.
     Spill,
+    /// A key with no placement went to another worker than its rendezvous first choice (that
+    /// one was over the balance bound).
+    Placed,
+}
+
+/// What the picker gets for a keyed request: the key's hash and the address hash of its
+/// placement ([`Placement`]), if one is known.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Want {
+    pub key: u64,
+    pub placed: Option<u64>,
+}
+
+impl Want {
+    /// A key with no known placement.
+    pub fn new(key: u64) -> Want {
+        Want { key, placed: None }
+    }
+}
+
+/// One worker within the spill margin, as [`choose`] sees it.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Cand {
+    /// Rendezvous weight for the key ([`weight`]).
+    pub weight: u64,
+    /// This router's requests in flight to the worker (`pick::own_load`).
+    pub load: f64,
+    pub addr_hash: u64,
+}
+
+/// `max(1, (1 + eps) * (total + 1) / n)`: the load bound of the bounded-loads rule.
+fn bound(eps: f64, total: f64, n: usize) -> f64 {
+    ((1.0 + eps) * (total + 1.0) / n.max(1) as f64).max(1.0)
+}
+
+/// The key's worker among `within` (the admitted fresh workers within the TTFT margin, in
+/// score order; not empty): its index and the outcome. `placed`: the address hash of the
+/// key's placement, if one is known; `placed_admitted`: that worker is admitted and fresh (so
+/// if it is not `within`, it is over the margin: a spill, not a move); `winner`: the highest
+/// rendezvous weight among all admitted fresh workers.
+pub fn choose(within: &[Cand], placed: Option<u64>, placed_admitted: bool, winner: Option<u64>, cfg: &AffinityConfig) -> (usize, Outcome) {
+    let n = within.len();
+    let total: f64 = within.iter().map(|c| c.load).sum();
+    let mut spilled = false;
+    if let Some(p) = placed {
+        match within.iter().position(|c| c.addr_hash == p) {
+            Some(i) if within[i].load + 1.0 <= bound(cfg.keep_epsilon, total, n) + cfg.keep_slack => return (i, Outcome::Hit),
+            Some(_) => spilled = true,
+            None => spilled = placed_admitted,
+        }
+    }
+    let cap = bound(cfg.balance_epsilon, total, n);
+    // The first of the highest weight under the bound (the first of equals: shared addresses).
+    let mut pick: Option<usize> = None;
+    for (i, c) in within.iter().enumerate() {
+        if c.load + 1.0 <= cap && pick.is_none_or(|p| c.weight > within[p].weight) {
+            pick = Some(i);
+        }
+    }
+    // Nobody under the bound (loads even to the last request): the least loaded, by weight.
+    let i = pick.unwrap_or_else(|| {
+        let mut best = 0;
+        for (i, c) in within.iter().enumerate() {
+            let b = &within[best];
+            if c.load < b.load || (c.load == b.load && c.weight > b.weight) {
+                best = i;
+            }
+        }
+        best
+    });
+    let outcome = if spilled {
+        Outcome::Spill
+    } else if Some(within[i].weight) == winner {
+        Outcome::Hit
+    } else if placed.is_some() {
+        // Its placement is gone (drained, open circuit): moved, like a rendezvous move.
+        Outcome::Hit
+    } else {
+        Outcome::Placed
+    };
+    (i, outcome)
+}
+
+/// Where a key went: one slot of a bounded table in shared data (`gpuha.aff.<n>`), 24 bytes:
+/// the key, the address hash of its worker, when it was last placed or refreshed (u64 LE).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Placement {
+    pub key: u64,
+    pub addr_hash: u64,
+    pub at_ms: u64,
+}
+
+impl Placement {
+    /// The slot of `key` in a table of `slots` slots.
+    pub fn slot(key: u64, slots: u64) -> String {
+        format!("gpuha.aff.{}", mix(key ^ 0x51a7) % slots.max(1))
+    }
+
+    pub fn encode(&self) -> Vec<u8> {
+        [self.key, self.addr_hash, self.at_ms].iter().flat_map(|v| v.to_le_bytes()).collect()
+    }
+
+    /// The placement of `key` in a slot's bytes, if the slot holds it and it is younger than
+    /// `ttl_ms` (another key's, short or unreadable bytes: none).
+    pub fn decode(b: &[u8], key: u64, now_ms: u64, ttl_ms: u64) -> Option<Placement> {
+        let at = |i: usize| b.get(i * 8..i * 8 + 8).and_then(|x| x.try_into().ok()).map(u64::from_le_bytes);
+        let p = Placement { key: at(0)?, addr_hash: at(1)?, at_ms: at(2)? };
+        (p.key == key && now_ms.saturating_sub(p.at_ms) < ttl_ms).then_some(p)
+    }
+
+    /// Whether the slot needs writing after a pick that sent `key` to `addr_hash`: a new or
+    /// moved placement, or one not refreshed for a quarter of the TTL.
+    pub fn needs_write(cur: Option<Placement>, addr_hash: u64, now_ms: u64, ttl_ms: u64) -> bool {
+        cur.is_none_or(|p| p.addr_hash != addr_hash || now_ms.saturating_sub(p.at_ms) >= ttl_ms / 4)
+    }
 }
 
 /// FNV-1a over `bytes`, continuing from `h`.
@@ -168,7 +325,11 @@ pub fn weight_of(key: u64, addr_hash: u64) -> u64 {
     mix(key ^ addr_hash)
 }
 
-/// The margin over the best predicted TTFT within which a key's worker is taken.
+/// The margin over the best predicted TTFT within which a key's worker is taken. The picker
+/// passes `best` floored at `pick.default_ttft_ms`: a worker's reported TTFT swings with its
+/// cache hits (a cached prompt's first token in a few ms, an uncached one's after its whole
+/// prefill), and a margin of a few cached TTFTs would shut out every worker that just served an
+/// uncached prompt.
 pub fn spill_limit(best_ms: f64, cfg: &AffinityConfig) -> f64 {
     best_ms * (1.0 + cfg.spill_ratio) + cfg.spill_ms
 }
@@ -359,6 +520,41 @@ mod tests {
         assert_eq!(Key::choose(&no_user, None, Some("u"), None), None);
         let off = AffinityConfig { enabled: false, ..cfg };
         assert_eq!(Key::choose(&off, Some("s"), Some("u"), Some(7)), None);
+    }
+
+    proptest::proptest! {
+        /// `choose` keeps a placement only within the keep bound, and otherwise takes a worker
+        /// under the balance bound (the highest weight there) or, with none, a least loaded one.
+        #[test]
+        fn choose_respects_the_bounds(
+            cands in proptest::collection::vec((proptest::prelude::any::<u64>(), 0u8..12, 0u64..6), 1..10),
+            placed in proptest::option::of(0u64..8), placed_admitted: bool, eps in 0.0f64..1.0,
+        ) {
+            let within: Vec<Cand> = cands.iter().map(|(w, l, a)| Cand { weight: *w, load: f64::from(*l), addr_hash: *a }).collect();
+            let cfg = AffinityConfig { balance_epsilon: eps, ..AffinityConfig::default() };
+            let winner = within.iter().map(|c| c.weight).max();
+            let (i, o) = choose(&within, placed, placed_admitted, winner, &cfg);
+            proptest::prop_assert!(i < within.len());
+            let n = within.len();
+            let total: f64 = within.iter().map(|c| c.load).sum();
+            let c = within[i];
+            let kept = placed == Some(c.addr_hash) && within.iter().position(|x| Some(x.addr_hash) == placed) == Some(i)
+                && c.load + 1.0 <= bound(cfg.keep_epsilon, total, n) + cfg.keep_slack;
+            if !kept {
+                let cap = bound(eps, total, n);
+                let under: Vec<&Cand> = within.iter().filter(|x| x.load + 1.0 <= cap).collect();
+                if under.is_empty() {
+                    proptest::prop_assert!(within.iter().all(|x| x.load >= c.load));
+                } else {
+                    proptest::prop_assert!(c.load + 1.0 <= cap);
+                    proptest::prop_assert!(under.iter().all(|x| x.weight <= c.weight));
+                }
+            }
+            proptest::prop_assert!(o != Outcome::None);
+            if o == Outcome::Placed {
+                proptest::prop_assert!(placed.is_none() && Some(c.weight) != winner);
+            }
+        }
     }
 
     #[test]

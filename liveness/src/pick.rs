@@ -5,19 +5,20 @@
 //!
 //! Anti-herding: many Envoy threads read the same snapshot between two polls, so the first
 //! endpoint is chosen by power of two choices among the near-best workers, not "the best", and
-//! each thread counts the requests it sent to a worker after that worker's last frame was taken
-//! ([`LocalLoad`]) as extra queued load.
+//! the router's own requests in flight to a worker ([`LoadView`], [`crate::inflight`]) count as
+//! load on top of what the worker's last frame reported ([`load_of`]).
 //!
 //! Pure: the snapshot, the local fetch time, `now_ms`, the breaker admissions and the random
 //! source are passed in.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::HashMap;
 
 use serde::{Deserialize, Serialize};
 
-use crate::affinity::{self, AffinityConfig, Outcome};
+use crate::affinity::{self, AffinityConfig, Outcome, Want};
 use crate::breaker::Admission;
 use crate::fleet::{FleetView, WorkerView};
+use crate::inflight::Flights;
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -47,6 +48,8 @@ pub struct PickConfig {
     pub last_resort: bool,
     /// Prefix-cache and session affinity ([`crate::affinity`]).
     pub affinity: AffinityConfig,
+    /// A request counted in flight longer than this stops counting ([`crate::inflight`]).
+    pub in_flight_max_age_ms: u64,
 }
 
 impl Default for PickConfig {
@@ -64,6 +67,7 @@ impl Default for PickConfig {
             kv_penalty: 4.0,
             last_resort: true,
             affinity: AffinityConfig::default(),
+            in_flight_max_age_ms: 600_000,
         }
     }
 }
@@ -82,6 +86,9 @@ impl PickConfig {
         }
         if !(0.0..1.0).contains(&self.kv_soft_limit) {
             return Err("pick.kv_soft_limit: must be in [0, 1)".into());
+        }
+        if self.in_flight_max_age_ms < crate::inflight::BUCKET_MS {
+            return Err("pick.in_flight_max_age_ms: must be at least 1000".into());
         }
         self.affinity.validate()
     }
@@ -110,35 +117,70 @@ impl Rng {
     }
 }
 
-/// Requests this thread sent to each worker recently (local clock), so that load the snapshot
-/// cannot know about yet counts against a worker.
+/// The router's own requests in flight per worker, as the picker reads them (the filter reads
+/// the shared-data slots of [`crate::inflight`]; tests use [`LocalLoad`]).
+pub trait LoadView {
+    /// This router's load on `addr` given the frame taken at `frame_local_ms` that reported
+    /// `frame_load` ([`Flights::estimate`]).
+    fn ours(&self, addr: &str, frame_local_ms: u64, frame_load: f64) -> f64;
+}
+
+/// In-memory [`LoadView`]: per worker [`Flights`], read at the time of the last start or end.
 #[derive(Debug, Clone, Default)]
 pub struct LocalLoad {
-    sent: HashMap<String, VecDeque<u64>>,
+    flights: HashMap<String, Flights>,
+    now_ms: u64,
 }
 
 impl LocalLoad {
-    /// Longest history kept per worker.
-    const KEEP_MS: u64 = 10_000;
-    const MAX_PER_WORKER: usize = 4_096;
+    const MAX_AGE_MS: u64 = 600_000;
 
-    pub fn record(&mut self, addr: &str, now_ms: u64) {
-        let q = self.sent.entry(addr.to_string()).or_default();
-        q.push_back(now_ms);
-        while q.len() > Self::MAX_PER_WORKER || q.front().is_some_and(|t| now_ms.saturating_sub(*t) > Self::KEEP_MS) {
-            q.pop_front();
+    /// A request to `addr` started at `now_ms`.
+    pub fn start(&mut self, addr: &str, now_ms: u64) {
+        self.now_ms = self.now_ms.max(now_ms);
+        self.flights.entry(addr.to_string()).or_default().start(now_ms, Self::MAX_AGE_MS);
+    }
+
+    /// The request to `addr` started at `started_ms` ended at `now_ms`.
+    pub fn end(&mut self, addr: &str, started_ms: u64, now_ms: u64) {
+        self.now_ms = self.now_ms.max(now_ms);
+        if let Some(f) = self.flights.get_mut(addr) {
+            f.end(started_ms, now_ms, Self::MAX_AGE_MS);
         }
     }
+}
 
-    /// Requests sent to `addr` strictly after `since_ms`.
-    pub fn sent_since(&self, addr: &str, since_ms: u64) -> usize {
-        self.sent.get(addr).map_or(0, |q| q.iter().rev().take_while(|t| **t > since_ms).count())
+impl LoadView for LocalLoad {
+    fn ours(&self, addr: &str, frame_local_ms: u64, frame_load: f64) -> f64 {
+        self.flights.get(addr).map_or(0.0, |f| f.estimate(self.now_ms, Self::MAX_AGE_MS, frame_local_ms, frame_load))
     }
+}
 
-    /// Drops workers with no recent sends.
-    pub fn prune(&mut self, now_ms: u64) {
-        self.sent.retain(|_, q| q.back().is_some_and(|t| now_ms.saturating_sub(*t) <= Self::KEEP_MS));
-    }
+/// A worker's load for the picker and `extra`, what of it the frame does not show: the larger
+/// of the frame's `running + waiting` and this router's own in-flight requests (one router
+/// alone: its in-flight count is the worker's load, fresher than any frame; several: each sees
+/// the others' load in the frames).
+pub fn load_of(w: &WorkerView, fetched_local_ms: u64, load: &dyn LoadView) -> (f64, f64) {
+    let num = |v: Option<f64>| v.filter(|x| x.is_finite() && *x >= 0.0).unwrap_or(0.0);
+    let frame = num(w.running) + num(w.waiting);
+    let frame_local_ms = fetched_local_ms.saturating_sub(w.age_ms);
+    let ours = load.ours(&w.addr, frame_local_ms, frame);
+    let l = if ours.is_finite() { frame.max(ours) } else { frame };
+    (l, l - frame)
+}
+
+/// The load that balancing compares ([`affinity::choose`], the near-best choice): this router's
+/// own requests in flight to `w`. Not the frame's numbers: a frame is a snapshot up to a poll
+/// plus a sidecar interval old, many requests ago at the rates where balance matters, so ranking
+/// by it herds (a worker caught busy in its last frame gets nothing until the next one, then
+/// everything). Each router spreading its own requests evenly spreads the sum evenly too; load
+/// the router does not see (other routers, direct clients) reaches the pick through the frame's
+/// numbers in the predicted TTFT, and so through the margins.
+pub fn own_load(w: &WorkerView, fetched_local_ms: u64, load: &dyn LoadView) -> f64 {
+    let num = |v: Option<f64>| v.filter(|x| x.is_finite() && *x >= 0.0).unwrap_or(0.0);
+    let frame = num(w.running) + num(w.waiting);
+    let ours = load.ours(&w.addr, fetched_local_ms.saturating_sub(w.age_ms), frame);
+    if ours.is_finite() { ours.max(0.0) } else { 0.0 }
 }
 
 /// Age of a worker's last frame on the local clock: dnsd's age at fetch time plus the local
@@ -310,11 +352,11 @@ impl Ranked {
 /// `not_closed` (the breaker's open and half-open circuits; the filter keeps that list).
 ///
 /// With an affinity `key` ([`crate::affinity`]) the first attempt, unless a probe takes it, is
-/// the eligible worker the key's rendezvous order puts first among those whose predicted TTFT
-/// is within the spill margin of the best (instead of a power-of-two choice among the
-/// near-best); the retries follow in score order as without a key. The [`Outcome`] says
-/// whether that worker was the key's first choice (a hit) or the first one was over the margin
-/// (a spill).
+/// chosen by [`affinity::choose`] among the admitted fresh workers whose predicted TTFT is within
+/// the spill margin of the best (instead of a power-of-two choice among the near-best): the
+/// key's placement while its load allows, else the first in its rendezvous order under the
+/// balance bound; the retries follow in score order as without a key. The [`Outcome`] says which
+/// (hit, spill, placed).
 #[allow(clippy::too_many_arguments)]
 pub fn pick_ranked(
     ranked: &Ranked,
@@ -322,8 +364,8 @@ pub fn pick_ranked(
     fetched_local_ms: u64,
     now_ms: u64,
     model: Option<&str>,
-    key: Option<u64>,
-    load: &LocalLoad,
+    key: Option<Want>,
+    load: &dyn LoadView,
     rng: &mut Rng,
     cfg: &PickConfig,
     not_closed: &[&str],
@@ -359,8 +401,7 @@ pub fn pick_ranked(
             }
             let allowed = !not_closed.contains(&w.addr.as_str()) || admission(&w.addr) == Admission::Allow;
             if allowed {
-                let frame_local_ms = fetched_local_ms.saturating_sub(w.age_ms);
-                let extra = load.sent_since(&w.addr, frame_local_ms) as f64;
+                let extra = load_of(w, fetched_local_ms, load).1;
                 normal.push((predicted_ttft_ms(w, extra, cfg), c.idx));
             }
         }
@@ -372,7 +413,7 @@ pub fn pick_ranked(
         // at least its base score, so once that is above `needed` nothing unscanned matters.
         // With a key, that includes every worker within the spill margin.
         let needed = needed_score(&normal, view, cfg).map(|n| match (key, normal.first()) {
-            (Some(_), Some(best)) => n.max(affinity::spill_limit(best.0, &cfg.affinity)),
+            (Some(_), Some(best)) => n.max(affinity::spill_limit(best.0.max(cfg.default_ttft_ms), &cfg.affinity)),
             _ => n,
         });
         if needed.is_some_and(|n| mr.cands[next].base.total_cmp(&n).is_gt()) {
@@ -396,22 +437,24 @@ pub fn pick_ranked(
     if probe.is_none() && !normal.is_empty() {
         let best = normal[0].0;
         let first = if let Some(k) = key {
-            // The key's first choice among every admitted fresh worker (the scan may have
-            // stopped before it: it is then over the margin).
-            let winner = mr
-                .cands
-                .iter()
-                .filter(|c| {
-                    let w = &view.workers[c.idx];
-                    is_fresh(w) && (!not_closed.contains(&w.addr.as_str()) || admission(&w.addr) == Admission::Allow)
-                })
-                .map(|c| affinity::weight_of(k, c.addr_hash))
-                .max();
-            let (first, chosen_weight) = affine_first(&normal, affinity::spill_limit(best, &cfg.affinity), |idx| affinity::weight(k, &view.workers[idx].addr));
-            outcome = if Some(chosen_weight) == winner { Outcome::Hit } else { Outcome::Spill };
+            // The key's first choice and its placement among every admitted fresh worker (the
+            // scan may have stopped before them: they are then over the margin).
+            let mut winner = None;
+            let mut placed_admitted = false;
+            for c in &mr.cands {
+                let w = &view.workers[c.idx];
+                if is_fresh(w) && (!not_closed.contains(&w.addr.as_str()) || admission(&w.addr) == Admission::Allow) {
+                    winner = winner.max(Some(affinity::weight_of(k.key, c.addr_hash)));
+                    placed_admitted |= k.placed == Some(c.addr_hash);
+                }
+            }
+            let limit = affinity::spill_limit(best.max(cfg.default_ttft_ms), &cfg.affinity);
+            let within: Vec<affinity::Cand> = normal.iter().take_while(|s| s.0 <= limit).map(|(_, idx)| affine_cand(&view.workers[*idx], k.key, fetched_local_ms, load)).collect();
+            let (first, o) = affinity::choose(&within, k.placed, placed_admitted, winner, &cfg.affinity);
+            outcome = o;
             first
         } else {
-            near_best_first(&normal, best, rng, cfg)
+            near_best_first(&normal, best, rng, cfg, |idx| own_load(&view.workers[idx], fetched_local_ms, load))
         };
         let chosen = normal.remove(first);
         endpoints.push(view.workers[chosen.1].addr.clone());
@@ -436,9 +479,12 @@ pub fn pick_ranked(
 }
 
 /// Anti-herding: the first attempt by power of two choices among the near-best of `normal`
-/// (sorted by score, best first).
-fn near_best_first(normal: &[(f64, usize)], best: f64, rng: &mut Rng, cfg: &PickConfig) -> usize {
-    let limit = best * (1.0 + cfg.near_best_ratio) + cfg.near_best_ms;
+/// (sorted by score, best first): of the two, the one with less load ([`own_load`]), then the
+/// better score. The band's `best` is floored at
+/// `default_ttft_ms`: reported TTFTs swing with prefix-cache hits, and a band of a few cached
+/// TTFTs would leave one worker in it.
+fn near_best_first(normal: &[(f64, usize)], best: f64, rng: &mut Rng, cfg: &PickConfig, load_at: impl Fn(usize) -> f64) -> usize {
+    let limit = near_best_limit(best, cfg);
     let near = normal.iter().take_while(|s| s.0 <= limit).count();
     if near < 2 {
         return 0;
@@ -448,28 +494,23 @@ fn near_best_first(normal: &[(f64, usize)], best: f64, rng: &mut Rng, cfg: &Pick
     if b >= a {
         b += 1;
     }
-    if normal[b].0 < normal[a].0 {
+    let (la, lb) = (load_at(normal[a].1), load_at(normal[b].1));
+    if lb < la || (lb == la && normal[b].0 < normal[a].0) {
         b
     } else {
         a
     }
 }
 
-/// Affinity: the position in `normal` (sorted by score) of the highest rendezvous weight among
-/// the workers scoring at most `limit` (the first of equals: workers sharing an address), and
-/// that weight.
-fn affine_first(normal: &[(f64, usize)], limit: f64, weight: impl Fn(usize) -> u64) -> (usize, u64) {
-    let mut first = (0, 0);
-    for (i, (score, idx)) in normal.iter().enumerate() {
-        if *score > limit {
-            break;
-        }
-        let w = weight(*idx);
-        if i == 0 || w > first.1 {
-            first = (i, w);
-        }
-    }
-    first
+/// The near-best band's upper score.
+fn near_best_limit(best: f64, cfg: &PickConfig) -> f64 {
+    best.max(cfg.default_ttft_ms) * (1.0 + cfg.near_best_ratio) + cfg.near_best_ms
+}
+
+/// A worker within the spill margin as [`affinity::choose`] sees it.
+fn affine_cand(w: &WorkerView, key: u64, fetched_local_ms: u64, load: &dyn LoadView) -> affinity::Cand {
+    let addr_hash = affinity::addr_hash(&w.addr);
+    affinity::Cand { weight: affinity::weight_of(key, addr_hash), load: own_load(w, fetched_local_ms, load), addr_hash }
 }
 
 /// How the breaker's open circuits shape a pick (Envoy's load balancer routes to every host
@@ -492,7 +533,7 @@ pub fn panic_fill(
     fetched_local_ms: u64,
     now_ms: u64,
     model: Option<&str>,
-    load: &LocalLoad,
+    load: &dyn LoadView,
     cfg: &PickConfig,
     not_closed: &[&str],
     mut denied_trips: impl FnMut(&str) -> Option<u32>,
@@ -509,8 +550,7 @@ pub fn panic_fill(
     for idx in listed_fresh(ranked, view, not_closed, model, fetched_local_ms, now_ms, cfg) {
         let w = &view.workers[idx];
         if let Some(trips) = denied_trips(&w.addr) {
-            let frame_local_ms = fetched_local_ms.saturating_sub(w.age_ms);
-            let extra = load.sent_since(&w.addr, frame_local_ms) as f64;
+            let extra = load_of(w, fetched_local_ms, load).1;
             denied.push((trips, predicted_ttft_ms(w, extra, cfg), idx));
         }
     }
@@ -584,7 +624,7 @@ pub fn stalled_fail_open(decision: &Decision, view: &FleetView, model: Option<&s
 /// whichever near-best one is chosen first. `None`: the scanned ones cannot complete it.
 fn needed_score(normal: &[(f64, usize)], view: &FleetView, cfg: &PickConfig) -> Option<f64> {
     let best = normal.first()?.0;
-    let limit = best * (1.0 + cfg.near_best_ratio) + cfg.near_best_ms;
+    let limit = near_best_limit(best, cfg);
     let near = normal.iter().take_while(|s| s.0 <= limit).count().max(1);
     // The list is the chosen one plus the next distinct addresses in order; with any of the
     // first `near` chosen, it is complete once max_endpoints + 1 distinct addresses are seen.
@@ -629,7 +669,7 @@ mod tests {
         fetched_local_ms: u64,
         now_ms: u64,
         model: Option<&str>,
-        load: &LocalLoad,
+        load: &dyn LoadView,
         rng: &mut Rng,
         cfg: &PickConfig,
         admission: impl FnMut(&str) -> Admission,
@@ -646,7 +686,7 @@ mod tests {
         fetched_local_ms: u64,
         now_ms: u64,
         model: Option<&str>,
-        load: &LocalLoad,
+        load: &dyn LoadView,
         rng: &mut Rng,
         cfg: &PickConfig,
         not_closed: &[&str],
@@ -664,8 +704,8 @@ mod tests {
         fetched_local_ms: u64,
         now_ms: u64,
         model: Option<&str>,
-        key: Option<u64>,
-        load: &LocalLoad,
+        key: Option<Want>,
+        load: &dyn LoadView,
         rng: &mut Rng,
         cfg: &PickConfig,
         mut admission: impl FnMut(&str) -> Admission,
@@ -696,8 +736,7 @@ mod tests {
             match admission(&w.addr) {
                 Admission::Allow => {
                     // Requests sent after the frame was taken are not in its numbers yet.
-                    let frame_local_ms = fetched_local_ms.saturating_sub(w.age_ms);
-                    let extra = load.sent_since(&w.addr, frame_local_ms) as f64;
+                    let extra = load_of(w, fetched_local_ms, load).1;
                     normal.push(Scored { w, score: predicted_ttft_ms(w, extra, cfg) });
                 }
                 Admission::Probe => probes.push(w),
@@ -719,22 +758,18 @@ mod tests {
         normal.sort_by(|a, b| a.score.total_cmp(&b.score));
         let mut outcome = Outcome::None;
         if let (Some(k), None, false) = (key, &probe, normal.is_empty()) {
-            let weight = |s: &Scored| affinity::weight(k, &s.w.addr);
+            let weight = |s: &Scored| affinity::weight(k.key, &s.w.addr);
             let winner = normal.iter().map(weight).max();
-            let limit = affinity::spill_limit(normal[0].score, &cfg.affinity);
-            // The first of the highest weight within the margin (in score order).
-            let mut first = 0;
-            for (i, s) in normal.iter().enumerate().filter(|(_, s)| s.score <= limit) {
-                if weight(s) > weight(&normal[first]) {
-                    first = i;
-                }
-            }
-            outcome = if Some(weight(&normal[first])) == winner { Outcome::Hit } else { Outcome::Spill };
+            let placed_admitted = normal.iter().any(|s| Some(affinity::addr_hash(&s.w.addr)) == k.placed);
+            let limit = affinity::spill_limit(normal[0].score.max(cfg.default_ttft_ms), &cfg.affinity);
+            let within: Vec<affinity::Cand> = normal.iter().filter(|s| s.score <= limit).map(|s| affine_cand(s.w, k.key, fetched_local_ms, load)).collect();
+            let (first, o) = affinity::choose(&within, k.placed, placed_admitted, winner, &cfg.affinity);
+            outcome = o;
             let chosen = normal.remove(first);
             endpoints.push(chosen.w.addr.clone());
         } else if probe.is_none() && !normal.is_empty() {
             let best = normal[0].score;
-            let limit = best * (1.0 + cfg.near_best_ratio) + cfg.near_best_ms;
+            let limit = near_best_limit(best, cfg);
             let near = normal.iter().take_while(|s| s.score <= limit).count();
             let first = if near >= 2 {
                 // Power of two choices among the near-best.
@@ -743,7 +778,8 @@ mod tests {
                 if b >= a {
                     b += 1;
                 }
-                if normal[b].score < normal[a].score {
+                let (la, lb) = (own_load(normal[a].w, fetched_local_ms, load), own_load(normal[b].w, fetched_local_ms, load));
+                if lb < la || (lb == la && normal[b].score < normal[a].score) {
                     b
                 } else {
                     a
@@ -1055,7 +1091,7 @@ mod tests {
             else {
                 panic!()
             };
-            load.record(&endpoints[0], 1_000 + i);
+            load.start(&endpoints[0], 1_000 + i);
             *counts.entry(endpoints[0].clone()).or_insert(0) += 1;
         }
         for (_, c) in counts {
@@ -1064,13 +1100,23 @@ mod tests {
     }
 
     #[test]
-    fn sends_before_the_frame_do_not_count() {
+    fn finished_requests_do_not_count_and_the_frame_is_not_counted_twice() {
+        let mut x = w("x", 1, 0, 0.0, 50.0);
         let mut load = LocalLoad::default();
-        load.record("x", 100);
-        load.record("x", 200);
-        assert_eq!(load.sent_since("x", 150), 1);
-        assert_eq!(load.sent_since("x", 200), 0);
-        assert_eq!(load.sent_since("y", 0), 0);
+        load.start(&x.addr, 10_000);
+        load.start(&x.addr, 10_100);
+        // Two in flight, the frame (taken at 10 000) shows none: 2 on top of it.
+        assert_eq!(load_of(&x, 10_000, &load), (2.0, 2.0));
+        // One ended: it no longer counts (the old count of sends kept it).
+        load.end(&x.addr, 10_100, 10_200);
+        assert_eq!(load_of(&x, 10_000, &load), (1.0, 1.0));
+        // A later frame that shows it running: the larger of the two, nothing extra.
+        x.running = Some(1.0);
+        assert_eq!(load_of(&x, 10_300, &load), (1.0, 0.0));
+        // Requests from other routers in the frame: they add up with ours only through it.
+        x.waiting = Some(3.0);
+        assert_eq!(load_of(&x, 10_300, &load), (4.0, 0.0));
+        assert_eq!(load_of(&w("y", 2, 0, 0.0, 50.0), 10_300, &load), (0.0, 0.0));
     }
 
     proptest! {
@@ -1117,7 +1163,7 @@ mod tests {
                 (0u64..5_000, 0.0f64..6.0, 0u8..4, 0u8..4, 0u8..3, 0u16..200, 0usize..4, any::<bool>(), any::<bool>()),
                 0..120),
             seed: u64, elapsed in 0u64..2_500, model in 0u8..4, max_endpoints in 1usize..5, only_pool in any::<bool>(),
-            key in proptest::option::of(any::<u64>()), spill_ms in 0.0f64..300.0,
+            key in proptest::option::of((any::<u64>(), 0usize..200, any::<bool>())), spill_ms in 0.0f64..300.0,
         ) {
             let workers: Vec<WorkerView> = ws.iter().enumerate().map(|(i, (age, wait, ttft, m, pool, port, _, _, _))| {
                 let mut x = w(&format!("w{i}"), *port + 1, *age, wait.floor(), [50.0, 100.0, 150.0, 100.0][*ttft as usize]);
@@ -1136,7 +1182,7 @@ mod tests {
             let mut load = LocalLoad::default();
             for (x, (_, _, _, _, _, _, sends, _, _)) in workers.iter().zip(&ws) {
                 for k in 0..*sends {
-                    load.record(&x.addr, now - k as u64);
+                    load.start(&x.addr, now - k as u64);
                 }
             }
             // Per address: Deny (open), Probe (half-open), Allow; the half-open claim fails
@@ -1151,6 +1197,8 @@ mod tests {
             let mut not_closed: Vec<&str> = workers.iter().zip(&ws).filter(|(x, t)| adm_of[x.addr.as_str()] != Admission::Allow || t.1 > 5.0).map(|(x, _)| x.addr.as_str()).collect();
             not_closed.push("192.0.2.1:1");
             let model = [None, Some("a"), Some("b"), Some("zzz")][model as usize];
+            // A placement: some worker's address (maybe ineligible), or an unknown one.
+            let key = key.map(|(k, at, known)| Want { key: k, placed: known.then(|| affinity::addr_hash(&format!("127.0.0.1:{}", at + 1))) });
             let old = pick_keyed(&v, fetched, now, model, key, &load, &mut Rng::new(seed), &cfg, adm, claim);
             let new = pick_ranked(&ranked, &v, fetched, now, model, key, &load, &mut Rng::new(seed), &cfg, &not_closed, adm, claim);
             prop_assert_eq!(old, new);
@@ -1160,7 +1208,7 @@ mod tests {
     /// The first attempt a key gets from `v` with no local load, and the outcome.
     fn keyed_first(v: &FleetView, key: u64, cfg: &PickConfig) -> (String, Outcome) {
         let ranked = Ranked::build(v, cfg);
-        let (d, o) = pick_ranked(&ranked, v, 0, 0, Some("tiny"), Some(key), &LocalLoad::default(), &mut Rng::new(1), cfg, &[], |_| Admission::Allow, |_| false);
+        let (d, o) = pick_ranked(&ranked, v, 0, 0, Some("tiny"), Some(Want::new(key)), &LocalLoad::default(), &mut Rng::new(1), cfg, &[], |_| Admission::Allow, |_| false);
         let Decision::Endpoints { endpoints, .. } = d else { panic!("{d:?}") };
         (endpoints[0].clone(), o)
     }
@@ -1176,12 +1224,20 @@ mod tests {
             assert_eq!(o, Outcome::Hit);
             // Same key, another random draw, same worker.
             let ranked = Ranked::build(&v, &cfg);
-            let (d, _) = pick_ranked(&ranked, &v, 0, 0, Some("tiny"), Some(key), &LocalLoad::default(), &mut Rng::new(k), &cfg, &[], |_| Admission::Allow, |_| false);
+            let (d, _) = pick_ranked(&ranked, &v, 0, 0, Some("tiny"), Some(Want::new(key)), &LocalLoad::default(), &mut Rng::new(k), &cfg, &[], |_| Admission::Allow, |_| false);
             assert!(matches!(d, Decision::Endpoints { ref endpoints, .. } if endpoints[0] == a));
             *counts.entry(a).or_default() += 1;
         }
         assert_eq!(counts.len(), 4);
         assert!(counts.values().all(|c| (400..=600).contains(c)), "{counts:?}");
+    }
+
+    /// The first attempt of `want` from `v` with `load`, and the outcome.
+    fn want_first(v: &FleetView, want: Want, load: &LocalLoad, cfg: &PickConfig) -> (String, Outcome) {
+        let ranked = Ranked::build(v, cfg);
+        let (d, o) = pick_ranked(&ranked, v, 0, 0, Some("tiny"), Some(want), load, &mut Rng::new(1), cfg, &[], |_| Admission::Allow, |_| false);
+        let Decision::Endpoints { endpoints, .. } = d else { panic!("{d:?}") };
+        (endpoints[0].clone(), o)
     }
 
     #[test]
@@ -1194,29 +1250,54 @@ mod tests {
             a.sort_by_key(|x| std::cmp::Reverse(affinity::weight(key, x)));
             a
         };
+        let none = LocalLoad::default();
         let (first, o) = keyed_first(&view(ws.clone()), key, &cfg);
         assert_eq!((first.as_str(), o), (order[0].as_str(), Outcome::Hit));
-        // Its worker busier: within the margin (best 50 ms, limit 300 ms), still a hit.
+        let placed = Want { key, placed: Some(affinity::addr_hash(&order[0])) };
+        // Its worker a little busier (1 request in flight): a placed key keeps it
+        // (1 + 1 <= max(1, 1.5 * 2 / 4) + 1).
         let hot = ws.iter().position(|x| x.addr == order[0]).unwrap();
-        ws[hot].waiting = Some(4.0);
-        assert_eq!(keyed_first(&view(ws.clone()), key, &cfg), (order[0].clone(), Outcome::Hit));
-        // Loaded past the margin: the next worker in the key's order, a spill.
+        let busy = |n: u64| {
+            let mut l = LocalLoad::default();
+            (0..n).for_each(|t| l.start(&order[0], t));
+            l
+        };
+        assert_eq!(want_first(&view(ws.clone()), placed, &busy(1), &cfg), (order[0].clone(), Outcome::Hit));
+        // A new key goes to the next in its order under the balance bound: placed.
+        assert_eq!(want_first(&view(ws.clone()), Want::new(key), &busy(1), &cfg), (order[1].clone(), Outcome::Placed));
+        // Loaded past the keep bound (4 + 1 > max(1, 1.5 * 5 / 4) + 1): the placed key spills
+        // to the next worker in its order under the balance bound.
+        assert_eq!(want_first(&view(ws.clone()), placed, &busy(4), &cfg), (order[1].clone(), Outcome::Spill));
+        // Its frame past the TTFT margin (best floored at 100 ms, limit 500 ms; 50 ms x 13): a
+        // spill too, with nothing of ours in flight.
+        ws[hot].waiting = Some(12.0);
+        assert_eq!(want_first(&view(ws.clone()), placed, &none, &cfg), (order[1].clone(), Outcome::Spill));
+        // Within the margin, the frame's queue alone does not move it (our own requests decide).
         ws[hot].waiting = Some(6.0);
-        assert_eq!(keyed_first(&view(ws.clone()), key, &cfg), (order[1].clone(), Outcome::Spill));
-        // Local sends count as load too: a burst for one key spills within one snapshot.
+        assert_eq!(want_first(&view(ws.clone()), placed, &none, &cfg), (order[0].clone(), Outcome::Hit));
+        // A placement on a worker that is gone (unknown address): placed anew, not a spill.
+        let gone = Want { key, placed: Some(affinity::addr_hash("192.0.2.1:1")) };
+        assert_eq!(want_first(&view(ws.clone()), gone, &none, &cfg).1, Outcome::Hit);
+        // In-flight requests count as load too: a burst for one placed key spills within one
+        // snapshot, once its worker holds 2 more than the others.
         ws[hot].waiting = Some(0.0);
         let v = view(ws.clone());
         let ranked = Ranked::build(&v, &cfg);
         let mut load = LocalLoad::default();
         let mut firsts = Vec::new();
         for t in 0..8 {
-            let (d, _) = pick_ranked(&ranked, &v, 0, t, Some("tiny"), Some(key), &load, &mut Rng::new(t), &cfg, &[], |_| Admission::Allow, |_| false);
+            let (d, _) = pick_ranked(&ranked, &v, 0, t, Some("tiny"), Some(placed), &load, &mut Rng::new(t), &cfg, &[], |_| Admission::Allow, |_| false);
             let Decision::Endpoints { endpoints, .. } = d else { panic!() };
-            load.record(&endpoints[0], t);
+            load.start(&endpoints[0], t);
             firsts.push(endpoints[0].clone());
         }
-        assert!(firsts[..5].iter().all(|f| f == &order[0]), "{firsts:?}");
+        assert!(firsts[..2].iter().all(|f| f == &order[0]), "{firsts:?}");
         assert!(firsts.contains(&order[1]), "the burst spills: {firsts:?}");
+        // Once they end, the key is back on its worker.
+        for (t, f) in firsts.iter().enumerate() {
+            load.end(f, t as u64, 100);
+        }
+        assert_eq!(want_first(&v, placed, &load, &cfg), (order[0].clone(), Outcome::Hit));
         // Affinity off: the same view gives the load-only pick (power of two choices).
         let off = PickConfig { affinity: AffinityConfig { enabled: false, ..AffinityConfig::default() }, ..PickConfig::default() };
         assert!(affinity::Key::choose(&off.affinity, Some("s"), None, Some(1)).is_none());
@@ -1232,15 +1313,65 @@ mod tests {
         let v = view(ws.clone());
         let ranked = Ranked::build(&v, &cfg);
         let denied = [order[0].as_str()];
-        let (d, o) = pick_ranked(&ranked, &v, 0, 0, Some("tiny"), Some(key), &LocalLoad::default(), &mut Rng::new(1), &cfg, &denied, |a| if a == order[0] { Admission::Deny } else { Admission::Allow }, |_| false);
+        let (d, o) = pick_ranked(&ranked, &v, 0, 0, Some("tiny"), Some(Want::new(key)), &LocalLoad::default(), &mut Rng::new(1), &cfg, &denied, |a| if a == order[0] { Admission::Deny } else { Admission::Allow }, |_| false);
         assert_eq!((d, o), (Decision::Endpoints { endpoints: vec![order[1].clone(), order[2].clone()], probe: None }, Outcome::Hit));
         let mut drained = ws.clone();
         drained.iter_mut().find(|x| x.addr == order[0]).unwrap().drained = true;
         assert_eq!(keyed_first(&view(drained), key, &cfg), (order[1].clone(), Outcome::Hit));
         // A half-open probe still goes first; affinity does not choose that request.
-        let (d, o) = pick_ranked(&ranked, &v, 0, 0, Some("tiny"), Some(key), &LocalLoad::default(), &mut Rng::new(1), &cfg, &[order[2].as_str()], |a| if a == order[2] { Admission::Probe } else { Admission::Allow }, |_| true);
+        let (d, o) = pick_ranked(&ranked, &v, 0, 0, Some("tiny"), Some(Want::new(key)), &LocalLoad::default(), &mut Rng::new(1), &cfg, &[order[2].as_str()], |a| if a == order[2] { Admission::Probe } else { Admission::Allow }, |_| true);
         assert_eq!(o, Outcome::None);
         assert!(matches!(d, Decision::Endpoints { ref endpoints, probe: Some(ref p) } if &endpoints[0] == p && p == &order[2]));
+    }
+
+    /// The bench's multi-turn workload, in steps: 12 clients, each running chat sessions of 6
+    /// turns one after another (48 in all), every turn's request in flight while the others of
+    /// its step are picked; placements remembered as the filter does. Requests per worker stay
+    /// within 1.3 of each other and almost every later turn finds its session's worker.
+    #[test]
+    fn multi_turn_sessions_spread_evenly_and_stick() {
+        let v = view((0..4).map(|i| w(&format!("w{i}"), i + 1, 100, 0.0, 50.0)).collect());
+        let cfg = PickConfig::default();
+        let ranked = Ranked::build(&v, &cfg);
+        let mut table: HashMap<u64, u64> = HashMap::new();
+        let mut per_worker: HashMap<String, usize> = HashMap::new();
+        let (mut later, mut kept) = (0, 0);
+        // Client c runs sessions c, c + 12, ...; its first session is shorter, so that sessions
+        // do not all start together.
+        let mut state: Vec<(u64, usize)> = (0..12).map(|c| (c, c as usize % 6)).collect();
+        let mut next_session = 12u64;
+        let mut load = LocalLoad::default();
+        let mut t = 1_000u64;
+        while state.iter().any(|s| s.0 < 48) {
+            let mut sent = Vec::new();
+            for s in state.iter_mut().filter(|s| s.0 < 48) {
+                let key = affinity::Key::session(&format!("s{}", s.0), affinity::KeySource::Session).hash;
+                let want = Want { key, placed: table.get(&key).copied() };
+                let (d, o) = pick_ranked(&ranked, &v, t, t, Some("tiny"), Some(want), &load, &mut Rng::new(t), &cfg, &[], |_| Admission::Allow, |_| false);
+                let Decision::Endpoints { endpoints, .. } = d else { panic!() };
+                if want.placed.is_some() {
+                    later += 1;
+                    kept += usize::from(o == Outcome::Hit);
+                }
+                table.insert(key, affinity::addr_hash(&endpoints[0]));
+                load.start(&endpoints[0], t);
+                sent.push(endpoints[0].clone());
+                *per_worker.entry(endpoints[0].clone()).or_default() += 1;
+                s.1 += 1;
+                if s.1 >= 6 {
+                    *s = (next_session, 0);
+                    next_session += 1;
+                }
+            }
+            for a in sent {
+                load.end(&a, t, t + 1);
+            }
+            t += 1;
+        }
+        let counts: Vec<usize> = per_worker.values().copied().collect();
+        let (max, min) = (*counts.iter().max().unwrap(), *counts.iter().min().unwrap());
+        assert!(counts.len() == 4 && max as f64 <= 1.3 * min as f64, "{per_worker:?}");
+        assert!(kept as f64 >= 0.9 * later as f64, "{kept}/{later}");
     }
 
     proptest! {
@@ -1263,7 +1394,7 @@ mod tests {
             let cfg = PickConfig::default();
             let ranked = Ranked::build(&v, &cfg);
             let not_closed: Vec<&str> = adm.iter().filter(|(_, a)| **a != Admission::Allow).map(|(k, _)| k.as_str()).collect();
-            let (d, o) = pick_ranked(&ranked, &v, 0, elapsed, Some("tiny"), Some(key), &LocalLoad::default(), &mut Rng::new(seed), &cfg, &not_closed, |a| adm[a], |_| true);
+            let (d, o) = pick_ranked(&ranked, &v, 0, elapsed, Some("tiny"), Some(Want::new(key)), &LocalLoad::default(), &mut Rng::new(seed), &cfg, &not_closed, |a| adm[a], |_| true);
             if let Decision::Endpoints { endpoints, probe } = d {
                 let mut uniq = endpoints.clone(); uniq.sort(); uniq.dedup();
                 prop_assert_eq!(uniq.len(), endpoints.len());
@@ -1277,7 +1408,7 @@ mod tests {
                     prop_assert!(o != Outcome::None);
                     let score = |e: &String| predicted_ttft_ms(workers.iter().find(|x| &x.addr == e).unwrap(), 0.0, &cfg);
                     let best = workers.iter().filter(|x| x.age_ms + elapsed < 3_000 && !x.drained && adm[&x.addr] == Admission::Allow).map(|x| predicted_ttft_ms(x, 0.0, &cfg)).fold(f64::INFINITY, f64::min);
-                    prop_assert!(score(&endpoints[0]) <= affinity::spill_limit(best, &cfg.affinity));
+                    prop_assert!(score(&endpoints[0]) <= affinity::spill_limit(best.max(cfg.default_ttft_ms), &cfg.affinity));
                 } else {
                     prop_assert_eq!(o, Outcome::None);
                 }

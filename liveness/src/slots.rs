@@ -11,6 +11,8 @@
 //! | `gpuha.breaker.<ip:port>` | that worker's breaker ([`crate::breaker::Breaker::encode`]) |
 //! | `gpuha.breakers.not_closed` | comma-separated addresses whose circuit is not closed |
 //! | `gpuha.spill.in_flight` | 8 bytes LE: spilled requests this router is serving now ([`crate::tier::admit_spill`]) |
+//! | `gpuha.flight.<ip:port>` | this router's requests in flight to that worker by start second ([`crate::inflight::Flights::encode`]) |
+//! | `gpuha.aff.<n>` | one slot of the affinity placement table: key, worker address hash, time ([`crate::affinity::Placement`]) |
 //! | `gpuha.req.<n>` | one of [`REQUEST_SLOTS`] slots: a request's id, `\n`, its noted attempt failures ([`crate::blame`]) |
 
 pub const FLEET_KEY: &str = "gpuha.fleet";
@@ -46,6 +48,11 @@ pub fn decode_request_notes<'a>(b: &'a [u8], request_id: &str) -> Option<&'a str
     let s = std::str::from_utf8(b).ok()?;
     let (id, notes) = s.split_once('\n')?;
     (id == request_id && !id.is_empty()).then_some(notes)
+}
+
+/// The in-flight slot of a worker (`crate::inflight`).
+pub fn flight_key(addr: &str) -> String {
+    format!("gpuha.flight.{addr}")
 }
 
 pub fn breaker_key(addr: &str) -> String {

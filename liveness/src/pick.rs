@@ -47,6 +47,8 @@ pub struct PickConfig {
     pub last_resort: bool,
     /// Prefix-cache and session affinity ([`crate::affinity`]).
     pub affinity: AffinityConfig,
+    /// LoRA affinity ([`crate::lora`]).
+    pub lora: crate::lora::LoraConfig,
 }
 
 impl Default for PickConfig {
@@ -64,6 +66,7 @@ impl Default for PickConfig {
             kv_penalty: 4.0,
             last_resort: true,
             affinity: AffinityConfig::default(),
+            lora: crate::lora::LoraConfig::default(),
         }
     }
 }
@@ -83,7 +86,8 @@ impl PickConfig {
         if !(0.0..1.0).contains(&self.kv_soft_limit) {
             return Err("pick.kv_soft_limit: must be in [0, 1)".into());
         }
-        self.affinity.validate()
+        self.affinity.validate()?;
+        self.lora.validate()
     }
 }
 
@@ -347,6 +351,8 @@ pub fn pick_ranked(
     let mut normal: Vec<(f64, usize)> = Vec::with_capacity(4 * cfg.max_endpoints + 8);
     // Half-open workers anywhere in the list, as `pick` finds them: only `not_closed` can be.
     let mut probes: Vec<usize> = listed_fresh(ranked, view, not_closed, model, fetched_local_ms, now_ms, cfg).filter(|&idx| admission(&view.workers[idx].addr) == Admission::Probe).collect();
+    // LoRA affinity (`crate::lora`): the adapter this request asks for, if a candidate holds it.
+    let adapter = crate::lora::requested(model, mr.cands.iter().map(|c| &view.workers[c.idx]), &cfg.lora);
     let mut next = 0;
     let mut want = 4 * cfg.max_endpoints + 8;
     loop {
@@ -375,6 +381,11 @@ pub fn pick_ranked(
             (Some(_), Some(best)) => n.max(affinity::spill_limit(best.0, &cfg.affinity)),
             _ => n,
         });
+        // With an adapter, every holder within its margin.
+        let needed = needed.map(|n| match (adapter, normal.first()) {
+            (Some(_), Some(best)) => n.max(crate::lora::spill_limit(best.0, &cfg.lora)),
+            _ => n,
+        });
         if needed.is_some_and(|n| mr.cands[next].base.total_cmp(&n).is_gt()) {
             break;
         }
@@ -395,7 +406,11 @@ pub fn pick_ranked(
     let mut outcome = Outcome::None;
     if probe.is_none() && !normal.is_empty() {
         let best = normal[0].0;
-        let first = if let Some(k) = key {
+        let lora_first = adapter.and_then(|a| crate::lora::first(&normal, view, a, key, rng, cfg));
+        let first = if let Some(i) = lora_first {
+            // A holder of the adapter takes it; prefix affinity only chose among the holders.
+            i
+        } else if let Some(k) = key {
             // The key's first choice among every admitted fresh worker (the scan may have
             // stopped before it: it is then over the margin).
             let winner = mr
@@ -779,6 +794,7 @@ mod tests {
             id: id.into(),
             pool: "p1".into(),
             models: vec!["tiny".into()],
+            adapters: vec![],
             addr: format!("127.0.0.1:{port}"),
             age_ms: age,
             fresh: age <= 3_000,

@@ -510,6 +510,7 @@ mod tests {
             id: format!("{pool}{age}"),
             pool: pool.into(),
             models: vec![],
+            adapters: vec![],
             addr: "127.0.0.1:1".into(),
             age_ms: age,
             fresh: age < 3_000,

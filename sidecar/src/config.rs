@@ -44,9 +44,15 @@ pub struct Config {
     /// A `/metrics` page larger than this is refused.
     #[serde(default = "default_max_bytes")]
     pub max_metrics_bytes: usize,
-    /// Served model names; empty: taken from the `model_name` labels.
+    /// Served model names; empty: taken from the `model_name` labels. vLLM labels its metrics
+    /// with the base model only: for the picker to route requests for LoRA adapters (served
+    /// under their own names), list the base model and the adapters here.
     #[serde(default)]
     pub models: Vec<String>,
+    /// How long an adapter stays announced as loaded after vLLM last showed it running or
+    /// waiting (`crate::lora`).
+    #[serde(default = "default_lora_memory")]
+    pub lora_memory_ms: u64,
 }
 
 fn default_metrics_url() -> String {
@@ -64,6 +70,10 @@ fn default_interval() -> u64 {
 /// 3 s freshness gate so a slow worker still gets a frame in before it.
 fn default_timeout() -> u64 {
     2_500
+}
+
+fn default_lora_memory() -> u64 {
+    60_000
 }
 
 fn default_max_bytes() -> usize {

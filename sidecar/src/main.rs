@@ -59,6 +59,7 @@ fn config(args: &Args) -> Result<Config, String> {
             scrape_timeout_ms: 2_500,
             max_metrics_bytes: 8 << 20,
             models: vec![],
+            lora_memory_ms: 60_000,
         },
     };
     if let Some(v) = &args.metrics_url {
@@ -152,7 +153,11 @@ fn main() -> ExitCode {
             }
             saturating = !saturated.is_empty();
             if verbose {
-                eprintln!("sent seq={} bytes={bytes} send_errors={send_errors}", frame.seq);
+                if frame.adapters.is_empty() {
+                    eprintln!("sent seq={} bytes={bytes} send_errors={send_errors}", frame.seq);
+                } else {
+                    eprintln!("sent seq={} bytes={bytes} send_errors={send_errors} adapters={}", frame.seq, frame.adapters.join(","));
+                }
             }
         }
         Event::Skipped(e) => {

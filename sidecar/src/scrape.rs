@@ -80,8 +80,8 @@ fn current_lora(text: &str) -> Option<LoraInfo> {
     for line in text.lines() {
         let Some(rest) = line.strip_prefix("vllm:lora_requests_info") else { continue };
         let Some((labels, value)) = sample(rest) else { continue };
-        // The newest series is the current state; equal times: the first on the page.
-        if value.is_finite() && best.as_ref().is_none_or(|(t, _)| value > *t) {
+        // The newest series is the current state; equal times: the later on the page.
+        if value.is_finite() && best.as_ref().is_none_or(|(t, _)| value >= *t) {
             best = Some((value, labels));
         }
     }

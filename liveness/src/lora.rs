@@ -6,9 +6,10 @@
 //! `/v1/models`), so the request's `model` is the adapter's name. What a worker has loaded comes
 //! from its frames ([`crate::frame::Frame::adapters`]): the sidecar reads vLLM's
 //! `vllm:lora_requests_info` (the adapters of the requests running and waiting at the newest
-//! engine step) and remembers the recently active ones while they can still be in vLLM's LRU of
-//! `max_loras` slots. That is an estimate from outside, not vLLM's cache itself (which `/metrics`
-//! does not show); it only ever chooses between workers that are eligible anyway.
+//! engine step, and, from its older series, when each adapter was last in a step) and announces
+//! the active ones, then the most recently used others, up to vLLM's `max_lora` slots: the
+//! contents of vLLM's LRU as far as `/metrics` tells (it does not show the cache itself). It
+//! only ever chooses between workers that are eligible anyway.
 //!
 //! The rule (in [`crate::pick::pick_ranked`], through [`first`]): among the workers already
 //! eligible for the first attempt (fresh, serving the model, not drained, admitted by the
@@ -22,8 +23,8 @@
 //!
 //! Peers: the Gateway API Inference Extension's LoRA affinity scorer reads the same metric and
 //! scores a pod holding the adapter above one with a free slot above the rest. This takes the
-//! signal and keeps the load score in charge (the margin), and remembers adapters after their
-//! last request, which that metric alone forgets.
+//! signal and keeps the load score in charge (the margin), and keeps an adapter after its last
+//! request (from the metric's older series), which reading the newest series alone forgets.
 
 use serde::{Deserialize, Serialize};
 

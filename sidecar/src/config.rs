@@ -49,10 +49,6 @@ pub struct Config {
     /// under their own names), list the base model and the adapters here.
     #[serde(default)]
     pub models: Vec<String>,
-    /// How long an adapter stays announced as loaded after vLLM last showed it running or
-    /// waiting (`crate::lora`).
-    #[serde(default = "default_lora_memory")]
-    pub lora_memory_ms: u64,
 }
 
 fn default_metrics_url() -> String {
@@ -70,10 +66,6 @@ fn default_interval() -> u64 {
 /// 3 s freshness gate so a slow worker still gets a frame in before it.
 fn default_timeout() -> u64 {
     2_500
-}
-
-fn default_lora_memory() -> u64 {
-    60_000
 }
 
 fn default_max_bytes() -> usize {

@@ -41,8 +41,6 @@ pub struct Sidecar {
     saturated: Vec<&'static str>,
     /// Saturated metrics over the sidecar's life, so an operator can see it keeps happening.
     saturated_total: u64,
-    /// The adapters vLLM probably has loaded ([`lora`]).
-    resident: lora::Resident,
     /// Adapter names left out of frames over the sidecar's life: too long or too many on the
     /// page, or no room left in the frame ([`Frame::fit_adapters`]).
     adapters_dropped_total: u64,
@@ -50,8 +48,7 @@ pub struct Sidecar {
 
 impl Sidecar {
     pub fn new(config: Config, key: Vec<u8>, boot_id: u64) -> Self {
-        let resident = lora::Resident::new(config.lora_memory_ms);
-        Sidecar { config, key, boot_id, seq: 0, saturated: Vec::new(), saturated_total: 0, resident, adapters_dropped_total: 0 }
+        Sidecar { config, key, boot_id, seq: 0, saturated: Vec::new(), saturated_total: 0, adapters_dropped_total: 0 }
     }
 
     /// Adapter names left out of frames so far (see [`Sidecar::scrape`]).
@@ -83,7 +80,7 @@ impl Sidecar {
         self.saturated = scraped.saturated;
         let models = if self.config.models.is_empty() { scraped.models } else { self.config.models.clone() };
         let now = now_ms();
-        let adapters = self.resident.update(scraped.lora.as_ref(), now);
+        let adapters = lora::loaded(scraped.lora.as_ref());
         self.seq += 1;
         let mut frame = Frame {
             key_id: self.config.key_id,

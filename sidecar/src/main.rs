@@ -59,7 +59,6 @@ fn config(args: &Args) -> Result<Config, String> {
             scrape_timeout_ms: 2_500,
             max_metrics_bytes: 8 << 20,
             models: vec![],
-            lora_memory_ms: 60_000,
         },
     };
     if let Some(v) = &args.metrics_url {

@@ -41,7 +41,8 @@ pub struct Scraped {
 /// stats; older label sets stay on the page with older times. So the series with the highest
 /// value is the current state. It names the adapters of requests running or waiting *now*: an
 /// adapter that finished its requests is gone from it although vLLM keeps it in its LRU of
-/// `max_lora` GPU slots (see `crate::lora` for what the sidecar makes of that).
+/// `max_lora` GPU slots. The older series still say when each adapter was last in a step
+/// ([`LoraInfo::recent`]): that order is the LRU's (see `crate::lora`).
 #[derive(Debug, Clone, PartialEq, Default)]
 pub struct LoraInfo {
     /// Adapters with running requests, in vLLM's order.
@@ -52,6 +53,9 @@ pub struct LoraInfo {
     pub max_lora: Option<u32>,
     /// Names not kept: empty, over [`MAX_ADAPTER_NAME`] bytes, or past [`MAX_LORA_NAMES`].
     pub dropped: usize,
+    /// Every adapter named by any series on the page, most recently named first (the time of
+    /// the newest series naming it), at most [`MAX_LORA_NAMES`].
+    pub recent: Vec<String>,
 }
 
 impl LoraInfo {
@@ -77,21 +81,46 @@ pub const MAX_ADAPTER_NAME: usize = gpuha_liveness::frame::MAX_STR;
 /// comma-joined lists) and on every `=`.
 fn current_lora(text: &str) -> Option<LoraInfo> {
     let mut best: Option<(f64, Vec<(String, String)>)> = None;
+    // (name, newest time a series named it); bounded: a long-lived vLLM has many series.
+    let mut last: Vec<(String, f64)> = Vec::new();
     for line in text.lines() {
         let Some(rest) = line.strip_prefix("vllm:lora_requests_info") else { continue };
         let Some((labels, value)) = sample(rest) else { continue };
+        if !value.is_finite() {
+            continue;
+        }
+        let mut ignored = 0;
+        for (k, v) in &labels {
+            if k != "running_lora_adapters" && k != "waiting_lora_adapters" {
+                continue;
+            }
+            for name in names(Some(v), &mut ignored) {
+                match last.iter_mut().find(|(n, _)| *n == name) {
+                    Some((_, t)) => *t = t.max(value),
+                    None => last.push((name, value)),
+                }
+            }
+        }
+        if last.len() > 4 * MAX_LORA_NAMES {
+            last.sort_by(|a, b| b.1.total_cmp(&a.1));
+            last.truncate(MAX_LORA_NAMES);
+        }
         // The newest series is the current state; equal times: the later on the page.
-        if value.is_finite() && best.as_ref().is_none_or(|(t, _)| value >= *t) {
+        if best.as_ref().is_none_or(|(t, _)| value >= *t) {
             best = Some((value, labels));
         }
     }
     let (_, labels) = best?;
+    // Stable: equal times keep the page's order.
+    last.sort_by(|a, b| b.1.total_cmp(&a.1));
+    last.truncate(MAX_LORA_NAMES);
+    let recent = last.into_iter().map(|(n, _)| n).collect();
     let get = |k: &str| labels.iter().find(|(n, _)| n == k).map(|(_, v)| v.as_str());
     let mut dropped = 0;
     let running = names(get("running_lora_adapters"), &mut dropped);
     let waiting = names(get("waiting_lora_adapters"), &mut dropped);
     let max_lora = get("max_lora").and_then(|v| v.trim().parse::<u32>().ok());
-    Some(LoraInfo { running, waiting, max_lora, dropped })
+    Some(LoraInfo { running, waiting, max_lora, dropped, recent })
 }
 
 /// A sample line after its metric name: `{k="v",...} value [timestamp]` or ` value`, label
@@ -310,7 +339,7 @@ vllm:gpu_cache_usage_perc{engine=\"1\",model_name=\"m\"} 0.7\n";
         let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/../tests/data/vllm-0.32.0-cpu/");
         let text = std::fs::read_to_string(format!("{dir}metrics-lora.txt")).unwrap();
         let l = parse(&text).unwrap().lora.unwrap();
-        assert_eq!(l, LoraInfo { running: vec![], waiting: vec![], max_lora: Some(2), dropped: 0 });
+        assert_eq!(l, LoraInfo { running: vec![], waiting: vec![], max_lora: Some(2), dropped: 0, recent: vec!["adapter-a".into()] });
         // Without the newer idle series, the older one is current.
         let older: String = text.lines().filter(|l| !l.contains("running_lora_adapters=\"\"")).map(|l| format!("{l}\n")).collect();
         let l = parse(&older).unwrap().lora.unwrap();
@@ -331,6 +360,9 @@ vllm:lora_requests_info{{max_lora=\"4\",running_lora_adapters=\"old\",waiting_lo
         assert_eq!(l.waiting, vec!["b".to_string(), "c".to_string()]);
         assert_eq!(l.dropped, 4 + 1);
         assert_eq!(l.max_lora, Some(4));
+        assert_eq!(l.recent.len(), MAX_LORA_NAMES);
+        assert_eq!(&l.recent[..3], ["a0", "a1", "a2"]);
+        assert!(!l.recent.contains(&"old".to_string()), "older than 16 newer names");
         let kept: String = page.split_inclusive('\n').filter(|l| wanted_line(l.trim_end().as_bytes())).collect();
         assert_eq!(kept, page, "the line filter keeps the LoRA series");
     }

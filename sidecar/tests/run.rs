@@ -52,7 +52,6 @@ fn run_sends_signed_frames_until_shut_down() {
         scrape_timeout_ms: 1_000,
         max_metrics_bytes: 1 << 20,
         models: vec![],
-        lora_memory_ms: 60_000,
     };
     let (stop, shutdown) = mpsc::channel::<()>();
     let runner = std::thread::spawn(move || {
@@ -110,7 +109,6 @@ fn run_refuses_a_bad_config_with_the_key_named() {
         scrape_timeout_ms: 1_000,
         max_metrics_bytes: 1 << 20,
         models: vec![],
-        lora_memory_ms: 60_000,
     };
     let e = run(config, &shutdown, |_| {}).expect_err("a bad config does not run").to_string();
     assert!(e.contains("interval_ms"), "{e}");

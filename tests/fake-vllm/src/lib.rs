@@ -48,6 +48,8 @@
 //! Prefix caching (as vLLM's, on by default): [`prefix`]. `--prefill-us-per-token N` makes the
 //! time to first token grow by N µs per prompt token not found in the cache.
 //!
+//! LoRA adapters (`--lora-modules name=path`, `--max-loras`, `--lora-load-ms`): [`lora`].
+//!
 //! The real death is the process killed (SIGKILL, SIGSTOP); SIGTERM/SIGINT shut it down.
 
 pub mod engine;

@@ -14,6 +14,8 @@ import json
 import re
 from concurrent.futures import ThreadPoolExecutor
 
+import pytest
+
 import harness
 from harness import binary, chat, filter_stat, make_client, wait_for
 
@@ -64,11 +66,22 @@ def warm(envoy) -> None:
              10, f"{envoy.name} routing a request", interval=0.1)
 
 
-def alternate(client, n: int, tag: int) -> list:
-    """`n` sequential requests alternating between the adapters."""
-    return [chat(client, tag + i, 2, model=ADAPTERS[i % 2]) for i in range(n)]
+def alternate(envoy, n: int, tag: int) -> list:
+    """`n` sequential requests alternating between the adapters, one per fresh frame: the
+    picker counts its own sends since a worker's last frame as queued, finished or not (the
+    known limit in README.md), so back-to-back requests to one worker would spill after two.
+    Envoy's picker polls every 250 ms and the sidecars send every 250 ms: three polls take in
+    a frame of every worker taken after the previous request ended."""
+    client = make_client(envoy.base_url)
+    out = []
+    for i in range(n):
+        polls = filter_stat(envoy, "fleet_polls")
+        out.append(chat(client, tag + i, 2, model=ADAPTERS[i % 2]))
+        wait_for(lambda: filter_stat(envoy, "fleet_polls") >= polls + 3, 10, "three fleet polls")
+    return out
 
 
+@pytest.mark.slow
 def test_lora_requests_go_to_their_adapters_worker_spill_and_fail_over(stack):
     stack.start_dnsd()
     # 50 tokens/s: a 40-token answer holds a slot 0.8 s, so a burst really queues.
@@ -79,11 +92,11 @@ def test_lora_requests_go_to_their_adapters_worker_spill_and_fail_over(stack):
     warm(lora)
 
     # 1. Hit rate: the same alternating sequence through each router.
-    n = 40
+    n = 24
     c0 = cold_starts(workers)
-    off = alternate(make_client(plain.base_url), n, 1000)
+    off = alternate(plain, n, 1000)
     c1 = cold_starts(workers)
-    on = alternate(make_client(lora.base_url), n, 2000)
+    on = alternate(lora, n, 2000)
     c2 = cold_starts(workers)
     errors = [o.describe() for o in off + on if o.kind != "completed"]
     assert not errors, errors[:3]
@@ -95,15 +108,18 @@ def test_lora_requests_go_to_their_adapters_worker_spill_and_fail_over(stack):
            f"affinity off {loads_off}, on {loads_on}; lora_hits {hits}, lora_misses {misses}; "
            f"served on {served_on}; plain router hits {filter_stat(plain, 'lora_hits')}")
     assert filter_stat(plain, "lora_hits") + filter_stat(plain, "lora_misses") == 0, "disabled by config"
-    assert loads_on <= 6, loads_on
+    # Without affinity each request lands on one of three workers holding one adapter: about two
+    # in three load (16 of 24 expected). With it, only an adapter nobody holds yet loads.
+    assert loads_on <= 4, loads_on
     assert loads_off >= 2 * loads_on + 6, (loads_off, loads_on)
-    assert hits >= 0.8 * n, (hits, misses)
+    assert hits >= n - 4, (hits, misses)
 
     # 2. Spill: a burst for one adapter, two slots per worker and slow decoding: its holder
     # takes it until its predicted time to first token is over the margin, then the requests
     # spill (loading the adapter on another worker) instead of queueing.
-    wait_for(lambda: len(holders(stack, "sql")) == 1, 5, "one worker announcing sql")
-    (holder,) = holders(stack, "sql")
+    sql_workers = harness.per_worker(on[0::2])
+    holder = max(sql_workers, key=sql_workers.get)
+    wait_for(lambda: holder in holders(stack, "sql"), 5, f"{holder} announcing sql")
     client = make_client(lora.base_url, timeout=30)
     m0 = filter_stat(lora, "lora_misses")
     with ThreadPoolExecutor(max_workers=12) as pool:

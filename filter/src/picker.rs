@@ -206,7 +206,7 @@ impl Picker {
 
 impl Picker {
     fn count_lora(&self, view: &gpuha_liveness::FleetView, fetched: u64, now: u64, model: Option<&str>, first: Option<&str>) {
-        match gpuha_liveness::lora::outcome(view, fetched, now, model, first, &self.cfg.pick) {
+        match gpuha_liveness::pick::lora_outcome(view, fetched, now, model, first, &self.cfg.pick) {
             gpuha_liveness::lora::Outcome::Hit => inc(self.stats.lora_hits),
             gpuha_liveness::lora::Outcome::Miss => inc(self.stats.lora_misses),
             gpuha_liveness::lora::Outcome::None => {}

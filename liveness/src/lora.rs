@@ -30,7 +30,6 @@ use serde::{Deserialize, Serialize};
 
 use crate::affinity;
 use crate::fleet::{FleetView, WorkerView};
-use crate::pick::{effective_age_ms, serves, PickConfig, Rng};
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -80,10 +79,11 @@ pub fn spill_limit(best_ms: f64, cfg: &LoraConfig) -> f64 {
 
 /// The first attempt for a request for `adapter`: its position in `normal` (the admitted fresh
 /// candidates as (score, view index), best first), or `None` when no holder is within the
-/// margin (the normal pick then decides: a spill).
-pub fn first(normal: &[(f64, usize)], view: &FleetView, adapter: &str, key: Option<u64>, rng: &mut Rng, cfg: &PickConfig) -> Option<usize> {
+/// margin (the normal pick then decides: a spill). `near_best` is the picker's near-best band
+/// (ratio, ms) and `below(n)` its uniform draw in `0..n` (this module sits below `pick`).
+pub fn first(normal: &[(f64, usize)], view: &FleetView, adapter: &str, key: Option<u64>, mut below: impl FnMut(usize) -> usize, near_best: (f64, f64), cfg: &LoraConfig) -> Option<usize> {
     let best = normal.first()?.0;
-    let limit = spill_limit(best, &cfg.lora);
+    let limit = spill_limit(best, cfg);
     let holders: Vec<usize> = normal.iter().enumerate().take_while(|(_, s)| s.0 <= limit).filter(|(_, s)| holds(&view.workers[s.1], adapter)).map(|(i, _)| i).collect();
     let top = *holders.first()?;
     if let Some(k) = key {
@@ -98,13 +98,13 @@ pub fn first(normal: &[(f64, usize)], view: &FleetView, adapter: &str, key: Opti
         return Some(win.0);
     }
     // Power of two choices among the holders near the best holder.
-    let near_limit = normal[top].0 * (1.0 + cfg.near_best_ratio) + cfg.near_best_ms;
+    let near_limit = normal[top].0 * (1.0 + near_best.0) + near_best.1;
     let near: Vec<usize> = holders.iter().copied().take_while(|i| normal[*i].0 <= near_limit).collect();
     if near.len() < 2 {
         return Some(top);
     }
-    let a = rng.below(near.len());
-    let mut b = rng.below(near.len() - 1);
+    let a = below(near.len());
+    let mut b = below(near.len() - 1);
     if b >= a {
         b += 1;
     }
@@ -123,13 +123,13 @@ pub enum Outcome {
     Miss,
 }
 
-/// [`Outcome`] of a pick whose first endpoint is `first` (`None`: no pick).
-pub fn outcome(view: &FleetView, fetched_local_ms: u64, now_ms: u64, model: Option<&str>, first: Option<&str>, cfg: &PickConfig) -> Outcome {
-    let (Some(m), Some(first)) = (model.filter(|_| cfg.lora.enabled), first) else { return Outcome::None };
+/// [`Outcome`] of a pick whose first endpoint is `first` (`None`: no pick), over the workers
+/// `eligible` says could take the request (`crate::pick::lora_outcome` passes the picker's rule).
+pub fn outcome(view: &FleetView, model: Option<&str>, first: Option<&str>, eligible: impl Fn(&WorkerView) -> bool, cfg: &LoraConfig) -> Outcome {
+    let (Some(m), Some(first)) = (model.filter(|_| cfg.enabled), first) else { return Outcome::None };
     let mut any = false;
     for w in &view.workers {
-        let eligible = !w.drained && (cfg.pools.is_empty() || cfg.pools.contains(&w.pool)) && serves(w, model) && effective_age_ms(w, fetched_local_ms, now_ms) < cfg.freshness_gate_ms;
-        if eligible && holds(w, m) {
+        if holds(w, m) && eligible(w) {
             if w.addr == first {
                 return Outcome::Hit;
             }
@@ -148,7 +148,7 @@ pub fn outcome(view: &FleetView, fetched_local_ms: u64, now_ms: u64, model: Opti
 mod tests {
     use super::*;
     use crate::breaker::Admission;
-    use crate::pick::{pick_ranked, Decision, LocalLoad, Ranked, Rng};
+    use crate::pick::{lora_outcome as outcome, pick_ranked, Decision, LocalLoad, PickConfig, Ranked, Rng};
     use proptest::prelude::{any, prop_assert, prop_assert_eq, proptest};
 
     fn w(i: u16, waiting: f64, adapters: &[&str]) -> WorkerView {

@@ -406,7 +406,7 @@ pub fn pick_ranked(
     let mut outcome = Outcome::None;
     if probe.is_none() && !normal.is_empty() {
         let best = normal[0].0;
-        let lora_first = adapter.and_then(|a| crate::lora::first(&normal, view, a, key, rng, cfg));
+        let lora_first = adapter.and_then(|a| crate::lora::first(&normal, view, a, key, |n| rng.below(n), (cfg.near_best_ratio, cfg.near_best_ms), &cfg.lora));
         let first = if let Some(i) = lora_first {
             // A holder of the adapter takes it; prefix affinity only chose among the holders.
             i
@@ -566,6 +566,14 @@ fn rebuild(endpoints: Vec<String>, probe: Option<String>, ranked: &Ranked, model
         return Decision::NoWorker { fresh, serving: mr.serving };
     }
     Decision::Endpoints { endpoints, probe }
+}
+
+/// How LoRA affinity fared for a pick whose first endpoint is `first` ([`crate::lora::outcome`]),
+/// over the workers this router could have given the request: of its pools, serving the model,
+/// undrained and fresh now.
+pub fn lora_outcome(view: &FleetView, fetched_local_ms: u64, now_ms: u64, model: Option<&str>, first: Option<&str>, cfg: &PickConfig) -> crate::lora::Outcome {
+    let eligible = |w: &WorkerView| !w.drained && (cfg.pools.is_empty() || cfg.pools.contains(&w.pool)) && serves(w, model) && effective_age_ms(w, fetched_local_ms, now_ms) < cfg.freshness_gate_ms;
+    crate::lora::outcome(view, model, first, eligible, &cfg.lora)
 }
 
 /// When no worker serving the model is fresh but some are **stalled** (their frames arrive, their

@@ -22,12 +22,16 @@ def seed(target, name, data):
     (d / name).write_bytes(data)
 
 
-def frame(worker, pool, boot, seq, sent, metrics, models=(b"m",), v6=False, key_id=1):
+def frame(worker, pool, boot, seq, sent, metrics, models=(b"m",), v6=False, key_id=1, adapters=None):
+    """A signed frame: version 3 with an adapter list when `adapters` is given, else version 2."""
     def s(b):
         return bytes([len(b)]) + b
-    out = b"GH" + bytes([2]) + struct.pack(">HQQQ", key_id, boot, seq, sent) + s(worker) + s(pool)
+    version = 2 if adapters is None else 3
+    out = b"GH" + bytes([version]) + struct.pack(">HQQQ", key_id, boot, seq, sent) + s(worker) + s(pool)
     out += (bytes([6]) + bytes(15) + b"\x01") if v6 else (bytes([4]) + bytes([10, 0, 0, 1]))
     out += struct.pack(">H", 8000) + bytes([len(models)]) + b"".join(s(m) for m in models)
+    if adapters is not None:
+        out += bytes([len(adapters)]) + b"".join(s(a) for a in adapters)
     present = 0
     for i, v in enumerate(metrics):
         if v is not None:
@@ -60,6 +64,9 @@ def main():
         "no-metrics": frame(b"w3", b"p", 3, 1, NOW - 100, [None] * 9, models=()),
         "eight-models": frame(b"w" * 64, b"p" * 64, 1, 1, NOW, busy, models=tuple(b"m%d" % i for i in range(8))),
         "key-2": frame(b"w4", b"p", 1, 1, NOW, busy, key_id=2),
+        "v3-adapters": frame(b"w5", b"pool-a", 2, 1, NOW, busy, models=(b"tiny", b"sql"), adapters=(b"sql", b"chat-lora")),
+        "v3-no-adapters": frame(b"w6", b"pool-b", 2, 1, NOW, busy, adapters=()),
+        "v3-full": frame(b"w" * 64, b"p" * 64, 1, 1, NOW, busy, models=(b"m" * 64,), adapters=tuple(b"%d" % i + b"a" * 60 for i in range(3))),
     }
     for name, f in frames.items():
         seed("frame_decode", name, f)

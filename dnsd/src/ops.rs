@@ -233,6 +233,7 @@ mod tests {
             sent_ms: 1_000 + seq,
             addr: "127.0.0.1:8000".parse().unwrap(),
             models: vec![],
+            adapters: vec![],
             metrics: Metrics { running: Some(0.0), waiting: Some(0.0), ..Metrics::default() },
         }
     }

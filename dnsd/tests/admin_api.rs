@@ -369,7 +369,7 @@ async fn reload_on_sighup_and_admin_call_refuses_a_bad_config() {
     let (st, resp) = request(b.http, "POST", "/v1/admin/reload", Some(TOKEN), "").await;
     assert_eq!(st, 200, "{resp}");
     assert_eq!(answer_at(b.dns, "api.gpuha.test.").await, ["10.0.1.1", "10.0.2.1", "10.0.2.2"], "the reload brought pool-b back");
-    let signed2 = Frame { key_id: 2, boot_id: 1, seq: 1, sent_ms: now_ms(), worker_id: "k2".into(), pool_id: "pool-a".into(), addr: "10.0.0.1:8000".parse().expect("addr"), models: vec![], metrics: Metrics::default() }
+    let signed2 = Frame { key_id: 2, boot_id: 1, seq: 1, sent_ms: now_ms(), worker_id: "k2".into(), pool_id: "pool-a".into(), addr: "10.0.0.1:8000".parse().expect("addr"), models: vec![], adapters: vec![], metrics: Metrics::default() }
         .encode(b"the-second-key-0123456789")
         .expect("encode");
     send_frame(&[b.ingest], &signed2);

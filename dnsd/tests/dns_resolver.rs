@@ -32,6 +32,7 @@ fn frame(worker: &str, pool: &str, seq: u64, at: u64) -> Frame {
         pool_id: pool.into(),
         addr: "10.0.0.1:8000".parse().expect("addr"),
         models: vec![],
+        adapters: vec![],
         metrics: Metrics::default(),
     }
 }

@@ -35,6 +35,7 @@ fn frame_at(worker: &str, pool: &str, addr: &str) -> Vec<u8> {
         pool_id: pool.into(),
         addr: addr.parse().expect("addr"),
         models: vec!["m".into()],
+        adapters: vec![],
         metrics: Metrics::default(),
     }
     .encode(KEY)

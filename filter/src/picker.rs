@@ -168,6 +168,7 @@ impl Picker {
         };
         match decision {
             Decision::Endpoints { endpoints, probe } => {
+                self.count_lora(&view, fetched, now, model.as_deref(), endpoints.first().map(String::as_str));
                 self.list(&endpoints);
                 if let Some(p) = &probe {
                     host::set_request_header(PROBE_HEADER, Some(p));
@@ -212,6 +213,14 @@ impl Picker {
 }
 
 impl Picker {
+    fn count_lora(&self, view: &gpuha_liveness::FleetView, fetched: u64, now: u64, model: Option<&str>, first: Option<&str>) {
+        match gpuha_liveness::pick::lora_outcome(view, fetched, now, model, first, &self.cfg.pick) {
+            gpuha_liveness::lora::Outcome::Hit => inc(self.stats.lora_hits),
+            gpuha_liveness::lora::Outcome::Miss => inc(self.stats.lora_misses),
+            gpuha_liveness::lora::Outcome::None => {}
+        }
+    }
+
     fn count_affinity(&self, key: Option<Key>, outcome: Outcome) {
         if key.is_none() {
             return;

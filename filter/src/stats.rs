@@ -52,6 +52,11 @@ pub struct Stats {
     pub affinity_hits: Option<u32>,
     pub affinity_spills: Option<u32>,
     pub affinity_placed: Option<u32>,
+    /// Picks for a model some eligible worker holds as a loaded LoRA adapter
+    /// (`gpuha_liveness::lora`): first attempts on such a worker (hits), and elsewhere (misses:
+    /// the holders were over the margin, their circuits open, or a probe took the slot).
+    pub lora_hits: Option<u32>,
+    pub lora_misses: Option<u32>,
 }
 
 impl Stats {
@@ -99,6 +104,8 @@ impl Stats {
             affinity_hits: c("affinity_hits"),
             affinity_spills: c("affinity_spills"),
             affinity_placed: c("affinity_placed"),
+            lora_hits: c("lora_hits"),
+            lora_misses: c("lora_misses"),
         }
     }
 }

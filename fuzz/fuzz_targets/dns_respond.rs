@@ -77,7 +77,7 @@ fn dns() -> &'static Dns {
         let config: DnsConfig = toml::from_str(ZONE).expect("zone");
         let now = now_ms();
         let state = Arc::new(AppState::new(KeyRing::single(1, KEY.to_vec()), 3_600_000, 3_600_000, 20_000, now));
-        let frame = Frame { key_id: 1, boot_id: 1, seq: 1, sent_ms: now, worker_id: "a1".into(), pool_id: "pool-a".into(), addr: SocketAddr::from(([10, 0, 0, 1], 8000)), models: vec![], metrics: Metrics::default() };
+        let frame = Frame { key_id: 1, boot_id: 1, seq: 1, sent_ms: now, worker_id: "a1".into(), pool_id: "pool-a".into(), addr: SocketAddr::from(([10, 0, 0, 1], 8000)), models: vec![], adapters: vec![], metrics: Metrics::default() };
         state.ingest(&frame.encode(KEY).expect("frame"), now).expect("ingest");
         let svc = Arc::new(DnsService::new(&config, state, Arc::new(Admin::default())).expect("service"));
         let rt = tokio::runtime::Builder::new_current_thread().build().expect("runtime");

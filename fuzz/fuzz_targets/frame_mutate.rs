@@ -27,6 +27,7 @@ struct Fields {
     ip: [u8; 16],
     port: u16,
     models: Vec<String>,
+    adapters: Vec<String>,
     metrics: [Option<f64>; 9],
 }
 
@@ -61,6 +62,7 @@ fn frame_of(f: &Fields) -> Frame {
         pool_id: f.pool.clone(),
         addr: std::net::SocketAddr::new(ip, f.port),
         models: f.models.clone(),
+        adapters: f.adapters.clone(),
         metrics: Metrics { running: m[0], waiting: m[1], kv_usage: m[2], ttft_sum_s: m[3], ttft_count: m[4], prompt_tokens: m[5], generation_tokens: m[6], preemptions: m[7], engine_steps: m[8] },
     }
 }
@@ -108,8 +110,12 @@ fuzz_target!(|input: Input| {
     let mut fleet = FleetState::new(NOW - 60_000);
     let mut newest: std::collections::HashMap<String, (u64, u64, u64)> = Default::default();
     for (i, (fields, mutations, resigned)) in input.frames.iter().enumerate().take(16) {
-        let frame = frame_of(fields);
+        let mut frame = frame_of(fields);
+        // The sender's trim: whatever the adapters, what is left fits (or the identity does not).
+        frame.fit_adapters();
+        assert!(frame.adapters.len() <= gpuha_liveness::frame::MAX_ADAPTERS);
         let Ok(valid) = frame.encode(KEY) else { continue };
+        assert_eq!(valid.len(), frame.encoded_len());
         // Every frame that encodes decodes to itself (key 1 only: the others are unknown here).
         match Frame::decode(&valid, &keys) {
             Ok(back) => assert_eq!(back, frame, "round trip"),

@@ -27,7 +27,11 @@ fuzz_target!(|data: &[u8]| {
     };
     let Ok(scraped) = parse(&text) else { return };
     assert!(scraped.models.len() <= 8 && scraped.models.iter().all(|m| !m.is_empty() && m.len() <= 64));
-    let frame = Frame {
+    if let Some(l) = &scraped.lora {
+        let ok = |v: &Vec<String>| v.len() <= 16 && v.iter().all(|n| !n.is_empty() && n.len() <= 64);
+        assert!(ok(&l.running) && ok(&l.waiting) && ok(&l.recent), "{l:?}");
+    }
+    let mut frame = Frame {
         key_id: 1,
         boot_id: 1,
         seq: 1,
@@ -36,8 +40,10 @@ fuzz_target!(|data: &[u8]| {
         pool_id: "p".into(),
         addr: std::net::SocketAddr::from(([10, 0, 0, 1], 8000)),
         models: scraped.models.clone(),
+        adapters: gpuha_sidecar::lora::loaded(scraped.lora.as_ref()),
         metrics: scraped.metrics,
     };
+    frame.fit_adapters();
     let bytes = frame.encode(KEY).expect("a mapped scrape encodes");
     assert_eq!(Frame::decode(&bytes, &KeyRing::single(1, KEY.to_vec())).expect("and decodes"), frame);
 });

@@ -498,6 +498,10 @@ pub struct WorkerView {
     pub id: String,
     pub pool: String,
     pub models: Vec<String>,
+    /// LoRA adapters loaded on the worker, most recently active first (`crate::lora`); omitted
+    /// when none, so a fleet without LoRA reads as before.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub adapters: Vec<String>,
     /// Serving address `ip:port` (IPv6 in brackets), as Envoy's cluster knows it.
     pub addr: String,
     pub age_ms: u64,
@@ -598,6 +602,7 @@ impl WorkerView {
             id: w.frame.worker_id.clone(),
             pool: w.frame.pool_id.clone(),
             models: w.frame.models.clone(),
+            adapters: w.frame.adapters.clone(),
             addr: w.frame.addr.to_string(),
             age_ms: w.age_ms(now_ms),
             fresh: w.is_fresh(now_ms),
@@ -754,7 +759,7 @@ mod tests {
     }
 
     fn busy_view(id: &str, pool: &str, running: f64, gen_tps: f64) -> WorkerView {
-        WorkerView { id: id.into(), pool: pool.into(), models: vec![], addr: String::new(), age_ms: 500, fresh: true, stalled: false, boot: 1, running: Some(running), waiting: None, kv: None, ttft_ms: None, gen_tps: Some(gen_tps), prompt_tps: None, preemptions: None, pace: Some(gen_tps / running.max(1.0)), slow: None, drained: false }
+        WorkerView { id: id.into(), pool: pool.into(), models: vec![], adapters: vec![], addr: String::new(), age_ms: 500, fresh: true, stalled: false, boot: 1, running: Some(running), waiting: None, kv: None, ttft_ms: None, gen_tps: Some(gen_tps), prompt_tps: None, preemptions: None, pace: Some(gen_tps / running.max(1.0)), slow: None, drained: false }
     }
 
     /// The quadratic definition [`mark_slow_workers`] must agree with: each worker against the
@@ -894,6 +899,23 @@ mod tests {
         assert_eq!(v.pools.len(), 2);
         assert_eq!((v.pools[0].pool.as_str(), v.pools[0].fresh, v.pools[0].in_window), ("p", 0, 1));
         assert_eq!(FleetView::from_json(v.to_json().as_bytes()).unwrap(), v);
+    }
+
+    /// A worker's loaded adapters reach the view from its last frame; a worker with none has no
+    /// `adapters` key at all (the view stays compact), and a view without the key reads back.
+    #[test]
+    fn adapters_are_in_the_view_only_when_there_are_some() {
+        let mut fleet = FleetState::new(T0);
+        fleet.observe(frame("w1", "p", 1, 1, T0), T0);
+        let mut bare = frame("w2", "p", 1, 1, T0);
+        bare.adapters.clear();
+        fleet.observe(bare, T0);
+        let v = fleet.view(T0 + 10);
+        assert_eq!(v.workers[0].adapters, vec!["adapter-a".to_string(), "sql-lora".to_string()]);
+        assert!(v.workers[1].adapters.is_empty());
+        let json = v.to_json();
+        assert_eq!(json.matches("\"adapters\"").count(), 1, "{json}");
+        assert_eq!(FleetView::from_json(json.as_bytes()).unwrap(), v);
     }
 
     #[test]

@@ -5,8 +5,9 @@
 //! send time) and raw numbers copied from vLLM. It carries no health flag: a worker never says
 //! it is healthy, it only stops sending when it dies. It never carries prompts or tokens.
 //!
-//! Wire layout (version 2, all integers big-endian; version 1 is the same with 8 metrics, read
-//! too, so that sidecars can be upgraded after the receivers):
+//! Wire layout (version 3, all integers big-endian; version 2 is the same without the adapter
+//! list, version 1 also with 8 metrics; both are read too, so that sidecars can be upgraded
+//! after the receivers):
 //!
 //! ```text
 //! 0   "GH"          magic
@@ -19,6 +20,8 @@
 //!     str8          pool id
 //!     u8 + bytes    serving address: 4 (IPv4, 4 bytes) or 6 (IPv6, 16 bytes), then u16 port
 //!     u8            model count (0..=8), then that many str8
+//!     u8            adapter count (0..=8), then that many str8 (version 3): LoRA adapters
+//!                   loaded on the worker, most recently active first (see `crate::lora`)
 //!     u16           presence bits, one per metric below (absent metrics are sent as 0)
 //!     f64 x 9       running, waiting, kv-cache usage (0..1), TTFT histogram sum (s),
 //!                   TTFT histogram count, prompt tokens total, generation tokens total,
@@ -27,6 +30,11 @@
 //! ```
 //!
 //! Decoding is total: any byte string yields a [`Frame`] or a typed [`FrameError`].
+//!
+//! Size: everything above must fit in [`MAX_FRAME_LEN`]. Identity and models are refused at
+//! encode when they do not fit (a configuration error); the adapter list is a hint, so the
+//! sender trims it instead ([`Frame::fit_adapters`]: the least recently active go first, and the
+//! sender counts them).
 
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 
@@ -36,7 +44,7 @@ use sha2::Sha256;
 /// Largest frame, in bytes: one UDP datagram that never fragments.
 pub const MAX_FRAME_LEN: usize = 512;
 /// Wire version written by [`Frame::encode`].
-pub const VERSION: u8 = 2;
+pub const VERSION: u8 = 3;
 /// Metrics a frame of each readable version carries.
 const METRICS_V1: usize = 8;
 const METRICS_V2: usize = 9;
@@ -44,15 +52,22 @@ const METRICS_V2: usize = 9;
 fn metric_count(version: u8) -> Option<usize> {
     match version {
         1 => Some(METRICS_V1),
-        2 => Some(METRICS_V2),
+        2 | 3 => Some(METRICS_V2),
         _ => None,
     }
+}
+
+/// Whether frames of this (readable) version carry the adapter list.
+fn has_adapters(version: u8) -> bool {
+    version >= 3
 }
 const MAGIC: [u8; 2] = *b"GH";
 const TAG_LEN: usize = 32;
 /// Longest worker id, pool id or model name a frame carries (bytes).
 pub const MAX_STR: usize = 64;
 const MAX_MODELS: usize = 8;
+/// Most adapters a frame carries.
+pub const MAX_ADAPTERS: usize = 8;
 const HEADER_LEN: usize = 29;
 
 type HmacSha256 = Hmac<Sha256>;
@@ -66,7 +81,7 @@ pub enum FrameError {
     Truncated { needed: usize, have: usize },
     #[error("not a GPU HA frame (bad magic)")]
     BadMagic,
-    #[error("frame version {0} is not supported (this build reads versions 1 and {VERSION})")]
+    #[error("frame version {0} is not supported (this build reads versions 1 to {VERSION})")]
     UnsupportedVersion(u8),
     #[error("frame signed with key id {0}, which this receiver does not have")]
     UnknownKey(u16),
@@ -143,6 +158,9 @@ pub struct Frame {
     pub pool_id: String,
     pub addr: SocketAddr,
     pub models: Vec<String>,
+    /// LoRA adapters loaded on the worker (served under their own model names), most recently
+    /// active first, at most [`MAX_ADAPTERS`]; empty in version 1 and 2 frames.
+    pub adapters: Vec<String>,
     pub metrics: Metrics,
 }
 
@@ -261,6 +279,13 @@ impl Frame {
         for m in &self.models {
             put_str(&mut out, m, "model name must be 1..=64 bytes")?;
         }
+        if self.adapters.len() > MAX_ADAPTERS {
+            return Err(FrameError::Encode("at most 8 adapters per frame"));
+        }
+        out.push(self.adapters.len() as u8);
+        for a in &self.adapters {
+            put_str(&mut out, a, "adapter name must be 1..=64 bytes")?;
+        }
         let fields = self.metrics.fields();
         let mut present: u16 = 0;
         for (i, f) in fields.iter().enumerate() {
@@ -299,7 +324,8 @@ impl Frame {
         let Some(n_metrics) = metric_count(bytes[2]) else {
             return Err(FrameError::UnsupportedVersion(bytes[2]));
         };
-        if let Some(needed) = declared_len(bytes, n_metrics).filter(|n| *n > bytes.len()) {
+        let version = bytes[2];
+        if let Some(needed) = declared_len(bytes, n_metrics, has_adapters(version)).filter(|n| *n > bytes.len()) {
             return Err(FrameError::Truncated { needed, have: bytes.len() });
         }
         let key_id = u16::from_be_bytes([bytes[3], bytes[4]]);
@@ -337,6 +363,17 @@ impl Frame {
         for _ in 0..n {
             models.push(r.str8("model name")?);
         }
+        let mut adapters = Vec::new();
+        if has_adapters(version) {
+            let n = r.u8()? as usize;
+            if n > MAX_ADAPTERS {
+                return Err(FrameError::Malformed("more than 8 adapters"));
+            }
+            adapters.reserve(n);
+            for _ in 0..n {
+                adapters.push(r.str8("adapter name")?);
+            }
+        }
         let present = r.u16()?;
         let mut fields = [None; METRICS_V2];
         for (i, slot) in fields.iter_mut().enumerate().take(n_metrics) {
@@ -360,8 +397,31 @@ impl Frame {
             pool_id,
             addr: SocketAddr::new(ip, port),
             models,
+            adapters,
             metrics: Metrics::from_fields(fields),
         })
+    }
+
+    /// Bytes [`Frame::encode`] produces for this frame (when it encodes at all).
+    pub fn encoded_len(&self) -> usize {
+        let strs = |v: &[String]| v.iter().map(|s| 1 + s.len()).sum::<usize>();
+        let addr = if self.addr.is_ipv4() { 1 + 4 } else { 1 + 16 };
+        HEADER_LEN + 1 + self.worker_id.len() + 1 + self.pool_id.len() + addr + 2 + 1 + strs(&self.models) + 1 + strs(&self.adapters) + 2 + 8 * METRICS_V2 + TAG_LEN
+    }
+
+    /// Trims the adapter list so that the frame can be encoded: names that are empty or over
+    /// [`MAX_STR`] bytes go, then the list is cut to [`MAX_ADAPTERS`], then the last (least
+    /// recently active) ones go while the frame is over [`MAX_FRAME_LEN`]. Returns how many
+    /// were dropped (the sender counts them: the worker still serves them, the picker just
+    /// does not know they are loaded there).
+    pub fn fit_adapters(&mut self) -> usize {
+        let before = self.adapters.len();
+        self.adapters.retain(|a| !a.is_empty() && a.len() <= MAX_STR);
+        self.adapters.truncate(MAX_ADAPTERS);
+        while !self.adapters.is_empty() && self.encoded_len() > MAX_FRAME_LEN {
+            self.adapters.pop();
+        }
+        before - self.adapters.len()
     }
 }
 
@@ -371,7 +431,7 @@ impl Frame {
 /// reach are the sender's. When a length byte itself is missing, the result is a lower bound
 /// past the end. `None` when the fields are out of range: that is for the MAC (tampering) or
 /// the parser to say.
-fn declared_len(b: &[u8], n_metrics: usize) -> Option<usize> {
+fn declared_len(b: &[u8], n_metrics: usize, adapters: bool) -> Option<usize> {
     let mut pos = HEADER_LEN;
     // A length byte at `pos`, or the shortest frame that would have one.
     let len_at = |pos: usize| b.get(pos).map(|n| usize::from(*n)).ok_or(pos + 1 + TAG_LEN);
@@ -394,14 +454,19 @@ fn declared_len(b: &[u8], n_metrics: usize) -> Option<usize> {
             6 => 1 + 16,
             _ => return Ok(None),
         } + 2;
-        let models = len_at(*pos)?;
-        if models > MAX_MODELS {
-            return Ok(None);
-        }
-        *pos += 1;
-        for _ in 0..models {
-            if str8(pos)?.is_none() {
+        for (present, max) in [(true, MAX_MODELS), (adapters, MAX_ADAPTERS)] {
+            if !present {
+                continue;
+            }
+            let count = len_at(*pos)?;
+            if count > max {
                 return Ok(None);
+            }
+            *pos += 1;
+            for _ in 0..count {
+                if str8(pos)?.is_none() {
+                    return Ok(None);
+                }
             }
         }
         *pos += 2 + 8 * n_metrics + TAG_LEN;
@@ -451,6 +516,7 @@ impl<'a> Reader<'a> {
             return Err(FrameError::Malformed(match what {
                 "worker id" => "worker id length out of 1..=64",
                 "pool id" => "pool id length out of 1..=64",
+                "adapter name" => "adapter name length out of 1..=64",
                 _ => "model name length out of 1..=64",
             }));
         }
@@ -476,6 +542,7 @@ pub(crate) mod tests {
             pool_id: "eu-west".into(),
             addr: "127.0.0.1:8000".parse().unwrap(),
             models: vec!["tiny".into()],
+            adapters: vec!["adapter-a".into(), "sql-lora".into()],
             metrics: Metrics {
                 running: Some(2.0),
                 waiting: Some(1.0),
@@ -490,31 +557,77 @@ pub(crate) mod tests {
         }
     }
 
-    /// A version-1 frame (8 metrics), as sidecars before engine steps send it.
-    fn encode_v1(f: &Frame, key: &[u8]) -> Vec<u8> {
-        let v2 = f.encode(key).unwrap();
-        let body = &v2[..v2.len() - TAG_LEN - 8];
-        let mut v1 = body.to_vec();
-        v1[2] = 1;
-        let present_at = body.len() - 2 - 8 * METRICS_V1;
-        let present = u16::from_be_bytes([v1[present_at], v1[present_at + 1]]) & !(1 << 8);
-        v1[present_at..present_at + 2].copy_from_slice(&present.to_be_bytes());
+    /// A version-2 frame (no adapter list) or version-1 frame (also 8 metrics), as older
+    /// sidecars send them.
+    fn encode_old(f: &Frame, key: &[u8], version: u8) -> Vec<u8> {
+        let f = Frame { adapters: Vec::new(), ..f.clone() };
+        let v3 = f.encode(key).unwrap();
+        let mut body = v3[..v3.len() - TAG_LEN].to_vec();
+        // The adapter count (0) sits just before the presence bits.
+        let count_at = body.len() - 2 - 8 * METRICS_V2 - 1;
+        assert_eq!(body.remove(count_at), 0);
+        body[2] = version;
+        if version == 1 {
+            body.truncate(body.len() - 8);
+            let present_at = body.len() - 2 - 8 * METRICS_V1;
+            let present = u16::from_be_bytes([body[present_at], body[present_at + 1]]) & !(1 << 8);
+            body[present_at..present_at + 2].copy_from_slice(&present.to_be_bytes());
+        }
         let mut mac = mac_for(key);
-        mac.update(&v1);
-        v1.extend_from_slice(&mac.finalize().into_bytes());
-        v1
+        mac.update(&body);
+        body.extend_from_slice(&mac.finalize().into_bytes());
+        body
     }
 
     #[test]
-    fn version_1_frames_are_still_read() {
+    fn version_1_and_2_frames_are_still_read() {
         let ring = KeyRing::single(1, b"k".to_vec());
         let f = sample();
-        let got = Frame::decode(&encode_v1(&f, b"k"), &ring).unwrap();
+        let got = Frame::decode(&encode_old(&f, b"k", 1), &ring).unwrap();
         assert_eq!(got.metrics.engine_steps, None);
         assert_eq!(got.metrics, Metrics { engine_steps: None, ..f.metrics });
-        let mut v3 = f.encode(b"k").unwrap();
-        v3[2] = 3;
-        assert_eq!(Frame::decode(&v3, &ring), Err(FrameError::UnsupportedVersion(3)));
+        assert!(got.adapters.is_empty());
+        let got = Frame::decode(&encode_old(&f, b"k", 2), &ring).unwrap();
+        assert_eq!(got, Frame { adapters: Vec::new(), ..f.clone() });
+        let mut v4 = f.encode(b"k").unwrap();
+        v4[2] = 4;
+        assert_eq!(Frame::decode(&v4, &ring), Err(FrameError::UnsupportedVersion(4)));
+        // A v3 body relabelled v2 (or the reverse) is never read as the other: the MAC covers
+        // the version byte.
+        let mut relabelled = f.encode(b"k").unwrap();
+        relabelled[2] = 2;
+        assert!(Frame::decode(&relabelled, &ring).is_err());
+    }
+
+    /// The adapter list is trimmed, least recently active last, until the frame fits; what
+    /// is left always encodes and decodes to itself.
+    #[test]
+    fn adapters_are_trimmed_to_fit() {
+        let ring = KeyRing::single(1, b"k".to_vec());
+        let mut f = sample();
+        f.worker_id = "w".repeat(64);
+        f.pool_id = "p".repeat(64);
+        f.addr = "[2001:db8::1]:8000".parse().unwrap();
+        f.models = (0..2).map(|i| format!("{i}{}", "m".repeat(63))).collect();
+        f.adapters = (0..10).map(|i| format!("{i}{}", "a".repeat(63))).collect();
+        f.adapters.insert(3, String::new());
+        f.adapters.insert(4, "x".repeat(65));
+        assert!(f.encode(b"k").is_err());
+        let dropped = f.fit_adapters();
+        let bytes = f.encode(b"k").unwrap();
+        assert_eq!(bytes.len(), f.encoded_len());
+        assert!(bytes.len() <= MAX_FRAME_LEN);
+        assert_eq!(dropped + f.adapters.len(), 12);
+        assert_eq!(f.adapters[0], format!("0{}", "a".repeat(63)));
+        assert!(!f.adapters.is_empty());
+        let mut one_more = f.clone();
+        one_more.adapters.push(format!("{}{}", f.adapters.len(), "a".repeat(63)));
+        assert!(one_more.encoded_len() > MAX_FRAME_LEN, "trimmed more than needed");
+        assert_eq!(Frame::decode(&bytes, &ring).unwrap(), f);
+        // A frame that fits keeps every adapter.
+        let mut g = sample();
+        assert_eq!(g.fit_adapters(), 0);
+        assert_eq!(g.adapters.len(), 2);
     }
 
     #[test]
@@ -653,18 +766,37 @@ pub(crate) mod tests {
         }
 
         #[test]
-        fn decode_is_total_after_magic(mut bytes in proptest::collection::vec(any::<u8>(), 0..600)) {
-            if bytes.len() >= 3 { bytes[0] = b'G'; bytes[1] = b'H'; bytes[2] = VERSION; }
+        fn decode_is_total_after_magic(mut bytes in proptest::collection::vec(any::<u8>(), 0..600), version in 1u8..=4) {
+            if bytes.len() >= 3 { bytes[0] = b'G'; bytes[1] = b'H'; bytes[2] = version; }
             let _ = Frame::decode(&bytes, &KeyRing::single(1, b"k".to_vec()));
+        }
+
+        /// A correctly signed body of any readable version whose bytes after the header are
+        /// arbitrary: still a frame or a typed error (the parser, not the MAC, is tested).
+        #[test]
+        fn decode_is_total_when_signed(tail in proptest::collection::vec(any::<u8>(), 0..400), version in 1u8..=3) {
+            let good = sample().encode(b"k").unwrap();
+            let mut b = good[..HEADER_LEN].to_vec();
+            b[2] = version;
+            b.extend_from_slice(&tail);
+            b.truncate(MAX_FRAME_LEN - TAG_LEN);
+            let mut mac = mac_for(b"k");
+            mac.update(&b);
+            b.extend_from_slice(&mac.finalize().into_bytes());
+            let _ = Frame::decode(&b, &KeyRing::single(1, b"k".to_vec()));
         }
 
         #[test]
         fn round_trip_any(seq in any::<u64>(), boot in any::<u64>(), sent in any::<u64>(),
                           running in proptest::option::of(0.0f64..1e6), kv in proptest::option::of(0.0f64..1.0),
-                          port in any::<u16>(), worker in "[a-z0-9-]{1,64}") {
+                          port in any::<u16>(), worker in "[a-z0-9-]{1,64}",
+                          adapters in proptest::collection::vec("[a-zA-Z0-9/_.-]{0,70}", 0..12)) {
             let mut f = sample();
             f.seq = seq; f.boot_id = boot; f.sent_ms = sent; f.metrics.running = running;
             f.metrics.kv_usage = kv; f.addr.set_port(port); f.worker_id = worker;
+            f.adapters = adapters;
+            f.fit_adapters();
+            prop_assert_eq!(f.encoded_len(), f.encode(b"k").unwrap().len());
             let b = f.encode(b"k").unwrap();
             prop_assert_eq!(Frame::decode(&b, &KeyRing::single(1, b"k".to_vec())).unwrap(), f);
         }

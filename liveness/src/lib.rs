@@ -10,6 +10,7 @@
 //! | [`admin`] | operators' overrides: drained workers and pools, pools forced out of or into the answer, when a drained pool is safe |
 //! | [`pick`] | picking workers: scoring, anti-herding, the breaker's last resorts |
 //! | [`inflight`] | requests in flight per worker (shared across threads): what they add to a frame's load |
+//! | [`lora`] | LoRA affinity: a request for an adapter prefers the workers that have it loaded |
 //! | [`affinity`] | prefix-cache and session affinity: the request's key (session, `user`, prompt fingerprint) and its rendezvous order over the workers |
 //! | [`breaker`] | the per-worker circuit breaker |
 //! | [`attempt`] | one upstream attempt: events in, actions out, one report and one charge; rescue of attempts on stalled workers |
@@ -36,6 +37,7 @@ pub mod frame;
 pub mod guard;
 pub mod inflight;
 pub mod ingest;
+pub mod lora;
 pub mod membership;
 pub mod openai_error;
 pub mod output;

@@ -227,6 +227,7 @@ mod tests {
             pool_id: pool.into(),
             addr: addr.parse().unwrap(),
             models: vec!["m".into()],
+            adapters: vec![],
             metrics: Metrics::default(),
         };
         WorkerState { frame, last_rx_ms, last_progress_ms: last_rx_ms, streak_start_ms: last_rx_ms, derived: Default::default() }

@@ -50,6 +50,8 @@ pub struct PickConfig {
     pub affinity: AffinityConfig,
     /// A request counted in flight longer than this stops counting ([`crate::inflight`]).
     pub in_flight_max_age_ms: u64,
+    /// LoRA affinity ([`crate::lora`]).
+    pub lora: crate::lora::LoraConfig,
 }
 
 impl Default for PickConfig {
@@ -68,6 +70,7 @@ impl Default for PickConfig {
             last_resort: true,
             affinity: AffinityConfig::default(),
             in_flight_max_age_ms: 600_000,
+            lora: crate::lora::LoraConfig::default(),
         }
     }
 }
@@ -90,7 +93,8 @@ impl PickConfig {
         if self.in_flight_max_age_ms < crate::inflight::BUCKET_MS {
             return Err("pick.in_flight_max_age_ms: must be at least 1000".into());
         }
-        self.affinity.validate()
+        self.affinity.validate()?;
+        self.lora.validate()
     }
 }
 
@@ -389,6 +393,8 @@ pub fn pick_ranked(
     let mut normal: Vec<(f64, usize)> = Vec::with_capacity(4 * cfg.max_endpoints + 8);
     // Half-open workers anywhere in the list, as `pick` finds them: only `not_closed` can be.
     let mut probes: Vec<usize> = listed_fresh(ranked, view, not_closed, model, fetched_local_ms, now_ms, cfg).filter(|&idx| admission(&view.workers[idx].addr) == Admission::Probe).collect();
+    // LoRA affinity (`crate::lora`): the adapter this request asks for, if a candidate holds it.
+    let adapter = crate::lora::requested(model, mr.cands.iter().map(|c| &view.workers[c.idx]), &cfg.lora);
     let mut next = 0;
     let mut want = 4 * cfg.max_endpoints + 8;
     loop {
@@ -416,6 +422,11 @@ pub fn pick_ranked(
             (Some(_), Some(best)) => n.max(affinity::spill_limit(best.0.max(cfg.default_ttft_ms), &cfg.affinity)),
             _ => n,
         });
+        // With an adapter, every holder within its margin.
+        let needed = needed.map(|n| match (adapter, normal.first()) {
+            (Some(_), Some(best)) => n.max(crate::lora::spill_limit(best.0, &cfg.lora)),
+            _ => n,
+        });
         if needed.is_some_and(|n| mr.cands[next].base.total_cmp(&n).is_gt()) {
             break;
         }
@@ -436,7 +447,11 @@ pub fn pick_ranked(
     let mut outcome = Outcome::None;
     if probe.is_none() && !normal.is_empty() {
         let best = normal[0].0;
-        let first = if let Some(k) = key {
+        let lora_first = adapter.and_then(|a| crate::lora::first(&normal, view, a, key.map(|k| k.key), |n| rng.below(n), (cfg.near_best_ratio, cfg.near_best_ms), &cfg.lora));
+        let first = if let Some(i) = lora_first {
+            // A holder of the adapter takes it; prefix affinity only chose among the holders.
+            i
+        } else if let Some(k) = key {
             // The key's first choice and its placement among every admitted fresh worker (the
             // scan may have stopped before them: they are then over the margin).
             let mut winner = None;
@@ -591,6 +606,14 @@ fn rebuild(endpoints: Vec<String>, probe: Option<String>, ranked: &Ranked, model
         return Decision::NoWorker { fresh, serving: mr.serving };
     }
     Decision::Endpoints { endpoints, probe }
+}
+
+/// How LoRA affinity fared for a pick whose first endpoint is `first` ([`crate::lora::outcome`]),
+/// over the workers this router could have given the request: of its pools, serving the model,
+/// undrained and fresh now.
+pub fn lora_outcome(view: &FleetView, fetched_local_ms: u64, now_ms: u64, model: Option<&str>, first: Option<&str>, cfg: &PickConfig) -> crate::lora::Outcome {
+    let eligible = |w: &WorkerView| !w.drained && (cfg.pools.is_empty() || cfg.pools.contains(&w.pool)) && serves(w, model) && effective_age_ms(w, fetched_local_ms, now_ms) < cfg.freshness_gate_ms;
+    crate::lora::outcome(view, model, first, eligible, &cfg.lora)
 }
 
 /// When no worker serving the model is fresh but some are **stalled** (their frames arrive, their
@@ -815,6 +838,7 @@ mod tests {
             id: id.into(),
             pool: "p1".into(),
             models: vec!["tiny".into()],
+            adapters: vec![],
             addr: format!("127.0.0.1:{port}"),
             age_ms: age,
             fresh: age <= 3_000,

@@ -44,7 +44,9 @@ pub struct Config {
     /// A `/metrics` page larger than this is refused.
     #[serde(default = "default_max_bytes")]
     pub max_metrics_bytes: usize,
-    /// Served model names; empty: taken from the `model_name` labels.
+    /// Served model names; empty: taken from the `model_name` labels. vLLM labels its metrics
+    /// with the base model only: for the picker to route requests for LoRA adapters (served
+    /// under their own names), list the base model and the adapters here.
     #[serde(default)]
     pub models: Vec<String>,
 }

@@ -6,6 +6,7 @@
 
 pub mod config;
 pub mod http;
+pub mod lora;
 pub mod scrape;
 
 use std::net::{SocketAddr, UdpSocket};
@@ -40,11 +41,19 @@ pub struct Sidecar {
     saturated: Vec<&'static str>,
     /// Saturated metrics over the sidecar's life, so an operator can see it keeps happening.
     saturated_total: u64,
+    /// Adapter names left out of frames over the sidecar's life: too long or too many on the
+    /// page, or no room left in the frame ([`Frame::fit_adapters`]).
+    adapters_dropped_total: u64,
 }
 
 impl Sidecar {
     pub fn new(config: Config, key: Vec<u8>, boot_id: u64) -> Self {
-        Sidecar { config, key, boot_id, seq: 0, saturated: Vec::new(), saturated_total: 0 }
+        Sidecar { config, key, boot_id, seq: 0, saturated: Vec::new(), saturated_total: 0, adapters_dropped_total: 0 }
+    }
+
+    /// Adapter names left out of frames so far (see [`Sidecar::scrape`]).
+    pub fn adapters_dropped_total(&self) -> u64 {
+        self.adapters_dropped_total
     }
 
     /// vLLM names saturated in the last scrape's frame.
@@ -70,18 +79,24 @@ impl Sidecar {
         self.saturated_total += scraped.saturated.len() as u64;
         self.saturated = scraped.saturated;
         let models = if self.config.models.is_empty() { scraped.models } else { self.config.models.clone() };
+        let now = now_ms();
+        let adapters = lora::loaded(scraped.lora.as_ref());
         self.seq += 1;
-        Ok(Frame {
+        let mut frame = Frame {
             key_id: self.config.key_id,
             boot_id: self.boot_id,
             seq: self.seq,
-            sent_ms: now_ms(),
+            sent_ms: now,
             worker_id: self.config.worker_id.clone(),
             pool_id: self.config.pool.clone(),
             addr: self.config.serve_addr,
             models,
+            adapters,
             metrics: scraped.metrics,
-        })
+        };
+        let dropped = scraped.lora.as_ref().map_or(0, |l| l.dropped) + frame.fit_adapters();
+        self.adapters_dropped_total += dropped as u64;
+        Ok(frame)
     }
 
     pub fn encode(&self, frame: &Frame) -> Result<Vec<u8>, ScrapeFailed> {

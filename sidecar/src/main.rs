@@ -152,7 +152,11 @@ fn main() -> ExitCode {
             }
             saturating = !saturated.is_empty();
             if verbose {
-                eprintln!("sent seq={} bytes={bytes} send_errors={send_errors}", frame.seq);
+                if frame.adapters.is_empty() {
+                    eprintln!("sent seq={} bytes={bytes} send_errors={send_errors}", frame.seq);
+                } else {
+                    eprintln!("sent seq={} bytes={bytes} send_errors={send_errors} adapters={}", frame.seq, frame.adapters.join(","));
+                }
             }
         }
         Event::Skipped(e) => {

@@ -46,6 +46,7 @@ fn the_capture_fits_one_frame() {
         pool_id: "aws-us-east-1-pool".into(),
         addr: "[2001:db8::1]:8000".parse().unwrap(),
         models: s.models,
+        adapters: gpuha_sidecar::lora::loaded(s.lora.as_ref()),
         metrics: s.metrics,
     };
     assert!(f.encode(&[7u8; 32]).unwrap().len() <= gpuha_liveness::MAX_FRAME_LEN);
@@ -67,6 +68,7 @@ vllm:num_requests_running{engine=\"1\",model_name=\"m\"} 1e308\n";
         pool_id: "p".into(),
         addr: "10.0.0.1:8000".parse().unwrap(),
         models: s.models,
+        adapters: gpuha_sidecar::lora::loaded(s.lora.as_ref()),
         metrics: s.metrics,
     };
     let key = [7u8; 32];

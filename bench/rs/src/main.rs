@@ -105,6 +105,7 @@ fn frame_m(i: usize, pools: usize, boot: u64, seq: u64, sent_ms: u64, key_id: u1
         pool_id: format!("pool-{:03}", i % pools.max(1)),
         addr: SocketAddr::V4(SocketAddrV4::new(ip, 8000)),
         models: vec![model.into()],
+        adapters: vec![],
         metrics: busy_metrics(seq),
     }
 }

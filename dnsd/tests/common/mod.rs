@@ -187,6 +187,7 @@ pub fn frame_with_metrics(worker: &str, pool: &str, boot: u64, seq: u64, metrics
         pool_id: pool.into(),
         addr: "10.0.0.1:8000".parse().expect("addr"),
         models: vec!["m".into()],
+        adapters: vec![],
         metrics,
     }
     .encode(KEY)

@@ -131,6 +131,7 @@ fn pool_load_counts_fresh_workers_of_the_pools_only() {
         id: format!("{pool}{age}"),
         pool: pool.into(),
         models: vec![],
+        adapters: vec![],
         addr: "127.0.0.1:1".into(),
         age_ms: age,
         fresh: age < 3_000,

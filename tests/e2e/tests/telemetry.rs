@@ -138,6 +138,7 @@ fn forged_replayed_and_garbage_datagrams_change_nothing_and_are_counted() {
         pool_id: "p9".into(),
         addr: "127.0.0.1:9999".parse().expect("addr"),
         models: vec!["tiny".into()],
+        adapters: vec![],
         metrics: Metrics { running: Some(1.0), waiting: Some(0.0), ..Metrics::default() },
     };
     let good = f.encode(KEY).expect("encode");

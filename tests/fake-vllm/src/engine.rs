@@ -14,6 +14,7 @@ use std::time::{Duration, Instant};
 use tokio::sync::{watch, OwnedSemaphorePermit, Semaphore};
 
 use crate::flaky::Flaky;
+use crate::lora::{AdapterGuard, LoraConfig, Loras};
 use crate::metrics::{Finish, Metrics};
 use crate::prefix::PrefixCache;
 
@@ -52,6 +53,8 @@ pub struct EngineConfig {
     pub prefill_per_token: Duration,
     /// Prefix cache capacity in tokens (0: no prefix caching).
     pub prefix_cache_tokens: u64,
+    /// LoRA adapters served ([`crate::lora`]).
+    pub lora: LoraConfig,
 }
 
 pub struct Engine {
@@ -59,6 +62,7 @@ pub struct Engine {
     pub metrics: Arc<Metrics>,
     pub flaky: Flaky,
     pub prefix: PrefixCache,
+    pub loras: Arc<Loras>,
     slots: Arc<Semaphore>,
     /// `true` while the engine hangs. A watch channel so every paused generation wakes on resume.
     hung: watch::Sender<bool>,
@@ -105,11 +109,13 @@ impl Engine {
         let slots = Arc::new(Semaphore::new(cfg.max_num_seqs.max(1)));
         let flaky = Flaky::new(cfg.flaky, cfg.flaky_seed);
         let prefix = PrefixCache::new(cfg.prefix_cache_tokens);
+        let loras = Arc::new(Loras::new(cfg.lora.clone()));
         Self {
             cfg,
             metrics,
             flaky,
             prefix,
+            loras,
             slots,
             hung: watch::Sender::new(false),
             step: RwLock::new(()),
@@ -220,6 +226,8 @@ impl Engine {
             done: false,
             fault: None,
             ttft: self.cfg.ttft,
+            adapter_name: None,
+            adapter: None,
         }
     }
 }
@@ -276,6 +284,10 @@ pub struct Generation {
     fault: Option<Fault>,
     /// This generation's time to first token (with the prefill of its uncached prompt).
     ttft: Duration,
+    /// The LoRA adapter the request names, until it arrives in the engine.
+    adapter_name: Option<String>,
+    /// Its hold on that adapter (waiting, then running), from its arrival to its end.
+    adapter: Option<AdapterGuard>,
 }
 
 async fn wait_until(deadline: Instant) {
@@ -294,6 +306,12 @@ impl Generation {
         self.sent
     }
 
+    /// This generation runs with the LoRA adapter `name` (`None`: the base model).
+    pub fn with_adapter(mut self, name: Option<String>) -> Self {
+        self.adapter_name = name;
+        self
+    }
+
     /// This generation meets `fault` (if any) in place of its first token.
     pub fn with_fault(mut self, fault: Option<Fault>) -> Self {
         self.fault = fault;
@@ -303,6 +321,7 @@ impl Generation {
     fn finish(&mut self, reason: Finish) {
         self.done = true;
         self.slot = None;
+        self.adapter = None;
         let m = &self.engine.metrics;
         m.finished(
             reason,
@@ -322,6 +341,9 @@ impl Generation {
         if self.scheduled.is_none() {
             // A hung EngineCore never sees new requests: they are not even counted as waiting.
             engine.wait_running().await;
+            if let Some(name) = self.adapter_name.take() {
+                self.adapter = Some(engine.loras.arrive(&name));
+            }
             {
                 let permit = {
                     let _waiting = Waiting::new(m);
@@ -347,6 +369,10 @@ impl Generation {
                     m.prefix_cache(prompt.len() as u64, hits);
                     let uncached = u32::try_from(prompt.len() as u64 - hits).unwrap_or(u32::MAX);
                     ttft += cfg.prefill_per_token.saturating_mul(uncached);
+                }
+                if let Some(g) = self.adapter.as_mut() {
+                    // An adapter not loaded is read in first (vLLM: before the step that uses it).
+                    ttft += engine.loras.schedule(g);
                 }
                 self.ttft = ttft;
                 self.due = Some(now + engine.paced(ttft));
@@ -458,6 +484,7 @@ mod tests {
             flaky_seed: None,
             prefill_per_token: Duration::ZERO,
             prefix_cache_tokens: 0,
+            lora: LoraConfig::default(),
         }
     }
 

@@ -48,11 +48,14 @@
 //! Prefix caching (as vLLM's, on by default): [`prefix`]. `--prefill-us-per-token N` makes the
 //! time to first token grow by N µs per prompt token not found in the cache.
 //!
+//! LoRA adapters (`--lora-modules name=path`, `--max-loras`, `--lora-load-ms`): [`lora`].
+//!
 //! The real death is the process killed (SIGKILL, SIGSTOP); SIGTERM/SIGINT shut it down.
 
 pub mod engine;
 pub mod extra;
 pub mod flaky;
+pub mod lora;
 pub mod metrics;
 pub mod prefix;
 pub mod responses;
@@ -90,6 +93,12 @@ pub fn build(config: Config) -> Arc<server::App> {
         models.push("tiny".to_owned());
     }
     let engine = Arc::new(engine::Engine::new(config.engine, &models[0]));
+    // Adapters are served under their own names, after the base models (vLLM: `--lora-modules`).
+    for (name, _) in &engine.cfg.lora.adapters {
+        if !models.contains(name) {
+            models.push(name.clone());
+        }
+    }
     engine.set_slow(config.start_slow);
     if let Some(after) = config.hang_after {
         let e = Arc::clone(&engine);

@@ -83,6 +83,17 @@ struct Args {
     /// Prefix cache capacity in tokens (0: no prefix caching).
     #[arg(long, default_value_t = 65536)]
     prefix_cache_tokens: u64,
+    /// LoRA adapters served under their own model names, `name=path` (vLLM's `--lora-modules`;
+    /// several after one flag or the flag repeated). Nothing is read from the path.
+    #[arg(long = "lora-modules", num_args = 1.., value_parser = lora_module)]
+    lora_modules: Vec<(String, String)>,
+    /// Adapters held loaded at once (vLLM's `--max-loras`); the least recently used one not in
+    /// use is evicted to load another.
+    #[arg(long, default_value_t = 1)]
+    max_loras: usize,
+    /// Time to load an adapter that is not loaded, added to the time to first token.
+    #[arg(long, default_value_t = 200)]
+    lora_load_ms: u64,
     /// Tokio worker threads (default: one per core).
     #[arg(long)]
     threads: Option<usize>,
@@ -111,6 +122,11 @@ fn main() -> ExitCode {
             flaky_seed: args.flaky_seed,
             prefill_per_token: Duration::from_micros(args.prefill_us_per_token),
             prefix_cache_tokens: args.prefix_cache_tokens,
+            lora: fake_vllm::lora::LoraConfig {
+                adapters: args.lora_modules,
+                max_loras: args.max_loras.max(1),
+                load: Duration::from_millis(args.lora_load_ms),
+            },
         },
         models: args.models,
         start_slow: args.slow,
@@ -194,6 +210,14 @@ fn toggles(engine: &std::sync::Arc<fake_vllm::engine::Engine>) -> std::io::Resul
 #[cfg(not(unix))]
 fn toggles(_: &std::sync::Arc<fake_vllm::engine::Engine>) -> std::io::Result<()> {
     Ok(())
+}
+
+/// A `--lora-modules` entry: `name=path`.
+fn lora_module(s: &str) -> Result<(String, String), String> {
+    match s.split_once('=') {
+        Some((n, p)) if !n.is_empty() && !p.is_empty() => Ok((n.to_owned(), p.to_owned())),
+        _ => Err(format!("{s:?} is not name=path")),
+    }
 }
 
 /// A probability: a number from 0 to 1.

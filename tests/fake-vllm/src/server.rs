@@ -187,13 +187,18 @@ async fn models(State(app): State<Arc<App>>) -> Json<Value> {
         .models
         .iter()
         .map(|m| {
+            // vLLM lists a LoRA adapter with its path as root and the base model as parent.
+            let (root, parent) = match app.engine.loras.path_of(m) {
+                Some(path) => (json!(path), json!(app.models[0])),
+                None => (json!(m), Value::Null),
+            };
             json!({
                 "id": m,
                 "object": "model",
                 "created": app.created,
                 "owned_by": "vllm",
-                "root": m,
-                "parent": null,
+                "root": root,
+                "parent": parent,
                 "max_model_len": 32768,
                 "permission": [{
                     "id": format!("modelperm-{:032x}", rand::random::<u128>()),
@@ -217,7 +222,14 @@ async fn models(State(app): State<Arc<App>>) -> Json<Value> {
 
 async fn metrics(State(app): State<Arc<App>>) -> Response {
     let ct = HeaderValue::from_static("text/plain; version=1.0.0; charset=utf-8");
-    ([(header::CONTENT_TYPE, ct)], app.engine.metrics.render()).into_response()
+    let mut text = app.engine.metrics.render();
+    // Where vLLM has it: after the request-level histograms, before the process family.
+    let lora = app.engine.loras.render();
+    if !lora.is_empty() {
+        let at = text.find("# HELP process_start_time_seconds").unwrap_or(text.len());
+        text.insert_str(at, &lora);
+    }
+    ([(header::CONTENT_TYPE, ct)], text).into_response()
 }
 
 async fn chat(
@@ -301,7 +313,8 @@ async fn complete(
         Kind::Completion => format!("cmpl-{:016x}", rand::random::<u64>()),
     };
     let created = unix_secs();
-    let generation = app.engine.generate_prompt(req.prompt_token_ids(kind), max_tokens).with_fault(fault);
+    let adapter = app.engine.loras.is_adapter(&model).then(|| model.clone());
+    let generation = app.engine.generate_prompt(req.prompt_token_ids(kind), max_tokens).with_fault(fault).with_adapter(adapter);
 
     if stream {
         let include_usage = req.stream_options.as_ref().and_then(|o| o.include_usage) == Some(true);

@@ -220,3 +220,55 @@ fn prefix_cache_hits_and_shortens_the_first_token() {
     assert!(cold >= Duration::from_millis(290), "cold {cold:?}");
     assert!(warm < cold / 3, "warm {warm:?} vs cold {cold:?}");
 }
+
+/// LoRA adapters as vLLM serves them: listed as models with their base as parent, the same
+/// `vllm:lora_requests_info` family as the real capture (labels and type), the newest series
+/// naming what runs, and a load delay only for an adapter that is not loaded (an LRU of
+/// `--max-loras`).
+#[test]
+fn lora_adapters_are_models_with_a_load_delay_and_vllms_info_gauge() {
+    let w = Worker::start(&[
+        "--ttft-ms", "0", "--tokens-per-s", "0", "--lora-modules", "sql=/adapters/sql", "chat=/adapters/chat",
+        "--max-loras", "1", "--lora-load-ms", "300",
+    ]);
+    let models = w.get("/v1/models").json();
+    let ids: Vec<(String, serde_json::Value)> = models["data"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| (m["id"].as_str().unwrap().to_owned(), m["parent"].clone()))
+        .collect();
+    assert_eq!(
+        ids,
+        vec![("tiny".into(), serde_json::Value::Null), ("sql".into(), "tiny".into()), ("chat".into(), "tiny".into())]
+    );
+    let real = Exposition::parse(&capture("metrics-lora.txt"));
+    let fake = w.metrics();
+    let name = "vllm:lora_requests_info";
+    assert_eq!(fake.types.get(name), real.types.get(name));
+    assert_eq!(fake.label_names().get(name), real.label_names().get(name));
+    let ask = |model: &str| {
+        let t0 = Instant::now();
+        let r = w.post("/v1/completions", &format!(r#"{{"model":"{model}","prompt":"hi","max_tokens":1}}"#));
+        assert_eq!(r.status, 200, "{}", r.text());
+        t0.elapsed()
+    };
+    let cold = ask("sql");
+    let warm = ask("sql");
+    let swapped = ask("chat");
+    let base = ask("tiny");
+    assert!(cold >= Duration::from_millis(290), "cold {cold:?}");
+    assert!(warm < Duration::from_millis(200), "warm {warm:?}");
+    assert!(swapped >= Duration::from_millis(290), "max_loras 1: chat evicts sql ({swapped:?})");
+    assert!(base < Duration::from_millis(200), "the base model loads nothing ({base:?})");
+    assert!(ask("sql") >= Duration::from_millis(290), "sql was evicted");
+    // Idle now: the newest series names nothing, an older one names sql.
+    let m = w.metrics();
+    let series: Vec<&(String, std::collections::BTreeMap<String, String>, f64)> =
+        m.samples.iter().filter(|(n, _, _)| n == name).collect();
+    let newest = series.iter().max_by(|a, b| a.2.total_cmp(&b.2)).unwrap();
+    assert_eq!(newest.1.get("running_lora_adapters").map(String::as_str), Some(""));
+    assert_eq!(newest.1.get("max_lora").map(String::as_str), Some("1"));
+    assert!(series.iter().any(|s| s.1.get("running_lora_adapters").map(String::as_str) == Some("sql")));
+    assert!(newest.2 > 1.7e9, "a Unix time: {}", newest.2);
+}

@@ -183,7 +183,7 @@ mod tests {
     fn pick(v: &FleetView, model: &str, key: Option<u64>, seed: u64, open: &[&str], cfg: &PickConfig) -> Vec<String> {
         let ranked = Ranked::build(v, cfg);
         let adm = |a: &str| if open.contains(&a) { Admission::Deny } else { Admission::Allow };
-        let (d, _) = pick_ranked(&ranked, v, 0, 0, Some(model), key, &LocalLoad::default(), &mut Rng::new(seed), cfg, open, adm, |_| false);
+        let (d, _) = pick_ranked(&ranked, v, 0, 0, Some(model), key.map(crate::affinity::Want::new), &LocalLoad::default(), &mut Rng::new(seed), cfg, open, adm, |_| false);
         match d {
             Decision::Endpoints { endpoints, .. } => endpoints,
             d => panic!("{d:?}"),
@@ -275,9 +275,9 @@ mod tests {
             let open: Vec<&str> = open.iter().map(String::as_str).collect();
             let ranked = Ranked::build(&v, &cfg);
             let adm = |a: &str| if open.contains(&a) { Admission::Deny } else { Admission::Allow };
-            let (d, _) = pick_ranked(&ranked, &v, 0, 0, Some("sql"), key, &LocalLoad::default(), &mut Rng::new(seed), &cfg, &open, adm, |_| false);
+            let (d, _) = pick_ranked(&ranked, &v, 0, 0, Some("sql"), key.map(crate::affinity::Want::new), &LocalLoad::default(), &mut Rng::new(seed), &cfg, &open, adm, |_| false);
             let off = PickConfig { lora: LoraConfig { enabled: false, ..LoraConfig::default() }, ..PickConfig::default() };
-            let (d_off, _) = pick_ranked(&Ranked::build(&v, &off), &v, 0, 0, Some("sql"), key, &LocalLoad::default(), &mut Rng::new(seed), &off, &open, adm, |_| false);
+            let (d_off, _) = pick_ranked(&Ranked::build(&v, &off), &v, 0, 0, Some("sql"), key.map(crate::affinity::Want::new), &LocalLoad::default(), &mut Rng::new(seed), &off, &open, adm, |_| false);
             let eligible = |x: &WorkerView| x.age_ms < cfg.freshness_gate_ms && !open.contains(&x.addr.as_str());
             let scores: Vec<(f64, &WorkerView)> = v.workers.iter().filter(|x| eligible(x)).map(|x| (crate::pick::predicted_ttft_ms(x, 0.0, &cfg), x)).collect();
             match (d, d_off) {

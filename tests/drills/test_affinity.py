@@ -205,8 +205,10 @@ def test_hot_prefix_spills(stack):
     # Every in-flight count ended with its request: one at a time, the key stays put. First a
     # frame of every worker taken after the burst (frames every 500 ms; each of Envoy's threads
     # polls every 250 ms): the burst's queues in older frames put its workers past the margin.
+    wait_for(lambda: all(w.get("running") == 0 and w.get("waiting") == 0 for w in stack.fleet_workers().values()), 10,
+             "frames of every worker showing the burst drained")
     polls = filter_stat(envoy, "fleet_polls")
-    wait_for(lambda: filter_stat(envoy, "fleet_polls") >= polls + 8, 10, "eight fleet polls")
+    wait_for(lambda: filter_stat(envoy, "fleet_polls") >= polls + 8, 10, "eight fleet polls after them")
     spills = filter_stat(envoy, "affinity_spills")
     after = [converse(client, hot + [{"role": "assistant", "content": "ok"}, {"role": "user", "content": f"later {i}"}])
              for i in range(6)]

@@ -16,8 +16,8 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
-import harness
-from harness import binary, chat, filter_stat, make_client, wait_for
+import gpuha_harness as harness
+from gpuha_harness import binary, chat, filter_stat, make_client, wait_for
 
 ADAPTERS = ("sql", "chat")
 LORA = ["--lora-modules", "sql=/adapters/sql", "chat=/adapters/chat", "--max-loras", "1", "--lora-load-ms", "300"]

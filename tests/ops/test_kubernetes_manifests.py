@@ -198,11 +198,65 @@ def test_the_shipped_router_config_passes_envoy_validate(tmp_path: Path) -> None
     r = envoy_validate(cfg)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     assert "configuration" in r.stdout and "OK" in r.stdout, r.stdout
-    # The check reads the SDS files: one that names no file of the Secret fails it.
-    sds = tmp_path / "sds" / "gpuha-router.dnsd-ca.sds.yaml"
-    sds.write_text(sds.read_text().replace("trusted_ca:", "trusted_caa:"))
-    r = envoy_validate(cfg)
-    assert r.returncode != 0 and "trusted_caa" in r.stdout + r.stderr, r.stdout[-3000:] + r.stderr[-3000:]
+    # (Validate mode does not read the SDS files; the test below runs them.)
+
+
+def metric(text: str, name: str) -> float:
+    return sum(float(m.group(1)) for m in re.finditer(rf"^{re.escape(name)}(?:{{[^}}]*}})? (\S+)$", text, re.M))
+
+
+def test_the_shipped_router_and_dnsd_configs_talk_over_mutual_tls(tmp_path: Path) -> None:
+    """dnsd on its shipped config and Envoy on the shipped router config and SDS files, with
+    certificates from make-certs.sh for the --fleet name and only the addresses made local: the
+    router's EDS polls reach dnsd over mutual TLS (SAN and SNI as shipped), and nothing is refused."""
+    try:
+        wasm, dnsd_bin, envoy = harness.wasm_path(), harness.binary("gpuha-dnsd"), harness.envoy_bin()
+    except FileNotFoundError as e:
+        pytest.skip(str(e))
+    certs = tmp_path / "certs"
+    make_certs(certs, "--san", f"DNS:{fleet_host()}")
+    text = by_kind("ConfigMap")["gpuha-dnsd-config"]["data"]["dnsd.toml"]
+    (tmp_path / "frame.key").write_bytes(bytes(range(32)))
+    (tmp_path / "admin.token").write_text("0123456789abcdef0123456789abcdef\n")
+    tls_port = harness.free_port()
+    for old, new in [("/etc/gpuha/keys/frame.key", tmp_path / "frame.key"), ("/etc/gpuha/admin/admin.token", tmp_path / "admin.token"),
+                     ("/var/lib/gpuha-dnsd/", f"{tmp_path}/"), ("/etc/gpuha/tls/dnsd.crt", certs / "dnsd.crt"),
+                     ("/etc/gpuha/tls/dnsd.key", certs / "dnsd.key"), ("/etc/gpuha/tls/client-ca.crt", certs / "ca.crt"),
+                     ('"0.0.0.0:9401"', f'"127.0.0.1:{tls_port}"'), ("0.0.0.0:", "127.0.0.1:0#")]:
+        assert old in text
+        text = text.replace(old, str(new))
+    text = re.sub(r'"127\.0\.0\.1:0#\d+"', '"127.0.0.1:0"', text)
+    (tmp_path / "dnsd.toml").write_text(text)
+    cfg = yaml.safe_load(router_config_here(tmp_path, wasm, certs).read_text())
+    cfg["static_resources"]["listeners"][0]["address"]["socket_address"]["port_value"] = harness.free_port()
+    cfg["admin"]["address"]["socket_address"].update(address="127.0.0.1", port_value=(admin := harness.free_port()))
+    fleet = next(x for x in cfg["static_resources"]["clusters"] if x["name"] == "gpuha_fleet")
+    sa = fleet["load_assignment"]["endpoints"][0]["lb_endpoints"][0]["endpoint"]["address"]["socket_address"]
+    sa.update(address="127.0.0.1", port_value=tls_port)  # the name stays in SNI and the SAN check
+    (tmp_path / "router.yaml").write_text(yaml.safe_dump(cfg))
+    dnsd = harness.Proc("dnsd", [dnsd_bin, "--config", tmp_path / "dnsd.toml"], tmp_path)
+    router = None
+    try:
+        metrics_addr = dnsd.wait_line(r"^READY .*metrics=(\S+)").group(1)
+        router = harness.Proc("envoy", [envoy, "-c", tmp_path / "router.yaml", "--service-node", "gpuha-router-0",
+                                        "--disable-hot-restart", "--concurrency", "1", "-l", "warning"], tmp_path)
+
+        def dnsd_metrics() -> str:
+            return harness.http_get(f"http://{metrics_addr}/metrics")[1].decode()
+
+        harness.wait_for(lambda: metric(dnsd_metrics(), "gpuha_dnsd_eds_requests_total") >= 1 or None, 30, "an EDS poll over mTLS")
+        m = dnsd_metrics()
+        assert metric(m, "gpuha_dnsd_http_tls_handshakes_total") >= 1 and metric(m, "gpuha_dnsd_http_tls_refused_total") == 0, m
+        stats = harness.http_get(f"http://127.0.0.1:{admin}/stats?filter=gpuha_fleet.ssl")[1].decode()
+        assert re.search(r"^cluster\.gpuha_fleet\.ssl\.handshake: [1-9]", stats, re.M), stats
+        # The client certificate in use is the Secret's (Envoy read it through the SDS files).
+        serial = subprocess.run(["openssl", "x509", "-in", str(certs / "client.crt"), "-noout", "-serial"],
+                                capture_output=True, text=True, timeout=30).stdout.strip().split("=")[-1].lower()
+        assert serial and serial in harness.http_get(f"http://127.0.0.1:{admin}/certs")[1].decode().lower()
+    finally:
+        if router is not None:
+            router.terminate()
+        dnsd.terminate()
 
 
 def test_services_select_pods_that_have_their_target_ports() -> None:

@@ -9,6 +9,10 @@ of --fleet (a DNS name or an IP address: SAN checked; SNI sent for a name).
 
 DIR holds ca.crt (the CA(s) dnsd's certificate is checked against), client.crt and client.key
 (this router's certificate, signed by a CA that dnsd's http.tls.client_ca_file trusts).
+
+Rendering for another machine (render.py --remote-paths, e.g. a Kubernetes ConfigMap): DIR and
+the SDS directory are paths on the machine that runs Envoy, so nothing is checked or written here;
+sds_texts() gives the SDS files' texts, to be installed at the paths it names.
 """
 
 import ipaddress
@@ -24,8 +28,12 @@ class TlsError(ValueError):
     pass
 
 
-def sds_files(out, sds_dir):
+def sds_files(out, sds_dir, remote=False):
     """Where the two SDS files go: beside the rendered config, named after it."""
+    if remote:
+        if sds_dir is None or not os.path.isabs(sds_dir):
+            raise TlsError("--remote-paths: give --sds-dir as an absolute path on the machine that runs Envoy")
+        sds_dir = os.path.normpath(sds_dir)
     if sds_dir is None:
         if out == "-":
             raise TlsError("--dnsd-tls with --out -: give --sds-dir (where the SDS files that name the certificates are written)")
@@ -43,8 +51,17 @@ def check_dir(d):
     return d
 
 
-def write_sds(d, cert_file, ca_file):
-    """The SDS resources: the client certificate and the trusted CA, each with DIR watched."""
+def sds_texts(d, out="-", sds_dir=None, remote=False):
+    """{path: text} of the two SDS files for certificate directory `d` (the client certificate
+    and the trusted CA, each with `d` watched): what render.py --dnsd-tls d writes, or with
+    --remote-paths what the machine that runs Envoy must hold at those paths."""
+    if remote:
+        if not os.path.isabs(d):
+            raise TlsError(f"--remote-paths: give --dnsd-tls as an absolute path on the machine that runs Envoy, not {d!r}")
+        d = os.path.normpath(d)
+    else:
+        d = os.path.abspath(d)
+    cert_file, ca_file = sds_files(out, sds_dir, remote)
     cert = "\n".join([
         "resources:",
         f"- \"@type\": {SECRET_TYPE}",
@@ -62,20 +79,27 @@ def write_sds(d, cert_file, ca_file):
         f"    trusted_ca: {{ filename: \"{d}/ca.crt\" }}",
         f"    watched_directory: {{ path: \"{d}\" }}",
     ]) + "\n"
-    os.makedirs(os.path.dirname(cert_file), exist_ok=True)
-    for path, text in ((cert_file, cert), (ca_file, ca)):
+    return {cert_file: cert, ca_file: ca}
+
+
+def write_sds(texts):
+    """Each SDS file written atomically (a watcher never reads half a file)."""
+    for path, text in texts.items():
+        os.makedirs(os.path.dirname(path), exist_ok=True)
         tmp = path + ".tmp"
         with open(tmp, "w", encoding="utf-8") as fh:
             fh.write(text)
         os.replace(tmp, path)
 
 
-def transport_socket(d, fleet_host, out, sds_dir):
+def transport_socket(d, fleet_host, out, sds_dir, remote=False):
     """The gpuha_fleet cluster's transport_socket YAML (indented for a cluster), after writing
-    the SDS files. `d`: the --dnsd-tls directory."""
-    d = check_dir(d)
-    cert_file, ca_file = sds_files(out, sds_dir)
-    write_sds(d, cert_file, ca_file)
+    the SDS files (not with `remote`: then `d` and `sds_dir` are paths on the machine that runs
+    Envoy, neither checked nor written here). `d`: the --dnsd-tls directory."""
+    texts = sds_texts(d if remote else check_dir(d), out, sds_dir, remote)
+    if not remote:
+        write_sds(texts)
+    cert_file, ca_file = texts
     try:
         ipaddress.ip_address(fleet_host)
         san, sni = f"{{ san_type: IP_ADDRESS, matcher: {{ exact: \"{fleet_host}\" }} }}", None

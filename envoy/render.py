@@ -21,7 +21,8 @@ A fallback chain (envoy/README.md, "Fallback chain") adds tiers after the router
         --provider '{"name":"openai","port":10102,"url":"https://api.openai.com/v1","model":"gpt-4o-mini",
                      "api_key_file":"/etc/gpuha/openai.key"}'
 
-See envoy/README.md for every option. Exit status 2 on bad arguments.
+See envoy/README.md for every option. Exit status 2 on bad arguments. (A little over 500 lines:
+the one argument parser of both templates; the TLS pieces live in dnsd_tls.py.)
 """
 
 import argparse
@@ -394,6 +395,8 @@ def main(argv=None):
                    help="mutual TLS to dnsd (fleet poll and EDS): DIR holds ca.crt, client.crt, client.key; "
                         "rotated over SDS from files written beside --out (or in --sds-dir). See deploy/tls/README.md")
     r.add_argument("--sds-dir", default=None, help="with --dnsd-tls: where the SDS files go (default: the directory of --out)")
+    r.add_argument("--remote-paths", action="store_true", help="with --dnsd-tls: it and --sds-dir (required, absolute) are paths on the machine "
+                   "that runs Envoy (Kubernetes mounts): not checked or written here; dnsd_tls.sds_texts() gives the SDS files")
     r.add_argument("--num-retries", type=int, default=2)
     r.add_argument("--per-try-timeout", default="5s", help="time-to-first-token budget per attempt (Envoy duration)")
     r.add_argument("--hedge", action="store_true", help="hedge_on_per_try_timeout: start the next attempt without cancelling a stalled one")
@@ -469,8 +472,10 @@ def main(argv=None):
         if a.dnsd_tls and not values["NODE"]:
             # Envoy's SDS needs a node id and cluster even with static members.
             values["NODE"] = f"node:\n  id: \"{a.node_id}\"\n  cluster: gpuha-router\n"
+        if a.remote_paths and not a.dnsd_tls:
+            ap.error("--remote-paths: only with --dnsd-tls (it says where --dnsd-tls and --sds-dir are)")
         try:
-            fleet_tls = dnsd_tls.transport_socket(a.dnsd_tls, fhost, a.out, a.sds_dir) if a.dnsd_tls else ""
+            fleet_tls = dnsd_tls.transport_socket(a.dnsd_tls, fhost, a.out, a.sds_dir, a.remote_paths) if a.dnsd_tls else ""
         except dnsd_tls.TlsError as e:
             ap.error(str(e))
         values.update({

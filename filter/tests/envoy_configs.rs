@@ -42,8 +42,12 @@ fn wasm() -> PathBuf {
     nested.join("wasm32-wasip1/release/gpuha_filter.wasm")
 }
 
+fn out_path(name: &str) -> PathBuf {
+    std::env::temp_dir().join(format!("gpuha-{name}-{}.yaml", std::process::id()))
+}
+
 fn render_and_check(args: &[&str], name: &str) -> (bool, String) {
-    let out = std::env::temp_dir().join(format!("gpuha-{name}-{}.yaml", std::process::id()));
+    let out = out_path(name);
     let wasm = wasm();
     let status = Command::new("python3")
         .arg(repo().join("envoy/render.py"))
@@ -190,6 +194,34 @@ fn pool_router_with_dnsd_tls_validates() {
         .expect("python3");
     assert_eq!(st.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&st.stderr).contains("client.key"), "{}", String::from_utf8_lossy(&st.stderr));
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// `--remote-paths` (rendering for another machine, deploy/kubernetes/generate.py): nothing is
+/// checked or written here; the SDS files from `dnsd_tls.sds_texts`, installed at the paths it
+/// names, make a config Envoy accepts.
+#[test]
+fn pool_router_with_remote_dnsd_tls_paths_validates() {
+    let dir = std::env::temp_dir().join(format!("gpuha-dnsd-tls-remote-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    let (certs, sds) = (dir.join("certs"), dir.join("sds"));
+    let (c, s) = (certs.to_str().expect("utf-8 path"), sds.to_str().expect("utf-8 path"));
+    let name = "pool-router-remote-tls";
+    let args = ["pool-router", "--listen-port", "10000", "--admin-port", "9901", "--fleet", "dnsd.internal:9401", "--dnsd-tls", c, "--sds-dir", s, "--remote-paths"];
+    // The certificates do not exist here yet, and no SDS file is written.
+    let st = Command::new("python3").arg(repo().join("envoy/render.py")).args(args).args(["--wasm", "/x.wasm", "--out", "-"]).output().expect("python3");
+    assert!(st.status.success(), "{}", String::from_utf8_lossy(&st.stderr));
+    assert!(!sds.exists(), "--remote-paths wrote {s}");
+    let st = Command::new("bash").arg(repo().join("deploy/tls/make-certs.sh")).arg("all").arg(&certs).args(["--san", "DNS:dnsd.internal"]).output().expect("bash");
+    assert!(st.status.success(), "make-certs.sh: {}", String::from_utf8_lossy(&st.stderr));
+    let install = "import sys; sys.path.insert(0, sys.argv[1]); import dnsd_tls; \
+                   dnsd_tls.write_sds(dnsd_tls.sds_texts(sys.argv[2], sys.argv[3], sys.argv[4], remote=True))";
+    let st = Command::new("python3").args(["-c", install]).arg(repo().join("envoy")).args([c]).arg(out_path(name)).arg(s).output().expect("python3");
+    assert!(st.status.success(), "{}", String::from_utf8_lossy(&st.stderr));
+    render_and_validate(&args, name);
+    // A relative --sds-dir means nothing on another machine: refused.
+    let st = Command::new("python3").arg(repo().join("envoy/render.py")).args(&args[..args.len() - 3]).args(["--sds-dir", "sds", "--remote-paths", "--wasm", "/x.wasm", "--out", "-"]).output().expect("python3");
+    assert_eq!(st.status.code(), Some(2), "{}", String::from_utf8_lossy(&st.stderr));
     let _ = std::fs::remove_dir_all(&dir);
 }
 

@@ -1,8 +1,11 @@
 """deploy/kubernetes/, checked offline: every object against the Kubernetes schemas
 (kubernetes-validate, which ships them: no cluster, no network), the router's Envoy config as
-render.py makes it today and as Envoy itself accepts it, the addresses and ports the files must
-agree on, the names they reference, dnsd's config as dnsd reads it, and the vLLM drain hook
-against a fake vLLM."""
+render.py makes it today and as Envoy itself accepts it (with its SDS files and certificates from
+deploy/tls/make-certs.sh), the addresses and ports the files must agree on (mTLS port, metrics
+port, NetworkPolicy), the names they reference (Secrets with the files the configs read), dnsd's
+config as dnsd reads it, the shipped router and dnsd configs talking over mutual TLS, and the
+vLLM drain hook against a fake vLLM. (A little over 500 lines: one check per thing the manifests
+must agree on, in one place.)"""
 
 from __future__ import annotations
 
@@ -25,6 +28,9 @@ REPO = Path(__file__).resolve().parents[2]
 K8S = REPO / "deploy" / "kubernetes"
 sys.path.insert(0, str(K8S))
 import generate  # noqa: E402  (deploy/kubernetes/generate.py)
+
+sys.path.insert(0, str(REPO / "envoy"))
+import dnsd_tls  # noqa: E402  (envoy/dnsd_tls.py)
 
 KUBERNETES_VERSION = "1.37.0"
 NAMESPACE = "gpuha"
@@ -74,6 +80,35 @@ def port_of(addr: str) -> int:
     return int(addr.rsplit(":", 1)[1])
 
 
+def fleet_host() -> str:
+    return generate.option("--fleet").rsplit(":", 1)[0]
+
+
+def make_certs(d: Path, *args: str) -> None:
+    """deploy/tls/make-certs.sh all D ARGS: the CA, dnsd's and a router's certificate."""
+    r = subprocess.run(["bash", str(REPO / "deploy" / "tls" / "make-certs.sh"), "all", str(d), *args],
+                       capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stdout + r.stderr
+
+
+def readme_secret_files() -> dict[str, dict[str, str]]:
+    """Secret name -> {key: the make-certs.sh file it is made from}, from the README's commands."""
+    out = {}
+    for line in (K8S / "README.md").read_text().splitlines():
+        m = re.search(r"kubectl -n gpuha create secret generic ([a-z0-9-]+)(.*)", line)
+        if m:
+            out[m.group(1)] = dict(re.findall(r"--from-file=([^=\s]+)=(\S+)", m.group(2)))
+    return out
+
+
+def mounts_of(workload: str, container: str) -> dict[str, tuple[str, dict]]:
+    """Volume mount path -> (volume name, volume) of one container."""
+    spec = pod_specs()[workload]["spec"]
+    vols = {v["name"]: v for v in spec.get("volumes", [])}
+    c = next(x for x in spec["containers"] if x["name"] == container)
+    return {m["mountPath"]: (m["name"], vols.get(m["name"], {})) for m in c.get("volumeMounts", [])}
+
+
 def test_every_object_passes_the_kubernetes_schemas_offline() -> None:
     import kubernetes_validate  # deploy/ensure-deps.sh installs it; it ships the schemas
 
@@ -116,6 +151,42 @@ def test_generated_configmaps_are_what_render_py_and_the_drain_script_make_today
     c = router_config()
     workers = next(x for x in c["static_resources"]["clusters"] if x["name"] == "gpuha_workers")
     assert workers["type"] == "EDS" and "load_assignment" not in workers, "no worker list: membership from dnsd"
+    # The SDS files: what dnsd_tls writes for the pod's paths, named by the fleet cluster's TLS.
+    sds_dir, tls_dir = generate.option("--sds-dir"), generate.option("--dnsd-tls")
+    want = dnsd_tls.sds_texts(tls_dir, "-", sds_dir, remote=True)
+    assert cms["gpuha-router-sds"]["data"] == {Path(p).name: t for p, t in want.items()}
+    for text in want.values():
+        assert f'"{tls_dir}/' in text
+    fleet = next(x for x in c["static_resources"]["clusters"] if x["name"] == "gpuha_fleet")
+    tls = fleet["transport_socket"]["typed_config"]
+    assert tls["sni"] == fleet_host()
+    ctx = tls["common_tls_context"]
+    named = [ctx["tls_certificate_sds_secret_configs"][0]["sds_config"]["path_config_source"]["path"],
+             ctx["combined_validation_context"]["validation_context_sds_secret_config"]["sds_config"]["path_config_source"]["path"]]
+    assert sorted(named) == sorted(want), "the router config names the SDS files of ConfigMap gpuha-router-sds"
+    sans = ctx["combined_validation_context"]["default_validation_context"]["match_typed_subject_alt_names"]
+    assert sans == [{"san_type": "DNS", "matcher": {"exact": fleet_host()}}]
+
+
+def router_config_here(tmp_path: Path, wasm: Path, certs: Path) -> Path:
+    """The shipped router config and SDS files with the pod's paths replaced by local ones."""
+    cms = by_kind("ConfigMap")
+    sds_dir, tls_dir = generate.option("--sds-dir"), generate.option("--dnsd-tls")
+    sds = tmp_path / "sds"
+    sds.mkdir()
+    for name, text in cms["gpuha-router-sds"]["data"].items():
+        assert text.count(f'"{tls_dir}') >= 2
+        (sds / name).write_text(text.replace(f'"{tls_dir}', f'"{certs}'))
+    text = cms["gpuha-router-config"]["data"]["pool-router.yaml"]
+    assert text.count('"/etc/gpuha/wasm/gpuha_filter.wasm"') >= 2 and text.count(f'"{sds_dir}/') == 2
+    cfg = tmp_path / "pool-router.yaml"
+    cfg.write_text(text.replace("/etc/gpuha/wasm/gpuha_filter.wasm", str(wasm)).replace(f'"{sds_dir}/', f'"{sds}/'))
+    return cfg
+
+
+def envoy_validate(cfg: Path) -> subprocess.CompletedProcess:
+    return subprocess.run([str(harness.envoy_bin()), "--mode", "validate", "-c", str(cfg), "--service-node", "gpuha-router-0"],
+                          capture_output=True, text=True, timeout=120)
 
 
 def test_the_shipped_router_config_passes_envoy_validate(tmp_path: Path) -> None:
@@ -123,14 +194,71 @@ def test_the_shipped_router_config_passes_envoy_validate(tmp_path: Path) -> None
         wasm = harness.wasm_path()
     except FileNotFoundError as e:
         pytest.skip(str(e))
-    text = by_kind("ConfigMap")["gpuha-router-config"]["data"]["pool-router.yaml"]
-    assert text.count('"/etc/gpuha/wasm/gpuha_filter.wasm"') >= 2
-    cfg = tmp_path / "pool-router.yaml"
-    cfg.write_text(text.replace("/etc/gpuha/wasm/gpuha_filter.wasm", str(wasm)))
-    r = subprocess.run([str(harness.envoy_bin()), "--mode", "validate", "-c", str(cfg), "--service-node", "gpuha-router-0"],
-                       capture_output=True, text=True, timeout=120)
+    certs = tmp_path / "certs"
+    make_certs(certs, "--san", f"DNS:{fleet_host()}")
+    cfg = router_config_here(tmp_path, wasm, certs)
+    r = envoy_validate(cfg)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     assert "configuration" in r.stdout and "OK" in r.stdout, r.stdout
+    # (Validate mode does not read the SDS files; the test below runs them.)
+
+
+def metric(text: str, name: str) -> float:
+    return sum(float(m.group(1)) for m in re.finditer(rf"^{re.escape(name)}(?:{{[^}}]*}})? (\S+)$", text, re.M))
+
+
+def test_the_shipped_router_and_dnsd_configs_talk_over_mutual_tls(tmp_path: Path) -> None:
+    """dnsd on its shipped config and Envoy on the shipped router config and SDS files, with
+    certificates from make-certs.sh for the --fleet name and only the addresses made local: the
+    router's EDS polls reach dnsd over mutual TLS (SAN and SNI as shipped), and nothing is refused."""
+    try:
+        wasm, dnsd_bin, envoy = harness.wasm_path(), harness.binary("gpuha-dnsd"), harness.envoy_bin()
+    except FileNotFoundError as e:
+        pytest.skip(str(e))
+    certs = tmp_path / "certs"
+    make_certs(certs, "--san", f"DNS:{fleet_host()}")
+    text = by_kind("ConfigMap")["gpuha-dnsd-config"]["data"]["dnsd.toml"]
+    (tmp_path / "frame.key").write_bytes(bytes(range(32)))
+    (tmp_path / "admin.token").write_text("0123456789abcdef0123456789abcdef\n")
+    tls_port = harness.free_port()
+    for old, new in [("/etc/gpuha/keys/frame.key", tmp_path / "frame.key"), ("/etc/gpuha/admin/admin.token", tmp_path / "admin.token"),
+                     ("/var/lib/gpuha-dnsd/", f"{tmp_path}/"), ("/etc/gpuha/tls/dnsd.crt", certs / "dnsd.crt"),
+                     ("/etc/gpuha/tls/dnsd.key", certs / "dnsd.key"), ("/etc/gpuha/tls/client-ca.crt", certs / "ca.crt"),
+                     ('"0.0.0.0:9401"', f'"127.0.0.1:{tls_port}"'), ("0.0.0.0:", "127.0.0.1:0#")]:
+        assert old in text
+        text = text.replace(old, str(new))
+    text = re.sub(r'"127\.0\.0\.1:0#\d+"', '"127.0.0.1:0"', text)
+    (tmp_path / "dnsd.toml").write_text(text)
+    cfg = yaml.safe_load(router_config_here(tmp_path, wasm, certs).read_text())
+    cfg["static_resources"]["listeners"][0]["address"]["socket_address"]["port_value"] = harness.free_port()
+    cfg["admin"]["address"]["socket_address"].update(address="127.0.0.1", port_value=(admin := harness.free_port()))
+    fleet = next(x for x in cfg["static_resources"]["clusters"] if x["name"] == "gpuha_fleet")
+    sa = fleet["load_assignment"]["endpoints"][0]["lb_endpoints"][0]["endpoint"]["address"]["socket_address"]
+    sa.update(address="127.0.0.1", port_value=tls_port)  # the name stays in SNI and the SAN check
+    (tmp_path / "router.yaml").write_text(yaml.safe_dump(cfg))
+    dnsd = harness.Proc("dnsd", [dnsd_bin, "--config", tmp_path / "dnsd.toml"], tmp_path)
+    router = None
+    try:
+        metrics_addr = dnsd.wait_line(r"^READY .*metrics=(\S+)").group(1)
+        router = harness.Proc("envoy", [envoy, "-c", tmp_path / "router.yaml", "--service-node", "gpuha-router-0",
+                                        "--disable-hot-restart", "--concurrency", "1", "-l", "warning"], tmp_path)
+
+        def dnsd_metrics() -> str:
+            return harness.http_get(f"http://{metrics_addr}/metrics")[1].decode()
+
+        harness.wait_for(lambda: metric(dnsd_metrics(), "gpuha_dnsd_eds_requests_total") >= 1 or None, 30, "an EDS poll over mTLS")
+        m = dnsd_metrics()
+        assert metric(m, "gpuha_dnsd_http_tls_handshakes_total") >= 1 and metric(m, "gpuha_dnsd_http_tls_refused_total") == 0, m
+        stats = harness.http_get(f"http://127.0.0.1:{admin}/stats?filter=gpuha_fleet.ssl")[1].decode()
+        assert re.search(r"^cluster\.gpuha_fleet\.ssl\.handshake: [1-9]", stats, re.M), stats
+        # The client certificate in use is the Secret's (Envoy read it through the SDS files).
+        serial = subprocess.run(["openssl", "x509", "-in", str(certs / "client.crt"), "-noout", "-serial"],
+                                capture_output=True, text=True, timeout=30).stdout.strip().split("=")[-1].lower()
+        assert serial and serial in harness.http_get(f"http://127.0.0.1:{admin}/certs")[1].decode().lower()
+    finally:
+        if router is not None:
+            router.terminate()
+        dnsd.terminate()
 
 
 def test_services_select_pods_that_have_their_target_ports() -> None:
@@ -173,7 +301,19 @@ def test_dnsd_listens_where_its_container_and_services_say() -> None:
     dnsd = pod_specs()["gpuha-dnsd"]["spec"]["containers"][0]
     ports = {(p["containerPort"], p["protocol"]): p["name"] for p in dnsd["ports"]}
     assert ports[(port_of(cfg["ingest"]["listen"]), "UDP")] == "ingest"
-    assert ports[(port_of(cfg["http"]["listen"]), "TCP")] == "http"
+    assert ports[(port_of(cfg["http"]["listen"]), "TCP")] == "https"
+    assert ports[(port_of(cfg["http"]["metrics_listen"]), "TCP")] == "metrics"
+    assert cfg["http"]["metrics_listen"].startswith("0.0.0.0:"), "the kubelet's probes reach the pod IP"
+    # The mTLS port needs a client certificate: the kubelet's probes go to the metrics listener.
+    for probe in ("livenessProbe", "readinessProbe"):
+        assert dnsd[probe]["httpGet"] == {"path": "/healthz", "port": "metrics"}, probe
+    # [http.tls]: files of Secret gpuha-dnsd-tls, mounted as a directory.
+    tls = cfg["http"]["tls"]
+    dirs = {str(Path(tls[k]).parent) for k in ("cert_file", "key_file", "client_ca_file")}
+    assert len(dirs) == 1
+    name, vol = mounts_of("gpuha-dnsd", "dnsd")[dirs.pop()]
+    assert vol["secret"]["secretName"] == "gpuha-dnsd-tls" and "optional" not in vol["secret"]
+    assert set(readme_secret_files()["gpuha-dnsd-tls"]) == {Path(tls[k]).name for k in ("cert_file", "key_file", "client_ca_file")}
     assert ports[(port_of(cfg["dns"]["listen"]), "UDP")] == "dns-udp"
     assert ports[(port_of(cfg["dns"]["listen"]), "TCP")] == "dns-tcp"
     for key in ("ingest", "http", "dns"):
@@ -215,10 +355,46 @@ def test_router_listens_where_its_container_says_and_polls_the_headless_service(
     headless = by_kind("Service")["gpuha-dnsd"]
     assert headless["spec"]["clusterIP"] == "None" and fleet["type"] == "STRICT_DNS"
     assert sa["address"] == f"gpuha-dnsd.{NAMESPACE}.svc.cluster.local"
-    assert sa["port_value"] == next(p["port"] for p in headless["spec"]["ports"] if p["name"] == "http")
+    assert sa["port_value"] == next(p["port"] for p in headless["spec"]["ports"] if p["name"] == "https")
     assert "/etc/gpuha/envoy/pool-router.yaml" in " ".join(envoy["command"])
     mounts = {m["name"]: m["mountPath"] for m in envoy["volumeMounts"]}
     assert mounts["config"] == "/etc/gpuha/envoy" and mounts["wasm"] == "/etc/gpuha/wasm"
+    # Mutual TLS to dnsd: the Secret at --dnsd-tls, the SDS ConfigMap at --sds-dir.
+    m = mounts_of("gpuha-router", "envoy")
+    tls_vol = m[generate.option("--dnsd-tls")][1]
+    assert tls_vol["secret"]["secretName"] == "gpuha-router-tls" and "optional" not in tls_vol["secret"]
+    assert set(readme_secret_files()["gpuha-router-tls"]) == set(dnsd_tls.FILES)
+    assert m[generate.option("--sds-dir")][1]["configMap"]["name"] == "gpuha-router-sds"
+    assert "--remote-paths" in generate.ROUTER_ARGS
+    # Mode 0440: readable through fsGroup by Envoy's user.
+    sc = pod_specs()["gpuha-router"]["spec"]["securityContext"]
+    assert tls_vol["secret"]["defaultMode"] == 0o440 and sc["fsGroup"] == sc["runAsUser"]
+
+
+def test_dnsd_certificate_names_the_fleet_host_and_secrets_come_from_make_certs() -> None:
+    text = (K8S / "README.md").read_text()
+    cmd = re.search(r"deploy/tls/make-certs.sh all (\S+) --san \"([^\"]+)\"", text)
+    assert cmd, "README: the make-certs.sh command for the control channel"
+    assert f"DNS:{fleet_host()}" in cmd.group(2).split(","), "dnsd's certificate must name the routers' --fleet host"
+    d = cmd.group(1)
+    files = readme_secret_files()
+    assert files["gpuha-dnsd-tls"] == {"dnsd.crt": f"{d}/dnsd.crt", "dnsd.key": f"{d}/dnsd.key", "client-ca.crt": f"{d}/ca.crt"}
+    assert files["gpuha-router-tls"] == {"ca.crt": f"{d}/ca.crt", "client.crt": f"{d}/client.crt", "client.key": f"{d}/client.key"}
+    assert not any(v.endswith("ca.key") for f in files.values() for v in f.values()), "the CA key stays off the cluster"
+
+
+def test_network_policy_admits_routers_to_tls_and_prometheus_to_metrics() -> None:
+    cfg = dnsd_config()
+    policy = by_kind("NetworkPolicy")["gpuha-dnsd"]
+    who = {}
+    for rule in policy["spec"]["ingress"]:
+        apps = sorted(p.get("podSelector", {}).get("matchLabels", {}).get("app.kubernetes.io/name", "?") for p in rule.get("from", [{}]))
+        for p in rule["ports"]:
+            who.setdefault((p["port"], p["protocol"]), []).extend(apps)
+    assert who[(port_of(cfg["http"]["listen"]), "TCP")] == ["gpuha-router"]
+    assert who[(port_of(cfg["http"]["metrics_listen"]), "TCP")] == ["prometheus"]
+    headless = {p["name"]: p["port"] for p in by_kind("Service")["gpuha-dnsd"]["spec"]["ports"]}
+    assert headless["https"] == port_of(cfg["http"]["listen"]) and headless["metrics"] == port_of(cfg["http"]["metrics_listen"])
 
 
 def test_dns_addresses_agree_with_the_zone_and_the_pools() -> None:
@@ -275,13 +451,21 @@ def test_dnsd_accepts_its_config(tmp_path: Path) -> None:
     text = by_kind("ConfigMap")["gpuha-dnsd-config"]["data"]["dnsd.toml"]
     (tmp_path / "frame.key").write_bytes(bytes(range(32)))
     (tmp_path / "admin.token").write_text("0123456789abcdef0123456789abcdef\n")
+    certs = tmp_path / "certs"
+    make_certs(certs, "--san", f"DNS:{fleet_host()}")
     for old, new in [("/etc/gpuha/keys/frame.key", tmp_path / "frame.key"), ("/etc/gpuha/admin/admin.token", tmp_path / "admin.token"),
-                     ("/var/lib/gpuha-dnsd/", f"{tmp_path}/")]:
+                     ("/var/lib/gpuha-dnsd/", f"{tmp_path}/"), ("/etc/gpuha/tls/dnsd.crt", certs / "dnsd.crt"),
+                     ("/etc/gpuha/tls/dnsd.key", certs / "dnsd.key"), ("/etc/gpuha/tls/client-ca.crt", certs / "ca.crt")]:
         assert old in text
         text = text.replace(old, str(new))
     (tmp_path / "dnsd.toml").write_text(text)
     r = subprocess.run([str(dnsd), "--config", str(tmp_path / "dnsd.toml"), "--check"], capture_output=True, text=True, timeout=30)
     assert r.returncode == 0 and "config ok" in r.stdout, r.stdout + r.stderr
+    # Without [http.tls] the same config is refused: plain HTTP only on loopback.
+    plain = "\n".join(line for line in text.splitlines() if not line.startswith("tls = "))
+    (tmp_path / "dnsd.toml").write_text(plain)
+    r = subprocess.run([str(dnsd), "--config", str(tmp_path / "dnsd.toml"), "--check"], capture_output=True, text=True, timeout=30)
+    assert r.returncode != 0 and "loopback" in r.stderr, r.stderr
     (tmp_path / "dnsd.toml").write_text(text.replace('listen = "0.0.0.0:5353"', 'listen = "0.0.0.0:5353"\nbogus = 1'))
     r = subprocess.run([str(dnsd), "--config", str(tmp_path / "dnsd.toml"), "--check"], capture_output=True, text=True, timeout=30)
     assert r.returncode != 0 and "bogus" in r.stderr, r.stderr

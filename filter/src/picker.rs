@@ -282,8 +282,8 @@ impl HttpContext for Picker {
         // Clients must not steer the load balancer or claim probes.
         host::set_request_header(ENDPOINTS_HEADER, None);
         host::set_request_header(PROBE_HEADER, None);
-        // Nor set the retry count (stock Envoy trusts it from any client without
-        // use_remote_address): the picker sets it with a list, else the route's applies.
+        // Nor set the retry count: the picker sets it with a list, else the route's applies.
+        // (Envoy's HCM already strips it from requests it does not count as internal.)
         host::set_request_header(MAX_RETRIES_HEADER, None);
         self.path = host::request_header(":path").unwrap_or_default();
         self.spilled = host::request_header(SPILLED_HEADER).is_some();

@@ -40,6 +40,40 @@ def frame(worker, pool, boot, seq, sent, metrics, models=(b"m",), v6=False, key_
     return out + hmac.new(KEY, out, hashlib.sha256).digest()
 
 
+# What the sidecar's mapping reads (sidecar/src/scrape.rs, WANTED).
+WANTED = (b"num_requests_running", b"num_requests_waiting", b"kv_cache_usage_perc", b"gpu_cache_usage_perc",
+          b"time_to_first_token_seconds_sum", b"time_to_first_token_seconds_count", b"prompt_tokens_total",
+          b"generation_tokens_total", b"num_preemptions_total", b"iteration_tokens_total_count")
+
+
+def metrics_excerpt(page):
+    """A /metrics page cut to about 2 KB: every sample the mapping reads with its HELP and TYPE
+    lines, and, for the filter to skip, the page's first lines (python_gc), a few other vLLM
+    TYPE lines (the filter keeps every one), histogram buckets and a sample of another vLLM name."""
+    lines = page.split(b"\n")
+    names = {b"vllm:" + w for w in WANTED}
+    names |= {n.removesuffix(b"_sum").removesuffix(b"_count") for n in names}
+
+    def name_of(line):
+        rest = line[7:] if line.startswith((b"# HELP ", b"# TYPE ")) else line
+        return rest.split(b"{")[0].split(b" ")[0]
+
+    keep, other_types, buckets = set(range(6)), 0, 0
+    for i, line in enumerate(lines):
+        n = name_of(line)
+        if n in names:
+            keep.add(i)
+        elif line.startswith(b"# TYPE vllm:") and other_types < 4:
+            keep.add(i)
+            other_types += 1
+        elif n.startswith(b"vllm:time_to_first_token_seconds_bucket") and buckets < 3:
+            keep.add(i)
+            buckets += 1
+        elif n == b"vllm:num_requests_swapped" or n == b"vllm:engine_sleep_state":
+            keep.add(i)
+    return b"\n".join(lines[i] for i in sorted(keep)) + b"\n"
+
+
 def dns_name(name):
     out = b""
     for label in name.rstrip(".").split("."):
@@ -77,14 +111,26 @@ def main():
     for f in sorted(CAPTURES.glob("*.txt")):
         data = f.read_bytes()
         if f.name.startswith("metrics-"):
-            seed("sidecar_metrics", "body-" + f.name, b"\x01" + data)
+            # Not whole pages (~50 KB, a few hundred executions a second): the lines the mapping
+            # reads, with some of what the sidecar's line filter must skip.
+            data = metrics_excerpt(data)
             http = b"HTTP/1.1 200 OK\r\ncontent-type: text/plain\r\ncontent-length: %d\r\n\r\n" % len(data) + data
+            chunked = b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n" + b"".join(
+                b"%x\r\n%s\r\n" % (len(data[i:i + 700]), data[i:i + 700]) for i in range(0, len(data), 700)) + b"0\r\n\r\n"
+            seed("sidecar_metrics", "body-" + f.name, b"\x01" + data)
             seed("sidecar_metrics", "http-" + f.name, b"\x00" + http)
+            seed("sidecar_metrics", "filtered-" + f.name, b"\x02" + chunked)
+            # Mode 3: the same response in reads of 1 + (mode >> 2) bytes (here 13).
+            seed("sidecar_metrics", "reads-" + f.name, bytes([3 | (12 << 2)]) + http)
         else:
             body = data.split(b"\r\n\r\n", 1)[-1]
             seed("sse_output", f.name, b"\x80" + body)
             seed("attempt", f.name, b"\x00\x10\x00" + body)
             seed("request_scan", f.name, body[:2048])
+    # Data parallel: sums across engines, one of them at the edge of f64 (saturates).
+    engines = b"".join(b'vllm:%s{engine="%d",model_name="m%d"} %s\n' % (n, e, e, v) for e, v in ((0, b"1e308"), (1, b"1e308"))
+                       for n in (b"num_requests_running", b"kv_cache_usage_perc", b"prompt_tokens_total"))
+    seed("sidecar_metrics", "two-engines", b"\x01# TYPE vllm:num_requests_running gauge\n" + engines)
     for name, body in {
         "chat.json": b'{"messages":[{"role":"user","content":"hi \\"there\\""}],"model":"m","stream":true}',
         "model-first.json": b'{"model":"Qwen/Qwen3-0.6B","stream":false,"max_tokens":8}',

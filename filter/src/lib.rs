@@ -39,6 +39,9 @@ pub use poll::poll_path;
 
 /// Request header read by the `override_host` load balancer.
 pub const ENDPOINTS_HEADER: &str = "x-gpuha-endpoints";
+/// Request header stock Envoy's router reads as the request's retry count (it takes precedence
+/// over the route's `num_retries`).
+pub const MAX_RETRIES_HEADER: &str = "x-envoy-max-retries";
 /// Request header telling the guard that this request carries a half-open probe.
 pub const PROBE_HEADER: &str = "x-gpuha-probe";
 /// The request id Envoy's HCM generates (or keeps): the key of a request's shared-data slot.

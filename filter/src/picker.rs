@@ -10,7 +10,7 @@ use std::rc::Rc;
 use gpuha_liveness::affinity::{Key, Outcome, Want};
 use gpuha_liveness::openai_error::{error_response, is_api_shaped};
 use gpuha_liveness::blame::{blame, parse_notes};
-use gpuha_liveness::pick::{panic_fill, pick_ranked, stalled_fail_open, Decision};
+use gpuha_liveness::pick::{panic_fill, pick_ranked, retries_for, stalled_fail_open, Decision};
 use gpuha_liveness::request::{RequestFields, Scan};
 use gpuha_liveness::slots::{decode_request_notes, request_key, u64_at, encode_u64, SPILL_IN_FLIGHT_KEY};
 use gpuha_liveness::tier::{admit_spill, pool_load, TierKind, SPILLED_HEADER, TIER_HEADER};
@@ -24,7 +24,7 @@ use crate::config::{NoWorkerPolicy, PickerConfig};
 use crate::flights::{self, SharedLoad};
 use crate::host;
 use crate::stats::{inc, Stats, TierStats};
-use crate::{ENDPOINTS_HEADER, PROBE_HEADER, REQUEST_ID_HEADER};
+use crate::{ENDPOINTS_HEADER, MAX_RETRIES_HEADER, PROBE_HEADER, REQUEST_ID_HEADER};
 
 pub struct Picker {
     cfg: Rc<PickerConfig>,
@@ -57,14 +57,20 @@ impl Picker {
         Picker { cfg, stats, thread, body: None, stream: false, rewrite: None, judged: false, request_id: None, path: String::new(), spilled: false, holds_spill: false, tier_served, session: None, flight: None }
     }
 
-    /// Writes the request's endpoint list: the picked workers, then the chain's tiers. `false`
-    /// when the list is empty (nothing was picked and no tier applies).
-    fn list(&self, own: &[String]) -> bool {
+    /// Writes the request's endpoint list: the picked workers, then the chain's tiers, and how
+    /// many retries Envoy makes for it: the list's, then up to `pick.retries_past_list` on the
+    /// router's workers in `view` the list does not name (`gpuha_liveness::pick::retries_for`).
+    /// `false` when the list is empty (nothing was picked and no tier applies).
+    fn list(&self, own: &[String], view: &gpuha_liveness::FleetView) -> bool {
         let listed = self.cfg.tiers.endpoints(own, &self.path, self.spilled);
         if listed.endpoints.is_empty() {
             return false;
         }
         host::set_request_header(ENDPOINTS_HEADER, Some(&listed.endpoints.join(",")));
+        let pools = &self.cfg.pick.pools;
+        let members = view.workers.iter().filter(|w| !w.drained && (pools.is_empty() || pools.contains(&w.pool))).map(|w| w.addr.as_str());
+        let retries = retries_for(&listed.endpoints, members, self.cfg.pick.retries_past_list);
+        host::set_request_header(MAX_RETRIES_HEADER, Some(&retries.to_string()));
         if listed.spills {
             // The receiving router serves it with its own workers only (no re-spill).
             host::set_request_header(SPILLED_HEADER, Some(&self.cfg.tiers.own));
@@ -169,7 +175,7 @@ impl Picker {
         match decision {
             Decision::Endpoints { endpoints, probe } => {
                 self.count_lora(&view, fetched, now, model.as_deref(), endpoints.first().map(String::as_str));
-                self.list(&endpoints);
+                self.list(&endpoints, &view);
                 if let Some(p) = &probe {
                     host::set_request_header(PROBE_HEADER, Some(p));
                     inc(self.stats.probes);
@@ -196,7 +202,7 @@ impl Picker {
             }
             Decision::NoWorker { fresh, serving } => {
                 inc(self.stats.no_worker);
-                if self.list(&[]) {
+                if self.list(&[], &view) {
                     // No own worker: the chain's tiers alone.
                     return Action::Continue;
                 }
@@ -297,6 +303,9 @@ impl HttpContext for Picker {
         // Clients must not steer the load balancer or claim probes.
         host::set_request_header(ENDPOINTS_HEADER, None);
         host::set_request_header(PROBE_HEADER, None);
+        // Nor set the retry count: the picker sets it with a list, else the route's applies.
+        // (Envoy's HCM already strips it from requests it does not count as internal.)
+        host::set_request_header(MAX_RETRIES_HEADER, None);
         self.path = host::request_header(":path").unwrap_or_default();
         self.spilled = host::request_header(SPILLED_HEADER).is_some();
         self.request_id = host::request_header(REQUEST_ID_HEADER).filter(|id| !id.is_empty());

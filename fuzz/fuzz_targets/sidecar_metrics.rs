@@ -2,10 +2,15 @@
 //! lines the mapping reads, or the input as the body) parsed, its Prometheus text mapped to the
 //! frame's numbers, and the frame signed. The mapping promises finite numbers, so every mapped
 //! frame must encode and decode to itself.
+//!
+//! The first byte chooses the path: `& 3` = 0 whole response, 1 the input is the body, 2 the
+//! sidecar's streaming line filter, 3 the same in reads of `1 + (byte >> 2)` bytes, which must
+//! give what one read gives. Seeds (fuzz/make_seeds.py) are ~3 KB excerpts of real pages, not
+//! whole ~50 KB pages: the lines the mapping reads and some that the filter skips.
 #![no_main]
 
 use gpuha_liveness::{Frame, KeyRing};
-use gpuha_sidecar::http::{parse_response, parse_response_lines};
+use gpuha_sidecar::http::{parse_response, parse_response_lines, parse_response_reads};
 use gpuha_sidecar::scrape::{parse, wanted_line};
 use libfuzzer_sys::fuzz_target;
 
@@ -23,6 +28,21 @@ fuzz_target!(|data: &[u8]| {
             Ok(t) => t,
             Err(_) => return,
         },
+        3 => {
+            let split = parse_response_reads(rest.chunks(1 + usize::from(mode >> 2)), wanted_line);
+            let whole = parse_response_lines(rest, wanted_line);
+            match (split, whole) {
+                (Ok(a), Ok(b)) => {
+                    assert_eq!(a, b, "reads of {} bytes", 1 + (mode >> 2));
+                    a
+                }
+                (Err(a), Err(b)) => {
+                    assert_eq!(a.to_string(), b.to_string());
+                    return;
+                }
+                (a, b) => panic!("reads of {} bytes: {a:?}; one read: {b:?}", 1 + (mode >> 2)),
+            }
+        }
         _ => String::from_utf8_lossy(rest).into_owned(),
     };
     let Ok(scraped) = parse(&text) else { return };

@@ -28,6 +28,8 @@ pub struct PickConfig {
     pub pools: Vec<String>,
     /// Endpoints in the list (first attempt + retries).
     pub max_endpoints: usize,
+    /// Attempts past the end of the list, on workers the request has not tried ([`retries_for`]).
+    pub retries_past_list: usize,
     /// A worker whose frame is this old (dnsd's age + local time since the fetch) is skipped.
     pub freshness_gate_ms: u64,
     /// A snapshot fetched longer ago than this is not used at all: fail open.
@@ -59,6 +61,7 @@ impl Default for PickConfig {
         PickConfig {
             pools: Vec::new(),
             max_endpoints: 3,
+            retries_past_list: DEFAULT_RETRIES_PAST_LIST,
             freshness_gate_ms: crate::FRESHNESS_GATE_MS,
             stale_after_ms: 3_000,
             near_best_ratio: 0.25,
@@ -80,6 +83,9 @@ impl PickConfig {
         if self.max_endpoints == 0 || self.max_endpoints > 16 {
             return Err("pick.max_endpoints: must be 1..=16".into());
         }
+        if self.retries_past_list > MAX_RETRIES_PAST_LIST {
+            return Err(format!("pick.retries_past_list: at most {MAX_RETRIES_PAST_LIST} (the route's host_selection_retry_max_attempts bounds the search for an untried worker)"));
+        }
         if self.freshness_gate_ms == 0 || self.stale_after_ms == 0 {
             return Err("pick.freshness_gate_ms / stale_after_ms: must be > 0".into());
         }
@@ -96,6 +102,43 @@ impl PickConfig {
         self.affinity.validate()?;
         self.lora.validate()
     }
+}
+
+/// Attempts past the end of a request's endpoint list by default ([`retries_for`]).
+pub const DEFAULT_RETRIES_PAST_LIST: usize = 2;
+/// The most [`PickConfig::retries_past_list`] may be: Envoy's round robin looks for an untried
+/// worker at most `host_selection_retry_max_attempts` (8, `envoy/pool-router.yaml`) times more,
+/// and then takes a tried one.
+pub const MAX_RETRIES_PAST_LIST: usize = 8;
+
+/// How many retries Envoy makes for a request whose `x-gpuha-endpoints` list is `listed` (the
+/// picker sends it in `x-envoy-max-retries`, which stock Envoy puts before the route's
+/// `num_retries`): one per address after the first, then up to `past_list` more. Past the end
+/// of the list stock Envoy's `override_host` policy hands each attempt to the cluster's fallback
+/// round robin, and the route's `previous_hosts` predicate keeps it off every worker the request
+/// tried; so these are bounded by the distinct `members` (the router's own workers) the list
+/// does not name: a cluster with no untried worker left gets no attempt that would go back to a
+/// tried one.
+///
+/// Why attempts past the list: the list is chosen when the request arrives, and a request held
+/// on a worker that freezes or hangs waits for the guard's stall rescue (the 3 s gate + 2 s)
+/// before its next attempt, so it can outlive every worker it was given while others are live
+/// (the kill soak's two errors: 3 listed workers, each faulted while the request was in
+/// flight). Why only a few: against a dead fleet each one costs a connect failure (fast) or a
+/// blackholed connect (`connect_timeout`), against a hung one a `per_try_timeout` or a stall
+/// rescue (~5 s each), all of it the client's wait before its error; 2 covers the soak's fleet
+/// (5 workers, 3 listed) and adds at most ~10 s to the worst wait.
+pub fn retries_for<'a>(listed: &[String], members: impl IntoIterator<Item = &'a str>, past_list: usize) -> usize {
+    let mut unlisted: Vec<&str> = Vec::with_capacity(past_list);
+    for m in members {
+        if unlisted.len() >= past_list {
+            break;
+        }
+        if !listed.iter().any(|l| l == m) && !unlisted.contains(&m) {
+            unlisted.push(m);
+        }
+    }
+    listed.len().saturating_sub(1) + unlisted.len()
 }
 
 /// Small deterministic PRNG (SplitMix64): good enough to spread choices, seedable in tests.
@@ -672,6 +715,26 @@ mod tests {
     use super::*;
     use super::Rng;
     use proptest::prelude::*;
+
+    #[test]
+    fn retries_go_past_the_list_only_to_untried_workers() {
+        let l = |xs: &[&str]| xs.iter().map(|x| x.to_string()).collect::<Vec<_>>();
+        let listed = l(&["a", "b", "c"]);
+        // The kill soak's fleet: 5 workers, 3 listed: the 2 others after the list.
+        assert_eq!(retries_for(&listed, ["a", "b", "c", "d", "e"], 2), 4);
+        // More unlisted workers than the bound: the bound.
+        assert_eq!(retries_for(&listed, ["a", "b", "c", "d", "e", "f", "g"], 2), 4);
+        // One untried worker (listed twice in the view: one address).
+        assert_eq!(retries_for(&listed, ["c", "d", "b", "d", "a"], 2), 3);
+        // Every member listed: nothing past the list, so no attempt goes back to a tried one.
+        assert_eq!(retries_for(&listed, ["a", "b", "c"], 2), 2);
+        assert_eq!(retries_for(&listed, ["a", "b", "c", "d"], 0), 2);
+        // A short list (one fresh worker) and tiers after it.
+        assert_eq!(retries_for(&l(&["a", "tier:1"]), ["a", "b", "c"], 2), 3);
+        assert_eq!(retries_for(&[], ["a"], 2), 1);
+        assert!(PickConfig { retries_past_list: 9, ..PickConfig::default() }.validate().is_err());
+        assert!(PickConfig { retries_past_list: 8, ..PickConfig::default() }.validate().is_ok());
+    }
 
     /// A scored, eligible worker.
     #[derive(Debug, Clone)]

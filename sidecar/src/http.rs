@@ -97,9 +97,22 @@ pub fn parse_response(raw: &[u8]) -> Result<String, HttpError> {
 /// [`parse_response`] keeping only the body's lines `keep` accepts: what [`get_lines`] returns
 /// for the same bytes, whatever reads they arrive in.
 pub fn parse_response_lines(raw: &[u8], keep: impl FnMut(&[u8]) -> bool) -> Result<String, HttpError> {
+    parse_response_reads([raw], keep)
+}
+
+/// [`parse_response_lines`] over a response that arrives in `reads`, as [`get_lines`] reads it
+/// from its socket (the end of the reads is the end of the connection).
+pub fn parse_response_reads<'a>(reads: impl IntoIterator<Item = &'a [u8]>, keep: impl FnMut(&[u8]) -> bool) -> Result<String, HttpError> {
     let mut reader = Reader::new(usize::MAX);
     let mut lines = Lines::new(keep);
-    if !reader.feed(raw, &mut |d| lines.push(d))? {
+    let mut complete = false;
+    for read in reads {
+        if reader.feed(read, &mut |d| lines.push(d))? {
+            complete = true;
+            break;
+        }
+    }
+    if !complete {
         reader.finish()?;
     }
     String::from_utf8(lines.finish()).map_err(|_| HttpError::Malformed("body is not UTF-8"))
@@ -379,6 +392,9 @@ mod tests {
                     r.finish().unwrap();
                 }
                 assert_eq!(String::from_utf8(body).unwrap(), whole, "cut at {cut}");
+            }
+            for step in 1..=raw.len().max(1) {
+                assert_eq!(parse_response_reads(raw.chunks(step), |_| true).unwrap(), whole, "reads of {step}");
             }
         }
     }

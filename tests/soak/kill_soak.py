@@ -75,6 +75,10 @@ import gpuha_harness as harness  # noqa: E402
 from gpuha_harness import Outcome, access_entries, chat, filter_stat, make_client  # noqa: E402
 from gpuha_harness import is_transport_error, warm_up  # noqa: E402
 
+# Attempts past the endpoint list the picker allows by default (gpuha_liveness::pick::
+# DEFAULT_RETRIES_PAST_LIST): they go to workers the list does not name.
+RETRIES_PAST_LIST = 2
+
 # A token the worker sent before its fault may reach the client a little after it (Envoy, a
 # loaded 2-core box): a truncation is explained by a fault up to this long before its first
 # token arrived. Faults of one worker are seconds apart (down time plus a recovery to fresh).
@@ -497,7 +501,7 @@ class Soak:
             f"{len(outcomes)} streams: {kinds.get('completed', 0)} clean, {truncated} truncated after a post-token fault "
             f"of their worker ({kinds.get('unexplained', 0)} unexplained), "
             f"{kinds.get('error', 0)} errors ({errors['openai_error']} OpenAI-shaped, {errors['transport']} transport; "
-            f"{errors['exhausted']} after all 3 attempts with every endpoint it was given faulted in flight, "
+            f"{errors['exhausted']} after all attempts with every worker it could try faulted in flight, "
             f"{kinds.get('error', 0) - errors['exhausted']} avoidable), {kinds.get('splice', 0)} splices, {kinds.get('short', 0)} short; "
             f"{figures['streaming_at_fault']} streams mid-flight at a fault, {figures['rerouted']} first sent to a faulted "
             f"worker completed elsewhere; frames: {sent} sent, {lost} lost ({window} sent while dnsd restarted), "
@@ -517,12 +521,17 @@ class Soak:
             return f"not an OpenAI-shaped error ({type(o.error).__name__}), code {entry['code']}"
         eps = [] if entry["endpoints"] in ("", "-") else entry["endpoints"].split(",")
         attempts = int(entry["attempts"]) if entry["attempts"].isdigit() else 0
-        if not eps or attempts < len(eps):
-            return f"{attempts} attempts for endpoints {eps or 'none (no pick)'}"
         by_addr = {w.addr: w.id for w in self.stack.workers.values()}
+        # The picker's attempts past the list (pick.retries_past_list, its default), on workers the
+        # list does not name: which ones the log does not say, so every unlisted worker must have
+        # faulted in flight for such an error to be one no honest retry could have avoided.
+        unlisted = [a for a in by_addr if a not in eps]
+        could = len(eps) + min(RETRIES_PAST_LIST, len(unlisted))
+        if not eps or attempts < could:
+            return f"{attempts} attempts of the {could} it could make, for endpoints {eps or 'none (no pick)'}"
         live = []
         faults = []
-        for addr in eps:
+        for addr in eps + (unlisted if attempts > len(eps) else []):
             hit = [f for f in self.faults if f.addr == addr and f.at <= o.ended and (f.fresh_at or float("inf")) >= o.started]
             if hit:
                 faults.append(f"{by_addr.get(addr, addr)} {hit[0].kind} at t={hit[0].at - self.t0:.2f}")
@@ -530,7 +539,7 @@ class Soak:
                 live.append(by_addr.get(addr, addr))
         if live:
             return f"endpoint(s) {live} had no fault while it was in flight"
-        return f"exhausted: {attempts} attempts, code {entry['code']}, every endpoint faulted in flight ({'; '.join(faults)})"
+        return f"exhausted: {attempts} attempts, code {entry['code']}, every worker it could try faulted in flight ({'; '.join(faults)})"
 
     def table(self) -> str:
         rows = ["| # | t (s) | worker | fault | down (s) | recovery | fresh again after (s) | mid-stream at fault | truncated | first sent to it, completed elsewhere |",
@@ -610,8 +619,9 @@ def results_markdown(res: Result, opts: Options, command: str) -> str:
     ]
     if f["exhausted_errors"]:
         lines += ["## Errors after all attempts", "",
-                  "Each of these requests used its 3 attempts, and each endpoint the picker gave it was killed, hung or "
-                  "frozen while it was in flight (a fault from just before the pick counts: the 3 s gate had not seen it):",
+                  "Each of these requests used all its attempts, and each worker it could try (the picker's endpoints, "
+                  "and past the list every other worker) was killed, hung or frozen while it was in flight (a fault from "
+                  "just before the pick counts: the 3 s gate had not seen it):",
                   ""] + [f"- {x}" for x in f["exhausted_errors"]] + [""]
     if res.failures:
         lines += ["## Failures", ""] + [f"- {x}" for x in res.failures[:50]] + [""]

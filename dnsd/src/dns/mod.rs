@@ -27,6 +27,7 @@
 
 pub mod answer;
 pub mod config;
+pub mod fast;
 pub mod metrics;
 pub mod transport;
 
@@ -102,6 +103,9 @@ pub struct Snapshot {
     pub zones: Arc<Zones>,
     pub states: Arc<PoolStates>,
     validity: Option<OutlookValidity>,
+    /// The common answers of these states, prebuilt ([`fast`]); empty for a snapshot that
+    /// never holds (it is only a placeholder until the next query takes one).
+    pub fast: fast::FastTable,
 }
 
 impl Snapshot {
@@ -130,7 +134,7 @@ impl DnsService {
             admin,
             metrics: DnsMetrics::default(),
             transitions: Mutex::new(Transitions::default()),
-            snapshot: RwLock::new(Arc::new(Snapshot { zones, states: empty, validity: None })),
+            snapshot: RwLock::new(Arc::new(Snapshot { zones, states: empty, validity: None, fast: fast::FastTable::default() })),
             watch,
             tcp_idle: Duration::from_millis(config.tcp_idle_timeout_ms),
             tick: Duration::from_millis(config.tick_ms),
@@ -151,14 +155,14 @@ impl DnsService {
         let zones = Arc::new(zones);
         *self.zones.write().unwrap_or_else(|e| e.into_inner()) = zones.clone();
         let empty = Arc::new(PoolStates { live: vec![], overrides: vec![] });
-        *self.snapshot.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(Snapshot { zones, states: empty, validity: None });
+        *self.snapshot.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(Snapshot { zones, states: empty, validity: None, fast: fast::FastTable::default() });
     }
 
     /// The next query takes a new snapshot: an operator's override changed.
     pub fn invalidate(&self) {
         let _tr = self.transitions.lock().unwrap_or_else(|e| e.into_inner());
         let mut snap = self.snapshot.write().unwrap_or_else(|e| e.into_inner());
-        let stale = Snapshot { zones: snap.zones.clone(), states: snap.states.clone(), validity: None };
+        let stale = Snapshot { zones: snap.zones.clone(), states: snap.states.clone(), validity: None, fast: fast::FastTable::default() };
         *snap = Arc::new(stale);
     }
 
@@ -226,7 +230,8 @@ impl DnsService {
                 }
             }
         }
-        let snap = Arc::new(Snapshot { zones, states, validity: Some(validity) });
+        let fast = fast::FastTable::build(&zones, &states);
+        let snap = Arc::new(Snapshot { zones, states, validity: Some(validity), fast });
         *self.snapshot.write().unwrap_or_else(|e| e.into_inner()) = snap.clone();
         snap
     }

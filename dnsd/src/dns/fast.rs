@@ -8,7 +8,8 @@
 //! writes for the same query (the tests in `dns_fastpath.rs` compare them byte for byte over
 //! query shapes): header with the query's id, RD and CD; the question as the client wrote it
 //! (it has no compression pointer, so that is the canonical form [`super::question_section`]
-//! re-encodes); each record's owner a pointer to the question name (offset 12); our OPT last.
+//! re-encodes); the first record's owner written out (the question's bytes: hickory does not
+//! point into a question section it did not encode), the others a pointer to it; our OPT last.
 //! An answer over the size limit is left to hickory, which truncates it.
 
 use std::collections::HashMap;
@@ -34,7 +35,10 @@ pub struct Entry {
     pub qtype: RecordType,
     authoritative: bool,
     count: u16,
-    records: Vec<u8>,
+    /// Each record after its owner name: type, class, TTL, length, data.
+    tails: Vec<Vec<u8>>,
+    /// Sum of the tails' lengths.
+    tails_len: usize,
     pub served: Vec<Served>,
 }
 
@@ -71,7 +75,7 @@ fn build_entry(zones: &Zones, states: &PoolStates, name: &Name, qtype: RecordTyp
         return None;
     }
     let count = u16::try_from(res.answers.len()).ok()?;
-    let mut records = Vec::with_capacity(res.answers.len() * 28);
+    let mut tails = Vec::with_capacity(res.answers.len());
     for r in &res.answers {
         if &r.name != name || r.dns_class != DNSClass::IN {
             return None;
@@ -81,14 +85,16 @@ fn build_entry(zones: &Zones, states: &PoolStates, name: &Name, qtype: RecordTyp
             RData::AAAA(a) => (TYPE_AAAA, a.0.octets().to_vec()),
             _ => return None,
         };
-        records.extend_from_slice(&[0xC0, HEADER as u8]);
-        records.extend_from_slice(&t.to_be_bytes());
-        records.extend_from_slice(&CLASS_IN.to_be_bytes());
-        records.extend_from_slice(&r.ttl.to_be_bytes());
-        records.extend_from_slice(&(rdata.len() as u16).to_be_bytes());
-        records.extend_from_slice(&rdata);
+        let mut tail = Vec::with_capacity(10 + rdata.len());
+        tail.extend_from_slice(&t.to_be_bytes());
+        tail.extend_from_slice(&CLASS_IN.to_be_bytes());
+        tail.extend_from_slice(&r.ttl.to_be_bytes());
+        tail.extend_from_slice(&(rdata.len() as u16).to_be_bytes());
+        tail.extend_from_slice(&rdata);
+        tails.push(tail);
     }
-    Some(Entry { qtype, authoritative: res.authoritative, count, records, served: res.served })
+    let tails_len = tails.iter().map(Vec::len).sum();
+    Some(Entry { qtype, authoritative: res.authoritative, count, tails, tails_len, served: res.served })
 }
 
 impl FastTable {
@@ -174,7 +180,9 @@ impl FastTable {
             (true, Some(p)) => usize::from(p.clamp(512, self.max_udp_payload)),
             (true, None) => 512,
         };
-        let len = question_end + e.records.len() + if edns_payload.is_some() { 11 } else { 0 };
+        let name_len = name_end - HEADER;
+        let owners = name_len + 2 * (usize::from(e.count) - 1);
+        let len = question_end + owners + e.tails_len + if edns_payload.is_some() { 11 } else { 0 };
         if len > limit {
             return None;
         }
@@ -187,7 +195,16 @@ impl FastTable {
         out.extend_from_slice(&e.count.to_be_bytes());
         out.extend_from_slice(&[0, 0, 0, u8::from(edns_payload.is_some())]);
         out.extend_from_slice(&query[HEADER..question_end]);
-        out.extend_from_slice(&e.records);
+        // The first owner where it lands (after the question), as a pointer for the others.
+        let first = (0xC000 | question_end as u16).to_be_bytes();
+        for (i, tail) in e.tails.iter().enumerate() {
+            if i == 0 {
+                out.extend_from_slice(&query[HEADER..name_end]);
+            } else {
+                out.extend_from_slice(&first);
+            }
+            out.extend_from_slice(tail);
+        }
         if edns_payload.is_some() {
             out.extend_from_slice(&[0, 0, 41]);
             out.extend_from_slice(&self.max_udp_payload.to_be_bytes());

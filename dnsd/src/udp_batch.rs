@@ -39,12 +39,19 @@ impl RecvBatch {
     pub async fn recv(&mut self, sock: &UdpSocket) -> io::Result<usize> {
         loop {
             sock.readable().await?;
-            match sock.try_io(Interest::READABLE, || self.recv_now(sock)) {
+            match sock.try_io(Interest::READABLE, || self.recv_now(sock, false)) {
                 Ok(n) => return Ok(n),
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
                 Err(e) => return Err(e),
             }
         }
+    }
+
+    /// Blocks until a datagram comes (or the socket's read timeout passes: `WouldBlock` or
+    /// `TimedOut`), then takes what is waiting, at most [`BATCH`]: one syscall per batch, no
+    /// readiness round trip (for a thread of its own, as the DNS UDP loop runs).
+    pub fn recv_blocking(&mut self, sock: &std::net::UdpSocket) -> io::Result<usize> {
+        self.recv_now(sock, true)
     }
 
     /// Datagrams in the latest batch.
@@ -63,9 +70,9 @@ impl RecvBatch {
         self.cut[i]
     }
 
+    /// `wait_for_one`: block for the first datagram (a blocking socket), not for the others.
     #[cfg(target_os = "linux")]
-    fn recv_now(&mut self, sock: &UdpSocket) -> io::Result<usize> {
-        use std::os::fd::AsRawFd;
+    fn recv_now(&mut self, sock: &impl std::os::fd::AsRawFd, wait_for_one: bool) -> io::Result<usize> {
         // SAFETY: all-zero is a valid value of these plain C structs.
         let mut addrs: [libc::sockaddr_storage; BATCH] = unsafe { std::mem::zeroed() };
         let mut iovs: [libc::iovec; BATCH] = unsafe { std::mem::zeroed() };
@@ -80,7 +87,8 @@ impl RecvBatch {
         // SAFETY: every pointer in `msgs` points into `addrs`, `iovs` or `self.bufs`, which
         // outlive the call and are not otherwise touched during it; lengths are theirs. The
         // socket is non-blocking (tokio's), so the call does not wait.
-        let r = unsafe { libc::recvmmsg(sock.as_raw_fd(), msgs.as_mut_ptr(), BATCH as libc::c_uint, 0, std::ptr::null_mut()) };
+        let flags = if wait_for_one { libc::MSG_WAITFORONE } else { 0 };
+        let r = unsafe { libc::recvmmsg(sock.as_raw_fd(), msgs.as_mut_ptr(), BATCH as libc::c_uint, flags, std::ptr::null_mut()) };
         if r < 0 {
             self.n = 0;
             return Err(io::Error::last_os_error());
@@ -96,13 +104,33 @@ impl RecvBatch {
     }
 
     #[cfg(not(target_os = "linux"))]
-    fn recv_now(&mut self, sock: &UdpSocket) -> io::Result<usize> {
-        let (len, from) = sock.try_recv_from(&mut self.bufs[0])?;
+    fn recv_now(&mut self, sock: &impl RecvFrom, _wait_for_one: bool) -> io::Result<usize> {
+        let (len, from) = sock.recv_from_now(&mut self.bufs[0])?;
         self.lens[0] = len;
         self.from[0] = Some(from);
         self.cut[0] = len == self.bufs[0].len();
         self.n = 1;
         Ok(1)
+    }
+}
+
+/// One datagram per call where there is no recvmmsg.
+#[cfg(not(target_os = "linux"))]
+trait RecvFrom {
+    fn recv_from_now(&self, buf: &mut [u8]) -> io::Result<(usize, SocketAddr)>;
+}
+
+#[cfg(not(target_os = "linux"))]
+impl RecvFrom for UdpSocket {
+    fn recv_from_now(&self, buf: &mut [u8]) -> io::Result<(usize, SocketAddr)> {
+        self.try_recv_from(buf)
+    }
+}
+
+#[cfg(not(target_os = "linux"))]
+impl RecvFrom for std::net::UdpSocket {
+    fn recv_from_now(&self, buf: &mut [u8]) -> io::Result<(usize, SocketAddr)> {
+        self.recv_from(buf)
     }
 }
 
@@ -125,22 +153,15 @@ fn sockaddr_to(ss: &libc::sockaddr_storage, len: libc::socklen_t) -> Option<Sock
     }
 }
 
-/// Sends `msgs` (payload, destination) in as few calls as the socket takes; a reply the socket
-/// refuses (an error for that destination) is logged at debug and skipped, as a `send_to`
-/// error was before.
-pub async fn send_all(sock: &UdpSocket, msgs: &[(&[u8], SocketAddr)]) {
+/// Sends `msgs` (payload, destination) on a blocking socket (the DNS UDP thread) in as few
+/// calls as it takes, waiting while the send buffer is full; a reply the socket refuses (an
+/// error for that destination) is logged at debug and skipped, as a `send_to` error was before.
+pub fn send_all_blocking(sock: &std::net::UdpSocket, msgs: &[(&[u8], SocketAddr)]) {
     let mut done = 0;
     while done < msgs.len() {
-        match sock.try_io(Interest::WRITABLE, || send_now(sock, &msgs[done..])) {
+        match send_now(sock, &msgs[done..]) {
             Ok(n) => done += n.max(1),
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
-                // Full send buffer: wait for this one, then batch again.
-                let (buf, to) = msgs[done];
-                if let Err(e) = sock.send_to(buf, to).await {
-                    tracing::debug!(%to, "udp send error: {e}");
-                }
-                done += 1;
-            }
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
             Err(e) => {
                 tracing::debug!(to = %msgs[done].1, "udp send error: {e}");
                 done += 1;
@@ -150,8 +171,7 @@ pub async fn send_all(sock: &UdpSocket, msgs: &[(&[u8], SocketAddr)]) {
 }
 
 #[cfg(target_os = "linux")]
-fn send_now(sock: &UdpSocket, msgs: &[(&[u8], SocketAddr)]) -> io::Result<usize> {
-    use std::os::fd::AsRawFd;
+fn send_now(sock: &impl std::os::fd::AsRawFd, msgs: &[(&[u8], SocketAddr)]) -> io::Result<usize> {
     let n = msgs.len().min(BATCH);
     let addrs: Vec<socket2::SockAddr> = msgs[..n].iter().map(|(_, a)| socket2::SockAddr::from(*a)).collect();
     // SAFETY: all-zero is a valid value of these plain C structs.
@@ -174,6 +194,25 @@ fn send_now(sock: &UdpSocket, msgs: &[(&[u8], SocketAddr)]) -> io::Result<usize>
 }
 
 #[cfg(not(target_os = "linux"))]
-fn send_now(sock: &UdpSocket, msgs: &[(&[u8], SocketAddr)]) -> io::Result<usize> {
-    sock.try_send_to(msgs[0].0, msgs[0].1).map(|_| 1)
+fn send_now(sock: &impl SendTo, msgs: &[(&[u8], SocketAddr)]) -> io::Result<usize> {
+    sock.send_to_now(msgs[0].0, msgs[0].1).map(|_| 1)
+}
+
+#[cfg(not(target_os = "linux"))]
+trait SendTo {
+    fn send_to_now(&self, buf: &[u8], to: SocketAddr) -> io::Result<usize>;
+}
+
+#[cfg(not(target_os = "linux"))]
+impl SendTo for UdpSocket {
+    fn send_to_now(&self, buf: &[u8], to: SocketAddr) -> io::Result<usize> {
+        self.try_send_to(buf, to)
+    }
+}
+
+#[cfg(not(target_os = "linux"))]
+impl SendTo for std::net::UdpSocket {
+    fn send_to_now(&self, buf: &[u8], to: SocketAddr) -> io::Result<usize> {
+        self.send_to(buf, to)
+    }
 }

@@ -367,17 +367,27 @@ impl DnsService {
         shutdown: impl std::future::Future<Output = ()> + Send + 'static,
     ) -> std::io::Result<()> {
         let mut tasks = tokio::task::JoinSet::new();
+        // UDP on threads of their own, blocked in recvmmsg (no readiness round trip per batch):
+        // one per core dnsd may use (a few receivers on one socket), at most 4.
+        let udp = udp.into_std()?;
+        udp.set_nonblocking(false)?;
+        udp.set_read_timeout(Some(transport::UDP_STOP_POLL))?;
         let udp = Arc::new(udp);
-        // A few receivers on one socket so a 2-core box uses both cores.
+        let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
         let workers = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1).clamp(1, 4);
-        for _ in 0..workers {
-            tasks.spawn(transport::udp_loop(self.clone(), udp.clone()));
+        let mut threads = Vec::with_capacity(workers);
+        for i in 0..workers {
+            let (svc, udp, stop, rt) = (self.clone(), udp.clone(), stop.clone(), tokio::runtime::Handle::current());
+            threads.push(std::thread::Builder::new().name(format!("dns-udp-{i}")).spawn(move || transport::udp_thread(svc, udp, stop, rt))?);
         }
         tasks.spawn(transport::tcp_loop(self.clone(), tcp));
         tasks.spawn(self.clone().tick_loop());
         shutdown.await;
         tasks.abort_all();
         while tasks.join_next().await.is_some() {}
+        // The threads see the flag within one read timeout; the socket closes with the last.
+        stop.store(true, Ordering::Relaxed);
+        let _ = tokio::task::spawn_blocking(move || threads.into_iter().for_each(|t| drop(t.join()))).await;
         Ok(())
     }
 }

@@ -4,7 +4,7 @@
 //! [`RequestHandler`], whose response is captured by [`Capture`] and written back.
 
 use std::net::SocketAddr;
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 
 use hickory_proto::op::MessageType;
@@ -21,7 +21,7 @@ use tokio::sync::Semaphore;
 use super::metrics::qtype_label;
 use super::{DnsService, Snapshot};
 use crate::state::now_ms;
-use crate::udp_batch::{send_all, RecvBatch, BATCH};
+use crate::udp_batch::{send_all_blocking, RecvBatch, BATCH};
 
 /// Concurrent TCP connections; more are closed at once (counted).
 const MAX_TCP_CONNECTIONS: usize = 512;
@@ -106,18 +106,27 @@ pub async fn respond_hickory(svc: &DnsService, bytes: Vec<u8>, src: SocketAddr, 
 /// (queries are a few dozen bytes; EDNS options do not come near this).
 const MAX_UDP_QUERY: usize = 4096;
 
-/// One UDP socket: datagrams taken in batches ([`RecvBatch`]); the fast answers of a batch are
-/// counted together and sent with one `sendmmsg`, the others go through hickory one by one.
-pub async fn udp_loop(svc: Arc<DnsService>, sock: Arc<tokio::net::UdpSocket>) {
+/// How often an idle UDP thread looks at its stop flag.
+pub const UDP_STOP_POLL: std::time::Duration = std::time::Duration::from_millis(100);
+
+/// One UDP thread on `sock` (blocking, with its own read timeout), until `stop` is set.
+/// Datagrams come in batches ([`RecvBatch::recv_blocking`]: one syscall per batch, no
+/// readiness round trip); the fast answers of a batch are counted together and sent with one
+/// `sendmmsg`; the others go through hickory one by one (on `rt`, which they do not wait on).
+pub fn udp_thread(svc: Arc<DnsService>, sock: Arc<std::net::UdpSocket>, stop: Arc<AtomicBool>, rt: tokio::runtime::Handle) {
     let mut batch = RecvBatch::new(MAX_UDP_QUERY);
     let mut outs: Vec<Vec<u8>> = (0..BATCH).map(|_| Vec::with_capacity(512)).collect();
     let mut dest: Vec<SocketAddr> = Vec::with_capacity(BATCH);
     let mut hits: Vec<(usize, u64)> = Vec::new();
-    loop {
-        if let Err(e) = batch.recv(&sock).await {
-            // ICMP port unreachable from an earlier reply and the like: keep serving.
-            tracing::debug!("dns udp recv error: {e}");
-            continue;
+    while !stop.load(Ordering::Relaxed) {
+        match batch.recv_blocking(&sock) {
+            Ok(_) => {}
+            Err(e) if matches!(e.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut | std::io::ErrorKind::Interrupted) => continue,
+            Err(e) => {
+                // ICMP port unreachable from an earlier reply and the like: keep serving.
+                tracing::debug!("dns udp recv error: {e}");
+                continue;
+            }
         }
         let now = now_ms();
         let snap = svc.pool_states(now);
@@ -140,7 +149,7 @@ pub async fn udp_loop(svc: Arc<DnsService>, sock: Arc<tokio::net::UdpSocket>) {
                 dest.push(src);
                 continue;
             }
-            if let Some(resp) = respond_hickory(&svc, bytes.to_vec(), src, Protocol::Udp).await {
+            if let Some(resp) = rt.block_on(respond_hickory(&svc, bytes.to_vec(), src, Protocol::Udp)) {
                 *out = resp;
                 dest.push(src);
             }
@@ -149,7 +158,7 @@ pub async fn udp_loop(svc: Arc<DnsService>, sock: Arc<tokio::net::UdpSocket>) {
             count_fast(&svc, &snap, entry, n, now);
         }
         let msgs: Vec<(&[u8], SocketAddr)> = outs.iter().zip(&dest).map(|(o, d)| (o.as_slice(), *d)).collect();
-        send_all(&sock, &msgs).await;
+        send_all_blocking(&sock, &msgs);
     }
 }
 

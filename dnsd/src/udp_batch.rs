@@ -73,13 +73,15 @@ impl RecvBatch {
     /// `wait_for_one`: block for the first datagram (a blocking socket), not for the others.
     #[cfg(target_os = "linux")]
     fn recv_now(&mut self, sock: &impl std::os::fd::AsRawFd, wait_for_one: bool) -> io::Result<usize> {
+        // Left uninitialised: the kernel writes each sender's address (zeroing 4 KiB per call
+        // cost more than the rest of a one-datagram batch), and only what it wrote is read.
+        let mut addrs = [const { std::mem::MaybeUninit::<libc::sockaddr_storage>::uninit() }; BATCH];
         // SAFETY: all-zero is a valid value of these plain C structs.
-        let mut addrs: [libc::sockaddr_storage; BATCH] = unsafe { std::mem::zeroed() };
         let mut iovs: [libc::iovec; BATCH] = unsafe { std::mem::zeroed() };
         let mut msgs: [libc::mmsghdr; BATCH] = unsafe { std::mem::zeroed() };
         for (i, buf) in self.bufs.iter_mut().enumerate() {
             iovs[i] = libc::iovec { iov_base: buf.as_mut_ptr().cast(), iov_len: buf.len() };
-            msgs[i].msg_hdr.msg_name = (&mut addrs[i] as *mut libc::sockaddr_storage).cast();
+            msgs[i].msg_hdr.msg_name = addrs[i].as_mut_ptr().cast();
             msgs[i].msg_hdr.msg_namelen = std::mem::size_of::<libc::sockaddr_storage>() as libc::socklen_t;
             msgs[i].msg_hdr.msg_iov = &mut iovs[i];
             msgs[i].msg_hdr.msg_iovlen = 1;
@@ -97,7 +99,8 @@ impl RecvBatch {
         for i in 0..n {
             self.lens[i] = (msgs[i].msg_len as usize).min(self.bufs[i].len());
             self.cut[i] = msgs[i].msg_hdr.msg_flags & libc::MSG_TRUNC != 0;
-            self.from[i] = sockaddr_to(&addrs[i], msgs[i].msg_hdr.msg_namelen);
+            // SAFETY: the kernel wrote `msg_namelen` bytes of address into `addrs[i]`.
+            self.from[i] = unsafe { sockaddr_to(addrs[i].as_ptr(), msgs[i].msg_hdr.msg_namelen) };
         }
         self.n = n;
         Ok(n)
@@ -134,19 +137,28 @@ impl RecvFrom for std::net::UdpSocket {
     }
 }
 
+/// The address the kernel wrote at `ss`, `len` bytes of it.
+///
+/// # Safety
+/// `ss` points to a `sockaddr_storage` whose first `len` bytes are initialised.
 #[cfg(target_os = "linux")]
-fn sockaddr_to(ss: &libc::sockaddr_storage, len: libc::socklen_t) -> Option<SocketAddr> {
+unsafe fn sockaddr_to(ss: *const libc::sockaddr_storage, len: libc::socklen_t) -> Option<SocketAddr> {
     use std::net::{Ipv4Addr, Ipv6Addr, SocketAddrV4, SocketAddrV6};
     let len = len as usize;
-    match i32::from(ss.ss_family) {
+    if len < std::mem::size_of::<libc::sa_family_t>() {
+        return None;
+    }
+    // SAFETY: the family field is first and within the `len` initialised bytes.
+    let family = unsafe { (*ss).ss_family };
+    match i32::from(family) {
         libc::AF_INET if len >= std::mem::size_of::<libc::sockaddr_in>() => {
-            // SAFETY: the family says the storage holds a sockaddr_in, and it is large enough.
-            let a: &libc::sockaddr_in = unsafe { &*(ss as *const libc::sockaddr_storage).cast() };
+            // SAFETY: the family says the storage holds a sockaddr_in, all of it written.
+            let a: &libc::sockaddr_in = unsafe { &*ss.cast() };
             Some(SocketAddr::V4(SocketAddrV4::new(Ipv4Addr::from(u32::from_be(a.sin_addr.s_addr)), u16::from_be(a.sin_port))))
         }
         libc::AF_INET6 if len >= std::mem::size_of::<libc::sockaddr_in6>() => {
             // SAFETY: as above, for sockaddr_in6.
-            let a: &libc::sockaddr_in6 = unsafe { &*(ss as *const libc::sockaddr_storage).cast() };
+            let a: &libc::sockaddr_in6 = unsafe { &*ss.cast() };
             Some(SocketAddr::V6(SocketAddrV6::new(Ipv6Addr::from(a.sin6_addr.s6_addr), u16::from_be(a.sin6_port), a.sin6_flowinfo, a.sin6_scope_id)))
         }
         _ => None,

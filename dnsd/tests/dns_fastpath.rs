@@ -17,8 +17,13 @@ use gpuha_dnsd::Config;
 use hickory_server::net::xfer::Protocol;
 
 fn service(dir: &tempfile::TempDir) -> DnsService {
+    service_with(dir, "")
+}
+
+/// [`service`] with `more` appended to the DNS section (more services).
+fn service_with(dir: &tempfile::TempDir, more: &str) -> DnsService {
     let path = dir.path().join("dnsd.toml");
-    std::fs::write(&path, config_text(dir.path(), &dns_section(""))).expect("write config");
+    std::fs::write(&path, config_text(dir.path(), &(dns_section("") + more))).expect("write config");
     let config = Config::load(&path).expect("config");
     let state = Arc::new(AppState::new(config.key_ring().expect("keys"), 5_000, 60_000, 1_000, now_ms()));
     let admin = Arc::new(Admin::new(None, None).expect("admin"));
@@ -175,4 +180,24 @@ async fn fast_answers_are_counted_like_hickorys() {
         assert!(a.handed_until(pool) > now_ms(), "{pool}");
         assert_eq!(a.handed_until(pool) / 1000, b.handed_until(pool) / 1000, "{pool}");
     }
+}
+
+/// With many service names the fast path hashes them instead of comparing: same answers.
+#[tokio::test]
+async fn many_services_are_found_by_hash() {
+    let more: String = (0..40).map(|i| format!("\n[[dns.services]]\nname = \"s{i}.gpuha.test.\"\npools = [\"pool-a\", \"pool-b\"]\nfail_whale = [\"10.9.9.9\"]\n")).collect();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let svc = service_with(&dir, &more);
+    let src: SocketAddr = "127.0.0.1:5300".parse().expect("addr");
+    let snap = svc.pool_states(now_ms());
+    let mut out = Vec::new();
+    for name in (0..40).map(|i| format!("S{i}.gpuha.test.")).chain(["api.gpuha.test.".to_string()]) {
+        for t in [hickory_proto::rr::RecordType::A, hickory_proto::rr::RecordType::AAAA] {
+            let q = query_msg(&name, t, Some(1232)).to_vec().expect("encode");
+            assert!(snap.fast.answer(&q, true, &mut out).is_some(), "{name} {t}");
+            assert_eq!(Some(&out), respond_hickory(&svc, q, src, Protocol::Udp).await.as_ref(), "{name} {t}");
+        }
+    }
+    let q = query_msg("s40.gpuha.test.", hickory_proto::rr::RecordType::A, None).to_vec().expect("encode");
+    assert!(snap.fast.answer(&q, true, &mut out).is_none(), "not a service");
 }

@@ -42,10 +42,17 @@ pub struct Entry {
     pub served: Vec<Served>,
 }
 
+/// Up to this many service names are found by comparing bytes, more by hashing (SipHash of a
+/// name costs about as much as comparing a dozen of them).
+const SCAN_NAMES: usize = 16;
+
 /// Every prebuilt answer of one snapshot, by lowercased wire name.
 #[derive(Debug, Default)]
 pub struct FastTable {
-    by_name: HashMap<Vec<u8>, [Option<usize>; 2]>,
+    /// Lowercased wire name -> entry for A, entry for AAAA.
+    names: Vec<(Vec<u8>, [Option<usize>; 2])>,
+    /// `names` hashed, when there are more than [`SCAN_NAMES`] (index into `names`).
+    by_name: HashMap<Vec<u8>, usize>,
     pub entries: Vec<Entry>,
     max_udp_payload: u16,
 }
@@ -112,8 +119,11 @@ impl FastTable {
                         *slot = Some(t.entries.len() - 1);
                     }
                 }
-                t.by_name.insert(key, slots);
+                t.names.push((key, slots));
             }
+        }
+        if t.names.len() > SCAN_NAMES {
+            t.by_name = t.names.iter().enumerate().map(|(i, (k, _))| (k.clone(), i)).collect();
         }
         t
     }
@@ -173,7 +183,13 @@ impl FastTable {
         if pos != query.len() {
             return None;
         }
-        let idx = self.by_name.get(&lower[..name_end - HEADER])?[slot]?;
+        let key = &lower[..name_end - HEADER];
+        let slots = if self.by_name.is_empty() {
+            &self.names.iter().find(|(k, _)| k.as_slice() == key)?.1
+        } else {
+            &self.names[*self.by_name.get(key)?].1
+        };
+        let idx = slots[slot]?;
         let e = &self.entries[idx];
         let limit = match (udp, edns_payload) {
             (false, _) => usize::from(u16::MAX),

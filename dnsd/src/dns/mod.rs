@@ -9,9 +9,11 @@
 //!   into a response (EDNS, truncation, AXFR policy, metrics), and the transitions tick. The
 //!   question is written back re-encoded (never the client's bytes), and not at all in a
 //!   FORMERR for a query of several questions, so every reply parses and fits the UDP limit.
-//! - [`transport`]: the UDP and TCP loops. They are ours rather than `hickory_server::Server`'s
-//!   so that a packet that does not parse is counted and dropped (hickory answers FORMERR or
-//!   drops it without telling anyone), and so that each response is sized by our own rules.
+//! - [`fast`]: the common query (A/AAAA of a service name) answered from bytes prebuilt per
+//!   [`Snapshot`], identical to what this handler writes for it; everything else comes here.
+//! - [`transport`]: the UDP threads (batched) and TCP loop. They are ours rather than
+//!   `hickory_server::Server`'s so that a packet that does not parse is counted and dropped
+//!   (hickory answers FORMERR or drops it silently), and each response is sized by our rules.
 //!
 //! **Cold start.** Until one eviction window (10 s) has passed since dnsd started, a pool it has
 //! not heard enough frames from is `ColdStart`, which is answered like `Alive`: no data is not

@@ -27,6 +27,8 @@ WASM = TARGET / "wasm32-wasip1" / "release" / "gpuha_filter.wasm"
 BASELINE_WASM = os.environ.get("GPUHA_BENCH_BASELINE_WASM")
 # A previous gpuha-sidecar build, measured beside the current one in the sidecar section.
 BASELINE_SIDECAR = os.environ.get("GPUHA_BENCH_BASELINE_SIDECAR")
+# A previous gpuha-dnsd build, measured beside the current one in the dnsperf and ingest sections.
+BASELINE_DNSD = os.environ.get("GPUHA_BENCH_BASELINE_DNSD")
 TOOL = Path(os.environ.get("GPUHA_BENCH_TOOL", TARGET / "release" / "gpuha-bench"))
 VENV = Path(os.environ.get("GPUHA_BENCH_VENV", Path.home() / ".cache" / "gpuha-bench" / "venv"))
 NCPU = os.cpu_count() or 1
@@ -139,6 +141,22 @@ def cpu_seconds_fine(pid):
         return cpu_seconds(pid)
 
 
+def session_cpu_seconds(sid):
+    """CPU time of every live process in session `sid` (a server and the children it forks:
+    NSD's server processes are not the one we started)."""
+    total = 0.0
+    for d in Path("/proc").iterdir():
+        if not d.name.isdigit():
+            continue
+        try:
+            fields = (d / "stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[3]) == sid:
+            total += cpu_seconds_fine(int(d.name))
+    return total
+
+
 def rss_kib(pid, key="VmRSS"):
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
         if line.startswith(key + ":"):
@@ -189,9 +207,9 @@ def make_key():
     return path
 
 
-def dnsd(name="dnsd", cpu=LOAD_CPU, config=None, env=None):
+def dnsd(name="dnsd", cpu=LOAD_CPU, config=None, env=None, binary=None):
     key = make_key()
-    argv = [REL / "gpuha-dnsd"]
+    argv = [binary or REL / "gpuha-dnsd"]
     if config:
         argv += ["--config", config]
     else:

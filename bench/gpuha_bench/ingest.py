@@ -5,7 +5,7 @@ import re
 import subprocess
 import time
 
-from .common import LOAD_CPU, PROCS, SUT_CPU, TOOL, cpu_seconds, dnsd, http_get, make_key, note, udp_rcvbuf_errors
+from .common import BASELINE_DNSD, LOAD_CPU, PROCS, SUT_CPU, TOOL, cpu_seconds, dnsd, http_get, make_key, note, udp_rcvbuf_errors
 from .markdown import Report, Target, fmt, svg_lines
 
 
@@ -17,13 +17,18 @@ def sec_ingest(R, quick):
                                       check=True, capture_output=True, text=True).stdout)
     out["micro"] = micro
     note(f"ingest micro: {micro}")
-    # dnsd alone on the SUT core; the blaster on the load core.
-    dp, ingest, http, _ = dnsd(cpu=SUT_CPU)
-    steps = []
-    rates = [100_000, 200_000, 400_000] if quick else [50_000, 100_000, 200_000, 300_000, 400_000, 500_000, 700_000, 1_000_000]
+    # dnsd alone on the SUT core; the blaster on the load core. With a baseline build, both run
+    # (the idle one costs nothing) and each rate is offered to this build, then to the baseline.
+    builds = [("current", None)] + ([("baseline", BASELINE_DNSD)] if BASELINE_DNSD else [])
+    procs = {}
+    for b, binary in builds:
+        dp, ingest, http, _ = dnsd(f"dnsd-ingest-{b}", cpu=SUT_CPU, binary=binary)
+        procs[b] = (dp, ingest, http)
+    steps = {b: [] for b, _ in builds}
+    rates = [100_000, 200_000, 400_000, 600_000] if quick else [50_000, 100_000, 200_000, 300_000, 400_000, 500_000, 600_000, 700_000, 1_000_000]
     secs = 1.0 if quick else 2.0
 
-    def accepted():
+    def accepted(http):
         _, body = http_get(f"http://{http}/metrics")
         txt = body.decode()
         acc = int(re.search(r"^gpuha_dnsd_frames_accepted_total (\d+)", txt, re.M).group(1))
@@ -31,31 +36,38 @@ def sec_ingest(R, quick):
         return acc, drops
 
     for rate in rates:
-        a0, d0 = accepted()
-        rb0 = udp_rcvbuf_errors()
-        c0 = cpu_seconds(dp.pid)
-        r = subprocess.run(["taskset", "-c", LOAD_CPU, TOOL, "blast", "--to", ingest, "--key-file",
-                            make_key(), "--workers", "10000", "--rate", str(rate), "--secs", str(secs)],
-                           check=True, capture_output=True, text=True)
-        b = json.loads(r.stdout)
-        time.sleep(0.5)
-        c1 = cpu_seconds(dp.pid)
-        a1, d1 = accepted()
-        rb1 = udp_rcvbuf_errors()
-        acc = a1 - a0
-        drops = {k: v - d0.get(k, 0) for k, v in d1.items() if v - d0.get(k, 0)}
-        s = {"target_rate": rate, "offered": b["offered"], "offered_rate": b["offered_rate"], "accepted": acc,
-             "accepted_rate": acc / b["secs"], "accepted_frac": acc / b["offered"], "kernel_rcvbuf_drops": rb1 - rb0,
-             "dropped_by_dnsd": drops, "dnsd_cpu_s": c1 - c0,
-             "dnsd_cpu_us_per_frame": (c1 - c0) / acc * 1e6 if acc else None}
-        steps.append(s)
-        note(f"ingest {rate}/s: offered {b['offered_rate']:.0f}/s accepted {acc}/{b['offered']} "
-             f"({s['accepted_frac']*100:.1f} %), rcvbuf drops {rb1-rb0}, dnsd cpu {s['dnsd_cpu_us_per_frame']} us/frame, {drops}")
-    out["steps"] = steps
-    ok = [s for s in steps if s["accepted_frac"] >= 0.99]
-    out["max_rate_no_drop"] = max((s["accepted_rate"] for s in ok), default=0)
-    cpu_per = [s["dnsd_cpu_us_per_frame"] for s in steps if s["dnsd_cpu_us_per_frame"]]
-    out["cpu_bound_capacity_per_core"] = 1e6 / min(cpu_per) if cpu_per else None
+        for b, _ in builds:
+            dp, ingest, http = procs[b]
+            a0, d0 = accepted(http)
+            rb0 = udp_rcvbuf_errors()
+            c0 = cpu_seconds(dp.pid)
+            r = subprocess.run(["taskset", "-c", LOAD_CPU, TOOL, "blast", "--to", ingest, "--key-file",
+                                make_key(), "--workers", "10000", "--rate", str(rate), "--secs", str(secs)],
+                               check=True, capture_output=True, text=True)
+            bl = json.loads(r.stdout)
+            time.sleep(0.5)
+            c1 = cpu_seconds(dp.pid)
+            a1, d1 = accepted(http)
+            rb1 = udp_rcvbuf_errors()
+            acc = a1 - a0
+            drops = {k: v - d0.get(k, 0) for k, v in d1.items() if v - d0.get(k, 0)}
+            st = {"build": b, "target_rate": rate, "offered": bl["offered"], "offered_rate": bl["offered_rate"], "accepted": acc,
+                  "accepted_rate": acc / bl["secs"], "accepted_frac": acc / bl["offered"], "kernel_rcvbuf_drops": rb1 - rb0,
+                  "dropped_by_dnsd": drops, "dnsd_cpu_s": c1 - c0,
+                  "dnsd_cpu_us_per_frame": (c1 - c0) / acc * 1e6 if acc else None}
+            steps[b].append(st)
+            note(f"ingest {b} {rate}/s: offered {bl['offered_rate']:.0f}/s accepted {acc}/{bl['offered']} "
+                 f"({st['accepted_frac']*100:.1f} %), rcvbuf drops {rb1-rb0}, dnsd cpu {st['dnsd_cpu_us_per_frame']} us/frame, {drops}")
+
+    def summary(st):
+        ok = [x for x in st if x["accepted_frac"] >= 0.99]
+        cpu_per = [x["dnsd_cpu_us_per_frame"] for x in st if x["dnsd_cpu_us_per_frame"]]
+        return {"steps": st, "max_rate_no_drop": max((x["accepted_rate"] for x in ok), default=0),
+                "cpu_bound_capacity_per_core": 1e6 / min(cpu_per) if cpu_per else None}
+
+    out.update(summary(steps["current"]))
+    if BASELINE_DNSD:
+        out["baseline"] = summary(steps["baseline"])
     R["ingest"] = out
     PROCS.stop_all()
 
@@ -76,7 +88,14 @@ def report_ingest(R, rep: Report) -> None:
         cap = ing.get("cpu_bound_capacity_per_core")
         md.append("")
         md.append(f"Highest rate with ≥ 99 % accepted: {fmt(ing['max_rate_no_drop'])} frames/s; CPU-bound capacity of one core: {fmt(cap)} frames/s.")
-        targets.append(Target("ingest ≥ 500 k frames/s per core", (ing["max_rate_no_drop"] or 0) >= 500_000,
+        bi = ing.get("baseline")
+        if bi:
+            md += ["", "Baseline dnsd build, offered the same rates right after this build:", "",
+                   "| offered/s | accepted/s | accepted % | kernel rcvbuf drops | dnsd CPU µs/frame |", "|---:|---:|---:|---:|---:|"]
+            for s in bi["steps"]:
+                md.append(f"| {fmt(s['offered_rate'])} | {fmt(s['accepted_rate'])} | {s['accepted_frac']*100:.1f} | {fmt(s['kernel_rcvbuf_drops'])} | {fmt(s['dnsd_cpu_us_per_frame'], 2)} |")
+            md += ["", f"Baseline: highest rate with ≥ 99 % accepted {fmt(bi['max_rate_no_drop'])} frames/s; CPU-bound {fmt(bi['cpu_bound_capacity_per_core'])} frames/s."]
+        targets.append(Target("ingest ≥ 600 k frames/s per core", (ing["max_rate_no_drop"] or 0) >= 600_000,
                         f"{ing['max_rate_no_drop']:,.0f} frames/s without drops (CPU-bound estimate {fmt(cap)})"))
         svg_lines("dnsd ingest: accepted vs offered (frames/s)",
                   [("accepted", [(s["offered_rate"], s["accepted_rate"]) for s in ing["steps"]]),

@@ -16,6 +16,7 @@ mod prom;
 pub mod reload;
 pub mod state;
 pub mod tls;
+mod udp_batch;
 pub mod xds;
 
 use std::future::Future;
@@ -276,15 +277,14 @@ pub async fn run_with(config: Config, listeners: Listeners, options: RunOptions,
 
 async fn ingest_loop(sock: tokio::net::UdpSocket, state: Arc<AppState>, stop: impl Future<Output = ()>) {
     // One byte over the frame limit, so an oversized datagram is seen as such and dropped.
-    let mut buf = vec![0u8; gpuha_liveness::MAX_FRAME_LEN + 1];
+    let mut batch = udp_batch::RecvBatch::new(gpuha_liveness::MAX_FRAME_LEN + 1);
     let work = async {
         loop {
-            match sock.recv_from(&mut buf).await {
-                Ok((n, from)) => {
-                    if let Err(reason) = state.ingest(&buf[..n], now_ms()) {
-                        tracing::debug!(%from, reason = reason.as_str(), "dropped datagram");
-                    }
-                }
+            match batch.recv(&sock).await {
+                // One lock and one clock read for the whole batch (frames that arrived together).
+                Ok(n) => state.ingest_batch((0..n).map(|i| batch.get(i)), now_ms(), |from, reason| {
+                    tracing::debug!(from = ?from, reason = reason.as_str(), "dropped datagram");
+                }),
                 // ICMP errors and the like surface here on some platforms: keep receiving.
                 Err(e) => tracing::debug!("udp recv error: {e}"),
             }

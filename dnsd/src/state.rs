@@ -140,6 +140,31 @@ impl AppState {
         Ok(())
     }
 
+    /// Handles datagrams received together at `now_ms` under one lock; `dropped` hears of each
+    /// one refused (its sender and why). Frames are applied in order, as one by one.
+    pub fn ingest_batch<'a>(&self, datagrams: impl Iterator<Item = (&'a [u8], Option<std::net::SocketAddr>)>, now_ms: u64, mut dropped: impl FnMut(Option<std::net::SocketAddr>, DropReason)) {
+        let mut g = self.lock();
+        let mut earliest = u64::MAX;
+        let mut any = false;
+        for (bytes, from) in datagrams {
+            match g.ingest.accept(bytes, now_ms) {
+                Ok(frame) => {
+                    earliest = earliest.min(g.fleet.observe_tracked(frame, now_ms));
+                    any = true;
+                }
+                Err(reason) => dropped(from, reason),
+            }
+        }
+        if any {
+            self.generation.fetch_add(1, Ordering::Release);
+        }
+        if earliest != u64::MAX {
+            for w in &g.watches {
+                w.fetch_min(earliest, Ordering::AcqRel);
+            }
+        }
+    }
+
     /// Registers a reader of [`Self::pool_outlook`].
     pub fn watch_outlook(&self) -> OutlookWatch {
         let mut g = self.lock();

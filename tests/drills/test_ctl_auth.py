@@ -37,7 +37,7 @@ from typing import Optional
 
 import gpuha_harness as harness
 from gpuha_harness import Load, make_client, wait_for
-from test_l7_drills import summarize, warm_up
+from gpuha_harness import summarize, warm_up
 
 REPO = Path(__file__).resolve().parents[2]
 ADMIN_TOKEN = "drill-admin-token-0123456789"

@@ -67,11 +67,11 @@ fn liveness_index(l: Liveness) -> usize {
 }
 
 /// Adds one to `map[key]`, allocating the key only the first time.
-fn bump(map: &mut HashMap<String, u64>, key: &str) {
+fn bump(map: &mut HashMap<String, u64>, key: &str, by: u64) {
     match map.get_mut(key) {
-        Some(n) => *n += 1,
+        Some(n) => *n += by,
         None => {
-            map.insert(key.to_string(), 1);
+            map.insert(key.to_string(), by);
         }
     }
 }
@@ -98,15 +98,25 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 
 impl DnsMetrics {
     pub fn query(&self, qtype: &'static str, rcode: &'static str) {
-        *lock(&self.queries).entry((qtype, rcode)).or_default() += 1;
+        self.queries_n(qtype, rcode, 1);
+    }
+
+    /// Counts `n` queries of one type and response code (the fast path counts a batch at once).
+    pub fn queries_n(&self, qtype: &'static str, rcode: &'static str, n: u64) {
+        *lock(&self.queries).entry((qtype, rcode)).or_default() += n;
     }
 
     /// Counts one service answer given at `now_ms`, and remembers until when each pool in it
     /// may be cached (see [`Self::handed_until`]).
     pub fn served(&self, zones: &Zones, s: &Served, now_ms: u64) {
+        self.served_n(zones, s, now_ms, 1);
+    }
+
+    /// [`Self::served`] for `n` equal answers given at `now_ms` (a batch of the fast path).
+    pub fn served_n(&self, zones: &Zones, s: &Served, now_ms: u64, n: u64) {
         let Some(svc) = zones.services.get(s.service) else { return };
         if s.fail_whale {
-            bump(&mut lock(&self.failwhale), &svc.label);
+            bump(&mut lock(&self.failwhale), &svc.label, n);
         }
         if s.pools.is_empty() {
             return;
@@ -123,7 +133,7 @@ impl DnsMetrics {
                     Some(c) => c,
                     None => per_pool.entry(p.id.clone()).or_default(),
                 };
-                counts[liveness_index(*state)] += 1;
+                counts[liveness_index(*state)] += n;
             }
         }
         let until = now_ms.saturating_add(u64::from(svc.ttl) * 1000);
@@ -146,11 +156,11 @@ impl DnsMetrics {
     }
 
     pub fn eviction(&self, pool: &str) {
-        bump(&mut lock(&self.evictions), pool);
+        bump(&mut lock(&self.evictions), pool, 1);
     }
 
     pub fn failback(&self, pool: &str) {
-        bump(&mut lock(&self.failbacks), pool);
+        bump(&mut lock(&self.failbacks), pool, 1);
     }
 
     pub fn render(&self, out: &mut String, zones: &Zones, states: &PoolStates) {

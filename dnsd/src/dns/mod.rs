@@ -9,9 +9,11 @@
 //!   into a response (EDNS, truncation, AXFR policy, metrics), and the transitions tick. The
 //!   question is written back re-encoded (never the client's bytes), and not at all in a
 //!   FORMERR for a query of several questions, so every reply parses and fits the UDP limit.
-//! - [`transport`]: the UDP and TCP loops. They are ours rather than `hickory_server::Server`'s
-//!   so that a packet that does not parse is counted and dropped (hickory answers FORMERR or
-//!   drops it without telling anyone), and so that each response is sized by our own rules.
+//! - [`fast`]: the common query (A/AAAA of a service name) answered from bytes prebuilt per
+//!   [`Snapshot`], identical to what this handler writes for it; everything else comes here.
+//! - [`transport`]: the UDP threads (batched) and TCP loop. They are ours rather than
+//!   `hickory_server::Server`'s so that a packet that does not parse is counted and dropped
+//!   (hickory answers FORMERR or drops it silently), and each response is sized by our rules.
 //!
 //! **Cold start.** Until one eviction window (10 s) has passed since dnsd started, a pool it has
 //! not heard enough frames from is `ColdStart`, which is answered like `Alive`: no data is not
@@ -27,6 +29,7 @@
 
 pub mod answer;
 pub mod config;
+pub mod fast;
 pub mod metrics;
 pub mod transport;
 
@@ -102,6 +105,9 @@ pub struct Snapshot {
     pub zones: Arc<Zones>,
     pub states: Arc<PoolStates>,
     validity: Option<OutlookValidity>,
+    /// The common answers of these states, prebuilt ([`fast`]); empty for a snapshot that
+    /// never holds (it is only a placeholder until the next query takes one).
+    pub fast: fast::FastTable,
 }
 
 impl Snapshot {
@@ -130,7 +136,7 @@ impl DnsService {
             admin,
             metrics: DnsMetrics::default(),
             transitions: Mutex::new(Transitions::default()),
-            snapshot: RwLock::new(Arc::new(Snapshot { zones, states: empty, validity: None })),
+            snapshot: RwLock::new(Arc::new(Snapshot { zones, states: empty, validity: None, fast: fast::FastTable::default() })),
             watch,
             tcp_idle: Duration::from_millis(config.tcp_idle_timeout_ms),
             tick: Duration::from_millis(config.tick_ms),
@@ -151,14 +157,14 @@ impl DnsService {
         let zones = Arc::new(zones);
         *self.zones.write().unwrap_or_else(|e| e.into_inner()) = zones.clone();
         let empty = Arc::new(PoolStates { live: vec![], overrides: vec![] });
-        *self.snapshot.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(Snapshot { zones, states: empty, validity: None });
+        *self.snapshot.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(Snapshot { zones, states: empty, validity: None, fast: fast::FastTable::default() });
     }
 
     /// The next query takes a new snapshot: an operator's override changed.
     pub fn invalidate(&self) {
         let _tr = self.transitions.lock().unwrap_or_else(|e| e.into_inner());
         let mut snap = self.snapshot.write().unwrap_or_else(|e| e.into_inner());
-        let stale = Snapshot { zones: snap.zones.clone(), states: snap.states.clone(), validity: None };
+        let stale = Snapshot { zones: snap.zones.clone(), states: snap.states.clone(), validity: None, fast: fast::FastTable::default() };
         *snap = Arc::new(stale);
     }
 
@@ -226,7 +232,8 @@ impl DnsService {
                 }
             }
         }
-        let snap = Arc::new(Snapshot { zones, states, validity: Some(validity) });
+        let fast = fast::FastTable::build(&zones, &states);
+        let snap = Arc::new(Snapshot { zones, states, validity: Some(validity), fast });
         *self.snapshot.write().unwrap_or_else(|e| e.into_inner()) = snap.clone();
         snap
     }
@@ -362,17 +369,27 @@ impl DnsService {
         shutdown: impl std::future::Future<Output = ()> + Send + 'static,
     ) -> std::io::Result<()> {
         let mut tasks = tokio::task::JoinSet::new();
+        // UDP on threads of their own, blocked in recvmmsg (no readiness round trip per batch):
+        // one per core dnsd may use (a few receivers on one socket), at most 4.
+        let udp = udp.into_std()?;
+        udp.set_nonblocking(false)?;
+        udp.set_read_timeout(Some(transport::UDP_STOP_POLL))?;
         let udp = Arc::new(udp);
-        // A few receivers on one socket so a 2-core box uses both cores.
+        let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
         let workers = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1).clamp(1, 4);
-        for _ in 0..workers {
-            tasks.spawn(transport::udp_loop(self.clone(), udp.clone()));
+        let mut threads = Vec::with_capacity(workers);
+        for i in 0..workers {
+            let (svc, udp, stop, rt) = (self.clone(), udp.clone(), stop.clone(), tokio::runtime::Handle::current());
+            threads.push(std::thread::Builder::new().name(format!("dns-udp-{i}")).spawn(move || transport::udp_thread(svc, udp, stop, rt))?);
         }
         tasks.spawn(transport::tcp_loop(self.clone(), tcp));
         tasks.spawn(self.clone().tick_loop());
         shutdown.await;
         tasks.abort_all();
         while tasks.join_next().await.is_some() {}
+        // The threads see the flag within one read timeout; the socket closes with the last.
+        stop.store(true, Ordering::Relaxed);
+        let _ = tokio::task::spawn_blocking(move || threads.into_iter().for_each(|t| drop(t.join()))).await;
         Ok(())
     }
 }

@@ -4,7 +4,7 @@
 //! [`RequestHandler`], whose response is captured by [`Capture`] and written back.
 
 use std::net::SocketAddr;
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 
 use hickory_proto::op::MessageType;
@@ -18,7 +18,10 @@ use hickory_server::zone_handler::MessageResponse;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::sync::Semaphore;
 
-use super::DnsService;
+use super::metrics::qtype_label;
+use super::{DnsService, Snapshot};
+use crate::state::now_ms;
+use crate::udp_batch::{send_all_blocking, RecvBatch, BATCH};
 
 /// Concurrent TCP connections; more are closed at once (counted).
 const MAX_TCP_CONNECTIONS: usize = 512;
@@ -57,8 +60,30 @@ impl ResponseHandler for Capture {
     }
 }
 
-/// Parses and answers one message; `None` when it is dropped.
+/// Parses and answers one message; `None` when it is dropped. The common query is answered
+/// from the snapshot's prebuilt bytes ([`super::fast`]), everything else by hickory.
 pub async fn respond(svc: &DnsService, bytes: Vec<u8>, src: SocketAddr, protocol: Protocol) -> Option<Vec<u8>> {
+    let now = now_ms();
+    let snap = svc.pool_states(now);
+    let mut out = Vec::new();
+    if let Some(hit) = snap.fast.answer(&bytes, protocol == Protocol::Udp, &mut out) {
+        count_fast(svc, &snap, hit.entry, 1, now);
+        return Some(out);
+    }
+    respond_hickory(svc, bytes, src, protocol).await
+}
+
+/// Counts `n` fast answers of entry `entry` of `snap`'s table, as hickory's path counts each.
+fn count_fast(svc: &DnsService, snap: &Snapshot, entry: usize, n: u64, now_ms: u64) {
+    let Some(e) = snap.fast.entries.get(entry) else { return };
+    for s in &e.served {
+        svc.metrics.served_n(&snap.zones, s, now_ms, n);
+    }
+    svc.metrics.queries_n(qtype_label(Some(e.qtype)), "NOERROR", n);
+}
+
+/// [`respond`] without the fast path: every message through hickory.
+pub async fn respond_hickory(svc: &DnsService, bytes: Vec<u8>, src: SocketAddr, protocol: Protocol) -> Option<Vec<u8>> {
     let request = match Request::from_bytes(bytes, src, protocol) {
         Ok(r) if r.metadata.message_type == MessageType::Query => r,
         Ok(_) => {
@@ -77,25 +102,63 @@ pub async fn respond(svc: &DnsService, bytes: Vec<u8>, src: SocketAddr, protocol
     capture.take()
 }
 
-pub async fn udp_loop(svc: Arc<DnsService>, sock: Arc<tokio::net::UdpSocket>) {
-    let mut buf = vec![0u8; 65_535];
-    loop {
-        let (n, src) = match sock.recv_from(&mut buf).await {
-            Ok(x) => x,
-            // ICMP port unreachable from an earlier reply and the like: keep serving.
+/// Largest DNS query over UDP we read; a longer one is counted as malformed and dropped
+/// (queries are a few dozen bytes; EDNS options do not come near this).
+const MAX_UDP_QUERY: usize = 4096;
+
+/// How often an idle UDP thread looks at its stop flag.
+pub const UDP_STOP_POLL: std::time::Duration = std::time::Duration::from_millis(100);
+
+/// One UDP thread on `sock` (blocking, with its own read timeout), until `stop` is set.
+/// Datagrams come in batches ([`RecvBatch::recv_blocking`]: one syscall per batch, no
+/// readiness round trip); the fast answers of a batch are counted together and sent with one
+/// `sendmmsg`; the others go through hickory one by one (on `rt`, which they do not wait on).
+pub fn udp_thread(svc: Arc<DnsService>, sock: Arc<std::net::UdpSocket>, stop: Arc<AtomicBool>, rt: tokio::runtime::Handle) {
+    let mut batch = RecvBatch::new(MAX_UDP_QUERY);
+    let mut outs: Vec<Vec<u8>> = (0..BATCH).map(|_| Vec::with_capacity(512)).collect();
+    let mut dest: Vec<SocketAddr> = Vec::with_capacity(BATCH);
+    let mut hits: Vec<(usize, u64)> = Vec::new();
+    while !stop.load(Ordering::Relaxed) {
+        match batch.recv_blocking(&sock) {
+            Ok(_) => {}
+            Err(e) if matches!(e.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut | std::io::ErrorKind::Interrupted) => continue,
             Err(e) => {
+                // ICMP port unreachable from an earlier reply and the like: keep serving.
                 tracing::debug!("dns udp recv error: {e}");
                 continue;
             }
-        };
-        if src.port() == 0 {
-            continue;
         }
-        if let Some(resp) = respond(&svc, buf[..n].to_vec(), src, Protocol::Udp).await {
-            if let Err(e) = sock.send_to(&resp, src).await {
-                tracing::debug!(%src, "dns udp send error: {e}");
+        let now = now_ms();
+        let snap = svc.pool_states(now);
+        dest.clear();
+        hits.clear();
+        for i in 0..batch.count() {
+            let (bytes, src) = batch.get(i);
+            let Some(src) = src.filter(|s| s.port() != 0) else { continue };
+            if batch.was_cut(i) {
+                svc.metrics.malformed.fetch_add(1, Ordering::Relaxed);
+                tracing::debug!(%src, "dropped an oversized DNS query");
+                continue;
+            }
+            let out = &mut outs[dest.len()];
+            if let Some(hit) = snap.fast.answer(bytes, true, out) {
+                match hits.iter_mut().find(|(e, _)| *e == hit.entry) {
+                    Some((_, n)) => *n += 1,
+                    None => hits.push((hit.entry, 1)),
+                }
+                dest.push(src);
+                continue;
+            }
+            if let Some(resp) = rt.block_on(respond_hickory(&svc, bytes.to_vec(), src, Protocol::Udp)) {
+                *out = resp;
+                dest.push(src);
             }
         }
+        for &(entry, n) in &hits {
+            count_fast(&svc, &snap, entry, n, now);
+        }
+        let msgs: Vec<(&[u8], SocketAddr)> = outs.iter().zip(&dest).map(|(o, d)| (o.as_slice(), *d)).collect();
+        send_all_blocking(&sock, &msgs);
     }
 }
 

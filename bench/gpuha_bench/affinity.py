@@ -6,7 +6,7 @@ import re
 import statistics
 import time
 
-from .common import PROCS, dnsd, envoy, envoy_stats, fake_worker, fleet_ready, http_get, note, sidecar, vllm_router
+from .common import PROCS, WORK, dnsd, envoy, envoy_stats, fake_worker, fleet_ready, free_port, http_get, note, sidecar, vllm_router
 from .markdown import Report, Target, fmt
 
 
@@ -151,19 +151,28 @@ def sec_affinity(R, quick):
     for i, a in enumerate(workers):
         sidecar(f"aff{i}", a, ingest)
     fleet_ready(fleet, AFF_WORKERS)
+    R["affinity_setup"] = {"workers": AFF_WORKERS, "slots": AFF_SLOTS, "prefill_us_per_token": AFF_PREFILL_US,
+                           "prefix_cache_tokens": AFF_CACHE_TOKENS, "ttft_ms": 5, "max_tokens": 4, "reps": reps,
+                           "sessions": sessions, "turns": turns, "users": users, "client_threads": parallel}
+    rows, runs = compare(workers, fleet, reps, sessions, turns, users, parallel)
+    R["affinity"] = rows
+    R["affinity_runs"] = runs
+    PROCS.stop_all()
+
+
+def compare(workers, fleet, reps, sessions, turns, users, parallel):
+    """Both workloads through every router over `workers` (reported by dnsd at `fleet`): the rows
+    (pooled per router and workload) and every run."""
     # One untimed pass first (straight to the workers, spread by hand), so the first router
     # measured does not meet workers and sidecars that have never been loaded.
     from concurrent.futures import ThreadPoolExecutor
     with ThreadPoolExecutor(max_workers=parallel) as pool:
-        list(pool.map(lambda i: aff_multi_turn(int(workers[i % AFF_WORKERS].rsplit(":", 1)[1]), f"warmup{i}", 3, 2, 1),
-                      range(AFF_WORKERS * 3)))
+        list(pool.map(lambda i: aff_multi_turn(int(workers[i % len(workers)].rsplit(":", 1)[1]), f"warmup{i}", 3, 2, 1),
+                      range(len(workers) * 3)))
     routers = [("gpuha (affinity on)", "on"), ("vllm-router cache_aware", "cache_aware"),
                ("vllm-router round_robin", "round_robin"), ("gpuha (affinity off)", "off")]
     workloads = [("multi-turn", lambda port, tag: aff_multi_turn(port, tag, sessions, turns, parallel)),
                  ("shared system prompt", lambda port, tag: aff_shared_prompt(port, tag, users, parallel))]
-    R["affinity_setup"] = {"workers": AFF_WORKERS, "slots": AFF_SLOTS, "prefill_us_per_token": AFF_PREFILL_US,
-                           "prefix_cache_tokens": AFF_CACHE_TOKENS, "ttft_ms": 5, "max_tokens": 4, "reps": reps,
-                           "sessions": sessions, "turns": turns, "users": users, "client_threads": parallel}
     runs = []
     for rep in range(reps):
         order = routers[rep % len(routers):] + routers[:rep % len(routers)]
@@ -186,7 +195,7 @@ def sec_affinity(R, quick):
             try:
                 import http.client
                 warm = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
-                for _ in range(AFF_WORKERS):
+                for _ in range(len(workers)):
                     aff_turn(warm, [{"role": "user", "content": f"warm {rep} {kind}"}])
                 warm.close()
                 for wl, fn in workloads:
@@ -221,7 +230,7 @@ def sec_affinity(R, quick):
             if not rs:
                 continue
             ttft = [t for r in rs for t in r["ttft_ms"]]
-            per_worker = [sum(r["per_worker"][i] for r in rs) for i in range(AFF_WORKERS)]
+            per_worker = [sum(r["per_worker"][i] for r in rs) for i in range(len(workers))]
             # Spread per run, then the median over the runs: every run places its new sessions
             # anew, so the pooled counts would average an imbalance away.
             max_min = [max(r["per_worker"]) / min(r["per_worker"]) if min(r["per_worker"]) else None for r in rs]
@@ -237,30 +246,77 @@ def sec_affinity(R, quick):
                          "max_min_runs": max_min, "cv": statistics.median(cv) if cv else None,
                          "filter": {k: sum((r["filter"] or {}).get(k, 0) for r in rs) for k in ("keyed", "hits", "spills", "placed")}
                          if rs[0]["filter"] is not None else None})
-    R["affinity"] = rows
-    R["affinity_runs"] = runs
-    PROCS.stop_all()
+    return rows, runs
 
 
+def sec_affinity_vllm(R, quick):
+    """The same comparison against real vLLM 0.32 CPU servers (prefix caching on: vLLM's default),
+    hit rate from vLLM's own counters. Needs the real-vLLM install of deploy/vllm/setup.sh
+    (GPUHA_VLLM_VENV); skipped, with a note, without it."""
+    from gpuha_harness import vllm as vl
+
+    venv, model = vl.default_venv(), vl.default_model()
+    if not (venv / "bin" / "python").exists() or not model.exists():
+        note(f"affinity_vllm: no real vLLM install at {venv} (deploy/vllm/setup.sh): skipped")
+        return
+    n = 3
+    reps = 1
+    sessions, turns = (9, 3) if quick else (18, 4)
+    users = 24 if quick else 48
+    parallel = 6
+    _, ingest, fleet, _ = dnsd()
+    servers = [vl.VllmServer(name=f"affv{i}", port=free_port(), model=model, logdir=WORK, venv=venv) for i in range(n)]
+    try:
+        started = vl.start_parallel(servers)
+        note(f"affinity_vllm: {n} real vLLM servers healthy after {started}")
+        workers = [s.addr for s in servers]
+        for s in servers:
+            sidecar(s.name, s.addr, ingest)
+        fleet_ready(fleet, n)
+        R["affinity_vllm_setup"] = {"workers": n, "build": vl.vllm_build(), "serve_flags": " ".join(vl.SERVE_FLAGS), "max_tokens": 4,
+                                    "reps": reps, "sessions": sessions, "turns": turns, "users": users, "client_threads": parallel}
+        rows, runs = compare(workers, fleet, reps, sessions, turns, users, parallel)
+        R["affinity_vllm"] = rows
+        R["affinity_vllm_runs"] = runs
+    finally:
+        PROCS.stop_all()
+        for s in servers:
+            try:
+                s.kill_group()
+            except Exception as e:  # noqa: BLE001 - report and go on cleaning the others
+                note(f"affinity_vllm: cleanup of {s.name}: {e}")
+
+
+def report_affinity_vllm(R, rep: Report) -> None:
+    su = R.get("affinity_vllm_setup", {})
+    intro = (f"{su.get('workers')} real vLLM servers ({su.get('build')} build, `{su.get('serve_flags')}`, prefix caching on: "
+             f"vLLM's default), {su.get('client_threads')} client threads, max_tokens {su.get('max_tokens')}. "
+             f"Multi-turn: {su.get('sessions')} sessions × {su.get('turns')} turns; shared system prompt: {su.get('users')} users. "
+             f"Hit rate: vLLM's own `vllm:prefix_cache_hits_total / queries_total`; load: vLLM's `request_success_total` per server.")
+    table(R.get("affinity_vllm"), rep, "## 6b. Prefix-cache affinity against real vLLM servers", intro)
 
 
 def report_affinity(R, rep: Report) -> None:
-    md, targets = rep.md, rep.targets
-    af = R.get("affinity")
-    if af:
-        su = R.get("affinity_setup", {})
+    su = R.get("affinity_setup", {})
+    intro = (f"{su.get('workers')} fake workers (`--max-num-seqs {su.get('slots')} --ttft-ms {su.get('ttft_ms')} "
+             f"--prefill-us-per-token {su.get('prefill_us_per_token')} --prefix-cache-tokens {su.get('prefix_cache_tokens')}`), "
+             f"{su.get('client_threads')} client threads (closed loop, streamed, max_tokens {su.get('max_tokens')}). "
+             f"Multi-turn: {su.get('sessions')} sessions × {su.get('turns')} turns resending the history; shared system prompt: "
+             f"{su.get('users')} users, one ~600-token system prompt, a different question each. Hit rate: the workers' "
+             f"own `vllm:prefix_cache_hits_total / queries_total`, delta over the run; load: requests finished per worker "
+             f"(summed over the repeats; max/min and CV: median of the repeats'). "
+             f"Repeats: {su.get('reps')} (router order rotated), pooled.")
+    table(R.get("affinity"), rep, "## 6. Prefix-cache affinity (fake workers with a prefix cache)", intro)
 
+
+def table(af, rep: Report, title: str, intro: str) -> None:
+    """The rows of one comparison, their ratios to vllm-router cache_aware, and the targets."""
+    md, targets = rep.md, rep.targets
+    where = ", real vLLM" if "real vLLM" in title else ""
+    if af:
         def mm(v):
             return "∞" if v is None else f"{v:.2f}"
-        md += ["", "## 6. Prefix-cache affinity (fake workers with a prefix cache)", "",
-               f"{su.get('workers')} fake workers (`--max-num-seqs {su.get('slots')} --ttft-ms {su.get('ttft_ms')} "
-               f"--prefill-us-per-token {su.get('prefill_us_per_token')} --prefix-cache-tokens {su.get('prefix_cache_tokens')}`), "
-               f"{su.get('client_threads')} client threads (closed loop, streamed, max_tokens {su.get('max_tokens')}). "
-               f"Multi-turn: {su.get('sessions')} sessions × {su.get('turns')} turns resending the history; shared system prompt: "
-               f"{su.get('users')} users, one ~600-token system prompt, a different question each. Hit rate: the workers' "
-               f"own `vllm:prefix_cache_hits_total / queries_total`, delta over the run; load: requests finished per worker "
-               f"(summed over the repeats; max/min and CV: median of the repeats'). "
-               f"Repeats: {su.get('reps')} (router order rotated), pooled.", "",
+        md += ["", title, "", intro, "",
                "| workload | router | hit rate | uncached prompt tokens | TTFT p50 ms | TTFT p99 ms | req/s | requests per worker | max/min | CV | errors | affinity hits/keyed, spills, placed |",
                "|---|---|---:|---:|---:|---:|---:|---|---:|---:|---:|---|"]
         for r in af:
@@ -287,6 +343,6 @@ def report_affinity(R, rep: Report) -> None:
             if a and b and a["hit_rate"] is not None and b["hit_rate"] is not None:
                 spread_ok = b["max_min"] is None or (a["max_min"] is not None and a["max_min"] <= b["max_min"] * 1.05)
                 ok = a["hit_rate"] >= b["hit_rate"] - 0.02 and a["ttft_p50_ms"] <= b["ttft_p50_ms"] * 1.05 and spread_ok
-                targets.append(Target(f"affinity ≥ vllm-router cache_aware: hit rate, TTFT p50, load spread ({wl})", ok,
+                targets.append(Target(f"affinity ≥ vllm-router cache_aware: hit rate, TTFT p50, load spread ({wl}{where})", ok,
                                 f"hit {a['hit_rate']*100:.1f} vs {b['hit_rate']*100:.1f} %, TTFT p50 {fmt(a['ttft_p50_ms'], 1)} vs "
                                 f"{fmt(b['ttft_p50_ms'], 1)} ms, load max/min {mm(a['max_min'])} vs {mm(b['max_min'])}"))

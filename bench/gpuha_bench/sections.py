@@ -28,4 +28,5 @@ SECTIONS = {
     "dnsperf": Section(dns.sec_dnsperf, dns.report_dnsperf),
     "reload": Section(dns.sec_reload, dns.report_reload),
     "affinity": Section(affinity.sec_affinity, affinity.report_affinity),
+    "affinity_vllm": Section(affinity.sec_affinity_vllm, affinity.report_affinity_vllm),
 }

@@ -1,7 +1,9 @@
 """The breaker judges workers, not requests (issue 11): a worker that fails where others serve
 is charged and its circuit opens; a failure that follows the request — the same failure on
 every worker it tried — charges nobody; and the panic threshold never leaves the model with no
-worker while fresh ones exist.
+worker while fresh ones exist. And the breaker's own cycle: a worker that resets every request is
+skipped after `failure_threshold` failures and probed once after the cool-down; clients that hang
+up during a healthy worker's time to first token never open its circuit.
 
     GPUHA_BIN_DIR=target/release GPUHA_WASM=target/wasm32-wasip1/release/gpuha_filter.wasm \\
         python3 -m pytest tests/drills/test_breaker_judgment.py -v -s
@@ -10,10 +12,11 @@ worker while fresh ones exist.
 from __future__ import annotations
 
 import json
+import time
 
 import openai
 
-from gpuha_harness import access_entries, chat, filter_stat, make_client, per_worker, wait_for
+from gpuha_harness import Outcome, access_entries, chat, filter_stat, make_client, per_worker, wait_for
 from gpuha_harness import assert_whole_and_single_worker, report, summarize, warm_up
 
 ERROR_BEFORE_TOKEN = ["--error-before-token"]
@@ -65,3 +68,81 @@ def test_failure_following_the_request_charges_nobody(stack):
     assert trips == 0, "a failure that follows the request opened circuits"
     assert follows >= len(outcomes) - 2
     assert attempts and min(attempts) == 3, f"every request must have been tried on 3 workers: {attempts}"
+
+
+def test_breaker_opens_and_probes(stack):
+    """A worker that resets every request (its sidecar still reports it fresh) is skipped
+    after `failure_threshold` failures, then probed once after the cool-down."""
+    stack.start_dnsd()
+    good = [stack.start_worker(f"w{i}", ttft_ms=20, tokens_per_s=500) for i in (1, 2)]
+    bad = stack.start_worker("wbad", ttft_ms=20, tokens_per_s=500, extra=["--reset-after-tokens", "0"])
+    stack.wait_fresh(["w1", "w2", "wbad"])
+    threshold, cooldown_ms = 3, 3000
+    breaker = {"failure_threshold": threshold, "cooldown_ms": cooldown_ms}
+    envoy = stack.start_pool_router(picker_config=json.dumps({"breaker": breaker}),
+                                    guard_config=json.dumps({"breaker": breaker}))
+    warm_up(stack, envoy)
+    client = make_client(envoy.base_url, timeout=10)
+
+    def bad_attempts() -> int:
+        s = envoy.host_stats("gpuha_workers").get(bad.addr, {})
+        return int(s.get("rq_total", 0))
+
+    outcomes: list[Outcome] = []
+    wait_for(lambda: filter_stat(envoy, "breaker_trips") >= 1 or (outcomes.append(chat(client, len(outcomes), 3)) and False),
+             15, "the breaker of wbad to open", interval=0.0)
+    tripped = time.monotonic()
+    at_trip = bad_attempts()
+    # Open: wbad gets nothing for the cool-down.
+    open_outcomes = []
+    while time.monotonic() < tripped + cooldown_ms / 1000 * 0.8:
+        open_outcomes.append(chat(client, 1000 + len(open_outcomes), 3))
+    during_open = bad_attempts() - at_trip
+    # Half-open: exactly one probe goes through, fails, the circuit opens again (doubled).
+    probes0 = filter_stat(envoy, "breaker_probes")
+    probe_outcomes: list[Outcome] = []
+    wait_for(lambda: filter_stat(envoy, "breaker_probes") > probes0 or (probe_outcomes.append(chat(client, 2000 + len(probe_outcomes), 3)) and False),
+             cooldown_ms / 1000 + 5, "a half-open probe to wbad", interval=0.0)
+    probed_after = time.monotonic() - tripped
+    end = time.monotonic() + 1.0
+    while time.monotonic() < end:
+        probe_outcomes.append(chat(client, 2000 + len(probe_outcomes), 3))
+    after_probe = bad_attempts() - at_trip - during_open
+    everything = outcomes + open_outcomes + probe_outcomes
+    report(f"breaker: {len(everything)} requests, {sum(o.kind == 'completed' for o in everything)} completed, "
+           f"{sum(o.kind == 'error' for o in everything)} client errors; wbad attempts before the trip {at_trip} "
+           f"(threshold {threshold}), while open {during_open} ({len(open_outcomes)} requests), probed "
+           f"{probed_after:.1f}s after the trip (cool-down {cooldown_ms / 1000:.0f}s), attempts after the probe {after_probe}; "
+           f"trips {filter_stat(envoy, 'breaker_trips')}, per worker {per_worker(everything)}")
+    assert_whole_and_single_worker(everything)
+    assert all(o.kind == "completed" for o in everything), [o.describe() for o in everything if o.kind != "completed"][:5]
+    assert "wbad" not in per_worker(everything)
+    # Two Envoy threads may each send one more before the trip is visible to both.
+    assert threshold <= at_trip <= threshold + 2, f"wbad got {at_trip} attempts before its breaker opened"
+    assert during_open == 0, f"wbad got {during_open} attempts while its circuit was open"
+    assert probed_after >= cooldown_ms / 1000 * 0.9, f"probed {probed_after:.1f}s after the trip, before the cool-down"
+    assert 1 <= after_probe <= 2, f"{after_probe} attempts in half-open; expected one probe"
+
+
+def test_client_cancels_do_not_open_the_breaker(stack):
+    """Clients that hang up before their first token (a user pressing stop, an SDK timeout) say
+    nothing about the worker: its circuit stays closed and the next request is served."""
+    stack.start_dnsd()
+    slow = stack.start_worker("w1", ttft_ms=1500, tokens_per_s=200)
+    stack.wait_fresh(["w1"])
+    threshold = 3
+    breaker = {"failure_threshold": threshold, "cooldown_ms": 30000}
+    envoy = stack.start_pool_router(picker_config=json.dumps({"breaker": breaker}),
+                                    guard_config=json.dumps({"breaker": breaker}))
+    wait_for(lambda: filter_stat(envoy, "fleet_polls") >= 1, 10, "the picker's first fleet poll")
+    impatient = make_client(envoy.base_url, timeout=0.3)
+    cancelled = [chat(impatient, i, 3) for i in range(2 * threshold)]
+    assert all(o.kind == "error" for o in cancelled), [o.describe() for o in cancelled]
+    wait_for(lambda: filter_stat(envoy, "client_cancels") >= 2 * threshold, 5, "the guard to count the cancels")
+    patient = make_client(envoy.base_url, timeout=10)
+    after = chat(patient, 100, 3)
+    report(f"cancels: {len(cancelled)} clients hung up before the first token; client_cancels "
+           f"{filter_stat(envoy, 'client_cancels')}, breaker_trips {filter_stat(envoy, 'breaker_trips')}, "
+           f"pre_token_retries {filter_stat(envoy, 'pre_token_retries')}; next request: {after.describe()}")
+    assert filter_stat(envoy, "breaker_trips") == 0, "client cancels opened the worker's circuit"
+    assert after.kind == "completed" and after.worker == slow.id, after.describe()

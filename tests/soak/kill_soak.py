@@ -47,6 +47,9 @@ the ingest port (the restart window documented in the README's key-rotation sect
 Prints one judged summary line and a table of per-event figures; exits 1 on any splice, short
 answer, avoidable error, unexplained truncation, key drop, frame lost outside the restart window
 or a recovery that did not happen.
+
+(Over 500 lines on purpose: one standalone script: the fault schedule, the clients, dnsd restarts
+and key rotations, and the request-by-request judge with its report.)
 """
 
 from __future__ import annotations

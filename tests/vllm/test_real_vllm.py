@@ -9,6 +9,9 @@ The servers are started once, in parallel, and shared; a drill that kills one le
 the next drill's `Rig.ensure_up()` restarts only that one. Each drill prints a ``COUNTS`` line.
 How responses and workers are told apart (SSE ids, ``?drill=N`` in Envoy's access log, the
 deterministic reference text) is explained in gpuha_harness/vllm_rig.py.
+
+(Over 500 lines on purpose: the drills share one session's two servers, restarted piecemeal, and
+each checks the premise it needs from vLLM's own numbers before judging the router.)
 """
 
 from __future__ import annotations

@@ -1,5 +1,8 @@
 //! The `[dns]` section of dnsd's config, and its compiled form [`Zones`] that the resolver reads.
 //!
+//! (Over 500 lines on purpose: the schema of `[dns]`, its validation and its compilation into
+//! [`Zones`] are kept together, so that every key is checked where it is compiled.)
+//!
 //! ```toml
 //! [dns]
 //! listen = "0.0.0.0:53"

@@ -2,6 +2,9 @@
 //! routers of the pools that are alive, evicts pools whose workers fell silent, and answers a
 //! fail-whale set when no pool is left.
 //!
+//! (About 500 lines: the request handler and the snapshot it answers from; the pieces it uses
+//! are the modules below.)
+//!
 //! - [`config`]: the `[dns]` section and its validated, compiled form.
 //! - [`answer`]: the pure resolver (zones + pool states + question -> records), where every
 //!   decision is made and tested with synthetic time.

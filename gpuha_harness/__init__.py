@@ -26,13 +26,13 @@ from .drill import assert_whole_and_single_worker, report, warm_up
 from .env import REPO, START_TIMEOUT_S, bin_dir, binary, envoy_bin, wasm_path
 from .envoy_log import ACCESS_RX, access_entries, filter_stat
 from .proc import Proc
-from .stack import Dnsd, Envoy, Stack, Worker, succeeds, tail_file, write_zone_config
+from .stack import Dnsd, Envoy, Stack, Worker, parse_metrics, succeeds, tail_file, write_zone_config
 from .wait import Timeout, free_port, http_get, http_post, port_accepts, wait_for
 
 __all__ = [
     "ACCESS_RX", "REPO", "START_TIMEOUT_S", "TOKEN_RX", "Dnsd", "Envoy", "Load", "Outcome", "Proc", "Stack", "Timeout",
     "Worker", "access_entries", "assert_whole_and_single_worker", "bin_dir", "binary", "chat", "envoy_bin",
     "filter_stat", "free_port", "http_get", "http_post", "is_inband_error", "is_transport_error", "join_all",
-    "make_client", "per_worker", "port_accepts", "report", "run_concurrently", "succeeds", "summarize", "wait_for",
+    "make_client", "parse_metrics", "per_worker", "port_accepts", "report", "run_concurrently", "succeeds", "summarize", "wait_for",
     "tail_file", "warm_up", "wasm_path", "write_zone_config",
 ]

@@ -28,6 +28,19 @@ from .proc import Proc
 from .wait import free_port, http_get, port_accepts, wait_for
 
 
+def parse_metrics(text: str) -> dict[str, float]:
+    """A Prometheus text page as {'name{labels}': value} (comments skipped)."""
+    out: dict[str, float] = {}
+    for line in text.splitlines():
+        if line and not line.startswith("#"):
+            k, _, v = line.rpartition(" ")
+            try:
+                out[k] = float(v)
+            except ValueError:
+                pass
+    return out
+
+
 @dataclass
 class Worker:
     id: str
@@ -71,15 +84,7 @@ class Dnsd:
         status, body = http_get(f"http://{self.http}/metrics")
         if status != 200:
             raise AssertionError(f"/metrics answered {status}: {body[:200]!r}")
-        out: dict[str, float] = {}
-        for line in body.decode(errors="replace").splitlines():
-            if line and not line.startswith("#"):
-                k, _, v = line.rpartition(" ")
-                try:
-                    out[k] = float(v)
-                except ValueError:
-                    pass
-        return out
+        return parse_metrics(body.decode(errors="replace"))
 
     def frames(self) -> dict[str, int]:
         """Frames this dnsd instance took in: `accepted` and each drop reason (its counters

@@ -91,15 +91,7 @@ class TlsDnsd(harness.Dnsd):
     def metrics(self) -> dict[str, float]:
         status, body = harness.http_get(f"http://{self.metrics_addr}/metrics")
         assert status == 200, body[:200]
-        out: dict[str, float] = {}
-        for line in body.decode(errors="replace").splitlines():
-            if line and not line.startswith("#"):
-                k, _, v = line.rpartition(" ")
-                try:
-                    out[k] = float(v)
-                except ValueError:
-                    pass
-        return out
+        return harness.parse_metrics(body.decode(errors="replace"))
 
     def refused(self) -> dict[str, int]:
         out = {}

@@ -22,6 +22,7 @@ import re
 import signal
 import statistics
 import subprocess
+import threading
 import time
 from typing import Optional
 
@@ -740,7 +741,7 @@ def test_engine_core_sigstop_hang(rig: Rig):
         long_threads, long_res = run_concurrently(lambda i: chat(client, 4000 + i, 0, long_tokens), n_long)
         short_threads: list = []
         short_res: list[Outcome] = []
-        lock = vllm_rig.threading.Lock()
+        lock = threading.Lock()
         try:
             # The victim: the server running the most long streams past their first token.
             samples: list = []
@@ -775,7 +776,7 @@ def test_engine_core_sigstop_hang(rig: Rig):
                 i = first
                 nxt = time.monotonic()
                 while time.monotonic() < until:
-                    t = vllm_rig.threading.Thread(target=one, args=(i,), daemon=True)
+                    t = threading.Thread(target=one, args=(i,), daemon=True)
                     t.start()
                     short_threads.append(t)
                     i += 1

@@ -1,3 +1,5 @@
+// Over 500 lines on purpose: the picker's one decision has one test file, and most of it is the
+// reference picker (the rule written plainly) that the property tests compare `pick_ranked` with.
 #![allow(clippy::unwrap_used)]
 use super::*;
 use super::Rng;

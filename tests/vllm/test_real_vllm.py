@@ -64,12 +64,17 @@ def pick_victim(rig: Rig, gen0: dict[str, float], min_running: int = 2, min_wait
     timeout names the most ever seen, so a load that never queued is told from a slow one."""
     seen: dict[str, tuple[float, float]] = {}
     failed = {w: 0 for w in rig.servers}
+    scrapes = {w: 0 for w in rig.servers}
+    slowest = {w: 0.0 for w in rig.servers}
     PICKED.clear()
 
     def check():
         best = None
         for wid in rig.servers:
+            t0 = time.monotonic()
             g = rig.try_gauges(wid)
+            scrapes[wid] += 1
+            slowest[wid] = max(slowest[wid], time.monotonic() - t0)
             if g is None:
                 failed[wid] += 1
                 continue
@@ -88,7 +93,8 @@ def pick_victim(rig: Rig, gen0: dict[str, float], min_running: int = 2, min_wait
         return wait_for(check, timeout, f"a server with >= {min_running} running streams and >= {min_waiting} queued",
                         interval=0.05)
     except harness.Timeout as e:
-        raise harness.Timeout(f"{e} (most seen (running, waiting): {seen}; failed scrapes: {failed})") from None
+        raise harness.Timeout(f"{e} (most seen (running, waiting): {seen}; scrapes: {scrapes}, failed: {failed}, "
+                              f"slowest: { {w: round(v, 2) for w, v in slowest.items()} }s)") from None
 
 
 def gen_counters(rig: Rig) -> dict[str, float]:

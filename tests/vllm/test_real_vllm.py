@@ -272,7 +272,6 @@ def test_d1_group_sigkill_mid_traffic(rig: Rig):
         try:
             victim = pick_victim(rig, gen0)
             g_kill = dict(PICKED)  # read when picked: no second scrape before the kill
-            kill_wall = time.time()
             members = rig.servers[victim].kill_group(remember=False)  # kill -KILL -<pgid>, waits until the group is gone
             kill_mono = Outcome.t0 = rig.servers[victim].killed_at  # the instant the signal went out
             kill_s = time.monotonic() - kill_mono

@@ -328,6 +328,7 @@ def render_tiers(a, values, guard, ap):
             **common_values,
             "CLUSTER_TYPE": ctype,
             "CONNECT_TIMEOUT": a.connect_timeout,
+            "UPSTREAM_IDLE_TIMEOUT": a.upstream_idle_timeout,
             "MAX_RETRIES": a.max_retries,
             "TRANSPORT_SOCKET": transport,
             "GUARD_CONFIG": yaml_single_quoted(json.dumps(tier_guard, separators=(",", ":"))),
@@ -401,6 +402,10 @@ def main(argv=None):
     r.add_argument("--per-try-timeout", default="5s", help="time-to-first-token budget per attempt (Envoy duration)")
     r.add_argument("--hedge", action="store_true", help="hedge_on_per_try_timeout: start the next attempt without cancelling a stalled one")
     r.add_argument("--connect-timeout", default="0.5s")
+    r.add_argument("--upstream-idle-timeout", default="4s",
+                   help="Envoy closes a connection to a worker or tier idle this long (Envoy duration); keep it below the "
+                        "workers' own keep-alive (vLLM: 5 s, VLLM_HTTP_TIMEOUT_KEEP_ALIVE), or a request can meet a connection "
+                        "the worker is closing")
     r.add_argument("--max-retries", type=int, default=10000, help="cluster circuit breaker max_retries")
     r.add_argument("--pool", action="append", default=[], help="telemetry pool id of this router's workers (repeat for several); the picker only picks workers of these pools (default: every pool dnsd reports)")
     r.add_argument("--stream-idle-timeout", default="300s", help="HCM stream_idle_timeout: a stream with no bytes for this long ends (a stalled worker after the first token)")
@@ -489,6 +494,7 @@ def main(argv=None):
             "PER_TRY_TIMEOUT": a.per_try_timeout,
             "HEDGE_ON_PER_TRY_TIMEOUT": "true" if a.hedge else "false",
             "CONNECT_TIMEOUT": a.connect_timeout,
+            "UPSTREAM_IDLE_TIMEOUT": a.upstream_idle_timeout,
             "MAX_RETRIES": a.max_retries,
             "PICKER_CONFIG": yaml_single_quoted(json.dumps(picker, separators=(",", ":"))),
             "GUARD_CONFIG": yaml_single_quoted(json.dumps(guard, separators=(",", ":"))),

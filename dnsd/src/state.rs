@@ -13,7 +13,7 @@ use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use gpuha_liveness::fleet::{view_of_workers, WorkerState};
-use gpuha_liveness::{Ages, DropReason, FleetState, FleetView, Frame, Ingest, IngestCounters, KeyRing, PoolOutlook};
+use gpuha_liveness::{Ages, DropReason, FleetState, FleetView, Ingest, IngestCounters, KeyRing, PoolOutlook};
 
 /// Milliseconds since the Unix epoch: the only clock dnsd reads; everything below takes `now_ms`.
 pub fn now_ms() -> u64 {
@@ -129,11 +129,12 @@ impl AppState {
     /// Handles one datagram received at `now_ms`.
     pub fn ingest(&self, bytes: &[u8], now_ms: u64) -> Result<(), DropReason> {
         let mut g = self.lock();
-        let frame: Frame = g.ingest.accept(bytes, now_ms)?;
-        let changed = g.fleet.observe_tracked(frame, now_ms);
+        let Inner { ingest, fleet, watches } = &mut *g;
+        let frame = ingest.accept_ref(bytes, now_ms)?;
+        let changed = fleet.observe_ref(&frame, now_ms);
         self.generation.fetch_add(1, Ordering::Release);
         if changed != u64::MAX {
-            for w in &g.watches {
+            for w in watches.iter() {
                 w.fetch_min(changed, Ordering::AcqRel);
             }
         }
@@ -144,12 +145,14 @@ impl AppState {
     /// one refused (its sender and why). Frames are applied in order, as one by one.
     pub fn ingest_batch<'a>(&self, datagrams: impl Iterator<Item = (&'a [u8], Option<std::net::SocketAddr>)>, now_ms: u64, mut dropped: impl FnMut(Option<std::net::SocketAddr>, DropReason)) {
         let mut g = self.lock();
+        let Inner { ingest, fleet, .. } = &mut *g;
         let mut earliest = u64::MAX;
         let mut any = false;
         for (bytes, from) in datagrams {
-            match g.ingest.accept(bytes, now_ms) {
+            // Strings borrowed from the datagram: a known worker's frame allocates nothing.
+            match ingest.accept_ref(bytes, now_ms) {
                 Ok(frame) => {
-                    earliest = earliest.min(g.fleet.observe_tracked(frame, now_ms));
+                    earliest = earliest.min(fleet.observe_ref(&frame, now_ms));
                     any = true;
                 }
                 Err(reason) => dropped(from, reason),

@@ -21,7 +21,11 @@ use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
 
-use crate::frame::{Frame, Metrics};
+use crate::frame::{Frame, FrameRef, Metrics};
+
+mod incoming;
+use crate::worker_key::WorkerKey;
+use incoming::Incoming;
 use crate::{EVICTION_WINDOW_MS, FRESHNESS_GATE_MS};
 
 /// A worker back from silence (or new) counts towards its pool's liveness only after sending
@@ -231,7 +235,7 @@ impl Liveness {
 #[derive(Debug, Clone)]
 pub struct FleetState {
     started_ms: u64,
-    workers: HashMap<String, Arc<WorkerState>>,
+    workers: HashMap<WorkerKey, Arc<WorkerState>>,
 }
 
 fn delta(new: Option<f64>, old: Option<f64>) -> Option<f64> {
@@ -285,17 +289,29 @@ impl FleetState {
     /// differ from before the frame (`u64::MAX`: nowhere). A caller that cached a
     /// [`PoolOutlook`] may keep using it strictly before that instant.
     pub fn observe_tracked(&mut self, frame: Frame, now_ms: u64) -> u64 {
-        match self.workers.get_mut(&frame.worker_id) {
+        self.observe_incoming(frame, now_ms)
+    }
+
+    /// [`Self::observe_tracked`] of a frame borrowed from its datagram
+    /// ([`crate::Ingest::accept_ref`]): a known worker's state is updated in place, its strings
+    /// copied only where they changed.
+    pub fn observe_ref(&mut self, frame: &FrameRef<'_>, now_ms: u64) -> u64 {
+        self.observe_incoming(frame, now_ms)
+    }
+
+    fn observe_incoming(&mut self, frame: impl Incoming, now_ms: u64) -> u64 {
+        match self.workers.get_mut(frame.worker_id().as_bytes()) {
             Some(w) => {
                 let w = Arc::make_mut(w);
-                let old = (w.counting_span(), std::mem::take(&mut w.frame.pool_id));
-                if w.frame.boot_id == frame.boot_id {
-                    let alive = progress(&w.frame.metrics, &frame.metrics);
+                let old_span = w.counting_span();
+                let same_pool = w.frame.pool_id == frame.pool_id();
+                if w.frame.boot_id == frame.boot_id() {
+                    let alive = progress(&w.frame.metrics, frame.metrics());
                     if alive && !w.is_in_window(now_ms) {
                         w.streak_start_ms = now_ms;
                     }
-                    w.derived = derive(&w.frame.metrics, w.frame.sent_ms, &frame.metrics, frame.sent_ms, w.derived);
-                    w.frame = frame;
+                    w.derived = derive(&w.frame.metrics, w.frame.sent_ms, frame.metrics(), frame.sent_ms(), w.derived);
+                    frame.store(&mut w.frame);
                     w.last_rx_ms = now_ms;
                     if alive {
                         w.last_progress_ms = now_ms;
@@ -304,27 +320,32 @@ impl FleetState {
                     // A restart (new boot id): derived values start over; the streak goes on if
                     // the worker never left the window (a quick sidecar restart is no failback).
                     let streak_start_ms = if w.is_in_window(now_ms) { w.streak_start_ms } else { now_ms };
-                    *w = WorkerState::new(frame, now_ms, streak_start_ms);
+                    // `WorkerState::new`, in place.
+                    frame.store(&mut w.frame);
+                    w.last_rx_ms = now_ms;
+                    w.last_progress_ms = now_ms;
+                    w.streak_start_ms = streak_start_ms;
+                    w.derived = Derived::default();
                 }
                 let new = w.counting_span();
-                if old.1 == w.frame.pool_id {
-                    first_difference(Some(old.0), Some(new))
+                if same_pool {
+                    first_difference(Some(old_span), Some(new))
                 } else {
                     // Moved to another pool: it leaves one count and joins another.
-                    first_difference(Some(old.0), None).min(first_difference(None, Some(new)))
+                    first_difference(Some(old_span), None).min(first_difference(None, Some(new)))
                 }
             }
             None => {
-                let w = WorkerState::new(frame, now_ms, now_ms);
+                let w = WorkerState::new(frame.into_frame(), now_ms, now_ms);
                 let changed = first_difference(None, Some(w.counting_span()));
-                self.workers.insert(w.frame.worker_id.clone(), Arc::new(w));
+                self.workers.insert(WorkerKey::new(&w.frame.worker_id), Arc::new(w));
                 changed
             }
         }
     }
 
     pub fn worker(&self, id: &str) -> Option<&WorkerState> {
-        self.workers.get(id).map(|w| &**w)
+        self.workers.get(id.as_bytes()).map(|w| &**w)
     }
 
     pub fn workers(&self) -> impl Iterator<Item = &WorkerState> {

@@ -2,7 +2,8 @@
 //! sends after each scrape of vLLM's `/metrics`.
 //!
 //! (Over 500 lines on purpose: the three wire versions' encoding and total decoding stay side by
-//! side, so that a change to one is made against the others; its tests are in `frame/tests.rs`.)
+//! side, so that a change to one is made against the others, with the borrowed form decoding
+//! yields ([`FrameRef`]); its tests are in `frame/tests.rs`.)
 //!
 //! It carries identity (worker, pool, serving address, models, boot id), ordering (sequence,
 //! send time) and raw numbers copied from vLLM. It carries no health flag: a worker never says
@@ -72,6 +73,8 @@ const MAX_MODELS: usize = 8;
 /// Most adapters a frame carries.
 pub const MAX_ADAPTERS: usize = 8;
 const HEADER_LEN: usize = 29;
+// [`Names`] holds either list.
+const _: () = assert!(MAX_MODELS <= MAX_ADAPTERS);
 
 type HmacSha256 = Hmac<Sha256>;
 
@@ -314,7 +317,105 @@ impl Frame {
     }
 
     /// Authenticates and decodes a datagram. Never panics, whatever the bytes.
+    /// ([`FrameRef::decode`], then its strings copied.)
     pub fn decode(bytes: &[u8], keys: &KeyRing) -> Result<Frame, FrameError> {
+        FrameRef::decode(bytes, keys).map(|f| f.to_frame())
+    }
+
+    /// Bytes [`Frame::encode`] produces for this frame (when it encodes at all).
+    pub fn encoded_len(&self) -> usize {
+        let strs = |v: &[String]| v.iter().map(|s| 1 + s.len()).sum::<usize>();
+        let addr = if self.addr.is_ipv4() { 1 + 4 } else { 1 + 16 };
+        HEADER_LEN + 1 + self.worker_id.len() + 1 + self.pool_id.len() + addr + 2 + 1 + strs(&self.models) + 1 + strs(&self.adapters) + 2 + 8 * METRICS_V2 + TAG_LEN
+    }
+
+    /// Trims the adapter list so that the frame can be encoded: names that are empty or over
+    /// [`MAX_STR`] bytes go, then the list is cut to [`MAX_ADAPTERS`], then the last (least
+    /// recently active) ones go while the frame is over [`MAX_FRAME_LEN`]. Returns how many
+    /// were dropped (the sender counts them: the worker still serves them, the picker just
+    /// does not know they are loaded there).
+    pub fn fit_adapters(&mut self) -> usize {
+        let before = self.adapters.len();
+        self.adapters.retain(|a| !a.is_empty() && a.len() <= MAX_STR);
+        self.adapters.truncate(MAX_ADAPTERS);
+        while !self.adapters.is_empty() && self.encoded_len() > MAX_FRAME_LEN {
+            self.adapters.pop();
+        }
+        before - self.adapters.len()
+    }
+}
+
+/// Model or adapter names borrowed from a datagram: at most 8 ([`MAX_ADAPTERS`], the models'
+/// limit too), kept inline so that decoding allocates nothing.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Names<'a> {
+    items: [&'a str; MAX_ADAPTERS],
+    len: usize,
+}
+
+impl<'a> Names<'a> {
+    /// Callers check the count against the limit first.
+    fn push(&mut self, name: &'a str) {
+        if let Some(slot) = self.items.get_mut(self.len) {
+            *slot = name;
+            self.len += 1;
+        }
+    }
+
+    pub fn as_slice(&self) -> &[&'a str] {
+        &self.items[..self.len]
+    }
+
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    fn to_vec(self) -> Vec<String> {
+        self.as_slice().iter().map(|s| (*s).to_owned()).collect()
+    }
+
+    /// Makes `dst` equal to these names, keeping the allocations of the names that did not
+    /// change (a worker sends the same ones frame after frame).
+    fn assign_to(self, dst: &mut Vec<String>) {
+        dst.truncate(self.len);
+        for (i, name) in self.as_slice().iter().enumerate() {
+            match dst.get_mut(i) {
+                Some(d) if d == name => {}
+                Some(d) => {
+                    d.clear();
+                    d.push_str(name);
+                }
+                None => dst.push((*name).to_owned()),
+            }
+        }
+    }
+}
+
+/// One decoded, authenticated frame whose strings point into the datagram: what a receiver
+/// checks and records without allocating ([`crate::Ingest::accept_ref`],
+/// [`crate::FleetState::observe_ref`]). [`Frame::decode`] is this, copied.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct FrameRef<'a> {
+    pub key_id: u16,
+    pub boot_id: u64,
+    pub seq: u64,
+    pub sent_ms: u64,
+    pub worker_id: &'a str,
+    pub pool_id: &'a str,
+    pub addr: SocketAddr,
+    pub models: Names<'a>,
+    pub adapters: Names<'a>,
+    pub metrics: Metrics,
+}
+
+impl<'a> FrameRef<'a> {
+    /// Authenticates and decodes a datagram, borrowing its strings. Never panics, whatever
+    /// the bytes.
+    pub fn decode(bytes: &'a [u8], keys: &KeyRing) -> Result<FrameRef<'a>, FrameError> {
         if bytes.len() > MAX_FRAME_LEN {
             return Err(FrameError::TooLarge(bytes.len()));
         }
@@ -362,17 +463,16 @@ impl Frame {
         if n > MAX_MODELS {
             return Err(FrameError::Malformed("more than 8 models"));
         }
-        let mut models = Vec::with_capacity(n);
+        let mut models = Names::default();
         for _ in 0..n {
             models.push(r.str8("model name")?);
         }
-        let mut adapters = Vec::new();
+        let mut adapters = Names::default();
         if has_adapters(version) {
             let n = r.u8()? as usize;
             if n > MAX_ADAPTERS {
                 return Err(FrameError::Malformed("more than 8 adapters"));
             }
-            adapters.reserve(n);
             for _ in 0..n {
                 adapters.push(r.str8("adapter name")?);
             }
@@ -391,7 +491,7 @@ impl Frame {
         if r.pos != body.len() {
             return Err(FrameError::Malformed("trailing bytes after the metrics"));
         }
-        Ok(Frame {
+        Ok(FrameRef {
             key_id,
             boot_id,
             seq,
@@ -405,26 +505,49 @@ impl Frame {
         })
     }
 
-    /// Bytes [`Frame::encode`] produces for this frame (when it encodes at all).
-    pub fn encoded_len(&self) -> usize {
-        let strs = |v: &[String]| v.iter().map(|s| 1 + s.len()).sum::<usize>();
-        let addr = if self.addr.is_ipv4() { 1 + 4 } else { 1 + 16 };
-        HEADER_LEN + 1 + self.worker_id.len() + 1 + self.pool_id.len() + addr + 2 + 1 + strs(&self.models) + 1 + strs(&self.adapters) + 2 + 8 * METRICS_V2 + TAG_LEN
+    /// The owned frame.
+    pub fn to_frame(&self) -> Frame {
+        Frame {
+            key_id: self.key_id,
+            boot_id: self.boot_id,
+            seq: self.seq,
+            sent_ms: self.sent_ms,
+            worker_id: self.worker_id.to_owned(),
+            pool_id: self.pool_id.to_owned(),
+            addr: self.addr,
+            models: self.models.to_vec(),
+            adapters: self.adapters.to_vec(),
+            metrics: self.metrics,
+        }
     }
 
-    /// Trims the adapter list so that the frame can be encoded: names that are empty or over
-    /// [`MAX_STR`] bytes go, then the list is cut to [`MAX_ADAPTERS`], then the last (least
-    /// recently active) ones go while the frame is over [`MAX_FRAME_LEN`]. Returns how many
-    /// were dropped (the sender counts them: the worker still serves them, the picker just
-    /// does not know they are loaded there).
-    pub fn fit_adapters(&mut self) -> usize {
-        let before = self.adapters.len();
-        self.adapters.retain(|a| !a.is_empty() && a.len() <= MAX_STR);
-        self.adapters.truncate(MAX_ADAPTERS);
-        while !self.adapters.is_empty() && self.encoded_len() > MAX_FRAME_LEN {
-            self.adapters.pop();
-        }
-        before - self.adapters.len()
+    /// Makes `dst` equal to [`Self::to_frame`], keeping `dst`'s allocations for the strings
+    /// that did not change.
+    pub fn assign_to(&self, dst: &mut Frame) {
+        assign_str(&mut dst.worker_id, self.worker_id);
+        self.assign_to_same_worker(dst);
+    }
+
+    /// [`Self::assign_to`] a frame of the same worker id (not compared again: the fleet found
+    /// `dst` under this id).
+    pub(crate) fn assign_to_same_worker(&self, dst: &mut Frame) {
+        debug_assert_eq!(dst.worker_id, self.worker_id);
+        dst.key_id = self.key_id;
+        dst.boot_id = self.boot_id;
+        dst.seq = self.seq;
+        dst.sent_ms = self.sent_ms;
+        assign_str(&mut dst.pool_id, self.pool_id);
+        dst.addr = self.addr;
+        self.models.assign_to(&mut dst.models);
+        self.adapters.assign_to(&mut dst.adapters);
+        dst.metrics = self.metrics;
+    }
+}
+
+fn assign_str(dst: &mut String, s: &str) {
+    if dst != s {
+        dst.clear();
+        dst.push_str(s);
     }
 }
 
@@ -513,7 +636,7 @@ impl<'a> Reader<'a> {
     fn u64(&mut self) -> Result<u64, FrameError> {
         Ok(u64::from_be_bytes(self.array8()?))
     }
-    fn str8(&mut self, what: &'static str) -> Result<String, FrameError> {
+    fn str8(&mut self, what: &'static str) -> Result<&'a str, FrameError> {
         let n = self.u8()? as usize;
         if n == 0 || n > MAX_STR {
             return Err(FrameError::Malformed(match what {
@@ -524,9 +647,7 @@ impl<'a> Reader<'a> {
             }));
         }
         let b = self.take(n)?;
-        std::str::from_utf8(b)
-            .map(str::to_owned)
-            .map_err(|_| FrameError::Malformed("string is not UTF-8"))
+        std::str::from_utf8(b).map_err(|_| FrameError::Malformed("string is not UTF-8"))
     }
 }
 

@@ -40,7 +40,8 @@
 
 use std::collections::HashMap;
 
-use crate::frame::{Frame, FrameError, KeyRing};
+use crate::frame::{Frame, FrameError, FrameRef, KeyRing};
+use crate::worker_key::WorkerKey;
 
 /// Frames whose send time is further than this from the receive time are dropped.
 pub const DEFAULT_MAX_SKEW_MS: u64 = 5_000;
@@ -134,7 +135,7 @@ struct Order {
 }
 
 impl Order {
-    fn of(frame: &Frame) -> Self {
+    fn of(frame: &FrameRef<'_>) -> Self {
         Order { sent_ms: frame.sent_ms, boot_id: frame.boot_id, seq: frame.seq }
     }
 }
@@ -145,7 +146,7 @@ pub struct Ingest {
     keys: KeyRing,
     max_skew_ms: u64,
     max_workers: usize,
-    last: HashMap<String, Order>,
+    last: HashMap<WorkerKey, Order>,
     counters: IngestCounters,
 }
 
@@ -181,7 +182,14 @@ impl Ingest {
     }
 
     /// Accepts one datagram received at `now_ms`, or says why it was dropped.
+    /// ([`Self::accept_ref`], then the frame's strings copied.)
     pub fn accept(&mut self, bytes: &[u8], now_ms: u64) -> Result<Frame, DropReason> {
+        self.accept_ref(bytes, now_ms).map(|f| f.to_frame())
+    }
+
+    /// [`Self::accept`], with the accepted frame's strings borrowed from `bytes`: a known
+    /// worker's frame is checked and ordered without allocating.
+    pub fn accept_ref<'b>(&mut self, bytes: &'b [u8], now_ms: u64) -> Result<FrameRef<'b>, DropReason> {
         let r = self.check(bytes, now_ms);
         match &r {
             Ok(_) => self.counters.accepted += 1,
@@ -190,18 +198,21 @@ impl Ingest {
         r
     }
 
-    fn check(&mut self, bytes: &[u8], now_ms: u64) -> Result<Frame, DropReason> {
-        let frame = Frame::decode(bytes, &self.keys).map_err(|e| DropReason::from(&e))?;
+    fn check<'b>(&mut self, bytes: &'b [u8], now_ms: u64) -> Result<FrameRef<'b>, DropReason> {
+        let frame = FrameRef::decode(bytes, &self.keys).map_err(|e| DropReason::from(&e))?;
         if frame.sent_ms.abs_diff(now_ms) > self.max_skew_ms {
             return Err(DropReason::ClockSkew);
         }
         let order = Order::of(&frame);
-        match self.last.get(&frame.worker_id) {
+        let full = self.last.len() >= self.max_workers;
+        match self.last.get_mut(frame.worker_id.as_bytes()) {
             Some(last) if order <= *last => return Err(DropReason::Replay),
-            None if self.last.len() >= self.max_workers => return Err(DropReason::TooManyWorkers),
-            _ => {}
+            Some(last) => *last = order,
+            None if full => return Err(DropReason::TooManyWorkers),
+            None => {
+                self.last.insert(WorkerKey::new(frame.worker_id), order);
+            }
         }
-        self.last.insert(frame.worker_id.clone(), order);
         Ok(frame)
     }
 
@@ -210,7 +221,7 @@ impl Ingest {
     /// `now_ms`: until then a replay of it would be accepted again.
     pub fn retain(&mut self, now_ms: u64, mut keep: impl FnMut(&str) -> bool) {
         let skew = self.max_skew_ms;
-        self.last.retain(|k, last| keep(k) || now_ms <= last.sent_ms.saturating_add(skew));
+        self.last.retain(|k, last| keep(k.as_str()) || now_ms <= last.sent_ms.saturating_add(skew));
     }
 }
 
@@ -312,6 +323,35 @@ mod tests {
         f.worker_id = "c".into();
         f.sent_ms = NOW + DEFAULT_MAX_SKEW_MS + 1;
         assert!(ing.accept(&f.encode(b"k").unwrap(), NOW + DEFAULT_MAX_SKEW_MS + 1).is_ok());
+    }
+
+    /// The order map is looked up by the id borrowed from the datagram and updated in place:
+    /// per worker, a replay and a frame older than an accepted one are still dropped, other
+    /// workers (ids sharing a prefix) are their own, and the frame given back is the one sent.
+    #[test]
+    fn borrowed_accept_orders_per_worker() {
+        let mut ing = ingest();
+        let mut f = sample();
+        f.sent_ms = NOW;
+        let mut sent = Vec::new();
+        for (id, seq) in [("w", 5), ("w1", 5), ("w10", 5), ("w", 6), ("w1", 7)] {
+            f.worker_id = id.into();
+            f.seq = seq;
+            let b = f.encode(b"k").unwrap();
+            let got = ing.accept_ref(&b, NOW).map(|r| r.to_frame());
+            assert_eq!(got, Ok(f.clone()), "{id} seq {seq}");
+            sent.push(b);
+        }
+        for b in &sent {
+            assert_eq!(ing.accept_ref(b, NOW).err(), Some(DropReason::Replay), "a replay");
+        }
+        // Reordered: "w1" seq 6 after seq 7; "w10" seq 6 is news for it.
+        f.worker_id = "w1".into();
+        f.seq = 6;
+        assert_eq!(ing.accept_ref(&f.encode(b"k").unwrap(), NOW).err(), Some(DropReason::Replay));
+        f.worker_id = "w10".into();
+        assert!(ing.accept_ref(&f.encode(b"k").unwrap(), NOW).is_ok());
+        assert_eq!((ing.tracked(), ing.counters().accepted, ing.counters().dropped(DropReason::Replay)), (3, 6, 6));
     }
 
     #[test]

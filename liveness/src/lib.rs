@@ -46,9 +46,10 @@ pub mod request;
 pub mod slots;
 pub mod sse;
 pub mod tier;
+mod worker_key;
 
 pub use fleet::{bounded_age_ms, Ages, Condition, FAILBACK_HOLD_DOWN_MS, FleetState, FleetView, Liveness, PoolOutlook, PoolView, WorkerView, VIEW_AGE_FLOOR_MS, VIEW_AGE_STALE_MS};
-pub use frame::{Frame, FrameError, KeyRing, Metrics, MAX_FRAME_LEN};
+pub use frame::{Frame, FrameError, FrameRef, KeyRing, Metrics, MAX_FRAME_LEN};
 pub use ingest::{DropReason, Ingest, IngestCounters};
 
 /// A worker whose last valid frame is older than this gets no new requests.

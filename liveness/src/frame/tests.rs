@@ -270,3 +270,51 @@ proptest! {
         prop_assert_eq!(Frame::decode(&b, &KeyRing::single(1, b"k".to_vec())).unwrap(), f);
     }
 }
+
+fn name_list(n: usize, salt: u8) -> Vec<String> {
+    (0..n).map(|i| format!("name-{salt}-{i}")).collect()
+}
+
+proptest! {
+    /// The borrowed decode is the owned one, and assigning it over any frame (keeping that
+    /// frame's allocations) gives the same frame as a fresh copy.
+    #[test]
+    fn borrowed_decode_and_assign_match_the_owned_frame(n_models in 0usize..=8, n_adapters in 0usize..=8,
+                                                         old_models in 0usize..=8, old_adapters in 0usize..=8,
+                                                         salt in 0u8..3, same_ids in any::<bool>(), v6 in any::<bool>()) {
+        let ring = KeyRing::single(1, b"k".to_vec());
+        let mut f = sample();
+        f.models = name_list(n_models, 0);
+        f.adapters = name_list(n_adapters, 1);
+        if v6 {
+            f.addr = "[2001:db8::1]:9000".parse().unwrap();
+        }
+        let bytes = f.encode(b"k").unwrap();
+        let r = FrameRef::decode(&bytes, &ring).unwrap();
+        prop_assert_eq!(r.to_frame(), f.clone());
+        prop_assert_eq!(Frame::decode(&bytes, &ring).unwrap(), f.clone());
+        prop_assert_eq!(r.models.len(), n_models);
+        let mut old = sample();
+        old.models = name_list(old_models, salt);
+        old.adapters = name_list(old_adapters, salt);
+        if !same_ids {
+            old.worker_id = "another-worker".into();
+            old.pool_id = "another-pool".into();
+        }
+        old.seq = 1;
+        old.metrics.running = None;
+        r.assign_to(&mut old);
+        prop_assert_eq!(old, f);
+    }
+}
+
+#[test]
+fn borrowed_decode_refuses_what_decode_refuses() {
+    let ring = KeyRing::single(1, b"k".to_vec());
+    let b = sample().encode(b"k").unwrap();
+    let mut forged = b.clone();
+    forged[40] ^= 1;
+    assert_eq!(FrameRef::decode(&forged, &ring), Err(FrameError::BadMac));
+    assert_eq!(FrameRef::decode(&b[..b.len() - 1], &ring).err(), Frame::decode(&b[..b.len() - 1], &ring).err());
+    assert_eq!(FrameRef::decode(&b, &KeyRing::single(2, b"k".to_vec())), Err(FrameError::UnknownKey(1)));
+}

@@ -27,13 +27,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))  # gpuha_bench
 
 from gpuha_bench.common import BENCH, LOG, PROCS, WORK, machine, note  # noqa: E402
 from gpuha_bench.report import report  # noqa: E402
-from gpuha_bench.sections import SECTIONS  # noqa: E402
+from gpuha_bench.sections import OPT_IN, SECTIONS  # noqa: E402
 
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="short runs (CI smoke)")
-    ap.add_argument("--only", default=",".join(SECTIONS), help="comma-separated sections")
+    ap.add_argument("--only", default=",".join(n for n in SECTIONS if n not in OPT_IN),
+                    help=f"comma-separated sections (opt-in, not in the default run: {', '.join(OPT_IN)})")
     ap.add_argument("--out", help="results dir (default bench/results/<date>-<host>)")
     ap.add_argument("--merge", action="store_true",
                     help="keep the other sections' figures from OUT/results.json (re-run a few sections)")

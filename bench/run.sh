@@ -21,7 +21,7 @@ fi
 # stays under 15 minutes.
 build() {
   cargo build -q --release -p gpuha-dnsd -p gpuha-sidecar -p fake-vllm -p gpuha-bench
-  cargo build -q --release -p gpuha-filter --target wasm32-wasip1
+  cargo build -q --release -p gpuha-filter -p gpuha-wasm-floor --target wasm32-wasip1
 }
 build &
 build_pid=$!

@@ -232,7 +232,9 @@ VARIANT_FILTERS = {"filter": "picker,guard", "nowasm": "none", "picker-only": "p
 
 
 def envoy(name, workers, fleet, variant="filter", picker_config=None, guard_config=None, extra_render=(),
-          cpu=SUT_CPU, concurrency=1, wasm=None):
+          cpu=SUT_CPU, concurrency=1, wasm=None, edit=None):
+    """An Envoy rendered by envoy/render.py (`edit`: a function of the rendered text, for the
+    floor section's extra filter); returns (process, port, admin port, access log)."""
     port, admin = free_port(), free_port()
     cfg = WORK / f"{name}.yaml"
     log = WORK / f"{name}.access.log"
@@ -244,7 +246,7 @@ def envoy(name, workers, fleet, variant="filter", picker_config=None, guard_conf
     if guard_config:
         argv += ["--guard-config", json.dumps(guard_config)]
     text = subprocess.run([str(a) for a in argv], check=True, capture_output=True, text=True).stdout
-    cfg.write_text(text)
+    cfg.write_text(edit(text) if edit else text)
     # File access logs are flushed every 10 s by default; the failover figures read them live.
     p, _ = PROCS.start(name, [envoy_bin(), "-c", cfg, "--concurrency", concurrency, "--log-level", "warn",
                               "--file-flush-interval-msec", "100", "--base-id", port], cpu=cpu)

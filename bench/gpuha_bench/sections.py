@@ -5,7 +5,7 @@ measures (`run(R, quick)`, which stores its figures under R[name]) and how it re
 from dataclasses import dataclass
 from typing import Callable
 
-from . import affinity, dns, failover, fleet, ingest, l7, sidecar, xds
+from . import affinity, dns, failover, fleet, ingest, l7, l7_floor, sidecar, xds
 from .markdown import Report
 
 
@@ -18,6 +18,7 @@ class Section:
 SECTIONS = {
     "l7": Section(l7.sec_l7, l7.report_l7),
     "l7_paced": Section(l7.sec_l7_paced, l7.report_l7_paced),
+    "l7_floor": Section(l7_floor.sec_l7_floor, l7_floor.report_l7_floor),
     "failover": Section(failover.sec_failover, failover.report_failover),
     "big_bodies": Section(failover.sec_big_bodies, failover.report_big_bodies),
     "ingest": Section(ingest.sec_ingest, ingest.report_ingest),
@@ -30,3 +31,6 @@ SECTIONS = {
     "affinity": Section(affinity.sec_affinity, affinity.report_affinity),
     "affinity_vllm": Section(affinity.sec_affinity_vllm, affinity.report_affinity_vllm),
 }
+
+# Sections only run when named in --only (diagnostics, not part of the 15-minute default run).
+OPT_IN = ("l7_floor",)

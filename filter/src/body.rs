@@ -27,9 +27,10 @@ impl BodyScan {
         BodyScan { scanner: RequestScanner::new(&kind), fed: 0, scan: Scan::Incomplete }
     }
 
-    /// A scanner that also reads what affinity keys on (`user`, the prompt's fingerprint).
-    pub fn for_picker(affinity: &AffinityConfig) -> BodyScan {
-        let kind = BodyKind::from_content_type(host::request_header("content-type").as_deref());
+    /// A scanner that also reads what affinity keys on (`user`, the prompt's fingerprint), for
+    /// a request of `content_type` (the picker read it with the other request headers).
+    pub fn for_picker(affinity: &AffinityConfig, content_type: Option<&str>) -> BodyScan {
+        let kind = BodyKind::from_content_type(content_type);
         BodyScan { scanner: RequestScanner::with_affinity(&kind, affinity), fed: 0, scan: Scan::Incomplete }
     }
 

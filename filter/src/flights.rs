@@ -14,11 +14,12 @@ use gpuha_liveness::slots::flight_key;
 
 use crate::host;
 
-/// The in-flight slots as one pick reads them: each worker's slot is read at most once.
+/// The in-flight slots as one pick reads them: each worker's slot is read at most once, and
+/// kept with its compare-and-swap token for [`SharedLoad::start`].
 pub struct SharedLoad {
     now_ms: u64,
     max_age_ms: u64,
-    read: RefCell<HashMap<String, Flights>>,
+    read: RefCell<HashMap<String, (Flights, Option<u32>)>>,
 }
 
 impl SharedLoad {
@@ -30,8 +31,26 @@ impl SharedLoad {
 impl LoadView for SharedLoad {
     fn ours(&self, addr: &str, frame_local_ms: u64, frame_load: f64) -> f64 {
         let mut read = self.read.borrow_mut();
-        let f = read.entry(addr.to_string()).or_insert_with(|| host::shared_get(&flight_key(addr)).0.map(|b| Flights::decode(&b)).unwrap_or_default());
+        let (f, _) = read.entry(addr.to_string()).or_insert_with(|| {
+            let (bytes, cas) = host::shared_get(&flight_key(addr));
+            (bytes.map(|b| Flights::decode(&b)).unwrap_or_default(), cas)
+        });
         f.estimate(self.now_ms, self.max_age_ms, frame_local_ms, frame_load)
+    }
+}
+
+impl SharedLoad {
+    /// A request to `addr` started now: written over the slot this pick read when no other
+    /// request changed it since (one host call), else read anew ([`start`]).
+    pub fn start(&self, addr: &str) {
+        if let Some((f, cas @ Some(_))) = self.read.borrow().get(addr) {
+            let mut f = f.clone();
+            f.start(self.now_ms, self.max_age_ms);
+            if proxy_wasm::hostcalls::set_shared_data(&flight_key(addr), Some(&f.encode()), *cas).is_ok() {
+                return;
+            }
+        }
+        start(addr, self.now_ms, self.max_age_ms);
     }
 }
 

@@ -225,7 +225,13 @@ impl GuardCtx {
 
 impl Context for GuardCtx {
     fn on_done(&mut self) -> bool {
-        let (flags, details) = host::response_flags();
+        // Envoy's flags and details (two property reads) only where the report depends on them.
+        let ending = if self.attempt.borrow().needs_ending() {
+            let (flags, details) = host::response_flags();
+            Ending::from_envoy(flags, details.as_deref())
+        } else {
+            Ending::default()
+        };
         self.registry.borrow_mut().attempts.remove(&self.id);
         if let Some(addr) = self.upstream_addr() {
             let chain = &self.cfg.tiers;
@@ -234,7 +240,7 @@ impl Context for GuardCtx {
                 inc(self.stats.provider_calls);
             }
         }
-        let report = self.attempt.borrow_mut().on_done(Ending::from_envoy(flags, details.as_deref()));
+        let report = self.attempt.borrow_mut().on_done(ending);
         if let Some(r) = report {
             self.count(&r);
         }

@@ -38,6 +38,27 @@ pub fn header(map: MapType, name: &str) -> Option<String> {
     hostcalls::get_map_value_bytes(map, name).ok().flatten().map(|b| String::from_utf8(b).unwrap_or_else(|e| String::from_utf8_lossy(e.as_bytes()).into_owned()))
 }
 
+/// A header map read whole with one host call (each single-header read is a host call and,
+/// when the header is there, a second VM entry for the copy's allocation).
+pub struct Headers(Vec<(String, Vec<u8>)>);
+
+impl Headers {
+    /// Every header of `map`. Only call it where Envoy has the map (see [`header`]). The SDK
+    /// decodes names as UTF-8: Envoy's codecs only accept token characters in header names.
+    pub fn read(map: MapType) -> Headers {
+        Headers(hostcalls::get_map_bytes(map).unwrap_or_default())
+    }
+
+    /// The first value of `name` (ASCII case-insensitive), read lossily as [`header`] does.
+    pub fn get(&self, name: &str) -> Option<String> {
+        self.0.iter().find(|(k, _)| k.eq_ignore_ascii_case(name)).map(|(_, v)| String::from_utf8(v.clone()).unwrap_or_else(|e| String::from_utf8_lossy(e.as_bytes()).into_owned()))
+    }
+
+    pub fn has(&self, name: &str) -> bool {
+        self.0.iter().any(|(k, _)| k.eq_ignore_ascii_case(name))
+    }
+}
+
 pub fn request_header(name: &str) -> Option<String> {
     header(MapType::HttpRequestHeaders, name)
 }

@@ -15,7 +15,7 @@ use gpuha_liveness::request::{RequestFields, Scan};
 use gpuha_liveness::slots::{decode_request_notes, request_key, u64_at, encode_u64, SPILL_IN_FLIGHT_KEY};
 use gpuha_liveness::tier::{admit_spill, pool_load, TierKind, SPILLED_HEADER, TIER_HEADER};
 use proxy_wasm::traits::{Context, HttpContext};
-use proxy_wasm::types::{Action, BufferType};
+use proxy_wasm::types::{Action, BufferType, MapType};
 
 use crate::body::BodyScan;
 use crate::breakers;
@@ -50,11 +50,13 @@ pub struct Picker {
     session: Option<String>,
     /// The worker this request is counted in flight on, and since when (ended in `on_done`).
     flight: Option<(String, u64)>,
+    /// The request's `content-type` (read with the other request headers).
+    content_type: Option<String>,
 }
 
 impl Picker {
     pub fn new(cfg: Rc<PickerConfig>, stats: Stats, thread: Rc<RefCell<Thread>>, tier_served: Rc<TierStats>) -> Self {
-        Picker { cfg, stats, thread, body: None, stream: false, rewrite: None, judged: false, request_id: None, path: String::new(), spilled: false, holds_spill: false, tier_served, session: None, flight: None }
+        Picker { cfg, stats, thread, body: None, stream: false, rewrite: None, judged: false, request_id: None, path: String::new(), spilled: false, holds_spill: false, tier_served, session: None, flight: None, content_type: None }
     }
 
     /// Writes the request's endpoint list: the picked workers, then the chain's tiers, and how
@@ -181,7 +183,7 @@ impl Picker {
                     inc(self.stats.probes);
                 }
                 if let Some(first) = endpoints.first() {
-                    flights::start(first, now, self.cfg.pick.in_flight_max_age_ms);
+                    load.start(first);
                     self.flight = Some((first.clone(), now));
                     if let (Some(k), false) = (key, affine == Outcome::None) {
                         flights::place(k.hash, first, placed, &self.cfg.pick.affinity, now);
@@ -300,18 +302,23 @@ impl Context for Picker {
 
 impl HttpContext for Picker {
     fn on_http_request_headers(&mut self, _n: usize, end_of_stream: bool) -> Action {
-        // Clients must not steer the load balancer or claim probes.
-        host::set_request_header(ENDPOINTS_HEADER, None);
-        host::set_request_header(PROBE_HEADER, None);
-        // Nor set the retry count: the picker sets it with a list, else the route's applies.
-        // (Envoy's HCM already strips it from requests it does not count as internal.)
-        host::set_request_header(MAX_RETRIES_HEADER, None);
-        self.path = host::request_header(":path").unwrap_or_default();
-        self.spilled = host::request_header(SPILLED_HEADER).is_some();
-        self.request_id = host::request_header(REQUEST_ID_HEADER).filter(|id| !id.is_empty());
+        // One host call for every header read here (not one per header).
+        let h = host::Headers::read(MapType::HttpRequestHeaders);
+        // Clients must not steer the load balancer or claim probes. Nor set the retry count:
+        // the picker sets it with a list, else the route's applies. (Envoy's HCM already strips
+        // it from requests it does not count as internal.)
+        for name in [ENDPOINTS_HEADER, PROBE_HEADER, MAX_RETRIES_HEADER] {
+            if h.has(name) {
+                host::set_request_header(name, None);
+            }
+        }
+        self.path = h.get(":path").unwrap_or_default();
+        self.spilled = h.has(SPILLED_HEADER);
+        self.request_id = h.get(REQUEST_ID_HEADER).filter(|id| !id.is_empty());
+        self.content_type = h.get("content-type");
         let a = &self.cfg.pick.affinity;
         if a.enabled && !a.session_header.is_empty() {
-            self.session = host::request_header(&a.session_header);
+            self.session = h.get(&a.session_header);
         }
         if end_of_stream {
             // No body (GET /v1/models, health checks): no pick, Envoy's fallback LB decides.
@@ -332,7 +339,8 @@ impl HttpContext for Picker {
         // Scan what has arrived so far while the rest uploads; Envoy buffers the body anyway
         // (the router needs all of it to retry).
         let affinity = &self.cfg.pick.affinity;
-        let body = self.body.get_or_insert_with(|| BodyScan::for_picker(affinity));
+        let content_type = self.content_type.as_deref();
+        let body = self.body.get_or_insert_with(|| BodyScan::for_picker(affinity, content_type));
         let scan = body.advance(size, end_of_stream).clone();
         if !end_of_stream {
             return Action::Pause;

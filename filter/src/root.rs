@@ -23,6 +23,9 @@ use crate::stats::{Stats, TierStats};
 pub struct Root {
     id: u32,
     cfg: Option<Rc<Config>>,
+    /// The role's configuration as its HTTP contexts share it: built once here, not cloned per
+    /// request.
+    role: Option<Role>,
     stats: Stats,
     thread: Rc<RefCell<Thread>>,
     poll: Option<InFlight>,
@@ -35,7 +38,7 @@ pub struct Root {
 
 impl Root {
     pub fn new(id: u32) -> Self {
-        Root { id, cfg: None, stats: Stats::default(), thread: Rc::new(RefCell::new(Thread::new())), poll: None, poll_path: String::new(), registry: Rc::default(), tier_stats: Rc::default() }
+        Root { id, cfg: None, role: None, stats: Stats::default(), thread: Rc::new(RefCell::new(Thread::new())), poll: None, poll_path: String::new(), registry: Rc::default(), tier_stats: Rc::default() }
     }
 
     fn seed() -> u64 {
@@ -93,6 +96,12 @@ impl RootContext for Root {
                 }
             }
         }
+        self.role = Some(match &cfg {
+            Config::Picker(p) => Role::Picker(Rc::new(p.clone())),
+            Config::Guard(g) => Role::Guard(Rc::new(g.clone())),
+            Config::Failwhale(f) => Role::Failwhale(Rc::new(f.clone())),
+            Config::Tier(t) => Role::Tier(Rc::new(t.clone())),
+        });
         self.cfg = Some(Rc::new(cfg));
         true
     }
@@ -119,11 +128,11 @@ impl RootContext for Root {
 
     fn create_http_context(&self, context_id: u32) -> Option<Box<dyn HttpContext>> {
         let stats = self.stats;
-        Some(match self.cfg.as_deref() {
-            Some(Config::Picker(p)) => Box::new(Picker::new(Rc::new(p.clone()), stats, self.thread.clone(), self.tier_stats.clone())),
-            Some(Config::Guard(g)) => Box::new(GuardCtx::new(context_id, self.registry.clone(), Rc::new(g.clone()), stats, self.tier_stats.clone())),
-            Some(Config::Failwhale(f)) => Box::new(Failwhale::new(Rc::new(f.clone()), stats)),
-            Some(Config::Tier(t)) => Box::new(Adapter::new(Rc::new(t.clone()), stats)),
+        Some(match &self.role {
+            Some(Role::Picker(p)) => Box::new(Picker::new(p.clone(), stats, self.thread.clone(), self.tier_stats.clone())),
+            Some(Role::Guard(g)) => Box::new(GuardCtx::new(context_id, self.registry.clone(), g.clone(), stats, self.tier_stats.clone())),
+            Some(Role::Failwhale(f)) => Box::new(Failwhale::new(f.clone(), stats)),
+            Some(Role::Tier(t)) => Box::new(Adapter::new(t.clone(), stats)),
             None => Box::new(PassThrough),
         })
     }
@@ -131,6 +140,14 @@ impl RootContext for Root {
     fn get_type(&self) -> Option<ContextType> {
         Some(ContextType::HttpContext)
     }
+}
+
+/// [`Config`] with each role's part behind an `Rc` (what an HTTP context holds).
+enum Role {
+    Picker(Rc<crate::config::PickerConfig>),
+    Guard(Rc<crate::config::GuardConfig>),
+    Failwhale(Rc<crate::config::FailwhaleConfig>),
+    Tier(Rc<crate::config::TierConfig>),
 }
 
 /// A context for an unconfigured plugin: lets everything through.

@@ -520,6 +520,21 @@ impl Attempt {
     }
 
     /// Envoy is done with the attempt. Returns the report the first time, `None` after.
+    /// Whether [`Self::on_done`]'s answer depends on how Envoy ended the attempt: `false` once
+    /// it is reported, for an attempt that passed or was rewritten, and for a released stream
+    /// that ended cleanly. The glue reads Envoy's response flags and details (two property
+    /// reads) only when this is true.
+    pub fn needs_ending(&self) -> bool {
+        if self.reported {
+            return false;
+        }
+        match &self.phase {
+            Phase::Passing { .. } | Phase::WorkerStatus(_) | Phase::Rewritten(_) => false,
+            Phase::Guarding(g) if g.is_released() => !(self.saw_end && self.rescued.is_none()),
+            Phase::Guarding(_) | Phase::AwaitingHeaders => true,
+        }
+    }
+
     pub fn on_done(&mut self, ending: Ending) -> Option<Report> {
         if self.reported {
             return None;

@@ -79,6 +79,19 @@ impl Driver {
     }
 
     fn done(&mut self, ending: Ending) {
+        if !self.a.needs_ending() {
+            // The glue then passes `Ending::default()`: every ending must give the same answer.
+            let endings = [(false, false), (true, false), (false, true), (true, true)];
+            let answers: Vec<_> = endings
+                .iter()
+                .map(|&(c, t)| {
+                    let mut a = self.a.clone();
+                    let r = a.on_done(Ending { client_went_away: c, timed_out: t });
+                    (r, a.take_charge())
+                })
+                .collect();
+            assert!(answers.windows(2).all(|w| w[0] == w[1]), "needs_ending() false, yet the ending changes the answer: {answers:?}");
+        }
         if let Some(r) = self.a.on_done(ending) {
             self.seen.reports.push(r);
         }

@@ -1,0 +1,52 @@
+"""Interleaved A/B of filter builds: Envoy CPU µs/request (median of rounds).
+Usage: ab.py ROUNDS MODES(json,stream,paced) NAME=WASM|nowasm|floor:JSON ..."""
+from pathlib import Path
+import os, random, statistics, sys, json
+sys.path.insert(0, str(Path(__file__).resolve().parents[3])); sys.path.insert(0, str(Path(__file__).resolve().parents[3]) + "/bench")
+from gpuha_bench import common as c
+rounds, modes = int(sys.argv[1]), sys.argv[2].split(",")
+vs = [a.split("=", 1) for a in sys.argv[3:]]
+FLOOR = str(c.TARGET / "wasm32-wasip1/release/gpuha_wasm_floor.wasm")
+res = {}
+for paced in sorted({m == "paced" for m in modes}):
+    tps = 1000 if paced else 0
+    _, w1 = c.fake_worker(f"a{int(paced)}", tokens_per_s=tps); _, w2 = c.fake_worker(f"b{int(paced)}", tokens_per_s=tps)
+    _, ingest, http, _ = c.dnsd(name=f"dnsd{int(paced)}")
+    c.sidecar(f"a{int(paced)}", w1, ingest); c.sidecar(f"b{int(paced)}", w2, ingest)
+    c.fleet_ready(http, 2)
+    ms = [m for m in modes if (m == "paced") == paced]
+    for r in range(rounds):
+        order = vs[:]; random.shuffle(order)
+        for name, spec in order:
+            kw = dict(picker_config=c.NO_BREAKER, guard_config=c.NO_BREAKER)
+            if spec == "nowasm":
+                kw["variant"] = "nowasm"
+            elif spec.startswith("floor:"):
+                cfgs = json.loads(spec[6:])
+                kw.update(variant=cfgs.get("variant", "filter"), wasm=FLOOR, picker_config=cfgs.get("picker", {}), guard_config=cfgs.get("guard", {}))
+                if "runtime" in cfgs: kw["extra_render"] = ("--wasm-runtime", cfgs["runtime"])
+            else:
+                kw.update(variant="filter", wasm=spec)
+            p, port, admin, _ = c.envoy(f"ab-{name}", [w1, w2], http, **kw)
+            try:
+                for m in ms:
+                    stream = m != "json"
+                    c.wrk(port, stream, 4, 1)
+                    c0 = c.cpu_seconds_fine(p.pid)
+                    s = c.wrk(port, stream, 32, 3 if not paced else 4)
+                    c1 = c.cpu_seconds_fine(p.pid)
+                    v = (c1 - c0) / max(s["requests"], 1) * 1e6
+                    res.setdefault((name, m), []).append((v, s["rps"], s["errors"]))
+                    print(f"r{r} {name:10s} {m:6s} {v:7.1f} us/req {s['rps']:8.0f} rps err {s['errors']}", flush=True)
+            finally:
+                c.PROCS.stop(p)
+    c.PROCS.stop_all()
+print("\nmedians:")
+for m in modes:
+    base = None
+    for name, _ in vs:
+        xs = res.get((name, m), [])
+        if not xs: continue
+        med = statistics.median(x[0] for x in xs)
+        if base is None: base = med
+        print(f"{m:6s} {name:10s} cpu {med:7.1f} us/req (min {min(x[0] for x in xs):6.1f})  over first {med-base:+6.1f}  rps {statistics.median(x[1] for x in xs):8.0f}  err {sum(x[2] for x in xs)}")

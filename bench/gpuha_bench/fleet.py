@@ -63,7 +63,7 @@ def sec_fleet(R, quick):
                        "bounded_304_ms_p50": statistics.median(nm_times) * 1e3 if nm_times else None,
                        "bounded_304_share": b_status.count(304) / len(b_status), "scoped_pool_bytes": len(scoped),
                        "bounded_binary_bytes": binary_bytes, "bounded_binary_type": binary_type,
-                       **{k: parse.get(k) for k in ("binary_decode_us_p50", "binary_update_us_p50", "binary_encode_us_p50", "rank_build_us_p50")}}
+                       **{k: parse.get(k) for k in ("binary_decode_us_p50", "binary_update_us_p50", "binary_encode_us_p50", "rank_build_us_p50", "load_reads_per_pick")}}
         note(f"fleet {n}: {out[str(n)]}")
         PROCS.stop(kp)
     out["rss0_kib"] = rss0

@@ -26,7 +26,8 @@ use std::collections::HashMap;
 use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4, UdpSocket};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use gpuha_liveness::pick::{PickConfig, Ranked};
+use gpuha_liveness::breaker::Admission;
+use gpuha_liveness::pick::{pick_ranked, LoadView, PickConfig, Ranked, Rng};
 use gpuha_liveness::{fleetwire, FleetState, FleetView, Frame, Ingest, KeyRing, Metrics};
 
 type Res<T> = Result<T, String>;
@@ -364,9 +365,22 @@ fn fleet_parse(o: &Opts) -> Res<()> {
         std::hint::black_box(Ranked::build(&view, &cfg));
         Ok(())
     })?;
+    // How many workers one pick scores (each a shared-data read of its in-flight slot in the
+    // filter): the near-best band is scanned whole.
+    struct Counting(std::cell::Cell<usize>);
+    impl LoadView for Counting {
+        fn ours(&self, _: &str, _: u64, _: f64) -> f64 {
+            self.0.set(self.0.get() + 1);
+            0.0
+        }
+    }
+    let ranked = Ranked::build(&view, &cfg);
+    let load = Counting(std::cell::Cell::new(0));
+    let model = view.workers.first().and_then(|w| w.models.first()).cloned();
+    let _ = pick_ranked(&ranked, &view, 0, 0, model.as_deref(), None, &load, &mut Rng::new(1), &cfg, &[], |_| Admission::Allow, |_| false);
     println!(
         "{}",
-        serde_json::json!({"bytes": body.len(), "workers": view.workers.len(), "iters": iters,
+        serde_json::json!({"bytes": body.len(), "workers": view.workers.len(), "iters": iters, "load_reads_per_pick": load.0.get(),
                            "parse_us_p50": parse.0, "parse_us_p99": parse.1, "parse_us_min": parse.2,
                            "binary_bytes": bin.len(), "binary_encode_us_p50": encode.0,
                            "binary_decode_us_p50": decode.0, "binary_decode_us_p99": decode.1,

@@ -154,7 +154,8 @@ pub fn encode(view: &FleetView) -> Vec<u8> {
     out.extend_from_slice(&id);
     for w in &view.workers {
         put_varint(&mut out, w.age_ms);
-        out.push(u8::from(w.fresh) * FRESH | u8::from(w.stalled) * STALLED | u8::from(w.drained) * DRAINED);
+        let flag = |on: bool, bit: u8| if on { bit } else { 0 };
+        out.push(flag(w.fresh, FRESH) | flag(w.stalled, STALLED) | flag(w.drained, DRAINED));
         let m = metrics_of(w);
         // Non-finite numbers are absent, as in JSON (`null`).
         let mask = m.iter().enumerate().fold(0u16, |acc, (i, v)| acc | (u16::from(v.is_some_and(f64::is_finite)) << i));

@@ -165,6 +165,10 @@ def main():
     }.items():
         seed("config_parse", "filter-" + name, b"\x01" + cfg)
 
+    # fleet_wire builds its views from the input (arbitrary): any bytes will do as seeds.
+    seed("fleet_wire", "small", bytes(range(0, 200)))
+    seed("fleet_wire", "magic", b"GHFV\x01\x00\x00\x00" + bytes(16) + bytes(range(64)))
+
 
 if __name__ == "__main__":
     main()

@@ -16,7 +16,7 @@ cd "$(dirname "$0")"
 
 # LONG_TARGETS="a b" (environment) limits `long` to some targets.
 read -r -a LONG_TARGETS <<< "${LONG_TARGETS:-}"
-TARGETS=(frame_decode frame_mutate attempt sse_output request_scan sidecar_metrics dns_respond config_parse)
+TARGETS=(frame_decode frame_mutate attempt sse_output request_scan sidecar_metrics dns_respond config_parse fleet_wire)
 HOST=$(rustc -vV | sed -n 's/^host: //p')
 export CARGO_TARGET_DIR="${FUZZ_TARGET_DIR:-$PWD/target}"
 export RUSTFLAGS="${RUSTFLAGS:-} -Cpasses=sancov-module -Cllvm-args=-sanitizer-coverage-level=4 -Cllvm-args=-sanitizer-coverage-inline-8bit-counters -Cllvm-args=-sanitizer-coverage-pc-table -Cllvm-args=-sanitizer-coverage-trace-compares --cfg fuzzing -Cdebug-assertions -Coverflow-checks"

@@ -47,6 +47,9 @@ def sec_fleet(R, quick):
             (nm_times if st == 304 else b_times).append(time.perf_counter() - t0)
             b_status.append(st)
         _, scoped = http_get(f"http://{http}/v1/fleet?ages=bounded&pool=pool-000")
+        # The binary form the filter asks for (`Accept: application/x-gpuha-fleet`).
+        with urllib.request.urlopen(urllib.request.Request(f"http://{http}/v1/fleet?ages=bounded", headers={"Accept": "application/x-gpuha-fleet"}), timeout=5) as r:
+            binary_bytes, binary_type = len(r.read()), r.headers.get("Content-Type")
         fpath = WORK / f"fleet-{n}.json"
         fpath.write_bytes(body)
         parse = json.loads(subprocess.run(["taskset", "-c", SUT_CPU, TOOL, "fleet-parse", fpath, "--iters",
@@ -58,7 +61,9 @@ def sec_fleet(R, quick):
                        "native_parse_us_p50": parse["parse_us_p50"], "native_parse_us_p99": parse["parse_us_p99"],
                        "bounded_200_ms_p50": statistics.median(b_times) * 1e3 if b_times else None,
                        "bounded_304_ms_p50": statistics.median(nm_times) * 1e3 if nm_times else None,
-                       "bounded_304_share": b_status.count(304) / len(b_status), "scoped_pool_bytes": len(scoped)}
+                       "bounded_304_share": b_status.count(304) / len(b_status), "scoped_pool_bytes": len(scoped),
+                       "bounded_binary_bytes": binary_bytes, "bounded_binary_type": binary_type,
+                       **{k: parse.get(k) for k in ("binary_decode_us_p50", "binary_update_us_p50", "binary_encode_us_p50", "rank_build_us_p50", "load_reads_per_pick")}}
         note(f"fleet {n}: {out[str(n)]}")
         PROCS.stop(kp)
     out["rss0_kib"] = rss0
@@ -142,6 +147,16 @@ def report_fleet(R, rep: Report) -> None:
                 md.append(f"| {n} | {fmt(r['rss_kib'])} | {fmt(r['rss_per_worker_bytes'])} | {fmt(r['fleet_bytes'])} | "
                           f"{fmt(r['fleet_serve_ms_p50'], 2)} | {fmt(r['native_parse_us_p50'])} |")
         md += ["", f"dnsd RSS with no workers: {fl['rss0_kib']} KiB.", ""]
+        if any("binary_decode_us_p50" in (fl.get(n) or {}) for n in ("1000", "10000")):
+            md += ["The binary form (`Accept: application/x-gpuha-fleet`, what the filter polls) and the native costs of what a filter thread runs per new view "
+                   "(`gpuha-bench fleet-parse`: full decode, in-place update of the numbers when the workers are the same, `Ranked::build` on the next pick):", "",
+                   "| tracked workers | JSON bytes | binary bytes | JSON parse µs | binary decode µs | in-place update µs | Ranked::build µs |", "|---:|---:|---:|---:|---:|---:|---:|"]
+            for n in ("1000", "10000"):
+                r = fl.get(n)
+                if r and "binary_decode_us_p50" in r:
+                    md.append(f"| {n} | {fmt(r['fleet_bytes'])} | {fmt(r.get('bounded_binary_bytes'))} | {fmt(r['native_parse_us_p50'])} | {fmt(r.get('binary_decode_us_p50'))} | "
+                              f"{fmt(r.get('binary_update_us_p50'))} | {fmt(r.get('rank_build_us_p50'))} |")
+            md.append("")
         if any("bounded_200_ms_p50" in (fl.get(n) or {}) for n in ("1000", "10000")):
             md += ["The cacheable form the filter polls (`/v1/fleet?ages=bounded`): serve time of a changed view (200) and of an unchanged one (`If-None-Match` → 304), and the body for one pool of ten (`&pool=pool-000`):", "",
                    "| tracked workers | 200 ms p50 | 304 ms p50 | share of 304s | one-pool body bytes |", "|---:|---:|---:|---:|---:|"]

@@ -17,6 +17,10 @@
 //!   count from this response). Without it (`ages=exact`, the default) every answer is built
 //!   afresh with exact ages, as the drills and humans read it.
 //!
+//! Both forms come as JSON, or in binary ([`gpuha_liveness::fleetwire`]) to a client whose
+//! `Accept` names `application/x-gpuha-fleet` (the Envoy filter: no JSON parse per poll, and
+//! numbers updated in place); each form has its own `ETag`, and every answer says `Vary: accept`.
+//!
 //! A query names at most [`MAX_QUERY_POOLS`] pools (more: `400`). Views are built from the
 //! state's snapshot, never under the ingest lock, on the blocking pool and a few at a time, so
 //! that what a client asks for here costs DNS answers and frame ingest nothing (see
@@ -28,7 +32,7 @@ use std::hash::{Hash, Hasher};
 use std::future::Future;
 use std::pin::pin;
 use std::sync::atomic::Ordering;
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
 use axum::body::Bytes;
@@ -38,7 +42,7 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::Router;
 use gpuha_liveness::frame::MAX_STR as MAX_POOL_ID_LEN;
-use gpuha_liveness::{Ages, DropReason, FleetView};
+use gpuha_liveness::{fleetwire, Ages, DropReason, FleetView};
 use hyper_util::rt::{TokioIo, TokioTimer};
 use hyper_util::service::TowerToHyperService;
 use serde::Deserialize;
@@ -198,11 +202,29 @@ impl Default for FleetCache {
     }
 }
 
+/// A view and its bodies, each form built on the first request that asks for it.
 #[derive(Debug)]
 struct Cached {
     view: FleetView,
+    json: OnceLock<Form>,
+    binary: OnceLock<Form>,
+}
+
+/// One representation of a view: its body and entity tag (the forms' tags differ).
+#[derive(Debug)]
+struct Form {
     body: Bytes,
     etag: String,
+}
+
+impl Cached {
+    fn form(&self, binary: bool) -> &Form {
+        let cell = if binary { &self.binary } else { &self.json };
+        cell.get_or_init(|| {
+            let body = Bytes::from(if binary { fleetwire::encode(&self.view) } else { self.view.to_json().into_bytes() });
+            Form { etag: etag_of(&body), body }
+        })
+    }
 }
 
 /// Distinct pool selections remembered; more than this and the cache starts over (a handful
@@ -217,10 +239,8 @@ impl FleetCache {
                 return c.clone();
             }
         }
-        // Serialised outside the lock; two requests racing here build the same bytes.
-        let body = Bytes::from(view.to_json());
-        let etag = etag_of(&body);
-        let entry = Arc::new(Cached { view, body, etag });
+        // Serialised outside the lock (by the caller); two requests racing build the same bytes.
+        let entry = Arc::new(Cached { view, json: OnceLock::new(), binary: OnceLock::new() });
         let mut g = self.lock();
         if g.len() >= MAX_CACHED_SELECTIONS && !g.contains_key(pools) {
             g.clear();
@@ -248,6 +268,16 @@ fn etag_of(body: &[u8]) -> String {
 fn none_match_hits(headers: &HeaderMap, etag: &str) -> bool {
     headers.get_all(header::IF_NONE_MATCH).iter().filter_map(|v| v.to_str().ok()).any(|v| {
         v.split(',').map(str::trim).any(|t| t == "*" || t.strip_prefix("W/").unwrap_or(t) == etag)
+    })
+}
+
+/// Whether the client asks for the binary view ([`fleetwire::MEDIA_TYPE`] in `Accept`, with
+/// no `q=0`): the Envoy filter does; a browser, curl or an older filter gets JSON.
+pub fn wants_binary(headers: &HeaderMap) -> bool {
+    headers.get_all(header::ACCEPT).iter().filter_map(|v| v.to_str().ok()).flat_map(|v| v.split(',')).any(|range| {
+        let mut parts = range.split(';').map(str::trim);
+        let refused = |p: &str| p.split_once('=').is_some_and(|(k, v)| k.trim().eq_ignore_ascii_case("q") && v.trim().parse::<f64>().is_ok_and(|q| q <= 0.0));
+        parts.next().is_some_and(|m| m.eq_ignore_ascii_case(fleetwire::MEDIA_TYPE)) && !parts.any(refused)
     })
 }
 
@@ -301,20 +331,21 @@ fn fleet_response(s: &Services, pools: &[String], ages: Ages, headers: &HeaderMa
     let now = now_ms();
     let mut view = s.state.snapshot().view_of(now, pools, ages);
     s.mark_drained(&mut view, now);
+    let binary = wants_binary(headers);
+    let media = if binary { fleetwire::MEDIA_TYPE } else { "application/json" };
+    // The same URL answers in two forms: a cache must key on `Accept` too.
+    let vary = (header::VARY, "accept");
     if ages == Ages::Exact {
-        let body = view.to_json();
-        return ([(header::CONTENT_TYPE, "application/json"), (header::CACHE_CONTROL, "no-store")], body).into_response();
+        let body = if binary { fleetwire::encode(&view) } else { view.to_json().into_bytes() };
+        return ([(header::CONTENT_TYPE, media), (header::CACHE_CONTROL, "no-store"), vary], body).into_response();
     }
     let c = s.fleet_cache.get_or_build(pools, view);
+    let f = c.form(binary);
     // `no-cache`: a cache may keep it, but must ask again each time (ages count from the answer).
-    if none_match_hits(headers, &c.etag) {
-        return (StatusCode::NOT_MODIFIED, [(header::ETAG, c.etag.clone()), (header::CACHE_CONTROL, "no-cache".to_string())]).into_response();
+    if none_match_hits(headers, &f.etag) {
+        return (StatusCode::NOT_MODIFIED, [(header::ETAG, f.etag.as_str()), (header::CACHE_CONTROL, "no-cache"), vary]).into_response();
     }
-    (
-        [(header::CONTENT_TYPE, "application/json".to_string()), (header::CACHE_CONTROL, "no-cache".to_string()), (header::ETAG, c.etag.clone())],
-        c.body.clone(),
-    )
-        .into_response()
+    ([(header::CONTENT_TYPE, media), (header::CACHE_CONTROL, "no-cache"), (header::ETAG, f.etag.as_str()), vary], f.body.clone()).into_response()
 }
 
 async fn fleet_page() -> Response {

@@ -99,3 +99,55 @@ async fn bounded_view_answers_304_while_unchanged_and_scopes_to_pools() {
     assert_eq!(st, 400);
     d.stop().await;
 }
+
+/// Status, headers and raw body of one GET with `Accept` and `If-None-Match`.
+async fn get_raw(d: &Dnsd, path: &str, accept: &str, if_none_match: Option<&str>) -> (u16, Vec<(String, String)>, Vec<u8>) {
+    let mut s = tokio::net::TcpStream::connect(d.http).await.expect("connect http");
+    let inm = if_none_match.map(|e| format!("If-None-Match: {e}\r\n")).unwrap_or_default();
+    s.write_all(format!("GET {path} HTTP/1.1\r\nHost: x\r\nAccept: {accept}\r\n{inm}Connection: close\r\n\r\n").as_bytes()).await.expect("write");
+    let mut raw = Vec::new();
+    s.read_to_end(&mut raw).await.expect("read");
+    let split = raw.windows(4).position(|w| w == b"\r\n\r\n").expect("head");
+    let head = String::from_utf8_lossy(&raw[..split]).to_string();
+    let mut lines = head.lines();
+    let status = lines.next().and_then(|l| l.split(' ').nth(1)).and_then(|c| c.parse().ok()).expect("status");
+    let headers = lines.filter_map(|l| l.split_once(':')).map(|(k, v)| (k.trim().to_ascii_lowercase(), v.trim().to_string())).collect();
+    (status, headers, raw[split + 4..].to_vec())
+}
+
+/// `Accept: application/x-gpuha-fleet` gets the same view in binary, under its own tag (304
+/// while unchanged); anything else still gets JSON.
+#[tokio::test]
+async fn binary_view_on_content_negotiation() {
+    use gpuha_liveness::fleetwire;
+    let d = Dnsd::start(&dns_section("")).await;
+    send_and_wait(&d, &frame_with("a1", "pool-a", 1, 2.0), 0.0).await;
+    send_and_wait(&d, &frame_with("b1", "pool-b", 1, 5.0), 1.0).await;
+
+    let (st, h, json) = get_raw(&d, "/v1/fleet?ages=bounded", "application/json", None).await;
+    assert_eq!((st, header(&h, "content-type"), header(&h, "vary")), (200, Some("application/json"), Some("accept")));
+    let json_tag = header(&h, "etag").expect("etag").to_string();
+    let (st, h, bin) = get_raw(&d, "/v1/fleet?ages=bounded", "application/x-gpuha-fleet, application/json;q=0.5", None).await;
+    assert_eq!((st, header(&h, "content-type")), (200, Some(fleetwire::MEDIA_TYPE)));
+    let bin_tag = header(&h, "etag").expect("etag").to_string();
+    assert_ne!(bin_tag, json_tag, "each form has its own tag");
+    assert_eq!(fleetwire::decode(&bin).expect("binary view"), FleetView::from_json(&json).expect("json"));
+    assert!(bin.len() < json.len(), "{} binary bytes, {} JSON", bin.len(), json.len());
+
+    // Unchanged: 304 for the binary tag; the JSON tag does not name the binary form.
+    let (st, _, body) = get_raw(&d, "/v1/fleet?ages=bounded", fleetwire::MEDIA_TYPE, Some(&bin_tag)).await;
+    assert_eq!((st, body.len()), (304, 0));
+    let (st, _, _) = get_raw(&d, "/v1/fleet?ages=bounded", fleetwire::MEDIA_TYPE, Some(&json_tag)).await;
+    assert_eq!(st, 200);
+    // Refused with q=0, or not named: JSON.
+    for accept in ["application/x-gpuha-fleet;q=0, application/json", "*/*", "text/html"] {
+        let (_, h, _) = get_raw(&d, "/v1/fleet?ages=bounded", accept, None).await;
+        assert_eq!(header(&h, "content-type"), Some("application/json"), "{accept}");
+    }
+    // Scoped and exact forms too.
+    let (_, _, bin) = get_raw(&d, "/v1/fleet?pool=pool-b", fleetwire::MEDIA_TYPE, None).await;
+    let v = fleetwire::decode(&bin).expect("binary view");
+    assert!(v.now_ms > 0);
+    assert_eq!(v.workers.iter().map(|w| (w.id.as_str(), w.running)).collect::<Vec<_>>(), [("b1", Some(5.0))]);
+    d.stop().await;
+}

@@ -156,6 +156,26 @@ pub fn shared_update<T>(key: &str, mut f: impl FnMut(Option<&[u8]>) -> Option<(V
     None
 }
 
+/// Writes `value` to `key` if `cond` holds for the key's current bytes, with compare-and-swap
+/// retried a few times under contention (no copy of `value` per try); whether it was written.
+pub fn shared_set_if(key: &str, value: &[u8], cond: impl Fn(Option<&[u8]>) -> bool) -> bool {
+    for _ in 0..8 {
+        let (cur, cas) = shared_get(key);
+        if !cond(cur.as_deref()) {
+            return false;
+        }
+        match hostcalls::set_shared_data(key, Some(value), cas) {
+            Ok(()) => return true,
+            Err(Status::CasMismatch) => continue,
+            Err(e) => {
+                warn(&format!("gpuha: set_shared_data {key}: {e:?}"));
+                return false;
+            }
+        }
+    }
+    warn(&format!("gpuha: set_shared_data {key}: gave up under contention"));
+    false
+}
 
 /// Envoy's response flags and code details of the stream (seen from an upstream filter too:
 /// the `response.*` attributes are the downstream stream's).

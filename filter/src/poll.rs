@@ -5,15 +5,18 @@
 //! `gpuha.poll` slot polls, so dnsd sees one poll per interval however many threads Envoy runs,
 //! and there is no leader whose loss would stop polling. The poll names the content held in
 //! `If-None-Match`: an unchanged fleet is answered `304` with no body, which costs the threads
-//! nothing but a vouch (the view's ages count from it).
+//! nothing but a vouch (the view's ages count from it). The view comes in binary
+//! ([`gpuha_liveness::fleetwire`]) from a dnsd that serves it, JSON from an older one; threads
+//! share it in binary.
 
 use std::time::Duration;
 
 use gpuha_liveness::slots::{decode_etag, decode_fleet, decode_version, encode_etag, encode_fleet, encode_u64, encode_version, u64_at, FLEET_ETAG_KEY, FLEET_KEY, FLEET_VERSION_KEY, POLL_KEY};
-use gpuha_liveness::FleetView;
+use gpuha_liveness::{fleetwire, FleetView};
 use proxy_wasm::hostcalls;
 use proxy_wasm::types::{BufferType, MapType};
 
+use crate::cache;
 use crate::config::PickerConfig;
 use crate::host;
 use crate::stats::{inc, Stats};
@@ -28,6 +31,9 @@ pub fn poll_path(p: &PickerConfig) -> String {
     }
     path
 }
+
+/// What the poll asks for: the binary view, JSON from a dnsd that does not serve it.
+pub const ACCEPT: &str = "application/x-gpuha-fleet, application/json;q=0.5";
 
 /// A poll in flight from this root context.
 #[derive(Debug, Clone, Copy)]
@@ -55,7 +61,7 @@ pub fn maybe_start(p: &PickerConfig, path: &str, in_flight: &mut Option<InFlight
     }
     let tag = host::shared_get(FLEET_ETAG_KEY).0.unwrap_or_default();
     let (tag_version, etag) = decode_etag(&tag);
-    let mut headers = vec![(":method", "GET"), (":path", path), (":authority", p.fleet_authority.as_str()), ("accept", "application/json")];
+    let mut headers = vec![(":method", "GET"), (":path", path), (":authority", p.fleet_authority.as_str()), ("accept", ACCEPT)];
     if !etag.is_empty() {
         headers.push(("if-none-match", etag));
     }
@@ -88,8 +94,9 @@ fn failure_log_due(now: u64) -> bool {
     })
 }
 
-/// Handles dnsd's answer to `f`; returns the view parsed and published, for this thread's cache.
-pub fn on_response(f: InFlight, body_size: usize, stats: &Stats) -> Option<(u64, FleetView)> {
+/// Handles dnsd's answer to `f`; whether a new view was published (this thread holds it
+/// decoded already, [`cache::accept`]).
+pub fn on_response(f: InFlight, body_size: usize, stats: &Stats) -> bool {
     let status = host::header(MapType::HttpCallResponseHeaders, ":status");
     let now = host::now_ms();
     if status.as_deref() == Some("304") {
@@ -99,7 +106,7 @@ pub fn on_response(f: InFlight, body_size: usize, stats: &Stats) -> Option<(u64,
             let (v, vouched) = decode_version(cur);
             (cur.is_some() && v == f.tag_version && vouched < now).then(|| (encode_version(v, now), ()))
         });
-        return None;
+        return false;
     }
     if status.as_deref() != Some("200") {
         inc(stats.fleet_poll_failures);
@@ -114,23 +121,40 @@ pub fn on_response(f: InFlight, body_size: usize, stats: &Stats) -> Option<(u64,
                 String::from_utf8_lossy(&body).trim()
             ));
         }
-        return None;
+        return false;
     }
     let body = hostcalls::get_buffer(BufferType::HttpCallResponseBody, 0, body_size).ok().flatten().unwrap_or_default();
-    let view = match FleetView::from_json(&body) {
-        Ok(v) => v,
-        Err(e) => {
-            inc(stats.fleet_poll_failures);
-            host::warn(&format!("gpuha: fleet view from dnsd unreadable: {e}"));
-            return None;
+    // Binary from a dnsd that serves it; JSON from an older one (or another server), converted
+    // here once, so that what the threads share is always binary and updates in place.
+    let bin;
+    let shared: &[u8] = if fleetwire::is_binary(&body) {
+        &body
+    } else {
+        match FleetView::from_json(&body) {
+            Ok(v) => {
+                bin = fleetwire::encode(&v);
+                &bin
+            }
+            Err(e) => {
+                inc(stats.fleet_poll_failures);
+                host::warn(&format!("gpuha: fleet view from dnsd unreadable: {e}"));
+                return false;
+            }
         }
     };
+    // Decoded into this thread's cache first: what cannot be read is never published.
+    if let Err(e) = cache::accept(now, shared) {
+        inc(stats.fleet_poll_failures);
+        host::warn(&format!("gpuha: fleet view from dnsd unreadable: {e}"));
+        return false;
+    }
     let etag = host::header(MapType::HttpCallResponseHeaders, "etag").unwrap_or_default();
-    let value = encode_fleet(now, &body);
+    let value = encode_fleet(now, shared);
     // A slow answer must not replace a view fetched after this poll started.
-    let published = host::shared_update(FLEET_KEY, |cur| (cur.is_none_or(|c| decode_fleet(c).0 <= f.started)).then(|| (value.clone(), ())));
-    published?;
+    if !host::shared_set_if(FLEET_KEY, &value, |cur| cur.is_none_or(|c| decode_fleet(c).0 <= f.started)) {
+        return false;
+    }
     host::shared_update(FLEET_VERSION_KEY, |_| Some((encode_version(now, now), ())));
     host::shared_update(FLEET_ETAG_KEY, |_| Some((encode_etag(now, &etag), ())));
-    Some((now, view))
+    true
 }

@@ -54,10 +54,8 @@ impl Context for Root {
     fn on_http_call_response(&mut self, token: u32, _num_headers: usize, body_size: usize, _num_trailers: usize) {
         let Some(f) = self.poll.filter(|f| f.token == token) else { return };
         self.poll = None;
-        if let Some((version, view)) = poll::on_response(f, body_size, &self.stats) {
-            // This thread parsed it already: no second parse on its next request.
-            self.thread.borrow_mut().fleet = Some((version, Rc::new(view)));
-        }
+        // A view published is decoded in this VM already: no second decode on its next request.
+        poll::on_response(f, body_size, &self.stats);
     }
 }
 

@@ -7,6 +7,7 @@
 //! | [`ingest`] | authenticated ingest: replay order, clock checks, drop reasons |
 //! | [`membership`] | who the routers' worker cluster lists (EDS): members from telemetry, pools per router, leave-after, tiers at priority 1 |
 //! | [`fleet`] | fleet state: freshness and progress (a hang is not silence), pool liveness, gray failures, the fleet view dnsd serves |
+//! | [`fleetwire`] | the fleet view in binary: what the filter polls and shares between its threads, numbers updated in place |
 //! | [`admin`] | operators' overrides: drained workers and pools, pools forced out of or into the answer, when a drained pool is safe |
 //! | [`pick`] | picking workers: scoring, anti-herding, the breaker's last resorts |
 //! | [`inflight`] | requests in flight per worker (shared across threads): what they add to a frame's load |
@@ -33,6 +34,7 @@ pub mod attempt;
 pub mod blame;
 pub mod breaker;
 pub mod fleet;
+pub mod fleetwire;
 pub mod frame;
 pub mod guard;
 pub mod inflight;

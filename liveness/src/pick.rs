@@ -307,11 +307,12 @@ struct ModelRank {
 }
 
 impl ModelRank {
-    fn push(&mut self, idx: usize, w: &WorkerView, cfg: &PickConfig) {
+    /// `addr_hash`: [`affinity::addr_hash`] of the worker's address.
+    fn push(&mut self, idx: usize, w: &WorkerView, addr_hash: u64, cfg: &PickConfig) {
         self.serving += 1;
         // A drained worker serves the model but gets no new request (`crate::admin`).
         if w.age_ms < cfg.freshness_gate_ms && !w.drained {
-            self.cands.push(Cand { idx, base: predicted_ttft_ms(w, 0.0, cfg), addr_hash: affinity::addr_hash(&w.addr) });
+            self.cands.push(Cand { idx, base: predicted_ttft_ms(w, 0.0, cfg), addr_hash });
             self.ages.push(w.age_ms);
         }
     }
@@ -335,24 +336,30 @@ pub struct Ranked {
     by_model: HashMap<String, ModelRank>,
     /// A model no worker lists: the workers that list no models (they serve anything).
     unlisted: ModelRank,
-    /// View indices of the router's pools' workers by address, to find half-open ones.
-    by_addr: HashMap<String, Vec<usize>>,
+    /// The router's pools' workers as ([`affinity::addr_hash`] of the address, view index),
+    /// sorted: to find half-open ones by address (one allocation, not one per worker).
+    by_addr: Vec<(u64, usize)>,
 }
 
 impl Ranked {
     /// Ranks `view` for `cfg` (the pools, freshness gate and score weights come from it).
     pub fn build(view: &FleetView, cfg: &PickConfig) -> Self {
         let mut r = Ranked::default();
+        // Address hashes by view index (0 outside the router's pools).
+        let mut hashes = vec![0u64; view.workers.len()];
         for (idx, w) in view.workers.iter().enumerate() {
             if !(cfg.pools.is_empty() || cfg.pools.contains(&w.pool)) {
                 continue;
             }
-            r.any.push(idx, w, cfg);
-            r.by_addr.entry(w.addr.clone()).or_default().push(idx);
+            let h = affinity::addr_hash(&w.addr);
+            hashes[idx] = h;
+            r.any.push(idx, w, h, cfg);
+            r.by_addr.push((h, idx));
             if w.models.is_empty() {
-                r.unlisted.push(idx, w, cfg);
+                r.unlisted.push(idx, w, h, cfg);
             }
         }
+        r.by_addr.sort_unstable();
         // A model's list: the workers listing it, plus those listing none.
         for (idx, w) in view.workers.iter().enumerate() {
             if !(cfg.pools.is_empty() || cfg.pools.contains(&w.pool)) {
@@ -366,18 +373,18 @@ impl Ranked {
                     let mut seed = ModelRank::default();
                     for (j, u) in view.workers.iter().enumerate() {
                         if u.models.is_empty() && (cfg.pools.is_empty() || cfg.pools.contains(&u.pool)) && j < idx {
-                            seed.push(j, u, cfg);
+                            seed.push(j, u, hashes[j], cfg);
                         }
                     }
                     r.by_model.insert(m.clone(), seed);
                 }
                 if let Some(mr) = r.by_model.get_mut(m) {
-                    mr.push(idx, w, cfg);
+                    mr.push(idx, w, hashes[idx], cfg);
                 }
             }
             if w.models.is_empty() {
                 for mr in r.by_model.values_mut() {
-                    mr.push(idx, w, cfg);
+                    mr.push(idx, w, hashes[idx], cfg);
                 }
             }
         }
@@ -387,6 +394,14 @@ impl Ranked {
             mr.finish();
         }
         r
+    }
+
+    /// View indices of the router's pools' workers at `addr`, ascending.
+    fn with_addr<'a>(&'a self, view: &'a FleetView, addr: &'a str) -> impl Iterator<Item = usize> + 'a {
+        let h = affinity::addr_hash(addr);
+        let from = self.by_addr.partition_point(|e| e.0 < h);
+        // Hashes may collide: the address itself decides.
+        self.by_addr[from..].iter().take_while(move |e| e.0 == h).map(|e| e.1).filter(move |&idx| view.workers.get(idx).is_some_and(|w| w.addr == addr))
     }
 
     fn for_model(&self, model: Option<&str>) -> &ModelRank {
@@ -638,7 +653,7 @@ fn listed_fresh<'a>(ranked: &'a Ranked, view: &'a FleetView, not_closed: &'a [&'
         .iter()
         .enumerate()
         .filter(move |(i, addr)| !not_closed[..*i].contains(addr))
-        .flat_map(move |(_, addr)| ranked.by_addr.get(*addr).map_or(&[][..], |v| v.as_slice()).iter().copied())
+        .flat_map(move |(_, addr)| ranked.with_addr(view, addr))
         .filter(move |&idx| {
             let w = &view.workers[idx];
             !w.drained && serves(w, model) && effective_age_ms(w, fetched_local_ms, now_ms) < cfg.freshness_gate_ms

@@ -4,7 +4,7 @@
 //!
 //! | key | layout |
 //! |---|---|
-//! | `gpuha.fleet` | 8 bytes LE: the local fetch time of the view (its content version), then dnsd's JSON |
+//! | `gpuha.fleet` | 8 bytes LE: the local fetch time of the view (its content version), then the view in binary ([`crate::fleetwire`]; the filter's readers take JSON too) |
 //! | `gpuha.fleet.version` | 16 bytes LE: that version, then the local time dnsd last vouched for it (a `200`, or a later `304`: the view's ages count from there); 8 bytes: vouched at its version |
 //! | `gpuha.fleet.etag` | 8 bytes LE version, then dnsd's `ETag` for it (sent as `If-None-Match`) |
 //! | `gpuha.poll` | 8 bytes LE: when the last poll was started |
@@ -69,7 +69,7 @@ pub fn encode_u64(v: u64) -> Vec<u8> {
     v.to_le_bytes().to_vec()
 }
 
-/// The fleet slot: version, then the view's JSON.
+/// The fleet slot: version, then the view (binary, [`crate::fleetwire`]).
 pub fn encode_fleet(version: u64, json: &[u8]) -> Vec<u8> {
     let mut b = Vec::with_capacity(8 + json.len());
     b.extend_from_slice(&version.to_le_bytes());
@@ -77,7 +77,7 @@ pub fn encode_fleet(version: u64, json: &[u8]) -> Vec<u8> {
     b
 }
 
-/// `(version, json)` of a fleet slot.
+/// `(version, view bytes)` of a fleet slot.
 pub fn decode_fleet(b: &[u8]) -> (u64, &[u8]) {
     (u64_at(Some(b), 0), b.get(8..).unwrap_or_default())
 }

@@ -15,7 +15,9 @@
 //!     in-process cost of decode+HMAC (owned and borrowed), and of the full accept (order) +
 //!     fleet observe as dnsd does it (borrowed frames) and with owned frames
 //! gpuha-bench fleet-parse FILE [--iters N]
-//!     native serde parse of a /v1/fleet body (FleetView::from_json, what the filter runs in Wasm)
+//!     native costs of a /v1/fleet JSON body: serde parse (FleetView::from_json), the binary
+//!     form's size, encode, full decode and in-place update (gpuha_liveness::fleetwire), and
+//!     Ranked::build (what a thread runs on the first pick after a new view)
 //! ```
 //!
 //! Why a separate tool and not the real sidecar: one sidecar process per worker cannot reach
@@ -25,7 +27,9 @@ use std::collections::HashMap;
 use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4, UdpSocket};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use gpuha_liveness::{FleetState, FleetView, Frame, FrameRef, Ingest, KeyRing, Metrics};
+use gpuha_liveness::breaker::Admission;
+use gpuha_liveness::pick::{pick_ranked, LoadView, PickConfig, Ranked, Rng};
+use gpuha_liveness::{fleetwire, FleetState, FleetView, Frame, FrameRef, Ingest, KeyRing, Metrics};
 
 type Res<T> = Result<T, String>;
 
@@ -366,20 +370,59 @@ fn fleet_parse(o: &Opts) -> Res<()> {
     let path = o.pos.first().ok_or("fleet-parse FILE")?;
     let iters: usize = o.get("iters", Some(50))?;
     let body = std::fs::read(path).map_err(|e| format!("{path}: {e}"))?;
-    let mut times = Vec::with_capacity(iters);
-    let mut workers = 0;
-    for _ in 0..iters {
-        let t = Instant::now();
-        let v = FleetView::from_json(&body).map_err(|e| e.to_string())?;
-        times.push(t.elapsed().as_secs_f64() * 1e6);
-        workers = v.workers.len();
+    // Each step's time per iteration, sorted: (p50, p99, min) in µs.
+    fn timed(iters: usize, mut f: impl FnMut() -> Res<()>) -> Res<(f64, f64, f64)> {
+        let mut times = Vec::with_capacity(iters);
+        for _ in 0..iters {
+            let t = Instant::now();
+            f()?;
+            times.push(t.elapsed().as_secs_f64() * 1e6);
+        }
+        times.sort_by(f64::total_cmp);
+        let pct = |p: f64| times[((times.len() - 1) as f64 * p).round() as usize];
+        Ok((pct(0.5), pct(0.99), pct(0.0)))
     }
-    times.sort_by(f64::total_cmp);
-    let pct = |p: f64| times[((times.len() - 1) as f64 * p).round() as usize];
+    let view = FleetView::from_json(&body).map_err(|e| e.to_string())?;
+    let parse = timed(iters, || FleetView::from_json(&body).map(drop).map_err(|e| e.to_string()))?;
+    let bin = fleetwire::encode(&view);
+    let encode = timed(iters, || {
+        std::hint::black_box(fleetwire::encode(&view));
+        Ok(())
+    })?;
+    let decode = timed(iters, || fleetwire::decode(&bin).map(drop).map_err(|e| e.to_string()))?;
+    let mut held = fleetwire::decode(&bin).map_err(|e| e.to_string())?;
+    let update = timed(iters, || fleetwire::update(&mut held, &bin).map_err(|e| e.to_string()))?;
+    let identity = timed(iters, || {
+        let a = fleetwire::identity(&bin).map_err(|e| e.to_string())?;
+        std::hint::black_box(a == fleetwire::identity(&bin).map_err(|e| e.to_string())?);
+        Ok(())
+    })?;
+    let cfg = PickConfig::default();
+    let rank = timed(iters, || {
+        std::hint::black_box(Ranked::build(&view, &cfg));
+        Ok(())
+    })?;
+    // How many workers one pick scores (each a shared-data read of its in-flight slot in the
+    // filter): the near-best band is scanned whole.
+    struct Counting(std::cell::Cell<usize>);
+    impl LoadView for Counting {
+        fn ours(&self, _: &str, _: u64, _: f64) -> f64 {
+            self.0.set(self.0.get() + 1);
+            0.0
+        }
+    }
+    let ranked = Ranked::build(&view, &cfg);
+    let load = Counting(std::cell::Cell::new(0));
+    let model = view.workers.first().and_then(|w| w.models.first()).cloned();
+    let _ = pick_ranked(&ranked, &view, 0, 0, model.as_deref(), None, &load, &mut Rng::new(1), &cfg, &[], |_| Admission::Allow, |_| false);
     println!(
         "{}",
-        serde_json::json!({"bytes": body.len(), "workers": workers, "iters": iters,
-                           "parse_us_p50": pct(0.5), "parse_us_p99": pct(0.99), "parse_us_min": pct(0.0)})
+        serde_json::json!({"bytes": body.len(), "workers": view.workers.len(), "iters": iters, "load_reads_per_pick": load.0.get(),
+                           "parse_us_p50": parse.0, "parse_us_p99": parse.1, "parse_us_min": parse.2,
+                           "binary_bytes": bin.len(), "binary_encode_us_p50": encode.0,
+                           "binary_decode_us_p50": decode.0, "binary_decode_us_p99": decode.1,
+                           "binary_update_us_p50": update.0, "binary_update_us_p99": update.1,
+                           "identity_compare_us_p50": identity.0, "rank_build_us_p50": rank.0, "rank_build_us_p99": rank.1})
     );
     Ok(())
 }

@@ -22,9 +22,8 @@ use crate::stats::{Stats, TierStats};
 
 pub struct Root {
     id: u32,
-    cfg: Option<Rc<Config>>,
-    /// The role's configuration as its HTTP contexts share it: built once here, not cloned per
-    /// request.
+    /// The configuration, each role's part behind an `Rc` that its HTTP contexts share (not
+    /// cloned per request).
     role: Option<Role>,
     stats: Stats,
     thread: Rc<RefCell<Thread>>,
@@ -38,7 +37,7 @@ pub struct Root {
 
 impl Root {
     pub fn new(id: u32) -> Self {
-        Root { id, cfg: None, role: None, stats: Stats::default(), thread: Rc::new(RefCell::new(Thread::new())), poll: None, poll_path: String::new(), registry: Rc::default(), tier_stats: Rc::default() }
+        Root { id, role: None, stats: Stats::default(), thread: Rc::new(RefCell::new(Thread::new())), poll: None, poll_path: String::new(), registry: Rc::default(), tier_stats: Rc::default() }
     }
 
     fn seed() -> u64 {
@@ -94,33 +93,32 @@ impl RootContext for Root {
                 }
             }
         }
-        self.role = Some(match &cfg {
-            Config::Picker(p) => Role::Picker(Rc::new(p.clone())),
-            Config::Guard(g) => Role::Guard(Rc::new(g.clone())),
-            Config::Failwhale(f) => Role::Failwhale(Rc::new(f.clone())),
-            Config::Tier(t) => Role::Tier(Rc::new(t.clone())),
+        self.role = Some(match cfg {
+            Config::Picker(p) => Role::Picker(Rc::new(p)),
+            Config::Guard(g) => Role::Guard(Rc::new(g)),
+            Config::Failwhale(f) => Role::Failwhale(Rc::new(f)),
+            Config::Tier(t) => Role::Tier(Rc::new(t)),
         });
-        self.cfg = Some(Rc::new(cfg));
         true
     }
 
     fn on_tick(&mut self) {
-        let Some(cfg) = self.cfg.clone() else { return };
-        match cfg.as_ref() {
-            Config::Picker(p) => {
+        let Some(role) = self.role.clone() else { return };
+        match role {
+            Role::Picker(p) => {
                 let mut in_flight = self.poll;
-                poll::maybe_start(p, &self.poll_path, &mut in_flight, &self.stats, |headers, timeout| self.dispatch_http_call(&p.fleet_cluster, headers, None, vec![], timeout));
+                poll::maybe_start(&p, &self.poll_path, &mut in_flight, &self.stats, |headers, timeout| self.dispatch_http_call(&p.fleet_cluster, headers, None, vec![], timeout));
                 self.poll = in_flight;
             }
-            Config::Guard(g) => {
+            Role::Guard(g) => {
                 // Nothing held or streaming on this thread: not even the version slot is read.
                 if self.registry.borrow().is_empty() {
                     return;
                 }
                 let Some((_, vouched, view)) = self.thread.borrow_mut().fleet() else { return };
-                guard::rescue_tick(&self.registry, &view, vouched, g, &self.stats);
+                guard::rescue_tick(&self.registry, &view, vouched, &g, &self.stats);
             }
-            Config::Failwhale(_) | Config::Tier(_) => {}
+            Role::Failwhale(_) | Role::Tier(_) => {}
         }
     }
 
@@ -141,6 +139,7 @@ impl RootContext for Root {
 }
 
 /// [`Config`] with each role's part behind an `Rc` (what an HTTP context holds).
+#[derive(Clone)]
 enum Role {
     Picker(Rc<crate::config::PickerConfig>),
     Guard(Rc<crate::config::GuardConfig>),

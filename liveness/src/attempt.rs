@@ -519,7 +519,6 @@ impl Attempt {
         self.decide(Charge::Success);
     }
 
-    /// Envoy is done with the attempt. Returns the report the first time, `None` after.
     /// Whether [`Self::on_done`]'s answer depends on how Envoy ended the attempt: `false` once
     /// it is reported, for an attempt that passed or was rewritten, and for a released stream
     /// that ended cleanly. The glue reads Envoy's response flags and details (two property
@@ -535,6 +534,7 @@ impl Attempt {
         }
     }
 
+    /// Envoy is done with the attempt. Returns the report the first time, `None` after.
     pub fn on_done(&mut self, ending: Ending) -> Option<Report> {
         if self.reported {
             return None;

@@ -28,12 +28,21 @@ def wait_for(pred: Callable[[], Optional[T]], timeout: float, what: str, interva
         time.sleep(interval)
 
 
+_GIVEN: set[int] = set()
+
+
 def free_port() -> int:
     """A TCP port that was free a moment ago (for processes that cannot bind port 0 themselves
-    and report it, such as Envoy's listeners rendered into a config)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    and report it, such as Envoy's listeners rendered into a config), and never one this process
+    was given before: two calls before anything binds can otherwise get the same port back (an
+    Envoy config with its listener and a tier listener on one port, seen once in CI's drills)."""
+    while True:
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        if port not in _GIVEN:
+            _GIVEN.add(port)
+            return port
 
 
 def port_accepts(port: int, host: str = "127.0.0.1") -> bool:

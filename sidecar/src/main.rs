@@ -33,6 +33,9 @@ struct Args {
     interval_ms: Option<u64>,
     #[arg(long)]
     scrape_timeout_ms: Option<u64>,
+    /// Scrapes out at once while vLLM answers slowly (default 8).
+    #[arg(long)]
+    max_scrapes_in_flight: Option<usize>,
     /// Served model name (repeat); default: vLLM's `model_name` labels.
     #[arg(long = "model")]
     models: Vec<String>,
@@ -56,7 +59,8 @@ fn config(args: &Args) -> Result<Config, String> {
             key_file: args.key_file.clone().ok_or("--key-file is required without --config")?,
             key_id: 1,
             interval_ms: 500,
-            scrape_timeout_ms: 2_500,
+            scrape_timeout_ms: gpuha_sidecar::config::DEFAULT_SCRAPE_TIMEOUT_MS,
+            max_scrapes_in_flight: gpuha_sidecar::config::DEFAULT_MAX_SCRAPES_IN_FLIGHT,
             max_metrics_bytes: 8 << 20,
             models: vec![],
         },
@@ -87,6 +91,9 @@ fn config(args: &Args) -> Result<Config, String> {
     }
     if let Some(v) = args.scrape_timeout_ms {
         c.scrape_timeout_ms = v;
+    }
+    if let Some(v) = args.max_scrapes_in_flight {
+        c.max_scrapes_in_flight = v;
     }
     if !args.models.is_empty() {
         c.models = args.models.clone();
@@ -157,6 +164,11 @@ fn main() -> ExitCode {
                 } else {
                     eprintln!("sent seq={} bytes={bytes} send_errors={send_errors} adapters={}", frame.seq, frame.adapters.join(","));
                 }
+            }
+        }
+        Event::Overtaken { overtaken_total } => {
+            if verbose {
+                eprintln!("dropped an answer older than a frame already sent ({overtaken_total} so far)");
             }
         }
         Event::Skipped(e) => {

@@ -24,7 +24,8 @@ fn bad_configs_name_the_key() {
     assert!(Config::from_toml(base, p).expect("base").validate().is_ok());
     let cases = [
         ("interval_ms = 5\n", "interval_ms"),
-        ("scrape_timeout_ms = 3000\n", "scrape_timeout_ms"),
+        ("scrape_timeout_ms = 10000\n", "scrape_timeout_ms"),
+        ("max_scrapes_in_flight = 0\n", "max_scrapes_in_flight"),
         ("metrics_url = \"https://x/metrics\"\n", "metrics_url"),
         ("models = [\"\"]\n", "models"),
     ];

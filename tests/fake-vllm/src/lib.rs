@@ -45,6 +45,9 @@
 //! - `SIGUSR2`: **slow-down** on/off (also `--slow`): TTFT and inter-token delays times
 //!   `--slow-factor` (default 5).
 //!
+//! Fixed at start, not a failure: `--metrics-delay-ms N`, `/metrics` answered N ms late with the
+//! numbers of the moment it answers (vLLM's API server under load), requests served as usual.
+//!
 //! Prefix caching (as vLLM's, on by default): [`prefix`]. `--prefill-us-per-token N` makes the
 //! time to first token grow by N µs per prompt token not found in the cache.
 //!
@@ -84,6 +87,9 @@ pub struct Config {
     /// Request bodies above this get `413`; `None` (the default) accepts any size, as vLLM
     /// does (long contexts and base64 images make multi-MB bodies ordinary).
     pub max_body_bytes: Option<usize>,
+    /// `/metrics` answers this late (a busy API server's event loop), with the numbers of the
+    /// moment it answers.
+    pub metrics_delay: Duration,
 }
 
 /// The worker's state, before it serves: the binary takes its engine to wire signals to it.
@@ -119,6 +125,7 @@ pub fn build(config: Config) -> Arc<server::App> {
         created,
         fingerprint,
         max_body_bytes: config.max_body_bytes,
+        metrics_delay: config.metrics_delay,
     })
 }
 

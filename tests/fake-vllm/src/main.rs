@@ -76,6 +76,11 @@ struct Args {
     /// Request bodies above this many bytes get 413 (default: no limit, as in vLLM).
     #[arg(long)]
     max_body_bytes: Option<usize>,
+    /// `/metrics` answers this many milliseconds late, with the numbers of the moment it
+    /// answers, while requests are served as usual: vLLM's API server under load, whose event
+    /// loop serves `/metrics` behind the token streams (real CPU build, 40 streams: up to 5 s).
+    #[arg(long, default_value_t = 0)]
+    metrics_delay_ms: u64,
     /// Prefill time per prompt token not found in the prefix cache, in microseconds, added to
     /// --ttft-ms (0: TTFT does not depend on the prompt).
     #[arg(long, default_value_t = 0)]
@@ -132,6 +137,7 @@ fn main() -> ExitCode {
         start_slow: args.slow,
         hang_after: args.hang_after_ms.map(Duration::from_millis),
         max_body_bytes: args.max_body_bytes,
+        metrics_delay: Duration::from_millis(args.metrics_delay_ms),
     };
     let mut rt = tokio::runtime::Builder::new_multi_thread();
     if let Some(n) = args.threads {

@@ -30,6 +30,8 @@ pub struct App {
     pub fingerprint: String,
     /// `413` above this many body bytes; `None`: no limit (as vLLM).
     pub max_body_bytes: Option<usize>,
+    /// `/metrics` answers this late (see [`crate::Config::metrics_delay`]).
+    pub metrics_delay: std::time::Duration,
 }
 
 /// Per-connection handle that lets a handler kill its own TCP connection (failure injection
@@ -221,6 +223,9 @@ async fn models(State(app): State<Arc<App>>) -> Json<Value> {
 }
 
 async fn metrics(State(app): State<Arc<App>>) -> Response {
+    if !app.metrics_delay.is_zero() {
+        tokio::time::sleep(app.metrics_delay).await;
+    }
     let ct = HeaderValue::from_static("text/plain; version=1.0.0; charset=utf-8");
     let mut text = app.engine.metrics.render();
     // Where vLLM has it: after the request-level histograms, before the process family.

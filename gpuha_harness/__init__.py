@@ -20,7 +20,7 @@ Nothing here imports from ``tests/``; the repository root must be on ``sys.path`
 conftest and script puts it there).
 """
 
-from .client import (TOKEN_RX, Load, Outcome, chat, is_inband_error, is_transport_error, join_all, make_client,
+from .client import (TOKEN_RX, ChildLoad, Load, Outcome, chat, is_inband_error, is_transport_error, join_all, make_client,
                      per_worker, run_concurrently, summarize)
 from .drill import assert_whole_and_single_worker, report, warm_up
 from .env import REPO, START_TIMEOUT_S, bin_dir, binary, envoy_bin, wasm_path
@@ -29,7 +29,7 @@ from .proc import Proc
 from .stack import Dnsd, Envoy, Stack, Worker, parse_metrics, succeeds, tail_file, write_zone_config
 from .wait import Timeout, free_port, http_get, http_post, port_accepts, wait_for
 
-__all__ = [
+__all__ = ["ChildLoad", 
     "ACCESS_RX", "REPO", "START_TIMEOUT_S", "TOKEN_RX", "Dnsd", "Envoy", "Load", "Outcome", "Proc", "Stack", "Timeout",
     "Worker", "access_entries", "assert_whole_and_single_worker", "bin_dir", "binary", "chat", "envoy_bin",
     "filter_stat", "free_port", "http_get", "http_post", "is_inband_error", "is_transport_error", "join_all",

@@ -3,6 +3,10 @@ of such requests in threads."""
 
 from __future__ import annotations
 
+import dataclasses
+import importlib
+import multiprocessing
+import queue
 import re
 import threading
 import time
@@ -197,6 +201,54 @@ def join_all(threads: list[threading.Thread], timeout: float) -> None:
         t.join(max(0.0, deadline - time.monotonic()))
     alive = sum(t.is_alive() for t in threads)
     assert alive == 0, f"{alive} client requests still running {timeout:.0f}s later"
+
+
+class ChildLoad:
+    """`run_concurrently` in a forked child process, for streams the drill reads but does not
+    time: their events are parsed through the SDK under the child's own interpreter lock, so
+    they do not starve the clients this process times (one Python process parsing two real
+    vLLM streams at ~750 events/s each started its other requests seconds late and read their
+    first tokens seconds after they came). The child's clients are made in the child (`fn`
+    builds its own). `join` returns the outcomes; an exception in `error` comes back as an
+    instance of its own class (for `is_transport_error` and friends) with its message."""
+
+    def __init__(self, fn: Callable[[int], Outcome], n: int):
+        ctx = multiprocessing.get_context("fork")
+        self._queue = ctx.Queue()
+        self._proc = ctx.Process(target=self._child, args=(fn, n, self._queue), daemon=True)
+        self._proc.start()
+
+    @staticmethod
+    def _child(fn: Callable[[int], Outcome], n: int, out) -> None:
+        threads, results = run_concurrently(fn, n)
+        for t in threads:
+            t.join()
+        out.put([None if o is None else dataclasses.replace(o, error=_portable(o.error)) for o in results])
+
+    def join(self, timeout: float) -> list[Optional[Outcome]]:
+        try:
+            results = self._queue.get(timeout=timeout)
+        except queue.Empty:
+            self._proc.kill()
+            raise AssertionError(f"client requests in the child process still running {timeout:.0f}s later") from None
+        self._proc.join(10)
+        return [None if o is None else dataclasses.replace(o, error=_restored(o.error)) for o in results]
+
+
+def _portable(e: Optional[BaseException]) -> Optional[tuple[str, str, str]]:
+    return None if e is None else (type(e).__module__, type(e).__qualname__, str(e))
+
+
+def _restored(e) -> Optional[BaseException]:
+    if e is None:
+        return None
+    module, name, message = e
+    cls = importlib.import_module(module)
+    for part in name.split("."):
+        cls = getattr(cls, part)
+    err = cls.__new__(cls)  # SDK exceptions need the request to construct; the class is what is judged
+    err.args = (message,)
+    return err
 
 
 def per_worker(outcomes: Iterable[Outcome]) -> dict[str, int]:

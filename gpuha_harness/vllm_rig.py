@@ -133,12 +133,14 @@ class Rig:
 
     # ---- Envoy
 
-    def envoy(self, rendered_patch: Optional[Callable[[str], str]] = None, **render_opts) -> Envoy:
-        """A fresh pool-router Envoy in front of every server (render.py flags as kwargs).
-        `rendered_patch` rewrites the rendered YAML (a drill's own copy), for knobs render.py
-        lacks; a drill that uses it says so."""
+    def envoy(self, rendered_patch: Optional[Callable[[str], str]] = None, only: Optional[list[str]] = None,
+              **render_opts) -> Envoy:
+        """A fresh pool-router Envoy in front of every server, or of the servers `only` names
+        (render.py flags as kwargs). `rendered_patch` rewrites the rendered YAML (a drill's own
+        copy), for knobs render.py lacks; a drill that uses it says so."""
         self._envoy_seq += 1
-        e = self.stack.start_pool_router(f"envoy{self._envoy_seq}", workers=[self.stack.workers[k] for k in self.servers],
+        ids = only if only is not None else list(self.servers)
+        e = self.stack.start_pool_router(f"envoy{self._envoy_seq}", workers=[self.stack.workers[k] for k in ids],
                                          rendered_patch=rendered_patch, **render_opts)
         wait_for(lambda: filter_stat(e, "fleet_polls") >= 1, 10, "the picker's first fleet poll")
         return e

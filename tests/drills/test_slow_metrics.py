@@ -14,7 +14,7 @@ import threading
 import time
 
 import gpuha_harness as harness
-from gpuha_harness import chat, make_client, wait_for
+from gpuha_harness import chat, make_client
 
 DELAY_MS = 4_000  # over the old 2.5 s scrape timeout and over the 3 s freshness gate
 GATE_S = 3.0

@@ -723,61 +723,66 @@ def test_engine_core_sigstop_hang(rig: Rig):
     hands requests held before their first token on it to a retry as soon as the stall is known,
     and ends its streams past their first token 10 s after that (clean truncations).
 
-    Load: `n_long` long streams through Envoy (the victim is the server running the most of
-    them, read from its /metrics), then short streaming requests at `rate` a second from before
-    the hang until `run_s` after it. At the end the EngineCore gets SIGCONT; the server is kept
-    if it serves again, else its group is killed so that `ensure_up` restarts it."""
+    Load, placed by the drill so that the premise does not depend on the picker's choices: the
+    victim's `n_long` long streams go through a second router that knows only the victim (its
+    guard ends them); as many long streams go straight to the other server, so both servers'
+    frames show the same load; then short streaming requests at `rate` a second through the
+    router in front of both, from before the hang until `run_s` after it (equal frames, equal
+    own load: it spreads them over both, so some are held on the victim when it hangs). At the
+    end the EngineCore gets SIGCONT; the server is kept if it serves again, else its group is
+    killed so that `ensure_up` restarts it."""
     t_start = time.monotonic()
     rig.ensure_up()
     per_try = 8.0  # far above the rescue: a retry seen before it is the guard's doing
-    # Affinity off: every request here shares one of four prompts, and a key sticks to its worker,
-    # so the long streams pile onto one server and the load-aware picker then sends every short
-    # request to the other: nothing is held on the hung engine. Without it they are placed by
-    # load alone, which usually lets the hang catch short requests before their first token
-    # (passed 2026-11-30: 8 held and rescued); not always (a later run put all 4 long streams on
-    # one server again and failed on this premise). What is tested is the hang contract, not
-    # placement: a premise that does not depend on the picker's choices is still to be built.
-    envoy = rig.envoy(per_try_timeout=f"{per_try:.0f}s", picker_config=json.dumps({"pick": {"affinity": {"enabled": False}}}))
-    victim, engines, stopped = None, [], False
-    srv = None
+    # Affinity off: the short requests share three prompts, and a key sticks to its worker; what
+    # is tested is the hang contract, not placement.
+    no_affinity = json.dumps({"pick": {"affinity": {"enabled": False}}})
+    victim, engines, stopped = "v1", [], False
+    survivor = survivor_of(rig, victim)
+    envoy = rig.envoy(per_try_timeout=f"{per_try:.0f}s", picker_config=no_affinity)  # the short requests
+    # Its cluster holds only the victim: a pick of the other server (the picker lists the whole
+    # pool from dnsd) falls back to it. 60 s to the first token: a long stream must not be retried
+    # onto the victim again because a just-restarted CPU engine was slow to start it (seen: 2 x 8 s).
+    long_envoy = rig.envoy(per_try_timeout="60s", picker_config=no_affinity, only=[victim])
+    srv = rig.servers[victim]
     cont_note = "not stopped"
+    bg_load = None
     try:
         warm_up(rig, envoy)
-        long_tokens, short_tokens, n_long = LONG_TOKENS, 16, 4
-        rate, lead_s, run_s = 2.5, 2.0, 18.0
+        warm_up(rig, long_envoy)
+        long_tokens, short_tokens, n_long = LONG_TOKENS, 16, 2
+        rate, lead_s, run_s = 2.5, 3.0, 18.0
         refs = {(0, long_tokens): rig.reference(0, long_tokens)}
         refs.update({(p, short_tokens): rig.reference(p, short_tokens) for p in (1, 2, 3)})
         client = make_client(envoy.base_url, timeout=120)
         gen0 = gen_counters(rig)
-        all_engines = {w: s.engine_core_pids() for w, s in rig.servers.items()}  # /proc now, not at the hang
-        long_threads, long_res = run_concurrently(lambda i: chat(client, 4000 + i, 0, long_tokens), n_long)
+        engines = srv.engine_core_pids()  # /proc now, not at the hang
+        assert engines, f"no EngineCore process in group {srv.pgid}: {srv.describe()}"
+        titles = {p: vl.comm(p) for p in engines}
+        # The long streams are read in child processes: parsed here, their events starved the
+        # short requests this drill times (seen: first tokens read 12 s after they came).
+        long_load = harness.ChildLoad(lambda i: chat(make_client(long_envoy.base_url, timeout=120), 4000 + i, 0, long_tokens), n_long)
+        bg_load = harness.ChildLoad(lambda i: chat(make_client(f"http://{rig.servers[survivor].addr}/v1", timeout=120),
+                                                   9400 + i, 0, long_tokens), n_long)
+        long_res: list = []
         short_threads: list = []
         short_res: list[Outcome] = []
         lock = threading.Lock()
         try:
-            # The victim: the server running the most long streams past their first token.
             samples: list = []
 
-            def long_running():
+            def long_running():  # both servers run their long streams, past the first token
                 gs = {w: rig.try_gauges(w, timeout=5) for w in rig.servers}
                 samples.append({w: g and g.get("vllm:num_requests_running", 0) for w, g in gs.items()})
-                runs = {w: g.get("vllm:num_requests_running", 0) for w, g in gs.items() if g is not None}
-                moved = {w: gs[w].get("vllm:generation_tokens_total", 0) > gen0[w] + 8 * max(1, runs[w]) for w in runs}
-                if not runs:
-                    return None
-                # The other server need not run any: a server just restarted may get none of them.
-                w = max(runs, key=lambda k: (runs[k], k == "v1"))
-                return (w, runs[w]) if runs[w] >= 2 and moved[w] else None
+                ok = [g is not None and g.get("vllm:num_requests_running", 0) >= n_long
+                      and g.get("vllm:generation_tokens_total", 0) > gen0[w] + 8 * n_long for w, g in gs.items()]
+                return gs[victim].get("vllm:num_requests_running", 0) if all(ok) else None
 
             try:
-                victim, r_victim = wait_for(long_running, 120, f">= 2 of {n_long} long streams running past their first token "
-                                            "on one server", interval=0.2)
+                r_victim = wait_for(long_running, 120, f"{n_long} long streams running past their first token on each server",
+                                    interval=0.2)
             except harness.Timeout as e:
                 raise harness.Timeout(f"{e}; running samples: {samples[:3]} ... {samples[-3:]}") from None
-            srv = rig.servers[victim]
-            engines = all_engines[victim]
-            assert engines, f"no EngineCore process in group {srv.pgid}: {srv.describe()}"
-            titles = {p: vl.comm(p) for p in engines}
 
             def one(i: int) -> None:
                 o = chat(client, i, 1 + i % 3, short_tokens)
@@ -793,7 +798,7 @@ def test_engine_core_sigstop_hang(rig: Rig):
                     short_threads.append(t)
                     i += 1
                     nxt += 1.0 / rate
-                    time.sleep(max(0.0, nxt - time.monotonic()))
+                    time.sleep(max(0.0, nxt - time.monotonic()))  # the request rate, not a readiness wait
                 return i
 
             nxt_idx = feed(time.monotonic() + lead_s, 4100)
@@ -805,18 +810,23 @@ def test_engine_core_sigstop_hang(rig: Rig):
             feed(hang_mono + run_s, nxt_idx)
             join_all(short_threads, 120)
         finally:
-            join_all(long_threads, 300)
+            long_res = long_load.join(300)
             if short_threads:
                 join_all(short_threads, 120)
         states = {p: vl.proc_state(p) for p in engines}
-        outs = [r for r in long_res if r is not None] + list(short_res)
-        attach_access_log(envoy, outs)
+        long_outs = [r for r in long_res if r is not None]
+        outs = long_outs + list(short_res)
+        attach_access_log(long_envoy, long_outs)
+        attach_access_log(envoy, short_res)
         kinds = {o.idx: classify(o, refs[(o.prompt, o.max_tokens)]) for o in outs}
-        vaddr, saddr = srv.addr, rig.servers[survivor_of(rig, victim)].addr
-        harness.access_entries(envoy)  # waits until the log holds every completed request
-        envoy_end = envoy_end_times(envoy)  # drill idx -> UNIX time Envoy ended the response
+        vaddr, saddr = srv.addr, rig.servers[survivor].addr
+        harness.access_entries(envoy)  # waits until the logs hold every completed request
+        harness.access_entries(long_envoy)
+        # drill idx -> UNIX time Envoy ended the response (the two routers' idx ranges differ)
+        envoy_end = {**envoy_end_times(envoy), **envoy_end_times(long_envoy)}
         entries = [e for e in harness.access_entries(envoy, settle=False) if drill_idx(e["path"]) is not None]
         first_pick = {drill_idx(e["path"]): (e["endpoints"][0] if e["endpoints"] else e["upstream"]) for e in entries}
+        first_pick.update({o.idx: vaddr for o in long_outs})  # the long streams' router knows only the victim
         # Routed to the hung server after the hang (first pick), and when.
         to_hung = sorted(e["start"] - hang_wall for e in entries if e["start"] and e["start"] >= hang_wall
                          and first_pick.get(drill_idx(e["path"])) == vaddr)
@@ -833,8 +843,8 @@ def test_engine_core_sigstop_hang(rig: Rig):
                        and (o.started >= hang_mono or o.attempts >= 2)]
         rescues = sorted(round(t - hang_wall, 2) for t in envoy_log_instants(rig, envoy, "held attempt handed to a retry")
                          if t >= hang_wall - 1)
-        ends = sorted(round(t - hang_wall, 2) for t in envoy_log_instants(rig, envoy, "stream past its first token ended")
-                      if t >= hang_wall - 1)
+        ends = sorted(round(t - hang_wall, 2) for e in (envoy, long_envoy)
+                      for t in envoy_log_instants(rig, e, "stream past its first token ended") if t >= hang_wall - 1)
         pre_ft = [round(o.first_token_at - hang_mono, 2) if o.first_token_at else None for o in pre_on_hung]
         after = [o for o in short_res if o.started >= hang_mono]
         late = [o for o in after if o.started >= hang_mono + HANG_TTFT_AFTER_S]
@@ -844,7 +854,7 @@ def test_engine_core_sigstop_hang(rig: Rig):
         worst_early = max((o.first_token_at - o.started for o in early), default=float("nan"))
         counts = summarize(list(kinds.values()))
         report(f"COUNTS hang: victim={victim} stopped={titles} states_before_cont={states} long={n_long}x{long_tokens} "
-               f"({r_victim:.0f} running on the victim) short={len(short_res)}x{short_tokens} at {rate}/s from {lead_s}s before "
+               f"a server ({r_victim:.0f} running on the victim) short={len(short_res)}x{short_tokens} at {rate}/s from {lead_s}s before "
                f"to {run_s}s after | last_new_to_hung={last_new:.2f}s (all {[round(x, 2) for x in to_hung]}) | "
                f"pre_token_on_hung={len(pre_on_hung)} retried_at={rescues} their_first_token={pre_ft} "
                f"their_wait={[round(o.first_token_at - max(o.started, hang_mono), 2) if o.first_token_at else None for o in pre_on_hung]} "
@@ -853,7 +863,8 @@ def test_engine_core_sigstop_hang(rig: Rig):
                f"guard_end_log={ends} kinds={[kinds[o.idx] for o in post]} | started_after_hang={len(after)} "
                f"{summarize([kinds[o.idx] for o in after])} worst_ttft_arriving>={HANG_TTFT_AFTER_S:.0f}s={worst_late:.2f}s "
                f"(n={len(late)}) worst_ttft_arriving<{HANG_TTFT_AFTER_S:.0f}s={worst_early:.2f}s | all kinds={counts} "
-               f"stall_rescues={harness.filter_stat(envoy, 'stall_rescues')} stall_truncations={harness.filter_stat(envoy, 'stall_truncations')} "
+               f"stall_rescues={harness.filter_stat(envoy, 'stall_rescues')} "
+               f"stall_truncations={harness.filter_stat(envoy, 'stall_truncations') + harness.filter_stat(long_envoy, 'stall_truncations')} "
                f"pre_token_retries={harness.filter_stat(envoy, 'pre_token_retries')} {text_stats(outs)}")
         table = outcomes_table(outs, kinds)
         assert counts.get("splice", 0) == 0 and counts.get("short", 0) == 0, "splices or short answers:\n" + table
@@ -878,6 +889,7 @@ def test_engine_core_sigstop_hang(rig: Rig):
             f"a request arriving >= {HANG_TTFT_AFTER_S}s after the hang waited {worst_late:.2f}s for its first token\n" + table
     finally:
         rig.stop_envoy(envoy)
+        rig.stop_envoy(long_envoy)
         if stopped:
             for p in engines:
                 try:
@@ -886,6 +898,8 @@ def test_engine_core_sigstop_hang(rig: Rig):
                     pass
             cont_note = resume_or_kill(rig, victim)
             report(f"COUNTS hang cleanup: {cont_note}")
+        if bg_load is not None:
+            bg_load.join(300)  # the survivor's direct long streams: not into the next drill
         record("drill hang", f"{time.monotonic() - t_start:.1f}s (includes any restart)")
 
 

@@ -40,6 +40,7 @@
 //! interleave the steps of several operations on one in-memory store to simulate Envoy threads
 //! racing.
 
+use std::cell::RefCell;
 use std::collections::{HashMap, HashSet};
 
 use crate::inflight::Flights;
@@ -352,27 +353,90 @@ pub fn run<T>(store: &mut dyn Store, mut step: impl FnMut(&mut dyn Store) -> Opt
     }
 }
 
+impl<S: Store + ?Sized> Store for &mut S {
+    fn get(&mut self, key: &str) -> Read {
+        (**self).get(key)
+    }
+
+    fn set(&mut self, key: &str, value: &[u8], cas: Option<u32>) -> SetResult {
+        (**self).set(key, value, cas)
+    }
+}
+
+/// FNV-1a: the list's addresses are short, and a pick over a wide band looks up every worker.
+#[derive(Default)]
+pub struct Fnv(u64);
+
+impl std::hash::Hasher for Fnv {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+
+    fn write(&mut self, bytes: &[u8]) {
+        let mut h = if self.0 == 0 { 0xcbf2_9ce4_8422_2325 } else { self.0 };
+        for b in bytes {
+            h = (h ^ u64::from(*b)).wrapping_mul(0x0100_0000_01b3);
+        }
+        self.0 = h;
+    }
+}
+
+type FnvBuild = std::hash::BuildHasherDefault<Fnv>;
+
+/// The names on the list, as a pick looks them up for every worker of a wide band: a short list
+/// by comparing, a long one by hash.
+enum Names {
+    Few(Vec<String>),
+    Many(HashSet<String, FnvBuild>),
+}
+
+impl Names {
+    const FEW: usize = 16;
+
+    fn new(l: Vec<&str>) -> Self {
+        if l.len() <= Self::FEW {
+            Names::Few(l.into_iter().map(str::to_string).collect())
+        } else {
+            Names::Many(l.into_iter().map(str::to_string).collect())
+        }
+    }
+
+    fn contains(&self, addr: &str) -> bool {
+        match self {
+            Names::Few(l) => l.iter().any(|n| n == addr),
+            Names::Many(h) => h.contains(addr),
+        }
+    }
+}
+
+/// A slot as one pick read it: the address, the read (with its token) and its requests.
+type SlotRead = (String, Read, Flights);
+
 /// The in-flight slots as one pick reads them ([`crate::pick::LoadView`]): the first
 /// [`DIRECT_READS`] workers' slots directly, then the busy list once, and after that only the
-/// slots it names (every other worker's own load is 0). Each slot is read at most once and
-/// kept with its token for the pick's [`Start`].
+/// slots it names (every other worker's own load is 0, without a read). Each slot is read at
+/// most once and kept with its token for the pick's [`Start`].
 pub struct BusyLoad<S: Store> {
-    store: std::cell::RefCell<S>,
+    store: RefCell<S>,
     now_ms: u64,
     max_age_ms: u64,
-    slots: std::cell::RefCell<HashMap<String, (Read, Flights)>>,
-    /// The list as read, and its names (`None`: unreadable, read every slot).
-    list: std::cell::RefCell<Option<(Read, Option<HashSet<String>>)>>,
+    /// Slots read before the list (at most [`DIRECT_READS`]).
+    direct: RefCell<Vec<SlotRead>>,
+    /// The list as read, and its names (`None`: not text, every slot is read).
+    list: RefCell<Option<(Read, Option<Names>)>>,
+    /// Slots read after it, by address.
+    listed: RefCell<HashMap<String, (Read, Flights), FnvBuild>>,
 }
 
 impl<S: Store> BusyLoad<S> {
     pub fn new(store: S, now_ms: u64, max_age_ms: u64) -> Self {
-        BusyLoad { store: store.into(), now_ms, max_age_ms, slots: Default::default(), list: Default::default() }
+        BusyLoad { store: store.into(), now_ms, max_age_ms, direct: Default::default(), list: Default::default(), listed: Default::default() }
     }
 
     /// The [`Start`] of a request to `addr` at this pick's time, with this pick's reads.
     pub fn start_op(&self, addr: &str) -> Start {
-        let slot = self.slots.borrow().get(addr).map(|(r, _)| r.clone());
+        let direct = self.direct.borrow().iter().find(|d| d.0 == addr).map(|d| d.1.clone());
+        let slot = direct.or_else(|| self.listed.borrow().get(addr).map(|(r, _)| r.clone()));
         let list = self.list.borrow().as_ref().map(|(r, _)| r.clone());
         Start::new(addr, self.now_ms, self.max_age_ms, slot, list)
     }
@@ -383,38 +447,60 @@ impl<S: Store> BusyLoad<S> {
         run(&mut *self.store.borrow_mut(), |s| op.step(s))
     }
 
-    /// Slot reads so far (for tests and the bench).
+    /// Slots read so far (for tests and the bench).
     pub fn slot_reads(&self) -> usize {
-        self.slots.borrow().len()
+        self.direct.borrow().len() + self.listed.borrow().len()
     }
 
-    /// Whether the slot of `addr` may hold a request (reading the list if due).
-    fn may_be_busy(&self, addr: &str) -> bool {
-        if self.slots.borrow().len() < DIRECT_READS {
-            return true;
-        }
-        let mut list = self.list.borrow_mut();
-        let (_, names) = list.get_or_insert_with(|| {
+    fn read(&self, addr: &str) -> (Read, Flights) {
+        let read = self.store.borrow_mut().get(&flight_key(addr));
+        let f = Flights::decode(read.0.as_deref().unwrap_or_default());
+        (read, f)
+    }
+
+    /// This pick's requests in flight to `addr`, reading its slot when needed.
+    fn flights<T>(&self, addr: &str, with: impl FnOnce(&Flights) -> T, idle: T) -> T {
+        if self.list.borrow().is_none() {
+            if let Some(d) = self.direct.borrow().iter().find(|d| d.0 == addr) {
+                return with(&d.2);
+            }
+            if self.direct.borrow().len() < DIRECT_READS {
+                let (read, f) = self.read(addr);
+                let out = with(&f);
+                self.direct.borrow_mut().push((addr.to_string(), read, f));
+                return out;
+            }
             let read = self.store.borrow_mut().get(BUSY_KEY);
-            let names = read.0.as_deref().map_or(Some(HashSet::new()), |b| decode_list(b).map(|l| l.into_iter().map(str::to_string).collect()));
-            (read, names)
-        });
-        names.as_ref().is_none_or(|n| n.contains(addr))
+            let direct = self.direct.borrow();
+            let names = read.0.as_deref().map_or(Some(Vec::new()), decode_list).map(|mut l| {
+                // A slot read before the list answers the same all pick long, listed or not.
+                l.extend(direct.iter().filter(|d| d.1 .0.as_ref().is_some_and(|b| b.len() >= 12)).map(|d| d.0.as_str()));
+                Names::new(l)
+            });
+            drop(direct);
+            *self.list.borrow_mut() = Some((read, names));
+        }
+        if let Some((_, Some(names))) = &*self.list.borrow() {
+            if !names.contains(addr) {
+                return idle;
+            }
+        }
+        if let Some(d) = self.direct.borrow().iter().find(|d| d.0 == addr) {
+            return with(&d.2);
+        }
+        if let Some((_, f)) = self.listed.borrow().get(addr) {
+            return with(f);
+        }
+        let (read, f) = self.read(addr);
+        let out = with(&f);
+        self.listed.borrow_mut().insert(addr.to_string(), (read, f));
+        out
     }
 }
 
 impl<S: Store> crate::pick::LoadView for BusyLoad<S> {
     fn ours(&self, addr: &str, frame_local_ms: u64, frame_load: f64) -> f64 {
-        if !self.slots.borrow().contains_key(addr) {
-            if !self.may_be_busy(addr) {
-                return 0.0;
-            }
-            let read = self.store.borrow_mut().get(&flight_key(addr));
-            let f = Flights::decode(read.0.as_deref().unwrap_or_default());
-            self.slots.borrow_mut().insert(addr.to_string(), (read, f));
-        }
-        let slots = self.slots.borrow();
-        slots.get(addr).map_or(0.0, |(_, f)| f.estimate(self.now_ms, self.max_age_ms, frame_local_ms, frame_load))
+        self.flights(addr, |f| f.estimate(self.now_ms, self.max_age_ms, frame_local_ms, frame_load), 0.0)
     }
 }
 

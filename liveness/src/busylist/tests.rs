@@ -33,16 +33,6 @@ impl Store for Mem {
     }
 }
 
-impl Store for &mut Mem {
-    fn get(&mut self, key: &str) -> Read {
-        (**self).get(key)
-    }
-
-    fn set(&mut self, key: &str, value: &[u8], cas: Option<u32>) -> SetResult {
-        (**self).set(key, value, cas)
-    }
-}
-
 fn listed(m: &Mem) -> Vec<String> {
     m.data.get(BUSY_KEY).map(|(b, _)| decode_list(b).unwrap().into_iter().map(str::to_string).collect()).unwrap_or_default()
 }
@@ -323,5 +313,79 @@ fn step_one(m: &mut Mem, running: &mut Vec<(usize, Op)>, i: usize, lost: &mut [u
     };
     if done.is_some() {
         running.remove(i);
+    }
+}
+
+/// Every slot read directly: the load a pick had before the list.
+struct Direct(HashMap<String, Flights>, u64);
+
+impl LoadView for Direct {
+    fn ours(&self, addr: &str, frame_local_ms: u64, frame_load: f64) -> f64 {
+        self.0.get(&flight_key(addr)).map_or(0.0, |f| f.estimate(self.1, AGE, frame_local_ms, frame_load))
+    }
+}
+
+fn worker(i: usize, ttft: f64, waiting: f64) -> crate::fleet::WorkerView {
+    crate::fleet::WorkerView {
+        id: format!("w{i}"),
+        pool: "p1".into(),
+        models: vec!["tiny".into()],
+        adapters: vec![],
+        addr: format!("10.2.{}.{}:8000", i / 200, i % 200),
+        age_ms: 100,
+        fresh: true,
+        stalled: false,
+        pace: None,
+        slow: None,
+        drained: false,
+        boot: 1,
+        running: Some(0.0),
+        waiting: Some(waiting),
+        kv: Some(0.1),
+        ttft_ms: Some(ttft),
+        gen_tps: None,
+        prompt_tps: None,
+        preemptions: None,
+    }
+}
+
+proptest! {
+    /// A pick through the busy list gives the answer of a pick that reads every slot (same
+    /// endpoints, same random draws, same affinity outcome), on fleets whose near-best band is
+    /// wide, after any history of starts, ends and sweeps.
+    #[test]
+    fn picks_through_the_list_equal_picks_reading_every_slot(
+        ws in proptest::collection::vec((0u8..3, 0u8..2), 1..80),
+        starts in proptest::collection::vec((0usize..80, 0u64..4_000), 0..50),
+        ends in proptest::collection::vec(any::<bool>(), 50),
+        sweep_every in 1usize..20,
+        seed: u64, max_endpoints in 1usize..5, key in proptest::option::of(any::<u64>()),
+    ) {
+        use crate::pick::{pick_ranked, PickConfig, Ranked, Rng};
+        let workers: Vec<_> = ws.iter().enumerate().map(|(i, (t, q))| worker(i, [100.0, 100.0, 150.0][*t as usize], f64::from(*q))).collect();
+        let view = crate::fleet::FleetView { now_ms: 1_800_000_000_000, workers, pools: vec![] };
+        let cfg = PickConfig { max_endpoints, ..PickConfig::default() };
+        let base = 1_000_000u64;
+        let mut m = Mem::default();
+        for (i, (w, t)) in starts.iter().enumerate() {
+            let addr = &view.workers[w % view.workers.len()].addr;
+            start(&mut m, addr, base + t);
+            if ends[i] {
+                end(&mut m, addr, base + t, base + 4_000);
+            }
+            if i % sweep_every == 0 {
+                sweep(&mut m, base + 4_000);
+            }
+        }
+        let now = base + 5_000;
+        let direct = Direct(m.data.iter().map(|(k, (b, _))| (k.clone(), Flights::decode(b))).collect(), now);
+        let ranked = Ranked::build(&view, &cfg);
+        let want = key.map(crate::affinity::Want::new);
+        let adm = |_: &str| crate::breaker::Admission::Allow;
+        let expect = pick_ranked(&ranked, &view, now - 200, now, Some("tiny"), want, &direct, &mut Rng::new(seed), &cfg, &[], adm, |_| false);
+        let busy = BusyLoad::new(&mut m, now, AGE);
+        let got = pick_ranked(&ranked, &view, now - 200, now, Some("tiny"), want, &busy, &mut Rng::new(seed), &cfg, &[], adm, |_| false);
+        prop_assert_eq!(expect, got);
+        prop_assert!(busy.slot_reads() <= DIRECT_READS + starts.len());
     }
 }

@@ -51,7 +51,7 @@ pub fn end(addr: &str, started_ms: u64, now_ms: u64, max_age_ms: u64) {
 
 /// Drops the workers with nothing in flight from the busy list (one thread, once per poll).
 pub fn sweep(now_ms: u64, max_age_ms: u64) {
-    let mut op = Sweep::new(now_ms, max_age_ms);
+    let mut op = Sweep::new(now_ms, max_age_ms, busylist::IDLE_KEPT);
     if busylist::run(&mut HostStore, |s| op.step(s)).is_none() {
         host::warn("gpuha: the busy list is not text: left for the next start to rewrite");
     }

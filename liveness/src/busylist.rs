@@ -31,9 +31,9 @@
 //!   read a list that does not name its worker lists it, whatever the slot's byte says: a lost
 //!   entry heals at that worker's next start, which comes soon (its load reads as 0 meanwhile).
 //!
-//! The list cannot grow forever: the sweep drops every worker with nothing in flight, an expired
-//! slot included. Its size is the workers with requests in flight plus those whose last request
-//! ended since the last sweep.
+//! The list cannot grow forever: the sweep drops every worker with nothing in flight (an expired
+//! slot included) past the first [`IDLE_KEPT`]. Its size is the workers with requests in flight,
+//! those whose last request ended since the last sweep, and at most [`IDLE_KEPT`] idle ones.
 //!
 //! Each operation is a small state machine over a [`Store`] that makes one store call per
 //! [`Start::step`] (and the like): the filter drives it with the host's shared data, the tests
@@ -53,6 +53,10 @@ pub const TRIES: u32 = 8;
 /// Slots a pick reads directly before it reads the busy list instead: a small fleet (or a
 /// narrow band) costs what it did without the list.
 pub const DIRECT_READS: usize = 4;
+/// Idle workers a sweep leaves on the list ([`Sweep::new`]): a small fleet's workers then stay
+/// listed between requests, so their starts write no list (the list is read only by picks over
+/// more than [`DIRECT_READS`] workers, which then read at most this many idle slots).
+pub const IDLE_KEPT: usize = 8;
 
 /// A shared-data value and its compare-and-swap token, as read (`None`: no such key).
 pub type Read = (Option<Vec<u8>>, Option<u32>);
@@ -264,7 +268,8 @@ enum SweepPhase {
     Write,
 }
 
-/// Drops from the list every worker with nothing in flight at `now_ms` (see the module doc).
+/// Drops from the list the workers with nothing in flight at `now_ms`, but `keep_idle` of them
+/// (see the module doc).
 #[derive(Debug, Clone)]
 pub struct Sweep {
     now_ms: u64,
@@ -274,11 +279,14 @@ pub struct Sweep {
     names: Vec<String>,
     keep: Vec<bool>,
     rounds: u32,
+    keep_idle: usize,
+    idle: usize,
 }
 
 impl Sweep {
-    pub fn new(now_ms: u64, max_age_ms: u64) -> Self {
-        Sweep { now_ms, max_age_ms, phase: SweepPhase::List, list: (None, None), names: Vec::new(), keep: Vec::new(), rounds: 0 }
+    /// `keep_idle`: idle workers left on the list (the first in its order; [`IDLE_KEPT`]).
+    pub fn new(now_ms: u64, max_age_ms: u64, keep_idle: usize) -> Self {
+        Sweep { now_ms, max_age_ms, phase: SweepPhase::List, list: (None, None), names: Vec::new(), keep: Vec::new(), rounds: 0, keep_idle, idle: 0 }
     }
 
     /// One store call; `Some` when done (with how many workers the list keeps, if it is text).
@@ -290,14 +298,23 @@ impl Sweep {
                     // Not ours to repair by guessing: a start rewrites it whole.
                     return Some(None);
                 };
+                if names.len() <= self.keep_idle {
+                    // Nothing to drop: no slot read.
+                    return Some(Some(names.len()));
+                }
                 self.names = names.into_iter().map(str::to_string).collect();
                 self.keep = vec![true; self.names.len()];
+                self.idle = 0;
                 self.next_slot(0)
             }
             SweepPhase::Slot { i, claim: None } => {
                 let (cur, cas) = store.get(&flight_key(&self.names[i]));
                 let busy = Flights::decode(cur.as_deref().unwrap_or_default()).total(self.now_ms, self.max_age_ms) > 0;
                 if busy {
+                    return self.next_slot(i + 1);
+                }
+                if self.idle < self.keep_idle {
+                    self.idle += 1;
                     return self.next_slot(i + 1);
                 }
                 if slot_listed(cur.as_deref()) || cur.as_ref().is_some_and(|b| !b.is_empty()) {

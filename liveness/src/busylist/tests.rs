@@ -52,7 +52,7 @@ fn end(m: &mut Mem, addr: &str, started: u64, now: u64) -> Done {
 }
 
 fn sweep(m: &mut Mem, now: u64) -> Option<usize> {
-    let mut op = Sweep::new(now, AGE);
+    let mut op = Sweep::new(now, AGE, 0);
     run(m, |s| op.step(s))
 }
 
@@ -95,6 +95,25 @@ fn a_missed_end_leaves_the_list_after_max_age() {
     assert_eq!(m.data[&flight_key("a:1")].0, b"");
 }
 const BUCKET: u64 = crate::inflight::BUCKET_MS;
+
+#[test]
+fn the_sweep_keeps_a_few_idle_workers_listed() {
+    let mut m = Mem::default();
+    for i in 0..12 {
+        start(&mut m, &format!("w:{i}"), 10_000);
+        end(&mut m, &format!("w:{i}"), 10_000, 10_500);
+    }
+    start(&mut m, "w:11", 10_600);
+    let mut op = Sweep::new(11_000, AGE, IDLE_KEPT);
+    assert_eq!(run(&mut m, |s| op.step(s)), Some(IDLE_KEPT + 1));
+    let l = listed(&m);
+    assert_eq!(l[..IDLE_KEPT], (0..IDLE_KEPT).map(|i| format!("w:{i}")).collect::<Vec<_>>()[..]);
+    assert_eq!(l[IDLE_KEPT], "w:11");
+    // A kept one's next start writes only its slot.
+    let token = m.data[BUSY_KEY].1;
+    start(&mut m, "w:0", 11_000);
+    assert_eq!(m.data[BUSY_KEY].1, token);
+}
 
 #[test]
 fn unreadable_list_reads_every_slot_and_is_rewritten_by_a_start() {
@@ -186,7 +205,7 @@ proptest! {
     fn racing_starts_ends_and_sweeps_keep_busy_workers_listed(
         launches in proptest::collection::vec((launch_strategy(), 0u8..4), 1..40),
         schedule in proptest::collection::vec(0usize..8, 0..400),
-        lose_one_end in any::<bool>(),
+        lose_one_end in any::<bool>(), keep_idle in 0usize..2,
     ) {
         let addrs = ["10.0.0.1:8000", "10.0.0.2:8000", "10.0.0.3:8000"];
         let mut m = Mem::default();
@@ -225,7 +244,7 @@ proptest! {
                         running.push((w, Op::End(End::new(addrs[w], s, now, AGE))));
                     }
                     Launch::End(_) => {}
-                    Launch::Sweep => running.push((usize::MAX, Op::Sweep(Sweep::new(now, AGE)))),
+                    Launch::Sweep => running.push((usize::MAX, Op::Sweep(Sweep::new(now, AGE, keep_idle)))),
                 }
             } else {
                 let i = p % running.len();

@@ -63,7 +63,7 @@ def sec_fleet(R, quick):
                        "bounded_304_ms_p50": statistics.median(nm_times) * 1e3 if nm_times else None,
                        "bounded_304_share": b_status.count(304) / len(b_status), "scoped_pool_bytes": len(scoped),
                        "bounded_binary_bytes": binary_bytes, "bounded_binary_type": binary_type,
-                       **{k: parse.get(k) for k in ("binary_decode_us_p50", "binary_update_us_p50", "binary_encode_us_p50", "rank_build_us_p50", "load_reads_per_pick")}}
+                       **{k: parse.get(k) for k in ("binary_decode_us_p50", "binary_update_us_p50", "binary_encode_us_p50", "rank_build_us_p50", "load_reads_per_pick", "pick_us_p50", "busy_pick_us_p50", "busy_pick_store_reads")}}
         note(f"fleet {n}: {out[str(n)]}")
         PROCS.stop(kp)
     out["rss0_kib"] = rss0
@@ -182,8 +182,11 @@ def report_fleet(R, rep: Report) -> None:
                 d = big["envoy_cpu_ms_per_s"] - small["envoy_cpu_ms_per_s"]
                 targets.append(Target(f"10 k-worker fleet at 2 Hz: filter poll ≪ 1 ms Envoy CPU per s (idle Envoy, {lab})", d < 1.0 and big["poll_failures"] == 0,
                                 f"{d:+.1f} ms/s over a 1-worker fleet (poll failures {big['poll_failures']}; native serde parse {fmt(fl.get('10000', {}).get('native_parse_us_p50'))} µs per full parse)"))
-        big, bigr, smallr = ep.get((10000, "busy", False, "new", 500, False)), ep.get((10000, "busy", False, "new", 500, True)), ep.get((1, "busy", False, "new", 500, True))
-        if big and small and bigr and smallr and bigr["req_per_s"] and smallr["req_per_s"]:
-            per_big = (bigr["envoy_cpu_ms_per_s"] - big["envoy_cpu_ms_per_s"]) / bigr["req_per_s"]
-            per_small = (smallr["envoy_cpu_ms_per_s"] - small["envoy_cpu_ms_per_s"]) / smallr["req_per_s"]
-            md += ["", f"Request-path CPU per request (2 Hz polls, busy fleet): {per_small:.2f} ms with a 1-worker fleet, {per_big:.2f} ms with 10 k workers."]
+        for build in ("new", "baseline"):
+            small = ep.get((1, "busy", False, build, 500, False))
+            big, bigr, smallr = ep.get((10000, "busy", False, build, 500, False)), ep.get((10000, "busy", False, build, 500, True)), ep.get((1, "busy", False, build, 500, True))
+            if big and small and bigr and smallr and bigr["req_per_s"] and smallr["req_per_s"]:
+                per_big = (bigr["envoy_cpu_ms_per_s"] - big["envoy_cpu_ms_per_s"]) / bigr["req_per_s"]
+                per_small = (smallr["envoy_cpu_ms_per_s"] - small["envoy_cpu_ms_per_s"]) / smallr["req_per_s"]
+                who = "" if build == "new" else " (baseline build, same run)"
+                md += ["", f"Request-path CPU per request (2 Hz polls, busy fleet){who}: {per_small:.2f} ms with a 1-worker fleet, {per_big:.2f} ms with 10 k workers."]

@@ -1,75 +1,66 @@
 //! Shared-data glue for the picker's load and placement state (`gpuha_liveness::inflight`,
-//! `gpuha_liveness::affinity::Placement`): every Envoy thread of this `vm_id` reads and writes
-//! the same slots, so a thread sees the requests the others have in flight and where they put
-//! each key. A failed read is an empty slot; a failed write is logged by `host::shared_update`
-//! and costs one count (never a wrong one below zero: see `gpuha_liveness::inflight`).
-
-use std::cell::RefCell;
-use std::collections::HashMap;
+//! `gpuha_liveness::busylist`, `gpuha_liveness::affinity::Placement`): every Envoy thread of
+//! this `vm_id` reads and writes the same slots, so a thread sees the requests the others have
+//! in flight and where they put each key. A failed read is an empty slot; a failed write is
+//! logged here and costs one count (never a wrong one below zero: see
+//! `gpuha_liveness::inflight`).
 
 use gpuha_liveness::affinity::{AffinityConfig, Placement};
-use gpuha_liveness::inflight::Flights;
-use gpuha_liveness::pick::LoadView;
-use gpuha_liveness::slots::flight_key;
+use gpuha_liveness::busylist::{self, BusyLoad, Done, End, Read, SetResult, Store, Sweep};
+use proxy_wasm::types::Status;
 
 use crate::host;
 
-/// The in-flight slots as one pick reads them: each worker's slot is read at most once, and
-/// kept with its compare-and-swap token for [`SharedLoad::start`].
-pub struct SharedLoad {
-    now_ms: u64,
-    max_age_ms: u64,
-    read: RefCell<HashMap<String, (Flights, Option<u32>)>>,
-}
+/// The host's shared data as [`gpuha_liveness::busylist`] reads and writes it.
+pub struct HostStore;
 
-impl SharedLoad {
-    pub fn new(now_ms: u64, max_age_ms: u64) -> Self {
-        SharedLoad { now_ms, max_age_ms, read: RefCell::default() }
+impl Store for HostStore {
+    fn get(&mut self, key: &str) -> Read {
+        host::shared_get(key)
     }
-}
 
-impl LoadView for SharedLoad {
-    fn ours(&self, addr: &str, frame_local_ms: u64, frame_load: f64) -> f64 {
-        let mut read = self.read.borrow_mut();
-        let (f, _) = read.entry(addr.to_string()).or_insert_with(|| {
-            let (bytes, cas) = host::shared_get(&flight_key(addr));
-            (bytes.map(|b| Flights::decode(&b)).unwrap_or_default(), cas)
-        });
-        f.estimate(self.now_ms, self.max_age_ms, frame_local_ms, frame_load)
-    }
-}
-
-impl SharedLoad {
-    /// A request to `addr` started now: written over the slot this pick read when no other
-    /// request changed it since (one host call), else read anew ([`start`]).
-    pub fn start(&self, addr: &str) {
-        if let Some((f, cas @ Some(_))) = self.read.borrow().get(addr) {
-            let mut f = f.clone();
-            f.start(self.now_ms, self.max_age_ms);
-            if proxy_wasm::hostcalls::set_shared_data(&flight_key(addr), Some(&f.encode()), *cas).is_ok() {
-                return;
+    fn set(&mut self, key: &str, value: &[u8], cas: Option<u32>) -> SetResult {
+        match proxy_wasm::hostcalls::set_shared_data(key, Some(value), cas) {
+            Ok(()) => SetResult::Ok,
+            Err(Status::CasMismatch) => SetResult::CasMismatch,
+            Err(e) => {
+                host::warn(&format!("gpuha: set_shared_data {key}: {e:?}"));
+                SetResult::Failed
             }
         }
-        start(addr, self.now_ms, self.max_age_ms);
     }
 }
 
-/// A request to `addr` started now.
-pub fn start(addr: &str, now_ms: u64, max_age_ms: u64) {
-    host::shared_update(&flight_key(addr), |cur| {
-        let mut f = Flights::decode(cur.unwrap_or_default());
-        f.start(now_ms, max_age_ms);
-        Some((f.encode(), ()))
-    });
+/// The in-flight slots as one pick reads them (the busy list past the first few).
+pub type SharedLoad = BusyLoad<HostStore>;
+
+pub fn shared_load(now_ms: u64, max_age_ms: u64) -> SharedLoad {
+    BusyLoad::new(HostStore, now_ms, max_age_ms)
+}
+
+/// A request to `addr` started now (after the pick that read `load`).
+pub fn start(load: &SharedLoad, addr: &str) {
+    report(addr, load.start(addr));
 }
 
 /// The request to `addr` that started at `started_ms` is done.
 pub fn end(addr: &str, started_ms: u64, now_ms: u64, max_age_ms: u64) {
-    host::shared_update(&flight_key(addr), |cur| {
-        let mut f = Flights::decode(cur?);
-        f.end(started_ms, now_ms, max_age_ms);
-        Some((f.encode(), ()))
-    });
+    let mut op = End::new(addr, started_ms, now_ms, max_age_ms);
+    report(addr, busylist::run(&mut HostStore, |s| op.step(s)));
+}
+
+/// Drops the workers with nothing in flight from the busy list (one thread, once per poll).
+pub fn sweep(now_ms: u64, max_age_ms: u64) {
+    let mut op = Sweep::new(now_ms, max_age_ms, busylist::IDLE_KEPT);
+    if busylist::run(&mut HostStore, |s| op.step(s)).is_none() {
+        host::warn("gpuha: the busy list is not text: left for the next start to rewrite");
+    }
+}
+
+fn report(addr: &str, done: Done) {
+    if done != Done::Ok {
+        host::warn(&format!("gpuha: in-flight count of {addr}: {done:?} (under contention)"));
+    }
 }
 
 /// The key's placement, if the table remembers one.

@@ -21,7 +21,7 @@ use crate::body::BodyScan;
 use crate::breakers;
 use crate::cache::Thread;
 use crate::config::{NoWorkerPolicy, PickerConfig};
-use crate::flights::{self, SharedLoad};
+use crate::flights;
 use crate::host;
 use crate::stats::{inc, Stats, TierStats};
 use crate::{ENDPOINTS_HEADER, MAX_RETRIES_HEADER, PROBE_HEADER, REQUEST_ID_HEADER};
@@ -152,7 +152,7 @@ impl Picker {
         let key = Key::choose(&self.cfg.pick.affinity, self.session.as_deref(), fields.user.as_deref(), fields.prefix);
         let placed = key.and_then(|k| flights::placement(k.hash, &self.cfg.pick.affinity, now));
         let want = key.map(|k| Want { key: k.hash, placed: placed.map(|p| p.addr_hash) });
-        let load = SharedLoad::new(now, self.cfg.pick.in_flight_max_age_ms);
+        let load = flights::shared_load(now, self.cfg.pick.in_flight_max_age_ms);
         let bcfg = self.cfg.breaker;
         let not_closed = breakers::not_closed();
         let not_closed: Vec<&str> = not_closed.iter().map(String::as_str).collect();
@@ -183,7 +183,7 @@ impl Picker {
                     inc(self.stats.probes);
                 }
                 if let Some(first) = endpoints.first() {
-                    load.start(first);
+                    flights::start(&load, first);
                     self.flight = Some((first.clone(), now));
                     if let (Some(k), false) = (key, affine == Outcome::None) {
                         flights::place(k.hash, first, placed, &self.cfg.pick.affinity, now);

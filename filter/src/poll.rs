@@ -45,11 +45,12 @@ pub struct InFlight {
 }
 
 /// Starts a poll if this thread wins the slot. `in_flight`: this context's outstanding poll.
-pub fn maybe_start(p: &PickerConfig, path: &str, in_flight: &mut Option<InFlight>, stats: &Stats, dispatch: impl FnOnce(Vec<(&str, &str)>, Duration) -> Result<u32, proxy_wasm::types::Status>) {
+/// Whether it won (one thread per poll interval).
+pub fn maybe_start(p: &PickerConfig, path: &str, in_flight: &mut Option<InFlight>, stats: &Stats, dispatch: impl FnOnce(Vec<(&str, &str)>, Duration) -> Result<u32, proxy_wasm::types::Status>) -> bool {
     let now = host::now_ms();
     if let Some(f) = in_flight {
         if now.saturating_sub(f.started) <= p.poll_timeout_ms + 1_000 {
-            return;
+            return false;
         }
         // The host never answered: forget it.
         *in_flight = None;
@@ -57,7 +58,7 @@ pub fn maybe_start(p: &PickerConfig, path: &str, in_flight: &mut Option<InFlight
     let min_gap = p.poll_interval_ms * 9 / 10;
     let claimed = host::shared_update(POLL_KEY, |cur| (now.saturating_sub(u64_at(cur, 0)) >= min_gap).then(|| (encode_u64(now), ())));
     if claimed.is_none() {
-        return;
+        return false;
     }
     let tag = host::shared_get(FLEET_ETAG_KEY).0.unwrap_or_default();
     let (tag_version, etag) = decode_etag(&tag);
@@ -75,6 +76,7 @@ pub fn maybe_start(p: &PickerConfig, path: &str, in_flight: &mut Option<InFlight
             host::warn(&format!("gpuha: fleet poll via cluster {}: {e:?}", p.fleet_cluster));
         }
     }
+    true
 }
 
 /// A failed poll is logged at most this often (per Envoy thread).

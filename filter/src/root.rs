@@ -107,8 +107,12 @@ impl RootContext for Root {
         match role {
             Role::Picker(p) => {
                 let mut in_flight = self.poll;
-                poll::maybe_start(&p, &self.poll_path, &mut in_flight, &self.stats, |headers, timeout| self.dispatch_http_call(&p.fleet_cluster, headers, None, vec![], timeout));
+                let polled = poll::maybe_start(&p, &self.poll_path, &mut in_flight, &self.stats, |headers, timeout| self.dispatch_http_call(&p.fleet_cluster, headers, None, vec![], timeout));
                 self.poll = in_flight;
+                if polled {
+                    // The thread that polls also sweeps the busy list: once per poll interval.
+                    crate::flights::sweep(host::now_ms(), p.pick.in_flight_max_age_ms);
+                }
             }
             Role::Guard(g) => {
                 // Nothing held or streaming on this thread: not even the version slot is read.

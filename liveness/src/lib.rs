@@ -11,6 +11,7 @@
 //! | [`admin`] | operators' overrides: drained workers and pools, pools forced out of or into the answer, when a drained pool is safe |
 //! | [`pick`] | picking workers: scoring, anti-herding, the breaker's last resorts |
 //! | [`inflight`] | requests in flight per worker (shared across threads): what they add to a frame's load |
+//! | [`busylist`] | the workers with requests in flight, so that a pick reads only their slots |
 //! | [`lora`] | LoRA affinity: a request for an adapter prefers the workers that have it loaded |
 //! | [`affinity`] | prefix-cache and session affinity: the request's key (session, `user`, prompt fingerprint) and its rendezvous order over the workers |
 //! | [`breaker`] | the per-worker circuit breaker |
@@ -33,6 +34,7 @@ pub mod affinity;
 pub mod attempt;
 pub mod blame;
 pub mod breaker;
+pub mod busylist;
 pub mod fleet;
 pub mod fleetwire;
 pub mod frame;

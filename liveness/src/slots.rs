@@ -12,6 +12,7 @@
 //! | `gpuha.breakers.not_closed` | comma-separated addresses whose circuit is not closed |
 //! | `gpuha.spill.in_flight` | 8 bytes LE: spilled requests this router is serving now ([`crate::tier::admit_spill`]) |
 //! | `gpuha.flight.<ip:port>` | this router's requests in flight to that worker by start second ([`crate::inflight::Flights::encode`]) |
+//! | `gpuha.flight.busy` | comma-separated addresses whose in-flight slot may hold a request ([`crate::busylist`]); such a slot ends in one `L` byte |
 //! | `gpuha.aff.<n>` | one slot of the affinity placement table: key, worker address hash, time ([`crate::affinity::Placement`]) |
 //! | `gpuha.req.<n>` | one of [`REQUEST_SLOTS`] slots: a request's id, `\n`, its noted attempt failures ([`crate::blame`]) |
 
@@ -49,6 +50,10 @@ pub fn decode_request_notes<'a>(b: &'a [u8], request_id: &str) -> Option<&'a str
     let (id, notes) = s.split_once('\n')?;
     (id == request_id && !id.is_empty()).then_some(notes)
 }
+
+/// The busy list ([`crate::busylist`]): the workers this router may have requests in flight to.
+/// (No worker address is `busy`: an address has a port.)
+pub const BUSY_KEY: &str = "gpuha.flight.busy";
 
 /// The in-flight slot of a worker (`crate::inflight`).
 pub fn flight_key(addr: &str) -> String {

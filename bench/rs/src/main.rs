@@ -28,6 +28,7 @@ use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4, UdpSocket};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use gpuha_liveness::breaker::Admission;
+use gpuha_liveness::busylist;
 use gpuha_liveness::pick::{pick_ranked, LoadView, PickConfig, Ranked, Rng};
 use gpuha_liveness::{fleetwire, FleetState, FleetView, Frame, FrameRef, Ingest, KeyRing, Metrics};
 
@@ -415,6 +416,41 @@ fn fleet_parse(o: &Opts) -> Res<()> {
     let load = Counting(std::cell::Cell::new(0));
     let model = view.workers.first().and_then(|w| w.models.first()).cloned();
     let _ = pick_ranked(&ranked, &view, 0, 0, model.as_deref(), None, &load, &mut Rng::new(1), &cfg, &[], |_| Admission::Allow, |_| false);
+    // One pick's own cost (no shared data): with no load at all, and through the busy list over
+    // an in-memory store that lists one worker (what the filter's picks read past the first few).
+    let mut seed = 0;
+    let pick_zero = timed(iters, || {
+        seed += 1;
+        std::hint::black_box(pick_ranked(&ranked, &view, 0, 0, model.as_deref(), None, &Counting(std::cell::Cell::new(0)), &mut Rng::new(seed), &cfg, &[], |_| Admission::Allow, |_| false));
+        Ok(())
+    })?;
+    #[derive(Default)]
+    struct Mem(HashMap<String, Vec<u8>>, usize);
+    impl busylist::Store for Mem {
+        fn get(&mut self, key: &str) -> busylist::Read {
+            self.1 += 1;
+            (self.0.get(key).cloned(), Some(1))
+        }
+        fn set(&mut self, key: &str, value: &[u8], _: Option<u32>) -> busylist::SetResult {
+            self.0.insert(key.to_string(), value.to_vec());
+            busylist::SetResult::Ok
+        }
+    }
+    let mut mem = Mem::default();
+    if let Some(w) = view.workers.get(view.workers.len() / 2) {
+        let mut op = busylist::Start::new(&w.addr, 0, cfg.in_flight_max_age_ms, None, None);
+        busylist::run(&mut mem, |s| op.step(s));
+    }
+    let mut busy_reads = 0;
+    let pick_busy = timed(iters, || {
+        seed += 1;
+        mem.1 = 0;
+        let busy = busylist::BusyLoad::new(&mut mem, 0, cfg.in_flight_max_age_ms);
+        std::hint::black_box(pick_ranked(&ranked, &view, 0, 0, model.as_deref(), None, &busy, &mut Rng::new(seed), &cfg, &[], |_| Admission::Allow, |_| false));
+        drop(busy);
+        busy_reads = mem.1;
+        Ok(())
+    })?;
     println!(
         "{}",
         serde_json::json!({"bytes": body.len(), "workers": view.workers.len(), "iters": iters, "load_reads_per_pick": load.0.get(),
@@ -422,7 +458,8 @@ fn fleet_parse(o: &Opts) -> Res<()> {
                            "binary_bytes": bin.len(), "binary_encode_us_p50": encode.0,
                            "binary_decode_us_p50": decode.0, "binary_decode_us_p99": decode.1,
                            "binary_update_us_p50": update.0, "binary_update_us_p99": update.1,
-                           "identity_compare_us_p50": identity.0, "rank_build_us_p50": rank.0, "rank_build_us_p99": rank.1})
+                           "identity_compare_us_p50": identity.0, "rank_build_us_p50": rank.0, "rank_build_us_p99": rank.1,
+                           "pick_us_p50": pick_zero.0, "busy_pick_us_p50": pick_busy.0, "busy_pick_store_reads": busy_reads})
     );
     Ok(())
 }

@@ -208,19 +208,22 @@ class ChildLoad:
     time: their events are parsed through the SDK under the child's own interpreter lock, so
     they do not starve the clients this process times (one Python process parsing two real
     vLLM streams at ~750 events/s each started its other requests seconds late and read their
-    first tokens seconds after they came). The child's clients are made in the child (`fn`
-    builds its own). `join` returns the outcomes; an exception in `error` comes back as an
-    instance of its own class (for `is_transport_error` and friends) with its message."""
+    first tokens seconds after they came). `client()` is called once in the child (one SDK
+    client for its `n` requests: building one per request cost the 40-stream drills their
+    queue) and `fn(client, i)` makes request `i`. `join` returns the outcomes; an exception in
+    `error` comes back as an instance of its own class (for `is_transport_error` and friends)
+    with its message."""
 
-    def __init__(self, fn: Callable[[int], Outcome], n: int):
+    def __init__(self, client: Callable[[], object], fn: Callable[[object, int], Outcome], n: int):
         ctx = multiprocessing.get_context("fork")
         self._queue = ctx.Queue()
-        self._proc = ctx.Process(target=self._child, args=(fn, n, self._queue), daemon=True)
+        self._proc = ctx.Process(target=self._child, args=(client, fn, n, self._queue), daemon=True)
         self._proc.start()
 
     @staticmethod
-    def _child(fn: Callable[[int], Outcome], n: int, out) -> None:
-        threads, results = run_concurrently(fn, n)
+    def _child(client: Callable[[], object], fn: Callable[[object, int], Outcome], n: int, out) -> None:
+        c = client()
+        threads, results = run_concurrently(lambda i: fn(c, i), n)
         for t in threads:
             t.join()
         out.put([None if o is None else dataclasses.replace(o, error=_portable(o.error)) for o in results])

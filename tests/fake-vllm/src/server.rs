@@ -22,7 +22,6 @@ use crate::engine::{Engine, Event, Fault, Generation};
 use crate::flaky::{self, Shape};
 use crate::wire::{self, Kind, SseFormat, DONE_EVENT, ENGINE_DEAD_EVENT};
 
-
 pub struct App {
     pub engine: Arc<Engine>,
     pub models: Vec<String>,
@@ -30,8 +29,7 @@ pub struct App {
     pub fingerprint: String,
     /// `413` above this many body bytes; `None`: no limit (as vLLM).
     pub max_body_bytes: Option<usize>,
-    /// `/metrics` answers this late (see [`crate::Config::metrics_delay`]).
-    pub metrics_delay: std::time::Duration,
+    pub metrics_delay: std::time::Duration, // see `crate::Config::metrics_delay`
 }
 
 /// Per-connection handle that lets a handler kill its own TCP connection (failure injection
@@ -224,7 +222,7 @@ async fn models(State(app): State<Arc<App>>) -> Json<Value> {
 
 async fn metrics(State(app): State<Arc<App>>) -> Response {
     if !app.metrics_delay.is_zero() {
-        tokio::time::sleep(app.metrics_delay).await;
+        tokio::time::sleep(app.metrics_delay).await; // a busy API server's event loop
     }
     let ct = HeaderValue::from_static("text/plain; version=1.0.0; charset=utf-8");
     let mut text = app.engine.metrics.render();

@@ -760,10 +760,10 @@ def test_engine_core_sigstop_hang(rig: Rig):
     try:
         warm_up(rig, envoy)
         warm_up(rig, long_envoy)
-        # Premise met once in four whole-file runs on this 2-core box (2026-11-30): twice the second
-        # long stream through the victim's router reached Envoy only when the first ended (each from
-        # its own child process: not explained), once the victim's engine took ~30 s over them just
-        # after a restart. With one a server (tried once) the two servers never ran theirs together.
+        # The long streams ran on both servers in 2 of 6 runs on this 2-core box (2026-11-30): twice
+        # the second one through the victim's router reached Envoy only when the first ended (each
+        # from its own child process: not explained), once the guard's unseen rescue retried them
+        # off a just-restarted engine (now off for them). One a server (tried once) did not help.
         long_tokens, short_tokens, n_long = LONG_TOKENS, 16, 2
         rate, lead_s, run_s = 2.5, 3.0, 18.0
         refs = {(0, long_tokens): rig.reference(0, long_tokens)}

@@ -53,13 +53,12 @@ fn serve_metrics(answer: impl Fn(u64) -> (Duration, String) + Send + Sync + 'sta
     addr
 }
 
-#[test]
-fn run_sends_signed_frames_until_shut_down() {
-    let capture = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../tests/data/vllm-0.32.0-cpu/metrics-busy.txt")).expect("capture");
-    let metrics = metrics_server(capture);
+/// The ingest socket standing in for dnsd, a temp dir with the key file, and a sidecar config
+/// (worker w1, pool p1, key id 7) scraping `metrics`.
+fn setup(metrics: SocketAddr, name: &str, interval_ms: u64, scrape_timeout_ms: u64) -> (UdpSocket, std::path::PathBuf, Config) {
     let ingest = UdpSocket::bind("127.0.0.1:0").expect("bind ingest");
     ingest.set_read_timeout(Some(Duration::from_secs(10))).expect("read timeout");
-    let dir = std::env::temp_dir().join(format!("gpuha-sidecar-run-{}", std::process::id()));
+    let dir = std::env::temp_dir().join(format!("gpuha-sidecar-{name}-{}", std::process::id()));
     std::fs::create_dir_all(&dir).expect("temp dir");
     let key_file = dir.join("frame.key");
     std::fs::write(&key_file, KEY).expect("key file");
@@ -71,12 +70,20 @@ fn run_sends_signed_frames_until_shut_down() {
         serve_addr: "127.0.0.1:8000".parse().expect("addr"),
         key_file,
         key_id: 7,
-        interval_ms: 50,
-        scrape_timeout_ms: 1_000,
+        interval_ms,
+        scrape_timeout_ms,
         max_scrapes_in_flight: 8,
         max_metrics_bytes: 1 << 20,
         models: vec![],
     };
+    (ingest, dir, config)
+}
+
+#[test]
+fn run_sends_signed_frames_until_shut_down() {
+    let capture = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../tests/data/vllm-0.32.0-cpu/metrics-busy.txt")).expect("capture");
+    let metrics = metrics_server(capture);
+    let (ingest, dir, config) = setup(metrics, "run", 50, 1_000);
     let (stop, shutdown) = mpsc::channel::<()>();
     let runner = std::thread::spawn(move || {
         let mut sent = 0u32;
@@ -148,26 +155,7 @@ fn slow_metrics_server(delay: impl Fn(u64) -> Duration + Send + Sync + 'static) 
 /// Runs a sidecar scraping `metrics` every `interval_ms` and returns the frames that arrive
 /// within `window` of the first one, with the Overtaken events counted.
 fn frames_for(metrics: SocketAddr, interval_ms: u64, window: Duration) -> (Vec<(Instant, Frame)>, u64) {
-    let ingest = UdpSocket::bind("127.0.0.1:0").expect("bind ingest");
-    ingest.set_read_timeout(Some(Duration::from_secs(10))).expect("read timeout");
-    let dir = std::env::temp_dir().join(format!("gpuha-sidecar-slow-{}-{interval_ms}", std::process::id()));
-    std::fs::create_dir_all(&dir).expect("temp dir");
-    let key_file = dir.join("frame.key");
-    std::fs::write(&key_file, KEY).expect("key file");
-    let config = Config {
-        metrics_url: format!("http://{metrics}/metrics"),
-        ingest: vec![ingest.local_addr().expect("ingest address")],
-        worker_id: "w1".into(),
-        pool: "p1".into(),
-        serve_addr: "127.0.0.1:8000".parse().expect("addr"),
-        key_file,
-        key_id: 7,
-        interval_ms,
-        scrape_timeout_ms: 8_000,
-        max_scrapes_in_flight: 8,
-        max_metrics_bytes: 1 << 20,
-        models: vec![],
-    };
+    let (ingest, dir, config) = setup(metrics, &format!("slow-{interval_ms}"), interval_ms, 8_000);
     let (stop, shutdown) = mpsc::channel::<()>();
     let runner = std::thread::spawn(move || {
         let mut overtaken = 0;

@@ -760,7 +760,7 @@ def test_engine_core_sigstop_hang(rig: Rig):
     try:
         warm_up(rig, envoy)
         warm_up(rig, long_envoy)
-        # The long streams ran on both servers in 2 of 6 runs on this 2-core box (2026-11-30): twice
+        # The long streams ran on both servers in 2 of 7 runs on this 2-core box (2026-11-30): twice
         # the second one through the victim's router reached Envoy only when the first ended (each
         # from its own child process: not explained), once the guard's unseen rescue retried them
         # off a just-restarted engine (now off for them). One a server (tried once) did not help.

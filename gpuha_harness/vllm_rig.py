@@ -87,7 +87,6 @@ class Rig:
         times = vl.start_parallel(list(self.servers.values()))
         record(f"start of {self.n} servers " + ("one after another (GPU)" if vl.vllm_build() == "gpu" else "in parallel"), ", ".join(f"{k} healthy after {v:.1f}s" for k, v in times.items())
                + f"; wall {time.monotonic() - t0:.1f}s")
-        self.warm(list(self.servers.values()))
         for wid, s in self.servers.items():
             w = Worker(id=wid, addr=s.addr, proc=None, opts={})  # type: ignore[arg-type]
             self.stack.workers[wid] = w
@@ -123,26 +122,7 @@ class Rig:
             times = vl.start_parallel(dead)
             record(f"restart of {','.join(s.name for s in dead)}",
                    ", ".join(f"{k} healthy after {v:.1f}s" for k, v in times.items()) + f"; wall {time.monotonic() - t0:.1f}s")
-            self.warm(dead)
         self.stack.wait_fresh(self.servers, timeout=15)
-
-    WARM_STREAMS, WARM_TOKENS = 8, 256
-
-    def warm(self, servers: list) -> None:
-        """Batches of every size up to --max-num-seqs, straight to each server, until answered.
-        A CPU engine just (re)started is healthy but slow over its first batches (seen: ~30 s
-        over its first two long streams, while the guard's unseen-by-engine rescue gave up on
-        them and requests sent straight to it were not admitted for 30 s); the drills' premises
-        start after that."""
-        t0 = time.monotonic()
-        loads = [(s.name, run_concurrently(lambda i, c=make_client(f"http://{s.addr}/v1", timeout=300): chat(c, -3, i, self.WARM_TOKENS),
-                                           self.WARM_STREAMS)) for s in servers]
-        for name, (threads, results) in loads:
-            join_all(threads, 300)
-            bad = [o.describe() for o in results if o is None or o.error is not None]
-            assert not bad, f"warm-up of {name} failed:\n" + "\n".join(bad)
-        record(f"warm-up of {','.join(s.name for s in servers)}",
-               f"{self.WARM_STREAMS} x {self.WARM_TOKENS} tokens each in {time.monotonic() - t0:.1f}s")
 
     def dump_logs(self) -> str:
         parts = [self.stack.dump_logs(out=open(os.devnull, "w"))]

@@ -764,8 +764,8 @@ def test_engine_core_sigstop_hang(rig: Rig):
         warm_up(rig, long_envoy)
         # The long streams ran on both servers in 2 of 9 runs on this 2-core box (2026-11-30): mostly
         # the second one through the victim's router reached Envoy only when the first ended (each
-        # from its own child process, or both from one; not explained, and not seen with two fake
-        # workers' streams the same way), once the guard's unseen rescue retried them off a
+        # from its own child process, or both from one; not explained, and not seen with a fake
+        # worker's streams sent the same way), once the guard's unseen rescue retried them off a
         # just-restarted engine (now off for them). One a server (tried once) did not help.
         long_tokens, short_tokens, n_long = LONG_TOKENS, 16, 2
         rate, lead_s, run_s = 2.5, 3.0, 18.0

@@ -203,6 +203,9 @@ def common(p):
     p.add_argument("--admin-port", type=int, required=True)
     p.add_argument("--wasm", default=None, help="path to gpuha_filter.wasm (default: $GPUHA_WASM or the newest build under target*/)")
     p.add_argument("--wasm-runtime", default="v8", choices=["v8", "wamr"])
+    p.add_argument("--filter-build", default="wasm", choices=["wasm", "native"],
+                   help="the gpuha filters as Proxy-Wasm (default) or as the native dynamic module libgpuha_native.so "
+                        "(same filter and configuration; Envoy needs ENVOY_DYNAMIC_MODULES_SEARCH_PATH, envoy/README.md)")
     p.add_argument("--access-log", default="/dev/stdout", help="access log path (default /dev/stdout)")
     p.add_argument("--max-body-bytes", type=positive_int, default=DEFAULT_MAX_BODY_BYTES,
                    help="largest request body accepted (default 32 MiB); larger ones get an OpenAI-shaped 413. "
@@ -238,6 +241,41 @@ def select_filters(text, keep):
             continue
         if dropping is None:
             out.append(line)
+    return "".join(out)
+
+
+WASM_TYPE = '"@type": type.googleapis.com/envoy.extensions.filters.http.wasm.v3.Wasm'
+NATIVE_TYPE = '"@type": type.googleapis.com/envoy.extensions.filters.http.dynamic_modules.v3.DynamicModuleFilter'
+
+
+def to_native(text):
+    """--filter-build native: each gpuha Wasm filter becomes the same filter in the native
+    dynamic module (`native/`, libgpuha_native.so), with the same plugin configuration. Envoy
+    finds the module on ENVOY_DYNAMIC_MODULES_SEARCH_PATH (envoy/README.md, "Native filter")."""
+    lines = text.splitlines(keepends=True)
+    out, i = [], 0
+    while i < len(lines):
+        line = lines[i]
+        if line.strip() != WASM_TYPE:
+            out.append(line)
+            i += 1
+            continue
+        indent = line[:len(line) - len(line.lstrip())]
+        block = []
+        i += 1
+        while i < len(lines) and (not lines[i].strip() or len(lines[i]) - len(lines[i].lstrip()) >= len(indent)):
+            block.append(lines[i])
+            i += 1
+        name = next((b.split(":", 1)[1].strip() for b in block if b.strip().startswith("name: ")), "gpuha")
+        value = next((b.strip() for b in block if b.strip().startswith("value: ")), None)
+        if value is None:
+            raise ValueError(f"native: no plugin configuration in the Wasm filter {name}")
+        out += [f"{indent}{NATIVE_TYPE}\n",
+                f"{indent}dynamic_module_config: {{ name: gpuha_native, do_not_close: true }}\n",
+                f"{indent}filter_name: {name}\n",
+                f"{indent}filter_config:\n",
+                f'{indent}  "@type": type.googleapis.com/google.protobuf.StringValue\n',
+                f"{indent}  {value}\n"]
     return "".join(out)
 
 
@@ -512,6 +550,8 @@ def main(argv=None):
     text = fill(template, values)
     if a.which == "pool-router":
         text = select_filters(text, a.filters)
+    if a.filter_build == "native":
+        text = to_native(text)
     if a.out == "-":
         sys.stdout.write(text)
     else:

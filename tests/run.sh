@@ -20,7 +20,7 @@ cargo clippy --locked -p gpuha-liveness -p gpuha-filter --target wasm32-wasip1 -
 
 step "build: wasm filter and release binaries for the drills"
 cargo build --locked --release -p gpuha-filter --target wasm32-wasip1
-cargo build --locked --release -p gpuha-dnsd -p gpuha-sidecar -p fake-vllm
+cargo build --locked --release -p gpuha-dnsd -p gpuha-sidecar -p fake-vllm -p gpuha-native
 
 step "cargo test (workspace: unit, property, end-to-end, envoy --mode validate)"
 export GPUHA_WASM="$PWD/target/wasm32-wasip1/release/gpuha_filter.wasm"

@@ -22,6 +22,8 @@ BENCH = ROOT / "bench"
 TARGET = Path(os.environ.get("GPUHA_BENCH_TARGET", ROOT / "target-bench"))
 REL = TARGET / "release"
 WASM = TARGET / "wasm32-wasip1" / "release" / "gpuha_filter.wasm"
+# The same filter as Envoy's native dynamic module (native/): ENVOY_DYNAMIC_MODULES_SEARCH_PATH.
+NATIVE_DIR = TARGET / "release"
 # Optional: an older build of the filter measured side by side with WASM in the same run
 # (`l7` variant "envoy+filter (baseline)", `fleet` rows with filter "baseline").
 BASELINE_WASM = os.environ.get("GPUHA_BENCH_BASELINE_WASM")
@@ -228,7 +230,7 @@ def sidecar(wid, worker_addr, ingest, pool="pool-a", cpu=LOAD_CPU, interval_ms=5
 
 # A variant's gpuha filters (render.py --filters): the same rendered config, every other line
 # (override_host with its round-robin fallback included) as it is.
-VARIANT_FILTERS = {"filter": "picker,guard", "nowasm": "none", "picker-only": "picker", "guard-only": "guard"}
+VARIANT_FILTERS = {"filter": "picker,guard", "nowasm": "none", "picker-only": "picker", "guard-only": "guard", "native": "picker,guard"}
 
 
 def envoy(name, workers, fleet, variant="filter", picker_config=None, guard_config=None, extra_render=(),
@@ -241,6 +243,8 @@ def envoy(name, workers, fleet, variant="filter", picker_config=None, guard_conf
     argv = [sys.executable, ROOT / "envoy" / "render.py", "pool-router", "--listen-port", port, "--admin-port", admin,
             "--workers", ",".join(workers), "--fleet", fleet, "--wasm", wasm or WASM, "--access-log", log,
             "--filters", VARIANT_FILTERS[variant], *extra_render]
+    if variant == "native":
+        argv += ["--filter-build", "native"]
     if picker_config:
         argv += ["--picker-config", json.dumps(picker_config)]
     if guard_config:
@@ -249,19 +253,23 @@ def envoy(name, workers, fleet, variant="filter", picker_config=None, guard_conf
     cfg.write_text(edit(text) if edit else text)
     # File access logs are flushed every 10 s by default; the failover figures read them live.
     p, _ = PROCS.start(name, [envoy_bin(), "-c", cfg, "--concurrency", concurrency, "--log-level", "warn",
-                              "--file-flush-interval-msec", "100", "--base-id", port], cpu=cpu)
+                              "--file-flush-interval-msec", "100", "--base-id", port], cpu=cpu,
+                       env={"ENVOY_DYNAMIC_MODULES_SEARCH_PATH": str(NATIVE_DIR)})
     wait_http(f"http://127.0.0.1:{admin}/ready", timeout=30)
     return p, port, admin, log
 
 
 def envoy_stats(admin, prefix="wasmcustom.gpuha"):
-    _, body = http_get(f"http://127.0.0.1:{admin}/stats?filter={prefix}")
+    """Envoy's stats under `prefix`. The native filter's counters (`dynamicmodulescustom.gpuha.X`)
+    are read under the Wasm filter's names (`wasmcustom.gpuha.X`), so sections read either."""
+    _, body = http_get(f"http://127.0.0.1:{admin}/stats?filter={prefix.replace('wasmcustom.', '(wasm|dynamicmodules)custom.')}")
     out = {}
     for line in body.decode().splitlines():
         if ":" in line:
             k, v = line.split(":", 1)
             try:
-                out[k.strip()] = int(v.strip())
+                k = re.sub(r"^(cluster\.[^.]+\.)?dynamicmodulescustom\.", "wasmcustom.", k.strip())
+                out[k] = out.get(k, 0) + int(v.strip())
             except ValueError:
                 pass
     return out

@@ -19,8 +19,8 @@ def sec_l7(R, quick):
     fleet_ready(http, 2)
     workers = [w1, w2]
     runs = {}
-    variants = [("envoy+filter", "filter"), ("envoy (no wasm)", "nowasm"), ("vllm-router", "router"), ("direct", "direct"),
-                ("envoy picker only", "picker-only")]
+    variants = [("envoy+filter", "filter"), ("envoy+filter (native)", "native"), ("envoy (no wasm)", "nowasm"), ("vllm-router", "router"),
+                ("direct", "direct"), ("envoy picker only", "picker-only")]
     if BASELINE_WASM:
         variants.insert(1, ("envoy+filter (baseline)", "filter-base"))
     # Interleaved repeats (a b c d a b c d ...), best of N per variant: the machine is shared
@@ -29,7 +29,7 @@ def sec_l7(R, quick):
         for label, kind in variants:
             proxy = None
             try:
-                if kind in ("filter", "nowasm", "picker-only", "guard-only", "filter-base"):
+                if kind in ("filter", "native", "nowasm", "picker-only", "guard-only", "filter-base"):
                     proxy, port, admin, _ = envoy(f"envoy-l7-{kind}", workers, http, variant="filter" if kind == "filter-base" else kind,
                                                   picker_config=NO_BREAKER, guard_config=NO_BREAKER,
                                                   wasm=BASELINE_WASM if kind == "filter-base" else None)
@@ -54,9 +54,9 @@ def sec_l7(R, quick):
                     runs.setdefault((label, stream), []).append(row)
                     note(f"L7 #{rep} {label} stream={stream}: {sat['rps']:.0f} rps p50 {sat['p50_us']}us p99 {sat['p99_us']}us "
                          f"err {sat['errors']}; c=1 p50 {one['p50_us']}us p99 {one['p99_us']}us")
-                if kind == "filter":
+                if kind in ("filter", "native"):
                     st = envoy_stats(admin)
-                    R["l7_filter_stats"] = st
+                    R["l7_filter_stats" if kind == "filter" else "l7_native_stats"] = st
                     note(f"L7 filter stats: picks={st.get('wasmcustom.gpuha.picks')} fail_open={st.get('wasmcustom.gpuha.fail_open')} "
                          f"no_worker={st.get('wasmcustom.gpuha.no_worker')} polls={st.get('wasmcustom.gpuha.fleet_polls')}")
             finally:
@@ -87,7 +87,7 @@ def sec_l7_paced(R, quick):
     sidecar("pw1", w1, ingest)
     sidecar("pw2", w2, ingest)
     fleet_ready(http, 2)
-    variants = [("envoy+filter", "filter", None), ("envoy (no wasm)", "nowasm", None)]
+    variants = [("envoy+filter", "filter", None), ("envoy+filter (native)", "native", None), ("envoy (no wasm)", "nowasm", None)]
     if BASELINE_WASM:
         variants.insert(1, ("envoy+filter (baseline)", "filter", BASELINE_WASM))
     runs = []
@@ -128,7 +128,9 @@ def report_l7(R, rep: Report) -> None:
         for a, b, lab in [("envoy+filter", "envoy (no wasm)", "filter / no-wasm throughput"),
                           ("envoy+filter", "vllm-router", "filter / vllm-router throughput"),
                           ("envoy+filter", "direct", "filter / direct throughput"),
-                          ("envoy+filter", "envoy+filter (baseline)", "filter / baseline filter throughput")]:
+                          ("envoy+filter", "envoy+filter (baseline)", "filter / baseline filter throughput"),
+                          ("envoy+filter (native)", "envoy (no wasm)", "native filter / no-wasm throughput"),
+                          ("envoy+filter (native)", "vllm-router", "native filter / vllm-router throughput")]:
             cells = []
             for s in (False, True):
                 if (a, s) in by and (b, s) in by and by[(b, s)]["rps"]:
@@ -137,7 +139,7 @@ def report_l7(R, rep: Report) -> None:
                     cells.append("–")
             md.append(f"| {lab} | {cells[0]} | {cells[1]} |")
         md += ["", "Proxy CPU per request, filter extra over no-wasm (µs):", "", "| variant | json | stream |", "|---|---:|---:|"]
-        for v in ("envoy+filter", "envoy+filter (baseline)", "envoy picker only"):
+        for v in ("envoy+filter", "envoy+filter (native)", "envoy+filter (baseline)", "envoy picker only"):
             cells = []
             for s in (False, True):
                 a, b = by.get((v, s)), by.get(("envoy (no wasm)", s))
@@ -145,17 +147,21 @@ def report_l7(R, rep: Report) -> None:
                 cells.append(f"+{a['proxy_cpu_us_per_req'] - b['proxy_cpu_us_per_req']:.0f}" if ok else "–")
             if any(c != "–" for c in cells):
                 md.append(f"| {v} | {cells[0]} | {cells[1]} |")
-        for s in (False, True):
-            a, b, c = by.get(("envoy+filter", s)), by.get(("envoy (no wasm)", s)), by.get(("vllm-router", s))
-            mode = "stream" if s else "json"
-            if a and b:
-                loss = 1 - a["rps"] / b["rps"]
-                targets.append(Target(f"filter throughput cost ≤ 10 % vs no-wasm ({mode})", loss <= 0.10, f"{loss*100:.1f} %"))
-                d99 = a["c1_p99_us"] - b["c1_p99_us"]
-                targets.append(Target(f"filter p99 cost ≤ 100 µs vs no-wasm, c=1 ({mode})", d99 <= 100, f"+{d99} µs (p50 +{a['c1_p50_us']-b['c1_p50_us']} µs)"))
-            if a and c:
-                targets.append(Target(f"envoy+filter beats vllm-router ({mode})", a["rps"] > c["rps"],
-                                f"{a['rps']:.0f} vs {c['rps']:.0f} req/s"))
+        for v, name in (("envoy+filter", "filter"), ("envoy+filter (native)", "native filter")):
+            for s in (False, True):
+                a, b, c = by.get((v, s)), by.get(("envoy (no wasm)", s)), by.get(("vllm-router", s))
+                mode = "stream" if s else "json"
+                if a and b:
+                    loss = 1 - a["rps"] / b["rps"]
+                    targets.append(Target(f"{name} throughput cost ≤ 10 % vs no-wasm ({mode})", loss <= 0.10, f"{loss*100:.1f} %"))
+                    d99 = a["c1_p99_us"] - b["c1_p99_us"]
+                    targets.append(Target(f"{name} p99 cost ≤ 100 µs vs no-wasm, c=1 ({mode})", d99 <= 100, f"+{d99} µs (p50 +{a['c1_p50_us']-b['c1_p50_us']} µs)"))
+                    if a["proxy_cpu_us_per_req"] and b["proxy_cpu_us_per_req"]:
+                        extra = a["proxy_cpu_us_per_req"] - b["proxy_cpu_us_per_req"]
+                        targets.append(Target(f"{name} Envoy CPU per request ≤ +30 µs over no-wasm ({mode})", extra <= 30, f"+{extra:.0f} µs"))
+                if a and c:
+                    targets.append(Target(f"{v} beats vllm-router ({mode})", a["rps"] > c["rps"],
+                                    f"{a['rps']:.0f} vs {c['rps']:.0f} req/s"))
         svg_bars("L7 throughput, non-streaming (req/s)", [(r["variant"], r["rps"]) for r in l7 if not r["stream"]], "req/s", outdir / "l7-rps-json.svg")
         svg_bars("L7 throughput, streaming (req/s)", [(r["variant"], r["rps"]) for r in l7 if r["stream"]], "req/s", outdir / "l7-rps-stream.svg")
         svg_bars("L7 unloaded p99 latency, c=1 (µs)", [(f"{r['variant']} {'stream' if r['stream'] else 'json'}", float(r["c1_p99_us"])) for r in l7], "µs", outdir / "l7-p99-c1.svg")
@@ -174,3 +180,9 @@ def report_l7_paced(R, rep: Report) -> None:
             rs = [r for r in pc if r["variant"] == v]
             md.append(f"| {v} | " + " | ".join(fmt(r["proxy_cpu_us_per_req"]) for r in rs) +
                       f" | {fmt(statistics.median(r['proxy_cpu_us_per_req'] for r in rs))} | {fmt(statistics.median(r['rps'] for r in rs))} |")
+        med = {v: statistics.median(r["proxy_cpu_us_per_req"] for r in pc if r["variant"] == v) for v in {r["variant"] for r in pc}}
+        base = med.get("envoy (no wasm)")
+        for v, name in (("envoy+filter", "filter"), ("envoy+filter (native)", "native filter")):
+            if base and v in med:
+                rep.targets.append(Target(f"{name}, paced streaming: Envoy CPU per request ≤ 1.15× no-wasm", med[v] <= 1.15 * base,
+                                          f"{med[v] / base:.2f}× ({med[v]:.0f} vs {base:.0f} µs, medians)"))

@@ -1,0 +1,811 @@
+//! Hand-written FFI bindings for the HTTP-filter subset of Envoy's dynamic-modules ABI,
+//! as shipped in Envoy 1.40.0 (commit 9e5580933739775e8bce696a57a2e1bc99368f23).
+//!
+//! Written from the meaning of the upstream C header (`source/extensions/dynamic_modules/abi/abi.h`)
+//! and checked against the 1.40.0 binary (exported symbol names, argument registers, and a live
+//! probe module; see notes.md next to this file for what was verified and how).
+//!
+//! Conventions:
+//! * Callbacks (Envoy implements, module calls) are in the `extern "C"` block at the bottom.
+//! * Event hooks (module implements and exports with `#[no_mangle] pub unsafe extern "C" fn`)
+//!   are given as `pub type Hook... = unsafe extern "C" fn(..)` aliases with the exact signature
+//!   and the exported symbol name in the doc line. A mismatch is not checked by the linker, so
+//!   implement them by copying these signatures.
+//! * C enums are plain `int`-sized values; they are given here as `u32` aliases plus constants
+//!   (never a Rust `enum` for values Envoy hands in: an unknown value would be UB).
+//! * `bool` is C `_Bool` (Rust `bool` has the same ABI).
+
+#![allow(non_camel_case_types, dead_code, unsafe_code)]
+
+use core::ffi::{c_char, c_void};
+
+// ---------------------------------------------------------------------------------------------
+// ABI version
+// ---------------------------------------------------------------------------------------------
+
+/// The string `envoy_dynamic_module_on_program_init` must return (NUL-terminated, static).
+/// Envoy 1.40.0 compares it with its own ABI version string: equal logs at info
+/// "Dynamic module ABI version v0.2.0 matched."; anything else logs a warning
+/// "Dynamic module ABI version {} is deprecated. ..." and loads anyway. Returning NULL
+/// makes Envoy reject the module.
+pub const ABI_VERSION: &[u8] = b"v0.2.0\0";
+
+// ---------------------------------------------------------------------------------------------
+// Common types
+// ---------------------------------------------------------------------------------------------
+
+/// `envoy_dynamic_module_type_envoy_buffer`: bytes owned by Envoy (lifetime: see each callback;
+/// in general until the end of the current event hook, or until the module mutates the same
+/// header map / body).
+#[repr(C)]
+#[derive(Clone, Copy, Debug)]
+pub struct EnvoyBuffer {
+    pub ptr: *const c_char,
+    pub length: usize,
+}
+
+impl EnvoyBuffer {
+    pub const fn null() -> Self {
+        Self { ptr: core::ptr::null(), length: 0 }
+    }
+    /// # Safety
+    /// Only while Envoy guarantees the memory (see the callback that filled it).
+    pub unsafe fn as_bytes<'a>(&self) -> &'a [u8] {
+        if self.ptr.is_null() || self.length == 0 {
+            &[]
+        } else {
+            core::slice::from_raw_parts(self.ptr as *const u8, self.length)
+        }
+    }
+}
+
+/// `envoy_dynamic_module_type_module_buffer`: bytes owned by the module. Envoy only reads them
+/// during the call it is passed to (it copies what it keeps).
+#[repr(C)]
+#[derive(Clone, Copy, Debug)]
+pub struct ModuleBuffer {
+    pub ptr: *const c_char,
+    pub length: usize,
+}
+
+impl ModuleBuffer {
+    pub const fn null() -> Self {
+        Self { ptr: core::ptr::null(), length: 0 }
+    }
+    pub fn from_bytes(b: &[u8]) -> Self {
+        Self { ptr: b.as_ptr() as *const c_char, length: b.len() }
+    }
+}
+
+/// `envoy_dynamic_module_type_module_http_header`: a header owned by the module.
+#[repr(C)]
+#[derive(Clone, Copy, Debug)]
+pub struct ModuleHttpHeader {
+    pub key_ptr: *const c_char,
+    pub key_length: usize,
+    pub value_ptr: *const c_char,
+    pub value_length: usize,
+}
+
+/// `envoy_dynamic_module_type_envoy_http_header`: a header owned by Envoy's HeaderMap.
+#[repr(C)]
+#[derive(Clone, Copy, Debug)]
+pub struct EnvoyHttpHeader {
+    pub key_ptr: *const c_char,
+    pub key_length: usize,
+    pub value_ptr: *const c_char,
+    pub value_length: usize,
+}
+
+/// `envoy_dynamic_module_type_http_header_type`
+pub type HttpHeaderType = u32;
+pub const HEADER_REQUEST: HttpHeaderType = 0; // RequestHeader
+pub const TRAILER_REQUEST: HttpHeaderType = 1; // RequestTrailer
+pub const HEADER_RESPONSE: HttpHeaderType = 2; // ResponseHeader
+pub const TRAILER_RESPONSE: HttpHeaderType = 3; // ResponseTrailer
+
+/// `envoy_dynamic_module_type_log_level` (mirrors spdlog levels).
+pub type LogLevel = u32;
+pub const LOG_TRACE: LogLevel = 0;
+pub const LOG_DEBUG: LogLevel = 1;
+pub const LOG_INFO: LogLevel = 2;
+pub const LOG_WARN: LogLevel = 3;
+pub const LOG_ERROR: LogLevel = 4;
+pub const LOG_CRITICAL: LogLevel = 5;
+pub const LOG_OFF: LogLevel = 6;
+
+/// `envoy_dynamic_module_type_http_callout_init_result`
+pub type HttpCalloutInitResult = u32;
+pub const CALLOUT_INIT_SUCCESS: HttpCalloutInitResult = 0;
+pub const CALLOUT_INIT_MISSING_REQUIRED_HEADERS: HttpCalloutInitResult = 1;
+pub const CALLOUT_INIT_CLUSTER_NOT_FOUND: HttpCalloutInitResult = 2;
+pub const CALLOUT_INIT_DUPLICATE_CALLOUT_ID: HttpCalloutInitResult = 3;
+pub const CALLOUT_INIT_CANNOT_CREATE_REQUEST: HttpCalloutInitResult = 4;
+
+/// `envoy_dynamic_module_type_http_callout_result`
+pub type HttpCalloutResult = u32;
+pub const CALLOUT_SUCCESS: HttpCalloutResult = 0;
+pub const CALLOUT_RESET: HttpCalloutResult = 1;
+pub const CALLOUT_EXCEED_RESPONSE_BUFFER_LIMIT: HttpCalloutResult = 2;
+
+/// `envoy_dynamic_module_type_http_stream_reset_reason` (for streamed callouts).
+pub type HttpStreamResetReason = u32;
+pub const STREAM_RESET_CONNECTION_FAILURE: HttpStreamResetReason = 0;
+pub const STREAM_RESET_CONNECTION_TERMINATION: HttpStreamResetReason = 1;
+pub const STREAM_RESET_LOCAL_RESET: HttpStreamResetReason = 2;
+pub const STREAM_RESET_LOCAL_REFUSED_STREAM_RESET: HttpStreamResetReason = 3;
+pub const STREAM_RESET_OVERFLOW: HttpStreamResetReason = 4;
+pub const STREAM_RESET_REMOTE_RESET: HttpStreamResetReason = 5;
+pub const STREAM_RESET_REMOTE_REFUSED_STREAM_RESET: HttpStreamResetReason = 6;
+pub const STREAM_RESET_PROTOCOL_ERROR: HttpStreamResetReason = 7;
+
+/// `envoy_dynamic_module_type_metrics_result`
+pub type MetricsResult = u32;
+pub const METRICS_SUCCESS: MetricsResult = 0;
+pub const METRICS_NOT_FOUND: MetricsResult = 1;
+pub const METRICS_INVALID_LABELS: MetricsResult = 2;
+pub const METRICS_FROZEN: MetricsResult = 3;
+
+/// `envoy_dynamic_module_type_attribute_id` (positional; only the first 68 are listed; ids used
+/// by GPU HA are marked "used"). Envoy returns false for ids it does not implement in a phase.
+pub type AttributeId = u32;
+pub const ATTR_REQUEST_PATH: AttributeId = 0;
+pub const ATTR_REQUEST_URL_PATH: AttributeId = 1;
+pub const ATTR_REQUEST_HOST: AttributeId = 2;
+pub const ATTR_REQUEST_SCHEME: AttributeId = 3;
+pub const ATTR_REQUEST_METHOD: AttributeId = 4;
+pub const ATTR_REQUEST_HEADERS: AttributeId = 5;
+pub const ATTR_REQUEST_REFERER: AttributeId = 6;
+pub const ATTR_REQUEST_USERAGENT: AttributeId = 7;
+pub const ATTR_REQUEST_TIME: AttributeId = 8;
+pub const ATTR_REQUEST_ID: AttributeId = 9; // used: string, the x-request-id
+pub const ATTR_REQUEST_PROTOCOL: AttributeId = 10;
+pub const ATTR_REQUEST_QUERY: AttributeId = 11;
+pub const ATTR_REQUEST_DURATION: AttributeId = 12;
+pub const ATTR_REQUEST_SIZE: AttributeId = 13;
+pub const ATTR_REQUEST_TOTAL_SIZE: AttributeId = 14;
+pub const ATTR_RESPONSE_CODE: AttributeId = 15; // used: int
+pub const ATTR_RESPONSE_CODE_DETAILS: AttributeId = 16; // used: string
+pub const ATTR_RESPONSE_FLAGS: AttributeId = 17; // used: int only (bit mask, e.g. 0x20 = UF); as string: unsupported
+pub const ATTR_RESPONSE_GRPC_STATUS: AttributeId = 18;
+pub const ATTR_RESPONSE_HEADERS: AttributeId = 19;
+pub const ATTR_RESPONSE_TRAILERS: AttributeId = 20;
+pub const ATTR_RESPONSE_SIZE: AttributeId = 21;
+pub const ATTR_RESPONSE_TOTAL_SIZE: AttributeId = 22;
+pub const ATTR_RESPONSE_BACKEND_LATENCY: AttributeId = 23;
+pub const ATTR_SOURCE_ADDRESS: AttributeId = 24;
+pub const ATTR_SOURCE_PORT: AttributeId = 25;
+pub const ATTR_DESTINATION_ADDRESS: AttributeId = 26;
+pub const ATTR_DESTINATION_PORT: AttributeId = 27;
+pub const ATTR_CONNECTION_ID: AttributeId = 28;
+pub const ATTR_CONNECTION_MTLS: AttributeId = 29;
+pub const ATTR_CONNECTION_REQUESTED_SERVER_NAME: AttributeId = 30;
+pub const ATTR_CONNECTION_TLS_VERSION: AttributeId = 31;
+pub const ATTR_CONNECTION_SUBJECT_LOCAL_CERTIFICATE: AttributeId = 32;
+pub const ATTR_CONNECTION_SUBJECT_PEER_CERTIFICATE: AttributeId = 33;
+pub const ATTR_CONNECTION_DNS_SAN_LOCAL_CERTIFICATE: AttributeId = 34;
+pub const ATTR_CONNECTION_DNS_SAN_PEER_CERTIFICATE: AttributeId = 35;
+pub const ATTR_CONNECTION_URI_SAN_LOCAL_CERTIFICATE: AttributeId = 36;
+pub const ATTR_CONNECTION_URI_SAN_PEER_CERTIFICATE: AttributeId = 37;
+pub const ATTR_CONNECTION_SHA256_PEER_CERTIFICATE_DIGEST: AttributeId = 38;
+pub const ATTR_CONNECTION_TRANSPORT_FAILURE_REASON: AttributeId = 39;
+pub const ATTR_CONNECTION_TERMINATION_DETAILS: AttributeId = 40;
+pub const ATTR_UPSTREAM_ADDRESS: AttributeId = 41; // used: string "ip:port"
+pub const ATTR_UPSTREAM_PORT: AttributeId = 42;
+pub const ATTR_UPSTREAM_TLS_VERSION: AttributeId = 43;
+pub const ATTR_UPSTREAM_SUBJECT_LOCAL_CERTIFICATE: AttributeId = 44;
+pub const ATTR_UPSTREAM_SUBJECT_PEER_CERTIFICATE: AttributeId = 45;
+pub const ATTR_UPSTREAM_DNS_SAN_LOCAL_CERTIFICATE: AttributeId = 46;
+pub const ATTR_UPSTREAM_DNS_SAN_PEER_CERTIFICATE: AttributeId = 47;
+pub const ATTR_UPSTREAM_URI_SAN_LOCAL_CERTIFICATE: AttributeId = 48;
+pub const ATTR_UPSTREAM_URI_SAN_PEER_CERTIFICATE: AttributeId = 49;
+pub const ATTR_UPSTREAM_SHA256_PEER_CERTIFICATE_DIGEST: AttributeId = 50;
+pub const ATTR_UPSTREAM_LOCAL_ADDRESS: AttributeId = 51;
+pub const ATTR_UPSTREAM_TRANSPORT_FAILURE_REASON: AttributeId = 52;
+pub const ATTR_UPSTREAM_REQUEST_ATTEMPT_COUNT: AttributeId = 53;
+pub const ATTR_UPSTREAM_CX_POOL_READY_DURATION: AttributeId = 54;
+pub const ATTR_UPSTREAM_LOCALITY: AttributeId = 55;
+pub const ATTR_XDS_NODE: AttributeId = 56;
+pub const ATTR_XDS_CLUSTER_NAME: AttributeId = 57;
+pub const ATTR_XDS_CLUSTER_METADATA: AttributeId = 58;
+pub const ATTR_XDS_LISTENER_DIRECTION: AttributeId = 59;
+pub const ATTR_XDS_LISTENER_METADATA: AttributeId = 60;
+pub const ATTR_XDS_ROUTE_NAME: AttributeId = 61;
+pub const ATTR_XDS_ROUTE_METADATA: AttributeId = 62;
+pub const ATTR_XDS_VIRTUAL_HOST_NAME: AttributeId = 63;
+pub const ATTR_XDS_VIRTUAL_HOST_METADATA: AttributeId = 64;
+pub const ATTR_XDS_UPSTREAM_HOST_METADATA: AttributeId = 65;
+pub const ATTR_XDS_FILTER_CHAIN_NAME: AttributeId = 66;
+pub const ATTR_HEALTH_CHECK: AttributeId = 67;
+
+// ---------------------------------------------------------------------------------------------
+// HTTP filter types
+// ---------------------------------------------------------------------------------------------
+
+/// Envoy's DynamicModuleHttpFilterConfig (valid from config_new until config_destroy returns).
+pub type HttpFilterConfigEnvoyPtr = *mut c_void;
+/// The module's config object (returned from config_new; NULL = reject config).
+pub type HttpFilterConfigModulePtr = *const c_void;
+/// The module's per-route config object.
+pub type HttpFilterPerRouteConfigModulePtr = *const c_void;
+/// Envoy's DynamicModuleHttpFilter, one per stream (valid until the filter destroy hook).
+pub type HttpFilterEnvoyPtr = *mut c_void;
+/// The module's per-stream filter object (returned from filter_new).
+pub type HttpFilterModulePtr = *const c_void;
+/// Allocated by Envoy, owned by the module: must be freed with the matching *_scheduler_delete.
+pub type HttpFilterSchedulerModulePtr = *mut c_void;
+pub type HttpFilterConfigSchedulerModulePtr = *mut c_void;
+
+/// `envoy_dynamic_module_type_http_body_type`
+pub type HttpBodyType = u32;
+/// Bytes of the data frame that triggered the current request_body hook (only inside that hook).
+pub const BODY_RECEIVED_REQUEST: HttpBodyType = 0;
+/// Bytes buffered so far by Envoy for the request (after a StopIterationAndBuffer etc.).
+pub const BODY_BUFFERED_REQUEST: HttpBodyType = 1;
+pub const BODY_RECEIVED_RESPONSE: HttpBodyType = 2;
+pub const BODY_BUFFERED_RESPONSE: HttpBodyType = 3;
+
+/// Return of request_headers / response_headers hooks (Envoy's FilterHeadersStatus order).
+pub type HeadersStatus = u32;
+pub const HEADERS_CONTINUE: HeadersStatus = 0;
+pub const HEADERS_STOP_ITERATION: HeadersStatus = 1;
+pub const HEADERS_CONTINUE_AND_DONT_END_STREAM: HeadersStatus = 2;
+pub const HEADERS_STOP_ALL_ITERATION_AND_BUFFER: HeadersStatus = 3;
+pub const HEADERS_STOP_ALL_ITERATION_AND_WATERMARK: HeadersStatus = 4;
+
+/// Return of request_body / response_body hooks (Envoy's FilterDataStatus order).
+pub type BodyStatus = u32;
+pub const BODY_CONTINUE: BodyStatus = 0;
+pub const BODY_STOP_ITERATION_AND_BUFFER: BodyStatus = 1;
+pub const BODY_STOP_ITERATION_AND_WATERMARK: BodyStatus = 2;
+pub const BODY_STOP_ITERATION_NO_BUFFER: BodyStatus = 3;
+
+/// Return of request_trailers / response_trailers hooks.
+pub type TrailersStatus = u32;
+pub const TRAILERS_CONTINUE: TrailersStatus = 0;
+pub const TRAILERS_STOP_ITERATION: TrailersStatus = 1;
+
+/// Return of the (optional) local_reply hook.
+pub type LocalReplyStatus = u32;
+pub const LOCAL_REPLY_CONTINUE: LocalReplyStatus = 0;
+pub const LOCAL_REPLY_CONTINUE_AND_RESET_STREAM: LocalReplyStatus = 1;
+
+/// `envoy_dynamic_module_type_http_filter_stream_reset_reason` (for reset_stream).
+pub type HttpFilterStreamResetReason = u32;
+pub const FILTER_RESET_LOCAL_RESET: HttpFilterStreamResetReason = 0;
+pub const FILTER_RESET_LOCAL_REFUSED_STREAM_RESET: HttpFilterStreamResetReason = 1;
+
+// ---------------------------------------------------------------------------------------------
+// Event hooks the module exports (exact signatures; implement with #[no_mangle]).
+// REQUIRED = Envoy rejects the filter config ("Failed to create filter config: ...") when the
+// symbol is missing. OPTIONAL = looked up, silently skipped when absent.
+// ---------------------------------------------------------------------------------------------
+
+/// `envoy_dynamic_module_on_program_init` (REQUIRED for any module). Main thread, once per dlopen.
+/// Return a pointer to a static NUL-terminated version string (see ABI_VERSION), NULL = fail.
+pub type OnProgramInit = unsafe extern "C" fn() -> *const c_char;
+
+/// `envoy_dynamic_module_on_http_filter_config_new` (REQUIRED). Main thread. `name` is
+/// `filter_name` from the proto; `config` is `filter_config` unwrapped (StringValue/BytesValue:
+/// raw value; Struct: JSON text). Both only valid during the call: copy them.
+/// Return NULL to reject the config.
+pub type OnHttpFilterConfigNew = unsafe extern "C" fn(
+    filter_config_envoy_ptr: HttpFilterConfigEnvoyPtr,
+    name: EnvoyBuffer,
+    config: EnvoyBuffer,
+) -> HttpFilterConfigModulePtr;
+
+/// `envoy_dynamic_module_on_http_filter_config_destroy` (REQUIRED). Main thread.
+pub type OnHttpFilterConfigDestroy = unsafe extern "C" fn(filter_config_ptr: HttpFilterConfigModulePtr);
+
+/// `envoy_dynamic_module_on_http_filter_new` (REQUIRED). Worker thread, per stream.
+/// Return NULL to fail the stream.
+pub type OnHttpFilterNew = unsafe extern "C" fn(
+    filter_config_ptr: HttpFilterConfigModulePtr,
+    filter_envoy_ptr: HttpFilterEnvoyPtr,
+) -> HttpFilterModulePtr;
+
+/// `envoy_dynamic_module_on_http_filter_request_headers` (REQUIRED).
+pub type OnHttpFilterRequestHeaders = unsafe extern "C" fn(
+    filter_envoy_ptr: HttpFilterEnvoyPtr,
+    filter_module_ptr: HttpFilterModulePtr,
+    end_of_stream: bool,
+) -> HeadersStatus;
+
+/// `envoy_dynamic_module_on_http_filter_request_body` (REQUIRED).
+pub type OnHttpFilterRequestBody = unsafe extern "C" fn(
+    filter_envoy_ptr: HttpFilterEnvoyPtr,
+    filter_module_ptr: HttpFilterModulePtr,
+    end_of_stream: bool,
+) -> BodyStatus;
+
+/// `envoy_dynamic_module_on_http_filter_request_trailers` (REQUIRED).
+pub type OnHttpFilterRequestTrailers = unsafe extern "C" fn(
+    filter_envoy_ptr: HttpFilterEnvoyPtr,
+    filter_module_ptr: HttpFilterModulePtr,
+) -> TrailersStatus;
+
+/// `envoy_dynamic_module_on_http_filter_response_headers` (REQUIRED).
+pub type OnHttpFilterResponseHeaders = unsafe extern "C" fn(
+    filter_envoy_ptr: HttpFilterEnvoyPtr,
+    filter_module_ptr: HttpFilterModulePtr,
+    end_of_stream: bool,
+) -> HeadersStatus;
+
+/// `envoy_dynamic_module_on_http_filter_response_body` (REQUIRED).
+pub type OnHttpFilterResponseBody = unsafe extern "C" fn(
+    filter_envoy_ptr: HttpFilterEnvoyPtr,
+    filter_module_ptr: HttpFilterModulePtr,
+    end_of_stream: bool,
+) -> BodyStatus;
+
+/// `envoy_dynamic_module_on_http_filter_response_trailers` (REQUIRED).
+pub type OnHttpFilterResponseTrailers = unsafe extern "C" fn(
+    filter_envoy_ptr: HttpFilterEnvoyPtr,
+    filter_module_ptr: HttpFilterModulePtr,
+) -> TrailersStatus;
+
+/// `envoy_dynamic_module_on_http_filter_stream_complete` (REQUIRED). Before destroy and before
+/// access logs; response attributes (code, details, flags, upstream address) are final here.
+/// NOT called for an instance running as an upstream (cluster) filter in 1.40 (observed): do
+/// end-of-stream work there in destroy or at response end_of_stream.
+pub type OnHttpFilterStreamComplete =
+    unsafe extern "C" fn(filter_envoy_ptr: HttpFilterEnvoyPtr, filter_module_ptr: HttpFilterModulePtr);
+
+/// `envoy_dynamic_module_on_http_filter_destroy` (REQUIRED). Worker thread; in 1.40 it runs
+/// from the dispatcher's deferred-delete list, after every other hook for the stream returned.
+pub type OnHttpFilterDestroy = unsafe extern "C" fn(filter_module_ptr: HttpFilterModulePtr);
+
+/// `envoy_dynamic_module_on_http_filter_scheduled` (REQUIRED). Worker thread of the stream,
+/// after `envoy_dynamic_module_callback_http_filter_scheduler_commit`.
+pub type OnHttpFilterScheduled = unsafe extern "C" fn(
+    filter_envoy_ptr: HttpFilterEnvoyPtr,
+    filter_module_ptr: HttpFilterModulePtr,
+    event_id: u64,
+);
+
+/// `envoy_dynamic_module_on_http_filter_http_callout_done` (REQUIRED). Worker thread.
+/// headers/body_chunks are Envoy-owned, valid during the hook only; NULL/0 on failure.
+pub type OnHttpFilterHttpCalloutDone = unsafe extern "C" fn(
+    filter_envoy_ptr: HttpFilterEnvoyPtr,
+    filter_module_ptr: HttpFilterModulePtr,
+    callout_id: u64,
+    result: HttpCalloutResult,
+    headers: *mut EnvoyHttpHeader,
+    headers_size: usize,
+    body_chunks: *mut EnvoyBuffer,
+    body_chunks_size: usize,
+);
+
+/// `envoy_dynamic_module_on_http_filter_http_stream_headers` (REQUIRED).
+pub type OnHttpFilterHttpStreamHeaders = unsafe extern "C" fn(
+    filter_envoy_ptr: HttpFilterEnvoyPtr,
+    filter_module_ptr: HttpFilterModulePtr,
+    stream_id: u64,
+    headers: *mut EnvoyHttpHeader,
+    headers_size: usize,
+    end_stream: bool,
+);
+
+/// `envoy_dynamic_module_on_http_filter_http_stream_data` (REQUIRED).
+pub type OnHttpFilterHttpStreamData = unsafe extern "C" fn(
+    filter_envoy_ptr: HttpFilterEnvoyPtr,
+    filter_module_ptr: HttpFilterModulePtr,
+    stream_id: u64,
+    data: *const EnvoyBuffer,
+    data_count: usize,
+    end_stream: bool,
+);
+
+/// `envoy_dynamic_module_on_http_filter_http_stream_trailers` (REQUIRED).
+pub type OnHttpFilterHttpStreamTrailers = unsafe extern "C" fn(
+    filter_envoy_ptr: HttpFilterEnvoyPtr,
+    filter_module_ptr: HttpFilterModulePtr,
+    stream_id: u64,
+    trailers: *mut EnvoyHttpHeader,
+    trailers_size: usize,
+);
+
+/// `envoy_dynamic_module_on_http_filter_http_stream_complete` (REQUIRED).
+pub type OnHttpFilterHttpStreamComplete = unsafe extern "C" fn(
+    filter_envoy_ptr: HttpFilterEnvoyPtr,
+    filter_module_ptr: HttpFilterModulePtr,
+    stream_id: u64,
+);
+
+/// `envoy_dynamic_module_on_http_filter_http_stream_reset` (REQUIRED).
+pub type OnHttpFilterHttpStreamReset = unsafe extern "C" fn(
+    filter_envoy_ptr: HttpFilterEnvoyPtr,
+    filter_module_ptr: HttpFilterModulePtr,
+    stream_id: u64,
+    reason: HttpStreamResetReason,
+);
+
+/// `envoy_dynamic_module_on_http_filter_downstream_above_write_buffer_high_watermark` (REQUIRED).
+pub type OnHttpFilterDownstreamAboveWriteBufferHighWatermark =
+    unsafe extern "C" fn(filter_envoy_ptr: HttpFilterEnvoyPtr, filter_module_ptr: HttpFilterModulePtr);
+
+/// `envoy_dynamic_module_on_http_filter_downstream_below_write_buffer_low_watermark` (REQUIRED).
+pub type OnHttpFilterDownstreamBelowWriteBufferLowWatermark =
+    unsafe extern "C" fn(filter_envoy_ptr: HttpFilterEnvoyPtr, filter_module_ptr: HttpFilterModulePtr);
+
+/// `envoy_dynamic_module_on_http_filter_config_scheduled` (OPTIONAL). MAIN thread, after
+/// `envoy_dynamic_module_callback_http_filter_config_scheduler_commit`.
+pub type OnHttpFilterConfigScheduled = unsafe extern "C" fn(
+    filter_config_envoy_ptr: HttpFilterConfigEnvoyPtr,
+    filter_config_ptr: HttpFilterConfigModulePtr,
+    event_id: u64,
+);
+
+/// `envoy_dynamic_module_on_http_filter_config_http_callout_done` (OPTIONAL). Main thread (the
+/// callout is sent through the main thread's cluster manager). Same buffer rules as above.
+pub type OnHttpFilterConfigHttpCalloutDone = unsafe extern "C" fn(
+    filter_config_envoy_ptr: HttpFilterConfigEnvoyPtr,
+    filter_config_ptr: HttpFilterConfigModulePtr,
+    callout_id: u64,
+    result: HttpCalloutResult,
+    headers: *mut EnvoyHttpHeader,
+    headers_size: usize,
+    body_chunks: *mut EnvoyBuffer,
+    body_chunks_size: usize,
+);
+
+/// `envoy_dynamic_module_on_http_filter_config_http_stream_{headers,data,trailers,complete,reset}`
+/// (OPTIONAL): same shapes as the per-filter stream hooks with (config_envoy_ptr, config_ptr)
+/// instead of (filter_envoy_ptr, filter_module_ptr).
+pub type OnHttpFilterConfigHttpStreamHeaders = unsafe extern "C" fn(
+    HttpFilterConfigEnvoyPtr, HttpFilterConfigModulePtr, u64, *mut EnvoyHttpHeader, usize, bool,
+);
+pub type OnHttpFilterConfigHttpStreamData = unsafe extern "C" fn(
+    HttpFilterConfigEnvoyPtr, HttpFilterConfigModulePtr, u64, *const EnvoyBuffer, usize, bool,
+);
+pub type OnHttpFilterConfigHttpStreamTrailers =
+    unsafe extern "C" fn(HttpFilterConfigEnvoyPtr, HttpFilterConfigModulePtr, u64, *mut EnvoyHttpHeader, usize);
+pub type OnHttpFilterConfigHttpStreamComplete =
+    unsafe extern "C" fn(HttpFilterConfigEnvoyPtr, HttpFilterConfigModulePtr, u64);
+pub type OnHttpFilterConfigHttpStreamReset =
+    unsafe extern "C" fn(HttpFilterConfigEnvoyPtr, HttpFilterConfigModulePtr, u64, HttpStreamResetReason);
+
+/// `envoy_dynamic_module_on_http_filter_local_reply` (OPTIONAL). Called when any local reply is
+/// about to be sent on the stream (including ones this module sent). `details` valid in the hook.
+pub type OnHttpFilterLocalReply = unsafe extern "C" fn(
+    filter_envoy_ptr: HttpFilterEnvoyPtr,
+    filter_module_ptr: HttpFilterModulePtr,
+    response_code: u32,
+    details: EnvoyBuffer,
+    reset_imminent: bool,
+) -> LocalReplyStatus;
+
+/// `envoy_dynamic_module_on_http_filter_per_route_config_new` (REQUIRED only when a
+/// DynamicModuleFilterPerRoute is configured; main thread).
+pub type OnHttpFilterPerRouteConfigNew =
+    unsafe extern "C" fn(name: EnvoyBuffer, config: EnvoyBuffer) -> HttpFilterPerRouteConfigModulePtr;
+/// `envoy_dynamic_module_on_http_filter_per_route_config_destroy` (same condition; main thread).
+pub type OnHttpFilterPerRouteConfigDestroy = unsafe extern "C" fn(config: HttpFilterPerRouteConfigModulePtr);
+
+// ---------------------------------------------------------------------------------------------
+// Callbacks Envoy exports (resolved from the envoy binary at dlopen; the .so must not link
+// them statically: build as cdylib, undefined symbols are fine with RTLD_LAZY).
+// ---------------------------------------------------------------------------------------------
+
+extern "C" {
+    // ----- logging / process (any thread unless noted) -----
+
+    /// Deprecated in 1.40 but present: logs under the `dynamic_modules` logger id.
+    pub fn envoy_dynamic_module_callback_log(level: LogLevel, message: ModuleBuffer);
+    /// 1.40: same, with the module's source file/line (source_file may be null/0).
+    pub fn envoy_dynamic_module_callback_log_v2(
+        level: LogLevel,
+        message: ModuleBuffer,
+        source_file: ModuleBuffer,
+        source_line: u32,
+    );
+    /// True when `level` would be emitted by the dynamic_modules logger.
+    pub fn envoy_dynamic_module_callback_log_enabled(level: LogLevel) -> bool;
+    /// Current effective level of the dynamic_modules logger.
+    pub fn envoy_dynamic_module_callback_get_log_level() -> LogLevel;
+    /// Main thread only (returns 0 and trips an ENVOY_BUG elsewhere): worker count (--concurrency).
+    pub fn envoy_dynamic_module_callback_get_concurrency() -> u32;
+
+    // ----- metrics: define on the config (main thread, only inside config_new: after it
+    //       returns, stat creation is frozen and define_* returns METRICS_FROZEN) -----
+
+    pub fn envoy_dynamic_module_callback_http_filter_config_define_counter(
+        filter_config_envoy_ptr: HttpFilterConfigEnvoyPtr,
+        name: ModuleBuffer,
+        label_names: *mut ModuleBuffer,
+        label_names_length: usize,
+        counter_id_ptr: *mut usize,
+    ) -> MetricsResult;
+    pub fn envoy_dynamic_module_callback_http_filter_config_define_gauge(
+        filter_config_envoy_ptr: HttpFilterConfigEnvoyPtr,
+        name: ModuleBuffer,
+        label_names: *mut ModuleBuffer,
+        label_names_length: usize,
+        gauge_id_ptr: *mut usize,
+    ) -> MetricsResult;
+    pub fn envoy_dynamic_module_callback_http_filter_config_define_histogram(
+        filter_config_envoy_ptr: HttpFilterConfigEnvoyPtr,
+        name: ModuleBuffer,
+        label_names: *mut ModuleBuffer,
+        label_names_length: usize,
+        histogram_id_ptr: *mut usize,
+    ) -> MetricsResult;
+
+    // ----- metrics: update through a stream filter (worker thread, during hooks) -----
+    // label_values_length must equal the number of label names given at definition.
+
+    pub fn envoy_dynamic_module_callback_http_filter_increment_counter(
+        filter_envoy_ptr: HttpFilterEnvoyPtr,
+        id: usize,
+        label_values: *mut ModuleBuffer,
+        label_values_length: usize,
+        value: u64,
+    ) -> MetricsResult;
+    pub fn envoy_dynamic_module_callback_http_filter_increment_gauge(
+        filter_envoy_ptr: HttpFilterEnvoyPtr,
+        id: usize,
+        label_values: *mut ModuleBuffer,
+        label_values_length: usize,
+        value: u64,
+    ) -> MetricsResult;
+    pub fn envoy_dynamic_module_callback_http_filter_decrement_gauge(
+        filter_envoy_ptr: HttpFilterEnvoyPtr,
+        id: usize,
+        label_values: *mut ModuleBuffer,
+        label_values_length: usize,
+        value: u64,
+    ) -> MetricsResult;
+    pub fn envoy_dynamic_module_callback_http_filter_set_gauge(
+        filter_envoy_ptr: HttpFilterEnvoyPtr,
+        id: usize,
+        label_values: *mut ModuleBuffer,
+        label_values_length: usize,
+        value: u64,
+    ) -> MetricsResult;
+    pub fn envoy_dynamic_module_callback_http_filter_record_histogram_value(
+        filter_envoy_ptr: HttpFilterEnvoyPtr,
+        id: usize,
+        label_values: *mut ModuleBuffer,
+        label_values_length: usize,
+        value: u64,
+    ) -> MetricsResult;
+
+    // ----- metrics: update through the config (no stream needed; Envoy stats are thread-safe) -----
+
+    pub fn envoy_dynamic_module_callback_http_filter_config_increment_counter(
+        filter_config_envoy_ptr: HttpFilterConfigEnvoyPtr,
+        id: usize,
+        label_values: *mut ModuleBuffer,
+        label_values_length: usize,
+        value: u64,
+    ) -> MetricsResult;
+    pub fn envoy_dynamic_module_callback_http_filter_config_increment_gauge(
+        filter_config_envoy_ptr: HttpFilterConfigEnvoyPtr,
+        id: usize,
+        label_values: *mut ModuleBuffer,
+        label_values_length: usize,
+        value: u64,
+    ) -> MetricsResult;
+    pub fn envoy_dynamic_module_callback_http_filter_config_decrement_gauge(
+        filter_config_envoy_ptr: HttpFilterConfigEnvoyPtr,
+        id: usize,
+        label_values: *mut ModuleBuffer,
+        label_values_length: usize,
+        value: u64,
+    ) -> MetricsResult;
+    pub fn envoy_dynamic_module_callback_http_filter_config_set_gauge(
+        filter_config_envoy_ptr: HttpFilterConfigEnvoyPtr,
+        id: usize,
+        label_values: *mut ModuleBuffer,
+        label_values_length: usize,
+        value: u64,
+    ) -> MetricsResult;
+    pub fn envoy_dynamic_module_callback_http_filter_config_record_histogram_value(
+        filter_config_envoy_ptr: HttpFilterConfigEnvoyPtr,
+        id: usize,
+        label_values: *mut ModuleBuffer,
+        label_values_length: usize,
+        value: u64,
+    ) -> MetricsResult;
+
+    // ----- headers / trailers (worker thread, inside hooks of the stream) -----
+
+    /// Value number `index` of header `key` in the map `header_type`. `result` gets an
+    /// Envoy-owned view (null/0 when absent); `optional_size` (may be null) gets the count of
+    /// values for `key`. Returns false when the map is not available in this phase.
+    /// View valid until the hook returns or the module mutates that map.
+    pub fn envoy_dynamic_module_callback_http_get_header(
+        filter_envoy_ptr: HttpFilterEnvoyPtr,
+        header_type: HttpHeaderType,
+        key: ModuleBuffer,
+        result: *mut EnvoyBuffer,
+        index: usize,
+        optional_size: *mut usize,
+    ) -> bool;
+    /// All values of `key` into `result` (caller sizes it with get_header's optional_size).
+    pub fn envoy_dynamic_module_callback_http_get_header_values(
+        filter_envoy_ptr: HttpFilterEnvoyPtr,
+        header_type: HttpHeaderType,
+        key: ModuleBuffer,
+        result: *mut EnvoyBuffer,
+    ) -> bool;
+    /// Number of entries in the map (0 when unavailable).
+    pub fn envoy_dynamic_module_callback_http_get_headers_size(
+        filter_envoy_ptr: HttpFilterEnvoyPtr,
+        header_type: HttpHeaderType,
+    ) -> usize;
+    /// Fill `result_headers` (length >= get_headers_size) with Envoy-owned views.
+    pub fn envoy_dynamic_module_callback_http_get_headers(
+        filter_envoy_ptr: HttpFilterEnvoyPtr,
+        header_type: HttpHeaderType,
+        result_headers: *mut EnvoyHttpHeader,
+    ) -> bool;
+    /// Replace all values of `key` by `value`. value.ptr == NULL removes the header (this is
+    /// the only "remove header" in the ABI). Envoy copies key/value.
+    pub fn envoy_dynamic_module_callback_http_set_header(
+        filter_envoy_ptr: HttpFilterEnvoyPtr,
+        header_type: HttpHeaderType,
+        key: ModuleBuffer,
+        value: ModuleBuffer,
+    ) -> bool;
+    /// Append one more value for `key` (keeps existing ones). Envoy copies key/value.
+    pub fn envoy_dynamic_module_callback_http_add_header(
+        filter_envoy_ptr: HttpFilterEnvoyPtr,
+        header_type: HttpHeaderType,
+        key: ModuleBuffer,
+        value: ModuleBuffer,
+    ) -> bool;
+
+    // ----- body (worker thread, inside hooks) -----
+
+    pub fn envoy_dynamic_module_callback_http_get_body_size(
+        filter_envoy_ptr: HttpFilterEnvoyPtr,
+        body_type: HttpBodyType,
+    ) -> usize;
+    pub fn envoy_dynamic_module_callback_http_get_body_chunks_size(
+        filter_envoy_ptr: HttpFilterEnvoyPtr,
+        body_type: HttpBodyType,
+    ) -> usize;
+    /// Fill `result_buffer_vector` (length >= get_body_chunks_size) with Envoy-owned slices,
+    /// valid until the hook returns or the body is modified.
+    pub fn envoy_dynamic_module_callback_http_get_body_chunks(
+        filter_envoy_ptr: HttpFilterEnvoyPtr,
+        body_type: HttpBodyType,
+        result_buffer_vector: *mut EnvoyBuffer,
+    ) -> bool;
+    /// Append (copy) `data` to that body. False when that body is not available now.
+    pub fn envoy_dynamic_module_callback_http_append_body(
+        filter_envoy_ptr: HttpFilterEnvoyPtr,
+        body_type: HttpBodyType,
+        data: ModuleBuffer,
+    ) -> bool;
+    /// Drain `number_of_bytes` from the front (all if larger).
+    pub fn envoy_dynamic_module_callback_http_drain_body(
+        filter_envoy_ptr: HttpFilterEnvoyPtr,
+        body_type: HttpBodyType,
+        number_of_bytes: usize,
+    ) -> bool;
+    /// True when the data the current request_body hook got is in fact Envoy's buffered body
+    /// (an earlier filter buffered and resumed).
+    pub fn envoy_dynamic_module_callback_http_received_buffered_request_body(
+        filter_envoy_ptr: HttpFilterEnvoyPtr,
+    ) -> bool;
+    pub fn envoy_dynamic_module_callback_http_received_buffered_response_body(
+        filter_envoy_ptr: HttpFilterEnvoyPtr,
+    ) -> bool;
+
+    // ----- local reply / flow control / stream control -----
+
+    /// Local reply (sendLocalReply): status, extra headers, body, details (response code
+    /// details; empty = none). All module buffers are copied. Return StopIteration (or
+    /// StopAllIteration*) from the hook that calls it.
+    pub fn envoy_dynamic_module_callback_http_send_response(
+        filter_envoy_ptr: HttpFilterEnvoyPtr,
+        status_code: u32,
+        headers_vector: *mut ModuleHttpHeader,
+        headers_vector_size: usize,
+        body: ModuleBuffer,
+        details: ModuleBuffer,
+    );
+    /// Resume the request path after a Stop* return (call on the worker thread, e.g. from the
+    /// scheduled hook).
+    pub fn envoy_dynamic_module_callback_http_filter_continue_decoding(filter_envoy_ptr: HttpFilterEnvoyPtr);
+    /// Resume the response path.
+    pub fn envoy_dynamic_module_callback_http_filter_continue_encoding(filter_envoy_ptr: HttpFilterEnvoyPtr);
+    /// Reset the downstream stream; no hooks but destroy afterwards. details may be empty.
+    pub fn envoy_dynamic_module_callback_http_filter_reset_stream(
+        filter_envoy_ptr: HttpFilterEnvoyPtr,
+        reason: HttpFilterStreamResetReason,
+        details: ModuleBuffer,
+    );
+    /// Clear the route cache (request phase) so routing is re-evaluated.
+    pub fn envoy_dynamic_module_callback_http_clear_route_cache(filter_envoy_ptr: HttpFilterEnvoyPtr);
+
+    // ----- attributes (worker thread, inside hooks) -----
+
+    /// String attribute; `result` is an Envoy-owned view valid until the hook returns.
+    pub fn envoy_dynamic_module_callback_http_filter_get_attribute_string(
+        filter_envoy_ptr: HttpFilterEnvoyPtr,
+        attribute_id: AttributeId,
+        result: *mut EnvoyBuffer,
+    ) -> bool;
+    pub fn envoy_dynamic_module_callback_http_filter_get_attribute_int(
+        filter_envoy_ptr: HttpFilterEnvoyPtr,
+        attribute_id: AttributeId,
+        result: *mut u64,
+    ) -> bool;
+    pub fn envoy_dynamic_module_callback_http_filter_get_attribute_bool(
+        filter_envoy_ptr: HttpFilterEnvoyPtr,
+        attribute_id: AttributeId,
+        result: *mut bool,
+    ) -> bool;
+
+    // ----- schedulers -----
+
+    /// Worker thread (inside a hook). The returned handle is owned by the module.
+    pub fn envoy_dynamic_module_callback_http_filter_scheduler_new(
+        filter_envoy_ptr: HttpFilterEnvoyPtr,
+    ) -> HttpFilterSchedulerModulePtr;
+    /// Any thread. Posts `event_id` to the stream's worker: the scheduled hook runs there.
+    /// A no-op once the filter is gone.
+    pub fn envoy_dynamic_module_callback_http_filter_scheduler_commit(
+        scheduler: HttpFilterSchedulerModulePtr,
+        event_id: u64,
+    );
+    /// Any thread; frees the handle.
+    pub fn envoy_dynamic_module_callback_http_filter_scheduler_delete(scheduler: HttpFilterSchedulerModulePtr);
+
+    /// Main thread (config_new). The returned handle is owned by the module.
+    pub fn envoy_dynamic_module_callback_http_filter_config_scheduler_new(
+        filter_config_envoy_ptr: HttpFilterConfigEnvoyPtr,
+    ) -> HttpFilterConfigSchedulerModulePtr;
+    /// Any thread. The config_scheduled hook runs on the MAIN thread.
+    pub fn envoy_dynamic_module_callback_http_filter_config_scheduler_commit(
+        scheduler: HttpFilterConfigSchedulerModulePtr,
+        event_id: u64,
+    );
+    pub fn envoy_dynamic_module_callback_http_filter_config_scheduler_delete(
+        scheduler: HttpFilterConfigSchedulerModulePtr,
+    );
+
+    // ----- misc -----
+
+    /// Index of the worker running this stream (0..concurrency-1).
+    pub fn envoy_dynamic_module_callback_http_filter_get_worker_index(filter_envoy_ptr: HttpFilterEnvoyPtr) -> u32;
+    /// Ask the load balancer to pick `host` ("ip:port"). strict=false falls back to normal LB.
+    /// Request phase of a downstream filter (before the router picks a host).
+    pub fn envoy_dynamic_module_callback_http_set_upstream_override_host(
+        filter_envoy_ptr: HttpFilterEnvoyPtr,
+        host: ModuleBuffer,
+        strict: bool,
+    ) -> bool;
+
+    // ----- HTTP callouts -----
+
+    /// From a stream filter (worker thread). Headers must include :method, :path, host.
+    /// The done hook runs on the same worker.
+    pub fn envoy_dynamic_module_callback_http_filter_http_callout(
+        filter_envoy_ptr: HttpFilterEnvoyPtr,
+        callout_id_out: *mut u64,
+        cluster_name: ModuleBuffer,
+        headers: *mut ModuleHttpHeader,
+        headers_size: usize,
+        body: ModuleBuffer,
+        timeout_milliseconds: u64,
+    ) -> HttpCalloutInitResult;
+    /// From the config: call on the MAIN thread (e.g. in the config_scheduled hook); uses the
+    /// main thread's cluster manager; the config http_callout_done hook runs on the main thread.
+    /// Caveat (observed): if the target cluster has a dynamic-module upstream filter, that filter
+    /// is instantiated on the main thread and Envoy logs an ENVOY_BUG "failed to parse worker
+    /// index from name" (worker index then reads 0); harmless in release builds.
+    pub fn envoy_dynamic_module_callback_http_filter_config_http_callout(
+        filter_config_envoy_ptr: HttpFilterConfigEnvoyPtr,
+        callout_id_out: *mut u64,
+        cluster_name: ModuleBuffer,
+        headers: *mut ModuleHttpHeader,
+        headers_size: usize,
+        body: ModuleBuffer,
+        timeout_milliseconds: u64,
+    ) -> HttpCalloutInitResult;
+}

@@ -1,0 +1,326 @@
+//! Thin wrappers over Envoy's dynamic-modules callbacks ([`crate::abi`]): a stream's filter
+//! ([`Filter`]), a filter configuration ([`ConfigHandle`]) and their schedulers. Each wrapper
+//! copies what Envoy lends out (a view is only valid inside the hook that got it) and turns
+//! Envoy's `false` into `None` or `false`.
+#![allow(unsafe_code)]
+
+use crate::abi;
+
+#[derive(Debug, Clone, Copy)]
+pub enum Level {
+    Trace,
+    Debug,
+    Info,
+    Warn,
+    Error,
+    Critical,
+}
+
+pub fn log(level: Level, msg: &[u8]) {
+    let level = match level {
+        Level::Trace => abi::LOG_TRACE,
+        Level::Debug => abi::LOG_DEBUG,
+        Level::Info => abi::LOG_INFO,
+        Level::Warn => abi::LOG_WARN,
+        Level::Error => abi::LOG_ERROR,
+        Level::Critical => abi::LOG_CRITICAL,
+    };
+    // SAFETY: Envoy copies the message during the call; it checks the level itself.
+    unsafe { abi::envoy_dynamic_module_callback_log(level, abi::ModuleBuffer::from_bytes(msg)) }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum HeaderMap {
+    RequestHeaders,
+    RequestTrailers,
+    ResponseHeaders,
+    ResponseTrailers,
+}
+
+impl HeaderMap {
+    fn abi(self) -> abi::HttpHeaderType {
+        match self {
+            HeaderMap::RequestHeaders => abi::HEADER_REQUEST,
+            HeaderMap::RequestTrailers => abi::TRAILER_REQUEST,
+            HeaderMap::ResponseHeaders => abi::HEADER_RESPONSE,
+            HeaderMap::ResponseTrailers => abi::TRAILER_RESPONSE,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Dir {
+    Request,
+    Response,
+}
+
+impl Dir {
+    /// (buffered, received) body types of the direction.
+    fn bodies(self) -> [abi::HttpBodyType; 2] {
+        match self {
+            Dir::Request => [abi::BODY_BUFFERED_REQUEST, abi::BODY_RECEIVED_REQUEST],
+            Dir::Response => [abi::BODY_BUFFERED_RESPONSE, abi::BODY_RECEIVED_RESPONSE],
+        }
+    }
+
+    fn received_is_buffered(self, f: abi::HttpFilterEnvoyPtr) -> bool {
+        // SAFETY: `f` is the live filter of the current hook.
+        unsafe {
+            match self {
+                Dir::Request => abi::envoy_dynamic_module_callback_http_received_buffered_request_body(f),
+                Dir::Response => abi::envoy_dynamic_module_callback_http_received_buffered_response_body(f),
+            }
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy)]
+pub enum Attr {
+    UpstreamAddress,
+    ResponseCodeDetails,
+    ResponseFlags,
+    ResponseCode,
+    RequestId,
+}
+
+/// Envoy's filter of one stream; valid from `on_http_filter_new` until its destroy hook.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct Filter(pub abi::HttpFilterEnvoyPtr);
+
+fn copy(b: abi::EnvoyBuffer) -> Vec<u8> {
+    // SAFETY: a view Envoy just filled, valid for this hook; copied at once.
+    unsafe { b.as_bytes().to_vec() }
+}
+
+impl Filter {
+    pub fn header(self, map: HeaderMap, name: &[u8]) -> Option<Vec<u8>> {
+        let mut out = abi::EnvoyBuffer::null();
+        // SAFETY: live filter; `name` is read during the call; `out` is ours.
+        let ok = unsafe { abi::envoy_dynamic_module_callback_http_get_header(self.0, map.abi(), abi::ModuleBuffer::from_bytes(name), &mut out, 0, std::ptr::null_mut()) };
+        (ok && !out.ptr.is_null()).then(|| copy(out))
+    }
+
+    pub fn header_count(self, map: HeaderMap) -> usize {
+        // SAFETY: live filter.
+        unsafe { abi::envoy_dynamic_module_callback_http_get_headers_size(self.0, map.abi()) }
+    }
+
+    pub fn headers(self, map: HeaderMap) -> Vec<(Vec<u8>, Vec<u8>)> {
+        let n = self.header_count(map);
+        if n == 0 {
+            return Vec::new();
+        }
+        let mut views = vec![abi::EnvoyHttpHeader { key_ptr: std::ptr::null(), key_length: 0, value_ptr: std::ptr::null(), value_length: 0 }; n];
+        // SAFETY: `views` holds the `n` entries Envoy reported for this map.
+        if !unsafe { abi::envoy_dynamic_module_callback_http_get_headers(self.0, map.abi(), views.as_mut_ptr()) } {
+            return Vec::new();
+        }
+        views.iter().map(|h| (copy(abi::EnvoyBuffer { ptr: h.key_ptr, length: h.key_length }), copy(abi::EnvoyBuffer { ptr: h.value_ptr, length: h.value_length }))).collect()
+    }
+
+    pub fn set_header(self, map: HeaderMap, name: &[u8], value: &[u8]) -> bool {
+        // A zero-length value must still be a value: a NULL pointer removes the header.
+        let value = abi::ModuleBuffer { ptr: value.as_ptr().cast(), length: value.len() };
+        // SAFETY: live filter; Envoy copies both.
+        unsafe { abi::envoy_dynamic_module_callback_http_set_header(self.0, map.abi(), abi::ModuleBuffer::from_bytes(name), value) }
+    }
+
+    pub fn remove_header(self, map: HeaderMap, name: &[u8]) -> bool {
+        // SAFETY: live filter; a NULL value removes the header.
+        unsafe { abi::envoy_dynamic_module_callback_http_set_header(self.0, map.abi(), abi::ModuleBuffer::from_bytes(name), abi::ModuleBuffer::null()) }
+    }
+
+    pub fn add_header(self, map: HeaderMap, name: &[u8], value: &[u8]) -> bool {
+        let value = abi::ModuleBuffer { ptr: value.as_ptr().cast(), length: value.len() };
+        // SAFETY: live filter; Envoy copies both.
+        unsafe { abi::envoy_dynamic_module_callback_http_add_header(self.0, map.abi(), abi::ModuleBuffer::from_bytes(name), value) }
+    }
+
+    fn body_parts(self, dir: Dir) -> Vec<abi::HttpBodyType> {
+        let [buffered, received] = dir.bodies();
+        // When what the hook received is Envoy's buffer itself, reading both would read it twice.
+        if dir.received_is_buffered(self.0) { vec![buffered] } else { vec![buffered, received] }
+    }
+
+    /// The body as the Proxy-Wasm filter sees it: what Envoy buffered, then what this hook got.
+    pub fn body(self, dir: Dir) -> Vec<u8> {
+        let mut out = Vec::with_capacity(self.body_len(dir));
+        for t in self.body_parts(dir) {
+            // SAFETY: live filter.
+            let n = unsafe { abi::envoy_dynamic_module_callback_http_get_body_chunks_size(self.0, t) };
+            if n == 0 {
+                continue;
+            }
+            let mut chunks = vec![abi::EnvoyBuffer::null(); n];
+            // SAFETY: `chunks` holds the `n` slices Envoy reported; copied at once.
+            if unsafe { abi::envoy_dynamic_module_callback_http_get_body_chunks(self.0, t, chunks.as_mut_ptr()) } {
+                for c in &chunks {
+                    // SAFETY: as above.
+                    out.extend_from_slice(unsafe { c.as_bytes() });
+                }
+            }
+        }
+        out
+    }
+
+    pub fn body_len(self, dir: Dir) -> usize {
+        // SAFETY: live filter.
+        self.body_parts(dir).into_iter().map(|t| unsafe { abi::envoy_dynamic_module_callback_http_get_body_size(self.0, t) }).sum()
+    }
+
+    /// Replaces the whole body (buffered and received) with `bytes`.
+    pub fn replace_body(self, dir: Dir, bytes: &[u8]) -> bool {
+        let parts = self.body_parts(dir);
+        for &t in &parts {
+            // SAFETY: live filter; drains everything of that body.
+            unsafe { abi::envoy_dynamic_module_callback_http_drain_body(self.0, t, usize::MAX) };
+        }
+        if bytes.is_empty() {
+            return true;
+        }
+        // The new bytes go where this hook's data is (sent on when the hook continues).
+        let target = parts.last().copied().unwrap_or(dir.bodies()[1]);
+        // SAFETY: live filter; Envoy copies the bytes.
+        unsafe { abi::envoy_dynamic_module_callback_http_append_body(self.0, target, abi::ModuleBuffer::from_bytes(bytes)) }
+    }
+
+    pub fn send_response(self, status: u32, headers: &[(&[u8], &[u8])], body: &[u8], details: &[u8]) {
+        let mut hs: Vec<abi::ModuleHttpHeader> = headers.iter().map(|(k, v)| abi::ModuleHttpHeader { key_ptr: k.as_ptr().cast(), key_length: k.len(), value_ptr: v.as_ptr().cast(), value_length: v.len() }).collect();
+        // SAFETY: live filter; Envoy copies headers, body and details during the call.
+        unsafe { abi::envoy_dynamic_module_callback_http_send_response(self.0, status, hs.as_mut_ptr(), hs.len(), abi::ModuleBuffer::from_bytes(body), abi::ModuleBuffer::from_bytes(details)) }
+    }
+
+    pub fn continue_decoding(self) {
+        // SAFETY: live filter, on its worker thread.
+        unsafe { abi::envoy_dynamic_module_callback_http_filter_continue_decoding(self.0) }
+    }
+
+    pub fn continue_encoding(self) {
+        // SAFETY: live filter, on its worker thread.
+        unsafe { abi::envoy_dynamic_module_callback_http_filter_continue_encoding(self.0) }
+    }
+
+    pub fn reset(self) {
+        // SAFETY: live filter, on its worker thread.
+        unsafe { abi::envoy_dynamic_module_callback_http_filter_reset_stream(self.0, abi::FILTER_RESET_LOCAL_RESET, abi::ModuleBuffer::from_bytes(b"gpuha_reset")) }
+    }
+
+    fn attr_id(a: Attr) -> abi::AttributeId {
+        match a {
+            Attr::UpstreamAddress => abi::ATTR_UPSTREAM_ADDRESS,
+            Attr::ResponseCodeDetails => abi::ATTR_RESPONSE_CODE_DETAILS,
+            Attr::ResponseFlags => abi::ATTR_RESPONSE_FLAGS,
+            Attr::ResponseCode => abi::ATTR_RESPONSE_CODE,
+            Attr::RequestId => abi::ATTR_REQUEST_ID,
+        }
+    }
+
+    pub fn attr_string(self, a: Attr) -> Option<Vec<u8>> {
+        let mut out = abi::EnvoyBuffer::null();
+        // SAFETY: live filter; `out` is ours.
+        let ok = unsafe { abi::envoy_dynamic_module_callback_http_filter_get_attribute_string(self.0, Self::attr_id(a), &mut out) };
+        ok.then(|| copy(out))
+    }
+
+    pub fn attr_int(self, a: Attr) -> Option<u64> {
+        let mut out = 0u64;
+        // SAFETY: live filter; `out` is ours.
+        let ok = unsafe { abi::envoy_dynamic_module_callback_http_filter_get_attribute_int(self.0, Self::attr_id(a), &mut out) };
+        ok.then_some(out)
+    }
+
+    /// A scheduler whose events run this filter's scheduled hook on its worker thread.
+    pub fn scheduler(self) -> Option<Scheduler> {
+        // SAFETY: live filter, inside one of its hooks.
+        let p = unsafe { abi::envoy_dynamic_module_callback_http_filter_scheduler_new(self.0) };
+        (!p.is_null()).then_some(Scheduler(p))
+    }
+}
+
+/// A filter's scheduler; any thread may commit to it, and Envoy ignores commits once the
+/// filter is gone. Owned: deleted on drop.
+pub struct Scheduler(abi::HttpFilterSchedulerModulePtr);
+
+// SAFETY: Envoy's scheduler handles are made to be committed from other threads.
+unsafe impl Send for Scheduler {}
+
+impl Scheduler {
+    pub fn commit(&self, event: u64) {
+        // SAFETY: a live handle (deleted only on drop).
+        unsafe { abi::envoy_dynamic_module_callback_http_filter_scheduler_commit(self.0, event) }
+    }
+}
+
+impl Drop for Scheduler {
+    fn drop(&mut self) {
+        // SAFETY: ours, deleted once.
+        unsafe { abi::envoy_dynamic_module_callback_http_filter_scheduler_delete(self.0) }
+    }
+}
+
+/// A configuration's scheduler: its events run the config's scheduled hook on the main thread.
+pub struct ConfigScheduler(abi::HttpFilterConfigSchedulerModulePtr);
+
+// SAFETY: as [`Scheduler`].
+unsafe impl Send for ConfigScheduler {}
+// SAFETY: commit takes `&self` and Envoy's handle is thread-safe.
+unsafe impl Sync for ConfigScheduler {}
+
+impl ConfigScheduler {
+    pub fn commit(&self, event: u64) {
+        // SAFETY: a live handle (deleted only on drop).
+        unsafe { abi::envoy_dynamic_module_callback_http_filter_config_scheduler_commit(self.0, event) }
+    }
+}
+
+impl Drop for ConfigScheduler {
+    fn drop(&mut self) {
+        // SAFETY: ours, deleted once.
+        unsafe { abi::envoy_dynamic_module_callback_http_filter_config_scheduler_delete(self.0) }
+    }
+}
+
+/// Envoy's side of a filter configuration; valid from config_new until its destroy hook.
+#[derive(Debug, Clone, Copy)]
+pub struct ConfigHandle(pub abi::HttpFilterConfigEnvoyPtr);
+
+// SAFETY: only used for calls Envoy documents as thread-safe (counter increments, scheduler
+// commits) off the main thread.
+unsafe impl Send for ConfigHandle {}
+// SAFETY: as above.
+unsafe impl Sync for ConfigHandle {}
+
+impl ConfigHandle {
+    /// Defines a counter (only while Envoy creates the configuration: stats freeze after).
+    pub fn define_counter(self, name: &str) -> Option<usize> {
+        let mut id = 0usize;
+        // SAFETY: live config inside config_new; Envoy copies the name.
+        let r = unsafe { abi::envoy_dynamic_module_callback_http_filter_config_define_counter(self.0, abi::ModuleBuffer::from_bytes(name.as_bytes()), std::ptr::null_mut(), 0, &mut id) };
+        (r == abi::METRICS_SUCCESS).then_some(id)
+    }
+
+    pub fn increment_counter(self, id: usize, n: u64) -> bool {
+        // SAFETY: live config; Envoy's counters are thread-safe.
+        unsafe { abi::envoy_dynamic_module_callback_http_filter_config_increment_counter(self.0, id, std::ptr::null_mut(), 0, n) == abi::METRICS_SUCCESS }
+    }
+
+    pub fn scheduler(self) -> Option<ConfigScheduler> {
+        // SAFETY: live config, on the main thread.
+        let p = unsafe { abi::envoy_dynamic_module_callback_http_filter_config_scheduler_new(self.0) };
+        (!p.is_null()).then_some(ConfigScheduler(p))
+    }
+
+    /// An HTTP call from the main thread; its answer comes to the config's callout-done hook.
+    pub fn callout(self, cluster: &str, headers: &[(&[u8], &[u8])], body: &[u8], timeout_ms: u32) -> Option<u64> {
+        let mut hs: Vec<abi::ModuleHttpHeader> = headers.iter().map(|(k, v)| abi::ModuleHttpHeader { key_ptr: k.as_ptr().cast(), key_length: k.len(), value_ptr: v.as_ptr().cast(), value_length: v.len() }).collect();
+        let mut id = 0u64;
+        // SAFETY: live config, main thread; Envoy copies everything it keeps.
+        let r = unsafe { abi::envoy_dynamic_module_callback_http_filter_config_http_callout(self.0, &mut id, abi::ModuleBuffer::from_bytes(cluster.as_bytes()), hs.as_mut_ptr(), hs.len(), abi::ModuleBuffer::from_bytes(body), u64::from(timeout_ms)) };
+        if r == abi::CALLOUT_INIT_SUCCESS {
+            Some(id)
+        } else {
+            log(Level::Warn, format!("gpuha native: HTTP call to cluster {cluster} not started (code {r})").as_bytes());
+            None
+        }
+    }
+}

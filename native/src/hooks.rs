@@ -1,0 +1,472 @@
+//! Envoy's dynamic-module event hooks for the HTTP filter, each turned into the Proxy-Wasm
+//! SDK's entry point for the same event (`proxy_on_request_headers`, ...), with the thread's
+//! current call ([`crate::host::Cur`]) set for the host functions the filter calls back.
+//!
+//! Contexts are per thread, as Envoy's Wasm VMs are ([`crate::contexts`]). A root context is
+//! made for the main thread when Envoy creates the configuration (its counters are defined
+//! then; Envoy freezes stats creation after) and for each worker thread on its first request.
+//!
+//! A local reply the filter sends from inside one of its own hooks is sent when the SDK has
+//! returned from that hook, as Envoy's Wasm host defers it: sent at once, Envoy would run the
+//! filter's response hooks inside the SDK's request hook.
+#![allow(unsafe_code)]
+
+use std::cell::{Cell, RefCell};
+use std::collections::{HashMap, VecDeque};
+use std::ffi::c_char;
+use std::sync::Arc;
+
+use crate::abi;
+use crate::contexts::Contexts;
+use crate::dm::{ConfigHandle, Filter, HeaderMap, Level};
+use crate::host::{with_cur, Cur};
+use crate::plugin::{Callout, Plugin, Ticks, TICK};
+
+// The Proxy-Wasm SDK's exports (its dispatcher) and the filter's start (`proxy_wasm::main!`).
+extern "C" {
+    fn _initialize();
+    fn proxy_on_context_create(context_id: u32, root_context_id: u32);
+    fn proxy_on_vm_start(context_id: u32, vm_configuration_size: usize) -> bool;
+    fn proxy_on_configure(context_id: u32, plugin_configuration_size: usize) -> bool;
+    fn proxy_on_tick(context_id: u32);
+    fn proxy_on_request_headers(context_id: u32, num_headers: usize, end_of_stream: bool) -> u32;
+    fn proxy_on_request_body(context_id: u32, body_size: usize, end_of_stream: bool) -> u32;
+    fn proxy_on_request_trailers(context_id: u32, num_trailers: usize) -> u32;
+    fn proxy_on_response_headers(context_id: u32, num_headers: usize, end_of_stream: bool) -> u32;
+    fn proxy_on_response_body(context_id: u32, body_size: usize, end_of_stream: bool) -> u32;
+    fn proxy_on_response_trailers(context_id: u32, num_trailers: usize) -> u32;
+    fn proxy_on_done(context_id: u32) -> bool;
+    fn proxy_on_log(context_id: u32);
+    fn proxy_on_delete(context_id: u32);
+    fn proxy_on_http_call_response(context_id: u32, token: u32, num_headers: usize, body_size: usize, num_trailers: usize);
+}
+
+/// The SDK's `Action::Pause`.
+const PAUSE: u32 = 1;
+
+/// A local reply held until the SDK returns from the hook that sent it.
+pub struct Reply {
+    pub status: u32,
+    pub headers: Vec<(Vec<u8>, Vec<u8>)>,
+    pub body: Vec<u8>,
+    pub details: Vec<u8>,
+}
+
+thread_local! {
+    static CONTEXTS: RefCell<Contexts<Filter>> = RefCell::new(Contexts::default());
+    static STARTED: Cell<bool> = const { Cell::new(false) };
+    /// The filter whose hook the SDK is in, and a reply it sent from there.
+    static IN_HOOK: Cell<Option<Filter>> = const { Cell::new(None) };
+    static HELD_REPLY: RefCell<Option<Reply>> = const { RefCell::new(None) };
+}
+
+/// The Envoy filter of a live HTTP context of this thread (`proxy_set_effective_context`).
+pub fn filter_of(context_id: u32) -> Option<Filter> {
+    CONTEXTS.with(|c| c.borrow().filter(context_id))
+}
+
+/// How a downstream stream ended (its flags and details), for the upstream filters of the same
+/// request that end after it: Envoy's Wasm host shows an upstream filter the downstream
+/// stream's `response.*` attributes; a dynamic module's upstream filter sees its own attempt's.
+#[derive(Debug, Clone)]
+pub struct Ending {
+    pub flags: u64,
+    pub details: Option<Vec<u8>>,
+}
+
+/// Endings kept per thread, oldest dropped first (an entry is taken by the request's last
+/// attempt; one whose attempts all ended first is never taken).
+const ENDINGS_KEPT: usize = 1024;
+
+thread_local! {
+    /// Each live stream's `x-request-id`, by its Envoy filter.
+    static REQUEST_IDS: RefCell<HashMap<Filter, Vec<u8>>> = RefCell::new(HashMap::new());
+    static ENDINGS: RefCell<VecDeque<(Vec<u8>, Ending)>> = const { RefCell::new(VecDeque::new()) };
+}
+
+/// How the downstream stream of `f`'s request ended, if it has.
+pub fn downstream_ending(f: Filter) -> Option<Ending> {
+    let id = REQUEST_IDS.with(|r| r.borrow().get(&f).cloned())?;
+    ENDINGS.with(|e| e.borrow().iter().rev().find(|(k, _)| *k == id).map(|(_, v)| v.clone()))
+}
+
+fn note_request_id(f: Filter) {
+    if let Some(id) = f.header(HeaderMap::RequestHeaders, b"x-request-id") {
+        REQUEST_IDS.with(|r| r.borrow_mut().insert(f, id));
+    }
+}
+
+/// Keeps how a downstream stream ended (only downstream filters get stream_complete).
+fn note_ending(f: Filter) {
+    let Some(id) = REQUEST_IDS.with(|r| r.borrow().get(&f).cloned()) else { return };
+    let ending = Ending { flags: f.attr_int(crate::dm::Attr::ResponseFlags).unwrap_or(0), details: f.attr_string(crate::dm::Attr::ResponseCodeDetails) };
+    ENDINGS.with(|e| {
+        let mut e = e.borrow_mut();
+        if e.len() >= ENDINGS_KEPT {
+            e.pop_front();
+        }
+        e.push_back((id, ending));
+    });
+}
+
+/// Whether `context_id` is a root context of this thread.
+pub fn is_root(context_id: u32) -> bool {
+    CONTEXTS.with(|c| c.borrow().is_root(context_id))
+}
+
+/// Holds `reply` when `f` is inside one of its hooks (sent when the hook returns); `Err` gives
+/// it back to be sent now.
+pub fn hold_reply(f: Filter, reply: Reply) -> Result<(), Reply> {
+    if IN_HOOK.with(Cell::get) == Some(f) {
+        HELD_REPLY.with(|r| *r.borrow_mut() = Some(reply));
+        Ok(())
+    } else {
+        Err(reply)
+    }
+}
+
+pub fn send(f: Filter, r: &Reply) {
+    let headers: Vec<(&[u8], &[u8])> = r.headers.iter().map(|(k, v)| (k.as_slice(), v.as_slice())).collect();
+    f.send_response(r.status, &headers, &r.body, &r.details);
+}
+
+fn start_thread() {
+    if !STARTED.with(|s| s.replace(true)) {
+        // SAFETY: the filter's start: registers its root context factory in this thread's SDK
+        // dispatcher (the dispatcher is thread-local, like a Wasm VM).
+        unsafe { _initialize() };
+    }
+}
+
+/// This thread's root context of `p`, made and configured on first use; `None` when the
+/// configuration fails there (the request then passes untouched).
+fn root_of(p: &Arc<Plugin>) -> Option<u32> {
+    start_thread();
+    let (id, new) = CONTEXTS.with(|c| c.borrow_mut().root(p.serial));
+    if !new {
+        return Some(id);
+    }
+    let ok = with_cur(Cur::Root(p.clone()), || {
+        // SAFETY: the SDK's entry points, on this thread's dispatcher.
+        unsafe {
+            proxy_on_context_create(id, 0);
+            proxy_on_vm_start(id, 0) && proxy_on_configure(id, p.configuration.len())
+        }
+    });
+    if !ok {
+        CONTEXTS.with(|c| c.borrow_mut().drop_root(p.serial));
+        crate::dm::log(Level::Error, b"gpuha native: the filter refused its configuration on this thread; requests pass untouched");
+        return None;
+    }
+    Some(id)
+}
+
+/// The module's side of a stream's filter.
+struct Stream {
+    plugin: Arc<Plugin>,
+    /// `None`: the configuration failed on this thread; everything passes.
+    id: Option<u32>,
+    envoy: Filter,
+    done: bool,
+}
+
+/// Runs an SDK hook of `s` with the current call set to its filter, then sends a reply it held.
+/// `(answer, replied)`.
+fn in_hook(s: &Stream, f: impl FnOnce(u32) -> u32) -> (u32, bool) {
+    let Some(id) = s.id else { return (0, false) };
+    let prev = IN_HOOK.with(|h| h.replace(Some(s.envoy)));
+    let answer = with_cur(Cur::Http(s.plugin.clone(), s.envoy), || f(id));
+    IN_HOOK.with(|h| h.set(prev));
+    match HELD_REPLY.with(|r| r.borrow_mut().take()) {
+        Some(r) => {
+            send(s.envoy, &r);
+            (answer, true)
+        }
+        None => (answer, false),
+    }
+}
+
+/// # Safety
+/// `ptr` is a module filter pointer this module returned from `on_http_filter_new`.
+unsafe fn stream<'a>(ptr: abi::HttpFilterModulePtr) -> &'a mut Stream {
+    // SAFETY: per the contract above; Envoy calls a stream's hooks on one thread, one at a time.
+    unsafe { &mut *(ptr as *mut Stream) }
+}
+
+/// # Safety
+/// `ptr` is a module config pointer this module returned from config_new, not yet destroyed.
+unsafe fn plugin_of(ptr: abi::HttpFilterConfigModulePtr) -> Arc<Plugin> {
+    // SAFETY: the pointer is `Arc::into_raw` of a live plugin; this adds one owner.
+    unsafe {
+        Arc::increment_strong_count(ptr as *const Plugin);
+        Arc::from_raw(ptr as *const Plugin)
+    }
+}
+
+#[no_mangle]
+pub extern "C" fn envoy_dynamic_module_on_program_init() -> *const c_char {
+    abi::ABI_VERSION.as_ptr().cast()
+}
+
+#[no_mangle]
+pub extern "C" fn envoy_dynamic_module_on_http_filter_config_new(envoy: abi::HttpFilterConfigEnvoyPtr, _name: abi::EnvoyBuffer, config: abi::EnvoyBuffer) -> abi::HttpFilterConfigModulePtr {
+    // SAFETY: Envoy's view of `filter_config`, valid during this call (copied by `Plugin::new`).
+    let bytes = unsafe { config.as_bytes() };
+    let plugin = match Plugin::new(ConfigHandle(envoy), bytes) {
+        Ok(p) => Arc::new(p),
+        Err(e) => {
+            crate::dm::log(Level::Error, format!("gpuha native: bad filter configuration: {e}").as_bytes());
+            return std::ptr::null();
+        }
+    };
+    // The main thread's root: defines the counters while Envoy allows it, and ticks the picker.
+    let Some(root) = root_of(&plugin) else { return std::ptr::null() };
+    plugin.main_root.store(root, std::sync::atomic::Ordering::Relaxed);
+    plugin.defined();
+    Arc::into_raw(plugin).cast()
+}
+
+#[no_mangle]
+pub extern "C" fn envoy_dynamic_module_on_http_filter_config_destroy(config: abi::HttpFilterConfigModulePtr) {
+    // SAFETY: the owner `config_new` handed out, given back once.
+    let plugin = unsafe { Arc::from_raw(config as *const Plugin) };
+    plugin.stop();
+}
+
+#[no_mangle]
+pub extern "C" fn envoy_dynamic_module_on_http_filter_new(config: abi::HttpFilterConfigModulePtr, envoy: abi::HttpFilterEnvoyPtr) -> abi::HttpFilterModulePtr {
+    // SAFETY: a live configuration (Envoy destroys it only after its filters).
+    let plugin = unsafe { plugin_of(config) };
+    let envoy = Filter(envoy);
+    let id = root_of(&plugin).map(|root| {
+        let (id, seat) = CONTEXTS.with(|c| c.borrow_mut().open(plugin.serial, envoy));
+        with_cur(Cur::Root(plugin.clone()), || {
+            // SAFETY: the SDK's entry point, on this thread's dispatcher.
+            unsafe { proxy_on_context_create(id, root) }
+        });
+        if seat && plugin.ticks == Ticks::WorkerThreads {
+            plugin.seat(std::thread::current().id(), envoy.scheduler());
+        }
+        id
+    });
+    Box::into_raw(Box::new(Stream { plugin, id, envoy, done: false })) as abi::HttpFilterModulePtr
+}
+
+fn headers_status(answer: u32, replied: bool) -> abi::HeadersStatus {
+    if answer == PAUSE || replied { abi::HEADERS_STOP_ITERATION } else { abi::HEADERS_CONTINUE }
+}
+
+fn body_status(answer: u32, replied: bool) -> abi::BodyStatus {
+    if replied {
+        abi::BODY_STOP_ITERATION_NO_BUFFER
+    } else if answer == PAUSE {
+        abi::BODY_STOP_ITERATION_AND_BUFFER
+    } else {
+        abi::BODY_CONTINUE
+    }
+}
+
+fn trailers_status(answer: u32, replied: bool) -> abi::TrailersStatus {
+    if answer == PAUSE || replied { abi::TRAILERS_STOP_ITERATION } else { abi::TRAILERS_CONTINUE }
+}
+
+#[no_mangle]
+pub extern "C" fn envoy_dynamic_module_on_http_filter_request_headers(_envoy: abi::HttpFilterEnvoyPtr, filter: abi::HttpFilterModulePtr, end_of_stream: bool) -> abi::HeadersStatus {
+    // SAFETY: ours, from `on_http_filter_new`.
+    let s = unsafe { stream(filter) };
+    note_request_id(s.envoy);
+    let n = s.envoy.header_count(HeaderMap::RequestHeaders);
+    // SAFETY: the SDK's entry point for a context of this thread.
+    let (a, r) = in_hook(s, |id| unsafe { proxy_on_request_headers(id, n, end_of_stream) });
+    headers_status(a, r)
+}
+
+#[no_mangle]
+pub extern "C" fn envoy_dynamic_module_on_http_filter_request_body(_envoy: abi::HttpFilterEnvoyPtr, filter: abi::HttpFilterModulePtr, end_of_stream: bool) -> abi::BodyStatus {
+    // SAFETY: ours.
+    let s = unsafe { stream(filter) };
+    let n = s.envoy.body_len(crate::dm::Dir::Request);
+    // SAFETY: as above.
+    let (a, r) = in_hook(s, |id| unsafe { proxy_on_request_body(id, n, end_of_stream) });
+    body_status(a, r)
+}
+
+#[no_mangle]
+pub extern "C" fn envoy_dynamic_module_on_http_filter_request_trailers(_envoy: abi::HttpFilterEnvoyPtr, filter: abi::HttpFilterModulePtr) -> abi::TrailersStatus {
+    // SAFETY: ours.
+    let s = unsafe { stream(filter) };
+    let n = s.envoy.header_count(HeaderMap::RequestTrailers);
+    // SAFETY: as above.
+    let (a, r) = in_hook(s, |id| unsafe { proxy_on_request_trailers(id, n) });
+    trailers_status(a, r)
+}
+
+#[no_mangle]
+pub extern "C" fn envoy_dynamic_module_on_http_filter_response_headers(_envoy: abi::HttpFilterEnvoyPtr, filter: abi::HttpFilterModulePtr, end_of_stream: bool) -> abi::HeadersStatus {
+    // SAFETY: ours.
+    let s = unsafe { stream(filter) };
+    let n = s.envoy.header_count(HeaderMap::ResponseHeaders);
+    // SAFETY: as above.
+    let (a, r) = in_hook(s, |id| unsafe { proxy_on_response_headers(id, n, end_of_stream) });
+    headers_status(a, r)
+}
+
+#[no_mangle]
+pub extern "C" fn envoy_dynamic_module_on_http_filter_response_body(_envoy: abi::HttpFilterEnvoyPtr, filter: abi::HttpFilterModulePtr, end_of_stream: bool) -> abi::BodyStatus {
+    // SAFETY: ours.
+    let s = unsafe { stream(filter) };
+    let n = s.envoy.body_len(crate::dm::Dir::Response);
+    // SAFETY: as above.
+    let (a, r) = in_hook(s, |id| unsafe { proxy_on_response_body(id, n, end_of_stream) });
+    body_status(a, r)
+}
+
+#[no_mangle]
+pub extern "C" fn envoy_dynamic_module_on_http_filter_response_trailers(_envoy: abi::HttpFilterEnvoyPtr, filter: abi::HttpFilterModulePtr) -> abi::TrailersStatus {
+    // SAFETY: ours.
+    let s = unsafe { stream(filter) };
+    let n = s.envoy.header_count(HeaderMap::ResponseTrailers);
+    // SAFETY: as above.
+    let (a, r) = in_hook(s, |id| unsafe { proxy_on_response_trailers(id, n) });
+    trailers_status(a, r)
+}
+
+/// The stream is over: the SDK's done and log (Envoy's Wasm host calls both when the stream ends).
+fn finish(s: &mut Stream) {
+    if std::mem::replace(&mut s.done, true) {
+        return;
+    }
+    // SAFETY: the SDK's entry points for a context of this thread.
+    in_hook(s, |id| unsafe {
+        proxy_on_done(id);
+        proxy_on_log(id);
+        0
+    });
+}
+
+#[no_mangle]
+pub extern "C" fn envoy_dynamic_module_on_http_filter_stream_complete(_envoy: abi::HttpFilterEnvoyPtr, filter: abi::HttpFilterModulePtr) {
+    // SAFETY: ours.
+    let s = unsafe { stream(filter) };
+    note_ending(s.envoy);
+    finish(s);
+}
+
+#[no_mangle]
+pub extern "C" fn envoy_dynamic_module_on_http_filter_destroy(filter: abi::HttpFilterModulePtr) {
+    // SAFETY: ours, given back once: Envoy calls no hook of it after this.
+    let mut s = unsafe { Box::from_raw(filter as *mut Stream) };
+    finish(&mut s);
+    REQUEST_IDS.with(|r| r.borrow_mut().remove(&s.envoy));
+    let Some(id) = s.id else { return };
+    with_cur(Cur::Root(s.plugin.clone()), || {
+        // SAFETY: the SDK's entry point for a context of this thread.
+        unsafe { proxy_on_delete(id) }
+    });
+    let moved = CONTEXTS.with(|c| c.borrow_mut().close(id));
+    if let (Some(next), Ticks::WorkerThreads) = (moved, s.plugin.ticks) {
+        // The tick seat passes to another live filter of this thread, or lapses.
+        s.plugin.seat(std::thread::current().id(), next.and_then(|(_, f)| f.scheduler()));
+    }
+}
+
+#[no_mangle]
+pub extern "C" fn envoy_dynamic_module_on_http_filter_scheduled(_envoy: abi::HttpFilterEnvoyPtr, filter: abi::HttpFilterModulePtr, event: u64) {
+    // SAFETY: ours.
+    let s = unsafe { stream(filter) };
+    if event != TICK {
+        return;
+    }
+    let Some(root) = root_of(&s.plugin) else { return };
+    with_cur(Cur::Root(s.plugin.clone()), || {
+        // SAFETY: the SDK's entry point for this thread's root.
+        unsafe { proxy_on_tick(root) }
+    });
+}
+
+#[no_mangle]
+pub extern "C" fn envoy_dynamic_module_on_http_filter_config_scheduled(_envoy: abi::HttpFilterConfigEnvoyPtr, config: abi::HttpFilterConfigModulePtr, event: u64) {
+    // SAFETY: a live configuration.
+    let plugin = unsafe { plugin_of(config) };
+    let root = plugin.main_root.load(std::sync::atomic::Ordering::Relaxed);
+    if event != TICK || root == 0 {
+        return;
+    }
+    with_cur(Cur::Root(plugin.clone()), || {
+        // SAFETY: the SDK's entry point for the main thread's root (this hook runs there).
+        unsafe { proxy_on_tick(root) }
+    });
+}
+
+/// Copies Envoy's views of a finished HTTP call.
+///
+/// # Safety
+/// The pointers and counts Envoy passed to a callout-done hook, during that hook.
+unsafe fn callout_answer(headers: *mut abi::EnvoyHttpHeader, n_headers: usize, chunks: *mut abi::EnvoyBuffer, n_chunks: usize) -> Callout {
+    let mut out = Callout { headers: Vec::new(), body: Vec::new() };
+    if !headers.is_null() {
+        // SAFETY: per the contract.
+        for h in unsafe { std::slice::from_raw_parts(headers, n_headers) } {
+            // SAFETY: views valid during the hook.
+            let (k, v) = unsafe { (abi::EnvoyBuffer { ptr: h.key_ptr, length: h.key_length }.as_bytes(), abi::EnvoyBuffer { ptr: h.value_ptr, length: h.value_length }.as_bytes()) };
+            out.headers.push((k.to_vec(), v.to_vec()));
+        }
+    }
+    if !chunks.is_null() {
+        // SAFETY: per the contract.
+        for c in unsafe { std::slice::from_raw_parts(chunks, n_chunks) } {
+            // SAFETY: views valid during the hook.
+            out.body.extend_from_slice(unsafe { c.as_bytes() });
+        }
+    }
+    out
+}
+
+#[no_mangle]
+#[allow(clippy::too_many_arguments)]
+pub extern "C" fn envoy_dynamic_module_on_http_filter_config_http_callout_done(_envoy: abi::HttpFilterConfigEnvoyPtr, config: abi::HttpFilterConfigModulePtr, callout_id: u64, result: abi::HttpCalloutResult, headers: *mut abi::EnvoyHttpHeader, n_headers: usize, chunks: *mut abi::EnvoyBuffer, n_chunks: usize) {
+    // SAFETY: a live configuration.
+    let plugin = unsafe { plugin_of(config) };
+    let root = plugin.main_root.load(std::sync::atomic::Ordering::Relaxed);
+    let Some(token) = plugin.callout_done(callout_id) else { return };
+    // A failed call reaches the SDK with no headers and no body, as from Envoy's Wasm host.
+    let answer = if result == abi::CALLOUT_SUCCESS {
+        // SAFETY: this hook's arguments.
+        unsafe { callout_answer(headers, n_headers, chunks, n_chunks) }
+    } else {
+        Callout { headers: Vec::new(), body: Vec::new() }
+    };
+    let (nh, nb) = (answer.headers.len(), answer.body.len());
+    with_cur(Cur::Callout(plugin.clone(), Arc::new(answer)), || {
+        // SAFETY: the SDK's entry point for the main thread's root.
+        unsafe { proxy_on_http_call_response(root, token, nh, nb, 0) }
+    });
+}
+
+// Hooks Envoy requires whatever the filter uses; the filter makes no per-stream HTTP calls or
+// streams and ignores watermarks.
+
+#[no_mangle]
+#[allow(clippy::too_many_arguments)]
+pub extern "C" fn envoy_dynamic_module_on_http_filter_http_callout_done(_e: abi::HttpFilterEnvoyPtr, _f: abi::HttpFilterModulePtr, _id: u64, _r: abi::HttpCalloutResult, _h: *mut abi::EnvoyHttpHeader, _nh: usize, _b: *mut abi::EnvoyBuffer, _nb: usize) {}
+
+#[no_mangle]
+pub extern "C" fn envoy_dynamic_module_on_http_filter_http_stream_headers(_e: abi::HttpFilterEnvoyPtr, _f: abi::HttpFilterModulePtr, _id: u64, _h: *mut abi::EnvoyHttpHeader, _n: usize, _end: bool) {}
+
+#[no_mangle]
+pub extern "C" fn envoy_dynamic_module_on_http_filter_http_stream_data(_e: abi::HttpFilterEnvoyPtr, _f: abi::HttpFilterModulePtr, _id: u64, _d: *const abi::EnvoyBuffer, _n: usize, _end: bool) {}
+
+#[no_mangle]
+pub extern "C" fn envoy_dynamic_module_on_http_filter_http_stream_trailers(_e: abi::HttpFilterEnvoyPtr, _f: abi::HttpFilterModulePtr, _id: u64, _t: *mut abi::EnvoyHttpHeader, _n: usize) {}
+
+#[no_mangle]
+pub extern "C" fn envoy_dynamic_module_on_http_filter_http_stream_complete(_e: abi::HttpFilterEnvoyPtr, _f: abi::HttpFilterModulePtr, _id: u64) {}
+
+#[no_mangle]
+pub extern "C" fn envoy_dynamic_module_on_http_filter_http_stream_reset(_e: abi::HttpFilterEnvoyPtr, _f: abi::HttpFilterModulePtr, _id: u64, _r: abi::HttpStreamResetReason) {}
+
+#[no_mangle]
+pub extern "C" fn envoy_dynamic_module_on_http_filter_downstream_above_write_buffer_high_watermark(_e: abi::HttpFilterEnvoyPtr, _f: abi::HttpFilterModulePtr) {}
+
+#[no_mangle]
+pub extern "C" fn envoy_dynamic_module_on_http_filter_downstream_below_write_buffer_low_watermark(_e: abi::HttpFilterEnvoyPtr, _f: abi::HttpFilterModulePtr) {}

@@ -1,0 +1,481 @@
+//! The Proxy-Wasm host functions the SDK imports (`proxy_log`, `proxy_get_header_map_value`, ...),
+//! defined natively over Envoy's dynamic-modules ABI ([`crate::dm`]), so that `gpuha-filter` and
+//! the SDK run here unchanged, as they run in Envoy's Wasm VM.
+//!
+//! Every call acts on what [`Cur`] says the thread is doing: a root context (configure, tick),
+//! an HTTP context (its Envoy filter), or an HTTP call's response. What Envoy's Wasm host would
+//! refuse in that state is refused here with the same status (`NotFound`, `BadArgument`), and the
+//! filter's host wrappers fail open on it. Buffers handed to the SDK are allocated with the
+//! global allocator at exactly their length: the SDK takes them back with
+//! `Vec::from_raw_parts(ptr, len, len)`.
+#![allow(unsafe_code)]
+
+use std::cell::RefCell;
+use std::sync::Arc;
+
+use crate::dm::{Attr, Dir, Filter, HeaderMap, Level};
+use crate::hooks::Reply;
+use crate::plugin::{Callout, Plugin};
+use crate::wire;
+
+/// Proxy-Wasm statuses (the SDK's `Status`, as the numbers its imports return).
+const OK: u32 = 0;
+const NOT_FOUND: u32 = 1;
+const BAD_ARGUMENT: u32 = 2;
+const CAS_MISMATCH: u32 = 8;
+const INTERNAL_FAILURE: u32 = 10;
+
+/// What the thread's current Proxy-Wasm call acts on.
+#[derive(Clone, Default)]
+pub enum Cur {
+    #[default]
+    Idle,
+    Root(Arc<Plugin>),
+    Http(Arc<Plugin>, Filter),
+    /// An HTTP call's response, delivered to a root context.
+    Callout(Arc<Plugin>, Arc<Callout>),
+}
+
+impl Cur {
+    fn plugin(&self) -> Option<&Arc<Plugin>> {
+        match self {
+            Cur::Idle => None,
+            Cur::Root(p) | Cur::Http(p, _) | Cur::Callout(p, _) => Some(p),
+        }
+    }
+
+    fn filter(&self) -> Option<Filter> {
+        match self {
+            Cur::Http(_, f) => Some(*f),
+            _ => None,
+        }
+    }
+}
+
+thread_local! {
+    static CUR: RefCell<Cur> = const { RefCell::new(Cur::Idle) };
+}
+
+/// Runs `f` with the thread's current call set to `cur`, restoring the previous one after (a
+/// hook can run inside another: a local reply sent from a callback re-enters the filter).
+pub fn with_cur<T>(cur: Cur, f: impl FnOnce() -> T) -> T {
+    let prev = CUR.with(|c| c.replace(cur));
+    let out = f();
+    CUR.with(|c| *c.borrow_mut() = prev);
+    out
+}
+
+fn cur() -> Cur {
+    CUR.with(|c| c.borrow().clone())
+}
+
+fn set_cur(cur: Cur) {
+    CUR.with(|c| *c.borrow_mut() = cur);
+}
+
+/// A copy of `bytes` the SDK owns (see the module doc).
+fn give(bytes: &[u8], data: *mut *mut u8, size: *mut usize) {
+    let boxed: Box<[u8]> = bytes.into();
+    let len = boxed.len();
+    let ptr = Box::into_raw(boxed).cast::<u8>();
+    // SAFETY: the SDK passes pointers to its own locals for the two results.
+    unsafe {
+        *data = ptr;
+        *size = len;
+    }
+}
+
+/// The `len` bytes at `ptr` the SDK passed in (valid for the call).
+fn slice<'a>(ptr: *const u8, len: usize) -> &'a [u8] {
+    if ptr.is_null() || len == 0 {
+        return &[];
+    }
+    // SAFETY: the SDK passes a pointer and length of one of its live buffers.
+    unsafe { std::slice::from_raw_parts(ptr, len) }
+}
+
+fn map_of(map_type: u32) -> Option<HeaderMap> {
+    Some(match map_type {
+        0 => HeaderMap::RequestHeaders,
+        1 => HeaderMap::RequestTrailers,
+        2 => HeaderMap::ResponseHeaders,
+        3 => HeaderMap::ResponseTrailers,
+        _ => return None,
+    })
+}
+
+#[no_mangle]
+pub extern "C" fn proxy_log(level: u32, data: *const u8, size: usize) -> u32 {
+    let level = match level {
+        0 => Level::Trace,
+        1 => Level::Debug,
+        2 => Level::Info,
+        3 => Level::Warn,
+        4 => Level::Error,
+        _ => Level::Critical,
+    };
+    crate::dm::log(level, slice(data, size));
+    OK
+}
+
+#[no_mangle]
+pub extern "C" fn proxy_get_log_level(level: *mut u32) -> u32 {
+    // The SDK only asks to skip formatting; Envoy's logger filters by its own level.
+    // SAFETY: a pointer to the SDK's local.
+    unsafe { *level = 0 };
+    OK
+}
+
+#[no_mangle]
+pub extern "C" fn proxy_get_current_time_nanoseconds(time: *mut u64) -> u32 {
+    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_nanos() as u64);
+    // SAFETY: a pointer to the SDK's local.
+    unsafe { *time = now };
+    OK
+}
+
+#[no_mangle]
+pub extern "C" fn proxy_set_tick_period_milliseconds(period: u32) -> u32 {
+    // The SDK takes only `Ok` here (anything else panics it): a tick asked outside a root
+    // context is ignored.
+    if let Cur::Root(p) = cur() {
+        p.set_tick(period);
+    }
+    OK
+}
+
+#[no_mangle]
+pub extern "C" fn proxy_get_buffer_bytes(buffer_type: u32, start: usize, max: usize, data: *mut *mut u8, size: *mut usize) -> u32 {
+    let c = cur();
+    let whole: Vec<u8> = match (buffer_type, &c) {
+        (0, Cur::Http(_, f)) => f.body(Dir::Request),
+        (1, Cur::Http(_, f)) => f.body(Dir::Response),
+        (4, Cur::Callout(_, r)) => return window(&r.body, start, max, data, size),
+        (7, _) => match c.plugin() {
+            Some(p) => return window(&p.configuration, start, max, data, size),
+            None => return NOT_FOUND,
+        },
+        _ => return NOT_FOUND,
+    };
+    window(&whole, start, max, data, size)
+}
+
+fn window(whole: &[u8], start: usize, max: usize, data: *mut *mut u8, size: *mut usize) -> u32 {
+    let Some(rest) = whole.get(start..) else { return NOT_FOUND };
+    give(&rest[..rest.len().min(max)], data, size);
+    OK
+}
+
+#[no_mangle]
+pub extern "C" fn proxy_set_buffer_bytes(buffer_type: u32, start: usize, size: usize, data: *const u8, len: usize) -> u32 {
+    // The SDK takes only `Ok` here: a write that cannot be done is logged and dropped.
+    let dir = match buffer_type {
+        0 => Dir::Request,
+        _ => Dir::Response,
+    };
+    match cur().filter() {
+        // The filter only ever replaces a body whole (`host::set_body`).
+        Some(f) if start == 0 && size >= f.body_len(dir) && buffer_type <= 1 => {
+            if !f.replace_body(dir, slice(data, len)) {
+                crate::dm::log(Level::Warn, b"gpuha native: body not replaced");
+            }
+        }
+        _ => crate::dm::log(Level::Warn, b"gpuha native: set_buffer outside a body or of part of it: ignored"),
+    }
+    OK
+}
+
+#[no_mangle]
+pub extern "C" fn proxy_get_header_map_pairs(map_type: u32, data: *mut *mut u8, size: *mut usize) -> u32 {
+    let pairs = match (map_type, cur()) {
+        (6, Cur::Callout(_, r)) => return give_map(&r.headers, data, size),
+        (t, Cur::Http(_, f)) => map_of(t).map(|m| f.headers(m)).unwrap_or_default(),
+        // The SDK takes only `Ok` here: no map reads as an empty one.
+        _ => Vec::new(),
+    };
+    give_map(&pairs, data, size)
+}
+
+fn give_map(pairs: &[(Vec<u8>, Vec<u8>)], data: *mut *mut u8, size: *mut usize) -> u32 {
+    give(&wire::encode_map(pairs), data, size);
+    OK
+}
+
+#[no_mangle]
+pub extern "C" fn proxy_set_header_map_pairs(_map_type: u32, _data: *const u8, _size: usize) -> u32 {
+    crate::dm::log(Level::Warn, b"gpuha native: set_map is not supported: ignored");
+    OK
+}
+
+#[no_mangle]
+pub extern "C" fn proxy_get_header_map_value(map_type: u32, key: *const u8, key_size: usize, data: *mut *mut u8, size: *mut usize) -> u32 {
+    let key = slice(key, key_size);
+    let value = match (map_type, cur()) {
+        (6, Cur::Callout(_, r)) => r.headers.iter().find(|(k, _)| k.eq_ignore_ascii_case(key)).map(|(_, v)| v.clone()),
+        (t, Cur::Http(_, f)) => match map_of(t) {
+            Some(m) => f.header(m, key),
+            None => return NOT_FOUND,
+        },
+        _ => return NOT_FOUND,
+    };
+    match value {
+        Some(v) => {
+            give(&v, data, size);
+            OK
+        }
+        None => NOT_FOUND,
+    }
+}
+
+#[no_mangle]
+pub extern "C" fn proxy_remove_header_map_value(map_type: u32, key: *const u8, key_size: usize) -> u32 {
+    // The SDK takes only `Ok` for header writes.
+    if let (Some(m), Some(f)) = (map_of(map_type), cur().filter()) {
+        f.remove_header(m, slice(key, key_size));
+    }
+    OK
+}
+
+#[no_mangle]
+pub extern "C" fn proxy_replace_header_map_value(map_type: u32, key: *const u8, key_size: usize, value: *const u8, value_size: usize) -> u32 {
+    if let (Some(m), Some(f)) = (map_of(map_type), cur().filter()) {
+        if !f.set_header(m, slice(key, key_size), slice(value, value_size)) {
+            crate::dm::log(Level::Debug, b"gpuha native: header not set (no such map now)");
+        }
+    }
+    OK
+}
+
+#[no_mangle]
+pub extern "C" fn proxy_add_header_map_value(map_type: u32, key: *const u8, key_size: usize, value: *const u8, value_size: usize) -> u32 {
+    if let (Some(m), Some(f)) = (map_of(map_type), cur().filter()) {
+        if !f.add_header(m, slice(key, key_size), slice(value, value_size)) {
+            crate::dm::log(Level::Debug, b"gpuha native: header not added (no such map now)");
+        }
+    }
+    OK
+}
+
+#[no_mangle]
+pub extern "C" fn proxy_get_property(path: *const u8, path_size: usize, data: *mut *mut u8, size: *mut usize) -> u32 {
+    let Some(f) = cur().filter() else { return NOT_FOUND };
+    let parts = wire::path_parts(slice(path, path_size));
+    let value = match parts.as_slice() {
+        [b"upstream", b"address"] => f.attr_string(Attr::UpstreamAddress),
+        // An upstream filter (the guard) sees its own attempt's stream here; Envoy's Wasm host
+        // shows it the downstream stream's, which says whether the client went away.
+        [b"response", b"code_details"] => f.attr_string(Attr::ResponseCodeDetails).or_else(|| crate::hooks::downstream_ending(f).and_then(|e| e.details)),
+        [b"response", b"flags"] => f.attr_int(Attr::ResponseFlags).or_else(|| crate::hooks::downstream_ending(f).map(|e| e.flags)).map(|v| v.to_le_bytes().to_vec()),
+        [b"response", b"code"] => f.attr_int(Attr::ResponseCode).map(|v| v.to_le_bytes().to_vec()),
+        [b"request", b"id"] => f.attr_string(Attr::RequestId),
+        _ => None,
+    };
+    match value {
+        Some(v) => {
+            give(&v, data, size);
+            OK
+        }
+        None => NOT_FOUND,
+    }
+}
+
+#[no_mangle]
+pub extern "C" fn proxy_set_property(_path: *const u8, _path_size: usize, _value: *const u8, _value_size: usize) -> u32 {
+    crate::dm::log(Level::Warn, b"gpuha native: set_property is not supported: ignored");
+    OK
+}
+
+#[no_mangle]
+pub extern "C" fn proxy_get_shared_data(key: *const u8, key_size: usize, data: *mut *mut u8, size: *mut usize, cas: *mut u32) -> u32 {
+    // Keys come from the SDK's `&str`.
+    let key = String::from_utf8_lossy(slice(key, key_size));
+    match crate::plugin::SHARED.get(&key) {
+        Some((v, token)) => {
+            give(&v, data, size);
+            // SAFETY: a pointer to the SDK's local.
+            unsafe { *cas = token };
+            OK
+        }
+        None => NOT_FOUND,
+    }
+}
+
+#[no_mangle]
+pub extern "C" fn proxy_set_shared_data(key: *const u8, key_size: usize, value: *const u8, value_size: usize, cas: u32) -> u32 {
+    let key = String::from_utf8_lossy(slice(key, key_size));
+    match crate::plugin::SHARED.set(&key, slice(value, value_size), cas) {
+        crate::shared::SetResult::Ok => OK,
+        crate::shared::SetResult::CasMismatch => CAS_MISMATCH,
+    }
+}
+
+#[no_mangle]
+pub extern "C" fn proxy_continue_stream(stream_type: u32) -> u32 {
+    // The SDK takes only `Ok` here.
+    match (cur().filter(), stream_type) {
+        (Some(f), 0) => f.continue_decoding(),
+        (Some(f), 1) => f.continue_encoding(),
+        _ => crate::dm::log(Level::Warn, b"gpuha native: continue outside an HTTP stream: ignored"),
+    }
+    OK
+}
+
+#[no_mangle]
+pub extern "C" fn proxy_close_stream(stream_type: u32) -> u32 {
+    // The SDK takes only `Ok` here.
+    match (cur().filter(), stream_type) {
+        (Some(f), 0 | 1) => f.reset(),
+        _ => crate::dm::log(Level::Warn, b"gpuha native: close outside an HTTP stream: ignored"),
+    }
+    OK
+}
+
+#[no_mangle]
+pub extern "C" fn proxy_send_local_response(status: u32, details: *const u8, details_size: usize, body: *const u8, body_size: usize, headers: *const u8, headers_size: usize, _grpc_status: i32) -> u32 {
+    // The SDK takes only `Ok` here.
+    match (cur().filter(), wire::decode_map(slice(headers, headers_size))) {
+        (Some(f), Some(headers)) => {
+            let reply = Reply { status, headers: headers.iter().map(|(k, v)| (k.to_vec(), v.to_vec())).collect(), body: slice(body, body_size).to_vec(), details: slice(details, details_size).to_vec() };
+            // From inside the filter's own hook it goes out when the hook returns (see `hooks`).
+            if let Err(reply) = crate::hooks::hold_reply(f, reply) {
+                crate::hooks::send(f, &reply);
+            }
+        }
+        _ => crate::dm::log(Level::Warn, b"gpuha native: local reply outside an HTTP stream or with a malformed header map: not sent"),
+    }
+    OK
+}
+
+#[no_mangle]
+pub extern "C" fn proxy_http_call(upstream: *const u8, upstream_size: usize, headers: *const u8, headers_size: usize, body: *const u8, body_size: usize, _trailers: *const u8, _trailers_size: usize, timeout_ms: u32, token: *mut u32) -> u32 {
+    let Cur::Root(p) = cur() else { return BAD_ARGUMENT };
+    let Some(headers) = wire::decode_map(slice(headers, headers_size)) else { return BAD_ARGUMENT };
+    let Ok(cluster) = std::str::from_utf8(slice(upstream, upstream_size)) else { return BAD_ARGUMENT };
+    match p.callout(cluster, &headers, slice(body, body_size), timeout_ms) {
+        Some(t) => {
+            // SAFETY: a pointer to the SDK's local.
+            unsafe { *token = t };
+            OK
+        }
+        None => INTERNAL_FAILURE,
+    }
+}
+
+#[no_mangle]
+pub extern "C" fn proxy_set_effective_context(context_id: u32) -> u32 {
+    let c = cur();
+    let Some(p) = c.plugin().cloned() else { return BAD_ARGUMENT };
+    if let Some(f) = crate::hooks::filter_of(context_id) {
+        set_cur(Cur::Http(p, f));
+        return OK;
+    }
+    if !crate::hooks::is_root(context_id) {
+        return BAD_ARGUMENT;
+    }
+    // The SDK names the root before each root callback: an HTTP call's answer stays readable.
+    if !matches!(c, Cur::Root(_) | Cur::Callout(..)) {
+        set_cur(Cur::Root(p));
+    }
+    OK
+}
+
+#[no_mangle]
+pub extern "C" fn proxy_define_metric(metric_type: u32, name: *const u8, name_size: usize, id: *mut u32) -> u32 {
+    // The SDK takes only `Ok` here: a metric that cannot be defined gets an id no metric has,
+    // whose increments answer `NotFound` (the filter skips them).
+    let plugin = cur().plugin().cloned();
+    let name = std::str::from_utf8(slice(name, name_size)).ok();
+    // Only counters: the filter defines nothing else.
+    let m = match (plugin, name, metric_type) {
+        (Some(p), Some(name), 0) => p.counter(name),
+        _ => None,
+    };
+    // SAFETY: a pointer to the SDK's local.
+    unsafe { *id = m.unwrap_or(u32::MAX) };
+    OK
+}
+
+#[no_mangle]
+pub extern "C" fn proxy_increment_metric(metric_id: u32, offset: i64) -> u32 {
+    let Some(p) = cur().plugin().cloned() else { return BAD_ARGUMENT };
+    match u64::try_from(offset) {
+        Ok(n) if p.increment(metric_id, n) => OK,
+        Ok(_) => NOT_FOUND,
+        Err(_) => BAD_ARGUMENT,
+    }
+}
+
+#[no_mangle]
+pub extern "C" fn proxy_record_metric(_metric_id: u32, _value: u64) -> u32 {
+    NOT_FOUND
+}
+
+#[no_mangle]
+pub extern "C" fn proxy_get_metric(_metric_id: u32, _value: *mut u64) -> u32 {
+    NOT_FOUND
+}
+
+// The rest of the SDK's imports: nothing in the filter uses them. Each answers a status its SDK
+// wrapper maps to an error where it has one (`Ok` where it takes nothing else).
+
+#[no_mangle]
+pub extern "C" fn proxy_register_shared_queue(_name: *const u8, _size: usize, _id: *mut u32) -> u32 {
+    OK
+}
+
+#[no_mangle]
+pub extern "C" fn proxy_resolve_shared_queue(_vm: *const u8, _vm_size: usize, _name: *const u8, _size: usize, _id: *mut u32) -> u32 {
+    NOT_FOUND
+}
+
+#[no_mangle]
+pub extern "C" fn proxy_dequeue_shared_queue(_queue: u32, _data: *mut *mut u8, _size: *mut usize) -> u32 {
+    NOT_FOUND
+}
+
+#[no_mangle]
+pub extern "C" fn proxy_enqueue_shared_queue(_queue: u32, _data: *const u8, _size: usize) -> u32 {
+    NOT_FOUND
+}
+
+#[no_mangle]
+#[allow(clippy::too_many_arguments)]
+pub extern "C" fn proxy_grpc_call(_u: *const u8, _us: usize, _s: *const u8, _ss: usize, _m: *const u8, _ms: usize, _i: *const u8, _is: usize, _d: *const u8, _ds: usize, _t: u32, _id: *mut u32) -> u32 {
+    INTERNAL_FAILURE
+}
+
+#[no_mangle]
+#[allow(clippy::too_many_arguments)]
+pub extern "C" fn proxy_grpc_stream(_u: *const u8, _us: usize, _s: *const u8, _ss: usize, _m: *const u8, _ms: usize, _i: *const u8, _is: usize, _id: *mut u32) -> u32 {
+    INTERNAL_FAILURE
+}
+
+#[no_mangle]
+pub extern "C" fn proxy_grpc_send(_token: u32, _data: *const u8, _size: usize, _end: bool) -> u32 {
+    NOT_FOUND
+}
+
+#[no_mangle]
+pub extern "C" fn proxy_grpc_cancel(_token: u32) -> u32 {
+    NOT_FOUND
+}
+
+#[no_mangle]
+pub extern "C" fn proxy_grpc_close(_token: u32) -> u32 {
+    NOT_FOUND
+}
+
+#[no_mangle]
+pub extern "C" fn proxy_get_status(_code: *mut u32, _data: *mut *mut u8, _size: *mut usize) -> u32 {
+    OK
+}
+
+#[no_mangle]
+pub extern "C" fn proxy_call_foreign_function(_name: *const u8, _name_size: usize, _args: *const u8, _args_size: usize, _data: *mut *mut u8, _size: *mut usize) -> u32 {
+    NOT_FOUND
+}
+
+#[no_mangle]
+pub extern "C" fn proxy_done() -> u32 {
+    OK
+}

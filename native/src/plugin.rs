@@ -1,0 +1,206 @@
+//! One filter configuration as the module holds it: the plugin configuration bytes the filter's
+//! root contexts read, its counters, its HTTP calls, and its ticks.
+//!
+//! Ticks: a Proxy-Wasm root context asks for a tick period; Envoy's Wasm host ticks every
+//! thread's root. Here a ticker thread commits to Envoy schedulers instead, where the role
+//! needs it:
+//! - the picker polls the fleet view: its main-thread root ticks (the configuration's
+//!   scheduler runs on the main thread, where the configuration's HTTP calls go out). Every
+//!   thread reads the view it publishes in shared data, as with Wasm, where one thread polls
+//!   per interval too (`gpuha-filter`'s `poll`);
+//! - the guard's rescue tick acts on the attempts its thread holds: each worker thread's root
+//!   ticks through the scheduler of one live filter of the thread (its tick seat, see
+//!   [`crate::contexts`]); a thread with no live filter holds no attempt and needs no tick.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
+use std::sync::{Arc, LazyLock, Mutex, MutexGuard, Weak};
+use std::thread::ThreadId;
+use std::time::Duration;
+
+use gpuha_filter::config::Config;
+
+use crate::dm::{ConfigHandle, ConfigScheduler, Level, Scheduler};
+use crate::shared::Store;
+
+/// Proxy-Wasm shared data: the process's one store.
+pub static SHARED: LazyLock<Store> = LazyLock::new(Store::default);
+
+/// The event a tick commits.
+pub const TICK: u64 = 1;
+
+static SERIAL: AtomicU64 = AtomicU64::new(1);
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+/// Where a configuration's root contexts tick.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Ticks {
+    None,
+    MainThread,
+    WorkerThreads,
+}
+
+/// An HTTP call's answer, handed to the root context that made it.
+pub struct Callout {
+    pub headers: Vec<(Vec<u8>, Vec<u8>)>,
+    pub body: Vec<u8>,
+}
+
+pub struct Plugin {
+    /// Distinct per configuration for the process's life (a thread's roots are keyed by it).
+    pub serial: u64,
+    pub configuration: Vec<u8>,
+    pub envoy: ConfigHandle,
+    pub ticks: Ticks,
+    /// Counters by name; a Proxy-Wasm metric id is an index here.
+    counters: Mutex<Vec<(String, Option<usize>)>>,
+    /// Set while Envoy creates the configuration: counters can be defined only then.
+    defining: AtomicBool,
+    tick_ms: AtomicU32,
+    ticker_started: AtomicBool,
+    main_scheduler: Mutex<Option<ConfigScheduler>>,
+    /// Each worker thread's tick seat.
+    seats: Mutex<HashMap<ThreadId, Scheduler>>,
+    /// HTTP calls in flight: Envoy's callout id → the token the SDK was given.
+    callouts: Mutex<HashMap<u64, u32>>,
+    next_token: AtomicU32,
+    /// The main thread's root context.
+    pub main_root: AtomicU32,
+    stopped: AtomicBool,
+}
+
+impl Plugin {
+    /// A configuration from Envoy's `filter_config` bytes: the filter's JSON, checked here so
+    /// that Envoy refuses a bad one when it loads the config (as the Wasm root's `on_configure`).
+    pub fn new(envoy: ConfigHandle, configuration: &[u8]) -> Result<Plugin, String> {
+        let ticks = match Config::parse(configuration)? {
+            Config::Picker(_) => Ticks::MainThread,
+            Config::Guard(g) if g.rescue => Ticks::WorkerThreads,
+            _ => Ticks::None,
+        };
+        Ok(Plugin {
+            serial: SERIAL.fetch_add(1, Ordering::Relaxed),
+            configuration: configuration.to_vec(),
+            envoy,
+            ticks,
+            counters: Mutex::new(Vec::new()),
+            defining: AtomicBool::new(true),
+            tick_ms: AtomicU32::new(0),
+            ticker_started: AtomicBool::new(false),
+            main_scheduler: Mutex::new(None),
+            seats: Mutex::new(HashMap::new()),
+            callouts: Mutex::new(HashMap::new()),
+            next_token: AtomicU32::new(1),
+            main_root: AtomicU32::new(0),
+            stopped: AtomicBool::new(false),
+        })
+    }
+
+    /// Envoy has the configuration: no more counters can be defined.
+    pub fn defined(&self) {
+        self.defining.store(false, Ordering::Relaxed);
+    }
+
+    /// The metric id of counter `name`, defined in Envoy on first sight while that is allowed.
+    pub fn counter(&self, name: &str) -> Option<u32> {
+        let mut cs = lock(&self.counters);
+        if let Some(i) = cs.iter().position(|(n, _)| n == name) {
+            return u32::try_from(i).ok();
+        }
+        if !self.defining.load(Ordering::Relaxed) {
+            crate::dm::log(Level::Warn, format!("gpuha native: counter {name} defined after the configuration was loaded: not counted").as_bytes());
+        }
+        let id = if self.defining.load(Ordering::Relaxed) { self.envoy.define_counter(name) } else { None };
+        cs.push((name.to_owned(), id));
+        u32::try_from(cs.len() - 1).ok()
+    }
+
+    /// Adds `n` to a counter; `false` when the id names none.
+    pub fn increment(&self, metric: u32, n: u64) -> bool {
+        let id = lock(&self.counters).get(metric as usize).and_then(|(_, id)| *id);
+        id.is_some_and(|id| self.envoy.increment_counter(id, n))
+    }
+
+    /// A root context asked for ticks every `period_ms`.
+    pub fn set_tick(self: &Arc<Self>, period_ms: u32) {
+        if period_ms == 0 || self.ticks == Ticks::None {
+            return;
+        }
+        self.tick_ms.store(period_ms, Ordering::Relaxed);
+        if self.ticks == Ticks::MainThread && lock(&self.main_scheduler).is_none() {
+            // Root contexts configure on the main thread first (in config_new).
+            *lock(&self.main_scheduler) = self.envoy.scheduler();
+        }
+        if !self.ticker_started.swap(true, Ordering::Relaxed) {
+            let me = Arc::downgrade(self);
+            let spawned = std::thread::Builder::new().name("gpuha-ticker".into()).spawn(move || ticker(me));
+            if let Err(e) = spawned {
+                crate::dm::log(Level::Error, format!("gpuha native: no ticker thread: {e}").as_bytes());
+            }
+        }
+    }
+
+    /// A worker thread's tick seat moves to `sched` (`None`: the thread has no live filter).
+    pub fn seat(&self, thread: ThreadId, sched: Option<Scheduler>) {
+        let mut seats = lock(&self.seats);
+        // The old scheduler is deleted under the lock, so the ticker never commits to it.
+        match sched {
+            Some(s) => seats.insert(thread, s),
+            None => seats.remove(&thread),
+        };
+    }
+
+    /// Starts an HTTP call (main thread); the token the SDK matches the answer with.
+    pub fn callout(&self, cluster: &str, headers: &[(&[u8], &[u8])], body: &[u8], timeout_ms: u32) -> Option<u32> {
+        let id = self.envoy.callout(cluster, headers, body, timeout_ms)?;
+        let token = self.next_token.fetch_add(1, Ordering::Relaxed);
+        lock(&self.callouts).insert(id, token);
+        Some(token)
+    }
+
+    /// The token of a finished call.
+    pub fn callout_done(&self, id: u64) -> Option<u32> {
+        lock(&self.callouts).remove(&id)
+    }
+
+    /// Envoy destroyed the configuration: the ticker stops.
+    pub fn stop(&self) {
+        self.stopped.store(true, Ordering::Relaxed);
+        lock(&self.seats).clear();
+        lock(&self.main_scheduler).take();
+    }
+
+    fn tick_once(&self) {
+        match self.ticks {
+            Ticks::MainThread => {
+                if let Some(s) = lock(&self.main_scheduler).as_ref() {
+                    s.commit(TICK);
+                }
+            }
+            Ticks::WorkerThreads => {
+                for s in lock(&self.seats).values() {
+                    s.commit(TICK);
+                }
+            }
+            Ticks::None => {}
+        }
+    }
+}
+
+/// The ticker thread: commits a tick every period until the configuration is gone. (A timer,
+/// not a wait for readiness.)
+fn ticker(plugin: Weak<Plugin>) {
+    loop {
+        let period = match plugin.upgrade() {
+            Some(p) if !p.stopped.load(Ordering::Relaxed) => {
+                p.tick_once();
+                p.tick_ms.load(Ordering::Relaxed).max(1)
+            }
+            _ => return,
+        };
+        std::thread::sleep(Duration::from_millis(u64::from(period)));
+    }
+}

@@ -20,7 +20,7 @@ fi
 # The release build (CPU) runs while the packages download (network): a fresh clone's bench
 # stays under 15 minutes.
 build() {
-  cargo build -q --release -p gpuha-dnsd -p gpuha-sidecar -p fake-vllm -p gpuha-bench -p gpuha-native
+  cargo build -q --release -p gpuha-dnsd -p gpuha-sidecar -p fake-vllm -p gpuha-bench -p gpuha-native -p gpuha-native-floor
   cargo build -q --release -p gpuha-filter -p gpuha-wasm-floor --target wasm32-wasip1
 }
 build &

@@ -29,3 +29,7 @@ cargo test --locked --workspace
 step "ensure-deps on a fresh venv; drills (stock Envoy, openai SDK); operator surface (promtool, Prometheus, headless Chromium)"
 export GPUHA_BIN_DIR="$PWD/target/release"
 python3 -m pytest -q -rA tests/deps tests/drills tests/ops "$@"
+
+step "drills with the native filter (the same filter as an Envoy dynamic module, GPUHA_FILTER_BUILD=native)"
+GPUHA_FILTER_BUILD=native python3 -m pytest -q -rA tests/drills/test_l7_drills.py tests/drills/test_breaker_judgment.py \
+  tests/drills/test_hang_drills.py tests/drills/test_tier_drills.py tests/drills/test_big_requests.py "$@"

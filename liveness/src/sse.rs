@@ -30,8 +30,9 @@ pub fn next_event_end(buf: &[u8], from: usize) -> Option<usize> {
                 i = next;
             }
             _ => {
+                // The rest of the line is not blank: jump to its end.
                 line_empty = false;
-                i += 1;
+                i += memchr::memchr2(b'\n', b'\r', &buf[i..])?;
             }
         }
     }
@@ -89,7 +90,7 @@ pub fn events(buf: &[u8], mut from: usize) -> impl Iterator<Item = (usize, usize
 }
 
 pub(crate) fn contains(hay: &[u8], needle: &[u8]) -> bool {
-    !needle.is_empty() && hay.windows(needle.len()).any(|w| w == needle)
+    !needle.is_empty() && memchr::memmem::find(hay, needle).is_some()
 }
 
 #[cfg(test)]

@@ -136,16 +136,35 @@ impl Filter {
         unsafe { abi::envoy_dynamic_module_callback_http_add_header(self.0, map.abi(), abi::ModuleBuffer::from_bytes(name), value) }
     }
 
-    fn body_parts(self, dir: Dir) -> Vec<abi::HttpBodyType> {
-        let [buffered, received] = dir.bodies();
-        // When what the hook received is Envoy's buffer itself, reading both would read it twice.
-        if dir.received_is_buffered(self.0) { vec![buffered] } else { vec![buffered, received] }
+    fn size(self, t: abi::HttpBodyType) -> usize {
+        // SAFETY: live filter.
+        unsafe { abi::envoy_dynamic_module_callback_http_get_body_size(self.0, t) }
     }
 
-    /// The body as the Proxy-Wasm filter sees it: what Envoy buffered, then what this hook got.
-    pub fn body(self, dir: Dir) -> Vec<u8> {
-        let mut out = Vec::with_capacity(self.body_len(dir));
-        for t in self.body_parts(dir) {
+    /// The bodies that make up what the filter sees, with their sizes: what Envoy buffered (if
+    /// anything), then what this hook got.
+    fn body_parts(self, dir: Dir) -> [(abi::HttpBodyType, usize); 2] {
+        let [buffered, received] = dir.bodies();
+        let b = self.size(buffered);
+        // When what the hook received is Envoy's buffer itself, reading both would read it
+        // twice (asked only when something is buffered: one call fewer per chunk of a stream).
+        if b > 0 && dir.received_is_buffered(self.0) {
+            return [(buffered, b), (received, 0)];
+        }
+        [(buffered, b), (received, self.size(received))]
+    }
+
+    /// `max` bytes from `start` of the body as the Proxy-Wasm filter sees it: what Envoy
+    /// buffered, then what this hook got. Only the window is copied (the guard reads the last
+    /// bytes of each streamed chunk). `None` when `start` is past the end.
+    pub fn body_window(self, dir: Dir, start: usize, max: usize) -> Option<Vec<u8>> {
+        let mut out = Vec::new();
+        let mut at = 0usize;
+        for (t, len) in self.body_parts(dir) {
+            if len == 0 || start >= at + len {
+                at += len;
+                continue;
+            }
             // SAFETY: live filter.
             let n = unsafe { abi::envoy_dynamic_module_callback_http_get_body_chunks_size(self.0, t) };
             if n == 0 {
@@ -153,33 +172,42 @@ impl Filter {
             }
             let mut chunks = vec![abi::EnvoyBuffer::null(); n];
             // SAFETY: `chunks` holds the `n` slices Envoy reported; copied at once.
-            if unsafe { abi::envoy_dynamic_module_callback_http_get_body_chunks(self.0, t, chunks.as_mut_ptr()) } {
-                for c in &chunks {
-                    // SAFETY: as above.
-                    out.extend_from_slice(unsafe { c.as_bytes() });
+            if !unsafe { abi::envoy_dynamic_module_callback_http_get_body_chunks(self.0, t, chunks.as_mut_ptr()) } {
+                continue;
+            }
+            for c in &chunks {
+                // SAFETY: as above.
+                let bytes = unsafe { c.as_bytes() };
+                let (lo, hi) = (start.max(at), (start.saturating_add(max)).min(at + bytes.len()));
+                if lo < hi {
+                    out.extend_from_slice(&bytes[lo - at..hi - at]);
                 }
+                at += bytes.len();
             }
         }
-        out
+        (start <= at).then_some(out)
     }
 
     pub fn body_len(self, dir: Dir) -> usize {
-        // SAFETY: live filter.
-        self.body_parts(dir).into_iter().map(|t| unsafe { abi::envoy_dynamic_module_callback_http_get_body_size(self.0, t) }).sum()
+        self.body_parts(dir).iter().map(|(_, n)| n).sum()
     }
 
     /// Replaces the whole body (buffered and received) with `bytes`.
     pub fn replace_body(self, dir: Dir, bytes: &[u8]) -> bool {
         let parts = self.body_parts(dir);
-        for &t in &parts {
-            // SAFETY: live filter; drains everything of that body.
-            unsafe { abi::envoy_dynamic_module_callback_http_drain_body(self.0, t, usize::MAX) };
+        for (t, n) in parts {
+            if n > 0 {
+                // SAFETY: live filter; drains everything of that body.
+                unsafe { abi::envoy_dynamic_module_callback_http_drain_body(self.0, t, n) };
+            }
         }
         if bytes.is_empty() {
             return true;
         }
-        // The new bytes go where this hook's data is (sent on when the hook continues).
-        let target = parts.last().copied().unwrap_or(dir.bodies()[1]);
+        // The new bytes go where this hook's data is (sent on when the hook continues), or to
+        // the buffer when the hook's data is Envoy's buffer.
+        let received_is_buffer = parts[0].1 > 0 && parts[1].1 == 0 && dir.received_is_buffered(self.0);
+        let target = if received_is_buffer { parts[0].0 } else { parts[1].0 };
         // SAFETY: live filter; Envoy copies the bytes.
         unsafe { abi::envoy_dynamic_module_callback_http_append_body(self.0, target, abi::ModuleBuffer::from_bytes(bytes)) }
     }

@@ -90,9 +90,13 @@ pub fn downstream_ending(f: Filter) -> Option<Ending> {
     ENDINGS.with(|e| e.borrow().iter().rev().find(|(k, _)| *k == id).map(|(_, v)| v.clone()))
 }
 
-fn note_request_id(f: Filter) {
-    if let Some(id) = f.header(HeaderMap::RequestHeaders, b"x-request-id") {
-        REQUEST_IDS.with(|r| r.borrow_mut().insert(f, id));
+/// Notes a stream's `x-request-id` as the filter reads it (the picker and the guard both do:
+/// it keys their shared-data slots), so that noting it costs Envoy no extra lookup.
+pub fn saw_request_header(f: Filter, name: &[u8], value: &[u8]) {
+    if name.eq_ignore_ascii_case(b"x-request-id") {
+        REQUEST_IDS.with(|r| {
+            r.borrow_mut().entry(f).or_insert_with(|| value.to_vec());
+        });
     }
 }
 
@@ -274,7 +278,6 @@ fn trailers_status(answer: u32, replied: bool) -> abi::TrailersStatus {
 pub extern "C" fn envoy_dynamic_module_on_http_filter_request_headers(_envoy: abi::HttpFilterEnvoyPtr, filter: abi::HttpFilterModulePtr, end_of_stream: bool) -> abi::HeadersStatus {
     // SAFETY: ours, from `on_http_filter_new`.
     let s = unsafe { stream(filter) };
-    note_request_id(s.envoy);
     let n = s.envoy.header_count(HeaderMap::RequestHeaders);
     // SAFETY: the SDK's entry point for a context of this thread.
     let (a, r) = in_hook(s, |id| unsafe { proxy_on_request_headers(id, n, end_of_stream) });
@@ -443,30 +446,4 @@ pub extern "C" fn envoy_dynamic_module_on_http_filter_config_http_callout_done(_
     });
 }
 
-// Hooks Envoy requires whatever the filter uses; the filter makes no per-stream HTTP calls or
-// streams and ignores watermarks.
-
-#[no_mangle]
-#[allow(clippy::too_many_arguments)]
-pub extern "C" fn envoy_dynamic_module_on_http_filter_http_callout_done(_e: abi::HttpFilterEnvoyPtr, _f: abi::HttpFilterModulePtr, _id: u64, _r: abi::HttpCalloutResult, _h: *mut abi::EnvoyHttpHeader, _nh: usize, _b: *mut abi::EnvoyBuffer, _nb: usize) {}
-
-#[no_mangle]
-pub extern "C" fn envoy_dynamic_module_on_http_filter_http_stream_headers(_e: abi::HttpFilterEnvoyPtr, _f: abi::HttpFilterModulePtr, _id: u64, _h: *mut abi::EnvoyHttpHeader, _n: usize, _end: bool) {}
-
-#[no_mangle]
-pub extern "C" fn envoy_dynamic_module_on_http_filter_http_stream_data(_e: abi::HttpFilterEnvoyPtr, _f: abi::HttpFilterModulePtr, _id: u64, _d: *const abi::EnvoyBuffer, _n: usize, _end: bool) {}
-
-#[no_mangle]
-pub extern "C" fn envoy_dynamic_module_on_http_filter_http_stream_trailers(_e: abi::HttpFilterEnvoyPtr, _f: abi::HttpFilterModulePtr, _id: u64, _t: *mut abi::EnvoyHttpHeader, _n: usize) {}
-
-#[no_mangle]
-pub extern "C" fn envoy_dynamic_module_on_http_filter_http_stream_complete(_e: abi::HttpFilterEnvoyPtr, _f: abi::HttpFilterModulePtr, _id: u64) {}
-
-#[no_mangle]
-pub extern "C" fn envoy_dynamic_module_on_http_filter_http_stream_reset(_e: abi::HttpFilterEnvoyPtr, _f: abi::HttpFilterModulePtr, _id: u64, _r: abi::HttpStreamResetReason) {}
-
-#[no_mangle]
-pub extern "C" fn envoy_dynamic_module_on_http_filter_downstream_above_write_buffer_high_watermark(_e: abi::HttpFilterEnvoyPtr, _f: abi::HttpFilterModulePtr) {}
-
-#[no_mangle]
-pub extern "C" fn envoy_dynamic_module_on_http_filter_downstream_below_write_buffer_low_watermark(_e: abi::HttpFilterEnvoyPtr, _f: abi::HttpFilterModulePtr) {}
+crate::abi::unused_http_hooks!();

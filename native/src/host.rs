@@ -44,7 +44,7 @@ impl Cur {
         }
     }
 
-    fn filter(&self) -> Option<Filter> {
+    pub fn filter(&self) -> Option<Filter> {
         match self {
             Cur::Http(_, f) => Some(*f),
             _ => None,
@@ -67,6 +67,11 @@ pub fn with_cur<T>(cur: Cur, f: impl FnOnce() -> T) -> T {
 
 fn cur() -> Cur {
     CUR.with(|c| c.borrow().clone())
+}
+
+/// `f` of the current call, borrowed (no clone of the plugin's handle).
+fn with<T>(f: impl FnOnce(&Cur) -> T) -> T {
+    CUR.with(|c| f(&c.borrow()))
 }
 
 fn set_cur(cur: Cur) {
@@ -146,18 +151,25 @@ pub extern "C" fn proxy_set_tick_period_milliseconds(period: u32) -> u32 {
 
 #[no_mangle]
 pub extern "C" fn proxy_get_buffer_bytes(buffer_type: u32, start: usize, max: usize, data: *mut *mut u8, size: *mut usize) -> u32 {
-    let c = cur();
-    let whole: Vec<u8> = match (buffer_type, &c) {
-        (0, Cur::Http(_, f)) => f.body(Dir::Request),
-        (1, Cur::Http(_, f)) => f.body(Dir::Response),
-        (4, Cur::Callout(_, r)) => return window(&r.body, start, max, data, size),
-        (7, _) => match c.plugin() {
-            Some(p) => return window(&p.configuration, start, max, data, size),
-            None => return NOT_FOUND,
-        },
-        _ => return NOT_FOUND,
-    };
-    window(&whole, start, max, data, size)
+    with(|c| {
+        let part = match (buffer_type, c) {
+            (0, Cur::Http(_, f)) => f.body_window(Dir::Request, start, max),
+            (1, Cur::Http(_, f)) => f.body_window(Dir::Response, start, max),
+            (4, Cur::Callout(_, r)) => return window(&r.body, start, max, data, size),
+            (7, _) => match c.plugin() {
+                Some(p) => return window(&p.configuration, start, max, data, size),
+                None => return NOT_FOUND,
+            },
+            _ => return NOT_FOUND,
+        };
+        match part {
+            Some(p) => {
+                give(&p, data, size);
+                OK
+            }
+            None => NOT_FOUND,
+        }
+    })
 }
 
 fn window(whole: &[u8], start: usize, max: usize, data: *mut *mut u8, size: *mut usize) -> u32 {
@@ -173,7 +185,7 @@ pub extern "C" fn proxy_set_buffer_bytes(buffer_type: u32, start: usize, size: u
         0 => Dir::Request,
         _ => Dir::Response,
     };
-    match cur().filter() {
+    match with(Cur::filter) {
         // The filter only ever replaces a body whole (`host::set_body`).
         Some(f) if start == 0 && size >= f.body_len(dir) && buffer_type <= 1 => {
             if !f.replace_body(dir, slice(data, len)) {
@@ -187,13 +199,26 @@ pub extern "C" fn proxy_set_buffer_bytes(buffer_type: u32, start: usize, size: u
 
 #[no_mangle]
 pub extern "C" fn proxy_get_header_map_pairs(map_type: u32, data: *mut *mut u8, size: *mut usize) -> u32 {
-    let pairs = match (map_type, cur()) {
-        (6, Cur::Callout(_, r)) => return give_map(&r.headers, data, size),
-        (t, Cur::Http(_, f)) => map_of(t).map(|m| f.headers(m)).unwrap_or_default(),
-        // The SDK takes only `Ok` here: no map reads as an empty one.
-        _ => Vec::new(),
-    };
-    give_map(&pairs, data, size)
+    with(|c| {
+        let pairs = match (map_type, c) {
+            (6, Cur::Callout(_, r)) => return give_map(&r.headers, data, size),
+            (t, Cur::Http(_, f)) => match map_of(t) {
+                Some(m) => {
+                    let pairs = f.headers(m);
+                    if m == HeaderMap::RequestHeaders {
+                        if let Some((k, v)) = pairs.iter().find(|(k, _)| k.eq_ignore_ascii_case(b"x-request-id")) {
+                            crate::hooks::saw_request_header(*f, k, v);
+                        }
+                    }
+                    pairs
+                }
+                None => Vec::new(),
+            },
+            // The SDK takes only `Ok` here: no map reads as an empty one.
+            _ => Vec::new(),
+        };
+        give_map(&pairs, data, size)
+    })
 }
 
 fn give_map(pairs: &[(Vec<u8>, Vec<u8>)], data: *mut *mut u8, size: *mut usize) -> u32 {
@@ -210,13 +235,19 @@ pub extern "C" fn proxy_set_header_map_pairs(_map_type: u32, _data: *const u8, _
 #[no_mangle]
 pub extern "C" fn proxy_get_header_map_value(map_type: u32, key: *const u8, key_size: usize, data: *mut *mut u8, size: *mut usize) -> u32 {
     let key = slice(key, key_size);
-    let value = match (map_type, cur()) {
-        (6, Cur::Callout(_, r)) => r.headers.iter().find(|(k, _)| k.eq_ignore_ascii_case(key)).map(|(_, v)| v.clone()),
-        (t, Cur::Http(_, f)) => match map_of(t) {
-            Some(m) => f.header(m, key),
-            None => return NOT_FOUND,
-        },
-        _ => return NOT_FOUND,
+    let value = match with(|c| match (map_type, c) {
+        (6, Cur::Callout(_, r)) => Some(r.headers.iter().find(|(k, _)| k.eq_ignore_ascii_case(key)).map(|(_, v)| v.clone())),
+        (t, Cur::Http(_, f)) => map_of(t).map(|m| {
+            let v = f.header(m, key);
+            if let (HeaderMap::RequestHeaders, Some(v)) = (m, &v) {
+                crate::hooks::saw_request_header(*f, key, v);
+            }
+            v
+        }),
+        _ => None,
+    }) {
+        Some(v) => v,
+        None => return NOT_FOUND,
     };
     match value {
         Some(v) => {
@@ -230,7 +261,7 @@ pub extern "C" fn proxy_get_header_map_value(map_type: u32, key: *const u8, key_
 #[no_mangle]
 pub extern "C" fn proxy_remove_header_map_value(map_type: u32, key: *const u8, key_size: usize) -> u32 {
     // The SDK takes only `Ok` for header writes.
-    if let (Some(m), Some(f)) = (map_of(map_type), cur().filter()) {
+    if let (Some(m), Some(f)) = (map_of(map_type), with(Cur::filter)) {
         f.remove_header(m, slice(key, key_size));
     }
     OK
@@ -238,7 +269,7 @@ pub extern "C" fn proxy_remove_header_map_value(map_type: u32, key: *const u8, k
 
 #[no_mangle]
 pub extern "C" fn proxy_replace_header_map_value(map_type: u32, key: *const u8, key_size: usize, value: *const u8, value_size: usize) -> u32 {
-    if let (Some(m), Some(f)) = (map_of(map_type), cur().filter()) {
+    if let (Some(m), Some(f)) = (map_of(map_type), with(Cur::filter)) {
         if !f.set_header(m, slice(key, key_size), slice(value, value_size)) {
             crate::dm::log(Level::Debug, b"gpuha native: header not set (no such map now)");
         }
@@ -248,7 +279,7 @@ pub extern "C" fn proxy_replace_header_map_value(map_type: u32, key: *const u8, 
 
 #[no_mangle]
 pub extern "C" fn proxy_add_header_map_value(map_type: u32, key: *const u8, key_size: usize, value: *const u8, value_size: usize) -> u32 {
-    if let (Some(m), Some(f)) = (map_of(map_type), cur().filter()) {
+    if let (Some(m), Some(f)) = (map_of(map_type), with(Cur::filter)) {
         if !f.add_header(m, slice(key, key_size), slice(value, value_size)) {
             crate::dm::log(Level::Debug, b"gpuha native: header not added (no such map now)");
         }
@@ -258,7 +289,7 @@ pub extern "C" fn proxy_add_header_map_value(map_type: u32, key: *const u8, key_
 
 #[no_mangle]
 pub extern "C" fn proxy_get_property(path: *const u8, path_size: usize, data: *mut *mut u8, size: *mut usize) -> u32 {
-    let Some(f) = cur().filter() else { return NOT_FOUND };
+    let Some(f) = with(Cur::filter) else { return NOT_FOUND };
     let parts = wire::path_parts(slice(path, path_size));
     let value = match parts.as_slice() {
         [b"upstream", b"address"] => f.attr_string(Attr::UpstreamAddress),
@@ -289,15 +320,12 @@ pub extern "C" fn proxy_set_property(_path: *const u8, _path_size: usize, _value
 pub extern "C" fn proxy_get_shared_data(key: *const u8, key_size: usize, data: *mut *mut u8, size: *mut usize, cas: *mut u32) -> u32 {
     // Keys come from the SDK's `&str`.
     let key = String::from_utf8_lossy(slice(key, key_size));
-    match crate::plugin::SHARED.get(&key) {
-        Some((v, token)) => {
-            give(&v, data, size);
-            // SAFETY: a pointer to the SDK's local.
-            unsafe { *cas = token };
-            OK
-        }
-        None => NOT_FOUND,
-    }
+    let found = crate::plugin::SHARED.read(&key, |v, token| {
+        give(v, data, size);
+        // SAFETY: a pointer to the SDK's local.
+        unsafe { *cas = token };
+    });
+    if found.is_some() { OK } else { NOT_FOUND }
 }
 
 #[no_mangle]
@@ -312,7 +340,7 @@ pub extern "C" fn proxy_set_shared_data(key: *const u8, key_size: usize, value: 
 #[no_mangle]
 pub extern "C" fn proxy_continue_stream(stream_type: u32) -> u32 {
     // The SDK takes only `Ok` here.
-    match (cur().filter(), stream_type) {
+    match (with(Cur::filter), stream_type) {
         (Some(f), 0) => f.continue_decoding(),
         (Some(f), 1) => f.continue_encoding(),
         _ => crate::dm::log(Level::Warn, b"gpuha native: continue outside an HTTP stream: ignored"),
@@ -323,7 +351,7 @@ pub extern "C" fn proxy_continue_stream(stream_type: u32) -> u32 {
 #[no_mangle]
 pub extern "C" fn proxy_close_stream(stream_type: u32) -> u32 {
     // The SDK takes only `Ok` here.
-    match (cur().filter(), stream_type) {
+    match (with(Cur::filter), stream_type) {
         (Some(f), 0 | 1) => f.reset(),
         _ => crate::dm::log(Level::Warn, b"gpuha native: close outside an HTTP stream: ignored"),
     }
@@ -333,7 +361,7 @@ pub extern "C" fn proxy_close_stream(stream_type: u32) -> u32 {
 #[no_mangle]
 pub extern "C" fn proxy_send_local_response(status: u32, details: *const u8, details_size: usize, body: *const u8, body_size: usize, headers: *const u8, headers_size: usize, _grpc_status: i32) -> u32 {
     // The SDK takes only `Ok` here.
-    match (cur().filter(), wire::decode_map(slice(headers, headers_size))) {
+    match (with(Cur::filter), wire::decode_map(slice(headers, headers_size))) {
         (Some(f), Some(headers)) => {
             let reply = Reply { status, headers: headers.iter().map(|(k, v)| (k.to_vec(), v.to_vec())).collect(), body: slice(body, body_size).to_vec(), details: slice(details, details_size).to_vec() };
             // From inside the filter's own hook it goes out when the hook returns (see `hooks`).
@@ -363,20 +391,27 @@ pub extern "C" fn proxy_http_call(upstream: *const u8, upstream_size: usize, hea
 
 #[no_mangle]
 pub extern "C" fn proxy_set_effective_context(context_id: u32) -> u32 {
-    let c = cur();
-    let Some(p) = c.plugin().cloned() else { return BAD_ARGUMENT };
     if let Some(f) = crate::hooks::filter_of(context_id) {
+        // The SDK names the context of each callback: mostly the one the hook is on already.
+        if with(|c| c.filter() == Some(f)) {
+            return OK;
+        }
+        let Some(p) = with(|c| c.plugin().cloned()) else { return BAD_ARGUMENT };
         set_cur(Cur::Http(p, f));
         return OK;
     }
     if !crate::hooks::is_root(context_id) {
         return BAD_ARGUMENT;
     }
-    // The SDK names the root before each root callback: an HTTP call's answer stays readable.
-    if !matches!(c, Cur::Root(_) | Cur::Callout(..)) {
-        set_cur(Cur::Root(p));
+    // Before each root callback: an HTTP call's answer stays readable.
+    match with(|c| if matches!(c, Cur::Root(_) | Cur::Callout(..)) { None } else { Some(c.plugin().cloned()) }) {
+        None => OK,
+        Some(Some(p)) => {
+            set_cur(Cur::Root(p));
+            OK
+        }
+        Some(None) => BAD_ARGUMENT,
     }
-    OK
 }
 
 #[no_mangle]
@@ -397,11 +432,11 @@ pub extern "C" fn proxy_define_metric(metric_type: u32, name: *const u8, name_si
 
 #[no_mangle]
 pub extern "C" fn proxy_increment_metric(metric_id: u32, offset: i64) -> u32 {
-    let Some(p) = cur().plugin().cloned() else { return BAD_ARGUMENT };
-    match u64::try_from(offset) {
-        Ok(n) if p.increment(metric_id, n) => OK,
-        Ok(_) => NOT_FOUND,
-        Err(_) => BAD_ARGUMENT,
+    let Ok(n) = u64::try_from(offset) else { return BAD_ARGUMENT };
+    match with(|c| c.plugin().map(|p| p.increment(metric_id, n))) {
+        Some(true) => OK,
+        Some(false) => NOT_FOUND,
+        None => BAD_ARGUMENT,
     }
 }
 

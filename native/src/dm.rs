@@ -4,6 +4,8 @@
 //! Envoy's `false` into `None` or `false`.
 #![allow(unsafe_code)]
 
+use std::cell::Cell;
+
 use crate::abi;
 
 #[derive(Debug, Clone, Copy)]
@@ -83,6 +85,16 @@ pub enum Attr {
     RequestId,
 }
 
+thread_local! {
+    /// The body sizes of the body hook running on this thread (see [`Filter::body_parts`]).
+    static PARTS: Cell<Option<(Filter, Dir, [(abi::HttpBodyType, usize); 2])>> = const { Cell::new(None) };
+}
+
+/// Drops the body sizes noted for the running hook (it ended, or the body changed).
+pub fn forget_body_sizes() {
+    PARTS.with(|p| p.set(None));
+}
+
 /// Envoy's filter of one stream; valid from `on_http_filter_new` until its destroy hook.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub struct Filter(pub abi::HttpFilterEnvoyPtr);
@@ -142,16 +154,21 @@ impl Filter {
     }
 
     /// The bodies that make up what the filter sees, with their sizes: what Envoy buffered (if
-    /// anything), then what this hook got.
+    /// anything), then what this hook got. Asked of Envoy once per body hook ([`Self::body_len`]
+    /// at its start), then taken from [`PARTS`] until the body changes or the hook ends.
     fn body_parts(self, dir: Dir) -> [(abi::HttpBodyType, usize); 2] {
+        if let Some((f, d, parts)) = PARTS.with(Cell::get) {
+            if f == self && d == dir {
+                return parts;
+            }
+        }
         let [buffered, received] = dir.bodies();
         let b = self.size(buffered);
         // When what the hook received is Envoy's buffer itself, reading both would read it
         // twice (asked only when something is buffered: one call fewer per chunk of a stream).
-        if b > 0 && dir.received_is_buffered(self.0) {
-            return [(buffered, b), (received, 0)];
-        }
-        [(buffered, b), (received, self.size(received))]
+        let parts = if b > 0 && dir.received_is_buffered(self.0) { [(buffered, b), (received, 0)] } else { [(buffered, b), (received, self.size(received))] };
+        PARTS.with(|p| p.set(Some((self, dir, parts))));
+        parts
     }
 
     /// `max` bytes from `start` of the body as the Proxy-Wasm filter sees it: what Envoy
@@ -188,13 +205,16 @@ impl Filter {
         (start <= at).then_some(out)
     }
 
+    /// The body's size, asked of Envoy afresh: call it at the start of a body hook.
     pub fn body_len(self, dir: Dir) -> usize {
+        forget_body_sizes();
         self.body_parts(dir).iter().map(|(_, n)| n).sum()
     }
 
     /// Replaces the whole body (buffered and received) with `bytes`.
     pub fn replace_body(self, dir: Dir, bytes: &[u8]) -> bool {
         let parts = self.body_parts(dir);
+        forget_body_sizes();
         for (t, n) in parts {
             if n > 0 {
                 // SAFETY: live filter; drains everything of that body.

@@ -74,8 +74,8 @@ pub struct Ending {
     pub details: Option<Vec<u8>>,
 }
 
-/// Endings kept per thread, oldest dropped first (an entry is taken by the request's last
-/// attempt; one whose attempts all ended first is never taken).
+/// Endings kept per thread, the oldest pushed out first: the attempts that end after their
+/// request's downstream stream (Envoy destroys them right after it) look theirs up long before.
 const ENDINGS_KEPT: usize = 1024;
 
 thread_local! {
@@ -179,7 +179,7 @@ struct Stream {
 fn in_hook(s: &Stream, f: impl FnOnce(u32) -> u32) -> (u32, bool) {
     let Some(id) = s.id else { return (0, false) };
     let prev = IN_HOOK.with(|h| h.replace(Some(s.envoy)));
-    let answer = with_cur(Cur::Http(s.plugin.clone(), s.envoy), || f(id));
+    let answer = with_cur(Cur::Http(s.plugin.clone(), s.envoy, id), || f(id));
     IN_HOOK.with(|h| h.set(prev));
     match HELD_REPLY.with(|r| r.borrow_mut().take()) {
         Some(r) => {
@@ -291,6 +291,7 @@ pub extern "C" fn envoy_dynamic_module_on_http_filter_request_body(_envoy: abi::
     let n = s.envoy.body_len(crate::dm::Dir::Request);
     // SAFETY: as above.
     let (a, r) = in_hook(s, |id| unsafe { proxy_on_request_body(id, n, end_of_stream) });
+    crate::dm::forget_body_sizes();
     body_status(a, r)
 }
 
@@ -321,6 +322,7 @@ pub extern "C" fn envoy_dynamic_module_on_http_filter_response_body(_envoy: abi:
     let n = s.envoy.body_len(crate::dm::Dir::Response);
     // SAFETY: as above.
     let (a, r) = in_hook(s, |id| unsafe { proxy_on_response_body(id, n, end_of_stream) });
+    crate::dm::forget_body_sizes();
     body_status(a, r)
 }
 

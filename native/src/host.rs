@@ -18,6 +18,9 @@ use crate::hooks::Reply;
 use crate::plugin::{Callout, Plugin};
 use crate::wire;
 
+/// The SDK's imports nothing in the filter uses.
+mod unused;
+
 /// Proxy-Wasm statuses (the SDK's `Status`, as the numbers its imports return).
 const OK: u32 = 0;
 const NOT_FOUND: u32 = 1;
@@ -31,7 +34,8 @@ pub enum Cur {
     #[default]
     Idle,
     Root(Arc<Plugin>),
-    Http(Arc<Plugin>, Filter),
+    /// An HTTP context: its filter and its context id.
+    Http(Arc<Plugin>, Filter, u32),
     /// An HTTP call's response, delivered to a root context.
     Callout(Arc<Plugin>, Arc<Callout>),
 }
@@ -40,13 +44,13 @@ impl Cur {
     fn plugin(&self) -> Option<&Arc<Plugin>> {
         match self {
             Cur::Idle => None,
-            Cur::Root(p) | Cur::Http(p, _) | Cur::Callout(p, _) => Some(p),
+            Cur::Root(p) | Cur::Http(p, ..) | Cur::Callout(p, _) => Some(p),
         }
     }
 
     pub fn filter(&self) -> Option<Filter> {
         match self {
-            Cur::Http(_, f) => Some(*f),
+            Cur::Http(_, f, _) => Some(*f),
             _ => None,
         }
     }
@@ -153,8 +157,8 @@ pub extern "C" fn proxy_set_tick_period_milliseconds(period: u32) -> u32 {
 pub extern "C" fn proxy_get_buffer_bytes(buffer_type: u32, start: usize, max: usize, data: *mut *mut u8, size: *mut usize) -> u32 {
     with(|c| {
         let part = match (buffer_type, c) {
-            (0, Cur::Http(_, f)) => f.body_window(Dir::Request, start, max),
-            (1, Cur::Http(_, f)) => f.body_window(Dir::Response, start, max),
+            (0, Cur::Http(_, f, _)) => f.body_window(Dir::Request, start, max),
+            (1, Cur::Http(_, f, _)) => f.body_window(Dir::Response, start, max),
             (4, Cur::Callout(_, r)) => return window(&r.body, start, max, data, size),
             (7, _) => match c.plugin() {
                 Some(p) => return window(&p.configuration, start, max, data, size),
@@ -202,7 +206,7 @@ pub extern "C" fn proxy_get_header_map_pairs(map_type: u32, data: *mut *mut u8, 
     with(|c| {
         let pairs = match (map_type, c) {
             (6, Cur::Callout(_, r)) => return give_map(&r.headers, data, size),
-            (t, Cur::Http(_, f)) => match map_of(t) {
+            (t, Cur::Http(_, f, _)) => match map_of(t) {
                 Some(m) => {
                     let pairs = f.headers(m);
                     if m == HeaderMap::RequestHeaders {
@@ -237,7 +241,7 @@ pub extern "C" fn proxy_get_header_map_value(map_type: u32, key: *const u8, key_
     let key = slice(key, key_size);
     let value = match with(|c| match (map_type, c) {
         (6, Cur::Callout(_, r)) => Some(r.headers.iter().find(|(k, _)| k.eq_ignore_ascii_case(key)).map(|(_, v)| v.clone())),
-        (t, Cur::Http(_, f)) => map_of(t).map(|m| {
+        (t, Cur::Http(_, f, _)) => map_of(t).map(|m| {
             let v = f.header(m, key);
             if let (HeaderMap::RequestHeaders, Some(v)) = (m, &v) {
                 crate::hooks::saw_request_header(*f, key, v);
@@ -391,13 +395,13 @@ pub extern "C" fn proxy_http_call(upstream: *const u8, upstream_size: usize, hea
 
 #[no_mangle]
 pub extern "C" fn proxy_set_effective_context(context_id: u32) -> u32 {
+    // The SDK names the context of each callback: mostly the one the hook is on already.
+    if with(|c| matches!(c, Cur::Http(_, _, id) if *id == context_id)) {
+        return OK;
+    }
     if let Some(f) = crate::hooks::filter_of(context_id) {
-        // The SDK names the context of each callback: mostly the one the hook is on already.
-        if with(|c| c.filter() == Some(f)) {
-            return OK;
-        }
         let Some(p) = with(|c| c.plugin().cloned()) else { return BAD_ARGUMENT };
-        set_cur(Cur::Http(p, f));
+        set_cur(Cur::Http(p, f, context_id));
         return OK;
     }
     if !crate::hooks::is_root(context_id) {
@@ -448,69 +452,4 @@ pub extern "C" fn proxy_record_metric(_metric_id: u32, _value: u64) -> u32 {
 #[no_mangle]
 pub extern "C" fn proxy_get_metric(_metric_id: u32, _value: *mut u64) -> u32 {
     NOT_FOUND
-}
-
-// The rest of the SDK's imports: nothing in the filter uses them. Each answers a status its SDK
-// wrapper maps to an error where it has one (`Ok` where it takes nothing else).
-
-#[no_mangle]
-pub extern "C" fn proxy_register_shared_queue(_name: *const u8, _size: usize, _id: *mut u32) -> u32 {
-    OK
-}
-
-#[no_mangle]
-pub extern "C" fn proxy_resolve_shared_queue(_vm: *const u8, _vm_size: usize, _name: *const u8, _size: usize, _id: *mut u32) -> u32 {
-    NOT_FOUND
-}
-
-#[no_mangle]
-pub extern "C" fn proxy_dequeue_shared_queue(_queue: u32, _data: *mut *mut u8, _size: *mut usize) -> u32 {
-    NOT_FOUND
-}
-
-#[no_mangle]
-pub extern "C" fn proxy_enqueue_shared_queue(_queue: u32, _data: *const u8, _size: usize) -> u32 {
-    NOT_FOUND
-}
-
-#[no_mangle]
-#[allow(clippy::too_many_arguments)]
-pub extern "C" fn proxy_grpc_call(_u: *const u8, _us: usize, _s: *const u8, _ss: usize, _m: *const u8, _ms: usize, _i: *const u8, _is: usize, _d: *const u8, _ds: usize, _t: u32, _id: *mut u32) -> u32 {
-    INTERNAL_FAILURE
-}
-
-#[no_mangle]
-#[allow(clippy::too_many_arguments)]
-pub extern "C" fn proxy_grpc_stream(_u: *const u8, _us: usize, _s: *const u8, _ss: usize, _m: *const u8, _ms: usize, _i: *const u8, _is: usize, _id: *mut u32) -> u32 {
-    INTERNAL_FAILURE
-}
-
-#[no_mangle]
-pub extern "C" fn proxy_grpc_send(_token: u32, _data: *const u8, _size: usize, _end: bool) -> u32 {
-    NOT_FOUND
-}
-
-#[no_mangle]
-pub extern "C" fn proxy_grpc_cancel(_token: u32) -> u32 {
-    NOT_FOUND
-}
-
-#[no_mangle]
-pub extern "C" fn proxy_grpc_close(_token: u32) -> u32 {
-    NOT_FOUND
-}
-
-#[no_mangle]
-pub extern "C" fn proxy_get_status(_code: *mut u32, _data: *mut *mut u8, _size: *mut usize) -> u32 {
-    OK
-}
-
-#[no_mangle]
-pub extern "C" fn proxy_call_foreign_function(_name: *const u8, _name_size: usize, _args: *const u8, _args_size: usize, _data: *mut *mut u8, _size: *mut usize) -> u32 {
-    NOT_FOUND
-}
-
-#[no_mangle]
-pub extern "C" fn proxy_done() -> u32 {
-    OK
 }

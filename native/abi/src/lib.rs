@@ -133,14 +133,6 @@ pub const CALLOUT_EXCEED_RESPONSE_BUFFER_LIMIT: HttpCalloutResult = 2;
 
 /// `envoy_dynamic_module_type_http_stream_reset_reason` (for streamed callouts).
 pub type HttpStreamResetReason = u32;
-pub const STREAM_RESET_CONNECTION_FAILURE: HttpStreamResetReason = 0;
-pub const STREAM_RESET_CONNECTION_TERMINATION: HttpStreamResetReason = 1;
-pub const STREAM_RESET_LOCAL_RESET: HttpStreamResetReason = 2;
-pub const STREAM_RESET_LOCAL_REFUSED_STREAM_RESET: HttpStreamResetReason = 3;
-pub const STREAM_RESET_OVERFLOW: HttpStreamResetReason = 4;
-pub const STREAM_RESET_REMOTE_RESET: HttpStreamResetReason = 5;
-pub const STREAM_RESET_REMOTE_REFUSED_STREAM_RESET: HttpStreamResetReason = 6;
-pub const STREAM_RESET_PROTOCOL_ERROR: HttpStreamResetReason = 7;
 
 /// `envoy_dynamic_module_type_metrics_result`
 pub type MetricsResult = u32;
@@ -149,77 +141,15 @@ pub const METRICS_NOT_FOUND: MetricsResult = 1;
 pub const METRICS_INVALID_LABELS: MetricsResult = 2;
 pub const METRICS_FROZEN: MetricsResult = 3;
 
-/// `envoy_dynamic_module_type_attribute_id` (positional; only the first 68 are listed; ids used
-/// by GPU HA are marked "used"). Envoy returns false for ids it does not implement in a phase.
+/// `envoy_dynamic_module_type_attribute_id`: positions in Envoy 1.40's enum (only the ones used
+/// here; each was read live from the Envoy the project pins). Envoy answers `false` for an id it
+/// does not have in a phase.
 pub type AttributeId = u32;
-pub const ATTR_REQUEST_PATH: AttributeId = 0;
-pub const ATTR_REQUEST_URL_PATH: AttributeId = 1;
-pub const ATTR_REQUEST_HOST: AttributeId = 2;
-pub const ATTR_REQUEST_SCHEME: AttributeId = 3;
-pub const ATTR_REQUEST_METHOD: AttributeId = 4;
-pub const ATTR_REQUEST_HEADERS: AttributeId = 5;
-pub const ATTR_REQUEST_REFERER: AttributeId = 6;
-pub const ATTR_REQUEST_USERAGENT: AttributeId = 7;
-pub const ATTR_REQUEST_TIME: AttributeId = 8;
 pub const ATTR_REQUEST_ID: AttributeId = 9; // used: string, the x-request-id
-pub const ATTR_REQUEST_PROTOCOL: AttributeId = 10;
-pub const ATTR_REQUEST_QUERY: AttributeId = 11;
-pub const ATTR_REQUEST_DURATION: AttributeId = 12;
-pub const ATTR_REQUEST_SIZE: AttributeId = 13;
-pub const ATTR_REQUEST_TOTAL_SIZE: AttributeId = 14;
 pub const ATTR_RESPONSE_CODE: AttributeId = 15; // used: int
 pub const ATTR_RESPONSE_CODE_DETAILS: AttributeId = 16; // used: string
 pub const ATTR_RESPONSE_FLAGS: AttributeId = 17; // used: int only (bit mask, e.g. 0x20 = UF); as string: unsupported
-pub const ATTR_RESPONSE_GRPC_STATUS: AttributeId = 18;
-pub const ATTR_RESPONSE_HEADERS: AttributeId = 19;
-pub const ATTR_RESPONSE_TRAILERS: AttributeId = 20;
-pub const ATTR_RESPONSE_SIZE: AttributeId = 21;
-pub const ATTR_RESPONSE_TOTAL_SIZE: AttributeId = 22;
-pub const ATTR_RESPONSE_BACKEND_LATENCY: AttributeId = 23;
-pub const ATTR_SOURCE_ADDRESS: AttributeId = 24;
-pub const ATTR_SOURCE_PORT: AttributeId = 25;
-pub const ATTR_DESTINATION_ADDRESS: AttributeId = 26;
-pub const ATTR_DESTINATION_PORT: AttributeId = 27;
-pub const ATTR_CONNECTION_ID: AttributeId = 28;
-pub const ATTR_CONNECTION_MTLS: AttributeId = 29;
-pub const ATTR_CONNECTION_REQUESTED_SERVER_NAME: AttributeId = 30;
-pub const ATTR_CONNECTION_TLS_VERSION: AttributeId = 31;
-pub const ATTR_CONNECTION_SUBJECT_LOCAL_CERTIFICATE: AttributeId = 32;
-pub const ATTR_CONNECTION_SUBJECT_PEER_CERTIFICATE: AttributeId = 33;
-pub const ATTR_CONNECTION_DNS_SAN_LOCAL_CERTIFICATE: AttributeId = 34;
-pub const ATTR_CONNECTION_DNS_SAN_PEER_CERTIFICATE: AttributeId = 35;
-pub const ATTR_CONNECTION_URI_SAN_LOCAL_CERTIFICATE: AttributeId = 36;
-pub const ATTR_CONNECTION_URI_SAN_PEER_CERTIFICATE: AttributeId = 37;
-pub const ATTR_CONNECTION_SHA256_PEER_CERTIFICATE_DIGEST: AttributeId = 38;
-pub const ATTR_CONNECTION_TRANSPORT_FAILURE_REASON: AttributeId = 39;
-pub const ATTR_CONNECTION_TERMINATION_DETAILS: AttributeId = 40;
 pub const ATTR_UPSTREAM_ADDRESS: AttributeId = 41; // used: string "ip:port"
-pub const ATTR_UPSTREAM_PORT: AttributeId = 42;
-pub const ATTR_UPSTREAM_TLS_VERSION: AttributeId = 43;
-pub const ATTR_UPSTREAM_SUBJECT_LOCAL_CERTIFICATE: AttributeId = 44;
-pub const ATTR_UPSTREAM_SUBJECT_PEER_CERTIFICATE: AttributeId = 45;
-pub const ATTR_UPSTREAM_DNS_SAN_LOCAL_CERTIFICATE: AttributeId = 46;
-pub const ATTR_UPSTREAM_DNS_SAN_PEER_CERTIFICATE: AttributeId = 47;
-pub const ATTR_UPSTREAM_URI_SAN_LOCAL_CERTIFICATE: AttributeId = 48;
-pub const ATTR_UPSTREAM_URI_SAN_PEER_CERTIFICATE: AttributeId = 49;
-pub const ATTR_UPSTREAM_SHA256_PEER_CERTIFICATE_DIGEST: AttributeId = 50;
-pub const ATTR_UPSTREAM_LOCAL_ADDRESS: AttributeId = 51;
-pub const ATTR_UPSTREAM_TRANSPORT_FAILURE_REASON: AttributeId = 52;
-pub const ATTR_UPSTREAM_REQUEST_ATTEMPT_COUNT: AttributeId = 53;
-pub const ATTR_UPSTREAM_CX_POOL_READY_DURATION: AttributeId = 54;
-pub const ATTR_UPSTREAM_LOCALITY: AttributeId = 55;
-pub const ATTR_XDS_NODE: AttributeId = 56;
-pub const ATTR_XDS_CLUSTER_NAME: AttributeId = 57;
-pub const ATTR_XDS_CLUSTER_METADATA: AttributeId = 58;
-pub const ATTR_XDS_LISTENER_DIRECTION: AttributeId = 59;
-pub const ATTR_XDS_LISTENER_METADATA: AttributeId = 60;
-pub const ATTR_XDS_ROUTE_NAME: AttributeId = 61;
-pub const ATTR_XDS_ROUTE_METADATA: AttributeId = 62;
-pub const ATTR_XDS_VIRTUAL_HOST_NAME: AttributeId = 63;
-pub const ATTR_XDS_VIRTUAL_HOST_METADATA: AttributeId = 64;
-pub const ATTR_XDS_UPSTREAM_HOST_METADATA: AttributeId = 65;
-pub const ATTR_XDS_FILTER_CHAIN_NAME: AttributeId = 66;
-pub const ATTR_HEALTH_CHECK: AttributeId = 67;
 
 // ---------------------------------------------------------------------------------------------
 // HTTP filter types
@@ -229,8 +159,6 @@ pub const ATTR_HEALTH_CHECK: AttributeId = 67;
 pub type HttpFilterConfigEnvoyPtr = *mut c_void;
 /// The module's config object (returned from config_new; NULL = reject config).
 pub type HttpFilterConfigModulePtr = *const c_void;
-/// The module's per-route config object.
-pub type HttpFilterPerRouteConfigModulePtr = *const c_void;
 /// Envoy's DynamicModuleHttpFilter, one per stream (valid until the filter destroy hook).
 pub type HttpFilterEnvoyPtr = *mut c_void;
 /// The module's per-stream filter object (returned from filter_new).
@@ -268,10 +196,6 @@ pub type TrailersStatus = u32;
 pub const TRAILERS_CONTINUE: TrailersStatus = 0;
 pub const TRAILERS_STOP_ITERATION: TrailersStatus = 1;
 
-/// Return of the (optional) local_reply hook.
-pub type LocalReplyStatus = u32;
-pub const LOCAL_REPLY_CONTINUE: LocalReplyStatus = 0;
-pub const LOCAL_REPLY_CONTINUE_AND_RESET_STREAM: LocalReplyStatus = 1;
 
 /// `envoy_dynamic_module_type_http_filter_stream_reset_reason` (for reset_stream).
 pub type HttpFilterStreamResetReason = u32;
@@ -453,38 +377,8 @@ pub type OnHttpFilterConfigHttpCalloutDone = unsafe extern "C" fn(
     body_chunks_size: usize,
 );
 
-/// `envoy_dynamic_module_on_http_filter_config_http_stream_{headers,data,trailers,complete,reset}`
-/// (OPTIONAL): same shapes as the per-filter stream hooks with (config_envoy_ptr, config_ptr)
-/// instead of (filter_envoy_ptr, filter_module_ptr).
-pub type OnHttpFilterConfigHttpStreamHeaders = unsafe extern "C" fn(
-    HttpFilterConfigEnvoyPtr, HttpFilterConfigModulePtr, u64, *mut EnvoyHttpHeader, usize, bool,
-);
-pub type OnHttpFilterConfigHttpStreamData = unsafe extern "C" fn(
-    HttpFilterConfigEnvoyPtr, HttpFilterConfigModulePtr, u64, *const EnvoyBuffer, usize, bool,
-);
-pub type OnHttpFilterConfigHttpStreamTrailers =
-    unsafe extern "C" fn(HttpFilterConfigEnvoyPtr, HttpFilterConfigModulePtr, u64, *mut EnvoyHttpHeader, usize);
-pub type OnHttpFilterConfigHttpStreamComplete =
-    unsafe extern "C" fn(HttpFilterConfigEnvoyPtr, HttpFilterConfigModulePtr, u64);
-pub type OnHttpFilterConfigHttpStreamReset =
-    unsafe extern "C" fn(HttpFilterConfigEnvoyPtr, HttpFilterConfigModulePtr, u64, HttpStreamResetReason);
 
-/// `envoy_dynamic_module_on_http_filter_local_reply` (OPTIONAL). Called when any local reply is
-/// about to be sent on the stream (including ones this module sent). `details` valid in the hook.
-pub type OnHttpFilterLocalReply = unsafe extern "C" fn(
-    filter_envoy_ptr: HttpFilterEnvoyPtr,
-    filter_module_ptr: HttpFilterModulePtr,
-    response_code: u32,
-    details: EnvoyBuffer,
-    reset_imminent: bool,
-) -> LocalReplyStatus;
 
-/// `envoy_dynamic_module_on_http_filter_per_route_config_new` (REQUIRED only when a
-/// DynamicModuleFilterPerRoute is configured; main thread).
-pub type OnHttpFilterPerRouteConfigNew =
-    unsafe extern "C" fn(name: EnvoyBuffer, config: EnvoyBuffer) -> HttpFilterPerRouteConfigModulePtr;
-/// `envoy_dynamic_module_on_http_filter_per_route_config_destroy` (same condition; main thread).
-pub type OnHttpFilterPerRouteConfigDestroy = unsafe extern "C" fn(config: HttpFilterPerRouteConfigModulePtr);
 
 // ---------------------------------------------------------------------------------------------
 // Callbacks Envoy exports (resolved from the envoy binary at dlopen; the .so must not link
@@ -496,19 +390,6 @@ extern "C" {
 
     /// Deprecated in 1.40 but present: logs under the `dynamic_modules` logger id.
     pub fn envoy_dynamic_module_callback_log(level: LogLevel, message: ModuleBuffer);
-    /// 1.40: same, with the module's source file/line (source_file may be null/0).
-    pub fn envoy_dynamic_module_callback_log_v2(
-        level: LogLevel,
-        message: ModuleBuffer,
-        source_file: ModuleBuffer,
-        source_line: u32,
-    );
-    /// True when `level` would be emitted by the dynamic_modules logger.
-    pub fn envoy_dynamic_module_callback_log_enabled(level: LogLevel) -> bool;
-    /// Current effective level of the dynamic_modules logger.
-    pub fn envoy_dynamic_module_callback_get_log_level() -> LogLevel;
-    /// Main thread only (returns 0 and trips an ENVOY_BUG elsewhere): worker count (--concurrency).
-    pub fn envoy_dynamic_module_callback_get_concurrency() -> u32;
 
     // ----- metrics: define on the config (main thread, only inside config_new: after it
     //       returns, stat creation is frozen and define_* returns METRICS_FROZEN) -----
@@ -520,91 +401,14 @@ extern "C" {
         label_names_length: usize,
         counter_id_ptr: *mut usize,
     ) -> MetricsResult;
-    pub fn envoy_dynamic_module_callback_http_filter_config_define_gauge(
-        filter_config_envoy_ptr: HttpFilterConfigEnvoyPtr,
-        name: ModuleBuffer,
-        label_names: *mut ModuleBuffer,
-        label_names_length: usize,
-        gauge_id_ptr: *mut usize,
-    ) -> MetricsResult;
-    pub fn envoy_dynamic_module_callback_http_filter_config_define_histogram(
-        filter_config_envoy_ptr: HttpFilterConfigEnvoyPtr,
-        name: ModuleBuffer,
-        label_names: *mut ModuleBuffer,
-        label_names_length: usize,
-        histogram_id_ptr: *mut usize,
-    ) -> MetricsResult;
 
     // ----- metrics: update through a stream filter (worker thread, during hooks) -----
     // label_values_length must equal the number of label names given at definition.
 
-    pub fn envoy_dynamic_module_callback_http_filter_increment_counter(
-        filter_envoy_ptr: HttpFilterEnvoyPtr,
-        id: usize,
-        label_values: *mut ModuleBuffer,
-        label_values_length: usize,
-        value: u64,
-    ) -> MetricsResult;
-    pub fn envoy_dynamic_module_callback_http_filter_increment_gauge(
-        filter_envoy_ptr: HttpFilterEnvoyPtr,
-        id: usize,
-        label_values: *mut ModuleBuffer,
-        label_values_length: usize,
-        value: u64,
-    ) -> MetricsResult;
-    pub fn envoy_dynamic_module_callback_http_filter_decrement_gauge(
-        filter_envoy_ptr: HttpFilterEnvoyPtr,
-        id: usize,
-        label_values: *mut ModuleBuffer,
-        label_values_length: usize,
-        value: u64,
-    ) -> MetricsResult;
-    pub fn envoy_dynamic_module_callback_http_filter_set_gauge(
-        filter_envoy_ptr: HttpFilterEnvoyPtr,
-        id: usize,
-        label_values: *mut ModuleBuffer,
-        label_values_length: usize,
-        value: u64,
-    ) -> MetricsResult;
-    pub fn envoy_dynamic_module_callback_http_filter_record_histogram_value(
-        filter_envoy_ptr: HttpFilterEnvoyPtr,
-        id: usize,
-        label_values: *mut ModuleBuffer,
-        label_values_length: usize,
-        value: u64,
-    ) -> MetricsResult;
 
     // ----- metrics: update through the config (no stream needed; Envoy stats are thread-safe) -----
 
     pub fn envoy_dynamic_module_callback_http_filter_config_increment_counter(
-        filter_config_envoy_ptr: HttpFilterConfigEnvoyPtr,
-        id: usize,
-        label_values: *mut ModuleBuffer,
-        label_values_length: usize,
-        value: u64,
-    ) -> MetricsResult;
-    pub fn envoy_dynamic_module_callback_http_filter_config_increment_gauge(
-        filter_config_envoy_ptr: HttpFilterConfigEnvoyPtr,
-        id: usize,
-        label_values: *mut ModuleBuffer,
-        label_values_length: usize,
-        value: u64,
-    ) -> MetricsResult;
-    pub fn envoy_dynamic_module_callback_http_filter_config_decrement_gauge(
-        filter_config_envoy_ptr: HttpFilterConfigEnvoyPtr,
-        id: usize,
-        label_values: *mut ModuleBuffer,
-        label_values_length: usize,
-        value: u64,
-    ) -> MetricsResult;
-    pub fn envoy_dynamic_module_callback_http_filter_config_set_gauge(
-        filter_config_envoy_ptr: HttpFilterConfigEnvoyPtr,
-        id: usize,
-        label_values: *mut ModuleBuffer,
-        label_values_length: usize,
-        value: u64,
-    ) -> MetricsResult;
-    pub fn envoy_dynamic_module_callback_http_filter_config_record_histogram_value(
         filter_config_envoy_ptr: HttpFilterConfigEnvoyPtr,
         id: usize,
         label_values: *mut ModuleBuffer,
@@ -625,13 +429,6 @@ extern "C" {
         result: *mut EnvoyBuffer,
         index: usize,
         optional_size: *mut usize,
-    ) -> bool;
-    /// All values of `key` into `result` (caller sizes it with get_header's optional_size).
-    pub fn envoy_dynamic_module_callback_http_get_header_values(
-        filter_envoy_ptr: HttpFilterEnvoyPtr,
-        header_type: HttpHeaderType,
-        key: ModuleBuffer,
-        result: *mut EnvoyBuffer,
     ) -> bool;
     /// Number of entries in the map (0 when unavailable).
     pub fn envoy_dynamic_module_callback_http_get_headers_size(
@@ -722,8 +519,6 @@ extern "C" {
         reason: HttpFilterStreamResetReason,
         details: ModuleBuffer,
     );
-    /// Clear the route cache (request phase) so routing is re-evaluated.
-    pub fn envoy_dynamic_module_callback_http_clear_route_cache(filter_envoy_ptr: HttpFilterEnvoyPtr);
 
     // ----- attributes (worker thread, inside hooks) -----
 
@@ -737,11 +532,6 @@ extern "C" {
         filter_envoy_ptr: HttpFilterEnvoyPtr,
         attribute_id: AttributeId,
         result: *mut u64,
-    ) -> bool;
-    pub fn envoy_dynamic_module_callback_http_filter_get_attribute_bool(
-        filter_envoy_ptr: HttpFilterEnvoyPtr,
-        attribute_id: AttributeId,
-        result: *mut bool,
     ) -> bool;
 
     // ----- schedulers -----
@@ -774,29 +564,9 @@ extern "C" {
 
     // ----- misc -----
 
-    /// Index of the worker running this stream (0..concurrency-1).
-    pub fn envoy_dynamic_module_callback_http_filter_get_worker_index(filter_envoy_ptr: HttpFilterEnvoyPtr) -> u32;
-    /// Ask the load balancer to pick `host` ("ip:port"). strict=false falls back to normal LB.
-    /// Request phase of a downstream filter (before the router picks a host).
-    pub fn envoy_dynamic_module_callback_http_set_upstream_override_host(
-        filter_envoy_ptr: HttpFilterEnvoyPtr,
-        host: ModuleBuffer,
-        strict: bool,
-    ) -> bool;
 
     // ----- HTTP callouts -----
 
-    /// From a stream filter (worker thread). Headers must include :method, :path, host.
-    /// The done hook runs on the same worker.
-    pub fn envoy_dynamic_module_callback_http_filter_http_callout(
-        filter_envoy_ptr: HttpFilterEnvoyPtr,
-        callout_id_out: *mut u64,
-        cluster_name: ModuleBuffer,
-        headers: *mut ModuleHttpHeader,
-        headers_size: usize,
-        body: ModuleBuffer,
-        timeout_milliseconds: u64,
-    ) -> HttpCalloutInitResult;
     /// From the config: call on the MAIN thread (e.g. in the config_scheduled hook); uses the
     /// main thread's cluster manager; the config http_callout_done hook runs on the main thread.
     /// Caveat (observed): if the target cluster has a dynamic-module upstream filter, that filter

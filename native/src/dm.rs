@@ -85,9 +85,12 @@ pub enum Attr {
     RequestId,
 }
 
+/// The bodies a filter sees in a hook, each with its size (see [`Filter::body_parts`]).
+type BodyParts = [(abi::HttpBodyType, usize); 2];
+
 thread_local! {
     /// The body sizes of the body hook running on this thread (see [`Filter::body_parts`]).
-    static PARTS: Cell<Option<(Filter, Dir, [(abi::HttpBodyType, usize); 2])>> = const { Cell::new(None) };
+    static PARTS: Cell<Option<(Filter, Dir, BodyParts)>> = const { Cell::new(None) };
 }
 
 /// Drops the body sizes noted for the running hook (it ended, or the body changed).
@@ -156,7 +159,7 @@ impl Filter {
     /// The bodies that make up what the filter sees, with their sizes: what Envoy buffered (if
     /// anything), then what this hook got. Asked of Envoy once per body hook ([`Self::body_len`]
     /// at its start), then taken from [`PARTS`] until the body changes or the hook ends.
-    fn body_parts(self, dir: Dir) -> [(abi::HttpBodyType, usize); 2] {
+    fn body_parts(self, dir: Dir) -> BodyParts {
         if let Some((f, d, parts)) = PARTS.with(Cell::get) {
             if f == self && d == dir {
                 return parts;

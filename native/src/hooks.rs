@@ -448,4 +448,22 @@ pub extern "C" fn envoy_dynamic_module_on_http_filter_config_http_callout_done(_
     });
 }
 
+// Each hook has the signature the ABI declares (a mismatch would be undefined behaviour that no
+// linker sees: Envoy looks the hooks up by name).
+const _: abi::OnProgramInit = envoy_dynamic_module_on_program_init;
+const _: abi::OnHttpFilterConfigNew = envoy_dynamic_module_on_http_filter_config_new;
+const _: abi::OnHttpFilterConfigDestroy = envoy_dynamic_module_on_http_filter_config_destroy;
+const _: abi::OnHttpFilterNew = envoy_dynamic_module_on_http_filter_new;
+const _: abi::OnHttpFilterRequestHeaders = envoy_dynamic_module_on_http_filter_request_headers;
+const _: abi::OnHttpFilterRequestBody = envoy_dynamic_module_on_http_filter_request_body;
+const _: abi::OnHttpFilterRequestTrailers = envoy_dynamic_module_on_http_filter_request_trailers;
+const _: abi::OnHttpFilterResponseHeaders = envoy_dynamic_module_on_http_filter_response_headers;
+const _: abi::OnHttpFilterResponseBody = envoy_dynamic_module_on_http_filter_response_body;
+const _: abi::OnHttpFilterResponseTrailers = envoy_dynamic_module_on_http_filter_response_trailers;
+const _: abi::OnHttpFilterStreamComplete = envoy_dynamic_module_on_http_filter_stream_complete;
+const _: abi::OnHttpFilterDestroy = envoy_dynamic_module_on_http_filter_destroy;
+const _: abi::OnHttpFilterScheduled = envoy_dynamic_module_on_http_filter_scheduled;
+const _: abi::OnHttpFilterConfigScheduled = envoy_dynamic_module_on_http_filter_config_scheduled;
+const _: abi::OnHttpFilterConfigHttpCalloutDone = envoy_dynamic_module_on_http_filter_config_http_callout_done;
+
 crate::abi::unused_http_hooks!();

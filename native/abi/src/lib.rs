@@ -613,5 +613,15 @@ macro_rules! unused_http_hooks {
 
         #[no_mangle]
         pub extern "C" fn envoy_dynamic_module_on_http_filter_downstream_below_write_buffer_low_watermark(_e: $crate::HttpFilterEnvoyPtr, _f: $crate::HttpFilterModulePtr) {}
+
+        // Each has the signature the ABI declares.
+        const _: $crate::OnHttpFilterHttpCalloutDone = envoy_dynamic_module_on_http_filter_http_callout_done;
+        const _: $crate::OnHttpFilterHttpStreamHeaders = envoy_dynamic_module_on_http_filter_http_stream_headers;
+        const _: $crate::OnHttpFilterHttpStreamData = envoy_dynamic_module_on_http_filter_http_stream_data;
+        const _: $crate::OnHttpFilterHttpStreamTrailers = envoy_dynamic_module_on_http_filter_http_stream_trailers;
+        const _: $crate::OnHttpFilterHttpStreamComplete = envoy_dynamic_module_on_http_filter_http_stream_complete;
+        const _: $crate::OnHttpFilterHttpStreamReset = envoy_dynamic_module_on_http_filter_http_stream_reset;
+        const _: $crate::OnHttpFilterDownstreamAboveWriteBufferHighWatermark = envoy_dynamic_module_on_http_filter_downstream_above_write_buffer_high_watermark;
+        const _: $crate::OnHttpFilterDownstreamBelowWriteBufferLowWatermark = envoy_dynamic_module_on_http_filter_downstream_below_write_buffer_low_watermark;
     };
 }

@@ -3,9 +3,11 @@
 //! the SDK run here unchanged, as they run in Envoy's Wasm VM.
 //!
 //! Every call acts on what [`Cur`] says the thread is doing: a root context (configure, tick),
-//! an HTTP context (its Envoy filter), or an HTTP call's response. What Envoy's Wasm host would
-//! refuse in that state is refused here with the same status (`NotFound`, `BadArgument`), and the
-//! filter's host wrappers fail open on it. Buffers handed to the SDK are allocated with the
+//! an HTTP context (its Envoy filter), or an HTTP call's response. What cannot be done in that
+//! state is refused with a status the SDK's wrapper for that call maps to an error (`NotFound`,
+//! `BadArgument`), or, for the calls whose wrapper takes only `Ok` (any other status panics the
+//! SDK), logged and answered `Ok`; the filter's host wrappers fail open on either. Buffers handed
+//! to the SDK are allocated with the
 //! global allocator at exactly their length: the SDK takes them back with
 //! `Vec::from_raw_parts(ptr, len, len)`.
 #![allow(unsafe_code)]

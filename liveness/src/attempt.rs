@@ -309,6 +309,19 @@ impl Ending {
             timed_out: response_flags & (flags::UPSTREAM_REQUEST_TIMEOUT | flags::STREAM_IDLE_TIMEOUT) != 0 || details.contains("timeout"),
         }
     }
+
+    /// The ending of an attempt that lasted `elapsed_ms` of a budget of `budget_ms` (the
+    /// `x-envoy-expected-rq-timeout-ms` Envoy sends each attempt: its per-try timeout when the
+    /// route has one). One that used up its budget was ended by the per-try timeout, whatever
+    /// the flags say. Envoy flags that timeout (`UT`, `upstream_per_try_timeout`) only on a
+    /// request's last attempt. Without this, the attempts retried before it read as resets:
+    /// a slow prompt on every worker charged them all and opened their circuits. Measured on
+    /// Envoy 1.40 (drill `test_slow_prompts_open_no_circuit`). The per-try timer fires at the
+    /// budget and the attempt ends after it, so the slack only absorbs clock rounding.
+    pub fn after(self, elapsed_ms: u64, budget_ms: Option<u64>) -> Ending {
+        let spent = budget_ms.is_some_and(|b| b > 0 && elapsed_ms.saturating_add(b / 20) >= b);
+        Ending { timed_out: self.timed_out || spent, ..self }
+    }
 }
 
 #[derive(Debug, Clone)]

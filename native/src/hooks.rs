@@ -78,10 +78,30 @@ pub struct Ending {
 /// request's downstream stream (Envoy destroys them right after it) look theirs up long before.
 const ENDINGS_KEPT: usize = 1024;
 
+/// What a stream's attributes said while Envoy still showed them, for the filter's end (the
+/// SDK's done and log run at destroy, where a dynamic module sees no attributes): the upstream
+/// address (an upstream filter's, read when its request starts; a downstream filter's, at
+/// stream_complete) and how a downstream stream ended.
+#[derive(Debug, Clone, Default)]
+pub struct Kept {
+    pub upstream_address: Option<Vec<u8>>,
+    pub ending: Option<Ending>,
+}
+
 thread_local! {
     /// Each live stream's `x-request-id`, by its Envoy filter.
     static REQUEST_IDS: RefCell<HashMap<Filter, Vec<u8>>> = RefCell::new(HashMap::new());
     static ENDINGS: RefCell<VecDeque<(Vec<u8>, Ending)>> = const { RefCell::new(VecDeque::new()) };
+    static KEPT: RefCell<HashMap<Filter, Kept>> = RefCell::new(HashMap::new());
+}
+
+/// What was kept of `f`'s attributes.
+pub fn kept(f: Filter) -> Option<Kept> {
+    KEPT.with(|k| k.borrow().get(&f).cloned())
+}
+
+fn keep(f: Filter, update: impl FnOnce(&mut Kept)) {
+    KEPT.with(|k| update(k.borrow_mut().entry(f).or_default()));
 }
 
 /// How the downstream stream of `f`'s request ended, if it has.
@@ -100,10 +120,16 @@ pub fn saw_request_header(f: Filter, name: &[u8], value: &[u8]) {
     }
 }
 
-/// Keeps how a downstream stream ended (only downstream filters get stream_complete).
+/// Keeps how a downstream stream ended (only downstream filters get stream_complete), for its
+/// own end and for its request's upstream attempts that end after it.
 fn note_ending(f: Filter) {
-    let Some(id) = REQUEST_IDS.with(|r| r.borrow().get(&f).cloned()) else { return };
     let ending = Ending { flags: f.attr_int(crate::dm::Attr::ResponseFlags).unwrap_or(0), details: f.attr_string(crate::dm::Attr::ResponseCodeDetails) };
+    let upstream_address = f.attr_string(crate::dm::Attr::UpstreamAddress);
+    keep(f, |k| {
+        k.ending = Some(ending.clone());
+        k.upstream_address = upstream_address;
+    });
+    let Some(id) = REQUEST_IDS.with(|r| r.borrow().get(&f).cloned()) else { return };
     ENDINGS.with(|e| {
         let mut e = e.borrow_mut();
         if e.len() >= ENDINGS_KEPT {
@@ -278,6 +304,11 @@ fn trailers_status(answer: u32, replied: bool) -> abi::TrailersStatus {
 pub extern "C" fn envoy_dynamic_module_on_http_filter_request_headers(_envoy: abi::HttpFilterEnvoyPtr, filter: abi::HttpFilterModulePtr, end_of_stream: bool) -> abi::HeadersStatus {
     // SAFETY: ours, from `on_http_filter_new`.
     let s = unsafe { stream(filter) };
+    if s.plugin.upstream {
+        // An upstream filter's attempt is known from its start; at its destroy, nothing is shown.
+        let addr = s.envoy.attr_string(crate::dm::Attr::UpstreamAddress);
+        keep(s.envoy, |k| k.upstream_address = addr);
+    }
     let n = s.envoy.header_count(HeaderMap::RequestHeaders);
     // SAFETY: the SDK's entry point for a context of this thread.
     let (a, r) = in_hook(s, |id| unsafe { proxy_on_request_headers(id, n, end_of_stream) });
@@ -336,7 +367,10 @@ pub extern "C" fn envoy_dynamic_module_on_http_filter_response_trailers(_envoy: 
     trailers_status(a, r)
 }
 
-/// The stream is over: the SDK's done and log (Envoy's Wasm host calls both when the stream ends).
+/// The stream is over: the SDK's done and log, at destroy. Envoy destroys a request's upstream
+/// filters before its downstream ones, so the guard's done (which notes an attempt's failure in
+/// the request's slot) runs before the picker's (which judges the request's notes), in the order
+/// Envoy's Wasm host runs them.
 fn finish(s: &mut Stream) {
     if std::mem::replace(&mut s.done, true) {
         return;
@@ -352,9 +386,7 @@ fn finish(s: &mut Stream) {
 #[no_mangle]
 pub extern "C" fn envoy_dynamic_module_on_http_filter_stream_complete(_envoy: abi::HttpFilterEnvoyPtr, filter: abi::HttpFilterModulePtr) {
     // SAFETY: ours.
-    let s = unsafe { stream(filter) };
-    note_ending(s.envoy);
-    finish(s);
+    note_ending(unsafe { stream(filter) }.envoy);
 }
 
 #[no_mangle]
@@ -363,6 +395,7 @@ pub extern "C" fn envoy_dynamic_module_on_http_filter_destroy(filter: abi::HttpF
     let mut s = unsafe { Box::from_raw(filter as *mut Stream) };
     finish(&mut s);
     REQUEST_IDS.with(|r| r.borrow_mut().remove(&s.envoy));
+    KEPT.with(|k| k.borrow_mut().remove(&s.envoy));
     let Some(id) = s.id else { return };
     with_cur(Cur::Root(s.plugin.clone()), || {
         // SAFETY: the SDK's entry point for a context of this thread.

@@ -298,11 +298,12 @@ pub extern "C" fn proxy_get_property(path: *const u8, path_size: usize, data: *m
     let Some(f) = with(Cur::filter) else { return NOT_FOUND };
     let parts = wire::path_parts(slice(path, path_size));
     let value = match parts.as_slice() {
-        [b"upstream", b"address"] => f.attr_string(Attr::UpstreamAddress),
-        // An upstream filter (the guard) sees its own attempt's stream here; Envoy's Wasm host
-        // shows it the downstream stream's, which says whether the client went away.
-        [b"response", b"code_details"] => f.attr_string(Attr::ResponseCodeDetails).or_else(|| crate::hooks::downstream_ending(f).and_then(|e| e.details)),
-        [b"response", b"flags"] => f.attr_int(Attr::ResponseFlags).or_else(|| crate::hooks::downstream_ending(f).map(|e| e.flags)).map(|v| v.to_le_bytes().to_vec()),
+        // At a filter's end (destroy) Envoy shows no attributes: what was kept of them. An
+        // upstream filter (the guard) sees its own attempt's stream; Envoy's Wasm host shows it
+        // the downstream stream's `response.*`, which says whether the client went away.
+        [b"upstream", b"address"] => f.attr_string(Attr::UpstreamAddress).or_else(|| crate::hooks::kept(f).and_then(|k| k.upstream_address)),
+        [b"response", b"code_details"] => f.attr_string(Attr::ResponseCodeDetails).or_else(|| ending(f).and_then(|e| e.details)),
+        [b"response", b"flags"] => f.attr_int(Attr::ResponseFlags).or_else(|| ending(f).map(|e| e.flags)).map(|v| v.to_le_bytes().to_vec()),
         [b"response", b"code"] => f.attr_int(Attr::ResponseCode).map(|v| v.to_le_bytes().to_vec()),
         [b"request", b"id"] => f.attr_string(Attr::RequestId),
         _ => None,
@@ -314,6 +315,11 @@ pub extern "C" fn proxy_get_property(path: *const u8, path_size: usize, data: *m
         }
         None => NOT_FOUND,
     }
+}
+
+/// How `f`'s stream ended (a downstream filter), or its request's downstream stream (an upstream one).
+fn ending(f: Filter) -> Option<crate::hooks::Ending> {
+    crate::hooks::kept(f).and_then(|k| k.ending).or_else(|| crate::hooks::downstream_ending(f))
 }
 
 #[no_mangle]

@@ -55,6 +55,8 @@ pub struct Plugin {
     pub configuration: Vec<u8>,
     pub envoy: ConfigHandle,
     pub ticks: Ticks,
+    /// The guard: an upstream filter (on a cluster).
+    pub upstream: bool,
     /// Counters by name; a Proxy-Wasm metric id is an index here.
     counters: Mutex<Vec<(String, Option<usize>)>>,
     /// Set while Envoy creates the configuration: counters can be defined only then.
@@ -76,16 +78,19 @@ impl Plugin {
     /// A configuration from Envoy's `filter_config` bytes: the filter's JSON, checked here so
     /// that Envoy refuses a bad one when it loads the config (as the Wasm root's `on_configure`).
     pub fn new(envoy: ConfigHandle, configuration: &[u8]) -> Result<Plugin, String> {
-        let ticks = match Config::parse(configuration)? {
+        let cfg = Config::parse(configuration)?;
+        let ticks = match &cfg {
             Config::Picker(_) => Ticks::MainThread,
             Config::Guard(g) if g.rescue => Ticks::WorkerThreads,
             _ => Ticks::None,
         };
+        let upstream = matches!(cfg, Config::Guard(_));
         Ok(Plugin {
             serial: SERIAL.fetch_add(1, Ordering::Relaxed),
             configuration: configuration.to_vec(),
             envoy,
             ticks,
+            upstream,
             counters: Mutex::new(Vec::new()),
             defining: AtomicBool::new(true),
             tick_ms: AtomicU32::new(0),

@@ -70,6 +70,58 @@ def test_failure_following_the_request_charges_nobody(stack):
     assert attempts and min(attempts) == 3, f"every request must have been tried on 3 workers: {attempts}"
 
 
+def test_slow_prompts_open_no_circuit(stack):
+    """A prompt whose time to first token exceeds the per-try timeout on every worker (a huge
+    prefill, in life) fails the same way everywhere: the failure follows the request, so it
+    opens no circuit, and the next such request is tried on every worker again, not refused.
+    Envoy flags a per-try timeout only on a request's last attempt; the guard knows the others
+    by their budget (`x-envoy-expected-rq-timeout-ms`). One slow worker among fast ones is
+    still charged: its timeouts are not the request's."""
+    stack.start_dnsd()
+    for i in (1, 2, 3):
+        stack.start_worker(f"w{i}", ttft_ms=1500, tokens_per_s=500)
+    stack.wait_fresh(["w1", "w2", "w3"])
+    threshold = 3
+    breaker = {"failure_threshold": threshold, "cooldown_ms": 30000}
+    envoy = stack.start_pool_router(per_try_timeout="0.4s", picker_config=json.dumps({"breaker": breaker}),
+                                    guard_config=json.dumps({"breaker": breaker}))
+    wait_for(lambda: filter_stat(envoy, "fleet_polls") >= 1, 10, "the picker's first fleet poll")
+    client = make_client(envoy.base_url, timeout=10)
+    outcomes = [chat(client, i, 3, stream=i % 2 == 0) for i in range(2 * threshold)]
+    trips, follows = filter_stat(envoy, "breaker_trips"), filter_stat(envoy, "request_failures")
+    attempts = [int(e["attempts"] or 0) for e in access_entries(envoy) if e["path"].startswith("/v1/chat")]
+    report(f"slow prompts everywhere: {summarize(outcomes)}, breaker_trips {trips}, request_failures {follows}, "
+           f"pre_token_retries {filter_stat(envoy, 'pre_token_retries')}, attempts {attempts}")
+    # Honest: nothing could serve it in time; each client gets an OpenAI-shaped error.
+    assert all(o.kind == "error" for o in outcomes), [o.describe() for o in outcomes]
+    assert trips == 0, f"slow prompts opened {trips} circuits of workers that were only slow for them"
+    assert follows >= len(outcomes) - 1, f"only {follows} of {len(outcomes)} requests judged as failing everywhere"
+    assert attempts and min(attempts) == 3, f"every request must still be tried on the 3 workers: {attempts}"
+
+
+def test_one_slow_worker_is_still_charged(stack):
+    """The other side of `test_slow_prompts_open_no_circuit`: a worker that misses the per-try
+    timeout where two others answer in time is charged, and its circuit opens."""
+    stack.start_dnsd()
+    for i in (1, 2):
+        stack.start_worker(f"w{i}", ttft_ms=20, tokens_per_s=500)
+    stack.start_worker("wslow", ttft_ms=1500, tokens_per_s=500)
+    stack.wait_fresh(["w1", "w2", "wslow"])
+    breaker = {"failure_threshold": 3, "cooldown_ms": 30000}
+    envoy = stack.start_pool_router(per_try_timeout="0.4s", picker_config=json.dumps({"breaker": breaker}),
+                                    guard_config=json.dumps({"breaker": breaker}))
+    warm_up(stack, envoy)
+    client = make_client(envoy.base_url, timeout=10)
+    outcomes = [chat(client, i, 3, stream=i % 2 == 0) for i in range(30)]
+    trips, follows = filter_stat(envoy, "breaker_trips"), filter_stat(envoy, "request_failures")
+    report(f"one slow worker: {summarize(outcomes)}, per worker {per_worker(outcomes)}, breaker_trips {trips}, request_failures {follows}")
+    assert_whole_and_single_worker(outcomes)
+    assert all(o.kind == "completed" for o in outcomes), [o.describe() for o in outcomes if o.kind != "completed"][:5]
+    assert "wslow" not in per_worker(outcomes)
+    assert trips >= 1, "the slow worker's circuit never opened: its timeouts were not charged"
+    assert follows == 0
+
+
 def test_breaker_opens_and_probes(stack):
     """A worker that resets every request (its sidecar still reports it fresh) is skipped
     after `failure_threshold` failures, then probed once after the cool-down."""

@@ -362,6 +362,23 @@ fn a_released_stream_on_a_stalled_worker_ends_truncated() {
 }
 
 #[test]
+fn an_attempt_that_used_its_budget_was_timed_out() {
+    let reset = Ending::from_envoy(0, Some("upstream_reset_before_response_started{connection_termination}"));
+    assert!(!reset.timed_out);
+    assert!(!reset.after(120, Some(500)).timed_out, "a reset well inside the budget stays a reset");
+    assert!(reset.after(500, Some(500)).timed_out);
+    assert!(reset.after(480, Some(500)).timed_out, "clock rounding");
+    assert!(!reset.after(10_000, None).timed_out, "no budget known: the flags decide");
+    assert!(!reset.after(10_000, Some(0)).timed_out);
+    let cancel = Ending::from_envoy(0x4000, None).after(500, Some(500));
+    assert!(cancel.client_went_away && cancel.timed_out, "the client still went away");
+    // Judged: a timeout may follow the request (noted), a reset is the worker's (charged).
+    let mut a = Attempt::new(CFG, "/v1/chat/completions");
+    let r = a.on_done(reset.after(500, Some(500))).unwrap();
+    assert!(matches!(r.outcome, Outcome::FailedBeforeFirstToken(FailReason::Timeout)), "{:?}", r.outcome);
+}
+
+#[test]
 fn ending_from_envoy_flags() {
     assert!(Ending::from_envoy(0x4000, None).client_went_away);
     assert!(Ending::from_envoy(0, Some("downstream_remote_disconnect")).client_went_away);

@@ -22,6 +22,12 @@ from gpuha_harness import assert_whole_and_single_worker, report, summarize, war
 ERROR_BEFORE_TOKEN = ["--error-before-token"]
 
 
+def router_with_breaker(stack, threshold: int = 3, cooldown_ms: int = 30000, **render_opts):
+    """A pool router whose picker and guard share one breaker configuration."""
+    cfg = json.dumps({"breaker": {"failure_threshold": threshold, "cooldown_ms": cooldown_ms}})
+    return stack.start_pool_router(picker_config=cfg, guard_config=cfg, **render_opts)
+
+
 def test_worker_failing_where_others_serve_is_charged(stack):
     """A worker that fails every request in band (vLLM's engine-death event) while two others
     serve: its failures are noted, charged when the retry is served, and its circuit opens."""
@@ -30,8 +36,7 @@ def test_worker_failing_where_others_serve_is_charged(stack):
         stack.start_worker(f"w{i}", ttft_ms=20, tokens_per_s=500)
     stack.start_worker("wbad", ttft_ms=20, tokens_per_s=500, extra=ERROR_BEFORE_TOKEN)
     stack.wait_fresh(["w1", "w2", "wbad"])
-    breaker = {"failure_threshold": 3, "cooldown_ms": 30000}
-    envoy = stack.start_pool_router(picker_config=json.dumps({"breaker": breaker}), guard_config=json.dumps({"breaker": breaker}))
+    envoy = router_with_breaker(stack)
     warm_up(stack, envoy)
     client = make_client(envoy.base_url, timeout=10)
     outcomes = [chat(client, i, 3, stream=i % 2 == 0) for i in range(40)]
@@ -82,9 +87,7 @@ def test_slow_prompts_open_no_circuit(stack):
         stack.start_worker(f"w{i}", ttft_ms=1500, tokens_per_s=500)
     stack.wait_fresh(["w1", "w2", "w3"])
     threshold = 3
-    breaker = {"failure_threshold": threshold, "cooldown_ms": 30000}
-    envoy = stack.start_pool_router(per_try_timeout="0.4s", picker_config=json.dumps({"breaker": breaker}),
-                                    guard_config=json.dumps({"breaker": breaker}))
+    envoy = router_with_breaker(stack, threshold, per_try_timeout="0.4s")
     wait_for(lambda: filter_stat(envoy, "fleet_polls") >= 1, 10, "the picker's first fleet poll")
     client = make_client(envoy.base_url, timeout=10)
     outcomes = [chat(client, i, 3, stream=i % 2 == 0) for i in range(2 * threshold)]
@@ -107,9 +110,7 @@ def test_one_slow_worker_is_still_charged(stack):
         stack.start_worker(f"w{i}", ttft_ms=20, tokens_per_s=500)
     stack.start_worker("wslow", ttft_ms=1500, tokens_per_s=500)
     stack.wait_fresh(["w1", "w2", "wslow"])
-    breaker = {"failure_threshold": 3, "cooldown_ms": 30000}
-    envoy = stack.start_pool_router(per_try_timeout="0.4s", picker_config=json.dumps({"breaker": breaker}),
-                                    guard_config=json.dumps({"breaker": breaker}))
+    envoy = router_with_breaker(stack, per_try_timeout="0.4s")
     warm_up(stack, envoy)
     client = make_client(envoy.base_url, timeout=10)
     outcomes = [chat(client, i, 3, stream=i % 2 == 0) for i in range(30)]
@@ -130,9 +131,7 @@ def test_breaker_opens_and_probes(stack):
     bad = stack.start_worker("wbad", ttft_ms=20, tokens_per_s=500, extra=["--reset-after-tokens", "0"])
     stack.wait_fresh(["w1", "w2", "wbad"])
     threshold, cooldown_ms = 3, 3000
-    breaker = {"failure_threshold": threshold, "cooldown_ms": cooldown_ms}
-    envoy = stack.start_pool_router(picker_config=json.dumps({"breaker": breaker}),
-                                    guard_config=json.dumps({"breaker": breaker}))
+    envoy = router_with_breaker(stack, threshold, cooldown_ms)
     warm_up(stack, envoy)
     client = make_client(envoy.base_url, timeout=10)
 
@@ -183,9 +182,7 @@ def test_client_cancels_do_not_open_the_breaker(stack):
     slow = stack.start_worker("w1", ttft_ms=1500, tokens_per_s=200)
     stack.wait_fresh(["w1"])
     threshold = 3
-    breaker = {"failure_threshold": threshold, "cooldown_ms": 30000}
-    envoy = stack.start_pool_router(picker_config=json.dumps({"breaker": breaker}),
-                                    guard_config=json.dumps({"breaker": breaker}))
+    envoy = router_with_breaker(stack, threshold)
     wait_for(lambda: filter_stat(envoy, "fleet_polls") >= 1, 10, "the picker's first fleet poll")
     impatient = make_client(envoy.base_url, timeout=0.3)
     cancelled = [chat(impatient, i, 3) for i in range(2 * threshold)]

@@ -84,13 +84,13 @@ const ENDINGS_KEPT: usize = 1024;
 /// stream_complete) and how a downstream stream ended.
 #[derive(Debug, Clone, Default)]
 pub struct Kept {
+    /// The stream's `x-request-id`, as the filter read it.
+    pub request_id: Option<Vec<u8>>,
     pub upstream_address: Option<Vec<u8>>,
     pub ending: Option<Ending>,
 }
 
 thread_local! {
-    /// Each live stream's `x-request-id`, by its Envoy filter.
-    static REQUEST_IDS: RefCell<HashMap<Filter, Vec<u8>>> = RefCell::new(HashMap::new());
     static ENDINGS: RefCell<VecDeque<(Vec<u8>, Ending)>> = const { RefCell::new(VecDeque::new()) };
     static KEPT: RefCell<HashMap<Filter, Kept>> = RefCell::new(HashMap::new());
 }
@@ -106,7 +106,7 @@ fn keep(f: Filter, update: impl FnOnce(&mut Kept)) {
 
 /// How the downstream stream of `f`'s request ended, if it has.
 pub fn downstream_ending(f: Filter) -> Option<Ending> {
-    let id = REQUEST_IDS.with(|r| r.borrow().get(&f).cloned())?;
+    let id = kept(f)?.request_id?;
     ENDINGS.with(|e| e.borrow().iter().rev().find(|(k, _)| *k == id).map(|(_, v)| v.clone()))
 }
 
@@ -114,8 +114,8 @@ pub fn downstream_ending(f: Filter) -> Option<Ending> {
 /// it keys their shared-data slots), so that noting it costs Envoy no extra lookup.
 pub fn saw_request_header(f: Filter, name: &[u8], value: &[u8]) {
     if name.eq_ignore_ascii_case(b"x-request-id") {
-        REQUEST_IDS.with(|r| {
-            r.borrow_mut().entry(f).or_insert_with(|| value.to_vec());
+        keep(f, |k| {
+            k.request_id.get_or_insert_with(|| value.to_vec());
         });
     }
 }
@@ -125,11 +125,13 @@ pub fn saw_request_header(f: Filter, name: &[u8], value: &[u8]) {
 fn note_ending(f: Filter) {
     let ending = Ending { flags: f.attr_int(crate::dm::Attr::ResponseFlags).unwrap_or(0), details: f.attr_string(crate::dm::Attr::ResponseCodeDetails) };
     let upstream_address = f.attr_string(crate::dm::Attr::UpstreamAddress);
+    let mut id = None;
     keep(f, |k| {
         k.ending = Some(ending.clone());
         k.upstream_address = upstream_address;
+        id.clone_from(&k.request_id);
     });
-    let Some(id) = REQUEST_IDS.with(|r| r.borrow().get(&f).cloned()) else { return };
+    let Some(id) = id else { return };
     ENDINGS.with(|e| {
         let mut e = e.borrow_mut();
         if e.len() >= ENDINGS_KEPT {
@@ -394,7 +396,6 @@ pub extern "C" fn envoy_dynamic_module_on_http_filter_destroy(filter: abi::HttpF
     // SAFETY: ours, given back once: Envoy calls no hook of it after this.
     let mut s = unsafe { Box::from_raw(filter as *mut Stream) };
     finish(&mut s);
-    REQUEST_IDS.with(|r| r.borrow_mut().remove(&s.envoy));
     KEPT.with(|k| k.borrow_mut().remove(&s.envoy));
     let Some(id) = s.id else { return };
     with_cur(Cur::Root(s.plugin.clone()), || {

@@ -2,6 +2,7 @@
 //! trait methods `unwrap()` host errors; a panic kills the plugin, so every call here returns an
 //! `Option`/`Result`, logs failures, and the callers fail open.
 
+use std::cell::Cell;
 use std::time::UNIX_EPOCH;
 
 use proxy_wasm::hostcalls;
@@ -130,6 +131,27 @@ pub fn send_response(status: u16, headers: &[(String, String)], body: &[u8]) -> 
             false
         }
     }
+}
+
+/// The host call that ends a stream's response-body hooks for the calling context. The native
+/// build (`native/`) defines it; Envoy's Wasm host has no such foreign function (`NotFound`).
+const SKIP_RESPONSE_BODY: &str = "gpuha.skip_response_body";
+
+thread_local! {
+    /// Whether this host skips response-body hooks on request (`None`: not asked yet).
+    static SKIPS_BODY: Cell<Option<bool>> = const { Cell::new(None) };
+}
+
+/// Tells the host that this context has nothing more to do with the stream's response body, so
+/// that a host that can skip its remaining body hooks does (each costs a call per streamed
+/// chunk). Only a hint: a host without it (Envoy's Wasm host) goes on calling them, and the
+/// filter must still answer them. Asked of a host once per thread; after a `NotFound`, never again.
+pub fn skip_response_body() {
+    if SKIPS_BODY.with(Cell::get) == Some(false) {
+        return;
+    }
+    let supported = !matches!(hostcalls::call_foreign_function(SKIP_RESPONSE_BODY, None), Err(Status::NotFound));
+    SKIPS_BODY.with(|s| s.set(Some(supported)));
 }
 
 pub fn shared_get(key: &str) -> (Option<Vec<u8>>, Option<u32>) {

@@ -363,13 +363,12 @@ impl HttpContext for Picker {
         if let Some(s) = status {
             self.mark_tier(s);
         }
-        if !self.cfg.rewrite_local_replies || end_of_stream {
+        let rewrite = self.cfg.rewrite_local_replies && !end_of_stream && status.is_some_and(|s| s >= 400) && !is_api_shaped(host::response_header("content-type").as_deref());
+        let Some(status) = status.filter(|_| rewrite) else {
+            // Only a rewritten local reply needs the response body here.
+            host::skip_response_body();
             return Action::Continue;
-        }
-        let Some(status) = status else { return Action::Continue };
-        if status < 400 || is_api_shaped(host::response_header("content-type").as_deref()) {
-            return Action::Continue;
-        }
+        };
         // Envoy's own error (no healthy upstream, reset before headers, timeout, 413...):
         // text/plain. Rewrite it once the body (Envoy's details) is complete.
         self.rewrite = Some(status);

@@ -18,7 +18,7 @@
 //!   reach the client.
 
 use crate::output::{event_signal, whole_body_signal, Api, Signal};
-use crate::sse::{contains, ends_on_event_boundary, next_event_end, parse_event};
+use crate::sse::{ends_on_event_boundary, has_error_word, next_event_end, parse_event};
 
 /// Default bound on the bytes held before release. A response that grows past it without any
 /// output is released unguarded rather than buffered without limit.
@@ -195,7 +195,7 @@ impl Guard {
     pub fn passes_untouched(&self, tail: &[u8], end_of_stream: bool) -> bool {
         match (self.phase, self.mode) {
             (Phase::Released, Mode::Sse(_)) => {
-                self.buf.is_empty() && (end_of_stream || (ends_on_event_boundary(tail) && !contains(tail, b"error") && !contains(tail, b"failed")))
+                self.buf.is_empty() && (end_of_stream || (ends_on_event_boundary(tail) && !has_error_word(tail)))
             }
             (Phase::Released, _) => true,
             _ => false,
@@ -295,13 +295,13 @@ impl Guard {
         // Events are parsed only when the new bytes hold a word an error event has (one search
         // over them all, not one per event: this runs on every chunk of every stream).
         let new = &self.buf[from..];
-        let look = self.post_release_error.is_none() && (contains(new, b"error") || contains(new, b"failed"));
+        let look = self.post_release_error.is_none() && has_error_word(new);
         // Resume scanning where the last call stopped; `cut` starts at 0 because everything
         // before `scan_from` was drained already.
         while let Some(end) = next_event_end(&self.buf, from) {
             if look && self.post_release_error.is_none() {
                 let ev = &self.buf[from..end];
-                if contains(ev, b"error") || contains(ev, b"failed") {
+                if has_error_word(ev) {
                     if let Signal::Error(m) = event_signal(api, &parse_event(ev)) {
                         self.post_release_error = Some(m);
                     }

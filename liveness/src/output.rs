@@ -25,6 +25,8 @@ use serde_json::Value;
 
 use crate::sse::Event;
 
+mod fast;
+
 /// The API a request speaks, from its path. `None`: a format the guard does not judge.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Api {
@@ -156,6 +158,14 @@ pub fn event_signal(api: Api, ev: &Event) -> Signal {
     };
     if data == "[DONE]" {
         return Signal::Done;
+    }
+    // The common events without a `Value` tree; the rest (errors, surprises) read from one.
+    let fast = match api {
+        Api::Chat => fast::chat(data),
+        Api::Responses => fast::responses(ev.name.as_deref(), data),
+    };
+    if let Some(s) = fast {
+        return s;
     }
     let Ok(v) = serde_json::from_str::<Value>(data) else {
         return Signal::Other;

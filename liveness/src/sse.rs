@@ -4,6 +4,10 @@
 //! The SSE spec allows `\n`, `\r\n` and `\r` as line ends; an event ends at a blank line.
 //! vLLM sends `\n` only, but a proxy in between may not.
 
+use std::sync::LazyLock;
+
+use memchr::memmem;
+
 /// Index just past the blank line that ends the first complete event at or after `from`.
 pub fn next_event_end(buf: &[u8], from: usize) -> Option<usize> {
     let mut i = from;
@@ -90,7 +94,14 @@ pub fn events(buf: &[u8], mut from: usize) -> impl Iterator<Item = (usize, usize
 }
 
 pub(crate) fn contains(hay: &[u8], needle: &[u8]) -> bool {
-    !needle.is_empty() && memchr::memmem::find(hay, needle).is_some()
+    !needle.is_empty() && memmem::find(hay, needle).is_some()
+}
+
+/// Whether `hay` holds a word an error event carries (`error`, `failed`). Searched on every chunk
+/// of every stream, so its searchers are built once, not per call as [`contains`] builds one.
+pub(crate) fn has_error_word(hay: &[u8]) -> bool {
+    static WORDS: LazyLock<[memmem::Finder<'static>; 2]> = LazyLock::new(|| [memmem::Finder::new(b"error"), memmem::Finder::new(b"failed")]);
+    WORDS.iter().any(|w| w.find(hay).is_some())
 }
 
 #[cfg(test)]

@@ -120,17 +120,17 @@ impl Filter {
         unsafe { abi::envoy_dynamic_module_callback_http_get_headers_size(self.0, map.abi()) }
     }
 
-    pub fn headers(self, map: HeaderMap) -> Vec<(Vec<u8>, Vec<u8>)> {
+    /// `f` of the map's headers as Envoy's views (nothing copied; valid only during `f`).
+    pub fn with_headers<T>(self, map: HeaderMap, f: impl FnOnce(&[(&[u8], &[u8])]) -> T) -> T {
         let n = self.header_count(map);
-        if n == 0 {
-            return Vec::new();
-        }
         let mut views = vec![abi::EnvoyHttpHeader { key_ptr: std::ptr::null(), key_length: 0, value_ptr: std::ptr::null(), value_length: 0 }; n];
         // SAFETY: `views` holds the `n` entries Envoy reported for this map.
-        if !unsafe { abi::envoy_dynamic_module_callback_http_get_headers(self.0, map.abi(), views.as_mut_ptr()) } {
-            return Vec::new();
+        if n == 0 || !unsafe { abi::envoy_dynamic_module_callback_http_get_headers(self.0, map.abi(), views.as_mut_ptr()) } {
+            return f(&[]);
         }
-        views.iter().map(|h| (copy(abi::EnvoyBuffer { ptr: h.key_ptr, length: h.key_length }), copy(abi::EnvoyBuffer { ptr: h.value_ptr, length: h.value_length }))).collect()
+        // SAFETY: views of Envoy's header map, which does not change while this hook runs `f`.
+        let pairs: Vec<(&[u8], &[u8])> = views.iter().map(|h| unsafe { (abi::EnvoyBuffer { ptr: h.key_ptr, length: h.key_length }.as_bytes(), abi::EnvoyBuffer { ptr: h.value_ptr, length: h.value_length }.as_bytes()) }).collect();
+        f(&pairs)
     }
 
     pub fn set_header(self, map: HeaderMap, name: &[u8], value: &[u8]) -> bool {
@@ -178,9 +178,12 @@ impl Filter {
     /// buffered, then what this hook got. Only the window is copied (the guard reads the last
     /// bytes of each streamed chunk). `None` when `start` is past the end.
     pub fn body_window(self, dir: Dir, start: usize, max: usize) -> Option<Vec<u8>> {
-        let mut out = Vec::new();
+        let parts = self.body_parts(dir);
+        // Exactly the window's size: the host hands the vector to the SDK without a copy.
+        let total: usize = parts.iter().map(|(_, n)| n).sum();
+        let mut out = Vec::with_capacity(total.saturating_sub(start).min(max));
         let mut at = 0usize;
-        for (t, len) in self.body_parts(dir) {
+        for (t, len) in parts {
             if len == 0 || start >= at + len {
                 at += len;
                 continue;

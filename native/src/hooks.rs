@@ -58,6 +58,13 @@ thread_local! {
     /// The filter whose hook the SDK is in, and a reply it sent from there.
     static IN_HOOK: Cell<Option<Filter>> = const { Cell::new(None) };
     static HELD_REPLY: RefCell<Option<Reply>> = const { RefCell::new(None) };
+    /// The filter whose context asked, inside the running hook, to skip its response body.
+    static SKIP_BODY: Cell<Option<Filter>> = const { Cell::new(None) };
+}
+
+/// The running hook's context is done with `f`'s response body (`proxy_call_foreign_function`).
+pub fn skip_response_body(f: Filter) {
+    SKIP_BODY.with(|s| s.set(Some(f)));
 }
 
 /// The Envoy filter of a live HTTP context of this thread (`proxy_set_effective_context`).
@@ -200,6 +207,8 @@ struct Stream {
     id: Option<u32>,
     envoy: Filter,
     done: bool,
+    /// Its context is done with the response body: the body hooks left pass without the SDK.
+    skip_response_body: Cell<bool>,
 }
 
 /// Runs an SDK hook of `s` with the current call set to its filter, then sends a reply it held.
@@ -209,6 +218,9 @@ fn in_hook(s: &Stream, f: impl FnOnce(u32) -> u32) -> (u32, bool) {
     let prev = IN_HOOK.with(|h| h.replace(Some(s.envoy)));
     let answer = with_cur(Cur::Http(s.plugin.clone(), s.envoy, id), || f(id));
     IN_HOOK.with(|h| h.set(prev));
+    if SKIP_BODY.with(Cell::take) == Some(s.envoy) {
+        s.skip_response_body.set(true);
+    }
     match HELD_REPLY.with(|r| r.borrow_mut().take()) {
         Some(r) => {
             send(s.envoy, &r);
@@ -281,7 +293,7 @@ pub extern "C" fn envoy_dynamic_module_on_http_filter_new(config: abi::HttpFilte
         }
         id
     });
-    Box::into_raw(Box::new(Stream { plugin, id, envoy, done: false })) as abi::HttpFilterModulePtr
+    Box::into_raw(Box::new(Stream { plugin, id, envoy, done: false, skip_response_body: Cell::new(false) })) as abi::HttpFilterModulePtr
 }
 
 fn headers_status(answer: u32, replied: bool) -> abi::HeadersStatus {
@@ -342,6 +354,7 @@ pub extern "C" fn envoy_dynamic_module_on_http_filter_request_trailers(_envoy: a
 pub extern "C" fn envoy_dynamic_module_on_http_filter_response_headers(_envoy: abi::HttpFilterEnvoyPtr, filter: abi::HttpFilterModulePtr, end_of_stream: bool) -> abi::HeadersStatus {
     // SAFETY: ours.
     let s = unsafe { stream(filter) };
+    s.skip_response_body.set(false);
     let n = s.envoy.header_count(HeaderMap::ResponseHeaders);
     // SAFETY: as above.
     let (a, r) = in_hook(s, |id| unsafe { proxy_on_response_headers(id, n, end_of_stream) });
@@ -352,6 +365,9 @@ pub extern "C" fn envoy_dynamic_module_on_http_filter_response_headers(_envoy: a
 pub extern "C" fn envoy_dynamic_module_on_http_filter_response_body(_envoy: abi::HttpFilterEnvoyPtr, filter: abi::HttpFilterModulePtr, end_of_stream: bool) -> abi::BodyStatus {
     // SAFETY: ours.
     let s = unsafe { stream(filter) };
+    if s.skip_response_body.get() {
+        return abi::BODY_CONTINUE;
+    }
     let n = s.envoy.body_len(crate::dm::Dir::Response);
     // SAFETY: as above.
     let (a, r) = in_hook(s, |id| unsafe { proxy_on_response_body(id, n, end_of_stream) });

@@ -84,8 +84,9 @@ fn set_cur(cur: Cur) {
     CUR.with(|c| *c.borrow_mut() = cur);
 }
 
-/// A copy of `bytes` the SDK owns (see the module doc).
-fn give(bytes: &[u8], data: *mut *mut u8, size: *mut usize) {
+/// `bytes` for the SDK to own (see the module doc): a slice is copied, a vector handed over
+/// (copied only when its capacity is above its length).
+fn give(bytes: impl Into<Box<[u8]>>, data: *mut *mut u8, size: *mut usize) {
     let boxed: Box<[u8]> = bytes.into();
     let len = boxed.len();
     let ptr = Box::into_raw(boxed).cast::<u8>();
@@ -170,7 +171,7 @@ pub extern "C" fn proxy_get_buffer_bytes(buffer_type: u32, start: usize, max: us
         };
         match part {
             Some(p) => {
-                give(&p, data, size);
+                give(p, data, size);
                 OK
             }
             None => NOT_FOUND,
@@ -205,30 +206,26 @@ pub extern "C" fn proxy_set_buffer_bytes(buffer_type: u32, start: usize, size: u
 
 #[no_mangle]
 pub extern "C" fn proxy_get_header_map_pairs(map_type: u32, data: *mut *mut u8, size: *mut usize) -> u32 {
-    with(|c| {
-        let pairs = match (map_type, c) {
-            (6, Cur::Callout(_, r)) => return give_map(&r.headers, data, size),
-            (t, Cur::Http(_, f, _)) => match map_of(t) {
-                Some(m) => {
-                    let pairs = f.headers(m);
-                    if m == HeaderMap::RequestHeaders {
-                        if let Some((k, v)) = pairs.iter().find(|(k, _)| k.eq_ignore_ascii_case(b"x-request-id")) {
-                            crate::hooks::saw_request_header(*f, k, v);
-                        }
+    with(|c| match (map_type, c) {
+        (6, Cur::Callout(_, r)) => give_map(&r.headers, data, size),
+        (t, Cur::Http(_, f, _)) => match map_of(t) {
+            Some(m) => f.with_headers(m, |pairs| {
+                if m == HeaderMap::RequestHeaders {
+                    if let Some((k, v)) = pairs.iter().find(|(k, _)| k.eq_ignore_ascii_case(b"x-request-id")) {
+                        crate::hooks::saw_request_header(*f, k, v);
                     }
-                    pairs
                 }
-                None => Vec::new(),
-            },
-            // The SDK takes only `Ok` here: no map reads as an empty one.
-            _ => Vec::new(),
-        };
-        give_map(&pairs, data, size)
+                give_map(pairs, data, size)
+            }),
+            None => give_map::<&[u8]>(&[], data, size),
+        },
+        // The SDK takes only `Ok` here: no map reads as an empty one.
+        _ => give_map::<&[u8]>(&[], data, size),
     })
 }
 
-fn give_map(pairs: &[(Vec<u8>, Vec<u8>)], data: *mut *mut u8, size: *mut usize) -> u32 {
-    give(&wire::encode_map(pairs), data, size);
+fn give_map<B: AsRef<[u8]>>(pairs: &[(B, B)], data: *mut *mut u8, size: *mut usize) -> u32 {
+    give(wire::encode_map(pairs), data, size);
     OK
 }
 
@@ -257,7 +254,7 @@ pub extern "C" fn proxy_get_header_map_value(map_type: u32, key: *const u8, key_
     };
     match value {
         Some(v) => {
-            give(&v, data, size);
+            give(v, data, size);
             OK
         }
         None => NOT_FOUND,
@@ -310,7 +307,7 @@ pub extern "C" fn proxy_get_property(path: *const u8, path_size: usize, data: *m
     };
     match value {
         Some(v) => {
-            give(&v, data, size);
+            give(v, data, size);
             OK
         }
         None => NOT_FOUND,
@@ -320,6 +317,23 @@ pub extern "C" fn proxy_get_property(path: *const u8, path_size: usize, data: *m
 /// How `f`'s stream ended (a downstream filter), or its request's downstream stream (an upstream one).
 fn ending(f: Filter) -> Option<crate::hooks::Ending> {
     crate::hooks::kept(f).and_then(|k| k.ending).or_else(|| crate::hooks::downstream_ending(f))
+}
+
+/// The one foreign function here: the filter's hint that its context is done with the stream's
+/// response body (`gpuha_filter::host::skip_response_body`). Its remaining response-body hooks
+/// are answered `Continue` without entering the SDK ([`crate::hooks`]).
+#[no_mangle]
+pub extern "C" fn proxy_call_foreign_function(name: *const u8, name_size: usize, _args: *const u8, _args_size: usize, _data: *mut *mut u8, _size: *mut usize) -> u32 {
+    if slice(name, name_size) != b"gpuha.skip_response_body" {
+        return NOT_FOUND;
+    }
+    match with(Cur::filter) {
+        Some(f) => {
+            crate::hooks::skip_response_body(f);
+            OK
+        }
+        None => BAD_ARGUMENT,
+    }
 }
 
 #[no_mangle]

@@ -58,11 +58,6 @@ pub extern "C" fn proxy_get_status(_code: *mut u32, _data: *mut *mut u8, _size: 
 }
 
 #[no_mangle]
-pub extern "C" fn proxy_call_foreign_function(_name: *const u8, _name_size: usize, _args: *const u8, _args_size: usize, _data: *mut *mut u8, _size: *mut usize) -> u32 {
-    NOT_FOUND
-}
-
-#[no_mangle]
 pub extern "C" fn proxy_done() -> u32 {
     OK
 }

@@ -27,6 +27,9 @@ NATIVE_DIR = TARGET / "release"
 # Optional: an older build of the filter measured side by side with WASM in the same run
 # (`l7` variant "envoy+filter (baseline)", `fleet` rows with filter "baseline").
 BASELINE_WASM = os.environ.get("GPUHA_BENCH_BASELINE_WASM")
+# The same for the native filter: a directory holding an older libgpuha_native.so (`l7` and
+# `l7_paced` variant "envoy+filter (native, baseline)").
+BASELINE_NATIVE = os.environ.get("GPUHA_BENCH_BASELINE_NATIVE")
 # A previous gpuha-sidecar build, measured beside the current one in the sidecar section.
 BASELINE_SIDECAR = os.environ.get("GPUHA_BENCH_BASELINE_SIDECAR")
 # A previous gpuha-dnsd build, measured beside the current one in the dnsperf and ingest sections.
@@ -234,9 +237,10 @@ VARIANT_FILTERS = {"filter": "picker,guard", "nowasm": "none", "picker-only": "p
 
 
 def envoy(name, workers, fleet, variant="filter", picker_config=None, guard_config=None, extra_render=(),
-          cpu=SUT_CPU, concurrency=1, wasm=None, edit=None):
+          cpu=SUT_CPU, concurrency=1, wasm=None, edit=None, native_dir=None):
     """An Envoy rendered by envoy/render.py (`edit`: a function of the rendered text, for the
-    floor section's extra filter); returns (process, port, admin port, access log)."""
+    floor section's extra filter; `native_dir`: where the native filter is, when not the
+    build's); returns (process, port, admin port, access log)."""
     port, admin = free_port(), free_port()
     cfg = WORK / f"{name}.yaml"
     log = WORK / f"{name}.access.log"
@@ -254,7 +258,7 @@ def envoy(name, workers, fleet, variant="filter", picker_config=None, guard_conf
     # File access logs are flushed every 10 s by default; the failover figures read them live.
     p, _ = PROCS.start(name, [envoy_bin(), "-c", cfg, "--concurrency", concurrency, "--log-level", "warn",
                               "--file-flush-interval-msec", "100", "--base-id", port], cpu=cpu,
-                       env={"ENVOY_DYNAMIC_MODULES_SEARCH_PATH": str(NATIVE_DIR)})
+                       env={"ENVOY_DYNAMIC_MODULES_SEARCH_PATH": str(native_dir or NATIVE_DIR)})
     wait_http(f"http://127.0.0.1:{admin}/ready", timeout=30)
     return p, port, admin, log
 

@@ -3,7 +3,7 @@
 import os
 import statistics
 
-from .common import BASELINE_WASM, LOAD_CPU, NO_BREAKER, PROCS, cpu_seconds, dnsd, envoy, envoy_stats, fake_worker, fleet_ready, note, sidecar, vllm_router, wrk
+from .common import BASELINE_NATIVE, BASELINE_WASM, LOAD_CPU, NO_BREAKER, PROCS, cpu_seconds, dnsd, envoy, envoy_stats, fake_worker, fleet_ready, note, sidecar, vllm_router, wrk
 from .markdown import Report, Target, fmt, svg_bars
 
 
@@ -23,16 +23,19 @@ def sec_l7(R, quick):
                 ("direct", "direct"), ("envoy picker only", "picker-only")]
     if BASELINE_WASM:
         variants.insert(1, ("envoy+filter (baseline)", "filter-base"))
+    if BASELINE_NATIVE:
+        variants.insert(variants.index(("envoy+filter (native)", "native")) + 1, ("envoy+filter (native, baseline)", "native-base"))
     # Interleaved repeats (a b c d a b c d ...), best of N per variant: the machine is shared
     # and noisy; best-of is the figure least moved by other tenants.
     for rep in range(reps):
         for label, kind in variants:
             proxy = None
             try:
-                if kind in ("filter", "native", "nowasm", "picker-only", "guard-only", "filter-base"):
-                    proxy, port, admin, _ = envoy(f"envoy-l7-{kind}", workers, http, variant="filter" if kind == "filter-base" else kind,
+                if kind in ("filter", "native", "nowasm", "picker-only", "guard-only", "filter-base", "native-base"):
+                    proxy, port, admin, _ = envoy(f"envoy-l7-{kind}", workers, http, variant=kind.removesuffix("-base"),
                                                   picker_config=NO_BREAKER, guard_config=NO_BREAKER,
-                                                  wasm=BASELINE_WASM if kind == "filter-base" else None)
+                                                  wasm=BASELINE_WASM if kind == "filter-base" else None,
+                                                  native_dir=BASELINE_NATIVE if kind == "native-base" else None)
                 elif kind == "router":
                     proxy, port = vllm_router(workers)
                 else:
@@ -90,11 +93,14 @@ def sec_l7_paced(R, quick):
     variants = [("envoy+filter", "filter", None), ("envoy+filter (native)", "native", None), ("envoy (no wasm)", "nowasm", None)]
     if BASELINE_WASM:
         variants.insert(1, ("envoy+filter (baseline)", "filter", BASELINE_WASM))
+    if BASELINE_NATIVE:
+        variants.insert(variants.index(("envoy+filter (native)", "native", None)) + 1, ("envoy+filter (native, baseline)", "native", None))
     runs = []
     for rep in range(reps):
         for label, kind, wasm in variants:
-            proxy, port, admin, _ = envoy(f"envoy-paced-{rep}-{kind}", [w1, w2], http, variant=kind,
-                                          picker_config=NO_BREAKER, guard_config=NO_BREAKER, wasm=wasm)
+            proxy, port, admin, _ = envoy(f"envoy-paced-{rep}-{kind}{'-base' if 'baseline' in label else ''}", [w1, w2], http, variant=kind,
+                                          picker_config=NO_BREAKER, guard_config=NO_BREAKER, wasm=wasm,
+                                          native_dir=BASELINE_NATIVE if label.endswith("(native, baseline)") else None)
             try:
                 wrk(port, True, 4, 1)
                 c0 = cpu_seconds(proxy.pid)
@@ -130,7 +136,8 @@ def report_l7(R, rep: Report) -> None:
                           ("envoy+filter", "direct", "filter / direct throughput"),
                           ("envoy+filter", "envoy+filter (baseline)", "filter / baseline filter throughput"),
                           ("envoy+filter (native)", "envoy (no wasm)", "native filter / no-wasm throughput"),
-                          ("envoy+filter (native)", "vllm-router", "native filter / vllm-router throughput")]:
+                          ("envoy+filter (native)", "vllm-router", "native filter / vllm-router throughput"),
+                          ("envoy+filter (native)", "envoy+filter (native, baseline)", "native filter / baseline native filter throughput")]:
             cells = []
             for s in (False, True):
                 if (a, s) in by and (b, s) in by and by[(b, s)]["rps"]:
@@ -139,7 +146,7 @@ def report_l7(R, rep: Report) -> None:
                     cells.append("–")
             md.append(f"| {lab} | {cells[0]} | {cells[1]} |")
         md += ["", "Proxy CPU per request, filter extra over no-wasm (µs):", "", "| variant | json | stream |", "|---|---:|---:|"]
-        for v in ("envoy+filter", "envoy+filter (native)", "envoy+filter (baseline)", "envoy picker only"):
+        for v in ("envoy+filter", "envoy+filter (native)", "envoy+filter (baseline)", "envoy+filter (native, baseline)", "envoy picker only"):
             cells = []
             for s in (False, True):
                 a, b = by.get((v, s)), by.get(("envoy (no wasm)", s))

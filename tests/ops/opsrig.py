@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import re
+import shutil
 from pathlib import Path
 
 import gpuha_harness as harness
@@ -95,3 +96,29 @@ def promql_metric_names(expr: str) -> set[str]:
             continue
         names.add(m.group(1))
     return names
+
+
+def prometheus(stack: harness.Stack, scrape_configs: list[dict], rule_files: tuple[Path, ...] = ()) -> str:
+    """A real Prometheus (Debian's package) scraping every second with `scrape_configs`;
+    returns its base URL once it is ready."""
+    prom = shutil.which("prometheus")
+    assert prom, "prometheus not found: deploy/ensure-deps.sh installs it (Debian package prometheus)"
+    port = harness.free_port()
+    cfg = stack.logdir / "prometheus.yml"
+    cfg.write_text(json.dumps({
+        "global": {"scrape_interval": "1s", "evaluation_interval": "1s", "scrape_timeout": "900ms"},
+        "rule_files": [str(r) for r in rule_files],
+        "scrape_configs": scrape_configs,
+    }))
+    stack.spawn("prometheus", [prom, f"--config.file={cfg}", f"--storage.tsdb.path={stack.logdir / 'prometheus-data'}",
+                               f"--web.listen-address=127.0.0.1:{port}", "--log.level=warn"])
+    base = f"http://127.0.0.1:{port}"
+
+    def ready() -> bool:
+        try:
+            return harness.http_get(f"{base}/-/ready")[0] == 200
+        except OSError:
+            return False
+
+    harness.wait_for(ready, 30, "prometheus ready", 0.2)
+    return base

@@ -1,7 +1,9 @@
 """Every metric the dashboard (deploy/grafana/gpuha.json) and the alert rules
 (deploy/prometheus/gpuha-alerts.yml) query exists in a real scrape: dnsd's /metrics and the
 pool router's Envoy /stats/prometheus, from a running stack after some traffic. The sidecar
-serves no metrics endpoint, so there is nothing of it to scrape. `up` is Prometheus's own."""
+serves no metrics endpoint, so there is nothing of it to scrape. `up` is Prometheus's own.
+And through a real Prometheus with the example config's router job: the names the native build of
+the filter exports differ in Envoy's output and are renamed there."""
 
 from __future__ import annotations
 
@@ -57,3 +59,37 @@ def test_every_queried_metric_exists_in_a_real_scrape(stack) -> None:
     missing = {n: sorted(w) for n, w in wanted.items() if n not in have and n not in SYNTHETIC}
     assert not missing, f"queried but not exported: {json.dumps(missing, indent=1)}"
     print(f"\n{len(wanted)} metric names queried by the dashboard and the alert rules, all exported")
+
+
+def test_router_metrics_reach_prometheus_through_the_example_scrape_config(stack) -> None:
+    """A real Prometheus scrapes a pool router with `prometheus.example.yml`'s gpuha-envoy job, its
+    metric_relabel_configs included: every router metric the dashboard and the rules query has
+    series there. With the Wasm build the names pass as they are; with the native build
+    (GPUHA_FILTER_BUILD=native, `tests/run.sh` runs it so) only the renaming makes them so."""
+    import yaml  # noqa: PLC0415
+
+    opsrig.start(stack)
+    router = stack.start_pool_router()
+    client = harness.make_client(router.base_url)
+    outcomes = [harness.chat(client, i, max_tokens=4, stream=i % 2 == 0) for i in range(6)]
+    assert all(o.kind == "completed" for o in outcomes), [o.describe() for o in outcomes]
+    example = yaml.safe_load((REPO / "deploy" / "prometheus" / "prometheus.example.yml").read_text())
+    job = next(j for j in example["scrape_configs"] if j["job_name"] == "gpuha-envoy")
+    base = opsrig.prometheus(stack, [{**job, "static_configs": [{"targets": [router.admin]}]}])
+    # The router's names: the rest are dnsd's (gpuha_dnsd_*) and Prometheus's own.
+    wanted = {n: w for n, w in queried_names().items() if not n.startswith("gpuha_dnsd_") and n not in SYNTHETIC}
+    assert "gpuha_picks" in wanted, sorted(wanted)
+
+    def scraped() -> bool:
+        status, body = harness.http_get(f"{base}/api/v1/query?query=up%7Bjob%3D%22gpuha-envoy%22%7D%3D%3D1")
+        return status == 200 and bool(json.loads(body)["data"]["result"])
+
+    harness.wait_for(scraped, 20, "the router scraped", 0.25)
+    status, body = harness.http_get(f"{base}/api/v1/label/__name__/values")
+    assert status == 200, body[:200]
+    have = set(json.loads(body)["data"])
+    missing = {n: sorted(w) for n, w in wanted.items() if n not in have}
+    assert not missing, f"queried but not in Prometheus: {json.dumps(missing, indent=1)}"
+    status, body = harness.http_get(f"{base}/api/v1/query?query=sum(gpuha_picks)")
+    assert status == 200 and float(json.loads(body)["data"]["result"][0]["value"][1]) >= 6, body[:300]
+    print(f"\n{len(wanted)} router metric names queried by the dashboard and the alert rules, all in Prometheus")

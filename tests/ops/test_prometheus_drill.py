@@ -8,7 +8,6 @@ resolves within a few seconds of p1's failback."""
 from __future__ import annotations
 
 import json
-import shutil
 import time
 from pathlib import Path
 
@@ -22,26 +21,7 @@ SLACK_S = 4.0  # a 1 s scrape, a 1 s evaluation, and polling
 
 
 def start_prometheus(stack: harness.Stack, dnsd: harness.Dnsd) -> str:
-    prom = shutil.which("prometheus")
-    assert prom, "prometheus not found: deploy/ensure-deps.sh installs it (Debian package prometheus)"
-    port = harness.free_port()
-    cfg = stack.logdir / "prometheus.yml"
-    cfg.write_text(json.dumps({
-        "global": {"scrape_interval": "1s", "evaluation_interval": "1s", "scrape_timeout": "900ms"},
-        "rule_files": [str(RULES)],
-        "scrape_configs": [{"job_name": "gpuha-dnsd", "static_configs": [{"targets": [dnsd.http]}]}],
-    }))
-    stack.spawn("prometheus", [prom, f"--config.file={cfg}", f"--storage.tsdb.path={stack.logdir / 'prometheus-data'}",
-                               f"--web.listen-address=127.0.0.1:{port}", "--log.level=warn"])
-    base = f"http://127.0.0.1:{port}"
-    def ready() -> bool:
-        try:
-            return harness.http_get(f"{base}/-/ready")[0] == 200
-        except OSError:
-            return False
-
-    harness.wait_for(ready, 30, "prometheus ready", 0.2)
-    return base
+    return opsrig.prometheus(stack, [{"job_name": "gpuha-dnsd", "static_configs": [{"targets": [dnsd.http]}]}], (RULES,))
 
 
 def alerts(base: str) -> list[dict]:

@@ -6,6 +6,7 @@ use std::rc::Rc;
 use std::time::Duration;
 
 use gpuha_liveness::pick::Rng;
+use gpuha_liveness::slots::{poll_tick_ms, FLEET_VERSION_KEY};
 use proxy_wasm::hostcalls;
 use proxy_wasm::traits::{Context, HttpContext, RootContext};
 use proxy_wasm::types::{BufferType, ContextType, LogLevel};
@@ -29,6 +30,8 @@ pub struct Root {
     thread: Rc<RefCell<Thread>>,
     poll: Option<InFlight>,
     poll_path: String,
+    /// The picker's tick runs fast until a fleet view is in (`slots::poll_tick_ms`).
+    fast_ticks: bool,
     /// The guard's attempts on this thread (guard role).
     registry: Rc<RefCell<Registry>>,
     /// Per-tier counters: answers served (picker), attempts (guard).
@@ -37,7 +40,7 @@ pub struct Root {
 
 impl Root {
     pub fn new(id: u32) -> Self {
-        Root { id, role: None, stats: Stats::default(), thread: Rc::new(RefCell::new(Thread::new())), poll: None, poll_path: String::new(), registry: Rc::default(), tier_stats: Rc::default() }
+        Root { id, role: None, stats: Stats::default(), thread: Rc::new(RefCell::new(Thread::new())), poll: None, poll_path: String::new(), fast_ticks: false, registry: Rc::default(), tier_stats: Rc::default() }
     }
 
     fn seed() -> u64 {
@@ -79,7 +82,10 @@ impl RootContext for Root {
         self.thread.borrow_mut().rng = Rng::new(Self::seed() ^ u64::from(self.id));
         if let Config::Picker(p) = &cfg {
             self.poll_path = poll::poll_path(p);
-            let tick = Duration::from_millis((p.poll_interval_ms / 2).max(10));
+            // A root configured before any thread has a view ticks fast until one is in.
+            let has_view = host::shared_get(FLEET_VERSION_KEY).0.is_some();
+            self.fast_ticks = !has_view;
+            let tick = Duration::from_millis(poll_tick_ms(p.poll_interval_ms, has_view));
             if let Err(e) = hostcalls::set_tick_period(tick) {
                 host::log(LogLevel::Error, &format!("gpuha: set_tick_period: {e:?}"));
                 return false;
@@ -112,6 +118,12 @@ impl RootContext for Root {
                 if polled {
                     // The thread that polls also sweeps the busy list: once per poll interval.
                     crate::flights::sweep(host::now_ms(), p.pick.in_flight_max_age_ms);
+                }
+                if self.fast_ticks && host::shared_get(FLEET_VERSION_KEY).0.is_some() {
+                    self.fast_ticks = false;
+                    if let Err(e) = hostcalls::set_tick_period(Duration::from_millis(poll_tick_ms(p.poll_interval_ms, true))) {
+                        host::log(LogLevel::Error, &format!("gpuha: set_tick_period: {e:?}"));
+                    }
                 }
             }
             Role::Guard(g) => {

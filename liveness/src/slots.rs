@@ -20,6 +20,21 @@ pub const FLEET_KEY: &str = "gpuha.fleet";
 pub const FLEET_VERSION_KEY: &str = "gpuha.fleet.version";
 pub const FLEET_ETAG_KEY: &str = "gpuha.fleet.etag";
 pub const POLL_KEY: &str = "gpuha.poll";
+
+/// The picker's tick while no thread has a fleet view yet: until one is in, every request fails
+/// open, so the first poll goes out after this, not after half a poll interval. The poll slot
+/// still spaces the polls themselves by the interval.
+pub const FIRST_VIEW_TICK_MS: u64 = 10;
+
+/// The picker's tick period: [`FIRST_VIEW_TICK_MS`] until a fleet view is published (`has_view`:
+/// the version slot is set), then half the poll interval (at least 10 ms).
+pub fn poll_tick_ms(poll_interval_ms: u64, has_view: bool) -> u64 {
+    if has_view {
+        (poll_interval_ms / 2).max(FIRST_VIEW_TICK_MS)
+    } else {
+        FIRST_VIEW_TICK_MS
+    }
+}
 /// Every other worker is admitted without reading its breaker, so a pick costs one shared-data
 /// read, not one per worker.
 pub const NOT_CLOSED_KEY: &str = "gpuha.breakers.not_closed";
@@ -140,6 +155,14 @@ mod tests {
         assert_eq!(decode_version(None), (0, 0));
         assert_eq!(decode_fleet(&[1]), (0, &b""[..]));
         assert_eq!(decode_etag(&encode_fleet(3, &[0xff])), (3, ""));
+    }
+
+    #[test]
+    fn ticks_fast_only_until_the_first_view() {
+        assert_eq!(poll_tick_ms(250, false), FIRST_VIEW_TICK_MS);
+        assert_eq!(poll_tick_ms(250, true), 125);
+        assert_eq!(poll_tick_ms(20, true), 10);
+        assert_eq!(poll_tick_ms(5_000, false), FIRST_VIEW_TICK_MS);
     }
 
     #[test]

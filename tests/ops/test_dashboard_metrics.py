@@ -1,10 +1,10 @@
 """Every metric the dashboard (deploy/grafana/gpuha.json) and the alert rules
 (deploy/prometheus/gpuha-alerts.yml) query exists in a real scrape: dnsd's /metrics and the
 pool router's Envoy /stats/prometheus (names as the example config's router job stores them),
-from a running stack after some traffic. The sidecar
-serves no metrics endpoint, so there is nothing of it to scrape. `up` is Prometheus's own.
-And through a real Prometheus with the example config's router job: the names the native build of
-the filter exports differ in Envoy's output and are renamed there."""
+from a running stack after some traffic. The sidecar serves no metrics endpoint, so there is
+nothing of it to scrape. `up` is Prometheus's own. And through a real Prometheus with the
+example config's router job: the native build of the filter exports other names in Envoy's
+output, renamed there."""
 
 from __future__ import annotations
 

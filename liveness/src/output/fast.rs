@@ -8,6 +8,7 @@
 //! answer.
 
 use std::fmt;
+use std::marker::PhantomData;
 
 use serde::de::{Deserializer, Error, IgnoredAny, MapAccess, SeqAccess, Visitor};
 use serde::Deserialize;
@@ -79,47 +80,60 @@ impl<'de> Deserialize<'de> for AnyDelta {
     }
 }
 
-/// Notes `key` seen among the `known` keys an object is read for: one of them twice is an error
-/// (the `Value` path keeps the last one). Other keys are skipped, whatever they hold. Keys are
-/// borrowed from the data: a key with an escape in it is an error too.
-fn once<E: Error>(seen: &mut u32, known: &[&str], key: &str) -> Result<(), E> {
-    if let Some(i) = known.iter().position(|k| *k == key) {
-        if *seen & (1 << i) != 0 {
-            return Err(E::custom("duplicate key"));
-        }
-        *seen |= 1 << i;
-    }
-    Ok(())
+/// The fields of a JSON object that a reader keeps.
+trait Fields<'de>: Default {
+    /// The keys read; every other key is skipped, whatever it holds. At most 32.
+    const KEYS: &'static [&'static str];
+    /// Reads the value of `key`, one of [`Self::KEYS`].
+    fn field<A: MapAccess<'de>>(&mut self, key: &str, m: &mut A) -> Result<(), A::Error>;
 }
 
-/// A chat `delta` or `message`: whether it carries output (`message_has_output`).
-struct Message(bool);
+/// `T` read from a JSON object, and only from one. One of `T`'s keys twice is an error (the
+/// `Value` path keeps the last one). Keys are borrowed from the data: a key with an escape in it
+/// is an error too.
+struct Object<T>(T);
 
-impl<'de> Deserialize<'de> for Message {
+impl<'de, T: Fields<'de>> Deserialize<'de> for Object<T> {
     fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        struct V;
-        impl<'de> Visitor<'de> for V {
-            type Value = Message;
+        struct V<T>(PhantomData<T>);
+        impl<'de, T: Fields<'de>> Visitor<'de> for V<T> {
+            type Value = Object<T>;
             fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
                 f.write_str("an object")
             }
-            fn visit_map<A: MapAccess<'de>>(self, mut m: A) -> Result<Message, A::Error> {
-                let mut seen = 0;
-                let mut out = false;
+            fn visit_map<A: MapAccess<'de>>(self, mut m: A) -> Result<Object<T>, A::Error> {
+                let (mut out, mut seen) = (T::default(), 0u32);
                 while let Some(k) = m.next_key::<&'de str>()? {
-                    once(&mut seen, &["content", "reasoning_content", "reasoning", "tool_calls"], k)?;
-                    match k {
-                        "content" | "reasoning_content" | "reasoning" => out |= m.next_value::<Option<Text>>()?.is_some_and(|t| t.non_empty),
-                        "tool_calls" => out |= m.next_value::<Option<Count>>()?.is_some_and(|c| c.0 > 0),
-                        _ => {
+                    match T::KEYS.iter().position(|x| *x == k) {
+                        Some(i) if seen & (1 << i) != 0 => return Err(A::Error::custom("duplicate key")),
+                        Some(i) => {
+                            seen |= 1 << i;
+                            out.field(k, &mut m)?;
+                        }
+                        None => {
                             m.next_value::<IgnoredAny>()?;
                         }
                     }
                 }
-                Ok(Message(out))
+                Ok(Object(out))
             }
         }
-        d.deserialize_map(V)
+        d.deserialize_map(V(PhantomData))
+    }
+}
+
+/// A chat `delta` or `message`: whether it carries output (`message_has_output`).
+#[derive(Default)]
+struct Message(bool);
+
+impl<'de> Fields<'de> for Message {
+    const KEYS: &'static [&'static str] = &["content", "reasoning_content", "reasoning", "tool_calls"];
+    fn field<A: MapAccess<'de>>(&mut self, key: &str, m: &mut A) -> Result<(), A::Error> {
+        self.0 |= match key {
+            "tool_calls" => m.next_value::<Option<Count>>()?.is_some_and(|c| c.0 > 0),
+            _ => m.next_value::<Option<Text>>()?.is_some_and(|t| t.non_empty),
+        };
+        Ok(())
     }
 }
 
@@ -146,115 +160,74 @@ impl<'de> Deserialize<'de> for Count {
     }
 }
 
-/// What one chat choice says (`choice_signal`).
-struct Choice(Option<Signal>);
+/// What one chat choice says (`choice_signal`): its output, and its finish reason.
+#[derive(Default)]
+struct Choice {
+    output: bool,
+    finish: Option<Text>,
+}
 
-impl<'de> Deserialize<'de> for Choice {
-    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        struct V;
-        impl<'de> Visitor<'de> for V {
-            type Value = Choice;
-            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
-                f.write_str("an object")
-            }
-            fn visit_map<A: MapAccess<'de>>(self, mut m: A) -> Result<Choice, A::Error> {
-                let mut seen = 0;
-                let (mut output, mut finish) = (false, None);
-                while let Some(k) = m.next_key::<&'de str>()? {
-                    once(&mut seen, &["text", "delta", "message", "finish_reason"], k)?;
-                    match k {
-                        "text" => output |= m.next_value::<Option<Text>>()?.is_some_and(|t| t.non_empty),
-                        "delta" | "message" => output |= m.next_value::<Option<Message>>()?.is_some_and(|x| x.0),
-                        "finish_reason" => finish = m.next_value::<Option<Text>>()?,
-                        _ => {
-                            m.next_value::<IgnoredAny>()?;
-                        }
-                    }
-                }
-                Ok(Choice(if output {
-                    Some(Signal::Output)
-                } else {
-                    finish.map(|f| f.abort.map_or(Signal::Output, |r| Signal::Aborted(r.to_string())))
-                }))
-            }
+impl<'de> Fields<'de> for Choice {
+    const KEYS: &'static [&'static str] = &["text", "delta", "message", "finish_reason"];
+    fn field<A: MapAccess<'de>>(&mut self, key: &str, m: &mut A) -> Result<(), A::Error> {
+        match key {
+            "text" => self.output |= m.next_value::<Option<Text>>()?.is_some_and(|t| t.non_empty),
+            "finish_reason" => self.finish = m.next_value::<Option<Text>>()?,
+            _ => self.output |= m.next_value::<Option<Object<Message>>>()?.is_some_and(|x| x.0 .0),
         }
-        d.deserialize_map(V)
+        Ok(())
+    }
+}
+
+impl Choice {
+    fn signal(self) -> Option<Signal> {
+        if self.output {
+            return Some(Signal::Output);
+        }
+        self.finish.map(|f| f.abort.map_or(Signal::Output, |r| Signal::Aborted(r.to_string())))
     }
 }
 
 /// A chat payload with no error in it: its choices (`None`: no `choices`, or null).
-struct Chat(Option<Vec<Choice>>);
+#[derive(Default)]
+struct Chat(Option<Vec<Object<Choice>>>);
 
-impl<'de> Deserialize<'de> for Chat {
-    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        struct V;
-        impl<'de> Visitor<'de> for V {
-            type Value = Chat;
-            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
-                f.write_str("an object")
-            }
-            fn visit_map<A: MapAccess<'de>>(self, mut m: A) -> Result<Chat, A::Error> {
-                let mut seen = 0;
-                let mut choices = None;
-                while let Some(k) = m.next_key::<&'de str>()? {
-                    once(&mut seen, &["error", "choices"], k)?;
-                    match k {
-                        // An error is quoted from the `Value`.
-                        "error" => {
-                            if m.next_value::<Option<IgnoredAny>>()?.is_some() {
-                                return Err(A::Error::custom("an error event"));
-                            }
-                        }
-                        "choices" => choices = m.next_value::<Option<Vec<Choice>>>()?,
-                        _ => {
-                            m.next_value::<IgnoredAny>()?;
-                        }
-                    }
-                }
-                Ok(Chat(choices))
+impl<'de> Fields<'de> for Chat {
+    const KEYS: &'static [&'static str] = &["error", "choices"];
+    fn field<A: MapAccess<'de>>(&mut self, key: &str, m: &mut A) -> Result<(), A::Error> {
+        match key {
+            // An error is quoted from the `Value`.
+            "error" if m.next_value::<Option<IgnoredAny>>()?.is_some() => Err(A::Error::custom("an error event")),
+            "error" => Ok(()),
+            _ => {
+                self.0 = m.next_value()?;
+                Ok(())
             }
         }
-        d.deserialize_map(V)
     }
 }
 
 /// A Responses event's `type` (`None`: absent or null) and whether its `delta` counts.
+#[derive(Default)]
 struct Responses<'a>(Option<&'a str>, bool);
 
-impl<'de> Deserialize<'de> for Responses<'de> {
-    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        struct V;
-        impl<'de> Visitor<'de> for V {
-            type Value = Responses<'de>;
-            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
-                f.write_str("an object")
-            }
-            fn visit_map<A: MapAccess<'de>>(self, mut m: A) -> Result<Responses<'de>, A::Error> {
-                let mut seen = 0;
-                let mut out = Responses(None, false);
-                while let Some(k) = m.next_key::<&'de str>()? {
-                    once(&mut seen, &["type", "delta"], k)?;
-                    match k {
-                        "type" => out.0 = m.next_value::<Option<&'de str>>()?,
-                        "delta" => out.1 = m.next_value::<Option<AnyDelta>>()?.is_some_and(|x| x.0),
-                        _ => {
-                            m.next_value::<IgnoredAny>()?;
-                        }
-                    }
-                }
-                Ok(out)
-            }
+impl<'de> Fields<'de> for Responses<'de> {
+    const KEYS: &'static [&'static str] = &["type", "delta"];
+    fn field<A: MapAccess<'de>>(&mut self, key: &str, m: &mut A) -> Result<(), A::Error> {
+        match key {
+            "type" => self.0 = m.next_value()?,
+            _ => self.1 = m.next_value::<Option<AnyDelta>>()?.is_some_and(|x| x.0),
         }
-        d.deserialize_map(V)
+        Ok(())
     }
 }
 
 /// `chat_signal` of `data`, or `None` where the `Value` path must answer.
 pub(super) fn chat(data: &str) -> Option<Signal> {
-    let Chat(choices) = serde_json::from_str(data).ok()?;
+    let Object(Chat(choices)) = serde_json::from_str(data).ok()?;
     let Some(choices) = choices else { return Some(Signal::Other) };
     let mut aborted = None;
-    for s in choices.into_iter().filter_map(|c| c.0) {
+    for s in choices.into_iter().filter_map(|c| c.0.signal()) {
         match s {
             Signal::Output => return Some(Signal::Output),
             Signal::Aborted(r) => {
@@ -269,7 +242,7 @@ pub(super) fn chat(data: &str) -> Option<Signal> {
 /// `responses_signal` of `data` (an event named `name`), or `None` where the `Value` path must
 /// answer (errors, failures and incomplete responses are quoted or read further from it).
 pub(super) fn responses(name: Option<&str>, data: &str) -> Option<Signal> {
-    let Responses(kind, delta) = serde_json::from_str(data).ok()?;
+    let Object(Responses(kind, delta)) = serde_json::from_str(data).ok()?;
     let kind = kind.or(name).unwrap_or_default();
     match kind {
         "error" | "response.failed" | "response.incomplete" => None,

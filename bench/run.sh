@@ -27,10 +27,10 @@ build &
 build_pid=$!
 
 if [[ -z "${GPUHA_BENCH_NO_INSTALL:-}" ]]; then
-  # Debian packages: load generators and the DNS peers (services are not started by us;
+  # Debian packages: load generators, the DNS peers and valgrind (`l7_instr`) (services are not started by us;
   # the bench starts its own instances on 127.0.0.1 with its own configs).
   pkgs=()
-  for p in wrk nghttp2-client dnsperf nsd knot gdnsd pdns-server pdns-backend-bind dnsutils util-linux; do
+  for p in wrk nghttp2-client dnsperf nsd knot gdnsd pdns-server pdns-backend-bind dnsutils util-linux valgrind; do
     dpkg -s "$p" >/dev/null 2>&1 || pkgs+=("$p")
   done
   if ((${#pkgs[@]})); then

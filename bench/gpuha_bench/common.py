@@ -237,10 +237,11 @@ VARIANT_FILTERS = {"filter": "picker,guard", "nowasm": "none", "picker-only": "p
 
 
 def envoy(name, workers, fleet, variant="filter", picker_config=None, guard_config=None, extra_render=(),
-          cpu=SUT_CPU, concurrency=1, wasm=None, edit=None, native_dir=None):
+          cpu=SUT_CPU, concurrency=1, wasm=None, edit=None, native_dir=None, wrap=(), ready_s=30):
     """An Envoy rendered by envoy/render.py (`edit`: a function of the rendered text, for the
     floor section's extra filter; `native_dir`: where the native filter is, when not the
-    build's); returns (process, port, admin port, access log)."""
+    build's; `wrap`: a command Envoy runs under, such as valgrind, with `ready_s` to get ready);
+    returns (process, port, admin port, access log)."""
     port, admin = free_port(), free_port()
     cfg = WORK / f"{name}.yaml"
     log = WORK / f"{name}.access.log"
@@ -256,10 +257,10 @@ def envoy(name, workers, fleet, variant="filter", picker_config=None, guard_conf
     text = subprocess.run([str(a) for a in argv], check=True, capture_output=True, text=True).stdout
     cfg.write_text(edit(text) if edit else text)
     # File access logs are flushed every 10 s by default; the failover figures read them live.
-    p, _ = PROCS.start(name, [envoy_bin(), "-c", cfg, "--concurrency", concurrency, "--log-level", "warn",
+    p, _ = PROCS.start(name, [*wrap, envoy_bin(), "-c", cfg, "--concurrency", concurrency, "--log-level", "warn",
                               "--file-flush-interval-msec", "100", "--base-id", port], cpu=cpu,
                        env={"ENVOY_DYNAMIC_MODULES_SEARCH_PATH": str(native_dir or NATIVE_DIR)})
-    wait_http(f"http://127.0.0.1:{admin}/ready", timeout=30)
+    wait_http(f"http://127.0.0.1:{admin}/ready", timeout=ready_s)
     return p, port, admin, log
 
 

@@ -9,7 +9,7 @@ import threading
 import time
 from pathlib import Path
 
-from .common import NO_BREAKER, PROCS, cpu_seconds_fine, dnsd, envoy, fake_fleet, fake_worker, fleet_ready, host_stats, note, one_request, sidecar, wrk_result, wrk_start
+from .common import BASELINE_NATIVE, BASELINE_WASM, NO_BREAKER, PROCS, cpu_seconds_fine, dnsd, envoy, fake_fleet, fake_worker, fleet_ready, host_stats, note, one_request, sidecar, wrk_result, wrk_start
 from .markdown import Report, fmt
 
 
@@ -141,13 +141,20 @@ def big_body(mb):
 
 
 def sec_big_bodies(R, quick):
-    """Bodies of 1, 10 and 30 MB through the router with the filter and through the same Envoy
-    without Wasm: added latency (p50/p99) and Envoy CPU per request, interleaved."""
+    """Bodies of 1, 10 and 30 MB through the router with the filter (Wasm, native, and the
+    baseline builds when given) and through the same Envoy without Wasm: added latency (p50/p99)
+    and Envoy CPU per request, interleaved."""
     ws, http = fake_fleet("bb", 2)
     addrs = [a for _, a in ws]
     variants = {}
-    for v in ("filter", "nowasm"):
-        variants[v] = envoy(f"envoy-bb-{v}", addrs, http, variant=v, picker_config=NO_BREAKER, guard_config=NO_BREAKER)
+    builds = [("filter", "filter", None, None), ("native", "native", None, None)]
+    if BASELINE_WASM:
+        builds.append(("filter (baseline)", "filter", BASELINE_WASM, None))
+    if BASELINE_NATIVE:
+        builds.append(("native (baseline)", "native", None, BASELINE_NATIVE))
+    for v, kind, wasm, ndir in builds + [("nowasm", "nowasm", None, None)]:
+        variants[v] = envoy(f"envoy-bb-{len(variants)}", addrs, http, variant=kind, picker_config=NO_BREAKER, guard_config=NO_BREAKER,
+                            wasm=wasm, native_dir=ndir)
     n = 4 if quick else 12
     out = []
     for mb in (1, 10, 30):
@@ -199,7 +206,7 @@ def report_big_bodies(R, rep: Report) -> None:
     md = rep.md
     bb = R.get("big_bodies")
     if bb:
-        md += ["", "Large request bodies (stream, 4 tokens), the same Envoy with the filter and without Wasm, interleaved:", "",
+        md += ["", "Large request bodies (stream, 4 tokens), the same Envoy with each filter build and without a filter, interleaved:", "",
                "| body | variant | p50 ms | p99 ms | Envoy CPU ms/request |", "|---|---|---:|---:|---:|"]
         for r in bb:
             md.append(f"| {r['mb']} MB | {r['variant']} | {fmt(r['p50_ms'], 1)} | {fmt(r['p99_ms'], 1)} | {fmt(r['envoy_cpu_ms_per_req'], 2)} |")

@@ -5,7 +5,7 @@ measures (`run(R, quick)`, which stores its figures under R[name]) and how it re
 from dataclasses import dataclass
 from typing import Callable
 
-from . import affinity, dns, failover, fleet, ingest, l7, l7_floor, sidecar, xds
+from . import affinity, dns, failover, fleet, ingest, l7, l7_floor, l7_instr, sidecar, xds
 from .markdown import Report
 
 
@@ -19,6 +19,7 @@ SECTIONS = {
     "l7": Section(l7.sec_l7, l7.report_l7),
     "l7_paced": Section(l7.sec_l7_paced, l7.report_l7_paced),
     "l7_floor": Section(l7_floor.sec_l7_floor, l7_floor.report_l7_floor),
+    "l7_instr": Section(l7_instr.sec_l7_instr, l7_instr.report_l7_instr),
     "failover": Section(failover.sec_failover, failover.report_failover),
     "big_bodies": Section(failover.sec_big_bodies, failover.report_big_bodies),
     "ingest": Section(ingest.sec_ingest, ingest.report_ingest),
@@ -33,4 +34,4 @@ SECTIONS = {
 }
 
 # Sections only run when named in --only (diagnostics, not part of the 15-minute default run).
-OPT_IN = ("l7_floor",)
+OPT_IN = ("l7_floor", "l7_instr")

@@ -39,24 +39,40 @@ pub fn header(map: MapType, name: &str) -> Option<String> {
     hostcalls::get_map_value_bytes(map, name).ok().flatten().map(|b| String::from_utf8(b).unwrap_or_else(|e| String::from_utf8_lossy(e.as_bytes()).into_owned()))
 }
 
-/// A header map read whole with one host call (each single-header read is a host call and,
-/// when the header is there, a second VM entry for the copy's allocation).
-pub struct Headers(Vec<(String, Vec<u8>)>);
+/// The headers a hook reads from one map. On Envoy's Wasm host the map is read whole with one
+/// host call: there each single-header read is a host call and, when the header is there, a
+/// second VM entry for the copy's allocation. On a host where a single read is a plain function
+/// call (the native build, [`single_header_reads`]) each header is read when asked: a whole map
+/// costs the host an encoding and the SDK two allocations per header.
+pub enum Headers {
+    Whole(Vec<(String, Vec<u8>)>),
+    Single(MapType),
+}
 
 impl Headers {
-    /// Every header of `map`. Only call it where Envoy has the map (see [`header`]). The SDK
-    /// decodes names as UTF-8: Envoy's codecs only accept token characters in header names.
+    /// `map`'s headers. Only call it where Envoy has the map (see [`header`]). The SDK decodes
+    /// names as UTF-8: Envoy's codecs only accept token characters in header names.
     pub fn read(map: MapType) -> Headers {
-        Headers(hostcalls::get_map_bytes(map).unwrap_or_default())
+        if single_header_reads() {
+            Headers::Single(map)
+        } else {
+            Headers::Whole(hostcalls::get_map_bytes(map).unwrap_or_default())
+        }
     }
 
     /// The first value of `name` (ASCII case-insensitive), read lossily as [`header`] does.
     pub fn get(&self, name: &str) -> Option<String> {
-        self.0.iter().find(|(k, _)| k.eq_ignore_ascii_case(name)).map(|(_, v)| String::from_utf8(v.clone()).unwrap_or_else(|e| String::from_utf8_lossy(e.as_bytes()).into_owned()))
+        match self {
+            Headers::Whole(h) => h.iter().find(|(k, _)| k.eq_ignore_ascii_case(name)).map(|(_, v)| String::from_utf8(v.clone()).unwrap_or_else(|e| String::from_utf8_lossy(e.as_bytes()).into_owned())),
+            Headers::Single(map) => header(*map, name),
+        }
     }
 
     pub fn has(&self, name: &str) -> bool {
-        self.0.iter().any(|(k, _)| k.eq_ignore_ascii_case(name))
+        match self {
+            Headers::Whole(h) => h.iter().any(|(k, _)| k.eq_ignore_ascii_case(name)),
+            Headers::Single(map) => hostcalls::get_map_value_bytes(*map, name).ok().flatten().is_some(),
+        }
     }
 }
 
@@ -137,9 +153,26 @@ pub fn send_response(status: u16, headers: &[(String, String)], body: &[u8]) -> 
 /// build (`native/`) defines it; Envoy's Wasm host has no such foreign function (`NotFound`).
 const SKIP_RESPONSE_BODY: &str = "gpuha.skip_response_body";
 
+/// The host call that says a single header read is a plain function call on this host (the
+/// native build defines it; Envoy's Wasm host answers `NotFound`).
+const SINGLE_HEADER_READS: &str = "gpuha.single_header_reads";
+
 thread_local! {
     /// Whether this host skips response-body hooks on request (`None`: not asked yet).
     static SKIPS_BODY: Cell<Option<bool>> = const { Cell::new(None) };
+    /// Whether single header reads are cheap on this host (`None`: not asked yet).
+    static SINGLE_READS: Cell<Option<bool>> = const { Cell::new(None) };
+}
+
+/// Whether this host reads one header with a plain function call ([`Headers`]); asked once per
+/// thread.
+fn single_header_reads() -> bool {
+    if let Some(known) = SINGLE_READS.with(Cell::get) {
+        return known;
+    }
+    let cheap = hostcalls::call_foreign_function(SINGLE_HEADER_READS, None).is_ok();
+    SINGLE_READS.with(|s| s.set(Some(cheap)));
+    cheap
 }
 
 /// Tells the host that this context has nothing more to do with the stream's response body, so

@@ -268,7 +268,7 @@ pub struct Placement {
 impl Placement {
     /// The slot of `key` in a table of `slots` slots.
     pub fn slot(key: u64, slots: u64) -> String {
-        format!("gpuha.aff.{}", mix(key ^ 0x51a7) % slots.max(1))
+        crate::slots::numbered_key("gpuha.aff.", mix(key ^ 0x51a7) % slots.max(1))
     }
 
     pub fn encode(&self) -> Vec<u8> {

@@ -333,7 +333,7 @@ impl ModelRank {
 pub struct Ranked {
     /// Requests that name no model: every worker of the router's pools.
     any: ModelRank,
-    by_model: HashMap<String, ModelRank>,
+    by_model: foldhash::HashMap<String, ModelRank>,
     /// A model no worker lists: the workers that list no models (they serve anything).
     unlisted: ModelRank,
     /// The router's pools' workers as ([`affinity::addr_hash`] of the address, view index),

@@ -51,7 +51,32 @@ pub const REQUEST_SLOTS: u64 = 4096;
 /// The slot of a request id (FNV-1a).
 pub fn request_key(request_id: &str) -> String {
     let h = request_id.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3));
-    format!("gpuha.req.{}", h % REQUEST_SLOTS)
+    numbered_key("gpuha.req.", h % REQUEST_SLOTS)
+}
+
+/// `prefix` then `rest`: a slot key, built without the formatting machinery (these are built
+/// several times per request).
+pub fn key(prefix: &str, rest: &str) -> String {
+    let mut k = String::with_capacity(prefix.len() + rest.len());
+    k.push_str(prefix);
+    k.push_str(rest);
+    k
+}
+
+/// `prefix` then `n` in decimal (as `format!("{prefix}{n}")`).
+pub fn numbered_key(prefix: &str, mut n: u64) -> String {
+    let mut digits = [0u8; 20];
+    let mut at = digits.len();
+    loop {
+        at -= 1;
+        digits[at] = b'0' + (n % 10) as u8;
+        n /= 10;
+        if n == 0 {
+            break;
+        }
+    }
+    // Only ASCII digits were written.
+    key(prefix, std::str::from_utf8(&digits[at..]).unwrap_or_default())
 }
 
 /// A request slot's value.
@@ -72,11 +97,11 @@ pub const BUSY_KEY: &str = "gpuha.flight.busy";
 
 /// The in-flight slot of a worker (`crate::inflight`).
 pub fn flight_key(addr: &str) -> String {
-    format!("gpuha.flight.{addr}")
+    key("gpuha.flight.", addr)
 }
 
 pub fn breaker_key(addr: &str) -> String {
-    format!("gpuha.breaker.{addr}")
+    key("gpuha.breaker.", addr)
 }
 
 /// The little-endian `u64` at `at`, 0 when the bytes are missing or short.
@@ -155,6 +180,17 @@ mod tests {
         assert_eq!(decode_version(None), (0, 0));
         assert_eq!(decode_fleet(&[1]), (0, &b""[..]));
         assert_eq!(decode_etag(&encode_fleet(3, &[0xff])), (3, ""));
+    }
+
+    proptest! {
+        /// Keys read as the `format!` they replace.
+        #[test]
+        fn keys_read_as_format(n in any::<u64>(), addr in "[a-z0-9.:]{0,30}") {
+            prop_assert_eq!(numbered_key("gpuha.req.", n), format!("gpuha.req.{n}"));
+            prop_assert_eq!(numbered_key("gpuha.aff.", n % 10), format!("gpuha.aff.{}", n % 10));
+            prop_assert_eq!(flight_key(&addr), format!("gpuha.flight.{addr}"));
+            prop_assert_eq!(breaker_key(&addr), format!("gpuha.breaker.{addr}"));
+        }
     }
 
     #[test]

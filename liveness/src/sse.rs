@@ -59,28 +59,45 @@ pub struct Event {
     pub data: Option<String>,
 }
 
-/// Parses the fields of one complete event (comments and unknown fields ignored).
+/// Parses the fields of one complete event (comments and unknown fields ignored). Works on the
+/// bytes: a line ends at `\n` or `\r`, a field at the first `:`; only the values kept are made
+/// text, invalid UTF-8 in them replaced as `String::from_utf8_lossy` replaces it. (These bytes
+/// are all ASCII, so no invalid sequence spans them: the answer is the one of a lossy
+/// conversion of the whole event, split after.)
 pub fn parse_event(event: &[u8]) -> Event {
-    let text = String::from_utf8_lossy(event);
     let mut ev = Event::default();
-    for line in text.split(['\n', '\r']) {
-        let (field, value) = match line.split_once(':') {
-            Some((f, v)) => (f, v.strip_prefix(' ').unwrap_or(v)),
-            None => (line, ""),
+    let mut rest = event;
+    while !rest.is_empty() {
+        let end = memchr::memchr2(b'\n', b'\r', rest).unwrap_or(rest.len());
+        let line = &rest[..end];
+        rest = &rest[(end + 1).min(rest.len())..];
+        let (field, value) = match memchr::memchr(b':', line) {
+            Some(i) => (&line[..i], line[i + 1..].strip_prefix(b" ").unwrap_or(&line[i + 1..])),
+            None => (line, &b""[..]),
         };
         match field {
-            "data" => match ev.data.as_mut() {
+            b"data" => match ev.data.as_mut() {
                 Some(d) => {
                     d.push('\n');
-                    d.push_str(value);
+                    d.push_str(&text(value));
                 }
-                None => ev.data = Some(value.to_string()),
+                None => ev.data = Some(text(value).into_owned()),
             },
-            "event" => ev.name = Some(value.to_string()),
+            b"event" => ev.name = Some(text(value).into_owned()),
             _ => {}
         }
     }
     ev
+}
+
+/// `bytes` as text, invalid UTF-8 replaced as `String::from_utf8_lossy` does. Valid text (all
+/// of vLLM's) is checked by `from_utf8`, which reads ASCII a word at a time; the lossy
+/// conversion reads byte by byte.
+pub fn text(bytes: &[u8]) -> std::borrow::Cow<'_, str> {
+    match std::str::from_utf8(bytes) {
+        Ok(s) => std::borrow::Cow::Borrowed(s),
+        Err(_) => String::from_utf8_lossy(bytes),
+    }
 }
 
 /// Iterates over the complete events of `buf` from `from`: `(start, end)` of each.
@@ -128,7 +145,39 @@ mod tests {
         assert_eq!(spans, vec![(0, 9), (9, 18)]);
     }
 
+    /// The text-based parser this module had: lossy conversion of the whole event, then split.
+    fn parse_event_text(event: &[u8]) -> Event {
+        let text = String::from_utf8_lossy(event);
+        let mut ev = Event::default();
+        for line in text.split(['\n', '\r']) {
+            let (field, value) = match line.split_once(':') {
+                Some((f, v)) => (f, v.strip_prefix(' ').unwrap_or(v)),
+                None => (line, ""),
+            };
+            match field {
+                "data" => match ev.data.as_mut() {
+                    Some(d) => {
+                        d.push('\n');
+                        d.push_str(value);
+                    }
+                    None => ev.data = Some(value.to_string()),
+                },
+                "event" => ev.name = Some(value.to_string()),
+                _ => {}
+            }
+        }
+        ev
+    }
+
     proptest! {
+        /// The byte parser reads every event, valid UTF-8 or not, as the text parser did.
+        #[test]
+        fn parse_event_reads_as_the_text_parser(parts in proptest::collection::vec(0usize..14, 0..30)) {
+            let atoms: [&[u8]; 14] = [b"data", b"event", b":", b" ", b"\n", b"\r", b"x", b"\xc3\xa9", b"\xc3", b"\xff", b"\xe2\x82", b"id", b"data: {\"a\":1}", b"\xf0\x9f\x98\x80"];
+            let ev: Vec<u8> = parts.iter().flat_map(|p| atoms[*p].to_vec()).collect();
+            prop_assert_eq!(parse_event(&ev), parse_event_text(&ev));
+        }
+
         /// However a stream of events is split, scanning the joined bytes finds the same events.
         #[test]
         fn boundary_detection_is_split_independent(parts in proptest::collection::vec(0usize..5, 0..40)) {

@@ -7,7 +7,7 @@
 //! a filter's scheduler runs its events on the filter's thread). When the seat's filter ends,
 //! another live filter of the configuration on the thread takes it.
 
-use std::collections::HashMap;
+use foldhash::HashMap;
 
 /// A configuration, by its serial number (never reused in the process).
 pub type ConfigKey = u64;
@@ -27,7 +27,7 @@ struct Http<F> {
 
 impl<F: Copy> Default for Contexts<F> {
     fn default() -> Self {
-        Contexts { next_id: 1, roots: HashMap::new(), http: HashMap::new(), seats: HashMap::new() }
+        Contexts { next_id: 1, roots: HashMap::default(), http: HashMap::default(), seats: HashMap::default() }
     }
 }
 

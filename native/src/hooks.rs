@@ -12,7 +12,7 @@
 #![allow(unsafe_code)]
 
 use std::cell::{Cell, RefCell};
-use std::collections::{HashMap, VecDeque};
+use std::collections::VecDeque;
 use std::ffi::c_char;
 use std::sync::Arc;
 
@@ -99,7 +99,7 @@ pub struct Kept {
 
 thread_local! {
     static ENDINGS: RefCell<VecDeque<(Vec<u8>, Ending)>> = const { RefCell::new(VecDeque::new()) };
-    static KEPT: RefCell<HashMap<Filter, Kept>> = RefCell::new(HashMap::new());
+    static KEPT: RefCell<foldhash::HashMap<Filter, Kept>> = RefCell::new(foldhash::HashMap::default());
 }
 
 /// What was kept of `f`'s attributes.

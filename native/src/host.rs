@@ -319,12 +319,20 @@ fn ending(f: Filter) -> Option<crate::hooks::Ending> {
     crate::hooks::kept(f).and_then(|k| k.ending).or_else(|| crate::hooks::downstream_ending(f))
 }
 
-/// The one foreign function here: the filter's hint that its context is done with the stream's
-/// response body (`gpuha_filter::host::skip_response_body`). Its remaining response-body hooks
-/// are answered `Continue` without entering the SDK ([`crate::hooks`]).
+/// The foreign functions here:
+/// - `gpuha.single_header_reads`: answers `Ok`. Here reading one header is a plain function call,
+///   so the filter reads the few headers it needs one by one, not the whole map
+///   (`gpuha_filter::host::Headers`);
+/// - `gpuha.skip_response_body`: the filter's hint that its context is done with the stream's
+///   response body (`gpuha_filter::host::skip_response_body`). Its remaining response-body hooks
+///   are answered `Continue` without entering the SDK ([`crate::hooks`]).
 #[no_mangle]
 pub extern "C" fn proxy_call_foreign_function(name: *const u8, name_size: usize, _args: *const u8, _args_size: usize, _data: *mut *mut u8, _size: *mut usize) -> u32 {
-    if slice(name, name_size) != b"gpuha.skip_response_body" {
+    let name = slice(name, name_size);
+    if name == b"gpuha.single_header_reads" {
+        return OK;
+    }
+    if name != b"gpuha.skip_response_body" {
         return NOT_FOUND;
     }
     match with(Cur::filter) {
@@ -342,10 +350,18 @@ pub extern "C" fn proxy_set_property(_path: *const u8, _path_size: usize, _value
     OK
 }
 
+/// A shared-data key: the SDK's `&str` (checked by `from_utf8`, which reads ASCII a word at a
+/// time; anything else is made text as `String::from_utf8_lossy` makes it).
+fn key_text(bytes: &[u8]) -> std::borrow::Cow<'_, str> {
+    match std::str::from_utf8(bytes) {
+        Ok(s) => std::borrow::Cow::Borrowed(s),
+        Err(_) => String::from_utf8_lossy(bytes),
+    }
+}
+
 #[no_mangle]
 pub extern "C" fn proxy_get_shared_data(key: *const u8, key_size: usize, data: *mut *mut u8, size: *mut usize, cas: *mut u32) -> u32 {
-    // Keys come from the SDK's `&str`.
-    let key = String::from_utf8_lossy(slice(key, key_size));
+    let key = key_text(slice(key, key_size));
     let found = crate::plugin::SHARED.read(&key, |v, token| {
         give(v, data, size);
         // SAFETY: a pointer to the SDK's local.
@@ -356,7 +372,7 @@ pub extern "C" fn proxy_get_shared_data(key: *const u8, key_size: usize, data: *
 
 #[no_mangle]
 pub extern "C" fn proxy_set_shared_data(key: *const u8, key_size: usize, value: *const u8, value_size: usize, cas: u32) -> u32 {
-    let key = String::from_utf8_lossy(slice(key, key_size));
+    let key = key_text(slice(key, key_size));
     match crate::plugin::SHARED.set(&key, slice(value, value_size), cas) {
         crate::shared::SetResult::Ok => OK,
         crate::shared::SetResult::CasMismatch => CAS_MISMATCH,

@@ -4,7 +4,7 @@
 //! Envoy's Wasm host keeps one store per `vm_id`; here the store is the process's, so one Envoy
 //! runs one GPU HA deployment (the picker and the guard share it as they share a `vm_id`).
 
-use std::collections::HashMap;
+use foldhash::HashMap;
 use std::sync::Mutex;
 
 /// What a write answered (the Proxy-Wasm statuses the SDK maps).

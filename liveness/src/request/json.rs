@@ -129,11 +129,12 @@ impl JsonScanner {
         self.state = if self.found.complete() { J::Done } else { J::AfterValue };
     }
 
-    /// A byte of the `prompt` value (a string's raw bytes, or a number's) for the fingerprint.
-    fn keep(&mut self, b: u8) {
+    /// Bytes of the current value (a string's raw bytes, or a number's): kept for the wanted
+    /// field, and for the fingerprint when the value is `prompt`.
+    fn keep(&mut self, bytes: &[u8]) {
         if self.fp == Some(Field::Prompt) {
             if let Some(h) = self.found.prefix.as_mut() {
-                h.push(&[b], true);
+                h.push(bytes, true);
             }
         }
         if self.target.is_some() {
@@ -143,20 +144,43 @@ impl JsonScanner {
                 Some(Field::User) => MAX_USER_BYTES + 1,
                 _ => MAX_MODEL_BYTES,
             };
-            if self.val.len() < cap {
-                self.val.push(b);
-            } else if self.target == Some(Field::Model) {
+            let room = cap.saturating_sub(self.val.len());
+            self.val.extend_from_slice(&bytes[..bytes.len().min(room)]);
+            if bytes.len() > room && self.target == Some(Field::Model) {
                 self.state = J::Invalid("model name too long");
             }
             // A `stream` value longer than the cap is not `true`: the rest need not be kept.
         }
     }
 
-    /// A byte of a nested `messages` message or `prompt` array for the fingerprint.
-    fn fingerprint(&mut self, b: u8) {
+    /// A key's bytes: kept up to `MAX_KEY_BYTES`.
+    fn keep_key(&mut self, bytes: &[u8]) {
+        let room = MAX_KEY_BYTES.saturating_sub(self.key.len());
+        self.key.extend_from_slice(&bytes[..bytes.len().min(room)]);
+        if bytes.len() > room {
+            self.key_long = true;
+        }
+    }
+
+    /// Inside a string (a key, a value, or a string in a nested value) with no escape pending:
+    /// the bytes before the next quote or backslash, taken as one run. They end nothing and
+    /// start nothing; they are only kept (a prompt is mostly such runs, read here with one
+    /// search instead of a step per byte).
+    fn string_run(&mut self, run: &[u8]) {
+        match self.state {
+            J::Key => self.keep_key(run),
+            J::Str => self.keep(run),
+            // Within a string the depth does not change and no message opens.
+            J::Nested if self.fp == Some(Field::Prompt) || (self.fp.is_some() && self.depth >= 2) => self.fingerprint(run),
+            _ => {}
+        }
+    }
+
+    /// Bytes of a nested `messages` message or `prompt` array for the fingerprint.
+    fn fingerprint(&mut self, bytes: &[u8]) {
         let prompt = self.fp == Some(Field::Prompt);
         if let Some(h) = self.found.prefix.as_mut() {
-            h.push(&[b], prompt);
+            h.push(bytes, prompt);
         }
     }
 
@@ -164,6 +188,19 @@ impl JsonScanner {
     pub fn feed(&mut self, chunk: &[u8]) -> Scan {
         let mut i = 0;
         while i < chunk.len() {
+            let in_string = match self.state {
+                J::Key | J::Str => !self.esc,
+                J::Nested => self.in_str && !self.esc,
+                _ => false,
+            };
+            if in_string {
+                let end = memchr::memchr2(b'"', b'\\', &chunk[i..]).map_or(chunk.len(), |k| i + k);
+                if end > i {
+                    self.string_run(&chunk[i..end]);
+                    i = end;
+                    continue;
+                }
+            }
             let b = chunk[i];
             match self.state {
                 J::Done | J::Invalid(_) => break,
@@ -196,11 +233,7 @@ impl JsonScanner {
                         i += 1;
                         continue;
                     }
-                    if self.key.len() < MAX_KEY_BYTES {
-                        self.key.push(b);
-                    } else {
-                        self.key_long = true;
-                    }
+                    self.keep_key(&[b]);
                 }
                 J::AfterKey => {
                     if b == b':' {
@@ -241,7 +274,7 @@ impl JsonScanner {
                         match self.fp {
                             // `messages` must be an array of messages to say anything.
                             Some(Field::Messages) if b != b'[' => self.fp = None,
-                            Some(Field::Prompt) => self.fingerprint(b),
+                            Some(Field::Prompt) => self.fingerprint(&[b]),
                             _ => {}
                         }
                     } else if b == b',' || b == b'}' || b == b']' || b == b':' {
@@ -265,21 +298,21 @@ impl JsonScanner {
                         i += 1;
                         continue;
                     }
-                    self.keep(b);
+                    self.keep(&[b]);
                 }
                 J::Scalar => {
                     if is_ws(b) || b == b',' || b == b'}' || b == b']' {
                         self.end_value();
                         continue; // the delimiter is read by AfterValue
                     }
-                    self.keep(b);
+                    self.keep(&[b]);
                 }
                 J::Nested => {
                     if self.fp.is_some() {
                         // A message's bytes run from its opening bracket to its closing one.
                         let opens_message = !self.in_str && self.depth == 1 && (b == b'{' || b == b'[');
                         if self.fp == Some(Field::Prompt) || self.depth >= 2 || opens_message {
-                            self.fingerprint(b);
+                            self.fingerprint(&[b]);
                         }
                     }
                     if self.in_str {

@@ -1,0 +1,156 @@
+"""Instructions per paced streaming request, counted rather than timed: Envoy runs under
+valgrind's callgrind (with its cache model), the counters are zeroed after a warm-up and dumped
+after a window of paced streams (1 000 tokens/s, one SSE event per body chunk), and every count
+is divided by the requests completed in the window. Counts do not move with the machine's
+neighbours the way CPU time does: the module's own instructions per request agree within ~1 %
+between runs of one build; Envoy's own code moves by up to ~5 % (its event loop batches events
+differently from run to run). So they show a change of a few per cent in the module that the
+timed `l7_paced` rows cannot. Kernel time is not counted. Native builds only: V8's generated code is not counted usefully under
+valgrind. Opt-in: `bench/run.py --only l7_instr` (about 2 minutes; needs valgrind)."""
+
+import re
+import shutil
+import subprocess
+from collections import Counter
+
+from .common import BASELINE_NATIVE, LOAD_CPU, NO_BREAKER, PROCS, WORK, dnsd, envoy, fake_worker, fleet_ready, note, sidecar, wrk
+from .l7_floor import native_floor
+from .markdown import Report, fmt
+
+# Events of callgrind's cache model, in its order.
+EVENTS = ("Ir", "Dr", "Dw", "I1mr", "D1mr", "D1mw", "ILmr", "DLmr", "DLmw")
+TOP = 15
+
+
+def parse_callgrind(text):
+    """Self cost per (object, function) from a callgrind dump: {(ob, fn): Counter(event: n)}.
+    Handles the name compression (`fn=(id) name`, then `fn=(id)`) and skips the inclusive cost
+    line that follows each `calls=` line."""
+    names = {}
+    costs = {}
+    events = EVENTS
+    ob = fn = None
+    skip_next = False
+
+    def name(kind, v):
+        m = re.match(r"\((\d+)\)(?: (.*))?$", v)
+        if not m:
+            return v
+        if m.group(2) is not None:
+            names[(kind, m.group(1))] = m.group(2)
+        return names.get((kind, m.group(1)), v)
+
+    for line in text.splitlines():
+        if line.startswith("events:"):
+            events = tuple(line.split()[1:])
+        elif line.startswith("ob="):
+            ob = name("ob", line[3:])
+        elif line.startswith("fn="):
+            fn = name("fn", line[3:])
+        elif line.startswith("cob="):
+            name("ob", line[4:])
+        elif line.startswith(("cfi=", "cfl=")):
+            name("fl", line[4:])
+        elif line.startswith("cfn="):
+            name("fn", line[4:])
+        elif line.startswith(("fl=", "fi=", "fe=")):
+            name("fl", line[3:])
+        elif line.startswith("calls="):
+            skip_next = True
+        elif line[:1].isdigit() or line[:1] in "+-*":
+            if skip_next:
+                skip_next = False
+                continue
+            parts = line.split()[1:]
+            c = costs.setdefault((ob, fn), Counter())
+            for e, v in zip(events, parts):
+                c[e] += int(v)
+    return costs
+
+
+def where(ob):
+    """Whose code an object is: Envoy's (its binary, and the anonymous mapping `???` where Envoy
+    moves its hot code, its allocator among it), the module's, or the C library and the rest."""
+    ob = ob or "???"
+    if ob.endswith("/envoy") or ob == "???":
+        return "envoy"
+    if "libgpuha_native" in ob:
+        return "module"
+    return "libc and other"
+
+
+def sec_l7_instr(R, quick):
+    if not (shutil.which("valgrind") and shutil.which("callgrind_control")):
+        raise RuntimeError("valgrind (with callgrind_control) missing: apt-get install valgrind")
+    secs = 5 if quick else 10
+    _, w1 = fake_worker("iw1", tokens_per_s=1000)
+    _, w2 = fake_worker("iw2", tokens_per_s=1000)
+    _, ingest, http, _ = dnsd(name="dnsd-instr", cpu=LOAD_CPU)
+    sidecar("iw1", w1, ingest)
+    sidecar("iw2", w2, ingest)
+    fleet_ready(http, 2)
+    behaviours = {"pause_request": True, "endpoints": f"{w1},{w2}"}
+    variants = [("envoy (no filter)", "nowasm", None, None, None, None),
+                ("native floor: pause + endpoints, upstream holds the answer", "native", behaviours, {"hold_response": True}, native_floor, None),
+                ("envoy+filter (native)", "native", NO_BREAKER, NO_BREAKER, None, None)]
+    if BASELINE_NATIVE:
+        variants.append(("envoy+filter (native, baseline)", "native", NO_BREAKER, NO_BREAKER, None, BASELINE_NATIVE))
+    rows = []
+    for label, kind, pcfg, gcfg, edit, ndir in variants:
+        name = f"envoy-instr-{len(rows)}"
+        out = WORK / f"{name}.callgrind"
+        wrap = ("valgrind", "--tool=callgrind", "--cache-sim=yes", f"--callgrind-out-file={out}")
+        proxy, port, _, _ = envoy(name, [w1, w2], http, variant=kind, picker_config=pcfg, guard_config=gcfg, edit=edit,
+                                  native_dir=ndir, wrap=wrap, ready_s=300)
+        try:
+            wrk(port, True, 4, 2)
+            subprocess.run(["callgrind_control", "--zero", str(proxy.pid)], check=True, capture_output=True, timeout=60)
+            sat = wrk(port, True, 8, secs, timeout="30s")
+            subprocess.run(["callgrind_control", "--dump", str(proxy.pid)], check=True, capture_output=True, timeout=60)
+        finally:
+            PROCS.stop(proxy, timeout=30)
+        dumps = sorted(WORK.glob(f"{name}.callgrind.*"))
+        if not dumps or not sat["requests"]:
+            raise RuntimeError(f"{label}: no callgrind dump or no request ({dumps}, {sat['requests']})")
+        costs = parse_callgrind(dumps[0].read_text(errors="replace"))
+        n = sat["requests"]
+        total = Counter()
+        by_where = Counter()
+        for (ob, _), c in costs.items():
+            total.update(c)
+            by_where[where(ob)] += c["Ir"]
+        top = sorted(((fn, c["Ir"] / n) for (ob, fn), c in costs.items() if where(ob) == "module"), key=lambda x: -x[1])[:TOP]
+        row = {"variant": label, "requests": n, "errors": sat["errors"],
+               "per_request": {e: total[e] / n for e in EVENTS},
+               "ir_by_code": {k: v / n for k, v in by_where.items()},
+               "module_top": [{"function": fn, "ir": round(ir)} for fn, ir in top]}
+        rows.append(row)
+        note(f"L7 instructions {label}: {n} requests, {row['per_request']['Ir']:.0f} Ir/request, "
+             f"I1 misses {row['per_request']['I1mr']:.0f}, errors {sat['errors']}")
+    PROCS.stop_all()
+    R["l7_instr"] = rows
+
+
+def report_l7_instr(R, rep: Report) -> None:
+    rows = R.get("l7_instr")
+    if not rows:
+        return
+    md = rep.md
+    base = next((r["per_request"] for r in rows if r["variant"] == "envoy (no filter)"), None)
+    md += ["## L7 instructions per paced streaming request (Envoy under callgrind)", "",
+           "Paced streams (1 000 tokens/s, 16 tokens, one SSE event per chunk), wrk 8 connections; Envoy's "
+           "user-space instructions and its simulated cache misses, counted over a window after a warm-up "
+           "and divided by the requests completed in it.", "",
+           "| variant | requests | instructions | × no filter | Envoy's code | module | C library, other | I1 misses | D1 misses | LL misses |",
+           "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for r in rows:
+        p, w = r["per_request"], r["ir_by_code"]
+        ratio = f"{p['Ir'] / base['Ir']:.3f}" if base else "–"
+        md.append(f"| {r['variant']} | {r['requests']} | {fmt(p['Ir'])} | {ratio} | {fmt(w.get('envoy', 0))} | {fmt(w.get('module', 0))} | "
+                  f"{fmt(w.get('libc and other', 0))} | {fmt(p['I1mr'])} | {fmt(p['D1mr'] + p['D1mw'])} | {fmt(p['ILmr'] + p['DLmr'] + p['DLmw'])} |")
+    for r in rows:
+        if r["variant"] == "envoy+filter (native)" and r["module_top"]:
+            md += ["", f"The module's own functions in `{r['variant']}`, instructions per request (self, top {TOP}):", "",
+                   "| function | instructions |", "|---|---:|"]
+            md += [f"| `{t['function'][:110]}` | {fmt(t['ir'])} |" for t in r["module_top"]]
+    md.append("")

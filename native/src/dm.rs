@@ -8,6 +8,10 @@ use std::cell::Cell;
 
 use crate::abi;
 
+/// Body slices read into a stack array when a body has at most this many (a chunk of a stream
+/// is one or two).
+const STACK_CHUNKS: usize = 8;
+
 #[derive(Debug, Clone, Copy)]
 pub enum Level {
     Trace,
@@ -193,12 +197,20 @@ impl Filter {
             if n == 0 {
                 continue;
             }
-            let mut chunks = vec![abi::EnvoyBuffer::null(); n];
+            // A body is a few slices: their views go on the stack unless there are many.
+            let mut on_stack = [abi::EnvoyBuffer::null(); STACK_CHUNKS];
+            let mut on_heap = Vec::new();
+            let chunks: &mut [abi::EnvoyBuffer] = if n <= STACK_CHUNKS {
+                &mut on_stack[..n]
+            } else {
+                on_heap.resize(n, abi::EnvoyBuffer::null());
+                &mut on_heap
+            };
             // SAFETY: `chunks` holds the `n` slices Envoy reported; copied at once.
             if !unsafe { abi::envoy_dynamic_module_callback_http_get_body_chunks(self.0, t, chunks.as_mut_ptr()) } {
                 continue;
             }
-            for c in &chunks {
+            for c in chunks.iter() {
                 // SAFETY: as above.
                 let bytes = unsafe { c.as_bytes() };
                 let (lo, hi) = (start.max(at), (start.saturating_add(max)).min(at + bytes.len()));

@@ -48,13 +48,16 @@ impl Registry {
     }
 }
 
+/// A rescue the tick decided: the context, what to do, its attempt and its worker.
+type Due = (u32, Rescue, Rc<RefCell<Attempt>>, Rc<str>);
+
 /// The rescue tick: every attempt held or streaming on a worker that stopped showing signs of
 /// life is retried now (held) or ended (past its first token, after the configured bound).
 /// `view`: the fleet view and when its ages count from.
 pub fn rescue_tick(reg: &Rc<RefCell<Registry>>, view: &gpuha_liveness::FleetView, vouched: u64, cfg: &GuardConfig, stats: &Stats) {
     let now = host::now_ms();
     let rcfg = RescueConfig { end_stream_after_ms: cfg.end_stalled_streams_after_ms, rescue_held_after_ms: cfg.rescue_held_after_ms, invisible_after_ms: cfg.unseen_after_ms, ..RescueConfig::default() };
-    let mut todo: Vec<(u32, Rescue, Rc<RefCell<Attempt>>, Rc<str>)> = Vec::new();
+    let mut todo: Vec<Due> = Vec::new();
     {
         let mut reg = reg.borrow_mut();
         let reg = &mut *reg;

@@ -33,4 +33,4 @@ python3 -m pytest -q -rA tests/deps tests/drills tests/ops "$@"
 step "drills with the native filter (the same filter as an Envoy dynamic module, GPUHA_FILTER_BUILD=native)"
 GPUHA_FILTER_BUILD=native python3 -m pytest -q -rA tests/drills/test_l7_drills.py tests/drills/test_breaker_judgment.py \
   tests/drills/test_hang_drills.py tests/drills/test_tier_drills.py tests/drills/test_big_requests.py \
-  tests/ops/test_dashboard_metrics.py "$@"
+  tests/drills/test_native_reload.py tests/ops/test_dashboard_metrics.py "$@"

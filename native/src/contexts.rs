@@ -59,6 +59,19 @@ impl<F: Copy> Contexts<F> {
         self.roots.remove(&config);
     }
 
+    /// Forgets the roots of the configurations `live` says Envoy no longer holds (and their
+    /// tick seats); their ids, for the SDK's done and delete. Envoy destroys a configuration
+    /// only after its filters, so no HTTP context of theirs is left.
+    pub fn retire(&mut self, live: impl Fn(ConfigKey) -> bool) -> Vec<u32> {
+        let gone: Vec<ConfigKey> = self.roots.keys().copied().filter(|&k| !live(k)).collect();
+        gone.iter()
+            .filter_map(|k| {
+                self.seats.remove(k);
+                self.roots.remove(k)
+            })
+            .collect()
+    }
+
     /// A new HTTP context of `config` on `filter`; `true` when it takes the configuration's
     /// tick seat (none was held on this thread).
     pub fn open(&mut self, config: ConfigKey, filter: F) -> (u32, bool) {
@@ -107,6 +120,22 @@ mod tests {
         assert_eq!(r1, r1b);
         assert_ne!(r1, r2);
         c.drop_root(1);
+        assert!(c.root(1).1);
+    }
+
+    #[test]
+    fn roots_of_removed_configurations_are_retired_once() {
+        let mut c: Contexts<u8> = Contexts::default();
+        let (r1, _) = c.root(1);
+        let (r2, _) = c.root(2);
+        let (r3, _) = c.root(3);
+        c.open(2, 20);
+        let mut gone = c.retire(|k| k == 3);
+        gone.sort_unstable();
+        assert_eq!(gone, vec![r1, r2]);
+        assert!(c.retire(|k| k == 3).is_empty(), "retired once");
+        assert!(!c.is_root(r1) && !c.is_root(r2) && c.is_root(r3));
+        // A configuration seen again (it never is: serials are not reused) gets a fresh root.
         assert!(c.root(1).1);
     }
 

@@ -60,6 +60,32 @@ thread_local! {
     static HELD_REPLY: RefCell<Option<Reply>> = const { RefCell::new(None) };
     /// The filter whose context asked, inside the running hook, to skip its response body.
     static SKIP_BODY: Cell<Option<Filter>> = const { Cell::new(None) };
+    /// [`crate::plugin::destroyed`] when this thread last retired its roots.
+    static RETIRED_AT: Cell<u64> = const { Cell::new(0) };
+}
+
+/// Deletes this thread's root contexts of configurations Envoy destroyed since the thread last
+/// looked (one atomic read when none was): the SDK's done and delete on each, as Envoy's Wasm
+/// host does for a removed plugin, so that a reload leaves no root (and what it holds: the
+/// fleet ranking, the rescue registry) behind.
+fn retire_roots() {
+    let now = crate::plugin::destroyed();
+    if RETIRED_AT.with(|r| r.replace(now)) == now {
+        return;
+    }
+    let gone = CONTEXTS.with(|c| c.borrow_mut().retire(crate::plugin::is_live));
+    for &id in &gone {
+        with_cur(Cur::Idle, || {
+            // SAFETY: the SDK's entry points, on this thread's dispatcher, for a root it created.
+            unsafe {
+                proxy_on_done(id);
+                proxy_on_delete(id);
+            }
+        });
+    }
+    if !gone.is_empty() {
+        crate::dm::log(Level::Info, format!("gpuha native: {} root context(s) of removed filter configurations deleted on this thread", gone.len()).as_bytes());
+    }
 }
 
 /// The running hook's context is done with `f`'s response body (`proxy_call_foreign_function`).
@@ -267,6 +293,7 @@ pub extern "C" fn envoy_dynamic_module_on_http_filter_config_new(envoy: abi::Htt
     let Some(root) = root_of(&plugin) else { return std::ptr::null() };
     plugin.main_root.store(root, std::sync::atomic::Ordering::Relaxed);
     plugin.defined();
+    crate::plugin::hold(plugin.serial);
     Arc::into_raw(plugin).cast()
 }
 
@@ -275,6 +302,9 @@ pub extern "C" fn envoy_dynamic_module_on_http_filter_config_destroy(config: abi
     // SAFETY: the owner `config_new` handed out, given back once.
     let plugin = unsafe { Arc::from_raw(config as *const Plugin) };
     plugin.stop();
+    crate::plugin::release(plugin.serial);
+    // The main thread's roots go now; each worker thread's at its next filter.
+    retire_roots();
 }
 
 #[no_mangle]
@@ -282,6 +312,7 @@ pub extern "C" fn envoy_dynamic_module_on_http_filter_new(config: abi::HttpFilte
     // SAFETY: a live configuration (Envoy destroys it only after its filters).
     let plugin = unsafe { plugin_of(config) };
     let envoy = Filter(envoy);
+    retire_roots();
     let id = root_of(&plugin).map(|root| {
         let (id, seat) = CONTEXTS.with(|c| c.borrow_mut().open(plugin.serial, envoy));
         with_cur(Cur::Root(plugin.clone()), || {

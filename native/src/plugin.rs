@@ -29,6 +29,33 @@ pub static SHARED: LazyLock<Store> = LazyLock::new(Store::default);
 /// The event a tick commits.
 pub const TICK: u64 = 1;
 
+/// The configurations Envoy holds, by serial, and a count of those it destroyed: a thread whose
+/// last look is older deletes its root contexts of the destroyed ones (as Envoy's Wasm host
+/// deletes a removed plugin's root context in every VM).
+static LIVE: LazyLock<Mutex<std::collections::HashSet<u64>>> = LazyLock::new(Mutex::default);
+static DESTROYED: AtomicU64 = AtomicU64::new(0);
+
+/// Envoy holds the configuration `serial` now.
+pub fn hold(serial: u64) {
+    lock(&LIVE).insert(serial);
+}
+
+/// Envoy destroyed the configuration `serial`.
+pub fn release(serial: u64) {
+    lock(&LIVE).remove(&serial);
+    DESTROYED.fetch_add(1, Ordering::Release);
+}
+
+/// How many configurations Envoy destroyed so far (one atomic read).
+pub fn destroyed() -> u64 {
+    DESTROYED.load(Ordering::Acquire)
+}
+
+/// Whether Envoy still holds the configuration `serial`.
+pub fn is_live(serial: u64) -> bool {
+    lock(&LIVE).contains(&serial)
+}
+
 static SERIAL: AtomicU64 = AtomicU64::new(1);
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {

@@ -1,0 +1,97 @@
+"""Config reload drill for the native filter (`native/`, GPUHA_FILTER_BUILD=native): a router
+whose listener comes over LDS (from a watched file, as a control plane would push it) is
+reloaded several times under traffic. Each reload makes Envoy destroy the old listener's picker
+configuration; the module must delete that configuration's root contexts on every thread, as
+Envoy's Wasm host deletes a removed plugin's root context in each VM. Before this, each reload
+left every thread's old root behind, with what it holds (the fleet ranking: about a megabyte
+per thread for a 10 k-worker fleet).
+
+    GPUHA_FILTER_BUILD=native GPUHA_BIN_DIR=target/release python3 -m pytest -q -s tests/drills/test_native_reload.py
+"""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+import yaml
+
+from gpuha_harness import filter_stat, free_port, make_client, wait_for, wasm_path
+from gpuha_harness.env import filter_build
+
+RELOADS = 4
+DELETED = re.compile(r"gpuha native: (\d+) root context\(s\) of removed filter configurations deleted")
+
+pytestmark = pytest.mark.skipif(filter_build() != "native", reason="native module drill: tests/run.sh runs it in its native step")
+
+
+def lds_world(text: str, lds_path, node: str) -> tuple[str, dict]:
+    """The rendered bootstrap with its listener moved to an LDS file; (bootstrap, listener)."""
+    boot = yaml.safe_load(text)
+    (listener,) = boot["static_resources"].pop("listeners")
+    boot["node"] = {"id": node, "cluster": node}
+    boot["dynamic_resources"] = {"lds_config": {"resource_api_version": "V3", "path_config_source": {
+        "path": str(lds_path), "watched_directory": {"path": str(lds_path.parent)}}}}
+    return yaml.safe_dump(boot), listener
+
+
+def write_lds(lds_path, listener: dict, version: int) -> None:
+    """The listener with a changed stat prefix (a new filter chain: Envoy builds its filters'
+    configurations anew), moved into place at once (Envoy watches the directory)."""
+    listener = yaml.safe_load(yaml.safe_dump(listener))
+    for chain in listener["filter_chains"]:
+        for f in chain["filters"]:
+            if f["name"].endswith("http_connection_manager"):
+                f["typed_config"]["stat_prefix"] = f"ingress_v{version}"
+    tmp = lds_path.with_suffix(".tmp")
+    tmp.write_text(yaml.safe_dump({"resources": [{"@type": "type.googleapis.com/envoy.config.listener.v3.Listener", **listener}]}))
+    tmp.rename(lds_path)
+
+
+def test_reloads_leave_no_root_context_behind(stack):
+    stack.start_dnsd()
+    stack.start_workers(2, ttft_ms=5, tokens_per_s=0)
+    port = free_port()
+    rendered = stack.render("pool-router", stack.logdir / "reload-static.yaml", listen_port=port, admin_port=0,
+                            workers=",".join(w.addr for w in stack.workers.values()), fleet=stack.dnsd.http, wasm=wasm_path())
+    lds_dir = stack.logdir / "lds"
+    lds_dir.mkdir(exist_ok=True)
+    lds = lds_dir / "lds.yaml"
+    boot, listener = lds_world(rendered.read_text(), lds, "reload-drill")
+    write_lds(lds, listener, 0)
+    cfg = stack.logdir / "reload.yaml"
+    cfg.write_text(boot)
+    envoy = stack.start_envoy("reload", cfg, port, extra_args=["--drain-time-s", "1", "--drain-strategy", "immediate"])
+    log = stack.logdir / "reload.log"
+    client = make_client(envoy.base_url)
+
+    def chat_ok(n: int) -> None:
+        for _ in range(n):
+            r = client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "hi"}], max_tokens=2)
+            assert r.choices[0].message.content, r
+
+    def lds_updates() -> int:
+        return envoy.stats("listener_manager.lds.update_success").get("listener_manager.lds.update_success", 0)
+
+    def deleted() -> int:
+        return sum(int(m.group(1)) for m in DELETED.finditer(log.read_text(errors="replace")))
+
+    wait_for(lambda: filter_stat(envoy, "fleet_polls") >= 1, 10, "the picker's first fleet poll")
+    chat_ok(4)
+    for v in range(1, RELOADS + 1):
+        before = lds_updates()
+        write_lds(lds, listener, v)
+        wait_for(lambda: lds_updates() > before, 15, f"LDS update {v} taken")
+        chat_ok(4)
+    # Each reload destroys the previous listener's picker configuration once its connections
+    # drained: the main thread's root of it goes at once, a worker thread's at its next request.
+    def deleted_after_a_request(n: int):
+        def check() -> bool:
+            chat_ok(1)
+            return deleted() >= n
+        return check
+
+    wait_for(deleted_after_a_request(RELOADS), 30, f"the main thread's roots of {RELOADS} removed configurations deleted", interval=0.2)
+    wait_for(deleted_after_a_request(RELOADS + 1), 30, "a worker thread's roots of removed configurations deleted", interval=0.2)
+    assert filter_stat(envoy, "fail_open") == 0, "the picker failed open across reloads"
+    print(f"\nreloads {RELOADS}: {deleted()} root contexts of removed configurations deleted (main thread and worker threads)")

@@ -52,6 +52,16 @@ pub mod sse;
 pub mod tier;
 mod worker_key;
 
+/// `bytes` as text, invalid UTF-8 replaced as `String::from_utf8_lossy` replaces it. Valid text
+/// (nearly all of it) is checked by `from_utf8`, which reads ASCII a word at a time; the lossy
+/// conversion reads byte by byte, so it runs only when the check fails.
+pub fn text(bytes: &[u8]) -> std::borrow::Cow<'_, str> {
+    match std::str::from_utf8(bytes) {
+        Ok(s) => std::borrow::Cow::Borrowed(s),
+        Err(_) => String::from_utf8_lossy(bytes),
+    }
+}
+
 pub use fleet::{bounded_age_ms, Ages, Condition, FAILBACK_HOLD_DOWN_MS, FleetState, FleetView, Liveness, PoolOutlook, PoolView, WorkerView, VIEW_AGE_FLOOR_MS, VIEW_AGE_STALE_MS};
 pub use frame::{Frame, FrameError, FrameRef, KeyRing, Metrics, MAX_FRAME_LEN};
 pub use ingest::{DropReason, Ingest, IngestCounters};

@@ -79,25 +79,15 @@ pub fn parse_event(event: &[u8]) -> Event {
             b"data" => match ev.data.as_mut() {
                 Some(d) => {
                     d.push('\n');
-                    d.push_str(&text(value));
+                    d.push_str(&crate::text(value));
                 }
-                None => ev.data = Some(text(value).into_owned()),
+                None => ev.data = Some(crate::text(value).into_owned()),
             },
-            b"event" => ev.name = Some(text(value).into_owned()),
+            b"event" => ev.name = Some(crate::text(value).into_owned()),
             _ => {}
         }
     }
     ev
-}
-
-/// `bytes` as text, invalid UTF-8 replaced as `String::from_utf8_lossy` does. Valid text (all
-/// of vLLM's) is checked by `from_utf8`, which reads ASCII a word at a time; the lossy
-/// conversion reads byte by byte.
-pub fn text(bytes: &[u8]) -> std::borrow::Cow<'_, str> {
-    match std::str::from_utf8(bytes) {
-        Ok(s) => std::borrow::Cow::Borrowed(s),
-        Err(_) => String::from_utf8_lossy(bytes),
-    }
 }
 
 /// Iterates over the complete events of `buf` from `from`: `(start, end)` of each.

@@ -350,18 +350,9 @@ pub extern "C" fn proxy_set_property(_path: *const u8, _path_size: usize, _value
     OK
 }
 
-/// A shared-data key: the SDK's `&str` (checked by `from_utf8`, which reads ASCII a word at a
-/// time; anything else is made text as `String::from_utf8_lossy` makes it).
-fn key_text(bytes: &[u8]) -> std::borrow::Cow<'_, str> {
-    match std::str::from_utf8(bytes) {
-        Ok(s) => std::borrow::Cow::Borrowed(s),
-        Err(_) => String::from_utf8_lossy(bytes),
-    }
-}
-
 #[no_mangle]
 pub extern "C" fn proxy_get_shared_data(key: *const u8, key_size: usize, data: *mut *mut u8, size: *mut usize, cas: *mut u32) -> u32 {
-    let key = key_text(slice(key, key_size));
+    let key = gpuha_liveness::text(slice(key, key_size));
     let found = crate::plugin::SHARED.read(&key, |v, token| {
         give(v, data, size);
         // SAFETY: a pointer to the SDK's local.
@@ -372,7 +363,7 @@ pub extern "C" fn proxy_get_shared_data(key: *const u8, key_size: usize, data: *
 
 #[no_mangle]
 pub extern "C" fn proxy_set_shared_data(key: *const u8, key_size: usize, value: *const u8, value_size: usize, cas: u32) -> u32 {
-    let key = key_text(slice(key, key_size));
+    let key = gpuha_liveness::text(slice(key, key_size));
     match crate::plugin::SHARED.set(&key, slice(value, value_size), cas) {
         crate::shared::SetResult::Ok => OK,
         crate::shared::SetResult::CasMismatch => CAS_MISMATCH,

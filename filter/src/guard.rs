@@ -207,6 +207,15 @@ impl GuardCtx {
         breakers::charge(&addr, probe, &c, host::now_ms(), &self.cfg.breaker, &self.stats);
     }
 
+    /// Lets a host that can pass the next clean body chunks itself do so, when the attempt
+    /// would pass them untouched (most chunks of a released stream: each would otherwise cost a
+    /// call into the filter and a copy of its last bytes).
+    fn offer_clean_chunks(&self) {
+        if self.attempt.borrow().passes_clean_chunks() {
+            host::pass_clean_response_chunks();
+        }
+    }
+
     fn count(&self, r: &Report) {
         if r.rescued.is_some() {
             host::debug(&format!("gpuha guard: rescued attempt: {}", r.outcome.label()));
@@ -280,6 +289,7 @@ impl HttpContext for GuardCtx {
         let status = host::status().unwrap_or(0);
         let action = self.attempt.borrow_mut().on_response_headers(status, host::response_header("content-type").as_deref(), end_of_stream);
         self.charge();
+        self.offer_clean_chunks();
         match action {
             HeadersAction::Continue { mark } => {
                 if let Some(m) = mark {
@@ -313,6 +323,7 @@ impl HttpContext for GuardCtx {
         };
         drop(attempt);
         self.charge();
+        self.offer_clean_chunks();
         match action {
             BodyAction::Pass | BodyAction::NeedAll => Action::Continue,
             BodyAction::Hold => {

@@ -153,6 +153,12 @@ pub fn send_response(status: u16, headers: &[(String, String)], body: &[u8]) -> 
 /// build (`native/`) defines it; Envoy's Wasm host has no such foreign function (`NotFound`).
 const SKIP_RESPONSE_BODY: &str = "gpuha.skip_response_body";
 
+/// The host call that lets a host pass the calling context's next response-body chunks itself
+/// while each is clean (`gpuha_liveness::sse::clean_tail`) and does not end the stream, until it
+/// hands the filter a chunk again. The native build defines it; Envoy's Wasm host answers
+/// `NotFound`.
+const PASS_CLEAN_RESPONSE_CHUNKS: &str = "gpuha.pass_clean_response_chunks";
+
 /// The host call that says a single header read is a plain function call on this host (the
 /// native build defines it; Envoy's Wasm host answers `NotFound`).
 const SINGLE_HEADER_READS: &str = "gpuha.single_header_reads";
@@ -160,6 +166,8 @@ const SINGLE_HEADER_READS: &str = "gpuha.single_header_reads";
 thread_local! {
     /// Whether this host skips response-body hooks on request (`None`: not asked yet).
     static SKIPS_BODY: Cell<Option<bool>> = const { Cell::new(None) };
+    /// Whether this host passes clean response-body chunks on request (`None`: not asked yet).
+    static PASSES_CLEAN: Cell<Option<bool>> = const { Cell::new(None) };
     /// Whether single header reads are cheap on this host (`None`: not asked yet).
     static SINGLE_READS: Cell<Option<bool>> = const { Cell::new(None) };
 }
@@ -180,11 +188,26 @@ fn single_header_reads() -> bool {
 /// chunk). Only a hint: a host without it (Envoy's Wasm host) goes on calling them, and the
 /// filter must still answer them. Asked of a host once per thread; after a `NotFound`, never again.
 pub fn skip_response_body() {
-    if SKIPS_BODY.with(Cell::get) == Some(false) {
+    hint(SKIP_RESPONSE_BODY, &SKIPS_BODY);
+}
+
+/// Tells the host that, until it hands this context a response-body chunk again, it may pass
+/// the chunks that do not end the stream and whose last bytes are clean
+/// (`gpuha_liveness::sse::clean_tail`) without calling the filter: the guard would pass them
+/// untouched and stay as it is (`Attempt::passes_clean_chunks`). Only a hint, like
+/// [`skip_response_body`].
+pub fn pass_clean_response_chunks() {
+    hint(PASS_CLEAN_RESPONSE_CHUNKS, &PASSES_CLEAN);
+}
+
+/// Calls the foreign function `name` (no argument, no answer) unless this thread's host already
+/// said it has none; `known` keeps the answer.
+fn hint(name: &str, known: &'static std::thread::LocalKey<Cell<Option<bool>>>) {
+    if known.with(Cell::get) == Some(false) {
         return;
     }
-    let supported = !matches!(hostcalls::call_foreign_function(SKIP_RESPONSE_BODY, None), Err(Status::NotFound));
-    SKIPS_BODY.with(|s| s.set(Some(supported)));
+    let supported = !matches!(hostcalls::call_foreign_function(name, None), Err(Status::NotFound));
+    known.with(|s| s.set(Some(supported)));
 }
 
 pub fn shared_get(key: &str) -> (Option<Vec<u8>>, Option<u32>) {

@@ -472,6 +472,20 @@ impl Attempt {
         }
     }
 
+    /// Whether every body chunk that does not end the stream and whose tail is clean
+    /// ([`crate::sse::clean_tail`]) would now pass untouched, with nothing of the attempt
+    /// changed: an answer the guard passes, or a released stream holding no part of an event.
+    /// A host that can look at a chunk's tail itself may then pass such chunks without the
+    /// filter, until it hands the filter a chunk again (the filter asks anew after each one).
+    pub fn passes_clean_chunks(&self) -> bool {
+        !self.reported
+            && match &self.phase {
+                Phase::Guarding(g) => g.passes_clean_chunks(),
+                Phase::Passing { .. } | Phase::WorkerStatus(_) => true,
+                Phase::AwaitingHeaders | Phase::Rewritten(_) => false,
+            }
+    }
+
     /// What the glue reads of the next body chunk.
     pub fn reads(&self) -> Read {
         match &self.phase {

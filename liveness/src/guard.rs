@@ -18,7 +18,7 @@
 //!   reach the client.
 
 use crate::output::{event_signal, whole_body_signal, Api, Signal};
-use crate::sse::{ends_on_event_boundary, has_error_word, next_event_end, parse_event};
+use crate::sse::{clean_tail, has_error_word, next_event_end, parse_event};
 
 /// Default bound on the bytes held before release. A response that grows past it without any
 /// output is released unguarded rather than buffered without limit.
@@ -195,8 +195,18 @@ impl Guard {
     pub fn passes_untouched(&self, tail: &[u8], end_of_stream: bool) -> bool {
         match (self.phase, self.mode) {
             (Phase::Released, Mode::Sse(_)) => {
-                self.buf.is_empty() && (end_of_stream || (ends_on_event_boundary(tail) && !has_error_word(tail)))
+                self.buf.is_empty() && (end_of_stream || clean_tail(tail))
             }
+            (Phase::Released, _) => true,
+            _ => false,
+        }
+    }
+
+    /// Whether [`Self::passes_untouched`] is true for every chunk whose tail is clean
+    /// ([`clean_tail`]): released, and in SSE mode holding no part of an event.
+    pub fn passes_clean_chunks(&self) -> bool {
+        match (self.phase, self.mode) {
+            (Phase::Released, Mode::Sse(_)) => self.buf.is_empty(),
             (Phase::Released, _) => true,
             _ => false,
         }

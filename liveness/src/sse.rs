@@ -104,6 +104,16 @@ pub(crate) fn contains(hay: &[u8], needle: &[u8]) -> bool {
     !needle.is_empty() && memmem::find(hay, needle).is_some()
 }
 
+/// Whether a chunk of a released stream whose last bytes are `tail` (its last
+/// [`crate::guard::TAIL_PEEK_BYTES`], or all of it when shorter) may pass without the guard
+/// seeing it, when it starts at an event start: it ends on an event boundary and its tail holds
+/// no word of an error event. [`crate::guard::Guard::passes_untouched`] answers with it, and a
+/// host that checks chunks itself ([`crate::attempt::Attempt::passes_clean_chunks`]) with the
+/// same function.
+pub fn clean_tail(tail: &[u8]) -> bool {
+    ends_on_event_boundary(tail) && !has_error_word(tail)
+}
+
 /// Whether `hay` holds a word an error event carries (`error`, `failed`). Searched on every chunk
 /// of every stream, so its searchers are built once, not per call as [`contains`] builds one.
 pub(crate) fn has_error_word(hay: &[u8]) -> bool {

@@ -182,12 +182,33 @@ impl Filter {
     /// buffered, then what this hook got. Only the window is copied (the guard reads the last
     /// bytes of each streamed chunk). `None` when `start` is past the end.
     pub fn body_window(self, dir: Dir, start: usize, max: usize) -> Option<Vec<u8>> {
-        let parts = self.body_parts(dir);
+        let total: usize = self.body_parts(dir).iter().map(|(_, n)| n).sum();
         // Exactly the window's size: the host hands the vector to the SDK without a copy.
-        let total: usize = parts.iter().map(|(_, n)| n).sum();
         let mut out = Vec::with_capacity(total.saturating_sub(start).min(max));
+        self.visit_window(dir, start, max, |bytes| out.extend_from_slice(bytes)).then_some(out)
+    }
+
+    /// Whether the response body of the running hook has a clean tail
+    /// (`gpuha_liveness::sse::clean_tail` of its last `TAIL_PEEK_BYTES`, or all of it when
+    /// shorter), read from Envoy's slices into the stack.
+    pub fn response_tail_is_clean(self) -> bool {
+        const PEEK: usize = gpuha_liveness::guard::TAIL_PEEK_BYTES;
+        let len = self.body_len(Dir::Response);
+        let mut tail = [0u8; PEEK];
+        let mut n = 0;
+        self.visit_window(Dir::Response, len.saturating_sub(PEEK), PEEK, |bytes| {
+            let take = bytes.len().min(PEEK - n);
+            tail[n..n + take].copy_from_slice(&bytes[..take]);
+            n += take;
+        });
+        gpuha_liveness::sse::clean_tail(&tail[..n])
+    }
+
+    /// Hands `f` the pieces, in order, of `max` bytes from `start` of the body as the filter sees
+    /// it (see [`Self::body_window`]). `false` when `start` is past the end.
+    fn visit_window(self, dir: Dir, start: usize, max: usize, mut f: impl FnMut(&[u8])) -> bool {
         let mut at = 0usize;
-        for (t, len) in parts {
+        for (t, len) in self.body_parts(dir) {
             if len == 0 || start >= at + len {
                 at += len;
                 continue;
@@ -206,7 +227,7 @@ impl Filter {
                 on_heap.resize(n, abi::EnvoyBuffer::null());
                 &mut on_heap
             };
-            // SAFETY: `chunks` holds the `n` slices Envoy reported; copied at once.
+            // SAFETY: `chunks` holds the `n` slices Envoy reported; read at once.
             if !unsafe { abi::envoy_dynamic_module_callback_http_get_body_chunks(self.0, t, chunks.as_mut_ptr()) } {
                 continue;
             }
@@ -215,12 +236,12 @@ impl Filter {
                 let bytes = unsafe { c.as_bytes() };
                 let (lo, hi) = (start.max(at), (start.saturating_add(max)).min(at + bytes.len()));
                 if lo < hi {
-                    out.extend_from_slice(&bytes[lo - at..hi - at]);
+                    f(&bytes[lo - at..hi - at]);
                 }
                 at += bytes.len();
             }
         }
-        (start <= at).then_some(out)
+        start <= at
     }
 
     /// The body's size, asked of Envoy afresh: call it at the start of a body hook.

@@ -60,6 +60,8 @@ thread_local! {
     static HELD_REPLY: RefCell<Option<Reply>> = const { RefCell::new(None) };
     /// The filter whose context asked, inside the running hook, to skip its response body.
     static SKIP_BODY: Cell<Option<Filter>> = const { Cell::new(None) };
+    /// The filter whose context offered, inside the running hook, its next clean chunks.
+    static PASS_CLEAN: Cell<Option<Filter>> = const { Cell::new(None) };
     /// [`crate::plugin::destroyed`] when this thread last retired its roots.
     static RETIRED_AT: Cell<u64> = const { Cell::new(0) };
 }
@@ -91,6 +93,12 @@ fn retire_roots() {
 /// The running hook's context is done with `f`'s response body (`proxy_call_foreign_function`).
 pub fn skip_response_body(f: Filter) {
     SKIP_BODY.with(|s| s.set(Some(f)));
+}
+
+/// The running hook's context lets the host pass `f`'s next clean response-body chunks
+/// (`proxy_call_foreign_function`).
+pub fn pass_clean_response_chunks(f: Filter) {
+    PASS_CLEAN.with(|s| s.set(Some(f)));
 }
 
 /// The Envoy filter of a live HTTP context of this thread (`proxy_set_effective_context`).
@@ -235,6 +243,10 @@ struct Stream {
     done: bool,
     /// Its context is done with the response body: the body hooks left pass without the SDK.
     skip_response_body: Cell<bool>,
+    /// Its context would pass the next response-body chunks untouched while each is clean and
+    /// does not end the stream (`gpuha_filter::host::pass_clean_response_chunks`): those pass
+    /// without the SDK; the first other one goes to the filter and ends this.
+    pass_clean: Cell<bool>,
 }
 
 /// Runs an SDK hook of `s` with the current call set to its filter, then sends a reply it held.
@@ -246,6 +258,9 @@ fn in_hook(s: &Stream, f: impl FnOnce(u32) -> u32) -> (u32, bool) {
     IN_HOOK.with(|h| h.set(prev));
     if SKIP_BODY.with(Cell::take) == Some(s.envoy) {
         s.skip_response_body.set(true);
+    }
+    if PASS_CLEAN.with(Cell::take) == Some(s.envoy) {
+        s.pass_clean.set(true);
     }
     match HELD_REPLY.with(|r| r.borrow_mut().take()) {
         Some(r) => {
@@ -324,7 +339,7 @@ pub extern "C" fn envoy_dynamic_module_on_http_filter_new(config: abi::HttpFilte
         }
         id
     });
-    Box::into_raw(Box::new(Stream { plugin, id, envoy, done: false, skip_response_body: Cell::new(false) })) as abi::HttpFilterModulePtr
+    Box::into_raw(Box::new(Stream { plugin, id, envoy, done: false, skip_response_body: Cell::new(false), pass_clean: Cell::new(false) })) as abi::HttpFilterModulePtr
 }
 
 fn headers_status(answer: u32, replied: bool) -> abi::HeadersStatus {
@@ -386,6 +401,7 @@ pub extern "C" fn envoy_dynamic_module_on_http_filter_response_headers(_envoy: a
     // SAFETY: ours.
     let s = unsafe { stream(filter) };
     s.skip_response_body.set(false);
+    s.pass_clean.set(false);
     let n = s.envoy.header_count(HeaderMap::ResponseHeaders);
     // SAFETY: as above.
     let (a, r) = in_hook(s, |id| unsafe { proxy_on_response_headers(id, n, end_of_stream) });
@@ -397,6 +413,12 @@ pub extern "C" fn envoy_dynamic_module_on_http_filter_response_body(_envoy: abi:
     // SAFETY: ours.
     let s = unsafe { stream(filter) };
     if s.skip_response_body.get() {
+        return abi::BODY_CONTINUE;
+    }
+    if s.pass_clean.replace(false) && !end_of_stream && s.envoy.response_tail_is_clean() {
+        // What the filter would do with it (`Attempt::passes_clean_chunks`), without it.
+        s.pass_clean.set(true);
+        crate::dm::forget_body_sizes();
         return abi::BODY_CONTINUE;
     }
     let n = s.envoy.body_len(crate::dm::Dir::Response);

@@ -325,19 +325,22 @@ fn ending(f: Filter) -> Option<crate::hooks::Ending> {
 ///   (`gpuha_filter::host::Headers`);
 /// - `gpuha.skip_response_body`: the filter's hint that its context is done with the stream's
 ///   response body (`gpuha_filter::host::skip_response_body`). Its remaining response-body hooks
-///   are answered `Continue` without entering the SDK ([`crate::hooks`]).
+///   are answered `Continue` without entering the SDK ([`crate::hooks`]);
+/// - `gpuha.pass_clean_response_chunks`: the filter's hint that its context would pass its next
+///   response-body chunks untouched while each is clean (`gpuha_liveness::sse::clean_tail`) and
+///   does not end the stream (`gpuha_filter::host::pass_clean_response_chunks`). Those are
+///   answered `Continue` without entering the SDK, until one is not ([`crate::hooks`]).
 #[no_mangle]
 pub extern "C" fn proxy_call_foreign_function(name: *const u8, name_size: usize, _args: *const u8, _args_size: usize, _data: *mut *mut u8, _size: *mut usize) -> u32 {
-    let name = slice(name, name_size);
-    if name == b"gpuha.single_header_reads" {
-        return OK;
-    }
-    if name != b"gpuha.skip_response_body" {
-        return NOT_FOUND;
-    }
+    let hint: fn(Filter) = match slice(name, name_size) {
+        b"gpuha.single_header_reads" => return OK,
+        b"gpuha.skip_response_body" => crate::hooks::skip_response_body,
+        b"gpuha.pass_clean_response_chunks" => crate::hooks::pass_clean_response_chunks,
+        _ => return NOT_FOUND,
+    };
     match with(Cur::filter) {
         Some(f) => {
-            crate::hooks::skip_response_body(f);
+            hint(f);
             OK
         }
         None => BAD_ARGUMENT,

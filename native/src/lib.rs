@@ -21,6 +21,7 @@
 
 /// Envoy's dynamic-modules ABI (the `gpuha-dm-abi` crate).
 pub use gpuha_dm_abi as abi;
+mod alloc;
 mod contexts;
 mod dm;
 mod hooks;
@@ -28,3 +29,7 @@ mod host;
 mod plugin;
 mod shared;
 mod wire;
+
+/// Small blocks kept per thread in front of the C library's allocator ([`alloc`]).
+#[global_allocator]
+static ALLOC: alloc::Cached = alloc::Cached;

@@ -24,11 +24,24 @@ struct Driver {
     a: Attempt,
     seen: Seen,
     held_headers: bool,
+    /// Drive it like the native host: after a body chunk, when the attempt says
+    /// [`Attempt::passes_clean_chunks`], the next chunks that do not end the stream and have a
+    /// clean tail pass without it.
+    host_checks: bool,
+    armed: bool,
+    /// Chunks the host passed without the attempt.
+    host_passed: usize,
+    /// Chunks that came after the first bytes went to the client.
+    after_release: usize,
 }
 
 impl Driver {
     fn new(path: &str) -> Self {
-        Driver { a: Attempt::new(CFG, path), seen: Seen::default(), held_headers: false }
+        Driver { a: Attempt::new(CFG, path), seen: Seen::default(), held_headers: false, host_checks: false, armed: false, host_passed: 0, after_release: 0 }
+    }
+
+    fn checking_host(path: &str) -> Self {
+        Driver { host_checks: true, ..Driver::new(path) }
     }
 
     fn charges(&mut self) {
@@ -46,6 +59,24 @@ impl Driver {
     }
 
     fn body(&mut self, chunk: &[u8], eos: bool) {
+        self.after_release += usize::from(self.seen.headers_released);
+        let tail = &chunk[chunk.len().saturating_sub(TAIL_PEEK_BYTES)..];
+        if self.armed && !eos && crate::sse::clean_tail(tail) {
+            // What the attempt would have answered, and that it would not have changed.
+            let mut a = self.a.clone();
+            let before = format!("{a:?}");
+            let answer = match a.reads() {
+                Read::Nothing => a.on_body(Chunk::Unread, eos),
+                Read::Tail if chunk.len() > TAIL_PEEK_BYTES => a.on_body(Chunk::Tail(tail), eos),
+                _ => a.on_body(Chunk::All(chunk), eos),
+            };
+            assert_eq!(answer, BodyAction::Pass, "a clean chunk the host passed");
+            assert_eq!(format!("{a:?}"), before, "the attempt changed on a chunk the host passed");
+            assert_eq!(a.take_charge(), None);
+            self.host_passed += 1;
+            self.seen.client.extend_from_slice(chunk);
+            return;
+        }
         let action = match self.a.reads() {
             Read::Nothing => self.a.on_body(Chunk::Unread, eos),
             Read::Tail if chunk.len() > TAIL_PEEK_BYTES => match self.a.on_body(Chunk::Tail(&chunk[chunk.len() - TAIL_PEEK_BYTES..]), eos) {
@@ -76,6 +107,7 @@ impl Driver {
             BodyAction::Drop => {}
         }
         self.charges();
+        self.armed = self.host_checks && self.a.passes_clean_chunks();
     }
 
     fn done(&mut self, ending: Ending) {
@@ -442,6 +474,75 @@ proptest! {
         }
         if matches!(r.outcome, Outcome::ClientCancelled { .. }) {
             prop_assert!(!matches!(r.charge, Charge::Failure(_)));
+        }
+    }
+}
+
+/// Runs one attempt through `d`: its headers, its chunks up to `cut` (or the clean end), its end.
+fn drive(mut d: Driver, headers: Option<Headers>, bodies: &[(Vec<u8>, bool)], cut: usize, ending: Ending) -> Driver {
+    if let Some((st, ct, eos)) = headers {
+        d.headers(st, ct, eos);
+        let mut clean_end = eos;
+        for (b, e) in bodies.iter().take(cut) {
+            if clean_end {
+                break;
+            }
+            d.body(b, *e);
+            clean_end = *e;
+        }
+    }
+    d.done(ending);
+    d
+}
+
+/// A recorded vLLM stream cut into chunks at every event boundary and at `cuts` (offsets, any
+/// order, taken modulo its length): most chunks are whole events, as vLLM sends them.
+fn recorded_chunks(file: &str, cuts: &[usize]) -> (u16, String, Vec<(Vec<u8>, bool)>) {
+    let (status, ct, body) = capture(file, SSE);
+    let mut at: Vec<usize> = cuts.iter().map(|c| c % (body.len() + 1)).collect();
+    at.extend(body.windows(2).enumerate().filter(|(_, w)| *w == b"\n\n").map(|(i, _)| i + 2));
+    at.extend([0, body.len()]);
+    at.sort_unstable();
+    at.dedup();
+    let chunks: Vec<(Vec<u8>, bool)> = at.windows(2).map(|w| (body[w[0]..w[1]].to_vec(), w[1] == body.len())).collect();
+    (status, ct, chunks)
+}
+
+/// A capture's content type as the `'static` str [`Headers`] holds.
+fn leak(s: String) -> &'static str {
+    Box::leak(s.into_boxed_str())
+}
+
+proptest! {
+    /// A host that passes the chunks [`Attempt::passes_clean_chunks`] allows without the filter
+    /// changes nothing: the client gets the same bytes, the breaker the same charge, the stats
+    /// the same report, whatever the chunks, the cuts and the ending. (The driver also checks,
+    /// on every chunk the host passes, that the attempt would have passed it unchanged.)
+    #[test]
+    fn host_passing_clean_chunks_changes_nothing(path in prop::sample::select(vec![CHAT, "/v1/completions", "/v1/responses", "/v1/embeddings"]), (headers, bodies, cut, ending) in arb_attempt()) {
+        let plain = drive(Driver::new(path), headers, &bodies, cut, ending);
+        let host = drive(Driver::checking_host(path), headers, &bodies, cut, ending);
+        prop_assert_eq!(format!("{:?}", plain.seen), format!("{:?}", host.seen));
+    }
+
+    /// The same on vLLM's recorded streams, cut between events and at random places: and there
+    /// the host passes most chunks after the first token itself.
+    #[test]
+    fn host_passing_clean_chunks_on_recorded_streams(file in prop::sample::select(vec!["sse-chat.txt", "sse-chat-usage.txt", "sse-completions.txt", "sse-responses.txt"]), cuts in proptest::collection::vec(0usize..50_000, 0..6), cut in 0usize..400, went_away in any::<bool>()) {
+        let path = if file.contains("responses") { "/v1/responses" } else if file.contains("completions") { "/v1/completions" } else { CHAT };
+        let (status, ct, chunks) = recorded_chunks(file, &cuts);
+        let headers = Some((status, leak(ct), false));
+        let ending = Ending { client_went_away: went_away, timed_out: false };
+        let plain = drive(Driver::new(path), headers, &chunks, cut, ending);
+        let host = drive(Driver::checking_host(path), headers, &chunks, cut, ending);
+        prop_assert_eq!(format!("{:?}", plain.seen), format!("{:?}", host.seen));
+        if cut >= chunks.len() {
+            prop_assert_eq!(&host.seen.reports[0].outcome, &Outcome::Served);
+            // After the first token the filter sees the last chunk, each chunk a random cut made
+            // with the one after it, and each with an error word in it (one token of
+            // `sse-chat.txt` is " error").
+            let worded = chunks.iter().filter(|(c, _)| crate::sse::has_error_word(c)).count();
+            prop_assert!(host.host_passed + 1 + 2 * cuts.len() + worded >= host.after_release, "the host passed only {} of {} chunks after the first token", host.host_passed, host.after_release);
         }
     }
 }

@@ -438,26 +438,32 @@ fn arb_attempt() -> impl Strategy<Value = (Option<Headers>, Chunks, usize, Endin
     )
 }
 
+/// Runs one attempt through `d`: its headers, its chunks up to `cut` (or the clean end), its
+/// end. Also says whether the upstream ended it cleanly.
+fn drive(mut d: Driver, headers: Option<Headers>, bodies: &[(Vec<u8>, bool)], cut: usize, ending: Ending) -> (Driver, bool) {
+    let mut clean_end = false;
+    if let Some((st, ct, eos)) = headers {
+        d.headers(st, ct, eos);
+        clean_end = eos;
+        for (b, e) in bodies.iter().take(cut) {
+            if clean_end {
+                break;
+            }
+            d.body(b, *e);
+            clean_end = *e;
+        }
+    }
+    d.done(ending);
+    (d, clean_end)
+}
+
 proptest! {
     /// Whatever the order of events (resets and client exits anywhere): exactly one report
     /// and exactly one charge; a failed attempt leaks no byte; after release only whole
     /// events reach the client (but at a clean end); a client cancel never charges a failure.
     #[test]
     fn one_report_one_charge_no_leak(path in prop::sample::select(vec![CHAT, "/v1/completions", "/v1/responses", "/v1/embeddings"]), (headers, bodies, cut, ending) in arb_attempt()) {
-        let mut d = Driver::new(path);
-        let mut clean_end = false;
-        if let Some((st, ct, eos)) = headers {
-            d.headers(st, ct, eos);
-            clean_end = eos;
-            for (b, e) in bodies.iter().take(cut) {
-                if clean_end {
-                    break;
-                }
-                d.body(b, *e);
-                clean_end = *e;
-            }
-        }
-        d.done(ending);
+        let (mut d, clean_end) = drive(Driver::new(path), headers, &bodies, cut, ending);
         d.done(ending);
         let s = &d.seen;
         prop_assert_eq!(s.reports.len(), 1);
@@ -478,22 +484,6 @@ proptest! {
     }
 }
 
-/// Runs one attempt through `d`: its headers, its chunks up to `cut` (or the clean end), its end.
-fn drive(mut d: Driver, headers: Option<Headers>, bodies: &[(Vec<u8>, bool)], cut: usize, ending: Ending) -> Driver {
-    if let Some((st, ct, eos)) = headers {
-        d.headers(st, ct, eos);
-        let mut clean_end = eos;
-        for (b, e) in bodies.iter().take(cut) {
-            if clean_end {
-                break;
-            }
-            d.body(b, *e);
-            clean_end = *e;
-        }
-    }
-    d.done(ending);
-    d
-}
 
 /// A recorded vLLM stream cut into chunks at every event boundary and at `cuts` (offsets, any
 /// order, taken modulo its length): most chunks are whole events, as vLLM sends them.
@@ -520,8 +510,8 @@ proptest! {
     /// on every chunk the host passes, that the attempt would have passed it unchanged.)
     #[test]
     fn host_passing_clean_chunks_changes_nothing(path in prop::sample::select(vec![CHAT, "/v1/completions", "/v1/responses", "/v1/embeddings"]), (headers, bodies, cut, ending) in arb_attempt()) {
-        let plain = drive(Driver::new(path), headers, &bodies, cut, ending);
-        let host = drive(Driver::checking_host(path), headers, &bodies, cut, ending);
+        let (plain, _) = drive(Driver::new(path), headers, &bodies, cut, ending);
+        let (host, _) = drive(Driver::checking_host(path), headers, &bodies, cut, ending);
         prop_assert_eq!(format!("{:?}", plain.seen), format!("{:?}", host.seen));
     }
 
@@ -533,8 +523,8 @@ proptest! {
         let (status, ct, chunks) = recorded_chunks(file, &cuts);
         let headers = Some((status, leak(ct), false));
         let ending = Ending { client_went_away: went_away, timed_out: false };
-        let plain = drive(Driver::new(path), headers, &chunks, cut, ending);
-        let host = drive(Driver::checking_host(path), headers, &chunks, cut, ending);
+        let (plain, _) = drive(Driver::new(path), headers, &chunks, cut, ending);
+        let (host, _) = drive(Driver::checking_host(path), headers, &chunks, cut, ending);
         prop_assert_eq!(format!("{:?}", plain.seen), format!("{:?}", host.seen));
         if cut >= chunks.len() {
             prop_assert_eq!(&host.seen.reports[0].outcome, &Outcome::Served);

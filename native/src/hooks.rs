@@ -58,10 +58,8 @@ thread_local! {
     /// The filter whose hook the SDK is in, and a reply it sent from there.
     static IN_HOOK: Cell<Option<Filter>> = const { Cell::new(None) };
     static HELD_REPLY: RefCell<Option<Reply>> = const { RefCell::new(None) };
-    /// The filter whose context asked, inside the running hook, to skip its response body.
-    static SKIP_BODY: Cell<Option<Filter>> = const { Cell::new(None) };
-    /// The filter whose context offered, inside the running hook, its next clean chunks.
-    static PASS_CLEAN: Cell<Option<Filter>> = const { Cell::new(None) };
+    /// What the running hook's context said of its filter's response body, if anything.
+    static BODY_HINT: Cell<Option<(Filter, Body)>> = const { Cell::new(None) };
     /// [`crate::plugin::destroyed`] when this thread last retired its roots.
     static RETIRED_AT: Cell<u64> = const { Cell::new(0) };
 }
@@ -90,15 +88,23 @@ fn retire_roots() {
     }
 }
 
-/// The running hook's context is done with `f`'s response body (`proxy_call_foreign_function`).
-pub fn skip_response_body(f: Filter) {
-    SKIP_BODY.with(|s| s.set(Some(f)));
+/// Which of a stream's response-body hooks enter the filter.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Body {
+    /// Every one.
+    Filter,
+    /// Not the next chunks that are clean (`gpuha_liveness::sse::clean_tail`) and do not end the
+    /// stream: the filter would pass them untouched (`gpuha_filter::host::pass_clean_response_chunks`).
+    /// The first other chunk enters it and ends this.
+    PassClean,
+    /// None: the filter is done with the body (`gpuha_filter::host::skip_response_body`).
+    Skip,
 }
 
-/// The running hook's context lets the host pass `f`'s next clean response-body chunks
-/// (`proxy_call_foreign_function`).
-pub fn pass_clean_response_chunks(f: Filter) {
-    PASS_CLEAN.with(|s| s.set(Some(f)));
+/// The running hook's context said `b` of `f`'s response body (`proxy_call_foreign_function`);
+/// it holds from when the hook returns until the next response headers.
+pub fn body_hint(f: Filter, b: Body) {
+    BODY_HINT.with(|h| h.set(Some((f, b))));
 }
 
 /// The Envoy filter of a live HTTP context of this thread (`proxy_set_effective_context`).
@@ -241,12 +247,8 @@ struct Stream {
     id: Option<u32>,
     envoy: Filter,
     done: bool,
-    /// Its context is done with the response body: the body hooks left pass without the SDK.
-    skip_response_body: Cell<bool>,
-    /// Its context would pass the next response-body chunks untouched while each is clean and
-    /// does not end the stream (`gpuha_filter::host::pass_clean_response_chunks`): those pass
-    /// without the SDK; the first other one goes to the filter and ends this.
-    pass_clean: Cell<bool>,
+    /// Which response-body hooks enter the SDK ([`body_hint`]).
+    body: Cell<Body>,
 }
 
 /// Runs an SDK hook of `s` with the current call set to its filter, then sends a reply it held.
@@ -256,11 +258,10 @@ fn in_hook(s: &Stream, f: impl FnOnce(u32) -> u32) -> (u32, bool) {
     let prev = IN_HOOK.with(|h| h.replace(Some(s.envoy)));
     let answer = with_cur(Cur::Http(s.plugin.clone(), s.envoy, id), || f(id));
     IN_HOOK.with(|h| h.set(prev));
-    if SKIP_BODY.with(Cell::take) == Some(s.envoy) {
-        s.skip_response_body.set(true);
-    }
-    if PASS_CLEAN.with(Cell::take) == Some(s.envoy) {
-        s.pass_clean.set(true);
+    if let Some((f, b)) = BODY_HINT.with(Cell::take) {
+        if f == s.envoy {
+            s.body.set(b);
+        }
     }
     match HELD_REPLY.with(|r| r.borrow_mut().take()) {
         Some(r) => {
@@ -339,7 +340,7 @@ pub extern "C" fn envoy_dynamic_module_on_http_filter_new(config: abi::HttpFilte
         }
         id
     });
-    Box::into_raw(Box::new(Stream { plugin, id, envoy, done: false, skip_response_body: Cell::new(false), pass_clean: Cell::new(false) })) as abi::HttpFilterModulePtr
+    Box::into_raw(Box::new(Stream { plugin, id, envoy, done: false, body: Cell::new(Body::Filter) })) as abi::HttpFilterModulePtr
 }
 
 fn headers_status(answer: u32, replied: bool) -> abi::HeadersStatus {
@@ -400,8 +401,7 @@ pub extern "C" fn envoy_dynamic_module_on_http_filter_request_trailers(_envoy: a
 pub extern "C" fn envoy_dynamic_module_on_http_filter_response_headers(_envoy: abi::HttpFilterEnvoyPtr, filter: abi::HttpFilterModulePtr, end_of_stream: bool) -> abi::HeadersStatus {
     // SAFETY: ours.
     let s = unsafe { stream(filter) };
-    s.skip_response_body.set(false);
-    s.pass_clean.set(false);
+    s.body.set(Body::Filter);
     let n = s.envoy.header_count(HeaderMap::ResponseHeaders);
     // SAFETY: as above.
     let (a, r) = in_hook(s, |id| unsafe { proxy_on_response_headers(id, n, end_of_stream) });
@@ -412,14 +412,15 @@ pub extern "C" fn envoy_dynamic_module_on_http_filter_response_headers(_envoy: a
 pub extern "C" fn envoy_dynamic_module_on_http_filter_response_body(_envoy: abi::HttpFilterEnvoyPtr, filter: abi::HttpFilterModulePtr, end_of_stream: bool) -> abi::BodyStatus {
     // SAFETY: ours.
     let s = unsafe { stream(filter) };
-    if s.skip_response_body.get() {
-        return abi::BODY_CONTINUE;
-    }
-    if s.pass_clean.replace(false) && !end_of_stream && s.envoy.response_tail_is_clean() {
-        // What the filter would do with it (`Attempt::passes_clean_chunks`), without it.
-        s.pass_clean.set(true);
-        crate::dm::forget_body_sizes();
-        return abi::BODY_CONTINUE;
+    match s.body.get() {
+        Body::Skip => return abi::BODY_CONTINUE,
+        Body::PassClean if !end_of_stream && s.envoy.response_tail_is_clean() => {
+            // What the filter would do with it (`Attempt::passes_clean_chunks`), without it.
+            crate::dm::forget_body_sizes();
+            return abi::BODY_CONTINUE;
+        }
+        Body::PassClean => s.body.set(Body::Filter),
+        Body::Filter => {}
     }
     let n = s.envoy.body_len(crate::dm::Dir::Response);
     // SAFETY: as above.

@@ -16,7 +16,7 @@ use std::cell::RefCell;
 use std::sync::Arc;
 
 use crate::dm::{Attr, Dir, Filter, HeaderMap, Level};
-use crate::hooks::Reply;
+use crate::hooks::{Body, Reply};
 use crate::plugin::{Callout, Plugin};
 use crate::wire;
 
@@ -332,15 +332,15 @@ fn ending(f: Filter) -> Option<crate::hooks::Ending> {
 ///   answered `Continue` without entering the SDK, until one is not ([`crate::hooks`]).
 #[no_mangle]
 pub extern "C" fn proxy_call_foreign_function(name: *const u8, name_size: usize, _args: *const u8, _args_size: usize, _data: *mut *mut u8, _size: *mut usize) -> u32 {
-    let hint: fn(Filter) = match slice(name, name_size) {
+    let body = match slice(name, name_size) {
         b"gpuha.single_header_reads" => return OK,
-        b"gpuha.skip_response_body" => crate::hooks::skip_response_body,
-        b"gpuha.pass_clean_response_chunks" => crate::hooks::pass_clean_response_chunks,
+        b"gpuha.skip_response_body" => Body::Skip,
+        b"gpuha.pass_clean_response_chunks" => Body::PassClean,
         _ => return NOT_FOUND,
     };
     match with(Cur::filter) {
         Some(f) => {
-            hint(f);
+            crate::hooks::body_hint(f, body);
             OK
         }
         None => BAD_ARGUMENT,

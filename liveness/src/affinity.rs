@@ -388,7 +388,9 @@ pub struct PrefixHasher {
 
 impl PrefixHasher {
     pub fn new(cfg: &AffinityConfig) -> PrefixHasher {
-        PrefixHasher { message_bytes: cfg.message_bytes, max_messages: cfg.max_messages, prompt_bytes: cfg.prompt_bytes, h: 0, messages: 0, cur: Vec::new(), cur_len: 0, done: false, any: false }
+        // A message arrives a few bytes at a time: room for a short one from the start.
+        let cur = Vec::with_capacity(cfg.message_bytes.max(cfg.prompt_bytes).min(256));
+        PrefixHasher { message_bytes: cfg.message_bytes, max_messages: cfg.max_messages, prompt_bytes: cfg.prompt_bytes, h: 0, messages: 0, cur, cur_len: 0, done: false, any: false }
     }
 
     /// Whether more bytes can change the fingerprint.

@@ -70,3 +70,32 @@ pub use ingest::{DropReason, Ingest, IngestCounters};
 pub const FRESHNESS_GATE_MS: u64 = 3_000;
 /// A pool with fewer than `min_workers` workers heard from within this window is evicted.
 pub const EVICTION_WINDOW_MS: u64 = 10_000;
+
+/// The first byte from `i` on that ends a run of plain bytes in a JSON string: a quote, a
+/// backslash, or (with `controls`) a control byte. `None`: none before the end.
+///
+/// Most runs are short (keys, names, tokens): the first 32 bytes go eight a step, where a call
+/// into `memchr` would cost more than the search. In each of the masks the lowest flagged byte
+/// is a true one (a borrow can only flag bytes above it), so the lowest of them is the first
+/// stop. A longer run (a prompt) goes on with `memchr`.
+pub(crate) fn json_string_stop(b: &[u8], mut i: usize, controls: bool) -> Option<usize> {
+    const ONES: u64 = 0x0101_0101_0101_0101;
+    const HIGH: u64 = 0x8080_8080_8080_8080;
+    let below = |x: u64, n: u8| x.wrapping_sub(ONES * u64::from(n)) & !x & HIGH;
+    let short = i.saturating_add(32);
+    while let Some(w) = b.get(i..i + 8).filter(|_| i < short) {
+        let x = u64::from_le_bytes(w.try_into().ok()?);
+        let mut m = below(x ^ (ONES * u64::from(b'"')), 1) | below(x ^ (ONES * u64::from(b'\\')), 1);
+        if controls {
+            m |= below(x, 0x20);
+        }
+        if m != 0 {
+            return Some(i + m.trailing_zeros() as usize / 8);
+        }
+        i += 8;
+    }
+    let rest = b.get(i..)?;
+    let end = memchr::memchr2(b'"', b'\\', rest).unwrap_or(rest.len());
+    let end = if controls { rest[..end].iter().position(|&c| c < 0x20).unwrap_or(end) } else { end };
+    (end < rest.len()).then_some(i + end)
+}

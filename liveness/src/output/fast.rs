@@ -1,253 +1,401 @@
 //! The common events read without building a `serde_json::Value`: one pass over the event's data
-//! that keeps only what [`super::event_signal`] looks at (a few flags per choice), where the
-//! `Value` tree costs a map and a string per key. It runs on the first events of every stream.
+//! by a JSON walker that keeps only what [`super::event_signal`] looks at (a few flags per
+//! choice), where the `Value` tree costs a map and a string per key. It runs on the first events
+//! of every stream, until the first token.
 //!
-//! It answers only where it reads exactly what the `Value` path would: any surprise (a key twice,
-//! a field of another type than the events vLLM sends, an error to quote) answers `None`, and the
-//! caller reads the event the `Value` way. The property test below holds the two to the same
+//! It answers only where it reads exactly what the `Value` path would: the whole data must be
+//! one valid JSON object, and any surprise answers `None` and the caller reads the event the
+//! `Value` way. Surprises: a key twice among those read (the `Value` keeps the last one), a
+//! field of another type than the events vLLM sends, an error to quote, an escape in a key or in
+//! a `finish_reason` or `type`, a `\u` escape of a surrogate, a number that a `Value` could not
+//! hold, nesting deeper than [`MAX_DEPTH`]. The property tests below hold the two to the same
 //! answer.
-
-use std::fmt;
-use std::marker::PhantomData;
-
-use serde::de::{Deserializer, Error, IgnoredAny, MapAccess, SeqAccess, Visitor};
-use serde::Deserialize;
 
 use super::Signal;
 
-/// What a JSON string said (`None` where the caller takes it as null).
-#[derive(Default)]
-struct Text {
-    non_empty: bool,
-    /// The `finish_reason` values that mean the worker gave up.
-    abort: Option<&'static str>,
+/// Deeper than this answers `None` (`serde_json` refuses past 128).
+const MAX_DEPTH: u32 = 100;
+
+/// A position in the data. Every method answers `None` on invalid JSON or a surprise.
+struct Walk<'a> {
+    b: &'a [u8],
+    i: usize,
+    depth: u32,
 }
 
-impl<'de> Deserialize<'de> for Text {
-    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        struct V;
-        impl Visitor<'_> for V {
-            type Value = Text;
-            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
-                f.write_str("a string")
-            }
-            fn visit_str<E: Error>(self, s: &str) -> Result<Text, E> {
-                let abort = ["abort", "error"].into_iter().find(|a| *a == s);
-                Ok(Text { non_empty: !s.is_empty(), abort })
-            }
-        }
-        d.deserialize_str(V)
+/// What a JSON string held: its raw bytes between the quotes, and whether it had an escape.
+#[derive(Clone, Copy)]
+struct Str<'a> {
+    raw: &'a [u8],
+    escaped: bool,
+}
+
+impl Str<'_> {
+    /// Whether the decoded string is non-empty (every escape decodes to a character).
+    fn non_empty(self) -> bool {
+        !self.raw.is_empty()
     }
 }
 
-/// A non-null value that counts as a delta: a non-empty string, or any object, array, number or
-/// boolean (the Responses API's audio and image deltas are objects). Null is the caller's `None`.
-struct AnyDelta(bool);
-
-impl<'de> Deserialize<'de> for AnyDelta {
-    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        struct V;
-        impl<'de> Visitor<'de> for V {
-            type Value = AnyDelta;
-            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
-                f.write_str("any value")
-            }
-            fn visit_str<E: Error>(self, s: &str) -> Result<AnyDelta, E> {
-                Ok(AnyDelta(!s.is_empty()))
-            }
-            fn visit_bool<E: Error>(self, _: bool) -> Result<AnyDelta, E> {
-                Ok(AnyDelta(true))
-            }
-            fn visit_i64<E: Error>(self, _: i64) -> Result<AnyDelta, E> {
-                Ok(AnyDelta(true))
-            }
-            fn visit_u64<E: Error>(self, _: u64) -> Result<AnyDelta, E> {
-                Ok(AnyDelta(true))
-            }
-            fn visit_f64<E: Error>(self, _: f64) -> Result<AnyDelta, E> {
-                Ok(AnyDelta(true))
-            }
-            fn visit_map<A: MapAccess<'de>>(self, mut m: A) -> Result<AnyDelta, A::Error> {
-                while m.next_entry::<IgnoredAny, IgnoredAny>()?.is_some() {}
-                Ok(AnyDelta(true))
-            }
-            fn visit_seq<A: SeqAccess<'de>>(self, mut s: A) -> Result<AnyDelta, A::Error> {
-                while s.next_element::<IgnoredAny>()?.is_some() {}
-                Ok(AnyDelta(true))
-            }
-        }
-        d.deserialize_any(V)
+impl<'a> Walk<'a> {
+    fn new(data: &'a str) -> Walk<'a> {
+        Walk { b: data.as_bytes(), i: 0, depth: 0 }
     }
-}
 
-/// The fields of a JSON object that a reader keeps.
-trait Fields<'de>: Default {
-    /// The keys read; every other key is skipped, whatever it holds. At most 32.
-    const KEYS: &'static [&'static str];
-    /// Reads the value of `key`, one of [`Self::KEYS`].
-    fn field<A: MapAccess<'de>>(&mut self, key: &str, m: &mut A) -> Result<(), A::Error>;
-}
-
-/// `T` read from a JSON object, and only from one. One of `T`'s keys twice is an error (the
-/// `Value` path keeps the last one). Keys are borrowed from the data: a key with an escape in it
-/// is an error too.
-struct Object<T>(T);
-
-impl<'de, T: Fields<'de>> Deserialize<'de> for Object<T> {
-    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        struct V<T>(PhantomData<T>);
-        impl<'de, T: Fields<'de>> Visitor<'de> for V<T> {
-            type Value = Object<T>;
-            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
-                f.write_str("an object")
+    /// The next byte after JSON whitespace, not taken.
+    fn peek(&mut self) -> Option<u8> {
+        while let Some(&c) = self.b.get(self.i) {
+            if !matches!(c, b' ' | b'\t' | b'\n' | b'\r') {
+                return Some(c);
             }
-            fn visit_map<A: MapAccess<'de>>(self, mut m: A) -> Result<Object<T>, A::Error> {
-                let (mut out, mut seen) = (T::default(), 0u32);
-                while let Some(k) = m.next_key::<&'de str>()? {
-                    match T::KEYS.iter().position(|x| *x == k) {
-                        Some(i) if seen & (1 << i) != 0 => return Err(A::Error::custom("duplicate key")),
-                        Some(i) => {
-                            seen |= 1 << i;
-                            out.field(k, &mut m)?;
+            self.i += 1;
+        }
+        None
+    }
+
+    /// Takes `c`, the next byte after whitespace.
+    fn eat(&mut self, c: u8) -> Option<()> {
+        (self.peek()? == c).then(|| self.i += 1)
+    }
+
+    /// Whether only whitespace is left.
+    fn at_end(&mut self) -> bool {
+        self.peek().is_none()
+    }
+
+    /// A string, the next value.
+    fn string(&mut self) -> Option<Str<'a>> {
+        self.eat(b'"')?;
+        let start = self.i;
+        let mut escaped = false;
+        loop {
+            self.i = crate::json_string_stop(self.b, self.i, true)?;
+            match self.b[self.i] {
+                b'"' => {
+                    let raw = &self.b[start..self.i];
+                    self.i += 1;
+                    return Some(Str { raw, escaped });
+                }
+                b'\\' => {
+                    escaped = true;
+                    self.i += 1;
+                    match *self.b.get(self.i)? {
+                        b'"' | b'\\' | b'/' | b'b' | b'f' | b'n' | b'r' | b't' => self.i += 1,
+                        b'u' => {
+                            let hex = self.b.get(self.i + 1..self.i + 5)?;
+                            let unit = hex.iter().try_fold(0u32, |u, &h| Some(u << 4 | char::from(h).to_digit(16)?))?;
+                            if (0xD800..=0xDFFF).contains(&unit) {
+                                return None;
+                            }
+                            self.i += 5;
                         }
-                        None => {
-                            m.next_value::<IgnoredAny>()?;
-                        }
+                        _ => return None,
                     }
                 }
-                Ok(Object(out))
+                _ => return None,
             }
         }
-        d.deserialize_map(V(PhantomData))
     }
-}
 
-/// A chat `delta` or `message`: whether it carries output (`message_has_output`).
-#[derive(Default)]
-struct Message(bool);
-
-impl<'de> Fields<'de> for Message {
-    const KEYS: &'static [&'static str] = &["content", "reasoning_content", "reasoning", "tool_calls"];
-    fn field<A: MapAccess<'de>>(&mut self, key: &str, m: &mut A) -> Result<(), A::Error> {
-        self.0 |= match key {
-            "tool_calls" => m.next_value::<Option<Count>>()?.is_some_and(|c| c.0 > 0),
-            _ => m.next_value::<Option<Text>>()?.is_some_and(|t| t.non_empty),
+    /// A number, the next value, that a `Value` holds (a finite one).
+    fn number(&mut self) -> Option<()> {
+        self.peek()?;
+        let start = self.i;
+        let digits = |w: &mut Self| {
+            let s = w.i;
+            while w.b.get(w.i).is_some_and(u8::is_ascii_digit) {
+                w.i += 1;
+            }
+            w.i - s
         };
-        Ok(())
-    }
-}
-
-/// The length of a JSON array (only an array).
-struct Count(usize);
-
-impl<'de> Deserialize<'de> for Count {
-    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        struct V;
-        impl<'de> Visitor<'de> for V {
-            type Value = Count;
-            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
-                f.write_str("an array")
+        if self.b[self.i] == b'-' {
+            self.i += 1;
+        }
+        match digits(self) {
+            0 => return None,
+            n if n > 1 && self.b[self.i - n] == b'0' => return None,
+            _ => {}
+        }
+        let mut plain = true;
+        if self.b.get(self.i) == Some(&b'.') {
+            self.i += 1;
+            if digits(self) == 0 {
+                return None;
             }
-            fn visit_seq<A: SeqAccess<'de>>(self, mut s: A) -> Result<Count, A::Error> {
-                let mut n = 0;
-                while s.next_element::<IgnoredAny>()?.is_some() {
-                    n += 1;
+        }
+        if matches!(self.b.get(self.i), Some(b'e' | b'E')) {
+            plain = false;
+            self.i += 1;
+            if matches!(self.b.get(self.i), Some(b'+' | b'-')) {
+                self.i += 1;
+            }
+            if digits(self) == 0 {
+                return None;
+            }
+        }
+        let text = &self.b[start..self.i];
+        if plain && text.len() <= 18 {
+            return Some(());
+        }
+        // Long or with an exponent: a `Value` refuses what overflows an f64.
+        std::str::from_utf8(text).ok()?.parse::<f64>().ok().filter(|f| f.is_finite()).map(|_| ())
+    }
+
+    /// One of `true`, `false`, `null`.
+    fn literal(&mut self, word: &[u8]) -> Option<()> {
+        self.peek()?;
+        self.b[self.i..].starts_with(word).then(|| self.i += word.len())
+    }
+
+    /// Takes `null` if it is the next value.
+    fn null(&mut self) -> Option<bool> {
+        if self.peek()? == b'n' {
+            self.literal(b"null")?;
+            return Some(true);
+        }
+        Some(false)
+    }
+
+    /// Any value, skipped.
+    fn skip(&mut self) -> Option<()> {
+        match self.peek()? {
+            b'"' => self.string().map(|_| ()),
+            b'{' => self.object(|_, w| w.skip()),
+            b'[' => self.array(|w| w.skip()).map(|_| ()),
+            b't' => self.literal(b"true"),
+            b'f' => self.literal(b"false"),
+            b'n' => self.literal(b"null"),
+            _ => self.number(),
+        }
+    }
+
+    /// An object, the next value: `member` reads each value, given its key (one without an
+    /// escape: a key with one answers `None`).
+    fn object(&mut self, mut member: impl FnMut(&'a [u8], &mut Self) -> Option<()>) -> Option<()> {
+        self.eat(b'{')?;
+        self.enter()?;
+        if self.peek()? == b'}' {
+            self.i += 1;
+            self.depth -= 1;
+            return Some(());
+        }
+        loop {
+            let key = self.string()?;
+            if key.escaped {
+                return None;
+            }
+            self.eat(b':')?;
+            member(key.raw, self)?;
+            match self.peek()? {
+                b',' => self.i += 1,
+                b'}' => {
+                    self.i += 1;
+                    self.depth -= 1;
+                    return Some(());
                 }
-                Ok(Count(n))
-            }
-        }
-        d.deserialize_seq(V)
-    }
-}
-
-/// What one chat choice says (`choice_signal`): its output, and its finish reason.
-#[derive(Default)]
-struct Choice {
-    output: bool,
-    finish: Option<Text>,
-}
-
-impl<'de> Fields<'de> for Choice {
-    const KEYS: &'static [&'static str] = &["text", "delta", "message", "finish_reason"];
-    fn field<A: MapAccess<'de>>(&mut self, key: &str, m: &mut A) -> Result<(), A::Error> {
-        match key {
-            "text" => self.output |= m.next_value::<Option<Text>>()?.is_some_and(|t| t.non_empty),
-            "finish_reason" => self.finish = m.next_value::<Option<Text>>()?,
-            _ => self.output |= m.next_value::<Option<Object<Message>>>()?.is_some_and(|x| x.0 .0),
-        }
-        Ok(())
-    }
-}
-
-impl Choice {
-    fn signal(self) -> Option<Signal> {
-        if self.output {
-            return Some(Signal::Output);
-        }
-        self.finish.map(|f| f.abort.map_or(Signal::Output, |r| Signal::Aborted(r.to_string())))
-    }
-}
-
-/// A chat payload with no error in it: its choices (`None`: no `choices`, or null).
-#[derive(Default)]
-struct Chat(Option<Vec<Object<Choice>>>);
-
-impl<'de> Fields<'de> for Chat {
-    const KEYS: &'static [&'static str] = &["error", "choices"];
-    fn field<A: MapAccess<'de>>(&mut self, key: &str, m: &mut A) -> Result<(), A::Error> {
-        match key {
-            // An error is quoted from the `Value`.
-            "error" if m.next_value::<Option<IgnoredAny>>()?.is_some() => Err(A::Error::custom("an error event")),
-            "error" => Ok(()),
-            _ => {
-                self.0 = m.next_value()?;
-                Ok(())
+                _ => return None,
             }
         }
     }
+
+    /// An array, the next value: `element` reads each element. Answers how many there were.
+    fn array(&mut self, mut element: impl FnMut(&mut Self) -> Option<()>) -> Option<usize> {
+        self.eat(b'[')?;
+        self.enter()?;
+        if self.peek()? == b']' {
+            self.i += 1;
+            self.depth -= 1;
+            return Some(0);
+        }
+        let mut n = 0;
+        loop {
+            element(self)?;
+            n += 1;
+            match self.peek()? {
+                b',' => self.i += 1,
+                b']' => {
+                    self.i += 1;
+                    self.depth -= 1;
+                    return Some(n);
+                }
+                _ => return None,
+            }
+        }
+    }
+
+    fn enter(&mut self) -> Option<()> {
+        self.depth += 1;
+        (self.depth <= MAX_DEPTH).then_some(())
+    }
+
+    /// A string or null (`None` inside: null).
+    fn text(&mut self) -> Option<Option<Str<'a>>> {
+        if self.null()? {
+            return Some(None);
+        }
+        (self.peek()? == b'"').then(|| self.string())?.map(Some)
+    }
 }
 
-/// A Responses event's `type` (`None`: absent or null) and whether its `delta` counts.
+/// Keys read once each: a second time is a surprise.
 #[derive(Default)]
-struct Responses<'a>(Option<&'a str>, bool);
+struct Seen(u32);
 
-impl<'de> Fields<'de> for Responses<'de> {
-    const KEYS: &'static [&'static str] = &["type", "delta"];
-    fn field<A: MapAccess<'de>>(&mut self, key: &str, m: &mut A) -> Result<(), A::Error> {
-        match key {
-            "type" => self.0 = m.next_value()?,
-            _ => self.1 = m.next_value::<Option<AnyDelta>>()?.is_some_and(|x| x.0),
-        }
-        Ok(())
+impl Seen {
+    fn first(&mut self, bit: u32) -> Option<()> {
+        let fresh = self.0 & (1 << bit) == 0;
+        self.0 |= 1 << bit;
+        fresh.then_some(())
     }
+}
+
+/// A chat `delta` or `message`, the next value: whether it carries output
+/// (`message_has_output`). Null is no output.
+fn message(w: &mut Walk) -> Option<bool> {
+    if w.null()? {
+        return Some(false);
+    }
+    let (mut out, mut seen) = (false, Seen::default());
+    w.object(|k, w| {
+        match k {
+            b"content" | b"reasoning_content" | b"reasoning" => {
+                seen.first(match k {
+                    b"content" => 0,
+                    b"reasoning_content" => 1,
+                    _ => 2,
+                })?;
+                out |= w.text()?.is_some_and(Str::non_empty);
+            }
+            b"tool_calls" => {
+                seen.first(3)?;
+                if !w.null()? {
+                    out |= w.array(Walk::skip)? > 0;
+                }
+            }
+            _ => w.skip()?,
+        }
+        Some(())
+    })?;
+    Some(out)
+}
+
+/// One chat choice, the next value: what it says (`choice_signal`), `None` inside for nothing.
+fn choice(w: &mut Walk) -> Option<Option<Signal>> {
+    let (mut output, mut finish, mut seen) = (false, None, Seen::default());
+    w.object(|k, w| {
+        match k {
+            b"text" => {
+                seen.first(0)?;
+                output |= w.text()?.is_some_and(Str::non_empty);
+            }
+            b"delta" | b"message" => {
+                seen.first(if k == b"delta" { 1 } else { 2 })?;
+                output |= message(w)?;
+            }
+            b"finish_reason" => {
+                seen.first(3)?;
+                finish = match w.text()? {
+                    // An escape could spell `abort`.
+                    Some(s) if s.escaped => return None,
+                    Some(s) => Some(s.raw),
+                    None => None,
+                };
+            }
+            _ => w.skip()?,
+        }
+        Some(())
+    })?;
+    if output {
+        return Some(Some(Signal::Output));
+    }
+    Some(finish.map(|f| match f {
+        b"abort" => Signal::Aborted("abort".into()),
+        b"error" => Signal::Aborted("error".into()),
+        _ => Signal::Output,
+    }))
 }
 
 /// `chat_signal` of `data`, or `None` where the `Value` path must answer.
 pub(super) fn chat(data: &str) -> Option<Signal> {
-    let Object(Chat(choices)) = serde_json::from_str(data).ok()?;
-    let Some(choices) = choices else { return Some(Signal::Other) };
-    let mut aborted = None;
-    for s in choices.into_iter().filter_map(|c| c.0.signal()) {
-        match s {
-            Signal::Output => return Some(Signal::Output),
-            Signal::Aborted(r) => {
-                aborted.get_or_insert(r);
+    let mut w = Walk::new(data);
+    // `None`: no choices (absent or null); else whether one has output, and the first abort.
+    let (mut choices, mut seen) = (None::<(bool, Option<Signal>)>, Seen::default());
+    w.object(|k, w| {
+        match k {
+            b"error" => {
+                seen.first(0)?;
+                // An error is quoted from the `Value`.
+                w.null()?.then_some(())?;
             }
-            _ => {}
+            b"choices" => {
+                seen.first(1)?;
+                if w.null()? {
+                    return Some(());
+                }
+                let (mut output, mut aborted) = (false, None);
+                w.array(|w| {
+                    match choice(w)? {
+                        Some(Signal::Output) => output = true,
+                        Some(s) => {
+                            aborted.get_or_insert(s);
+                        }
+                        None => {}
+                    }
+                    Some(())
+                })?;
+                choices = Some((output, aborted));
+            }
+            _ => w.skip()?,
         }
+        Some(())
+    })?;
+    if !w.at_end() {
+        return None;
     }
-    Some(aborted.map_or(Signal::Other, Signal::Aborted))
+    Some(match choices {
+        Some((true, _)) => Signal::Output,
+        Some((false, Some(aborted))) => aborted,
+        _ => Signal::Other,
+    })
 }
 
 /// `responses_signal` of `data` (an event named `name`), or `None` where the `Value` path must
 /// answer (errors, failures and incomplete responses are quoted or read further from it).
 pub(super) fn responses(name: Option<&str>, data: &str) -> Option<Signal> {
-    let Object(Responses(kind, delta)) = serde_json::from_str(data).ok()?;
-    let kind = kind.or(name).unwrap_or_default();
+    let mut w = Walk::new(data);
+    let (mut kind, mut delta, mut seen) = (None::<&[u8]>, false, Seen::default());
+    w.object(|k, w| {
+        match k {
+            b"type" => {
+                seen.first(0)?;
+                kind = match w.text()? {
+                    Some(s) if s.escaped => return None,
+                    s => s.map(|s| s.raw),
+                };
+            }
+            b"delta" => {
+                seen.first(1)?;
+                // A non-null value that counts as a delta: a non-empty string, or any object,
+                // array, number or boolean (the Responses API's audio and image deltas are
+                // objects).
+                delta = match w.peek()? {
+                    b'n' => !w.null()?,
+                    b'"' => w.string()?.non_empty(),
+                    _ => w.skip().map(|()| true)?,
+                };
+            }
+            _ => w.skip()?,
+        }
+        Some(())
+    })?;
+    if !w.at_end() {
+        return None;
+    }
+    let kind = kind.or(name.map(str::as_bytes)).unwrap_or_default();
     match kind {
-        "error" | "response.failed" | "response.incomplete" => None,
-        "response.completed" => Some(Signal::Output),
-        k if k.starts_with("response.") && k.ends_with(".delta") => Some(if delta { Signal::Output } else { Signal::Other }),
+        b"error" | b"response.failed" | b"response.incomplete" => None,
+        b"response.completed" => Some(Signal::Output),
+        k if k.starts_with(b"response.") && k.ends_with(b".delta") => Some(if delta { Signal::Output } else { Signal::Other }),
         _ => Some(Signal::Other),
     }
 }
@@ -320,8 +468,36 @@ mod tests {
         ]
     }
 
+    /// Raw JSON text the `Value` printer never writes: escapes, whitespace, numbers of every
+    /// form, control characters, and bytes cut, doubled or swapped in.
+    const ODD: [&str; 20] = [
+        " ", "\n\t", "\"\\u00e9\"", "\"\\u0061bort\"", "\"\\ud800\"", "\"a\\nb\"", "\"\\/\"", "\"\u{1}\"", "\"\\x\"", "1e400", "-0.5e-7",
+        "1.5E+3", "01", "123456789012345678901234", "-", "[[[[]]]]", "{\"a\":1}", "\"\\\"\"", "tru", "\"abort\"",
+    ];
+
+    /// `data` with one of [`ODD`] put in at `at` (a char boundary at or before it), or with the
+    /// bytes from there to `to` taken out.
+    fn mutate(data: &str, at: usize, to: usize, odd: Option<&str>) -> String {
+        let floor = |n: usize| (0..=n.min(data.len())).rev().find(|&k| data.is_char_boundary(k)).unwrap_or(0);
+        let (a, b) = (floor(at), floor(to.max(at)));
+        match odd {
+            Some(o) => format!("{}{o}{}", &data[..a], &data[a..]),
+            None => format!("{}{}", &data[..a], &data[b..]),
+        }
+    }
+
     proptest! {
         #![proptest_config(ProptestConfig::with_cases(2048))]
+        #[test]
+        fn stops_where_a_byte_loop_does(b in prop::collection::vec(prop::sample::select(vec![b'a', b'"', b'\\', 0, 0x1f, 0x20, 0x21, 0x5b, 0x5d, 0x7f, 0x80, 0xa2, 0xdc, 0xff]), 0..100), i in 0usize..100, controls in any::<bool>(), plain in 0usize..90) {
+            // Long plain runs too, past the eight-a-step part.
+            let mut b = b;
+            let at = plain.min(b.len());
+            b.splice(at..at, std::iter::repeat_n(b'a', plain));
+            let naive = b.iter().enumerate().skip(i).find(|(_, &c)| c == b'"' || c == b'\\' || (controls && c < 0x20)).map(|(k, _)| k);
+            prop_assert_eq!(crate::json_string_stop(&b, i, controls), naive);
+        }
+
         #[test]
         fn answers_as_the_value_path_does(v in payload(), name in prop::option::of(prop::sample::select(WORDS.to_vec()))) {
             let data = v.to_string();
@@ -331,6 +507,38 @@ mod tests {
             if let Some(s) = responses(name, &data) {
                 prop_assert_eq!(s, slow_responses(name, &data), "responses {}", data);
             }
+        }
+
+        /// The same on text that is not what the `Value` printer writes: odd but valid JSON,
+        /// and broken JSON (which the `Value` path reads as no signal).
+        #[test]
+        fn answers_as_the_value_path_does_on_odd_text(v in payload(), at in 0usize..400, len in 0usize..4, odd in prop::option::of(prop::sample::select(ODD.to_vec())), name in prop::option::of(prop::sample::select(WORDS.to_vec()))) {
+            let data = mutate(&v.to_string(), at, at + len, odd);
+            if let Some(s) = chat(&data) {
+                prop_assert_eq!(s, slow_chat(&data), "chat {}", data);
+            }
+            if let Some(s) = responses(name, &data) {
+                prop_assert_eq!(s, slow_responses(name, &data), "responses {}", data);
+            }
+        }
+    }
+
+    /// Every event of vLLM's recorded streams is read here, not from a `Value`, but for the
+    /// errors it must quote: the fast path is the one real streams take.
+    #[test]
+    fn vllm_recorded_events_are_read_here() {
+        for (file, api) in [("sse-chat.txt", "chat"), ("sse-chat-usage.txt", "chat"), ("sse-completions.txt", "chat"), ("sse-responses.txt", "responses")] {
+            let raw = std::fs::read(format!("{}/../tests/data/vllm-0.32.0-cpu/{file}", env!("CARGO_MANIFEST_DIR"))).unwrap();
+            let mut n = 0;
+            for (a, b) in crate::sse::events(&raw, 0) {
+                let ev = crate::sse::parse_event(&raw[a..b]);
+                let Some(data) = ev.data.as_deref().map(str::trim).filter(|d| *d != "[DONE]") else { continue };
+                let fast = if api == "chat" { chat(data) } else { responses(ev.name.as_deref(), data) };
+                let slow = if api == "chat" { slow_chat(data) } else { slow_responses(ev.name.as_deref(), data) };
+                assert_eq!(fast, Some(slow), "{file}: {data}");
+                n += 1;
+            }
+            assert!(n >= 3, "{file}: {n} events");
         }
     }
 
@@ -349,7 +557,24 @@ mod tests {
     #[test]
     fn surprises_go_to_the_value_path() {
         // A key twice (the `Value` keeps the last), an error to quote, a field of another type.
-        for data in [r#"{"choices":[],"choices":[{"text":"a"}]}"#, r#"{"error":{"message":"boom"}}"#, r#"{"choices":[{"text":5}]}"#, r#"{"choices":[["a"]]}"#, "[1]", "not json"] {
+        // And what the walker does not decode: an escape in a key or a finish reason (it could
+        // spell `abort`), a surrogate, a number a `Value` cannot hold; and broken JSON.
+        for data in [
+            r#"{"choices":[],"choices":[{"text":"a"}]}"#,
+            r#"{"error":{"message":"boom"}}"#,
+            r#"{"choices":[{"text":5}]}"#,
+            r#"{"choices":[["a"]]}"#,
+            "[1]",
+            "not json",
+            r#"{"ch\u006fices":[{"text":"a"}]}"#,
+            r#"{"choices":[{"finish_reason":"\u0061bort"}]}"#,
+            r#"{"choices":[{"text":"\ud83d\ude00"}]}"#,
+            r#"{"n":1e400,"choices":[{"text":"a"}]}"#,
+            r#"{"choices":[{"text":"a"}]} x"#,
+            r#"{"choices":[{"text":"a"}],}"#,
+            "{\"choices\":[{\"text\":\"a\u{1}\"}]}",
+            "{\"id\":\"\u{1f}\",\"choices\":[{\"text\":\"a\"}]}",
+        ] {
             assert_eq!(chat(data), None, "{data}");
         }
         assert_eq!(responses(None, r#"{"type":"response.failed","response":{"error":null}}"#), None);

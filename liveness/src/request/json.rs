@@ -55,7 +55,9 @@ impl Default for JsonScanner {
 
 impl JsonScanner {
     pub fn new() -> JsonScanner {
-        JsonScanner { state: J::Start, esc: false, in_str: false, depth: 0, key: Vec::new(), key_long: false, target: None, val: Vec::new(), val_is_str: false, found: Found::default(), fp: None }
+        // Room for a key and a short value from the start: grown a byte run at a time, these
+        // were most of the scan's allocations.
+        JsonScanner { state: J::Start, esc: false, in_str: false, depth: 0, key: Vec::with_capacity(MAX_KEY_BYTES), key_long: false, target: None, val: Vec::with_capacity(32), val_is_str: false, found: Found::default(), fp: None }
     }
 
     /// Also reads `user` (if `cfg.user_field`) and fingerprints the prompt's leading blocks
@@ -194,7 +196,7 @@ impl JsonScanner {
                 _ => false,
             };
             if in_string {
-                let end = memchr::memchr2(b'"', b'\\', &chunk[i..]).map_or(chunk.len(), |k| i + k);
+                let end = crate::json_string_stop(chunk, i, false).unwrap_or(chunk.len());
                 if end > i {
                     self.string_run(&chunk[i..end]);
                     i = end;

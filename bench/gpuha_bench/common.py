@@ -136,6 +136,14 @@ def cpu_seconds(pid):
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
+def cpu_split_seconds(pid):
+    """(user, kernel) CPU time of a process and all its threads, in seconds (`cpu_seconds`,
+    split)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    tick = os.sysconf("SC_CLK_TCK")
+    return int(fields[11]) / tick, int(fields[12]) / tick
+
+
 def cpu_seconds_fine(pid):
     """On-CPU time of a process's live threads in seconds, with nanosecond resolution
     (/proc/PID/task/*/schedstat); `cpu_seconds` counts 10 ms ticks, too coarse for a cost of

@@ -83,7 +83,7 @@ pub(crate) fn json_string_stop(b: &[u8], mut i: usize, controls: bool) -> Option
     const HIGH: u64 = 0x8080_8080_8080_8080;
     let below = |x: u64, n: u8| x.wrapping_sub(ONES * u64::from(n)) & !x & HIGH;
     let short = i.saturating_add(32);
-    while let Some(w) = b.get(i..i + 8).filter(|_| i < short) {
+    while let Some(w) = b.get(i..i.saturating_add(8)).filter(|_| i < short) {
         let x = u64::from_le_bytes(w.try_into().ok()?);
         let mut m = below(x ^ (ONES * u64::from(b'"')), 1) | below(x ^ (ONES * u64::from(b'\\')), 1);
         if controls {

@@ -193,7 +193,8 @@ def report_l7_paced(R, rep: Report) -> None:
                       f" | {fmt(statistics.median(r['proxy_cpu_us_per_req'] for r in rs))} | {fmt(statistics.median(r['rps'] for r in rs))} |")
         med = {v: statistics.median(r["proxy_cpu_us_per_req"] for r in pc if r["variant"] == v) for v in {r["variant"] for r in pc}}
         base = med.get("envoy (no wasm)")
-        user = {v: statistics.median(r["proxy_user_us_per_req"] for r in pc if r["variant"] == v) for v in med if all("proxy_user_us_per_req" in r for r in pc)}
+        split = all("proxy_user_us_per_req" in r for r in pc)  # runs before the split have none
+        user = {v: statistics.median(r["proxy_user_us_per_req"] for r in pc if r["variant"] == v) for v in med} if split else {}
         if user and base:
             md += ["", "The same, split (medians): Envoy's user-space CPU per request apart from the kernel's (sockets, epoll: "
                    "the same work with or without a filter, and its cost differs between VMs of one kind).", "",

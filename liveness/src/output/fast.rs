@@ -237,14 +237,22 @@ impl<'a> Walk<'a> {
     }
 }
 
-/// Keys read once each: a second time is a surprise.
-#[derive(Default)]
-struct Seen(u32);
+/// The keys a reader reads, each once: a second time is a surprise (at most 32 keys).
+struct Seen {
+    keys: &'static [&'static [u8]],
+    seen: u32,
+}
 
 impl Seen {
-    fn first(&mut self, bit: u32) -> Option<()> {
-        let fresh = self.0 & (1 << bit) == 0;
-        self.0 |= 1 << bit;
+    fn of(keys: &'static [&'static [u8]]) -> Seen {
+        Seen { keys, seen: 0 }
+    }
+
+    /// Notes `key`, one of the keys read; `None` when it was seen before.
+    fn first(&mut self, key: &[u8]) -> Option<()> {
+        let bit = 1 << self.keys.iter().position(|k| *k == key)?;
+        let fresh = self.seen & bit == 0;
+        self.seen |= bit;
         fresh.then_some(())
     }
 }
@@ -255,19 +263,15 @@ fn message(w: &mut Walk) -> Option<bool> {
     if w.null()? {
         return Some(false);
     }
-    let (mut out, mut seen) = (false, Seen::default());
+    let (mut out, mut seen) = (false, Seen::of(&[b"content", b"reasoning_content", b"reasoning", b"tool_calls"]));
     w.object(|k, w| {
         match k {
             b"content" | b"reasoning_content" | b"reasoning" => {
-                seen.first(match k {
-                    b"content" => 0,
-                    b"reasoning_content" => 1,
-                    _ => 2,
-                })?;
+                seen.first(k)?;
                 out |= w.text()?.is_some_and(Str::non_empty);
             }
             b"tool_calls" => {
-                seen.first(3)?;
+                seen.first(k)?;
                 if !w.null()? {
                     out |= w.array(Walk::skip)? > 0;
                 }
@@ -281,19 +285,19 @@ fn message(w: &mut Walk) -> Option<bool> {
 
 /// One chat choice, the next value: what it says (`choice_signal`), `None` inside for nothing.
 fn choice(w: &mut Walk) -> Option<Option<Signal>> {
-    let (mut output, mut finish, mut seen) = (false, None, Seen::default());
+    let (mut output, mut finish, mut seen) = (false, None, Seen::of(&[b"text", b"delta", b"message", b"finish_reason"]));
     w.object(|k, w| {
         match k {
             b"text" => {
-                seen.first(0)?;
+                seen.first(k)?;
                 output |= w.text()?.is_some_and(Str::non_empty);
             }
             b"delta" | b"message" => {
-                seen.first(if k == b"delta" { 1 } else { 2 })?;
+                seen.first(k)?;
                 output |= message(w)?;
             }
             b"finish_reason" => {
-                seen.first(3)?;
+                seen.first(k)?;
                 finish = match w.text()? {
                     // An escape could spell `abort`.
                     Some(s) if s.escaped => return None,
@@ -319,16 +323,16 @@ fn choice(w: &mut Walk) -> Option<Option<Signal>> {
 pub(super) fn chat(data: &str) -> Option<Signal> {
     let mut w = Walk::new(data);
     // `None`: no choices (absent or null); else whether one has output, and the first abort.
-    let (mut choices, mut seen) = (None::<(bool, Option<Signal>)>, Seen::default());
+    let (mut choices, mut seen) = (None::<(bool, Option<Signal>)>, Seen::of(&[b"error", b"choices"]));
     w.object(|k, w| {
         match k {
             b"error" => {
-                seen.first(0)?;
+                seen.first(k)?;
                 // An error is quoted from the `Value`.
                 w.null()?.then_some(())?;
             }
             b"choices" => {
-                seen.first(1)?;
+                seen.first(k)?;
                 if w.null()? {
                     return Some(());
                 }
@@ -363,18 +367,18 @@ pub(super) fn chat(data: &str) -> Option<Signal> {
 /// answer (errors, failures and incomplete responses are quoted or read further from it).
 pub(super) fn responses(name: Option<&str>, data: &str) -> Option<Signal> {
     let mut w = Walk::new(data);
-    let (mut kind, mut delta, mut seen) = (None::<&[u8]>, false, Seen::default());
+    let (mut kind, mut delta, mut seen) = (None::<&[u8]>, false, Seen::of(&[b"type", b"delta"]));
     w.object(|k, w| {
         match k {
             b"type" => {
-                seen.first(0)?;
+                seen.first(k)?;
                 kind = match w.text()? {
                     Some(s) if s.escaped => return None,
                     s => s.map(|s| s.raw),
                 };
             }
             b"delta" => {
-                seen.first(1)?;
+                seen.first(k)?;
                 // A non-null value that counts as a delta: a non-empty string, or any object,
                 // array, number or boolean (the Responses API's audio and image deltas are
                 // objects).

@@ -86,6 +86,14 @@ pub fn set_request_header(name: &str, value: Option<&str>) {
     }
 }
 
+/// Adds a request header this filter knows is absent (it removed any the client sent, and writes
+/// it once): unlike a set, Envoy does not look for an existing one first.
+pub fn add_request_header(name: &str, value: &str) {
+    if let Err(e) = hostcalls::add_map_value(MapType::HttpRequestHeaders, name, value) {
+        warn(&format!("gpuha: add request header {name}: {e:?}"));
+    }
+}
+
 pub fn response_header(name: &str) -> Option<String> {
     header(MapType::HttpResponseHeaders, name)
 }

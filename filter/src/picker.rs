@@ -68,11 +68,12 @@ impl Picker {
         if listed.endpoints.is_empty() {
             return false;
         }
-        host::set_request_header(ENDPOINTS_HEADER, Some(&listed.endpoints.join(",")));
+        // Both headers were removed at the request's headers, and a request is listed once.
+        host::add_request_header(ENDPOINTS_HEADER, &listed.endpoints.join(","));
         let pools = &self.cfg.pick.pools;
         let members = view.workers.iter().filter(|w| !w.drained && (pools.is_empty() || pools.contains(&w.pool))).map(|w| w.addr.as_str());
         let retries = retries_for(&listed.endpoints, members, self.cfg.pick.retries_past_list);
-        host::set_request_header(MAX_RETRIES_HEADER, Some(&retries.to_string()));
+        host::add_request_header(MAX_RETRIES_HEADER, &retries.to_string());
         if listed.spills {
             // The receiving router serves it with its own workers only (no re-spill).
             host::set_request_header(SPILLED_HEADER, Some(&self.cfg.tiers.own));

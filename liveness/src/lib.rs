@@ -78,6 +78,7 @@ pub const EVICTION_WINDOW_MS: u64 = 10_000;
 /// into `memchr` would cost more than the search. In each of the masks the lowest flagged byte
 /// is a true one (a borrow can only flag bytes above it), so the lowest of them is the first
 /// stop. A longer run (a prompt) goes on with `memchr`.
+#[inline]
 pub(crate) fn json_string_stop(b: &[u8], mut i: usize, controls: bool) -> Option<usize> {
     const ONES: u64 = 0x0101_0101_0101_0101;
     const HIGH: u64 = 0x8080_8080_8080_8080;

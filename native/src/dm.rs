@@ -190,18 +190,25 @@ impl Filter {
 
     /// Whether the response body of the running hook has a clean tail
     /// (`gpuha_liveness::sse::clean_tail` of its last `TAIL_PEEK_BYTES`, or all of it when
-    /// shorter), read from Envoy's slices into the stack.
+    /// shorter), read in Envoy's slice when it lies in one (nearly always), else gathered on the
+    /// stack.
     pub fn response_tail_is_clean(self) -> bool {
         const PEEK: usize = gpuha_liveness::guard::TAIL_PEEK_BYTES;
         let len = self.body_len(Dir::Response);
-        let mut tail = [0u8; PEEK];
+        let want = len.min(PEEK);
+        let mut whole = None;
+        let mut tail: Option<[u8; PEEK]> = None;
         let mut n = 0;
-        self.visit_window(Dir::Response, len.saturating_sub(PEEK), PEEK, |bytes| {
+        self.visit_window(Dir::Response, len - want, PEEK, |bytes| {
+            if n == 0 && bytes.len() == want {
+                whole = Some(gpuha_liveness::sse::clean_tail(bytes));
+                return;
+            }
             let take = bytes.len().min(PEEK - n);
-            tail[n..n + take].copy_from_slice(&bytes[..take]);
+            tail.get_or_insert([0; PEEK])[n..n + take].copy_from_slice(&bytes[..take]);
             n += take;
         });
-        gpuha_liveness::sse::clean_tail(&tail[..n])
+        whole.unwrap_or_else(|| gpuha_liveness::sse::clean_tail(tail.as_ref().map_or(&[][..], |t| &t[..n])))
     }
 
     /// Hands `f` the pieces, in order, of `max` bytes from `start` of the body as the filter sees

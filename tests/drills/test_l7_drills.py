@@ -393,6 +393,33 @@ def test_anti_herding_even_load(stack, k):
     assert "in-flight count" not in log and "busy list" not in log, [ln for ln in log.splitlines() if "in-flight" in ln or "busy list" in ln][:5]
 
 
+def test_a_client_cannot_steer_the_pick(stack):
+    """A client that names its own endpoints (`x-gpuha-endpoints`), retry count
+    (`x-envoy-max-retries`) or probe (`x-gpuha-probe`) steers nothing: the picker removes the
+    three at the request's headers and writes its own list and count once the body is in. Here
+    they name a port where nothing listens, with no retry: a request that followed them would
+    fail. Every request is served by a worker of the fleet, and the access log shows the
+    picker's list alone."""
+    stack.start_dnsd()
+    workers = stack.start_workers(2, ttft_ms=5, tokens_per_s=500)
+    envoy = stack.start_pool_router()
+    warm_up(stack, envoy)
+    decoy = f"127.0.0.1:{harness.free_port()}"
+    steer = {"x-gpuha-endpoints": decoy, "x-envoy-max-retries": "0", "x-gpuha-probe": decoy}
+    client = make_client(envoy.base_url, timeout=10)
+    outcomes = [chat(client, i, 4, stream=i % 2 == 0, extra_headers=steer) for i in range(8)]
+    entries = access_entries(envoy)[-len(outcomes):]  # one at a time: the last lines are these requests'
+    report(f"steering headers: {len(outcomes)} requests, {summarize(outcomes)}, per worker {per_worker(outcomes)}; "
+           f"listed {sorted({','.join(e['endpoints']) for e in entries})}")
+    assert all(o.kind == "completed" for o in outcomes), [o.describe() for o in outcomes if o.kind != "completed"][:5]
+    assert set(per_worker(outcomes)) <= {w.id for w in workers}
+    addrs = {w.addr for w in workers}
+    assert len(entries) == len(outcomes)
+    for e in entries:
+        assert e["endpoints"] and set(e["endpoints"]) <= addrs, e
+        assert e["upstream"] in addrs and e["probe"] != decoy, e
+
+
 def test_abort_before_first_token_is_retried(stack):
     """A worker that ends every request before its first token with vLLM's own clean
     `finish_reason: "abort"` (what vLLM 0.26 sends to requests it aborts on SIGTERM: seen on the

@@ -355,8 +355,7 @@ pub extern "C" fn proxy_set_property(_path: *const u8, _path_size: usize, _value
 
 #[no_mangle]
 pub extern "C" fn proxy_get_shared_data(key: *const u8, key_size: usize, data: *mut *mut u8, size: *mut usize, cas: *mut u32) -> u32 {
-    let key = gpuha_liveness::text(slice(key, key_size));
-    let found = crate::plugin::SHARED.read(&key, |v, token| {
+    let found = crate::plugin::SHARED.read(slice(key, key_size), |v, token| {
         give(v, data, size);
         // SAFETY: a pointer to the SDK's local.
         unsafe { *cas = token };
@@ -366,8 +365,7 @@ pub extern "C" fn proxy_get_shared_data(key: *const u8, key_size: usize, data: *
 
 #[no_mangle]
 pub extern "C" fn proxy_set_shared_data(key: *const u8, key_size: usize, value: *const u8, value_size: usize, cas: u32) -> u32 {
-    let key = gpuha_liveness::text(slice(key, key_size));
-    match crate::plugin::SHARED.set(&key, slice(value, value_size), cas) {
+    match crate::plugin::SHARED.set(slice(key, key_size), slice(value, value_size), cas) {
         crate::shared::SetResult::Ok => OK,
         crate::shared::SetResult::CasMismatch => CAS_MISMATCH,
     }

@@ -130,18 +130,16 @@ def wait_http(url, timeout=20.0, want=200):
     raise RuntimeError(f"{url} not ready: {last}")
 
 
-def cpu_seconds(pid):
-    """utime+stime of a process and all its threads, in seconds."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
 def cpu_split_seconds(pid):
-    """(user, kernel) CPU time of a process and all its threads, in seconds (`cpu_seconds`,
-    split)."""
+    """(user, kernel) CPU time of a process and all its threads (utime, stime), in seconds."""
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
     tick = os.sysconf("SC_CLK_TCK")
     return int(fields[11]) / tick, int(fields[12]) / tick
+
+
+def cpu_seconds(pid):
+    """utime+stime of a process and all its threads, in seconds."""
+    return sum(cpu_split_seconds(pid))
 
 
 def cpu_seconds_fine(pid):

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import re
+import threading
 from concurrent.futures import ThreadPoolExecutor
 
 import gpuha_harness as harness
@@ -79,6 +80,43 @@ def run_sessions(client, tag: str, sessions: int, turns: int, parallel: int = 6)
         return dict(enumerate(pool.map(one, range(sessions))))
 
 
+class FleetWatch:
+    """dnsd's view of each worker, sampled while a run goes on (every 0.2 s): how often it was
+    not fresh, its highest queue (running + waiting) and TTFT figures. Read when a run's figures
+    need explaining: a worker that looked slow or busy to every router skews both runs."""
+
+    def __init__(self, stack):
+        self.stack, self.stop, self.seen = stack, threading.Event(), {}
+        self.thread = threading.Thread(target=self.sample, daemon=True)
+
+    def sample(self) -> None:
+        while not self.stop.wait(0.2):  # a sampling interval, not a wait for readiness
+            try:
+                workers = self.stack.fleet_workers()
+            except (OSError, AssertionError, ValueError):
+                continue
+            for wid, w in workers.items():
+                s = self.seen.setdefault(wid, {"samples": 0, "stale": 0, "queue": 0, "ttft": 0.0})
+                s["samples"] += 1
+                s["stale"] += not w.get("fresh")
+                s["queue"] = max(s["queue"], (w.get("running") or 0) + (w.get("waiting") or 0))
+                for k, v in w.items():
+                    if "ttft" in k and isinstance(v, (int, float)):
+                        s["ttft"] = max(s["ttft"], float(v))
+
+    def __enter__(self):
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self.stop.set()
+        self.thread.join()
+
+    def summary(self) -> str:
+        return "; ".join(f"{wid}: not fresh {s['stale']}/{s['samples']}, max queue {s['queue']}, max ttft {s['ttft']:.0f}"
+                         for wid, s in sorted(self.seen.items()))
+
+
 def warm(envoy, stack) -> None:
     wait_for(lambda: filter_stat(envoy, "fleet_polls") >= 1, 10, f"{envoy.name}'s first fleet poll")
     client = make_client(envoy.base_url)
@@ -102,9 +140,11 @@ def test_multi_turn_affinity_hits_the_cache_spreads_and_fails_over(stack):
 
     sessions, turns = 36, 6
     b0 = cache_counts(workers)
-    off = run_sessions(make_client(plain.base_url, timeout=30), "plain", sessions, turns)
+    with FleetWatch(stack) as watch_off:
+        off = run_sessions(make_client(plain.base_url, timeout=30), "plain", sessions, turns)
     b1 = cache_counts(workers)
-    on = run_sessions(make_client(affine.base_url, timeout=30), "affine", sessions, turns)
+    with FleetWatch(stack) as watch_on:
+        on = run_sessions(make_client(affine.base_url, timeout=30), "affine", sessions, turns)
     b2 = cache_counts(workers)
     rate_off, rate_on = hit_rate(b0, b1), hit_rate(b1, b2)
     queried = lambda a, b: sum(b[w][1] - a[w][1] for w in b)  # noqa: E731
@@ -125,7 +165,8 @@ def test_multi_turn_affinity_hits_the_cache_spreads_and_fails_over(stack):
            f"on {uncached_on:.0f} ({uncached_on / max(uncached_off, 1):.2f}x); sessions on one worker: off {sticky_off}, on {sticky_on}; "
            f"sessions per worker (on) {per_worker}, requests {requests}; affinity_hits {hits}/{keyed}, "
            f"spills {filter_stat(affine, 'affinity_spills')}, placed {filter_stat(affine, 'affinity_placed')}; "
-           f"plain router keyed {filter_stat(plain, 'affinity_keyed')}")
+           f"plain router keyed {filter_stat(plain, 'affinity_keyed')}; dnsd's view during the runs: "
+           f"off [{watch_off.summary()}], on [{watch_on.summary()}]")
     assert filter_stat(plain, "affinity_keyed") == 0, "affinity disabled by config reads no key"
     # A session spills only when its worker holds well over the mean load (keep bound).
     assert sticky_on >= sessions * 0.85, {s: v for s, v in on.items() if len(set(v)) > 1}

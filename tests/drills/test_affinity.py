@@ -138,7 +138,7 @@ def test_multi_turn_affinity_hits_the_cache_spreads_and_fails_over(stack):
     warm(plain, stack)
     warm(affine, stack)
 
-    sessions, turns = 36, 6
+    sessions, turns = 60, 6
     b0 = cache_counts(workers)
     with FleetWatch(stack) as watch_off:
         off = run_sessions(make_client(plain.base_url, timeout=30), "plain", sessions, turns)
@@ -165,7 +165,9 @@ def test_multi_turn_affinity_hits_the_cache_spreads_and_fails_over(stack):
            f"on {uncached_on:.0f} ({uncached_on / max(uncached_off, 1):.2f}x); sessions on one worker: off {sticky_off}, on {sticky_on}; "
            f"sessions per worker (on) {per_worker}, requests {requests}; affinity_hits {hits}/{keyed}, "
            f"spills {filter_stat(affine, 'affinity_spills')}, placed {filter_stat(affine, 'affinity_placed')}; "
-           f"plain router keyed {filter_stat(plain, 'affinity_keyed')}; dnsd's view during the runs: "
+           f"plain router keyed {filter_stat(plain, 'affinity_keyed')}; "
+           f"breaker trips, pre-token retries, fail-open picks: plain {[filter_stat(plain, k) for k in ('breaker_trips', 'pre_token_retries', 'fail_open')]}, "
+           f"affine {[filter_stat(affine, k) for k in ('breaker_trips', 'pre_token_retries', 'fail_open')]}; dnsd's view during the runs: "
            f"off [{watch_off.summary()}], on [{watch_on.summary()}]")
     assert filter_stat(plain, "affinity_keyed") == 0, "affinity disabled by config reads no key"
     # A session spills only when its worker holds well over the mean load (keep bound).

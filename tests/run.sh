@@ -8,7 +8,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-step() { printf '\n== %s\n' "$*"; }
+step() { printf '\n== [+%s s] %s\n' "$SECONDS" "$*"; }
 
 deploy/ensure-deps.sh
 

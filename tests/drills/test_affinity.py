@@ -100,9 +100,7 @@ class FleetWatch:
                 s["samples"] += 1
                 s["stale"] += not w.get("fresh")
                 s["queue"] = max(s["queue"], (w.get("running") or 0) + (w.get("waiting") or 0))
-                for k, v in w.items():
-                    if "ttft" in k and isinstance(v, (int, float)):
-                        s["ttft"] = max(s["ttft"], float(v))
+                s["ttft"] = max(s["ttft"], w.get("ttft_ms") or 0.0)
 
     def __enter__(self):
         self.thread.start()

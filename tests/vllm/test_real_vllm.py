@@ -869,9 +869,13 @@ def test_engine_core_sigstop_hang(rig: Rig):
         post_end = [round(o.ended - hang_mono, 2) for o in post]
         post_envoy_end = [round(envoy_end[o.idx] - hang_wall, 2) for o in post]
         # Held before their first token on the hung server: first pick the victim, and started
-        # after the hang (its engine makes no token) or answered by another attempt.
+        # after the hang (its engine makes no token) or answered by another attempt; not one whose
+        # first token the client had read before the hang (the router sent it earlier still). Seen
+        # 2026-12-01: a long stream retried once before the hang (Envoy reused a connection vLLM
+        # had just closed), its first token 4.5 s before the hang, counted here and failed below.
         pre_on_hung = [o for o in outs if first_pick.get(o.idx) == vaddr and envoy_end.get(o.idx, 0.0) > hang_wall
-                       and (o.started >= hang_mono or o.attempts >= 2)]
+                       and (o.started >= hang_mono or o.attempts >= 2)
+                       and not (o.first_token_at is not None and o.first_token_at <= hang_mono)]
         rescues = sorted(round(t - hang_wall, 2) for t in envoy_log_instants(rig, envoy, "held attempt handed to a retry")
                          if t >= hang_wall - 1)
         ends = sorted(round(t - hang_wall, 2) for e in (envoy, long_envoy)

@@ -9,7 +9,7 @@ Modules:
   ``GPUHA_ENVOY``)
 - `wait`: bounded waits (`wait_for`), ports, plain HTTP
 - `proc`: one process in its own group (`Proc`), and what /proc says about process groups
-- `stack`: the stack on 127.0.0.1 (`Stack`, `Worker`, `Dnsd`, `Envoy`, `write_zone_config`)
+- `stack`: the stack on 127.0.0.1 (`Stack`, `Worker`, `Dnsd`, `Envoy`, `FleetSamples`, `write_zone_config`)
 - `envoy_log`: a router's filter counters and access log
 - `client`: one openai-SDK request as an `Outcome`, `Load`, classification helpers
 - `drill`: what drills share beyond the stack (`warm_up`, `report`, whole-answer checks)
@@ -26,11 +26,11 @@ from .drill import assert_whole_and_single_worker, report, warm_up
 from .env import REPO, START_TIMEOUT_S, bin_dir, binary, envoy_bin, wasm_path
 from .envoy_log import ACCESS_RX, access_entries, filter_stat
 from .proc import Proc
-from .stack import Dnsd, Envoy, Stack, Worker, parse_metrics, succeeds, tail_file, write_zone_config
+from .stack import Dnsd, Envoy, FleetSamples, Stack, Worker, parse_metrics, succeeds, tail_file, write_zone_config
 from .wait import Timeout, free_port, http_get, http_post, port_accepts, wait_for
 
 __all__ = ["ChildLoad", 
-    "ACCESS_RX", "REPO", "START_TIMEOUT_S", "TOKEN_RX", "Dnsd", "Envoy", "Load", "Outcome", "Proc", "Stack", "Timeout",
+    "ACCESS_RX", "REPO", "START_TIMEOUT_S", "TOKEN_RX", "Dnsd", "Envoy", "FleetSamples", "Load", "Outcome", "Proc", "Stack", "Timeout",
     "Worker", "access_entries", "assert_whole_and_single_worker", "bin_dir", "binary", "chat", "envoy_bin",
     "filter_stat", "free_port", "http_get", "http_post", "is_inband_error", "is_transport_error", "join_all",
     "make_client", "parse_metrics", "per_worker", "port_accepts", "report", "run_concurrently", "succeeds", "summarize", "wait_for",

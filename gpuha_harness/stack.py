@@ -397,6 +397,38 @@ class Stack:
         return self.start_envoy(name, cfg, port, access_log=access_log)
 
 
+class FleetSamples:
+    """dnsd's view of every worker (`Stack.fleet_workers`), sampled every 0.2 s while a drill runs,
+    as ``(time.monotonic(), {worker id: its entry})`` in `samples`. A drill whose figures rest on
+    what the routers saw (fresh, stalled, queues, TTFT) reads them here when it reports.
+
+        with FleetSamples(stack) as view:
+            ...  # the run
+        view.samples
+    """
+
+    def __init__(self, stack: "Stack", interval: float = 0.2):
+        self.stack, self.interval = stack, interval
+        self.samples: list[tuple[float, dict[str, dict]]] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+
+    def _sample(self) -> None:
+        while not self._stop.wait(self.interval):  # a sampling interval, not a wait for readiness
+            try:
+                self.samples.append((time.monotonic(), self.stack.fleet_workers()))
+            except (OSError, AssertionError, ValueError):
+                continue
+
+    def __enter__(self) -> "FleetSamples":
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+
+
 def succeeds(fn: Callable[[], object]) -> bool:
     try:
         fn()

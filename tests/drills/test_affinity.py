@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import re
-import threading
 from concurrent.futures import ThreadPoolExecutor
 
 import gpuha_harness as harness
@@ -80,39 +79,20 @@ def run_sessions(client, tag: str, sessions: int, turns: int, parallel: int = 6)
         return dict(enumerate(pool.map(one, range(sessions))))
 
 
-class FleetWatch:
-    """dnsd's view of each worker, sampled while a run goes on (every 0.2 s): how often it was
-    not fresh, its highest queue (running + waiting) and TTFT figures. Read when a run's figures
-    need explaining: a worker that looked slow or busy to every router skews both runs."""
-
-    def __init__(self, stack):
-        self.stack, self.stop, self.seen = stack, threading.Event(), {}
-        self.thread = threading.Thread(target=self.sample, daemon=True)
-
-    def sample(self) -> None:
-        while not self.stop.wait(0.2):  # a sampling interval, not a wait for readiness
-            try:
-                workers = self.stack.fleet_workers()
-            except (OSError, AssertionError, ValueError):
-                continue
-            for wid, w in workers.items():
-                s = self.seen.setdefault(wid, {"samples": 0, "stale": 0, "queue": 0, "ttft": 0.0})
-                s["samples"] += 1
-                s["stale"] += not w.get("fresh")
-                s["queue"] = max(s["queue"], (w.get("running") or 0) + (w.get("waiting") or 0))
-                s["ttft"] = max(s["ttft"], w.get("ttft_ms") or 0.0)
-
-    def __enter__(self):
-        self.thread.start()
-        return self
-
-    def __exit__(self, *exc):
-        self.stop.set()
-        self.thread.join()
-
-    def summary(self) -> str:
-        return "; ".join(f"{wid}: not fresh {s['stale']}/{s['samples']}, max queue {s['queue']}, max ttft {s['ttft']:.0f}"
-                         for wid, s in sorted(self.seen.items()))
+def fleet_summary(view: harness.FleetSamples) -> str:
+    """dnsd's view of each worker during a run: how often it was not fresh, its highest queue
+    (running + waiting) and TTFT figures. Read when a run's figures need explaining: a worker
+    that looked slow or busy to every router skews both runs."""
+    seen: dict[str, dict] = {}
+    for _, workers in view.samples:
+        for wid, w in workers.items():
+            s = seen.setdefault(wid, {"samples": 0, "stale": 0, "queue": 0, "ttft": 0.0})
+            s["samples"] += 1
+            s["stale"] += not w.get("fresh")
+            s["queue"] = max(s["queue"], (w.get("running") or 0) + (w.get("waiting") or 0))
+            s["ttft"] = max(s["ttft"], w.get("ttft_ms") or 0.0)
+    return "; ".join(f"{wid}: not fresh {s['stale']}/{s['samples']}, max queue {s['queue']}, max ttft {s['ttft']:.0f}"
+                     for wid, s in sorted(seen.items()))
 
 
 def warm(envoy, stack) -> None:
@@ -138,10 +118,10 @@ def test_multi_turn_affinity_hits_the_cache_spreads_and_fails_over(stack):
 
     sessions, turns = 60, 6
     b0 = cache_counts(workers)
-    with FleetWatch(stack) as watch_off:
+    with harness.FleetSamples(stack) as watch_off:
         off = run_sessions(make_client(plain.base_url, timeout=30), "plain", sessions, turns)
     b1 = cache_counts(workers)
-    with FleetWatch(stack) as watch_on:
+    with harness.FleetSamples(stack) as watch_on:
         on = run_sessions(make_client(affine.base_url, timeout=30), "affine", sessions, turns)
     b2 = cache_counts(workers)
     rate_off, rate_on = hit_rate(b0, b1), hit_rate(b1, b2)
@@ -166,7 +146,7 @@ def test_multi_turn_affinity_hits_the_cache_spreads_and_fails_over(stack):
            f"plain router keyed {filter_stat(plain, 'affinity_keyed')}; "
            f"breaker trips, pre-token retries, fail-open picks: plain {[filter_stat(plain, k) for k in ('breaker_trips', 'pre_token_retries', 'fail_open')]}, "
            f"affine {[filter_stat(affine, k) for k in ('breaker_trips', 'pre_token_retries', 'fail_open')]}; dnsd's view during the runs: "
-           f"off [{watch_off.summary()}], on [{watch_on.summary()}]")
+           f"off [{fleet_summary(watch_off)}], on [{fleet_summary(watch_on)}]")
     assert filter_stat(plain, "affinity_keyed") == 0, "affinity disabled by config reads no key"
     # A session spills only when its worker holds well over the mean load (keep bound).
     assert sticky_on >= sessions * 0.85, {s: v for s, v in on.items() if len(set(v)) > 1}

@@ -795,7 +795,7 @@ def test_engine_core_sigstop_hang(rig: Rig):
         short_threads: list = []
         short_res: list[Outcome] = []
         lock = threading.Lock()
-        timeline = ViewTimeline(rig.stack).__enter__()
+        view = harness.FleetSamples(rig.stack).__enter__()
         hang_mono = None
         try:
             samples: list = []
@@ -848,10 +848,10 @@ def test_engine_core_sigstop_hang(rig: Rig):
             long_res = [o for ld in long_loads for o in ld.join(300)]
             if short_threads:
                 join_all(short_threads, 120)
-            timeline.__exit__(None, None, None)
+            view.__exit__(None, None, None)
             if hang_mono is not None:
                 report(f"COUNTS hang view (dnsd, every 0.2 s, from the hang to {run_s:.0f}s after; the survivor must look "
-                       f"alive for the guard to end the hung server's streams): {timeline.summary(hang_mono, hang_mono + run_s)}")
+                       f"alive for the guard to end the hung server's streams): {view_timeline(view, hang_mono, hang_mono + run_s)}")
         states = {p: vl.proc_state(p) for p in engines}
         long_outs = [r for r in long_res if r is not None]
         outs = long_outs + list(short_res)
@@ -946,47 +946,24 @@ def test_engine_core_sigstop_hang(rig: Rig):
         record("drill hang", f"{time.monotonic() - t_start:.1f}s (includes any restart)")
 
 
-class ViewTimeline:
-    """dnsd's view of each server, sampled every 0.2 s while a drill runs: fresh, stalled and the
-    age of its last frame. The hang drill's bounds rest on what the routers saw (the guard ends a
-    hung server's streams only while another server is alive); when they are missed, this says
-    whether a server looked dead or alive, and when."""
-
-    def __init__(self, stack):
-        self.stack, self.stop, self.samples = stack, threading.Event(), []
-        self.thread = threading.Thread(target=self.sample, daemon=True)
-
-    def sample(self) -> None:
-        while not self.stop.wait(0.2):  # a sampling interval, not a wait for readiness
-            try:
-                workers = self.stack.fleet_workers()
-            except (OSError, AssertionError, ValueError):
-                continue
-            self.samples.append((time.monotonic(), {wid: (bool(w.get("fresh")), bool(w.get("stalled")), int(w.get("age_ms") or 0))
-                                                    for wid, w in workers.items()}))
-
-    def __enter__(self):
-        self.thread.start()
-        return self
-
-    def __exit__(self, *exc):
-        self.stop.set()
-        self.thread.join()
-
-    def summary(self, t0: float, t1: float) -> str:
-        """Per server, over the samples from t0 to t1 (times in seconds after t0): how many were
-        not fresh, the first not fresh, the first showing no sign of life (stalled, last frame
-        older than the 3 s gate: what the guard acts on), the oldest frame."""
-        out = []
-        window = [(t - t0, ws) for t, ws in self.samples if t0 <= t <= t1]
-        for wid in sorted({w for _, ws in window for w in ws}):
-            seen = [(t, ws[wid]) for t, ws in window if wid in ws]
-            stale = [t for t, (fresh, _, _) in seen if not fresh]
-            no_life = [t for t, (_, stalled, age) in seen if stalled and age > 3000]
-            out.append(f"{wid}: not fresh {len(stale)}/{len(seen)} (first {stale[0]:+.1f}s)" if stale else f"{wid}: not fresh 0/{len(seen)}")
-            out[-1] += (f", no sign of life from {no_life[0]:+.1f}s" if no_life else ", no sign of life never")
-            out[-1] += f", oldest frame {max((a for _, (_, _, a) in seen), default=0) / 1000:.1f}s"
-        return "; ".join(out) or "no samples"
+def view_timeline(view: harness.FleetSamples, t0: float, t1: float) -> str:
+    """dnsd's view of each server from t0 to t1 (times in seconds after t0): how many samples
+    showed it not fresh, the first of them, the first showing no sign of life (stalled, last
+    frame older than the 3 s gate: what the guard acts on), the oldest frame. The hang drill's
+    bounds rest on what the routers saw (the guard ends a hung server's streams only while
+    another server is alive); when they are missed, this says whether a server looked dead or
+    alive, and when."""
+    out = []
+    window = [(t - t0, ws) for t, ws in view.samples if t0 <= t <= t1]
+    for wid in sorted({w for _, ws in window for w in ws}):
+        seen = [(t, ws[wid]) for t, ws in window if wid in ws]
+        stale = [t for t, w in seen if not w.get("fresh")]
+        no_life = [t for t, w in seen if w.get("stalled") and (w.get("age_ms") or 0) > 3000]
+        line = f"{wid}: not fresh {len(stale)}/{len(seen)}" + (f" (first {stale[0]:+.1f}s)" if stale else "")
+        line += f", no sign of life from {no_life[0]:+.1f}s" if no_life else ", no sign of life never"
+        line += f", oldest frame {max((w.get('age_ms') or 0 for _, w in seen), default=0) / 1000:.1f}s"
+        out.append(line)
+    return "; ".join(out) or "no samples"
 
 
 def resume_or_kill(rig: Rig, wid: str, timeout: float = 30.0) -> str:

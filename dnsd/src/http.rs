@@ -10,8 +10,9 @@
 //!
 //! * `pool=a,b`: only the workers (and pool counts) of these pools: a router asks only for the
 //!   pools of its own cluster, so a fleet split into pools costs each router only its share.
-//! * `ages=bounded`: the cacheable form ([`Ages::Bounded`]): ages are upper bounds that change
-//!   only when they matter to the 3 s freshness gate, and `now_ms` is 0. The body is built once
+//! * `ages=bounded`: the cacheable form ([`Ages::Bounded`]): ages change only when they matter
+//!   to the 3 s freshness gate, and past it in a few steps (how long a stale worker has shown
+//!   no sign of life, never overstated), and `now_ms` is 0. The body is built once
 //!   per distinct content and carries an `ETag`; a request with a matching `If-None-Match`
 //!   gets `304 Not Modified`, which re-vouches for the view the client already holds (its ages
 //!   count from this response). Without it (`ages=exact`, the default) every answer is built

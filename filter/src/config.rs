@@ -97,10 +97,12 @@ pub struct GuardConfig {
     /// first token (must be in the route's `retriable_status_codes`).
     pub retry_status: u16,
     pub breaker: BreakerConfig,
-    /// Rescue attempts on workers that stop showing signs of life (hung or silent, as the
-    /// picker's fleet view shows them): a held attempt is retried at once, a stream past its
-    /// first token is ended `end_stalled_streams_after_ms` later. Needs the picker in the same
-    /// `vm_id` (its fleet view); without one nothing is rescued.
+    /// Rescue attempts on workers that stop showing signs of life (hung: stalled, as the
+    /// picker's fleet view shows them): a held attempt is retried once the stall has lasted
+    /// `rescue_held_after_ms`, a stream past its first token is ended once it has lasted
+    /// `end_stalled_streams_after_ms` (past the gate, from the last sign of life the view
+    /// dates). Needs the picker in the same `vm_id` (its fleet view); without one nothing is
+    /// rescued.
     pub rescue: bool,
     pub end_stalled_streams_after_ms: u64,
     /// A held attempt on a stalled worker is retried once the stall has lasted this long.

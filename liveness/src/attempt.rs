@@ -237,28 +237,35 @@ pub fn invisible_to_engine(held_since_ms: u64, now_ms: u64, frame_taken_ms: u64,
 /// is not rescued: a dead one resets its connections anyway, and on a host merely overloaded
 /// `/metrics` is the first thing to time out (seen with real vLLM on 2 cores: scrapes over
 /// 2.5 s while the engine served fine), so silence alone is too weak a reason to move requests.
-pub fn shows_no_life(worker_age_ms: Option<u64>, stalled: bool, view_age_ms: u64, cfg: &RescueConfig) -> bool {
-    stalled && worker_age_ms.is_some_and(|age| age > cfg.gate_ms) && view_age_ms <= cfg.gate_ms
+///
+/// `Some(ms)`: it shows no sign of life, and has shown none for at least `ms` past the gate
+/// (the view's age is a lower bound past the gate, `fleet::bounded_age_ms`): a hang first seen
+/// late, after its `/metrics` went unanswered for a while (the real CPU build: 17 s after its
+/// engine was stopped), is judged by how long it has lasted, not from when it was seen.
+pub fn shows_no_life(worker_age_ms: Option<u64>, stalled: bool, view_age_ms: u64, cfg: &RescueConfig) -> Option<u64> {
+    let age = worker_age_ms.filter(|&age| stalled && age > cfg.gate_ms && view_age_ms <= cfg.gate_ms)?;
+    Some(age - cfg.gate_ms)
 }
 
-/// When each worker was first seen showing no sign of life, on this thread's clock: the fleet
-/// view bounds the ages it reports past the gate (see `fleet::bounded_age_ms`), so how long a
-/// stall has lasted is counted here.
+/// When each worker was first seen showing no sign of life, on this thread's clock, or as
+/// the view dates it when that is earlier: the fleet view reports ages past the gate only in
+/// steps (see `fleet::bounded_age_ms`), so how long a stall has lasted is counted here too.
 #[derive(Debug, Clone, Default)]
 pub struct StallClock {
     since: std::collections::HashMap<String, u64>,
 }
 
 impl StallClock {
-    /// Records what the view says of `addr` at `now`; returns for how long it has shown no
-    /// sign of life (`None`: it does now, or nothing is known).
-    pub fn observe(&mut self, addr: &str, no_life: bool, now_ms: u64) -> Option<u64> {
-        if !no_life {
+    /// Records what the view says of `addr` at `now` ([`shows_no_life`]); returns for how long
+    /// it has shown no sign of life (`None`: it does now, or nothing is known).
+    pub fn observe(&mut self, addr: &str, no_life_for_ms: Option<u64>, now_ms: u64) -> Option<u64> {
+        let Some(known) = no_life_for_ms else {
             self.since.remove(addr);
             return None;
-        }
-        let since = *self.since.entry(addr.to_string()).or_insert(now_ms);
-        Some(now_ms.saturating_sub(since))
+        };
+        let since = self.since.entry(addr.to_string()).or_insert(now_ms);
+        *since = (*since).min(now_ms.saturating_sub(known));
+        Some(now_ms.saturating_sub(*since))
     }
 
     /// Forgets workers no longer asked about (keeps memory bounded by the attempts in flight).

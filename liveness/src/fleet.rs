@@ -465,8 +465,8 @@ pub fn view_of_workers<'a>(states: impl Iterator<Item = &'a WorkerState>, now_ms
 pub enum Ages {
     /// Each worker's exact age at `now_ms`: changes on every call.
     Exact,
-    /// An upper bound on each age that only changes when it matters to the freshness gate
-    /// ([`bounded_age_ms`]), so that dnsd can serve an unchanged fleet with `304 Not Modified`
+    /// Each age as [`bounded_age_ms`] reports it, which changes only when it matters to the
+    /// freshness gate or a few times in a stale worker's life, so that dnsd can serve an unchanged fleet with `304 Not Modified`
     /// and the filter need not re-read it. The ages are relative to the moment the view is
     /// served (its `200` or a later `304` for the same content).
     Bounded,
@@ -475,19 +475,27 @@ pub enum Ages {
 /// Ages below this are reported as this in a [`Ages::Bounded`] view: a worker that sends
 /// every 500 ms is always "under a second old", which does not change between polls.
 pub const VIEW_AGE_FLOOR_MS: u64 = 1_000;
-/// Ages past the freshness gate are reported as this in a [`Ages::Bounded`] view: the worker
-/// is stale, and by how much no longer matters to a picker.
+/// Ages past the freshness gate are reported as at least this in a [`Ages::Bounded`] view: the
+/// worker is stale.
 pub const VIEW_AGE_STALE_MS: u64 = FRESHNESS_GATE_MS + 1;
+
+/// Past the gate, a [`Ages::Bounded`] view reports the largest of these that the age has
+/// reached (at least [`VIEW_AGE_STALE_MS`]): how long a worker has shown no sign of life, to
+/// within a few seconds, with a few changes of the view in a stale worker's life. The guard
+/// reads it to judge a hang that it first sees late (a hung engine's `/metrics` can go
+/// unanswered for seconds, then answer with frozen numbers), and the pool window (10 s) stays
+/// exact.
+pub const VIEW_AGE_STALE_STEPS_MS: [u64; 6] = [5_000, EVICTION_WINDOW_MS + 1, 15_000, 20_000, 30_000, 60_000];
 
 /// A worker's age as an [`Ages::Bounded`] view reports it: never below the true age while the
 /// worker is fresh (so a reader that adds its own elapsed time never keeps a worker longer
-/// than the gate), exact from [`VIEW_AGE_FLOOR_MS`] up to the gate, and
-/// [`VIEW_AGE_STALE_MS`] past it. A reader that polls at least every
-/// `gate - VIEW_AGE_FLOOR_MS` (2 s) makes exactly the gate decisions exact ages would give
-/// (see the property test `bounded_ages_keep_gate_decisions`).
+/// than the gate), exact from [`VIEW_AGE_FLOOR_MS`] up to the gate, and past it never above
+/// the true age: [`VIEW_AGE_STALE_MS`] or the last of [`VIEW_AGE_STALE_STEPS_MS`] reached. A
+/// reader that polls at least every `gate - VIEW_AGE_FLOOR_MS` (2 s) makes exactly the gate
+/// decisions exact ages would give (see the property test `bounded_ages_keep_gate_decisions`).
 pub fn bounded_age_ms(age_ms: u64) -> u64 {
     if age_ms > FRESHNESS_GATE_MS {
-        VIEW_AGE_STALE_MS
+        VIEW_AGE_STALE_STEPS_MS.iter().copied().filter(|&s| s <= age_ms).max().unwrap_or(VIEW_AGE_STALE_MS).max(VIEW_AGE_STALE_MS)
     } else {
         age_ms.max(VIEW_AGE_FLOOR_MS)
     }

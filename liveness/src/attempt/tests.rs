@@ -315,19 +315,24 @@ fn unknown_formats_pass_untouched() {
 #[test]
 fn rescue_rules() {
     let cfg = RescueConfig::default();
-    assert!(!shows_no_life(Some(3_000), true, 100, &cfg), "fresh");
-    assert!(shows_no_life(Some(3_001), true, 100, &cfg));
-    assert!(!shows_no_life(Some(3_001), false, 100, &cfg), "silent, not stalled: not rescued");
-    assert!(!shows_no_life(None, true, 100, &cfg), "unknown worker: fail open");
-    assert!(!shows_no_life(Some(60_000), true, 3_001, &cfg), "a stale view (dnsd unreachable) judges nobody");
+    assert_eq!(shows_no_life(Some(3_000), true, 100, &cfg), None, "fresh");
+    assert_eq!(shows_no_life(Some(3_001), true, 100, &cfg), Some(1));
+    assert_eq!(shows_no_life(Some(3_001), false, 100, &cfg), None, "silent, not stalled: not rescued");
+    assert_eq!(shows_no_life(None, true, 100, &cfg), None, "unknown worker: fail open");
+    assert_eq!(shows_no_life(Some(60_000), true, 3_001, &cfg), None, "a stale view (dnsd unreachable) judges nobody");
+    assert_eq!(shows_no_life(Some(15_000), true, 100, &cfg), Some(12_000), "how long past the gate, as the view says");
     let mut clock = StallClock::default();
-    assert_eq!(clock.observe("a:1", false, 1_000), None);
-    assert_eq!(clock.observe("a:1", true, 2_000), Some(0));
-    assert_eq!(clock.observe("a:1", true, 12_000), Some(10_000));
-    assert_eq!(clock.observe("a:1", false, 12_500), None, "alive again: the clock starts over");
-    assert_eq!(clock.observe("a:1", true, 13_000), Some(0));
+    assert_eq!(clock.observe("a:1", None, 1_000), None);
+    assert_eq!(clock.observe("a:1", Some(1), 2_000), Some(1));
+    assert_eq!(clock.observe("a:1", Some(1), 12_000), Some(10_001), "this thread's clock counts on from the first sight");
+    assert_eq!(clock.observe("a:1", None, 12_500), None, "alive again: the clock starts over");
+    assert_eq!(clock.observe("a:1", Some(1), 13_000), Some(1));
     clock.retain(|_| false);
-    assert_eq!(clock.observe("a:1", true, 20_000), Some(0));
+    assert_eq!(clock.observe("a:1", Some(1), 20_000), Some(1));
+    // First seen late (its /metrics unanswered meanwhile): the view's lower bound counts.
+    assert_eq!(clock.observe("b:1", Some(12_000), 30_000), Some(12_000));
+    assert_eq!(clock.observe("b:1", Some(12_000), 30_500), Some(12_500), "a step the view has not moved past yet");
+    assert_eq!(clock.observe("b:1", Some(17_000), 31_000), Some(17_000), "the view's next step, when it says more");
     assert_eq!(rescue(true, false, None, &cfg), None);
     assert_eq!(rescue(true, false, Some(1_999), &cfg), None, "held: not before the stall has lasted its margin");
     assert_eq!(rescue(true, false, Some(2_000), &cfg), Some(Rescue::RetryNow), "held: retried then, not after the per-try budget");

@@ -305,7 +305,13 @@ fn bounded_view_is_stable_while_workers_keep_sending_and_changes_at_the_gate() {
     assert_eq!((at_gate.workers[0].age_ms, at_gate.workers[0].fresh), (3_000, true));
     let past = fleet.view_of(T0 + 4_501, &all, Ages::Bounded);
     assert_eq!((past.workers[0].age_ms, past.workers[0].fresh), (VIEW_AGE_STALE_MS, false));
-    assert_eq!(fleet.view_of(T0 + 9_000, &all, Ages::Bounded).workers, past.workers);
+    assert_eq!(fleet.view_of(T0 + 6_499, &all, Ages::Bounded).workers, past.workers);
+    // Further past it, a few steps: how long it has shown no sign of life, never overstated,
+    // and the pool window (10 s) exact.
+    let age_at = |t: u64| fleet.view_of(t, &all, Ages::Bounded).workers[0].age_ms;
+    assert_eq!([age_at(T0 + 6_500), age_at(T0 + 11_500), age_at(T0 + 11_501), age_at(T0 + 16_499), age_at(T0 + 16_500)], [5_000, 5_000, 10_001, 10_001, 15_000]);
+    let window = |t: u64| fleet.view_of(t, &all, Ages::Bounded).pools.iter().map(|p| p.in_window).sum::<usize>();
+    assert_eq!((window(T0 + 11_500), window(T0 + 11_501)), (2, 0), "both leave the window 10 s after their last frame");
     // The exact form is unchanged.
     assert_eq!(fleet.view(T0 + 2_700).workers[0].age_ms, 1_200);
     assert_eq!(fleet.view(T0 + 2_700).now_ms, T0 + 2_700);
@@ -400,6 +406,11 @@ proptest! {
         prop_assert_eq!(b + e <= FRESHNESS_GATE_MS, age + e <= FRESHNESS_GATE_MS);
         if age <= FRESHNESS_GATE_MS {
             prop_assert!(b >= age);
+        } else {
+            // Past the gate: a lower bound (what a reader may count as time without life),
+            // and on the same side of the pool window.
+            prop_assert!(b > FRESHNESS_GATE_MS && b <= age);
+            prop_assert_eq!(b <= EVICTION_WINDOW_MS, age <= EVICTION_WINDOW_MS);
         }
     }
 

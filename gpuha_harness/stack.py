@@ -410,6 +410,9 @@ class FleetSamples:
     def __init__(self, stack: "Stack", interval: float = 0.2):
         self.stack, self.interval = stack, interval
         self.samples: list[tuple[float, dict[str, dict]]] = []
+        # Reads of the view that failed (dnsd did not answer in time, or garbled): a starved
+        # dnsd shows here, and in the gaps between samples.
+        self.failures: list[tuple[float, str]] = []
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._sample, daemon=True)
 
@@ -417,8 +420,8 @@ class FleetSamples:
         while not self._stop.wait(self.interval):  # a sampling interval, not a wait for readiness
             try:
                 self.samples.append((time.monotonic(), self.stack.fleet_workers()))
-            except (OSError, AssertionError, ValueError):
-                continue
+            except (OSError, AssertionError, ValueError) as e:
+                self.failures.append((time.monotonic(), type(e).__name__))
 
     def __enter__(self) -> "FleetSamples":
         self._thread.start()

@@ -466,8 +466,8 @@ pub enum Ages {
     /// Each worker's exact age at `now_ms`: changes on every call.
     Exact,
     /// Each age as [`bounded_age_ms`] reports it, which changes only when it matters to the
-    /// freshness gate or a few times in a stale worker's life, so that dnsd can serve an unchanged fleet with `304 Not Modified`
-    /// and the filter need not re-read it. The ages are relative to the moment the view is
+    /// freshness gate or a few times in a stale worker's life, so that dnsd can serve an
+    /// unchanged fleet with `304 Not Modified` and the filter need not re-read it. The ages are relative to the moment the view is
     /// served (its `200` or a later `304` for the same content).
     Bounded,
 }

@@ -87,6 +87,69 @@ def test_engine_hang_with_metrics_answering(stack):
     assert filter_stat(envoy, "stall_truncations") >= len(on_hung_streams)
 
 
+def test_engine_hang_seen_late(stack):
+    """A hang that dnsd sees late: the worker's engine hangs, its frames show the counters
+    frozen, then its telemetry goes quiet (its sidecar stopped: what a hung vLLM whose API
+    server is too busy to answer `/metrics` looks like; seen with the real CPU build for 13-17 s
+    after its EngineCore stopped). dnsd sees it silent, and the guard does not act on silence
+    alone. When frames come again, still frozen, it is stalled, and the guard judges it by how
+    long it has shown no sign of life as dnsd's view dates it, not from when it first saw the
+    stall: its streams past their first token end within the bound of a hang seen at once
+    (3 s + 10 s from the hang, a tick and the view's poll), not 10 s after the frames came back
+    (~18.5 s here)."""
+    stack.start_dnsd()
+    workers = [stack.start_worker(f"w{i}", ttft_ms=50, tokens_per_s=20, sidecar=i != 2) for i in (1, 2, 3)]
+    hung = workers[1]
+    stack.start_sidecar(hung, verbose=True)  # its frames are counted below
+    stack.wait_fresh([w.id for w in workers])
+    envoy = stack.start_pool_router(per_try_timeout="8s")
+    warm_up(stack, envoy)
+    client = make_client(envoy.base_url, timeout=60)
+    quiet_s = 8.0
+    with ThreadPoolExecutor(max_workers=16) as pool:
+        # Long streams on every worker (20 s at 20 tokens/s): some are on the one that hangs.
+        longs = [pool.submit(chat, client, i, 400) for i in range(9)]
+        wait_for(lambda: sum(1 for w in stack.fleet_workers().values() if (w.get("running") or 0) > 0) == 3, 10,
+                 "every worker streaming", interval=0.1)
+        hang_mono = time.monotonic()
+        hung.proc.signal(signal.SIGUSR1)
+        wait_for(lambda: "engine hung" in hung.proc.err_path.read_text(errors="replace"), 5, "fake-vllm to log its engine hang")
+        # Two frames sent after that: at least one scraped after the hang, its counters frozen.
+        sent = hung.frames_sent()
+        wait_for(lambda: hung.frames_sent() >= sent + 2, 5, "two frames after the hang", interval=0.05)
+        assert hung.sidecar is not None
+        hung.sidecar.stop()
+        wait_for(lambda: (lambda w: not w.get("fresh") and not w.get("stalled") and (w.get("age_ms") or 0) >= quiet_s * 1000)(
+            stack.fleet_workers()[hung.id]), quiet_s + 5, f"dnsd to see {hung.id} silent, {quiet_s:.0f} s after its last sign of life",
+            interval=0.1)
+        silent_s = time.monotonic() - hang_mono
+        hung.sidecar.cont()
+        stalled = wait_for(lambda: (lambda w: w if w.get("stalled") else None)(stack.fleet_workers()[hung.id]), 5,
+                           f"dnsd to see {hung.id} stalled", interval=0.05)
+        seen_stalled_s = time.monotonic() - hang_mono
+        # Its last sign of life as dnsd dates it (the last frame whose counters moved).
+        last_life_s = seen_stalled_s - stalled["age_ms"] / 1000
+        outcomes = [f.result(timeout=60) for f in longs]
+    on_hung = [o for o in outcomes if o.worker == hung.id]
+    stream_end = max((o.ended - hang_mono for o in on_hung), default=0.0)
+    report(f"hang seen late: {hung.id} silent until {silent_s:.2f} s, stalled from {seen_stalled_s:.2f} s after the hang, "
+           f"its last sign of life {last_life_s:+.2f} s; its "
+           f"{len(on_hung)} streams {summarize(on_hung)} ended by {stream_end:.2f} s after the hang (stall truncations "
+           f"{filter_stat(envoy, 'stall_truncations')}); all {summarize(outcomes)}")
+    assert_whole_and_single_worker(outcomes)
+    assert on_hung, "no stream was on the hung worker: the drill tested nothing"
+    for o in on_hung:
+        assert o.kind == "truncated", o.describe()
+    assert all(o.kind == "completed" for o in outcomes if o.worker != hung.id), [o.describe() for o in outcomes][:5]
+    assert last_life_s <= 1.5, f"dnsd saw {hung.id} alive until {last_life_s:.2f} s after the hang (frames every 0.5 s)"
+    # 3 s gate + 10 s from the last sign of life; 2 s for the view's poll, the guard's tick and
+    # the client's read of the end (seen: 14.6-15.0 s from the hang, last sign of life +0.45 s).
+    # Judged from when the frames came back instead, they ended at 19.9 s.
+    assert stream_end <= last_life_s + 15.0, (f"streams on the hung worker ended {stream_end:.2f} s after the hang, its last "
+                                              f"sign of life {last_life_s:+.2f} s, dnsd saw it stalled at {seen_stalled_s:.2f} s")
+    assert filter_stat(envoy, "stall_truncations") >= len(on_hung)
+
+
 def test_gray_failure_slow_worker_gets_fewer_requests(stack):
     """One worker slowed to a fifth of its peers' decode pace (fake-vllm's SIGUSR2: a throttled
     GPU): judged against its peers, it gets proportionally fewer new requests; the same slowdown

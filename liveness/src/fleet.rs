@@ -495,7 +495,7 @@ pub const VIEW_AGE_STALE_STEPS_MS: [u64; 6] = [5_000, EVICTION_WINDOW_MS + 1, 15
 /// decisions exact ages would give (see the property test `bounded_ages_keep_gate_decisions`).
 pub fn bounded_age_ms(age_ms: u64) -> u64 {
     if age_ms > FRESHNESS_GATE_MS {
-        VIEW_AGE_STALE_STEPS_MS.iter().copied().filter(|&s| s <= age_ms).max().unwrap_or(VIEW_AGE_STALE_MS).max(VIEW_AGE_STALE_MS)
+        VIEW_AGE_STALE_STEPS_MS.iter().rev().find(|&&s| s <= age_ms).copied().unwrap_or(VIEW_AGE_STALE_MS)
     } else {
         age_ms.max(VIEW_AGE_FLOOR_MS)
     }

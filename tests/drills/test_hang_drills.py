@@ -119,13 +119,19 @@ def test_engine_hang_seen_late(stack):
         wait_for(lambda: hung.frames_sent() >= sent + 2, 5, "two frames after the hang", interval=0.05)
         assert hung.sidecar is not None
         hung.sidecar.stop()
-        wait_for(lambda: (lambda w: not w.get("fresh") and not w.get("stalled") and (w.get("age_ms") or 0) >= quiet_s * 1000)(
-            stack.fleet_workers()[hung.id]), quiet_s + 5, f"dnsd to see {hung.id} silent, {quiet_s:.0f} s after its last sign of life",
-            interval=0.1)
+
+        def silent_long_enough() -> bool:
+            w = stack.fleet_workers()[hung.id]
+            return not w.get("fresh") and not w.get("stalled") and (w.get("age_ms") or 0) >= quiet_s * 1000
+
+        def stalled_entry():
+            w = stack.fleet_workers()[hung.id]
+            return w if w.get("stalled") else None
+
+        wait_for(silent_long_enough, quiet_s + 5, f"dnsd to see {hung.id} silent, {quiet_s:.0f} s after its last sign of life", interval=0.1)
         silent_s = time.monotonic() - hang_mono
         hung.sidecar.cont()
-        stalled = wait_for(lambda: (lambda w: w if w.get("stalled") else None)(stack.fleet_workers()[hung.id]), 5,
-                           f"dnsd to see {hung.id} stalled", interval=0.05)
+        stalled = wait_for(stalled_entry, 5, f"dnsd to see {hung.id} stalled", interval=0.05)
         seen_stalled_s = time.monotonic() - hang_mono
         # Its last sign of life as dnsd dates it (the last frame whose counters moved).
         last_life_s = seen_stalled_s - stalled["age_ms"] / 1000

@@ -969,7 +969,7 @@ def last_sign_of_life(view: harness.FleetSamples, wid: str, t0: float, t1: float
 def view_timeline(view: harness.FleetSamples, t0: float, t1: float) -> str:
     """dnsd's view of each server from t0 to t1 (times in seconds after t0): how many samples
     showed it not fresh, the first of them, the first showing no sign of life (stalled, last
-    frame older than the 3 s gate: what the guard acts on), the oldest frame. The hang drill's
+    sign of life older than the 3 s gate: what the guard acts on), the longest time without one. The hang drill's
     bounds rest on what the routers saw (the guard ends a hung server's streams only while
     another server is alive); when they are missed, this says whether a server looked dead or
     alive, and when."""
@@ -981,7 +981,7 @@ def view_timeline(view: harness.FleetSamples, t0: float, t1: float) -> str:
         no_life = [t for t, w in seen if w.get("stalled") and (w.get("age_ms") or 0) > 3000]
         line = f"{wid}: not fresh {len(stale)}/{len(seen)}" + (f" (first {stale[0]:+.1f}s)" if stale else "")
         line += f", no sign of life from {no_life[0]:+.1f}s" if no_life else ", no sign of life never"
-        line += f", oldest frame {max((w.get('age_ms') or 0 for _, w in seen), default=0) / 1000:.1f}s"
+        line += f", longest without a sign of life {max((w.get('age_ms') or 0 for _, w in seen), default=0) / 1000:.1f}s"
         # Each change of condition: A alive (fresh), S stalled (frames, numbers frozen), D silent.
         changes, last = [], None
         for t, w in seen:

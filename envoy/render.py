@@ -497,7 +497,10 @@ def main(argv=None):
         guard = {"role": "guard"}
         guard.update(a.guard_config)
         chain, tier_values = render_tiers(a, values, guard, ap)
-        if chain["tiers"] or a.tier_name != "primary":
+        # The chain's own_endpoints are the cluster's static members: the picker counts its
+        # retries past a request's list over them as well as over dnsd's view (which knows only
+        # the workers whose frames it has had: after its restart, maybe one).
+        if chain["tiers"] or a.tier_name != "primary" or chain["own_endpoints"]:
             picker["tiers"] = chain
             guard["tiers"] = chain
         if not 0.0 <= a.spill_share <= 1.0:

@@ -18,7 +18,7 @@ def filter_stat(envoy: Envoy, name: str) -> int:
 ACCESS_RX = re.compile(
     r"^\[(?P<start>[^\]]+)\] \"(?P<method>\S+) (?P<path>\S+)\" (?P<code>\d+) flags=(?P<flags>\S*) "
     r"upstream=(?P<upstream>\S*) attempts=(?P<attempts>\S*) guard=(?P<guard>\S*) endpoints=(?P<endpoints>\S*)"
-    r"(?: probe=(?P<probe>\S*))?(?: tier=(?P<tier>\S*) spilled=(?P<spilled>\S*))?")
+    r"(?: probe=(?P<probe>\S*))?(?: tier=(?P<tier>\S*) spilled=(?P<spilled>\S*))?(?: details=(?P<details>\S*))?")
 
 
 def access_entries(envoy: Envoy, settle: bool = True) -> list[dict]:

@@ -61,8 +61,12 @@ impl Picker {
 
     /// Writes the request's endpoint list: the picked workers, then the chain's tiers, and how
     /// many retries Envoy makes for it: the list's, then up to `pick.retries_past_list` on the
-    /// router's workers in `view` the list does not name (`gpuha_liveness::pick::retries_for`).
-    /// `false` when the list is empty (nothing was picked and no tier applies).
+    /// router's workers the list does not name (`gpuha_liveness::pick::retries_for`): the
+    /// cluster's configured workers (`tiers.own_endpoints`) and those of `view`. Not the view's
+    /// alone: a dnsd that has just restarted knows only the workers whose frames it has had since,
+    /// and a list of its one known worker got no retry at all while the cluster held four more
+    /// (the kill soak's 502 after 1 attempt of 3). `false` when the list is empty (nothing was
+    /// picked and no tier applies).
     fn list(&self, own: &[String], view: &gpuha_liveness::FleetView) -> bool {
         let listed = self.cfg.tiers.endpoints(own, &self.path, self.spilled);
         if listed.endpoints.is_empty() {
@@ -71,7 +75,8 @@ impl Picker {
         // Both headers were removed at the request's headers, and a request is listed once.
         host::add_request_header(ENDPOINTS_HEADER, &listed.endpoints.join(","));
         let pools = &self.cfg.pick.pools;
-        let members = view.workers.iter().filter(|w| !w.drained && (pools.is_empty() || pools.contains(&w.pool))).map(|w| w.addr.as_str());
+        let known = view.workers.iter().filter(|w| !w.drained && (pools.is_empty() || pools.contains(&w.pool))).map(|w| w.addr.as_str());
+        let members = self.cfg.tiers.own_endpoints.iter().map(String::as_str).chain(known);
         let retries = retries_for(&listed.endpoints, members, self.cfg.pick.retries_past_list);
         host::add_request_header(MAX_RETRIES_HEADER, &retries.to_string());
         if listed.spills {

@@ -76,6 +76,34 @@ def test_fail_open_retries_never_go_back_to_a_worker_they_tried(stack):
     assert all(e["upstream"] == workers[2].addr for e in entries if e["code"] == "200")
 
 
+def test_a_list_of_the_one_worker_dnsd_knows_still_retries_on_the_clusters_others(stack):
+    """Found by the kill soak (CI: a 502 after 1 attempt of the 3 it could make): dnsd knows only
+    the workers whose frames it has had (just restarted: those that have sent one since), and the
+    picker counted its retries past the list over dnsd's workers alone. A list of the one worker
+    dnsd knew got `x-envoy-max-retries: 0`, so when that worker failed the client got the error
+    while the cluster held live workers. The retries past the list count the cluster's configured
+    workers too: here dnsd knows w1 only (w2 and w3 have no sidecar), w1 is killed, and the
+    requests listed to it while its last frames still look fresh complete on w2 or w3."""
+    stack.start_dnsd()
+    workers = [stack.start_worker(f"w{i + 1}", ttft_ms=5, tokens_per_s=500, sidecar=i == 0) for i in range(3)]
+    stack.wait_fresh(["w1"])
+    envoy = stack.start_pool_router(picker_config=json.dumps({"pick": {"affinity": {"enabled": False}}}))
+    warm = make_client(envoy.base_url, timeout=10)
+    wait_for(lambda: chat(warm, 0, 2).kind == "completed" and filter_stat(envoy, "picks") >= 1, 10,
+             "a request the picker picked for", interval=0.1)
+    workers[0].proc.kill9()
+    client = make_client(envoy.base_url, timeout=30)
+    outcomes = [chat(client, i, 3) for i in range(1, 7)]
+    entries = [e for e in access_entries(envoy) if e["path"].endswith("/chat/completions")]
+    listed_dead = [e for e in entries[-len(outcomes):] if e["endpoints"] == [workers[0].addr]]
+    report(f"a list of the one worker dnsd knows, that worker killed: {[o.describe() for o in outcomes]}; access log "
+           f"{[(e['code'], e['attempts'], e['upstream'], e['endpoints']) for e in entries[-len(outcomes):]]}")
+    assert listed_dead, "no request was listed to the killed worker alone: the drill tested nothing"
+    assert all(o.kind == "completed" for o in outcomes), [o.describe() for o in outcomes if o.kind != "completed"]
+    assert all(e["code"] == "200" and e["attempts"] >= 2 and e["upstream"] in (workers[1].addr, workers[2].addr)
+               for e in listed_dead), listed_dead
+
+
 def running_requests(w) -> int:
     """vLLM's `num_requests_running` on `w`'s /metrics (0 when it does not answer)."""
     try:

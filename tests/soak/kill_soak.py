@@ -531,7 +531,8 @@ class Soak:
         unlisted = [a for a in by_addr if a not in eps]
         could = len(eps) + min(RETRIES_PAST_LIST, len(unlisted))
         if not eps or attempts < could:
-            return f"{attempts} attempts of the {could} it could make, for endpoints {eps or 'none (no pick)'}"
+            return (f"{attempts} attempts of the {could} it could make, for endpoints {eps or 'none (no pick)'}; "
+                    f"code {entry['code']} flags={entry['flags']} upstream={entry['upstream']} details={entry.get('details')}")
         live = []
         faults = []
         for addr in eps + (unlisted if attempts > len(eps) else []):

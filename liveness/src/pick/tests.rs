@@ -21,6 +21,11 @@ fn retries_go_past_the_list_only_to_untried_workers() {
     // A short list (one fresh worker) and tiers after it.
     assert_eq!(retries_for(&l(&["a", "tier:1"]), ["a", "b", "c"], 2), 3);
     assert_eq!(retries_for(&[], ["a"], 2), 1);
+    // A dnsd just restarted knows one worker, the one listed: by its view alone no retry at all
+    // (the kill soak's 502 after 1 attempt); the cluster's configured workers, which the picker
+    // counts before the view's, give the attempts past the list.
+    assert_eq!(retries_for(&l(&["a"]), ["a"], 2), 0);
+    assert_eq!(retries_for(&l(&["a"]), ["a", "b", "c", "d", "e"].into_iter().chain(["a"]), 2), 2);
     assert!(PickConfig { retries_past_list: 9, ..PickConfig::default() }.validate().is_err());
     assert!(PickConfig { retries_past_list: 8, ..PickConfig::default() }.validate().is_ok());
 }

@@ -10,7 +10,9 @@ disabled by config, so the comparison is the picker's and nothing else.
 from __future__ import annotations
 
 import json
+import random
 import re
+import threading
 from concurrent.futures import ThreadPoolExecutor
 
 import gpuha_harness as harness
@@ -62,21 +64,42 @@ def hit_rate(before, after) -> float:
 
 def run_sessions(client, tag: str, sessions: int, turns: int, parallel: int = 6) -> dict[int, list]:
     """`sessions` conversations sharing SYSTEM, each with its own opening message and `turns`
-    turns resending the growing history. Returns per session the worker of each turn."""
-
-    def one(s: int):
-        msgs = [{"role": "system", "content": SYSTEM},
+    turns resending the growing history, `parallel` requests at a time. Each next request is the
+    next turn of a session drawn at random from those waiting (seeded: the same order each run),
+    as when many users read and type between turns. Not each session's turns back to back: a turn
+    sent the moment its answer ended found the worker that had just finished it the least loaded,
+    so the picker without affinity kept a share of turns on their worker by that alone, and the
+    share moved with the machine's timing (no session of 60 on one worker in most runs here, 13 in
+    CI's: a hit rate 8 points higher than here, and the 15-point bound missed). Nor in a fixed
+    order: sessions then met the same others at each turn, and the same tie-breaks (the hit rate
+    without affinity 56 % or 62 % by run). Returns per session the worker of each turn."""
+    msgs = {s: [{"role": "system", "content": SYSTEM},
                 {"role": "user", "content": f"{tag} session {s}: " + " ".join(f"fact{s}-{k}" for k in range(150))}]
-        seen = []
-        for t in range(turns):
-            wid, text, err = converse(client, msgs)
-            seen.append(wid if err is None else err)
-            msgs = msgs + [{"role": "assistant", "content": text.strip()},
-                           {"role": "user", "content": f"turn {t} follow-up " + " ".join(f"q{s}-{t}-{k}" for k in range(20))}]
-        return seen
+            for s in range(sessions)}
+    seen: dict[int, list] = {s: [] for s in range(sessions)}
+    ready = list(range(sessions))
+    lock = threading.Lock()
+    rng = random.Random(sessions * 1000 + turns)
+
+    def run() -> None:
+        while True:
+            with lock:
+                if not ready:
+                    return
+                s = ready.pop(rng.randrange(len(ready)))
+            t = len(seen[s])
+            wid, text, err = converse(client, msgs[s])
+            seen[s].append(wid if err is None else err)
+            msgs[s] = msgs[s] + [{"role": "assistant", "content": text.strip()},
+                                 {"role": "user", "content": f"turn {t} follow-up " + " ".join(f"q{s}-{t}-{k}" for k in range(20))}]
+            if t + 1 < turns:
+                with lock:
+                    ready.append(s)
 
     with ThreadPoolExecutor(max_workers=parallel) as pool:
-        return dict(enumerate(pool.map(one, range(sessions))))
+        for f in [pool.submit(run) for _ in range(parallel)]:
+            f.result()
+    return seen
 
 
 def fleet_summary(view: harness.FleetSamples) -> str:
@@ -148,8 +171,12 @@ def test_multi_turn_affinity_hits_the_cache_spreads_and_fails_over(stack):
            f"affine {[filter_stat(affine, k) for k in ('breaker_trips', 'pre_token_retries', 'fail_open')]}; dnsd's view during the runs: "
            f"off [{fleet_summary(watch_off)}], on [{fleet_summary(watch_on)}]")
     assert filter_stat(plain, "affinity_keyed") == 0, "affinity disabled by config reads no key"
-    # A session spills only when its worker holds well over the mean load (keep bound).
-    assert sticky_on >= sessions * 0.85, {s: v for s, v in on.items() if len(set(v)) > 1}
+    # A session leaves its worker only by a spill, and spills only when its worker holds well over
+    # the mean load (keep bound): with 6 requests in flight on 3 workers, 4 of the 5 others on its
+    # worker. Requests drawn at random put that on a few sessions of 60 (5-12 here).
+    moved = {s: v for s, v in on.items() if len(set(v)) > 1}
+    assert len(moved) <= filter_stat(affine, "affinity_spills"), moved
+    assert sticky_on >= sessions * 0.75, moved
     assert sticky_off < sessions / 2, sticky_off
     assert rate_on >= rate_off + 0.15, (rate_off, rate_on)
     assert uncached_on <= 0.6 * uncached_off, (uncached_off, uncached_on)

@@ -3,10 +3,12 @@ slept for."""
 
 from __future__ import annotations
 
+import random
 import socket
 import time
 import urllib.error
 import urllib.request
+from pathlib import Path
 from typing import Callable, Optional, TypeVar
 
 T = TypeVar("T")
@@ -31,11 +33,40 @@ def wait_for(pred: Callable[[], Optional[T]], timeout: float, what: str, interva
 _GIVEN: set[int] = set()
 
 
+def _ephemeral_range() -> tuple[int, int]:
+    """The kernel's range for the local ports of outgoing connections (and of binds to port 0)."""
+    try:
+        lo, hi = (int(x) for x in Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split())
+        return lo, hi
+    except (OSError, ValueError):
+        return 32768, 60999
+
+
+# Ports handed out below the ephemeral range start here.
+_QUIET_PORTS_FROM = 20000
+
+
 def free_port() -> int:
     """A TCP port that was free a moment ago (for processes that cannot bind port 0 themselves
     and report it, such as Envoy's listeners rendered into a config), and never one this process
     was given before: two calls before anything binds can otherwise get the same port back (an
-    Envoy config with its listener and a tier listener on one port, seen once in CI's drills)."""
+    Envoy config with its listener and a tier listener on one port, seen once in CI's drills).
+    Chosen below the kernel's ephemeral range where there is room: a port from that range could
+    be taken by any outgoing connection (a sidecar's scrape, a client) before its process binds
+    it (seen: Envoy exited with "cannot bind: Address already in use" on its listener's port)."""
+    lo, _ = _ephemeral_range()
+    if lo - _QUIET_PORTS_FROM >= 1000:
+        for _ in range(100):
+            port = random.randrange(_QUIET_PORTS_FROM, lo)
+            if port in _GIVEN:
+                continue
+            with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+                try:
+                    s.bind(("127.0.0.1", port))
+                except OSError:
+                    continue
+            _GIVEN.add(port)
+            return port
     while True:
         with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
             s.bind(("127.0.0.1", 0))

@@ -59,9 +59,13 @@ pub struct WorkerState {
     pub frame: Frame,
     /// When the newest accepted frame was received (receiver's clock).
     pub last_rx_ms: u64,
-    /// When the newest frame that showed progress or an idle engine was received: the last
-    /// evidence of life ([`progress`]). Equal to `last_rx_ms` unless the engine is stuck.
+    /// When the newest frame that showed progress or an idle engine was received ([`progress`]):
+    /// what keeps the worker in its pool's window. Equal to `last_rx_ms` unless the engine is stuck.
     pub last_progress_ms: u64,
+    /// The last sure evidence of life, what the worker's age counts from (freshness, stall, the
+    /// view's age): `last_progress_ms`, except for counters that moved across a silence past the
+    /// gate, which moved at an unknown instant after the frame before it ([`life_ms`]).
+    pub life_ms: u64,
     /// When the current run of frames began: the first frame after the worker was out of the
     /// eviction window (or new). Failback waits for [`FAILBACK_HOLD_DOWN_MS`] of it.
     pub streak_start_ms: u64,
@@ -70,12 +74,13 @@ pub struct WorkerState {
 
 impl WorkerState {
     fn new(frame: Frame, now_ms: u64, streak_start_ms: u64) -> Self {
-        WorkerState { frame, last_rx_ms: now_ms, last_progress_ms: now_ms, streak_start_ms, derived: Derived::default() }
+        WorkerState { frame, last_rx_ms: now_ms, last_progress_ms: now_ms, life_ms: now_ms, streak_start_ms, derived: Derived::default() }
     }
 
-    /// Time since the last evidence of life: frames that show progress or an idle engine.
+    /// Time since the last sure evidence of life (`life_ms`): frames that show progress or an
+    /// idle engine.
     pub fn age_ms(&self, now_ms: u64) -> u64 {
-        now_ms.saturating_sub(self.last_progress_ms)
+        now_ms.saturating_sub(self.life_ms)
     }
 
     /// Frames still arrive, but the busy engine has shown no progress for longer than the
@@ -105,9 +110,11 @@ impl WorkerState {
         }
     }
 
-    /// Heard from within the pool eviction window.
+    /// Heard from within the pool eviction window: a frame that showed progress or an idle
+    /// engine, dated at its arrival (`last_progress_ms`). Not the sure age: a worker whose
+    /// telemetry comes in bursts seconds apart (a busy host's `/metrics`) keeps its pool.
     pub fn is_in_window(&self, now_ms: u64) -> bool {
-        self.age_ms(now_ms) <= EVICTION_WINDOW_MS
+        now_ms.saturating_sub(self.last_progress_ms) <= EVICTION_WINDOW_MS
     }
 
     /// In the window, and has been sending for at least the failback hold-down.
@@ -125,6 +132,24 @@ impl WorkerState {
     }
 }
 
+/// When the last sure evidence of life was, once a frame that is evidence of life
+/// ([`progress`]) arrives at `now_ms`: the frame before it arrived at `prev_rx_ms`, and the
+/// last sure evidence before was at `life_ms`. Its arrival, unless its only evidence is counters
+/// that moved (`moved`: the engine busy, its numbers changed) after a silence past the
+/// freshness gate: they moved at some instant after the frame before, unknown, so the frame
+/// before is the last sure sign. A hung engine whose telemetry went quiet shows, in its first
+/// frame back, the tokens it made before it hung; dated at that frame's arrival it was fresh
+/// again for 3 s and its streams' stall clock started over (the streams ended 22 s after the
+/// hang, not 13). A live engine shows progress again in its next frame (500 ms later); an idle
+/// one, or a frame with nothing to judge by, is dated at its arrival.
+pub fn life_ms(prev_rx_ms: u64, life_ms: u64, now_ms: u64, moved: bool) -> u64 {
+    if moved && now_ms.saturating_sub(prev_rx_ms) > FRESHNESS_GATE_MS {
+        prev_rx_ms.max(life_ms)
+    } else {
+        now_ms
+    }
+}
+
 /// Whether `next` (the frame after `prev`, same boot) is evidence of life: the engine is idle
 /// (nothing running or waiting), or any number its engine reports moved: engine steps,
 /// generated or prompt tokens, KV-cache usage, preemptions, the running or waiting count. A
@@ -135,9 +160,27 @@ impl WorkerState {
 /// of these cannot be judged: every one counts (no data is not death). A counter that went down
 /// was reset: a change too.
 pub fn progress(prev: &Metrics, next: &Metrics) -> bool {
+    evidence(prev, next) != Evidence::Frozen
+}
+
+/// What a frame says of its engine's life, against the frame before ([`progress`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Evidence {
+    /// Nothing running or waiting: never stalled.
+    Idle,
+    /// No counters to judge by: every frame counts.
+    Unjudged,
+    /// Busy, and a counter, gauge or queue length changed since the frame before.
+    Moved,
+    /// Busy, and every number frozen.
+    Frozen,
+}
+
+/// [`Evidence`] of `next` against `prev`.
+pub fn evidence(prev: &Metrics, next: &Metrics) -> Evidence {
     let busy = next.running.unwrap_or(0.0) + next.waiting.unwrap_or(0.0) > 0.0;
     if !busy {
-        return true;
+        return Evidence::Idle;
     }
     // The engine's counters and gauges; a frame with none of them (only the queue lengths)
     // cannot be judged.
@@ -145,7 +188,13 @@ pub fn progress(prev: &Metrics, next: &Metrics) -> bool {
     let queues = |m: &Metrics| [m.running, m.waiting];
     let moved = |a: &[Option<f64>], b: &[Option<f64>]| a.iter().zip(b).any(|(a, b)| matches!((a, b), (Some(a), Some(b)) if a != b));
     let judged = counters(prev).iter().zip(counters(next).iter()).any(|(a, b)| a.is_some() && b.is_some());
-    !judged || moved(&counters(prev), &counters(next)) || moved(&queues(prev), &queues(next))
+    if !judged {
+        Evidence::Unjudged
+    } else if moved(&counters(prev), &counters(next)) || moved(&queues(prev), &queues(next)) {
+        Evidence::Moved
+    } else {
+        Evidence::Frozen
+    }
 }
 
 /// The earliest instant at which a worker counting over `old` instead of `new` (inclusive spans,
@@ -306,16 +355,18 @@ impl FleetState {
                 let old_span = w.counting_span();
                 let same_pool = w.frame.pool_id == frame.pool_id();
                 if w.frame.boot_id == frame.boot_id() {
-                    let alive = progress(&w.frame.metrics, frame.metrics());
+                    let seen = evidence(&w.frame.metrics, frame.metrics());
+                    let alive = seen != Evidence::Frozen;
                     if alive && !w.is_in_window(now_ms) {
                         w.streak_start_ms = now_ms;
                     }
                     w.derived = derive(&w.frame.metrics, w.frame.sent_ms, frame.metrics(), frame.sent_ms(), w.derived);
                     frame.store(&mut w.frame);
-                    w.last_rx_ms = now_ms;
                     if alive {
+                        w.life_ms = life_ms(w.last_rx_ms, w.life_ms, now_ms, seen == Evidence::Moved);
                         w.last_progress_ms = now_ms;
                     }
+                    w.last_rx_ms = now_ms;
                 } else {
                     // A restart (new boot id): derived values start over; the streak goes on if
                     // the worker never left the window (a quick sidecar restart is no failback).
@@ -324,6 +375,7 @@ impl FleetState {
                     frame.store(&mut w.frame);
                     w.last_rx_ms = now_ms;
                     w.last_progress_ms = now_ms;
+                    w.life_ms = now_ms;
                     w.streak_start_ms = streak_start_ms;
                     w.derived = Derived::default();
                 }
@@ -439,8 +491,20 @@ impl FleetState {
 /// worker, one map entry per pool.
 pub fn view_of_workers<'a>(states: impl Iterator<Item = &'a WorkerState>, now_ms: u64, pools: &[String], ages: Ages) -> FleetView {
     let wanted: HashSet<&str> = pools.iter().map(String::as_str).collect();
-    let mut workers: Vec<WorkerView> =
-        states.filter(|w| wanted.is_empty() || wanted.contains(w.frame.pool_id.as_str())).map(|w| WorkerView::of(w, now_ms)).collect();
+    // Pool counts from the states: the window counts from the last progress frame's arrival,
+    // which the view's (sure) age may be older than (`WorkerState::is_in_window`).
+    let mut by_pool: BTreeMap<&str, PoolView> = BTreeMap::new();
+    let mut workers: Vec<WorkerView> = states
+        .filter(|w| wanted.is_empty() || wanted.contains(w.frame.pool_id.as_str()))
+        .map(|w| {
+            let v = WorkerView::of(w, now_ms);
+            let p = by_pool.entry(w.frame.pool_id.as_str()).or_insert_with(|| PoolView { pool: v.pool.clone(), workers: 0, fresh: 0, in_window: 0 });
+            p.workers += 1;
+            p.fresh += usize::from(v.fresh);
+            p.in_window += usize::from(w.is_in_window(now_ms));
+            v
+        })
+        .collect();
     if ages == Ages::Bounded {
         for w in &mut workers {
             w.age_ms = bounded_age_ms(w.age_ms);
@@ -448,13 +512,6 @@ pub fn view_of_workers<'a>(states: impl Iterator<Item = &'a WorkerState>, now_ms
     }
     workers.sort_by(|a, b| a.id.cmp(&b.id));
     mark_slow_workers(&mut workers);
-    let mut by_pool: BTreeMap<&str, PoolView> = BTreeMap::new();
-    for w in &workers {
-        let p = by_pool.entry(w.pool.as_str()).or_insert_with(|| PoolView { pool: w.pool.clone(), workers: 0, fresh: 0, in_window: 0 });
-        p.workers += 1;
-        p.fresh += usize::from(w.fresh);
-        p.in_window += usize::from(w.age_ms <= EVICTION_WINDOW_MS);
-    }
     let pools = by_pool.into_values().collect();
     let now_ms = if ages == Ages::Bounded { 0 } else { now_ms };
     FleetView { now_ms, workers, pools }

@@ -230,7 +230,7 @@ mod tests {
             adapters: vec![],
             metrics: Metrics::default(),
         };
-        WorkerState { frame, last_rx_ms, last_progress_ms: last_rx_ms, streak_start_ms: last_rx_ms, derived: Default::default() }
+        WorkerState { frame, last_rx_ms, last_progress_ms: last_rx_ms, life_ms: last_rx_ms, streak_start_ms: last_rx_ms, derived: Default::default() }
     }
 
     fn query(pools: &[&str], tiers: &[&str]) -> EdsQuery {
@@ -337,6 +337,7 @@ mod tests {
         fn fresh_workers_are_members(rx in 0u64..1_000_000, progress_back in 0u64..10_000, dt in 0u64..200_000, leave in 0u64..300_000) {
             let mut w = worker("w", "a", "127.0.0.1:1", rx);
             w.last_progress_ms = rx.saturating_sub(progress_back);
+            w.life_ms = w.last_progress_ms;
             let now = rx + dt;
             if w.is_fresh(now) {
                 prop_assert!(is_member(&w, now, leave));

@@ -9,6 +9,7 @@ Each drill prints one line of figures (run with `-s`).
 
 from __future__ import annotations
 
+import re
 import signal
 import threading
 import time
@@ -153,6 +154,82 @@ def test_engine_hang_seen_late(stack):
     # Judged from when the frames came back instead, they ended at 19.9 s.
     assert stream_end <= last_life_s + 15.0, (f"streams on the hung worker ended {stream_end:.2f} s after the hang, its last "
                                               f"sign of life {last_life_s:+.2f} s, dnsd saw it stalled at {seen_stalled_s:.2f} s")
+    assert filter_stat(envoy, "stall_truncations") >= len(on_hung)
+
+
+def generated_tokens(w) -> float:
+    """vLLM's `generation_tokens_total` on `w`'s own /metrics."""
+    m = re.search(r"^vllm:generation_tokens_total\{[^}]*\} (\S+)$", w.metrics(), re.M)
+    return float(m.group(1)) if m else 0.0
+
+
+def test_engine_hang_behind_quiet_telemetry(stack):
+    """A hang whose telemetry went quiet first: the worker's sidecar stops while its engine still
+    makes tokens, then the engine hangs. When frames come again, the first one shows the tokens
+    made before the hang: counters that moved at an instant dnsd cannot know (the real CPU build
+    does the same: the first `/metrics` answer after a busy spell shows the engine's last
+    outputs). dnsd dates the worker's last sure sign of life at the frame before the silence,
+    not at the new frame's arrival (which made it fresh again for 3 s and started its streams'
+    stall clock over: they ended 22 s after the hang), so its streams end within 3 s + 10 s of
+    that frame, and the worker is stalled from its first frame back."""
+    stack.start_dnsd()
+    workers = [stack.start_worker(f"w{i}", ttft_ms=50, tokens_per_s=20, sidecar=i != 2) for i in (1, 2, 3)]
+    hung = workers[1]
+    stack.start_sidecar(hung, verbose=True)
+    stack.wait_fresh([w.id for w in workers])
+    envoy = stack.start_pool_router(per_try_timeout="8s")
+    warm_up(stack, envoy)
+    client = make_client(envoy.base_url, timeout=60)
+    quiet_s = 8.0
+    assert hung.sidecar is not None
+    with ThreadPoolExecutor(max_workers=16) as pool:
+        longs = [pool.submit(chat, client, i, 400) for i in range(9)]
+        wait_for(lambda: sum(1 for w in stack.fleet_workers().values() if (w.get("running") or 0) > 0) == 3, 10,
+                 "every worker streaming", interval=0.1)
+        hung.sidecar.stop()
+        quiet_mono = time.monotonic()
+        before = generated_tokens(hung)
+        # Tokens its sidecar has not sent: the first frame back shows them.
+        wait_for(lambda: generated_tokens(hung) >= before + 10, 5, "tokens made after the sidecar stopped", interval=0.05)
+        hang_mono = time.monotonic()
+        hung.proc.signal(signal.SIGUSR1)
+        wait_for(lambda: "engine hung" in hung.proc.err_path.read_text(errors="replace"), 5, "fake-vllm to log its engine hang")
+
+        def silent_long_enough() -> bool:
+            w = stack.fleet_workers()[hung.id]
+            return not w.get("fresh") and not w.get("stalled") and (w.get("age_ms") or 0) >= quiet_s * 1000
+
+        def stalled_entry():
+            w = stack.fleet_workers()[hung.id]
+            return w if w.get("stalled") else None
+
+        wait_for(silent_long_enough, quiet_s + 5, f"dnsd to see {hung.id} silent for {quiet_s:.0f} s", interval=0.1)
+        sent = hung.frames_sent()
+        hung.sidecar.cont()
+        wait_for(lambda: hung.frames_sent() > sent, 5, "its first frame back", interval=0.02)
+        back_s = time.monotonic() - hang_mono
+        stalled = wait_for(stalled_entry, 5, f"dnsd to see {hung.id} stalled", interval=0.05)
+        seen_stalled_s = time.monotonic() - hang_mono
+        last_life_s = seen_stalled_s - stalled["age_ms"] / 1000
+        outcomes = [f.result(timeout=60) for f in longs]
+    on_hung = [o for o in outcomes if o.worker == hung.id]
+    stream_end = max((o.ended - hang_mono for o in on_hung), default=0.0)
+    report(f"hang behind quiet telemetry: sidecar stopped {quiet_mono - hang_mono:+.2f} s, frames back at {back_s:.2f} s, "
+           f"stalled seen at {seen_stalled_s:.2f} s after the hang, its last sign of life {last_life_s:+.2f} s; its "
+           f"{len(on_hung)} streams {summarize(on_hung)} ended by {stream_end:.2f} s after the hang (stall truncations "
+           f"{filter_stat(envoy, 'stall_truncations')}); all {summarize(outcomes)}")
+    assert_whole_and_single_worker(outcomes)
+    assert on_hung, "no stream was on the hung worker: the drill tested nothing"
+    for o in on_hung:
+        assert o.kind == "truncated", o.describe()
+    assert all(o.kind == "completed" for o in outcomes if o.worker != hung.id), [o.describe() for o in outcomes][:5]
+    # Stalled from its first frame back (a frame every 0.5 s; 1 s for dnsd's view and the read).
+    assert seen_stalled_s <= back_s + 1.0, f"dnsd saw {hung.id} stalled {seen_stalled_s - back_s:.2f} s after its frames came back"
+    assert last_life_s <= quiet_mono - hang_mono + 0.6, f"its last sign of life dated {last_life_s:+.2f} s, after its sidecar stopped"
+    # 3 s gate + 10 s from the last sign of life; 2 s for the view's poll, the guard's tick and
+    # the client's read of the end.
+    assert stream_end <= 15.0, (f"streams on the hung worker ended {stream_end:.2f} s after the hang, its last sign of "
+                                f"life {last_life_s:+.2f} s, frames back at {back_s:.2f} s")
     assert filter_stat(envoy, "stall_truncations") >= len(on_hung)
 
 

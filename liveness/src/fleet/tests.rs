@@ -345,6 +345,49 @@ fn forget_silent_drops_old_workers() {
     assert!(f.worker("w3").unwrap().is_stalled(T0 + 100_000));
 }
 
+/// Counters that moved across a silence past the gate moved at an unknown instant after the
+/// frame before it: the worker's sure age counts from that frame (not fresh, stalled while its
+/// frames come), its pool's window from the new frame's arrival; its next frame that moves
+/// makes it fresh. Idle, or a silence within the gate: dated at arrival.
+#[test]
+fn counters_moved_across_a_silence_date_life_at_the_frame_before() {
+    let mut fleet = FleetState::new(T0 - 60_000);
+    for i in 0..3u64 {
+        fleet.observe(frame("w1", "p", 1, 1 + i, T0 + i * 500), T0 + i * 500);
+    }
+    // Quiet from T0 + 1 s (its sidecar stopped, or `/metrics` unanswered); back at T0 + 9 s
+    // with the steps its engine made before it hung.
+    fleet.observe(frame("w1", "p", 1, 4, T0 + 9_000), T0 + 9_000);
+    let w = fleet.worker("w1").unwrap();
+    assert_eq!((w.age_ms(T0 + 9_000), w.since_frame_ms(T0 + 9_000)), (8_000, 0));
+    assert!(!w.is_fresh(T0 + 9_000) && w.is_stalled(T0 + 9_000));
+    assert!(w.is_in_window(T0 + 19_000) && !w.is_in_window(T0 + 19_001), "the window counts from the frame's arrival");
+    let pools = [("p", 1usize)];
+    assert_eq!(fleet.pool_outlook(&pools, T0 + 18_000).states, vec![Liveness::Alive]);
+    let v = fleet.view(T0 + 9_000);
+    assert!(v.workers[0].stalled && !v.workers[0].fresh && v.workers[0].age_ms == 8_000);
+    assert_eq!((v.pools[0].fresh, v.pools[0].in_window), (0, 1));
+    let b = fleet.view_of(T0 + 12_000, &[], Ages::Bounded);
+    assert_eq!((b.workers[0].age_ms, b.pools[0].in_window), (EVICTION_WINDOW_MS + 1, 1), "bounded ages: in window by arrival");
+    // Frozen after that (a hang): still no life since T0 + 1 s.
+    fleet.observe(hung("w1", "p", 5, T0 + 9_500, 4.0), T0 + 9_500);
+    assert_eq!(fleet.worker("w1").unwrap().age_ms(T0 + 9_500), 8_500);
+    // It moves again in the next frame (a live engine): fresh at once.
+    fleet.observe(frame("w1", "p", 1, 6, T0 + 10_000), T0 + 10_000);
+    assert!(fleet.worker("w1").unwrap().is_fresh(T0 + 10_000));
+    // Back after a silence idle, or within the gate: alive at arrival.
+    let mut idle = frame("w1", "p", 1, 7, T0 + 20_000);
+    idle.metrics.running = Some(0.0);
+    idle.metrics.waiting = Some(0.0);
+    fleet.observe(idle, T0 + 20_000);
+    assert!(fleet.worker("w1").unwrap().is_fresh(T0 + 20_000));
+    fleet.observe(frame("w1", "p", 1, 8, T0 + 23_000), T0 + 23_000);
+    assert_eq!(fleet.worker("w1").unwrap().age_ms(T0 + 23_000), 0, "3 s without a frame is within the gate");
+    assert_eq!(life_ms(T0, T0 - 5_000, T0 + 3_001, true), T0);
+    assert_eq!(life_ms(T0, T0 - 5_000, T0 + 3_001, false), T0 + 3_001);
+    assert_eq!(life_ms(T0, T0, T0 + 3_000, true), T0 + 3_000);
+}
+
 proptest! {
     /// The sorted, per-pool median agrees with the definition, duplicates and all.
     #[test]

@@ -88,6 +88,77 @@ def test_engine_hang_with_metrics_answering(stack):
     assert filter_stat(envoy, "stall_truncations") >= len(on_hung_streams)
 
 
+class QuietHang:
+    """The two drills of a hang behind quiet telemetry: three workers with long streams (20 s at
+    20 tokens/s), the middle one's sidecar verbose (its frames are counted); helpers to hang its
+    engine, stop and resume its sidecar, and read dnsd's view of it."""
+
+    quiet_s = 8.0
+
+    def __init__(self, stack):
+        self.stack = stack
+        stack.start_dnsd()
+        workers = [stack.start_worker(f"w{i}", ttft_ms=50, tokens_per_s=20, sidecar=i != 2) for i in (1, 2, 3)]
+        self.hung = workers[1]
+        stack.start_sidecar(self.hung, verbose=True)
+        stack.wait_fresh([w.id for w in workers])
+        self.envoy = stack.start_pool_router(per_try_timeout="8s")
+        warm_up(stack, self.envoy)
+        self.client = make_client(self.envoy.base_url, timeout=60)
+        self.hang_mono = 0.0
+
+    def start_streams(self, pool) -> list:
+        longs = [pool.submit(chat, self.client, i, 400) for i in range(9)]
+        wait_for(lambda: sum(1 for w in self.stack.fleet_workers().values() if (w.get("running") or 0) > 0) == 3, 10,
+                 "every worker streaming", interval=0.1)
+        return longs
+
+    def hang(self) -> None:
+        self.hang_mono = time.monotonic()
+        self.hung.proc.signal(signal.SIGUSR1)
+        wait_for(lambda: "engine hung" in self.hung.proc.err_path.read_text(errors="replace"), 5, "fake-vllm to log its engine hang")
+
+    def since_hang(self) -> float:
+        return time.monotonic() - self.hang_mono
+
+    def entry(self) -> dict:
+        return self.stack.fleet_workers()[self.hung.id]
+
+    def wait_silent(self) -> None:
+        """Until dnsd sees the worker silent (neither fresh nor stalled), `quiet_s` after its last sign of life."""
+        def silent_long_enough() -> bool:
+            w = self.entry()
+            return not w.get("fresh") and not w.get("stalled") and (w.get("age_ms") or 0) >= self.quiet_s * 1000
+
+        wait_for(silent_long_enough, self.quiet_s + 5, f"dnsd to see {self.hung.id} silent, {self.quiet_s:.0f} s after its "
+                 "last sign of life", interval=0.1)
+
+    def wait_stalled(self) -> tuple[float, float]:
+        """Until dnsd sees the worker stalled: (when, after the hang; its last sign of life as dnsd dates it)."""
+        def stalled_entry():
+            w = self.entry()
+            return w if w.get("stalled") else None
+
+        stalled = wait_for(stalled_entry, 5, f"dnsd to see {self.hung.id} stalled", interval=0.05)
+        seen = self.since_hang()
+        return seen, seen - stalled["age_ms"] / 1000
+
+    def judge(self, outcomes: list, label: str, figures: str) -> float:
+        """Reports the run, checks its streams (those on the hung worker truncated, the others
+        complete, the guard's truncations counted); the last end of a stream on the hung worker."""
+        on_hung = [o for o in outcomes if o.worker == self.hung.id]
+        stream_end = max((o.ended - self.hang_mono for o in on_hung), default=0.0)
+        report(f"{label}: {figures}; its {len(on_hung)} streams {summarize(on_hung)} ended by {stream_end:.2f} s after the "
+               f"hang (stall truncations {filter_stat(self.envoy, 'stall_truncations')}); all {summarize(outcomes)}")
+        assert_whole_and_single_worker(outcomes)
+        assert on_hung, "no stream was on the hung worker: the drill tested nothing"
+        for o in on_hung:
+            assert o.kind == "truncated", o.describe()
+        assert all(o.kind == "completed" for o in outcomes if o.worker != self.hung.id), [o.describe() for o in outcomes][:5]
+        assert filter_stat(self.envoy, "stall_truncations") >= len(on_hung)
+        return stream_end
+
+
 def test_engine_hang_seen_late(stack):
     """A hang that dnsd sees late: the worker's engine hangs, its frames show the counters
     frozen, then its telemetry goes quiet (its sidecar stopped: what a hung vLLM whose API
@@ -98,63 +169,29 @@ def test_engine_hang_seen_late(stack):
     stall: its streams past their first token end within the bound of a hang seen at once
     (3 s + 10 s from the hang, a tick and the view's poll), not 10 s after the frames came back
     (~18.5 s here)."""
-    stack.start_dnsd()
-    workers = [stack.start_worker(f"w{i}", ttft_ms=50, tokens_per_s=20, sidecar=i != 2) for i in (1, 2, 3)]
-    hung = workers[1]
-    stack.start_sidecar(hung, verbose=True)  # its frames are counted below
-    stack.wait_fresh([w.id for w in workers])
-    envoy = stack.start_pool_router(per_try_timeout="8s")
-    warm_up(stack, envoy)
-    client = make_client(envoy.base_url, timeout=60)
-    quiet_s = 8.0
+    d = QuietHang(stack)
+    hung = d.hung
+    assert hung.sidecar is not None
     with ThreadPoolExecutor(max_workers=16) as pool:
-        # Long streams on every worker (20 s at 20 tokens/s): some are on the one that hangs.
-        longs = [pool.submit(chat, client, i, 400) for i in range(9)]
-        wait_for(lambda: sum(1 for w in stack.fleet_workers().values() if (w.get("running") or 0) > 0) == 3, 10,
-                 "every worker streaming", interval=0.1)
-        hang_mono = time.monotonic()
-        hung.proc.signal(signal.SIGUSR1)
-        wait_for(lambda: "engine hung" in hung.proc.err_path.read_text(errors="replace"), 5, "fake-vllm to log its engine hang")
+        longs = d.start_streams(pool)
+        d.hang()
         # Two frames sent after that: at least one scraped after the hang, its counters frozen.
         sent = hung.frames_sent()
         wait_for(lambda: hung.frames_sent() >= sent + 2, 5, "two frames after the hang", interval=0.05)
-        assert hung.sidecar is not None
         hung.sidecar.stop()
-
-        def silent_long_enough() -> bool:
-            w = stack.fleet_workers()[hung.id]
-            return not w.get("fresh") and not w.get("stalled") and (w.get("age_ms") or 0) >= quiet_s * 1000
-
-        def stalled_entry():
-            w = stack.fleet_workers()[hung.id]
-            return w if w.get("stalled") else None
-
-        wait_for(silent_long_enough, quiet_s + 5, f"dnsd to see {hung.id} silent, {quiet_s:.0f} s after its last sign of life", interval=0.1)
-        silent_s = time.monotonic() - hang_mono
+        d.wait_silent()
+        silent_s = d.since_hang()
         hung.sidecar.cont()
-        stalled = wait_for(stalled_entry, 5, f"dnsd to see {hung.id} stalled", interval=0.05)
-        seen_stalled_s = time.monotonic() - hang_mono
-        # Its last sign of life as dnsd dates it (the last frame whose counters moved).
-        last_life_s = seen_stalled_s - stalled["age_ms"] / 1000
+        seen_stalled_s, last_life_s = d.wait_stalled()
         outcomes = [f.result(timeout=60) for f in longs]
-    on_hung = [o for o in outcomes if o.worker == hung.id]
-    stream_end = max((o.ended - hang_mono for o in on_hung), default=0.0)
-    report(f"hang seen late: {hung.id} silent until {silent_s:.2f} s, stalled from {seen_stalled_s:.2f} s after the hang, "
-           f"its last sign of life {last_life_s:+.2f} s; its "
-           f"{len(on_hung)} streams {summarize(on_hung)} ended by {stream_end:.2f} s after the hang (stall truncations "
-           f"{filter_stat(envoy, 'stall_truncations')}); all {summarize(outcomes)}")
-    assert_whole_and_single_worker(outcomes)
-    assert on_hung, "no stream was on the hung worker: the drill tested nothing"
-    for o in on_hung:
-        assert o.kind == "truncated", o.describe()
-    assert all(o.kind == "completed" for o in outcomes if o.worker != hung.id), [o.describe() for o in outcomes][:5]
+    stream_end = d.judge(outcomes, "hang seen late", f"{hung.id} silent until {silent_s:.2f} s, stalled from "
+                         f"{seen_stalled_s:.2f} s after the hang, its last sign of life {last_life_s:+.2f} s")
     assert last_life_s <= 1.5, f"dnsd saw {hung.id} alive until {last_life_s:.2f} s after the hang (frames every 0.5 s)"
     # 3 s gate + 10 s from the last sign of life; 2 s for the view's poll, the guard's tick and
     # the client's read of the end (seen: 14.6-15.0 s from the hang, last sign of life +0.45 s).
     # Judged from when the frames came back instead, they ended at 19.9 s.
     assert stream_end <= last_life_s + 15.0, (f"streams on the hung worker ended {stream_end:.2f} s after the hang, its last "
                                               f"sign of life {last_life_s:+.2f} s, dnsd saw it stalled at {seen_stalled_s:.2f} s")
-    assert filter_stat(envoy, "stall_truncations") >= len(on_hung)
 
 
 def generated_tokens(w) -> float:
@@ -172,65 +209,34 @@ def test_engine_hang_behind_quiet_telemetry(stack):
     not at the new frame's arrival (which made it fresh again for 3 s and started its streams'
     stall clock over: they ended 22 s after the hang), so its streams end within 3 s + 10 s of
     that frame, and the worker is stalled from its first frame back."""
-    stack.start_dnsd()
-    workers = [stack.start_worker(f"w{i}", ttft_ms=50, tokens_per_s=20, sidecar=i != 2) for i in (1, 2, 3)]
-    hung = workers[1]
-    stack.start_sidecar(hung, verbose=True)
-    stack.wait_fresh([w.id for w in workers])
-    envoy = stack.start_pool_router(per_try_timeout="8s")
-    warm_up(stack, envoy)
-    client = make_client(envoy.base_url, timeout=60)
-    quiet_s = 8.0
+    d = QuietHang(stack)
+    hung = d.hung
     assert hung.sidecar is not None
     with ThreadPoolExecutor(max_workers=16) as pool:
-        longs = [pool.submit(chat, client, i, 400) for i in range(9)]
-        wait_for(lambda: sum(1 for w in stack.fleet_workers().values() if (w.get("running") or 0) > 0) == 3, 10,
-                 "every worker streaming", interval=0.1)
+        longs = d.start_streams(pool)
         hung.sidecar.stop()
         quiet_mono = time.monotonic()
         before = generated_tokens(hung)
         # Tokens its sidecar has not sent: the first frame back shows them.
         wait_for(lambda: generated_tokens(hung) >= before + 10, 5, "tokens made after the sidecar stopped", interval=0.05)
-        hang_mono = time.monotonic()
-        hung.proc.signal(signal.SIGUSR1)
-        wait_for(lambda: "engine hung" in hung.proc.err_path.read_text(errors="replace"), 5, "fake-vllm to log its engine hang")
-
-        def silent_long_enough() -> bool:
-            w = stack.fleet_workers()[hung.id]
-            return not w.get("fresh") and not w.get("stalled") and (w.get("age_ms") or 0) >= quiet_s * 1000
-
-        def stalled_entry():
-            w = stack.fleet_workers()[hung.id]
-            return w if w.get("stalled") else None
-
-        wait_for(silent_long_enough, quiet_s + 5, f"dnsd to see {hung.id} silent for {quiet_s:.0f} s", interval=0.1)
+        d.hang()
+        d.wait_silent()
         sent = hung.frames_sent()
         hung.sidecar.cont()
         wait_for(lambda: hung.frames_sent() > sent, 5, "its first frame back", interval=0.02)
-        back_s = time.monotonic() - hang_mono
-        stalled = wait_for(stalled_entry, 5, f"dnsd to see {hung.id} stalled", interval=0.05)
-        seen_stalled_s = time.monotonic() - hang_mono
-        last_life_s = seen_stalled_s - stalled["age_ms"] / 1000
+        back_s = d.since_hang()
+        seen_stalled_s, last_life_s = d.wait_stalled()
         outcomes = [f.result(timeout=60) for f in longs]
-    on_hung = [o for o in outcomes if o.worker == hung.id]
-    stream_end = max((o.ended - hang_mono for o in on_hung), default=0.0)
-    report(f"hang behind quiet telemetry: sidecar stopped {quiet_mono - hang_mono:+.2f} s, frames back at {back_s:.2f} s, "
-           f"stalled seen at {seen_stalled_s:.2f} s after the hang, its last sign of life {last_life_s:+.2f} s; its "
-           f"{len(on_hung)} streams {summarize(on_hung)} ended by {stream_end:.2f} s after the hang (stall truncations "
-           f"{filter_stat(envoy, 'stall_truncations')}); all {summarize(outcomes)}")
-    assert_whole_and_single_worker(outcomes)
-    assert on_hung, "no stream was on the hung worker: the drill tested nothing"
-    for o in on_hung:
-        assert o.kind == "truncated", o.describe()
-    assert all(o.kind == "completed" for o in outcomes if o.worker != hung.id), [o.describe() for o in outcomes][:5]
+    quiet_s = quiet_mono - d.hang_mono
+    stream_end = d.judge(outcomes, "hang behind quiet telemetry", f"sidecar stopped {quiet_s:+.2f} s, frames back at "
+                         f"{back_s:.2f} s, stalled seen at {seen_stalled_s:.2f} s after the hang, its last sign of life {last_life_s:+.2f} s")
     # Stalled from its first frame back (a frame every 0.5 s; 1 s for dnsd's view and the read).
     assert seen_stalled_s <= back_s + 1.0, f"dnsd saw {hung.id} stalled {seen_stalled_s - back_s:.2f} s after its frames came back"
-    assert last_life_s <= quiet_mono - hang_mono + 0.6, f"its last sign of life dated {last_life_s:+.2f} s, after its sidecar stopped"
+    assert last_life_s <= quiet_s + 0.6, f"its last sign of life dated {last_life_s:+.2f} s, after its sidecar stopped"
     # 3 s gate + 10 s from the last sign of life; 2 s for the view's poll, the guard's tick and
     # the client's read of the end.
     assert stream_end <= 15.0, (f"streams on the hung worker ended {stream_end:.2f} s after the hang, its last sign of "
                                 f"life {last_life_s:+.2f} s, frames back at {back_s:.2f} s")
-    assert filter_stat(envoy, "stall_truncations") >= len(on_hung)
 
 
 def test_gray_failure_slow_worker_gets_fewer_requests(stack):

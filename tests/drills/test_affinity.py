@@ -65,15 +65,18 @@ def hit_rate(before, after) -> float:
 def run_sessions(client, tag: str, sessions: int, turns: int, parallel: int = 6) -> dict[int, list]:
     """`sessions` conversations sharing SYSTEM, each with its own opening message and `turns`
     turns resending the growing history, `parallel` requests at a time. Each next request is the
-    next turn of a session drawn at random from those waiting (seeded: the same order each run),
-    as when many users read and type between turns. Not each session's turns back to back: a turn
+    next turn of a session drawn at random (seeded) from those waiting whose turn is due: every
+    session takes its turn t before any takes its turn t + 1, as when many users read and type
+    between turns. Not each session's turns back to back: a turn
     sent the moment its answer ended found the worker that had just finished it the least loaded,
     so the picker without affinity kept a share of turns on their worker by that alone, and the
     share moved with the machine's timing (CI's run: 13 of 60 sessions with every turn on one
     worker without affinity, its hit rate 66.5 % where 55-62 % was seen on other runs, and the
     15-point bound missed). Nor in a fixed order: sessions then met the same others at each turn,
-    and the same tie-breaks (the hit rate without affinity 56 % or 62 % by run). Returns per
-    session the worker of each turn."""
+    and the same tie-breaks (the hit rate without affinity 56 % or 62 % by run). Nor drawn from
+    every session waiting, whatever its turn: sessions then drifted apart in turns, and at the end
+    the few left took theirs back to back again (62 % once in 10 runs). Returns per session the
+    worker of each turn."""
     msgs = {s: [{"role": "system", "content": SYSTEM},
                 {"role": "user", "content": f"{tag} session {s}: " + " ".join(f"fact{s}-{k}" for k in range(150))}]
             for s in range(sessions)}
@@ -87,7 +90,11 @@ def run_sessions(client, tag: str, sessions: int, turns: int, parallel: int = 6)
             with lock:
                 if not ready:
                     return
-                s = ready.pop(rng.randrange(len(ready)))
+                # Rounds: a session's next turn only after every session's turn before it.
+                low = min(len(seen[x]) for x in ready)
+                due = [x for x in ready if len(seen[x]) == low]
+                s = due[rng.randrange(len(due))]
+                ready.remove(s)
             t = len(seen[s])
             wid, text, err = converse(client, msgs[s])
             seen[s].append(wid if err is None else err)
@@ -174,10 +181,11 @@ def test_multi_turn_affinity_hits_the_cache_spreads_and_fails_over(stack):
     assert filter_stat(plain, "affinity_keyed") == 0, "affinity disabled by config reads no key"
     # A session leaves its worker only by a spill, and spills only when its worker holds well over
     # the mean load (keep bound): with 6 requests in flight on 3 workers, about 4 of the 5 others
-    # on its worker. Requests drawn at random put that on a few sessions of 60 (5-12 here).
+    # on its worker. Requests drawn at random put that on a few sessions of 60: 47-58 stayed in
+    # 12 runs here (6 with a busy loop beside them), 51.6 on average.
     moved = {s: v for s, v in on.items() if len(set(v)) > 1}
     assert len(moved) <= filter_stat(affine, "affinity_spills"), moved
-    assert sticky_on >= sessions * 0.75, moved
+    assert sticky_on >= sessions * 0.7, moved
     assert sticky_off < sessions / 2, sticky_off
     assert rate_on >= rate_off + 0.15, (rate_off, rate_on)
     assert uncached_on <= 0.6 * uncached_off, (uncached_off, uncached_on)

@@ -14,7 +14,7 @@
 //! one: no new requests after the 3 s gate, out of its pool's count after the 10 s window. A
 //! worker whose frames carry none of the counters cannot be judged this way and counts every
 //! frame (no data is not death). Which numbers, and why KV-cache usage among them (the only one
-//! that moves during a long chunked prefill): [`progress`].
+//! that moves during a long chunked prefill): [`evidence`].
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::Arc;
@@ -59,7 +59,7 @@ pub struct WorkerState {
     pub frame: Frame,
     /// When the newest accepted frame was received (receiver's clock).
     pub last_rx_ms: u64,
-    /// When the newest frame that showed progress or an idle engine was received ([`progress`]):
+    /// When the newest frame that showed progress or an idle engine was received ([`evidence`]):
     /// what keeps the worker in its pool's window. Equal to `last_rx_ms` unless the engine is stuck.
     pub last_progress_ms: u64,
     /// The last sure evidence of life, what the worker's age counts from (freshness, stall, the
@@ -133,7 +133,7 @@ impl WorkerState {
 }
 
 /// When the last sure evidence of life was, once a frame that is evidence of life
-/// ([`progress`]) arrives at `now_ms`: the frame before it arrived at `prev_rx_ms`, and the
+/// ([`evidence`]) arrives at `now_ms`: the frame before it arrived at `prev_rx_ms`, and the
 /// last sure evidence before was at `life_ms`. Its arrival, unless its only evidence is counters
 /// that moved (`moved`: the engine busy, its numbers changed) after a silence past the
 /// freshness gate: they moved at some instant after the frame before, unknown, so the frame
@@ -150,20 +150,7 @@ pub fn life_ms(prev_rx_ms: u64, life_ms: u64, now_ms: u64, moved: bool) -> u64 {
     }
 }
 
-/// Whether `next` (the frame after `prev`, same boot) is evidence of life: the engine is idle
-/// (nothing running or waiting), or any number its engine reports moved: engine steps,
-/// generated or prompt tokens, KV-cache usage, preemptions, the running or waiting count. A
-/// hung engine freezes every one of them (its API server keeps exporting the last stats the
-/// engine sent). KV-cache usage is the one that moves on every step of a long chunked prefill:
-/// vLLM counts steps and tokens only on steps that emit a token (measured: 2.6-4 s of a 30k-token
-/// prefill with all three frozen; `deploy/vllm/results/stall-window.md`). Frames that carry none
-/// of these cannot be judged: every one counts (no data is not death). A counter that went down
-/// was reset: a change too.
-pub fn progress(prev: &Metrics, next: &Metrics) -> bool {
-    evidence(prev, next) != Evidence::Frozen
-}
-
-/// What a frame says of its engine's life, against the frame before ([`progress`]).
+/// What a frame says of its engine's life, against the frame before ([`evidence`]).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Evidence {
     /// Nothing running or waiting: never stalled.
@@ -176,7 +163,15 @@ pub enum Evidence {
     Frozen,
 }
 
-/// [`Evidence`] of `next` against `prev`.
+/// Whether `next` (the frame after `prev`, same boot) is evidence of life, and which: the
+/// engine is idle (nothing running or waiting), or any number its engine reports moved: engine
+/// steps, generated or prompt tokens, KV-cache usage, preemptions, the running or waiting count.
+/// A hung engine freezes every one of them (its API server keeps exporting the last stats the
+/// engine sent). KV-cache usage is the one that moves on every step of a long chunked prefill:
+/// vLLM counts steps and tokens only on steps that emit a token (measured: 2.6-4 s of a 30k-token
+/// prefill with all three frozen; `deploy/vllm/results/stall-window.md`). Frames that carry none
+/// of these cannot be judged: every one counts (no data is not death). A counter that went down
+/// was reset: a change too. Anything but [`Evidence::Frozen`] is life.
 pub fn evidence(prev: &Metrics, next: &Metrics) -> Evidence {
     let busy = next.running.unwrap_or(0.0) + next.waiting.unwrap_or(0.0) > 0.0;
     if !busy {

@@ -119,7 +119,7 @@ pub struct Metrics {
     /// `vllm:num_preemptions_total`
     pub preemptions: Option<f64>,
     /// `vllm:iteration_tokens_total_count`: engine steps that emitted a token. With the other
-    /// engine numbers, what tells a busy engine from a hung one (see `fleet::progress`).
+    /// engine numbers, what tells a busy engine from a hung one (see `fleet::evidence`).
     pub engine_steps: Option<f64>,
 }
 

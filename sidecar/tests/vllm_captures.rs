@@ -84,14 +84,14 @@ vllm:num_requests_running{engine=\"1\",model_name=\"m\"} 1e308\n";
 /// progress; busy with every engine number frozen is not.
 #[test]
 fn hang_captures_map_engine_steps_and_show_no_progress() {
-    use gpuha_liveness::fleet::progress;
+    use gpuha_liveness::fleet::{evidence, Evidence};
     let m = |f: &str| parse(&capture(f)).unwrap().metrics;
     let (before, at_1s, at_12s) = (m("metrics-hang-before.txt"), m("metrics-hang-1s.txt"), m("metrics-hang-12s.txt"));
     assert_eq!(before.engine_steps, Some(10763.0));
     assert_eq!(at_1s.engine_steps, Some(10764.0));
     assert_eq!(at_12s.running, Some(2.0), "a hung engine still counts its requests as running");
-    assert!(progress(&before, &at_1s), "the last engine step before the hang");
-    assert!(!progress(&at_1s, &at_12s), "busy, every engine number frozen: no progress");
+    assert_eq!(evidence(&before, &at_1s), Evidence::Moved, "the last engine step before the hang");
+    assert_eq!(evidence(&at_1s, &at_12s), Evidence::Frozen, "busy, every engine number frozen: no progress");
     for f in ["metrics-busy.txt", "metrics-idle.txt", "metrics-lora.txt"] {
         assert!(m(f).engine_steps.is_some_and(|s| s >= 1.0), "{f}: engine steps not mapped");
     }

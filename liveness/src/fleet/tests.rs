@@ -39,24 +39,25 @@ fn hung(worker: &str, pool: &str, seq: u64, sent: u64, steps: f64) -> Frame {
 }
 
 #[test]
-fn progress_rules() {
+fn evidence_rules() {
+    use Evidence::{Frozen, Idle, Moved, Unjudged};
     let busy = sample().metrics;
     let step = Metrics { engine_steps: busy.engine_steps.map(|s| s + 1.0), ..busy };
-    assert!(!progress(&busy, &busy), "busy, nothing advanced: no progress");
-    assert!(progress(&busy, &step), "an engine step is progress (a chunked prefill)");
+    assert_eq!(evidence(&busy, &busy), Frozen, "busy, nothing advanced: no progress");
+    assert_eq!(evidence(&busy, &step), Moved, "an engine step is progress (a chunked prefill)");
     let tok = Metrics { generation_tokens: busy.generation_tokens.map(|g| g + 1.0), ..busy };
-    assert!(progress(&busy, &tok));
+    assert_eq!(evidence(&busy, &tok), Moved);
     // A long chunked prefill: vLLM's steps and tokens stay put, its KV-cache usage grows.
     let chunk = Metrics { kv_usage: busy.kv_usage.map(|k| k + 0.01), ..busy };
-    assert!(progress(&busy, &chunk));
+    assert_eq!(evidence(&busy, &chunk), Moved);
     let admitted = Metrics { waiting: Some(0.0), running: busy.running.map(|r| r + 1.0), ..busy };
-    assert!(progress(&busy, &admitted), "the scheduler moved a request");
+    assert_eq!(evidence(&busy, &admitted), Moved, "the scheduler moved a request");
     let idle = Metrics { running: Some(0.0), waiting: Some(0.0), ..busy };
-    assert!(progress(&busy, &idle) && progress(&idle, &idle), "an idle engine is never stalled");
+    assert_eq!((evidence(&busy, &idle), evidence(&idle, &idle)), (Idle, Idle), "an idle engine is never stalled");
     let blind = Metrics { running: Some(1.0), waiting: None, engine_steps: None, generation_tokens: None, prompt_tokens: None, kv_usage: None, preemptions: None, ..busy };
-    assert!(progress(&blind, &blind), "no counters: nothing to judge by, every frame counts");
+    assert_eq!(evidence(&blind, &blind), Unjudged, "no counters: nothing to judge by, every frame counts");
     let reset = Metrics { engine_steps: Some(0.0), ..busy };
-    assert!(progress(&busy, &reset), "a counter reset is a change");
+    assert_eq!(evidence(&busy, &reset), Moved, "a counter reset is a change");
 }
 
 /// Exactly one condition at a time: alive while fresh, stalled while frames come without

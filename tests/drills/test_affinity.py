@@ -167,12 +167,13 @@ def test_multi_turn_affinity_hits_the_cache_spreads_and_fails_over(stack):
     sticky_off = sum(len(set(seen)) == 1 for seen in off.values())
     per_worker = {w.id: sum(seen[0] == w.id for seen in on.values()) for w in workers}
     requests = {w.id: sum(x == w.id for seen in on.values() for x in seen) for w in workers}
+    requests_off = {w.id: sum(x == w.id for seen in off.values() for x in seen) for w in workers}
     hits = filter_stat(affine, "affinity_hits")
     keyed = filter_stat(affine, "affinity_keyed")
     report(f"multi-turn: {sessions} sessions x {turns} turns; prefix-cache hit rate (workers' metrics) "
            f"affinity off {rate_off:.1%}, on {rate_on:.1%}; uncached prompt tokens off {uncached_off:.0f}, "
            f"on {uncached_on:.0f} ({uncached_on / max(uncached_off, 1):.2f}x); sessions on one worker: off {sticky_off}, on {sticky_on}; "
-           f"sessions per worker (on) {per_worker}, requests {requests}; affinity_hits {hits}/{keyed}, "
+           f"sessions per worker (on) {per_worker}, requests {requests} (off {requests_off}); affinity_hits {hits}/{keyed}, "
            f"spills {filter_stat(affine, 'affinity_spills')}, placed {filter_stat(affine, 'affinity_placed')}; "
            f"plain router keyed {filter_stat(plain, 'affinity_keyed')}; "
            f"breaker trips, pre-token retries, fail-open picks: plain {[filter_stat(plain, k) for k in ('breaker_trips', 'pre_token_retries', 'fail_open')]}, "

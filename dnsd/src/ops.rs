@@ -73,7 +73,7 @@ pub fn render_fleet_metrics<'a>(out: &mut String, workers: impl Iterator<Item = 
         p.since_frame_ms = Some(p.since_frame_ms.map_or(r.since_frame_ms, |m| m.min(r.since_frame_ms)));
         p.since_life_ms = Some(p.since_life_ms.map_or(r.since_life_ms, |m| m.min(r.since_life_ms)));
     }
-    let _ = writeln!(out, "# HELP gpuha_dnsd_pool_workers Workers of the pool by condition (alive: fresh; stalled: frames without progress; silent: no frames), every known worker.");
+    let _ = writeln!(out, "# HELP gpuha_dnsd_pool_workers Workers of the pool by condition (alive: fresh; stalled: frames without progress, no sign of life since; silent: no frame, or no sure one, within the gate), every known worker.");
     let _ = writeln!(out, "# TYPE gpuha_dnsd_pool_workers gauge");
     for (pool, p) in &pools {
         for c in Condition::ALL {

@@ -231,12 +231,16 @@ pub fn invisible_to_engine(held_since_ms: u64, now_ms: u64, frame_taken_ms: u64,
 }
 
 /// Whether a worker is hung with its `/metrics` still answering, from a fleet view: dnsd marks
-/// it `stalled` (its frames arrive, its engine numbers do not move) and its last evidence of
-/// life is `worker_age_ms` old, past the gate, in a view dnsd last vouched for `view_age_ms`
-/// ago. A stale view (dnsd unreachable) judges nobody: fail open. A *silent* worker (no frames)
-/// is not rescued: a dead one resets its connections anyway, and on a host merely overloaded
-/// `/metrics` is the first thing to time out (seen with real vLLM on 2 cores: scrapes over
-/// 2.5 s while the engine served fine), so silence alone is too weak a reason to move requests.
+/// it `stalled` (its frames came with its engine numbers frozen, for longer than the gate or
+/// within it, and it has shown no life since: `fleet::WorkerState::is_stalled`) and its last
+/// evidence of life is `worker_age_ms` old, past the gate, in a view dnsd last vouched for
+/// `view_age_ms` ago. A stale view (dnsd unreachable) judges nobody: fail open. A *silent*
+/// worker (no frames, or only counters that moved at an unknown instant) is not rescued: a
+/// dead one resets its connections anyway, and on a host merely overloaded `/metrics` is the
+/// first thing to time out (seen with real vLLM on 2 cores: scrapes over 2.5 s while the engine
+/// served fine), so silence alone is too weak a reason to move requests. A stall that then
+/// went silent stays a stall: its clock keeps running (the real CPU build's hung engine sent
+/// frozen frames, then none for 9 s; its streams ended 3 s late when the clock stopped).
 ///
 /// `Some(ms)`: it shows no sign of life, and has shown none for at least `ms` past the gate
 /// (the view's age is a lower bound past the gate, `fleet::bounded_age_ms`): a hang first seen

@@ -69,12 +69,14 @@ pub struct WorkerState {
     /// When the current run of frames began: the first frame after the worker was out of the
     /// eviction window (or new). Failback waits for [`FAILBACK_HOLD_DOWN_MS`] of it.
     pub streak_start_ms: u64,
+    /// The newest frame showed a busy engine with every number frozen ([`Evidence::Frozen`]).
+    pub frozen: bool,
     pub derived: Derived,
 }
 
 impl WorkerState {
     fn new(frame: Frame, now_ms: u64, streak_start_ms: u64) -> Self {
-        WorkerState { frame, last_rx_ms: now_ms, last_progress_ms: now_ms, life_ms: now_ms, streak_start_ms, derived: Derived::default() }
+        WorkerState { frame, last_rx_ms: now_ms, last_progress_ms: now_ms, life_ms: now_ms, streak_start_ms, frozen: false, derived: Derived::default() }
     }
 
     /// Time since the last sure evidence of life (`life_ms`): frames that show progress or an
@@ -83,10 +85,21 @@ impl WorkerState {
         now_ms.saturating_sub(self.life_ms)
     }
 
-    /// Frames still arrive, but the busy engine has shown no progress for longer than the
-    /// freshness gate: a hang with `/metrics` still answering.
+    /// A hang with `/metrics` still answering: no sure sign of life for longer than the
+    /// freshness gate, and the newest frame showed the busy engine frozen; either that frame is
+    /// within the gate, or frozen frames kept coming for longer than the gate after the last
+    /// sign of life, which no silence since undoes: a hung engine whose `/metrics` then went
+    /// unanswered too (the real CPU build: frozen frames for seconds, then none for 9 s) is
+    /// still hung, and the guard's stall clock keeps running through the silence.
+    ///
+    /// A frame whose counters moved is never a stall, even when it is dated at the frame
+    /// before ([`life_ms`]): a live engine whose telemetry comes in bursts seconds apart (a busy
+    /// host's `/metrics`) is unsure, not hung (not fresh, not stalled: silent), and the guard
+    /// moves none of its requests. One frozen frame and then silence is silence.
     pub fn is_stalled(&self, now_ms: u64) -> bool {
-        now_ms.saturating_sub(self.last_rx_ms) <= FRESHNESS_GATE_MS && self.age_ms(now_ms) > FRESHNESS_GATE_MS
+        let since_frame = now_ms.saturating_sub(self.last_rx_ms);
+        let frozen_past_gate = self.last_rx_ms.saturating_sub(self.life_ms) > FRESHNESS_GATE_MS;
+        self.frozen && self.age_ms(now_ms) > FRESHNESS_GATE_MS && (since_frame <= FRESHNESS_GATE_MS || frozen_past_gate)
     }
 
     /// Fresh workers may get new requests.
@@ -220,15 +233,17 @@ pub struct PoolOutlook {
 
 /// A worker as operators see it (metrics, the fleet page, alerts): exactly one holds at a time.
 /// Stalled and silent workers both get no new requests; they differ in what to look at: a
-/// stalled engine is hung behind a live API server (frames come, numbers frozen), a silent one
-/// is dead or cut off (no frames).
+/// stalled engine is hung behind a live API server (frames came, numbers frozen), a silent one
+/// is dead, cut off, or its telemetry too slow to vouch for it (no frame, or no sure one,
+/// within the gate).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum Condition {
     /// Fresh: evidence of life within the freshness gate.
     Alive,
-    /// Frames arrive within the gate, but the busy engine has shown no progress for longer.
+    /// The busy engine has shown no progress for longer than the gate, its newest frame frozen
+    /// ([`WorkerState::is_stalled`]).
     Stalled,
-    /// No frame within the gate.
+    /// Neither: no frame within the gate, or only counters that moved at an unknown instant.
     Silent,
 }
 
@@ -361,6 +376,7 @@ impl FleetState {
                         w.life_ms = life_ms(w.last_rx_ms, w.life_ms, now_ms, seen == Evidence::Moved);
                         w.last_progress_ms = now_ms;
                     }
+                    w.frozen = !alive;
                     w.last_rx_ms = now_ms;
                 } else {
                     // A restart (new boot id): derived values start over; the streak goes on if
@@ -372,6 +388,7 @@ impl FleetState {
                     w.last_progress_ms = now_ms;
                     w.life_ms = now_ms;
                     w.streak_start_ms = streak_start_ms;
+                    w.frozen = false;
                     w.derived = Derived::default();
                 }
                 let new = w.counting_span();

@@ -678,8 +678,8 @@ pub fn lora_outcome(view: &FleetView, fetched_local_ms: u64, now_ms: u64, model:
     crate::lora::outcome(view, model, first, eligible, &cfg.lora)
 }
 
-/// When no worker serving the model is fresh but some are **stalled** (their frames arrive, their
-/// engine numbers do not move), the progress rule may be wrong about all of them at once (a host
+/// When no worker serving the model is fresh but some are **stalled** (their frames came, their
+/// engine numbers did not move), the progress rule may be wrong about all of them at once (a host
 /// so overloaded that every engine step takes longer than the gate) more likely than every
 /// engine hung together; and the HA layer must not manufacture an outage on its own judgement.
 /// So such a pick fails open onto the stalled workers, best predicted time to first token first

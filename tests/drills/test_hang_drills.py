@@ -239,6 +239,50 @@ def test_engine_hang_behind_quiet_telemetry(stack):
                                 f"life {last_life_s:+.2f} s, frames back at {back_s:.2f} s")
 
 
+def test_engine_hang_then_silence(stack):
+    """A hang whose telemetry goes quiet after it was seen: the worker's engine hangs, its frames
+    come frozen for longer than the gate (dnsd: stalled), then they stop (its sidecar stopped:
+    what the real CPU build did, frozen frames for seconds, then no answer to `/metrics` for 9 s).
+    No sign of life since the frozen ones: dnsd keeps it stalled through the silence, and the
+    guard's stall clock keeps running, so its streams end within 3 s + 10 s of its last sign of
+    life. Before, the silence cleared the clock, and the streams ran until frames came again
+    (the real-vLLM hang drill: 16.1-16.3 s after the hang; here the sidecar resumes at 18 s)."""
+    d = QuietHang(stack)
+    hung = d.hung
+    assert hung.sidecar is not None
+    resume_at_s = 18.0
+    with ThreadPoolExecutor(max_workers=16) as pool:
+        longs = d.start_streams(pool)
+        d.hang()
+        seen_stalled_s, last_life_s = d.wait_stalled()
+
+        def frozen_past_gate():  # stalled, and the frozen frames came for over a second past the gate
+            w = d.entry()
+            return w.get("stalled") and (w.get("age_ms") or 0) >= 4_000
+
+        wait_for(frozen_past_gate, 5, f"{hung.id}'s frozen frames to come for over 4 s", interval=0.05)
+        hung.sidecar.stop()
+        quiet_s = d.since_hang()
+        # Silent for longer than the gate: dnsd still calls it stalled (its last frame was frozen).
+        wait_for(lambda: d.since_hang() >= quiet_s + 4.0, 6, "4 s of silence", interval=0.1)
+        during = d.entry()
+        timer = threading.Timer(max(0.0, resume_at_s - d.since_hang()), hung.sidecar.cont)
+        timer.start()
+        try:
+            outcomes = [f.result(timeout=60) for f in longs]
+        finally:
+            timer.join()
+    stream_end = d.judge(outcomes, "hang then silence", f"stalled seen at {seen_stalled_s:.2f} s, its last sign of life "
+                         f"{last_life_s:+.2f} s, sidecar stopped at {quiet_s:.2f} s, 4 s later dnsd said stalled="
+                         f"{bool(during.get('stalled'))} fresh={bool(during.get('fresh'))}, sidecar back at {resume_at_s:.0f} s")
+    assert during.get("stalled") and not during.get("fresh"), f"dnsd's view of {hung.id} 4 s into the silence: {during}"
+    # 3 s gate + 10 s from the last sign of life; 2 s for the view's poll, the guard's tick and
+    # the client's read of the end.
+    assert stream_end <= last_life_s + 15.0, (f"streams on the hung worker ended {stream_end:.2f} s after the hang, its "
+                                              f"last sign of life {last_life_s:+.2f} s, its sidecar stopped at {quiet_s:.2f} s")
+    assert stream_end < resume_at_s, "the streams ended only once frames came again"
+
+
 def test_gray_failure_slow_worker_gets_fewer_requests(stack):
     """One worker slowed to a fifth of its peers' decode pace (fake-vllm's SIGUSR2: a throttled
     GPU): judged against its peers, it gets proportionally fewer new requests; the same slowdown

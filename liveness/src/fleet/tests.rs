@@ -61,26 +61,67 @@ fn evidence_rules() {
 }
 
 /// Exactly one condition at a time: alive while fresh, stalled while frames come without
-/// progress, silent once frames stop too; the gauges and alerts rest on this.
+/// progress, and still stalled once they stop too when they came frozen for longer than the
+/// gate (no sign of life since); silent when frames stop within the gate of the last sign of
+/// life. The gauges and alerts rest on this.
 #[test]
 fn condition_is_alive_then_stalled_then_silent() {
-    let mut fleet = FleetState::new(T0 - 60_000);
-    fleet.observe(frame("w1", "p", 1, 1, T0), T0);
-    for i in 1..=10u64 {
-        fleet.observe(hung("w1", "p", 1 + i, T0 + i * 500, 1.0), T0 + i * 500);
-    }
-    let w = fleet.worker("w1").unwrap();
+    // Frozen frames until `last` after the last sign of life at T0, then none.
+    let run = |last: u64| {
+        let mut fleet = FleetState::new(T0 - 60_000);
+        fleet.observe(frame("w1", "p", 1, 1, T0), T0);
+        for i in 1..=last / 500 {
+            fleet.observe(hung("w1", "p", 1 + i, T0 + i * 500, 1.0), T0 + i * 500);
+        }
+        fleet.worker("w1").unwrap().clone()
+    };
+    let w = run(5_000);
     assert_eq!(w.condition(T0 + 3_000), Condition::Alive);
     assert_eq!(w.condition(T0 + 3_001), Condition::Stalled);
     assert_eq!((w.since_frame_ms(T0 + 6_000), w.age_ms(T0 + 6_000)), (1_000, 6_000));
-    // The last frame came at T0 + 5 s: silent once it is older than the gate.
-    assert_eq!(w.condition(T0 + 8_000), Condition::Stalled);
-    assert_eq!(w.condition(T0 + 8_001), Condition::Silent);
-    for t in (T0..T0 + 20_000).step_by(250) {
-        let c = w.condition(t);
-        assert_eq!(c == Condition::Alive, w.is_fresh(t));
-        assert_eq!(c == Condition::Stalled, w.is_stalled(t));
+    // The last frame came at T0 + 5 s, frozen for 5 s: hung, whether its frames come or not.
+    assert_eq!((w.condition(T0 + 8_001), w.condition(T0 + 60_000)), (Condition::Stalled, Condition::Stalled));
+    // Frozen frames for 2.5 s, then silence: stalled only while its last frame is within the gate.
+    let short = run(2_500);
+    assert_eq!(short.condition(T0 + 5_500), Condition::Stalled);
+    assert_eq!(short.condition(T0 + 5_501), Condition::Silent);
+    // Exactly the gate is not past it; one more frozen frame is.
+    assert_eq!(run(3_000).condition(T0 + 6_001), Condition::Silent);
+    assert_eq!(run(3_500).condition(T0 + 6_501), Condition::Stalled);
+    for w in [w, short] {
+        for t in (T0..T0 + 20_000).step_by(250) {
+            let c = w.condition(t);
+            assert_eq!(c == Condition::Alive, w.is_fresh(t));
+            assert_eq!(c == Condition::Stalled, w.is_stalled(t));
+        }
     }
+}
+
+/// A live engine whose telemetry comes in bursts seconds apart (a busy host's `/metrics`): each
+/// frame's counters moved across a silence past the gate, so its sure age counts from the frame
+/// before (never fresh), but moving counters are not a hang: never stalled. A frozen frame after
+/// such a frame is (a hang behind quiet telemetry, seen one frame later).
+#[test]
+fn telemetry_in_bursts_is_never_a_stall() {
+    let mut fleet = FleetState::new(T0 - 60_000);
+    for i in 0..20u64 {
+        let t = T0 + i * 4_000;
+        fleet.observe(frame("w1", "p", 1, 1 + i, t), t);
+        let w = fleet.worker("w1").unwrap();
+        for dt in (0..4_000).step_by(100) {
+            assert!(!w.is_stalled(t + dt), "frame {i} + {dt} ms: moving counters called stalled");
+        }
+        if i > 0 {
+            assert_eq!(w.condition(t), Condition::Silent);
+            assert!(!fleet.view(t).workers[0].stalled);
+        }
+    }
+    let t = T0 + 80_000;
+    fleet.observe(hung("w1", "p", 40, t, 20.0), t);
+    let w = fleet.worker("w1").unwrap();
+    // Nothing moved in the 4 s since the frame before: no sign of life for 8 s now, and none since.
+    assert_eq!(w.age_ms(t), 8_000);
+    assert!(w.is_stalled(t) && w.is_stalled(t + 3_001) && w.is_stalled(t + 30_000));
 }
 
 /// A hang with `/metrics` still answering: frames keep coming with frozen counters. The
@@ -347,8 +388,8 @@ fn forget_silent_drops_old_workers() {
 }
 
 /// Counters that moved across a silence past the gate moved at an unknown instant after the
-/// frame before it: the worker's sure age counts from that frame (not fresh, stalled while its
-/// frames come), its pool's window from the new frame's arrival; its next frame that moves
+/// frame before it: the worker's sure age counts from that frame (not fresh, and not stalled:
+/// they moved; stalled once a frame comes frozen), its pool's window from the new frame's arrival; its next frame that moves
 /// makes it fresh. Idle, or a silence within the gate: dated at arrival.
 #[test]
 fn counters_moved_across_a_silence_date_life_at_the_frame_before() {
@@ -361,18 +402,19 @@ fn counters_moved_across_a_silence_date_life_at_the_frame_before() {
     fleet.observe(frame("w1", "p", 1, 4, T0 + 9_000), T0 + 9_000);
     let w = fleet.worker("w1").unwrap();
     assert_eq!((w.age_ms(T0 + 9_000), w.since_frame_ms(T0 + 9_000)), (8_000, 0));
-    assert!(!w.is_fresh(T0 + 9_000) && w.is_stalled(T0 + 9_000));
+    assert!(!w.is_fresh(T0 + 9_000) && !w.is_stalled(T0 + 9_000), "moving counters are not a stall");
     assert!(w.is_in_window(T0 + 19_000) && !w.is_in_window(T0 + 19_001), "the window counts from the frame's arrival");
     let pools = [("p", 1usize)];
     assert_eq!(fleet.pool_outlook(&pools, T0 + 18_000).states, vec![Liveness::Alive]);
     let v = fleet.view(T0 + 9_000);
-    assert!(v.workers[0].stalled && !v.workers[0].fresh && v.workers[0].age_ms == 8_000);
+    assert!(!v.workers[0].stalled && !v.workers[0].fresh && v.workers[0].age_ms == 8_000);
     assert_eq!((v.pools[0].fresh, v.pools[0].in_window), (0, 1));
     let b = fleet.view_of(T0 + 12_000, &[], Ages::Bounded);
     assert_eq!((b.workers[0].age_ms, b.pools[0].in_window), (EVICTION_WINDOW_MS + 1, 1), "bounded ages: in window by arrival");
-    // Frozen after that (a hang): still no life since T0 + 1 s.
+    // Frozen after that (a hang): still no life since T0 + 1 s, stalled from this frame.
     fleet.observe(hung("w1", "p", 5, T0 + 9_500, 4.0), T0 + 9_500);
     assert_eq!(fleet.worker("w1").unwrap().age_ms(T0 + 9_500), 8_500);
+    assert!(fleet.worker("w1").unwrap().is_stalled(T0 + 9_500) && fleet.view(T0 + 9_500).workers[0].stalled);
     // It moves again in the next frame (a live engine): fresh at once.
     fleet.observe(frame("w1", "p", 1, 6, T0 + 10_000), T0 + 10_000);
     assert!(fleet.worker("w1").unwrap().is_fresh(T0 + 10_000));

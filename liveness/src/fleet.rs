@@ -28,6 +28,11 @@ use crate::worker_key::WorkerKey;
 use incoming::Incoming;
 use crate::{EVICTION_WINDOW_MS, FRESHNESS_GATE_MS};
 
+/// Frozen frames make a stall only once they span this long after the last frame that showed
+/// life ([`WorkerState::is_stalled`]): most of one 500 ms scrape interval, so that answers to
+/// overlapping scrapes arriving together are one snapshot, not a freeze.
+pub const FROZEN_MIN_MS: u64 = 400;
+
 /// A worker back from silence (or new) counts towards its pool's liveness only after sending
 /// for this long. It keeps a pool from flapping on one stray frame, and it gives every Envoy
 /// picker (which polls the fleet view every 250 ms) time to see the worker fresh before DNS
@@ -88,7 +93,7 @@ impl WorkerState {
     /// A hang with `/metrics` still answering: no sure sign of life for longer than the
     /// freshness gate, and the newest frame showed the busy engine frozen; either that frame is
     /// within the gate, or frozen frames kept coming for longer than the gate after the last
-    /// sign of life, which no silence since undoes: a hung engine whose `/metrics` then went
+    /// frame that showed life, which no silence since undoes: a hung engine whose `/metrics` then went
     /// unanswered too (the real CPU build: frozen frames for seconds, then none for 9 s) is
     /// still hung, and the guard's stall clock keeps running through the silence.
     ///
@@ -96,10 +101,17 @@ impl WorkerState {
     /// before ([`life_ms`]): a live engine whose telemetry comes in bursts seconds apart (a busy
     /// host's `/metrics`) is unsure, not hung (not fresh, not stalled: silent), and the guard
     /// moves none of its requests. One frozen frame and then silence is silence.
+    ///
+    /// Frozen means frozen over time: the frozen frames must span [`FROZEN_MIN_MS`] from the
+    /// last frame that showed life (`last_progress_ms`). A busy `/metrics` that answers several
+    /// overlapping scrapes at once (the sidecar keeps up to 8 in flight) gives frames milliseconds
+    /// apart with the same numbers: one snapshot, not a freeze.
     pub fn is_stalled(&self, now_ms: u64) -> bool {
         let since_frame = now_ms.saturating_sub(self.last_rx_ms);
-        let frozen_past_gate = self.last_rx_ms.saturating_sub(self.life_ms) > FRESHNESS_GATE_MS;
-        self.frozen && self.age_ms(now_ms) > FRESHNESS_GATE_MS && (since_frame <= FRESHNESS_GATE_MS || frozen_past_gate)
+        let frozen_for = self.last_rx_ms.saturating_sub(self.last_progress_ms);
+        self.frozen
+            && self.age_ms(now_ms) > FRESHNESS_GATE_MS
+            && ((since_frame <= FRESHNESS_GATE_MS && frozen_for >= FROZEN_MIN_MS) || frozen_for > FRESHNESS_GATE_MS)
     }
 
     /// Fresh workers may get new requests.

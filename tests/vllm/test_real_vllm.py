@@ -777,6 +777,12 @@ def test_engine_core_sigstop_hang(rig: Rig):
     try:
         warm_up(rig, envoy)
         warm_up(rig, long_envoy)
+        # The victim's long streams past their first token, counted where they pass: the router in
+        # front of the victim alone releases each one at its first token. The gauges cannot tell:
+        # short requests count as running too (seen: one long stream still without its first token
+        # 20 s after it was sent, on an engine with 2 running, held at the hang and retried onto
+        # the hung server until the client gave up).
+        released0 = harness.filter_stat(long_envoy, "guard_released")
         # The long streams ran on both servers in 2 of 9 runs on this 2-core box (2026-11-30): mostly
         # the second one through the victim's router reached Envoy only when the first ended (each
         # from its own child process, or both from one; not explained, and not seen with a fake
@@ -803,6 +809,7 @@ def test_engine_core_sigstop_hang(rig: Rig):
         short_res: list[Outcome] = []
         lock = threading.Lock()
         view = harness.FleetSamples(rig.stack).__enter__()
+        view_t0 = time.monotonic()
         hang_mono = None
         try:
             samples: list = []
@@ -818,13 +825,16 @@ def test_engine_core_sigstop_hang(rig: Rig):
                         seen_ok[w] = (now, g["vllm:num_requests_running"])
                 # Within 5 s of each other, not in one sample: a scrape of a busy server can fail.
                 fresh = all(w in seen_ok and now - seen_ok[w][0] < 5.0 for w in rig.servers)
-                return seen_ok[victim][1] if fresh else None
+                released = harness.filter_stat(long_envoy, "guard_released") - released0
+                return seen_ok[victim][1] if fresh and released >= n_long else None
 
             try:
                 r_victim = wait_for(long_running, 120, f"{n_long} long streams running past their first token on each server",
                                     interval=0.2)
             except harness.Timeout as e:
-                raise harness.Timeout(f"{e}; running samples: {samples[:3]} ... {samples[-3:]}") from None
+                released = harness.filter_stat(long_envoy, "guard_released") - released0
+                raise harness.Timeout(f"{e}; running samples: {samples[:3]} ... {samples[-3:]}; long streams past their first "
+                                      f"token through the victim's router: {released}") from None
 
             def one(i: int) -> None:
                 o = chat(client, i, 1 + i % 3, short_tokens)
@@ -856,6 +866,10 @@ def test_engine_core_sigstop_hang(rig: Rig):
             if short_threads:
                 join_all(short_threads, 120)
             view.__exit__(None, None, None)
+            # Before the hang too: a server that looked stalled then (seen once: the victim's engine
+            # at 0.2 tokens/s for 30 s on the loaded 2 cores) has its streams ended before the drill.
+            report(f"COUNTS hang view before the hang (dnsd, every 0.2 s, from the long streams' start, times from it): "
+                   f"{view_timeline(view, view_t0, hang_mono if hang_mono is not None else time.monotonic())}")
             if hang_mono is not None:
                 report(f"COUNTS hang view (dnsd, every 0.2 s, from the hang to {run_s:.0f}s after; the survivor must look "
                        f"alive for the guard to end the hung server's streams): {view_timeline(view, hang_mono, hang_mono + run_s)}")

@@ -116,10 +116,22 @@ fn telemetry_in_bursts_is_never_a_stall() {
             assert!(!fleet.view(t).workers[0].stalled);
         }
     }
+    // Frames milliseconds apart with the same numbers (overlapping scrapes answered together):
+    // one snapshot, not a freeze; frozen over most of a scrape interval, a stall.
     let t = T0 + 80_000;
+    let mut dup = fleet.clone();
+    dup.observe(frame("w1", "p", 1, 21, t), t);
+    dup.observe(hung("w1", "p", 22, t + 5, 21.0), t + 5);
+    dup.observe(hung("w1", "p", 23, t + 9, 21.0), t + 9);
+    let w = dup.worker("w1").unwrap();
+    assert_eq!(w.age_ms(t + 9), 4_009, "dated at the frame before the silence");
+    assert!(!w.is_stalled(t + 9) && !w.is_stalled(t + 3_000));
+    dup.observe(hung("w1", "p", 24, t + 450, 21.0), t + 450);
+    let w = dup.worker("w1").unwrap();
+    assert!(w.is_stalled(t + 450) && !w.is_stalled(t + 3_451), "frozen 450 ms: stalled while its frames come");
+    // The same numbers 4 s after the frame before: no sign of life for 8 s now, and none since.
     fleet.observe(hung("w1", "p", 40, t, 20.0), t);
     let w = fleet.worker("w1").unwrap();
-    // Nothing moved in the 4 s since the frame before: no sign of life for 8 s now, and none since.
     assert_eq!(w.age_ms(t), 8_000);
     assert!(w.is_stalled(t) && w.is_stalled(t + 3_001) && w.is_stalled(t + 30_000));
 }

@@ -93,9 +93,9 @@ impl WorkerState {
     /// A hang with `/metrics` still answering: no sure sign of life for longer than the
     /// freshness gate, and the newest frame showed the busy engine frozen; either that frame is
     /// within the gate, or frozen frames kept coming for longer than the gate after the last
-    /// frame that showed life, which no silence since undoes: a hung engine whose `/metrics` then went
-    /// unanswered too (the real CPU build: frozen frames for seconds, then none for 9 s) is
-    /// still hung, and the guard's stall clock keeps running through the silence.
+    /// frame that showed life, which no silence since undoes: a hung engine whose `/metrics`
+    /// then went unanswered too (the real CPU build: frozen frames for seconds, then none for
+    /// 9 s) is still hung, and the guard's stall clock keeps running through the silence.
     ///
     /// A frame whose counters moved is never a stall, even when it is dated at the frame
     /// before ([`life_ms`]): a live engine whose telemetry comes in bursts seconds apart (a busy
@@ -104,8 +104,8 @@ impl WorkerState {
     ///
     /// Frozen means frozen over time: the frozen frames must span [`FROZEN_MIN_MS`] from the
     /// last frame that showed life (`last_progress_ms`). A busy `/metrics` that answers several
-    /// overlapping scrapes at once (the sidecar keeps up to 8 in flight) gives frames milliseconds
-    /// apart with the same numbers: one snapshot, not a freeze.
+    /// overlapping scrapes at once (the sidecar keeps up to 8 in flight) gives frames
+    /// milliseconds apart with the same numbers: one snapshot, not a freeze.
     pub fn is_stalled(&self, now_ms: u64) -> bool {
         let since_frame = now_ms.saturating_sub(self.last_rx_ms);
         let frozen_for = self.last_rx_ms.saturating_sub(self.last_progress_ms);

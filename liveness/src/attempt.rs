@@ -240,7 +240,8 @@ pub fn invisible_to_engine(held_since_ms: u64, now_ms: u64, frame_taken_ms: u64,
 /// first thing to time out (seen with real vLLM on 2 cores: scrapes over 2.5 s while the engine
 /// served fine), so silence alone is too weak a reason to move requests. A stall that then
 /// went silent stays a stall: its clock keeps running (the real CPU build's hung engine sent
-/// frozen frames, then none for 9 s; its streams ended 3 s late when the clock stopped).
+/// frozen frames, then none for 9 s: with the clock stopped, its streams ended 16.1-16.3 s
+/// after the hang instead of 13).
 ///
 /// `Some(ms)`: it shows no sign of life, and has shown none for at least `ms` past the gate
 /// (the view's age is a lower bound past the gate, `fleet::bounded_age_ms`): a hang first seen

@@ -74,14 +74,12 @@ pub struct WorkerState {
     /// When the current run of frames began: the first frame after the worker was out of the
     /// eviction window (or new). Failback waits for [`FAILBACK_HOLD_DOWN_MS`] of it.
     pub streak_start_ms: u64,
-    /// The newest frame showed a busy engine with every number frozen ([`Evidence::Frozen`]).
-    pub frozen: bool,
     pub derived: Derived,
 }
 
 impl WorkerState {
     fn new(frame: Frame, now_ms: u64, streak_start_ms: u64) -> Self {
-        WorkerState { frame, last_rx_ms: now_ms, last_progress_ms: now_ms, life_ms: now_ms, streak_start_ms, frozen: false, derived: Derived::default() }
+        WorkerState { frame, last_rx_ms: now_ms, last_progress_ms: now_ms, life_ms: now_ms, streak_start_ms, derived: Derived::default() }
     }
 
     /// Time since the last sure evidence of life (`life_ms`): frames that show progress or an
@@ -103,14 +101,14 @@ impl WorkerState {
     /// moves none of its requests. One frozen frame and then silence is silence.
     ///
     /// Frozen means frozen over time: the frozen frames must span [`FROZEN_MIN_MS`] from the
-    /// last frame that showed life (`last_progress_ms`). A busy `/metrics` that answers several
-    /// overlapping scrapes at once (the sidecar keeps up to 8 in flight) gives frames
-    /// milliseconds apart with the same numbers: one snapshot, not a freeze.
+    /// last frame that showed life (`last_progress_ms`; the newest frame is frozen exactly when
+    /// it came after that one). A busy `/metrics` that answers several overlapping scrapes at
+    /// once (the sidecar keeps up to 8 in flight) gives frames milliseconds apart with the same
+    /// numbers: one snapshot, not a freeze.
     pub fn is_stalled(&self, now_ms: u64) -> bool {
         let since_frame = now_ms.saturating_sub(self.last_rx_ms);
         let frozen_for = self.last_rx_ms.saturating_sub(self.last_progress_ms);
-        self.frozen
-            && self.age_ms(now_ms) > FRESHNESS_GATE_MS
+        self.age_ms(now_ms) > FRESHNESS_GATE_MS
             && ((since_frame <= FRESHNESS_GATE_MS && frozen_for >= FROZEN_MIN_MS) || frozen_for > FRESHNESS_GATE_MS)
     }
 
@@ -388,7 +386,6 @@ impl FleetState {
                         w.life_ms = life_ms(w.last_rx_ms, w.life_ms, now_ms, seen == Evidence::Moved);
                         w.last_progress_ms = now_ms;
                     }
-                    w.frozen = !alive;
                     w.last_rx_ms = now_ms;
                 } else {
                     // A restart (new boot id): derived values start over; the streak goes on if
@@ -400,7 +397,6 @@ impl FleetState {
                     w.last_progress_ms = now_ms;
                     w.life_ms = now_ms;
                     w.streak_start_ms = streak_start_ms;
-                    w.frozen = false;
                     w.derived = Derived::default();
                 }
                 let new = w.counting_span();

@@ -230,7 +230,7 @@ mod tests {
             adapters: vec![],
             metrics: Metrics::default(),
         };
-        WorkerState { frame, last_rx_ms, last_progress_ms: last_rx_ms, life_ms: last_rx_ms, streak_start_ms: last_rx_ms, frozen: false, derived: Default::default() }
+        WorkerState { frame, last_rx_ms, last_progress_ms: last_rx_ms, life_ms: last_rx_ms, streak_start_ms: last_rx_ms, derived: Default::default() }
     }
 
     fn query(pools: &[&str], tiers: &[&str]) -> EdsQuery {

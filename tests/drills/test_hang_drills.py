@@ -99,6 +99,7 @@ class QuietHang:
         self.stack = stack
         stack.start_dnsd()
         workers = [stack.start_worker(f"w{i}", ttft_ms=50, tokens_per_s=20, sidecar=i != 2) for i in (1, 2, 3)]
+        self.workers = workers
         self.hung = workers[1]
         stack.start_sidecar(self.hung, verbose=True)
         stack.wait_fresh([w.id for w in workers])
@@ -108,9 +109,22 @@ class QuietHang:
         self.hang_mono = 0.0
 
     def start_streams(self, pool) -> list:
-        longs = [pool.submit(chat, self.client, i, 400) for i in range(9)]
-        wait_for(lambda: sum(1 for w in self.stack.fleet_workers().values() if (w.get("running") or 0) > 0) == 3, 10,
-                 "every worker streaming", interval=0.1)
+        """Nine long streams, until each is running past its first token and every worker runs
+        at least one, as the workers' own `/metrics` count them (dnsd's view lags a frame: the
+        warm-up request, done, still counted on the middle worker once, and all nine streams were
+        on the other two; counted as running before their first token, the hung worker's were
+        rescued to the others)."""
+        n = 9
+        gen0 = [generated_tokens(w) for w in self.workers]
+        longs = [pool.submit(chat, self.client, i, 400) for i in range(n)]
+
+        def placed() -> bool:
+            running = [requests_running(w) for w in self.workers]
+            tokens = [generated_tokens(w) - g for w, g in zip(self.workers, gen0)]
+            # Started together at one pace: 3 tokens a stream on each worker means all past the first.
+            return sum(running) == n and min(running) >= 1 and all(t >= 3 * r for t, r in zip(tokens, running))
+
+        wait_for(placed, 10, f"all {n} streams running, on every worker", interval=0.1)
         return longs
 
     def hang(self) -> None:
@@ -192,6 +206,12 @@ def test_engine_hang_seen_late(stack):
     # Judged from when the frames came back instead, they ended at 19.9 s.
     assert stream_end <= last_life_s + 15.0, (f"streams on the hung worker ended {stream_end:.2f} s after the hang, its last "
                                               f"sign of life {last_life_s:+.2f} s, dnsd saw it stalled at {seen_stalled_s:.2f} s")
+
+
+def requests_running(w) -> float:
+    """vLLM's `num_requests_running` on `w`'s own /metrics."""
+    m = re.search(r"^vllm:num_requests_running\{[^}]*\} (\S+)$", w.metrics(), re.M)
+    return float(m.group(1)) if m else 0.0
 
 
 def generated_tokens(w) -> float:

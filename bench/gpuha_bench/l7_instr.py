@@ -6,16 +6,21 @@ in the window. Counts do not move with the machine's
 neighbours the way CPU time does: the module's own instructions per request agree within ~1 %
 between runs of one build; Envoy's own code moves by up to ~5 % (its event loop batches events
 differently from run to run). So they show a change of a few per cent in the module that the
-timed `l7_paced` rows cannot. Kernel time is not counted. Native builds only: V8's generated code is not counted usefully under
-valgrind. Opt-in: `bench/run.py --only l7_instr` (about 2 minutes; needs valgrind)."""
+timed `l7_paced` rows cannot. Kernel time is not counted. The Wasm build's rows
+(`GPUHA_BENCH_INSTR_WASM=1`, with `GPUHA_BENCH_BASELINE_WASM` beside it) count V8's generated code
+too, as Envoy's (its anonymous mappings): they move by about 4 % between runs of one build (the
+code V8 generates and when it tiers up), so they show a change of a tenth, not the few per cent
+the native rows can. Opt-in: `bench/run.py --only l7_instr` (about 2 minutes a variant; needs
+valgrind)."""
 
+import os
 import re
 import shutil
 import subprocess
 import time
 from collections import Counter
 
-from .common import BASELINE_NATIVE, LOAD_CPU, NO_BREAKER, PROCS, WORK, dnsd, envoy, fake_worker, fleet_ready, note, sidecar, wrk
+from .common import BASELINE_NATIVE, BASELINE_WASM, LOAD_CPU, NO_BREAKER, PROCS, WORK, dnsd, envoy, fake_worker, fleet_ready, note, sidecar, wrk
 from .l7_floor import native_floor
 from .markdown import Report, fmt
 
@@ -99,21 +104,27 @@ def sec_l7_instr(R, quick):
     sidecar("iw2", w2, ingest)
     fleet_ready(http, 2)
     behaviours = {"pause_request": True, "endpoints": f"{w1},{w2}"}
-    variants = [("envoy (no filter)", "nowasm", None, None, None, None),
-                ("native floor: pause + endpoints, upstream holds the answer", "native", behaviours, {"hold_response": True}, native_floor, None),
-                ("envoy+filter (native)", "native", NO_BREAKER, NO_BREAKER, None, None)]
+    # (label, Envoy variant, picker config, guard config, config edit, native build dir, Wasm module)
+    variants = [("envoy (no filter)", "nowasm", None, None, None, None, None),
+                ("native floor: pause + endpoints, upstream holds the answer", "native", behaviours, {"hold_response": True}, native_floor, None, None),
+                ("envoy+filter (native)", "native", NO_BREAKER, NO_BREAKER, None, None, None)]
     if BASELINE_NATIVE:
-        variants.append(("envoy+filter (native, baseline)", "native", NO_BREAKER, NO_BREAKER, None, BASELINE_NATIVE))
+        variants.append(("envoy+filter (native, baseline)", "native", NO_BREAKER, NO_BREAKER, None, BASELINE_NATIVE, None))
+    if os.environ.get("GPUHA_BENCH_INSTR_WASM"):
+        variants.append(("envoy+filter (Wasm)", "filter", NO_BREAKER, NO_BREAKER, None, None, None))
+        if BASELINE_WASM:
+            variants.append(("envoy+filter (Wasm, baseline)", "filter", NO_BREAKER, NO_BREAKER, None, None, BASELINE_WASM))
     rows = []
-    for label, kind, pcfg, gcfg, edit, ndir in variants:
+    for label, kind, pcfg, gcfg, edit, ndir, wasm in variants:
         name = f"envoy-instr-{len(rows)}"
         out = WORK / f"{name}.callgrind"
         wrap = ("valgrind", "--tool=callgrind", "--cache-sim=yes", f"--callgrind-out-file={out}")
         proxy, port, _, _ = envoy(name, [w1, w2], http, variant=kind, picker_config=pcfg, guard_config=gcfg, edit=edit,
-                                  native_dir=ndir, wrap=wrap, ready_s=300)
+                                  native_dir=ndir, wasm=wasm, wrap=wrap, ready_s=300)
         ctl = lambda op: subprocess.run(["callgrind_control", op, str(proxy.pid)], check=True, capture_output=True, timeout=60)
         try:
-            wrk(port, True, 4, 2)
+            # A warm-up (V8 compiles the module's hot code in its optimizing tier meanwhile).
+            wrk(port, True, 4, 10 if kind == "filter" else 2)
             # An idle window first: what Envoy and the filter do on their own (stats flushes, the
             # fleet poll and its ticks), taken out of the loaded window at its length. Under
             # valgrind the load is a few dozen requests a second, so that periodic work would

@@ -274,31 +274,34 @@ impl HttpContext for GuardCtx {
         // `x-gpuha-endpoints` there (the override_host LB takes the list once per request and
         // walks it on retries; the kill soak found that it does not re-read it).
         // One host call for every header read here.
-        let h = host::Headers::read(MapType::HttpRequestHeaders);
-        self.probe_for = h.get(PROBE_HEADER);
-        self.request_id = h.get(REQUEST_ID_HEADER).filter(|id| !id.is_empty());
+        let h = host::Headers::read(MapType::HttpRequestHeaders, &[PROBE_HEADER, REQUEST_ID_HEADER, EXPECTED_TIMEOUT_HEADER, ":path"]);
+        let [probe_for, request_id, budget, path] = [0, 1, 2, 3].map(|i| h.get(i));
+        self.probe_for = probe_for;
+        self.request_id = request_id.filter(|id| !id.is_empty());
         // This attempt's budget: the router's per-try timeout (the route's timeout without one).
-        self.budget_ms = h.get(EXPECTED_TIMEOUT_HEADER).and_then(|v| v.trim().parse().ok());
+        self.budget_ms = budget.and_then(|v| v.trim().parse().ok());
         self.started = host::now_ms();
-        let path = h.get(":path").unwrap_or_default();
+        let path = path.unwrap_or_default();
         *self.attempt.borrow_mut() = Attempt::new(AttemptConfig { max_held_bytes: self.cfg.max_held_bytes, retry_status: self.cfg.retry_status }, &path);
         Action::Continue
     }
 
     fn on_http_response_headers(&mut self, _n: usize, end_of_stream: bool) -> Action {
-        let status = host::status().unwrap_or(0);
-        let action = self.attempt.borrow_mut().on_response_headers(status, host::response_header("content-type").as_deref(), end_of_stream);
+        let h = host::Headers::few(MapType::HttpResponseHeaders, &[":status", "content-type", GUARD_HEADER]);
+        let [status, content_type, guard_header] = [0, 1, 2];
+        let status = h.get(status).and_then(|s| s.parse().ok()).unwrap_or(0);
+        let action = self.attempt.borrow_mut().on_response_headers(status, h.get(content_type).as_deref(), end_of_stream);
         self.charge();
         self.offer_clean_chunks();
         match action {
             HeadersAction::Continue { mark } => {
                 if let Some(m) = mark {
-                    host::set_response_header(GUARD_HEADER, Some(m));
+                    h.set_response(guard_header, m);
                 }
                 Action::Continue
             }
             HeadersAction::Hold => {
-                host::set_response_header(GUARD_HEADER, Some(mark::RELEASED));
+                h.set_response(guard_header, mark::RELEASED);
                 self.track();
                 // Needs allow_on_headers_stop_iteration (see the README).
                 Action::Pause

@@ -3,8 +3,10 @@
 //! `Option`/`Result`, logs failures, and the callers fail open.
 
 use std::cell::Cell;
+use std::rc::Rc;
 use std::time::UNIX_EPOCH;
 
+use gpuha_liveness::named_headers;
 use proxy_wasm::hostcalls;
 use proxy_wasm::types::{BufferType, LogLevel, MapType, Status};
 
@@ -39,41 +41,120 @@ pub fn header(map: MapType, name: &str) -> Option<String> {
     hostcalls::get_map_value_bytes(map, name).ok().flatten().map(|b| String::from_utf8(b).unwrap_or_else(|e| String::from_utf8_lossy(e.as_bytes()).into_owned()))
 }
 
-/// The headers a hook reads from one map. On Envoy's Wasm host the map is read whole with one
-/// host call: there each single-header read is a host call and, when the header is there, a
-/// second VM entry for the copy's allocation. On a host where a single read is a plain function
-/// call (the native build, [`single_header_reads`]) each header is read when asked: a whole map
-/// costs the host an encoding and the SDK two allocations per header.
-pub enum Headers {
+/// The headers a hook reads from one map, asked for by their place in a constant list of
+/// names. On Envoy's Wasm host the map is read whole with one host call ([`Headers::read`]): there
+/// each single-header read is a host call and, when the header is there, a second VM entry for
+/// the copy's allocation. On the native build (where a host call is a plain function call) the
+/// listed headers are read in one call ([`named_headers`]): one walk of Envoy's map, where each
+/// single read builds a lower-cased key and searches the map, and a whole map costs an encoding
+/// and two allocations per header.
+pub struct Headers {
+    map: MapType,
+    names: &'static [&'static str],
+    got: Got,
+}
+
+enum Got {
     Whole(Vec<(String, Vec<u8>)>),
-    Single(MapType),
+    /// [`named_headers`]'s answer for the names, and where each value lies in it.
+    Named(Vec<u8>, Spans),
+    /// Each read when asked.
+    Single,
 }
 
 impl Headers {
-    /// `map`'s headers. Only call it where Envoy has the map (see [`header`]). The SDK decodes
-    /// names as UTF-8: Envoy's codecs only accept token characters in header names.
-    pub fn read(map: MapType) -> Headers {
-        if single_header_reads() {
-            Headers::Single(map)
+    /// `map`'s headers `names`. Only call it where Envoy has the map (see [`header`]).
+    pub fn read(map: MapType, names: &'static [&'static str]) -> Headers {
+        let got = if single_header_reads() {
+            read_named(map, names).map_or(Got::Single, |(answer, at)| Got::Named(answer, at))
         } else {
-            Headers::Whole(hostcalls::get_map_bytes(map).unwrap_or_default())
+            // The SDK decodes names as UTF-8: Envoy's codecs only accept token characters in names.
+            Got::Whole(hostcalls::get_map_bytes(map).unwrap_or_default())
+        };
+        Headers { map, names, got }
+    }
+
+    /// The same for a hook that reads three or fewer of them: on Envoy's Wasm host they are read one
+    /// by one, when asked (the whole map costs about two single reads there).
+    pub fn few(map: MapType, names: &'static [&'static str]) -> Headers {
+        let got = single_header_reads().then(|| read_named(map, names)).flatten().map_or(Got::Single, |(answer, at)| Got::Named(answer, at));
+        Headers { map, names, got }
+    }
+
+    /// The first value of the `i`th name, when it was read with the map (`None` when read alone).
+    fn value(&self, i: usize) -> Option<Option<&[u8]>> {
+        match &self.got {
+            Got::Whole(h) => Some(h.iter().find(|(k, _)| k.eq_ignore_ascii_case(self.names[i])).map(|(_, v)| v.as_slice())),
+            Got::Named(answer, at) => Some(at[i].map(|(s, e)| &answer[s as usize..e as usize])),
+            Got::Single => None,
         }
     }
 
-    /// The first value of `name` (ASCII case-insensitive), read lossily as [`header`] does.
-    pub fn get(&self, name: &str) -> Option<String> {
-        match self {
-            Headers::Whole(h) => h.iter().find(|(k, _)| k.eq_ignore_ascii_case(name)).map(|(_, v)| String::from_utf8(v.clone()).unwrap_or_else(|e| String::from_utf8_lossy(e.as_bytes()).into_owned())),
-            Headers::Single(map) => header(*map, name),
+    /// The first value of the `i`th name (ASCII case-insensitive), read lossily as [`header`] does.
+    pub fn get(&self, i: usize) -> Option<String> {
+        match self.value(i) {
+            Some(v) => v.map(|v| gpuha_liveness::text(v).into_owned()),
+            None => header(self.map, self.names[i]),
         }
     }
 
-    pub fn has(&self, name: &str) -> bool {
-        match self {
-            Headers::Whole(h) => h.iter().any(|(k, _)| k.eq_ignore_ascii_case(name)),
-            Headers::Single(map) => hostcalls::get_map_value_bytes(*map, name).ok().flatten().is_some(),
+    /// The first value of `name`, a header not in the list: found in a whole map, else read alone.
+    pub fn get_other(&self, name: &str) -> Option<String> {
+        match &self.got {
+            Got::Whole(h) => h.iter().find(|(k, _)| k.eq_ignore_ascii_case(name)).map(|(_, v)| gpuha_liveness::text(v).into_owned()),
+            _ => header(self.map, name),
         }
     }
+
+    pub fn has(&self, i: usize) -> bool {
+        match self.value(i) {
+            Some(v) => v.is_some(),
+            None => hostcalls::get_map_value_bytes(self.map, self.names[i]).ok().flatten().is_some(),
+        }
+    }
+
+    /// Sets the `i`th name to `value` in this response map: where it is known to be absent (read
+    /// by name here) it is added, which costs Envoy no search for a value to replace.
+    pub fn set_response(&self, i: usize, value: &str) {
+        let name = self.names[i];
+        if self.map == MapType::HttpResponseHeaders && matches!(self.got, Got::Named(..)) && self.value(i) == Some(None) {
+            if let Err(e) = hostcalls::add_map_value(MapType::HttpResponseHeaders, name, value) {
+                warn(&format!("gpuha: add response header {name}: {e:?}"));
+            }
+        } else {
+            set_response_header(name, Some(value));
+        }
+    }
+}
+
+/// A list of names a hook asked for in a map, and its encoding.
+type Asked = (MapType, *const [&'static str], Option<Rc<[u8]>>);
+
+/// Where each value of a [`named_headers`] answer lies.
+type Spans = [Option<(u32, u32)>; named_headers::MAX_NAMES];
+
+thread_local! {
+    /// [`named_headers::encode_ask`] of each (map, list of names) a hook asked with (`None`: a
+    /// list too long to ask for): the lists are constants, a handful of them.
+    static ASKS: std::cell::RefCell<Vec<Asked>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
+/// `names`' first values in `map`, in one call of the native host (`None` on any other host, or
+/// when its answer does not decode: the caller reads them one by one).
+fn read_named(map: MapType, names: &'static [&'static str]) -> Option<(Vec<u8>, Spans)> {
+    let key: *const [&'static str] = names;
+    let ask = ASKS.with(|a| {
+        let mut a = a.borrow_mut();
+        if let Some((_, _, ask)) = a.iter().find(|(m, k, _)| *m == map && std::ptr::eq(*k, key)) {
+            return ask.clone();
+        }
+        let ask: Option<Rc<[u8]>> = named_headers::encode_ask(map as u8, names).map(Rc::from);
+        a.push((map, key, ask.clone()));
+        ask
+    })?;
+    let answer = hostcalls::call_foreign_function(READ_HEADERS, Some(&ask)).ok()??;
+    let at = named_headers::spans(&answer, names.len())?;
+    Some((answer, at))
 }
 
 pub fn request_header(name: &str) -> Option<String> {
@@ -98,14 +179,14 @@ pub fn response_header(name: &str) -> Option<String> {
     header(MapType::HttpResponseHeaders, name)
 }
 
+pub fn status() -> Option<u16> {
+    response_header(":status").and_then(|s| s.parse().ok())
+}
+
 pub fn set_response_header(name: &str, value: Option<&str>) {
     if let Err(e) = hostcalls::set_map_value(MapType::HttpResponseHeaders, name, value) {
         warn(&format!("gpuha: set response header {name}: {e:?}"));
     }
-}
-
-pub fn status() -> Option<u16> {
-    response_header(":status").and_then(|s| s.parse().ok())
 }
 
 pub fn body(kind: BufferType, size: usize) -> Vec<u8> {
@@ -170,6 +251,10 @@ const PASS_CLEAN_RESPONSE_CHUNKS: &str = "gpuha.pass_clean_response_chunks";
 /// The host call that says a single header read is a plain function call on this host (the
 /// native build defines it; Envoy's Wasm host answers `NotFound`).
 const SINGLE_HEADER_READS: &str = "gpuha.single_header_reads";
+
+/// The host call that reads named headers of a map in one call
+/// ([`named_headers`]); the native build defines it.
+const READ_HEADERS: &str = "gpuha.read_headers";
 
 thread_local! {
     /// Whether this host skips response-body hooks on request (`None`: not asked yet).

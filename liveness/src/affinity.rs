@@ -39,6 +39,9 @@
 
 use serde::{Deserialize, Serialize};
 
+/// [`AffinityConfig::session_header`] unless configured otherwise.
+pub const DEFAULT_SESSION_HEADER: &str = "x-session-id";
+
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct AffinityConfig {
@@ -79,7 +82,7 @@ impl Default for AffinityConfig {
     fn default() -> Self {
         AffinityConfig {
             enabled: true,
-            session_header: "x-session-id".into(),
+            session_header: DEFAULT_SESSION_HEADER.into(),
             user_field: true,
             message_bytes: 1024,
             max_messages: 4,

@@ -22,6 +22,7 @@
 //! | [`blame`] | who is charged for a request's failed attempts (a failure that follows the request charges nobody) |
 //! | [`request`] | the picker's bounded scan of a request body for `model` and `stream` |
 //! | [`slots`] | byte layouts of the filter's shared-data slots |
+//! | [`named_headers`] | the native host's one-call read of the few headers a hook needs |
 //! | [`openai_error`] | OpenAI-shaped error bodies (JSON and SSE) |
 //! | [`tier`] | the fallback chain: tiers after the own workers, the spill budget, adapting a request to a degraded tier or a provider |
 //!
@@ -43,6 +44,7 @@ pub mod inflight;
 pub mod ingest;
 pub mod lora;
 pub mod membership;
+pub mod named_headers;
 pub mod openai_error;
 pub mod output;
 pub mod pick;

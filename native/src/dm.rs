@@ -12,6 +12,9 @@ use crate::abi;
 /// is one or two).
 const STACK_CHUNKS: usize = 8;
 
+/// Header views read into a stack array when a map has at most this many.
+const STACK_HEADERS: usize = 32;
+
 #[derive(Debug, Clone, Copy)]
 pub enum Level {
     Trace,
@@ -102,6 +105,22 @@ pub fn forget_body_sizes() {
     PARTS.with(|p| p.set(None));
 }
 
+/// One header of a map as Envoy lends it: valid only inside the hook that read it, and handed
+/// out only by reference inside it ([`Filter::with_header_views`]).
+#[repr(transparent)]
+#[derive(Clone, Copy)]
+pub struct HeaderView(abi::EnvoyHttpHeader);
+
+impl HeaderView {
+    /// The header's name and value.
+    pub fn bytes(&self) -> (&[u8], &[u8]) {
+        let h = &self.0;
+        // SAFETY: a view Envoy filled in this hook ([`Filter::with_header_views`] lends `self`
+        // only while its map cannot change); its pointers are null only with a zero length.
+        unsafe { (abi::EnvoyBuffer { ptr: h.key_ptr, length: h.key_length }.as_bytes(), abi::EnvoyBuffer { ptr: h.value_ptr, length: h.value_length }.as_bytes()) }
+    }
+}
+
 /// Envoy's filter of one stream; valid from `on_http_filter_new` until its destroy hook.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub struct Filter(pub abi::HttpFilterEnvoyPtr);
@@ -126,15 +145,33 @@ impl Filter {
 
     /// `f` of the map's headers as Envoy's views (nothing copied; valid only during `f`).
     pub fn with_headers<T>(self, map: HeaderMap, f: impl FnOnce(&[(&[u8], &[u8])]) -> T) -> T {
+        self.with_header_views(map, |views| f(&views.iter().map(|h| h.bytes()).collect::<Vec<_>>()))
+    }
+
+    /// `f` of the map's headers as Envoy lends them ([`HeaderView::bytes`] reads one), on the
+    /// stack when the map has at most [`STACK_HEADERS`] (a request's or a response's nearly
+    /// always has).
+    pub fn with_header_views<T>(self, map: HeaderMap, f: impl FnOnce(&[HeaderView]) -> T) -> T {
         let n = self.header_count(map);
-        let mut views = vec![abi::EnvoyHttpHeader { key_ptr: std::ptr::null(), key_length: 0, value_ptr: std::ptr::null(), value_length: 0 }; n];
-        // SAFETY: `views` holds the `n` entries Envoy reported for this map.
-        if n == 0 || !unsafe { abi::envoy_dynamic_module_callback_http_get_headers(self.0, map.abi(), views.as_mut_ptr()) } {
+        if n == 0 {
             return f(&[]);
         }
-        // SAFETY: views of Envoy's header map, which does not change while this hook runs `f`.
-        let pairs: Vec<(&[u8], &[u8])> = views.iter().map(|h| unsafe { (abi::EnvoyBuffer { ptr: h.key_ptr, length: h.key_length }.as_bytes(), abi::EnvoyBuffer { ptr: h.value_ptr, length: h.value_length }.as_bytes()) }).collect();
-        f(&pairs)
+        let mut on_stack = [const { std::mem::MaybeUninit::<HeaderView>::uninit() }; STACK_HEADERS];
+        let mut on_heap = Vec::new();
+        let views: *mut HeaderView = if n <= STACK_HEADERS {
+            on_stack.as_mut_ptr().cast()
+        } else {
+            on_heap.reserve_exact(n);
+            on_heap.as_mut_ptr()
+        };
+        // SAFETY: room for the `n` entries Envoy reported for this map (`HeaderView` is a
+        // transparent wrapper of Envoy's header type); Envoy writes every one of them when it
+        // answers `true`, and only then are they read.
+        if !unsafe { abi::envoy_dynamic_module_callback_http_get_headers(self.0, map.abi(), views.cast()) } {
+            return f(&[]);
+        }
+        // SAFETY: the `n` entries Envoy just wrote (above).
+        f(unsafe { std::slice::from_raw_parts(views, n) })
     }
 
     pub fn set_header(self, map: HeaderMap, name: &[u8], value: &[u8]) -> bool {

@@ -323,6 +323,9 @@ fn ending(f: Filter) -> Option<crate::hooks::Ending> {
 /// - `gpuha.single_header_reads`: answers `Ok`. Here reading one header is a plain function call,
 ///   so the filter reads the few headers it needs one by one, not the whole map
 ///   (`gpuha_filter::host::Headers`);
+/// - `gpuha.read_headers`: the first values of the named headers of one map, in one walk of
+///   Envoy's map ([`gpuha_liveness::named_headers`]; `BadArgument` outside an HTTP context or for
+///   an ask that does not decode);
 /// - `gpuha.skip_response_body`: the filter's hint that its context is done with the stream's
 ///   response body (`gpuha_filter::host::skip_response_body`). Its remaining response-body hooks
 ///   are answered `Continue` without entering the SDK ([`crate::hooks`]);
@@ -331,9 +334,10 @@ fn ending(f: Filter) -> Option<crate::hooks::Ending> {
 ///   does not end the stream (`gpuha_filter::host::pass_clean_response_chunks`). Those are
 ///   answered `Continue` without entering the SDK, until one is not ([`crate::hooks`]).
 #[no_mangle]
-pub extern "C" fn proxy_call_foreign_function(name: *const u8, name_size: usize, _args: *const u8, _args_size: usize, _data: *mut *mut u8, _size: *mut usize) -> u32 {
+pub extern "C" fn proxy_call_foreign_function(name: *const u8, name_size: usize, args: *const u8, args_size: usize, data: *mut *mut u8, size: *mut usize) -> u32 {
     let body = match slice(name, name_size) {
         b"gpuha.single_header_reads" => return OK,
+        b"gpuha.read_headers" => return read_headers(slice(args, args_size), data, size),
         b"gpuha.skip_response_body" => Body::Skip,
         b"gpuha.pass_clean_response_chunks" => Body::PassClean,
         _ => return NOT_FOUND,
@@ -345,6 +349,41 @@ pub extern "C" fn proxy_call_foreign_function(name: *const u8, name_size: usize,
         }
         None => BAD_ARGUMENT,
     }
+}
+
+fn read_headers(ask: &[u8], data: *mut *mut u8, size: *mut usize) -> u32 {
+    use gpuha_liveness::named_headers::{push_value, Ask, MAX_NAMES};
+    let Some(ask) = Ask::parse(ask) else { return BAD_ARGUMENT };
+    let (Some(m), Some(f)) = (map_of(u32::from(ask.map)), with(Cur::filter)) else { return BAD_ARGUMENT };
+    let lengths = ask.lengths();
+    let answer = f.with_header_views(m, |views| {
+        let mut found: [Option<&[u8]>; MAX_NAMES] = [None; MAX_NAMES];
+        for h in views {
+            let (k, v) = h.bytes();
+            // Most headers are passed over on their length.
+            if lengths >> (k.len() % 64) & 1 == 0 {
+                continue;
+            }
+            // The first value of a name, as a single read answers. Envoy keeps names lower-cased
+            // (as the filter asks): the exact comparison nearly always decides.
+            for (name, slot) in ask.names().zip(found.iter_mut()) {
+                if name.len() == k.len() && slot.is_none() && (k == name || k.eq_ignore_ascii_case(name)) {
+                    *slot = Some(v);
+                }
+            }
+        }
+        let found = &found[..ask.len()];
+        let mut out = Vec::with_capacity(found.iter().map(|v| 4 + v.map_or(0, <[u8]>::len)).sum());
+        for (name, value) in ask.names().zip(found) {
+            if let (HeaderMap::RequestHeaders, Some(v), b"x-request-id") = (m, value, name) {
+                crate::hooks::saw_request_header(f, name, v);
+            }
+            push_value(&mut out, *value);
+        }
+        out
+    });
+    give(answer, data, size);
+    OK
 }
 
 #[no_mangle]

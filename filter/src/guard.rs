@@ -287,21 +287,22 @@ impl HttpContext for GuardCtx {
     }
 
     fn on_http_response_headers(&mut self, _n: usize, end_of_stream: bool) -> Action {
-        let h = host::Headers::few(MapType::HttpResponseHeaders, &[":status", "content-type", GUARD_HEADER]);
-        let [status, content_type, guard_header] = [0, 1, 2];
-        let status = h.get(status).and_then(|s| s.parse().ok()).unwrap_or(0);
-        let action = self.attempt.borrow_mut().on_response_headers(status, h.get(content_type).as_deref(), end_of_stream);
+        // Two single reads and a set: reading them by name, then adding the mark where it was
+        // absent, cost more in all (the picker's later set of its tier on the same map grew by
+        // more than the add saved: `bench/results/2026-12-01-namedheaders`).
+        let status = host::status().unwrap_or(0);
+        let action = self.attempt.borrow_mut().on_response_headers(status, host::response_header("content-type").as_deref(), end_of_stream);
         self.charge();
         self.offer_clean_chunks();
         match action {
             HeadersAction::Continue { mark } => {
                 if let Some(m) = mark {
-                    h.set_response(guard_header, m);
+                    host::set_response_header(GUARD_HEADER, Some(m));
                 }
                 Action::Continue
             }
             HeadersAction::Hold => {
-                h.set_response(guard_header, mark::RELEASED);
+                host::set_response_header(GUARD_HEADER, Some(mark::RELEASED));
                 self.track();
                 // Needs allow_on_headers_stop_iteration (see the README).
                 Action::Pause

@@ -74,13 +74,6 @@ impl Headers {
         Headers { map, names, got }
     }
 
-    /// The same for a hook that reads three or fewer of them: on Envoy's Wasm host they are read one
-    /// by one, when asked (the whole map costs about two single reads there).
-    pub fn few(map: MapType, names: &'static [&'static str]) -> Headers {
-        let got = single_header_reads().then(|| read_named(map, names)).flatten().map_or(Got::Single, |(answer, at)| Got::Named(answer, at));
-        Headers { map, names, got }
-    }
-
     /// The first value of the `i`th name, when it was read with the map (`None` when read alone).
     fn value(&self, i: usize) -> Option<Option<&[u8]>> {
         match &self.got {
@@ -110,19 +103,6 @@ impl Headers {
         match self.value(i) {
             Some(v) => v.is_some(),
             None => hostcalls::get_map_value_bytes(self.map, self.names[i]).ok().flatten().is_some(),
-        }
-    }
-
-    /// Sets the `i`th name to `value` in this response map: where it is known to be absent (read
-    /// by name here) it is added, which costs Envoy no search for a value to replace.
-    pub fn set_response(&self, i: usize, value: &str) {
-        let name = self.names[i];
-        if self.map == MapType::HttpResponseHeaders && matches!(self.got, Got::Named(..)) && self.value(i) == Some(None) {
-            if let Err(e) = hostcalls::add_map_value(MapType::HttpResponseHeaders, name, value) {
-                warn(&format!("gpuha: add response header {name}: {e:?}"));
-            }
-        } else {
-            set_response_header(name, Some(value));
         }
     }
 }

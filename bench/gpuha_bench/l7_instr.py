@@ -8,9 +8,9 @@ between runs of one build; Envoy's own code moves by up to ~5 % (its event loop 
 differently from run to run). So they show a change of a few per cent in the module that the
 timed `l7_paced` rows cannot. Kernel time is not counted. The Wasm build's rows
 (`GPUHA_BENCH_INSTR_WASM=1`, with `GPUHA_BENCH_BASELINE_WASM` beside it) count V8's generated code
-too, as Envoy's (its anonymous mappings): they move by about 4 % between runs of one build (the
-code V8 generates and when it tiers up), so they show a change of a tenth, not the few per cent
-the native rows can. Opt-in: `bench/run.py --only l7_instr` (about 2 minutes a variant; needs
+too, as Envoy's (its anonymous mappings): two builds of the same code agreed within 0.6 % in one
+run, but one build's count moved by up to 8 % between runs (the code V8 generates, and when it
+tiers up), so compare Wasm builds within a run only. Opt-in: `bench/run.py --only l7_instr` (about 2 minutes a variant; needs
 valgrind)."""
 
 import os
@@ -34,11 +34,14 @@ CONNS = 4
 
 def parse_callgrind(text):
     """Self cost per (object, function) from a callgrind dump, {(ob, fn): Counter(event: n)},
-    and the calls made to each function, {fn: n}. Handles the name compression (`fn=(id) name`,
-    then `fn=(id)`) and skips the inclusive cost line that follows each `calls=` line."""
+    the calls made to each function, {fn: n}, and the instructions spent inside each function's
+    calls, its own and its callees' ({fn: Ir}, from the inclusive cost line that follows each
+    `calls=` line; kept apart from the self costs). Handles the name compression
+    (`fn=(id) name`, then `fn=(id)`)."""
     names = {}
     costs = {}
     calls = Counter()
+    inclusive = Counter()
     cfn = None
     events = EVENTS
     ob = fn = None
@@ -71,14 +74,24 @@ def parse_callgrind(text):
             skip_next = True
             calls[cfn] += int(line[6:].split()[0])
         elif line[:1].isdigit() or line[:1] in "+-*":
+            parts = line.split()[1:]
             if skip_next:
                 skip_next = False
+                if parts and "Ir" in events:
+                    inclusive[cfn] += int(parts[events.index("Ir")])
                 continue
-            parts = line.split()[1:]
             c = costs.setdefault((ob, fn), Counter())
             for e, v in zip(events, parts):
                 c[e] += int(v)
-    return costs, calls
+    return costs, calls, inclusive
+
+
+# The module's hooks a request runs through (a stream's filter: not the configuration's ticks and
+# fleet poll, which the idle window takes out anyway). A hook that runs inside another (a local
+# reply sent from a request hook runs the response hooks) is counted in both: the paced streams
+# measured here send none.
+def is_request_hook(fn):
+    return (fn or "").startswith("envoy_dynamic_module_on_http_filter_") and "_config_" not in fn
 
 
 def where(ob):
@@ -144,8 +157,8 @@ def sec_l7_instr(R, quick):
         dumps = {p.name.rsplit(".", 1)[-1]: p for p in WORK.glob(f"{name}.callgrind.*")}
         if not {"1", "2"} <= dumps.keys() or not sat["requests"]:
             raise RuntimeError(f"{label}: no callgrind dumps or no request ({sorted(dumps)}, {sat['requests']})")
-        idle, _ = parse_callgrind(dumps["1"].read_text(errors="replace"))
-        costs, calls = parse_callgrind(dumps["2"].read_text(errors="replace"))
+        idle, _, idle_incl = parse_callgrind(dumps["1"].read_text(errors="replace"))
+        costs, calls, incl = parse_callgrind(dumps["2"].read_text(errors="replace"))
         scale = load_s / idle_s
         for k, c in idle.items():
             left = costs.setdefault(k, Counter())
@@ -168,7 +181,11 @@ def sec_l7_instr(R, quick):
                # rest the native host answered itself (a picker done with the body, a guard's
                # clean chunks).
                "filter_body_hooks": calls["proxy_on_response_body"] / n,
-               "module_top": [{"function": fn, "ir": round(ir)} for fn, ir in top]}
+               "module_top": [{"function": fn, "ir": round(ir)} for fn, ir in top],
+               # The native filter's own cost, steadier than the totals (Envoy's event loop moves
+               # them by a few per cent): each request hook with the Envoy calls it makes.
+               "hooks": {fn[len("envoy_dynamic_module_on_http_filter_"):]: (ir - idle_incl[fn] * scale) / n
+                         for fn, ir in incl.items() if is_request_hook(fn)}}
         rows.append(row)
         note(f"L7 instructions {label}: {n} requests, {row['per_request']['Ir']:.0f} Ir/request, "
              f"I1 misses {row['per_request']['I1mr']:.0f}, errors {sat['errors']}")
@@ -197,6 +214,14 @@ def report_l7_instr(R, rep: Report) -> None:
         md.append(f"| {r['variant']} | {r['requests']} | {fmt(p['Ir'])} | {ratio} | {fmt(w.get('envoy', 0))} | {fmt(w.get('module', 0))} | "
                   f"{fmt(w.get('libc and other', 0))} | {fmt(r.get('body_hooks'), 1)} | {fmt(r.get('filter_body_hooks'), 1)} | "
                   f"{fmt(p['I1mr'])} | {fmt(p['D1mr'] + p['D1mw'])} |")
+    native = [r for r in rows if r.get("hooks") and r["variant"].startswith("envoy+filter (native")]
+    if native:
+        hooks = sorted({h for r in native for h in r["hooks"]}, key=lambda h: -native[0]["hooks"].get(h, 0))
+        md += ["", "The native filter's request hooks, instructions per request, each with the Envoy calls it makes "
+               "(its own cost: steadier than the totals above, which Envoy's event loop moves by a few per cent):", "",
+               "| hook | " + " | ".join(r["variant"] for r in native) + " |", "|---|" + "---:|" * len(native)]
+        md += [f"| `{h}` | " + " | ".join(fmt(r["hooks"].get(h, 0)) for r in native) + " |" for h in hooks]
+        md.append("| all | " + " | ".join(f"**{fmt(sum(r['hooks'].values()))}**" for r in native) + " |")
     for r in rows:
         if r["variant"] == "envoy+filter (native)" and r["module_top"]:
             md += ["", f"The module's own functions in `{r['variant']}`, instructions per request (self, top {TOP}):", "",

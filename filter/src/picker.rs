@@ -328,7 +328,7 @@ impl HttpContext for Picker {
         if a.enabled && !a.session_header.is_empty() {
             // An absent header costs Envoy's lookup most (it searches the whole map): the
             // default name is read with the others.
-            self.session = if a.session_header == DEFAULT_SESSION_HEADER { h.get(7) } else { h.get_other(&a.session_header) };
+            self.session = if a.session_header == DEFAULT_SESSION_HEADER { h.get(NAMES.len() - 1) } else { h.get_other(&a.session_header) };
         }
         if end_of_stream {
             // No body (GET /v1/models, health checks): no pick, Envoy's fallback LB decides.

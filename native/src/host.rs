@@ -320,8 +320,8 @@ fn ending(f: Filter) -> Option<crate::hooks::Ending> {
 }
 
 /// The foreign functions here:
-/// - `gpuha.single_header_reads`: answers `Ok`. Here reading one header is a plain function call,
-///   so the filter reads the few headers it needs one by one, not the whole map
+/// - `gpuha.single_header_reads`: answers `Ok`. Here a host call is a plain function call, so
+///   the filter reads the headers it needs by name (below) or one by one, never the whole map
 ///   (`gpuha_filter::host::Headers`);
 /// - `gpuha.read_headers`: the first values of the named headers of one map, in one walk of
 ///   Envoy's map ([`gpuha_liveness::named_headers`]; `BadArgument` outside an HTTP context or for

@@ -10,8 +10,10 @@ timed `l7_paced` rows cannot. Kernel time is not counted. The Wasm build's rows
 (`GPUHA_BENCH_INSTR_WASM=1`, with `GPUHA_BENCH_BASELINE_WASM` beside it) count V8's generated code
 too, as Envoy's (its anonymous mappings): two builds of the same code agreed within 0.6 % in one
 run, but one build's count moved by up to 8 % between runs (the code V8 generates, and when it
-tiers up), so compare Wasm builds within a run only. Opt-in: `bench/run.py --only l7_instr` (about 2 minutes a variant; needs
-valgrind)."""
+tiers up), so compare Wasm builds within a run only. `GPUHA_BENCH_INSTR_JSON=1` counts the same
+variants on json requests too, the `l7` section's json row: the filter's hooks
+on a request whose answer is one body. Opt-in: `bench/run.py --only l7_instr` (about 2 minutes a
+variant; needs valgrind)."""
 
 import os
 import re
@@ -117,7 +119,8 @@ def sec_l7_instr(R, quick):
     sidecar("iw2", w2, ingest)
     fleet_ready(http, 2)
     behaviours = {"pause_request": True, "endpoints": f"{w1},{w2}"}
-    # (label, Envoy variant, picker config, guard config, config edit, native build dir, Wasm module)
+    # (label, Envoy variant, picker config, guard config, config edit, native build dir, Wasm module,
+    # request: paced streams, or json answers of workers that answer at once)
     variants = [("envoy (no filter)", "nowasm", None, None, None, None, None),
                 ("native floor: pause + endpoints, upstream holds the answer", "native", behaviours, {"hold_response": True}, native_floor, None, None),
                 ("envoy+filter (native)", "native", NO_BREAKER, NO_BREAKER, None, None, None)]
@@ -127,17 +130,32 @@ def sec_l7_instr(R, quick):
         variants.append(("envoy+filter (Wasm)", "filter", NO_BREAKER, NO_BREAKER, None, None, None))
         if BASELINE_WASM:
             variants.append(("envoy+filter (Wasm, baseline)", "filter", NO_BREAKER, NO_BREAKER, None, None, BASELINE_WASM))
+    variants = [v + ("paced",) for v in variants]
+    if os.environ.get("GPUHA_BENCH_INSTR_JSON"):
+        # The json row of `l7` (throughput at saturation): the same variants on json requests to two
+        # workers that answer at once.
+        # Their own dnsd: a fleet view with the paced workers in it would offer those too.
+        _, j1 = fake_worker("ij1")
+        _, j2 = fake_worker("ij2")
+        _, jingest, jhttp, _ = dnsd(name="dnsd-instr-json", cpu=LOAD_CPU)
+        sidecar("ij1", j1, jingest)
+        sidecar("ij2", j2, jingest)
+        fleet_ready(jhttp, 2)
+        floor = ("native floor: pause + endpoints, upstream holds the answer", "native", {**behaviours, "endpoints": f"{j1},{j2}"},
+                 {"hold_response": True}, native_floor, None, None)
+        variants += [(floor if v[0].startswith("native floor") else v[:-1]) + ("json",) for v in variants]
     rows = []
-    for label, kind, pcfg, gcfg, edit, ndir, wasm in variants:
+    for label, kind, pcfg, gcfg, edit, ndir, wasm, req in variants:
         name = f"envoy-instr-{len(rows)}"
+        stream, workers, fleet = (True, [w1, w2], http) if req == "paced" else (False, [j1, j2], jhttp)
         out = WORK / f"{name}.callgrind"
         wrap = ("valgrind", "--tool=callgrind", "--cache-sim=yes", f"--callgrind-out-file={out}")
-        proxy, port, _, _ = envoy(name, [w1, w2], http, variant=kind, picker_config=pcfg, guard_config=gcfg, edit=edit,
+        proxy, port, _, _ = envoy(name, workers, fleet, variant=kind, picker_config=pcfg, guard_config=gcfg, edit=edit,
                                   native_dir=ndir, wasm=wasm, wrap=wrap, ready_s=300)
         ctl = lambda op: subprocess.run(["callgrind_control", op, str(proxy.pid)], check=True, capture_output=True, timeout=60)
         try:
             # A warm-up (V8 compiles the module's hot code in its optimizing tier meanwhile).
-            wrk(port, True, 4, 10 if kind == "filter" else 2)
+            wrk(port, stream, 4, 10 if kind == "filter" else 2)
             # An idle window first: what Envoy and the filter do on their own (stats flushes, the
             # fleet poll and its ticks), taken out of the loaded window at its length. Under
             # valgrind the load is a few dozen requests a second, so that periodic work would
@@ -149,7 +167,7 @@ def sec_l7_instr(R, quick):
             idle_s = time.monotonic() - t0
             ctl("--zero")
             t1 = time.monotonic()
-            sat = wrk(port, True, CONNS, secs, timeout="30s")
+            sat = wrk(port, stream, CONNS, secs, timeout="30s")
             load_s = time.monotonic() - t1
             ctl("--dump")
         finally:
@@ -171,7 +189,7 @@ def sec_l7_instr(R, quick):
             total.update(c)
             by_where[where(ob)] += c["Ir"]
         top = sorted(((fn, c["Ir"] / n) for (ob, fn), c in costs.items() if where(ob) == "module"), key=lambda x: -x[1])[:TOP]
-        row = {"variant": label, "requests": n, "errors": sat["errors"],
+        row = {"variant": label, "request": req, "requests": n, "errors": sat["errors"],
                "per_request": {e: total[e] / n for e in EVENTS},
                "idle_ir_per_s": sum(c["Ir"] for c in idle.values()) / idle_s,
                "ir_by_code": {k: v / n for k, v in by_where.items()},
@@ -187,7 +205,7 @@ def sec_l7_instr(R, quick):
                "hooks": {fn[len("envoy_dynamic_module_on_http_filter_"):]: (ir - idle_incl[fn] * scale) / n
                          for fn, ir in incl.items() if is_request_hook(fn)}}
         rows.append(row)
-        note(f"L7 instructions {label}: {n} requests, {row['per_request']['Ir']:.0f} Ir/request, "
+        note(f"L7 instructions {label}, {req}: {n} requests, {row['per_request']['Ir']:.0f} Ir/request, "
              f"I1 misses {row['per_request']['I1mr']:.0f}, errors {sat['errors']}")
     PROCS.stop_all()
     R["l7_instr"] = rows
@@ -198,15 +216,27 @@ def report_l7_instr(R, rep: Report) -> None:
     if not rows:
         return
     md = rep.md
+    for req in ("paced", "json"):
+        kind_rows = [r for r in rows if r.get("request", "paced") == req]
+        if kind_rows:
+            report_kind(md, req, kind_rows)
+
+
+def report_kind(md, req, rows) -> None:
     base = next((r["per_request"] for r in rows if r["variant"] == "envoy (no filter)"), None)
-    md += ["## L7 instructions per paced streaming request (Envoy under callgrind)", "",
-           f"Paced streams ({TOKENS_PER_S} tokens/s, 16 tokens: one SSE event per chunk even with Envoy slowed down "
-           f"by valgrind), wrk {CONNS} connections; Envoy's user-space instructions and its simulated cache misses, "
-           "counted over a window after a warm-up, less an idle window's count at the same length (periodic work), "
-           "and divided by the requests completed in it. Body hooks: the "
-           "module's response-body hooks entered per request (both filters: about two per chunk); in the filter: "
-           "those of them the native host handed to the filter (the others it answered itself).", "",
-           "| variant | requests | instructions | × no filter | Envoy's code | module | C library, other | body hooks | in the filter | I1 misses | D1 misses |",
+    if req == "paced":
+        md += ["## L7 instructions per paced streaming request (Envoy under callgrind)", "",
+               f"Paced streams ({TOKENS_PER_S} tokens/s, 16 tokens: one SSE event per chunk even with Envoy slowed down "
+               f"by valgrind), wrk {CONNS} connections; Envoy's user-space instructions and its simulated cache misses, "
+               "counted over a window after a warm-up, less an idle window's count at the same length (periodic work), "
+               "and divided by the requests completed in it. Body hooks: the "
+               "module's response-body hooks entered per request (both filters: about two per chunk); in the filter: "
+               "those of them the native host handed to the filter (the others it answered itself).", ""]
+    else:
+        md += ["## L7 instructions per json request (Envoy under callgrind)", "",
+               f"The json row of the L7 section (`GPUHA_BENCH_INSTR_JSON=1`): json requests (`\"stream\": false`) to two "
+               f"workers that answer at once, wrk {CONNS} connections, counted as above.", ""]
+    md += ["| variant | requests | instructions | × no filter | Envoy's code | module | C library, other | body hooks | in the filter | I1 misses | D1 misses |",
            "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
         p, w = r["per_request"], r["ir_by_code"]
@@ -217,14 +247,14 @@ def report_l7_instr(R, rep: Report) -> None:
     native = [r for r in rows if r.get("hooks") and r["variant"].startswith("envoy+filter (native")]
     if native:
         hooks = sorted({h for r in native for h in r["hooks"]}, key=lambda h: -native[0]["hooks"].get(h, 0))
-        md += ["", "The native filter's request hooks, instructions per request, each with the Envoy calls it makes "
+        md += ["", f"The native filter's request hooks, instructions per {req} request, each with the Envoy calls it makes "
                "(its own cost: steadier than the totals above, which Envoy's event loop moves by a few per cent):", "",
                "| hook | " + " | ".join(r["variant"] for r in native) + " |", "|---|" + "---:|" * len(native)]
         md += [f"| `{h}` | " + " | ".join(fmt(r["hooks"].get(h, 0)) for r in native) + " |" for h in hooks]
         md.append("| all | " + " | ".join(f"**{fmt(sum(r['hooks'].values()))}**" for r in native) + " |")
     for r in rows:
         if r["variant"] == "envoy+filter (native)" and r["module_top"]:
-            md += ["", f"The module's own functions in `{r['variant']}`, instructions per request (self, top {TOP}):", "",
+            md += ["", f"The module's own functions in `{r['variant']}`, instructions per {req} request (self, top {TOP}):", "",
                    "| function | instructions |", "|---|---:|"]
             md += [f"| `{t['function'][:110]}` | {fmt(t['ir'])} |" for t in r["module_top"]]
     md.append("")

@@ -49,18 +49,26 @@ lane2() {
 }
 lane2_log="$(mktemp "${TMPDIR:-/tmp}/gpuha-tests-lane2.XXXXXX")"
 step "drills, two lanes at once: lane 1 here (stock Envoy, openai SDK, the Wasm filter); lane 2 in $lane2_log"
-# Lane 2 in a process group of its own (job control on while it starts): an interrupted run sends
-# it SIGINT, so its drills stop their processes as a Ctrl-C in the foreground would.
+# Lane 2 in a process group of its own (job control on while it starts), which a Ctrl-C on the
+# terminal does not reach: an interrupted run (or one that stops early) sends it SIGINT and waits,
+# so its drills stop their processes as a Ctrl-C in the foreground would, and lane 2 ends there.
 set -m
 lane2 "$@" >"$lane2_log" 2>&1 &
 lane2_pid=$!
 set +m
-trap 'kill -INT -- "-$lane2_pid" 2>/dev/null || true' EXIT
+stop_lane2() {
+  trap - EXIT INT TERM
+  kill -INT -- "-$lane2_pid" 2>/dev/null || true
+  wait "$lane2_pid" 2>/dev/null || true
+  echo "== interrupted: lane 2 stopped (its log: $lane2_log)"
+}
+trap stop_lane2 EXIT
+trap 'stop_lane2; exit 130' INT TERM
 lane1_rc=0
 pt tests/drills --ignore=tests/drills/test_hang_drills.py "$@" || lane1_rc=$?
 lane2_rc=0
 wait "$lane2_pid" || lane2_rc=$?
-trap - EXIT
+trap - EXIT INT TERM
 step "lane 2: ensure-deps on a fresh venv; operator surface; Wasm hang drills; drills with the native filter (GPUHA_FILTER_BUILD=native)"
 cat "$lane2_log"
 echo "== lane 1 exit $lane1_rc, lane 2 exit $lane2_rc"

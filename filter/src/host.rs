@@ -159,14 +159,14 @@ pub fn response_header(name: &str) -> Option<String> {
     header(MapType::HttpResponseHeaders, name)
 }
 
-pub fn status() -> Option<u16> {
-    response_header(":status").and_then(|s| s.parse().ok())
-}
-
 pub fn set_response_header(name: &str, value: Option<&str>) {
     if let Err(e) = hostcalls::set_map_value(MapType::HttpResponseHeaders, name, value) {
         warn(&format!("gpuha: set response header {name}: {e:?}"));
     }
+}
+
+pub fn status() -> Option<u16> {
+    response_header(":status").and_then(|s| s.parse().ok())
 }
 
 pub fn body(kind: BufferType, size: usize) -> Vec<u8> {

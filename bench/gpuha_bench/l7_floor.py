@@ -18,6 +18,8 @@ def native_floor(text):
     """A `--filter-build native` config whose filters are the native floor module."""
     return text.replace("name: gpuha_native,", "name: gpuha_native_floor,")
 CALLS = 20  # host calls of one kind per request in the pricing variants
+CALLS_LABEL = "2 filters holding as the gpuha pair does + its host calls, no decisions (picker + guard)"
+NATIVE_CALLS_LABEL = "native: 2 filters holding as the gpuha pair does + its Envoy calls, no decisions"
 
 
 def third_filter(text):
@@ -38,9 +40,13 @@ def variants(paced, workers):
                   ("1 filter pausing the request + x-gpuha-endpoints (picker)", "picker-only", {"pause_request": True, "endpoints": ",".join(workers)}),
                   ("2 filters: pause + endpoints, upstream holds the answer (picker + guard)", "filter", {"pause_request": True, "endpoints": ",".join(workers)})]
     v += [(label, kind, floor, "v8", cfg, None) for label, kind, cfg in behaviours]
+    # The same, with the host calls the gpuha filter makes on a request and no decision: the floor
+    # of its calls (`calls`, in both floor modules).
+    v += [(CALLS_LABEL, "filter", floor, "v8", {**behaviours[2][2], "calls": "picker"}, None)]
     # Native: the floor pair, with and without the behaviours, and the gpuha filter itself.
     v += [("native: 2 empty filters (downstream + upstream)", "native", None, "v8", {}, native_floor),
           ("native: 2 filters: pause + endpoints, upstream holds the answer", "native", None, "v8", behaviours[2][2], native_floor),
+          (NATIVE_CALLS_LABEL, "native", None, "v8", {**behaviours[2][2], "calls": "picker"}, native_floor),
           ("native gpuha picker + guard", "native", None, "v8", None, None)]
     if paced:
         return v
@@ -50,6 +56,15 @@ def variants(paced, workers):
     for kind in ("header_gets", "header_maps", "shared_gets", "shared_sets", "metric_incs", "property_gets", "time_gets", "logs"):
         v.append((f"1 filter + {CALLS} {kind}", "picker-only", floor, "v8", {kind: CALLS}, None))
     return v
+
+
+def guard_config(label, picker_config):
+    """The upstream floor filter's configuration: it holds the answer where the label says so, and
+    makes the guard's calls where the downstream one makes the picker's."""
+    cfg = {"hold_response": True} if "holds" in label else {}
+    if (picker_config or {}).get("calls"):
+        cfg["calls"] = "guard"
+    return cfg
 
 
 def sec_l7_floor(R, quick):
@@ -76,7 +91,7 @@ def sec_l7_floor(R, quick):
                 try:
                     proxy, port, _, _ = envoy(f"envoy-floor-{len(rows)}", [w1, w2], http, variant=kind,
                                               picker_config=pcfg if pcfg is not None else NO_BREAKER,
-                                              guard_config=({"hold_response": True} if "holds" in label else {}) if wasm or edit is native_floor else NO_BREAKER, wasm=wasm,
+                                              guard_config=guard_config(label, pcfg) if wasm or edit is native_floor else NO_BREAKER, wasm=wasm,
                                               extra_render=("--wasm-runtime", runtime), edit=edit)
                 except Exception as e:  # noqa: BLE001
                     note(f"L7 floor {label}: could not start: {e}")

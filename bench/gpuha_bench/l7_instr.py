@@ -31,6 +31,9 @@ EVENTS = ("Ir", "Dr", "Dw", "I1mr", "D1mr", "D1mw", "ILmr", "DLmr", "DLmw")
 TOP = 15
 TOKENS_PER_S = 100
 IDLE_S = 5
+# The floor with the Envoy calls the gpuha filter makes on a request, and no decision (the native
+# floor module's `calls`).
+CALL_FLOOR = "native call floor: the floor + the gpuha filter's Envoy calls, no decisions"
 CONNS = 4
 
 
@@ -107,6 +110,14 @@ def where(ob):
     return "libc and other"
 
 
+def floors(endpoints):
+    """The native floor pair's two variants (see `sec_l7_instr`) naming `endpoints`: the picker's
+    and the guard's Envoy-side behaviour, then with their calls too (the call floor)."""
+    behaviours = {"pause_request": True, "endpoints": endpoints}
+    return [("native floor: pause + endpoints, upstream holds the answer", "native", behaviours, {"hold_response": True}, native_floor, None, None),
+            (CALL_FLOOR, "native", {**behaviours, "calls": "picker"}, {"hold_response": True, "calls": "guard"}, native_floor, None, None)]
+
+
 def sec_l7_instr(R, quick):
     if not (shutil.which("valgrind") and shutil.which("callgrind_control")):
         raise RuntimeError("valgrind (with callgrind_control) missing: apt-get install valgrind")
@@ -118,11 +129,10 @@ def sec_l7_instr(R, quick):
     sidecar("iw1", w1, ingest)
     sidecar("iw2", w2, ingest)
     fleet_ready(http, 2)
-    behaviours = {"pause_request": True, "endpoints": f"{w1},{w2}"}
     # (label, Envoy variant, picker config, guard config, config edit, native build dir, Wasm module,
     # request: paced streams, or json answers of workers that answer at once)
     variants = [("envoy (no filter)", "nowasm", None, None, None, None, None),
-                ("native floor: pause + endpoints, upstream holds the answer", "native", behaviours, {"hold_response": True}, native_floor, None, None),
+                *floors(f"{w1},{w2}"),
                 ("envoy+filter (native)", "native", NO_BREAKER, NO_BREAKER, None, None, None)]
     if BASELINE_NATIVE:
         variants.append(("envoy+filter (native, baseline)", "native", NO_BREAKER, NO_BREAKER, None, BASELINE_NATIVE, None))
@@ -141,9 +151,8 @@ def sec_l7_instr(R, quick):
         sidecar("ij1", j1, jingest)
         sidecar("ij2", j2, jingest)
         fleet_ready(jhttp, 2)
-        floor = ("native floor: pause + endpoints, upstream holds the answer", "native", {**behaviours, "endpoints": f"{j1},{j2}"},
-                 {"hold_response": True}, native_floor, None, None)
-        variants += [(floor if v[0].startswith("native floor") else v[:-1]) + ("json",) for v in variants]
+        json_floors = {f[0]: f for f in floors(f"{j1},{j2}")}
+        variants += [json_floors.get(v[0], v[:-1]) + ("json",) for v in variants]
     rows = []
     for label, kind, pcfg, gcfg, edit, ndir, wasm, req in variants:
         name = f"envoy-instr-{len(rows)}"
@@ -244,9 +253,9 @@ def report_kind(md, req, rows) -> None:
         md.append(f"| {r['variant']} | {r['requests']} | {fmt(p['Ir'])} | {ratio} | {fmt(w.get('envoy', 0))} | {fmt(w.get('module', 0))} | "
                   f"{fmt(w.get('libc and other', 0))} | {fmt(r.get('body_hooks'), 1)} | {fmt(r.get('filter_body_hooks'), 1)} | "
                   f"{fmt(p['I1mr'])} | {fmt(p['D1mr'] + p['D1mw'])} |")
-    native = [r for r in rows if r.get("hooks") and r["variant"].startswith("envoy+filter (native")]
+    native = [r for r in rows if r.get("hooks") and (r["variant"].startswith("envoy+filter (native") or r["variant"] == CALL_FLOOR)]
     if native:
-        hooks = sorted({h for r in native for h in r["hooks"]}, key=lambda h: -native[0]["hooks"].get(h, 0))
+        hooks = sorted({h for r in native for h in r["hooks"]}, key=lambda h: -max(r["hooks"].get(h, 0) for r in native))
         md += ["", f"The native filter's request hooks, instructions per {req} request, each with the Envoy calls it makes "
                "(its own cost: steadier than the totals above, which Envoy's event loop moves by a few per cent):", "",
                "| hook | " + " | ".join(r["variant"] for r in native) + " |", "|---|" + "---:|" * len(native)]

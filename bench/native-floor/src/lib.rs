@@ -10,6 +10,16 @@
 //!   (`text/event-stream`) until its first bytes (the guard releases at the first token), any
 //!   other answer until it is whole (Envoy buffers it).
 //!
+//! - `"calls": "picker"` / `"calls": "guard"`: on top of the above, the Envoy calls that role of
+//!   the gpuha filter makes on a request, answered and dropped (`bench/results/2026-12-02-callfloor`):
+//!   the request's header views read once (picker and guard), the request body's chunks read
+//!   (picker), the upstream address read (guard, at its request and its answer; picker, at the
+//!   answer), `:status` read and a mark set on the answer's headers (both; the guard reads
+//!   `content-type` too), a json answer's bytes read, drained and appended again whole, each
+//!   chunk of a stream read in place (guard), and
+//!   the ending's flags, details and upstream address read when the stream completes (picker). No
+//!   decision, no shared data, no counter: the floor of the filter's Envoy calls.
+//!
 //! Nothing set: every hook continues. Other keys are ignored. Bench code: it trusts Envoy's
 //! pointers as the ABI promises.
 #![allow(unsafe_code)]
@@ -25,6 +35,16 @@ struct Behaviour {
     pause_request: bool,
     endpoints: Option<Vec<u8>>,
     hold_response: bool,
+    calls: Calls,
+}
+
+/// Whose Envoy calls the filter makes (`"calls"`).
+#[derive(Default, Clone, Copy, PartialEq, Eq)]
+enum Calls {
+    #[default]
+    None,
+    Picker,
+    Guard,
 }
 
 impl Behaviour {
@@ -32,7 +52,14 @@ impl Behaviour {
     fn parse(text: &str) -> Behaviour {
         let compact: String = text.chars().filter(|c| !c.is_whitespace()).collect();
         let endpoints = compact.split_once("\"endpoints\":\"").and_then(|(_, rest)| rest.split_once('"')).map(|(v, _)| v.as_bytes().to_vec());
-        Behaviour { pause_request: compact.contains("\"pause_request\":true"), endpoints, hold_response: compact.contains("\"hold_response\":true") }
+        let calls = if compact.contains("\"calls\":\"picker\"") {
+            Calls::Picker
+        } else if compact.contains("\"calls\":\"guard\"") {
+            Calls::Guard
+        } else {
+            Calls::None
+        };
+        Behaviour { pause_request: compact.contains("\"pause_request\":true"), endpoints, hold_response: compact.contains("\"hold_response\":true"), calls }
     }
 }
 
@@ -40,6 +67,76 @@ struct Stream {
     cfg: *const Behaviour,
     /// The answer is a stream: released with its first bytes.
     sse: bool,
+    /// A json answer's bytes, drained as they come and appended whole at its end (`calls`).
+    held: Vec<u8>,
+}
+
+/// What the calls read, summed so that no read is optimised away.
+fn sink(bytes: &[u8]) {
+    std::hint::black_box(bytes.len());
+}
+
+/// The request's (or answer's) header views, read once onto the stack, as the gpuha filter's
+/// named read does.
+fn read_views(e: abi::HttpFilterEnvoyPtr, map: abi::HttpHeaderType) {
+    const MAX: usize = 64;
+    // SAFETY: live filter, inside its hook.
+    let n = unsafe { abi::envoy_dynamic_module_callback_http_get_headers_size(e, map) };
+    if n == 0 || n > MAX {
+        return;
+    }
+    let mut views = [abi::EnvoyHttpHeader { key_ptr: std::ptr::null(), key_length: 0, value_ptr: std::ptr::null(), value_length: 0 }; MAX];
+    // SAFETY: room for the `n` entries Envoy reported; read only when it answers true.
+    if unsafe { abi::envoy_dynamic_module_callback_http_get_headers(e, map, views.as_mut_ptr()) } {
+        for h in &views[..n] {
+            std::hint::black_box(h.key_length + h.value_length);
+        }
+    }
+}
+
+fn header(e: abi::HttpFilterEnvoyPtr, map: abi::HttpHeaderType, name: &[u8]) {
+    let mut v = abi::EnvoyBuffer::null();
+    // SAFETY: live filter, inside its hook; the view is read at once.
+    if unsafe { abi::envoy_dynamic_module_callback_http_get_header(e, map, abi::ModuleBuffer::from_bytes(name), &mut v, 0, std::ptr::null_mut()) } {
+        // SAFETY: Envoy's view, valid in this hook.
+        sink(unsafe { v.as_bytes() });
+    }
+}
+
+fn attr_string(e: abi::HttpFilterEnvoyPtr, id: abi::AttributeId) {
+    let mut v = abi::EnvoyBuffer::null();
+    // SAFETY: live filter, inside its hook; the view is read at once.
+    if unsafe { abi::envoy_dynamic_module_callback_http_filter_get_attribute_string(e, id, &mut v) } {
+        // SAFETY: Envoy's view, valid in this hook.
+        sink(unsafe { v.as_bytes() });
+    }
+}
+
+/// The body's chunks, read (and copied into `into` when given).
+fn read_body(e: abi::HttpFilterEnvoyPtr, body: abi::HttpBodyType, into: Option<&mut Vec<u8>>) -> usize {
+    const MAX: usize = 16;
+    // SAFETY: live filter, inside its hook.
+    let n = unsafe { abi::envoy_dynamic_module_callback_http_get_body_chunks_size(e, body) };
+    if n == 0 || n > MAX {
+        return 0;
+    }
+    let mut chunks = [abi::EnvoyBuffer::null(); MAX];
+    // SAFETY: room for the `n` chunks Envoy reported.
+    if !unsafe { abi::envoy_dynamic_module_callback_http_get_body_chunks(e, body, chunks.as_mut_ptr()) } {
+        return 0;
+    }
+    let mut len = 0;
+    let mut into = into;
+    for c in &chunks[..n] {
+        // SAFETY: Envoy's views, valid in this hook until the body changes.
+        let b = unsafe { c.as_bytes() };
+        len += b.len();
+        match into.as_deref_mut() {
+            Some(v) => v.extend_from_slice(b),
+            None => sink(b),
+        }
+    }
+    len
 }
 
 #[no_mangle]
@@ -62,7 +159,7 @@ pub extern "C" fn envoy_dynamic_module_on_http_filter_config_destroy(config: abi
 
 #[no_mangle]
 pub extern "C" fn envoy_dynamic_module_on_http_filter_new(config: abi::HttpFilterConfigModulePtr, _e: abi::HttpFilterEnvoyPtr) -> abi::HttpFilterModulePtr {
-    Box::into_raw(Box::new(Stream { cfg: config as *const Behaviour, sse: false })) as abi::HttpFilterModulePtr
+    Box::into_raw(Box::new(Stream { cfg: config as *const Behaviour, sse: false, held: Vec::new() })) as abi::HttpFilterModulePtr
 }
 
 /// # Safety
@@ -73,6 +170,13 @@ unsafe fn behaviour<'a>(f: abi::HttpFilterModulePtr) -> &'a Behaviour {
 }
 
 fn set_endpoints(e: abi::HttpFilterEnvoyPtr, b: &Behaviour) {
+    if b.calls == Calls::Picker {
+        // SAFETY: live filter, inside its hook.
+        if unsafe { abi::envoy_dynamic_module_callback_http_received_buffered_request_body(e) } {
+            read_body(e, abi::BODY_BUFFERED_REQUEST, None);
+        }
+        read_body(e, abi::BODY_RECEIVED_REQUEST, None);
+    }
     if let Some(v) = &b.endpoints {
         for (k, v) in [(&b"x-gpuha-endpoints"[..], v.as_slice()), (b"x-envoy-max-retries", b"2")] {
             // SAFETY: live filter; Envoy copies both.
@@ -85,6 +189,12 @@ fn set_endpoints(e: abi::HttpFilterEnvoyPtr, b: &Behaviour) {
 pub extern "C" fn envoy_dynamic_module_on_http_filter_request_headers(e: abi::HttpFilterEnvoyPtr, f: abi::HttpFilterModulePtr, end_of_stream: bool) -> abi::HeadersStatus {
     // SAFETY: ours.
     let b = unsafe { behaviour(f) };
+    if b.calls == Calls::Guard {
+        attr_string(e, abi::ATTR_UPSTREAM_ADDRESS);
+    }
+    if b.calls != Calls::None {
+        read_views(e, abi::HEADER_REQUEST);
+    }
     if !b.pause_request {
         return abi::HEADERS_CONTINUE;
     }
@@ -112,7 +222,15 @@ pub extern "C" fn envoy_dynamic_module_on_http_filter_request_body(e: abi::HttpF
 #[no_mangle]
 pub extern "C" fn envoy_dynamic_module_on_http_filter_response_headers(e: abi::HttpFilterEnvoyPtr, f: abi::HttpFilterModulePtr, end_of_stream: bool) -> abi::HeadersStatus {
     // SAFETY: ours.
-    if !unsafe { behaviour(f) }.hold_response || end_of_stream {
+    let b = unsafe { behaviour(f) };
+    if b.calls != Calls::None {
+        header(e, abi::HEADER_RESPONSE, b":status");
+        attr_string(e, abi::ATTR_UPSTREAM_ADDRESS);
+        let mark: (&[u8], &[u8]) = if b.calls == Calls::Guard { (b"x-gpuha-guard", b"passed") } else { (b"x-gpuha-tier", b"own") };
+        // SAFETY: live filter, inside its hook; Envoy copies both.
+        unsafe { abi::envoy_dynamic_module_callback_http_set_header(e, abi::HEADER_RESPONSE, abi::ModuleBuffer::from_bytes(mark.0), abi::ModuleBuffer::from_bytes(mark.1)) };
+    }
+    if !b.hold_response || end_of_stream {
         return abi::HEADERS_CONTINUE;
     }
     let mut ct = abi::EnvoyBuffer::null();
@@ -124,9 +242,31 @@ pub extern "C" fn envoy_dynamic_module_on_http_filter_response_headers(e: abi::H
 }
 
 #[no_mangle]
-pub extern "C" fn envoy_dynamic_module_on_http_filter_response_body(_e: abi::HttpFilterEnvoyPtr, f: abi::HttpFilterModulePtr, end_of_stream: bool) -> abi::BodyStatus {
+pub extern "C" fn envoy_dynamic_module_on_http_filter_response_body(e: abi::HttpFilterEnvoyPtr, f: abi::HttpFilterModulePtr, end_of_stream: bool) -> abi::BodyStatus {
     // SAFETY: ours.
     let (b, sse) = unsafe { (behaviour(f), (*(f as *const Stream)).sse) };
+    if b.calls == Calls::Guard && b.hold_response && !sse {
+        // As the guard holds a json answer: each chunk's bytes kept and drained, the whole
+        // appended at the end.
+        // SAFETY: ours.
+        let s = unsafe { &mut *(f as *mut Stream) };
+        let n = read_body(e, abi::BODY_RECEIVED_RESPONSE, Some(&mut s.held));
+        if n > 0 {
+            // SAFETY: live filter, inside its hook.
+            unsafe { abi::envoy_dynamic_module_callback_http_drain_body(e, abi::BODY_RECEIVED_RESPONSE, n) };
+        }
+        if !end_of_stream {
+            return abi::BODY_STOP_ITERATION_AND_BUFFER;
+        }
+        let held = std::mem::take(&mut s.held);
+        // SAFETY: live filter, inside its hook; Envoy copies the bytes.
+        unsafe { abi::envoy_dynamic_module_callback_http_append_body(e, abi::BODY_RECEIVED_RESPONSE, abi::ModuleBuffer::from_bytes(&held)) };
+        return abi::BODY_CONTINUE;
+    }
+    if b.calls == Calls::Guard && sse {
+        // As the guard checks each chunk of a released stream: its bytes looked at in place.
+        read_body(e, abi::BODY_RECEIVED_RESPONSE, None);
+    }
     if b.hold_response && !sse && !end_of_stream { abi::BODY_STOP_ITERATION_AND_BUFFER } else { abi::BODY_CONTINUE }
 }
 
@@ -141,7 +281,17 @@ pub extern "C" fn envoy_dynamic_module_on_http_filter_response_trailers(_e: abi:
 }
 
 #[no_mangle]
-pub extern "C" fn envoy_dynamic_module_on_http_filter_stream_complete(_e: abi::HttpFilterEnvoyPtr, _f: abi::HttpFilterModulePtr) {}
+pub extern "C" fn envoy_dynamic_module_on_http_filter_stream_complete(e: abi::HttpFilterEnvoyPtr, f: abi::HttpFilterModulePtr) {
+    // SAFETY: ours.
+    if unsafe { behaviour(f) }.calls == Calls::Picker {
+        let mut flags = 0u64;
+        // SAFETY: live filter, inside its hook.
+        unsafe { abi::envoy_dynamic_module_callback_http_filter_get_attribute_int(e, abi::ATTR_RESPONSE_FLAGS, &mut flags) };
+        std::hint::black_box(flags);
+        attr_string(e, abi::ATTR_RESPONSE_CODE_DETAILS);
+        attr_string(e, abi::ATTR_UPSTREAM_ADDRESS);
+    }
+}
 
 #[no_mangle]
 pub extern "C" fn envoy_dynamic_module_on_http_filter_destroy(f: abi::HttpFilterModulePtr) {

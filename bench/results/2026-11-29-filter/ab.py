@@ -1,5 +1,9 @@
 """Interleaved A/B of filter builds: Envoy CPU µs/request (median of rounds).
-Usage: ab.py ROUNDS MODES(json,stream,paced) NAME=WASM|nowasm|floor:JSON ..."""
+Usage: ab.py ROUNDS MODES(json,stream,paced) NAME=SPEC ...
+SPEC: nowasm (Envoy without a filter); wasm (the gpuha Wasm filter); a .wasm path (another build of it);
+native:DIR (the native filter, DIR empty: the target's); nfloor / ncall (the native floor pair without /
+with the gpuha filter's Envoy calls); wfloor / wcall (the same with the Proxy-Wasm floor module);
+floor:JSON (the Proxy-Wasm floor module with those configurations)."""
 from pathlib import Path
 import os, random, statistics, sys, json
 sys.path.insert(0, str(Path(__file__).resolve().parents[3])); sys.path.insert(0, str(Path(__file__).resolve().parents[3]) + "/bench")
@@ -25,6 +29,19 @@ for paced in sorted({m == "paced" for m in modes}):
                 cfgs = json.loads(spec[6:])
                 kw.update(variant=cfgs.get("variant", "filter"), wasm=FLOOR, picker_config=cfgs.get("picker", {}), guard_config=cfgs.get("guard", {}))
                 if "runtime" in cfgs: kw["extra_render"] = ("--wasm-runtime", cfgs["runtime"])
+            elif spec in ("wfloor", "wcall"):
+                pc = {"pause_request": True, "endpoints": f"{w1},{w2}"}; gc = {"hold_response": True}
+                if spec == "wcall": pc["calls"] = "picker"; gc["calls"] = "guard"
+                kw.update(variant="filter", wasm=FLOOR, picker_config=pc, guard_config=gc)
+            elif spec in ("nfloor", "ncall"):
+                from gpuha_bench.l7_floor import native_floor
+                pc = {"pause_request": True, "endpoints": f"{w1},{w2}"}; gc = {"hold_response": True}
+                if spec == "ncall": pc["calls"] = "picker"; gc["calls"] = "guard"
+                kw.update(variant="native", picker_config=pc, guard_config=gc, edit=native_floor)
+            elif spec.startswith("native:"):
+                kw.update(variant="native", native_dir=spec[7:] or None)
+            elif spec == "wasm":
+                kw.update(variant="filter")
             else:
                 kw.update(variant="filter", wasm=spec)
             p, port, admin, _ = c.envoy(f"ab-{name}", [w1, w2], http, **kw)

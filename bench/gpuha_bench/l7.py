@@ -3,7 +3,7 @@
 import os
 import statistics
 
-from .common import BASELINE_NATIVE, BASELINE_WASM, LOAD_CPU, NO_BREAKER, PROCS, cpu_seconds, cpu_split_seconds, dnsd, envoy, envoy_stats, fake_worker, fleet_ready, note, sidecar, vllm_router, wrk
+from .common import BASELINE_NATIVE, BASELINE_WASM, LOAD_CPU, NATIVE_PGO, NO_BREAKER, PROCS, cpu_seconds, cpu_split_seconds, dnsd, envoy, envoy_stats, fake_worker, fleet_ready, note, sidecar, vllm_router, wrk
 from .markdown import Report, Target, fmt, svg_bars
 
 
@@ -25,17 +25,19 @@ def sec_l7(R, quick):
         variants.insert(1, ("envoy+filter (baseline)", "filter-base"))
     if BASELINE_NATIVE:
         variants.insert(variants.index(("envoy+filter (native)", "native")) + 1, ("envoy+filter (native, baseline)", "native-base"))
+    if NATIVE_PGO:
+        variants.insert(variants.index(("envoy+filter (native)", "native")) + 1, ("envoy+filter (native, PGO)", "native-pgo"))
     # Interleaved repeats (a b c d a b c d ...), best of N per variant: the machine is shared
     # and noisy; best-of is the figure least moved by other tenants.
     for rep in range(reps):
         for label, kind in variants:
             proxy = None
             try:
-                if kind in ("filter", "native", "nowasm", "picker-only", "guard-only", "filter-base", "native-base"):
-                    proxy, port, admin, _ = envoy(f"envoy-l7-{kind}", workers, http, variant=kind.removesuffix("-base"),
+                if kind in ("filter", "native", "nowasm", "picker-only", "guard-only", "filter-base", "native-base", "native-pgo"):
+                    proxy, port, admin, _ = envoy(f"envoy-l7-{kind}", workers, http, variant=kind.removesuffix("-base").removesuffix("-pgo"),
                                                   picker_config=NO_BREAKER, guard_config=NO_BREAKER,
                                                   wasm=BASELINE_WASM if kind == "filter-base" else None,
-                                                  native_dir=BASELINE_NATIVE if kind == "native-base" else None)
+                                                  native_dir={"native-base": BASELINE_NATIVE, "native-pgo": NATIVE_PGO}.get(kind))
                 elif kind == "router":
                     proxy, port = vllm_router(workers)
                 else:
@@ -95,12 +97,16 @@ def sec_l7_paced(R, quick):
         variants.insert(1, ("envoy+filter (baseline)", "filter", BASELINE_WASM))
     if BASELINE_NATIVE:
         variants.insert(variants.index(("envoy+filter (native)", "native", None)) + 1, ("envoy+filter (native, baseline)", "native", None))
+    if NATIVE_PGO:
+        variants.insert(variants.index(("envoy+filter (native)", "native", None)) + 1, ("envoy+filter (native, PGO)", "native", None))
     runs = []
     for rep in range(reps):
         for label, kind, wasm in variants:
-            proxy, port, admin, _ = envoy(f"envoy-paced-{rep}-{kind}{'-base' if 'baseline' in label else ''}", [w1, w2], http, variant=kind,
+            suffix = "-base" if "baseline" in label else "-pgo" if "PGO" in label else ""
+            proxy, port, admin, _ = envoy(f"envoy-paced-{rep}-{kind}{suffix}", [w1, w2], http, variant=kind,
                                           picker_config=NO_BREAKER, guard_config=NO_BREAKER, wasm=wasm,
-                                          native_dir=BASELINE_NATIVE if label.endswith("(native, baseline)") else None)
+                                          native_dir=BASELINE_NATIVE if label.endswith("(native, baseline)") else
+                                          NATIVE_PGO if label.endswith("(native, PGO)") else None)
             try:
                 wrk(port, True, 4, 1)
                 (u0, k0) = cpu_split_seconds(proxy.pid)
@@ -141,7 +147,9 @@ def report_l7(R, rep: Report) -> None:
                           ("envoy+filter", "envoy+filter (baseline)", "filter / baseline filter throughput"),
                           ("envoy+filter (native)", "envoy (no wasm)", "native filter / no-wasm throughput"),
                           ("envoy+filter (native)", "vllm-router", "native filter / vllm-router throughput"),
-                          ("envoy+filter (native)", "envoy+filter (native, baseline)", "native filter / baseline native filter throughput")]:
+                          ("envoy+filter (native)", "envoy+filter (native, baseline)", "native filter / baseline native filter throughput"),
+                          ("envoy+filter (native, PGO)", "envoy (no wasm)", "native filter (PGO) / no-wasm throughput"),
+                          ("envoy+filter (native, PGO)", "vllm-router", "native filter (PGO) / vllm-router throughput")]:
             cells = []
             for s in (False, True):
                 if (a, s) in by and (b, s) in by and by[(b, s)]["rps"]:
@@ -150,7 +158,8 @@ def report_l7(R, rep: Report) -> None:
                     cells.append("–")
             md.append(f"| {lab} | {cells[0]} | {cells[1]} |")
         md += ["", "Proxy CPU per request, filter extra over no-wasm (µs):", "", "| variant | json | stream |", "|---|---:|---:|"]
-        for v in ("envoy+filter", "envoy+filter (native)", "envoy+filter (baseline)", "envoy+filter (native, baseline)", "envoy picker only"):
+        for v in ("envoy+filter", "envoy+filter (native)", "envoy+filter (native, PGO)", "envoy+filter (baseline)", "envoy+filter (native, baseline)",
+                  "envoy picker only"):
             cells = []
             for s in (False, True):
                 a, b = by.get((v, s)), by.get(("envoy (no wasm)", s))
@@ -158,7 +167,7 @@ def report_l7(R, rep: Report) -> None:
                 cells.append(f"+{a['proxy_cpu_us_per_req'] - b['proxy_cpu_us_per_req']:.0f}" if ok else "–")
             if any(c != "–" for c in cells):
                 md.append(f"| {v} | {cells[0]} | {cells[1]} |")
-        for v, name in (("envoy+filter", "filter"), ("envoy+filter (native)", "native filter")):
+        for v, name in (("envoy+filter", "filter"), ("envoy+filter (native)", "native filter"), ("envoy+filter (native, PGO)", "native filter (PGO)")):
             for s in (False, True):
                 a, b, c = by.get((v, s)), by.get(("envoy (no wasm)", s)), by.get(("vllm-router", s))
                 mode = "stream" if s else "json"
@@ -202,7 +211,7 @@ def report_l7_paced(R, rep: Report) -> None:
             for v in dict.fromkeys(r["variant"] for r in pc):
                 kernel = statistics.median(r["proxy_cpu_us_per_req"] - r["proxy_user_us_per_req"] for r in pc if r["variant"] == v)
                 md.append(f"| {v} | {fmt(med[v])} | {med[v] / base:.2f} | {fmt(user[v])} | {user[v] / user['envoy (no wasm)']:.2f} | {fmt(kernel)} |")
-        for v, name in (("envoy+filter", "filter"), ("envoy+filter (native)", "native filter")):
+        for v, name in (("envoy+filter", "filter"), ("envoy+filter (native)", "native filter"), ("envoy+filter (native, PGO)", "native filter (PGO)")):
             if base and v in med:
                 rep.targets.append(Target(f"{name}, paced streaming: Envoy CPU per request ≤ 1.15× no-wasm", med[v] <= 1.15 * base,
                                           f"{med[v] / base:.2f}× ({med[v]:.0f} vs {base:.0f} µs, medians)"))

@@ -22,7 +22,7 @@ import subprocess
 import time
 from collections import Counter
 
-from .common import BASELINE_NATIVE, BASELINE_WASM, LOAD_CPU, NO_BREAKER, PROCS, WORK, dnsd, envoy, fake_worker, fleet_ready, note, sidecar, wrk
+from .common import BASELINE_NATIVE, BASELINE_WASM, LOAD_CPU, NATIVE_PGO, NO_BREAKER, PROCS, WORK, dnsd, envoy, fake_worker, fleet_ready, note, sidecar, wrk
 from .l7_floor import native_floor
 from .markdown import Report, fmt
 
@@ -99,6 +99,34 @@ def is_request_hook(fn):
     return (fn or "").startswith("envoy_dynamic_module_on_http_filter_") and "_config_" not in fn
 
 
+# The module's code by layer, from each function's symbol (its crate path; the leading `<` of a
+# trait method's symbol skipped). Approximate where code was inlined across crates: a function's
+# cost goes to the crate it was inlined into.
+LAYERS = (("decisions", "gpuha-liveness and the searches it calls (memchr, serde_json)"),
+          ("filter glue", "gpuha-filter: the Proxy-Wasm filter around the decisions"),
+          ("Proxy-Wasm layer", "the Proxy-Wasm SDK and the native host's `proxy_*` ABI it calls"),
+          ("native host", "gpuha-native: the dynamic-module hooks, Envoy calls, shared data, contexts"),
+          ("allocation", "`__rust_alloc`/`__rust_dealloc`, the module's allocator, vectors growing"),
+          ("std, other", "Rust's std/core (UTF-8 checks, hashing, thread-local access) and the rest"))
+
+
+def layer(fn):
+    """The `LAYERS` name of one of the module's functions."""
+    f = (fn or "").lstrip("<")
+    if f.startswith(("__rustc::__rust_alloc", "__rustc::__rust_dealloc", "__rustc::__rust_realloc", "gpuha_native::alloc::",
+                     "alloc::raw_vec::", "alloc::alloc::")):
+        return "allocation"
+    if f.startswith(("gpuha_liveness::", "memchr::", "serde_json::")):
+        return "decisions"
+    if f.startswith("gpuha_filter::"):
+        return "filter glue"
+    if f.startswith(("proxy_wasm::", "proxy_")):
+        return "Proxy-Wasm layer"
+    if f.startswith(("gpuha_native::", "envoy_dynamic_module_")):
+        return "native host"
+    return "std, other"
+
+
 def where(ob):
     """Whose code an object is: Envoy's (its binary, and the anonymous mapping `???` where Envoy
     moves its hot code, its allocator among it), the module's, or the C library and the rest."""
@@ -136,6 +164,8 @@ def sec_l7_instr(R, quick):
                 ("envoy+filter (native)", "native", NO_BREAKER, NO_BREAKER, None, None, None)]
     if BASELINE_NATIVE:
         variants.append(("envoy+filter (native, baseline)", "native", NO_BREAKER, NO_BREAKER, None, BASELINE_NATIVE, None))
+    if NATIVE_PGO:
+        variants.append(("envoy+filter (native, PGO)", "native", NO_BREAKER, NO_BREAKER, None, NATIVE_PGO, None))
     if os.environ.get("GPUHA_BENCH_INSTR_WASM"):
         variants.append(("envoy+filter (Wasm)", "filter", NO_BREAKER, NO_BREAKER, None, None, None))
         if BASELINE_WASM:
@@ -209,6 +239,9 @@ def sec_l7_instr(R, quick):
                # clean chunks).
                "filter_body_hooks": calls["proxy_on_response_body"] / n,
                "module_top": [{"function": fn, "ir": round(ir)} for fn, ir in top],
+               # The module's own cost by layer (`LAYERS`): instructions and I1 misses per request.
+               "module_layers": {name: {e: sum(c[e] for (ob, fn), c in costs.items() if where(ob) == "module" and layer(fn) == name) / n
+                                        for e in ("Ir", "I1mr")} for name, _ in LAYERS},
                # The native filter's own cost, steadier than the totals (Envoy's event loop moves
                # them by a few per cent): each request hook with the Envoy calls it makes.
                "hooks": {fn[len("envoy_dynamic_module_on_http_filter_"):]: (ir - idle_incl[fn] * scale) / n
@@ -261,6 +294,18 @@ def report_kind(md, req, rows) -> None:
                "| hook | " + " | ".join(r["variant"] for r in native) + " |", "|---|" + "---:|" * len(native)]
         md += [f"| `{h}` | " + " | ".join(fmt(r["hooks"].get(h, 0)) for r in native) + " |" for h in hooks]
         md.append("| all | " + " | ".join(f"**{fmt(sum(r['hooks'].values()))}**" for r in native) + " |")
+    layered = [r for r in rows if r.get("module_layers") and r["variant"].startswith("envoy+filter (native")]
+    if layered:
+        md += ["", f"The module's own code by layer, per {req} request (self cost of each function, by its crate; "
+               "approximate where code was inlined across crates). An instruction cache miss is about one line "
+               "of code run per request: the module's code runs once a request, between Envoy's.", "",
+               "| layer | what | " + " | ".join(f"{r['variant']}: instructions | I1 misses" for r in layered) + " |",
+               "|---|---|" + "---:|---:|" * len(layered)]
+        for name, what in LAYERS:
+            md.append(f"| {name} | {what} | " + " | ".join(f"{fmt(r['module_layers'][name]['Ir'])} | {fmt(r['module_layers'][name]['I1mr'])}"
+                                                          for r in layered) + " |")
+        md.append("| all | | " + " | ".join(f"**{fmt(sum(v['Ir'] for v in r['module_layers'].values()))}** | "
+                                             f"**{fmt(sum(v['I1mr'] for v in r['module_layers'].values()))}**" for r in layered) + " |")
     for r in rows:
         if r["variant"] == "envoy+filter (native)" and r["module_top"]:
             md += ["", f"The module's own functions in `{r['variant']}`, instructions per {req} request (self, top {TOP}):", "",

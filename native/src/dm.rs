@@ -227,9 +227,36 @@ impl Filter {
 
     /// Whether the response body of the running hook has a clean tail
     /// (`gpuha_liveness::sse::clean_tail` of its last `TAIL_PEEK_BYTES`, or all of it when
-    /// shorter), read in Envoy's slice when it lies in one (nearly always), else gathered on the
-    /// stack.
+    /// shorter). Runs on every chunk of a released stream, so its usual case is kept short: nothing
+    /// buffered, a few slices received, the tail in the last one, read in place (three Envoy
+    /// calls). Anything else is gathered by [`Self::gathered_tail_is_clean`]. Leaves no body sizes
+    /// noted ([`forget_body_sizes`]).
     pub fn response_tail_is_clean(self) -> bool {
+        const PEEK: usize = gpuha_liveness::guard::TAIL_PEEK_BYTES;
+        let [buffered, received] = Dir::Response.bodies();
+        if self.size(buffered) == 0 {
+            // SAFETY: live filter.
+            let n = unsafe { abi::envoy_dynamic_module_callback_http_get_body_chunks_size(self.0, received) };
+            let mut views = [abi::EnvoyBuffer::null(); STACK_CHUNKS];
+            // SAFETY: `views` has room for the `n` slices Envoy reported; read at once.
+            if (1..=STACK_CHUNKS).contains(&n) && unsafe { abi::envoy_dynamic_module_callback_http_get_body_chunks(self.0, received, views.as_mut_ptr()) } {
+                let total: usize = views[..n].iter().map(|v| v.length).sum();
+                // SAFETY: as above.
+                let last = unsafe { views[n - 1].as_bytes() };
+                let want = total.min(PEEK);
+                if let Some(tail) = last.len().checked_sub(want).map(|from| &last[from..]) {
+                    return gpuha_liveness::sse::clean_tail(tail);
+                }
+            }
+        }
+        self.gathered_tail_is_clean()
+    }
+
+    /// [`Self::response_tail_is_clean`] for any body: its tail gathered across Envoy's slices
+    /// (on the stack) when it does not lie in one.
+    #[cold]
+    #[inline(never)]
+    fn gathered_tail_is_clean(self) -> bool {
         const PEEK: usize = gpuha_liveness::guard::TAIL_PEEK_BYTES;
         let len = self.body_len(Dir::Response);
         let want = len.min(PEEK);
@@ -245,6 +272,7 @@ impl Filter {
             tail.get_or_insert([0; PEEK])[n..n + take].copy_from_slice(&bytes[..take]);
             n += take;
         });
+        forget_body_sizes();
         whole.unwrap_or_else(|| gpuha_liveness::sse::clean_tail(tail.as_ref().map_or(&[][..], |t| &t[..n])))
     }
 

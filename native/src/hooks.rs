@@ -416,12 +416,18 @@ pub extern "C" fn envoy_dynamic_module_on_http_filter_response_body(_envoy: abi:
         Body::Skip => return abi::BODY_CONTINUE,
         Body::PassClean if !end_of_stream && s.envoy.response_tail_is_clean() => {
             // What the filter would do with it (`Attempt::passes_clean_chunks`), without it.
-            crate::dm::forget_body_sizes();
             return abi::BODY_CONTINUE;
         }
         Body::PassClean => s.body.set(Body::Filter),
         Body::Filter => {}
     }
+    response_body_to_filter(s, end_of_stream)
+}
+
+/// The response body hook's way into the filter: out of line, so that the path every chunk of a
+/// released stream takes (above) stays a few cache lines.
+#[inline(never)]
+fn response_body_to_filter(s: &Stream, end_of_stream: bool) -> abi::BodyStatus {
     let n = s.envoy.body_len(crate::dm::Dir::Response);
     // SAFETY: as above.
     let (a, r) = in_hook(s, |id| unsafe { proxy_on_response_body(id, n, end_of_stream) });

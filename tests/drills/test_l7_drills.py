@@ -450,6 +450,43 @@ def test_abort_before_first_token_is_retried(stack):
     assert retries >= bad_attempts - 1, (retries, bad_attempts)
 
 
+def test_engine_death_after_the_first_token_reaches_the_client_and_is_counted(stack):
+    """vLLM's engine dying mid-generation: its in-band `data: {"error": ...}` event, then
+    `[DONE]`, after three tokens went out (fake-vllm `--error-after-tokens 3`, one token every
+    5 ms: an event a chunk). Past the first token nothing is retried: each client gets its three
+    tokens from the one worker, then the error event as vLLM sent it (the SDK raises it in-band),
+    never a splice and never a second attempt. The guard notes each such event
+    (`post_token_errors`). In the native build the host passes a released stream's clean chunks
+    without the guard, and only a chunk whose tail holds an error word goes to it: the count
+    shows that the error event still reaches the guard, in both builds."""
+    stack.start_dnsd()
+    stack.start_worker("werr", ttft_ms=20, tokens_per_s=200, extra=["--error-after-tokens", "3"])
+    stack.wait_fresh(["werr"])
+    # A breaker that never opens here: the drill wants every stream on the one worker.
+    breaker = {"failure_threshold": 1000}
+    envoy = stack.start_pool_router(picker_config=json.dumps({"breaker": breaker}),
+                                    guard_config=json.dumps({"breaker": breaker}))
+    warm_up(stack, envoy)  # one-token requests: done before the third token
+    errors0, retries0 = filter_stat(envoy, "post_token_errors"), filter_stat(envoy, "pre_token_retries")
+    client = make_client(envoy.base_url, timeout=10)
+    n = 12
+    with ThreadPoolExecutor(max_workers=4) as ex:
+        outcomes = list(ex.map(lambda i: chat(client, i, 8), range(n)))
+    # The guard counts when Envoy is done with a stream, just after its client is.
+    try:
+        wait_for(lambda: filter_stat(envoy, "post_token_errors") - errors0 >= n, 5, "post_token_errors counting every stream", interval=0.1)
+    except harness.Timeout:
+        pass  # the count is asserted below
+    errors = filter_stat(envoy, "post_token_errors") - errors0
+    retries = filter_stat(envoy, "pre_token_retries") - retries0
+    report(f"engine death after 3 tokens: {n} streams, {summarize(outcomes)}, per worker {per_worker(outcomes)}; "
+           f"post_token_errors {errors}, pre_token_retries {retries}")
+    bad = [o.describe() for o in outcomes if not (o.kind == "truncated" and len(o.tokens) == 3 and harness.is_inband_error(o.error))]
+    assert not bad, "not three tokens then vLLM's in-band error:\n" + "\n".join(bad)
+    assert per_worker(outcomes) == {"werr": n}, per_worker(outcomes)
+    assert errors == n and retries == 0, (errors, retries)
+
+
 def test_worker_5xx_retried_and_last_one_delivered_whole(stack):
     """A worker answering HTTP 500 before any token (vLLM does to requests that reach an API
     server shutting down, seen in the real-vLLM stall drill) is retried on another worker."""

@@ -38,6 +38,10 @@ pub struct EngineConfig {
     pub reset_after_tokens: Option<u32>,
     /// Failure injection: report an EngineCore death in place of the first token.
     pub error_before_token: bool,
+    /// Failure injection: report an EngineCore death once this many tokens of a stream are out
+    /// (vLLM's in-band error event, then `[DONE]`: what a stream gets when the engine dies
+    /// mid-generation).
+    pub error_after_tokens: Option<u32>,
     /// Failure injection: abort the request (finish reason `abort`) in place of the first token.
     pub abort_before_token: bool,
     /// Failure injection: answer every valid request with this HTTP status (no generation).
@@ -422,6 +426,10 @@ impl Generation {
         if n == 0 && cfg.abort_before_token {
             self.finish(Finish::Abort);
             return Some(Event::Aborted);
+        }
+        if cfg.error_after_tokens == Some(n) {
+            self.finish(Finish::Error);
+            return Some(Event::EngineDead);
         }
         if cfg.reset_after_tokens == Some(n) {
             self.finish(Finish::Abort);

@@ -26,6 +26,7 @@
 //! stream), `--error-before-token` (EngineCore death: chat/completions/transcription streams get
 //! vLLM's in-stream `{"error":…}` + `[DONE]`; a Responses stream is cut after
 //! `response.in_progress`, as uvicorn cuts it when `EngineDeadError` escapes; non-streaming: 500),
+//! `--error-after-tokens N` (the same EngineCore death once N tokens of a stream are out),
 //! `--abort-before-token` (`finish_reason: "abort"`; Responses: `response.completed` with no
 //! output), `--fail-status CODE`.
 //!

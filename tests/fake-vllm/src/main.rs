@@ -45,6 +45,10 @@ struct Args {
     /// the first token.
     #[arg(long)]
     error_before_token: bool,
+    /// Failure injection: send vLLM's EngineCore-death error event then [DONE] once N tokens
+    /// of a stream are out (the engine dying mid-generation).
+    #[arg(long)]
+    error_after_tokens: Option<u32>,
     /// Failure injection: end every stream before its first token with vLLM's
     /// `finish_reason: "abort"` event then [DONE] (what vLLM 0.26 sends to the requests it
     /// aborts when its API server gets SIGTERM).
@@ -120,6 +124,7 @@ fn main() -> ExitCode {
             kv_capacity_tokens: args.kv_capacity_tokens,
             reset_after_tokens: args.reset_after_tokens,
             error_before_token: args.error_before_token,
+            error_after_tokens: args.error_after_tokens,
             abort_before_token: args.abort_before_token,
             fail_status: args.fail_status,
             slow_factor: args.slow_factor,

@@ -9,6 +9,7 @@ fn cfg() -> EngineConfig {
         kv_capacity_tokens: 100,
         reset_after_tokens: None,
         error_before_token: false,
+        error_after_tokens: None,
         abort_before_token: false,
         fail_status: None,
         slow_factor: 5.0,

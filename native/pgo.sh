@@ -12,7 +12,8 @@
 # Steps: an instrumented build (its own target dir), the training load (bench/pgo_train.py: stock
 # Envoy, fake vLLM workers, sidecars and dnsd on 127.0.0.1; json answers, streams, paced streams;
 # ~30 s), `llvm-profdata merge` (rustup's llvm-tools, matching rustc's LLVM; added if missing), the
-# optimised build. About 2-3 minutes on 2 cores, from a built tree.
+# optimised build. About 1.5 minutes on 2 cores from a built tree (the two module builds compile
+# the module's dependencies again, each in its own target dir).
 #
 # Needs what the bench's L7 rows need: stock Envoy (deploy/ensure-deps.sh installs it) and wrk.
 # Env: GPUHA_PGO_OUT (default target/pgo), GPUHA_PGO_SECS (seconds per training load, default 8),

@@ -17,7 +17,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository root: gpuha_harness
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # gpuha_bench
 
-from gpuha_bench.common import NO_BREAKER, PROCS, dnsd, envoy, fake_worker, fleet_ready, sidecar, wrk  # noqa: E402
+from gpuha_bench.common import NO_BREAKER, PROCS, envoy, worker_pair, wrk  # noqa: E402
 
 
 def main():
@@ -26,12 +26,7 @@ def main():
     native_dir, secs = Path(sys.argv[1]).resolve(), int(sys.argv[2]) if len(sys.argv) == 3 else 8
     try:
         for paced in (False, True):
-            _, w1 = fake_worker(f"train{int(paced)}a", tokens_per_s=1000 if paced else 0)
-            _, w2 = fake_worker(f"train{int(paced)}b", tokens_per_s=1000 if paced else 0)
-            _, ingest, http, _ = dnsd(name=f"dnsd-train{int(paced)}")
-            sidecar(f"train{int(paced)}a", w1, ingest)
-            sidecar(f"train{int(paced)}b", w2, ingest)
-            fleet_ready(http, 2)
+            w1, w2, http = worker_pair(f"train{int(paced)}w", tokens_per_s=1000 if paced else 0, dnsd_name=f"dnsd-train{int(paced)}")
             # The configuration of the bench's filter rows (the breaker's threshold out of a
             # saturating load's way; the same code runs).
             proxy, port, _, _ = envoy(f"envoy-train{int(paced)}", [w1, w2], http, variant="native",

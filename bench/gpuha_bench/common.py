@@ -246,6 +246,17 @@ def sidecar(wid, worker_addr, ingest, pool="pool-a", cpu=LOAD_CPU, interval_ms=5
 VARIANT_FILTERS = {"filter": "picker,guard", "nowasm": "none", "picker-only": "picker", "guard-only": "guard", "native": "picker,guard"}
 
 
+def worker_pair(prefix, tokens_per_s=0, dnsd_name="dnsd"):
+    """Two fake workers (`PREFIX1`, `PREFIX2`), their sidecars and a dnsd whose fleet view holds
+    both, ready: returns the two worker addresses and the dnsd's HTTP address (the fleet view)."""
+    ws = [fake_worker(f"{prefix}{i}", tokens_per_s=tokens_per_s)[1] for i in (1, 2)]
+    _, ingest, http, _ = dnsd(name=dnsd_name, cpu=LOAD_CPU)
+    for i, w in enumerate(ws, 1):
+        sidecar(f"{prefix}{i}", w, ingest)
+    fleet_ready(http, 2)
+    return ws[0], ws[1], http
+
+
 def envoy(name, workers, fleet, variant="filter", picker_config=None, guard_config=None, extra_render=(),
           cpu=SUT_CPU, concurrency=1, wasm=None, edit=None, native_dir=None, wrap=(), ready_s=30):
     """An Envoy rendered by envoy/render.py (`edit`: a function of the rendered text, for the

@@ -3,7 +3,7 @@
 import os
 import statistics
 
-from .common import BASELINE_NATIVE, BASELINE_WASM, LOAD_CPU, NATIVE_PGO, NO_BREAKER, PROCS, cpu_seconds, cpu_split_seconds, dnsd, envoy, envoy_stats, fake_worker, fleet_ready, note, sidecar, vllm_router, wrk
+from .common import BASELINE_NATIVE, BASELINE_WASM, NATIVE_PGO, NO_BREAKER, PROCS, cpu_seconds, cpu_split_seconds, envoy, envoy_stats, note, vllm_router, worker_pair, wrk
 from .markdown import Report, Target, fmt, svg_bars
 
 
@@ -11,12 +11,7 @@ def sec_l7(R, quick):
     secs = 3 if quick else 4
     reps = 1 if quick else 2
     conns_sat = 32
-    w1p, w1 = fake_worker("l7w1")
-    w2p, w2 = fake_worker("l7w2")
-    dp, ingest, http, _ = dnsd(cpu=LOAD_CPU)
-    sidecar("l7w1", w1, ingest)
-    sidecar("l7w2", w2, ingest)
-    fleet_ready(http, 2)
+    w1, w2, http = worker_pair("l7w")
     workers = [w1, w2]
     runs = {}
     variants = [("envoy+filter", "filter"), ("envoy+filter (native)", "native"), ("envoy (no wasm)", "nowasm"), ("vllm-router", "router"),
@@ -86,12 +81,7 @@ def sec_l7_paced(R, quick):
     the filter, the baseline filter (GPUHA_BENCH_BASELINE_WASM) and no Wasm, interleaved."""
     secs = 3 if quick else 5
     reps = 1 if quick else 3
-    _, w1 = fake_worker("pw1", tokens_per_s=1000)
-    _, w2 = fake_worker("pw2", tokens_per_s=1000)
-    dp, ingest, http, _ = dnsd(cpu=LOAD_CPU)
-    sidecar("pw1", w1, ingest)
-    sidecar("pw2", w2, ingest)
-    fleet_ready(http, 2)
+    w1, w2, http = worker_pair("pw", tokens_per_s=1000)
     variants = [("envoy+filter", "filter", None), ("envoy+filter (native)", "native", None), ("envoy (no wasm)", "nowasm", None)]
     if BASELINE_WASM:
         variants.insert(1, ("envoy+filter (baseline)", "filter", BASELINE_WASM))

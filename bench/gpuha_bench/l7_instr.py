@@ -22,7 +22,7 @@ import subprocess
 import time
 from collections import Counter
 
-from .common import BASELINE_NATIVE, BASELINE_WASM, LOAD_CPU, NATIVE_PGO, NO_BREAKER, PROCS, WORK, dnsd, envoy, fake_worker, fleet_ready, note, sidecar, wrk
+from .common import BASELINE_NATIVE, BASELINE_WASM, NATIVE_PGO, NO_BREAKER, PROCS, WORK, envoy, note, worker_pair, wrk
 from .l7_floor import native_floor
 from .markdown import Report, fmt
 
@@ -151,12 +151,7 @@ def sec_l7_instr(R, quick):
         raise RuntimeError("valgrind (with callgrind_control) missing: apt-get install valgrind")
     secs = 8 if quick else 15
     # Tokens slow enough that Envoy under valgrind still gets one event per body chunk.
-    _, w1 = fake_worker("iw1", tokens_per_s=TOKENS_PER_S)
-    _, w2 = fake_worker("iw2", tokens_per_s=TOKENS_PER_S)
-    _, ingest, http, _ = dnsd(name="dnsd-instr", cpu=LOAD_CPU)
-    sidecar("iw1", w1, ingest)
-    sidecar("iw2", w2, ingest)
-    fleet_ready(http, 2)
+    w1, w2, http = worker_pair("iw", tokens_per_s=TOKENS_PER_S, dnsd_name="dnsd-instr")
     # (label, Envoy variant, picker config, guard config, config edit, native build dir, Wasm module,
     # request: paced streams, or json answers of workers that answer at once)
     variants = [("envoy (no filter)", "nowasm", None, None, None, None, None),
@@ -175,12 +170,7 @@ def sec_l7_instr(R, quick):
         # The json row of `l7` (throughput at saturation): the same variants on json requests to two
         # workers that answer at once.
         # Their own dnsd: a fleet view with the paced workers in it would offer those too.
-        _, j1 = fake_worker("ij1")
-        _, j2 = fake_worker("ij2")
-        _, jingest, jhttp, _ = dnsd(name="dnsd-instr-json", cpu=LOAD_CPU)
-        sidecar("ij1", j1, jingest)
-        sidecar("ij2", j2, jingest)
-        fleet_ready(jhttp, 2)
+        j1, j2, jhttp = worker_pair("ij", dnsd_name="dnsd-instr-json")
         json_floors = {f[0]: f for f in floors(f"{j1},{j2}")}
         variants += [json_floors.get(v[0], v[:-1]) + ("json",) for v in variants]
     rows = []

@@ -189,13 +189,14 @@ impl Guard {
     ///
     /// True in SSE mode when nothing is held (the chunk starts an event) and the chunk ends
     /// on an event boundary (or the stream ends here), unless the tail may hold an error event
-    /// ([`Self::post_release_error`] must see it). An error event that lies wholly before the
-    /// tail of a chunk larger than [`TAIL_PEEK_BYTES`] is forwarded the same way but not
-    /// noted (it only feeds a counter). Always true in the other modes once released.
+    /// ([`Self::post_release_error`] must see it, on the stream's last chunk too). An error
+    /// event that lies wholly before the tail of a chunk larger than [`TAIL_PEEK_BYTES`] is
+    /// forwarded the same way but not noted (it only feeds a counter). Always true in the other
+    /// modes once released.
     pub fn passes_untouched(&self, tail: &[u8], end_of_stream: bool) -> bool {
         match (self.phase, self.mode) {
             (Phase::Released, Mode::Sse(_)) => {
-                self.buf.is_empty() && (end_of_stream || clean_tail(tail))
+                self.buf.is_empty() && if end_of_stream { !has_error_word(tail) } else { clean_tail(tail) }
             }
             (Phase::Released, _) => true,
             _ => false,
@@ -218,11 +219,14 @@ impl Guard {
             (Phase::Failed, _) => Step::Hold,
             (Phase::Released, Mode::Sse(api)) => {
                 self.buf.extend_from_slice(chunk);
+                let cut = self.drain_events(api);
                 if end_of_stream {
+                    // The whole events were looked at for an error (an HTTP/2 or length-delimited
+                    // upstream can end the stream on the chunk that carries one); a partial event
+                    // left at the end goes too (a client drops it).
                     self.scan_from = 0;
                     return Step::Forward(std::mem::take(&mut self.buf));
                 }
-                let cut = self.drain_events(api);
                 let out: Vec<u8> = self.buf.drain(..cut).collect();
                 self.scan_from = self.scan_from.saturating_sub(cut);
                 Step::Forward(out)

@@ -189,6 +189,28 @@ fn truncation_after_first_token() {
 }
 
 #[test]
+fn an_error_event_on_the_stream_s_last_chunk_is_reported() {
+    // An HTTP/2 or length-delimited upstream ends the stream on the chunk that carries the event;
+    // HTTP/1 chunked ends it with an empty chunk. A short chunk is read whole, a long one by its
+    // tail first, and either way the host checks its tail.
+    let long = [TOKEN.repeat(12), ENGINE_DEAD.to_vec(), DONE.to_vec()].concat();
+    assert!(long.len() > TAIL_PEEK_BYTES);
+    for last in [[ENGINE_DEAD, DONE].concat(), long] {
+        for host_checks in [false, true] {
+            let mut d = if host_checks { Driver::checking_host(CHAT) } else { Driver::new(CHAT) };
+            d.headers(200, SSE, false);
+            d.body(ROLE, false);
+            d.body(TOKEN, false);
+            d.body(&last, true);
+            d.done(Ending::default());
+            assert_eq!(d.seen.client, [ROLE, TOKEN, &last].concat());
+            assert_eq!(d.seen.reports[0].outcome, Outcome::Served);
+            assert!(d.seen.reports[0].post_token_error, "{} bytes, host checks {host_checks}", last.len());
+        }
+    }
+}
+
+#[test]
 fn client_cancels_charge_nothing() {
     let gone = Ending { client_went_away: true, timed_out: false };
     let s = run(CHAT, 200, SSE, &[ROLE], false, gone);

@@ -212,6 +212,23 @@ fn released_stream_chunks_on_event_boundaries_pass_untouched() {
 }
 
 #[test]
+fn an_error_event_on_the_last_chunk_is_noted() {
+    // An HTTP/2 or length-delimited upstream ends the stream on the chunk that carries it.
+    let err: &[u8] = b"data: {\"error\":{\"message\":\"EngineCore encountered an issue\"}}\n\ndata: [DONE]\n\n";
+    let mut g = Guard::new(Mode::Sse(Api::Chat), DEFAULT_MAX_HELD_BYTES);
+    assert!(matches!(g.on_body(b"data: {\"choices\":[{\"text\":\"a\"}]}\n\n", false), Step::Release(_)));
+    assert!(!g.passes_untouched(err, true), "the last chunk's error is looked at");
+    assert!(g.passes_untouched(b"data: [DONE]\n\n", true));
+    assert_eq!(g.on_body(err, true), Step::Forward(err.to_vec()));
+    assert!(g.post_release_error().unwrap().starts_with("EngineCore"));
+    // A partial event at the end goes to the client as before, unread (a client drops it).
+    let mut g = Guard::new(Mode::Sse(Api::Chat), DEFAULT_MAX_HELD_BYTES);
+    assert!(matches!(g.on_body(b"data: {\"choices\":[{\"text\":\"a\"}]}\n\n", false), Step::Release(_)));
+    assert_eq!(g.on_body(b"data: {\"error\":{\"message\":\"x\"}}\n", true), Step::Forward(b"data: {\"error\":{\"message\":\"x\"}}\n".to_vec()));
+    assert_eq!(g.post_release_error(), None);
+}
+
+#[test]
 fn modes_from_status_and_content_type() {
     let chat = Some(Api::Chat);
     assert_eq!(mode_for(chat, 200, Some("text/event-stream; charset=utf-8")), Mode::Sse(Api::Chat));

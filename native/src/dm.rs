@@ -6,6 +6,8 @@
 
 use std::cell::Cell;
 
+use gpuha_liveness::guard::TAIL_PEEK_BYTES;
+
 use crate::abi;
 
 /// Body slices read into a stack array when a body has at most this many (a chunk of a stream
@@ -232,7 +234,6 @@ impl Filter {
     /// calls). Anything else is gathered by [`Self::gathered_tail_is_clean`]. Leaves no body sizes
     /// noted ([`forget_body_sizes`]).
     pub fn response_tail_is_clean(self) -> bool {
-        const PEEK: usize = gpuha_liveness::guard::TAIL_PEEK_BYTES;
         let [buffered, received] = Dir::Response.bodies();
         if self.size(buffered) == 0 {
             // SAFETY: live filter.
@@ -243,7 +244,7 @@ impl Filter {
                 let total: usize = views[..n].iter().map(|v| v.length).sum();
                 // SAFETY: as above.
                 let last = unsafe { views[n - 1].as_bytes() };
-                let want = total.min(PEEK);
+                let want = total.min(TAIL_PEEK_BYTES);
                 if let Some(tail) = last.len().checked_sub(want).map(|from| &last[from..]) {
                     return gpuha_liveness::sse::clean_tail(tail);
                 }
@@ -257,19 +258,18 @@ impl Filter {
     #[cold]
     #[inline(never)]
     fn gathered_tail_is_clean(self) -> bool {
-        const PEEK: usize = gpuha_liveness::guard::TAIL_PEEK_BYTES;
         let len = self.body_len(Dir::Response);
-        let want = len.min(PEEK);
+        let want = len.min(TAIL_PEEK_BYTES);
         let mut whole = None;
-        let mut tail: Option<[u8; PEEK]> = None;
+        let mut tail: Option<[u8; TAIL_PEEK_BYTES]> = None;
         let mut n = 0;
-        self.visit_window(Dir::Response, len - want, PEEK, |bytes| {
+        self.visit_window(Dir::Response, len - want, TAIL_PEEK_BYTES, |bytes| {
             if n == 0 && bytes.len() == want {
                 whole = Some(gpuha_liveness::sse::clean_tail(bytes));
                 return;
             }
-            let take = bytes.len().min(PEEK - n);
-            tail.get_or_insert([0; PEEK])[n..n + take].copy_from_slice(&bytes[..take]);
+            let take = bytes.len().min(TAIL_PEEK_BYTES - n);
+            tail.get_or_insert([0; TAIL_PEEK_BYTES])[n..n + take].copy_from_slice(&bytes[..take]);
             n += take;
         });
         forget_body_sizes();

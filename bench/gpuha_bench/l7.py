@@ -1,6 +1,7 @@
 """L7 overhead: the router with the filter beside the same Envoy without Wasm, vllm-router and direct."""
 
 import os
+import random
 import statistics
 
 from .common import BASELINE_NATIVE, BASELINE_WASM, NATIVE_PGO, NO_BREAKER, PROCS, cpu_seconds, cpu_split_seconds, envoy, envoy_stats, note, vllm_router, worker_pair, wrk
@@ -91,7 +92,11 @@ def sec_l7_paced(R, quick):
         variants.insert(variants.index(("envoy+filter (native)", "native", None)) + 1, ("envoy+filter (native, PGO)", "native", None))
     runs = []
     for rep in range(reps):
-        for label, kind, wasm in variants:
+        # A new order each repeat (seeded: the same orders in every run), so that no variant always
+        # runs first after the workers' idle time or last before the next repeat.
+        order = variants[:]
+        random.Random(rep).shuffle(order)
+        for label, kind, wasm in order:
             suffix = "-base" if "baseline" in label else "-pgo" if "PGO" in label else ""
             proxy, port, admin, _ = envoy(f"envoy-paced-{rep}-{kind}{suffix}", [w1, w2], http, variant=kind,
                                           picker_config=NO_BREAKER, guard_config=NO_BREAKER, wasm=wasm,
@@ -178,6 +183,12 @@ def report_l7(R, rep: Report) -> None:
         md += ["", "![](l7-rps-json.svg) ![](l7-rps-stream.svg) ![](l7-p99-c1.svg)", ""]
 
 
+def paced_ratios(runs, variant, base="envoy (no wasm)"):
+    """Each repeat's Envoy CPU per request of `variant` over `base`'s in the same repeat."""
+    cpu = {(r["variant"], r["rep"]): r["proxy_cpu_us_per_req"] for r in runs}
+    return [cpu[(variant, i)] / cpu[(base, i)] for (v, i) in cpu if v == variant and cpu.get((base, i))]
+
+
 def report_l7_paced(R, rep: Report) -> None:
     md = rep.md
     pc = R.get("l7_paced")
@@ -203,5 +214,8 @@ def report_l7_paced(R, rep: Report) -> None:
                 md.append(f"| {v} | {fmt(med[v])} | {med[v] / base:.2f} | {fmt(user[v])} | {user[v] / user['envoy (no wasm)']:.2f} | {fmt(kernel)} |")
         for v, name in (("envoy+filter", "filter"), ("envoy+filter (native)", "native filter"), ("envoy+filter (native, PGO)", "native filter (PGO)")):
             if base and v in med:
-                rep.targets.append(Target(f"{name}, paced streaming: Envoy CPU per request ≤ 1.15× no-wasm", med[v] <= 1.15 * base,
-                                          f"{med[v] / base:.2f}× ({med[v]:.0f} vs {base:.0f} µs, medians)"))
+                # Each repeat's ratio to no filter in the same repeat, then their median: the machine's
+                # drift between repeats cancels within one (a ratio of the medians keeps it).
+                ratio = statistics.median(paced_ratios(pc, v))
+                rep.targets.append(Target(f"{name}, paced streaming: Envoy CPU per request ≤ 1.15× no-wasm", ratio <= 1.15,
+                                          f"{ratio:.2f}× (median of each repeat's ratio; medians {med[v]:.0f} vs {base:.0f} µs)"))

@@ -3,7 +3,9 @@ Usage: ab.py ROUNDS MODES(json,stream,paced) NAME=SPEC ...
 SPEC: nowasm (Envoy without a filter); wasm (the gpuha Wasm filter); a .wasm path (another build of it);
 native:DIR (the native filter, DIR empty: the target's); nfloor / ncall (the native floor pair without /
 with the gpuha filter's Envoy calls); wfloor / wcall (the same with the Proxy-Wasm floor module);
-floor:JSON (the Proxy-Wasm floor module with those configurations)."""
+floor:JSON (the Proxy-Wasm floor module with those configurations).
+Prints each variant's median and, per mode, the median of each round's ratio to the first variant
+(read that one for a ratio: it is paired within a round)."""
 from pathlib import Path
 import os, random, statistics, sys, json
 sys.path.insert(0, str(Path(__file__).resolve().parents[3])); sys.path.insert(0, str(Path(__file__).resolve().parents[3]) + "/bench")
@@ -67,3 +69,15 @@ for m in modes:
         med = statistics.median(x[0] for x in xs)
         if base is None: base = med
         print(f"{m:6s} {name:10s} cpu {med:7.1f} us/req (min {min(x[0] for x in xs):6.1f})  over first {med-base:+6.1f}  rps {statistics.median(x[1] for x in xs):8.0f}  err {sum(x[2] for x in xs)}")
+# Each round's ratio to the first variant of the same round, then their median and quartiles: the
+# machine's drift between rounds (this VM's no-filter cost moved 226-377 us between rounds of one
+# run) cancels within a round, where a ratio of medians taken over different rounds keeps it.
+print("\nper-round ratios to the first variant (median [quartiles]):")
+for m in modes:
+    first = vs[0][0]
+    for name, _ in vs[1:]:
+        a, b = res.get((name, m), []), res.get((first, m), [])
+        rs = sorted(x[0] / y[0] for x, y in zip(a, b) if y[0])
+        if len(rs) < 2: continue
+        q1, _, q3 = statistics.quantiles(rs, n=4)
+        print(f"{m:6s} {name:10s} {statistics.median(rs):.3f}x [{q1:.3f} {q3:.3f}] over {len(rs)} rounds")

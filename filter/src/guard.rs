@@ -291,7 +291,12 @@ impl HttpContext for GuardCtx {
         // absent, cost more in all (the picker's later set of its tier on the same map grew by
         // more than the add saved: `bench/results/2026-12-01-namedheaders`).
         let status = host::status().unwrap_or(0);
-        let action = self.attempt.borrow_mut().on_response_headers(status, host::response_header("content-type").as_deref(), end_of_stream);
+        let action = self.attempt.borrow_mut().on_response_headers(
+            status,
+            host::response_header("content-type").as_deref(),
+            host::response_header("content-encoding").as_deref(),
+            end_of_stream,
+        );
         self.charge();
         self.offer_clean_chunks();
         match action {
@@ -299,6 +304,13 @@ impl HttpContext for GuardCtx {
                 if let Some(m) = mark {
                     host::set_response_header(GUARD_HEADER, Some(m));
                 }
+                Action::Continue
+            }
+            HeadersAction::Fail { status } => {
+                // Nothing of this attempt reached the client: a retryable status, no body.
+                host::set_response_header(":status", Some(&status.to_string()));
+                host::set_response_header("content-type", None);
+                host::set_response_header(GUARD_HEADER, Some(mark::RETRIED));
                 Action::Continue
             }
             HeadersAction::Hold => {

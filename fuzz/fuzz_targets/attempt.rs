@@ -11,7 +11,7 @@ use libfuzzer_sys::fuzz_target;
 
 #[derive(Debug, Arbitrary)]
 enum Event {
-    Headers { status: u16, content_type: u8, end: bool },
+    Headers { status: u16, content_type: u8, coding: u8, end: bool },
     /// The next `len` bytes of the body (wrapping), `end` on the upstream's clean end.
     Body { len: u16, end: bool },
     Stalled(bool),
@@ -28,6 +28,7 @@ struct Input {
 
 const PATHS: [&str; 5] = ["/v1/chat/completions", "/v1/completions", "/v1/responses", "/v1/embeddings", "/v1/chat/completions?x=1"];
 const TYPES: [&str; 4] = ["text/event-stream", "application/json", "text/plain", "text/event-stream; charset=utf-8"];
+const CODINGS: [Option<&str>; 3] = [None, Some("gzip"), Some("identity")];
 
 fuzz_target!(|input: Input| {
     let cfg = AttemptConfig { max_held_bytes: usize::from(input.max_held).max(1), retry_status: 503 };
@@ -49,11 +50,13 @@ fuzz_target!(|input: Input| {
     let (mut done, mut headers_seen) = (false, false);
     for ev in input.events.iter().take(64).chain(std::iter::once(&Event::Done { client_went_away: false, timed_out: false })) {
         match ev {
-            Event::Headers { status, content_type, end } => {
+            Event::Headers { status, content_type, coding, end } => {
                 headers_seen = true;
                 let ct = TYPES[usize::from(*content_type) % TYPES.len()];
-                if let HeadersAction::Hold = a.on_response_headers(100 + status % 500, Some(ct), *end) {
-                    held = true;
+                match a.on_response_headers(100 + status % 500, Some(ct), CODINGS[usize::from(*coding) % CODINGS.len()], *end) {
+                    HeadersAction::Hold => held = true,
+                    HeadersAction::Fail { .. } => failed = true,
+                    HeadersAction::Continue { .. } => {}
                 }
             }
             // Envoy delivers no body before the headers.

@@ -8,7 +8,7 @@
 //! point, and the client can go away at any point):
 //!
 //! 1. [`Attempt::new`] with the request's path (its API: [`Api::from_path`]).
-//! 2. [`Attempt::on_response_headers`]: status, content type, end of stream.
+//! 2. [`Attempt::on_response_headers`]: status, content type and coding, end of stream.
 //! 3. [`Attempt::on_body`] per body chunk (the glue reads what [`Attempt::reads`] asks for).
 //! 4. [`Attempt::on_done`], when Envoy is finished with the attempt: how it ended
 //!    ([`Ending::from_envoy`]: the client went away, a timeout, or a reset).
@@ -67,6 +67,10 @@ pub enum HeadersAction {
     Continue { mark: Option<&'static str> },
     /// Hold them (pause) until the first token; marked [`mark::RELEASED`] for when they go.
     Hold,
+    /// The answer ended with its headers, before any output (an event stream with no body):
+    /// make it a retryable `status` with no body, marked [`mark::RETRIED`], as a body that ends
+    /// without output becomes one.
+    Fail { status: u16 },
 }
 
 /// What the glue reads of a body chunk before calling [`Attempt::on_body`].
@@ -409,8 +413,8 @@ impl Attempt {
         }
     }
 
-    /// The response headers arrived.
-    pub fn on_response_headers(&mut self, status: u16, content_type: Option<&str>, end_of_stream: bool) -> HeadersAction {
+    /// The response headers arrived: the status, `content-type` and `content-encoding`.
+    pub fn on_response_headers(&mut self, status: u16, content_type: Option<&str>, content_encoding: Option<&str>, end_of_stream: bool) -> HeadersAction {
         if self.reported || !matches!(self.phase, Phase::AwaitingHeaders) {
             // Headers twice (1xx then final are one call in Envoy): keep the first decision.
             return HeadersAction::Continue { mark: None };
@@ -432,7 +436,15 @@ impl Attempt {
                 }
             };
         }
-        let mode = mode_for(self.api, status, content_type);
+        let mode = mode_for(self.api, status, content_type, content_encoding);
+        if matches!(mode, Mode::Sse(_)) && end_of_stream {
+            // An event stream over before it began (HTTP/2 or `content-length: 0`): the same
+            // failure as a body that ends without output, so it is retried the same way.
+            let reason = FailReason::EndedWithoutOutput;
+            self.decide(Charge::Failure(reason.clone()));
+            self.phase = Phase::Rewritten(reason);
+            return HeadersAction::Fail { status: self.cfg.retry_status };
+        }
         if mode == Mode::Pass || end_of_stream {
             self.phase = Phase::Passing { status };
             self.decide(Charge::Success);

@@ -18,7 +18,7 @@
 //!   reach the client.
 
 use crate::output::{event_signal, whole_body_signal, Api, Signal};
-use crate::sse::{clean_tail, has_error_word, next_event_end, parse_event};
+use crate::sse::{clean_tail, event_end, has_error_word, parse_event};
 
 /// Default bound on the bytes held before release. A response that grows past it without any
 /// output is released unguarded rather than buffered without limit.
@@ -106,10 +106,15 @@ pub enum Step {
     Fail(FailReason),
 }
 
-/// Picks the guard mode for a response to a request of `api` (`None`: not a known API).
-pub fn mode_for(api: Option<Api>, status: u16, content_type: Option<&str>) -> Mode {
+/// Picks the guard mode for a response to a request of `api` (`None`: not a known API). A body
+/// with a content coding (`content-encoding` other than `identity`: gzip from a provider or a
+/// compressing proxy) is not readable here: passed through, never judged.
+pub fn mode_for(api: Option<Api>, status: u16, content_type: Option<&str>, content_encoding: Option<&str>) -> Mode {
     let Some(api) = api else { return Mode::Pass };
     if !(200..300).contains(&status) {
+        return Mode::Pass;
+    }
+    if content_encoding.is_some_and(|e| !e.trim().is_empty() && !e.trim().eq_ignore_ascii_case("identity")) {
         return Mode::Pass;
     }
     let ct = content_type.map(|c| c.trim().to_ascii_lowercase()).unwrap_or_default();
@@ -219,7 +224,7 @@ impl Guard {
             (Phase::Failed, _) => Step::Hold,
             (Phase::Released, Mode::Sse(api)) => {
                 self.buf.extend_from_slice(chunk);
-                let cut = self.drain_events(api);
+                let cut = self.drain_events(api, end_of_stream);
                 if end_of_stream {
                     // The whole events were looked at for an error (an HTTP/2 or length-delimited
                     // upstream can end the stream on the chunk that carries one); a partial event
@@ -227,6 +232,7 @@ impl Guard {
                     self.scan_from = 0;
                     return Step::Forward(std::mem::take(&mut self.buf));
                 }
+                let cut = self.bound_partial(cut);
                 let out: Vec<u8> = self.buf.drain(..cut).collect();
                 self.scan_from = self.scan_from.saturating_sub(cut);
                 Step::Forward(out)
@@ -260,7 +266,7 @@ impl Guard {
 
     /// Before release: walks complete events until one decides the attempt.
     fn hold_sse(&mut self, api: Api, end_of_stream: bool) -> Step {
-        while let Some(end) = next_event_end(&self.buf, self.scan_from) {
+        while let Some(end) = event_end(&self.buf, self.scan_from, end_of_stream) {
             let start = self.scan_from;
             self.scan_from = end;
             match event_signal(api, &parse_event(&self.buf[start..end])) {
@@ -296,14 +302,29 @@ impl Guard {
     fn release_through(&mut self, api: Api, end: usize, end_of_stream: bool) -> Step {
         self.phase = Phase::Released;
         self.scan_from = end;
-        let cut = if end_of_stream { self.buf.len() } else { self.drain_events(api).max(end) };
+        // The events behind the first output are looked at for an error at the end too (an
+        // HTTP/2 or length-delimited upstream can end the stream on the chunk that carries them).
+        let drained = self.drain_events(api, end_of_stream).max(end);
+        let cut = if end_of_stream { self.buf.len() } else { self.bound_partial(drained) };
         let out: Vec<u8> = self.buf.drain(..cut).collect();
         self.scan_from = 0;
         Step::Release(out)
     }
 
+    /// After release, `cut`, or everything where the partial event left behind it has reached
+    /// `max_held`: a body that never ends an event (one endless line, or not SSE at all) goes on
+    /// unguarded, as it would before release, rather than held without limit. What follows is
+    /// read as if an event started there: at worst one event's error is not noted.
+    fn bound_partial(&mut self, cut: usize) -> usize {
+        if self.buf.len() - cut < self.max_held {
+            return cut;
+        }
+        self.overflowed = true;
+        self.buf.len()
+    }
+
     /// After release: returns the end of the last complete event in `buf`, noting error events.
-    fn drain_events(&mut self, api: Api) -> usize {
+    fn drain_events(&mut self, api: Api, end_of_stream: bool) -> usize {
         let mut cut = 0;
         let mut from = self.scan_from.min(self.buf.len());
         // Events are parsed only when the new bytes hold a word an error event has (one search
@@ -312,7 +333,7 @@ impl Guard {
         let look = self.post_release_error.is_none() && has_error_word(new);
         // Resume scanning where the last call stopped; `cut` starts at 0 because everything
         // before `scan_from` was drained already.
-        while let Some(end) = next_event_end(&self.buf, from) {
+        while let Some(end) = event_end(&self.buf, from, end_of_stream) {
             if look && self.post_release_error.is_none() {
                 let ev = &self.buf[from..end];
                 if has_error_word(ev) {

@@ -10,6 +10,12 @@ use memchr::memmem;
 
 /// Index just past the blank line that ends the first complete event at or after `from`.
 pub fn next_event_end(buf: &[u8], from: usize) -> Option<usize> {
+    event_end(buf, from, false)
+}
+
+/// [`next_event_end`], where `at_end` says no byte follows `buf` (the stream ended): a `\r` at
+/// the very end is then a whole line end, not the first half of a `\r\n` still to come.
+pub fn event_end(buf: &[u8], from: usize, at_end: bool) -> Option<usize> {
     let mut i = from;
     let mut line_empty = true;
     while i < buf.len() {
@@ -18,10 +24,11 @@ pub fn next_event_end(buf: &[u8], from: usize) -> Option<usize> {
                 let mut next = i + 1;
                 if buf[i] == b'\r' {
                     if next >= buf.len() {
-                        // A lone `\r` at the end may be the first half of `\r\n`: wait.
-                        return None;
-                    }
-                    if buf[next] == b'\n' {
+                        if !at_end {
+                            // A lone `\r` at the end may be the first half of `\r\n`: wait.
+                            return None;
+                        }
+                    } else if buf[next] == b'\n' {
                         next += 1;
                     }
                 }

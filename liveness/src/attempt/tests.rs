@@ -51,9 +51,15 @@ impl Driver {
     }
 
     fn headers(&mut self, status: u16, ct: &str, eos: bool) {
-        match self.a.on_response_headers(status, Some(ct), eos) {
+        self.coded_headers(status, ct, None, eos);
+    }
+
+    fn coded_headers(&mut self, status: u16, ct: &str, coding: Option<&str>, eos: bool) {
+        match self.a.on_response_headers(status, Some(ct), coding, eos) {
             HeadersAction::Continue { .. } => self.seen.headers_released |= !self.held_headers,
             HeadersAction::Hold => self.held_headers = true,
+            // The router retries it; the client sees none of this attempt.
+            HeadersAction::Fail { status } => self.seen.failed_with = Some(status),
         }
         self.charges();
     }
@@ -208,6 +214,50 @@ fn an_error_event_on_the_stream_s_last_chunk_is_reported() {
             assert!(d.seen.reports[0].post_token_error, "{} bytes, host checks {host_checks}", last.len());
         }
     }
+}
+
+#[test]
+fn a_stream_that_ends_with_its_headers_is_retried() {
+    // HTTP/2 HEADERS with END_STREAM, or `content-length: 0`: no event, no output. Framed as
+    // headers and an empty last chunk it is the same failure.
+    for empty_chunk in [false, true] {
+        let mut d = Driver::new(CHAT);
+        if empty_chunk {
+            d.headers(200, SSE, false);
+            d.body(b"", true);
+        } else {
+            d.headers(200, SSE, true);
+        }
+        d.done(Ending::default());
+        assert_eq!(d.seen.failed_with, Some(503), "empty chunk {empty_chunk}");
+        assert!(!d.seen.headers_released && d.seen.client.is_empty());
+        assert_eq!(d.seen.reports[0].outcome, Outcome::FailedBeforeFirstToken(FailReason::EndedWithoutOutput));
+        assert_eq!(d.seen.charges, vec![Charge::Failure(FailReason::EndedWithoutOutput)]);
+    }
+    // An empty json answer and an unknown path's empty stream pass, as before.
+    for (path, ct) in [(CHAT, "application/json"), ("/v1/whatever", SSE)] {
+        let mut d = Driver::new(path);
+        d.headers(200, ct, true);
+        d.done(Ending::default());
+        assert_eq!(d.seen.failed_with, None, "{path} {ct}");
+        assert_eq!(d.seen.reports[0].outcome, Outcome::Passed { status: 200 });
+    }
+}
+
+#[test]
+fn a_coded_stream_passes_unjudged() {
+    // gzip'd events cannot be read: judged, they would end "without output" and be retried on
+    // every worker. Passed through whole, as any format the guard does not know.
+    let gz: &[u8] = b"\x1f\x8b\x08\x00\x00\x00\x00\x00\x00\x03\xab\xae\x05\x00\x43\xbf\xa6\xa3\x02\x00\x00\x00";
+    let mut d = Driver::new(CHAT);
+    d.coded_headers(200, SSE, Some("gzip"), false);
+    d.body(gz, false);
+    d.body(b"", true);
+    d.done(Ending::default());
+    assert_eq!(d.seen.client, gz);
+    assert_eq!(d.seen.failed_with, None);
+    assert_eq!(d.seen.reports[0].outcome, Outcome::Passed { status: 200 });
+    assert!(!d.seen.charges.iter().any(|c| matches!(c, Charge::Failure(_))));
 }
 
 #[test]

@@ -188,7 +188,7 @@ fn upstream_death_after_release_truncates_between_events() {
 #[test]
 fn non_streaming_json_is_held_to_the_end() {
     let body = br#"{"id":"x","choices":[{"message":{"content":"hi"}}]}"#;
-    let mut g = Guard::new(mode_for(Some(Api::Chat), 200, Some("application/json")), 1024);
+    let mut g = Guard::new(mode_for(Some(Api::Chat), 200, Some("application/json"), None), 1024);
     assert_eq!(g.on_body(&body[..10], false), Step::Hold);
     assert_eq!(g.on_body(&body[10..], true), Step::Release(body.to_vec()));
 }
@@ -231,16 +231,80 @@ fn an_error_event_on_the_last_chunk_is_noted() {
 #[test]
 fn modes_from_status_and_content_type() {
     let chat = Some(Api::Chat);
-    assert_eq!(mode_for(chat, 200, Some("text/event-stream; charset=utf-8")), Mode::Sse(Api::Chat));
-    assert_eq!(mode_for(Some(Api::Responses), 200, Some("text/event-stream")), Mode::Sse(Api::Responses));
-    assert_eq!(mode_for(chat, 200, Some("application/json")), Mode::Whole(Api::Chat));
-    assert_eq!(mode_for(chat, 200, None), Mode::Whole(Api::Chat));
-    assert_eq!(mode_for(chat, 400, Some("application/json")), Mode::Pass);
-    assert_eq!(mode_for(chat, 503, Some("text/event-stream")), Mode::Pass);
+    assert_eq!(mode_for(chat, 200, Some("text/event-stream; charset=utf-8"), None), Mode::Sse(Api::Chat));
+    assert_eq!(mode_for(Some(Api::Responses), 200, Some("text/event-stream"), None), Mode::Sse(Api::Responses));
+    assert_eq!(mode_for(chat, 200, Some("application/json"), None), Mode::Whole(Api::Chat));
+    assert_eq!(mode_for(chat, 200, None, None), Mode::Whole(Api::Chat));
+    assert_eq!(mode_for(chat, 400, Some("application/json"), None), Mode::Pass);
+    assert_eq!(mode_for(chat, 503, Some("text/event-stream"), None), Mode::Pass);
     // Unknown APIs and formats pass through, never judged.
-    assert_eq!(mode_for(None, 200, Some("text/event-stream")), Mode::Pass);
-    assert_eq!(mode_for(None, 200, Some("application/json")), Mode::Pass);
-    assert_eq!(mode_for(chat, 200, Some("multipart/form-data")), Mode::Pass);
+    assert_eq!(mode_for(None, 200, Some("text/event-stream"), None), Mode::Pass);
+    assert_eq!(mode_for(None, 200, Some("application/json"), None), Mode::Pass);
+    assert_eq!(mode_for(chat, 200, Some("multipart/form-data"), None), Mode::Pass);
+    // A coded body (gzip from a provider or a compressing proxy) cannot be read: passed, never
+    // judged. `identity` is no coding.
+    assert_eq!(mode_for(chat, 200, Some("text/event-stream"), Some("gzip")), Mode::Pass);
+    assert_eq!(mode_for(chat, 200, Some("application/json"), Some(" BR ")), Mode::Pass);
+    assert_eq!(mode_for(chat, 200, Some("text/event-stream"), Some("Identity")), Mode::Sse(Api::Chat));
+    assert_eq!(mode_for(chat, 200, Some("text/event-stream"), Some("")), Mode::Sse(Api::Chat));
+}
+
+#[test]
+fn an_error_event_behind_the_first_output_on_the_last_chunk_is_noted() {
+    // One chunk that holds the first token, an error and the end: an HTTP/2 or
+    // length-delimited upstream can end the stream on it.
+    let err = b"data: {\"error\": {\"message\": \"EngineCore encountered an issue.\", \"type\": \"InternalServerError\", \"code\": 500}}\n\n";
+    let token = b"data: {\"choices\":[{\"index\":0,\"delta\":{\"content\":\"hi\"}}]}\n\n";
+    let all = [ROLE, &token[..], &err[..], b"data: [DONE]\n\n"].concat();
+    for eos in [false, true] {
+        let mut g = Guard::new(Mode::Sse(Api::Chat), DEFAULT_MAX_HELD_BYTES);
+        assert_eq!(g.on_body(&all, eos), Step::Release(all.clone()), "eos {eos}");
+        assert!(g.post_release_error().is_some_and(|m| m.contains("EngineCore")), "eos {eos}");
+    }
+}
+
+#[test]
+fn a_partial_event_held_after_release_is_bounded() {
+    let line = [&b"data: "[..], &[b'x'; 100], b"\n"].concat();
+    // No event ever ends: at `max_held` the guard lets it all go, then forwards as it comes.
+    let mut g = Guard::new(Mode::Sse(Api::Chat), 256);
+    let (mut out, mut fed) = (0, 0);
+    for _ in 0..50 {
+        fed += line.len();
+        match g.on_body(&line, false) {
+            Step::Hold => {}
+            Step::Release(b) | Step::Forward(b) => out += b.len(),
+            s => panic!("{s:?}"),
+        }
+        assert!(g.held() < 256, "held {} of {fed}", g.held());
+    }
+    assert!(g.overflowed());
+    assert_eq!(out + g.held(), fed);
+    // Released on a first token, then an event that never ends: the same bound.
+    let mut g = Guard::new(Mode::Sse(Api::Chat), 256);
+    assert!(matches!(g.on_body(b"data: {\"choices\":[{\"text\":\"a\"}]}\n\n", false), Step::Release(_)));
+    assert!(!g.overflowed());
+    for _ in 0..50 {
+        assert!(matches!(g.on_body(&line, false), Step::Forward(_)));
+        assert!(g.held() < 256);
+    }
+    assert!(g.overflowed());
+}
+
+#[test]
+fn an_event_ended_by_a_lone_cr_at_the_stream_s_end_is_read() {
+    // The SSE spec's third line end: `\r` alone. At the end of the stream no `\n` can follow it.
+    let ev = b"data: {\"choices\":[{\"text\":\"a\",\"finish_reason\":\"stop\"}]}\r\r";
+    assert_eq!(next_event_end(ev, 0), None, "mid-stream a last \\r may be half of \\r\\n");
+    assert_eq!(crate::sse::event_end(ev, 0, true), Some(ev.len()));
+    let (rel, _, fail) = run(Mode::Sse(Api::Chat), &[ev], true);
+    assert!(fail.is_none(), "{fail:?}");
+    assert_eq!(rel.as_deref(), Some(&ev[..]));
+    // Released, an error event ended the same way at the end is noted.
+    let mut g = Guard::new(Mode::Sse(Api::Chat), DEFAULT_MAX_HELD_BYTES);
+    assert!(matches!(g.on_body(b"data: {\"choices\":[{\"text\":\"a\"}]}\n\n", false), Step::Release(_)));
+    assert!(matches!(g.on_body(b"data: {\"error\":{\"message\":\"boom\"}}\r\r", true), Step::Forward(_)));
+    assert!(g.post_release_error().is_some());
 }
 
 const ROLE: &[u8] = b"data: {\"choices\":[{\"index\":0,\"delta\":{\"role\":\"assistant\",\"content\":\"\"},\"finish_reason\":null}]}\n\n";

@@ -251,10 +251,32 @@ struct Stream {
     body: Cell<Body>,
 }
 
-/// Runs an SDK hook of `s` with the current call set to its filter, then sends a reply it held.
-/// `(answer, replied)`.
-fn in_hook(s: &Stream, f: impl FnOnce(u32) -> u32) -> (u32, bool) {
-    let Some(id) = s.id else { return (0, false) };
+/// What an SDK hook answered, and the local reply it held.
+#[must_use = "a held reply is sent by `Ran::send`"]
+struct Ran {
+    answer: u32,
+    reply: Option<(Filter, Reply)>,
+}
+
+impl Ran {
+    /// Sends the held reply; `(answer, replied)`. Called once the hook is done with its `Stream`:
+    /// a local reply can end the stream, and Envoy may then destroy the filter, which frees the
+    /// `Stream`, inside the call.
+    fn send(self) -> (u32, bool) {
+        match self.reply {
+            Some((f, r)) => {
+                send(f, &r);
+                (self.answer, true)
+            }
+            None => (self.answer, false),
+        }
+    }
+}
+
+/// Runs an SDK hook of `s` with the current call set to its filter; the reply it held is sent
+/// by the caller ([`Ran::send`]), after its last use of `s`.
+fn in_hook(s: &Stream, f: impl FnOnce(u32) -> u32) -> Ran {
+    let Some(id) = s.id else { return Ran { answer: 0, reply: None } };
     let prev = IN_HOOK.with(|h| h.replace(Some(s.envoy)));
     let answer = with_cur(Cur::Http(s.plugin.clone(), s.envoy, id), || f(id));
     IN_HOOK.with(|h| h.set(prev));
@@ -263,13 +285,7 @@ fn in_hook(s: &Stream, f: impl FnOnce(u32) -> u32) -> (u32, bool) {
             s.body.set(b);
         }
     }
-    match HELD_REPLY.with(|r| r.borrow_mut().take()) {
-        Some(r) => {
-            send(s.envoy, &r);
-            (answer, true)
-        }
-        None => (answer, false),
-    }
+    Ran { answer, reply: HELD_REPLY.with(|r| r.borrow_mut().take()).map(|r| (s.envoy, r)) }
 }
 
 /// # Safety
@@ -372,7 +388,7 @@ pub extern "C" fn envoy_dynamic_module_on_http_filter_request_headers(_envoy: ab
     }
     let n = s.envoy.header_count(HeaderMap::RequestHeaders);
     // SAFETY: the SDK's entry point for a context of this thread.
-    let (a, r) = in_hook(s, |id| unsafe { proxy_on_request_headers(id, n, end_of_stream) });
+    let (a, r) = in_hook(s, |id| unsafe { proxy_on_request_headers(id, n, end_of_stream) }).send();
     headers_status(a, r)
 }
 
@@ -382,7 +398,7 @@ pub extern "C" fn envoy_dynamic_module_on_http_filter_request_body(_envoy: abi::
     let s = unsafe { stream(filter) };
     let n = s.envoy.body_len(crate::dm::Dir::Request);
     // SAFETY: as above.
-    let (a, r) = in_hook(s, |id| unsafe { proxy_on_request_body(id, n, end_of_stream) });
+    let (a, r) = in_hook(s, |id| unsafe { proxy_on_request_body(id, n, end_of_stream) }).send();
     crate::dm::forget_body_sizes();
     body_status(a, r)
 }
@@ -393,7 +409,7 @@ pub extern "C" fn envoy_dynamic_module_on_http_filter_request_trailers(_envoy: a
     let s = unsafe { stream(filter) };
     let n = s.envoy.header_count(HeaderMap::RequestTrailers);
     // SAFETY: as above.
-    let (a, r) = in_hook(s, |id| unsafe { proxy_on_request_trailers(id, n) });
+    let (a, r) = in_hook(s, |id| unsafe { proxy_on_request_trailers(id, n) }).send();
     trailers_status(a, r)
 }
 
@@ -404,7 +420,7 @@ pub extern "C" fn envoy_dynamic_module_on_http_filter_response_headers(_envoy: a
     s.body.set(Body::Filter);
     let n = s.envoy.header_count(HeaderMap::ResponseHeaders);
     // SAFETY: as above.
-    let (a, r) = in_hook(s, |id| unsafe { proxy_on_response_headers(id, n, end_of_stream) });
+    let (a, r) = in_hook(s, |id| unsafe { proxy_on_response_headers(id, n, end_of_stream) }).send();
     headers_status(a, r)
 }
 
@@ -421,18 +437,19 @@ pub extern "C" fn envoy_dynamic_module_on_http_filter_response_body(_envoy: abi:
         Body::PassClean => s.body.set(Body::Filter),
         Body::Filter => {}
     }
-    response_body_to_filter(s, end_of_stream)
+    let (a, r) = response_body_to_filter(s, end_of_stream).send();
+    body_status(a, r)
 }
 
 /// The response body hook's way into the filter: out of line, so that the path every chunk of a
 /// released stream takes (above) stays a few cache lines.
 #[inline(never)]
-fn response_body_to_filter(s: &Stream, end_of_stream: bool) -> abi::BodyStatus {
+fn response_body_to_filter(s: &Stream, end_of_stream: bool) -> Ran {
     let n = s.envoy.body_len(crate::dm::Dir::Response);
     // SAFETY: as above.
-    let (a, r) = in_hook(s, |id| unsafe { proxy_on_response_body(id, n, end_of_stream) });
+    let ran = in_hook(s, |id| unsafe { proxy_on_response_body(id, n, end_of_stream) });
     crate::dm::forget_body_sizes();
-    body_status(a, r)
+    ran
 }
 
 #[no_mangle]
@@ -441,7 +458,7 @@ pub extern "C" fn envoy_dynamic_module_on_http_filter_response_trailers(_envoy: 
     let s = unsafe { stream(filter) };
     let n = s.envoy.header_count(HeaderMap::ResponseTrailers);
     // SAFETY: as above.
-    let (a, r) = in_hook(s, |id| unsafe { proxy_on_response_trailers(id, n) });
+    let (a, r) = in_hook(s, |id| unsafe { proxy_on_response_trailers(id, n) }).send();
     trailers_status(a, r)
 }
 
@@ -458,7 +475,8 @@ fn finish(s: &mut Stream) {
         proxy_on_done(id);
         proxy_on_log(id);
         0
-    });
+    })
+    .send();
 }
 
 #[no_mangle]

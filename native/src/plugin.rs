@@ -93,12 +93,44 @@ pub struct Plugin {
     main_scheduler: Mutex<Option<ConfigScheduler>>,
     /// Each worker thread's tick seat.
     seats: Mutex<HashMap<ThreadId, Scheduler>>,
-    /// HTTP calls in flight: Envoy's callout id → the token the SDK was given.
-    callouts: Mutex<HashMap<u64, u32>>,
-    next_token: AtomicU32,
+    /// HTTP calls in flight.
+    callouts: Callouts,
     /// The main thread's root context.
     pub main_root: AtomicU32,
     stopped: AtomicBool,
+}
+
+/// The token of a new HTTP call, unique in the process. The SDK keeps one table of calls in
+/// flight per thread for every configuration, and panics (Envoy aborts) on a token it holds
+/// already; a configuration's calls must not start over from 1: a second picker configuration
+/// polls on the same main thread, and a configuration destroyed with a poll in flight leaves
+/// that poll's token in the table for good (Envoy cancels the call and never answers it). Never
+/// 0; a repeat takes 2³² calls.
+fn next_token() -> u32 {
+    static NEXT: AtomicU32 = AtomicU32::new(1);
+    loop {
+        let t = NEXT.fetch_add(1, Ordering::Relaxed);
+        if t != 0 {
+            return t;
+        }
+    }
+}
+
+/// A configuration's HTTP calls in flight: Envoy's callout id → the token the SDK was given.
+#[derive(Default)]
+struct Callouts(Mutex<HashMap<u64, u32>>);
+
+impl Callouts {
+    /// Notes Envoy's call `id` under a new token ([`next_token`]).
+    fn start(&self, id: u64) -> u32 {
+        let token = next_token();
+        lock(&self.0).insert(id, token);
+        token
+    }
+
+    fn done(&self, id: u64) -> Option<u32> {
+        lock(&self.0).remove(&id)
+    }
 }
 
 impl Plugin {
@@ -124,8 +156,7 @@ impl Plugin {
             ticker_started: AtomicBool::new(false),
             main_scheduler: Mutex::new(None),
             seats: Mutex::new(HashMap::new()),
-            callouts: Mutex::new(HashMap::new()),
-            next_token: AtomicU32::new(1),
+            callouts: Callouts::default(),
             main_root: AtomicU32::new(0),
             stopped: AtomicBool::new(false),
         })
@@ -188,14 +219,12 @@ impl Plugin {
     /// Starts an HTTP call (main thread); the token the SDK matches the answer with.
     pub fn callout(&self, cluster: &str, headers: &[(&[u8], &[u8])], body: &[u8], timeout_ms: u32) -> Option<u32> {
         let id = self.envoy.callout(cluster, headers, body, timeout_ms)?;
-        let token = self.next_token.fetch_add(1, Ordering::Relaxed);
-        lock(&self.callouts).insert(id, token);
-        Some(token)
+        Some(self.callouts.start(id))
     }
 
     /// The token of a finished call.
     pub fn callout_done(&self, id: u64) -> Option<u32> {
-        lock(&self.callouts).remove(&id)
+        self.callouts.done(id)
     }
 
     /// Envoy destroyed the configuration: the ticker stops.
@@ -234,5 +263,29 @@ fn ticker(plugin: Weak<Plugin>) {
             _ => return,
         };
         std::thread::sleep(Duration::from_millis(u64::from(period)));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn two_configurations_never_hand_the_sdk_the_same_token() {
+        // Two pickers poll on the main thread (two listeners, or a reload): the SDK's one table
+        // of calls in flight would panic on a token given twice. Envoy numbers each
+        // configuration's calls on its own: the same ids come back from both.
+        let (a, b) = (Callouts::default(), Callouts::default());
+        let mut seen = std::collections::HashSet::new();
+        for id in 1..=100u64 {
+            for c in [&a, &b] {
+                let token = c.start(id);
+                assert_ne!(token, 0);
+                assert!(seen.insert(token), "token {token} given twice");
+            }
+        }
+        let (t, u) = (a.done(7), b.done(7));
+        assert!(t.is_some() && u.is_some() && t != u);
+        assert_eq!(a.done(7), None);
     }
 }

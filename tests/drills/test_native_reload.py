@@ -12,11 +12,13 @@ per thread for a 10 k-worker fleet).
 from __future__ import annotations
 
 import re
+import socket
+import threading
 
 import pytest
 import yaml
 
-from gpuha_harness import filter_stat, free_port, make_client, wait_for, wasm_path
+from gpuha_harness import filter_stat, free_port, make_client, tail_file, wait_for, wasm_path
 from gpuha_harness.env import filter_build
 
 RELOADS = 4
@@ -101,3 +103,79 @@ def test_reloads_leave_no_root_context_behind(stack):
     assert deleted() == 2 * RELOADS, "a root deleted twice, or one of the configuration still in use deleted"
     assert filter_stat(envoy, "fail_open") == 0, "the picker failed open across reloads"
     print(f"\nreloads {RELOADS}: {deleted()} root contexts of removed configurations deleted (main thread and worker threads)")
+
+
+class SilentServer:
+    """A fleet endpoint that takes connections and never answers: every fleet poll stays in
+    flight until its timeout, as with a dnsd that hangs or a path that drops packets."""
+
+    def __init__(self) -> None:
+        self.sock = socket.create_server(("127.0.0.1", 0))
+        self.addr = f"127.0.0.1:{self.sock.getsockname()[1]}"
+        self.conns: list[socket.socket] = []
+        self.thread = threading.Thread(target=self._accept, daemon=True)
+        self.thread.start()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                conn, _ = self.sock.accept()
+            except OSError:
+                return
+            self.conns.append(conn)
+
+    def close(self) -> None:
+        self.sock.close()
+        for c in self.conns:
+            c.close()
+        self.thread.join(timeout=5)
+
+
+def test_a_reload_with_a_fleet_poll_in_flight_does_not_abort_envoy(stack):
+    """Each configuration numbered its fleet polls from 1, and the SDK keeps one table of the
+    calls in flight for all of them on the main thread: a configuration destroyed while its poll
+    hung left that token there for good, and the new configuration's poll with the same number
+    made the SDK panic, which aborts Envoy (the module is built with panic=abort)."""
+    # No dnsd: the worker is named to Envoy directly, and the fleet view never comes.
+    stack.start_worker("w1", ttft_ms=5, tokens_per_s=0, sidecar=False)
+    fleet = SilentServer()
+    try:
+        port = free_port()
+        rendered = stack.render("pool-router", stack.logdir / "hung-fleet-static.yaml", listen_port=port, admin_port=0,
+                                workers=",".join(w.addr for w in stack.workers.values()), fleet=fleet.addr, wasm=wasm_path(),
+                                picker_config='{"poll_interval_ms": 100, "poll_timeout_ms": 300}')
+        lds_dir = stack.logdir / "lds-hung"
+        lds_dir.mkdir(exist_ok=True)
+        lds = lds_dir / "lds.yaml"
+        boot, listener = lds_world(rendered.read_text(), lds, "hung-fleet-drill")
+        write_lds(lds, listener, 0)
+        cfg = stack.logdir / "hung-fleet.yaml"
+        cfg.write_text(boot)
+        envoy = stack.start_envoy("hung-fleet", cfg, port, concurrency=1, extra_args=["--drain-time-s", "1", "--drain-strategy", "immediate"])
+
+        def polls() -> int:
+            try:
+                return filter_stat(envoy, "fleet_polls")
+            except OSError:
+                # Its admin gone: say how Envoy ended (before the fix: the SDK's "duplicate
+                # token_id" panic, an abort).
+                rc = envoy.proc.popen.wait(timeout=10)
+                raise AssertionError(f"Envoy exited with {rc}:\n{tail_file(stack.logdir / 'hung-fleet.log', 12)}") from None
+
+        def lds_updates() -> int:
+            return envoy.stats("listener_manager.lds.update_success").get("listener_manager.lds.update_success", 0)
+
+        # Reloads while a poll hangs: each old configuration goes with its poll in flight.
+        for v in range(1, 4):
+            wait_for(lambda: polls() >= 3 * v, 30, f"fleet poll {3 * v} started")
+            before = lds_updates()
+            write_lds(lds, listener, v)
+            wait_for(lambda: lds_updates() > before, 15, f"LDS update {v} taken")
+        at_reload = polls()
+        # The last configuration's polls count up past every token an old one left behind.
+        wait_for(lambda: polls() >= at_reload + 12, 60, "a dozen more fleet polls after the last reload")
+        assert envoy.proc.alive()
+        print(f"\nreloads with a poll in flight: 3; fleet polls {polls()}, Envoy still up")
+    finally:
+        fleet.close()
+

@@ -280,7 +280,9 @@ pub type OnHttpFilterStreamComplete =
     unsafe extern "C" fn(filter_envoy_ptr: HttpFilterEnvoyPtr, filter_module_ptr: HttpFilterModulePtr);
 
 /// `envoy_dynamic_module_on_http_filter_destroy` (REQUIRED). Worker thread; in 1.40 it runs
-/// from the dispatcher's deferred-delete list, after every other hook for the stream returned.
+/// from the dispatcher's deferred-delete list, after every other hook for the stream returned
+/// (observed). The module does not rely on it where it sends a local reply: a reply can end the
+/// stream inside `send_response`, so a hook sends it after its last use of the stream's state.
 pub type OnHttpFilterDestroy = unsafe extern "C" fn(filter_module_ptr: HttpFilterModulePtr);
 
 /// `envoy_dynamic_module_on_http_filter_scheduled` (REQUIRED). Worker thread of the stream,

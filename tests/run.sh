@@ -45,7 +45,7 @@ lane2() {
   pt tests/deps tests/ops tests/drills/test_hang_drills.py "$@"
   GPUHA_FILTER_BUILD=native pt tests/drills/test_l7_drills.py tests/drills/test_breaker_judgment.py \
     tests/drills/test_hang_drills.py tests/drills/test_tier_drills.py tests/drills/test_big_requests.py \
-    tests/drills/test_native_reload.py tests/ops/test_dashboard_metrics.py "$@"
+    tests/drills/test_native_reload.py tests/drills/test_coded_answers.py tests/ops/test_dashboard_metrics.py "$@"
 }
 lane2_log="$(mktemp "${TMPDIR:-/tmp}/gpuha-tests-lane2.XXXXXX")"
 step "drills, two lanes at once: lane 1 here (stock Envoy, openai SDK, the Wasm filter); lane 2 in $lane2_log"

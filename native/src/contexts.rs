@@ -32,11 +32,20 @@ impl<F: Copy> Default for Contexts<F> {
 }
 
 impl<F: Copy> Contexts<F> {
+    /// An id no live context has, never 0 (the SDK's "no root"). The counter wraps after 2³²
+    /// contexts (weeks, for a thread serving a thousand requests a second, two contexts each):
+    /// it then skips the ids still in use, the roots made at the thread's start among them. (The
+    /// SDK and this host key contexts by id: a second live context with an id panics the SDK when
+    /// both are of one kind, which aborts Envoy, and mixes up a root's calls with an HTTP
+    /// context's when not.)
     fn fresh_id(&mut self) -> u32 {
-        let id = self.next_id;
-        // Ids are never 0 (the SDK's "no root") and never reused while a context lives.
-        self.next_id = self.next_id.checked_add(1).unwrap_or(1);
-        id
+        loop {
+            let id = self.next_id;
+            self.next_id = self.next_id.checked_add(1).unwrap_or(1);
+            if id != 0 && !self.http.contains_key(&id) && !self.is_root(id) {
+                return id;
+            }
+        }
     }
 
     /// The root context of `config` on this thread, and whether it was created just now (the
@@ -137,6 +146,20 @@ mod tests {
         assert!(!c.is_root(r1) && !c.is_root(r2) && c.is_root(r3));
         // A configuration seen again (it never is: serials are not reused) gets a fresh root.
         assert!(c.root(1).1);
+    }
+
+    #[test]
+    fn ids_in_use_are_skipped_when_the_counter_wraps() {
+        let mut c: Contexts<u8> = Contexts::default();
+        let (root, _) = c.root(1);
+        let (kept, _) = c.open(1, 10);
+        assert_eq!((root, kept), (1, 2));
+        c.next_id = u32::MAX - 1;
+        let mut ids: Vec<u32> = (0..4).map(|i| c.open(1, i).0).collect();
+        // A root made across the wrap is fresh too.
+        ids.push(c.root(2).0);
+        assert_eq!(ids, vec![u32::MAX - 1, u32::MAX, 3, 4, 5]);
+        assert_eq!(c.filter(kept), Some(10), "the live context kept its filter");
     }
 
     #[test]

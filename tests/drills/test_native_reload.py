@@ -50,23 +50,30 @@ def write_lds(lds_path, listener: dict, version: int) -> None:
     tmp.rename(lds_path)
 
 
+def lds_router(stack, name: str, fleet: str, **render):
+    """A pool router of the stack's workers polling `fleet`, its listener over LDS (version 0
+    written); `(envoy, lds_path, listener)`. One worker thread: every request, and so every root of
+    every configuration, is on it. (With more, a thread whose connections all moved elsewhere keeps
+    its old roots until it next gets a request, and which thread gets the next connection is the
+    kernel's choice.)"""
+    port = free_port()
+    rendered = stack.render("pool-router", stack.logdir / f"{name}-static.yaml", listen_port=port, admin_port=0,
+                            workers=",".join(w.addr for w in stack.workers.values()), fleet=fleet, wasm=wasm_path(), **render)
+    lds_dir = stack.logdir / f"lds-{name}"
+    lds_dir.mkdir(exist_ok=True)
+    lds = lds_dir / "lds.yaml"
+    boot, listener = lds_world(rendered.read_text(), lds, f"{name}-drill")
+    write_lds(lds, listener, 0)
+    cfg = stack.logdir / f"{name}.yaml"
+    cfg.write_text(boot)
+    envoy = stack.start_envoy(name, cfg, port, concurrency=1, extra_args=["--drain-time-s", "1", "--drain-strategy", "immediate"])
+    return envoy, lds, listener
+
+
 def test_reloads_leave_no_root_context_behind(stack):
     stack.start_dnsd()
     stack.start_workers(2, ttft_ms=5, tokens_per_s=0)
-    port = free_port()
-    rendered = stack.render("pool-router", stack.logdir / "reload-static.yaml", listen_port=port, admin_port=0,
-                            workers=",".join(w.addr for w in stack.workers.values()), fleet=stack.dnsd.http, wasm=wasm_path())
-    lds_dir = stack.logdir / "lds"
-    lds_dir.mkdir(exist_ok=True)
-    lds = lds_dir / "lds.yaml"
-    boot, listener = lds_world(rendered.read_text(), lds, "reload-drill")
-    write_lds(lds, listener, 0)
-    cfg = stack.logdir / "reload.yaml"
-    cfg.write_text(boot)
-    # One worker thread: every request, and so every root of every configuration, is on it. (With
-    # more, a thread whose connections all moved elsewhere keeps its old roots until it next gets
-    # a request, and which thread gets the next connection is the kernel's choice.)
-    envoy = stack.start_envoy("reload", cfg, port, concurrency=1, extra_args=["--drain-time-s", "1", "--drain-strategy", "immediate"])
+    envoy, lds, listener = lds_router(stack, "reload", stack.dnsd.http)
     log = stack.logdir / "reload.log"
     client = make_client(envoy.base_url)
 
@@ -140,18 +147,7 @@ def test_a_reload_with_a_fleet_poll_in_flight_does_not_abort_envoy(stack):
     stack.start_worker("w1", ttft_ms=5, tokens_per_s=0, sidecar=False)
     fleet = SilentServer()
     try:
-        port = free_port()
-        rendered = stack.render("pool-router", stack.logdir / "hung-fleet-static.yaml", listen_port=port, admin_port=0,
-                                workers=",".join(w.addr for w in stack.workers.values()), fleet=fleet.addr, wasm=wasm_path(),
-                                picker_config='{"poll_interval_ms": 100, "poll_timeout_ms": 300}')
-        lds_dir = stack.logdir / "lds-hung"
-        lds_dir.mkdir(exist_ok=True)
-        lds = lds_dir / "lds.yaml"
-        boot, listener = lds_world(rendered.read_text(), lds, "hung-fleet-drill")
-        write_lds(lds, listener, 0)
-        cfg = stack.logdir / "hung-fleet.yaml"
-        cfg.write_text(boot)
-        envoy = stack.start_envoy("hung-fleet", cfg, port, concurrency=1, extra_args=["--drain-time-s", "1", "--drain-strategy", "immediate"])
+        envoy, lds, listener = lds_router(stack, "hung-fleet", fleet.addr, picker_config='{"poll_interval_ms": 100, "poll_timeout_ms": 300}')
 
         def polls() -> int:
             try:

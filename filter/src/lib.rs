@@ -44,8 +44,12 @@ pub const ENDPOINTS_HEADER: &str = "x-gpuha-endpoints";
 pub const MAX_RETRIES_HEADER: &str = "x-envoy-max-retries";
 /// Request header telling the guard that this request carries a half-open probe.
 pub const PROBE_HEADER: &str = "x-gpuha-probe";
-/// The request id Envoy's HCM generates (or keeps): the key of a request's shared-data slot.
-pub const REQUEST_ID_HEADER: &str = "x-request-id";
+/// The key of a request's shared-data slot (its noted failures): a random value the picker sets
+/// on every request it holds, replacing any the client sent, and the guard reads. Not
+/// `x-request-id`, which Envoy keeps as the client sent it (a request it counts as internal):
+/// two requests with one id would share their notes, and one's failures be charged at the
+/// other's success.
+pub const REQUEST_KEY_HEADER: &str = "x-gpuha-request";
 /// Response header marking what the guard did (`released`, `retried`, `failed`).
 pub const GUARD_HEADER: &str = "x-gpuha-guard";
 

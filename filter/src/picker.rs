@@ -24,7 +24,7 @@ use crate::config::{NoWorkerPolicy, PickerConfig};
 use crate::flights;
 use crate::host;
 use crate::stats::{inc, Stats, TierStats};
-use crate::{ENDPOINTS_HEADER, MAX_RETRIES_HEADER, PROBE_HEADER, REQUEST_ID_HEADER};
+use crate::{ENDPOINTS_HEADER, MAX_RETRIES_HEADER, PROBE_HEADER, REQUEST_KEY_HEADER};
 
 pub struct Picker {
     cfg: Rc<PickerConfig>,
@@ -37,7 +37,7 @@ pub struct Picker {
     rewrite: Option<u16>,
     /// The request's noted attempt failures were judged (`judge_attempts`).
     judged: bool,
-    /// `x-request-id`: the key of the request's noted failures.
+    /// [`REQUEST_KEY_HEADER`]: the key of the request's noted failures.
     request_id: Option<String>,
     /// `:path`: decides which tiers apply.
     path: String,
@@ -309,7 +309,7 @@ impl Context for Picker {
 impl HttpContext for Picker {
     fn on_http_request_headers(&mut self, _n: usize, end_of_stream: bool) -> Action {
         // One host call for every header read here (not one per header).
-        const NAMES: &[&str] = &[ENDPOINTS_HEADER, PROBE_HEADER, MAX_RETRIES_HEADER, ":path", SPILLED_HEADER, REQUEST_ID_HEADER, "content-type", DEFAULT_SESSION_HEADER];
+        const NAMES: &[&str] = &[ENDPOINTS_HEADER, PROBE_HEADER, MAX_RETRIES_HEADER, ":path", SPILLED_HEADER, "content-type", DEFAULT_SESSION_HEADER];
         let h = host::Headers::read(MapType::HttpRequestHeaders, NAMES);
         // Clients must not steer the load balancer or claim probes. Nor set the retry count:
         // the picker sets it with a list, else the route's applies. (Envoy's HCM already strips
@@ -319,10 +319,9 @@ impl HttpContext for Picker {
                 host::set_request_header(name, None);
             }
         }
-        let [path, spilled, request_id, content_type] = [3, 4, 5, 6];
+        let [path, spilled, content_type] = [3, 4, 5];
         self.path = h.get(path).unwrap_or_default();
         self.spilled = h.has(spilled);
-        self.request_id = h.get(request_id).filter(|id| !id.is_empty());
         self.content_type = h.get(content_type);
         let a = &self.cfg.pick.affinity;
         if a.enabled && !a.session_header.is_empty() {
@@ -330,6 +329,10 @@ impl HttpContext for Picker {
             // default name is read with the others.
             self.session = if a.session_header == DEFAULT_SESSION_HEADER { h.get(NAMES.len() - 1) } else { h.get_other(&a.session_header) };
         }
+        // The key of the request's noted failures (`judge_attempts`), set over any the client sent.
+        let key = format!("{:016x}", self.thread.borrow_mut().rng.next_u64());
+        host::set_request_header(REQUEST_KEY_HEADER, Some(&key));
+        self.request_id = Some(key);
         if end_of_stream {
             // No body (GET /v1/models, health checks): no pick, Envoy's fallback LB decides.
             return Action::Continue;

@@ -131,7 +131,7 @@ const ENDINGS_KEPT: usize = 1024;
 /// stream_complete) and how a downstream stream ended.
 #[derive(Debug, Clone, Default)]
 pub struct Kept {
-    /// The stream's `x-request-id`, as the filter read it.
+    /// The stream's request key (`gpuha_filter::REQUEST_KEY_HEADER`), as the filter set or read it.
     pub request_id: Option<Vec<u8>>,
     pub upstream_address: Option<Vec<u8>>,
     pub ending: Option<Ending>,
@@ -157,10 +157,11 @@ pub fn downstream_ending(f: Filter) -> Option<Ending> {
     ENDINGS.with(|e| e.borrow().iter().rev().find(|(k, _)| *k == id).map(|(_, v)| v.clone()))
 }
 
-/// Notes a stream's `x-request-id` as the filter reads it (the picker and the guard both do:
-/// it keys their shared-data slots), so that noting it costs Envoy no extra lookup.
+/// Notes a stream's request key as the filter sets it (the picker) or reads it (the guard): it
+/// keys their shared-data slots and pairs an upstream attempt with its downstream stream's
+/// ending, so that noting it costs Envoy no extra lookup.
 pub fn saw_request_header(f: Filter, name: &[u8], value: &[u8]) {
-    if name.eq_ignore_ascii_case(b"x-request-id") {
+    if name.eq_ignore_ascii_case(gpuha_filter::REQUEST_KEY_HEADER.as_bytes()) {
         keep(f, |k| {
             k.request_id.get_or_insert_with(|| value.to_vec());
         });

@@ -58,6 +58,9 @@ impl Cur {
     }
 }
 
+/// The request key header (`gpuha_filter::REQUEST_KEY_HEADER`) as bytes.
+const REQUEST_KEY: &[u8] = gpuha_filter::REQUEST_KEY_HEADER.as_bytes();
+
 thread_local! {
     static CUR: RefCell<Cur> = const { RefCell::new(Cur::Idle) };
 }
@@ -211,7 +214,7 @@ pub extern "C" fn proxy_get_header_map_pairs(map_type: u32, data: *mut *mut u8, 
         (t, Cur::Http(_, f, _)) => match map_of(t) {
             Some(m) => f.with_headers(m, |pairs| {
                 if m == HeaderMap::RequestHeaders {
-                    if let Some((k, v)) = pairs.iter().find(|(k, _)| k.eq_ignore_ascii_case(b"x-request-id")) {
+                    if let Some((k, v)) = pairs.iter().find(|(k, _)| k.eq_ignore_ascii_case(REQUEST_KEY)) {
                         crate::hooks::saw_request_header(*f, k, v);
                     }
                 }
@@ -273,8 +276,13 @@ pub extern "C" fn proxy_remove_header_map_value(map_type: u32, key: *const u8, k
 #[no_mangle]
 pub extern "C" fn proxy_replace_header_map_value(map_type: u32, key: *const u8, key_size: usize, value: *const u8, value_size: usize) -> u32 {
     if let (Some(m), Some(f)) = (map_of(map_type), with(Cur::filter)) {
-        if !f.set_header(m, slice(key, key_size), slice(value, value_size)) {
+        let (key, value) = (slice(key, key_size), slice(value, value_size));
+        if !f.set_header(m, key, value) {
             crate::dm::log(Level::Debug, b"gpuha native: header not set (no such map now)");
+        }
+        if m == HeaderMap::RequestHeaders && key == REQUEST_KEY {
+            // The picker's key for the request: noted as the guard's read of it is.
+            crate::hooks::saw_request_header(f, key, value);
         }
     }
     OK
@@ -375,7 +383,7 @@ fn read_headers(ask: &[u8], data: *mut *mut u8, size: *mut usize) -> u32 {
         let found = &found[..ask.len()];
         let mut out = Vec::with_capacity(found.iter().map(|v| 4 + v.map_or(0, <[u8]>::len)).sum());
         for (name, value) in ask.names().zip(found) {
-            if let (HeaderMap::RequestHeaders, Some(v), b"x-request-id") = (m, value, name) {
+            if let (HeaderMap::RequestHeaders, Some(v), true) = (m, value, name == REQUEST_KEY) {
                 crate::hooks::saw_request_header(f, name, v);
             }
             push_value(&mut out, *value);

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 import openai
 
@@ -195,3 +196,43 @@ def test_client_cancels_do_not_open_the_breaker(stack):
            f"pre_token_retries {filter_stat(envoy, 'pre_token_retries')}; next request: {after.describe()}")
     assert filter_stat(envoy, "breaker_trips") == 0, "client cancels opened the worker's circuit"
     assert after.kind == "completed" and after.worker == slow.id, after.describe()
+
+
+def test_a_request_id_a_client_reuses_charges_no_other_request(stack):
+    """The notes of a request's failed attempts were keyed by its `x-request-id`, which Envoy keeps
+    as the client sent it (a request it counts as internal). A long prompt that timed out on every
+    worker (a failure that follows the request: charged to nobody) then had its timeouts charged at
+    the success of a short request that reused its id: a client that sends one id with everything
+    could open every circuit. The picker now keys them with a random value of its own."""
+    stack.start_dnsd()
+    # Prefill time grows with the prompt, no prefix cache: a 4 000-word prompt takes 0.8 s on
+    # every worker, past the 0.4 s per-try budget; a short one, 20 ms.
+    slow_prefill = ["--prefill-us-per-token", "200", "--prefix-cache-tokens", "0"]
+    for i in (1, 2, 3):
+        stack.start_worker(f"w{i}", ttft_ms=20, tokens_per_s=500, extra=slow_prefill)
+    stack.wait_fresh(["w1", "w2", "w3"])
+    threshold = 3
+    envoy = router_with_breaker(stack, threshold, per_try_timeout="0.4s")
+    wait_for(lambda: filter_stat(envoy, "fleet_polls") >= 1, 10, "the picker's first fleet poll")
+    client = make_client(envoy.base_url, timeout=10)
+    same_id = {"x-request-id": "one-id-for-everything"}
+    long_prompt = [{"role": "user", "content": "word " * 4000}]
+    rounds, short = 4, []
+    for r in range(rounds):
+        retries = filter_stat(envoy, "pre_token_retries")
+        with ThreadPoolExecutor(max_workers=1) as ex:
+            long = ex.submit(chat, client, 100 + r, 2, False, extra_headers=same_id, messages=long_prompt)
+            # Once the long request's first attempt has failed (a note is written), short
+            # requests with the same id are served.
+            for k in (1, 2):
+                wait_for(lambda: filter_stat(envoy, "pre_token_retries") >= retries + k or long.done(), 10,
+                         f"round {r}: the long prompt's attempt {k} failed")
+                short.append(chat(client, 10 * r + k, 2, stream=False, extra_headers=same_id))
+            long_outcome = long.result(timeout=30)
+        assert long_outcome.kind == "error", f"round {r}: the long prompt was served: the drill tested nothing"
+    trips, follows = filter_stat(envoy, "breaker_trips"), filter_stat(envoy, "request_failures")
+    report(f"one x-request-id for a long prompt failing everywhere and short ones served: {summarize(short)}; "
+           f"breaker_trips {trips}, request_failures {follows}")
+    assert all(o.kind == "completed" for o in short), [o.describe() for o in short if o.kind != "completed"][:3]
+    assert follows >= rounds - 1, "the long prompt's failures were not judged as following the request"
+    assert trips == 0, "another request's failures were charged at a short request's success"

@@ -148,7 +148,7 @@ impl Picker {
             self.fail_open(None);
             return Action::Continue;
         };
-        if self.spilled && now.saturating_sub(fetched) <= self.cfg.pick.stale_after_ms {
+        if self.spilled && !gpuha_liveness::pick::view_stale(fetched, now, &self.cfg.pick) {
             if let Err(why) = self.admit_spilled(&view, fetched, now) {
                 // The sending router takes this 503 to its next tier at once.
                 self.reply_error(503, &format!("Spilled request refused: {why}."), Some(self.cfg.retry_after_s));

@@ -11,7 +11,7 @@
 
 use std::time::Duration;
 
-use gpuha_liveness::slots::{decode_etag, decode_fleet, decode_version, encode_etag, encode_fleet, encode_u64, encode_version, u64_at, FLEET_ETAG_KEY, FLEET_KEY, FLEET_VERSION_KEY, POLL_KEY};
+use gpuha_liveness::slots::{decode_etag, decode_fleet, decode_version, encode_etag, encode_fleet, encode_u64, encode_version, u64_at, poll_due, FLEET_ETAG_KEY, FLEET_KEY, FLEET_VERSION_KEY, POLL_KEY};
 use gpuha_liveness::{fleetwire, FleetView};
 use proxy_wasm::hostcalls;
 use proxy_wasm::types::{BufferType, MapType};
@@ -49,14 +49,14 @@ pub struct InFlight {
 pub fn maybe_start(p: &PickerConfig, path: &str, in_flight: &mut Option<InFlight>, stats: &Stats, dispatch: impl FnOnce(Vec<(&str, &str)>, Duration) -> Result<u32, proxy_wasm::types::Status>) -> bool {
     let now = host::now_ms();
     if let Some(f) = in_flight {
-        if now.saturating_sub(f.started) <= p.poll_timeout_ms + 1_000 {
+        if now >= f.started && now - f.started <= p.poll_timeout_ms + 1_000 {
             return false;
         }
         // The host never answered: forget it.
         *in_flight = None;
     }
     let min_gap = p.poll_interval_ms * 9 / 10;
-    let claimed = host::shared_update(POLL_KEY, |cur| (now.saturating_sub(u64_at(cur, 0)) >= min_gap).then(|| (encode_u64(now), ())));
+    let claimed = host::shared_update(POLL_KEY, |cur| poll_due(now, u64_at(cur, 0), min_gap).then(|| (encode_u64(now), ())));
     if claimed.is_none() {
         return false;
     }
@@ -106,7 +106,8 @@ pub fn on_response(f: InFlight, body_size: usize, stats: &Stats) -> bool {
         inc(stats.fleet_not_modified);
         host::shared_update(FLEET_VERSION_KEY, |cur| {
             let (v, vouched) = decode_version(cur);
-            (cur.is_some() && v == f.tag_version && vouched < now).then(|| (encode_version(v, now), ()))
+            // (`!=`, not `<`: after the wall clock stepped back, now vouches too.)
+            (cur.is_some() && v == f.tag_version && vouched != now).then(|| (encode_version(v, now), ()))
         });
         return false;
     }
@@ -152,8 +153,9 @@ pub fn on_response(f: InFlight, body_size: usize, stats: &Stats) -> bool {
     }
     let etag = host::header(MapType::HttpCallResponseHeaders, "etag").unwrap_or_default();
     let value = encode_fleet(now, shared);
-    // A slow answer must not replace a view fetched after this poll started.
-    if !host::shared_set_if(FLEET_KEY, &value, |cur| cur.is_none_or(|c| decode_fleet(c).0 <= f.started)) {
+    // A slow answer must not replace a view fetched after this poll started (one fetched "after
+    // now" is from before the wall clock stepped back: replaced).
+    if !host::shared_set_if(FLEET_KEY, &value, |cur| cur.is_none_or(|c| decode_fleet(c).0 <= f.started || decode_fleet(c).0 > now)) {
         return false;
     }
     host::shared_update(FLEET_VERSION_KEY, |_| Some((encode_version(now, now), ())));

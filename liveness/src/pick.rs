@@ -82,6 +82,13 @@ impl Default for PickConfig {
     }
 }
 
+/// Whether a view fetched at `fetched_local_ms` is past use at `now_ms`: older than
+/// `stale_after_ms`, or as far in the future (the wall clock stepped back since the fetch: every
+/// worker's age would read as frozen at the fetch, and the dead ones as fresh).
+pub fn view_stale(fetched_local_ms: u64, now_ms: u64, cfg: &PickConfig) -> bool {
+    now_ms.abs_diff(fetched_local_ms) > cfg.stale_after_ms
+}
+
 impl PickConfig {
     pub fn validate(&self) -> Result<(), String> {
         if self.max_endpoints == 0 || self.max_endpoints > 16 {
@@ -438,7 +445,7 @@ pub fn pick_ranked(
     mut admission: impl FnMut(&str) -> Admission,
     mut claim_probe: impl FnMut(&str) -> bool,
 ) -> (Decision, Outcome) {
-    if now_ms.saturating_sub(fetched_local_ms) > cfg.stale_after_ms {
+    if view_stale(fetched_local_ms, now_ms, cfg) {
         return (Decision::Stale, Outcome::None);
     }
     let mr = ranked.for_model(model);

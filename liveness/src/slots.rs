@@ -54,6 +54,13 @@ pub fn request_key(request_id: &str) -> String {
     numbered_key("gpuha.req.", h % REQUEST_SLOTS)
 }
 
+/// Whether the router's next fleet poll is due at `now`, the last one claimed at `last`: `min_gap`
+/// later, or at once when the wall clock went back past `last` (else no thread would poll, and
+/// the view would freeze, until the clock caught up).
+pub fn poll_due(now: u64, last: u64, min_gap: u64) -> bool {
+    now < last || now - last >= min_gap
+}
+
 /// `prefix` then `rest`: a slot key, built without the formatting machinery (these are built
 /// several times per request).
 pub fn key(prefix: &str, rest: &str) -> String {
@@ -169,6 +176,13 @@ pub fn not_closed_update(b: Option<&[u8]>, addr: &str, not_closed: bool) -> Vec<
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_poll_is_due_at_once_when_the_clock_went_back() {
+        assert!(!poll_due(1_100, 1_000, 225));
+        assert!(poll_due(1_225, 1_000, 225));
+        assert!(poll_due(1_000, 3_600_000, 225), "the clock stepped back an hour");
+    }
     use proptest::prelude::*;
 
     #[test]

@@ -92,7 +92,7 @@ fn pick_keyed(
     mut claim_probe: impl FnMut(&str) -> bool,
 ) -> (Decision, Outcome) {
     let none = |d| (d, Outcome::None);
-    if now_ms.saturating_sub(fetched_local_ms) > cfg.stale_after_ms {
+    if now_ms.abs_diff(fetched_local_ms) > cfg.stale_after_ms {
         return none(Decision::Stale);
     }
     let serving: Vec<&WorkerView> = view
@@ -383,6 +383,19 @@ fn stale_snapshot_fails_open() {
     assert!(matches!(go(&v, 1_000, 3_999, Some("tiny"), 1), Decision::Endpoints { .. }));
     // At 4 000 the view is not too old, but its only worker aged past the gate on our clock.
     assert_eq!(go(&v, 1_000, 4_000, Some("tiny"), 1), Decision::Stale);
+}
+
+#[test]
+fn a_view_from_the_future_fails_open() {
+    // The wall clock stepped back an hour after the fetch: ages would stay frozen at the fetch.
+    let v = view(vec![w("a", 1, 0, 0.0, 50.0)]);
+    let cfg = PickConfig::default();
+    let ranked = Ranked::build(&v, &cfg);
+    let at = |fetched: u64, now: u64| ranked_nokey(&ranked, &v, fetched, now, Some("tiny"), &LocalLoad::default(), &mut Rng::new(1), &cfg, &[], |_| Admission::Allow, |_| false);
+    assert_eq!(at(3_601_000, 1_000), Decision::Stale);
+    assert_eq!(go(&v, 3_601_000, 1_000, Some("tiny"), 1), Decision::Stale, "the reference picker agrees");
+    // A step back within `stale_after_ms`: still read.
+    assert!(matches!(at(3_500, 1_000), Decision::Endpoints { .. }));
 }
 
 #[test]

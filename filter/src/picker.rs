@@ -306,20 +306,25 @@ impl Context for Picker {
     }
 }
 
+/// `v` as 16 lowercase hex digits (a request key: without the formatting machinery).
+fn hex16(v: u64) -> String {
+    (0..16).rev().map(|i| char::from(b"0123456789abcdef"[(v >> (4 * i) & 0xf) as usize])).collect()
+}
+
 impl HttpContext for Picker {
     fn on_http_request_headers(&mut self, _n: usize, end_of_stream: bool) -> Action {
         // One host call for every header read here (not one per header).
-        const NAMES: &[&str] = &[ENDPOINTS_HEADER, PROBE_HEADER, MAX_RETRIES_HEADER, ":path", SPILLED_HEADER, "content-type", DEFAULT_SESSION_HEADER];
+        const NAMES: &[&str] = &[ENDPOINTS_HEADER, PROBE_HEADER, MAX_RETRIES_HEADER, REQUEST_KEY_HEADER, ":path", SPILLED_HEADER, "content-type", DEFAULT_SESSION_HEADER];
         let h = host::Headers::read(MapType::HttpRequestHeaders, NAMES);
         // Clients must not steer the load balancer or claim probes. Nor set the retry count:
         // the picker sets it with a list, else the route's applies. (Envoy's HCM already strips
-        // it from requests it does not count as internal.)
-        for (i, name) in NAMES.iter().enumerate().take(3) {
+        // it from requests it does not count as internal.) Nor name the request's notes.
+        for (i, name) in NAMES.iter().enumerate().take(4) {
             if h.has(i) {
                 host::set_request_header(name, None);
             }
         }
-        let [path, spilled, content_type] = [3, 4, 5];
+        let [path, spilled, content_type] = [4, 5, 6];
         self.path = h.get(path).unwrap_or_default();
         self.spilled = h.has(spilled);
         self.content_type = h.get(content_type);
@@ -329,9 +334,10 @@ impl HttpContext for Picker {
             // default name is read with the others.
             self.session = if a.session_header == DEFAULT_SESSION_HEADER { h.get(NAMES.len() - 1) } else { h.get_other(&a.session_header) };
         }
-        // The key of the request's noted failures (`judge_attempts`), set over any the client sent.
-        let key = format!("{:016x}", self.thread.borrow_mut().rng.next_u64());
-        host::set_request_header(REQUEST_KEY_HEADER, Some(&key));
+        // The key of the request's noted failures (`judge_attempts`); any the client sent is
+        // gone (above), so adding it costs Envoy less than setting it.
+        let key = hex16(self.thread.borrow_mut().rng.next_u64());
+        host::add_request_header(REQUEST_KEY_HEADER, &key);
         self.request_id = Some(key);
         if end_of_stream {
             // No body (GET /v1/models, health checks): no pick, Envoy's fallback LB decides.

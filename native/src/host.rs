@@ -291,8 +291,13 @@ pub extern "C" fn proxy_replace_header_map_value(map_type: u32, key: *const u8, 
 #[no_mangle]
 pub extern "C" fn proxy_add_header_map_value(map_type: u32, key: *const u8, key_size: usize, value: *const u8, value_size: usize) -> u32 {
     if let (Some(m), Some(f)) = (map_of(map_type), with(Cur::filter)) {
-        if !f.add_header(m, slice(key, key_size), slice(value, value_size)) {
+        let (key, value) = (slice(key, key_size), slice(value, value_size));
+        if !f.add_header(m, key, value) {
             crate::dm::log(Level::Debug, b"gpuha native: header not added (no such map now)");
+        }
+        if m == HeaderMap::RequestHeaders && key == REQUEST_KEY {
+            // The picker's key for the request: noted as the guard's read of it is.
+            crate::hooks::saw_request_header(f, key, value);
         }
     }
     OK

@@ -215,7 +215,8 @@ def test_a_request_id_a_client_reuses_charges_no_other_request(stack):
     envoy = router_with_breaker(stack, threshold, per_try_timeout="0.4s")
     wait_for(lambda: filter_stat(envoy, "fleet_polls") >= 1, 10, "the picker's first fleet poll")
     client = make_client(envoy.base_url, timeout=10)
-    same_id = {"x-request-id": "one-id-for-everything"}
+    # The picker's own key too, which it must not take from a client.
+    same_id = {"x-request-id": "one-id-for-everything", "x-gpuha-request": "one-key-for-everything"}
     long_prompt = [{"role": "user", "content": "word " * 4000}]
     rounds, short = 4, []
     for r in range(rounds):

@@ -107,10 +107,7 @@ pub fn rescue_tick(reg: &Rc<RefCell<Registry>>, view: &gpuha_liveness::FleetView
         }
         match (r, retry) {
             (Rescue::RetryNow | Rescue::RetryUnseen, Some((status, _body))) => {
-                host::set_response_header(":status", Some(&status.to_string()));
-                host::set_response_header("content-type", Some("application/json"));
-                host::set_response_header("content-length", None);
-                host::set_response_header(GUARD_HEADER, Some(mark::RETRIED));
+                mark_retried(status, true);
                 if let Err(e) = hostcalls::resume_http_response() {
                     host::warn(&format!("gpuha guard: resume after rescue: {e:?}"));
                 }
@@ -127,6 +124,15 @@ pub fn rescue_tick(reg: &Rc<RefCell<Registry>>, view: &gpuha_liveness::FleetView
             _ => {}
         }
     }
+}
+
+/// Makes the held answer's headers a retryable `status` marked `retried`, for the OpenAI-shaped
+/// JSON body the caller sets (`json_body`) or for none.
+fn mark_retried(status: u16, json_body: bool) {
+    host::set_response_header(":status", Some(&status.to_string()));
+    host::set_response_header("content-type", json_body.then_some("application/json"));
+    host::set_response_header("content-length", None);
+    host::set_response_header(GUARD_HEADER, Some(mark::RETRIED));
 }
 
 pub struct GuardCtx {
@@ -308,9 +314,7 @@ impl HttpContext for GuardCtx {
             }
             HeadersAction::Fail { status } => {
                 // Nothing of this attempt reached the client: a retryable status, no body.
-                host::set_response_header(":status", Some(&status.to_string()));
-                host::set_response_header("content-type", None);
-                host::set_response_header(GUARD_HEADER, Some(mark::RETRIED));
+                mark_retried(status, false);
                 Action::Continue
             }
             HeadersAction::Hold => {
@@ -354,10 +358,7 @@ impl HttpContext for GuardCtx {
             }
             BodyAction::Fail { status, body } => {
                 // Nothing of this attempt reached the client: make it a retryable 5xx.
-                host::set_response_header(":status", Some(&status.to_string()));
-                host::set_response_header("content-type", Some("application/json"));
-                host::set_response_header("content-length", None);
-                host::set_response_header(GUARD_HEADER, Some(mark::RETRIED));
+                mark_retried(status, true);
                 host::set_body(BufferType::HttpResponseBody, size, &body);
                 Action::Continue
             }

@@ -61,6 +61,13 @@ impl Cur {
 /// The request key header (`gpuha_filter::REQUEST_KEY_HEADER`) as bytes.
 const REQUEST_KEY: &[u8] = gpuha_filter::REQUEST_KEY_HEADER.as_bytes();
 
+/// Notes the picker's key for the request as it writes it, as the guard's read of it is noted.
+fn note_request_key(f: Filter, m: HeaderMap, key: &[u8], value: &[u8]) {
+    if m == HeaderMap::RequestHeaders && key == REQUEST_KEY {
+        crate::hooks::saw_request_header(f, key, value);
+    }
+}
+
 thread_local! {
     static CUR: RefCell<Cur> = const { RefCell::new(Cur::Idle) };
 }
@@ -280,10 +287,7 @@ pub extern "C" fn proxy_replace_header_map_value(map_type: u32, key: *const u8, 
         if !f.set_header(m, key, value) {
             crate::dm::log(Level::Debug, b"gpuha native: header not set (no such map now)");
         }
-        if m == HeaderMap::RequestHeaders && key == REQUEST_KEY {
-            // The picker's key for the request: noted as the guard's read of it is.
-            crate::hooks::saw_request_header(f, key, value);
-        }
+        note_request_key(f, m, key, value);
     }
     OK
 }
@@ -295,10 +299,7 @@ pub extern "C" fn proxy_add_header_map_value(map_type: u32, key: *const u8, key_
         if !f.add_header(m, key, value) {
             crate::dm::log(Level::Debug, b"gpuha native: header not added (no such map now)");
         }
-        if m == HeaderMap::RequestHeaders && key == REQUEST_KEY {
-            // The picker's key for the request: noted as the guard's read of it is.
-            crate::hooks::saw_request_header(f, key, value);
-        }
+        note_request_key(f, m, key, value);
     }
     OK
 }

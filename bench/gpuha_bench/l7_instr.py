@@ -34,6 +34,8 @@ IDLE_S = 5
 # The floor with the Envoy calls the gpuha filter makes on a request, and no decision (the native
 # floor module's `calls`).
 CALL_FLOOR = "native call floor: the floor + the gpuha filter's Envoy calls, no decisions"
+# The call floor with the filter's pure decisions run on what the calls read (`"decide"`).
+DECISION_FLOOR = "native decision floor: the call floor + the filter's decisions, no glue"
 CONNS = 4
 
 
@@ -143,7 +145,9 @@ def floors(endpoints):
     and the guard's Envoy-side behaviour, then with their calls too (the call floor)."""
     behaviours = {"pause_request": True, "endpoints": endpoints}
     return [("native floor: pause + endpoints, upstream holds the answer", "native", behaviours, {"hold_response": True}, native_floor, None, None),
-            (CALL_FLOOR, "native", {**behaviours, "calls": "picker"}, {"hold_response": True, "calls": "guard"}, native_floor, None, None)]
+            (CALL_FLOOR, "native", {**behaviours, "calls": "picker"}, {"hold_response": True, "calls": "guard"}, native_floor, None, None),
+            (DECISION_FLOOR, "native", {**behaviours, "calls": "picker", "decide": True}, {"hold_response": True, "calls": "guard", "decide": True},
+             native_floor, None, None)]
 
 
 def sec_l7_instr(R, quick):
@@ -276,7 +280,7 @@ def report_kind(md, req, rows) -> None:
         md.append(f"| {r['variant']} | {r['requests']} | {fmt(p['Ir'])} | {ratio} | {fmt(w.get('envoy', 0))} | {fmt(w.get('module', 0))} | "
                   f"{fmt(w.get('libc and other', 0))} | {fmt(r.get('body_hooks'), 1)} | {fmt(r.get('filter_body_hooks'), 1)} | "
                   f"{fmt(p['I1mr'])} | {fmt(p['D1mr'] + p['D1mw'])} |")
-    native = [r for r in rows if r.get("hooks") and (r["variant"].startswith("envoy+filter (native") or r["variant"] == CALL_FLOOR)]
+    native = [r for r in rows if r.get("hooks") and (r["variant"].startswith("envoy+filter (native") or r["variant"] in (CALL_FLOOR, DECISION_FLOOR))]
     if native:
         hooks = sorted({h for r in native for h in r["hooks"]}, key=lambda h: -max(r["hooks"].get(h, 0) for r in native))
         md += ["", f"The native filter's request hooks, instructions per {req} request, each with the Envoy calls it makes "
@@ -284,7 +288,7 @@ def report_kind(md, req, rows) -> None:
                "| hook | " + " | ".join(r["variant"] for r in native) + " |", "|---|" + "---:|" * len(native)]
         md += [f"| `{h}` | " + " | ".join(fmt(r["hooks"].get(h, 0)) for r in native) + " |" for h in hooks]
         md.append("| all | " + " | ".join(f"**{fmt(sum(r['hooks'].values()))}**" for r in native) + " |")
-    layered = [r for r in rows if r.get("module_layers") and r["variant"].startswith("envoy+filter (native")]
+    layered = [r for r in rows if r.get("module_layers") and (r["variant"].startswith("envoy+filter (native") or r["variant"] == DECISION_FLOOR)]
     if layered:
         md += ["", f"The module's own code by layer, per {req} request (self cost of each function, by its crate; "
                "approximate where code was inlined across crates). An instruction cache miss is about one line "

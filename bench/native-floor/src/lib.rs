@@ -19,6 +19,15 @@
 //!   chunk of a stream read in place (guard), and
 //!   the ending's flags, details and upstream address read when the stream completes (picker). No
 //!   decision, no shared data, no counter: the floor of the filter's Envoy calls.
+//! - `"decide": true` (with `"calls"`): on top of the calls, the filter's pure decisions
+//!   (`gpuha-liveness`) run on the bytes those calls read, with none of the filter's glue (no
+//!   Proxy-Wasm SDK, no host, no shared data, no breaker, no counter): the picker's request scan
+//!   (`RequestScanner`, affinity on as by default) and pick (`pick_ranked` over a fleet view of
+//!   the `endpoints`, every worker fresh, serving the request's model), whose list is the one
+//!   set; the guard's `Attempt` on the answer's headers, each body chunk as the filter reads
+//!   it (`Attempt::reads`; a released stream's clean chunks by their tail, as the native host
+//!   checks them) and its end. What Envoy is asked to do stays the call floor's (the decisions'
+//!   answers are dropped): the decision floor (`bench/results/2026-12-02-decisions`).
 //!
 //! Nothing set: every hook continues. Other keys are ignored. Bench code: it trusts Envoy's
 //! pointers as the ABI promises.
@@ -26,9 +35,15 @@
 // The hooks are `extern "C"` for Envoy, which passes the pointers the ABI promises.
 #![allow(clippy::not_unsafe_ptr_arg_deref)]
 
+use std::cell::RefCell;
 use std::ffi::c_char;
 
 use gpuha_dm_abi as abi;
+use gpuha_liveness::attempt::{Attempt, AttemptConfig, Chunk, Ending, Read};
+use gpuha_liveness::guard::{DEFAULT_MAX_HELD_BYTES, TAIL_PEEK_BYTES};
+use gpuha_liveness::pick::{pick_ranked, Decision, LoadView, PickConfig, Ranked, Rng};
+use gpuha_liveness::request::{BodyKind, RequestScanner, Scan};
+use gpuha_liveness::FleetView;
 
 #[derive(Default)]
 struct Behaviour {
@@ -36,6 +51,7 @@ struct Behaviour {
     endpoints: Option<Vec<u8>>,
     hold_response: bool,
     calls: Calls,
+    decide: bool,
 }
 
 /// Whose Envoy calls the filter makes (`"calls"`).
@@ -59,7 +75,7 @@ impl Behaviour {
         } else {
             Calls::None
         };
-        Behaviour { pause_request: compact.contains("\"pause_request\":true"), endpoints, hold_response: compact.contains("\"hold_response\":true"), calls }
+        Behaviour { pause_request: compact.contains("\"pause_request\":true"), endpoints, hold_response: compact.contains("\"hold_response\":true"), calls, decide: compact.contains("\"decide\":true") }
     }
 }
 
@@ -69,6 +85,66 @@ struct Stream {
     sse: bool,
     /// A json answer's bytes, drained as they come and appended whole at its end (`calls`).
     held: Vec<u8>,
+    /// The request's path and the guard's attempt (`decide`).
+    path: String,
+    attempt: Option<Attempt>,
+}
+
+/// The picker's decisions on one thread (`decide`): the fleet view of the `endpoints` and its
+/// ranking, built at the first request (with its model), as the filter keeps them per thread.
+struct Pick {
+    view: FleetView,
+    ranked: Ranked,
+    rng: Rng,
+    cfg: PickConfig,
+}
+
+thread_local! {
+    static PICK: RefCell<Option<Pick>> = const { RefCell::new(None) };
+}
+
+/// No request of this router in flight anywhere (the filter reads its shared counts).
+struct NoLoad;
+
+impl LoadView for NoLoad {
+    fn ours(&self, _addr: &str, _frame_local_ms: u64, _frame_load: f64) -> f64 {
+        0.0
+    }
+}
+
+fn now_ms() -> u64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64)
+}
+
+/// The picker's decisions on a request body: scanned, then a pick; the endpoint list to set.
+fn decide(body: &[u8], endpoints: &[u8]) -> Option<Vec<u8>> {
+    let cfg = PickConfig::default();
+    let mut scanner = RequestScanner::with_affinity(&BodyKind::from_content_type(Some("application/json")), &cfg.affinity);
+    let fields = match scanner.feed(body) {
+        Scan::Done(f) => f,
+        _ => match scanner.finish() {
+            Scan::Done(f) => f,
+            _ => return None,
+        },
+    };
+    let model = fields.model.as_deref()?;
+    let now = now_ms();
+    PICK.with(|p| {
+        let mut p = p.borrow_mut();
+        let p = p.get_or_insert_with(|| {
+            let workers: Vec<String> = String::from_utf8_lossy(endpoints).split(',').enumerate()
+                .map(|(i, a)| format!(r#"{{"id":"w{i}","pool":"p","models":["{model}"],"addr":"{a}","age_ms":0,"fresh":true,"boot":1,"running":0,"waiting":0,"kv":0.1,"ttft_ms":20}}"#))
+                .collect();
+            let view: FleetView = serde_json::from_str(&format!(r#"{{"now_ms":0,"workers":[{}]}}"#, workers.join(","))).unwrap_or_else(|e| panic!("floor fleet view: {e}"));
+            let ranked = Ranked::build(&view, &cfg);
+            Pick { view, ranked, rng: Rng::new(now), cfg: cfg.clone() }
+        });
+        let (d, _) = pick_ranked(&p.ranked, &p.view, now, now, Some(model), None, &NoLoad, &mut p.rng, &p.cfg, &[], |_| gpuha_liveness::breaker::Admission::Allow, |_| false);
+        match d {
+            Decision::Endpoints { endpoints, .. } => Some(endpoints.join(",").into_bytes()),
+            _ => None,
+        }
+    })
 }
 
 /// What the calls read, summed so that no read is optimised away.
@@ -94,13 +170,17 @@ fn read_views(e: abi::HttpFilterEnvoyPtr, map: abi::HttpHeaderType) {
     }
 }
 
-fn header(e: abi::HttpFilterEnvoyPtr, map: abi::HttpHeaderType, name: &[u8]) {
+/// The first value of `name` (empty when absent), valid in the running hook.
+fn header<'a>(e: abi::HttpFilterEnvoyPtr, map: abi::HttpHeaderType, name: &[u8]) -> &'a [u8] {
     let mut v = abi::EnvoyBuffer::null();
     // SAFETY: live filter, inside its hook; the view is read at once.
     if unsafe { abi::envoy_dynamic_module_callback_http_get_header(e, map, abi::ModuleBuffer::from_bytes(name), &mut v, 0, std::ptr::null_mut()) } {
         // SAFETY: Envoy's view, valid in this hook.
-        sink(unsafe { v.as_bytes() });
+        let bytes = unsafe { v.as_bytes() };
+        sink(bytes);
+        return bytes;
     }
+    &[]
 }
 
 fn attr_string(e: abi::HttpFilterEnvoyPtr, id: abi::AttributeId) {
@@ -159,7 +239,7 @@ pub extern "C" fn envoy_dynamic_module_on_http_filter_config_destroy(config: abi
 
 #[no_mangle]
 pub extern "C" fn envoy_dynamic_module_on_http_filter_new(config: abi::HttpFilterConfigModulePtr, _e: abi::HttpFilterEnvoyPtr) -> abi::HttpFilterModulePtr {
-    Box::into_raw(Box::new(Stream { cfg: config as *const Behaviour, sse: false, held: Vec::new() })) as abi::HttpFilterModulePtr
+    Box::into_raw(Box::new(Stream { cfg: config as *const Behaviour, sse: false, held: Vec::new(), path: String::new(), attempt: None })) as abi::HttpFilterModulePtr
 }
 
 /// # Safety
@@ -170,14 +250,25 @@ unsafe fn behaviour<'a>(f: abi::HttpFilterModulePtr) -> &'a Behaviour {
 }
 
 fn set_endpoints(e: abi::HttpFilterEnvoyPtr, b: &Behaviour) {
+    let mut picked = None;
     if b.calls == Calls::Picker {
+        let mut body = Vec::new();
+        // As the native host reads a body: what Envoy buffered, then what this hook got, unless
+        // that is the buffer itself.
         // SAFETY: live filter, inside its hook.
-        if unsafe { abi::envoy_dynamic_module_callback_http_received_buffered_request_body(e) } {
-            read_body(e, abi::BODY_BUFFERED_REQUEST, None);
+        let buffered = unsafe { abi::envoy_dynamic_module_callback_http_get_body_size(e, abi::BODY_BUFFERED_REQUEST) } > 0;
+        if buffered {
+            read_body(e, abi::BODY_BUFFERED_REQUEST, b.decide.then_some(&mut body));
         }
-        read_body(e, abi::BODY_RECEIVED_REQUEST, None);
+        // SAFETY: as above.
+        if !buffered || !unsafe { abi::envoy_dynamic_module_callback_http_received_buffered_request_body(e) } {
+            read_body(e, abi::BODY_RECEIVED_REQUEST, b.decide.then_some(&mut body));
+        }
+        if b.decide {
+            picked = b.endpoints.as_deref().and_then(|list| decide(&body, list));
+        }
     }
-    if let Some(v) = &b.endpoints {
+    if let Some(v) = picked.as_ref().or(b.endpoints.as_ref()) {
         for (k, v) in [(&b"x-gpuha-endpoints"[..], v.as_slice()), (b"x-envoy-max-retries", b"2")] {
             // SAFETY: live filter; Envoy copies both.
             unsafe { abi::envoy_dynamic_module_callback_http_set_header(e, abi::HEADER_REQUEST, abi::ModuleBuffer::from_bytes(k), abi::ModuleBuffer::from_bytes(v)) };
@@ -194,6 +285,10 @@ pub extern "C" fn envoy_dynamic_module_on_http_filter_request_headers(e: abi::Ht
     }
     if b.calls != Calls::None {
         read_views(e, abi::HEADER_REQUEST);
+    }
+    if b.calls == Calls::Guard && b.decide {
+        // SAFETY: ours.
+        unsafe { (*(f as *mut Stream)).path = String::from_utf8_lossy(header(e, abi::HEADER_REQUEST, b":path")).into_owned() };
     }
     if !b.pause_request {
         return abi::HEADERS_CONTINUE;
@@ -224,7 +319,16 @@ pub extern "C" fn envoy_dynamic_module_on_http_filter_response_headers(e: abi::H
     // SAFETY: ours.
     let b = unsafe { behaviour(f) };
     if b.calls != Calls::None {
-        header(e, abi::HEADER_RESPONSE, b":status");
+        let status = header(e, abi::HEADER_RESPONSE, b":status");
+        if b.calls == Calls::Guard && b.decide {
+            let status = std::str::from_utf8(status).ok().and_then(|s| s.parse().ok()).unwrap_or(0);
+            let ct = std::str::from_utf8(header(e, abi::HEADER_RESPONSE, b"content-type")).ok();
+            // SAFETY: ours.
+            let s = unsafe { &mut *(f as *mut Stream) };
+            let mut a = Attempt::new(AttemptConfig { max_held_bytes: DEFAULT_MAX_HELD_BYTES, retry_status: 503 }, &s.path);
+            std::hint::black_box(a.on_response_headers(status, ct, None, end_of_stream));
+            s.attempt = Some(a);
+        }
         attr_string(e, abi::ATTR_UPSTREAM_ADDRESS);
         let mark: (&[u8], &[u8]) = if b.calls == Calls::Guard { (b"x-gpuha-guard", b"passed") } else { (b"x-gpuha-tier", b"own") };
         // SAFETY: live filter, inside its hook; Envoy copies both.
@@ -264,10 +368,55 @@ pub extern "C" fn envoy_dynamic_module_on_http_filter_response_body(e: abi::Http
         return abi::BODY_CONTINUE;
     }
     if b.calls == Calls::Guard && sse {
-        // As the guard checks each chunk of a released stream: its bytes looked at in place.
-        read_body(e, abi::BODY_RECEIVED_RESPONSE, None);
+        // SAFETY: ours.
+        match unsafe { (*(f as *mut Stream)).attempt.as_mut() } {
+            Some(a) if b.decide => guard_decides(e, a, end_of_stream),
+            // As the guard checks each chunk of a released stream: its bytes looked at in place.
+            _ => {
+                read_body(e, abi::BODY_RECEIVED_RESPONSE, None);
+            }
+        }
     }
     if b.hold_response && !sse && !end_of_stream { abi::BODY_STOP_ITERATION_AND_BUFFER } else { abi::BODY_CONTINUE }
+}
+
+/// The guard's decisions on a chunk of a stream (`decide`): a released stream's clean chunk by
+/// its tail, as the native host passes it; any other chunk to the attempt as the filter reads
+/// it (nothing, its tail, or all of it, copied).
+fn guard_decides(e: abi::HttpFilterEnvoyPtr, a: &mut Attempt, end_of_stream: bool) {
+    if a.passes_clean_chunks() && !end_of_stream {
+        if let Some(clean) = last_slice_tail(e, gpuha_liveness::sse::clean_tail) {
+            if clean {
+                return;
+            }
+        }
+    }
+    let mut bytes = Vec::new();
+    read_body(e, abi::BODY_RECEIVED_RESPONSE, Some(&mut bytes));
+    let chunk = match a.reads() {
+        Read::Nothing => Chunk::Unread,
+        Read::Tail if bytes.len() > TAIL_PEEK_BYTES => Chunk::Tail(&bytes[bytes.len() - TAIL_PEEK_BYTES..]),
+        _ => Chunk::All(&bytes),
+    };
+    std::hint::black_box(a.on_body(chunk, end_of_stream));
+}
+
+/// `f` of the received chunk's last `TAIL_PEEK_BYTES` (all of it when shorter), read in place
+/// when they lie in its last slice, as the native host reads them; `None` otherwise.
+fn last_slice_tail(e: abi::HttpFilterEnvoyPtr, f: impl FnOnce(&[u8]) -> bool) -> Option<bool> {
+    const MAX: usize = 16;
+    // SAFETY: live filter, inside its hook.
+    let n = unsafe { abi::envoy_dynamic_module_callback_http_get_body_chunks_size(e, abi::BODY_RECEIVED_RESPONSE) };
+    let mut views = [abi::EnvoyBuffer::null(); MAX];
+    // SAFETY: room for the `n` slices Envoy reported.
+    if !(1..=MAX).contains(&n) || !unsafe { abi::envoy_dynamic_module_callback_http_get_body_chunks(e, abi::BODY_RECEIVED_RESPONSE, views.as_mut_ptr()) } {
+        return None;
+    }
+    let total: usize = views[..n].iter().map(|v| v.length).sum();
+    // SAFETY: Envoy's view, valid in this hook.
+    let last = unsafe { views[n - 1].as_bytes() };
+    let from = last.len().checked_sub(total.min(TAIL_PEEK_BYTES))?;
+    Some(f(&last[from..]))
 }
 
 #[no_mangle]
@@ -296,7 +445,10 @@ pub extern "C" fn envoy_dynamic_module_on_http_filter_stream_complete(e: abi::Ht
 #[no_mangle]
 pub extern "C" fn envoy_dynamic_module_on_http_filter_destroy(f: abi::HttpFilterModulePtr) {
     // SAFETY: ours, given back once.
-    drop(unsafe { Box::from_raw(f as *mut Stream) });
+    let mut s = unsafe { Box::from_raw(f as *mut Stream) };
+    if let Some(a) = s.attempt.as_mut() {
+        std::hint::black_box(a.on_done(Ending::from_envoy(0, None)));
+    }
 }
 
 #[no_mangle]

@@ -2,7 +2,7 @@
 Usage: ab.py ROUNDS MODES(json,stream,paced) NAME=SPEC ...
 SPEC: nowasm (Envoy without a filter); wasm (the gpuha Wasm filter); a .wasm path (another build of it);
 native:DIR (the native filter, DIR empty: the target's); nfloor / ncall (the native floor pair without /
-with the gpuha filter's Envoy calls); wfloor / wcall (the same with the Proxy-Wasm floor module);
+with the gpuha filter's Envoy calls); ndecide (ncall with the filter's pure decisions run on what the calls read); wfloor / wcall (the same with the Proxy-Wasm floor module);
 floor:JSON (the Proxy-Wasm floor module with those configurations).
 Prints each variant's median and, per mode, the median of each round's ratio to the first variant
 (read that one for a ratio: it is paired within a round)."""
@@ -35,10 +35,11 @@ for paced in sorted({m == "paced" for m in modes}):
                 pc = {"pause_request": True, "endpoints": f"{w1},{w2}"}; gc = {"hold_response": True}
                 if spec == "wcall": pc["calls"] = "picker"; gc["calls"] = "guard"
                 kw.update(variant="filter", wasm=FLOOR, picker_config=pc, guard_config=gc)
-            elif spec in ("nfloor", "ncall"):
+            elif spec in ("nfloor", "ncall", "ndecide"):
                 from gpuha_bench.l7_floor import native_floor
                 pc = {"pause_request": True, "endpoints": f"{w1},{w2}"}; gc = {"hold_response": True}
-                if spec == "ncall": pc["calls"] = "picker"; gc["calls"] = "guard"
+                if spec != "nfloor": pc["calls"] = "picker"; gc["calls"] = "guard"
+                if spec == "ndecide": pc["decide"] = gc["decide"] = True
                 kw.update(variant="native", picker_config=pc, guard_config=gc, edit=native_floor)
             elif spec.startswith("native:"):
                 kw.update(variant="native", native_dir=spec[7:] or None)

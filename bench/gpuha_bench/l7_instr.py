@@ -240,6 +240,10 @@ def sec_l7_instr(R, quick):
                # them by a few per cent): each request hook with the Envoy calls it makes.
                "hooks": {fn[len("envoy_dynamic_module_on_http_filter_"):]: (ir - idle_incl[fn] * scale) / n
                          for fn, ir in incl.items() if is_request_hook(fn)}}
+        if label == DECISION_FLOOR and row["module_layers"]["decisions"]["Ir"] < 5000:
+            # The floor's decisions are dropped, so one that stopped running (a body it no longer
+            # reads, a scan that fails) would only show here.
+            raise RuntimeError(f"{label}: the decisions did not run ({row['module_layers']['decisions']['Ir']:.0f} instructions a request)")
         rows.append(row)
         note(f"L7 instructions {label}, {req}: {n} requests, {row['per_request']['Ir']:.0f} Ir/request, "
              f"I1 misses {row['per_request']['I1mr']:.0f}, errors {sat['errors']}")

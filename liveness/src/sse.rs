@@ -123,7 +123,8 @@ pub fn clean_tail(tail: &[u8]) -> bool {
 /// of every stream, so both words are looked for in one pass: by a byte pair inside each that a
 /// token event's JSON rarely holds (`rr` of `error`, `il` of `failed`), 32 positions at a time
 /// (a fixed-size block the compiler turns into vector compares), then the word around a pair.
-/// Two `memmem` searches cost about twice as many instructions on a chat chunk.
+/// Two `memmem` searches took ~1.3 times the instructions on the bench's chat chunks
+/// (`bench/results/2026-12-02-decisions`).
 pub(crate) fn has_error_word(hay: &[u8]) -> bool {
     let mut at = 0;
     // Each block reads the byte after it too: a pair may straddle two blocks.

@@ -131,14 +131,17 @@ fn decide(body: &[u8], endpoints: &[u8]) -> Option<Vec<u8>> {
     let now = now_ms();
     PICK.with(|p| {
         let mut p = p.borrow_mut();
-        let p = p.get_or_insert_with(|| {
+        if p.is_none() {
+            // An address or model that does not make a view leaves the fixed list set (and
+            // `l7_instr` fails a decision floor that decides nothing).
             let workers: Vec<String> = String::from_utf8_lossy(endpoints).split(',').enumerate()
                 .map(|(i, a)| format!(r#"{{"id":"w{i}","pool":"p","models":["{model}"],"addr":"{a}","age_ms":0,"fresh":true,"boot":1,"running":0,"waiting":0,"kv":0.1,"ttft_ms":20}}"#))
                 .collect();
-            let view: FleetView = serde_json::from_str(&format!(r#"{{"now_ms":0,"workers":[{}]}}"#, workers.join(","))).unwrap_or_else(|e| panic!("floor fleet view: {e}"));
+            let view: FleetView = serde_json::from_str(&format!(r#"{{"now_ms":0,"workers":[{}]}}"#, workers.join(","))).ok()?;
             let ranked = Ranked::build(&view, &cfg);
-            Pick { view, ranked, rng: Rng::new(now), cfg: cfg.clone() }
-        });
+            *p = Some(Pick { view, ranked, rng: Rng::new(now), cfg: cfg.clone() });
+        }
+        let p = p.as_mut()?;
         let (d, _) = pick_ranked(&p.ranked, &p.view, now, now, Some(model), None, &NoLoad, &mut p.rng, &p.cfg, &[], |_| gpuha_liveness::breaker::Admission::Allow, |_| false);
         match d {
             Decision::Endpoints { endpoints, .. } => Some(endpoints.join(",").into_bytes()),

@@ -141,8 +141,9 @@ def where(ob):
 
 
 def floors(endpoints):
-    """The native floor pair's two variants (see `sec_l7_instr`) naming `endpoints`: the picker's
-    and the guard's Envoy-side behaviour, then with their calls too (the call floor)."""
+    """The native floor pair's three variants (see `sec_l7_instr`) naming `endpoints`: the picker's
+    and the guard's Envoy-side behaviour, then with their calls too (the call floor), then with the
+    filter's pure decisions run on what the calls read (the decision floor)."""
     behaviours = {"pause_request": True, "endpoints": endpoints}
     return [("native floor: pause + endpoints, upstream holds the answer", "native", behaviours, {"hold_response": True}, native_floor, None, None),
             (CALL_FLOOR, "native", {**behaviours, "calls": "picker"}, {"hold_response": True, "calls": "guard"}, native_floor, None, None),

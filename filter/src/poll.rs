@@ -49,7 +49,7 @@ pub struct InFlight {
 pub fn maybe_start(p: &PickerConfig, path: &str, in_flight: &mut Option<InFlight>, stats: &Stats, dispatch: impl FnOnce(Vec<(&str, &str)>, Duration) -> Result<u32, proxy_wasm::types::Status>) -> bool {
     let now = host::now_ms();
     if let Some(f) = in_flight {
-        if now >= f.started && now - f.started <= p.poll_timeout_ms + 1_000 {
+        if now.checked_sub(f.started).is_some_and(|waited| waited <= p.poll_timeout_ms + 1_000) {
             return false;
         }
         // The host never answered: forget it.
@@ -155,7 +155,7 @@ pub fn on_response(f: InFlight, body_size: usize, stats: &Stats) -> bool {
     let value = encode_fleet(now, shared);
     // A slow answer must not replace a view fetched after this poll started (one fetched "after
     // now" is from before the wall clock stepped back: replaced).
-    if !host::shared_set_if(FLEET_KEY, &value, |cur| cur.is_none_or(|c| decode_fleet(c).0 <= f.started || decode_fleet(c).0 > now)) {
+    if !host::shared_set_if(FLEET_KEY, &value, |cur| cur.map(|c| decode_fleet(c).0).is_none_or(|at| at <= f.started || at > now)) {
         return false;
     }
     host::shared_update(FLEET_VERSION_KEY, |_| Some((encode_version(now, now), ())));

@@ -176,6 +176,7 @@ pub fn not_closed_update(b: Option<&[u8]>, addr: &str, not_closed: bool) -> Vec<
 #[cfg(test)]
 mod tests {
     use super::*;
+    use proptest::prelude::*;
 
     #[test]
     fn a_poll_is_due_at_once_when_the_clock_went_back() {
@@ -183,7 +184,6 @@ mod tests {
         assert!(poll_due(1_225, 1_000, 225));
         assert!(poll_due(1_000, 3_600_000, 225), "the clock stepped back an hour");
     }
-    use proptest::prelude::*;
 
     #[test]
     fn short_and_missing_slots_read_as_zero() {

@@ -150,6 +150,25 @@ def test_d2_hang_sigstop(stack):
     # Stalled streams past their first token see no bytes and no close: only a client
     # timeout ends them. 3 pre-token attempts of 1 s each fit well under it.
     client = make_client(envoy.base_url, timeout=5)
+    # One request that surely waits on the stopped worker for its first token: a session placed
+    # there, sent right after the stop through a second router over the same workers whose
+    # affinity never spills. The load alone does not make one: once the worker is stopped its
+    # stalled streams stay in flight, so the picker ranks it last, and only a request that
+    # happened to be before its first token there at the stop was retried (2 or 3 a run; CI
+    # saw a run with none). Through the drill's own router a session placed there spilled
+    # elsewhere in 1 run of 24 (its in-flight count against an idle worker's, over the margin).
+    sticky = stack.start_pool_router(name="sticky", per_try_timeout=f"{per_try}s", picker_config=json.dumps(
+        {"pick": {"affinity": {"spill_ratio": 1e6, "keep_slack": 1e6}}}))
+    warm_up(stack, sticky)
+    sticky_client = make_client(sticky.base_url, timeout=5)
+    pin = None
+    for k in range(30):
+        o = chat(sticky_client, 900 + k, 1, extra_headers={"x-session-id": f"d2-pin-{k}"})
+        assert o.kind == "completed", o.describe()
+        if o.worker == hung.id:
+            pin = f"d2-pin-{k}"
+            break
+    assert pin, f"no session of 30 was placed on {hung.id}"
 
     n, spacing, max_tokens = 40, 0.05, 20
     lock = threading.Lock()
@@ -160,7 +179,7 @@ def test_d2_hang_sigstop(stack):
         with lock:
             streaming[o.idx] = o.tokens[0][0]
 
-    with ThreadPoolExecutor(max_workers=n) as pool:
+    with ThreadPoolExecutor(max_workers=n + 1) as pool:  # + 1: the pinned request at the stop
         t0 = time.monotonic() + 0.05
 
         def run(i):
@@ -178,13 +197,15 @@ def test_d2_hang_sigstop(stack):
             stop_mono, stop_wall = time.monotonic(), time.time()
             hung.proc.stop()
             mid_on_hung = [i for i, w in streaming.items() if w == hung.id and i not in done]
+        pinned_future = pool.submit(chat, sticky_client, 999, max_tokens, extra_headers={"x-session-id": pin})
         outcomes = [f.result(timeout=60) for f in futures]
+        pinned = pinned_future.result(timeout=60)
 
     stalled = [o for o in outcomes if o.kind == "truncated"]
     entries = [e for e in access_entries(envoy) if e["start"] and e["start"] >= stop_wall - 0.5]
     retried = [e for e in entries if e["attempts"] >= 2 and e["code"] == "200"]
     retried_from_hung = [e for e in retried if e["endpoints"] and e["endpoints"][0] == hung.addr]
-    assert_whole_and_single_worker(outcomes)
+    assert_whole_and_single_worker(outcomes + [pinned])
     errors = [o.describe() for o in outcomes if o.kind == "error"]
     assert not errors, "client errors:\n" + "\n".join(errors)
     for o in stalled:
@@ -198,7 +219,12 @@ def test_d2_hang_sigstop(stack):
             assert o.kind == "completed", o.describe()
             if o.started > stop_mono + 0.05:
                 assert o.worker != hung.id, f"served by the stopped worker: {o.describe()}"
-    assert retried_from_hung, "no request was retried away from the stopped worker after per_try_timeout"
+    assert pinned.kind == "completed" and pinned.worker != hung.id, f"the pinned session's request: {pinned.describe()}"
+    pinned_entries = [e for e in access_entries(sticky) if e["start"] and e["start"] >= stop_wall]
+    assert len(pinned_entries) == 1, f"the pinned session's request in the access log: {pinned_entries}"
+    e = pinned_entries[0]
+    assert e["endpoints"][:1] == [hung.addr] and e["attempts"] >= 2 and e["code"] == "200" and e["upstream"] != hung.addr, \
+        f"the pinned session's request was not sent to {hung.id} first and retried elsewhere: {e}"
     unretried = [e for e in entries if e["start"] > stop_wall + 0.05 and e["endpoints"] and e["endpoints"][0] == hung.addr
                  and (e["attempts"] < 2 or e["upstream"] == hung.addr)]
     assert not unretried, f"requests first sent to the stopped worker were not retried elsewhere: {unretried[:3]}"
@@ -238,7 +264,8 @@ def test_d2_hang_sigstop(stack):
     wait_for(picked_again, 25, f"{hung.id} to be picked again after SIGCONT", interval=0.2)
     picked_after = time.monotonic() - cont_mono
     report(f"d2: {n} requests, {sum(o.kind == 'completed' for o in outcomes)} completed, "
-           f"{len(retried_from_hung)} retried after the {per_try:.0f}s TTFT budget and completed elsewhere, "
+           f"{len(retried_from_hung)} retried after the {per_try:.0f}s TTFT budget and completed elsewhere "
+           f"(and the request of a session placed on {hung.id} sent at the stop, through a second router), "
            f"{len(stalled)} stalled mid-stream (ended by the client's read timeout; {len(mid_on_hung)} were mid-stream on {hung.id} at the stop), "
            f"{sum(o.kind == 'error' for o in outcomes)} client errors; after the gate {len(gated)} requests, "
            f"0 to {hung.id}; after SIGCONT fresh in {fresh_after:.1f}s, picked again in {picked_after:.1f}s; "

@@ -107,7 +107,9 @@ pub fn rescue_tick(reg: &Rc<RefCell<Registry>>, view: &gpuha_liveness::FleetView
         }
         match (r, retry) {
             (Rescue::RetryNow | Rescue::RetryUnseen, Some((status, _body))) => {
-                mark_retried(status, true);
+                // No body can follow (the worker sends nothing): where Envoy has no attempt
+                // left, the picker answers in its place (`mark::RESCUED`).
+                mark_retried(status, true, mark::RESCUED);
                 if let Err(e) = hostcalls::resume_http_response() {
                     host::warn(&format!("gpuha guard: resume after rescue: {e:?}"));
                 }
@@ -126,13 +128,14 @@ pub fn rescue_tick(reg: &Rc<RefCell<Registry>>, view: &gpuha_liveness::FleetView
     }
 }
 
-/// Makes the held answer's headers a retryable `status` marked `retried`, for the OpenAI-shaped
-/// JSON body the caller sets (`json_body`) or for none.
-fn mark_retried(status: u16, json_body: bool) {
+/// Makes the held answer's headers a retryable `status` marked `mark` (`retried`, or `rescued`
+/// when no body follows), for the OpenAI-shaped JSON body the caller sets (`json_body`) or for
+/// none.
+fn mark_retried(status: u16, json_body: bool, mark: &str) {
     host::set_response_header(":status", Some(&status.to_string()));
     host::set_response_header("content-type", json_body.then_some("application/json"));
     host::set_response_header("content-length", None);
-    host::set_response_header(GUARD_HEADER, Some(mark::RETRIED));
+    host::set_response_header(GUARD_HEADER, Some(mark));
 }
 
 pub struct GuardCtx {
@@ -314,7 +317,7 @@ impl HttpContext for GuardCtx {
             }
             HeadersAction::Fail { status } => {
                 // Nothing of this attempt reached the client: a retryable status, no body.
-                mark_retried(status, false);
+                mark_retried(status, false, mark::RETRIED);
                 Action::Continue
             }
             HeadersAction::Hold => {
@@ -358,7 +361,7 @@ impl HttpContext for GuardCtx {
             }
             BodyAction::Fail { status, body } => {
                 // Nothing of this attempt reached the client: make it a retryable 5xx.
-                mark_retried(status, true);
+                mark_retried(status, true, mark::RETRIED);
                 host::set_body(BufferType::HttpResponseBody, size, &body);
                 Action::Continue
             }

@@ -8,6 +8,7 @@ use std::cell::RefCell;
 use std::rc::Rc;
 
 use gpuha_liveness::affinity::{Key, Outcome, Want, DEFAULT_SESSION_HEADER};
+use gpuha_liveness::attempt::mark;
 use gpuha_liveness::openai_error::{error_response, is_api_shaped};
 use gpuha_liveness::blame::{blame, parse_notes};
 use gpuha_liveness::pick::{panic_fill, pick_ranked, retries_for, stalled_fail_open, Decision};
@@ -24,7 +25,7 @@ use crate::config::{NoWorkerPolicy, PickerConfig};
 use crate::flights;
 use crate::host;
 use crate::stats::{inc, Stats, TierStats};
-use crate::{ENDPOINTS_HEADER, MAX_RETRIES_HEADER, PROBE_HEADER, REQUEST_KEY_HEADER};
+use crate::{ENDPOINTS_HEADER, GUARD_HEADER, MAX_RETRIES_HEADER, PROBE_HEADER, REQUEST_KEY_HEADER};
 
 pub struct Picker {
     cfg: Rc<PickerConfig>,
@@ -383,6 +384,13 @@ impl HttpContext for Picker {
         if let Some(s) = status {
             self.mark_tier(s);
         }
+        if let Some(s) = status.filter(|s| *s >= 500 && !end_of_stream) {
+            // Read on a 5xx only: the guard's rescue of an attempt held on a worker that shows no
+            // sign of life reached the client, so no attempt was left, and its body never comes.
+            if host::response_header(GUARD_HEADER).as_deref() == Some(mark::RESCUED) {
+                return self.answer_rescued(s);
+            }
+        }
         let rewrite = self.cfg.rewrite_local_replies && !end_of_stream && status.is_some_and(|s| s >= 400) && !is_api_shaped(host::response_header("content-type").as_deref());
         let Some(status) = status.filter(|_| rewrite) else {
             // Only a rewritten local reply needs the response body here.
@@ -423,6 +431,24 @@ impl HttpContext for Picker {
     }
 }
 
+
+impl Picker {
+    /// The guard rescued the request's last attempt (`mark::RESCUED`): answers the client now
+    /// with the retryable status and an OpenAI-shaped JSON error, in place of a body the stalled
+    /// worker never sends (the client would otherwise wait for it until its own timeout). Fails
+    /// open: if Envoy refuses the reply, the answer goes on as it is.
+    fn answer_rescued(&mut self, status: u16) -> Action {
+        let msg = "The worker stopped before the first token and no other attempt was left. Please retry.";
+        let mut r = error_response(status, msg, false, None, Some(self.cfg.retry_after_s));
+        r.headers.push((GUARD_HEADER.to_string(), mark::RESCUED.to_string()));
+        if host::send_response(r.status, &r.headers, &r.body) {
+            inc(self.stats.local_replies_rewritten);
+            return Action::Pause;
+        }
+        host::skip_response_body();
+        Action::Continue
+    }
+}
 
 /// The 413 message: the limit, and how the operator raises it.
 pub fn too_large_message(max_body_bytes: usize) -> String {

@@ -58,6 +58,11 @@ pub mod mark {
     pub const RETRIED: &str = "retried";
     /// The worker answered a 5xx before the first token.
     pub const FAILED: &str = "failed";
+    /// The guard handed a held attempt on a worker that shows no sign of life to a retry (the
+    /// stall rescue): a retryable status whose body never comes, since the worker sends
+    /// nothing more. Where it reaches the picker, no attempt was left, and the picker answers
+    /// in its place.
+    pub const RESCUED: &str = "rescued";
 }
 
 /// What the response-headers callback does.

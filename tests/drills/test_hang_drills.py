@@ -9,11 +9,14 @@ Each drill prints one line of figures (run with `-s`).
 
 from __future__ import annotations
 
+import json
 import re
 import signal
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
+
+import openai
 
 from gpuha_harness import access_entries, chat, filter_stat, make_client, wait_for
 from gpuha_harness import assert_whole_and_single_worker, report, summarize, warm_up
@@ -406,3 +409,44 @@ def test_engine_hang_while_idle(stack):
     assert len(probes) <= 2, f"{len(probes)} probes in {run_s:.0f} s (cool-down 5 s, doubled on each trip)"
     assert waits[-1] < 3.5, f"a request waited {waits[-1]:.2f} s for its first token (unseen after 2.5 s, frames every 0.5 s)"
     assert filter_stat(envoy, "stall_rescues") >= len(first_on_hung)
+
+
+def test_a_rescue_on_the_last_attempt_answers_at_once(stack):
+    """A streaming request whose last attempt is held on an engine hung while idle (200 and
+    headers at once, then nothing): the guard's rescue makes it a retryable 503, and with no
+    attempt left Envoy hands that to the client, with a body the worker never sends. The picker
+    answers in its place with an OpenAI-shaped 503 at once, ~2.5-3 s after the request reached the
+    worker (the idle-hang rescue), not at the client's own read timeout (20 s here: before, the
+    client waited for it). The router's lists hold one worker and no attempt past it. (A
+    non-streaming request gets no headers from a hung engine, so nothing is held: the per-try
+    timeout bounds it.)"""
+    stack.start_dnsd()
+    # The worker that hangs is the fastest, so an idle fleet's picks favour it.
+    workers = [stack.start_worker("w1", ttft_ms=40, tokens_per_s=200), stack.start_worker("w2", ttft_ms=5, tokens_per_s=200)]
+    stack.wait_fresh([w.id for w in workers])
+    hung = workers[1]
+    envoy = stack.start_pool_router(per_try_timeout="30s", picker_config=json.dumps({"pick": {"max_endpoints": 1, "retries_past_list": 0}}))
+    warm_up(stack, envoy)
+    assert chat(make_client(f"http://{hung.addr}/v1"), -2, 1).kind == "completed"
+    wait_for(lambda: stack.fleet_workers()[hung.id].get("ttft_ms") is not None, 10, "the hung worker's TTFT in the fleet view", interval=0.1)
+    wait_for(lambda: (stack.fleet_workers()[hung.id].get("running") or 0) == 0, 10, "the worker to be idle", interval=0.1)
+    hung.proc.signal(signal.SIGUSR1)
+    wait_for(lambda: "engine hung" in hung.proc.err_path.read_text(errors="replace"), 5, "fake-vllm to log its engine hang")
+    client = make_client(envoy.base_url, timeout=20)
+    # Until one request reaches the hung worker (the others complete on the other one).
+    done = []
+    for i in range(8):
+        done.append(chat(client, i, 3))
+        if done[-1].kind != "completed":
+            break
+    o = done[-1]
+    last = max((e for e in access_entries(envoy) if e["start"]), key=lambda e: e["start"])
+    waited = o.ended - o.started
+    report(f"rescue on the last attempt: request {len(done)} of a stream answered {getattr(o.error, 'status_code', None)} in "
+           f"{waited:.2f} s (access log: {last['code']} guard={last['guard']} attempts={last['attempts']}); the {len(done) - 1} "
+           f"before it {summarize(done[:-1])}; rescues {filter_stat(envoy, 'stall_rescues')}")
+    assert all(x.kind == "completed" for x in done[:-1]), [x.describe() for x in done]
+    assert isinstance(o.error, openai.InternalServerError) and o.error.status_code == 503, o.describe()
+    assert "no other attempt was left" in str(o.error), o.describe()
+    assert waited < 5.0, f"the client waited {waited:.2f} s for the rescued request's answer"
+    assert last["code"] == "503" and last["guard"] == "rescued" and last["endpoints"] == [hung.addr] and last["attempts"] == 1, last

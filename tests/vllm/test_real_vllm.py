@@ -26,6 +26,7 @@ import threading
 import time
 from typing import Optional
 
+import openai
 import pytest
 
 import gpuha_harness as harness
@@ -960,6 +961,68 @@ def test_engine_core_sigstop_hang(rig: Rig):
         for ld in bg_loads:
             ld.join(300)  # the survivor's direct long streams: not into the next drill
         record("drill hang", f"{time.monotonic() - t_start:.1f}s (includes any restart)")
+
+
+def test_engine_core_sigstop_last_attempt_rescue(rig: Rig):
+    """SIGSTOP of one server's EngineCore while it runs a stream, behind a router that knows only
+    that server and whose lists hold one worker and no attempt past it. A new stream sent to it
+    gets 200 and headers at once from its API server, then nothing; its frames keep coming with
+    frozen counters, so once the stall has lasted past the gate the guard's rescue makes the held
+    answer a retryable 503. With no attempt left Envoy hands that 503 to the client, and its
+    body never comes: the picker answers in its place with an OpenAI-shaped 503
+    (`x-gpuha-guard: rescued`), so the client gets an error it can retry within seconds of the
+    hang instead of waiting for its own timeout (60 s here; the per-try budget is 60 s too).
+    (Stopped while idle, this vLLM sent a new request no headers at all: only the per-try
+    budget ends that one.)"""
+    t_start = time.monotonic()
+    rig.ensure_up()
+    victim = "v1"
+    srv = rig.servers[victim]
+    one_attempt = json.dumps({"pick": {"max_endpoints": 1, "retries_past_list": 0, "affinity": {"enabled": False}}})
+    envoy = rig.envoy(per_try_timeout="60s", picker_config=one_attempt, only=[victim])
+    engines: list[int] = []
+    stopped = False
+    long_load = None
+    try:
+        warm_up(rig, envoy)
+        gen0 = gen_counters(rig)[victim]
+        # The busy engine's stream, straight to it (read in a child process: see the hang drill).
+        long_load = harness.ChildLoad(lambda: make_client(f"http://{srv.addr}/v1", timeout=120),
+                                      lambda c, i: chat(c, 5100, 0, 8192), 1)
+
+        def running_past_first_token() -> bool:
+            g = rig.try_gauges(victim, timeout=5)
+            return bool(g) and g.get("vllm:num_requests_running", 0) >= 1 and g.get("vllm:generation_tokens_total", 0) > gen0 + 8
+
+        wait_for(running_past_first_token, 120, "the victim's stream running past its first token", interval=0.2)
+        engines = srv.engine_core_pids()
+        assert engines, f"no EngineCore process in group {srv.pgid}: {srv.describe()}"
+        hang_mono = time.monotonic()
+        for p in engines:
+            vl.os.kill(p, signal.SIGSTOP)
+        stopped = True
+        o = chat(make_client(envoy.base_url, timeout=60), 5000, 1, 8)
+        answered = o.ended - hang_mono
+        entries = [e for e in harness.access_entries(envoy) if drill_idx(e["path"]) == o.idx]
+        report(f"COUNTS last-attempt rescue: a stream sent at the hang answered {getattr(o.error, 'status_code', None)} "
+               f"{answered:.2f}s after it ({[(e['code'], e['guard'], e['attempts']) for e in entries]}; {o.describe()}); "
+               f"stall_rescues {harness.filter_stat(envoy, 'stall_rescues')}")
+        assert isinstance(o.error, openai.InternalServerError) and o.error.status_code == 503, o.describe()
+        assert "no other attempt was left" in str(o.error), o.describe()
+        assert answered < 15.0, f"the client's answer came {answered:.2f}s after the hang"
+        assert len(entries) == 1 and entries[0]["guard"] == "rescued" and entries[0]["attempts"] == 1, entries
+    finally:
+        rig.stop_envoy(envoy)
+        if stopped:
+            for p in engines:
+                try:
+                    vl.os.kill(p, signal.SIGCONT)
+                except ProcessLookupError:
+                    pass
+            report(f"COUNTS last-attempt rescue cleanup: {resume_or_kill(rig, victim)}")
+        if long_load is not None:
+            long_load.join(300)
+        record("drill last-attempt rescue", f"{time.monotonic() - t_start:.1f}s (includes any restart)")
 
 
 def last_sign_of_life(view: harness.FleetSamples, wid: str, t0: float, t1: float) -> float:

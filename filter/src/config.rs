@@ -58,6 +58,13 @@ pub struct PickerConfig {
     /// Rewrite Envoy's own text/plain error replies (503 "no healthy upstream", resets,
     /// timeouts) into OpenAI-shaped errors.
     pub rewrite_local_replies: bool,
+    /// The per-try budget of a request that does not stream (sent as
+    /// `x-envoy-upstream-rq-per-try-timeout-ms`); 0: the route's. Envoy's per-try timeout runs
+    /// until the answer's headers, and a worker sends those of an answer that does not stream
+    /// only with the whole answer: the route's budget, a time to first token, would cut every
+    /// generation longer than it and retry it elsewhere (a healthy 8 s answer got a 504 after
+    /// two attempts of 5 s). A hung worker holds such a request this long before its retry.
+    pub non_stream_timeout_ms: u64,
     pub pick: PickConfig,
     pub breaker: BreakerConfig,
     /// The fallback chain after this router's own workers (`gpuha_liveness::tier`).
@@ -65,6 +72,11 @@ pub struct PickerConfig {
     /// How many spilled requests (from other pools' routers) this router's pool takes.
     pub spill_budget: SpillBudget,
 }
+
+/// [`PickerConfig::non_stream_timeout_ms`] by default: the HCM's `stream_idle_timeout` that
+/// `envoy/render.py` renders by default (an answer that does not stream sends no byte until it
+/// is whole, so that timeout bounds it too).
+pub const DEFAULT_NON_STREAM_TIMEOUT_MS: u64 = 300_000;
 
 impl Default for PickerConfig {
     fn default() -> Self {
@@ -79,6 +91,7 @@ impl Default for PickerConfig {
             retry_after_s: 1,
             stream_error_status: 503,
             rewrite_local_replies: true,
+            non_stream_timeout_ms: DEFAULT_NON_STREAM_TIMEOUT_MS,
             pick: PickConfig::default(),
             breaker: BreakerConfig::default(),
             tiers: Chain::default(),
@@ -208,6 +221,9 @@ impl Config {
                 }
                 if p.max_body_bytes == 0 {
                     return Err("max_body_bytes: must be > 0".into());
+                }
+                if p.non_stream_timeout_ms != 0 && p.non_stream_timeout_ms < 1_000 {
+                    return Err("non_stream_timeout_ms: 0 (the route's per-try timeout) or at least 1000".into());
                 }
                 status_ok(p.stream_error_status, "stream_error_status")?;
                 p.pick.validate()?;

@@ -42,6 +42,8 @@ pub const ENDPOINTS_HEADER: &str = "x-gpuha-endpoints";
 /// Request header stock Envoy's router reads as the request's retry count (it takes precedence
 /// over the route's `num_retries`).
 pub const MAX_RETRIES_HEADER: &str = "x-envoy-max-retries";
+/// The per-try budget of a request that does not stream ([`config::PickerConfig::non_stream_timeout_ms`]).
+pub const PER_TRY_TIMEOUT_HEADER: &str = "x-envoy-upstream-rq-per-try-timeout-ms";
 /// Request header telling the guard that this request carries a half-open probe.
 pub const PROBE_HEADER: &str = "x-gpuha-probe";
 /// The key of a request's shared-data slot (its noted failures): a random value the picker sets

@@ -25,7 +25,7 @@ use crate::config::{NoWorkerPolicy, PickerConfig};
 use crate::flights;
 use crate::host;
 use crate::stats::{inc, Stats, TierStats};
-use crate::{ENDPOINTS_HEADER, GUARD_HEADER, MAX_RETRIES_HEADER, PROBE_HEADER, REQUEST_KEY_HEADER};
+use crate::{ENDPOINTS_HEADER, GUARD_HEADER, MAX_RETRIES_HEADER, PER_TRY_TIMEOUT_HEADER, PROBE_HEADER, REQUEST_KEY_HEADER};
 
 pub struct Picker {
     cfg: Rc<PickerConfig>,
@@ -141,6 +141,12 @@ impl Picker {
 
     fn decide(&mut self, fields: RequestFields) -> Action {
         self.stream = fields.stream;
+        if !self.stream && self.cfg.non_stream_timeout_ms > 0 {
+            // Its headers come with the whole answer: the route's time-to-first-token budget
+            // would cut a healthy long generation (see `non_stream_timeout_ms`). Any value the
+            // client sent was removed at the request's headers.
+            host::add_request_header(PER_TRY_TIMEOUT_HEADER, &self.cfg.non_stream_timeout_ms.to_string());
+        }
         let model = fields.model;
         let now = host::now_ms();
         let Some((version, fetched, view)) = self.thread.borrow_mut().fleet() else {
@@ -315,17 +321,17 @@ fn hex16(v: u64) -> String {
 impl HttpContext for Picker {
     fn on_http_request_headers(&mut self, _n: usize, end_of_stream: bool) -> Action {
         // One host call for every header read here (not one per header).
-        const NAMES: &[&str] = &[ENDPOINTS_HEADER, PROBE_HEADER, MAX_RETRIES_HEADER, REQUEST_KEY_HEADER, ":path", SPILLED_HEADER, "content-type", DEFAULT_SESSION_HEADER];
+        const NAMES: &[&str] = &[ENDPOINTS_HEADER, PROBE_HEADER, MAX_RETRIES_HEADER, REQUEST_KEY_HEADER, PER_TRY_TIMEOUT_HEADER, ":path", SPILLED_HEADER, "content-type", DEFAULT_SESSION_HEADER];
         let h = host::Headers::read(MapType::HttpRequestHeaders, NAMES);
-        // Clients must not steer the load balancer or claim probes. Nor set the retry count:
-        // the picker sets it with a list, else the route's applies. (Envoy's HCM already strips
-        // it from requests it does not count as internal.) Nor name the request's notes.
-        for (i, name) in NAMES.iter().enumerate().take(4) {
+        // Clients must not steer the load balancer or claim probes. Nor set the retry count or
+        // the per-try budget: the picker sets them, else the route's apply. (Envoy's HCM already
+        // strips them from requests it does not count as internal.) Nor name the request's notes.
+        for (i, name) in NAMES.iter().enumerate().take(5) {
             if h.has(i) {
                 host::set_request_header(name, None);
             }
         }
-        let [path, spilled, content_type] = [4, 5, 6];
+        let [path, spilled, content_type] = [5, 6, 7];
         self.path = h.get(path).unwrap_or_default();
         self.spilled = h.has(spilled);
         self.content_type = h.get(content_type);

@@ -25,6 +25,8 @@ fn rejects_unknown_and_bad_values() {
     assert!(Config::parse(br#"{"role":"guard","unseen_after_ms":500}"#).unwrap_err().contains("unseen_after_ms"));
     assert!(Config::parse(br#"{"role":"guard","unseen_after_ms":3000}"#).is_ok());
     assert!(Config::parse(br#"{"role":"picker","poll_interval_ms":0}"#).unwrap_err().contains("poll_interval_ms"));
+    assert!(Config::parse(br#"{"role":"picker","non_stream_timeout_ms":500}"#).unwrap_err().contains("non_stream_timeout_ms"));
+    assert!(Config::parse(br#"{"role":"picker","non_stream_timeout_ms":0}"#).is_ok());
     assert!(Config::parse(b"not json").is_err());
 }
 

@@ -447,6 +447,46 @@ def test_a_client_cannot_steer_the_pick(stack):
         assert e["upstream"] in addrs and e["probe"] != decoy, e
 
 
+def test_a_long_answer_that_does_not_stream_completes(stack):
+    """A request that does not stream gets its headers only with the whole answer, and Envoy's
+    per-try timeout runs until the headers: the route's budget (5 s, a time to first token)
+    would cut every generation longer than it and retry it elsewhere, to a 504 once the
+    attempts run out. The picker gives such a request its own budget
+    (`non_stream_timeout_ms`, 300 s), so a healthy 8 s answer completes in one attempt, for the
+    chat and the completions API, even when the client sends its own 1 s per-try budget (removed,
+    like the other steering headers). With `non_stream_timeout_ms: 0` (the route's budget) the
+    same request is cut at 5 s on each worker: the defect this guards against."""
+    stack.start_dnsd()
+    stack.start_workers(2, ttft_ms=50, tokens_per_s=20)
+    envoy = stack.start_pool_router()
+    routes = stack.start_pool_router(name="route-budget", picker_config=json.dumps({"non_stream_timeout_ms": 0}))
+    warm_up(stack, envoy)
+    warm_up(stack, routes)
+    n_tokens = 160  # 8 s at 20 tokens/s
+    client = make_client(envoy.base_url, timeout=60)
+    steer = {"x-envoy-upstream-rq-per-try-timeout-ms": "1000"}
+    with ThreadPoolExecutor(max_workers=3) as pool:
+        chat_f = pool.submit(chat, client, 1, n_tokens, stream=False, extra_headers=steer)
+        t0 = time.monotonic()
+        comp_f = pool.submit(lambda: client.completions.create(model=MODEL, prompt="drill 2", max_tokens=n_tokens, stream=False))
+        cut_f = pool.submit(chat, make_client(routes.base_url, timeout=60), 3, n_tokens, stream=False)
+        long_chat = chat_f.result(timeout=60)
+        comp = comp_f.result(timeout=60)
+        comp_s = time.monotonic() - t0
+        cut = cut_f.result(timeout=60)
+    entries = [e for e in access_entries(envoy) if e["start"]][-2:]
+    cut_entry = max((e for e in access_entries(routes) if e["start"]), key=lambda e: e["start"])
+    report(f"answers that do not stream, {n_tokens} tokens at 20 tokens/s: chat {long_chat.describe()} in "
+           f"{long_chat.ended - long_chat.started:.1f}s; completions {comp.usage.completion_tokens} tokens in {comp_s:.1f}s; "
+           f"attempts {[e['attempts'] for e in entries]}; with the route's 5 s budget: {cut.describe()} in "
+           f"{cut.ended - cut.started:.1f}s (code {cut_entry['code']}, attempts {cut_entry['attempts']}, flags {cut_entry['flags']})")
+    assert long_chat.kind == "completed" and long_chat.completion_tokens in (None, n_tokens), long_chat.describe()
+    assert len(long_chat.tokens) == n_tokens, long_chat.describe()
+    assert comp.usage.completion_tokens == n_tokens, comp
+    assert all(e["code"] == "200" and e["attempts"] == 1 for e in entries), entries
+    assert cut.kind == "error" and cut_entry["code"] == "504" and "UT" in cut_entry["flags"], (cut.describe(), cut_entry)
+
+
 def test_abort_before_first_token_is_retried(stack):
     """A worker that ends every request before its first token with vLLM's own clean
     `finish_reason: "abort"` (what vLLM 0.26 sends to requests it aborts on SIGTERM: seen on the

@@ -253,6 +253,36 @@ def test_api_surface_same_through_the_router(rig: Rig):
     record("drill api-surface", f"{time.monotonic() - t_start:.1f}s")
 
 
+def test_a_long_answer_that_does_not_stream_completes(rig: Rig):
+    """A request that does not stream: vLLM sends its headers only with the whole answer, and
+    Envoy's per-try timeout runs until the headers. Through the router with the default budgets
+    (per-try 5 s: a time to first token), a 6000-token answer (~10 s on this CPU build) must
+    complete in one attempt, as directly: the picker gives requests that do not stream their
+    own budget (`non_stream_timeout_ms`). Before it, each attempt was cut at 5 s and the
+    request ended in a 504 after every server had generated for 5 s."""
+    t_start = time.monotonic()
+    rig.ensure_up()
+    envoy = rig.envoy()
+    try:
+        warm_up(rig, envoy)
+        client = make_client(envoy.base_url, timeout=300)
+        n_tokens = 6000
+        t0 = time.monotonic()
+        r = client.chat.completions.create(model=vllm_rig.MODEL, messages=[{"role": "user", "content": vllm_rig.PROMPTS[0]}],
+                                           max_tokens=n_tokens, temperature=0, stream=False, extra_body={"ignore_eos": True},
+                                           extra_query={"drill": "5200"})
+        took = time.monotonic() - t0
+        entries = [e for e in harness.access_entries(envoy) if drill_idx(e["path"]) == 5200]
+        report(f"COUNTS long answer, not streamed: {r.usage.completion_tokens} tokens in {took:.1f}s through the router "
+               f"(per-try 5 s for streams); access log {[(e['code'], e['attempts'], e['flags']) for e in entries]}")
+        assert r.usage.completion_tokens == n_tokens and r.choices[0].finish_reason == "length", r
+        assert len(entries) == 1 and entries[0]["code"] == "200" and entries[0]["attempts"] == 1, entries
+        assert took > 5.0, f"{took:.1f}s: not longer than the route's per-try budget, so this tested nothing"
+    finally:
+        rig.stop_envoy(envoy)
+        record("drill long answer, not streamed", f"{time.monotonic() - t_start:.1f}s")
+
+
 def test_d1_group_sigkill_mid_traffic(rig: Rig):
     """Process-group SIGKILL of one vLLM with streams past their first token and requests still
     queued: the queued ones complete on the other server (one clean response each), the started

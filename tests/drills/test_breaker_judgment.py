@@ -24,9 +24,13 @@ ERROR_BEFORE_TOKEN = ["--error-before-token"]
 
 
 def router_with_breaker(stack, threshold: int = 3, cooldown_ms: int = 30000, **render_opts):
-    """A pool router whose picker and guard share one breaker configuration."""
-    cfg = json.dumps({"breaker": {"failure_threshold": threshold, "cooldown_ms": cooldown_ms}})
-    return stack.start_pool_router(picker_config=cfg, guard_config=cfg, **render_opts)
+    """A pool router whose picker and guard share one breaker configuration. With a
+    `per_try_timeout`, that budget applies to every request: requests that do not stream too
+    (`non_stream_timeout_ms: 0`; by default they get the picker's own budget, which covers their
+    whole answer), so that the drills of per-try timeouts judge both kinds."""
+    breaker = {"failure_threshold": threshold, "cooldown_ms": cooldown_ms}
+    picker = {"breaker": breaker, **({"non_stream_timeout_ms": 0} if "per_try_timeout" in render_opts else {})}
+    return stack.start_pool_router(picker_config=json.dumps(picker), guard_config=json.dumps({"breaker": breaker}), **render_opts)
 
 
 def test_worker_failing_where_others_serve_is_charged(stack):

@@ -981,12 +981,7 @@ def test_engine_core_sigstop_hang(rig: Rig):
         rig.stop_envoy(envoy)
         rig.stop_envoy(long_envoy)
         if stopped:
-            for p in engines:
-                try:
-                    vl.os.kill(p, signal.SIGCONT)
-                except ProcessLookupError:
-                    pass
-            cont_note = resume_or_kill(rig, victim)
+            cont_note = cont_engines(rig, victim, engines)
             report(f"COUNTS hang cleanup: {cont_note}")
         for ld in bg_loads:
             ld.join(300)  # the survivor's direct long streams: not into the next drill
@@ -1044,12 +1039,7 @@ def test_engine_core_sigstop_last_attempt_rescue(rig: Rig):
     finally:
         rig.stop_envoy(envoy)
         if stopped:
-            for p in engines:
-                try:
-                    vl.os.kill(p, signal.SIGCONT)
-                except ProcessLookupError:
-                    pass
-            report(f"COUNTS last-attempt rescue cleanup: {resume_or_kill(rig, victim)}")
+            report(f"COUNTS last-attempt rescue cleanup: {cont_engines(rig, victim, engines)}")
         if long_load is not None:
             long_load.join(300)
         record("drill last-attempt rescue", f"{time.monotonic() - t_start:.1f}s (includes any restart)")
@@ -1094,6 +1084,16 @@ def view_timeline(view: harness.FleetSamples, t0: float, t1: float) -> str:
     failed = [f"{t - t0:+.1f}s {why}" for t, why in view.failures if t0 <= t <= t1]
     out.append(f"{len(times)} samples, longest gap {max(gaps, default=0.0):.1f}s, {len(failed)} reads failed {failed[:6]}")
     return "; ".join(out) or "no samples"
+
+
+def cont_engines(rig: Rig, wid: str, engines: list[int]) -> str:
+    """SIGCONT to the stopped EngineCore processes of `wid`, then `resume_or_kill`."""
+    for p in engines:
+        try:
+            vl.os.kill(p, signal.SIGCONT)
+        except ProcessLookupError:
+            pass
+    return resume_or_kill(rig, wid)
 
 
 def resume_or_kill(rig: Rig, wid: str, timeout: float = 30.0) -> str:

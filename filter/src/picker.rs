@@ -297,6 +297,22 @@ impl Picker {
             None => {}
         }
     }
+
+    /// The guard rescued the request's last attempt (`mark::RESCUED`): answers the client now
+    /// with the retryable status and an OpenAI-shaped JSON error, in place of a body the stalled
+    /// worker never sends (the client would otherwise wait for it until its own timeout). Fails
+    /// open: if Envoy refuses the reply, the answer goes on as it is.
+    fn answer_rescued(&mut self, status: u16) -> Action {
+        let msg = "The worker stopped before the first token and no other attempt was left. Please retry.";
+        let mut r = error_response(status, msg, false, None, Some(self.cfg.retry_after_s));
+        r.headers.push((GUARD_HEADER.to_string(), mark::RESCUED.to_string()));
+        if host::send_response(r.status, &r.headers, &r.body) {
+            inc(self.stats.local_replies_rewritten);
+            return Action::Pause;
+        }
+        host::skip_response_body();
+        Action::Continue
+    }
 }
 
 impl Context for Picker {
@@ -437,24 +453,6 @@ impl HttpContext for Picker {
     }
 }
 
-
-impl Picker {
-    /// The guard rescued the request's last attempt (`mark::RESCUED`): answers the client now
-    /// with the retryable status and an OpenAI-shaped JSON error, in place of a body the stalled
-    /// worker never sends (the client would otherwise wait for it until its own timeout). Fails
-    /// open: if Envoy refuses the reply, the answer goes on as it is.
-    fn answer_rescued(&mut self, status: u16) -> Action {
-        let msg = "The worker stopped before the first token and no other attempt was left. Please retry.";
-        let mut r = error_response(status, msg, false, None, Some(self.cfg.retry_after_s));
-        r.headers.push((GUARD_HEADER.to_string(), mark::RESCUED.to_string()));
-        if host::send_response(r.status, &r.headers, &r.body) {
-            inc(self.stats.local_replies_rewritten);
-            return Action::Pause;
-        }
-        host::skip_response_body();
-        Action::Continue
-    }
-}
 
 /// The 413 message: the limit, and how the operator raises it.
 pub fn too_large_message(max_body_bytes: usize) -> String {

@@ -38,7 +38,7 @@ pub struct Registry {
 struct Tracked {
     addr: Rc<str>,
     attempt: Rc<RefCell<Attempt>>,
-    /// When the guard began holding it (local clock).
+    /// When the guard began holding it (local clock; its start until then).
     held_since: u64,
 }
 
@@ -84,7 +84,15 @@ pub fn rescue_tick(reg: &Rc<RefCell<Registry>>, view: &gpuha_liveness::FleetView
             let age = w.map(|w| effective_age_ms(w, vouched, now));
             let stalled_for = reg.stalls.observe(&t.addr, shows_no_life(age, w.is_some_and(|w| w.stalled), view_age, &rcfg), now);
             let a = t.attempt.borrow();
-            let mut r = rescue(a.is_held(), a.is_released(), stalled_for, &rcfg);
+            // An attempt that has no header yet can be answered only by a host that sends an
+            // answer as its worker would (the native build): on Envoy's Wasm host its per-try
+            // budget stays in charge.
+            let before_token = a.is_held() || (a.awaits_headers() && host::can_answer_as_upstream());
+            let mut r = rescue(before_token, a.is_released(), stalled_for, &rcfg);
+            // Only for held headers: a worker sends them once its engine has the request (vLLM
+            // prepares a request, its images fetched and its prompt tokenized, before it answers
+            // the headers of a stream). A request awaiting its headers may still be in that
+            // preparation, which an idle engine's numbers cannot show.
             if r.is_none() && a.is_held() && view_age <= rcfg.gate_ms {
                 // An engine that hung while idle: its frames still say idle although it holds our request.
                 let invisible = w.is_some_and(|w| {
@@ -100,12 +108,14 @@ pub fn rescue_tick(reg: &Rc<RefCell<Registry>>, view: &gpuha_liveness::FleetView
         reg.stalls.retain(|a| tracked.contains(a));
     }
     for (id, r, attempt, addr) in todo {
+        let no_headers = attempt.borrow().awaits_headers();
         let retry = attempt.borrow_mut().on_worker_stalled(r);
         if let Err(e) = hostcalls::set_effective_context(id) {
             host::debug(&format!("gpuha guard: rescue of context {id}: {e:?}"));
             continue;
         }
         match (r, retry) {
+            (Rescue::RetryNow | Rescue::RetryUnseen, Some((status, _body))) if no_headers => answer_for_worker(status, &addr, stats),
             (Rescue::RetryNow | Rescue::RetryUnseen, Some((status, _body))) => {
                 // No body can follow (the worker sends nothing): where Envoy has no attempt
                 // left, the picker answers in its place (`mark::RESCUED`).
@@ -128,6 +138,19 @@ pub fn rescue_tick(reg: &Rc<RefCell<Registry>>, view: &gpuha_liveness::FleetView
     }
 }
 
+/// Answers a rescued attempt whose headers never came (an answer that does not stream, which a
+/// worker sends whole) for its worker: a retryable `status` the router retries like the worker's
+/// own. No body follows: where Envoy has no attempt left, the picker answers in its place
+/// (`mark::RESCUED`). Only asked of a host that can (`host::can_answer_as_upstream`).
+fn answer_for_worker(status: u16, addr: &str, stats: &Stats) {
+    if host::answer_as_upstream(status, mark::RESCUED) {
+        inc(stats.stall_rescues);
+        host::log(proxy_wasm::types::LogLevel::Info, &format!("gpuha: worker {addr} shows no sign of life: attempt with no answer yet handed to a retry"));
+    } else {
+        host::warn(&format!("gpuha guard: rescue of an attempt on {addr}: the host did not answer it; its per-try budget decides"));
+    }
+}
+
 /// Makes the held answer's headers a retryable `status` marked `mark` (`retried`, or `rescued`
 /// when no body follows), for the OpenAI-shaped JSON body the caller sets (`json_body`) or for
 /// none.
@@ -145,6 +168,8 @@ pub struct GuardCtx {
     stats: Stats,
     /// Shared with the registry while tracked.
     attempt: Rc<RefCell<Attempt>>,
+    /// Whether the registry has it.
+    tracked: bool,
     /// The worker whose half-open probe this request carries, if any.
     probe_for: Option<String>,
     /// The attempt's worker (read once; shared, not copied, with the registry and the charge).
@@ -160,7 +185,7 @@ pub struct GuardCtx {
 impl GuardCtx {
     pub fn new(id: u32, registry: Rc<RefCell<Registry>>, cfg: Rc<GuardConfig>, stats: Stats, tier_attempts: Rc<TierStats>) -> Self {
         let attempt = Rc::new(RefCell::new(Attempt::new(AttemptConfig { max_held_bytes: cfg.max_held_bytes, retry_status: cfg.retry_status }, "")));
-        GuardCtx { id, registry, cfg, stats, attempt, probe_for: None, addr: None, request_id: None, started: 0, budget_ms: None, tier_attempts }
+        GuardCtx { id, registry, cfg, stats, attempt, tracked: false, probe_for: None, addr: None, request_id: None, started: 0, budget_ms: None, tier_attempts }
     }
 
     /// Whether this attempt went to a tier of the chain (another router, an adapter listener)
@@ -170,14 +195,16 @@ impl GuardCtx {
         self.cfg.tiers.tier_of(&addr).is_some()
     }
 
-    /// Lets the rescue tick see this attempt while it holds or streams.
+    /// Lets the rescue tick see this attempt from its start (a judged API) until Envoy is done
+    /// with it: awaiting its answer, held, or streaming.
     fn track(&mut self) {
         // Tier endpoints are not in the fleet view: absent there is not silence.
-        if !self.cfg.rescue || self.on_tier() {
+        if self.tracked || !self.cfg.rescue || self.on_tier() {
             return;
         }
         if let Some(addr) = self.upstream_addr() {
-            self.registry.borrow_mut().attempts.insert(self.id, Tracked { addr, attempt: self.attempt.clone(), held_since: host::now_ms() });
+            self.registry.borrow_mut().attempts.insert(self.id, Tracked { addr, attempt: self.attempt.clone(), held_since: self.started });
+            self.tracked = true;
         }
     }
 
@@ -292,6 +319,10 @@ impl HttpContext for GuardCtx {
         self.started = host::now_ms();
         let path = path.unwrap_or_default();
         *self.attempt.borrow_mut() = Attempt::new(AttemptConfig { max_held_bytes: self.cfg.max_held_bytes, retry_status: self.cfg.retry_status }, &path);
+        if self.attempt.borrow().api().is_some() {
+            // From now: a worker that hangs sends no header to an answer that does not stream.
+            self.track();
+        }
         Action::Continue
     }
 
@@ -323,6 +354,9 @@ impl HttpContext for GuardCtx {
             HeadersAction::Hold => {
                 host::set_response_header(GUARD_HEADER, Some(mark::RELEASED));
                 self.track();
+                if let Some(t) = self.registry.borrow_mut().attempts.get_mut(&self.id) {
+                    t.held_since = host::now_ms();
+                }
                 // Needs allow_on_headers_stop_iteration (see the README).
                 Action::Pause
             }

@@ -228,6 +228,10 @@ const SKIP_RESPONSE_BODY: &str = "gpuha.skip_response_body";
 /// `NotFound`.
 const PASS_CLEAN_RESPONSE_CHUNKS: &str = "gpuha.pass_clean_response_chunks";
 
+/// The host call that answers the calling context's attempt as its upstream would, with a status
+/// and a mark and no body (the native build defines it; Envoy's Wasm host answers `NotFound`).
+const ANSWER_AS_UPSTREAM: &str = "gpuha.answer_as_upstream";
+
 /// The host call that says a single header read is a plain function call on this host (the
 /// native build defines it; Envoy's Wasm host answers `NotFound`).
 const SINGLE_HEADER_READS: &str = "gpuha.single_header_reads";
@@ -243,6 +247,8 @@ thread_local! {
     static PASSES_CLEAN: Cell<Option<bool>> = const { Cell::new(None) };
     /// Whether single header reads are cheap on this host (`None`: not asked yet).
     static SINGLE_READS: Cell<Option<bool>> = const { Cell::new(None) };
+    /// Whether this host answers an attempt as its upstream would (`None`: not asked yet).
+    static ANSWERS: Cell<Option<bool>> = const { Cell::new(None) };
 }
 
 /// Whether this host reads one header with a plain function call ([`Headers`]); asked once per
@@ -271,6 +277,28 @@ pub fn skip_response_body() {
 /// [`skip_response_body`].
 pub fn pass_clean_response_chunks() {
     hint(PASS_CLEAN_RESPONSE_CHUNKS, &PASSES_CLEAN);
+}
+
+/// Answers the calling context's attempt (the guard's, an upstream filter's) with `status`, no
+/// body and `mark` in [`crate::GUARD_HEADER`], as if its worker had sent them: the router's retry
+/// policy then judges it as the worker's own answer. Whether the host did: only the native build
+/// can (Envoy's Wasm host has no such call, and a local reply of an upstream filter goes to the
+/// client, not through the router's retries).
+pub fn answer_as_upstream(status: u16, mark: &str) -> bool {
+    let mut args = status.to_le_bytes().to_vec();
+    args.extend_from_slice(mark.as_bytes());
+    hostcalls::call_foreign_function(ANSWER_AS_UPSTREAM, Some(&args)).is_ok()
+}
+
+/// Whether this host can [`answer_as_upstream`]; asked once per thread (an empty ask is refused
+/// as a bad argument by a host that has the call, `NotFound` by one that has not).
+pub fn can_answer_as_upstream() -> bool {
+    if let Some(known) = ANSWERS.with(Cell::get) {
+        return known;
+    }
+    let can = !matches!(hostcalls::call_foreign_function(ANSWER_AS_UPSTREAM, None), Err(Status::NotFound));
+    ANSWERS.with(|a| a.set(Some(can)));
+    can
 }
 
 /// Calls the foreign function `name` (no argument, no answer) unless this thread's host already

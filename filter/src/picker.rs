@@ -406,9 +406,10 @@ impl HttpContext for Picker {
         if let Some(s) = status {
             self.mark_tier(s);
         }
-        if let Some(s) = status.filter(|s| *s >= 500 && !end_of_stream) {
-            // Read on a 5xx only: the guard's rescue of an attempt held on a worker that shows no
-            // sign of life reached the client, so no attempt was left, and its body never comes.
+        if let Some(s) = status.filter(|s| *s >= 500) {
+            // Read on a 5xx only: the guard's rescue of an attempt on a worker that shows no sign
+            // of life reached the client, so no attempt was left, and it has no body (it ends
+            // here, or it never comes: held headers).
             if host::response_header(GUARD_HEADER).as_deref() == Some(mark::RESCUED) {
                 return self.answer_rescued(s);
             }

@@ -288,11 +288,12 @@ impl StallClock {
     }
 }
 
-/// What to do with an attempt (`held`: before its first token; `released`: past it) whose
-/// worker has shown no sign of life for `stalled_for_ms` (`None`: it is alive, or unknown).
-pub fn rescue(held: bool, released: bool, stalled_for_ms: Option<u64>, cfg: &RescueConfig) -> Option<Rescue> {
+/// What to do with an attempt whose worker has shown no sign of life for `stalled_for_ms`
+/// (`None`: it is alive, or unknown). `before_token`: nothing of it reached the client yet, its
+/// headers held or not come ([`Attempt::before_first_token`]); `released`: past its first token.
+pub fn rescue(before_token: bool, released: bool, stalled_for_ms: Option<u64>, cfg: &RescueConfig) -> Option<Rescue> {
     let stalled_for = stalled_for_ms?;
-    if held {
+    if before_token {
         (stalled_for >= cfg.rescue_held_after_ms).then_some(Rescue::RetryNow)
     } else if released && stalled_for >= cfg.end_stream_after_ms {
         Some(Rescue::EndStream)
@@ -356,6 +357,9 @@ enum Phase {
     WorkerStatus(u16),
     /// The guard rewrote this attempt into its own error; the rest is dropped.
     Rewritten(FailReason),
+    /// The guard answered this attempt itself before any header came (a rescue,
+    /// [`Attempt::awaits_headers`]): its own answer passes.
+    Answered(FailReason),
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -414,7 +418,7 @@ impl Attempt {
         match &self.phase {
             Phase::Guarding(g) => g.is_released(),
             Phase::Passing { .. } | Phase::WorkerStatus(_) => true,
-            Phase::AwaitingHeaders | Phase::Rewritten(_) => false,
+            Phase::AwaitingHeaders | Phase::Rewritten(_) | Phase::Answered(_) => false,
         }
     }
 
@@ -466,15 +470,29 @@ impl Attempt {
         matches!(&self.phase, Phase::Guarding(g) if !g.is_released())
     }
 
+    /// Whether the response's headers have not come yet (a worker sends them for an answer that
+    /// does not stream only with the whole answer; vLLM 0.32 with its engine hung while idle
+    /// sends none at all).
+    pub fn awaits_headers(&self) -> bool {
+        !self.reported && self.rescued.is_none() && matches!(self.phase, Phase::AwaitingHeaders)
+    }
+
+    /// Whether nothing of the attempt can have reached the client: its headers held, or not come.
+    pub fn before_first_token(&self) -> bool {
+        self.is_held() || self.awaits_headers()
+    }
+
     /// The worker stopped showing signs of life; `r` is what [`rescue`] decided and the glue
-    /// is about to do. For [`Rescue::RetryNow`] returns the status and body the held response
-    /// becomes (the glue sets them on the held headers, marks them `retried` and resumes).
+    /// is about to do. For [`Rescue::RetryNow`] returns the status and body the attempt's answer
+    /// becomes: the glue sets them on held headers, marks them `retried` and resumes, or, where
+    /// no headers came ([`Attempt::awaits_headers`]), answers the attempt with them itself.
     pub fn on_worker_stalled(&mut self, r: Rescue) -> Option<(u16, Vec<u8>)> {
         if self.reported || self.rescued.is_some() {
             return None;
         }
         match r {
-            Rescue::RetryNow | Rescue::RetryUnseen if self.is_held() => {
+            Rescue::RetryNow | Rescue::RetryUnseen if self.before_first_token() => {
+                let no_headers = self.awaits_headers();
                 self.rescued = Some(r);
                 let (reason, charge) = if r == Rescue::RetryUnseen {
                     // Freshness cannot see an engine hung while idle (its numbers froze at zero):
@@ -490,7 +508,7 @@ impl Attempt {
                 };
                 self.decide(charge);
                 let body = error_json(self.cfg.retry_status, &format!("The worker stopped before the first token: {}", reason.label())).into_bytes();
-                self.phase = Phase::Rewritten(reason);
+                self.phase = if no_headers { Phase::Answered(reason) } else { Phase::Rewritten(reason) };
                 Some((self.cfg.retry_status, body))
             }
             Rescue::EndStream if self.is_released() => {
@@ -511,7 +529,7 @@ impl Attempt {
             && match &self.phase {
                 Phase::Guarding(g) => g.passes_clean_chunks(),
                 Phase::Passing { .. } | Phase::WorkerStatus(_) => true,
-                Phase::AwaitingHeaders | Phase::Rewritten(_) => false,
+                Phase::AwaitingHeaders | Phase::Rewritten(_) | Phase::Answered(_) => false,
             }
     }
 
@@ -535,7 +553,7 @@ impl Attempt {
         }
         let retry_status = self.cfg.retry_status;
         match &mut self.phase {
-            Phase::AwaitingHeaders | Phase::Passing { .. } | Phase::WorkerStatus(_) => BodyAction::Pass,
+            Phase::AwaitingHeaders | Phase::Passing { .. } | Phase::WorkerStatus(_) | Phase::Answered(_) => BodyAction::Pass,
             Phase::Rewritten(_) => BodyAction::Drop,
             Phase::Guarding(g) => {
                 let bytes = match chunk {
@@ -584,7 +602,7 @@ impl Attempt {
             return false;
         }
         match &self.phase {
-            Phase::Passing { .. } | Phase::WorkerStatus(_) | Phase::Rewritten(_) => false,
+            Phase::Passing { .. } | Phase::WorkerStatus(_) | Phase::Rewritten(_) | Phase::Answered(_) => false,
             Phase::Guarding(g) if g.is_released() => !(self.saw_end && self.rescued.is_none()),
             Phase::Guarding(_) | Phase::AwaitingHeaders => true,
         }
@@ -606,7 +624,7 @@ impl Attempt {
             Phase::Passing { status } => Outcome::Passed { status: *status },
             Phase::WorkerStatus(s) if self.api.is_none() => Outcome::Passed { status: *s },
             Phase::WorkerStatus(s) => Outcome::FailedBeforeFirstToken(FailReason::Status(*s)),
-            Phase::Rewritten(r) => Outcome::FailedBeforeFirstToken(r.clone()),
+            Phase::Rewritten(r) | Phase::Answered(r) => Outcome::FailedBeforeFirstToken(r.clone()),
             Phase::Guarding(g) if g.is_released() => {
                 if self.saw_end && self.rescued.is_none() {
                     Outcome::Served

@@ -349,6 +349,20 @@ impl Filter {
         unsafe { abi::envoy_dynamic_module_callback_http_send_response(self.0, status, hs.as_mut_ptr(), hs.len(), abi::ModuleBuffer::from_bytes(body), abi::ModuleBuffer::from_bytes(details)) }
     }
 
+    /// An answer with no body (`status` and `headers`), sent from the filter's place as if it
+    /// came from upstream: in an upstream filter the router takes it as the worker's own (its
+    /// retry policy applies), where a local reply would go to the client.
+    pub fn send_upstream_answer(self, status: u32, headers: &[(&[u8], &[u8])]) {
+        let status = status.to_string();
+        let mut hs: Vec<abi::ModuleHttpHeader> = std::iter::once((&b":status"[..], status.as_bytes()))
+            .chain(headers.iter().copied())
+            .map(|(k, v)| abi::ModuleHttpHeader { key_ptr: k.as_ptr().cast(), key_length: k.len(), value_ptr: v.as_ptr().cast(), value_length: v.len() })
+            .collect();
+        // SAFETY: live filter, on its worker thread; Envoy copies the headers during the call,
+        // which runs the response path and ends the stream (nothing of the filter is used after).
+        unsafe { abi::envoy_dynamic_module_callback_http_send_response_headers(self.0, hs.as_mut_ptr(), hs.len(), true) }
+    }
+
     pub fn continue_decoding(self) {
         // SAFETY: live filter, on its worker thread.
         unsafe { abi::envoy_dynamic_module_callback_http_filter_continue_decoding(self.0) }

@@ -347,11 +347,18 @@ fn ending(f: Filter) -> Option<crate::hooks::Ending> {
 ///   response-body chunks untouched while each is clean (`gpuha_liveness::sse::clean_tail`) and
 ///   does not end the stream (`gpuha_filter::host::pass_clean_response_chunks`). Those are
 ///   answered `Continue` without entering the SDK, until one is not ([`crate::hooks`]).
+///
+/// - `gpuha.answer_as_upstream`: answers the calling context's attempt with a status and no
+///   body, marked `x-gpuha-guard` (`args`: the status as two bytes, little-endian, then the
+///   mark), sent from the filter's place as the worker's own answer
+///   ([`crate::dm::Filter::send_upstream_answer`]): in the guard, an upstream filter, the router
+///   retries it by its policy. `BadArgument` outside an HTTP context or for other `args`.
 #[no_mangle]
 pub extern "C" fn proxy_call_foreign_function(name: *const u8, name_size: usize, args: *const u8, args_size: usize, data: *mut *mut u8, size: *mut usize) -> u32 {
     let body = match slice(name, name_size) {
         b"gpuha.single_header_reads" => return OK,
         b"gpuha.read_headers" => return read_headers(slice(args, args_size), data, size),
+        b"gpuha.answer_as_upstream" => return answer_as_upstream(slice(args, args_size)),
         b"gpuha.skip_response_body" => Body::Skip,
         b"gpuha.pass_clean_response_chunks" => Body::PassClean,
         _ => return NOT_FOUND,
@@ -363,6 +370,16 @@ pub extern "C" fn proxy_call_foreign_function(name: *const u8, name_size: usize,
         }
         None => BAD_ARGUMENT,
     }
+}
+
+fn answer_as_upstream(args: &[u8]) -> u32 {
+    let (Some(f), Some((status, mark))) = (with(Cur::filter), args.split_first_chunk::<2>()) else { return BAD_ARGUMENT };
+    let status = u16::from_le_bytes(*status);
+    if !(100..=999).contains(&status) {
+        return BAD_ARGUMENT;
+    }
+    f.send_upstream_answer(u32::from(status), &[(gpuha_filter::GUARD_HEADER.as_bytes(), mark)]);
+    OK
 }
 
 fn read_headers(ask: &[u8], data: *mut *mut u8, size: *mut usize) -> u32 {

@@ -20,6 +20,7 @@ import openai
 
 from gpuha_harness import access_entries, chat, filter_stat, make_client, wait_for
 from gpuha_harness import assert_whole_and_single_worker, report, summarize, warm_up
+from gpuha_harness.env import filter_build
 
 
 def test_engine_hang_with_metrics_answering(stack):
@@ -418,8 +419,8 @@ def test_a_rescue_on_the_last_attempt_answers_at_once(stack):
     answers in its place with an OpenAI-shaped 503 at once, ~2.5-3 s after the request reached the
     worker (the idle-hang rescue), not at the client's own read timeout (20 s here: before, the
     client waited for it). The router's lists hold one worker and no attempt past it. (A
-    non-streaming request gets no headers from a hung engine, so nothing is held: the per-try
-    timeout bounds it.)"""
+    non-streaming request gets no headers from a hung engine, so nothing is held: see
+    `test_an_answer_that_does_not_stream_is_rescued_from_a_hung_engine`.)"""
     stack.start_dnsd()
     # The worker that hangs is the fastest, so an idle fleet's picks favour it.
     workers = [stack.start_worker("w1", ttft_ms=40, tokens_per_s=200), stack.start_worker("w2", ttft_ms=5, tokens_per_s=200)]
@@ -450,3 +451,67 @@ def test_a_rescue_on_the_last_attempt_answers_at_once(stack):
     assert "no other attempt was left" in str(o.error), o.describe()
     assert waited < 5.0, f"the client waited {waited:.2f} s for the rescued request's answer"
     assert last["code"] == "503" and last["guard"] == "rescued" and last["endpoints"] == [hung.addr] and last["attempts"] == 1, last
+
+
+def test_an_answer_that_does_not_stream_is_rescued_from_a_hung_engine(stack):
+    """Requests that do not stream get no header from their worker until the whole answer, so on
+    an engine that hangs mid-answer the guard held nothing to rescue, and each waited out its
+    per-try budget (`non_stream_timeout_ms`, 300 s by default, 20 s here). The guard now follows
+    such an attempt from its start. With the native filter, once the worker shows no sign of life
+    (stalled, 2 s past the 3 s gate) the attempt is answered for the worker with a retryable 503,
+    which the router retries on the other worker: the client gets a whole answer ~16 s after the
+    hang (~6 s to the rescue, 10 s of generation), and with no attempt left an OpenAI-shaped 503
+    at ~6 s. Envoy's Wasm host cannot answer for the worker (an upstream filter's local reply goes
+    to the client, not through the router's retries): there the per-try budget still decides, and
+    the drill shows that bound (retried at 20 s; a 504 with no attempt left)."""
+    native = filter_build() == "native"
+    stack.start_dnsd()
+    workers = stack.start_workers(2, ttft_ms=50, tokens_per_s=20)
+    hung = workers[1]
+    budget_s = 20.0
+    envoy = stack.start_pool_router(picker_config=json.dumps({"non_stream_timeout_ms": int(budget_s * 1000)}))
+    last = stack.start_pool_router(name="one-attempt", picker_config=json.dumps(
+        {"non_stream_timeout_ms": int(budget_s * 1000), "pick": {"max_endpoints": 1, "retries_past_list": 0}}))
+    warm_up(stack, envoy)
+    warm_up(stack, last)
+    n_tokens = 200  # 10 s at 20 tokens/s
+    client = make_client(envoy.base_url, timeout=60)
+    one_attempt = make_client(last.base_url, timeout=60)
+    sent_wall = time.time()
+    with ThreadPoolExecutor(max_workers=8) as pool:
+        futures = [pool.submit(chat, client, i, n_tokens, stream=False) for i in range(4)]
+        futures += [pool.submit(chat, one_attempt, 10 + i, n_tokens, stream=False) for i in range(4)]
+        wait_for(lambda: min(requests_running(w) for w in workers) >= 2, 10, "answers running on both workers", interval=0.1)
+        hang_mono, hang_wall = time.monotonic(), time.time()
+        hung.proc.signal(signal.SIGUSR1)
+        wait_for(lambda: "engine hung" in hung.proc.err_path.read_text(errors="replace"), 5, "fake-vllm to log its engine hang")
+        outcomes = [f.result(timeout=90) for f in futures]
+    # The drill's requests (not the warm-up's) first sent to the hung worker.
+    def on_hung(e: dict) -> bool:
+        return e["start"] is not None and sent_wall - 0.01 <= e["start"] < hang_wall and e["endpoints"][:1] == [hung.addr]
+    retried = [e for e in access_entries(envoy) if on_hung(e)]
+    answered = [e for e in access_entries(last) if on_hung(e)]
+    via_retry, alone = outcomes[:4], outcomes[4:]
+    cut = [o for o in alone if o.kind != "completed"]
+    rescues = filter_stat(envoy, "stall_rescues") + filter_stat(last, "stall_rescues")
+    done_s = max(o.ended for o in via_retry) - hang_mono
+    report(f"answers that do not stream on a hung engine ({filter_build()}): with a retry {summarize(via_retry)}, the last done "
+           f"{done_s:.1f} s after the hang (access log {[(e['code'], e['attempts']) for e in retried]}); with no attempt left "
+           f"{summarize(alone)}: {[(round(o.ended - hang_mono, 1), getattr(o.error, 'status_code', None)) for o in cut]} "
+           f"(access log {[(e['code'], e['guard']) for e in answered]}); rescues {rescues}")
+    assert retried and cut, "no request was on the hung worker: the drill tested nothing"
+    assert all(o.kind == "completed" and len(o.tokens) == n_tokens for o in via_retry), [o.describe() for o in via_retry]
+    assert all(e["code"] == "200" and e["attempts"] == 2 and e["upstream"] != hung.addr for e in retried), retried
+    if native:
+        assert done_s < budget_s, f"the last rescued answer came {done_s:.1f} s after the hang: its attempt waited out its budget"
+        assert rescues >= len(retried) + len(cut)
+        for o in cut:
+            assert isinstance(o.error, openai.InternalServerError) and o.error.status_code == 503, o.describe()
+            assert "no other attempt was left" in str(o.error), o.describe()
+            assert o.ended - hang_mono < 10.0, f"the client waited {o.ended - hang_mono:.1f} s after the hang for its 503"
+        assert len(answered) == len(cut) and all(e["code"] == "503" and e["guard"] == "rescued" for e in answered), answered
+    else:
+        assert done_s > budget_s, f"Wasm: answered {done_s:.1f} s after the hang, before the per-try budget: this drill's premise changed"
+        assert rescues == 0
+        for o in cut:
+            assert isinstance(o.error, openai.APIStatusError) and o.error.status_code == 504, o.describe()

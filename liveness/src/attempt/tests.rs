@@ -410,7 +410,7 @@ fn rescue_rules() {
     assert_eq!(rescue(true, false, Some(2_000), &cfg), Some(Rescue::RetryNow), "held: retried then, not after the per-try budget");
     assert_eq!(rescue(false, true, Some(9_999), &cfg), None, "released: the stream gets its bound");
     assert_eq!(rescue(false, true, Some(10_000), &cfg), Some(Rescue::EndStream));
-    assert_eq!(rescue(false, false, Some(60_000), &cfg), None, "not started: the router's own timeouts");
+    assert_eq!(rescue(false, false, Some(60_000), &cfg), None, "answered, rewritten or over: nothing to do");
 }
 
 #[test]
@@ -442,6 +442,30 @@ fn a_held_attempt_on_a_stalled_worker_is_retried_now() {
     assert_eq!(d.seen.reports[0].outcome, Outcome::FailedBeforeFirstToken(FailReason::WorkerStalled));
     assert_eq!(d.seen.reports[0].rescued, Some(Rescue::RetryNow));
     assert_eq!(d.a.on_worker_stalled(Rescue::RetryNow), None, "once");
+}
+
+#[test]
+fn an_attempt_whose_headers_never_came_is_answered_on_a_stalled_worker() {
+    // An answer that does not stream: its worker sends headers only with the whole answer.
+    let mut d = Driver::new(CHAT);
+    assert!(d.a.awaits_headers() && d.a.before_first_token() && !d.a.is_held());
+    let (status, body) = d.a.on_worker_stalled(Rescue::RetryNow).unwrap();
+    assert_eq!(status, 503);
+    assert!(String::from_utf8_lossy(&body).contains("worker_stalled"));
+    assert!(!d.a.awaits_headers() && !d.a.before_first_token(), "answered: not rescued twice");
+    assert_eq!(d.a.on_worker_stalled(Rescue::RetryNow), None, "once");
+    d.charges();
+    assert_eq!(d.seen.charges, vec![Charge::Nothing], "a stall is judged by freshness, not charged");
+    // The guard's own answer comes back through it, headers and body, and passes whole.
+    d.headers(503, "application/json", false);
+    assert_eq!(d.seen.failed_with, None, "not rewritten again");
+    d.body(&body, true);
+    assert_eq!(d.seen.client, body);
+    assert!(!d.a.needs_ending());
+    d.done(Ending::default());
+    assert_eq!(d.seen.reports[0].outcome, Outcome::FailedBeforeFirstToken(FailReason::WorkerStalled));
+    assert_eq!(d.seen.reports[0].rescued, Some(Rescue::RetryNow));
+    assert!(!d.seen.reports[0].released);
 }
 
 #[test]

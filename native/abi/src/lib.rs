@@ -510,6 +510,16 @@ extern "C" {
         body: ModuleBuffer,
         details: ModuleBuffer,
     );
+    /// Response headers sent from the filter's place in the chain (`encodeHeaders` of its
+    /// decoder callbacks; `:status` among them), ending the stream if `end_stream`. In an
+    /// upstream filter they reach the router as the upstream's answer, which its retry policy
+    /// judges (a local reply there goes to the client instead).
+    pub fn envoy_dynamic_module_callback_http_send_response_headers(
+        filter_envoy_ptr: HttpFilterEnvoyPtr,
+        headers_vector: *mut ModuleHttpHeader,
+        headers_vector_size: usize,
+        end_stream: bool,
+    );
     /// Resume the request path after a Stop* return (call on the worker thread, e.g. from the
     /// scheduled hook).
     pub fn envoy_dynamic_module_callback_http_filter_continue_decoding(filter_envoy_ptr: HttpFilterEnvoyPtr);

@@ -24,6 +24,7 @@ import statistics
 import subprocess
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from typing import Optional
 
 import openai
@@ -32,6 +33,7 @@ import pytest
 import gpuha_harness as harness
 from gpuha_harness import vllm as vl
 from gpuha_harness import report, vllm_rig, wait_for
+from gpuha_harness.env import filter_build
 from gpuha_harness.vllm_rig import (Outcome, Rig, attach_access_log, chat, classify, fleet_entry, join_all, make_client, record,
                       run_concurrently, summarize)
 
@@ -1043,6 +1045,76 @@ def test_engine_core_sigstop_last_attempt_rescue(rig: Rig):
         if long_load is not None:
             long_load.join(300)
         record("drill last-attempt rescue", f"{time.monotonic() - t_start:.1f}s (includes any restart)")
+
+
+def test_engine_core_sigstop_answer_that_does_not_stream(rig: Rig):
+    """SIGSTOP of the EngineCore of the server generating an answer that does not stream (8000
+    tokens, ignore_eos). vLLM sends such an answer's headers only with the whole answer, so
+    nothing is held to rescue. With the native filter the guard follows the attempt from its
+    start: once the stopped server shows no sign of life (its frames keep coming with frozen
+    counters; the gate and 2 s), the attempt is answered for the server with a retryable 503 that
+    the router retries on the other server, and the client gets the whole answer from it well
+    before the request's per-try budget (`non_stream_timeout_ms`, 60 s here). With the Wasm
+    filter (Envoy's Wasm host cannot answer for the server) the budget decides: the retry comes
+    at 60 s."""
+    t_start = time.monotonic()
+    rig.ensure_up()
+    native = filter_build() == "native"
+    budget_s = 60.0
+    n_tokens = 8000
+    envoy = rig.envoy(picker_config=json.dumps({"non_stream_timeout_ms": int(budget_s * 1000)}))
+    victim = ""
+    engines: list[int] = []
+    try:
+        warm_up(rig, envoy)
+        gen0 = gen_counters(rig)
+        client = make_client(envoy.base_url, timeout=240)
+
+        def one() -> tuple[float, object]:
+            try:
+                r = client.chat.completions.create(model=vllm_rig.MODEL, messages=[{"role": "user", "content": vllm_rig.PROMPTS[0]}],
+                                                   max_tokens=n_tokens, temperature=0, stream=False, extra_body={"ignore_eos": True},
+                                                   extra_query={"drill": "5300"})
+            except openai.OpenAIError as e:
+                return time.monotonic(), e
+            return time.monotonic(), r
+
+        def generating() -> Optional[str]:
+            for wid in rig.servers:
+                g = rig.try_gauges(wid, timeout=5)
+                if g and g.get("vllm:num_requests_running", 0) >= 1 and g.get("vllm:generation_tokens_total", 0) > gen0[wid] + 8:
+                    return wid
+            return None
+
+        with ThreadPoolExecutor(max_workers=1) as pool:
+            future = pool.submit(one)
+            victim = wait_for(generating, 120, "the answer generating on a server", interval=0.2)
+            srv = rig.servers[victim]
+            engines = srv.engine_core_pids()
+            assert engines, f"no EngineCore process in group {srv.pgid}: {srv.describe()}"
+            hang_mono = time.monotonic()
+            for p in engines:
+                vl.os.kill(p, signal.SIGSTOP)
+            ended, r = future.result(timeout=300)
+        entries = [e for e in harness.access_entries(envoy) if drill_idx(e["path"]) == 5300]
+        took = ended - hang_mono
+        report(f"COUNTS answer that does not stream, {victim}'s engine stopped mid-answer ({filter_build()}): answered "
+               f"{took:.1f} s after the hang ({r.usage.completion_tokens if not isinstance(r, Exception) else repr(r)}); access log "
+               f"{[(e['code'], e['attempts'], e['endpoints'], e['upstream']) for e in entries]}; stall_rescues {harness.filter_stat(envoy, 'stall_rescues')}")
+        assert not isinstance(r, Exception) and r.usage.completion_tokens == n_tokens, r
+        assert len(entries) == 1, entries
+        e = entries[0]
+        assert e["code"] == "200" and e["attempts"] == 2 and e["endpoints"][:1] == [srv.addr] and e["upstream"] != srv.addr, e
+        if native:
+            assert took < budget_s, f"the rescued answer came {took:.1f} s after the hang: its attempt waited out its budget"
+            assert harness.filter_stat(envoy, "stall_rescues") >= 1
+        else:
+            assert took > budget_s, f"Wasm: retried before the per-try budget ({took:.1f} s): this drill's premise changed"
+    finally:
+        rig.stop_envoy(envoy)
+        if engines:
+            report(f"COUNTS answer that does not stream cleanup: {cont_engines(rig, victim, engines)}")
+        record("drill answer that does not stream, engine stopped", f"{time.monotonic() - t_start:.1f}s (includes any restart)")
 
 
 def last_sign_of_life(view: harness.FleetSamples, wid: str, t0: float, t1: float) -> float:

@@ -358,7 +358,8 @@ enum Phase {
     /// The guard rewrote this attempt into its own error; the rest is dropped.
     Rewritten(FailReason),
     /// The guard answered this attempt itself before any header came (a rescue,
-    /// [`Attempt::awaits_headers`]): its own answer passes.
+    /// [`Attempt::awaits_headers`]): its own headers pass; it has no body, so a body is the
+    /// worker's and is dropped.
     Answered(FailReason),
 }
 
@@ -553,8 +554,8 @@ impl Attempt {
         }
         let retry_status = self.cfg.retry_status;
         match &mut self.phase {
-            Phase::AwaitingHeaders | Phase::Passing { .. } | Phase::WorkerStatus(_) | Phase::Answered(_) => BodyAction::Pass,
-            Phase::Rewritten(_) => BodyAction::Drop,
+            Phase::AwaitingHeaders | Phase::Passing { .. } | Phase::WorkerStatus(_) => BodyAction::Pass,
+            Phase::Rewritten(_) | Phase::Answered(_) => BodyAction::Drop,
             Phase::Guarding(g) => {
                 let bytes = match chunk {
                     Chunk::Tail(tail) => {

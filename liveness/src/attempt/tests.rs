@@ -456,11 +456,13 @@ fn an_attempt_whose_headers_never_came_is_answered_on_a_stalled_worker() {
     assert_eq!(d.a.on_worker_stalled(Rescue::RetryNow), None, "once");
     d.charges();
     assert_eq!(d.seen.charges, vec![Charge::Nothing], "a stall is judged by freshness, not charged");
-    // The guard's own answer comes back through it, headers and body, and passes whole.
+    // The guard's own answer (headers, no body) comes back through it and passes; a body can
+    // only be the worker's, and none of it reaches the client.
     d.headers(503, "application/json", false);
     assert_eq!(d.seen.failed_with, None, "not rewritten again");
-    d.body(&body, true);
-    assert_eq!(d.seen.client, body);
+    assert!(d.seen.headers_released);
+    d.body(TOKEN, true);
+    assert!(d.seen.client.is_empty());
     assert!(!d.a.needs_ending());
     d.done(Ending::default());
     assert_eq!(d.seen.reports[0].outcome, Outcome::FailedBeforeFirstToken(FailReason::WorkerStalled));

@@ -115,7 +115,7 @@ pub fn rescue_tick(reg: &Rc<RefCell<Registry>>, view: &gpuha_liveness::FleetView
             continue;
         }
         match (r, retry) {
-            (Rescue::RetryNow | Rescue::RetryUnseen, Some((status, _body))) if no_headers => answer_for_worker(status, &addr, stats),
+            (Rescue::RetryNow | Rescue::RetryUnseen, Some((status, _body))) if no_headers => answer_for_worker(status, &attempt, &addr, stats),
             (Rescue::RetryNow | Rescue::RetryUnseen, Some((status, _body))) => {
                 // No body can follow (the worker sends nothing): where Envoy has no attempt
                 // left, the picker answers in its place (`mark::RESCUED`).
@@ -141,12 +141,14 @@ pub fn rescue_tick(reg: &Rc<RefCell<Registry>>, view: &gpuha_liveness::FleetView
 /// Answers a rescued attempt whose headers never came (an answer that does not stream, which a
 /// worker sends whole) for its worker: a retryable `status` the router retries like the worker's
 /// own. No body follows: where Envoy has no attempt left, the picker answers in its place
-/// (`mark::RESCUED`). Only asked of a host that can (`host::can_answer_as_upstream`).
-fn answer_for_worker(status: u16, addr: &str, stats: &Stats) {
+/// (`mark::RESCUED`). Only asked of a host that can (`host::can_answer_as_upstream`); should the
+/// host refuse, the attempt goes on as before the rescue (fail open).
+fn answer_for_worker(status: u16, attempt: &RefCell<Attempt>, addr: &str, stats: &Stats) {
     if host::answer_as_upstream(status, mark::RESCUED) {
         inc(stats.stall_rescues);
         host::log(proxy_wasm::types::LogLevel::Info, &format!("gpuha: worker {addr} shows no sign of life: attempt with no answer yet handed to a retry"));
     } else {
+        attempt.borrow_mut().answer_not_sent();
         host::warn(&format!("gpuha guard: rescue of an attempt on {addr}: the host did not answer it; its per-try budget decides"));
     }
 }

@@ -520,6 +520,19 @@ impl Attempt {
         }
     }
 
+    /// The glue could not send the answer [`Self::on_worker_stalled`] gave an attempt that had
+    /// no headers (a host error): the attempt goes on as if it had not been rescued, so that the
+    /// worker's own answer, if it comes, passes whole (fail open).
+    pub fn answer_not_sent(&mut self) {
+        if matches!(self.phase, Phase::Answered(_)) {
+            self.phase = Phase::AwaitingHeaders;
+            self.rescued = None;
+            if matches!(self.charge, ChargeSlot::Pending(_)) {
+                self.charge = ChargeSlot::Undecided;
+            }
+        }
+    }
+
     /// Whether every body chunk that does not end the stream and whose tail is clean
     /// ([`crate::sse::clean_tail`]) would now pass untouched, with nothing of the attempt
     /// changed: an answer the guard passes, or a released stream holding no part of an event.

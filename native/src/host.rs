@@ -346,8 +346,7 @@ fn ending(f: Filter) -> Option<crate::hooks::Ending> {
 /// - `gpuha.pass_clean_response_chunks`: the filter's hint that its context would pass its next
 ///   response-body chunks untouched while each is clean (`gpuha_liveness::sse::clean_tail`) and
 ///   does not end the stream (`gpuha_filter::host::pass_clean_response_chunks`). Those are
-///   answered `Continue` without entering the SDK, until one is not ([`crate::hooks`]).
-///
+///   answered `Continue` without entering the SDK, until one is not ([`crate::hooks`]);
 /// - `gpuha.answer_as_upstream`: answers the calling context's attempt with a status and no
 ///   body, marked `x-gpuha-guard` (`args`: the status as two bytes, little-endian, then the
 ///   mark), sent from the filter's place as the worker's own answer

@@ -471,6 +471,23 @@ fn an_attempt_whose_headers_never_came_is_answered_on_a_stalled_worker() {
 }
 
 #[test]
+fn an_answer_the_glue_could_not_send_leaves_the_attempt_as_it_was() {
+    let mut d = Driver::new(CHAT);
+    assert!(d.a.on_worker_stalled(Rescue::RetryNow).is_some());
+    d.a.answer_not_sent();
+    assert!(d.a.awaits_headers(), "rescued again at a later tick, if the stall lasts");
+    d.charges();
+    assert!(d.seen.charges.is_empty(), "nothing charged for a rescue that did not happen");
+    // The worker's own answer, when it comes, passes whole.
+    d.headers(200, "application/json", false);
+    d.body(b"{\"choices\":[{\"message\":{\"content\":\"hi\"}}]}", true);
+    assert!(String::from_utf8_lossy(&d.seen.client).contains("hi"));
+    d.done(Ending::default());
+    assert_eq!(d.seen.reports[0].rescued, None);
+    assert!(!matches!(d.seen.reports[0].outcome, Outcome::FailedBeforeFirstToken(_)), "{:?}", d.seen.reports[0]);
+}
+
+#[test]
 fn a_request_unseen_by_an_idle_engine_is_retried_and_charged() {
     let mut d = Driver::new(CHAT);
     d.headers(200, SSE, false);

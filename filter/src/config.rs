@@ -63,7 +63,8 @@ pub struct PickerConfig {
     /// until the answer's headers, and a worker sends those of an answer that does not stream
     /// only with the whole answer: the route's budget, a time to first token, would cut every
     /// generation longer than it and retry it elsewhere (a healthy 8 s answer got a 504 after
-    /// two attempts of 5 s). A hung worker holds such a request this long before its retry.
+    /// two attempts of 5 s). With the Wasm filter a hung worker holds such a request this long
+    /// before its retry; the native filter's guard rescues it once the worker shows a stall.
     pub non_stream_timeout_ms: u64,
     pub pick: PickConfig,
     pub breaker: BreakerConfig,

@@ -254,12 +254,17 @@ thread_local! {
 /// Whether this host reads one header with a plain function call ([`Headers`]); asked once per
 /// thread.
 fn single_header_reads() -> bool {
-    if let Some(known) = SINGLE_READS.with(Cell::get) {
-        return known;
+    asked_once(&SINGLE_READS, || hostcalls::call_foreign_function(SINGLE_HEADER_READS, None).is_ok())
+}
+
+/// What this thread's host answered to `ask`, asked the first time only; `known` keeps it.
+fn asked_once(known: &'static std::thread::LocalKey<Cell<Option<bool>>>, ask: impl FnOnce() -> bool) -> bool {
+    if let Some(answer) = known.with(Cell::get) {
+        return answer;
     }
-    let cheap = hostcalls::call_foreign_function(SINGLE_HEADER_READS, None).is_ok();
-    SINGLE_READS.with(|s| s.set(Some(cheap)));
-    cheap
+    let answer = ask();
+    known.with(|k| k.set(Some(answer)));
+    answer
 }
 
 /// Tells the host that this context has nothing more to do with the stream's response body, so
@@ -293,12 +298,7 @@ pub fn answer_as_upstream(status: u16, mark: &str) -> bool {
 /// Whether this host can [`answer_as_upstream`]; asked once per thread (an empty ask is refused
 /// as a bad argument by a host that has the call, `NotFound` by one that has not).
 pub fn can_answer_as_upstream() -> bool {
-    if let Some(known) = ANSWERS.with(Cell::get) {
-        return known;
-    }
-    let can = !matches!(hostcalls::call_foreign_function(ANSWER_AS_UPSTREAM, None), Err(Status::NotFound));
-    ANSWERS.with(|a| a.set(Some(can)));
-    can
+    asked_once(&ANSWERS, || !matches!(hostcalls::call_foreign_function(ANSWER_AS_UPSTREAM, None), Err(Status::NotFound)))
 }
 
 /// Calls the foreign function `name` (no argument, no answer) unless this thread's host already

@@ -7,7 +7,7 @@ use std::cell::RefCell;
 use std::collections::HashMap;
 use std::rc::Rc;
 
-use gpuha_liveness::attempt::{invisible_to_engine, mark, rescue, shows_no_life, Attempt, AttemptConfig, BodyAction, Charge, Chunk, Ending, HeadersAction, Outcome, Read, Report, Rescue, RescueConfig, StallClock};
+use gpuha_liveness::attempt::{invisible_to_engine, is_last_attempt, mark, rescue, shows_no_life, Attempt, AttemptConfig, BodyAction, Charge, Chunk, Ending, HeadersAction, Outcome, Read, Report, Rescue, RescueConfig, StallClock};
 use gpuha_liveness::pick::effective_age_ms;
 use gpuha_liveness::blame::add_note;
 use gpuha_liveness::slots::{decode_request_notes, encode_request_notes, request_key};
@@ -21,7 +21,7 @@ use crate::config::GuardConfig;
 use crate::host;
 use crate::stats::{inc, Stats, TierStats};
 use gpuha_liveness::tier::TierKind;
-use crate::{GUARD_HEADER, PROBE_HEADER, REQUEST_KEY_HEADER};
+use crate::{ATTEMPTS_HEADER, ATTEMPT_COUNT_HEADER, GUARD_HEADER, PROBE_HEADER, REQUEST_KEY_HEADER};
 
 /// The time the router gives this attempt, in ms: its per-try timeout, else the route's.
 const EXPECTED_TIMEOUT_HEADER: &str = "x-envoy-expected-rq-timeout-ms";
@@ -40,6 +40,8 @@ struct Tracked {
     attempt: Rc<RefCell<Attempt>>,
     /// When the guard began holding it (local clock; its start until then).
     held_since: u64,
+    /// The request's last attempt ([`is_last_attempt`]).
+    last: bool,
 }
 
 impl Registry {
@@ -48,8 +50,9 @@ impl Registry {
     }
 }
 
-/// A rescue the tick decided: the context, what to do, its attempt and its worker.
-type Due = (u32, Rescue, Rc<RefCell<Attempt>>, Rc<str>);
+/// A rescue the tick decided: the context, what to do, its attempt, its worker, and whether it
+/// is the request's last attempt.
+type Due = (u32, Rescue, Rc<RefCell<Attempt>>, Rc<str>, bool);
 
 /// The rescue tick: every attempt held or streaming on a worker that stopped showing signs of
 /// life is retried now (held) or ended (past its first token, after the configured bound).
@@ -84,10 +87,11 @@ pub fn rescue_tick(reg: &Rc<RefCell<Registry>>, view: &gpuha_liveness::FleetView
             let age = w.map(|w| effective_age_ms(w, vouched, now));
             let stalled_for = reg.stalls.observe(&t.addr, shows_no_life(age, w.is_some_and(|w| w.stalled), view_age, &rcfg), now);
             let a = t.attempt.borrow();
-            // An attempt that has no header yet can be answered only by a host that sends an
-            // answer as its worker would (the native build): on Envoy's Wasm host its per-try
-            // budget stays in charge.
-            let before_token = a.is_held() || (a.awaits_headers() && host::can_answer_as_upstream());
+            // An attempt that has no header yet is answered for its worker by a host that can
+            // (the native build), which the router retries. On Envoy's Wasm host only the last
+            // attempt can be answered (to the client); the per-try budget stays in charge of the
+            // others (`answer_for_worker`).
+            let before_token = a.is_held() || (a.awaits_headers() && (t.last || host::can_answer_as_upstream()));
             let mut r = rescue(before_token, a.is_released(), stalled_for, &rcfg);
             // Only for held headers: a worker sends them once its engine has the request (vLLM
             // prepares a request, its images fetched and its prompt tokenized, before it answers
@@ -102,12 +106,12 @@ pub fn rescue_tick(reg: &Rc<RefCell<Registry>>, view: &gpuha_liveness::FleetView
                 r = invisible.then_some(Rescue::RetryUnseen);
             }
             if let Some(r) = r {
-                todo.push((*id, r, t.attempt.clone(), t.addr.clone()));
+                todo.push((*id, r, t.attempt.clone(), t.addr.clone(), t.last));
             }
         }
         reg.stalls.retain(|a| tracked.contains(a));
     }
-    for (id, r, attempt, addr) in todo {
+    for (id, r, attempt, addr, last) in todo {
         let no_headers = attempt.borrow().awaits_headers();
         let retry = attempt.borrow_mut().on_worker_stalled(r);
         if let Err(e) = hostcalls::set_effective_context(id) {
@@ -115,7 +119,7 @@ pub fn rescue_tick(reg: &Rc<RefCell<Registry>>, view: &gpuha_liveness::FleetView
             continue;
         }
         match (r, retry) {
-            (Rescue::RetryNow | Rescue::RetryUnseen, Some((status, _body))) if no_headers => answer_for_worker(status, &attempt, &addr, stats),
+            (Rescue::RetryNow | Rescue::RetryUnseen, Some((status, body))) if no_headers => answer_for_worker(status, &body, last, &attempt, &addr, stats),
             (Rescue::RetryNow | Rescue::RetryUnseen, Some((status, _body))) => {
                 // No body can follow (the worker sends nothing): where Envoy has no attempt
                 // left, the picker answers in its place (`mark::RESCUED`).
@@ -139,14 +143,26 @@ pub fn rescue_tick(reg: &Rc<RefCell<Registry>>, view: &gpuha_liveness::FleetView
 }
 
 /// Answers a rescued attempt whose headers never came (an answer that does not stream, which a
-/// worker sends whole) for its worker: a retryable `status` the router retries like the worker's
-/// own. No body follows: where Envoy has no attempt left, the picker answers in its place
-/// (`mark::RESCUED`). Only asked of a host that can (`host::can_answer_as_upstream`); should the
-/// host refuse, the attempt goes on as before the rescue (fail open).
-fn answer_for_worker(status: u16, attempt: &RefCell<Attempt>, addr: &str, stats: &Stats) {
-    if host::answer_as_upstream(status, mark::RESCUED) {
+/// worker sends whole), with a retryable `status` marked `mark::RESCUED`:
+/// - for its worker, where the host can (`host::can_answer_as_upstream`, the native build): the
+///   router retries it like the worker's own answer. No body follows: where Envoy has no attempt
+///   left, the picker answers in its place.
+/// - else only the request's `last` attempt, to the client: an upstream filter's local reply on
+///   Envoy's Wasm host goes to the client past the router's retries (measured, and so does a
+///   reset of the stream: the client's connection is reset). The JSON error `body` goes with it;
+///   the picker puts its own answer in its place, as for the native build.
+///
+/// Should the host refuse, the attempt goes on as before the rescue (fail open).
+fn answer_for_worker(status: u16, body: &[u8], last: bool, attempt: &RefCell<Attempt>, addr: &str, stats: &Stats) {
+    let sent = if host::can_answer_as_upstream() {
+        host::answer_as_upstream(status, mark::RESCUED)
+    } else {
+        last && host::send_response(status, &[("content-type".into(), "application/json".into()), (GUARD_HEADER.into(), mark::RESCUED.into())], body)
+    };
+    if sent {
         inc(stats.stall_rescues);
-        host::log(proxy_wasm::types::LogLevel::Info, &format!("gpuha: worker {addr} shows no sign of life: attempt with no answer yet handed to a retry"));
+        let to = if last { "answered: no attempt was left" } else { "handed to a retry" };
+        host::log(proxy_wasm::types::LogLevel::Info, &format!("gpuha: worker {addr} shows no sign of life: attempt with no answer yet {to}"));
     } else {
         attempt.borrow_mut().answer_not_sent();
         host::warn(&format!("gpuha guard: rescue of an attempt on {addr}: the host did not answer it; its per-try budget decides"));
@@ -181,13 +197,15 @@ pub struct GuardCtx {
     /// When the attempt started (local clock), and its budget (`x-envoy-expected-rq-timeout-ms`).
     started: u64,
     budget_ms: Option<u64>,
+    /// The request's last attempt ([`is_last_attempt`]).
+    last: bool,
     tier_attempts: Rc<TierStats>,
 }
 
 impl GuardCtx {
     pub fn new(id: u32, registry: Rc<RefCell<Registry>>, cfg: Rc<GuardConfig>, stats: Stats, tier_attempts: Rc<TierStats>) -> Self {
         let attempt = Rc::new(RefCell::new(Attempt::new(AttemptConfig { max_held_bytes: cfg.max_held_bytes, retry_status: cfg.retry_status }, "")));
-        GuardCtx { id, registry, cfg, stats, attempt, tracked: false, probe_for: None, addr: None, request_id: None, started: 0, budget_ms: None, tier_attempts }
+        GuardCtx { id, registry, cfg, stats, attempt, tracked: false, probe_for: None, addr: None, request_id: None, started: 0, budget_ms: None, last: false, tier_attempts }
     }
 
     /// Whether this attempt went to a tier of the chain (another router, an adapter listener)
@@ -205,7 +223,7 @@ impl GuardCtx {
             return;
         }
         if let Some(addr) = self.upstream_addr() {
-            self.registry.borrow_mut().attempts.insert(self.id, Tracked { addr, attempt: self.attempt.clone(), held_since: self.started });
+            self.registry.borrow_mut().attempts.insert(self.id, Tracked { addr, attempt: self.attempt.clone(), held_since: self.started, last: self.last });
             self.tracked = true;
         }
     }
@@ -312,8 +330,9 @@ impl HttpContext for GuardCtx {
         // `x-gpuha-endpoints` there (the override_host LB takes the list once per request and
         // walks it on retries; the kill soak found that it does not re-read it).
         // One host call for every header read here.
-        let h = host::Headers::read(MapType::HttpRequestHeaders, &[PROBE_HEADER, REQUEST_KEY_HEADER, EXPECTED_TIMEOUT_HEADER, ":path"]);
-        let [probe_for, request_id, budget, path] = [0, 1, 2, 3].map(|i| h.get(i));
+        let h = host::Headers::read(MapType::HttpRequestHeaders, &[PROBE_HEADER, REQUEST_KEY_HEADER, EXPECTED_TIMEOUT_HEADER, ":path", ATTEMPT_COUNT_HEADER, ATTEMPTS_HEADER]);
+        let [probe_for, request_id, budget, path, count, allowed] = [0, 1, 2, 3, 4, 5].map(|i| h.get(i));
+        self.last = is_last_attempt(count.as_deref(), allowed.as_deref());
         self.probe_for = probe_for;
         self.request_id = request_id.filter(|id| !id.is_empty());
         // This attempt's budget: the router's per-try timeout (the route's timeout without one).

@@ -52,6 +52,14 @@ pub const PROBE_HEADER: &str = "x-gpuha-probe";
 /// two requests with one id would share their notes, and one's failures be charged at the
 /// other's success.
 pub const REQUEST_KEY_HEADER: &str = "x-gpuha-request";
+/// The attempts the picker's list allows a request (its retries and the first), set with the
+/// list where the guard must know an attempt is the last itself (Envoy's Wasm host: see
+/// `guard::answer_for_worker`). The router takes `x-envoy-max-retries` off the request before
+/// the upstream filters see it.
+pub const ATTEMPTS_HEADER: &str = "x-gpuha-attempts";
+/// Envoy's number of the attempt (1 for the first), sent upstream where the virtual host sets
+/// `include_request_attempt_count` (`envoy/pool-router.yaml`).
+pub const ATTEMPT_COUNT_HEADER: &str = "x-envoy-attempt-count";
 /// Response header marking what the guard did (`released`, `retried`, `failed`).
 pub const GUARD_HEADER: &str = "x-gpuha-guard";
 

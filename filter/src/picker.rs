@@ -25,7 +25,7 @@ use crate::config::{NoWorkerPolicy, PickerConfig};
 use crate::flights;
 use crate::host;
 use crate::stats::{inc, Stats, TierStats};
-use crate::{ENDPOINTS_HEADER, GUARD_HEADER, MAX_RETRIES_HEADER, PER_TRY_TIMEOUT_HEADER, PROBE_HEADER, REQUEST_KEY_HEADER};
+use crate::{ATTEMPTS_HEADER, ENDPOINTS_HEADER, GUARD_HEADER, MAX_RETRIES_HEADER, PER_TRY_TIMEOUT_HEADER, PROBE_HEADER, REQUEST_KEY_HEADER};
 
 pub struct Picker {
     cfg: Rc<PickerConfig>,
@@ -80,6 +80,11 @@ impl Picker {
         let members = self.cfg.tiers.own_endpoints.iter().map(String::as_str).chain(known);
         let retries = retries_for(&listed.endpoints, members, self.cfg.pick.retries_past_list);
         host::add_request_header(MAX_RETRIES_HEADER, &retries.to_string());
+        if !host::can_answer_as_upstream() {
+            // The guard answers a stalled last attempt that has no headers yet itself on this
+            // host, and needs to know it is the last (`ATTEMPTS_HEADER`).
+            host::add_request_header(ATTEMPTS_HEADER, &(retries + 1).to_string());
+        }
         if listed.spills {
             // The receiving router serves it with its own workers only (no re-spill).
             host::set_request_header(SPILLED_HEADER, Some(&self.cfg.tiers.own));
@@ -337,17 +342,18 @@ fn hex16(v: u64) -> String {
 impl HttpContext for Picker {
     fn on_http_request_headers(&mut self, _n: usize, end_of_stream: bool) -> Action {
         // One host call for every header read here (not one per header).
-        const NAMES: &[&str] = &[ENDPOINTS_HEADER, PROBE_HEADER, MAX_RETRIES_HEADER, REQUEST_KEY_HEADER, PER_TRY_TIMEOUT_HEADER, ":path", SPILLED_HEADER, "content-type", DEFAULT_SESSION_HEADER];
+        const NAMES: &[&str] = &[ENDPOINTS_HEADER, PROBE_HEADER, MAX_RETRIES_HEADER, REQUEST_KEY_HEADER, PER_TRY_TIMEOUT_HEADER, ATTEMPTS_HEADER, ":path", SPILLED_HEADER, "content-type", DEFAULT_SESSION_HEADER];
         let h = host::Headers::read(MapType::HttpRequestHeaders, NAMES);
         // Clients must not steer the load balancer or claim probes. Nor set the retry count or
         // the per-try budget: the picker sets them, else the route's apply. (Envoy's HCM already
-        // strips them from requests it does not count as internal.) Nor name the request's notes.
-        for (i, name) in NAMES.iter().enumerate().take(5) {
+        // strips them from requests it does not count as internal.) Nor name the request's notes,
+        // nor tell the guard how many attempts it has.
+        for (i, name) in NAMES.iter().enumerate().take(6) {
             if h.has(i) {
                 host::set_request_header(name, None);
             }
         }
-        let [path, spilled, content_type] = [5, 6, 7];
+        let [path, spilled, content_type] = [6, 7, 8];
         self.path = h.get(path).unwrap_or_default();
         self.spilled = h.has(spilled);
         self.content_type = h.get(content_type);

@@ -288,6 +288,15 @@ impl StallClock {
     }
 }
 
+/// Whether an attempt is its request's last: Envoy's number of it (`count`, from
+/// `x-envoy-attempt-count`) has reached the attempts the request is allowed (`allowed`, the
+/// picker's). Unknown (either one absent or not a number): not the last, so that the router's
+/// retries stay in charge.
+pub fn is_last_attempt(count: Option<&str>, allowed: Option<&str>) -> bool {
+    let n = |v: Option<&str>| v.and_then(|v| v.trim().parse::<u32>().ok());
+    matches!((n(count), n(allowed)), (Some(c), Some(a)) if a > 0 && c >= a)
+}
+
 /// What to do with an attempt whose worker has shown no sign of life for `stalled_for_ms`
 /// (`None`: it is alive, or unknown). `before_token`: nothing of it reached the client yet, its
 /// headers held or not come ([`Attempt::before_first_token`]); `released`: past its first token.

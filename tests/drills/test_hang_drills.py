@@ -462,8 +462,11 @@ def test_an_answer_that_does_not_stream_is_rescued_from_a_hung_engine(stack):
     which the router retries on the other worker: the client gets a whole answer ~16 s after the
     hang (~6 s to the rescue, 10 s of generation), and with no attempt left an OpenAI-shaped 503
     at ~6 s. Envoy's Wasm host cannot answer for the worker (an upstream filter's local reply goes
-    to the client, not through the router's retries): there the per-try budget still decides, and
-    the drill shows that bound (retried at 20 s; a 504 with no attempt left)."""
+    to the client, not through the router's retries; a reset resets the client's stream): there
+    the per-try budget still decides the attempts that have another after them (retried at 20 s,
+    the bound shown here), and the last attempt is answered to the client at ~6 s, as with the
+    native filter (Envoy's attempt number, `include_request_attempt_count`, against the
+    picker's `x-gpuha-attempts`, which the retried requests' clients send too: removed)."""
     native = filter_build() == "native"
     stack.start_dnsd()
     workers = stack.start_workers(2, ttft_ms=50, tokens_per_s=20)
@@ -479,16 +482,20 @@ def test_an_answer_that_does_not_stream_is_rescued_from_a_hung_engine(stack):
     one_attempt = make_client(last.base_url, timeout=60)
     sent_wall = time.time()
     with ThreadPoolExecutor(max_workers=8) as pool:
-        futures = [pool.submit(chat, client, i, n_tokens, stream=False) for i in range(4)]
+        # A client's claim that an attempt is its last is removed by the picker (the Wasm guard
+        # would answer a stalled first attempt instead of leaving it to its retry).
+        claim = {"x-gpuha-attempts": "1"}
+        futures = [pool.submit(chat, client, i, n_tokens, stream=False, extra_headers=claim) for i in range(4)]
         futures += [pool.submit(chat, one_attempt, 10 + i, n_tokens, stream=False) for i in range(4)]
         wait_for(lambda: min(requests_running(w) for w in workers) >= 2, 10, "answers running on both workers", interval=0.1)
-        hang_mono, hang_wall = time.monotonic(), time.time()
+        hang_mono = time.monotonic()
         hung.proc.signal(signal.SIGUSR1)
         wait_for(lambda: "engine hung" in hung.proc.err_path.read_text(errors="replace"), 5, "fake-vllm to log its engine hang")
         outcomes = [f.result(timeout=90) for f in futures]
-    # The drill's requests (not the warm-up's) first sent to the hung worker.
+    # The drill's requests (not the warm-up's) first sent to the hung worker: before its hang, or
+    # in the moment after it (a request may reach Envoy after the drill saw two running there).
     def on_hung(e: dict) -> bool:
-        return e["start"] is not None and sent_wall - 0.01 <= e["start"] < hang_wall and e["endpoints"][:1] == [hung.addr]
+        return e["start"] is not None and sent_wall - 0.01 <= e["start"] and e["endpoints"][:1] == [hung.addr]
     retried = [e for e in access_entries(envoy) if on_hung(e)]
     answered = [e for e in access_entries(last) if on_hung(e)]
     via_retry, alone = outcomes[:4], outcomes[4:]
@@ -502,16 +509,15 @@ def test_an_answer_that_does_not_stream_is_rescued_from_a_hung_engine(stack):
     assert retried and cut, "no request was on the hung worker: the drill tested nothing"
     assert all(o.kind == "completed" and len(o.tokens) == n_tokens for o in via_retry), [o.describe() for o in via_retry]
     assert all(e["code"] == "200" and e["attempts"] == 2 and e["upstream"] != hung.addr for e in retried), retried
+    # The last attempt, in both builds: an OpenAI-shaped 503 soon after the stall shows.
+    for o in cut:
+        assert isinstance(o.error, openai.InternalServerError) and o.error.status_code == 503, o.describe()
+        assert "no other attempt was left" in str(o.error), o.describe()
+        assert o.ended - hang_mono < 10.0, f"the client waited {o.ended - hang_mono:.1f} s after the hang for its 503"
+    assert len(answered) == len(cut) and all(e["code"] == "503" and e["guard"] == "rescued" for e in answered), answered
     if native:
         assert done_s < budget_s, f"the last rescued answer came {done_s:.1f} s after the hang: its attempt waited out its budget"
         assert rescues >= len(retried) + len(cut)
-        for o in cut:
-            assert isinstance(o.error, openai.InternalServerError) and o.error.status_code == 503, o.describe()
-            assert "no other attempt was left" in str(o.error), o.describe()
-            assert o.ended - hang_mono < 10.0, f"the client waited {o.ended - hang_mono:.1f} s after the hang for its 503"
-        assert len(answered) == len(cut) and all(e["code"] == "503" and e["guard"] == "rescued" for e in answered), answered
     else:
         assert done_s > budget_s, f"Wasm: answered {done_s:.1f} s after the hang, before the per-try budget: this drill's premise changed"
-        assert rescues == 0
-        for o in cut:
-            assert isinstance(o.error, openai.APIStatusError) and o.error.status_code == 504, o.describe()
+        assert rescues == len(cut), f"Wasm: {rescues} rescues for {len(cut)} last attempts on the hung worker"

@@ -1000,7 +1000,10 @@ def test_engine_core_sigstop_last_attempt_rescue(rig: Rig):
     (`x-gpuha-guard: rescued`), so the client gets an error it can retry within seconds of the
     hang instead of waiting for its own timeout (60 s here; the per-try budget is 60 s too).
     (Stopped while idle, this vLLM sent a new request no headers at all: only the per-try
-    budget ends that one.)"""
+    budget ends that one.) A request that does not stream, sent at the same moment, gets no
+    headers before its whole answer: the guard follows it from its start and answers it the same
+    way once the stall shows (the native guard for the server, the Wasm guard to the client as
+    the request's last attempt), where it waited out its budget (300 s) before."""
     t_start = time.monotonic()
     rig.ensure_up()
     victim = "v1"
@@ -1028,16 +1031,24 @@ def test_engine_core_sigstop_last_attempt_rescue(rig: Rig):
         for p in engines:
             vl.os.kill(p, signal.SIGSTOP)
         stopped = True
+        whole: list = []
+        sender = threading.Thread(target=lambda: whole.append(harness.chat(make_client(envoy.base_url, timeout=60), 5001, 8, stream=False,
+                                                                     model=vllm_rig.MODEL, temperature=0, extra_query={"drill": "5001"})))
+        sender.start()
         o = chat(make_client(envoy.base_url, timeout=60), 5000, 1, 8)
-        answered = o.ended - hang_mono
-        entries = [e for e in harness.access_entries(envoy) if drill_idx(e["path"]) == o.idx]
-        report(f"COUNTS last-attempt rescue: a stream sent at the hang answered {getattr(o.error, 'status_code', None)} "
-               f"{answered:.2f}s after it ({[(e['code'], e['guard'], e['attempts']) for e in entries]}; {o.describe()}); "
-               f"stall_rescues {harness.filter_stat(envoy, 'stall_rescues')}")
-        assert isinstance(o.error, openai.InternalServerError) and o.error.status_code == 503, o.describe()
-        assert "no other attempt was left" in str(o.error), o.describe()
-        assert answered < 15.0, f"the client's answer came {answered:.2f}s after the hang"
-        assert len(entries) == 1 and entries[0]["guard"] == "rescued" and entries[0]["attempts"] == 1, entries
+        join_all([sender], 90)
+        for out in [o, *whole]:
+            answered = out.ended - hang_mono
+            entries = [e for e in harness.access_entries(envoy) if drill_idx(e["path"]) == out.idx]
+            kind = "a stream" if out.stream else "an answer that does not stream"
+            report(f"COUNTS last-attempt rescue ({filter_build()}): {kind} sent at the hang answered {getattr(out.error, 'status_code', None)} "
+                   f"{answered:.2f}s after it ({[(e['code'], e['guard'], e['attempts']) for e in entries]}; {out.describe()}); "
+                   f"stall_rescues {harness.filter_stat(envoy, 'stall_rescues')}")
+            assert isinstance(out.error, openai.InternalServerError) and out.error.status_code == 503, out.describe()
+            assert "no other attempt was left" in str(out.error), out.describe()
+            assert answered < 15.0, f"the client's answer came {answered:.2f}s after the hang ({kind})"
+            assert len(entries) == 1 and entries[0]["guard"] == "rescued" and entries[0]["attempts"] == 1, entries
+        assert len(whole) == 1
     finally:
         rig.stop_envoy(envoy)
         if stopped:

@@ -445,6 +445,18 @@ fn a_held_attempt_on_a_stalled_worker_is_retried_now() {
 }
 
 #[test]
+fn the_last_attempt_is_known_from_envoys_count_and_the_pickers_allowance() {
+    assert!(is_last_attempt(Some("3"), Some("3")));
+    assert!(is_last_attempt(Some("1"), Some("1")));
+    assert!(is_last_attempt(Some(" 4 "), Some("3")), "past the allowance (route retries): still the last");
+    assert!(!is_last_attempt(Some("2"), Some("3")));
+    // Unknown is not the last: the router's retries stay in charge.
+    for (count, allowed) in [(None, Some("1")), (Some("1"), None), (None, None), (Some("x"), Some("1")), (Some("1"), Some("")), (Some("1"), Some("0")), (Some("-1"), Some("1"))] {
+        assert!(!is_last_attempt(count, allowed), "{count:?} of {allowed:?}");
+    }
+}
+
+#[test]
 fn an_attempt_whose_headers_never_came_is_answered_on_a_stalled_worker() {
     // An answer that does not stream: its worker sends headers only with the whole answer.
     let mut d = Driver::new(CHAT);

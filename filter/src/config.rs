@@ -125,6 +125,10 @@ pub struct GuardConfig {
     /// arrived, say nothing is running or waiting: an engine hung while idle) is retried, and
     /// charged, once held this long (`gpuha_liveness::attempt::invisible_to_engine`).
     pub unseen_after_ms: u64,
+    /// The same for an attempt whose headers have not come (`gpuha_liveness::attempt::RescueConfig::invisible_no_headers_after_ms`),
+    /// counted from its start: retried (native filter; Wasm filter, the request's last
+    /// attempt only: answered), or else its worker charged.
+    pub unseen_no_headers_after_ms: u64,
     /// How often the guard looks at the attempts it holds.
     pub rescue_tick_ms: u64,
     /// The picker's chain: attempts on tier endpoints are counted per tier, never charged to a
@@ -134,7 +138,7 @@ pub struct GuardConfig {
 
 impl Default for GuardConfig {
     fn default() -> Self {
-        GuardConfig { max_held_bytes: DEFAULT_MAX_HELD_BYTES, retry_status: 503, breaker: BreakerConfig::default(), rescue: true, end_stalled_streams_after_ms: 10_000, rescue_held_after_ms: 2_000, unseen_after_ms: RescueConfig::default().invisible_after_ms, rescue_tick_ms: 250, tiers: Chain::default() }
+        GuardConfig { max_held_bytes: DEFAULT_MAX_HELD_BYTES, retry_status: 503, breaker: BreakerConfig::default(), rescue: true, end_stalled_streams_after_ms: 10_000, rescue_held_after_ms: 2_000, unseen_after_ms: RescueConfig::default().invisible_after_ms, unseen_no_headers_after_ms: RescueConfig::default().invisible_no_headers_after_ms, rescue_tick_ms: 250, tiers: Chain::default() }
     }
 }
 
@@ -241,6 +245,9 @@ impl Config {
                 }
                 if g.unseen_after_ms < MIN_UNSEEN_AFTER_MS {
                     return Err(format!("unseen_after_ms: must be at least {MIN_UNSEEN_AFTER_MS} (a request shows in the engine's numbers a scrape after it arrives)"));
+                }
+                if g.unseen_no_headers_after_ms < g.unseen_after_ms {
+                    return Err("unseen_no_headers_after_ms: must be at least unseen_after_ms (a request with no headers yet may still be in the API server's preparation)".into());
                 }
                 if !(10..=5_000).contains(&g.rescue_tick_ms) {
                     return Err("rescue_tick_ms: must be 10..=5000".into());

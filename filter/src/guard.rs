@@ -42,6 +42,8 @@ struct Tracked {
     held_since: u64,
     /// The request's last attempt ([`is_last_attempt`]).
     last: bool,
+    /// It carries its worker's half-open probe.
+    probe: bool,
 }
 
 impl Registry {
@@ -54,13 +56,25 @@ impl Registry {
 /// is the request's last attempt.
 type Due = (u32, Rescue, Rc<RefCell<Attempt>>, Rc<str>, bool);
 
+/// An attempt with no headers that its idle engine does not show, which the host cannot move:
+/// the attempt, its worker, whether it carries the worker's probe, and when it was sent.
+type Unseen = (Rc<RefCell<Attempt>>, Rc<str>, bool, u64);
+
 /// The rescue tick: every attempt held or streaming on a worker that stopped showing signs of
 /// life is retried now (held) or ended (past its first token, after the configured bound).
 /// `view`: the fleet view and when its ages count from.
 pub fn rescue_tick(reg: &Rc<RefCell<Registry>>, view: &gpuha_liveness::FleetView, vouched: u64, cfg: &GuardConfig, stats: &Stats) {
     let now = host::now_ms();
-    let rcfg = RescueConfig { end_stream_after_ms: cfg.end_stalled_streams_after_ms, rescue_held_after_ms: cfg.rescue_held_after_ms, invisible_after_ms: cfg.unseen_after_ms, ..RescueConfig::default() };
+    let rcfg = RescueConfig {
+        end_stream_after_ms: cfg.end_stalled_streams_after_ms,
+        rescue_held_after_ms: cfg.rescue_held_after_ms,
+        invisible_after_ms: cfg.unseen_after_ms,
+        invisible_no_headers_after_ms: cfg.unseen_no_headers_after_ms,
+        ..RescueConfig::default()
+    };
     let mut todo: Vec<Due> = Vec::new();
+    // Their workers are charged (`Attempt::charge_unseen`).
+    let mut unseen: Vec<Unseen> = Vec::new();
     {
         let mut reg = reg.borrow_mut();
         let reg = &mut *reg;
@@ -93,23 +107,36 @@ pub fn rescue_tick(reg: &Rc<RefCell<Registry>>, view: &gpuha_liveness::FleetView
             // others (`answer_for_worker`).
             let before_token = a.is_held() || (a.awaits_headers() && (t.last || host::can_answer_as_upstream()));
             let mut r = rescue(before_token, a.is_released(), stalled_for, &rcfg);
-            // Only for held headers: a worker sends them once its engine has the request (vLLM
-            // prepares a request, its images fetched and its prompt tokenized, before it answers
-            // the headers of a stream). A request awaiting its headers may still be in that
-            // preparation, which an idle engine's numbers cannot show.
-            if r.is_none() && a.is_held() && view_age <= rcfg.gate_ms {
+            // A worker sends held headers once its engine has the request (vLLM prepares a
+            // request, its images fetched and its prompt tokenized, before it answers the headers
+            // of a stream). A request awaiting its headers may still be in that preparation, which
+            // an idle engine's numbers cannot show: the rule waits longer for it
+            // (`unseen_no_headers_after_ms`). vLLM 0.32 whose engine stopped while idle sends no
+            // headers at all, to any request.
+            let awaiting = a.awaits_headers();
+            if r.is_none() && (a.is_held() || awaiting) && view_age <= rcfg.gate_ms {
                 // An engine that hung while idle: its frames still say idle although it holds our request.
                 let invisible = w.is_some_and(|w| {
                     let idle = w.running.unwrap_or(0.0) + w.waiting.unwrap_or(0.0) <= 0.0;
-                    invisible_to_engine(t.held_since, now, vouched.saturating_sub(w.age_ms), idle, w.ttft_ms.is_some(), &rcfg)
+                    invisible_to_engine(t.held_since, now, vouched.saturating_sub(w.age_ms), idle, w.ttft_ms.is_some(), awaiting, &rcfg)
                 });
-                r = invisible.then_some(Rescue::RetryUnseen);
+                if invisible && !before_token {
+                    unseen.push((t.attempt.clone(), t.addr.clone(), t.probe, t.held_since));
+                }
+                r = (invisible && before_token).then_some(Rescue::RetryUnseen);
             }
             if let Some(r) = r {
                 todo.push((*id, r, t.attempt.clone(), t.addr.clone(), t.last));
             }
         }
         reg.stalls.retain(|a| tracked.contains(a));
+    }
+    for (attempt, addr, probe, since) in unseen {
+        let Some(c) = attempt.borrow_mut().charge_unseen() else { continue };
+        breakers::charge(&addr, probe, &c, now, &cfg.breaker, stats);
+        inc(stats.unseen_charges);
+        let ago = now.saturating_sub(since);
+        host::log(proxy_wasm::types::LogLevel::Info, &format!("gpuha: worker {addr} does not show an attempt sent to it {ago} ms ago while its engine looks idle: charged (its circuit opens); the attempt waits on its budget"));
     }
     for (id, r, attempt, addr, last) in todo {
         let no_headers = attempt.borrow().awaits_headers();
@@ -223,7 +250,8 @@ impl GuardCtx {
             return;
         }
         if let Some(addr) = self.upstream_addr() {
-            self.registry.borrow_mut().attempts.insert(self.id, Tracked { addr, attempt: self.attempt.clone(), held_since: self.started, last: self.last });
+            let probe = self.probe_for.as_deref() == Some(&*addr);
+            self.registry.borrow_mut().attempts.insert(self.id, Tracked { addr, attempt: self.attempt.clone(), held_since: self.started, last: self.last, probe });
             self.tracked = true;
         }
     }

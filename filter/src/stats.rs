@@ -30,6 +30,7 @@ pub struct Stats {
     pub request_failures: Option<u32>,
     pub stall_rescues: Option<u32>,
     pub stall_truncations: Option<u32>,
+    pub unseen_charges: Option<u32>,
     pub stalled_fail_open: Option<u32>,
     /// Answers served by a spill tier (another pool's router).
     pub spilled: Option<u32>,
@@ -91,6 +92,7 @@ impl Stats {
             request_failures: c("request_failures"),
             stall_rescues: c("stall_rescues"),
             stall_truncations: c("stall_truncations"),
+            unseen_charges: c("unseen_charges"),
             stalled_fail_open: c("stalled_fail_open"),
             spilled: c("spilled"),
             degraded: c("degraded"),

@@ -15,6 +15,8 @@ enum Event {
     /// The next `len` bytes of the body (wrapping), `end` on the upstream's clean end.
     Body { len: u16, end: bool },
     Stalled(bool),
+    /// The rescue tick found it unseen by an idle engine and could not move it.
+    Unseen,
     Done { client_went_away: bool, timed_out: bool },
 }
 
@@ -83,6 +85,11 @@ fuzz_target!(|input: Input| {
                 let r = if *retry { Rescue::RetryNow } else { Rescue::EndStream };
                 if a.on_worker_stalled(r).is_some() {
                     failed = true;
+                }
+            }
+            Event::Unseen => {
+                if let Some(c) = a.charge_unseen() {
+                    charges.push(c);
                 }
             }
             Event::Done { client_went_away, timed_out } => {

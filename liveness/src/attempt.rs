@@ -202,6 +202,12 @@ pub struct RescueConfig {
     /// froze at zero), and progress cannot tell it from a quiet one. Only a request it does not
     /// see can.
     pub invisible_after_ms: u64,
+    /// The same for a request whose headers have not come (an answer that does not stream; any
+    /// request to vLLM 0.32 whose EngineCore stopped while idle, measured): longer, since such a
+    /// request may still be in the API server's preparation (its images fetched, its prompt
+    /// tokenized), which no engine number shows. vLLM bounds the fetches (5 s for an image, 30 s
+    /// for a video by default).
+    pub invisible_no_headers_after_ms: u64,
 }
 
 impl Default for RescueConfig {
@@ -212,7 +218,7 @@ impl Default for RescueConfig {
         // on a loaded 2-core host: 2.2 s (two drills, the rule then at 1.5 s opened a healthy
         // server's circuit); a GPU step is well under a second (a LoRA adapter loaded from disk
         // inside a step is the known longer one).
-        RescueConfig { gate_ms: crate::FRESHNESS_GATE_MS, end_stream_after_ms: 10_000, rescue_held_after_ms: 2_000, invisible_after_ms: 2_500 }
+        RescueConfig { gate_ms: crate::FRESHNESS_GATE_MS, end_stream_after_ms: 10_000, rescue_held_after_ms: 2_000, invisible_after_ms: 2_500, invisible_no_headers_after_ms: 30_000 }
     }
 }
 
@@ -222,7 +228,8 @@ impl Default for RescueConfig {
 pub const SHOWS_WITHIN_MS: u64 = 1_000;
 
 /// Whether a request held since `held_since_ms` is invisible to its worker's engine: held for
-/// [`RescueConfig::invisible_after_ms`], and the worker's latest frame, taken at
+/// [`RescueConfig::invisible_after_ms`] ([`RescueConfig::invisible_no_headers_after_ms`] for one
+/// `awaiting_headers`, sent at `held_since_ms`), and the worker's latest frame, taken at
 /// `frame_taken_ms` (local clock; an upper bound on its age makes this an early estimate, so
 /// the rule only errs towards waiting), at least a scrape after the request arrived, shows
 /// nothing running or waiting.
@@ -234,9 +241,9 @@ pub const SHOWS_WITHIN_MS: u64 = 1_000;
 /// CPU build: the first request after start took 2.2 s and its frames said idle throughout,
 /// which this rule took for an engine hung while idle). Without that evidence the rule does not
 /// judge: fail open.
-pub fn invisible_to_engine(held_since_ms: u64, now_ms: u64, frame_taken_ms: u64, engine_idle: bool, engine_has_served: bool, cfg: &RescueConfig) -> bool {
-    engine_has_served
-        && engine_idle && now_ms.saturating_sub(held_since_ms) >= cfg.invisible_after_ms && frame_taken_ms >= held_since_ms.saturating_add(SHOWS_WITHIN_MS)
+pub fn invisible_to_engine(held_since_ms: u64, now_ms: u64, frame_taken_ms: u64, engine_idle: bool, engine_has_served: bool, awaiting_headers: bool, cfg: &RescueConfig) -> bool {
+    let after = if awaiting_headers { cfg.invisible_no_headers_after_ms } else { cfg.invisible_after_ms };
+    engine_has_served && engine_idle && now_ms.saturating_sub(held_since_ms) >= after && frame_taken_ms >= held_since_ms.saturating_add(SHOWS_WITHIN_MS)
 }
 
 /// Whether a worker is hung with its `/metrics` still answering, from a fleet view: dnsd marks
@@ -527,6 +534,21 @@ impl Attempt {
             }
             _ => None,
         }
+    }
+
+    /// The engine does not show this attempt, which has no headers yet
+    /// ([`invisible_to_engine`]), and the glue cannot move it (Envoy's Wasm host, with another
+    /// attempt after this one: only an answer the router takes for the worker's is retried). Its
+    /// worker is charged now, once: [`FailReason::UnseenByEngine`] opens the circuit, so that no
+    /// new request goes to an engine hung while idle, which looks idle, the best pick, forever.
+    /// The attempt itself waits on (its per-try budget decides), and the worker's own answer, if
+    /// it comes, passes whole. Returns the charge for the glue to give, the first time only.
+    pub fn charge_unseen(&mut self) -> Option<Charge> {
+        if !self.awaits_headers() || self.charge != ChargeSlot::Undecided {
+            return None;
+        }
+        self.decide(Charge::Failure(FailReason::UnseenByEngine));
+        self.take_charge()
     }
 
     /// The glue could not send the answer [`Self::on_worker_stalled`] gave an attempt that had

@@ -412,6 +412,70 @@ def test_engine_hang_while_idle(stack):
     assert filter_stat(envoy, "stall_rescues") >= len(first_on_hung)
 
 
+def test_an_engine_hung_while_idle_is_found_by_answers_that_do_not_stream(stack):
+    """The idle hang above, with requests that do not stream: a worker sends their headers only
+    with the whole answer, so nothing is held. Before, the guard judged only held attempts here:
+    each request the hung worker took waited out its per-try budget (`non_stream_timeout_ms`,
+    20 s here; 300 s by default), and the worker, looking idle (the best pick), kept taking new
+    ones all that time. Now an attempt with no headers that the worker's idle frames still do not
+    show after `unseen_no_headers_after_ms` (3 s here; 30 s by default, for the API server's
+    preparation of a request) charges the worker, whose circuit opens, so that new requests
+    stop going to it; and where the host can move the attempt (the native filter, or the
+    request's last attempt) it is retried. Native: every request answered whole within ~4 s.
+    Wasm: the attempts already on the hung worker wait out their budget, the others go
+    elsewhere."""
+    native = filter_build() == "native"
+    stack.start_dnsd()
+    workers = [stack.start_worker("w1", ttft_ms=40, tokens_per_s=200), stack.start_worker("w2", ttft_ms=5, tokens_per_s=200),
+               stack.start_worker("w3", ttft_ms=40, tokens_per_s=200)]
+    stack.wait_fresh([w.id for w in workers])
+    hung = workers[1]
+    budget_s, unseen_s = 20.0, 3.0
+    envoy = stack.start_pool_router(picker_config=json.dumps({"non_stream_timeout_ms": int(budget_s * 1000)}),
+                                    guard_config=json.dumps({"unseen_no_headers_after_ms": int(unseen_s * 1000)}))
+    warm_up(stack, envoy)
+    # One request straight to it, so its TTFT is measured (see the drill above).
+    assert chat(make_client(f"http://{hung.addr}/v1"), -2, 1).kind == "completed"
+    wait_for(lambda: stack.fleet_workers()[hung.id].get("ttft_ms") is not None, 10, "the hung worker's TTFT in the fleet view", interval=0.1)
+    client = make_client(envoy.base_url, timeout=60)
+    wait_for(lambda: (stack.fleet_workers()[hung.id].get("running") or 0) == 0, 10, "the worker to be idle", interval=0.1)
+    hung.proc.signal(signal.SIGUSR1)
+    wait_for(lambda: "engine hung" in hung.proc.err_path.read_text(errors="replace"), 5, "fake-vllm to log its engine hang")
+    hang_wall = time.time()
+    rate, run_s = 3.0, 10.0
+    with ThreadPoolExecutor(max_workers=64) as pool:
+        futures = []
+        t0 = time.monotonic()
+        i = 0
+        while time.monotonic() < t0 + run_s:
+            futures.append(pool.submit(chat, client, i, 5, stream=False))
+            i += 1
+            time.sleep(1.0 / rate)  # the request rate, not a readiness wait
+        outcomes = [f.result(timeout=90) for f in futures]
+    entries = [e for e in access_entries(envoy) if e["start"] and e["start"] >= hang_wall]
+    users = [e for e in entries if e["endpoints"] and e["endpoints"][0] == hung.addr and not e["probe"]]
+    first_user = min((e["start"] - hang_wall for e in users), default=0.0)
+    last_user = max((e["start"] - hang_wall for e in users), default=0.0)
+    waits = sorted(o.ended - o.started for o in outcomes)
+    charges, rescues = filter_stat(envoy, "unseen_charges"), filter_stat(envoy, "stall_rescues")
+    report(f"idle engine hang, answers that do not stream ({filter_build()}): {summarize(outcomes)}; requests first sent to the "
+           f"hung worker {len(users)}, from {first_user:.2f} s to {last_user:.2f} s after the hang; slowest answer {waits[-1]:.2f} s; "
+           f"rescues {rescues}, unseen charges {charges}, breaker_trips {filter_stat(envoy, 'breaker_trips')}")
+    assert all(o.kind == "completed" for o in outcomes), [o.describe() for o in outcomes if o.kind != "completed"][:5]
+    assert users, "no request went to the hung worker: the drill tested nothing"
+    # The worker is found out once its first request has gone unseen for `unseen_s` (frames every
+    # 0.5 s, a tick 0.25 s): then no new request goes to it.
+    assert last_user - first_user <= unseen_s + 1.5, (f"the hung worker still got new requests {last_user - first_user:.2f} s "
+                                                     f"after the first one reached it")
+    if native:
+        assert waits[-1] < unseen_s + 2.5, f"an answer took {waits[-1]:.2f} s: its attempt was not moved off the hung worker"
+        assert rescues >= len(users), (rescues, len(users))
+    else:
+        # Envoy's Wasm host cannot move an attempt that has another after it: those wait their budget.
+        assert waits[-1] > budget_s, f"Wasm: the slowest answer took {waits[-1]:.2f} s, within the budget: this drill's premise changed"
+        assert charges >= 1
+
+
 def test_a_rescue_on_the_last_attempt_answers_at_once(stack):
     """A streaming request whose last attempt is held on an engine hung while idle (200 and
     headers at once, then nothing): the guard's rescue makes it a retryable 503, and with no

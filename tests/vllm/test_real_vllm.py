@@ -1128,6 +1128,89 @@ def test_engine_core_sigstop_answer_that_does_not_stream(rig: Rig):
         record("drill answer that does not stream, engine stopped", f"{time.monotonic() - t_start:.1f}s (includes any restart)")
 
 
+def test_engine_core_sigstop_while_idle_answers_that_do_not_stream(rig: Rig):
+    """SIGSTOP of one server's EngineCore while it is idle: its `/metrics` keeps answering with
+    its numbers frozen at zero, so it looks idle (the best pick), and vLLM 0.32 sends a new
+    request no headers at all. Requests that do not stream, sent one by one through a router in
+    front of both servers, two at a time: one the stopped server takes stays unseen by its engine, and once its
+    idle frames still do not show it after `unseen_no_headers_after_ms` (8 s here) the guard
+    charges the server, whose circuit opens, and moves the attempt where the host can (the
+    native filter: answered for the server, retried on the other). With the Wasm filter the
+    attempt waits out its per-try budget (`non_stream_timeout_ms`, 60 s here), and no request
+    sent after the charge goes to the stopped server but a half-open probe. Before, every
+    request it took waited its budget, and it was charged only then."""
+    t_start = time.monotonic()
+    rig.ensure_up()
+    native = filter_build() == "native"
+    budget_s, unseen_s = 60.0, 8.0
+    victim = "v1"
+    srv = rig.servers[victim]
+    envoy = rig.envoy(picker_config=json.dumps({"non_stream_timeout_ms": int(budget_s * 1000), "pick": {"affinity": {"enabled": False}}}),
+                      guard_config=json.dumps({"unseen_no_headers_after_ms": int(unseen_s * 1000)}))
+    engines: list[int] = []
+    try:
+        warm_up(rig, envoy)
+        # The rule judges an engine that has served (a fresh engine's first step shows nothing).
+        served = chat(make_client(f"http://{srv.addr}/v1", timeout=120), 5400, 0, 4)
+        assert served.error is None, served.describe()
+        wait_for(lambda: rig.stack.fleet_workers().get(victim, {}).get("ttft_ms") is not None, 30, "the victim's TTFT in the fleet view", interval=0.2)
+
+        def idle() -> bool:
+            g = rig.try_gauges(victim, timeout=5)
+            return bool(g) and g.get("vllm:num_requests_running", 0) == 0 and g.get("vllm:num_requests_waiting", 0) == 0
+
+        wait_for(idle, 60, "the victim idle", interval=0.2)
+        engines = srv.engine_core_pids()
+        assert engines, f"no EngineCore process in group {srv.pgid}: {srv.describe()}"
+        hang_wall = time.time()
+        for p in engines:
+            vl.os.kill(p, signal.SIGSTOP)
+        client = make_client(envoy.base_url, timeout=budget_s + 60)
+        outs: list = []
+        lock = threading.Lock()
+
+        def one(i: int) -> None:
+            o = harness.chat(client, i, 8, stream=False, model=vllm_rig.MODEL, temperature=0, extra_query={"drill": str(i)})
+            with lock:
+                outs.append(o)
+
+        threads = []
+        # Two at a time: each server idle, the picker sends a lone request to the better score
+        # every time; the second of a pair goes to the server with less of this router's load.
+        for i in range(5410, 5422, 2):
+            for k in (i, i + 1):
+                threads.append(threading.Thread(target=one, args=(k,), daemon=True))
+                threads[-1].start()
+            time.sleep(1.0)  # the request rate, not a readiness wait
+        join_all(threads, budget_s + 90)
+        entries = [e for e in harness.access_entries(envoy) if (drill_idx(e["path"]) or 0) >= 5410 and e["start"] and e["start"] >= hang_wall]
+        on_victim = [e for e in entries if e["endpoints"][:1] == [srv.addr] and not e["probe"]]
+        charges, rescues = harness.filter_stat(envoy, "unseen_charges"), harness.filter_stat(envoy, "stall_rescues")
+        took = {o.idx: o.ended - o.started for o in outs}
+        report(f"COUNTS idle engine stopped, answers that do not stream ({filter_build()}): {summarize(outs)}; first sent to {victim}: "
+               f"{[(drill_idx(e['path']), round(e['start'] - hang_wall, 1), e['code'], e['attempts'], round(took.get(drill_idx(e['path']), -1), 1)) for e in on_victim]}; "
+               f"slowest {max(took.values(), default=0):.1f} s; unseen charges {charges}, rescues {rescues}, "
+               f"breaker_trips {harness.filter_stat(envoy, 'breaker_trips')}")
+        whole = [o for o in outs if o.error is None and o.completion_tokens == 8]
+        assert len(outs) == 12 and len(whole) == 12, [o.describe() for o in outs if o not in whole]
+        assert on_victim, "no request went to the stopped server: the drill tested nothing"
+        first = min(e["start"] for e in on_victim) - hang_wall
+        late = [e for e in on_victim if e["start"] - hang_wall > first + unseen_s + 3.0]
+        assert not late, f"requests still went to the stopped server after it was charged: {late}"
+        assert charges + rescues >= 1
+        for e in on_victim:
+            t = took[drill_idx(e["path"])]
+            if native:
+                assert t < unseen_s + 15.0, f"#{drill_idx(e['path'])} took {t:.1f} s: its attempt waited on the stopped server"
+            else:
+                assert t > budget_s, f"Wasm: #{drill_idx(e['path'])} took {t:.1f} s, within its budget: this drill's premise changed"
+    finally:
+        rig.stop_envoy(envoy)
+        if engines:
+            report(f"COUNTS idle engine stopped cleanup: {cont_engines(rig, victim, engines)}")
+        record("drill idle engine stopped, answers that do not stream", f"{time.monotonic() - t_start:.1f}s (includes any restart)")
+
+
 def last_sign_of_life(view: harness.FleetSamples, wid: str, t0: float, t1: float) -> float:
     """When `wid` last showed a sign of life (its counters moved, or it was idle), in seconds
     after t0, as dnsd's view sampled from t0 to t1 dates it (a sample's time less the worker's

@@ -417,11 +417,16 @@ fn rescue_rules() {
 fn a_request_the_engine_never_sees_is_invisible() {
     let cfg = RescueConfig::default();
     // Held since t=0; at t=2.5 s a frame taken at t=1.2 s shows an idle engine: invisible.
-    assert!(invisible_to_engine(0, 2_500, 1_200, true, true, &cfg));
-    assert!(!invisible_to_engine(0, 2_499, 1_200, true, true, &cfg), "not held long enough");
-    assert!(!invisible_to_engine(0, 3_000, 900, true, true, &cfg), "the frame predates the request showing");
-    assert!(!invisible_to_engine(0, 60_000, 50_000, false, true, &cfg), "the engine counts work: a long prefill, not a hang");
-    assert!(!invisible_to_engine(0, 60_000, 50_000, true, false, &cfg), "a fresh engine's first step shows nothing until it ends: not judged");
+    assert!(invisible_to_engine(0, 2_500, 1_200, true, true, false, &cfg));
+    assert!(!invisible_to_engine(0, 2_499, 1_200, true, true, false, &cfg), "not held long enough");
+    assert!(!invisible_to_engine(0, 3_000, 900, true, true, false, &cfg), "the frame predates the request showing");
+    assert!(!invisible_to_engine(0, 60_000, 50_000, false, true, false, &cfg), "the engine counts work: a long prefill, not a hang");
+    assert!(!invisible_to_engine(0, 60_000, 50_000, true, false, false, &cfg), "a fresh engine's first step shows nothing until it ends: not judged");
+    // Sent at t=0, no headers yet: the API server may still prepare it (fetches, tokenization),
+    // which no engine number shows; the rule waits longer for it.
+    assert!(!invisible_to_engine(0, 29_999, 29_000, true, true, true, &cfg), "no headers: not before the longer bound");
+    assert!(invisible_to_engine(0, 30_000, 29_000, true, true, true, &cfg));
+    assert!(!invisible_to_engine(0, 60_000, 50_000, false, true, true, &cfg), "no headers, the engine counts work: not judged");
 }
 
 #[test]
@@ -480,6 +485,27 @@ fn an_attempt_whose_headers_never_came_is_answered_on_a_stalled_worker() {
     assert_eq!(d.seen.reports[0].outcome, Outcome::FailedBeforeFirstToken(FailReason::WorkerStalled));
     assert_eq!(d.seen.reports[0].rescued, Some(Rescue::RetryNow));
     assert!(!d.seen.reports[0].released);
+}
+
+#[test]
+fn an_unseen_attempt_the_glue_cannot_move_charges_its_worker_once_and_waits_on() {
+    let mut d = Driver::new(CHAT);
+    let c = d.a.charge_unseen();
+    assert_eq!(c, Some(Charge::Failure(FailReason::UnseenByEngine)));
+    assert_eq!(d.a.charge_unseen(), None, "once");
+    assert!(d.a.awaits_headers(), "not rescued: it waits on");
+    // The worker's own answer, if it comes, passes whole, and charges nothing more.
+    d.headers(200, "application/json", false);
+    d.body(b"{\"choices\":[{\"message\":{\"content\":\"hi\"}}]}", true);
+    assert!(String::from_utf8_lossy(&d.seen.client).contains("hi"));
+    d.charges();
+    assert!(d.seen.charges.is_empty(), "{:?}", d.seen.charges);
+    d.done(Ending::default());
+    assert_eq!(d.seen.reports[0].rescued, None);
+    // Only an attempt awaiting its headers, with nothing charged yet.
+    let mut held = Driver::new(CHAT);
+    held.headers(200, SSE, false);
+    assert_eq!(held.a.charge_unseen(), None, "held: the rescue applies");
 }
 
 #[test]

@@ -358,9 +358,12 @@ impl HttpContext for GuardCtx {
         // `x-gpuha-endpoints` there (the override_host LB takes the list once per request and
         // walks it on retries; the kill soak found that it does not re-read it).
         // One host call for every header read here.
-        let h = host::Headers::read(MapType::HttpRequestHeaders, &[PROBE_HEADER, REQUEST_KEY_HEADER, EXPECTED_TIMEOUT_HEADER, ":path", ATTEMPT_COUNT_HEADER, ATTEMPTS_HEADER]);
-        let [probe_for, request_id, budget, path, count, allowed] = [0, 1, 2, 3, 4, 5].map(|i| h.get(i));
-        self.last = is_last_attempt(count.as_deref(), allowed.as_deref());
+        const NAMES: &[&str] = &[PROBE_HEADER, REQUEST_KEY_HEADER, EXPECTED_TIMEOUT_HEADER, ":path", ATTEMPT_COUNT_HEADER, ATTEMPTS_HEADER];
+        // A host that answers for the worker moves every attempt: it needs no attempt number.
+        let moves_any = host::can_answer_as_upstream();
+        let h = host::Headers::read(MapType::HttpRequestHeaders, if moves_any { &NAMES[..4] } else { NAMES });
+        let [probe_for, request_id, budget, path] = [0, 1, 2, 3].map(|i| h.get(i));
+        self.last = !moves_any && is_last_attempt(h.get(4).as_deref(), h.get(5).as_deref());
         self.probe_for = probe_for;
         self.request_id = request_id.filter(|id| !id.is_empty());
         // This attempt's budget: the router's per-try timeout (the route's timeout without one).

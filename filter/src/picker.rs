@@ -342,18 +342,21 @@ fn hex16(v: u64) -> String {
 impl HttpContext for Picker {
     fn on_http_request_headers(&mut self, _n: usize, end_of_stream: bool) -> Action {
         // One host call for every header read here (not one per header).
-        const NAMES: &[&str] = &[ENDPOINTS_HEADER, PROBE_HEADER, MAX_RETRIES_HEADER, REQUEST_KEY_HEADER, PER_TRY_TIMEOUT_HEADER, ATTEMPTS_HEADER, ":path", SPILLED_HEADER, "content-type", DEFAULT_SESSION_HEADER];
-        let h = host::Headers::read(MapType::HttpRequestHeaders, NAMES);
+        const NAMES: &[&str] = &[ENDPOINTS_HEADER, PROBE_HEADER, MAX_RETRIES_HEADER, REQUEST_KEY_HEADER, PER_TRY_TIMEOUT_HEADER, ":path", SPILLED_HEADER, "content-type", DEFAULT_SESSION_HEADER, ATTEMPTS_HEADER];
+        // `ATTEMPTS_HEADER` only where the guard reads it (a host that cannot answer for the worker).
+        let attempts = !host::can_answer_as_upstream();
+        let h = host::Headers::read(MapType::HttpRequestHeaders, if attempts { NAMES } else { &NAMES[..NAMES.len() - 1] });
         // Clients must not steer the load balancer or claim probes. Nor set the retry count or
         // the per-try budget: the picker sets them, else the route's apply. (Envoy's HCM already
         // strips them from requests it does not count as internal.) Nor name the request's notes,
         // nor tell the guard how many attempts it has.
-        for (i, name) in NAMES.iter().enumerate().take(6) {
+        let strip = (0..5).chain(attempts.then_some(NAMES.len() - 1));
+        for i in strip {
             if h.has(i) {
-                host::set_request_header(name, None);
+                host::set_request_header(NAMES[i], None);
             }
         }
-        let [path, spilled, content_type] = [6, 7, 8];
+        let [path, spilled, content_type, session] = [5, 6, 7, 8];
         self.path = h.get(path).unwrap_or_default();
         self.spilled = h.has(spilled);
         self.content_type = h.get(content_type);
@@ -361,7 +364,7 @@ impl HttpContext for Picker {
         if a.enabled && !a.session_header.is_empty() {
             // An absent header costs Envoy's lookup most (it searches the whole map): the
             // default name is read with the others.
-            self.session = if a.session_header == DEFAULT_SESSION_HEADER { h.get(NAMES.len() - 1) } else { h.get_other(&a.session_header) };
+            self.session = if a.session_header == DEFAULT_SESSION_HEADER { h.get(session) } else { h.get_other(&a.session_header) };
         }
         // The key of the request's noted failures (`judge_attempts`); any the client sent is
         // gone (above), so adding it costs Envoy less than setting it.

@@ -6,7 +6,7 @@
 
 use arbitrary::Arbitrary;
 use gpuha_liveness::attempt::{Attempt, AttemptConfig, BodyAction, Charge, Chunk, Ending, HeadersAction, Outcome, Read, Rescue};
-use gpuha_liveness::guard::TAIL_PEEK_BYTES;
+use gpuha_liveness::guard::{FailReason, TAIL_PEEK_BYTES};
 use libfuzzer_sys::fuzz_target;
 
 #[derive(Debug, Arbitrary)]
@@ -39,6 +39,8 @@ fuzz_target!(|input: Input| {
     let mut reports = Vec::new();
     let mut client: Vec<u8> = Vec::new();
     let (mut held, mut failed) = (false, false);
+    // The tick charged the worker on its engine's evidence, before any ending was known.
+    let mut charged_unseen = false;
     let mut pos = 0usize;
     let mut take = |len: u16| -> Vec<u8> {
         if input.body.is_empty() {
@@ -90,6 +92,7 @@ fuzz_target!(|input: Input| {
             Event::Unseen => {
                 if let Some(c) = a.charge_unseen() {
                     charges.push(c);
+                    charged_unseen = true;
                 }
             }
             Event::Done { client_went_away, timed_out } => {
@@ -116,7 +119,10 @@ fuzz_target!(|input: Input| {
             assert!(client.is_empty(), "a failed attempt leaked {:?}", String::from_utf8_lossy(&client));
         }
     }
-    if matches!(r.outcome, Outcome::ClientCancelled { .. }) {
+    if matches!(r.outcome, Outcome::ClientCancelled { .. }) && !charged_unseen {
         assert!(!matches!(r.charge, Charge::Failure(_)), "a client that went away charged a failure");
+    }
+    if charged_unseen {
+        assert_eq!(r.charge, Charge::Failure(FailReason::UnseenByEngine), "an unseen charge, then another");
     }
 });

@@ -542,7 +542,9 @@ impl Attempt {
     /// worker is charged now, once: [`FailReason::UnseenByEngine`] opens the circuit, so that no
     /// new request goes to an engine hung while idle, which looks idle, the best pick, forever.
     /// The attempt itself waits on (its per-try budget decides), and the worker's own answer, if
-    /// it comes, passes whole. Returns the charge for the glue to give, the first time only.
+    /// it comes, passes whole. Returns the charge for the glue to give, the first time only. It
+    /// rests on the engine's frames, not on how the attempt ends: it stands if the client goes
+    /// away later, or the worker answers after all.
     pub fn charge_unseen(&mut self) -> Option<Charge> {
         if !self.awaits_headers() || self.charge != ChargeSlot::Undecided {
             return None;

@@ -347,6 +347,43 @@ def test_gray_failure_slow_worker_gets_fewer_requests(stack):
     assert set(marks) == {slow.id}, f"dnsd marked {marks}, expected only {slow.id}"
 
 
+def hang_the_fastest_while_idle(stack, **router_opts):
+    """dnsd, three workers and a router (`router_opts`: render.py flags); then the fastest
+    worker's engine hangs while idle. Returns the router, the hung worker and the hang's wall
+    time. The worker that hangs is the fastest one, so an idle fleet's picks favour it (with equal
+    workers, which one the picker favours depends on the warm-up's TTFT figures: a drill where no
+    request reached the hung worker tested nothing)."""
+    stack.start_dnsd()
+    workers = [stack.start_worker("w1", ttft_ms=40, tokens_per_s=200), stack.start_worker("w2", ttft_ms=5, tokens_per_s=200),
+               stack.start_worker("w3", ttft_ms=40, tokens_per_s=200)]
+    stack.wait_fresh([w.id for w in workers])
+    hung = workers[1]
+    envoy = stack.start_pool_router(**router_opts)
+    warm_up(stack, envoy)
+    # One request straight to it, so its TTFT is measured (a worker with none scores the
+    # default 100 ms, behind measured 40 ms peers).
+    assert chat(make_client(f"http://{hung.addr}/v1"), -2, 1).kind == "completed"
+    wait_for(lambda: stack.fleet_workers()[hung.id].get("ttft_ms") is not None, 10, "the hung worker's TTFT in the fleet view", interval=0.1)
+    # Idle when it hangs: its numbers freeze at zero (a busy hang is the drill above).
+    wait_for(lambda: (stack.fleet_workers()[hung.id].get("running") or 0) == 0, 10, "the worker to be idle", interval=0.1)
+    hung.proc.signal(signal.SIGUSR1)
+    wait_for(lambda: "engine hung" in hung.proc.err_path.read_text(errors="replace"), 5, "fake-vllm to log its engine hang")
+    return envoy, hung, time.time()
+
+
+def paced_requests(client, rate: float, run_s: float, **chat_opts) -> list:
+    """Requests of 5 tokens at `rate` a second for `run_s` seconds, each in its own thread; their outcomes."""
+    with ThreadPoolExecutor(max_workers=64) as pool:
+        futures = []
+        t0 = time.monotonic()
+        i = 0
+        while time.monotonic() < t0 + run_s:
+            futures.append(pool.submit(chat, client, i, 5, **chat_opts))
+            i += 1
+            time.sleep(1.0 / rate)  # the request rate, not a readiness wait
+        return [f.result(timeout=90) for f in futures]
+
+
 def test_engine_hang_while_idle(stack):
     """An engine that hangs while idle looks idle forever: its numbers froze at zero, and
     progress cannot tell it from a quiet worker. A request it takes (200 and headers at once,
@@ -357,37 +394,10 @@ def test_engine_hang_while_idle(stack):
     first request reached it only the breaker's half-open probes (one per cool-down, each
     rescued the same way) do. Bound asserted, from that first request: 2.5 s + a scrape
     (0.5 s) + a tick (0.25 s), rounded up."""
-    stack.start_dnsd()
-    # The worker that hangs is the fastest one, so an idle fleet's picks favour it (with equal
-    # workers, which one the picker favours depends on the warm-up's TTFT figures: a drill where
-    # no request reached the hung worker tested nothing).
-    workers = [stack.start_worker("w1", ttft_ms=40, tokens_per_s=200), stack.start_worker("w2", ttft_ms=5, tokens_per_s=200),
-               stack.start_worker("w3", ttft_ms=40, tokens_per_s=200)]
-    stack.wait_fresh([w.id for w in workers])
-    hung = workers[1]
     per_try = 8.0
-    envoy = stack.start_pool_router(per_try_timeout=f"{per_try:.0f}s")
-    warm_up(stack, envoy)
-    # One request straight to it, so its TTFT is measured (a worker with none scores the
-    # default 100 ms, behind measured 40 ms peers).
-    assert chat(make_client(f"http://{hung.addr}/v1"), -2, 1).kind == "completed"
-    wait_for(lambda: stack.fleet_workers()[hung.id].get("ttft_ms") is not None, 10, "the hung worker's TTFT in the fleet view", interval=0.1)
-    client = make_client(envoy.base_url, timeout=40)
-    # Idle when it hangs: its numbers freeze at zero (a busy hang is the drill above).
-    wait_for(lambda: (stack.fleet_workers()[hung.id].get("running") or 0) == 0, 10, "the worker to be idle", interval=0.1)
-    hung.proc.signal(signal.SIGUSR1)
-    wait_for(lambda: "engine hung" in hung.proc.err_path.read_text(errors="replace"), 5, "fake-vllm to log its engine hang")
-    hang_wall = time.time()
+    envoy, hung, hang_wall = hang_the_fastest_while_idle(stack, per_try_timeout=f"{per_try:.0f}s")
     rate, run_s = 3.0, 10.0
-    with ThreadPoolExecutor(max_workers=32) as pool:
-        futures = []
-        t0 = time.monotonic()
-        i = 0
-        while time.monotonic() < t0 + run_s:
-            futures.append(pool.submit(chat, client, i, 5))
-            i += 1
-            time.sleep(1.0 / rate)
-        outcomes = [f.result(timeout=60) for f in futures]
+    outcomes = paced_requests(make_client(envoy.base_url, timeout=40), rate, run_s)
     entries = [e for e in access_entries(envoy) if e["start"] and e["start"] >= hang_wall]
     first_on_hung = [e for e in entries if e["endpoints"] and e["endpoints"][0] == hung.addr]
     probes = [e for e in first_on_hung if e["probe"]]
@@ -425,33 +435,11 @@ def test_an_engine_hung_while_idle_is_found_by_answers_that_do_not_stream(stack)
     Wasm: the attempts already on the hung worker wait out their budget, the others go
     elsewhere."""
     native = filter_build() == "native"
-    stack.start_dnsd()
-    workers = [stack.start_worker("w1", ttft_ms=40, tokens_per_s=200), stack.start_worker("w2", ttft_ms=5, tokens_per_s=200),
-               stack.start_worker("w3", ttft_ms=40, tokens_per_s=200)]
-    stack.wait_fresh([w.id for w in workers])
-    hung = workers[1]
     budget_s, unseen_s = 20.0, 3.0
-    envoy = stack.start_pool_router(picker_config=json.dumps({"non_stream_timeout_ms": int(budget_s * 1000)}),
-                                    guard_config=json.dumps({"unseen_no_headers_after_ms": int(unseen_s * 1000)}))
-    warm_up(stack, envoy)
-    # One request straight to it, so its TTFT is measured (see the drill above).
-    assert chat(make_client(f"http://{hung.addr}/v1"), -2, 1).kind == "completed"
-    wait_for(lambda: stack.fleet_workers()[hung.id].get("ttft_ms") is not None, 10, "the hung worker's TTFT in the fleet view", interval=0.1)
-    client = make_client(envoy.base_url, timeout=60)
-    wait_for(lambda: (stack.fleet_workers()[hung.id].get("running") or 0) == 0, 10, "the worker to be idle", interval=0.1)
-    hung.proc.signal(signal.SIGUSR1)
-    wait_for(lambda: "engine hung" in hung.proc.err_path.read_text(errors="replace"), 5, "fake-vllm to log its engine hang")
-    hang_wall = time.time()
+    envoy, hung, hang_wall = hang_the_fastest_while_idle(stack, picker_config=json.dumps({"non_stream_timeout_ms": int(budget_s * 1000)}),
+                                                         guard_config=json.dumps({"unseen_no_headers_after_ms": int(unseen_s * 1000)}))
     rate, run_s = 3.0, 10.0
-    with ThreadPoolExecutor(max_workers=64) as pool:
-        futures = []
-        t0 = time.monotonic()
-        i = 0
-        while time.monotonic() < t0 + run_s:
-            futures.append(pool.submit(chat, client, i, 5, stream=False))
-            i += 1
-            time.sleep(1.0 / rate)  # the request rate, not a readiness wait
-        outcomes = [f.result(timeout=90) for f in futures]
+    outcomes = paced_requests(make_client(envoy.base_url, timeout=60), rate, run_s, stream=False)
     entries = [e for e in access_entries(envoy) if e["start"] and e["start"] >= hang_wall]
     users = [e for e in entries if e["endpoints"] and e["endpoints"][0] == hung.addr and not e["probe"]]
     first_user = min((e["start"] - hang_wall for e in users), default=0.0)

@@ -127,7 +127,8 @@ pub struct GuardConfig {
     pub unseen_after_ms: u64,
     /// The same for an attempt whose headers have not come (`gpuha_liveness::attempt::RescueConfig::invisible_no_headers_after_ms`),
     /// counted from its start: retried (native filter; Wasm filter, the request's last
-    /// attempt only: answered), or else its worker charged.
+    /// attempt only: answered), or else its worker charged. Never below `unseen_after_ms` (a
+    /// smaller value counts as that: a config that raised only `unseen_after_ms` stays valid).
     pub unseen_no_headers_after_ms: u64,
     /// How often the guard looks at the attempts it holds.
     pub rescue_tick_ms: u64,
@@ -245,9 +246,6 @@ impl Config {
                 }
                 if g.unseen_after_ms < MIN_UNSEEN_AFTER_MS {
                     return Err(format!("unseen_after_ms: must be at least {MIN_UNSEEN_AFTER_MS} (a request shows in the engine's numbers a scrape after it arrives)"));
-                }
-                if g.unseen_no_headers_after_ms < g.unseen_after_ms {
-                    return Err("unseen_no_headers_after_ms: must be at least unseen_after_ms (a request with no headers yet may still be in the API server's preparation)".into());
                 }
                 if !(10..=5_000).contains(&g.rescue_tick_ms) {
                     return Err("rescue_tick_ms: must be 10..=5000".into());

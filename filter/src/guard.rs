@@ -69,7 +69,7 @@ pub fn rescue_tick(reg: &Rc<RefCell<Registry>>, view: &gpuha_liveness::FleetView
         end_stream_after_ms: cfg.end_stalled_streams_after_ms,
         rescue_held_after_ms: cfg.rescue_held_after_ms,
         invisible_after_ms: cfg.unseen_after_ms,
-        invisible_no_headers_after_ms: cfg.unseen_no_headers_after_ms,
+        invisible_no_headers_after_ms: cfg.unseen_no_headers_after_ms.max(cfg.unseen_after_ms),
         ..RescueConfig::default()
     };
     let mut todo: Vec<Due> = Vec::new();

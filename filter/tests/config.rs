@@ -24,6 +24,10 @@ fn rejects_unknown_and_bad_values() {
     assert!(Config::parse(br#"{"role":"guard","retry_status":200}"#).unwrap_err().contains("retry_status"));
     assert!(Config::parse(br#"{"role":"guard","unseen_after_ms":500}"#).unwrap_err().contains("unseen_after_ms"));
     assert!(Config::parse(br#"{"role":"guard","unseen_after_ms":3000}"#).is_ok());
+    // A config that raised only unseen_after_ms above the no-headers default stays valid (the
+    // guard takes the larger of the two for attempts with no headers).
+    assert!(Config::parse(br#"{"role":"guard","unseen_after_ms":60000}"#).is_ok());
+    assert!(Config::parse(br#"{"role":"guard","unseen_no_headers_after_ms":5000}"#).is_ok());
     assert!(Config::parse(br#"{"role":"picker","poll_interval_ms":0}"#).unwrap_err().contains("poll_interval_ms"));
     assert!(Config::parse(br#"{"role":"picker","non_stream_timeout_ms":500}"#).unwrap_err().contains("non_stream_timeout_ms"));
     assert!(Config::parse(br#"{"role":"picker","non_stream_timeout_ms":0}"#).is_ok());

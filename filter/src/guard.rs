@@ -111,8 +111,9 @@ pub fn rescue_tick(reg: &Rc<RefCell<Registry>>, view: &gpuha_liveness::FleetView
             // request, its images fetched and its prompt tokenized, before it answers the headers
             // of a stream). A request awaiting its headers may still be in that preparation, which
             // an idle engine's numbers cannot show: the rule waits longer for it
-            // (`unseen_no_headers_after_ms`). vLLM 0.32 whose engine stopped while idle sends no
-            // headers at all, to any request.
+            // (`unseen_no_headers_after_ms`). vLLM 0.32 whose engine stopped while idle sends a
+            // stream's headers at once (held: the first case) and an answer that does not stream
+            // none (the second).
             let awaiting = a.awaits_headers();
             if r.is_none() && (a.is_held() || awaiting) && view_age <= rcfg.gate_ms {
                 // An engine that hung while idle: its frames still say idle although it holds our request.

@@ -11,7 +11,7 @@ use gpuha_liveness::affinity::{Key, Outcome, Want, DEFAULT_SESSION_HEADER};
 use gpuha_liveness::attempt::mark;
 use gpuha_liveness::openai_error::{error_response, is_api_shaped};
 use gpuha_liveness::blame::{blame, parse_notes};
-use gpuha_liveness::pick::{panic_fill, pick_ranked, retries_for, stalled_fail_open, Decision};
+use gpuha_liveness::pick::{panic_fill, pick_ranked, retries_for, silent_fail_open, stalled_fail_open, Decision};
 use gpuha_liveness::request::{RequestFields, Scan};
 use gpuha_liveness::slots::{decode_request_notes, request_key, u64_at, encode_u64, SPILL_IN_FLIGHT_KEY};
 use gpuha_liveness::tier::{admit_spill, pool_load, TierKind, SPILLED_HEADER, TIER_HEADER};
@@ -184,12 +184,14 @@ impl Picker {
             if panic {
                 inc(self.stats.panic_picks);
             }
-            match stalled_fail_open(&d, &view, model.as_deref(), &self.cfg.pick) {
-                Some(open) => {
-                    inc(self.stats.stalled_fail_open);
-                    (open, Outcome::None)
-                }
-                None => (d, affine),
+            if let Some(open) = stalled_fail_open(&d, &view, model.as_deref(), &self.cfg.pick) {
+                inc(self.stats.stalled_fail_open);
+                (open, Outcome::None)
+            } else if let Some(open) = self.silent_fail_open(&d, &view, model.as_deref(), &mut t.rng) {
+                inc(self.stats.silent_fail_open);
+                (open, Outcome::None)
+            } else {
+                (d, affine)
             }
         };
         match decision {
@@ -239,6 +241,21 @@ impl Picker {
 }
 
 impl Picker {
+    /// [`silent_fail_open`] where the picker would otherwise answer its own 503: not for a
+    /// request with a fallback tier to go to (the chain is the designed answer to own workers
+    /// gone dark), nor for one spilled here from another router (the 503 takes it to the
+    /// sender's next tier at once), nor under `no_worker: "fail_open"` (Envoy's load balancing
+    /// serves it already).
+    fn silent_fail_open(&self, d: &Decision, view: &gpuha_liveness::FleetView, model: Option<&str>, rng: &mut gpuha_liveness::pick::Rng) -> Option<Decision> {
+        if !matches!(d, Decision::NoWorker { fresh: 0, .. }) || self.spilled || self.cfg.no_worker == NoWorkerPolicy::FailOpen {
+            return None;
+        }
+        if !self.cfg.tiers.endpoints(&[], &self.path, self.spilled).endpoints.is_empty() {
+            return None;
+        }
+        silent_fail_open(d, view, model, rng, &self.cfg.pick)
+    }
+
     fn count_lora(&self, view: &gpuha_liveness::FleetView, fetched: u64, now: u64, model: Option<&str>, first: Option<&str>) {
         match gpuha_liveness::pick::lora_outcome(view, fetched, now, model, first, &self.cfg.pick) {
             gpuha_liveness::lora::Outcome::Hit => inc(self.stats.lora_hits),

@@ -32,6 +32,7 @@ pub struct Stats {
     pub stall_truncations: Option<u32>,
     pub unseen_charges: Option<u32>,
     pub stalled_fail_open: Option<u32>,
+    pub silent_fail_open: Option<u32>,
     /// Answers served by a spill tier (another pool's router).
     pub spilled: Option<u32>,
     /// Answers served by a degraded tier.
@@ -94,6 +95,7 @@ impl Stats {
             stall_truncations: c("stall_truncations"),
             unseen_charges: c("unseen_charges"),
             stalled_fail_open: c("stalled_fail_open"),
+            silent_fail_open: c("silent_fail_open"),
             spilled: c("spilled"),
             degraded: c("degraded"),
             provider_served: c("provider_served"),

@@ -52,6 +52,9 @@ pub struct PickConfig {
     /// the strict breaker (an open circuit removes the worker from every list: a flaky fleet
     /// then refuses requests with no attempt at all).
     pub last_resort: bool,
+    /// When every worker that could take a request is silent, try them anyway, most recently
+    /// heard first ([`silent_fail_open`]); `false`: the picker's 503 stands.
+    pub silent_fail_open: bool,
     /// Prefix-cache and session affinity ([`crate::affinity`]).
     pub affinity: AffinityConfig,
     /// A request counted in flight longer than this stops counting ([`crate::inflight`]).
@@ -75,6 +78,7 @@ impl Default for PickConfig {
             kv_soft_limit: 0.8,
             kv_penalty: 4.0,
             last_resort: true,
+            silent_fail_open: true,
             affinity: AffinityConfig::default(),
             in_flight_max_age_ms: 600_000,
             lora: crate::lora::LoraConfig::default(),
@@ -708,6 +712,57 @@ pub fn stalled_fail_open(decision: &Decision, view: &FleetView, model: Option<&s
     }
     stalled.sort_by(|a, b| a.0.total_cmp(&b.0).then(a.1.addr.cmp(&b.1.addr)));
     let endpoints = stalled.into_iter().take(cfg.max_endpoints).map(|(_, w)| w.addr.clone()).collect();
+    Some(Decision::Endpoints { endpoints, probe: None })
+}
+
+/// When no worker serving the model is fresh and none is stalled, but some are **silent** (no
+/// frame within the freshness gate): every frame of a router's workers stopping at once is more
+/// likely telemetry lost (every sidecar's scrape timing out on a loaded fleet, a key rolled out
+/// wrong, the sidecars cut off from dnsd) than every engine dead together, and the HA layer must
+/// not manufacture an outage out of missing data. So such a pick fails open onto the silent
+/// workers, as many as `max_endpoints`: if they are dead, their attempts fail (a refused or
+/// timed-out connection, retried on the next) and the client gets the router's error as before;
+/// if they serve, it is served.
+///
+/// - Which first: those that went silent with the most recent one (heard within the eviction
+///   window of it), from a random one on in the view's order, as Envoy's own load balancing
+///   would spread them with no view at all: with no numbers to score, one fixed order would
+///   send every request to the same worker. Then those silent for longer, most recently heard
+///   first.
+/// - Drained workers stay out (an operator's drain is not a judgement to fail open from).
+/// - Stalled workers are [`stalled_fail_open`]'s, which goes first.
+/// - The caller applies it only where the answer would otherwise be the picker's own 503: a
+///   request with no fallback tier to go to.
+///
+/// Returns `None` when this does not apply (`silent_fail_open` off, a worker is fresh, or none
+/// is silent).
+pub fn silent_fail_open(decision: &Decision, view: &FleetView, model: Option<&str>, rng: &mut Rng, cfg: &PickConfig) -> Option<Decision> {
+    if !cfg.silent_fail_open || !matches!(decision, Decision::NoWorker { fresh: 0, .. }) {
+        return None;
+    }
+    // One pass to find them, and O(max_endpoints) work per endpoint: a fleet of thousands gone
+    // silent must not cost each request a sort.
+    let silent: Vec<&WorkerView> = view
+        .workers
+        .iter()
+        .filter(|w| !w.stalled && !w.drained && (cfg.pools.is_empty() || cfg.pools.contains(&w.pool)) && serves(w, model))
+        .collect();
+    let newest = silent.iter().map(|w| w.age_ms).min()?;
+    let together = |w: &WorkerView| w.age_ms <= newest.saturating_add(crate::EVICTION_WINDOW_MS);
+    let mut endpoints: Vec<String> = Vec::new();
+    let start = rng.below(silent.len());
+    for w in silent[start..].iter().chain(&silent[..start]) {
+        if endpoints.len() >= cfg.max_endpoints {
+            break;
+        }
+        if together(w) && !endpoints.contains(&w.addr) {
+            endpoints.push(w.addr.clone());
+        }
+    }
+    while endpoints.len() < cfg.max_endpoints {
+        let Some(w) = silent.iter().filter(|w| !endpoints.contains(&w.addr)).min_by(|a, b| a.age_ms.cmp(&b.age_ms).then(a.addr.cmp(&b.addr))) else { break };
+        endpoints.push(w.addr.clone());
+    }
     Some(Decision::Endpoints { endpoints, probe: None })
 }
 

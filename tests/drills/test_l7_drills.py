@@ -338,6 +338,41 @@ def test_d3_telemetry_lost(stack):
     assert fail_open_total >= 20 and picks_after >= 20
 
 
+def test_every_sidecar_silent_still_serves(stack):
+    """Every sidecar goes silent at once while the workers serve (what a fleet whose `/metrics`
+    answers slower than the sidecars' scrape timeout looks like, or a key rolled out wrong, or
+    the sidecars cut off from dnsd): dnsd is up and its view fresh, but no worker is. The
+    picker does not turn missing telemetry into an outage: with no fallback tier to go to it
+    fails open onto the silent workers, most recently heard first (`silent_fail_open`), and the
+    requests are served. Before, each got the picker's own 503 with no attempt at all."""
+    stack.start_dnsd()
+    workers = stack.start_workers(3, ttft_ms=30, tokens_per_s=400)
+    envoy = stack.start_pool_router()
+    warm_up(stack, envoy)
+    for w in workers:
+        w.sidecar.stop()
+    try:
+        stack.wait_stale([w.id for w in workers], timeout=8)
+        # The picker reads the view in which nobody is fresh (a poll every 250 ms).
+        polls = filter_stat(envoy, "fleet_polls")
+        wait_for(lambda: filter_stat(envoy, "fleet_polls") >= polls + 2, 5, "two more fleet polls")
+        silent0, no_worker0 = filter_stat(envoy, "silent_fail_open"), filter_stat(envoy, "no_worker")
+        client = make_client(envoy.base_url, timeout=10)
+        outcomes = [chat(client, i, 5, stream=(i % 2 == 0)) for i in range(12)]
+        silent, no_worker = filter_stat(envoy, "silent_fail_open") - silent0, filter_stat(envoy, "no_worker") - no_worker0
+        fresh_now = stack.fresh_ids()
+    finally:
+        for w in workers:
+            w.sidecar.cont()
+    report(f"every sidecar silent: {summarize(outcomes)}; per worker {per_worker(outcomes)}; silent_fail_open +{silent}, "
+           f"no_worker +{no_worker}; fresh in dnsd's view while sent: {sorted(fresh_now)}")
+    assert not fresh_now, f"a worker was fresh during the drill: {fresh_now}"
+    assert_whole_and_single_worker(outcomes)
+    bad = [o.describe() for o in outcomes if o.kind != "completed"]
+    assert not bad, f"{len(bad)} of {len(outcomes)} requests not served with every sidecar silent:\n" + "\n".join(bad[:5])
+    assert silent == len(outcomes) and no_worker == 0, (silent, no_worker)
+
+
 def test_d4_all_dead(stack):
     """Every worker dead: the client gets a protocol-correct error (typed APIStatusError, SSE
     error event for streams), never a connection error. Also the fail-whale config directly."""

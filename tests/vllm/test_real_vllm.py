@@ -25,7 +25,7 @@ import subprocess
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
-from typing import Optional
+from typing import Callable, Optional
 
 import openai
 import pytest
@@ -253,6 +253,50 @@ def test_api_surface_same_through_the_router(rig: Rig):
     assert retries == 0 and trips == 0, f"{retries} retries, {trips} circuits opened by a healthy server"
     rig.stop_envoy(envoy)
     record("drill api-surface", f"{time.monotonic() - t_start:.1f}s")
+
+
+def test_every_sidecar_silent_still_serves(rig: Rig):
+    """Both sidecars stop sending (SIGSTOP) while both servers serve: what a session-27 run saw
+    when every sidecar's scrape of a loaded CPU server timed out at once, and one request got the
+    picker's own 503 with no attempt. dnsd's view is fresh and no server in it is: with no
+    fallback tier to go to, the picker fails open onto the silent servers (`silent_fail_open`),
+    and each request is served whole by one of them."""
+    t_start = time.monotonic()
+    rig.ensure_up()
+    envoy = rig.envoy()
+    sidecars = [rig.stack.workers[wid].sidecar for wid in rig.servers]
+    try:
+        warm_up(rig, envoy)
+        for sc in sidecars:
+            sc.stop()
+        rig.stack.wait_stale(list(rig.servers), timeout=10)
+        polls = harness.filter_stat(envoy, "fleet_polls")
+        harness.wait_for(lambda: harness.filter_stat(envoy, "fleet_polls") >= polls + 2, 5, "two more fleet polls")
+        silent0, no_worker0 = harness.filter_stat(envoy, "silent_fail_open"), harness.filter_stat(envoy, "no_worker")
+        client = make_client(envoy.base_url, timeout=60)
+        outs = [harness.chat(client, i, 8, stream=(i % 2 == 0), model=vllm_rig.MODEL, extra_body={"ignore_eos": True},
+                             extra_query={"drill": str(5300 + i)}, **({"stream_options": {"include_usage": True}} if i % 2 == 0 else {}))
+                for i in range(6)]
+
+        def served_by() -> dict:
+            return {drill_idx(e["path"]): e["upstream"] for e in harness.access_entries(envoy) if (drill_idx(e["path"]) or 0) >= 5300}
+        harness.wait_for(lambda: len(served_by()) >= len(outs), 5, "the requests' access log lines")
+        servers = served_by()
+        silent = harness.filter_stat(envoy, "silent_fail_open") - silent0
+        no_worker = harness.filter_stat(envoy, "no_worker") - no_worker0
+        fresh_now = rig.stack.fresh_ids()
+    finally:
+        for sc in sidecars:
+            sc.cont()
+        rig.stop_envoy(envoy)
+        record("drill every sidecar silent", f"{time.monotonic() - t_start:.1f}s")
+    report(f"COUNTS every sidecar silent: {[(o.finish_reason, o.completion_tokens, type(o.error).__name__ if o.error else None) for o in outs]}; served by {sorted(servers.items())}; silent_fail_open +{silent}, "
+           f"no_worker +{no_worker}; fresh in dnsd's view while sent: {sorted(fresh_now)}")
+    assert not fresh_now, fresh_now
+    whole = [o.error is None and o.finish_reason == "length" and o.completion_tokens == 8 for o in outs]
+    assert all(whole), [o.describe() for o, ok in zip(outs, whole) if not ok]
+    assert silent == len(outs) and no_worker == 0, (silent, no_worker)
+    assert set(servers.values()) <= {s.addr for s in rig.servers.values()}, servers
 
 
 def test_a_long_answer_that_does_not_stream_completes(rig: Rig):
@@ -999,8 +1043,8 @@ def test_engine_core_sigstop_last_attempt_rescue(rig: Rig):
     body never comes: the picker answers in its place with an OpenAI-shaped 503
     (`x-gpuha-guard: rescued`), so the client gets an error it can retry within seconds of the
     hang instead of waiting for its own timeout (60 s here; the per-try budget is 60 s too).
-    (Stopped while idle, this vLLM sent a new request no headers at all: only the per-try
-    budget ends that one.) A request that does not stream, sent at the same moment, gets no
+    (Stopped while idle, it sends a stream's headers at once too; the rule for an engine hung
+    while idle finds it then: `test_engine_core_sigstop_while_idle_streams`.) A request that does not stream, sent at the same moment, gets no
     headers before its whole answer: the guard follows it from its start and answers it the same
     way once the stall shows (the native guard for the server, the Wasm guard to the client as
     the request's last attempt), where it waited out its budget (300 s) before."""
@@ -1128,17 +1172,63 @@ def test_engine_core_sigstop_answer_that_does_not_stream(rig: Rig):
         record("drill answer that does not stream, engine stopped", f"{time.monotonic() - t_start:.1f}s (includes any restart)")
 
 
+def stop_idle_engine(rig: Rig, envoy: harness.Envoy, victim: str) -> tuple[list[int], float]:
+    """Stops (SIGSTOP) `victim`'s EngineCore once it has served a request and is idle: its
+    `/metrics` keeps answering with its numbers frozen at zero, so it looks idle (the best pick).
+    Returns the stopped processes (for `cont_engines`) and the wall time of the stop."""
+    srv = rig.servers[victim]
+    warm_up(rig, envoy)
+    # The rule judges an engine that has served (a fresh engine's first step shows nothing).
+    served = chat(make_client(f"http://{srv.addr}/v1", timeout=120), 5400, 0, 4)
+    assert served.error is None, served.describe()
+    wait_for(lambda: rig.stack.fleet_workers().get(victim, {}).get("ttft_ms") is not None, 30, "the victim's TTFT in the fleet view", interval=0.2)
+
+    def idle() -> bool:
+        g = rig.try_gauges(victim, timeout=5)
+        return bool(g) and g.get("vllm:num_requests_running", 0) == 0 and g.get("vllm:num_requests_waiting", 0) == 0
+
+    wait_for(idle, 60, "the victim idle", interval=0.2)
+    engines = srv.engine_core_pids()
+    assert engines, f"no EngineCore process in group {srv.pgid}: {srv.describe()}"
+    hang_wall = time.time()
+    for p in engines:
+        vl.os.kill(p, signal.SIGSTOP)
+    return engines, hang_wall
+
+
+def paced_pairs(first: int, send: Callable[[int], Outcome], wait_s: float) -> list[Outcome]:
+    """Six pairs of requests (`send(drill index)`), a pair a second. Two at a time: each server
+    idle, the picker sends a lone request to the better score every time; the second of a pair
+    goes to the server with less of this router's load."""
+    outs: list = []
+    lock = threading.Lock()
+
+    def one(i: int) -> None:
+        o = send(i)
+        with lock:
+            outs.append(o)
+
+    threads = []
+    for i in range(first, first + 12, 2):
+        for k in (i, i + 1):
+            threads.append(threading.Thread(target=one, args=(k,), daemon=True))
+            threads[-1].start()
+        time.sleep(1.0)  # the request rate, not a readiness wait
+    join_all(threads, wait_s)
+    return outs
+
+
 def test_engine_core_sigstop_while_idle_answers_that_do_not_stream(rig: Rig):
-    """SIGSTOP of one server's EngineCore while it is idle: its `/metrics` keeps answering with
-    its numbers frozen at zero, so it looks idle (the best pick), and vLLM 0.32 sends a new
-    request no headers at all. Requests that do not stream, sent one by one through a router in
-    front of both servers, two at a time: one the stopped server takes stays unseen by its engine, and once its
-    idle frames still do not show it after `unseen_no_headers_after_ms` (8 s here) the guard
-    charges the server, whose circuit opens, and moves the attempt where the host can (the
-    native filter: answered for the server, retried on the other). With the Wasm filter the
-    attempt waits out its per-try budget (`non_stream_timeout_ms`, 60 s here), and no request
-    sent after the charge goes to the stopped server but a half-open probe. Before, every
-    request it took waited its budget, and it was charged only then."""
+    """SIGSTOP of one server's EngineCore while it is idle (`stop_idle_engine`): vLLM 0.32 sends
+    a new request that does not stream no headers (they come with the whole answer). Requests
+    that do not stream, through a router in front of both servers, two at a time: one the
+    stopped server takes stays unseen by its engine, and once its idle frames still do not show
+    it after `unseen_no_headers_after_ms` (8 s here) the guard charges the server, whose circuit
+    opens, and moves the attempt where the host can (the native filter: answered for the server,
+    retried on the other). With the Wasm filter the attempt waits out its per-try budget
+    (`non_stream_timeout_ms`, 60 s here), and no request sent after the charge goes to the
+    stopped server but a half-open probe. Before, every request it took waited its budget, and
+    it was charged only then."""
     t_start = time.monotonic()
     rig.ensure_up()
     native = filter_build() == "native"
@@ -1149,40 +1239,10 @@ def test_engine_core_sigstop_while_idle_answers_that_do_not_stream(rig: Rig):
                       guard_config=json.dumps({"unseen_no_headers_after_ms": int(unseen_s * 1000)}))
     engines: list[int] = []
     try:
-        warm_up(rig, envoy)
-        # The rule judges an engine that has served (a fresh engine's first step shows nothing).
-        served = chat(make_client(f"http://{srv.addr}/v1", timeout=120), 5400, 0, 4)
-        assert served.error is None, served.describe()
-        wait_for(lambda: rig.stack.fleet_workers().get(victim, {}).get("ttft_ms") is not None, 30, "the victim's TTFT in the fleet view", interval=0.2)
-
-        def idle() -> bool:
-            g = rig.try_gauges(victim, timeout=5)
-            return bool(g) and g.get("vllm:num_requests_running", 0) == 0 and g.get("vllm:num_requests_waiting", 0) == 0
-
-        wait_for(idle, 60, "the victim idle", interval=0.2)
-        engines = srv.engine_core_pids()
-        assert engines, f"no EngineCore process in group {srv.pgid}: {srv.describe()}"
-        hang_wall = time.time()
-        for p in engines:
-            vl.os.kill(p, signal.SIGSTOP)
+        engines, hang_wall = stop_idle_engine(rig, envoy, victim)
         client = make_client(envoy.base_url, timeout=budget_s + 60)
-        outs: list = []
-        lock = threading.Lock()
-
-        def one(i: int) -> None:
-            o = harness.chat(client, i, 8, stream=False, model=vllm_rig.MODEL, temperature=0, extra_query={"drill": str(i)})
-            with lock:
-                outs.append(o)
-
-        threads = []
-        # Two at a time: each server idle, the picker sends a lone request to the better score
-        # every time; the second of a pair goes to the server with less of this router's load.
-        for i in range(5410, 5422, 2):
-            for k in (i, i + 1):
-                threads.append(threading.Thread(target=one, args=(k,), daemon=True))
-                threads[-1].start()
-            time.sleep(1.0)  # the request rate, not a readiness wait
-        join_all(threads, budget_s + 90)
+        outs = paced_pairs(5410, lambda i: harness.chat(client, i, 8, stream=False, model=vllm_rig.MODEL, temperature=0,
+                                                        extra_query={"drill": str(i)}), budget_s + 90)
         entries = [e for e in harness.access_entries(envoy) if (drill_idx(e["path"]) or 0) >= 5410 and e["start"] and e["start"] >= hang_wall]
         on_victim = [e for e in entries if e["endpoints"][:1] == [srv.addr] and not e["probe"]]
         charges, rescues = harness.filter_stat(envoy, "unseen_charges"), harness.filter_stat(envoy, "stall_rescues")
@@ -1209,6 +1269,49 @@ def test_engine_core_sigstop_while_idle_answers_that_do_not_stream(rig: Rig):
         if engines:
             report(f"COUNTS idle engine stopped cleanup: {cont_engines(rig, victim, engines)}")
         record("drill idle engine stopped, answers that do not stream", f"{time.monotonic() - t_start:.1f}s (includes any restart)")
+
+
+def test_engine_core_sigstop_while_idle_streams(rig: Rig):
+    """The idle stop above (`stop_idle_engine`), with streams and the guard's defaults: vLLM 0.32
+    sends a stream's `200` and headers at once even with its EngineCore stopped (measured
+    directly: 0.00 s; a request that does not stream gets none), and the guard holds them until
+    the first token. The stopped server's idle frames never show such a request, so after
+    `unseen_after_ms` (2.5 s, and a frame taken a second after it arrived) the guard hands it to
+    a retry and the server's circuit opens: each stream it took is answered whole from the other
+    server within a few seconds, in both builds (a held attempt is one Envoy's Wasm host lets the
+    guard move), and no new request goes to it after the first one's rescue."""
+    t_start = time.monotonic()
+    rig.ensure_up()
+    victim = "v1"
+    srv = rig.servers[victim]
+    unseen_s = 2.5
+    envoy = rig.envoy(picker_config=json.dumps({"pick": {"affinity": {"enabled": False}}}))
+    engines: list[int] = []
+    try:
+        engines, hang_wall = stop_idle_engine(rig, envoy, victim)
+        client = make_client(envoy.base_url, timeout=60)
+        outs = paced_pairs(5430, lambda i: chat(client, i, i % len(vllm_rig.PROMPTS), 8), 90)
+        entries = [e for e in harness.access_entries(envoy) if (drill_idx(e["path"]) or 0) >= 5430 and e["start"] and e["start"] >= hang_wall]
+        on_victim = [e for e in entries if e["endpoints"][:1] == [srv.addr] and not e["probe"]]
+        rescues, trips = harness.filter_stat(envoy, "stall_rescues"), harness.filter_stat(envoy, "breaker_trips")
+        took = {o.idx: o.ended - o.started for o in outs}
+        report(f"COUNTS idle engine stopped, streams ({filter_build()}): {[classify(o, '') for o in outs]}; first sent to {victim}: "
+               f"{[(drill_idx(e['path']), round(e['start'] - hang_wall, 1), e['code'], e['attempts'], round(took.get(drill_idx(e['path']), -1), 1)) for e in on_victim]}; "
+               f"slowest {max(took.values(), default=0):.1f} s; rescues {rescues}, breaker_trips {trips}")
+        kinds = [classify(o, "") for o in outs]
+        assert len(outs) == 12 and all(k == "completed" for k in kinds), [o.describe() for o, k in zip(outs, kinds) if k != "completed"]
+        assert on_victim, "no request went to the stopped server: the drill tested nothing"
+        first = min(e["start"] for e in on_victim) - hang_wall
+        late = [e for e in on_victim if e["start"] - hang_wall > first + unseen_s + 2.5]
+        assert not late, f"requests still went to the stopped server after its first was rescued: {late}"
+        assert rescues >= len(on_victim) and trips >= 1, (rescues, trips)
+        slow = {drill_idx(e["path"]): round(took[drill_idx(e["path"])], 1) for e in on_victim if took[drill_idx(e["path"])] > unseen_s + 4.0}
+        assert not slow, f"streams waited on the stopped server: {slow}"
+    finally:
+        rig.stop_envoy(envoy)
+        if engines:
+            report(f"COUNTS idle engine stopped cleanup: {cont_engines(rig, victim, engines)}")
+        record("drill idle engine stopped, streams", f"{time.monotonic() - t_start:.1f}s (includes any restart)")
 
 
 def last_sign_of_life(view: harness.FleetSamples, wid: str, t0: float, t1: float) -> float:

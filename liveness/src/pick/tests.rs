@@ -306,7 +306,59 @@ fn a_fleet_judged_stalled_everywhere_fails_open() {
     assert_eq!(stalled_fail_open(&Decision::NoWorker { fresh: 1, serving: 3 }, &v, Some("tiny"), &cfg), None);
     assert_eq!(stalled_fail_open(&none, &v, Some("other"), &cfg), None);
     let quiet = view(vec![w("w3", 3, 9_000, 0.0, 100.0)]);
-    assert_eq!(stalled_fail_open(&none, &quiet, Some("tiny"), &cfg), None, "silent everywhere: no fail-open, the 503 stands");
+    assert_eq!(stalled_fail_open(&none, &quiet, Some("tiny"), &cfg), None, "silent everywhere: not stalled_fail_open's (silent_fail_open's, below)");
+}
+
+#[test]
+fn a_fleet_silent_everywhere_fails_open_spread_over_the_recently_heard() {
+    let cfg = PickConfig::default();
+    let mine = PickConfig { pools: vec!["p1".into()], ..cfg.clone() };
+    let none = Decision::NoWorker { fresh: 0, serving: 5 };
+    let long_silent = w("w1", 1, 60_000, 0.0, 100.0);
+    let a = w("w2", 2, 4_000, 0.0, 100.0);
+    let b = w("w3", 3, 9_000, 0.0, 100.0);
+    let mut drained = w("w4", 4, 3_500, 0.0, 100.0);
+    drained.drained = true;
+    let mut other_pool = w("w5", 5, 3_200, 0.0, 100.0);
+    other_pool.pool = "p2".into();
+    let v = view(vec![long_silent.clone(), a.clone(), b, drained, other_pool]);
+    let d = go(&v, 0, 0, Some("tiny"), 1);
+    assert_eq!(d, none, "nobody fresh: the pick alone finds no worker");
+    let open = |v: &FleetView, seed: u64, cfg: &PickConfig| match silent_fail_open(&d, v, Some("tiny"), &mut Rng::new(seed), cfg) {
+        Some(Decision::Endpoints { endpoints, probe: None }) => Some(endpoints),
+        other => {
+            assert_eq!(other, None);
+            None
+        }
+    };
+    let mut firsts = std::collections::BTreeSet::new();
+    for seed in 0..64 {
+        let e = open(&v, seed, &mine).expect("fails open");
+        // The two that went silent together (within the eviction window of the newest), in
+        // either order, then the long-silent one; never a drained one, nor one of another pool.
+        assert_eq!(e.len(), 3, "{e:?}");
+        assert_eq!(e[2], "127.0.0.1:1", "{e:?}");
+        firsts.insert(e[0].clone());
+    }
+    assert_eq!(firsts.into_iter().collect::<Vec<_>>(), vec!["127.0.0.1:2", "127.0.0.1:3"], "spread, not one fixed first");
+    assert_eq!(open(&v, 1, &PickConfig { max_endpoints: 1, ..mine.clone() }).map(|e| e.len()), Some(1), "as many as max_endpoints");
+    assert_eq!(silent_fail_open(&d, &v, Some("other"), &mut Rng::new(1), &mine), None, "nobody serves the model");
+    assert_eq!(silent_fail_open(&Decision::NoWorker { fresh: 1, serving: 5 }, &v, Some("tiny"), &mut Rng::new(1), &mine), None, "a fresh worker: not silence");
+    assert_eq!(silent_fail_open(&none, &v, Some("tiny"), &mut Rng::new(1), &PickConfig { silent_fail_open: false, ..mine.clone() }), None, "turned off: the 503 stands");
+    let mut all_drained = a.clone();
+    all_drained.drained = true;
+    assert_eq!(silent_fail_open(&none, &view(vec![all_drained]), Some("tiny"), &mut Rng::new(1), &mine), None, "every worker drained: the 503 stands");
+    // One address twice in the view (a restarted worker's old entry): listed once.
+    let mut again = a.clone();
+    again.id = "w2-old".into();
+    again.age_ms = 50_000;
+    assert_eq!(open(&view(vec![a.clone(), again]), 3, &mine), Some(vec!["127.0.0.1:2".to_string()]));
+    // A fleet stalled somewhere: the stalled ones are stalled_fail_open's, never mixed with silent ones.
+    let mut stalled = long_silent;
+    stalled.stalled = true;
+    let sv = view(vec![stalled, a]);
+    assert_eq!(stalled_fail_open(&none, &sv, Some("tiny"), &mine), Some(Decision::Endpoints { endpoints: vec!["127.0.0.1:1".into()], probe: None }));
+    assert_eq!(open(&sv, 5, &mine), Some(vec!["127.0.0.1:2".to_string()]));
 }
 
 proptest! {

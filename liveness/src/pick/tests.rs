@@ -389,6 +389,43 @@ proptest! {
             Decision::UnknownModel => prop_assert!(false),
         }
     }
+
+    /// Whatever the silent fleet looks like: the fail-open lists only silent, undrained workers
+    /// of the router's pools serving the model, each address once, at most `max_endpoints`, the
+    /// ones that went silent together with the most recent one (within the eviction window)
+    /// before any other; and it fails open whenever there is one.
+    #[test]
+    fn silent_fail_open_lists_only_eligible_silent_workers(ws in proptest::collection::vec((1u16..6, 3_001u64..120_000, any::<bool>(), any::<bool>(), any::<bool>(), any::<bool>()), 0..10),
+                                                            max in 1usize..5, seed in any::<u64>()) {
+        let v = view(ws.iter().enumerate().map(|(i, &(port, age, drained, stalled, other_pool, other_model))| {
+            let mut x = w(&format!("w{i}"), port, age, 0.0, 100.0);
+            x.drained = drained;
+            x.stalled = stalled;
+            if other_pool { x.pool = "p2".into(); }
+            if other_model { x.models = vec!["other".into()]; }
+            x
+        }).collect());
+        let cfg = PickConfig { pools: vec!["p1".into()], max_endpoints: max, ..PickConfig::default() };
+        let eligible: Vec<&WorkerView> = v.workers.iter().filter(|x| !x.drained && !x.stalled && x.pool == "p1" && x.models == ["tiny"]).collect();
+        let d = silent_fail_open(&Decision::NoWorker { fresh: 0, serving: ws.len() }, &v, Some("tiny"), &mut Rng::new(seed), &cfg);
+        let Some(Decision::Endpoints { endpoints, probe: None }) = d else {
+            prop_assert!(eligible.is_empty(), "{:?}", d);
+            return Ok(());
+        };
+        let mut addrs: Vec<&String> = eligible.iter().map(|x| &x.addr).collect();
+        addrs.sort();
+        addrs.dedup();
+        prop_assert_eq!(endpoints.len(), addrs.len().min(max), "{:?}", endpoints);
+        let mut e = endpoints.clone();
+        e.sort();
+        e.dedup();
+        prop_assert_eq!(e.len(), endpoints.len(), "each address once");
+        prop_assert!(endpoints.iter().all(|a| addrs.contains(&a)));
+        let newest = eligible.iter().map(|x| x.age_ms).min().unwrap_or(0);
+        let together = |a: &String| eligible.iter().any(|x| &x.addr == a && x.age_ms <= newest + crate::EVICTION_WINDOW_MS);
+        let first_later = endpoints.iter().position(|a| !together(a)).unwrap_or(endpoints.len());
+        prop_assert!(endpoints[first_later..].iter().all(|a| !together(a)), "together ones first: {:?}", endpoints);
+    }
 }
 
 #[test]

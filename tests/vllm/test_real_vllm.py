@@ -275,11 +275,11 @@ def test_every_sidecar_silent_still_serves(rig: Rig):
         silent0, no_worker0 = harness.filter_stat(envoy, "silent_fail_open"), harness.filter_stat(envoy, "no_worker")
         client = make_client(envoy.base_url, timeout=60)
         outs = [harness.chat(client, i, 8, stream=(i % 2 == 0), model=vllm_rig.MODEL, extra_body={"ignore_eos": True},
-                             extra_query={"drill": str(5300 + i)}, **({"stream_options": {"include_usage": True}} if i % 2 == 0 else {}))
+                             extra_query={"drill": str(5600 + i)}, **({"stream_options": {"include_usage": True}} if i % 2 == 0 else {}))
                 for i in range(6)]
 
         def served_by() -> dict:
-            return {drill_idx(e["path"]): e["upstream"] for e in harness.access_entries(envoy) if (drill_idx(e["path"]) or 0) >= 5300}
+            return {drill_idx(e["path"]): e["upstream"] for e in harness.access_entries(envoy) if (drill_idx(e["path"]) or 0) >= 5600}
         harness.wait_for(lambda: len(served_by()) >= len(outs), 5, "the requests' access log lines")
         servers = served_by()
         silent = harness.filter_stat(envoy, "silent_fail_open") - silent0
@@ -1069,11 +1069,7 @@ def test_engine_core_sigstop_last_attempt_rescue(rig: Rig):
             return bool(g) and g.get("vllm:num_requests_running", 0) >= 1 and g.get("vllm:generation_tokens_total", 0) > gen0 + 8
 
         wait_for(running_past_first_token, 120, "the victim's stream running past its first token", interval=0.2)
-        engines = srv.engine_core_pids()
-        assert engines, f"no EngineCore process in group {srv.pgid}: {srv.describe()}"
-        hang_mono = time.monotonic()
-        for p in engines:
-            vl.os.kill(p, signal.SIGSTOP)
+        engines, hang_mono = stop_engine_cores(srv)
         stopped = True
         whole: list = []
         sender = threading.Thread(target=lambda: whole.append(harness.chat(make_client(envoy.base_url, timeout=60), 5001, 8, stream=False,
@@ -1145,11 +1141,7 @@ def test_engine_core_sigstop_answer_that_does_not_stream(rig: Rig):
             future = pool.submit(one)
             victim = wait_for(generating, 120, "the answer generating on a server", interval=0.2)
             srv = rig.servers[victim]
-            engines = srv.engine_core_pids()
-            assert engines, f"no EngineCore process in group {srv.pgid}: {srv.describe()}"
-            hang_mono = time.monotonic()
-            for p in engines:
-                vl.os.kill(p, signal.SIGSTOP)
+            engines, hang_mono = stop_engine_cores(srv)
             ended, r = future.result(timeout=300)
         entries = [e for e in harness.access_entries(envoy) if drill_idx(e["path"]) == 5300]
         took = ended - hang_mono
@@ -1172,6 +1164,18 @@ def test_engine_core_sigstop_answer_that_does_not_stream(rig: Rig):
         record("drill answer that does not stream, engine stopped", f"{time.monotonic() - t_start:.1f}s (includes any restart)")
 
 
+def stop_engine_cores(srv: vl.VllmServer, clock: Callable[[], float] = time.monotonic) -> tuple[list[int], float]:
+    """SIGSTOP of `srv`'s EngineCore process(es), its API server left running: a hang as a
+    CUDA/NCCL hang looks from outside. Returns them (for `cont_engines`) and `clock()` read just
+    before the stop."""
+    engines = srv.engine_core_pids()
+    assert engines, f"no EngineCore process in group {srv.pgid}: {srv.describe()}"
+    at = clock()
+    for p in engines:
+        vl.os.kill(p, signal.SIGSTOP)
+    return engines, at
+
+
 def stop_idle_engine(rig: Rig, envoy: harness.Envoy, victim: str) -> tuple[list[int], float]:
     """Stops (SIGSTOP) `victim`'s EngineCore once it has served a request and is idle: its
     `/metrics` keeps answering with its numbers frozen at zero, so it looks idle (the best pick).
@@ -1188,12 +1192,7 @@ def stop_idle_engine(rig: Rig, envoy: harness.Envoy, victim: str) -> tuple[list[
         return bool(g) and g.get("vllm:num_requests_running", 0) == 0 and g.get("vllm:num_requests_waiting", 0) == 0
 
     wait_for(idle, 60, "the victim idle", interval=0.2)
-    engines = srv.engine_core_pids()
-    assert engines, f"no EngineCore process in group {srv.pgid}: {srv.describe()}"
-    hang_wall = time.time()
-    for p in engines:
-        vl.os.kill(p, signal.SIGSTOP)
-    return engines, hang_wall
+    return stop_engine_cores(srv, time.time)
 
 
 def paced_pairs(first: int, send: Callable[[int], Outcome], wait_s: float) -> list[Outcome]:
@@ -1216,6 +1215,18 @@ def paced_pairs(first: int, send: Callable[[int], Outcome], wait_s: float) -> li
         time.sleep(1.0)  # the request rate, not a readiness wait
     join_all(threads, wait_s)
     return outs
+
+
+def first_sent_to(envoy: harness.Envoy, srv: vl.VllmServer, first_idx: int, hang_wall: float, outs: list[Outcome]) -> tuple[list[dict], dict[int, float], str]:
+    """The requests from drill index `first_idx` on, sent after the stop at `hang_wall`, whose
+    first endpoint was `srv` (breaker probes left out), from the access log; each request's time
+    from sent to answered; and those requests for the report (index, sent after the stop, status,
+    attempts, time)."""
+    entries = [e for e in harness.access_entries(envoy) if (drill_idx(e["path"]) or 0) >= first_idx and e["start"] and e["start"] >= hang_wall]
+    on_victim = [e for e in entries if e["endpoints"][:1] == [srv.addr] and not e["probe"]]
+    took = {o.idx: o.ended - o.started for o in outs}
+    shown = [(drill_idx(e["path"]), round(e["start"] - hang_wall, 1), e["code"], e["attempts"], round(took.get(drill_idx(e["path"]), -1), 1)) for e in on_victim]
+    return on_victim, took, str(shown)
 
 
 def test_engine_core_sigstop_while_idle_answers_that_do_not_stream(rig: Rig):
@@ -1243,12 +1254,9 @@ def test_engine_core_sigstop_while_idle_answers_that_do_not_stream(rig: Rig):
         client = make_client(envoy.base_url, timeout=budget_s + 60)
         outs = paced_pairs(5410, lambda i: harness.chat(client, i, 8, stream=False, model=vllm_rig.MODEL, temperature=0,
                                                         extra_query={"drill": str(i)}), budget_s + 90)
-        entries = [e for e in harness.access_entries(envoy) if (drill_idx(e["path"]) or 0) >= 5410 and e["start"] and e["start"] >= hang_wall]
-        on_victim = [e for e in entries if e["endpoints"][:1] == [srv.addr] and not e["probe"]]
+        on_victim, took, shown = first_sent_to(envoy, srv, 5410, hang_wall, outs)
         charges, rescues = harness.filter_stat(envoy, "unseen_charges"), harness.filter_stat(envoy, "stall_rescues")
-        took = {o.idx: o.ended - o.started for o in outs}
-        report(f"COUNTS idle engine stopped, answers that do not stream ({filter_build()}): {summarize(outs)}; first sent to {victim}: "
-               f"{[(drill_idx(e['path']), round(e['start'] - hang_wall, 1), e['code'], e['attempts'], round(took.get(drill_idx(e['path']), -1), 1)) for e in on_victim]}; "
+        report(f"COUNTS idle engine stopped, answers that do not stream ({filter_build()}): {summarize(outs)}; first sent to {victim}: {shown}; "
                f"slowest {max(took.values(), default=0):.1f} s; unseen charges {charges}, rescues {rescues}, "
                f"breaker_trips {harness.filter_stat(envoy, 'breaker_trips')}")
         whole = [o for o in outs if o.error is None and o.completion_tokens == 8]
@@ -1291,12 +1299,9 @@ def test_engine_core_sigstop_while_idle_streams(rig: Rig):
         engines, hang_wall = stop_idle_engine(rig, envoy, victim)
         client = make_client(envoy.base_url, timeout=60)
         outs = paced_pairs(5430, lambda i: chat(client, i, i % len(vllm_rig.PROMPTS), 8), 90)
-        entries = [e for e in harness.access_entries(envoy) if (drill_idx(e["path"]) or 0) >= 5430 and e["start"] and e["start"] >= hang_wall]
-        on_victim = [e for e in entries if e["endpoints"][:1] == [srv.addr] and not e["probe"]]
+        on_victim, took, shown = first_sent_to(envoy, srv, 5430, hang_wall, outs)
         rescues, trips = harness.filter_stat(envoy, "stall_rescues"), harness.filter_stat(envoy, "breaker_trips")
-        took = {o.idx: o.ended - o.started for o in outs}
-        report(f"COUNTS idle engine stopped, streams ({filter_build()}): {[classify(o, '') for o in outs]}; first sent to {victim}: "
-               f"{[(drill_idx(e['path']), round(e['start'] - hang_wall, 1), e['code'], e['attempts'], round(took.get(drill_idx(e['path']), -1), 1)) for e in on_victim]}; "
+        report(f"COUNTS idle engine stopped, streams ({filter_build()}): {[classify(o, '') for o in outs]}; first sent to {victim}: {shown}; "
                f"slowest {max(took.values(), default=0):.1f} s; rescues {rescues}, breaker_trips {trips}")
         kinds = [classify(o, "") for o in outs]
         assert len(outs) == 12 and all(k == "completed" for k in kinds), [o.describe() for o, k in zip(outs, kinds) if k != "completed"]

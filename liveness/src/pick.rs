@@ -52,8 +52,8 @@ pub struct PickConfig {
     /// the strict breaker (an open circuit removes the worker from every list: a flaky fleet
     /// then refuses requests with no attempt at all).
     pub last_resort: bool,
-    /// When every worker that could take a request is silent, try them anyway, most recently
-    /// heard first ([`silent_fail_open`]); `false`: the picker's 503 stands.
+    /// When every worker that could take a request is silent, try them anyway
+    /// ([`silent_fail_open`]); `false`: the picker's 503 stands.
     pub silent_fail_open: bool,
     /// Prefix-cache and session affinity ([`crate::affinity`]).
     pub affinity: AffinityConfig,

@@ -1158,10 +1158,17 @@ def test_engine_core_sigstop_answer_that_does_not_stream(rig: Rig):
         else:
             assert took > budget_s, f"Wasm: retried before the per-try budget ({took:.1f} s): this drill's premise changed"
     finally:
-        rig.stop_envoy(envoy)
-        if engines:
-            report(f"COUNTS answer that does not stream cleanup: {cont_engines(rig, victim, engines)}")
-        record("drill answer that does not stream, engine stopped", f"{time.monotonic() - t_start:.1f}s (includes any restart)")
+        end_engine_drill(rig, envoy, victim, engines, "answer that does not stream", "drill answer that does not stream, engine stopped", t_start)
+
+
+def end_engine_drill(rig: Rig, envoy: harness.Envoy, victim: str, engines: list[int], what: str, drill: str, t_start: float) -> None:
+    """A stopped-engine drill's end, whatever its outcome: its Envoy stopped, the `engines` it
+    stopped resumed (the server is kept if it serves again, else its group is killed), and its
+    time recorded as `drill`."""
+    rig.stop_envoy(envoy)
+    if engines:
+        report(f"COUNTS {what} cleanup: {cont_engines(rig, victim, engines)}")
+    record(drill, f"{time.monotonic() - t_start:.1f}s (includes any restart)")
 
 
 def stop_engine_cores(srv: vl.VllmServer, clock: Callable[[], float] = time.monotonic) -> tuple[list[int], float]:
@@ -1273,10 +1280,7 @@ def test_engine_core_sigstop_while_idle_answers_that_do_not_stream(rig: Rig):
             else:
                 assert t > budget_s, f"Wasm: #{drill_idx(e['path'])} took {t:.1f} s, within its budget: this drill's premise changed"
     finally:
-        rig.stop_envoy(envoy)
-        if engines:
-            report(f"COUNTS idle engine stopped cleanup: {cont_engines(rig, victim, engines)}")
-        record("drill idle engine stopped, answers that do not stream", f"{time.monotonic() - t_start:.1f}s (includes any restart)")
+        end_engine_drill(rig, envoy, victim, engines, "idle engine stopped", "drill idle engine stopped, answers that do not stream", t_start)
 
 
 def test_engine_core_sigstop_while_idle_streams(rig: Rig):
@@ -1313,10 +1317,7 @@ def test_engine_core_sigstop_while_idle_streams(rig: Rig):
         slow = {drill_idx(e["path"]): round(took[drill_idx(e["path"])], 1) for e in on_victim if took[drill_idx(e["path"])] > unseen_s + 4.0}
         assert not slow, f"streams waited on the stopped server: {slow}"
     finally:
-        rig.stop_envoy(envoy)
-        if engines:
-            report(f"COUNTS idle engine stopped cleanup: {cont_engines(rig, victim, engines)}")
-        record("drill idle engine stopped, streams", f"{time.monotonic() - t_start:.1f}s (includes any restart)")
+        end_engine_drill(rig, envoy, victim, engines, "idle engine stopped", "drill idle engine stopped, streams", t_start)
 
 
 def last_sign_of_life(view: harness.FleetSamples, wid: str, t0: float, t1: float) -> float:

@@ -41,14 +41,15 @@ CONNS = 4
 
 def parse_callgrind(text):
     """Self cost per (object, function) from a callgrind dump, {(ob, fn): Counter(event: n)},
-    the calls made to each function, {fn: n}, and the instructions spent inside each function's
+    the calls made to each function, {fn: n}, the instructions spent inside each function's
     calls, its own and its callees' ({fn: Ir}, from the inclusive cost line that follows each
-    `calls=` line; kept apart from the self costs). Handles the name compression
-    (`fn=(id) name`, then `fn=(id)`)."""
+    `calls=` line; kept apart from the self costs), and the same per call edge
+    ({(caller fn, callee fn): Ir}). Handles the name compression (`fn=(id) name`, then `fn=(id)`)."""
     names = {}
     costs = {}
     calls = Counter()
     inclusive = Counter()
+    edges = Counter()
     cfn = None
     events = EVENTS
     ob = fn = None
@@ -85,12 +86,50 @@ def parse_callgrind(text):
             if skip_next:
                 skip_next = False
                 if parts and "Ir" in events:
-                    inclusive[cfn] += int(parts[events.index("Ir")])
+                    ir = int(parts[events.index("Ir")])
+                    inclusive[cfn] += ir
+                    edges[(fn, cfn)] += ir
                 continue
             c = costs.setdefault((ob, fn), Counter())
             for e, v in zip(events, parts):
                 c[e] += int(v)
-    return costs, calls, inclusive
+    return costs, calls, inclusive, edges
+
+
+# The Proxy-Wasm SDK's entry points a request runs through (not the configuration's ticks and
+# fleet poll: `proxy_on_tick`, `proxy_on_http_call_response`).
+SDK_REQUEST_ENTRIES = ("proxy_on_context_create", "proxy_on_request_headers", "proxy_on_request_body", "proxy_on_request_trailers",
+                       "proxy_on_response_headers", "proxy_on_response_body", "proxy_on_response_trailers", "proxy_on_log",
+                       "proxy_on_done", "proxy_on_delete")
+# Calls counted per request: the module's thread-local lookups (a `dlopen`ed library's
+# thread-locals go through `__tls_get_addr`: Envoy without a module makes none) and allocations.
+COUNTED_CALLS = (("thread-local lookups", "__tls_get_addr"), ("allocations", "__rustc::__rust_alloc"),
+                 ("frees", "__rustc::__rust_dealloc"))
+SDK_BACKGROUND = ("on_tick", "on_http_call_response", "on_configure", "on_vm_start", "on_queue_ready")
+
+
+def sdk_account(edges, n):
+    """What the Proxy-Wasm SDK itself costs a request of the native build, from the call edges
+    (idle window taken out): its dispatcher (the `proxy_on_*` entry points and their context
+    lookups, less the filter's methods they call) and its host-call wrappers (each
+    `proxy_wasm::hostcalls::*` call from outside the SDK, less the native host's `proxy_*`
+    function it calls: the argument encoding, the copies and allocations of the answers, their
+    UTF-8 checks). What a glue written directly on the dynamic-modules ABI would not run, with the
+    filter's code and the host's work the same; the host's own emulation of Proxy-Wasm (its
+    contexts, shared data as bytes) is counted with the native host."""
+    def sdk(fn):
+        return fn.startswith(("proxy_on_", "proxy_wasm::dispatcher::"))
+    def filter_code(fn):
+        return fn.lstrip("<").startswith("gpuha_filter::")
+    def wrapper(fn):
+        return fn.startswith("proxy_wasm::hostcalls::")
+    def host_import(fn):
+        return fn.startswith("proxy_") and not fn.startswith(("proxy_on_", "proxy_wasm::"))
+    entries = sum(ir for (c, f), ir in edges.items() if f in SDK_REQUEST_ENTRIES and not sdk(c))
+    into_filter = sum(ir for (c, f), ir in edges.items() if sdk(c) and filter_code(f) and not any(b in c for b in SDK_BACKGROUND))
+    wrapped = sum(ir for (c, f), ir in edges.items() if wrapper(f) and not wrapper(c))
+    hosted = sum(ir for (c, f), ir in edges.items() if wrapper(c) and host_import(f))
+    return {"dispatcher": (entries - into_filter) / n, "host_call_wrappers": (wrapped - hosted) / n}
 
 
 # The module's hooks a request runs through (a stream's filter: not the configuration's ticks and
@@ -209,9 +248,11 @@ def sec_l7_instr(R, quick):
         dumps = {p.name.rsplit(".", 1)[-1]: p for p in WORK.glob(f"{name}.callgrind.*")}
         if not {"1", "2"} <= dumps.keys() or not sat["requests"]:
             raise RuntimeError(f"{label}: no callgrind dumps or no request ({sorted(dumps)}, {sat['requests']})")
-        idle, _, idle_incl = parse_callgrind(dumps["1"].read_text(errors="replace"))
-        costs, calls, incl = parse_callgrind(dumps["2"].read_text(errors="replace"))
+        idle, idle_calls, idle_incl, idle_edges = parse_callgrind(dumps["1"].read_text(errors="replace"))
+        costs, calls, incl, edges = parse_callgrind(dumps["2"].read_text(errors="replace"))
         scale = load_s / idle_s
+        for k, ir in idle_edges.items():
+            edges[k] -= ir * scale
         for k, c in idle.items():
             left = costs.setdefault(k, Counter())
             for e, v in c.items():
@@ -234,6 +275,11 @@ def sec_l7_instr(R, quick):
                # clean chunks).
                "filter_body_hooks": calls["proxy_on_response_body"] / n,
                "module_top": [{"function": fn, "ir": round(ir)} for fn, ir in top],
+               # The Proxy-Wasm SDK's own part of the module's cost (`sdk_account`).
+               "sdk": sdk_account(edges, n),
+               # Calls per request that a shared library's thread-locals and the module's
+               # allocator make (the idle window's taken out).
+               "calls": {k: (calls[f] - idle_calls[f] * scale) / n for k, f in COUNTED_CALLS},
                # The module's own cost by layer (`LAYERS`): instructions and I1 misses per request.
                "module_layers": {name: {e: sum(c[e] for (ob, fn), c in costs.items() if where(ob) == "module" and layer(fn) == name) / n
                                         for e in ("Ir", "I1mr")} for name, _ in LAYERS},
@@ -305,6 +351,18 @@ def report_kind(md, req, rows) -> None:
                                                           for r in layered) + " |")
         md.append("| all | | " + " | ".join(f"**{fmt(sum(v['Ir'] for v in r['module_layers'].values()))}** | "
                                              f"**{fmt(sum(v['I1mr'] for v in r['module_layers'].values()))}**" for r in layered) + " |")
+    sdk = [r for r in layered if r.get("sdk")]
+    if sdk:
+        md += ["", f"Of that, the Proxy-Wasm SDK itself, per {req} request (from the call graph, inclusive: its dispatcher "
+               "without the filter's methods it calls, its host-call wrappers without the native host's functions they "
+               "call): what a glue written directly on the dynamic-modules ABI would not run, with the same filter code "
+               "and host work. Then the calls per request to `__tls_get_addr` (a thread-local lookup of a library loaded "
+               "with `dlopen`) and to the module's allocator.", "",
+               "| | " + " | ".join(r["variant"] for r in sdk) + " |", "|---|" + "---:|" * len(sdk),
+               "| dispatcher: the `proxy_on_*` entry points, their context lookups | " + " | ".join(fmt(r["sdk"]["dispatcher"]) for r in sdk) + " |",
+               "| host-call wrappers: arguments encoded, answers copied and checked | " + " | ".join(fmt(r["sdk"]["host_call_wrappers"]) for r in sdk) + " |",
+               "| the module's own code | " + " | ".join(fmt(sum(v["Ir"] for v in r["module_layers"].values())) for r in sdk) + " |"]
+        md += [f"| calls per request: {k} | " + " | ".join(fmt(r.get("calls", {}).get(k), 1) for r in sdk) + " |" for k, _ in COUNTED_CALLS]
     for r in rows:
         if r["variant"] == "envoy+filter (native)" and r["module_top"]:
             md += ["", f"The module's own functions in `{r['variant']}`, instructions per {req} request (self, top {TOP}):", "",

@@ -343,8 +343,8 @@ def test_every_sidecar_silent_still_serves(stack):
     answers slower than the sidecars' scrape timeout looks like, or a key rolled out wrong, or
     the sidecars cut off from dnsd): dnsd is up and its view fresh, but no worker is. The
     picker does not turn missing telemetry into an outage: with no fallback tier to go to it
-    fails open onto the silent workers, most recently heard first (`silent_fail_open`), and the
-    requests are served. Before, each got the picker's own 503 with no attempt at all."""
+    fails open onto the silent workers, spread from a random one on (`silent_fail_open`), and
+    the requests are served. Before, each got the picker's own 503 with no attempt at all."""
     stack.start_dnsd()
     workers = stack.start_workers(3, ttft_ms=30, tokens_per_s=400)
     envoy = stack.start_pool_router()

@@ -42,9 +42,15 @@ def drain(procs, builds, bursts, per):
     queued on its socket, then it is resumed and its CPU time (all threads, ns resolution) is
     summed until the queue is empty. Every `recvmmsg` then takes a full batch, as on a core that
     ingest saturates; the blaster, slower than dnsd on the other core, cannot saturate it any
-    other way. Builds alternate burst by burst."""
+    other way. Builds alternate burst by burst. A build whose HTTP address is None is the
+    receive floor (`gpuha-bench sink`): it has no counter, so what it took is what was offered
+    less the kernel's drops."""
+    def taken(b):
+        http = procs[b][2]
+        return accepted_of(http)[0] if http else 0
+
     res = {b: {"cpu_s": 0.0, "offered": 0, "rcvbuf_drops": 0, "wall_s": 0.0} for b, _ in builds}
-    start = {b: accepted_of(procs[b][2])[0] for b, _ in builds}
+    start = {b: taken(b) for b, _ in builds}
     for _ in range(bursts):
         for b, _ in builds:
             dp, ingest, _ = procs[b]
@@ -67,7 +73,7 @@ def drain(procs, builds, bursts, per):
             r["rcvbuf_drops"] += udp_rcvbuf_errors() - rb0
     for b, _ in builds:
         r = res[b]
-        r["accepted"] = accepted_of(procs[b][2])[0] - start[b]
+        r["accepted"] = taken(b) - start[b] if procs[b][2] else r["offered"] - r["rcvbuf_drops"]
         r["accepted_frac"] = r["accepted"] / r["offered"]
         r["cpu_us_per_frame"] = r["cpu_s"] / r["accepted"] * 1e6 if r["accepted"] else None
         r["frames_per_s_per_core"] = r["accepted"] / r["cpu_s"] if r["cpu_s"] else None
@@ -136,9 +142,15 @@ def sec_ingest(R, quick):
         return {"steps": st, "max_rate_no_drop": max((x["accepted_rate"] for x in ok), default=0),
                 "cpu_bound_capacity_per_core": 1e6 / min(cpu_per) if cpu_per else None}
 
-    dr = drain(procs, builds, 10 if quick else 30, burst_frames())
+    # The receive floor beside dnsd in the drain: the same bursts into a socket whose reader
+    # only takes them (`gpuha-bench sink`): the kernel's receive and the syscalls, per frame.
+    sp, m = PROCS.start("ingest-sink", [TOOL, "sink", "--bind", "127.0.0.1:0", "--rcvbuf", str(DNSD_RCVBUF)], cpu=SUT_CPU,
+                        wait=r"READY sink=(\S+)")
+    procs["floor"] = (sp, m.group(1), None)
+    dr = drain(procs, builds + [("floor", None)], 10 if quick else 30, burst_frames())
     out.update(summary(steps["current"]))
     out["drain"] = dr["current"]
+    out["drain_floor"] = dr["floor"]
     if BASELINE_DNSD:
         out["baseline"] = summary(steps["baseline"])
         out["baseline"]["drain"] = dr["baseline"]
@@ -174,16 +186,25 @@ def report_ingest(R, rep: Report) -> None:
             md += ["", f"Per-core capacity with a full queue (dnsd stopped while a burst of {fmt(dr['burst'])} frames is queued, then "
                    "resumed; its CPU time until the queue is empty; builds alternate burst by burst):", "",
                    "| build | frames offered | accepted % | kernel rcvbuf drops | dnsd CPU µs/frame | frames/s per core |", "|---|---:|---:|---:|---:|---:|"]
-            for name, d in [("this", dr)] + ([("baseline", bi["drain"])] if bi and bi.get("drain") else []):
+            floor = ing.get("drain_floor")
+            rows = [("this", dr)] + ([("baseline", bi["drain"])] if bi and bi.get("drain") else [])
+            rows += [("receive floor: `recvmmsg` only, nothing done with the frames", floor)] if floor else []
+            for name, d in rows:
                 md.append(f"| {name} | {fmt(d['offered'])} | {d['accepted_frac']*100:.1f} | {fmt(d['rcvbuf_drops'])} | "
                           f"{fmt(d['cpu_us_per_frame'], 2)} | {fmt(d['frames_per_s_per_core'])} |")
+            if floor and floor.get("cpu_us_per_frame") and dr.get("cpu_us_per_frame"):
+                md += ["", f"Of dnsd's {dr['cpu_us_per_frame']:.2f} µs per frame, {floor['cpu_us_per_frame']:.2f} µs is the receive "
+                       "floor (the kernel's receive and the syscalls, which no receiver of one datagram per frame avoids), "
+                       f"{dr['cpu_us_per_frame'] - floor['cpu_us_per_frame']:.2f} µs its own work. At the floor alone one core "
+                       f"takes {fmt(floor['frames_per_s_per_core'])} frames/s."]
         # Per core: the blaster on the other core cannot saturate dnsd, so the full-queue drain is
         # the measured figure (with ≥ 99 % accepted and no kernel drops) when there is one.
         drained = dr["frames_per_s_per_core"] if dr and dr["accepted_frac"] >= 0.99 and not dr["rcvbuf_drops"] else 0
         per_core = max(ing["max_rate_no_drop"] or 0, drained or 0)
         targets.append(Target("ingest ≥ 600 k frames/s per core", per_core >= 600_000,
                         f"{per_core:,.0f} frames/s per core with ≥ 99 % accepted (full-queue drain {fmt(drained)}; "
-                        f"paced: {ing['max_rate_no_drop']:,.0f} frames/s without drops, CPU-bound estimate {fmt(cap)})"))
+                        f"paced: {ing['max_rate_no_drop']:,.0f} frames/s without drops, CPU-bound estimate {fmt(cap)}"
+                        + (f"; receive floor {fmt(ing['drain_floor']['frames_per_s_per_core'])}" if ing.get("drain_floor") else "") + ")"))
         svg_lines("dnsd ingest: accepted vs offered (frames/s)",
                   [("accepted", [(s["offered_rate"], s["accepted_rate"]) for s in ing["steps"]]),
                    ("offered", [(s["offered_rate"], s["offered_rate"]) for s in ing["steps"]])],

@@ -14,6 +14,12 @@
 //! gpuha-bench ingest-micro --workers W --frames N
 //!     in-process cost of decode+HMAC (owned and borrowed), and of the full accept (order) +
 //!     fleet observe as dnsd does it (borrowed frames) and with owned frames
+//! gpuha-bench sink --bind ADDR [--rcvbuf BYTES]
+//!     the receive floor of ingest: binds ADDR (receive buffer BYTES, 8 MiB by default, as
+//!     dnsd asks), prints `READY sink=ADDR`, then takes datagrams with `recvmmsg` as dnsd's
+//!     ingest socket does (32 a call, a 513-byte buffer each, the sender's address) and drops
+//!     them unread: what any receiver of one datagram per frame pays the kernel, with no work
+//!     of its own. Runs until killed.
 //! gpuha-bench fleet-parse FILE [--iters N]
 //!     native costs of a /v1/fleet JSON body: serde parse (FleetView::from_json), the binary
 //!     form's size, encode, full decode and in-place update (gpuha_liveness::fleetwire), and
@@ -41,7 +47,8 @@ fn main() {
         Some("keepalive") => keepalive(&Opts::parse(&args[1..])),
         Some("ingest-micro") => ingest_micro(&Opts::parse(&args[1..])),
         Some("fleet-parse") => fleet_parse(&Opts::parse(&args[1..])),
-        _ => Err("usage: gpuha-bench blast|keepalive|ingest-micro|fleet-parse [--opts] (see the module doc)".into()),
+        Some("sink") => sink(&Opts::parse(&args[1..])),
+        _ => Err("usage: gpuha-bench blast|keepalive|ingest-micro|fleet-parse|sink [--opts] (see the module doc)".into()),
     };
     if let Err(e) = r {
         eprintln!("gpuha-bench: {e}");
@@ -188,6 +195,48 @@ fn send_mmsg(sock: &UdpSocket, b: &Batch, from: usize, to: usize) -> usize {
         0
     } else {
         r as usize
+    }
+}
+
+fn sink(o: &Opts) -> Res<()> {
+    use std::io::Write;
+    use std::os::fd::AsRawFd;
+    const BATCH: usize = 32;
+    let bind: SocketAddr = o.get("bind", None)?;
+    let rcvbuf: libc::c_int = o.get("rcvbuf", Some(8 << 20))?;
+    let sock = UdpSocket::bind(bind).map_err(|e| e.to_string())?;
+    // SAFETY: a valid socket, an int option of the size given.
+    let r = unsafe {
+        libc::setsockopt(sock.as_raw_fd(), libc::SOL_SOCKET, libc::SO_RCVBUF, (&rcvbuf as *const libc::c_int).cast(), std::mem::size_of::<libc::c_int>() as libc::socklen_t)
+    };
+    if r != 0 {
+        return Err(format!("SO_RCVBUF: {}", std::io::Error::last_os_error()));
+    }
+    println!("READY sink={}", sock.local_addr().map_err(|e| e.to_string())?);
+    std::io::stdout().flush().map_err(|e| e.to_string())?;
+    let mut bufs = vec![[0u8; gpuha_liveness::MAX_FRAME_LEN + 1]; BATCH];
+    // SAFETY: all-zero is a valid value of these plain C structs.
+    let mut addrs: [libc::sockaddr_storage; BATCH] = unsafe { std::mem::zeroed() };
+    loop {
+        // SAFETY: as above.
+        let mut iovs: [libc::iovec; BATCH] = unsafe { std::mem::zeroed() };
+        let mut msgs: [libc::mmsghdr; BATCH] = unsafe { std::mem::zeroed() };
+        for (i, buf) in bufs.iter_mut().enumerate() {
+            iovs[i] = libc::iovec { iov_base: buf.as_mut_ptr().cast(), iov_len: buf.len() };
+            msgs[i].msg_hdr.msg_name = (&mut addrs[i] as *mut libc::sockaddr_storage).cast();
+            msgs[i].msg_hdr.msg_namelen = std::mem::size_of::<libc::sockaddr_storage>() as libc::socklen_t;
+            msgs[i].msg_hdr.msg_iov = &mut iovs[i];
+            msgs[i].msg_hdr.msg_iovlen = 1;
+        }
+        // SAFETY: every pointer in `msgs` points into `addrs`, `iovs` or `bufs`, which outlive
+        // the call; a blocking socket waits for the first datagram only (MSG_WAITFORONE).
+        let r = unsafe { libc::recvmmsg(sock.as_raw_fd(), msgs.as_mut_ptr(), BATCH as libc::c_uint, libc::MSG_WAITFORONE, std::ptr::null_mut()) };
+        if r < 0 {
+            let e = std::io::Error::last_os_error();
+            if e.kind() != std::io::ErrorKind::Interrupted {
+                return Err(format!("recvmmsg: {e}"));
+            }
+        }
     }
 }
 

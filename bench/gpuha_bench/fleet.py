@@ -63,7 +63,7 @@ def sec_fleet(R, quick):
                        "bounded_304_ms_p50": statistics.median(nm_times) * 1e3 if nm_times else None,
                        "bounded_304_share": b_status.count(304) / len(b_status), "scoped_pool_bytes": len(scoped),
                        "bounded_binary_bytes": binary_bytes, "bounded_binary_type": binary_type,
-                       **{k: parse.get(k) for k in ("binary_decode_us_p50", "binary_update_us_p50", "binary_encode_us_p50", "rank_build_us_p50", "load_reads_per_pick", "pick_us_p50", "busy_pick_us_p50", "busy_pick_store_reads")}}
+                       **{k: parse.get(k) for k in ("binary_decode_us_p50", "binary_update_us_p50", "binary_encode_us_p50", "rank_build_us_p50", "load_reads_per_pick", "pick_us_p50", "keyed_pick_us_p50", "busy_pick_us_p50", "busy_pick_store_reads")}}
         note(f"fleet {n}: {out[str(n)]}")
         PROCS.stop(kp)
     out["rss0_kib"] = rss0
@@ -149,13 +149,17 @@ def report_fleet(R, rep: Report) -> None:
         md += ["", f"dnsd RSS with no workers: {fl['rss0_kib']} KiB.", ""]
         if any("binary_decode_us_p50" in (fl.get(n) or {}) for n in ("1000", "10000")):
             md += ["The binary form (`Accept: application/x-gpuha-fleet`, what the filter polls) and the native costs of what a filter thread runs per new view "
-                   "(`gpuha-bench fleet-parse`: full decode, in-place update of the numbers when the workers are the same, `Ranked::build` on the next pick):", "",
-                   "| tracked workers | JSON bytes | binary bytes | JSON parse µs | binary decode µs | in-place update µs | Ranked::build µs |", "|---:|---:|---:|---:|---:|---:|---:|"]
+                   "(`gpuha-bench fleet-parse`: full decode, in-place update of the numbers when the workers are the same, `Ranked::build` on the next pick), "
+                   "and what each request's pick then costs: without an affinity key, with one (nearly every chat request: its prompt's prefix), and the workers it scores. "
+                   "The synthetic workers are alike, so the near-best band and the affinity margin hold all of them, and a pick scores every one:", "",
+                   "| tracked workers | JSON bytes | binary bytes | JSON parse µs | binary decode µs | in-place update µs | Ranked::build µs | pick µs | keyed pick µs | workers scored per pick |",
+                   "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
             for n in ("1000", "10000"):
                 r = fl.get(n)
                 if r and "binary_decode_us_p50" in r:
                     md.append(f"| {n} | {fmt(r['fleet_bytes'])} | {fmt(r.get('bounded_binary_bytes'))} | {fmt(r['native_parse_us_p50'])} | {fmt(r.get('binary_decode_us_p50'))} | "
-                              f"{fmt(r.get('binary_update_us_p50'))} | {fmt(r.get('rank_build_us_p50'))} |")
+                              f"{fmt(r.get('binary_update_us_p50'))} | {fmt(r.get('rank_build_us_p50'))} | {fmt(r.get('pick_us_p50'))} | {fmt(r.get('keyed_pick_us_p50'))} | "
+                              f"{fmt(r.get('load_reads_per_pick'))} |")
             md.append("")
         if any("bounded_200_ms_p50" in (fl.get(n) or {}) for n in ("1000", "10000")):
             md += ["The cacheable form the filter polls (`/v1/fleet?ages=bounded`): serve time of a changed view (200) and of an unchanged one (`If-None-Match` → 304), and the body for one pool of ten (`&pool=pool-000`):", "",

@@ -33,6 +33,7 @@ use std::collections::HashMap;
 use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4, UdpSocket};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
+use gpuha_liveness::affinity;
 use gpuha_liveness::breaker::Admission;
 use gpuha_liveness::busylist;
 use gpuha_liveness::pick::{pick_ranked, LoadView, PickConfig, Ranked, Rng};
@@ -473,6 +474,13 @@ fn fleet_parse(o: &Opts) -> Res<()> {
         std::hint::black_box(pick_ranked(&ranked, &view, 0, 0, model.as_deref(), None, &Counting(std::cell::Cell::new(0)), &mut Rng::new(seed), &cfg, &[], |_| Admission::Allow, |_| false));
         Ok(())
     })?;
+    // The same with an affinity key, as nearly every chat request has (its prompt's prefix).
+    let keyed_pick = timed(iters, || {
+        seed += 1;
+        let want = Some(affinity::Want::new(seed.wrapping_mul(0x9e37_79b9_7f4a_7c15)));
+        std::hint::black_box(pick_ranked(&ranked, &view, 0, 0, model.as_deref(), want, &Counting(std::cell::Cell::new(0)), &mut Rng::new(seed), &cfg, &[], |_| Admission::Allow, |_| false));
+        Ok(())
+    })?;
     #[derive(Default)]
     struct Mem(HashMap<String, Vec<u8>>, usize);
     impl busylist::Store for Mem {
@@ -508,7 +516,7 @@ fn fleet_parse(o: &Opts) -> Res<()> {
                            "binary_decode_us_p50": decode.0, "binary_decode_us_p99": decode.1,
                            "binary_update_us_p50": update.0, "binary_update_us_p99": update.1,
                            "identity_compare_us_p50": identity.0, "rank_build_us_p50": rank.0, "rank_build_us_p99": rank.1,
-                           "pick_us_p50": pick_zero.0, "busy_pick_us_p50": pick_busy.0, "busy_pick_store_reads": busy_reads})
+                           "pick_us_p50": pick_zero.0, "keyed_pick_us_p50": keyed_pick.0, "busy_pick_us_p50": pick_busy.0, "busy_pick_store_reads": busy_reads})
     );
     Ok(())
 }

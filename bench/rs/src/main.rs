@@ -17,9 +17,10 @@
 //! gpuha-bench sink --bind ADDR [--rcvbuf BYTES]
 //!     the receive floor of ingest: binds ADDR (receive buffer BYTES, 8 MiB by default, as
 //!     dnsd asks), prints `READY sink=ADDR`, then takes datagrams with `recvmmsg` as dnsd's
-//!     ingest socket does (32 a call, a 513-byte buffer each, the sender's address) and drops
-//!     them unread: what any receiver of one datagram per frame pays the kernel, with no work
-//!     of its own. Runs until killed.
+//!     ingest socket does (32 a call, a 513-byte buffer each, the sender's address; blocking,
+//!     where dnsd waits in tokio's epoll between batches) and drops them unread: what any
+//!     receiver of one datagram per frame pays the kernel, with no work of its own. Runs until
+//!     killed.
 //! gpuha-bench fleet-parse FILE [--iters N]
 //!     native costs of a /v1/fleet JSON body: serde parse (FleetView::from_json), the binary
 //!     form's size, encode, full decode and in-place update (gpuha_liveness::fleetwire), and

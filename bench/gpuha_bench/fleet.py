@@ -150,9 +150,9 @@ def report_fleet(R, rep: Report) -> None:
         if any("binary_decode_us_p50" in (fl.get(n) or {}) for n in ("1000", "10000")):
             md += ["The binary form (`Accept: application/x-gpuha-fleet`, what the filter polls) and the native costs of what a filter thread runs per new view "
                    "(`gpuha-bench fleet-parse`: full decode, in-place update of the numbers when the workers are the same, `Ranked::build` on the next pick), "
-                   "and what each request's pick then costs: without an affinity key, with one (nearly every chat request: its prompt's prefix), and the workers it scores. "
+                   "and what each request's pick then costs: without an affinity key, with one (nearly every chat request: its prompt's prefix), and the workers the pick without a key scores. "
                    "The synthetic workers are alike, so the near-best band and the affinity margin hold all of them, and a pick scores every one:", "",
-                   "| tracked workers | JSON bytes | binary bytes | JSON parse µs | binary decode µs | in-place update µs | Ranked::build µs | pick µs | keyed pick µs | workers scored per pick |",
+                   "| tracked workers | JSON bytes | binary bytes | JSON parse µs | binary decode µs | in-place update µs | Ranked::build µs | pick µs | keyed pick µs | workers scored per pick (no key) |",
                    "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
             for n in ("1000", "10000"):
                 r = fl.get(n)

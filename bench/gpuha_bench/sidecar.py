@@ -46,7 +46,7 @@ def sec_sidecar(R, quick):
     label sets): CPU per scrape and RSS. With GPUHA_BENCH_BASELINE_SIDECAR, that build is
     measured beside the current one, page by page."""
     rows = []
-    secs = 5 if quick else 10
+    secs = 5 if quick else 6
     srv_py = WORK / "metrics_server.py"
     srv_py.write_text(METRICS_SERVER)
     variants = [("current", None)] + ([("baseline", BASELINE_SIDECAR)] if BASELINE_SIDECAR else [])

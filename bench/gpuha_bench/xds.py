@@ -111,7 +111,7 @@ def measure(ep, admin, dp, dur):
 
 
 def sec_xds(R, quick):
-    dur = 4.0 if quick else 6.0
+    dur = 4.0
     rows = []
     fw, waddr = h.fake_worker("xds-w")
     for churn in CHURN_RATES:

@@ -154,7 +154,8 @@ def report_l7_floor(R, rep: Report) -> None:
                "filter itself. Throughput (best req/s of the repeats) and Envoy CPU per request (best), each over "
                "the same Envoy without a filter (best): on a shared VM the noise only slows a run down, so the best "
                "of each is the steadier figure. A throughput or CPU goal that a step already misses cannot be met "
-               "by a filter that does what that step does, on this machine.", "",
+               "by a filter that does what that step does, on this machine. A paced stream's req/s is the "
+               "workers' pace: read its CPU.", "",
                "| step | " + " | ".join(f"{m} req/s × | {m} CPU ×" for m in modes) + " |",
                "|---|" + "---:|---:|" * len(modes)]
         for lbl, v in ladder:

@@ -79,25 +79,20 @@ for m in modes:
 # Each round's ratio to the first variant of the same round, then their median and quartiles: the
 # machine's drift between rounds (this VM's no-filter cost moved 226-377 us between rounds of one
 # run) cancels within a round, where a ratio of medians taken over different rounds keeps it.
-print("\nper-round ratios to the first variant (median [quartiles]):")
-for m in modes:
-    first = vs[0][0]
-    for name, _ in vs[1:]:
-        a, b = res.get((name, m), []), res.get((first, m), [])
-        rs = sorted(x[0] / y[0] for x, y in zip(a, b) if y[0])
-        if len(rs) < 2: continue
-        q1, _, q3 = statistics.quantiles(rs, n=4)
-        print(f"{m:6s} {name:10s} {statistics.median(rs):.3f}x [{q1:.3f} {q3:.3f}] over {len(rs)} rounds")
-# The same for throughput (req/s at wrk's 32 connections): each round's ratio to the first variant.
-print("\nper-round throughput ratios to the first variant (median [quartiles]):")
-for m in modes:
-    first = vs[0][0]
-    for name, _ in vs[1:]:
-        a, b = res.get((name, m), []), res.get((first, m), [])
-        rs = sorted(x[1] / y[1] for x, y in zip(a, b) if y[1])
-        if len(rs) < 2: continue
-        q1, _, q3 = statistics.quantiles(rs, n=4)
-        print(f"{m:6s} {name:10s} {statistics.median(rs):.3f}x [{q1:.3f} {q3:.3f}] over {len(rs)} rounds")
+def per_round(title, at):
+    """Each round's ratio of field `at` (0: CPU per request, 1: req/s) to the first variant's."""
+    print(f"\n{title} (median [quartiles]):")
+    for m in modes:
+        first = vs[0][0]
+        for name, _ in vs[1:]:
+            a, b = res.get((name, m), []), res.get((first, m), [])
+            rs = sorted(x[at] / y[at] for x, y in zip(a, b) if y[at])
+            if len(rs) < 2: continue
+            q1, _, q3 = statistics.quantiles(rs, n=4)
+            print(f"{m:6s} {name:10s} {statistics.median(rs):.3f}x [{q1:.3f} {q3:.3f}] over {len(rs)} rounds")
+per_round("per-round ratios to the first variant", 0)
+# The same for throughput (req/s at wrk's 32 connections).
+per_round("per-round throughput ratios to the first variant", 1)
 # Best of the rounds over the first variant's best: a shared VM's noise only slows a run down.
 print("\nbest of the rounds over the first variant's best (req/s, CPU per request):")
 for m in modes:

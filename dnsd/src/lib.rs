@@ -16,7 +16,7 @@ mod prom;
 pub mod reload;
 pub mod state;
 pub mod tls;
-mod udp_batch;
+pub mod udp_batch;
 pub mod xds;
 
 use std::future::Future;

@@ -16,11 +16,11 @@
 //!     fleet observe as dnsd does it (borrowed frames) and with owned frames
 //! gpuha-bench sink --bind ADDR [--rcvbuf BYTES]
 //!     the receive floor of ingest: binds ADDR (receive buffer BYTES, 8 MiB by default, as
-//!     dnsd asks), prints `READY sink=ADDR`, then takes datagrams with `recvmmsg` as dnsd's
-//!     ingest socket does (32 a call, a 513-byte buffer each, the sender's address; blocking,
-//!     where dnsd waits in tokio's epoll between batches) and drops them unread: what any
-//!     receiver of one datagram per frame pays the kernel, with no work of its own. Runs until
-//!     killed.
+//!     dnsd asks), prints `READY sink=ADDR`, then takes datagrams with dnsd's own `recvmmsg`
+//!     batches (`gpuha_dnsd::udp_batch::RecvBatch`, with its ingest socket's buffers; blocking,
+//!     where dnsd's ingest waits in tokio's epoll between batches) and drops them unread: what
+//!     any receiver of one datagram per frame pays the kernel, with no work of its own. Runs
+//!     until killed.
 //! gpuha-bench fleet-parse FILE [--iters N]
 //!     native costs of a /v1/fleet JSON body: serde parse (FleetView::from_json), the binary
 //!     form's size, encode, full decode and in-place update (gpuha_liveness::fleetwire), and
@@ -203,7 +203,6 @@ fn send_mmsg(sock: &UdpSocket, b: &Batch, from: usize, to: usize) -> usize {
 fn sink(o: &Opts) -> Res<()> {
     use std::io::Write;
     use std::os::fd::AsRawFd;
-    const BATCH: usize = 32;
     let bind: SocketAddr = o.get("bind", None)?;
     let rcvbuf: libc::c_int = o.get("rcvbuf", Some(8 << 20))?;
     let sock = UdpSocket::bind(bind).map_err(|e| e.to_string())?;
@@ -216,28 +215,13 @@ fn sink(o: &Opts) -> Res<()> {
     }
     println!("READY sink={}", sock.local_addr().map_err(|e| e.to_string())?);
     std::io::stdout().flush().map_err(|e| e.to_string())?;
-    let mut bufs = vec![[0u8; gpuha_liveness::MAX_FRAME_LEN + 1]; BATCH];
-    // SAFETY: all-zero is a valid value of these plain C structs.
-    let mut addrs: [libc::sockaddr_storage; BATCH] = unsafe { std::mem::zeroed() };
+    // dnsd's own batch receive, with the buffers its ingest socket uses.
+    let mut batch = gpuha_dnsd::udp_batch::RecvBatch::new(gpuha_liveness::MAX_FRAME_LEN + 1);
     loop {
-        // SAFETY: as above.
-        let mut iovs: [libc::iovec; BATCH] = unsafe { std::mem::zeroed() };
-        let mut msgs: [libc::mmsghdr; BATCH] = unsafe { std::mem::zeroed() };
-        for (i, buf) in bufs.iter_mut().enumerate() {
-            iovs[i] = libc::iovec { iov_base: buf.as_mut_ptr().cast(), iov_len: buf.len() };
-            msgs[i].msg_hdr.msg_name = (&mut addrs[i] as *mut libc::sockaddr_storage).cast();
-            msgs[i].msg_hdr.msg_namelen = std::mem::size_of::<libc::sockaddr_storage>() as libc::socklen_t;
-            msgs[i].msg_hdr.msg_iov = &mut iovs[i];
-            msgs[i].msg_hdr.msg_iovlen = 1;
-        }
-        // SAFETY: every pointer in `msgs` points into `addrs`, `iovs` or `bufs`, which outlive
-        // the call; a blocking socket waits for the first datagram only (MSG_WAITFORONE).
-        let r = unsafe { libc::recvmmsg(sock.as_raw_fd(), msgs.as_mut_ptr(), BATCH as libc::c_uint, libc::MSG_WAITFORONE, std::ptr::null_mut()) };
-        if r < 0 {
-            let e = std::io::Error::last_os_error();
-            if e.kind() != std::io::ErrorKind::Interrupted {
-                return Err(format!("recvmmsg: {e}"));
-            }
+        match batch.recv_blocking(&sock) {
+            Ok(_) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(format!("recvmmsg: {e}")),
         }
     }
 }

@@ -103,3 +103,7 @@ def report_sidecar(R, rep: Report) -> None:
         sc = [r for r in sc if r.get("variant", "current") == "current"]
         worst = max(r["hwm_kib"] for r in sc)
         targets.append(Target("sidecar ≤ 8 MiB RSS", worst <= 8192, f"peak {worst} KiB at {max(r['page_bytes'] for r in sc):,} B pages"))
+        big = max(sc, key=lambda r: r["page_bytes"])
+        if big["cpu_ms_per_scrape"] is not None:
+            targets.append(Target("sidecar ≤ 30 ms CPU per scrape of the largest page", big["cpu_ms_per_scrape"] <= 30,
+                                  f"{big['cpu_ms_per_scrape']:.1f} ms at {big['page_bytes']:,} B"))

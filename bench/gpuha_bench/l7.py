@@ -86,8 +86,9 @@ def sec_l7_paced(R, quick):
     chunk, as from a real vLLM), so the guard's per-chunk cost shows: proxy CPU per request of
     the filter, the baseline filter (GPUHA_BENCH_BASELINE_WASM) and no Wasm. Every variant's Envoy
     runs through the section, and each round measures them all in turn, for a short window each, in
-    a new order: the targets read the median of the rounds' ratios to no filter, and the rounds are
-    many so that one slow moment of this VM moves a quartile, not the verdict."""
+    a new order: the targets read the median of the rounds' ratios to no filter, and the report
+    prints their quartiles, so that a verdict inside this VM's noise shows as such (one build's
+    median moved 1.12-1.20 within an hour: results/2026-12-03-paced)."""
     secs = 2
     rounds = 3 if quick else 8
     w1, w2, http = worker_pair("pw", tokens_per_s=1000)

@@ -90,7 +90,7 @@ def sec_l7_paced(R, quick):
     prints their quartiles, so that a verdict inside this VM's noise shows as such (one build's
     median moved 1.12-1.20 within an hour: results/2026-12-03-paced)."""
     secs = 2
-    rounds = 3 if quick else 8
+    rounds = 3 if quick else 6
     w1, w2, http = worker_pair("pw", tokens_per_s=1000)
     variants = [("envoy+filter", "filter", None), ("envoy+filter (native)", "native", None), ("envoy (no wasm)", "nowasm", None)]
     if BASELINE_WASM:
